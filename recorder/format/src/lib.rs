@@ -1,0 +1,24 @@
+//! The relay <-> recorder contract and the psm recording file format.
+//!
+//! - [`wire`]: frames the relay sends to psm-recorder over its Unix socket.
+//! - [`file`]: the on-disk recording (one zstd-compressed file per session), its writer and reader.
+//! - [`export`]: replay timing, asciicast v2 and plain-text renderings of a recording.
+//!
+//! What it does not do: open sockets. Readers and writers take any `Read`/`Write`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod wire;
+
+pub use wire::{CloseSummary, Direction, Frame, RecordingMeta};
+
+/// Errors of the frame codec and the file format.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// Bytes that do not parse as the format says.
+    #[error("malformed recording data: {0}")]
+    Malformed(String),
+    /// An I/O error from the underlying reader or writer.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}

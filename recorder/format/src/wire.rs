@@ -1,0 +1,361 @@
+//! Frames on the relay -> recorder link.
+//!
+//! Each frame is `[u32 big-endian body length][u8 tag][body]`. Bodies:
+//! - `OPEN`   : `u64 stream` + JSON [`RecordingMeta`]
+//! - `DATA`   : `u64 stream, u64 ts_us, u32 channel, u8 direction` + bytes
+//! - `RESIZE` : `u64 stream, u64 ts_us, u32 channel, u32 cols, u32 rows`
+//! - `CLOSE`  : `u64 stream, u64 ts_us` + JSON [`CloseSummary`]
+//!
+//! `stream` is chosen by the relay and unique on one link; `ts_us` counts microseconds since the
+//! session started.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::FormatError;
+
+/// Largest frame body accepted (data frames are cut by the relay well below this).
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+const TAG_OPEN: u8 = 1;
+const TAG_DATA: u8 = 2;
+const TAG_RESIZE: u8 = 3;
+const TAG_CLOSE: u8 = 4;
+
+/// Which way bytes travelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the user to the target (keystrokes, uploads).
+    Input = 0,
+    /// From the target to the user (standard output, terminal output).
+    Output = 1,
+    /// From the target to the user on the standard-error stream.
+    Error = 2,
+}
+
+impl Direction {
+    fn from_u8(v: u8) -> Result<Self, FormatError> {
+        match v {
+            0 => Ok(Direction::Input),
+            1 => Ok(Direction::Output),
+            2 => Ok(Direction::Error),
+            other => Err(FormatError::Malformed(format!("unknown direction {other}"))),
+        }
+    }
+}
+
+/// What a recording is of: written once at its start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingMeta {
+    /// Recording id (also the file name stem).
+    pub recording_id: String,
+    /// Session id.
+    pub session_id: String,
+    /// psm user.
+    pub user: String,
+    /// Target name.
+    pub target: String,
+    /// Account on the target.
+    pub account: String,
+    /// Client `ip:port`.
+    pub source: String,
+    /// Start, ms since the Unix epoch.
+    pub start_ms: u64,
+}
+
+/// How a recorded session ended: written once at its end.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseSummary {
+    /// End, ms since the Unix epoch.
+    pub end_ms: u64,
+    /// Exit status, when the target sent one.
+    pub exit_status: Option<u32>,
+    /// Exit signal, when the target sent one.
+    pub exit_signal: Option<String>,
+    /// Why the session ended.
+    pub reason: String,
+}
+
+/// One frame on the link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A session starts.
+    Open {
+        /// Link-local stream number.
+        stream: u64,
+        /// What the recording is of.
+        meta: RecordingMeta,
+    },
+    /// Bytes seen on a channel.
+    Data {
+        /// Link-local stream number.
+        stream: u64,
+        /// Microseconds since the session started.
+        ts_us: u64,
+        /// SSH channel number on the user side.
+        channel: u32,
+        /// Which way they went.
+        direction: Direction,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The terminal was resized (or a pty was first requested).
+    Resize {
+        /// Link-local stream number.
+        stream: u64,
+        /// Microseconds since the session started.
+        ts_us: u64,
+        /// SSH channel number on the user side.
+        channel: u32,
+        /// Columns.
+        cols: u32,
+        /// Rows.
+        rows: u32,
+    },
+    /// A session ended.
+    Close {
+        /// Link-local stream number.
+        stream: u64,
+        /// Microseconds since the session started.
+        ts_us: u64,
+        /// How it ended.
+        summary: CloseSummary,
+    },
+}
+
+impl Frame {
+    /// The stream this frame belongs to.
+    pub fn stream(&self) -> u64 {
+        match self {
+            Frame::Open { stream, .. }
+            | Frame::Data { stream, .. }
+            | Frame::Resize { stream, .. }
+            | Frame::Close { stream, .. } => *stream,
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Frame::Open { stream, meta } => {
+                out.push(TAG_OPEN);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&serde_json::to_vec(meta).unwrap_or_default());
+            }
+            Frame::Data {
+                stream,
+                ts_us,
+                channel,
+                direction,
+                data,
+            } => {
+                out.push(TAG_DATA);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&ts_us.to_be_bytes());
+                out.extend_from_slice(&channel.to_be_bytes());
+                out.push(*direction as u8);
+                out.extend_from_slice(data);
+            }
+            Frame::Resize {
+                stream,
+                ts_us,
+                channel,
+                cols,
+                rows,
+            } => {
+                out.push(TAG_RESIZE);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&ts_us.to_be_bytes());
+                out.extend_from_slice(&channel.to_be_bytes());
+                out.extend_from_slice(&cols.to_be_bytes());
+                out.extend_from_slice(&rows.to_be_bytes());
+            }
+            Frame::Close {
+                stream,
+                ts_us,
+                summary,
+            } => {
+                out.push(TAG_CLOSE);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&ts_us.to_be_bytes());
+                out.extend_from_slice(&serde_json::to_vec(summary).unwrap_or_default());
+            }
+        }
+        let body = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&body.to_be_bytes());
+    }
+
+    /// Decodes one frame from the front of `buf`. Returns `Ok(None)` when more bytes are needed,
+    /// or the frame and how many bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FormatError> {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FormatError::Malformed(format!("frame of {len} bytes exceeds limit")));
+        }
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let body = &buf[4..4 + len];
+        let mut r = Reader(body);
+        let tag = r.u8()?;
+        let frame = match tag {
+            TAG_OPEN => {
+                let stream = r.u64()?;
+                let meta = serde_json::from_slice(r.rest())
+                    .map_err(|e| FormatError::Malformed(format!("open metadata: {e}")))?;
+                Frame::Open { stream, meta }
+            }
+            TAG_DATA => Frame::Data {
+                stream: r.u64()?,
+                ts_us: r.u64()?,
+                channel: r.u32()?,
+                direction: Direction::from_u8(r.u8()?)?,
+                data: Bytes::copy_from_slice(r.rest()),
+            },
+            TAG_RESIZE => {
+                let f = Frame::Resize {
+                    stream: r.u64()?,
+                    ts_us: r.u64()?,
+                    channel: r.u32()?,
+                    cols: r.u32()?,
+                    rows: r.u32()?,
+                };
+                r.end()?;
+                f
+            }
+            TAG_CLOSE => {
+                let stream = r.u64()?;
+                let ts_us = r.u64()?;
+                let summary = serde_json::from_slice(r.rest())
+                    .map_err(|e| FormatError::Malformed(format!("close summary: {e}")))?;
+                Frame::Close {
+                    stream,
+                    ts_us,
+                    summary,
+                }
+            }
+            other => return Err(FormatError::Malformed(format!("unknown frame tag {other}"))),
+        };
+        Ok(Some((frame, 4 + len)))
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if self.0.len() < n {
+            return Err(FormatError::Malformed("frame body too short".into()));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+    fn end(&self) -> Result<(), FormatError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(FormatError::Malformed("trailing bytes in frame".into()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Open {
+                stream: 7,
+                meta: RecordingMeta {
+                    recording_id: "r1".into(),
+                    user: "alice".into(),
+                    ..Default::default()
+                },
+            },
+            Frame::Data {
+                stream: 7,
+                ts_us: 12,
+                channel: 0,
+                direction: Direction::Output,
+                data: Bytes::from_static(b"hello\r\n\x00\xff"),
+            },
+            Frame::Data {
+                stream: 7,
+                ts_us: 13,
+                channel: 1,
+                direction: Direction::Input,
+                data: Bytes::new(),
+            },
+            Frame::Resize {
+                stream: 7,
+                ts_us: 14,
+                channel: 0,
+                cols: 120,
+                rows: 40,
+            },
+            Frame::Close {
+                stream: 7,
+                ts_us: 99,
+                summary: CloseSummary {
+                    exit_status: Some(3),
+                    reason: "client closed".into(),
+                    ..Default::default()
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_in_one_buffer_and_byte_by_byte() {
+        let mut buf = Vec::new();
+        for f in samples() {
+            f.encode(&mut buf);
+        }
+        let mut got = Vec::new();
+        let mut at = 0;
+        while let Some((f, n)) = Frame::decode(&buf[at..]).expect("valid") {
+            got.push(f);
+            at += n;
+        }
+        assert_eq!(got, samples());
+        assert_eq!(at, buf.len());
+        // every strict prefix of a frame asks for more bytes
+        let mut one = Vec::new();
+        samples()[1].encode(&mut one);
+        for cut in 0..one.len() {
+            assert!(Frame::decode(&one[..cut]).expect("prefix").is_none());
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        assert!(Frame::decode(&[0, 0, 0, 1, 99]).is_err());
+        assert!(Frame::decode(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(Frame::decode(&[0, 0, 0, 3, TAG_DATA, 0, 0]).is_err());
+        assert!(Frame::decode(&[0, 0, 0, 10, TAG_DATA, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    }
+}
