@@ -1,0 +1,218 @@
+//! The relay's link to psm-control: receives policy snapshots, sends audit events.
+//!
+//! The link runs on its own thread, never on a worker core. Workers read the current snapshot
+//! through [`PolicyStore`] (one `Arc` clone per decision) and hand audit events to an
+//! [`AuditSink`] without waiting. While control is down the relay keeps serving on its last
+//! snapshot, buffers audit events (bounded), and resyncs when control returns.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use psm_control_api::{
+    decode_line, encode_line, now_ms, AuditEvent, AuditKind, ControlToRelay, PolicySnapshot,
+    RelayToControl, MAX_LINE,
+};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// How many audit events the relay keeps while control is unreachable.
+pub const AUDIT_BUFFER: usize = 65_536;
+
+/// The policy snapshot the relay currently enforces.
+#[derive(Default)]
+pub struct PolicyStore {
+    current: RwLock<Arc<PolicySnapshot>>,
+    loaded: AtomicU64,
+}
+
+impl PolicyStore {
+    /// The snapshot in force now.
+    pub fn get(&self) -> Arc<PolicySnapshot> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the snapshot: always when `authoritative` (the first snapshot on a fresh
+    /// connection: control is the source of truth even if its version went back), otherwise only
+    /// with a version at least as new as the current one.
+    pub fn set(&self, snap: PolicySnapshot, authoritative: bool) -> bool {
+        let mut g = match self.current.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let first = self.loaded.load(Ordering::Acquire) == 0;
+        if !first && !authoritative && snap.version < g.version {
+            return false;
+        }
+        *g = Arc::new(snap);
+        self.loaded.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Whether any snapshot has been received yet.
+    pub fn has_snapshot(&self) -> bool {
+        self.loaded.load(Ordering::Acquire) > 0
+    }
+}
+
+/// Where relay code sends audit events. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<AuditEvent>,
+    origin: Arc<str>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AuditSink {
+    /// A sink and the receiving end the control link drains.
+    pub fn new(origin: &str) -> (AuditSink, mpsc::Receiver<AuditEvent>) {
+        let (tx, rx) = mpsc::channel(AUDIT_BUFFER);
+        (
+            AuditSink {
+                tx,
+                origin: Arc::from(origin),
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            rx,
+        )
+    }
+
+    /// Records an event. If the buffer is full (control down for very long) the event is counted
+    /// as dropped and logged locally; the relay never stalls a session on audit.
+    pub fn emit(&self, kind: AuditKind) {
+        let ev = AuditEvent {
+            seq: 0,
+            ts_ms: now_ms(),
+            origin: self.origin.to_string(),
+            kind,
+        };
+        if let Err(e) = self.tx.try_send(ev) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            warn!(dropped = n, error = %e, "audit buffer full; event dropped");
+        }
+    }
+}
+
+/// Runs the control link forever on the current thread's runtime.
+pub async fn run(
+    socket: PathBuf,
+    relay_id: String,
+    store: Arc<PolicyStore>,
+    mut audit_rx: mpsc::Receiver<AuditEvent>,
+) {
+    let mut pending: Option<Vec<u8>> = None;
+    let mut warned = false;
+    loop {
+        match UnixStream::connect(&socket).await {
+            Ok(stream) => {
+                warned = false;
+                info!(socket = %socket.display(), "connected to psm-control");
+                let err = serve(stream, &relay_id, &store, &mut audit_rx, &mut pending).await;
+                warn!(error = %err, "link to psm-control lost; serving on the last snapshot");
+            }
+            Err(e) => {
+                if !warned {
+                    warn!(socket = %socket.display(), error = %e, "psm-control unreachable; retrying");
+                    warned = true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn serve(
+    stream: UnixStream,
+    relay_id: &str,
+    store: &PolicyStore,
+    audit_rx: &mut mpsc::Receiver<AuditEvent>,
+    pending: &mut Option<Vec<u8>>,
+) -> String {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let hello = RelayToControl::Hello {
+        relay_id: relay_id.to_string(),
+        have_version: store.has_snapshot().then(|| store.get().version),
+    };
+    if let Err(e) = w.write_all(&encode_line(&hello)).await {
+        return format!("sending hello: {e}");
+    }
+    if let Some(line) = pending.take() {
+        if let Err(e) = w.write_all(&line).await {
+            *pending = Some(line);
+            return format!("sending audit event: {e}");
+        }
+    }
+    let mut line = Vec::new();
+    let mut first = true;
+    loop {
+        tokio::select! {
+            n = read_line(&mut r, &mut line) => {
+                match n {
+                    Ok(0) => return "psm-control closed the connection".into(),
+                    Ok(_) => match decode_line::<ControlToRelay>(&line) {
+                        Ok(ControlToRelay::Snapshot(s)) => {
+                            let v = s.version;
+                            if store.set(s, std::mem::take(&mut first)) {
+                                info!(version = v, "policy snapshot applied");
+                            } else {
+                                debug!(version = v, "stale policy snapshot ignored");
+                            }
+                        }
+                        Err(e) => return format!("bad message from psm-control: {e}"),
+                    },
+                    Err(e) => return format!("reading from psm-control: {e}"),
+                }
+                line.clear();
+            }
+            ev = audit_rx.recv() => {
+                let Some(ev) = ev else { return "audit channel closed".into() };
+                let bytes = encode_line(&RelayToControl::Audit(ev));
+                if let Err(e) = w.write_all(&bytes).await {
+                    *pending = Some(bytes);
+                    return format!("sending audit event: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    line: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    // `read_until` is cancel-safe only between calls; a partial line stays in `line`.
+    let n = r.read_until(b'\n', line).await?;
+    if line.len() > MAX_LINE {
+        return Err(std::io::Error::other("line too long"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_keeps_newest() {
+        let s = PolicyStore::default();
+        assert!(!s.has_snapshot());
+        let v = |version| PolicySnapshot {
+            version,
+            ..Default::default()
+        };
+        assert!(s.set(v(5), false));
+        assert!(!s.set(v(4), false));
+        assert_eq!(s.get().version, 5);
+        assert!(s.set(v(6), false));
+        assert_eq!(s.get().version, 6);
+        assert!(s.set(v(2), true), "a fresh connection's first snapshot wins");
+        assert_eq!(s.get().version, 2);
+    }
+}

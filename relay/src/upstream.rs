@@ -1,0 +1,262 @@
+//! The target leg: an SSH client connection to the target, with the pinned host key checked and
+//! the vaulted credential injected.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use psm_control_api::{Account, Credential, Target};
+use russh::client;
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::keys::PublicKeyOrCertificate;
+use zeroize::Zeroizing;
+
+/// How long connecting and logging in to a target may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the target leg could not be set up. `Display` is the full reason for the audit log;
+/// [`UpstreamError::client_message`] is the one line the user sees.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The pinned host key in policy does not parse.
+    #[error("pinned host key of target '{target}' is invalid: {reason}")]
+    BadPin {
+        /// Target name.
+        target: String,
+        /// Parse error.
+        reason: String,
+    },
+    /// TCP connection failed or timed out.
+    #[error("target '{target}' unreachable at {address}: {reason}")]
+    Unreachable {
+        /// Target name.
+        target: String,
+        /// Address tried.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// The target presented another host key than the pinned one.
+    #[error("host key mismatch for target '{target}': pinned {expected}, presented {presented}")]
+    HostKeyMismatch {
+        /// Target name.
+        target: String,
+        /// Pinned fingerprint.
+        expected: String,
+        /// Presented fingerprint.
+        presented: String,
+    },
+    /// The SSH handshake failed for another reason.
+    #[error("ssh handshake with target '{target}' failed: {reason}")]
+    Handshake {
+        /// Target name.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The target did not accept the vaulted credential.
+    #[error("target '{target}' refused the vaulted {kind} credential for account '{account}'")]
+    CredentialRefused {
+        /// Target name.
+        target: String,
+        /// Account name.
+        account: String,
+        /// `password` or `private key`.
+        kind: &'static str,
+    },
+    /// The vaulted private key does not parse.
+    #[error("vaulted private key for {account}@{target} is unusable: {reason}")]
+    BadCredential {
+        /// Target name.
+        target: String,
+        /// Account name.
+        account: String,
+        /// Why (never the key itself).
+        reason: String,
+    },
+    /// Opening the session channel on the target failed.
+    #[error("target '{target}' refused to open a session channel: {reason}")]
+    ChannelRefused {
+        /// Target name.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl UpstreamError {
+    /// The single line shown to the user: never a secret.
+    pub fn client_message(&self) -> String {
+        match self {
+            UpstreamError::BadPin { target, .. } | UpstreamError::Handshake { target, .. } => {
+                format!("psm: cannot connect to {target}: secure handshake with the target failed")
+            }
+            UpstreamError::Unreachable { target, .. } => {
+                format!("psm: cannot connect to {target}: target unreachable")
+            }
+            UpstreamError::HostKeyMismatch { target, .. } => format!(
+                "psm: cannot connect to {target}: the target's host key does not match the pinned key"
+            ),
+            UpstreamError::CredentialRefused {
+                target, account, ..
+            }
+            | UpstreamError::BadCredential {
+                target, account, ..
+            } => format!(
+                "psm: cannot log in to {account}@{target}: the target refused the vaulted credential"
+            ),
+            UpstreamError::ChannelRefused { target, .. } => {
+                format!("psm: cannot open a session on {target}")
+            }
+        }
+    }
+}
+
+/// Client-side handler for the target connection: checks the pinned host key.
+pub struct TargetHandler {
+    pinned: PublicKey,
+    presented: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for TargetHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            if let Ok(mut p) = self.presented.lock() {
+                *p = Some("a certificate".into());
+            }
+            return Ok(false);
+        };
+        if key.key_data() == self.pinned.key_data() {
+            return Ok(true);
+        }
+        if let Ok(mut p) = self.presented.lock() {
+            *p = Some(format!(
+                "{} {}",
+                key.algorithm(),
+                key.fingerprint(HashAlg::Sha256)
+            ));
+        }
+        Ok(false)
+    }
+}
+
+/// A logged-in connection to a target.
+pub type TargetHandle = client::Handle<TargetHandler>;
+
+/// Connects to `target`, verifies its host key against the pinned one and logs in as `account`
+/// with the vaulted credential.
+pub async fn connect(target: &Target, account: &Account) -> Result<TargetHandle, UpstreamError> {
+    let pinned = PublicKey::from_openssh(&target.host_key).map_err(|e| UpstreamError::BadPin {
+        target: target.name.clone(),
+        reason: e.to_string(),
+    })?;
+    let unreachable = |reason: String| UpstreamError::Unreachable {
+        target: target.name.clone(),
+        address: target.address.clone(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&target.address))
+        .await
+        .map_err(|_| unreachable("connection timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+
+    let key_algs: Vec<Algorithm> = match pinned.algorithm() {
+        Algorithm::Rsa { .. } => vec![
+            Algorithm::Rsa {
+                hash: Some(HashAlg::Sha512),
+            },
+            Algorithm::Rsa {
+                hash: Some(HashAlg::Sha256),
+            },
+        ],
+        other => vec![other],
+    };
+    let config = client::Config {
+        preferred: russh::Preferred {
+            key: Cow::Owned(key_algs),
+            ..Default::default()
+        },
+        inactivity_timeout: None,
+        nodelay: true,
+        ..Default::default()
+    };
+    let presented = Arc::new(Mutex::new(None));
+    let handler = TargetHandler {
+        pinned: pinned.clone(),
+        presented: presented.clone(),
+    };
+    let handshake = client::connect_stream(Arc::new(config), tcp, handler);
+    let mut handle = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Err(_) => return Err(unreachable("ssh handshake timed out".into())),
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let presented = presented.lock().ok().and_then(|p| p.clone());
+            return Err(match presented {
+                Some(presented) => UpstreamError::HostKeyMismatch {
+                    target: target.name.clone(),
+                    expected: format!("{} {}", pinned.algorithm(), pinned.fingerprint(HashAlg::Sha256)),
+                    presented,
+                },
+                None => UpstreamError::Handshake {
+                    target: target.name.clone(),
+                    reason: e.to_string(),
+                },
+            });
+        }
+    };
+
+    let handshake_err = |e: russh::Error| UpstreamError::Handshake {
+        target: target.name.clone(),
+        reason: e.to_string(),
+    };
+    let (result, kind) = match &account.credential {
+        Credential::Password(pw) => (
+            handle
+                .authenticate_password(account.username.clone(), pw.expose())
+                .await
+                .map_err(handshake_err)?,
+            "password",
+        ),
+        Credential::PrivateKey(pem) => {
+            let pem = Zeroizing::new(pem.expose().to_string());
+            let key = PrivateKey::from_openssh(pem.as_bytes()).map_err(|e| {
+                UpstreamError::BadCredential {
+                    target: target.name.clone(),
+                    account: account.username.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let hash = if key.algorithm().is_rsa() {
+                handle
+                    .best_supported_rsa_hash()
+                    .await
+                    .map_err(handshake_err)?
+                    .flatten()
+            } else {
+                None
+            };
+            let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+            (
+                handle
+                    .authenticate_publickey(account.username.clone(), key)
+                    .await
+                    .map_err(handshake_err)?,
+                "private key",
+            )
+        }
+    };
+    if !result.success() {
+        return Err(UpstreamError::CredentialRefused {
+            target: target.name.clone(),
+            account: account.username.clone(),
+            kind,
+        });
+    }
+    Ok(handle)
+}

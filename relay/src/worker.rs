@@ -1,0 +1,79 @@
+//! Worker threads: one per core, each with its own current-thread runtime and its own
+//! `SO_REUSEPORT` listener. A connection, both of its legs and its recording queue stay on the
+//! worker that accepted it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{error, info, warn};
+
+use crate::session::{handle_connection, WorkerCtx};
+
+/// Which runtime drives a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoBackend {
+    /// tokio-uring when the kernel allows io_uring, else epoll.
+    Auto,
+    /// tokio-uring (io_uring); fail if unavailable.
+    Uring,
+    /// Plain tokio current-thread runtime (epoll).
+    Epoll,
+}
+
+/// Binds one listening socket with `SO_REUSEPORT` (each worker gets its own).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Runs one worker on the current thread until its listener fails.
+pub fn run_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    ctx: Arc<WorkerCtx>,
+    backend: IoBackend,
+) -> std::io::Result<()> {
+    if backend != IoBackend::Epoll {
+        match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+            Ok(rt) => {
+                info!(worker = index, "worker running on tokio-uring");
+                return rt.block_on(accept_loop(index, listener, ctx));
+            }
+            Err(e) if backend == IoBackend::Uring => return Err(e),
+            Err(e) => warn!(worker = index, error = %e, "io_uring unavailable; worker falls back to epoll"),
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    info!(worker = index, "worker running on tokio (epoll)");
+    local.block_on(&rt, accept_loop(index, listener, ctx))
+}
+
+async fn accept_loop(
+    index: usize,
+    listener: std::net::TcpListener,
+    ctx: Arc<WorkerCtx>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle_connection(ctx.clone(), stream, peer));
+            }
+            Err(e) => {
+                // EMFILE and friends: log and keep serving the connections we have.
+                error!(worker = index, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
