@@ -1,1 +1,39 @@
-//! placeholder
+//! psm-control: the policy daemon of psm and the library behind the `psmctl` admin CLI.
+//!
+//! What it does:
+//! - keeps the policy (users, their keys, targets, accounts, grants) in a SQLite store
+//!   ([`store`]), with account credentials sealed by an AES-256-GCM vault under `master.key`
+//!   ([`vault`]);
+//! - serves relays on `policy.sock`: a full [`psm_control_api::PolicySnapshot`] on connect and
+//!   again after every change, and takes their audit events ([`daemon`]);
+//! - appends every audit event, its own administrative changes included, to `audit.jsonl`
+//!   ([`audit`]);
+//! - serves `psmctl` on `control.sock` with a JSON-lines protocol ([`protocol`], [`client`]);
+//! - implements the `psmctl` commands ([`cli`]), host-key scanning ([`scan`]) and the
+//!   recording commands on top of `psm-recorder-format` ([`recordings`]).
+//!
+//! What it does not do: terminate SSH sessions (psm-relay does), write recordings
+//! (psm-recorder does), or ever hand a credential back to psmctl.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod audit;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod datadir;
+pub mod protocol;
+pub mod recordings;
+pub mod scan;
+pub mod store;
+pub mod validate;
+pub mod vault;
+
+mod table;
+mod timefmt;
+
+pub use daemon::ControlError;
+pub use datadir::{init_data_dir, InitError};
+
+#[cfg(test)]
+mod testkeys;

@@ -1,1 +1,592 @@
-//! placeholder
+//! psm-recorder: the daemon that writes session recordings to disk.
+//!
+//! It listens on `recorder.sock` in the data directory, where relays connect and send
+//! [`Frame`]s (see [`psm_recorder_format::wire`]). Each stream a relay opens becomes one file
+//! `recordings/<recording_id>.psmrec` ([`psm_recorder_format::file`]): OPEN creates it (never
+//! over an existing one), DATA and RESIZE append, CLOSE ends and fsyncs it. Open files are
+//! flushed (a zstd frame ended and written out) at least every second and every 4 MiB, so a
+//! crash loses little. A stream still open when its relay's connection drops is closed with the
+//! reason `"relay link lost"`; on SIGTERM/SIGINT, with `"recorder shutdown"`.
+//!
+//! Every connection is served by its own thread (reading, decoding, compressing, writing), so
+//! heavy work never stalls accepting; a malformed frame drops only the connection it came on.
+//!
+//! What it does not do: decide anything about sessions (the relay decides whether recording is
+//! required), send anything back to relays, or read recordings (psmctl does that through
+//! [`psm_recorder_format::export`]).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::future::Future;
+use std::io::{self, BufWriter, Read};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use psm_recorder_format::file::{self, Record, RecordingWriter};
+use psm_recorder_format::wire::MAX_FRAME;
+use psm_recorder_format::{CloseSummary, FormatError, Frame, RecordingMeta};
+use tracing::{debug, error, info, warn};
+
+/// Name of the socket relays connect to, inside the data directory.
+pub const RECORDER_SOCKET: &str = "recorder.sock";
+/// Name of the folder of recordings, inside the data directory.
+pub const RECORDINGS_DIR: &str = "recordings";
+/// Close reason written for streams still open when their relay's connection drops.
+pub const REASON_LINK_LOST: &str = "relay link lost";
+/// Close reason written for streams still open when the recorder stops.
+pub const REASON_SHUTDOWN: &str = "recorder shutdown";
+
+/// Longest time written data waits before it is flushed to the file.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Uncompressed bytes after which a stream is flushed at once.
+pub const FLUSH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// How often a connection thread wakes without traffic (flushes, shutdown check).
+const TICK: Duration = Duration::from_millis(200);
+/// Receive buffer of a connection: a largest frame plus room to read more behind it.
+const RECV_BUFFER: usize = 2 * MAX_FRAME;
+/// Below this much free space at the end of the receive buffer, the partial frame is moved to
+/// its front.
+const MIN_READ: usize = 256 * 1024;
+/// Buffer between a recording's zstd encoder and its file.
+const FILE_BUFFER: usize = 256 * 1024;
+
+/// Errors that stop the recorder.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    /// The data directory, the recordings folder or the socket could not be set up.
+    #[error("cannot set up {path}: {source}")]
+    Setup {
+        /// What could not be set up.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another process already listens on the socket.
+    #[error("another recorder is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+fn setup_err(path: &Path) -> impl FnOnce(io::Error) -> RecorderError + '_ {
+    move |source| RecorderError::Setup {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs the recorder on `data_dir` until SIGTERM or SIGINT, then finishes every open recording
+/// (reason `"recorder shutdown"`) and removes the socket.
+pub async fn run(data_dir: PathBuf) -> Result<(), RecorderError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(RecorderError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RecorderError::Signals)?;
+    run_until(data_dir, async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+    })
+    .await
+}
+
+/// Runs the recorder on `data_dir` until `shutdown` completes, then stops as [`run`] does on a
+/// signal.
+pub async fn run_until(
+    data_dir: PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RecorderError> {
+    let recordings = prepare_dirs(&data_dir)?;
+    let socket_path = data_dir.join(RECORDER_SOCKET);
+    remove_stale_socket(&socket_path)?;
+    let listener = tokio::net::UnixListener::bind(&socket_path).map_err(setup_err(&socket_path))?;
+    fs::set_permissions(&socket_path, Permissions::from_mode(0o600))
+        .map_err(setup_err(&socket_path))?;
+    info!(socket = %socket_path.display(), recordings = %recordings.display(), "listening");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut links: Vec<LinkHandle> = Vec::new();
+    let mut next_id = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    next_id += 1;
+                    links.retain(|l| !l.thread.is_finished());
+                    match start_link(next_id, stream, &recordings, &stop) {
+                        Ok(link) => links.push(link),
+                        Err(e) => error!(link = next_id, error = %e, "cannot serve relay connection"),
+                    }
+                }
+                Err(e) => {
+                    // out of descriptors and the like: wait a little rather than spin
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+
+    info!(links = links.len(), "shutting down");
+    drop(listener);
+    stop.store(true, Ordering::SeqCst);
+    for link in &links {
+        // wakes a thread blocked in read; it sees `stop` and finishes its recordings
+        let _ = link.stream.shutdown(std::net::Shutdown::Read);
+    }
+    let joined = tokio::task::spawn_blocking(move || {
+        for link in links {
+            if link.thread.join().is_err() {
+                error!(link = link.id, "relay connection thread panicked");
+            }
+        }
+    })
+    .await;
+    if joined.is_err() {
+        error!("cannot wait for relay connection threads");
+    }
+    if let Err(e) = fs::remove_file(&socket_path) {
+        warn!(socket = %socket_path.display(), error = %e, "cannot remove socket");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Creates the data directory (if missing) and `recordings/`, both mode 0700.
+fn prepare_dirs(data_dir: &Path) -> Result<PathBuf, RecorderError> {
+    let recordings = data_dir.join(RECORDINGS_DIR);
+    for dir in [data_dir, recordings.as_path()] {
+        if !dir.is_dir() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(setup_err(dir))?;
+        }
+    }
+    fs::set_permissions(&recordings, Permissions::from_mode(0o700))
+        .map_err(setup_err(&recordings))?;
+    Ok(recordings)
+}
+
+/// Removes a socket file left by a recorder that died; refuses when one still listens on it.
+fn remove_stale_socket(path: &Path) -> Result<(), RecorderError> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(RecorderError::AlreadyRunning(path.to_path_buf()));
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {
+            info!(socket = %path.display(), "removed stale socket");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(setup_err(path)(e)),
+    }
+}
+
+/// A relay connection and the thread serving it.
+struct LinkHandle {
+    id: u64,
+    /// A second handle on the socket, to wake the thread at shutdown.
+    stream: UnixStream,
+    thread: JoinHandle<()>,
+}
+
+fn start_link(
+    id: u64,
+    stream: tokio::net::UnixStream,
+    recordings: &Path,
+    stop: &Arc<AtomicBool>,
+) -> io::Result<LinkHandle> {
+    match stream.peer_cred() {
+        Ok(cred) => info!(link = id, uid = cred.uid(), pid = ?cred.pid(), "relay connected"),
+        Err(_) => info!(link = id, "relay connected"),
+    }
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(TICK))?;
+    let waker = stream.try_clone()?;
+    let dir = recordings.to_path_buf();
+    let stop = Arc::clone(stop);
+    let thread = std::thread::Builder::new()
+        .name(format!("relay-link-{id}"))
+        .spawn(move || Link::new(id, dir).serve(stream, &stop))?;
+    Ok(LinkHandle {
+        id,
+        stream: waker,
+        thread,
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// One recording being written.
+struct Recording {
+    writer: RecordingWriter<BufWriter<File>>,
+    recording_id: String,
+    path: PathBuf,
+    start_ms: u64,
+    last_ts_us: u64,
+    /// When data was first written since the last flush.
+    dirty_since: Option<Instant>,
+}
+
+impl Recording {
+    fn write(&mut self, rec: &Record) -> Result<(), FormatError> {
+        self.last_ts_us = self.last_ts_us.max(rec.ts_us());
+        self.writer.write(rec)?;
+        if self.writer.pending_bytes() >= FLUSH_BYTES {
+            self.flush()?;
+        } else if self.dirty_since.is_none() {
+            self.dirty_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), FormatError> {
+        self.dirty_since = None;
+        self.writer.flush()
+    }
+
+    /// Writes the CLOSE record, ends the file and fsyncs it.
+    fn finish(self, ts_us: u64, summary: CloseSummary) -> Result<(), FormatError> {
+        let Recording {
+            mut writer,
+            recording_id,
+            path,
+            ..
+        } = self;
+        let reason = summary.reason.clone();
+        writer.write(&Record::Close { ts_us, summary })?;
+        let file = writer
+            .finish()?
+            .into_inner()
+            .map_err(|e| FormatError::Io(e.into_error()))?;
+        file.sync_all()?;
+        if let Some(dir) = path.parent() {
+            // make the directory entry durable too
+            File::open(dir)?.sync_all()?;
+        }
+        info!(%recording_id, %reason, "recording finished");
+        Ok(())
+    }
+}
+
+/// What a link knows about one of its streams.
+enum Stream {
+    Recording(Box<Recording>),
+    /// Its frames are dropped (the recording could not be created or written).
+    Dropped,
+}
+
+/// The streams of one relay connection.
+struct Link {
+    id: u64,
+    dir: PathBuf,
+    streams: HashMap<u64, Stream>,
+}
+
+impl Link {
+    fn new(id: u64, dir: PathBuf) -> Self {
+        Link {
+            id,
+            dir,
+            streams: HashMap::new(),
+        }
+    }
+
+    /// Reads and handles frames until the connection ends or the recorder stops, then closes
+    /// every stream still open.
+    fn serve(mut self, mut stream: UnixStream, stop: &AtomicBool) {
+        let mut buf = vec![0u8; RECV_BUFFER];
+        let (mut start, mut end) = (0usize, 0usize);
+        let mut next_sweep = Instant::now() + TICK;
+        let reason = loop {
+            if stop.load(Ordering::SeqCst) {
+                break REASON_SHUTDOWN;
+            }
+            match stream.read(&mut buf[end..]) {
+                Ok(0) => {
+                    if stop.load(Ordering::SeqCst) {
+                        break REASON_SHUTDOWN;
+                    }
+                    info!(
+                        link = self.id,
+                        open = self.open_count(),
+                        "relay disconnected"
+                    );
+                    break REASON_LINK_LOST;
+                }
+                Ok(n) => {
+                    end += n;
+                    match self.handle_frames(&buf[start..end]) {
+                        Ok(used) => start += used,
+                        Err(e) => {
+                            error!(link = self.id, error = %e, "malformed frame, dropping relay connection");
+                            break REASON_LINK_LOST;
+                        }
+                    }
+                    if start == end {
+                        start = 0;
+                        end = 0;
+                    } else if buf.len() - end < MIN_READ {
+                        buf.copy_within(start..end, 0);
+                        end -= start;
+                        start = 0;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    warn!(link = self.id, error = %e, "relay connection failed");
+                    break REASON_LINK_LOST;
+                }
+            }
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.flush_due(now);
+                next_sweep = now + TICK;
+            }
+        };
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        self.close_all(reason);
+    }
+
+    fn open_count(&self) -> usize {
+        self.streams
+            .values()
+            .filter(|s| matches!(s, Stream::Recording(_)))
+            .count()
+    }
+
+    /// Handles every complete frame at the front of `buf`; returns how many bytes they used.
+    fn handle_frames(&mut self, buf: &[u8]) -> Result<usize, FormatError> {
+        let mut used = 0;
+        while let Some((frame, n)) = Frame::decode(&buf[used..])? {
+            used += n;
+            self.handle(frame);
+        }
+        Ok(used)
+    }
+
+    fn handle(&mut self, frame: Frame) {
+        match frame {
+            Frame::Open { stream, meta } => self.open(stream, meta),
+            Frame::Data {
+                stream,
+                ts_us,
+                channel,
+                direction,
+                data,
+            } => self.append(
+                stream,
+                Record::Data {
+                    ts_us,
+                    channel,
+                    direction,
+                    data,
+                },
+            ),
+            Frame::Resize {
+                stream,
+                ts_us,
+                channel,
+                cols,
+                rows,
+            } => self.append(
+                stream,
+                Record::Resize {
+                    ts_us,
+                    channel,
+                    cols,
+                    rows,
+                },
+            ),
+            Frame::Close {
+                stream,
+                ts_us,
+                summary,
+            } => self.close(stream, ts_us, summary),
+        }
+    }
+
+    fn open(&mut self, stream: u64, meta: RecordingMeta) {
+        if self.streams.contains_key(&stream) {
+            error!(link = self.id, stream, recording_id = %meta.recording_id, "stream opened twice, ignoring the second open");
+            return;
+        }
+        let entry = match self.create(&meta) {
+            Ok(rec) => {
+                info!(
+                    link = self.id,
+                    stream,
+                    recording_id = %meta.recording_id,
+                    session_id = %meta.session_id,
+                    user = %meta.user,
+                    target = %meta.target,
+                    account = %meta.account,
+                    "recording started"
+                );
+                Stream::Recording(Box::new(rec))
+            }
+            Err(e) => {
+                error!(link = self.id, stream, recording_id = %meta.recording_id, error = %e, "cannot create recording, dropping its frames");
+                Stream::Dropped
+            }
+        };
+        self.streams.insert(stream, entry);
+    }
+
+    fn create(&self, meta: &RecordingMeta) -> Result<Recording, FormatError> {
+        let path = file::path_for(&self.dir, &meta.recording_id)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    FormatError::Malformed(format!(
+                        "{} already exists, not overwriting it",
+                        path.display()
+                    ))
+                } else {
+                    e.into()
+                }
+            })?;
+        let mut writer = RecordingWriter::new(BufWriter::with_capacity(FILE_BUFFER, file), meta)?;
+        // the header is on disk from the start: the recording is listed while it runs
+        writer.flush()?;
+        Ok(Recording {
+            writer,
+            recording_id: meta.recording_id.clone(),
+            path,
+            start_ms: meta.start_ms,
+            last_ts_us: 0,
+            dirty_since: None,
+        })
+    }
+
+    fn append(&mut self, stream: u64, rec: Record) {
+        match self.streams.get_mut(&stream) {
+            Some(Stream::Recording(r)) => {
+                if let Err(e) = r.write(&rec) {
+                    error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot write recording, dropping its frames");
+                    self.streams.insert(stream, Stream::Dropped);
+                }
+            }
+            Some(Stream::Dropped) => {}
+            None => {
+                warn!(
+                    link = self.id,
+                    stream, "frame for a stream that was never opened, dropping its frames"
+                );
+                self.streams.insert(stream, Stream::Dropped);
+            }
+        }
+    }
+
+    fn close(&mut self, stream: u64, ts_us: u64, summary: CloseSummary) {
+        match self.streams.remove(&stream) {
+            Some(Stream::Recording(r)) => {
+                let id = r.recording_id.clone();
+                if let Err(e) = r.finish(ts_us, summary) {
+                    error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
+                }
+            }
+            Some(Stream::Dropped) => debug!(link = self.id, stream, "dropped stream closed"),
+            None => warn!(
+                link = self.id,
+                stream, "close for a stream that was never opened"
+            ),
+        }
+    }
+
+    /// Flushes the recordings whose oldest unflushed data is about to be a second old.
+    fn flush_due(&mut self, now: Instant) {
+        let due = FLUSH_INTERVAL.saturating_sub(TICK);
+        let mut failed = Vec::new();
+        for (stream, s) in &mut self.streams {
+            if let Stream::Recording(r) = s {
+                if r.dirty_since.is_some_and(|t| now.duration_since(t) >= due) {
+                    if let Err(e) = r.flush() {
+                        error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording, dropping its frames");
+                        failed.push(*stream);
+                    }
+                }
+            }
+        }
+        for stream in failed {
+            self.streams.insert(stream, Stream::Dropped);
+        }
+    }
+
+    /// Closes every recording still open, with `reason`.
+    fn close_all(&mut self, reason: &str) {
+        let end_ms = now_ms();
+        for (stream, s) in self.streams.drain() {
+            let Stream::Recording(r) = s else { continue };
+            let ts_us = r
+                .last_ts_us
+                .max(end_ms.saturating_sub(r.start_ms).saturating_mul(1000));
+            let id = r.recording_id.clone();
+            let summary = CloseSummary {
+                end_ms,
+                exit_status: None,
+                exit_signal: None,
+                reason: reason.to_string(),
+            };
+            if let Err(e) = r.finish(ts_us, summary) {
+                error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_socket_is_removed_and_live_one_refused() {
+        let tmp = std::env::temp_dir().join(format!("psm-recorder-stale-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).expect("mkdir");
+        let path = tmp.join(RECORDER_SOCKET);
+        assert!(remove_stale_socket(&path).is_ok());
+        let live = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        assert!(matches!(
+            remove_stale_socket(&path),
+            Err(RecorderError::AlreadyRunning(_))
+        ));
+        drop(live);
+        assert!(path.exists());
+        remove_stale_socket(&path).expect("stale");
+        assert!(!path.exists());
+        let _ = fs::remove_dir_all(&tmp);
+    }
+}

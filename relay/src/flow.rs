@@ -1,101 +1,101 @@
 //! Flow control between the two legs of a channel.
 //!
-//! russh replenishes a channel's receive window as soon as data is *received*, not when it is
-//! consumed, and each connection has one event loop that stops reading (for every channel) while
-//! one channel's queue is full. A relay that lets either loop block while the other direction is
-//! waiting for that same loop to process a window adjust deadlocks. So each direction has a
-//! [`Gate`]: its reader drains into a byte-counted queue up to [`SOFT_LIMIT`]; beyond that it
-//! keeps draining only while the *opposite* direction's writer is blocked (that writer needs the
-//! loop this reader is freeing), and never beyond [`HARD_LIMIT`]. Memory per channel stays
-//! bounded by `2 * HARD_LIMIT` plus russh's own buffers; a slow reader slows the writer; nothing
-//! is dropped.
+//! russh replenishes a channel's receive window as soon as data is *received*, and each SSH
+//! connection has one event loop that reads every packet in order. A relay that stops draining a
+//! channel (to bound memory) also stops that loop from reading the window adjusts queued behind
+//! the data — and if both legs do that at once, the relay deadlocks with both peers waiting for
+//! window. Bounded memory and liveness need the window to follow *consumption* on at least one
+//! leg:
+//!
+//! - **User leg (upload):** the reader always drains the user's channel, and the window psm
+//!   grants the user shrinks as the upload queue grows ([`Flow::user_window`], wired into russh's
+//!   `adjust_window` hook). The user can never have more in flight than psm can hold, so the
+//!   user-leg loop never blocks and always sees the user's window adjusts.
+//! - **Target leg (download):** the reader stops at [`DOWN_LIMIT`] queued bytes; the target's
+//!   TCP stream then applies back-pressure. This is safe because the download queue drains as
+//!   soon as the user consumes, and that only depends on the user-leg loop, which never blocks.
+//!
+//! Memory per channel stays bounded (about `2 * WINDOW + DOWN_LIMIT` plus russh's buffers); a
+//! slow reader slows the writer; nothing is dropped.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-/// Bytes a direction buffers before it lets its source loop apply back-pressure.
-pub const SOFT_LIMIT: usize = 1 << 20;
-/// Bytes a direction never exceeds.
-pub const HARD_LIMIT: usize = 32 << 20;
+/// Receive window psm offers on a channel when its queue is empty (russh's default).
+pub const WINDOW: u32 = 2 << 20;
+/// Upload bytes queued at which the user's window is closed down to a trickle.
+pub const UP_LIMIT: usize = 2 * WINDOW as usize;
+/// Download bytes queued at which psm stops reading from the target.
+pub const DOWN_LIMIT: usize = 4 << 20;
+/// Smallest window ever offered: keeps russh sending adjusts (it adjusts when the remaining
+/// window falls below half the target, so a target of 1 would never adjust again).
+pub const MIN_WINDOW: u32 = 2;
 
-/// One direction's accounting.
-#[derive(Default)]
-pub struct Gate {
-    buffered: AtomicUsize,
-    writer_blocked: AtomicBool,
-}
-
-/// Both directions of one channel, with a shared wake-up.
+/// Queue accounting for one relayed channel.
 #[derive(Default)]
 pub struct Flow {
-    /// User to target.
-    pub up: Gate,
-    /// Target to user.
-    pub down: Gate,
+    up: AtomicUsize,
+    down: AtomicUsize,
     notify: Notify,
 }
 
-/// Which direction a task serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// User to target.
-    Up,
-    /// Target to user.
-    Down,
-}
-
 impl Flow {
-    /// A new pair of gates.
+    /// A new, empty channel.
     pub fn new() -> Arc<Flow> {
         Arc::new(Flow::default())
     }
 
-    fn gates(&self, d: Dir) -> (&Gate, &Gate) {
-        match d {
-            Dir::Up => (&self.up, &self.down),
-            Dir::Down => (&self.down, &self.up),
-        }
+    /// The window to offer the user next, given the upload queue.
+    pub fn user_window(&self) -> u32 {
+        let queued = self.up.load(Ordering::Acquire);
+        let room = UP_LIMIT.saturating_sub(queued);
+        (room.min(WINDOW as usize) as u32).max(MIN_WINDOW)
     }
 
-    /// Whether the reader of `d` may take more from its source now.
-    pub fn may_read(&self, d: Dir) -> bool {
-        let (me, other) = self.gates(d);
-        let b = me.buffered.load(Ordering::Acquire);
-        b < SOFT_LIMIT || (b < HARD_LIMIT && other.writer_blocked.load(Ordering::Acquire))
+    /// Upload bytes were queued.
+    pub fn up_queued(&self, n: usize) {
+        self.up.fetch_add(n, Ordering::AcqRel);
     }
 
-    /// Waits until the reader of `d` may read.
-    pub async fn reader_ready(&self, d: Dir) {
+    /// Upload bytes reached the target.
+    pub fn up_written(&self, n: usize) {
+        self.up.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Download bytes were queued.
+    pub fn down_queued(&self, n: usize) {
+        self.down.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Download bytes reached the user.
+    pub fn down_written(&self, n: usize) {
+        self.down.fetch_sub(n, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Waits until the download queue has room.
+    pub async fn down_ready(&self) {
         loop {
             let n = self.notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            if self.may_read(d) {
+            if self.down.load(Ordering::Acquire) < DOWN_LIMIT {
                 return;
             }
             n.await;
         }
     }
 
-    /// The reader of `d` queued `n` bytes.
-    pub fn queued(&self, d: Dir, n: usize) {
-        self.gates(d).0.buffered.fetch_add(n, Ordering::AcqRel);
-    }
-
-    /// The writer of `d` is about to write (and may block on the peer's window).
-    pub fn writing(&self, d: Dir) {
-        self.gates(d).0.writer_blocked.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-
-    /// The writer of `d` finished writing `n` bytes.
-    pub fn written(&self, d: Dir, n: usize) {
-        let g = self.gates(d).0;
-        g.writer_blocked.store(false, Ordering::Release);
-        g.buffered.fetch_sub(n, Ordering::AcqRel);
-        self.notify.notify_waiters();
+    /// A one-line picture of both queues, for debugging stalls.
+    pub fn describe(&self) -> String {
+        format!(
+            "up queued={} window={} / down queued={}",
+            self.up.load(Ordering::Relaxed),
+            self.user_window(),
+            self.down.load(Ordering::Relaxed)
+        )
     }
 }
 
@@ -104,32 +104,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn soft_limit_then_escape_while_other_writer_blocked() {
+    fn user_window_follows_the_upload_queue() {
         let f = Flow::new();
-        assert!(f.may_read(Dir::Up));
-        f.queued(Dir::Up, SOFT_LIMIT);
-        assert!(!f.may_read(Dir::Up), "over the soft limit the loop is back-pressured");
-        f.writing(Dir::Down);
-        assert!(f.may_read(Dir::Up), "the down writer needs the up source's loop: keep draining");
-        f.queued(Dir::Up, HARD_LIMIT - SOFT_LIMIT);
-        assert!(!f.may_read(Dir::Up), "never beyond the hard limit");
-        f.written(Dir::Down, 0);
-        f.writing(Dir::Up);
-        f.written(Dir::Up, HARD_LIMIT);
-        assert!(f.may_read(Dir::Up));
-        assert!(f.may_read(Dir::Down));
+        assert_eq!(f.user_window(), WINDOW);
+        f.up_queued(WINDOW as usize);
+        assert_eq!(f.user_window(), WINDOW, "up to one window queued, the full window");
+        f.up_queued(WINDOW as usize / 2);
+        assert_eq!(f.user_window(), WINDOW / 2);
+        f.up_queued(10 * WINDOW as usize);
+        assert_eq!(f.user_window(), MIN_WINDOW, "never zero: russh must keep adjusting");
+        f.up_written(11 * WINDOW as usize + WINDOW as usize / 2);
+        assert_eq!(f.user_window(), WINDOW);
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn reader_wakes_when_writer_drains() {
+    async fn download_reader_waits_for_room() {
         let f = Flow::new();
-        f.queued(Dir::Down, SOFT_LIMIT + 1);
+        f.down_queued(DOWN_LIMIT);
         let f2 = f.clone();
-        let waiter = tokio::spawn(async move { f2.reader_ready(Dir::Down).await });
+        let waiter = tokio::spawn(async move { f2.down_ready().await });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        f.writing(Dir::Down);
-        f.written(Dir::Down, SOFT_LIMIT + 1);
+        f.down_written(1);
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
             .await
             .expect("woken")

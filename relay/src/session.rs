@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::control_link::{AuditSink, PolicyStore};
-use crate::flow::{Dir, Flow};
+use crate::flow::Flow;
 use crate::recording::{RecordingStream, WorkerRecorder};
 use crate::upstream::{self, TargetHandle};
 
@@ -118,6 +118,7 @@ pub async fn handle_connection(ctx: Arc<WorkerCtx>, stream: tokio::net::TcpStrea
         user: None,
         target: None,
         channels: HashMap::new(),
+        flows: HashMap::new(),
     };
     let running = match russh::server::run_stream(ctx.server_config.clone(), stream, conn).await {
         Ok(r) => r,
@@ -244,6 +245,7 @@ pub struct Conn {
     user: Option<String>,
     target: Option<Arc<TargetHandle>>,
     channels: HashMap<ChannelId, Chan>,
+    flows: HashMap<ChannelId, Arc<Flow>>,
 }
 
 fn methods() -> MethodSet {
@@ -446,9 +448,23 @@ impl Conn {
                 let _ = down_tx.send(item);
             }
         }
+        self.flows.insert(channel, flow.clone());
         tokio::spawn(read_client(down_r, up_tx, flow.clone(), self.shared.clone(), rec.clone(), ch));
         tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
         tokio::spawn(read_target(up_r, down_tx, flow.clone(), self.shared.clone(), rec, ch));
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let flow = flow.clone();
+            let sid = self.shared.session_id.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if Arc::strong_count(&flow) <= 1 {
+                        return;
+                    }
+                    debug!(session = %sid, state = %flow.describe(), "flow");
+                }
+            });
+        }
         tokio::spawn(write_client(down_rx, down_w, handle, flow));
         self.channels.insert(channel, Chan::Running { up_w });
     }
@@ -504,6 +520,14 @@ impl Conn {
 
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
+
+    fn adjust_window(&mut self, channel: ChannelId, _current: u32) -> u32 {
+        // The user's window follows what psm can still hold for this channel (see `flow`).
+        self.flows
+            .get(&channel)
+            .map(|f| f.user_window())
+            .unwrap_or(crate::flow::WINDOW)
+    }
 
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
         Ok(reject())
@@ -860,7 +884,7 @@ fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
     match item {
         Item::Data(_) | Item::Ext(..) => {
             shared.bytes_down.fetch_add(item.len() as u64, Ordering::Relaxed);
-            flow.queued(Dir::Down, item.len());
+            flow.down_queued(item.len());
         }
         Item::ExitStatus(s) => shared.with(|st| st.exit_status = Some(*s)),
         Item::ExitSignal { signal, .. } => {
@@ -900,14 +924,13 @@ async fn read_client(
     ch: u32,
 ) {
     loop {
-        flow.reader_ready(Dir::Up).await;
         let item = match r.wait().await {
             Some(ChannelMsg::Data { data }) => {
                 shared.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if let Some(rec) = &rec {
                     rec.data(ch, Direction::Input, data.clone()).await;
                 }
-                flow.queued(Dir::Up, data.len());
+                flow.up_queued(data.len());
                 Item::Data(data)
             }
             Some(ChannelMsg::Eof) => Item::Eof,
@@ -933,18 +956,16 @@ async fn write_target(
 ) {
     while let Some(item) = rx.recv().await {
         let n = item.len();
-        flow.writing(Dir::Up);
         let r = match item {
             Item::Data(d) => w.data_bytes(d).await,
             Item::Eof => w.eof().await,
             Item::Close => {
-                flow.written(Dir::Up, n);
                 let _ = w.close().await;
                 return;
             }
             _ => Ok(()),
         };
-        flow.written(Dir::Up, n);
+        flow.up_written(n);
         if r.is_err() {
             return;
         }
@@ -961,7 +982,7 @@ async fn read_target(
     ch: u32,
 ) {
     loop {
-        flow.reader_ready(Dir::Down).await;
+        flow.down_ready().await;
         let Some(msg) = r.wait().await else {
             shared.closed_by("target");
             let _ = tx.send(Item::Close);
@@ -993,7 +1014,6 @@ async fn write_client(
 ) {
     while let Some(item) = rx.recv().await {
         let n = item.len();
-        flow.writing(Dir::Down);
         let r = match item {
             Item::Data(d) => w.data_bytes(d).await,
             Item::Ext(ext, d) => w.extended_data_bytes(ext, d).await,
@@ -1008,12 +1028,11 @@ async fn write_client(
                 .await
                 .map_err(|_| russh::Error::SendError),
             Item::Close => {
-                flow.written(Dir::Down, n);
                 let _ = w.close().await;
                 return;
             }
         };
-        flow.written(Dir::Down, n);
+        flow.down_written(n);
         if r.is_err() {
             return;
         }

@@ -445,6 +445,8 @@ pub enum ControlToRelay {
 }
 
 /// Messages from a relay to control.
+// Audit events dominate the traffic; boxing them would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RelayToControl {

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod export;
+pub mod file;
 pub mod wire;
 
 pub use wire::{CloseSummary, Direction, Frame, RecordingMeta};

@@ -1,0 +1,284 @@
+//! The audit log `audit.jsonl`: append-only, one [`AuditEvent`] JSON object per line.
+//!
+//! psm-control is its only writer. It numbers events (`seq`) when it appends them, continuing
+//! from the last event in the file, and hands each line to the OS right away (one `write` per
+//! line; no user-space buffering). [`read_tail`] reads the last events without loading the whole
+//! file, for `psmctl audit tail`.
+//!
+//! What it does not do: rotate or truncate the log, or fsync every line.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use psm_control_api::{AuditEvent, AuditKind};
+
+/// Errors of the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The log could not be opened, read or written.
+    #[error("audit log {}: {source}", .path.display())]
+    Io {
+        /// The log file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+/// The open audit log.
+#[derive(Debug)]
+pub struct AuditLog {
+    file: File,
+    path: PathBuf,
+    next_seq: u64,
+}
+
+impl AuditLog {
+    /// Opens `path` for appending (creating it, mode 0600), and finds the next `seq`.
+    ///
+    /// A last line cut short by a crash is closed with a newline so that the next event starts
+    /// on a line of its own.
+    pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
+        let io_err = |source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        if len > 0 {
+            file.seek(SeekFrom::Start(len - 1)).map_err(io_err)?;
+            let mut last = [0u8; 1];
+            file.read_exact(&mut last).map_err(io_err)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n").map_err(io_err)?;
+            }
+        }
+        let last_seq = last_seq(&mut file).map_err(io_err)?;
+        Ok(AuditLog {
+            file,
+            path: path.to_path_buf(),
+            next_seq: last_seq + 1,
+        })
+    }
+
+    /// The `seq` the next appended event gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Numbers `event` and appends it as one line; returns it with its `seq`.
+    pub fn append(&mut self, mut event: AuditEvent) -> Result<AuditEvent, AuditError> {
+        event.seq = self.next_seq;
+        if event.ts_ms == 0 {
+            event.ts_ms = psm_control_api::now_ms();
+        }
+        let mut line = serde_json::to_vec(&event).map_err(|e| AuditError::Io {
+            path: self.path.clone(),
+            source: io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|()| self.file.flush())
+            .map_err(|source| AuditError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.next_seq += 1;
+        Ok(event)
+    }
+
+    /// Appends an event made by control itself (origin `control`).
+    pub fn append_control(&mut self, kind: AuditKind) -> Result<AuditEvent, AuditError> {
+        self.append(AuditEvent {
+            seq: 0,
+            ts_ms: psm_control_api::now_ms(),
+            origin: "control".into(),
+            kind,
+        })
+    }
+}
+
+/// Reads the last lines of `file` (at most `n`), oldest first, reading backwards in chunks.
+fn last_lines(file: &mut File, n: usize) -> io::Result<Vec<Vec<u8>>> {
+    const CHUNK: u64 = 64 * 1024;
+    let len = file.metadata()?.len();
+    let mut pos = len;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // Enough once the buffer holds n full lines after its first newline (or reaches the
+        // start of the file).
+        let newlines = buf.iter().filter(|&&b| b == b'\n').count();
+        if pos == 0 || newlines > n {
+            break;
+        }
+        let step = CHUNK.min(pos);
+        pos -= step;
+        let mut chunk = vec![0u8; step as usize];
+        file.seek(SeekFrom::Start(pos))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+    }
+    let mut lines: Vec<&[u8]> = buf.split(|&b| b == b'\n').collect();
+    if pos > 0 && !lines.is_empty() {
+        lines.remove(0); // partial first line
+    }
+    let mut out: Vec<Vec<u8>> = lines
+        .into_iter()
+        .filter(|l| !l.iter().all(|b| b.is_ascii_whitespace()))
+        .map(|l| l.to_vec())
+        .collect();
+    if out.len() > n {
+        out.drain(..out.len() - n);
+    }
+    Ok(out)
+}
+
+fn last_seq(file: &mut File) -> io::Result<u64> {
+    let mut want = 16;
+    loop {
+        let lines = last_lines(file, want)?;
+        if let Some(seq) = lines
+            .iter()
+            .rev()
+            .find_map(|l| serde_json::from_slice::<AuditEvent>(l).ok())
+            .map(|e| e.seq)
+        {
+            return Ok(seq);
+        }
+        if lines.len() < want {
+            return Ok(0); // the whole file, and no readable event
+        }
+        want *= 16;
+    }
+}
+
+/// The last `n` events of the log at `path`, oldest first; lines that do not parse are skipped.
+/// A missing log reads as empty.
+pub fn read_tail(path: &Path, n: usize) -> Result<Vec<AuditEvent>, AuditError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(AuditError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let lines = last_lines(&mut file, n).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(lines
+        .iter()
+        .filter_map(|l| serde_json::from_slice(l).ok())
+        .collect())
+}
+
+/// Size of the audit log in bytes (0 when missing).
+pub fn log_size(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(msg: &str) -> AuditEvent {
+        AuditEvent {
+            seq: 0,
+            ts_ms: 5,
+            origin: "relay-1".into(),
+            kind: AuditKind::Notice {
+                message: msg.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn seq_continues_across_reopen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).expect("open");
+        assert_eq!(log.next_seq(), 1);
+        assert_eq!(log.append(notice("a")).expect("append").seq, 1);
+        assert_eq!(
+            log.append_control(AuditKind::AdminChange {
+                action: "user add".into(),
+                object: "alice".into()
+            })
+            .expect("append")
+            .seq,
+            2
+        );
+        drop(log);
+        let mut log = AuditLog::open(&path).expect("reopen");
+        assert_eq!(log.next_seq(), 3);
+        log.append(notice("c")).expect("append");
+        let text = fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 3);
+        let events = read_tail(&path, 10).expect("tail");
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(events[1].origin, "control");
+        let last = read_tail(&path, 2).expect("tail");
+        assert_eq!(last.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[test]
+    fn survives_a_torn_last_line() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).expect("open");
+        for i in 0..5 {
+            log.append(notice(&format!("n{i}"))).expect("append");
+        }
+        drop(log);
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(b"{\"seq\":99,\"ts_ms\"").expect("torn");
+        drop(f);
+        let mut log = AuditLog::open(&path).expect("reopen");
+        assert_eq!(log.next_seq(), 6);
+        log.append(notice("after")).expect("append");
+        let events = read_tail(&path, 3).expect("tail");
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6]);
+    }
+
+    #[test]
+    fn tail_of_a_large_log() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).expect("open");
+        let pad = "x".repeat(300);
+        for _ in 0..1000 {
+            log.append(notice(&pad)).expect("append");
+        }
+        drop(log);
+        assert!(log_size(&path) > 64 * 1024 * 3);
+        let events = read_tail(&path, 400).expect("tail");
+        assert_eq!(events.len(), 400);
+        assert_eq!(events[0].seq, 601);
+        assert_eq!(events[399].seq, 1000);
+        assert_eq!(AuditLog::open(&path).expect("open").next_seq(), 1001);
+        assert!(read_tail(&tmp.path().join("missing"), 5)
+            .expect("missing")
+            .is_empty());
+    }
+}

@@ -1,0 +1,1245 @@
+//! psmctl: the command line (clap) and what each command does.
+//!
+//! Policy commands go through `control.sock` ([`crate::client`]); `audit tail` reads
+//! `audit.jsonl` and `recordings …` read `recordings/` directly. Passwords are read from
+//! standard input (one line); a user's password is hashed here, so it never leaves psmctl, while
+//! an account's password or private key goes to the daemon to be sealed by the vault.
+//!
+//! What it does not do: print a credential, ever.
+
+use std::fs;
+use std::io::{self, BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use psm_control_api::{AuditEvent, AuditKind, Credential, PasswordHash, Secret};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::audit::{read_tail, AuditError};
+use crate::client::{Client, ClientError};
+use crate::datadir::DataDir;
+use crate::protocol::{
+    AccountInfo, Changed, GrantInfo, Request, SessionInfo, StatusInfo, TargetInfo, UserInfo,
+};
+use crate::recordings::{self, ExportFormat};
+use crate::scan::{self, ScanError};
+use crate::table::write_table;
+use crate::timefmt;
+use crate::validate::{self, Invalid};
+
+/// psmctl: administer a psm gateway.
+#[derive(Debug, Parser)]
+#[command(
+    name = "psmctl",
+    version,
+    about = "Administer a psm privileged session gateway"
+)]
+pub struct Cli {
+    /// The psm data directory.
+    #[arg(
+        long,
+        global = true,
+        env = "PSM_DATA_DIR",
+        default_value = "./psm-data",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage psm users (the people who log in to the gateway).
+    User {
+        /// User command.
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Manage target hosts.
+    Target {
+        /// Target command.
+        #[command(subcommand)]
+        cmd: TargetCmd,
+    },
+    /// Manage accounts on targets and their vaulted credentials.
+    Account {
+        /// Account command.
+        #[command(subcommand)]
+        cmd: AccountCmd,
+    },
+    /// Manage who may use which account.
+    Grant {
+        /// Grant command.
+        #[command(subcommand)]
+        cmd: GrantCmd,
+    },
+    /// Live sessions.
+    Sessions {
+        /// Sessions command.
+        #[command(subcommand)]
+        cmd: SessionsCmd,
+    },
+    /// The audit log.
+    Audit {
+        /// Audit command.
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// Session recordings.
+    Recordings {
+        /// Recordings command.
+        #[command(subcommand)]
+        cmd: RecordingsCmd,
+    },
+    /// Whether psm-control runs, its policy version and connected relays.
+    Status(JsonFlag),
+}
+
+/// `--json` for list commands.
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `psmctl user …`
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Add a user with a password (read from stdin) and/or SSH public keys.
+    #[command(group(ArgGroup::new("credentials").required(true).multiple(true).args(["password_stdin", "ssh_key"])))]
+    Add {
+        /// User name.
+        name: String,
+        /// Read the user's password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// An OpenSSH public key file (`.pub`); repeatable.
+        #[arg(long = "ssh-key", value_name = "FILE")]
+        ssh_key: Vec<PathBuf>,
+    },
+    /// Remove a user, with their keys and grants.
+    Remove {
+        /// User name.
+        name: String,
+    },
+    /// List users.
+    List(JsonFlag),
+}
+
+/// `psmctl target …`
+#[derive(Debug, Subcommand)]
+pub enum TargetCmd {
+    /// Add a target and pin its SSH host key.
+    #[command(group(ArgGroup::new("pin").required(true).args(["host_key", "scan"])))]
+    Add {
+        /// Target name (used in logins: user@account@NAME).
+        name: String,
+        /// Where the target listens.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: String,
+        /// The host key to pin, OpenSSH form (`ssh-ed25519 AAAA…`).
+        #[arg(long, value_name = "KEY")]
+        host_key: Option<String>,
+        /// Connect to the target and pin the host key it shows (ed25519 preferred).
+        #[arg(long)]
+        scan: bool,
+    },
+    /// Remove a target, with its accounts and their grants.
+    Remove {
+        /// Target name.
+        name: String,
+    },
+    /// List targets with their host key fingerprints.
+    List(JsonFlag),
+}
+
+/// `psmctl account …`
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    /// Add an account (USERNAME@TARGET) with a password or a private key.
+    #[command(group(ArgGroup::new("credential").required(true).args(["password_stdin", "private_key"])))]
+    Add {
+        /// USERNAME@TARGET (split on the last '@').
+        account: String,
+        /// Read the account's password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// An unencrypted OpenSSH private key file.
+        #[arg(long, value_name = "FILE")]
+        private_key: Option<PathBuf>,
+    },
+    /// Remove an account and the grants on it.
+    Remove {
+        /// USERNAME@TARGET.
+        account: String,
+    },
+    /// List accounts (never their credentials).
+    List(JsonFlag),
+}
+
+/// `psmctl grant …`
+#[derive(Debug, Subcommand)]
+pub enum GrantCmd {
+    /// Allow USER to open sessions as USERNAME@TARGET.
+    Add {
+        /// psm user.
+        user: String,
+        /// USERNAME@TARGET.
+        account: String,
+    },
+    /// Remove a grant.
+    Remove {
+        /// psm user.
+        user: String,
+        /// USERNAME@TARGET.
+        account: String,
+    },
+    /// List grants.
+    List(JsonFlag),
+}
+
+/// `psmctl sessions …`
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// List live sessions.
+    List(JsonFlag),
+}
+
+/// `psmctl audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Print the last audit events.
+    Tail {
+        /// How many events.
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        /// Print a JSON array of events.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `psmctl recordings …`
+#[derive(Debug, Subcommand)]
+pub enum RecordingsCmd {
+    /// List recordings.
+    List(JsonFlag),
+    /// Replay a recording in the terminal.
+    Play {
+        /// Recording id.
+        id: String,
+        /// Playback speed factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
+    /// Export a recording.
+    Export {
+        /// Recording id.
+        id: String,
+        /// Output format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Output file (default: standard output).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Why a psmctl command failed; `Display` is the whole message psmctl prints.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The daemon could not be reached or refused the request.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// An argument did not pass validation.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// A file named on the command line could not be read or used.
+    #[error("{}: {reason}", .path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Standard input could not be read or held nothing usable.
+    #[error("{0}")]
+    Stdin(String),
+    /// A bad combination of arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// A host-key scan failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// A recording could not be read.
+    #[error(transparent)]
+    Recording(#[from] recordings::RecordingError),
+    /// The recordings directory could not be listed.
+    #[error(transparent)]
+    Format(#[from] psm_recorder_format::FormatError),
+    /// The audit log could not be read.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// Output could not be written.
+    #[error("cannot write output: {0}")]
+    Output(#[from] io::Error),
+    /// The password could not be hashed.
+    #[error("cannot hash the password: {0}")]
+    Hash(psm_control_api::ApiError),
+}
+
+impl CliError {
+    /// Whether this is a closed standard output (`psmctl … | head`), which is not worth a
+    /// message.
+    pub fn is_broken_pipe(&self) -> bool {
+        match self {
+            CliError::Output(e)
+            | CliError::Recording(recordings::RecordingError::Output(e))
+            | CliError::Recording(recordings::RecordingError::Format(
+                psm_recorder_format::FormatError::Io(e),
+            )) => e.kind() == io::ErrorKind::BrokenPipe,
+            _ => false,
+        }
+    }
+}
+
+/// Runs one psmctl command, reading passwords from `stdin` and printing to `out`.
+pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(), CliError> {
+    let data_dir = cli.data_dir;
+    match cli.command {
+        Command::User { cmd } => user(&data_dir, cmd, stdin, out),
+        Command::Target { cmd } => target(&data_dir, cmd, out),
+        Command::Account { cmd } => account(&data_dir, cmd, stdin, out),
+        Command::Grant { cmd } => grant(&data_dir, cmd, out),
+        Command::Sessions {
+            cmd: SessionsCmd::List(f),
+        } => {
+            let list: Vec<SessionInfo> =
+                Client::connect(&data_dir)?.call_as(&Request::SessionsList)?;
+            print_sessions(out, &list, f.json, psm_control_api::now_ms())
+        }
+        Command::Audit {
+            cmd: AuditCmd::Tail { n, json },
+        } => {
+            let events = read_tail(&DataDir::new(&data_dir).audit_log(), n)?;
+            if json {
+                print_json(out, &events)
+            } else {
+                for e in &events {
+                    writeln!(out, "{}", format_event(e))?;
+                }
+                Ok(())
+            }
+        }
+        Command::Recordings { cmd } => recordings_cmd(&data_dir, cmd, out),
+        Command::Status(f) => {
+            let s: StatusInfo = Client::connect(&data_dir)?.call_as(&Request::Status)?;
+            if f.json {
+                print_json(out, &s)
+            } else {
+                let relays: Vec<&str> = s.relays.iter().map(|r| r.relay_id.as_str()).collect();
+                writeln!(
+                    out,
+                    "psm-control is running: policy version {}, {} relay(s) connected{}{}, {} live session(s)",
+                    s.version,
+                    relays.len(),
+                    if relays.is_empty() { "" } else { ": " },
+                    relays.join(", "),
+                    s.sessions
+                )?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn print_json<T: Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> Result<(), CliError> {
+    serde_json::to_writer_pretty(&mut *out, v).map_err(io::Error::from)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn change(out: &mut dyn Write, client: &mut Client, req: &Request) -> Result<(), CliError> {
+    let c: Changed = client.call_as(req)?;
+    writeln!(out, "{} (policy version {})", c.message, c.version)?;
+    Ok(())
+}
+
+/// Reads one line (the password) from `stdin`, without its line ending.
+fn read_password(stdin: &mut dyn BufRead) -> Result<Zeroizing<String>, CliError> {
+    let mut line = Zeroizing::new(String::new());
+    stdin
+        .read_line(&mut line)
+        .map_err(|e| CliError::Stdin(format!("cannot read the password from stdin: {e}")))?;
+    let len = line.trim_end_matches(['\n', '\r']).len();
+    line.truncate(len);
+    if line.is_empty() {
+        return Err(CliError::Stdin(
+            "no password on stdin (expected one line)".into(),
+        ));
+    }
+    Ok(line)
+}
+
+fn read_file(path: &Path) -> Result<Zeroizing<String>, CliError> {
+    fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|e| CliError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// The public keys in a `.pub` / authorized-keys-like file: one per non-empty, non-comment line.
+fn read_public_keys(path: &Path) -> Result<Vec<String>, CliError> {
+    let text = read_file(path)?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (full, _) = validate::user_key(line).map_err(|e| CliError::File {
+            path: path.to_path_buf(),
+            reason: format!("line {}: {e}", i + 1),
+        })?;
+        keys.push(full);
+    }
+    if keys.is_empty() {
+        return Err(CliError::File {
+            path: path.to_path_buf(),
+            reason: "no public key in file".into(),
+        });
+    }
+    Ok(keys)
+}
+
+fn user(
+    data_dir: &Path,
+    cmd: UserCmd,
+    stdin: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    match cmd {
+        UserCmd::Add {
+            name,
+            password_stdin,
+            ssh_key,
+        } => {
+            validate::user_name(&name)?;
+            if !password_stdin && ssh_key.is_empty() {
+                return Err(CliError::Usage(
+                    "give --password-stdin or at least one --ssh-key".into(),
+                ));
+            }
+            let mut ssh_keys = Vec::new();
+            for path in &ssh_key {
+                ssh_keys.extend(read_public_keys(path)?);
+            }
+            let mut client = Client::connect(data_dir)?;
+            let password = if password_stdin {
+                let pw = read_password(stdin)?;
+                Some(PasswordHash::new(&pw).map_err(CliError::Hash)?)
+            } else {
+                None
+            };
+            change(
+                out,
+                &mut client,
+                &Request::UserAdd {
+                    name,
+                    password,
+                    ssh_keys,
+                },
+            )
+        }
+        UserCmd::Remove { name } => change(
+            out,
+            &mut Client::connect(data_dir)?,
+            &Request::UserRemove { name },
+        ),
+        UserCmd::List(f) => {
+            let list: Vec<UserInfo> = Client::connect(data_dir)?.call_as(&Request::UserList)?;
+            if f.json {
+                return print_json(out, &list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|u| {
+                    vec![
+                        u.name.clone(),
+                        if u.has_password { "yes" } else { "no" }.to_string(),
+                        u.ssh_keys
+                            .iter()
+                            .map(|k| validate::fingerprint(k))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ]
+                })
+                .collect();
+            write_table(out, &["NAME", "PASSWORD", "SSH KEYS"], &rows)?;
+            Ok(())
+        }
+    }
+}
+
+fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        TargetCmd::Add {
+            name,
+            address,
+            host_key,
+            scan,
+        } => {
+            validate::target_name(&name)?;
+            let address = validate::address(&address)?;
+            let mut client = Client::connect(data_dir)?;
+            let host_key = match (host_key, scan) {
+                (Some(k), false) => validate::host_key(&k)?,
+                (None, true) => {
+                    let key = scan::scan_host_key_blocking(&address, scan::SCAN_TIMEOUT)?;
+                    writeln!(
+                        out,
+                        "scanned {name} ({address}): {}",
+                        validate::key_fingerprint(&key)
+                    )?;
+                    validate::key_material(&key)?
+                }
+                _ => {
+                    return Err(CliError::Usage(
+                        "give exactly one of --host-key and --scan".into(),
+                    ))
+                }
+            };
+            change(
+                out,
+                &mut client,
+                &Request::TargetAdd {
+                    name,
+                    address,
+                    host_key,
+                },
+            )
+        }
+        TargetCmd::Remove { name } => change(
+            out,
+            &mut Client::connect(data_dir)?,
+            &Request::TargetRemove { name },
+        ),
+        TargetCmd::List(f) => {
+            let list: Vec<TargetInfo> = Client::connect(data_dir)?.call_as(&Request::TargetList)?;
+            if f.json {
+                return print_json(out, &list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|t| vec![t.name.clone(), t.address.clone(), t.fingerprint.clone()])
+                .collect();
+            write_table(out, &["NAME", "ADDRESS", "HOST KEY"], &rows)?;
+            Ok(())
+        }
+    }
+}
+
+fn account(
+    data_dir: &Path,
+    cmd: AccountCmd,
+    stdin: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    match cmd {
+        AccountCmd::Add {
+            account,
+            password_stdin,
+            private_key,
+        } => {
+            let (username, target) = validate::split_account(&account)?;
+            let credential = match (password_stdin, private_key) {
+                (true, None) => None,
+                (false, Some(path)) => {
+                    let pem = read_file(&path)?;
+                    validate::private_key(&pem).map_err(|e| CliError::File {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    Some(Credential::PrivateKey(Secret::new(pem.to_string())))
+                }
+                _ => {
+                    return Err(CliError::Usage(
+                        "give exactly one of --password-stdin and --private-key".into(),
+                    ))
+                }
+            };
+            let mut client = Client::connect(data_dir)?;
+            let credential = match credential {
+                Some(c) => c,
+                None => Credential::Password(Secret::new(read_password(stdin)?.to_string())),
+            };
+            change(
+                out,
+                &mut client,
+                &Request::AccountAdd {
+                    target,
+                    username,
+                    credential,
+                },
+            )
+        }
+        AccountCmd::Remove { account } => {
+            let (username, target) = validate::split_account(&account)?;
+            change(
+                out,
+                &mut Client::connect(data_dir)?,
+                &Request::AccountRemove { target, username },
+            )
+        }
+        AccountCmd::List(f) => {
+            let list: Vec<AccountInfo> =
+                Client::connect(data_dir)?.call_as(&Request::AccountList)?;
+            if f.json {
+                return print_json(out, &list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.target.clone(),
+                        a.username.clone(),
+                        a.kind.as_str().to_string(),
+                    ]
+                })
+                .collect();
+            write_table(out, &["TARGET", "USERNAME", "CREDENTIAL"], &rows)?;
+            Ok(())
+        }
+    }
+}
+
+fn grant(data_dir: &Path, cmd: GrantCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        GrantCmd::Add { user, account } => {
+            let (account, target) = validate::split_account(&account)?;
+            change(
+                out,
+                &mut Client::connect(data_dir)?,
+                &Request::GrantAdd {
+                    user,
+                    target,
+                    account,
+                },
+            )
+        }
+        GrantCmd::Remove { user, account } => {
+            let (account, target) = validate::split_account(&account)?;
+            change(
+                out,
+                &mut Client::connect(data_dir)?,
+                &Request::GrantRemove {
+                    user,
+                    target,
+                    account,
+                },
+            )
+        }
+        GrantCmd::List(f) => {
+            let list: Vec<GrantInfo> = Client::connect(data_dir)?.call_as(&Request::GrantList)?;
+            if f.json {
+                return print_json(out, &list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|g| vec![g.user.clone(), g.account.clone(), g.target.clone()])
+                .collect();
+            write_table(out, &["USER", "ACCOUNT", "TARGET"], &rows)?;
+            Ok(())
+        }
+    }
+}
+
+fn print_sessions(
+    out: &mut dyn Write,
+    list: &[SessionInfo],
+    json: bool,
+    now_ms: u64,
+) -> Result<(), CliError> {
+    if json {
+        return print_json(out, list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.session_id.clone(),
+                s.user.clone(),
+                format!("{}@{}", s.account, s.target),
+                s.source.clone(),
+                timefmt::utc(s.start_ms),
+                timefmt::duration(now_ms.saturating_sub(s.start_ms)),
+                s.relay.clone(),
+                s.recording_id.clone(),
+            ]
+        })
+        .collect();
+    write_table(
+        out,
+        &[
+            "SESSION",
+            "USER",
+            "ACCOUNT",
+            "SOURCE",
+            "STARTED (UTC)",
+            "DURATION",
+            "RELAY",
+            "RECORDING",
+        ],
+        &rows,
+    )?;
+    Ok(())
+}
+
+fn recordings_cmd(
+    data_dir: &Path,
+    cmd: RecordingsCmd,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    match cmd {
+        RecordingsCmd::List(f) => {
+            let rows = recordings::list(data_dir)?;
+            recordings::print_list(out, &rows, f.json)?;
+        }
+        RecordingsCmd::Play { id, speed } => {
+            if !(speed.is_finite() && speed > 0.0) {
+                return Err(CliError::Usage(format!(
+                    "invalid --speed {speed}: must be a positive number"
+                )));
+            }
+            recordings::play(data_dir, &id, speed, out)?;
+        }
+        RecordingsCmd::Export { id, format, output } => match output {
+            Some(path) => {
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| CliError::File {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                recordings::export(data_dir, &id, format, &mut f)?;
+            }
+            None => recordings::export(data_dir, &id, format, out)?,
+        },
+    }
+    Ok(())
+}
+
+/// Quotes a field value when it holds spaces, quotes or nothing.
+fn field(v: &str) -> String {
+    if v.is_empty()
+        || v.chars()
+            .any(|c| c.is_whitespace() || c == '"' || c.is_control())
+    {
+        format!("{v:?}")
+    } else {
+        v.to_string()
+    }
+}
+
+/// One human-readable line for an audit event: time, seq, origin, event, key fields.
+pub fn format_event(e: &AuditEvent) -> String {
+    let (name, fields): (&str, Vec<(&str, String)>) = match &e.kind {
+        AuditKind::AuthSuccess {
+            login,
+            user,
+            method,
+            source,
+        } => (
+            "auth_success",
+            vec![
+                ("user", user.clone()),
+                ("login", login.clone()),
+                ("method", method.clone()),
+                ("source", source.clone()),
+            ],
+        ),
+        AuditKind::AuthFailure {
+            login,
+            method,
+            source,
+            reason,
+        } => (
+            "auth_failure",
+            vec![
+                ("login", login.clone()),
+                ("method", method.clone()),
+                ("source", source.clone()),
+                ("reason", reason.clone()),
+            ],
+        ),
+        AuditKind::SessionDenied {
+            login,
+            user,
+            source,
+            reason,
+            ..
+        } => (
+            "session_denied",
+            vec![
+                ("user", user.clone()),
+                ("login", login.clone()),
+                ("source", source.clone()),
+                ("reason", reason.clone()),
+            ],
+        ),
+        AuditKind::SessionStart {
+            session_id,
+            user,
+            source,
+            target,
+            target_address,
+            account,
+            recording_id,
+            ..
+        } => (
+            "session_start",
+            vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("address", target_address.clone()),
+                ("source", source.clone()),
+                ("recording", recording_id.clone()),
+            ],
+        ),
+        AuditKind::SessionEnd {
+            session_id,
+            user,
+            target,
+            account,
+            duration_ms,
+            bytes_up,
+            bytes_down,
+            exit_status,
+            exit_signal,
+            reason,
+            ..
+        } => {
+            let mut f = vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("duration", timefmt::duration(*duration_ms)),
+                ("up", bytes_up.to_string()),
+                ("down", bytes_down.to_string()),
+            ];
+            if let Some(s) = exit_status {
+                f.push(("exit", s.to_string()));
+            }
+            if let Some(s) = exit_signal {
+                f.push(("signal", s.clone()));
+            }
+            f.push(("reason", reason.clone()));
+            ("session_end", f)
+        }
+        AuditKind::AdminChange { action, object } => (
+            "admin_change",
+            vec![("action", action.clone()), ("object", object.clone())],
+        ),
+        AuditKind::Notice { message } => ("notice", vec![("message", message.clone())]),
+    };
+    let mut line = format!(
+        "{}  #{}  {}  {}",
+        timefmt::utc(e.ts_ms),
+        e.seq,
+        e.origin,
+        name
+    );
+    for (k, v) in fields {
+        line.push_str(&format!("  {k}={}", field(&v)));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("psmctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_documented_commands() {
+        for ok in [
+            &["user", "add", "alice", "--password-stdin"][..],
+            &[
+                "user",
+                "add",
+                "alice",
+                "--ssh-key",
+                "a.pub",
+                "--ssh-key",
+                "b.pub",
+            ],
+            &[
+                "user",
+                "add",
+                "alice",
+                "--password-stdin",
+                "--ssh-key",
+                "a.pub",
+            ],
+            &["user", "remove", "alice"],
+            &[
+                "target",
+                "add",
+                "web01",
+                "--address",
+                "10.0.0.1:22",
+                "--host-key",
+                "ssh-ed25519 AAAA",
+            ],
+            &[
+                "target",
+                "add",
+                "web01",
+                "--address",
+                "10.0.0.1:22",
+                "--scan",
+            ],
+            &["target", "remove", "web01"],
+            &["account", "add", "root@web01", "--password-stdin"],
+            &["account", "add", "root@web01", "--private-key", "id"],
+            &["account", "remove", "root@web01"],
+            &["grant", "add", "alice", "root@web01"],
+            &["grant", "remove", "alice", "root@web01"],
+            &["user", "list", "--json"],
+            &["target", "list"],
+            &["account", "list", "--json"],
+            &["grant", "list"],
+            &["sessions", "list", "--json"],
+            &["audit", "tail", "-n", "5", "--json"],
+            &["audit", "tail"],
+            &["recordings", "list", "--json"],
+            &["recordings", "play", "abc", "--speed", "2"],
+            &[
+                "recordings",
+                "export",
+                "abc",
+                "--format",
+                "asciicast",
+                "-o",
+                "x.cast",
+            ],
+            &["recordings", "export", "abc", "--format", "text"],
+            &["--data-dir", "/tmp/x", "status"],
+            &["status", "--data-dir", "/tmp/x"],
+        ] {
+            assert!(parse(ok).is_ok(), "{ok:?}: {:?}", parse(ok).err());
+        }
+        for bad in [
+            &["user", "add", "alice"][..],
+            &["target", "add", "web01", "--address", "a:1"],
+            &[
+                "target",
+                "add",
+                "web01",
+                "--address",
+                "a:1",
+                "--scan",
+                "--host-key",
+                "k",
+            ],
+            &["account", "add", "root@web01"],
+            &[
+                "account",
+                "add",
+                "root@web01",
+                "--password-stdin",
+                "--private-key",
+                "k",
+            ],
+            &["recordings", "export", "abc", "--format", "pdf"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should not parse");
+        }
+        let cli = parse(&["audit", "tail"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Audit {
+                cmd: AuditCmd::Tail { n: 20, json: false }
+            }
+        ));
+    }
+
+    #[test]
+    fn password_from_stdin() {
+        let mut input = io::Cursor::new(b"s3cret pass\r\nignored\n".to_vec());
+        assert_eq!(&*read_password(&mut input).expect("pw"), "s3cret pass");
+        let mut empty = io::Cursor::new(b"\n".to_vec());
+        assert!(read_password(&mut empty).is_err());
+    }
+
+    #[test]
+    fn not_running_message() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cli = parse(&[
+            "--data-dir",
+            &tmp.path().display().to_string(),
+            "user",
+            "list",
+        ])
+        .expect("parse");
+        let e = run(cli, &mut io::empty(), &mut Vec::new()).expect_err("no daemon");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "psm-control is not running (no socket at {})",
+                tmp.path().join("control.sock").display()
+            )
+        );
+    }
+
+    #[test]
+    fn audit_lines() {
+        let e = AuditEvent {
+            seq: 7,
+            ts_ms: 1_700_000_000_000,
+            origin: "control".into(),
+            kind: AuditKind::AdminChange {
+                action: "grant add".into(),
+                object: "alice -> root@web01".into(),
+            },
+        };
+        assert_eq!(
+            format_event(&e),
+            "2023-11-14 22:13:20  #7  control  admin_change  action=\"grant add\"  object=\"alice -> root@web01\""
+        );
+    }
+
+    #[test]
+    fn session_table() {
+        let s = SessionInfo {
+            session_id: "s1".into(),
+            user: "alice".into(),
+            source: "10.0.0.9:5000".into(),
+            target: "web01".into(),
+            target_address: "10.0.0.1:22".into(),
+            account: "root".into(),
+            recording_id: "r1".into(),
+            start_ms: 1_700_000_000_000,
+            relay: "r-1".into(),
+        };
+        let mut out = Vec::new();
+        print_sessions(&mut out, &[s], false, 1_700_000_065_000).expect("print");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.starts_with("SESSION  USER   ACCOUNT"), "{text}");
+        assert!(text.contains("root@web01"), "{text}");
+        assert!(text.contains("1m05s"), "{text}");
+    }
+
+    /// Runs psmctl against `dir` on a blocking thread; returns (ok, stdout or error message).
+    async fn psmctl(dir: &Path, args: &[&str], stdin: &str) -> Result<String, String> {
+        let mut full = vec!["--data-dir".to_string(), dir.display().to_string()];
+        full.extend(args.iter().map(|a| a.to_string()));
+        let stdin = stdin.to_string();
+        tokio::task::spawn_blocking(move || {
+            let cli = Cli::try_parse_from(std::iter::once("psmctl".to_string()).chain(full))
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            run(cli, &mut io::Cursor::new(stdin.into_bytes()), &mut out)
+                .map_err(|e| e.to_string())?;
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        })
+        .await
+        .expect("blocking task")
+    }
+
+    #[tokio::test]
+    async fn end_to_end_against_the_daemon() {
+        use crate::testkeys::{ENCRYPTED_PRIV, USER_PRIV, USER_PUB};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(crate::daemon::run_until(dir.clone(), async move {
+            let _ = stopped.await;
+        }));
+        for _ in 0..200 {
+            if dir.join("control.sock").exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let files = tmp.path();
+        fs::write(files.join("alice.pub"), format!("# alice\n{USER_PUB}\n")).expect("pub");
+        fs::write(files.join("bad.pub"), "ssh-ed25519 nope\n").expect("bad");
+        fs::write(files.join("id"), USER_PRIV).expect("id");
+        fs::write(files.join("id_enc"), ENCRYPTED_PRIV).expect("id_enc");
+        let f = |name: &str| files.join(name).display().to_string();
+
+        let out = psmctl(
+            &dir,
+            &[
+                "user",
+                "add",
+                "alice",
+                "--password-stdin",
+                "--ssh-key",
+                &f("alice.pub"),
+            ],
+            "pw\n",
+        )
+        .await
+        .expect("user add");
+        assert!(
+            out.starts_with("added user alice (password, 1 ssh key)"),
+            "{out}"
+        );
+        let e = psmctl(
+            &dir,
+            &["user", "add", "bob", "--ssh-key", &f("bad.pub")],
+            "",
+        )
+        .await
+        .expect_err("bad key");
+        assert!(
+            e.contains("bad.pub: line 1: not an OpenSSH public key"),
+            "{e}"
+        );
+        psmctl(
+            &dir,
+            &[
+                "target",
+                "add",
+                "web01",
+                "--address",
+                "127.0.0.1:22",
+                "--host-key",
+                USER_PUB,
+            ],
+            "",
+        )
+        .await
+        .expect("target add");
+        psmctl(
+            &dir,
+            &["account", "add", "root@web01", "--password-stdin"],
+            "hunter2\n",
+        )
+        .await
+        .expect("account add");
+        psmctl(
+            &dir,
+            &["account", "add", "deploy@web01", "--private-key", &f("id")],
+            "",
+        )
+        .await
+        .expect("key account");
+        let e = psmctl(
+            &dir,
+            &["account", "add", "x@web01", "--private-key", &f("id_enc")],
+            "",
+        )
+        .await
+        .expect_err("encrypted");
+        assert!(e.contains("encrypted"), "{e}");
+        let e = psmctl(
+            &dir,
+            &["account", "add", "root@db01", "--password-stdin"],
+            "x\n",
+        )
+        .await
+        .expect_err("unknown target");
+        assert_eq!(e, "unknown target 'db01'");
+        psmctl(&dir, &["grant", "add", "alice", "root@web01"], "")
+            .await
+            .expect("grant");
+        let e = psmctl(&dir, &["grant", "add", "bob", "root@web01"], "")
+            .await
+            .expect_err("unknown user");
+        assert_eq!(e, "unknown user 'bob'");
+
+        let accounts = psmctl(&dir, &["account", "list"], "").await.expect("list");
+        assert_eq!(
+            accounts,
+            "TARGET  USERNAME  CREDENTIAL\nweb01   deploy    private_key\nweb01   root      password\n"
+        );
+        let json = psmctl(&dir, &["account", "list", "--json"], "")
+            .await
+            .expect("json");
+        assert!(!json.contains("hunter2") && !json.contains("PRIVATE KEY"));
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json array");
+        assert_eq!(v.as_array().map(|a| a.len()), Some(2));
+        let targets = psmctl(&dir, &["target", "list"], "")
+            .await
+            .expect("targets");
+        assert!(targets.contains("ssh-ed25519 SHA256:"), "{targets}");
+        let grants = psmctl(&dir, &["grant", "list", "--json"], "")
+            .await
+            .expect("grants");
+        let v: serde_json::Value = serde_json::from_str(&grants).expect("json");
+        assert_eq!(v[0]["user"], "alice");
+        let users = psmctl(&dir, &["user", "list"], "").await.expect("users");
+        assert!(users.contains("alice  yes"), "{users}");
+        let sessions = psmctl(&dir, &["sessions", "list", "--json"], "")
+            .await
+            .expect("sessions");
+        assert_eq!(sessions.trim(), "[]");
+
+        let tail = psmctl(&dir, &["audit", "tail", "-n", "2"], "")
+            .await
+            .expect("tail");
+        let lines: Vec<&str> = tail.lines().collect();
+        assert_eq!(lines.len(), 2, "{tail}");
+        assert!(
+            lines[1].contains("#5  control  admin_change  action=\"grant add\""),
+            "{tail}"
+        );
+        let tail = psmctl(&dir, &["audit", "tail", "--json"], "")
+            .await
+            .expect("tail");
+        let v: serde_json::Value = serde_json::from_str(&tail).expect("json");
+        assert_eq!(v.as_array().map(|a| a.len()), Some(5));
+        assert!(!tail.contains("hunter2"));
+
+        let out = psmctl(&dir, &["grant", "remove", "alice", "root@web01"], "")
+            .await
+            .expect("revoke");
+        assert!(
+            out.starts_with("removed grant alice -> root@web01"),
+            "{out}"
+        );
+        let out = psmctl(&dir, &["target", "remove", "web01"], "")
+            .await
+            .expect("target remove");
+        assert!(
+            out.starts_with("removed target web01 (and 2 accounts)"),
+            "{out}"
+        );
+        let list = psmctl(&dir, &["recordings", "list", "--json"], "")
+            .await
+            .expect("recs");
+        assert_eq!(list.trim(), "[]");
+
+        let _ = stop.send(());
+        daemon.await.expect("join").expect("daemon");
+        let e = psmctl(&dir, &["user", "list"], "")
+            .await
+            .expect_err("stopped");
+        assert!(e.starts_with("psm-control is not running"), "{e}");
+    }
+}

@@ -1,0 +1,1100 @@
+//! The psm-control daemon: serves relays on `policy.sock` and psmctl on `control.sock`.
+//!
+//! - Relays send `Hello` first and get the current full snapshot; after every change every
+//!   connected relay gets the new full snapshot right away (a `tokio::sync::watch` channel
+//!   carries the encoded line, built once per version). Relays send audit events back; they are
+//!   numbered and appended to `audit.jsonl`, and `session_start`/`session_end` events keep the
+//!   table of live sessions.
+//! - psmctl speaks the [`crate::protocol`]. Every change is one store transaction that bumps
+//!   the policy version, then a snapshot push, then an `admin_change` audit event.
+//! - Only the uid that owns the data directory may connect to either socket (checked with
+//!   `SO_PEERCRED`); both sockets are mode 0600.
+//!
+//! What it does not do: talk SSH, or keep decrypted credentials anywhere but in the current
+//! snapshot line (wiped when replaced).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use psm_control_api::{
+    decode_line, encode_line, AuditEvent, AuditKind, ControlToRelay, PolicySnapshot,
+    RelayToControl, MAX_LINE,
+};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::audit::{AuditError, AuditLog};
+use crate::datadir::{init_data_dir, load_master_key, DataDir, InitError};
+use crate::protocol::{
+    Changed, CredentialKind, RelayInfo, Request, Response, SessionInfo, StatusInfo, MAX_REQUEST,
+};
+use crate::store::{Removed, Store, StoreError};
+use crate::validate;
+use crate::vault::{Vault, VaultError};
+
+/// How long a relay has to send its `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The data directory, master key or database is unusable.
+    #[error(transparent)]
+    Init(#[from] InitError),
+    /// The store failed while building the first snapshot.
+    #[error("cannot build the policy snapshot: {0}")]
+    Store(#[from] StoreError),
+    /// The vault key was rejected.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// The audit log is unusable.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// A socket could not be set up.
+    #[error("cannot listen on {}: {source}", .path.display())]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// Another daemon already serves this data directory.
+    #[error("another psm-control is already serving {}", .path.display())]
+    AlreadyRunning {
+        /// The socket that answered.
+        path: PathBuf,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(io::Error),
+}
+
+/// The current snapshot, encoded once as a policy-socket line. The buffer holds decrypted
+/// credentials and is wiped when dropped.
+pub struct SnapshotLine {
+    /// Snapshot version.
+    pub version: u64,
+    /// `ControlToRelay::Snapshot` JSON line, newline included.
+    pub line: Zeroizing<Vec<u8>>,
+}
+
+impl SnapshotLine {
+    fn encode(snapshot: PolicySnapshot) -> SnapshotLine {
+        let version = snapshot.version;
+        SnapshotLine {
+            version,
+            line: Zeroizing::new(encode_line(&ControlToRelay::Snapshot(snapshot))),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct LiveSession {
+    conn: u64,
+    info: SessionInfo,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    vault: Vault,
+    audit: Mutex<AuditLog>,
+    snapshot: watch::Sender<Arc<SnapshotLine>>,
+    sessions: Mutex<HashMap<String, LiveSession>>,
+    relays: Mutex<BTreeMap<u64, RelayInfo>>,
+    owner_uid: u32,
+    next_conn: AtomicU64,
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn removed_suffix(r: &Removed) -> String {
+    let mut parts = Vec::new();
+    if r.accounts > 0 {
+        parts.push(plural(r.accounts, "account", "accounts"));
+    }
+    if r.grants > 0 {
+        parts.push(plural(r.grants, "grant", "grants"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" (and {})", parts.join(", "))
+    }
+}
+
+impl Shared {
+    /// Builds and publishes the snapshot of the store's current state.
+    fn publish(&self, store: &mut Store) -> Result<u64, StoreError> {
+        let snap = store.snapshot(&self.vault)?;
+        let line = SnapshotLine::encode(snap);
+        let version = line.version;
+        self.snapshot.send_replace(Arc::new(line));
+        Ok(version)
+    }
+
+    fn read<T: serde::Serialize>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError>,
+    ) -> Response {
+        match f(&lock(&self.store)) {
+            Ok(v) => Response::ok(&v),
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+
+    /// Runs one change: store transaction, snapshot push, audit event, in that order and all
+    /// under the store lock so versions, pushes and audit lines stay in the same order.
+    fn change(
+        &self,
+        action: &str,
+        object: String,
+        f: impl FnOnce(&mut Store) -> Result<(u64, String), StoreError>,
+    ) -> Response {
+        let mut store = lock(&self.store);
+        let (version, message) = match f(&mut store) {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(action, %object, error = %e, "change refused");
+                return Response::error(e.to_string());
+            }
+        };
+        if let Err(e) = self.publish(&mut store) {
+            error!(action, %object, error = %e, "change saved but snapshot not built");
+            return Response::error(format!(
+                "change saved (policy version {version}) but the snapshot could not be built: {e}"
+            ));
+        }
+        let audited = lock(&self.audit).append_control(AuditKind::AdminChange {
+            action: action.to_string(),
+            object: object.clone(),
+        });
+        drop(store);
+        if let Err(e) = audited {
+            error!(action, %object, error = %e, "change applied but not audited");
+            return Response::error(format!(
+                "change applied (policy version {version}) but not audited: {e}"
+            ));
+        }
+        info!(action, %object, version, "policy changed");
+        Response::ok(&Changed { version, message })
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Status => {
+                let version = self.snapshot.borrow().version;
+                Response::ok(&StatusInfo {
+                    version,
+                    relays: lock(&self.relays).values().cloned().collect(),
+                    sessions: lock(&self.sessions).len(),
+                })
+            }
+            Request::UserAdd {
+                name,
+                password,
+                ssh_keys,
+            } => self.change("user add", name.clone(), |s| {
+                let v = s.add_user(&name, password.as_ref(), &ssh_keys)?;
+                let mut how = Vec::new();
+                if password.is_some() {
+                    how.push("password".to_string());
+                }
+                if !ssh_keys.is_empty() {
+                    how.push(plural(ssh_keys.len(), "ssh key", "ssh keys"));
+                }
+                Ok((v, format!("added user {name} ({})", how.join(", "))))
+            }),
+            Request::UserRemove { name } => self.change("user remove", name.clone(), |s| {
+                let r = s.remove_user(&name)?;
+                Ok((
+                    r.version,
+                    format!("removed user {name}{}", removed_suffix(&r)),
+                ))
+            }),
+            Request::UserList => self.read(|s| s.list_users()),
+            Request::TargetAdd {
+                name,
+                address,
+                host_key,
+            } => {
+                let object = format!(
+                    "{name} ({}, {})",
+                    address.trim(),
+                    validate::fingerprint(&host_key)
+                );
+                self.change("target add", object, |s| {
+                    let v = s.add_target(&name, &address, &host_key)?;
+                    Ok((v, format!("added target {name} ({})", address.trim())))
+                })
+            }
+            Request::TargetRemove { name } => self.change("target remove", name.clone(), |s| {
+                let r = s.remove_target(&name)?;
+                Ok((
+                    r.version,
+                    format!("removed target {name}{}", removed_suffix(&r)),
+                ))
+            }),
+            Request::TargetList => self.read(|s| s.list_targets()),
+            Request::AccountAdd {
+                target,
+                username,
+                credential,
+            } => {
+                let kind = CredentialKind::of(&credential).as_str();
+                let object = format!("{username}@{target} ({kind})");
+                self.change("account add", object, |s| {
+                    let v = s.add_account(&self.vault, &target, &username, &credential)?;
+                    Ok((v, format!("added account {username}@{target} ({kind})")))
+                })
+            }
+            Request::AccountRemove { target, username } => {
+                self.change("account remove", format!("{username}@{target}"), |s| {
+                    let r = s.remove_account(&target, &username)?;
+                    let r = Removed { accounts: 0, ..r };
+                    Ok((
+                        r.version,
+                        format!("removed account {username}@{target}{}", removed_suffix(&r)),
+                    ))
+                })
+            }
+            Request::AccountList => self.read(|s| s.list_accounts()),
+            Request::GrantAdd {
+                user,
+                target,
+                account,
+            } => {
+                let object = format!("{user} -> {account}@{target}");
+                self.change("grant add", object.clone(), |s| {
+                    let v = s.add_grant(&user, &target, &account)?;
+                    Ok((v, format!("added grant {object}")))
+                })
+            }
+            Request::GrantRemove {
+                user,
+                target,
+                account,
+            } => {
+                let object = format!("{user} -> {account}@{target}");
+                self.change("grant remove", object.clone(), |s| {
+                    let v = s.remove_grant(&user, &target, &account)?;
+                    Ok((v, format!("removed grant {object}")))
+                })
+            }
+            Request::GrantList => self.read(|s| s.list_grants()),
+            Request::SessionsList => {
+                let mut list: Vec<SessionInfo> = lock(&self.sessions)
+                    .values()
+                    .map(|s| s.info.clone())
+                    .collect();
+                list.sort_by(|a, b| (a.start_ms, &a.session_id).cmp(&(b.start_ms, &b.session_id)));
+                Response::ok(&list)
+            }
+        }
+    }
+
+    /// Records an audit event from a relay: live-session table, then the log.
+    fn relay_event(&self, conn: u64, relay_id: &str, mut event: AuditEvent) {
+        if event.origin.is_empty() {
+            event.origin = format!("relay-{relay_id}");
+        }
+        match &event.kind {
+            AuditKind::SessionStart {
+                session_id,
+                user,
+                source,
+                target,
+                target_address,
+                account,
+                recording_id,
+                start_ms,
+            } => {
+                lock(&self.sessions).insert(
+                    session_id.clone(),
+                    LiveSession {
+                        conn,
+                        info: SessionInfo {
+                            session_id: session_id.clone(),
+                            user: user.clone(),
+                            source: source.clone(),
+                            target: target.clone(),
+                            target_address: target_address.clone(),
+                            account: account.clone(),
+                            recording_id: recording_id.clone(),
+                            start_ms: *start_ms,
+                            relay: relay_id.to_string(),
+                        },
+                    },
+                );
+            }
+            AuditKind::SessionEnd { session_id, .. } => {
+                lock(&self.sessions).remove(session_id);
+            }
+            _ => {}
+        }
+        if let Err(e) = lock(&self.audit).append(event) {
+            error!(%relay_id, error = %e, "cannot write audit event");
+        }
+    }
+
+    fn relay_gone(&self, conn: u64) {
+        lock(&self.relays).remove(&conn);
+        lock(&self.sessions).retain(|_, s| s.conn != conn);
+    }
+}
+
+enum Line {
+    Data,
+    Eof,
+    TooLong,
+}
+
+/// Reads one line into `buf` (newline stripped), refusing lines longer than `max`.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Line> {
+    let n = (&mut *r)
+        .take(max as u64 + 1)
+        .read_until(b'\n', buf)
+        .await?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        return Ok(Line::Data);
+    }
+    if buf.len() > max {
+        return Ok(Line::TooLong);
+    }
+    Ok(Line::Data)
+}
+
+async fn serve_control(shared: Arc<Shared>, stream: UnixStream) {
+    let peer = stream.peer_cred();
+    let (r, mut w) = stream.into_split();
+    let reply = |resp: Response| {
+        let mut line = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        line.push(b'\n');
+        line
+    };
+    match peer {
+        Ok(c) if c.uid() == shared.owner_uid => {}
+        other => {
+            let why = match other {
+                Ok(c) => format!(
+                    "permission denied: uid {} does not own the data directory (owner uid {})",
+                    c.uid(),
+                    shared.owner_uid
+                ),
+                Err(e) => format!("permission denied: cannot check peer credentials: {e}"),
+            };
+            warn!(reason = %why, "refused psmctl connection");
+            let _ = w.write_all(&reply(Response::error(why))).await;
+            return;
+        }
+    }
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.zeroize();
+        match read_line(&mut reader, &mut buf, MAX_REQUEST).await {
+            Ok(Line::Data) => {}
+            Ok(Line::Eof) => break,
+            Ok(Line::TooLong) => {
+                let msg = format!("request longer than {MAX_REQUEST} bytes");
+                let _ = w.write_all(&reply(Response::error(msg))).await;
+                break;
+            }
+            Err(e) => {
+                debug!(error = %e, "psmctl connection read failed");
+                break;
+            }
+        }
+        if buf.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let resp = match serde_json::from_slice::<Request>(&buf) {
+            Ok(req) => shared.handle(req),
+            Err(e) => Response::error(format!("malformed request: {e}")),
+        };
+        buf.zeroize();
+        if let Err(e) = w.write_all(&reply(resp)).await {
+            debug!(error = %e, "psmctl connection write failed");
+            break;
+        }
+    }
+    buf.zeroize();
+}
+
+async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == shared.owner_uid => {}
+        Ok(c) => {
+            warn!(
+                uid = c.uid(),
+                owner_uid = shared.owner_uid,
+                "refused relay connection: peer does not own the data directory"
+            );
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "refused relay connection: cannot check peer credentials");
+            return;
+        }
+    }
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
+    let (relay_id, have_version) =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut reader, &mut buf, MAX_LINE)).await
+        {
+            Ok(Ok(Line::Data)) => match decode_line::<RelayToControl>(&buf) {
+                Ok(RelayToControl::Hello {
+                    relay_id,
+                    have_version,
+                }) => (relay_id, have_version),
+                Ok(other) => {
+                    warn!(message = ?other, "relay did not start with hello; closing");
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "malformed hello from relay; closing");
+                    return;
+                }
+            },
+            Ok(Ok(_)) => {
+                debug!("relay closed before hello");
+                return;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "relay connection failed before hello");
+                return;
+            }
+            Err(_) => {
+                warn!("relay sent no hello within {HELLO_TIMEOUT:?}; closing");
+                return;
+            }
+        };
+    info!(%relay_id, ?have_version, "relay connected");
+    lock(&shared.relays).insert(
+        conn,
+        RelayInfo {
+            relay_id: relay_id.clone(),
+            connected_ms: psm_control_api::now_ms(),
+        },
+    );
+    let mut rx = shared.snapshot.subscribe();
+    let writer = async {
+        loop {
+            let line = rx.borrow_and_update().clone();
+            w.write_all(&line.line).await?;
+            debug!(%relay_id, version = line.version, "snapshot sent");
+            drop(line);
+            if rx.changed().await.is_err() {
+                return Ok::<(), io::Error>(());
+            }
+        }
+    };
+    let reader_loop = async {
+        loop {
+            buf.clear();
+            match read_line(&mut reader, &mut buf, MAX_LINE).await? {
+                Line::Eof => return Ok::<(), io::Error>(()),
+                Line::TooLong => {
+                    return Err(io::Error::other(format!(
+                        "message longer than {MAX_LINE} bytes"
+                    )))
+                }
+                Line::Data => {}
+            }
+            if buf.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            match decode_line::<RelayToControl>(&buf) {
+                Ok(RelayToControl::Audit(event)) => shared.relay_event(conn, &relay_id, event),
+                Ok(RelayToControl::Hello { .. }) => debug!(%relay_id, "repeated hello ignored"),
+                Err(e) => warn!(%relay_id, error = %e, "malformed message from relay"),
+            }
+        }
+    };
+    let res = tokio::select! {
+        r = writer => r,
+        r = reader_loop => r,
+    };
+    shared.relay_gone(conn);
+    match res {
+        Ok(()) => info!(%relay_id, "relay disconnected"),
+        Err(e) => warn!(%relay_id, error = %e, "relay connection lost"),
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ControlError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
+        }
+        fs::remove_file(path).map_err(|source| ControlError::Socket {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ControlError::Socket {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Runs the daemon on `data_dir` until SIGTERM or SIGINT, then removes its sockets.
+pub async fn run(data_dir: PathBuf) -> Result<(), ControlError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ControlError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+    };
+    run_until(data_dir, stop).await
+}
+
+/// Runs the daemon on `data_dir` until `shutdown` completes, then closes every connection and
+/// removes its sockets. [`run`] is this with the signal handlers as `shutdown`.
+pub async fn run_until<F: Future<Output = ()>>(
+    data_dir: PathBuf,
+    shutdown: F,
+) -> Result<(), ControlError> {
+    init_data_dir(&data_dir)?;
+    let paths = DataDir::new(&data_dir);
+    let owner_uid = paths.owner_uid()?;
+    let vault = Vault::new(&*load_master_key(&paths.master_key())?)?;
+    let mut store = Store::open(&paths.database()).map_err(|source| InitError::Database {
+        path: paths.database(),
+        source,
+    })?;
+    let first = SnapshotLine::encode(store.snapshot(&vault)?);
+    let version = first.version;
+    let audit = AuditLog::open(&paths.audit_log())?;
+    let next_seq = audit.next_seq();
+    let (snapshot, _) = watch::channel(Arc::new(first));
+    let shared = Arc::new(Shared {
+        store: Mutex::new(store),
+        vault,
+        audit: Mutex::new(audit),
+        snapshot,
+        sessions: Mutex::new(HashMap::new()),
+        relays: Mutex::new(BTreeMap::new()),
+        owner_uid,
+        next_conn: AtomicU64::new(1),
+    });
+    let control_path = paths.control_socket();
+    let policy_path = paths.policy_socket();
+    let control = bind(&control_path)?;
+    let policy = match bind(&policy_path) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = fs::remove_file(&control_path);
+            return Err(e);
+        }
+    };
+    info!(
+        data_dir = %data_dir.display(),
+        policy_version = version,
+        next_audit_seq = next_seq,
+        "psm-control listening"
+    );
+
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = control.accept() => match r {
+                Ok((stream, _)) => {
+                    tasks.spawn(serve_control(shared.clone(), stream));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept on control socket failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            r = policy.accept() => match r {
+                Ok((stream, _)) => {
+                    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    tasks.spawn(serve_policy(shared.clone(), stream, conn));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept on policy socket failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(control);
+    drop(policy);
+    tasks.shutdown().await;
+    for p in [&control_path, &policy_path] {
+        if let Err(e) = fs::remove_file(p) {
+            if e.kind() != io::ErrorKind::NotFound {
+                warn!(path = %p.display(), error = %e, "cannot remove socket");
+            }
+        }
+    }
+    info!("psm-control stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Client;
+    use crate::testkeys::USER_PUB;
+    use psm_control_api::{Credential, PasswordHash, Secret};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::unix::OwnedReadHalf;
+    use tokio::sync::oneshot;
+
+    struct Daemon {
+        dir: PathBuf,
+        stop: Option<oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<Result<(), ControlError>>,
+    }
+
+    impl Daemon {
+        async fn start(dir: &Path) -> Daemon {
+            let (tx, rx) = oneshot::channel::<()>();
+            let d = dir.to_path_buf();
+            let task = tokio::spawn(run_until(d, async move {
+                let _ = rx.await;
+            }));
+            let sock = dir.join("policy.sock");
+            for _ in 0..200 {
+                if sock.exists() && dir.join("control.sock").exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(sock.exists(), "daemon did not start");
+            Daemon {
+                dir: dir.to_path_buf(),
+                stop: Some(tx),
+                task,
+            }
+        }
+
+        async fn stop(mut self) {
+            if let Some(tx) = self.stop.take() {
+                let _ = tx.send(());
+            }
+            let res = tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+                .await
+                .expect("daemon stops in time")
+                .expect("daemon task");
+            res.expect("daemon result");
+            assert!(!self.dir.join("control.sock").exists());
+            assert!(!self.dir.join("policy.sock").exists());
+        }
+
+        /// One request through control.sock, on a blocking thread (the client is blocking).
+        async fn call(&self, req: Request) -> Result<serde_json::Value, String> {
+            let dir = self.dir.clone();
+            tokio::task::spawn_blocking(move || {
+                Client::connect(&dir)
+                    .and_then(|mut c| c.call(&req))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .expect("blocking task")
+        }
+
+        async fn change(&self, req: Request) -> u64 {
+            let v = self.call(req).await.expect("change accepted");
+            serde_json::from_value::<Changed>(v)
+                .expect("changed")
+                .version
+        }
+    }
+
+    struct FakeRelay {
+        reader: BufReader<OwnedReadHalf>,
+        writer: tokio::net::unix::OwnedWriteHalf,
+    }
+
+    impl FakeRelay {
+        async fn connect(dir: &Path, id: &str) -> FakeRelay {
+            let s = UnixStream::connect(dir.join("policy.sock"))
+                .await
+                .expect("connect policy.sock");
+            let (r, w) = s.into_split();
+            let mut relay = FakeRelay {
+                reader: BufReader::new(r),
+                writer: w,
+            };
+            relay
+                .send(&RelayToControl::Hello {
+                    relay_id: id.into(),
+                    have_version: None,
+                })
+                .await;
+            relay
+        }
+
+        async fn send(&mut self, msg: &RelayToControl) {
+            self.writer
+                .write_all(&encode_line(msg))
+                .await
+                .expect("send");
+        }
+
+        async fn snapshot(&mut self) -> PolicySnapshot {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(1), self.reader.read_line(&mut line))
+                .await
+                .expect("a snapshot within 1 s")
+                .expect("read");
+            assert!(n > 0, "policy socket closed");
+            let ControlToRelay::Snapshot(s) = decode_line(line.as_bytes()).expect("snapshot line");
+            s
+        }
+    }
+
+    fn audit_lines(dir: &Path) -> Vec<AuditEvent> {
+        fs::read_to_string(dir.join("audit.jsonl"))
+            .expect("audit log")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line"))
+            .collect()
+    }
+
+    fn session_start(id: &str) -> AuditEvent {
+        AuditEvent {
+            seq: 0,
+            ts_ms: 1000,
+            origin: "relay-r1".into(),
+            kind: AuditKind::SessionStart {
+                session_id: id.into(),
+                user: "alice".into(),
+                source: "127.0.0.1:5555".into(),
+                target: "web01".into(),
+                target_address: "127.0.0.1:22".into(),
+                account: "root".into(),
+                recording_id: format!("rec-{id}"),
+                start_ms: 1000,
+            },
+        }
+    }
+
+    async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
+        for _ in 0..100 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn relays_get_snapshots_and_send_audit_events() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let d = Daemon::start(&dir).await;
+        for sock in ["control.sock", "policy.sock"] {
+            let mode = fs::metadata(dir.join(sock))
+                .expect("sock")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{sock}");
+        }
+
+        let mut relay = FakeRelay::connect(&dir, "r1").await;
+        let first = relay.snapshot().await;
+        assert_eq!(first.version, 1);
+        assert!(first.recording_required);
+        assert!(first.users.is_empty());
+
+        let v1 = d
+            .change(Request::UserAdd {
+                name: "alice".into(),
+                password: Some(PasswordHash::new("pw").expect("hash")),
+                ssh_keys: vec![USER_PUB.into()],
+            })
+            .await;
+        let s = relay.snapshot().await;
+        assert_eq!(s.version, v1);
+        assert!(v1 > first.version);
+        assert_eq!(s.users[0].ssh_keys, vec![USER_PUB.to_string()]);
+
+        d.change(Request::TargetAdd {
+            name: "web01".into(),
+            address: "127.0.0.1:22".into(),
+            host_key: USER_PUB.into(),
+        })
+        .await;
+        relay.snapshot().await;
+        d.change(Request::AccountAdd {
+            target: "web01".into(),
+            username: "root".into(),
+            credential: Credential::Password(Secret::new("hunter2".into())),
+        })
+        .await;
+        relay.snapshot().await;
+        let v4 = d
+            .change(Request::GrantAdd {
+                user: "alice".into(),
+                target: "web01".into(),
+                account: "root".into(),
+            })
+            .await;
+        let s = relay.snapshot().await;
+        assert_eq!(s.version, v4);
+        let (_, account) = s.authorize("alice", "root", "web01").expect("granted");
+        assert_eq!(
+            account.credential,
+            Credential::Password(Secret::new("hunter2".into()))
+        );
+
+        // refused changes push nothing and say why
+        let e = d
+            .call(Request::GrantAdd {
+                user: "bob".into(),
+                target: "web01".into(),
+                account: "root".into(),
+            })
+            .await
+            .expect_err("unknown user");
+        assert_eq!(e, "unknown user 'bob'");
+
+        // a second relay gets the latest snapshot right away
+        let mut relay2 = FakeRelay::connect(&dir, "r2").await;
+        assert_eq!(relay2.snapshot().await.version, v4);
+
+        // lists never carry secrets
+        let accounts = d.call(Request::AccountList).await.expect("list");
+        assert!(!accounts.to_string().contains("hunter2"));
+        let status: StatusInfo =
+            serde_json::from_value(d.call(Request::Status).await.expect("status")).expect("status");
+        assert_eq!(status.version, v4);
+        assert_eq!(status.relays.len(), 2);
+
+        // audit events from a relay are numbered after control's own
+        relay
+            .send(&RelayToControl::Audit(session_start("s1")))
+            .await;
+        wait_for("session_start in the audit log", || {
+            audit_lines(&dir).len() == 5
+        })
+        .await;
+        let events = audit_lines(&dir);
+        assert_eq!(
+            events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        assert_eq!(events[3].origin, "control");
+        assert_eq!(
+            events[3].kind,
+            AuditKind::AdminChange {
+                action: "grant add".into(),
+                object: "alice -> root@web01".into()
+            }
+        );
+        assert!(matches!(events[4].kind, AuditKind::SessionStart { .. }));
+        assert_eq!(events[4].origin, "relay-r1");
+        let text = fs::read_to_string(dir.join("audit.jsonl")).expect("audit");
+        assert!(!text.contains("hunter2"));
+
+        let sessions: Vec<SessionInfo> =
+            serde_json::from_value(d.call(Request::SessionsList).await.expect("sessions"))
+                .expect("sessions");
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].relay, "r1");
+        relay
+            .send(&RelayToControl::Audit(AuditEvent {
+                seq: 0,
+                ts_ms: 2000,
+                origin: "relay-r1".into(),
+                kind: AuditKind::SessionEnd {
+                    session_id: "s1".into(),
+                    user: "alice".into(),
+                    source: "127.0.0.1:5555".into(),
+                    target: "web01".into(),
+                    account: "root".into(),
+                    start_ms: 1000,
+                    end_ms: 2000,
+                    duration_ms: 1000,
+                    bytes_up: 1,
+                    bytes_down: 2,
+                    exit_status: Some(0),
+                    exit_signal: None,
+                    recording_id: "rec-s1".into(),
+                    reason: "client closed".into(),
+                },
+            }))
+            .await;
+        relay
+            .send(&RelayToControl::Audit(session_start("s2")))
+            .await;
+        wait_for("two more events", || audit_lines(&dir).len() == 7).await;
+        let sessions: Vec<SessionInfo> =
+            serde_json::from_value(d.call(Request::SessionsList).await.expect("sessions"))
+                .expect("sessions");
+        assert_eq!(
+            sessions
+                .iter()
+                .map(|s| s.session_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["s2"]
+        );
+
+        // a relay that goes away takes its live sessions with it
+        drop(relay);
+        let mut empty = false;
+        for _ in 0..100 {
+            let v = d.call(Request::SessionsList).await.expect("sessions");
+            if v.as_array().is_some_and(|a| a.is_empty()) {
+                empty = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(empty, "sessions of a gone relay are dropped");
+
+        // a removal pushes too
+        let v5 = d
+            .change(Request::UserRemove {
+                name: "alice".into(),
+            })
+            .await;
+        let s = relay2.snapshot().await;
+        assert_eq!(s.version, v5);
+        assert!(s.grants.is_empty());
+
+        d.stop().await;
+
+        // the version and the audit sequence survive a restart
+        let d = Daemon::start(&dir).await;
+        let mut relay = FakeRelay::connect(&dir, "r1").await;
+        assert_eq!(relay.snapshot().await.version, v5);
+        let v6 = d
+            .change(Request::TargetRemove {
+                name: "web01".into(),
+            })
+            .await;
+        assert_eq!(v6, v5 + 1);
+        assert_eq!(relay.snapshot().await.version, v6);
+        let events = audit_lines(&dir);
+        assert_eq!(events.last().map(|e| e.seq), Some(9));
+        d.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bad_requests_and_a_second_daemon_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let d = Daemon::start(&dir).await;
+        let e = run_until(dir.clone(), async {})
+            .await
+            .expect_err("second daemon");
+        assert!(e.to_string().contains("already serving"), "{e}");
+
+        // raw protocol: malformed line, then a good one on the same connection
+        let s = UnixStream::connect(dir.join("control.sock"))
+            .await
+            .expect("connect");
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"{\"cmd\":\"launch_missiles\"}\n{\"cmd\":\"user_list\"}\n")
+            .await
+            .expect("write");
+        let mut line = String::new();
+        r.read_line(&mut line).await.expect("read");
+        let resp: Response = serde_json::from_str(&line).expect("response");
+        assert!(!resp.ok);
+        assert!(resp
+            .error
+            .unwrap_or_default()
+            .starts_with("malformed request"));
+        line.clear();
+        r.read_line(&mut line).await.expect("read");
+        assert_eq!(line, "{\"ok\":true,\"result\":[]}\n");
+
+        // a relay that does not say hello gets nothing, and the daemon carries on
+        let mut bad = UnixStream::connect(dir.join("policy.sock"))
+            .await
+            .expect("connect");
+        bad.write_all(b"{\"type\":\"bogus\"}\n")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(2), bad.read_to_end(&mut buf))
+            .await
+            .expect("closed")
+            .expect("read");
+        assert_eq!(n, 0);
+        assert!(d.call(Request::UserList).await.is_ok());
+        d.stop().await;
+    }
+
+    #[tokio::test]
+    async fn only_the_data_directory_owner_may_connect() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        init_data_dir(&dir).expect("init");
+        // Only root can hand the directory to someone else; skip elsewhere.
+        if fs::metadata(&dir).expect("meta").uid() != 0 {
+            return;
+        }
+        std::os::unix::fs::chown(&dir, Some(4242), None).expect("chown");
+        let d = Daemon::start(&dir).await;
+        let e = d.call(Request::UserList).await.expect_err("refused");
+        assert!(e.contains("permission denied: uid 0"), "{e}");
+        let mut relay = UnixStream::connect(dir.join("policy.sock"))
+            .await
+            .expect("connect");
+        let _ = relay
+            .write_all(&encode_line(&RelayToControl::Hello {
+                relay_id: "x".into(),
+                have_version: None,
+            }))
+            .await;
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(2), relay.read_to_end(&mut buf))
+            .await
+            .expect("closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no snapshot for a stranger");
+        d.stop().await;
+    }
+}

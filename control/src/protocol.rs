@@ -1,0 +1,335 @@
+//! The psmctl <-> psm-control protocol on `control.sock`.
+//!
+//! JSON lines: the client writes one [`Request`] per line, the daemon answers each with one
+//! [`Response`] line, in order, on the same connection. A request is an object tagged by `cmd`
+//! (`{"cmd":"grant_add","user":"alice","target":"web01","account":"root"}`); a response is
+//! `{"ok":true,"result":…}` or `{"ok":false,"error":"unknown user 'bob'"}`. What `result` holds
+//! depends on the request (see each variant). Only the uid that owns the data directory may
+//! connect; anyone else gets one error response and the connection is closed.
+//!
+//! Credentials travel only towards the daemon (in [`Request::AccountAdd`]); no response ever
+//! carries one.
+//!
+//! What it does not do: I/O (see [`crate::client`] and [`crate::daemon`]).
+
+use psm_control_api::{Conditions, Credential, PasswordHash};
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon accepts.
+pub const MAX_REQUEST: usize = 1024 * 1024;
+
+/// One request from psmctl.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Daemon status. Result: [`StatusInfo`].
+    Status,
+    /// Adds a user. Result: [`Changed`].
+    UserAdd {
+        /// User name.
+        name: String,
+        /// Password verifier (hashed by the client; the password never crosses the socket).
+        #[serde(default)]
+        password: Option<PasswordHash>,
+        /// Authorized keys, OpenSSH one-line form.
+        #[serde(default)]
+        ssh_keys: Vec<String>,
+    },
+    /// Removes a user with their keys and grants. Result: [`Changed`].
+    UserRemove {
+        /// User name.
+        name: String,
+    },
+    /// Lists users. Result: array of [`UserInfo`].
+    UserList,
+    /// Adds a target. Result: [`Changed`].
+    TargetAdd {
+        /// Target name.
+        name: String,
+        /// `host:port`.
+        address: String,
+        /// Pinned host key, OpenSSH form.
+        host_key: String,
+    },
+    /// Removes a target with its accounts and their grants. Result: [`Changed`].
+    TargetRemove {
+        /// Target name.
+        name: String,
+    },
+    /// Lists targets. Result: array of [`TargetInfo`].
+    TargetList,
+    /// Adds an account with its credential (sealed by the vault). Result: [`Changed`].
+    AccountAdd {
+        /// Target name.
+        target: String,
+        /// Login name on the target.
+        username: String,
+        /// The credential.
+        credential: Credential,
+    },
+    /// Removes an account and the grants on it. Result: [`Changed`].
+    AccountRemove {
+        /// Target name.
+        target: String,
+        /// Login name on the target.
+        username: String,
+    },
+    /// Lists accounts (never their secrets). Result: array of [`AccountInfo`].
+    AccountList,
+    /// Grants `user` the account `account@target`. Result: [`Changed`].
+    GrantAdd {
+        /// psm user.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Account on the target.
+        account: String,
+    },
+    /// Removes a grant. Result: [`Changed`].
+    GrantRemove {
+        /// psm user.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Account on the target.
+        account: String,
+    },
+    /// Lists grants. Result: array of [`GrantInfo`].
+    GrantList,
+    /// Lists live sessions. Result: array of [`SessionInfo`].
+    SessionsList,
+}
+
+impl Request {
+    /// Whether the request changes the policy.
+    pub fn is_change(&self) -> bool {
+        matches!(
+            self,
+            Request::UserAdd { .. }
+                | Request::UserRemove { .. }
+                | Request::TargetAdd { .. }
+                | Request::TargetRemove { .. }
+                | Request::AccountAdd { .. }
+                | Request::AccountRemove { .. }
+                | Request::GrantAdd { .. }
+                | Request::GrantRemove { .. }
+        )
+    }
+}
+
+/// One response line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why it failed, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The result, when `ok` is true (null for none).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub result: serde_json::Value,
+}
+
+impl Response {
+    /// A success carrying `result`.
+    pub fn ok<T: Serialize>(result: &T) -> Self {
+        match serde_json::to_value(result) {
+            Ok(result) => Response {
+                ok: true,
+                error: None,
+                result,
+            },
+            Err(e) => Response::error(format!("cannot encode result: {e}")),
+        }
+    }
+    /// A failure.
+    pub fn error(message: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            result: serde_json::Value::Null,
+        }
+    }
+}
+
+/// The result of a change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changed {
+    /// Policy version after the change (the snapshot relays now have).
+    pub version: u64,
+    /// What was done, for the operator (`added user alice`).
+    pub message: String,
+}
+
+/// A user as listed (no password verifier).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// User name.
+    pub name: String,
+    /// Whether the user may log in with a password.
+    pub has_password: bool,
+    /// Authorized keys, OpenSSH one-line form.
+    pub ssh_keys: Vec<String>,
+}
+
+/// A target as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    /// Target name.
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    /// Pinned host key, `type base64`.
+    pub host_key: String,
+    /// `ssh-ed25519 SHA256:…` of the pinned key.
+    pub fingerprint: String,
+}
+
+/// Which kind of credential an account holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// A password.
+    Password,
+    /// An OpenSSH private key.
+    PrivateKey,
+}
+
+impl CredentialKind {
+    /// The name stored in the database and shown in lists.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Password => "password",
+            CredentialKind::PrivateKey => "private_key",
+        }
+    }
+    /// Parses [`CredentialKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "password" => Some(CredentialKind::Password),
+            "private_key" => Some(CredentialKind::PrivateKey),
+            _ => None,
+        }
+    }
+    /// The kind of a credential.
+    pub fn of(c: &Credential) -> Self {
+        match c {
+            Credential::Password(_) => CredentialKind::Password,
+            Credential::PrivateKey(_) => CredentialKind::PrivateKey,
+        }
+    }
+}
+
+/// An account as listed (never its secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountInfo {
+    /// Target name.
+    pub target: String,
+    /// Login name on the target.
+    pub username: String,
+    /// Credential kind.
+    pub kind: CredentialKind,
+}
+
+/// A grant as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantInfo {
+    /// psm user.
+    pub user: String,
+    /// Target name.
+    pub target: String,
+    /// Account on the target.
+    pub account: String,
+    /// Conditions (empty today).
+    pub conditions: Conditions,
+}
+
+/// A live session, from the relays' `session_start` events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Session id.
+    pub session_id: String,
+    /// psm user.
+    pub user: String,
+    /// Client `ip:port`.
+    pub source: String,
+    /// Target name.
+    pub target: String,
+    /// Target `host:port`.
+    pub target_address: String,
+    /// Account on the target.
+    pub account: String,
+    /// Recording id.
+    pub recording_id: String,
+    /// Start, ms since the epoch.
+    pub start_ms: u64,
+    /// Relay id that reported it.
+    pub relay: String,
+}
+
+/// A relay connected to `policy.sock`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// Relay id from its hello.
+    pub relay_id: String,
+    /// When it connected, ms since the epoch.
+    pub connected_ms: u64,
+}
+
+/// Daemon status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// Current policy version.
+    pub version: u64,
+    /// Connected relays.
+    pub relays: Vec<RelayInfo>,
+    /// Number of live sessions.
+    pub sessions: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use psm_control_api::Secret;
+
+    #[test]
+    fn request_wire_form() {
+        let r = Request::GrantAdd {
+            user: "alice".into(),
+            target: "web01".into(),
+            account: "root".into(),
+        };
+        let line = serde_json::to_string(&r).expect("encode");
+        assert_eq!(
+            line,
+            r#"{"cmd":"grant_add","user":"alice","target":"web01","account":"root"}"#
+        );
+        let list: Request = serde_json::from_str(r#"{"cmd":"user_list"}"#).expect("decode");
+        assert!(matches!(list, Request::UserList));
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"nope"}"#).is_err());
+        let add = Request::AccountAdd {
+            target: "web01".into(),
+            username: "root".into(),
+            credential: Credential::Password(Secret::new("hunter2".into())),
+        };
+        assert!(!format!("{add:?}").contains("hunter2"));
+        assert!(add.is_change());
+        assert!(!Request::SessionsList.is_change());
+    }
+
+    #[test]
+    fn response_wire_form() {
+        let ok = serde_json::to_string(&Response::ok(&Changed {
+            version: 3,
+            message: "m".into(),
+        }))
+        .expect("encode");
+        let back: serde_json::Value = serde_json::from_str(&ok).expect("json");
+        assert_eq!(
+            back,
+            serde_json::json!({"ok": true, "result": {"version": 3, "message": "m"}})
+        );
+        let err = serde_json::to_string(&Response::error("unknown user 'bob'")).expect("encode");
+        assert_eq!(err, r#"{"ok":false,"error":"unknown user 'bob'"}"#);
+    }
+}

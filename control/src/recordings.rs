@@ -1,0 +1,285 @@
+//! `psmctl recordings …`: lists, replays and exports the recordings psm-recorder wrote under
+//! `<data-dir>/recordings`, through `psm-recorder-format`.
+//!
+//! What it does not do: parse the recording format itself, or talk to psm-recorder.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use psm_recorder_format::file::{self, RecordingInfo, RecordingReader};
+use psm_recorder_format::{export, FormatError};
+use serde::Serialize;
+
+use crate::datadir::DataDir;
+
+/// Errors of the recording commands.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    /// No recording with this id.
+    #[error("no recording '{id}' in {}", .dir.display())]
+    NotFound {
+        /// The id asked for.
+        id: String,
+        /// The recordings directory.
+        dir: std::path::PathBuf,
+    },
+    /// The recording could not be read or rendered.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The output could not be written.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+use crate::table::write_table;
+use crate::timefmt;
+
+/// Export formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// asciicast v2 (asciinema).
+    Asciicast,
+    /// Plain text of the terminal output.
+    Text,
+}
+
+/// A recording as printed by `recordings list --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecordingRow {
+    /// Recording id.
+    pub id: String,
+    /// Session id.
+    pub session_id: String,
+    /// psm user.
+    pub user: String,
+    /// Target name.
+    pub target: String,
+    /// Account on the target.
+    pub account: String,
+    /// Client `ip:port`.
+    pub source: String,
+    /// Start, ms since the epoch.
+    pub start_ms: u64,
+    /// Duration in ms.
+    pub duration_ms: u64,
+    /// File size in bytes.
+    pub size_bytes: u64,
+    /// Whether the recording was closed (the session ended and the file is complete).
+    pub complete: bool,
+    /// End, ms since the epoch, when complete.
+    pub end_ms: Option<u64>,
+    /// Why the session ended, when complete.
+    pub reason: Option<String>,
+    /// Exit status, when the target sent one.
+    pub exit_status: Option<u32>,
+    /// The recording file.
+    pub path: String,
+}
+
+impl From<&RecordingInfo> for RecordingRow {
+    fn from(r: &RecordingInfo) -> Self {
+        RecordingRow {
+            id: r.id.clone(),
+            session_id: r.meta.session_id.clone(),
+            user: r.meta.user.clone(),
+            target: r.meta.target.clone(),
+            account: r.meta.account.clone(),
+            source: r.meta.source.clone(),
+            start_ms: r.meta.start_ms,
+            duration_ms: r.duration_ms,
+            size_bytes: r.size_bytes,
+            complete: r.summary.is_some(),
+            end_ms: r.summary.as_ref().map(|s| s.end_ms),
+            reason: r.summary.as_ref().map(|s| s.reason.clone()),
+            exit_status: r.summary.as_ref().and_then(|s| s.exit_status),
+            path: r.path.display().to_string(),
+        }
+    }
+}
+
+/// The recordings of `data_dir`, oldest first (none when the directory does not exist yet).
+pub fn list(data_dir: &Path) -> Result<Vec<RecordingRow>, FormatError> {
+    let dir = DataDir::new(data_dir).recordings();
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut rows: Vec<RecordingRow> = file::list(&dir)?.iter().map(RecordingRow::from).collect();
+    rows.sort_by(|a, b| (a.start_ms, &a.id).cmp(&(b.start_ms, &b.id)));
+    Ok(rows)
+}
+
+/// Prints recordings as a table or a JSON array.
+pub fn print_list(out: &mut dyn Write, rows: &[RecordingRow], json: bool) -> std::io::Result<()> {
+    if json {
+        serde_json::to_writer_pretty(&mut *out, rows)?;
+        return writeln!(out);
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.user.clone(),
+                format!("{}@{}", r.account, r.target),
+                r.source.clone(),
+                timefmt::utc(r.start_ms),
+                timefmt::duration(r.duration_ms),
+                timefmt::size(r.size_bytes),
+                match &r.reason {
+                    Some(reason) => reason.clone(),
+                    None => "(in progress or cut short)".to_string(),
+                },
+            ]
+        })
+        .collect();
+    write_table(
+        out,
+        &[
+            "ID",
+            "USER",
+            "ACCOUNT",
+            "SOURCE",
+            "STARTED (UTC)",
+            "DURATION",
+            "SIZE",
+            "END",
+        ],
+        &table,
+    )
+}
+
+fn open(data_dir: &Path, id: &str) -> Result<RecordingReader<File>, RecordingError> {
+    let dir = DataDir::new(data_dir).recordings();
+    let path = file::path_for(&dir, id)?;
+    let f = File::open(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            RecordingError::NotFound {
+                id: id.to_string(),
+                dir,
+            }
+        } else {
+            RecordingError::Format(FormatError::Io(e))
+        }
+    })?;
+    Ok(RecordingReader::open(f)?)
+}
+
+/// Replays recording `id` to `out` in (scaled) real time.
+pub fn play(
+    data_dir: &Path,
+    id: &str,
+    speed: f64,
+    out: &mut dyn Write,
+) -> Result<(), RecordingError> {
+    let reader = open(data_dir, id)?;
+    export::play(reader, speed, out)?;
+    Ok(())
+}
+
+/// Writes recording `id` to `out` in `format`.
+pub fn export(
+    data_dir: &Path,
+    id: &str,
+    format: ExportFormat,
+    out: &mut dyn Write,
+) -> Result<(), RecordingError> {
+    let reader = open(data_dir, id)?;
+    match format {
+        ExportFormat::Asciicast => export::asciicast(reader, &mut *out)?,
+        ExportFormat::Text => export::text(reader, &mut *out)?,
+    };
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use psm_recorder_format::file::{Record, RecordingWriter};
+    use psm_recorder_format::{CloseSummary, Direction, RecordingMeta};
+
+    fn write_recording(data_dir: &Path, id: &str) {
+        let dir = DataDir::new(data_dir).recordings();
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let f = File::create(file::path_for(&dir, id).expect("path")).expect("create");
+        let meta = RecordingMeta {
+            recording_id: id.into(),
+            session_id: "s1".into(),
+            user: "alice".into(),
+            target: "web01".into(),
+            account: "root".into(),
+            source: "127.0.0.1:5000".into(),
+            start_ms: 1_700_000_000_000,
+        };
+        let mut w = RecordingWriter::new(f, &meta).expect("writer");
+        w.write(&Record::Resize {
+            ts_us: 0,
+            channel: 0,
+            cols: 80,
+            rows: 24,
+        })
+        .expect("resize");
+        w.write(&Record::Data {
+            ts_us: 1_000,
+            channel: 0,
+            direction: Direction::Output,
+            data: bytes::Bytes::from_static(b"hello from web01\r\n"),
+        })
+        .expect("data");
+        w.write(&Record::Close {
+            ts_us: 2_500_000,
+            summary: CloseSummary {
+                end_ms: 1_700_000_002_500,
+                exit_status: Some(0),
+                exit_signal: None,
+                reason: "client closed".into(),
+            },
+        })
+        .expect("close");
+        w.finish().expect("finish");
+    }
+
+    #[test]
+    fn list_and_export() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert!(list(tmp.path()).expect("no dir yet").is_empty());
+        write_recording(tmp.path(), "rec-1");
+        let rows = list(tmp.path()).expect("list");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id, "rec-1");
+        assert_eq!(rows[0].user, "alice");
+        assert!(rows[0].complete);
+        assert_eq!(rows[0].reason.as_deref(), Some("client closed"));
+
+        let mut table = Vec::new();
+        print_list(&mut table, &rows, false).expect("table");
+        let table = String::from_utf8(table).expect("utf8");
+        assert!(table.contains("root@web01"), "{table}");
+        assert!(table.contains("client closed"), "{table}");
+        let mut json = Vec::new();
+        print_list(&mut json, &rows, true).expect("json");
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(v[0]["id"], "rec-1");
+
+        let mut text = Vec::new();
+        export(tmp.path(), "rec-1", ExportFormat::Text, &mut text).expect("text");
+        assert!(String::from_utf8_lossy(&text).contains("hello from web01"));
+        let mut cast = Vec::new();
+        export(tmp.path(), "rec-1", ExportFormat::Asciicast, &mut cast).expect("cast");
+        let cast = String::from_utf8(cast).expect("utf8");
+        assert!(
+            cast.lines()
+                .next()
+                .is_some_and(|l| l.contains("\"version\":2")),
+            "{cast}"
+        );
+        let mut played = Vec::new();
+        play(tmp.path(), "rec-1", f64::INFINITY, &mut played).expect("play");
+        assert!(String::from_utf8_lossy(&played).contains("hello from web01"));
+
+        let e =
+            export(tmp.path(), "nope", ExportFormat::Text, &mut Vec::new()).expect_err("missing");
+        assert!(e.to_string().starts_with("no recording 'nope' in "), "{e}");
+        assert!(export(tmp.path(), "../etc", ExportFormat::Text, &mut Vec::new()).is_err());
+    }
+}

@@ -1,0 +1,827 @@
+//! The policy store: `psm.db` (SQLite).
+//!
+//! Tables: `users`, `user_keys`, `targets`, `accounts` (credentials sealed by the
+//! [`Vault`]), `grants`, and `meta` (the policy version). Every change runs in one transaction
+//! that also bumps the policy version, so the version in a snapshot always names one state of
+//! the store. References (a grant to a user, target and account) are checked in code first, for
+//! clear errors, and backed by SQLite foreign keys.
+//!
+//! What it does not do: decide access (that is [`PolicySnapshot::authorize`]) or push anything
+//! anywhere (the daemon does).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use psm_control_api::{
+    Account, Conditions, Credential, Grant, PasswordHash, PolicySnapshot, Secret, Target, User,
+};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::protocol::{AccountInfo, CredentialKind, GrantInfo, TargetInfo, UserInfo};
+use crate::validate::{self, Invalid};
+use crate::vault::{account_aad, Vault, VaultError};
+
+/// Schema version this code writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    policy_version INTEGER NOT NULL
+);
+INSERT INTO meta (id, policy_version) VALUES (1, 1);
+CREATE TABLE users (
+    name TEXT PRIMARY KEY NOT NULL,
+    password TEXT
+);
+CREATE TABLE user_keys (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    material TEXT NOT NULL,
+    UNIQUE (user, material)
+);
+CREATE TABLE targets (
+    name TEXT PRIMARY KEY NOT NULL,
+    address TEXT NOT NULL,
+    host_key TEXT NOT NULL
+);
+CREATE TABLE accounts (
+    target TEXT NOT NULL REFERENCES targets(name) ON DELETE CASCADE,
+    username TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('password', 'private_key')),
+    ciphertext BLOB NOT NULL,
+    PRIMARY KEY (target, username)
+);
+CREATE TABLE grants (
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    target TEXT NOT NULL,
+    account TEXT NOT NULL,
+    conditions TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (user, target, account),
+    FOREIGN KEY (target, account) REFERENCES accounts(target, username) ON DELETE CASCADE
+);
+";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed (or the file is not a database).
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The object already exists.
+    #[error("{0}")]
+    Conflict(String),
+    /// A referenced object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Input that does not pass validation.
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    /// A credential could not be sealed or opened.
+    #[error("{0}")]
+    Vault(#[from] VaultError),
+    /// A row holds data this code cannot read.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer psm.
+    #[error("schema version {0} is newer than this psm-control understands ({SCHEMA_VERSION})")]
+    TooNew(i64),
+}
+
+/// What a removal took with it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Policy version after the change.
+    pub version: u64,
+    /// Accounts removed along.
+    pub accounts: usize,
+    /// Grants removed along.
+    pub grants: usize,
+}
+
+/// The SQLite policy store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating when missing) and migrates the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let existed = path.exists();
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // `user_version` is the first read of the file: a non-database fails here.
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(version));
+        }
+        if version < 1 {
+            let tx = conn.transaction()?;
+            tx.execute_batch(SCHEMA_V1)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
+        }
+        // Sanity read, so a damaged file fails at open rather than on first use.
+        conn.query_row("SELECT policy_version FROM meta WHERE id = 1", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        if !existed {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+        }
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current policy version.
+    pub fn policy_version(&self) -> Result<u64, StoreError> {
+        read_version(&self.conn)
+    }
+
+    fn bump(tx: &Transaction<'_>) -> Result<u64, StoreError> {
+        tx.execute(
+            "UPDATE meta SET policy_version = policy_version + 1 WHERE id = 1",
+            [],
+        )?;
+        read_version(tx)
+    }
+
+    fn exists(tx: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<bool, StoreError> {
+        Ok(tx.query_row(sql, p, |_| Ok(())).optional()?.is_some())
+    }
+
+    fn require_user(c: &Connection, name: &str) -> Result<(), StoreError> {
+        if Self::exists(c, "SELECT 1 FROM users WHERE name = ?1", [name])? {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("unknown user '{name}'")))
+        }
+    }
+
+    fn require_target(c: &Connection, name: &str) -> Result<(), StoreError> {
+        if Self::exists(c, "SELECT 1 FROM targets WHERE name = ?1", [name])? {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("unknown target '{name}'")))
+        }
+    }
+
+    fn require_account(c: &Connection, target: &str, username: &str) -> Result<(), StoreError> {
+        if Self::exists(
+            c,
+            "SELECT 1 FROM accounts WHERE target = ?1 AND username = ?2",
+            [target, username],
+        )? {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!(
+                "unknown account '{username}@{target}'"
+            )))
+        }
+    }
+
+    /// Adds a user with an optional password verifier and authorized keys (at least one of
+    /// the two). Returns the new policy version.
+    pub fn add_user(
+        &mut self,
+        name: &str,
+        password: Option<&PasswordHash>,
+        ssh_keys: &[String],
+    ) -> Result<u64, StoreError> {
+        validate::user_name(name)?;
+        if password.is_none() && ssh_keys.is_empty() {
+            return Err(Invalid(format!(
+                "user '{name}' needs a password or at least one ssh key"
+            ))
+            .into());
+        }
+        let password_json = match password {
+            Some(h) => {
+                check_hash(h)?;
+                Some(serde_json::to_string(h).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            }
+            None => None,
+        };
+        let mut keys: Vec<(String, String)> = Vec::new();
+        for line in ssh_keys {
+            let (full, material) = validate::user_key(line)?;
+            if keys.iter().any(|(_, m)| *m == material) {
+                return Err(Invalid(format!("duplicate ssh key for user '{name}'")).into());
+            }
+            keys.push((full, material));
+        }
+        let tx = self.conn.transaction()?;
+        if Self::exists(&tx, "SELECT 1 FROM users WHERE name = ?1", [name])? {
+            return Err(StoreError::Conflict(format!(
+                "user '{name}' already exists"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO users (name, password) VALUES (?1, ?2)",
+            params![name, password_json],
+        )?;
+        for (full, material) in &keys {
+            tx.execute(
+                "INSERT INTO user_keys (user, key, material) VALUES (?1, ?2, ?3)",
+                params![name, full, material],
+            )?;
+        }
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Removes a user, their keys and their grants.
+    pub fn remove_user(&mut self, name: &str) -> Result<Removed, StoreError> {
+        let tx = self.conn.transaction()?;
+        Self::require_user(&tx, name)?;
+        let grants = tx.execute("DELETE FROM grants WHERE user = ?1", [name])?;
+        tx.execute("DELETE FROM user_keys WHERE user = ?1", [name])?;
+        tx.execute("DELETE FROM users WHERE name = ?1", [name])?;
+        let version = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(Removed {
+            version,
+            accounts: 0,
+            grants,
+        })
+    }
+
+    /// Lists users, by name.
+    pub fn list_users(&self) -> Result<Vec<UserInfo>, StoreError> {
+        let users = read_users(&self.conn)?;
+        Ok(users
+            .into_iter()
+            .map(|u| UserInfo {
+                name: u.name,
+                has_password: u.password.is_some(),
+                ssh_keys: u.ssh_keys,
+            })
+            .collect())
+    }
+
+    /// Adds a target with its pinned host key. Returns the new policy version.
+    pub fn add_target(
+        &mut self,
+        name: &str,
+        address: &str,
+        host_key: &str,
+    ) -> Result<u64, StoreError> {
+        validate::target_name(name)?;
+        let address = validate::address(address)?;
+        let host_key = validate::host_key(host_key)?;
+        let tx = self.conn.transaction()?;
+        if Self::exists(&tx, "SELECT 1 FROM targets WHERE name = ?1", [name])? {
+            return Err(StoreError::Conflict(format!(
+                "target '{name}' already exists"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO targets (name, address, host_key) VALUES (?1, ?2, ?3)",
+            params![name, address, host_key],
+        )?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Removes a target, its accounts and the grants on them.
+    pub fn remove_target(&mut self, name: &str) -> Result<Removed, StoreError> {
+        let tx = self.conn.transaction()?;
+        Self::require_target(&tx, name)?;
+        let grants = tx.execute("DELETE FROM grants WHERE target = ?1", [name])?;
+        let accounts = tx.execute("DELETE FROM accounts WHERE target = ?1", [name])?;
+        tx.execute("DELETE FROM targets WHERE name = ?1", [name])?;
+        let version = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(Removed {
+            version,
+            accounts,
+            grants,
+        })
+    }
+
+    /// Lists targets, by name, with their host key fingerprints.
+    pub fn list_targets(&self) -> Result<Vec<TargetInfo>, StoreError> {
+        Ok(read_targets(&self.conn)?
+            .into_iter()
+            .map(|t| TargetInfo {
+                fingerprint: validate::fingerprint(&t.host_key),
+                name: t.name,
+                address: t.address,
+                host_key: t.host_key,
+            })
+            .collect())
+    }
+
+    /// Adds an account on an existing target, sealing its credential. Returns the new policy
+    /// version.
+    pub fn add_account(
+        &mut self,
+        vault: &Vault,
+        target: &str,
+        username: &str,
+        credential: &Credential,
+    ) -> Result<u64, StoreError> {
+        validate::target_name(target)?;
+        validate::account_name(username)?;
+        let kind = CredentialKind::of(credential);
+        let secret = match credential {
+            Credential::Password(s) => {
+                if s.expose().is_empty() {
+                    return Err(Invalid("empty password".into()).into());
+                }
+                s
+            }
+            Credential::PrivateKey(s) => {
+                validate::private_key(s.expose())?;
+                s
+            }
+        };
+        let sealed = vault.seal(&account_aad(target, username), secret.expose().as_bytes())?;
+        let tx = self.conn.transaction()?;
+        Self::require_target(&tx, target)?;
+        if Self::exists(
+            &tx,
+            "SELECT 1 FROM accounts WHERE target = ?1 AND username = ?2",
+            [target, username],
+        )? {
+            return Err(StoreError::Conflict(format!(
+                "account '{username}@{target}' already exists"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO accounts (target, username, kind, ciphertext) VALUES (?1, ?2, ?3, ?4)",
+            params![target, username, kind.as_str(), sealed],
+        )?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Removes an account and the grants on it.
+    pub fn remove_account(&mut self, target: &str, username: &str) -> Result<Removed, StoreError> {
+        let tx = self.conn.transaction()?;
+        Self::require_account(&tx, target, username)?;
+        let grants = tx.execute(
+            "DELETE FROM grants WHERE target = ?1 AND account = ?2",
+            [target, username],
+        )?;
+        tx.execute(
+            "DELETE FROM accounts WHERE target = ?1 AND username = ?2",
+            [target, username],
+        )?;
+        let version = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(Removed {
+            version,
+            accounts: 1,
+            grants,
+        })
+    }
+
+    /// Lists accounts, by target then username (never their secrets).
+    pub fn list_accounts(&self) -> Result<Vec<AccountInfo>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT target, username, kind FROM accounts ORDER BY target, username")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (target, username, kind) = row?;
+            let kind = CredentialKind::parse(&kind).ok_or_else(|| {
+                StoreError::Corrupt(format!("account '{username}@{target}': kind '{kind}'"))
+            })?;
+            out.push(AccountInfo {
+                target,
+                username,
+                kind,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Grants `user` the account `account@target`. Returns the new policy version.
+    pub fn add_grant(
+        &mut self,
+        user: &str,
+        target: &str,
+        account: &str,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        Self::require_user(&tx, user)?;
+        Self::require_target(&tx, target)?;
+        Self::require_account(&tx, target, account)?;
+        if Self::exists(
+            &tx,
+            "SELECT 1 FROM grants WHERE user = ?1 AND target = ?2 AND account = ?3",
+            [user, target, account],
+        )? {
+            return Err(StoreError::Conflict(format!(
+                "grant {user} -> {account}@{target} already exists"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO grants (user, target, account, conditions) VALUES (?1, ?2, ?3, '{}')",
+            [user, target, account],
+        )?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Removes a grant. Returns the new policy version.
+    pub fn remove_grant(
+        &mut self,
+        user: &str,
+        target: &str,
+        account: &str,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "DELETE FROM grants WHERE user = ?1 AND target = ?2 AND account = ?3",
+            [user, target, account],
+        )?;
+        if n == 0 {
+            Self::require_user(&tx, user)?;
+            return Err(StoreError::NotFound(format!(
+                "no grant {user} -> {account}@{target}"
+            )));
+        }
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Lists grants, by user, target, account.
+    pub fn list_grants(&self) -> Result<Vec<GrantInfo>, StoreError> {
+        Ok(read_grants(&self.conn)?
+            .into_iter()
+            .map(|g| GrantInfo {
+                user: g.user,
+                target: g.target,
+                account: g.account,
+                conditions: g.conditions,
+            })
+            .collect())
+    }
+
+    /// The full policy as of now, credentials decrypted, for the relays.
+    pub fn snapshot(&mut self, vault: &Vault) -> Result<PolicySnapshot, StoreError> {
+        // One read transaction, so the version and the rows agree.
+        let tx = self.conn.transaction()?;
+        let snap = PolicySnapshot {
+            version: read_version(&tx)?,
+            users: read_users(&tx)?,
+            targets: read_targets(&tx)?,
+            accounts: read_accounts(&tx, vault)?,
+            grants: read_grants(&tx)?,
+            recording_required: true,
+        };
+        tx.commit()?;
+        Ok(snap)
+    }
+}
+
+fn read_version(c: &Connection) -> Result<u64, StoreError> {
+    let v: i64 = c.query_row("SELECT policy_version FROM meta WHERE id = 1", [], |r| {
+        r.get(0)
+    })?;
+    Ok(v as u64)
+}
+
+fn read_users(c: &Connection) -> Result<Vec<User>, StoreError> {
+    let mut stmt = c.prepare("SELECT name, password FROM users ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+    })?;
+    let mut keys_stmt = c.prepare("SELECT key FROM user_keys WHERE user = ?1 ORDER BY id")?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, password) = row?;
+        let password = match password {
+            Some(json) => Some(
+                serde_json::from_str::<PasswordHash>(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("password of user '{name}': {e}")))?,
+            ),
+            None => None,
+        };
+        let ssh_keys = keys_stmt
+            .query_map([&name], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(User {
+            name,
+            password,
+            ssh_keys,
+        });
+    }
+    Ok(out)
+}
+
+fn read_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
+    let mut stmt = c.prepare("SELECT name, address, host_key FROM targets ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Target {
+            name: r.get(0)?,
+            address: r.get(1)?,
+            host_key: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT target, username, kind, ciphertext FROM accounts ORDER BY target, username",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Vec<u8>>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (target, username, kind, sealed) = row?;
+        let plain = vault.open(&account_aad(&target, &username), &sealed)?;
+        let text = std::str::from_utf8(&plain).map_err(|_| {
+            StoreError::Corrupt(format!("account '{username}@{target}': secret not utf-8"))
+        })?;
+        let secret = Secret::new(text.to_string());
+        let credential = match CredentialKind::parse(&kind) {
+            Some(CredentialKind::Password) => Credential::Password(secret),
+            Some(CredentialKind::PrivateKey) => Credential::PrivateKey(secret),
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "account '{username}@{target}': kind '{kind}'"
+                )))
+            }
+        };
+        out.push(Account {
+            target,
+            username,
+            credential,
+        });
+    }
+    Ok(out)
+}
+
+fn read_grants(c: &Connection) -> Result<Vec<Grant>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT user, target, account, conditions FROM grants ORDER BY user, target, account",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (user, target, account, conditions) = row?;
+        let conditions: Conditions = serde_json::from_str(&conditions).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "conditions of grant {user} -> {account}@{target}: {e}"
+            ))
+        })?;
+        out.push(Grant {
+            user,
+            target,
+            account,
+            conditions,
+        });
+    }
+    Ok(out)
+}
+
+fn check_hash(h: &PasswordHash) -> Result<(), Invalid> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let salt_ok = b64.decode(&h.salt).map(|s| s.len() >= 8).unwrap_or(false);
+    let hash_ok = b64.decode(&h.hash).map(|s| s.len() == 32).unwrap_or(false);
+    if h.iterations == 0 || !salt_ok || !hash_ok {
+        return Err(Invalid("malformed password hash".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkeys::{ENCRYPTED_PRIV, USER_PRIV, USER_PUB};
+
+    fn setup() -> (tempfile::TempDir, Store, Vault) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&tmp.path().join("psm.db")).expect("open");
+        let vault = Vault::new(&[9u8; 32]).expect("vault");
+        (tmp, store, vault)
+    }
+
+    fn host_key() -> String {
+        USER_PUB.to_string()
+    }
+
+    fn populate(s: &mut Store, v: &Vault) {
+        let h = PasswordHash::new("pw").expect("hash");
+        s.add_user("alice", Some(&h), &[USER_PUB.into()])
+            .expect("alice");
+        s.add_target("web01", "127.0.0.1:22", &host_key())
+            .expect("web01");
+        s.add_account(
+            v,
+            "web01",
+            "root",
+            &Credential::Password(Secret::new("hunter2".into())),
+        )
+        .expect("root");
+        s.add_account(
+            v,
+            "web01",
+            "deploy",
+            &Credential::PrivateKey(Secret::new(USER_PRIV.into())),
+        )
+        .expect("deploy");
+        s.add_grant("alice", "web01", "root").expect("grant");
+    }
+
+    #[test]
+    fn crud_and_versions() {
+        let (_t, mut s, v) = setup();
+        assert_eq!(s.policy_version().expect("v"), 1);
+        populate(&mut s, &v);
+        assert_eq!(s.policy_version().expect("v"), 6);
+
+        let users = s.list_users().expect("users");
+        assert_eq!(users.len(), 1);
+        assert!(users[0].has_password);
+        assert_eq!(users[0].ssh_keys, vec![USER_PUB.to_string()]);
+        let targets = s.list_targets().expect("targets");
+        assert_eq!(targets[0].address, "127.0.0.1:22");
+        assert!(
+            !targets[0].host_key.contains("alice@laptop"),
+            "comment dropped"
+        );
+        assert!(targets[0].fingerprint.starts_with("ssh-ed25519 SHA256:"));
+        let accounts = s.list_accounts().expect("accounts");
+        assert_eq!(
+            accounts
+                .iter()
+                .map(|a| (a.username.as_str(), a.kind))
+                .collect::<Vec<_>>(),
+            vec![
+                ("deploy", CredentialKind::PrivateKey),
+                ("root", CredentialKind::Password)
+            ]
+        );
+        assert_eq!(s.list_grants().expect("grants").len(), 1);
+
+        s.remove_grant("alice", "web01", "root")
+            .expect("remove grant");
+        assert!(s.list_grants().expect("grants").is_empty());
+        s.add_grant("alice", "web01", "root").expect("grant again");
+        let r = s.remove_account("web01", "root").expect("remove account");
+        assert_eq!(r.grants, 1);
+        s.add_grant("alice", "web01", "deploy")
+            .expect("grant deploy");
+        let r = s.remove_target("web01").expect("remove target");
+        assert_eq!((r.accounts, r.grants), (1, 1));
+        assert!(s.list_accounts().expect("accounts").is_empty());
+        let r = s.remove_user("alice").expect("remove user");
+        assert_eq!(r.grants, 0);
+        assert!(s.list_users().expect("users").is_empty());
+        assert_eq!(s.policy_version().expect("v"), r.version);
+    }
+
+    #[test]
+    fn constraint_errors() {
+        let (_t, mut s, v) = setup();
+        populate(&mut s, &v);
+        let before = s.policy_version().expect("v");
+        let msg = |r: Result<u64, StoreError>| r.expect_err("must fail").to_string();
+        assert_eq!(
+            msg(s.add_grant("bob", "web01", "root")),
+            "unknown user 'bob'"
+        );
+        assert_eq!(
+            msg(s.add_grant("alice", "db01", "root")),
+            "unknown target 'db01'"
+        );
+        assert_eq!(
+            msg(s.add_grant("alice", "web01", "admin")),
+            "unknown account 'admin@web01'"
+        );
+        assert_eq!(
+            msg(s.add_grant("alice", "web01", "root")),
+            "grant alice -> root@web01 already exists"
+        );
+        assert_eq!(
+            msg(s.remove_grant("alice", "web01", "deploy")),
+            "no grant alice -> deploy@web01"
+        );
+        assert_eq!(
+            msg(s.add_user("alice", None, &[USER_PUB.into()])),
+            "user 'alice' already exists"
+        );
+        assert_eq!(
+            msg(s.add_user("bob", None, &[])),
+            "user 'bob' needs a password or at least one ssh key"
+        );
+        assert!(msg(s.add_user("bob", None, &["ssh-rsa nope".into()]))
+            .contains("not an OpenSSH public key"));
+        assert_eq!(
+            msg(s.add_user("bob", None, &[USER_PUB.into(), USER_PUB.into()])),
+            "duplicate ssh key for user 'bob'"
+        );
+        assert_eq!(
+            msg(s.add_target("web01", "10.0.0.1:22", &host_key())),
+            "target 'web01' already exists"
+        );
+        assert!(msg(s.add_target("db01", "10.0.0.1", &host_key())).contains("invalid address"));
+        assert!(msg(s.add_target("db01", "10.0.0.1:22", "ssh-ed25519 AAAA"))
+            .contains("invalid host key"));
+        let pw = Credential::Password(Secret::new("x".into()));
+        assert_eq!(
+            msg(s.add_account(&v, "db01", "root", &pw)),
+            "unknown target 'db01'"
+        );
+        assert_eq!(
+            msg(s.add_account(&v, "web01", "root", &pw)),
+            "account 'root@web01' already exists"
+        );
+        let enc = Credential::PrivateKey(Secret::new(ENCRYPTED_PRIV.into()));
+        assert!(msg(s.add_account(&v, "web01", "x", &enc)).contains("encrypted"));
+        assert!(s
+            .remove_user("bob")
+            .expect_err("unknown")
+            .to_string()
+            .contains("unknown user 'bob'"));
+        assert!(s.remove_target("db01").is_err());
+        assert!(s.remove_account("web01", "nobody").is_err());
+        // failed changes do not bump the version
+        assert_eq!(s.policy_version().expect("v"), before);
+    }
+
+    #[test]
+    fn snapshot_decrypts_and_survives_reopen() {
+        let (t, mut s, v) = setup();
+        populate(&mut s, &v);
+        let snap = s.snapshot(&v).expect("snapshot");
+        assert_eq!(snap.version, 6);
+        assert!(snap.recording_required);
+        assert_eq!(snap.users.len(), 1);
+        assert!(snap.users[0]
+            .password
+            .as_ref()
+            .is_some_and(|h| h.verify("pw")));
+        let root = snap
+            .accounts
+            .iter()
+            .find(|a| a.username == "root")
+            .expect("root");
+        assert_eq!(
+            root.credential,
+            Credential::Password(Secret::new("hunter2".into()))
+        );
+        assert!(snap.authorize("alice", "root", "web01").is_ok());
+        assert!(snap.authorize("alice", "deploy", "web01").is_err());
+
+        // the ciphertext at rest holds no plaintext
+        let raw = fs::read(t.path().join("psm.db")).expect("read");
+        assert!(!raw.windows(7).any(|w| w == b"hunter2"));
+
+        s.add_grant("alice", "web01", "deploy").expect("grant");
+        let snap2 = s.snapshot(&v).expect("snapshot");
+        assert_eq!(snap2.version, 7);
+        assert_eq!(snap2.grants.len(), 2);
+        drop(s);
+
+        let mut s = Store::open(&t.path().join("psm.db")).expect("reopen");
+        assert_eq!(s.policy_version().expect("v"), 7);
+        // a different master key cannot build a snapshot, and says which account failed
+        let wrong = Vault::new(&[1u8; 32]).expect("vault");
+        let e = s.snapshot(&wrong).expect_err("wrong key");
+        assert!(e.to_string().contains("account:web01/"), "{e}");
+        assert_eq!(s.snapshot(&v).expect("snapshot").version, 7);
+    }
+}

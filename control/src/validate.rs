@@ -1,0 +1,223 @@
+//! Checks and normal forms for what an administrator types: names, addresses, OpenSSH keys.
+//!
+//! Both psmctl (early, friendly errors) and the daemon (the authority) call these.
+//!
+//! What it does not do: touch the store or the network.
+
+use russh::keys::{HashAlg, PrivateKey, PublicKey};
+
+/// A value that does not pass a check; the message says which and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+fn bad(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+fn check_common(what: &str, name: &str, max: usize) -> Result<(), Invalid> {
+    if name.is_empty() {
+        return Err(bad(format!("{what} name must not be empty")));
+    }
+    if name.len() > max {
+        return Err(bad(format!(
+            "{what} name '{name}' is longer than {max} bytes"
+        )));
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad(format!(
+            "{what} name '{}' must not contain spaces or control characters",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// A psm user name: printable, no spaces; may contain `@` (e-mail addresses).
+pub fn user_name(name: &str) -> Result<(), Invalid> {
+    check_common("user", name, 128)
+}
+
+/// A target name: letters, digits, `.`, `-` and `_`.
+pub fn target_name(name: &str) -> Result<(), Invalid> {
+    check_common("target", name, 128)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return Err(bad(format!(
+            "target name '{name}' may only contain letters, digits, '.', '-' and '_'"
+        )));
+    }
+    Ok(())
+}
+
+/// An account (login name on a target): printable, no spaces, no `@`.
+pub fn account_name(name: &str) -> Result<(), Invalid> {
+    check_common("account", name, 128)?;
+    if name.contains('@') {
+        return Err(bad(format!("account name '{name}' must not contain '@'")));
+    }
+    Ok(())
+}
+
+/// Splits `<username>@<target>` on the last `@` into `(username, target)`.
+pub fn split_account(spec: &str) -> Result<(String, String), Invalid> {
+    match spec.rsplit_once('@') {
+        Some((user, target)) if !user.is_empty() && !target.is_empty() => {
+            account_name(user)?;
+            target_name(target)?;
+            Ok((user.to_string(), target.to_string()))
+        }
+        _ => Err(bad(format!(
+            "malformed account '{spec}': expected <username>@<target>"
+        ))),
+    }
+}
+
+/// A `host:port` address (`[v6]:port` for IPv6 literals); returns it trimmed.
+pub fn address(addr: &str) -> Result<String, Invalid> {
+    let addr = addr.trim();
+    let err = |why: &str| bad(format!("invalid address '{addr}': {why}"));
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| err("expected HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| err("port must be 1-65535"))?;
+    if port == 0 {
+        return Err(err("port must be 1-65535"));
+    }
+    if host.is_empty() {
+        return Err(err("empty host"));
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(inner) = inner.strip_suffix(']') else {
+            return Err(err("unbalanced '['"));
+        };
+        if inner.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(err("not an IPv6 address inside [ ]"));
+        }
+    } else if host.contains(':') {
+        return Err(err("write IPv6 addresses as [ADDR]:PORT"));
+    } else if host
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '@' | '[' | ']'))
+    {
+        return Err(err("invalid host name"));
+    }
+    Ok(addr.to_string())
+}
+
+/// Parses an OpenSSH public key line (`type base64 [comment]`).
+pub fn public_key(line: &str) -> Result<PublicKey, Invalid> {
+    PublicKey::from_openssh(line.trim())
+        .map_err(|e| bad(format!("not an OpenSSH public key ({e})")))
+}
+
+/// The `type base64` form of a key, without its comment.
+pub fn key_material(key: &PublicKey) -> Result<String, Invalid> {
+    let mut k = key.clone();
+    k.set_comment("");
+    k.to_openssh()
+        .map(|s| s.trim().to_string())
+        .map_err(|e| bad(format!("cannot encode public key ({e})")))
+}
+
+/// Checks a host key and returns its normal form `type base64` (comment dropped).
+pub fn host_key(line: &str) -> Result<String, Invalid> {
+    let key = public_key(line).map_err(|e| bad(format!("invalid host key: {e}")))?;
+    key_material(&key)
+}
+
+/// Checks a user's authorized key and returns `(line, material)`: the line in normal form with
+/// its comment, and the `type base64` material used to spot duplicates.
+pub fn user_key(line: &str) -> Result<(String, String), Invalid> {
+    let key = public_key(line)?;
+    let material = key_material(&key)?;
+    let full = key
+        .to_openssh()
+        .map(|s| s.trim().to_string())
+        .map_err(|e| bad(format!("cannot encode public key ({e})")))?;
+    Ok((full, material))
+}
+
+/// `ssh-ed25519 SHA256:…` for a public key line, or the error text when it does not parse.
+pub fn fingerprint(line: &str) -> String {
+    match public_key(line) {
+        Ok(k) => key_fingerprint(&k),
+        Err(e) => format!("<{e}>"),
+    }
+}
+
+/// `ssh-ed25519 SHA256:…` for a public key.
+pub fn key_fingerprint(key: &PublicKey) -> String {
+    format!("{} {}", key.algorithm(), key.fingerprint(HashAlg::Sha256))
+}
+
+/// Checks that `pem` is an unencrypted OpenSSH private key.
+pub fn private_key(pem: &str) -> Result<(), Invalid> {
+    let key = PrivateKey::from_openssh(pem.trim())
+        .map_err(|e| bad(format!("not an OpenSSH private key ({e})")))?;
+    if key.is_encrypted() {
+        return Err(bad(
+            "the private key is encrypted with a passphrase; store an unencrypted key \
+             (ssh-keygen -p -N '' -f FILE on a copy)",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::testkeys::{ENCRYPTED_PRIV, USER_PRIV, USER_PUB as TEST_PUB};
+
+    #[test]
+    fn names() {
+        assert!(user_name("alice").is_ok());
+        assert!(user_name("a.b@corp.com").is_ok());
+        assert!(user_name("").is_err());
+        assert!(user_name("al ice").is_err());
+        assert!(target_name("web-01.prod").is_ok());
+        assert!(target_name("web@01").is_err());
+        assert!(account_name("root").is_ok());
+        assert!(account_name("ro@ot").is_err());
+        assert_eq!(
+            split_account("root@web01").expect("ok"),
+            ("root".to_string(), "web01".to_string())
+        );
+        assert!(split_account("root").is_err());
+        assert!(split_account("@web01").is_err());
+        assert!(split_account("root@").is_err());
+        // split on the last '@': the account part then holds an '@', which accounts may not
+        assert!(split_account("a@b@web01").is_err());
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(address(" 127.0.0.1:22 ").expect("ok"), "127.0.0.1:22");
+        assert!(address("web01.example.com:2222").is_ok());
+        assert!(address("[::1]:22").is_ok());
+        assert!(address("::1:22").is_err());
+        assert!(address("host").is_err());
+        assert!(address("host:0").is_err());
+        assert!(address("host:70000").is_err());
+        assert!(address(":22").is_err());
+        assert!(address("[zz]:22").is_err());
+    }
+
+    #[test]
+    fn keys() {
+        let (full, material) = user_key(TEST_PUB).expect("parses");
+        assert_eq!(full, TEST_PUB);
+        assert!(!material.contains("alice@laptop"));
+        assert_eq!(host_key(TEST_PUB).expect("host key"), material);
+        assert!(fingerprint(TEST_PUB).starts_with("ssh-ed25519 SHA256:"));
+        assert!(host_key("ssh-ed25519 AAAA").is_err());
+        assert!(user_key("not a key").is_err());
+        assert!(private_key("-----BEGIN OPENSSH PRIVATE KEY-----\nxx\n").is_err());
+        assert!(private_key(USER_PRIV).is_ok());
+        let e = private_key(ENCRYPTED_PRIV).expect_err("encrypted");
+        assert!(e.to_string().contains("encrypted"), "{e}");
+    }
+}

@@ -1,0 +1,1038 @@
+//! The on-disk recording: one file per session, `<recording_id>.psmrec`.
+//!
+//! # Layout (format version 1)
+//!
+//! ```text
+//! "PSMREC1\n"                      8-byte magic, uncompressed
+//! zstd frame | zstd frame | ...    one zstd stream made of concatenated frames
+//! ```
+//!
+//! Decompressed, the frames hold a sequence of records. Every record is
+//! `[u8 kind][u32 big-endian body length][body]`; all integers are big-endian:
+//!
+//! | kind | name   | body |
+//! |------|--------|------|
+//! | 0x01 | HEADER | `u8 version (1), u8 flags (0)` + JSON [`RecordingMeta`]; always the first record, exactly once |
+//! | 0x02 | DATA   | `u64 ts_us, u32 channel, u8 direction` + the bytes |
+//! | 0x03 | RESIZE | `u64 ts_us, u32 channel, u32 cols, u32 rows` |
+//! | 0x04 | CLOSE  | `u64 ts_us` + JSON [`CloseSummary`]; the last record of a recording that ended cleanly |
+//!
+//! `ts_us` counts microseconds since the session started; `direction` is the
+//! [`Direction`] discriminant (0 input, 1 output, 2 error). A record body is at most
+//! [`MAX_RECORD`] bytes; the writer cuts longer data into several DATA records with the same
+//! timestamp.
+//!
+//! Each call to [`RecordingWriter::flush`] ends the current zstd frame (with its content
+//! checksum), so everything written before it decodes even when the process dies right after.
+//! A reader that meets the end of the file inside a frame or a record keeps what was complete
+//! and reports [`RecordingReader::truncated`].
+//!
+//! # Extension seam (not implemented yet)
+//!
+//! - Record kinds `0x80..=0xff` are *optional*: a reader that does not know one skips it.
+//!   Unknown kinds below `0x80` are errors (they would change the meaning of the file).
+//! - Reserved: `0x80` CHUNK_SEAL, written as the last record of each zstd frame, carrying
+//!   `SHA-256(previous seal || every decompressed record byte of this frame)`, a per-chunk hash
+//!   chain; `0x81` TRAILER, after CLOSE, carrying a signature over the last seal and the
+//!   recorder's key id.
+//! - HEADER `flags` bit 0 will announce that seals are present (so a reader can insist on
+//!   them); readers ignore flag bits they do not know. A change that old readers must refuse
+//!   bumps the version byte (and the magic's digit).
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
+
+use crate::{CloseSummary, Direction, FormatError, RecordingMeta};
+
+/// File name extension of recordings (without the dot).
+pub const EXTENSION: &str = "psmrec";
+
+/// The first bytes of every recording file.
+pub const MAGIC: &[u8; 8] = b"PSMREC1\n";
+
+/// Version byte of the HEADER record written by this code.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Largest record body written or accepted.
+pub const MAX_RECORD: usize = 16 * 1024 * 1024;
+
+/// zstd level: fast enough for hundreds of MB/s of incompressible data on one core.
+const ZSTD_LEVEL: i32 = 3;
+
+const KIND_HEADER: u8 = 0x01;
+const KIND_DATA: u8 = 0x02;
+const KIND_RESIZE: u8 = 0x03;
+const KIND_CLOSE: u8 = 0x04;
+/// First optional record kind: readers skip optional kinds they do not know.
+const FIRST_OPTIONAL_KIND: u8 = 0x80;
+
+/// `u64 ts_us, u32 channel, u8 direction`.
+const DATA_PREFIX: usize = 13;
+/// `[u8 kind][u32 len]`.
+const RECORD_HEAD: usize = 5;
+/// Capacity of the reader's decompressed-bytes buffer.
+const READ_BUFFER: usize = 128 * 1024;
+
+/// One record of a recording, after the header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Bytes seen on a channel.
+    Data {
+        /// Microseconds since the session started.
+        ts_us: u64,
+        /// SSH channel number on the user side.
+        channel: u32,
+        /// Which way they went.
+        direction: Direction,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The terminal was resized (or a pty was first requested).
+    Resize {
+        /// Microseconds since the session started.
+        ts_us: u64,
+        /// SSH channel number on the user side.
+        channel: u32,
+        /// Columns.
+        cols: u32,
+        /// Rows.
+        rows: u32,
+    },
+    /// The session ended.
+    Close {
+        /// Microseconds since the session started.
+        ts_us: u64,
+        /// How it ended.
+        summary: CloseSummary,
+    },
+}
+
+impl Record {
+    /// Microseconds since the session started.
+    pub fn ts_us(&self) -> u64 {
+        match self {
+            Record::Data { ts_us, .. }
+            | Record::Resize { ts_us, .. }
+            | Record::Close { ts_us, .. } => *ts_us,
+        }
+    }
+}
+
+fn direction_from_u8(v: u8) -> Result<Direction, FormatError> {
+    match v {
+        0 => Ok(Direction::Input),
+        1 => Ok(Direction::Output),
+        2 => Ok(Direction::Error),
+        other => Err(FormatError::Malformed(format!("unknown direction {other}"))),
+    }
+}
+
+fn put_head(out: &mut Vec<u8>, kind: u8, body_len: usize) {
+    out.push(kind);
+    // callers keep bodies below MAX_RECORD, which fits a u32
+    out.extend_from_slice(&(body_len as u32).to_be_bytes());
+}
+
+fn json_body<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, FormatError> {
+    let json = serde_json::to_vec(value)
+        .map_err(|e| FormatError::Malformed(format!("cannot encode json: {e}")))?;
+    if json.len() + 16 > MAX_RECORD {
+        return Err(FormatError::Malformed("json record too large".into()));
+    }
+    Ok(json)
+}
+
+/// Writes a recording: the magic, the header, then records, compressed with zstd.
+///
+/// Call [`finish`](Self::finish) at the end: dropping the writer loses what was written since
+/// the last [`flush`](Self::flush).
+pub struct RecordingWriter<W: Write> {
+    inner: W,
+    cctx: zstd::stream::raw::Encoder<'static>,
+    /// Compressed output, reused.
+    out: Vec<u8>,
+    /// Record heads and small bodies, reused.
+    scratch: Vec<u8>,
+    /// Whether a zstd frame is open (something was compressed since it last ended).
+    in_frame: bool,
+    /// Uncompressed bytes written since the last flush.
+    pending: u64,
+    /// An earlier write failed half-way: the stream is unusable.
+    poisoned: bool,
+}
+
+impl<W: Write> RecordingWriter<W> {
+    /// Starts a recording on `w`: writes the magic and the HEADER record.
+    pub fn new(mut w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
+        let mut cctx = zstd::stream::raw::Encoder::new(ZSTD_LEVEL)?;
+        cctx.set_parameter(CParameter::ChecksumFlag(true))?;
+        w.write_all(MAGIC)?;
+        let mut writer = RecordingWriter {
+            inner: w,
+            cctx,
+            out: Vec::with_capacity(zstd::zstd_safe::CCtx::out_size()),
+            scratch: Vec::with_capacity(256),
+            in_frame: false,
+            pending: 0,
+            poisoned: false,
+        };
+        let json = json_body(meta)?;
+        let mut rec = Vec::with_capacity(RECORD_HEAD + 2 + json.len());
+        put_head(&mut rec, KIND_HEADER, 2 + json.len());
+        rec.push(FORMAT_VERSION);
+        rec.push(0); // flags
+        rec.extend_from_slice(&json);
+        writer.compress(&rec)?;
+        Ok(writer)
+    }
+
+    /// Appends one record. DATA longer than [`MAX_RECORD`] is cut into several records.
+    pub fn write(&mut self, rec: &Record) -> Result<(), FormatError> {
+        self.check()?;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let result = self.write_with(rec, &mut scratch);
+        self.scratch = scratch;
+        result
+    }
+
+    fn write_with(&mut self, rec: &Record, scratch: &mut Vec<u8>) -> Result<(), FormatError> {
+        match rec {
+            Record::Data {
+                ts_us,
+                channel,
+                direction,
+                data,
+            } => {
+                let max = MAX_RECORD - DATA_PREFIX;
+                let mut rest: &[u8] = data;
+                loop {
+                    let (piece, next) = rest.split_at(rest.len().min(max));
+                    scratch.clear();
+                    put_head(scratch, KIND_DATA, DATA_PREFIX + piece.len());
+                    scratch.extend_from_slice(&ts_us.to_be_bytes());
+                    scratch.extend_from_slice(&channel.to_be_bytes());
+                    scratch.push(*direction as u8);
+                    self.compress(scratch)?;
+                    self.compress(piece)?;
+                    rest = next;
+                    if rest.is_empty() {
+                        break;
+                    }
+                }
+            }
+            Record::Resize {
+                ts_us,
+                channel,
+                cols,
+                rows,
+            } => {
+                put_head(scratch, KIND_RESIZE, 20);
+                scratch.extend_from_slice(&ts_us.to_be_bytes());
+                scratch.extend_from_slice(&channel.to_be_bytes());
+                scratch.extend_from_slice(&cols.to_be_bytes());
+                scratch.extend_from_slice(&rows.to_be_bytes());
+                self.compress(scratch)?;
+            }
+            Record::Close { ts_us, summary } => {
+                let json = json_body(summary)?;
+                put_head(scratch, KIND_CLOSE, 8 + json.len());
+                scratch.extend_from_slice(&ts_us.to_be_bytes());
+                scratch.extend_from_slice(&json);
+                self.compress(scratch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the current zstd frame and flushes the underlying writer: everything written so far
+    /// becomes readable from it. Cheap when nothing was written since the last flush.
+    pub fn flush(&mut self) -> Result<(), FormatError> {
+        self.check()?;
+        self.end_frame()?;
+        self.guard(|w| w.inner.flush())?;
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Ends the recording (flushes) and returns the underlying writer. Does not fsync.
+    pub fn finish(mut self) -> Result<W, FormatError> {
+        self.flush()?;
+        Ok(self.inner)
+    }
+
+    /// Uncompressed bytes written since the last flush (to decide when to flush).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending
+    }
+
+    /// The underlying writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    fn check(&self) -> Result<(), FormatError> {
+        if self.poisoned {
+            Err(FormatError::Io(io::Error::other(
+                "recording writer failed earlier",
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `f`, poisoning the writer when it fails.
+    fn guard<T>(&mut self, f: impl FnOnce(&mut Self) -> io::Result<T>) -> Result<T, FormatError> {
+        match f(self) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.poisoned = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn compress(&mut self, data: &[u8]) -> Result<(), FormatError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.in_frame = true;
+        self.pending += data.len() as u64;
+        self.guard(|w| {
+            let mut rest = data;
+            while !rest.is_empty() {
+                let mut input = InBuffer::around(rest);
+                w.out.clear();
+                {
+                    let mut output = OutBuffer::around(&mut w.out);
+                    w.cctx.run(&mut input, &mut output)?;
+                }
+                rest = &rest[input.pos()..];
+                if !w.out.is_empty() {
+                    w.inner.write_all(&w.out)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn end_frame(&mut self) -> Result<(), FormatError> {
+        if !self.in_frame {
+            return Ok(());
+        }
+        self.guard(|w| {
+            loop {
+                w.out.clear();
+                let remaining = {
+                    let mut output = OutBuffer::around(&mut w.out);
+                    w.cctx.finish(&mut output, false)?
+                };
+                w.inner.write_all(&w.out)?;
+                if remaining == 0 {
+                    break;
+                }
+            }
+            w.cctx.reinit()?;
+            w.in_frame = false;
+            Ok(())
+        })
+    }
+}
+
+/// The underlying reader, remembering whether it failed itself (as opposed to zstd failing on
+/// what it returned).
+struct Source<R> {
+    inner: R,
+    failed: bool,
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                self.failed = true;
+                Err(e)
+            }
+            other => other,
+        }
+    }
+}
+
+type Decompressed<R> = BufReader<zstd::stream::read::Decoder<'static, BufReader<Source<R>>>>;
+
+/// Reads a recording written by [`RecordingWriter`], including one cut short by a crash.
+pub struct RecordingReader<R: Read> {
+    src: Decompressed<R>,
+    meta: RecordingMeta,
+    version: u8,
+    /// Reused body buffer for records whose bytes are not handed out.
+    scratch: Vec<u8>,
+    seen_close: bool,
+    ended: bool,
+    cut: bool,
+    damage: Option<String>,
+}
+
+/// How much of a requested read could be served.
+enum Fill {
+    Full,
+    /// Clean end of the stream before the first byte.
+    Empty,
+    /// The stream ended (or became undecodable) part-way.
+    Partial,
+}
+
+impl<R: Read> RecordingReader<R> {
+    /// Checks the magic and reads the header. Fails when the file is not a recording or ends
+    /// before its header is complete.
+    pub fn open(mut r: R) -> Result<Self, FormatError> {
+        let mut magic = [0u8; MAGIC.len()];
+        let mut got = 0;
+        while got < magic.len() {
+            match r.read(&mut magic[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if got < magic.len() || &magic != MAGIC {
+            return Err(FormatError::Malformed(
+                "not a psm recording (bad magic)".into(),
+            ));
+        }
+        let source = BufReader::with_capacity(
+            zstd::zstd_safe::DCtx::in_size(),
+            Source {
+                inner: r,
+                failed: false,
+            },
+        );
+        let decoder = zstd::stream::read::Decoder::with_buffer(source)?;
+        let mut reader = RecordingReader {
+            src: BufReader::with_capacity(READ_BUFFER, decoder),
+            meta: RecordingMeta::default(),
+            version: 0,
+            scratch: Vec::new(),
+            seen_close: false,
+            ended: false,
+            cut: false,
+            damage: None,
+        };
+        let (kind, len) = match reader.read_head()? {
+            Some(head) => head,
+            None => return Err(reader.header_missing()),
+        };
+        if kind != KIND_HEADER {
+            return Err(FormatError::Malformed(format!(
+                "first record has kind {kind:#04x}, not a header"
+            )));
+        }
+        let mut body = vec![0u8; len];
+        if !matches!(reader.fill(&mut body)?, Fill::Full) || len < 2 {
+            return Err(reader.header_missing());
+        }
+        reader.version = body[0];
+        if reader.version != FORMAT_VERSION {
+            return Err(FormatError::Malformed(format!(
+                "unsupported recording version {}",
+                reader.version
+            )));
+        }
+        // body[1]: flags; none is defined yet and unknown ones are hints, so they are ignored.
+        reader.meta = serde_json::from_slice(&body[2..])
+            .map_err(|e| FormatError::Malformed(format!("recording header: {e}")))?;
+        Ok(reader)
+    }
+
+    fn header_missing(&self) -> FormatError {
+        let why = self.damage.as_deref().unwrap_or("end of file");
+        FormatError::Malformed(format!("recording header missing or truncated ({why})"))
+    }
+
+    /// What the recording is of.
+    pub fn meta(&self) -> &RecordingMeta {
+        &self.meta
+    }
+
+    /// Format version from the header.
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// The next record, or `None` at the end of the recording.
+    ///
+    /// A file that ends part-way through a record or a zstd frame is not an error: reading stops
+    /// after the last complete record and [`truncated`](Self::truncated) turns true. Errors are
+    /// I/O errors of the underlying reader and records that decode but make no sense.
+    pub fn next_record(&mut self) -> Result<Option<Record>, FormatError> {
+        self.next_inner(true)
+    }
+
+    /// Whether the recording ended without a CLOSE record or part-way through a record (the
+    /// recorder died). Meaningful once [`next_record`](Self::next_record) returned `None`.
+    pub fn truncated(&self) -> bool {
+        self.ended && (self.cut || !self.seen_close)
+    }
+
+    /// Why reading stopped early when the compressed stream itself was cut or damaged (the
+    /// decoder's message), if it was.
+    pub fn damage(&self) -> Option<&str> {
+        self.damage.as_deref()
+    }
+
+    /// Like `next_record`; with `want_data == false`, DATA bytes are not handed out (empty).
+    fn next_inner(&mut self, want_data: bool) -> Result<Option<Record>, FormatError> {
+        loop {
+            if self.ended {
+                return Ok(None);
+            }
+            let (kind, len) = match self.read_head() {
+                Ok(Some(head)) => head,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(self.fail(e)),
+            };
+            match self.read_record(kind, len, want_data) {
+                Ok(Some(rec)) => {
+                    if matches!(rec, Record::Close { .. }) {
+                        self.seen_close = true;
+                    }
+                    return Ok(Some(rec));
+                }
+                Ok(None) => continue,
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: FormatError) -> FormatError {
+        self.ended = true;
+        self.cut = true;
+        e
+    }
+
+    /// Reads a record head; `None` when the stream ended (and marks the reader ended).
+    fn read_head(&mut self) -> Result<Option<(u8, usize)>, FormatError> {
+        let mut head = [0u8; RECORD_HEAD];
+        match self.fill(&mut head)? {
+            Fill::Full => {}
+            Fill::Empty => {
+                self.ended = true;
+                return Ok(None);
+            }
+            Fill::Partial => {
+                self.ended = true;
+                self.cut = true;
+                return Ok(None);
+            }
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > MAX_RECORD {
+            return Err(FormatError::Malformed(format!(
+                "record of {len} bytes exceeds limit"
+            )));
+        }
+        Ok(Some((head[0], len)))
+    }
+
+    /// Reads a body of `len` bytes into `buf` (resized). False when the stream ended first.
+    fn read_body(&mut self, buf: &mut Vec<u8>, len: usize) -> Result<bool, FormatError> {
+        buf.clear();
+        buf.resize(len, 0);
+        match self.fill(buf)? {
+            Fill::Full => Ok(true),
+            Fill::Empty | Fill::Partial => {
+                self.ended = true;
+                self.cut = true;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Reads the body of a record; `None` when it was skipped or the stream ended inside it.
+    fn read_record(
+        &mut self,
+        kind: u8,
+        len: usize,
+        want_data: bool,
+    ) -> Result<Option<Record>, FormatError> {
+        let short = || FormatError::Malformed(format!("record of kind {kind:#04x} too short"));
+        if kind == KIND_DATA && want_data {
+            let mut body = Vec::new();
+            if !self.read_body(&mut body, len)? {
+                return Ok(None);
+            }
+            if len < DATA_PREFIX {
+                return Err(short());
+            }
+            let (ts_us, channel, direction) = data_prefix(&body)?;
+            let data = Bytes::from(body).slice(DATA_PREFIX..);
+            return Ok(Some(Record::Data {
+                ts_us,
+                channel,
+                direction,
+                data,
+            }));
+        }
+        let mut body = std::mem::take(&mut self.scratch);
+        let complete = self.read_body(&mut body, len);
+        let parsed = match complete {
+            Err(e) => Err(e),
+            Ok(false) => Ok(None),
+            Ok(true) => parse_record(kind, &body),
+        };
+        self.scratch = body;
+        parsed
+    }
+
+    /// Fills `buf` from the decompressed stream. An error of the underlying reader is returned;
+    /// zstd failing (a cut or damaged frame) ends the stream as truncated instead.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<Fill, FormatError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.src.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if self.src.get_ref().get_ref().get_ref().failed {
+                        return Err(e.into());
+                    }
+                    // zstd could not go on: a file cut inside a frame, or damaged bytes.
+                    self.damage = Some(e.to_string());
+                    self.ended = true;
+                    self.cut = true;
+                    return Ok(Fill::Partial);
+                }
+            }
+        }
+        Ok(if got == buf.len() {
+            Fill::Full
+        } else if got == 0 {
+            Fill::Empty
+        } else {
+            Fill::Partial
+        })
+    }
+}
+
+fn data_prefix(body: &[u8]) -> Result<(u64, u32, Direction), FormatError> {
+    let ts_us = be_u64(&body[0..8]);
+    let channel = be_u32(&body[8..12]);
+    let direction = direction_from_u8(body[12])?;
+    Ok((ts_us, channel, direction))
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_be_bytes(a)
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Parses a complete non-DATA-payload record; `None` for skipped optional kinds.
+fn parse_record(kind: u8, body: &[u8]) -> Result<Option<Record>, FormatError> {
+    let short = || FormatError::Malformed(format!("record of kind {kind:#04x} too short"));
+    match kind {
+        KIND_DATA => {
+            if body.len() < DATA_PREFIX {
+                return Err(short());
+            }
+            let (ts_us, channel, direction) = data_prefix(body)?;
+            Ok(Some(Record::Data {
+                ts_us,
+                channel,
+                direction,
+                data: Bytes::new(),
+            }))
+        }
+        KIND_RESIZE => {
+            if body.len() != 20 {
+                return Err(FormatError::Malformed("resize record of wrong size".into()));
+            }
+            Ok(Some(Record::Resize {
+                ts_us: be_u64(&body[0..8]),
+                channel: be_u32(&body[8..12]),
+                cols: be_u32(&body[12..16]),
+                rows: be_u32(&body[16..20]),
+            }))
+        }
+        KIND_CLOSE => {
+            if body.len() < 8 {
+                return Err(short());
+            }
+            let summary = serde_json::from_slice(&body[8..])
+                .map_err(|e| FormatError::Malformed(format!("close summary: {e}")))?;
+            Ok(Some(Record::Close {
+                ts_us: be_u64(&body[0..8]),
+                summary,
+            }))
+        }
+        KIND_HEADER => Err(FormatError::Malformed("second header record".into())),
+        k if k >= FIRST_OPTIONAL_KIND => Ok(None),
+        k => Err(FormatError::Malformed(format!(
+            "unknown record kind {k:#04x}"
+        ))),
+    }
+}
+
+/// A recording on disk, as [`list`] and [`info`] describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingInfo {
+    /// Recording id: the file name without its extension.
+    pub id: String,
+    /// What the recording is of.
+    pub meta: RecordingMeta,
+    /// How the session ended; `None` while it runs or when the recorder died.
+    pub summary: Option<CloseSummary>,
+    /// Time from the session start to its last record, in milliseconds.
+    pub duration_ms: u64,
+    /// Size of the file (compressed).
+    pub size_bytes: u64,
+    /// Where the file is.
+    pub path: PathBuf,
+}
+
+/// Whether `id` is a valid recording id: `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The path of recording `id` in `dir`. Rejects ids that are not `[A-Za-z0-9_-]{1,64}`, so an
+/// id can never point outside `dir`.
+pub fn path_for(dir: &Path, id: &str) -> Result<PathBuf, FormatError> {
+    if !valid_id(id) {
+        return Err(FormatError::Malformed(format!(
+            "invalid recording id {id:?} (expected 1 to 64 of A-Z a-z 0-9 _ -)"
+        )));
+    }
+    Ok(dir.join(format!("{id}.{EXTENSION}")))
+}
+
+/// Reads a whole recording file and describes it.
+pub fn info(path: &Path) -> Result<RecordingInfo, FormatError> {
+    let file = File::open(path)?;
+    let size_bytes = file.metadata()?.len();
+    let id = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let mut reader = RecordingReader::open(file)?;
+    let mut summary = None;
+    let mut last_ts = 0u64;
+    while let Some(rec) = reader.next_inner(false)? {
+        last_ts = last_ts.max(rec.ts_us());
+        if let Record::Close { summary: s, .. } = rec {
+            summary = Some(s);
+        }
+    }
+    Ok(RecordingInfo {
+        id,
+        meta: reader.meta,
+        summary,
+        duration_ms: last_ts / 1000,
+        size_bytes,
+        path: path.to_path_buf(),
+    })
+}
+
+/// What [`scan`] found in a folder of recordings.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The recordings that could be read, sorted by start time (then id).
+    pub recordings: Vec<RecordingInfo>,
+    /// The `*.psmrec` files that could not be read, with why.
+    pub unreadable: Vec<(PathBuf, FormatError)>,
+}
+
+/// Every `*.psmrec` in `dir`, read or not. A missing `dir` is empty.
+pub fn scan(dir: &Path) -> Result<Listing, FormatError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut found = Vec::new();
+    let mut failed = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(EXTENSION) || !path.is_file() {
+            continue;
+        }
+        match info(&path) {
+            Ok(i) => found.push(i),
+            Err(e) => failed.push((path, e)),
+        }
+    }
+    found.sort_by(|a, b| (a.meta.start_ms, &a.id).cmp(&(b.meta.start_ms, &b.id)));
+    Ok(Listing {
+        recordings: found,
+        unreadable: failed,
+    })
+}
+
+/// Every `*.psmrec` in `dir`, sorted by `meta.start_ms`. A missing `dir` is an empty list;
+/// files that cannot be read are skipped (see [`scan`] for their errors).
+pub fn list(dir: &Path) -> Result<Vec<RecordingInfo>, FormatError> {
+    Ok(scan(dir)?.recordings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> RecordingMeta {
+        RecordingMeta {
+            recording_id: "rec-1".into(),
+            session_id: "s1".into(),
+            user: "alice".into(),
+            target: "db1".into(),
+            account: "root".into(),
+            source: "10.0.0.1:5555".into(),
+            start_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn records() -> Vec<Record> {
+        vec![
+            Record::Resize {
+                ts_us: 1,
+                channel: 0,
+                cols: 120,
+                rows: 40,
+            },
+            Record::Data {
+                ts_us: 10,
+                channel: 0,
+                direction: Direction::Output,
+                data: Bytes::from_static(b"hello\r\n\x00\xff"),
+            },
+            Record::Data {
+                ts_us: 11,
+                channel: 0,
+                direction: Direction::Input,
+                data: Bytes::new(),
+            },
+            Record::Data {
+                ts_us: 12,
+                channel: 3,
+                direction: Direction::Error,
+                data: Bytes::from(vec![7u8; 300_000]),
+            },
+            Record::Close {
+                ts_us: 99,
+                summary: CloseSummary {
+                    end_ms: 1_700_000_000_100,
+                    exit_status: Some(3),
+                    exit_signal: Some("TERM".into()),
+                    reason: "client closed".into(),
+                },
+            },
+        ]
+    }
+
+    fn write_all(recs: &[Record]) -> Vec<u8> {
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        for r in recs {
+            w.write(r).expect("write");
+        }
+        w.finish().expect("finish")
+    }
+
+    fn read_all(bytes: &[u8]) -> (Vec<Record>, bool) {
+        let mut r = RecordingReader::open(bytes).expect("open");
+        let mut out = Vec::new();
+        while let Some(rec) = r.next_record().expect("record") {
+            out.push(rec);
+        }
+        (out, r.truncated())
+    }
+
+    #[test]
+    fn round_trip_all_record_kinds() {
+        let bytes = write_all(&records());
+        assert!(bytes.starts_with(MAGIC));
+        let r = RecordingReader::open(&bytes[..]).expect("open");
+        assert_eq!(r.meta(), &meta());
+        assert_eq!(r.version(), FORMAT_VERSION);
+        let (got, truncated) = read_all(&bytes);
+        assert_eq!(got, records());
+        assert!(!truncated);
+    }
+
+    #[test]
+    fn no_close_is_truncated() {
+        let recs = &records()[..2];
+        let (got, truncated) = read_all(&write_all(recs));
+        assert_eq!(got, recs);
+        assert!(truncated);
+    }
+
+    #[test]
+    fn cut_after_flush_keeps_what_was_flushed() {
+        let recs = records();
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        for r in &recs[..3] {
+            w.write(r).expect("write");
+        }
+        w.flush().expect("flush");
+        let flushed = w.get_ref().len();
+        assert_eq!(w.pending_bytes(), 0);
+        for r in &recs[3..] {
+            w.write(r).expect("write");
+        }
+        let full = w.finish().expect("finish");
+        // exactly at the flush point
+        let (got, truncated) = read_all(&full[..flushed]);
+        assert_eq!(got, &recs[..3]);
+        assert!(truncated);
+        // anywhere after it: a prefix of the records at least as long, never an error
+        for cut in (flushed..full.len()).step_by(97) {
+            let (got, truncated) = read_all(&full[..cut]);
+            assert!(got.len() >= 3 && got.len() < recs.len(), "cut {cut}");
+            assert_eq!(got, &recs[..got.len()]);
+            assert!(truncated);
+        }
+    }
+
+    #[test]
+    fn cut_inside_the_first_frame_fails_only_without_header() {
+        let bytes = write_all(&records());
+        assert!(RecordingReader::open(&bytes[..4]).is_err());
+        assert!(RecordingReader::open(&bytes[..MAGIC.len() + 3]).is_err());
+        assert!(RecordingReader::open(&b"PSMREC2\nxxxx"[..]).is_err());
+    }
+
+    #[test]
+    fn header_alone_after_flush_is_readable() {
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        w.flush().expect("flush");
+        let bytes = w.get_ref().clone();
+        let mut r = RecordingReader::open(&bytes[..]).expect("open");
+        assert_eq!(r.meta().user, "alice");
+        assert!(r.next_record().expect("none").is_none());
+        assert!(r.truncated());
+    }
+
+    #[test]
+    fn several_flushes_make_several_frames() {
+        let recs = records();
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        for r in &recs {
+            w.write(r).expect("write");
+            w.flush().expect("flush");
+            w.flush().expect("second flush is a no-op");
+        }
+        let bytes = w.finish().expect("finish");
+        let (got, truncated) = read_all(&bytes);
+        assert_eq!(got, recs);
+        assert!(!truncated);
+    }
+
+    #[test]
+    fn optional_unknown_kinds_are_skipped_and_others_rejected() {
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        w.compress(&[0x80, 0, 0, 0, 2, 9, 9]).expect("raw");
+        w.write(&records()[0]).expect("write");
+        w.compress(&[0x05, 0, 0, 0, 0]).expect("raw");
+        let bytes = w.finish().expect("finish");
+        let mut r = RecordingReader::open(&bytes[..]).expect("open");
+        assert_eq!(r.next_record().expect("resize"), Some(records()[0].clone()));
+        assert!(r.next_record().is_err());
+        assert!(r.next_record().expect("ended").is_none());
+    }
+
+    #[test]
+    fn path_for_rejects_bad_ids() {
+        let dir = Path::new("/data/recordings");
+        assert_eq!(
+            path_for(dir, "ab_C-9").expect("ok"),
+            PathBuf::from("/data/recordings/ab_C-9.psmrec")
+        );
+        for bad in ["../x", "", "a/b", "a.b", "..", "é", &"x".repeat(65)] {
+            assert!(path_for(dir, bad).is_err(), "{bad:?}");
+        }
+        assert!(path_for(dir, &"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn list_sorts_skips_and_tolerates_missing_dir() {
+        let tmp = std::env::temp_dir().join(format!("psmrec-list-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        assert!(list(&tmp).expect("missing").is_empty());
+        fs::create_dir_all(&tmp).expect("mkdir");
+        let mut later = meta();
+        later.start_ms += 5;
+        later.recording_id = "b".into();
+        let mut w = RecordingWriter::new(Vec::new(), &later).expect("new");
+        w.write(&records()[1]).expect("write");
+        fs::write(tmp.join("b.psmrec"), w.finish().expect("finish")).expect("b");
+        fs::write(tmp.join("a.psmrec"), write_all(&records())).expect("a");
+        fs::write(tmp.join("junk.psmrec"), b"nope").expect("junk");
+        fs::write(tmp.join("other.txt"), b"nope").expect("other");
+        let Listing {
+            recordings: found,
+            unreadable: failed,
+        } = scan(&tmp).expect("list");
+        let _ = fs::remove_dir_all(&tmp);
+        assert_eq!(
+            found.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(failed.len(), 1);
+        let a = &found[0];
+        assert_eq!(
+            a.summary.as_ref().map(|s| s.reason.as_str()),
+            Some("client closed")
+        );
+        assert_eq!(a.duration_ms, 0);
+        assert!(a.size_bytes > MAGIC.len() as u64);
+        assert!(found[1].summary.is_none());
+    }
+
+    #[test]
+    #[ignore = "throughput check: cargo test -p psm-recorder-format -- --ignored --nocapture"]
+    fn throughput_random_256_mib() {
+        // xorshift: incompressible for zstd
+        let total = 256 * 1024 * 1024;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut all = vec![0u8; total];
+        for b in all.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        let all = Bytes::from(all);
+        let mut w = RecordingWriter::new(io::sink(), &meta()).expect("new");
+        let started = std::time::Instant::now();
+        let chunk = 32 * 1024;
+        for (i, at) in (0..total).step_by(chunk).enumerate() {
+            w.write(&Record::Data {
+                ts_us: i as u64 * 10,
+                channel: 0,
+                direction: Direction::Output,
+                data: all.slice(at..at + chunk),
+            })
+            .expect("write");
+            if w.pending_bytes() >= 4 << 20 {
+                w.flush().expect("flush");
+            }
+        }
+        w.finish().expect("finish");
+        let secs = started.elapsed().as_secs_f64();
+        println!("write: {:.0} MB/s", total as f64 / secs / 1e6);
+    }
+}

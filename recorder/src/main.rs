@@ -1,0 +1,43 @@
+//! `psm-recorder --data-dir DIR`: writes session recordings sent by relays (see the library).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// The psm session recorder: receives frames from relays on `recorder.sock` and writes
+/// `recordings/<id>.psmrec`.
+#[derive(Parser)]
+#[command(name = "psm-recorder", version)]
+struct Args {
+    /// Data directory [env: PSM_DATA_DIR] [default: ./psm-data]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let data_dir = args
+        .data_dir
+        .or_else(|| {
+            std::env::var_os("PSM_DATA_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("./psm-data"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime
+        .block_on(psm_recorder::run(data_dir.clone()))
+        .with_context(|| format!("recorder on {}", data_dir.display()))?;
+    Ok(())
+}

@@ -1,0 +1,584 @@
+//! The recorder daemon in-process: relays connect to its socket and send frames; the
+//! recordings it writes are read back with the file format's reader.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use psm_recorder::{RecorderError, RECORDER_SOCKET, RECORDINGS_DIR};
+use psm_recorder_format::file::{self, Record, RecordingReader};
+use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta};
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), RecorderError>>>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().to_path_buf();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(psm_recorder::run_until(data_dir, async {
+                let _ = rx.await;
+            }))
+        });
+        let daemon = Daemon {
+            dir,
+            stop: Some(tx),
+            thread: Some(thread),
+        };
+        wait_for("socket", || UnixStream::connect(daemon.socket()).is_ok());
+        daemon
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join(RECORDER_SOCKET)
+    }
+
+    fn recordings(&self) -> PathBuf {
+        self.dir.path().join(RECORDINGS_DIR)
+    }
+
+    fn connect(&self) -> UnixStream {
+        UnixStream::connect(self.socket()).expect("connect")
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("recorder thread").expect("recorder result");
+        }
+        assert!(!self.socket().exists(), "socket removed at shutdown");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn meta(id: &str) -> RecordingMeta {
+    RecordingMeta {
+        recording_id: id.into(),
+        session_id: format!("session-{id}"),
+        user: "alice".into(),
+        target: "db1".into(),
+        account: "root".into(),
+        source: "192.0.2.7:40000".into(),
+        start_ms: 1_700_000_000_000,
+    }
+}
+
+fn send(conn: &mut UnixStream, frames: &[Frame]) {
+    let mut buf = Vec::new();
+    for f in frames {
+        f.encode(&mut buf);
+    }
+    conn.write_all(&buf).expect("send");
+}
+
+/// Pseudo-random, incompressible bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct ReadBack {
+    meta: RecordingMeta,
+    records: Vec<Record>,
+    truncated: bool,
+}
+
+impl ReadBack {
+    fn output(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in &self.records {
+            if let Record::Data {
+                direction: Direction::Output,
+                data,
+                ..
+            } = r
+            {
+                out.extend_from_slice(data);
+            }
+        }
+        out
+    }
+
+    fn summary(&self) -> Option<&CloseSummary> {
+        self.records.iter().find_map(|r| match r {
+            Record::Close { summary, .. } => Some(summary),
+            _ => None,
+        })
+    }
+}
+
+fn read_back(path: &Path) -> ReadBack {
+    let mut reader = RecordingReader::open(std::fs::File::open(path).expect("file")).expect("open");
+    let mut records = Vec::new();
+    while let Some(r) = reader.next_record().expect("record") {
+        records.push(r);
+    }
+    ReadBack {
+        meta: reader.meta().clone(),
+        records,
+        truncated: reader.truncated(),
+    }
+}
+
+/// Waits until the recording `id` has its CLOSE record, and reads it.
+fn closed(daemon: &Daemon, id: &str) -> ReadBack {
+    let path = file::path_for(&daemon.recordings(), id).expect("path");
+    wait_for(id, || {
+        path.exists()
+            && file::info(&path)
+                .map(|i| i.summary.is_some())
+                .unwrap_or(false)
+    });
+    read_back(&path)
+}
+
+fn data(stream: u64, ts_us: u64, bytes: &[u8]) -> Frame {
+    Frame::Data {
+        stream,
+        ts_us,
+        channel: 0,
+        direction: Direction::Output,
+        data: Bytes::copy_from_slice(bytes),
+    }
+}
+
+#[test]
+fn two_interleaved_streams_are_recorded() {
+    let mut daemon = Daemon::start();
+    let mut conn = daemon.connect();
+    let one = noise(1, 3 * 1024 * 1024 + 17);
+    let two = noise(2, 1024 * 1024 + 5);
+    send(
+        &mut conn,
+        &[
+            Frame::Open {
+                stream: 1,
+                meta: meta("one"),
+            },
+            Frame::Open {
+                stream: 2,
+                meta: meta("two"),
+            },
+            Frame::Resize {
+                stream: 1,
+                ts_us: 1,
+                channel: 0,
+                cols: 132,
+                rows: 43,
+            },
+        ],
+    );
+    let chunks_one: Vec<_> = one.chunks(32 * 1024).collect();
+    let chunks_two: Vec<_> = two.chunks(7 * 1024).collect();
+    for i in 0..chunks_one.len().max(chunks_two.len()) {
+        let mut frames = Vec::new();
+        if let Some(c) = chunks_one.get(i) {
+            frames.push(data(1, 10 + i as u64, c));
+        }
+        if let Some(c) = chunks_two.get(i) {
+            frames.push(data(2, 10 + i as u64, c));
+            frames.push(Frame::Data {
+                stream: 2,
+                ts_us: 10 + i as u64,
+                channel: 0,
+                direction: Direction::Input,
+                data: Bytes::from_static(b"k"),
+            });
+        }
+        send(&mut conn, &frames);
+    }
+    let summary = |reason: &str, status| CloseSummary {
+        end_ms: 1_700_000_009_000,
+        exit_status: status,
+        exit_signal: None,
+        reason: reason.into(),
+    };
+    send(
+        &mut conn,
+        &[
+            Frame::Close {
+                stream: 2,
+                ts_us: 5_000,
+                summary: summary("client closed", Some(0)),
+            },
+            Frame::Close {
+                stream: 1,
+                ts_us: 9_000,
+                summary: summary("target closed", Some(2)),
+            },
+        ],
+    );
+
+    let r1 = closed(&daemon, "one");
+    assert_eq!(r1.meta, meta("one"));
+    assert!(!r1.truncated);
+    assert_eq!(r1.output(), one);
+    assert_eq!(
+        r1.records[0],
+        Record::Resize {
+            ts_us: 1,
+            channel: 0,
+            cols: 132,
+            rows: 43
+        }
+    );
+    assert_eq!(r1.summary(), Some(&summary("target closed", Some(2))));
+
+    let r2 = closed(&daemon, "two");
+    assert_eq!(r2.meta, meta("two"));
+    assert!(!r2.truncated);
+    assert_eq!(r2.output(), two);
+    let inputs = r2
+        .records
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Record::Data {
+                    direction: Direction::Input,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(inputs, chunks_two.len());
+    assert_eq!(r2.summary(), Some(&summary("client closed", Some(0))));
+    assert!(matches!(
+        r2.records.last(),
+        Some(Record::Close { ts_us: 5_000, .. })
+    ));
+
+    // modes and listing
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&daemon.recordings()), 0o700);
+    assert_eq!(mode(&daemon.socket()), 0o600);
+    let listed = file::list(&daemon.recordings()).expect("list");
+    assert_eq!(listed.len(), 2);
+    for info in &listed {
+        assert_eq!(mode(&info.path), 0o600);
+    }
+    daemon.stop();
+}
+
+#[test]
+fn dropped_connection_closes_its_streams() {
+    let mut daemon = Daemon::start();
+    let mut conn = daemon.connect();
+    let bytes = noise(3, 100_000);
+    send(
+        &mut conn,
+        &[
+            Frame::Open {
+                stream: 9,
+                meta: meta("lost"),
+            },
+            data(9, 1_000, &bytes),
+        ],
+    );
+    // half a frame, then the relay dies
+    let mut partial = Vec::new();
+    data(9, 2_000, b"never complete").encode(&mut partial);
+    conn.write_all(&partial[..10]).expect("partial");
+    drop(conn);
+
+    let r = closed(&daemon, "lost");
+    assert!(!r.truncated);
+    assert_eq!(r.output(), bytes);
+    let s = r.summary().expect("summary");
+    assert_eq!(s.reason, psm_recorder::REASON_LINK_LOST);
+    assert_eq!(s.exit_status, None);
+    daemon.stop();
+}
+
+#[test]
+fn malformed_frame_drops_only_its_connection() {
+    let mut daemon = Daemon::start();
+    let mut other = daemon.connect();
+    send(
+        &mut other,
+        &[Frame::Open {
+            stream: 1,
+            meta: meta("bystander"),
+        }],
+    );
+
+    let mut bad = daemon.connect();
+    send(
+        &mut bad,
+        &[
+            Frame::Open {
+                stream: 1,
+                meta: meta("victim"),
+            },
+            data(1, 5, b"before"),
+        ],
+    );
+    bad.write_all(&[0, 0, 0, 1, 99]).expect("garbage");
+    bad.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut sink = [0u8; 16];
+    assert_eq!(bad.read(&mut sink).unwrap_or(0), 0, "recorder hung up");
+    let victim = closed(&daemon, "victim");
+    assert_eq!(victim.output(), b"before");
+    assert_eq!(
+        victim.summary().map(|s| s.reason.as_str()),
+        Some(psm_recorder::REASON_LINK_LOST)
+    );
+
+    // the other connection still works, and so do new ones
+    send(
+        &mut other,
+        &[
+            data(1, 6, b"still here"),
+            Frame::Close {
+                stream: 1,
+                ts_us: 7,
+                summary: CloseSummary {
+                    reason: "done".into(),
+                    ..Default::default()
+                },
+            },
+        ],
+    );
+    assert_eq!(closed(&daemon, "bystander").output(), b"still here");
+    let mut fresh = daemon.connect();
+    send(
+        &mut fresh,
+        &[
+            Frame::Open {
+                stream: 1,
+                meta: meta("fresh"),
+            },
+            data(1, 1, b"ok"),
+            Frame::Close {
+                stream: 1,
+                ts_us: 2,
+                summary: CloseSummary::default(),
+            },
+        ],
+    );
+    assert_eq!(closed(&daemon, "fresh").output(), b"ok");
+    daemon.stop();
+}
+
+#[test]
+fn existing_recording_is_not_overwritten() {
+    let mut daemon = Daemon::start();
+    let path = file::path_for(&daemon.recordings(), "taken").expect("path");
+    std::fs::write(&path, b"precious").expect("write");
+    let mut conn = daemon.connect();
+    send(
+        &mut conn,
+        &[
+            Frame::Open {
+                stream: 1,
+                meta: meta("taken"),
+            },
+            data(1, 1, b"x"),
+            Frame::Close {
+                stream: 1,
+                ts_us: 2,
+                summary: CloseSummary::default(),
+            },
+            Frame::Open {
+                stream: 2,
+                meta: meta("after"),
+            },
+            Frame::Close {
+                stream: 2,
+                ts_us: 2,
+                summary: CloseSummary::default(),
+            },
+        ],
+    );
+    closed(&daemon, "after");
+    assert_eq!(std::fs::read(&path).expect("read"), b"precious");
+    // an id that is not a file name is refused too
+    send(
+        &mut conn,
+        &[
+            Frame::Open {
+                stream: 3,
+                meta: meta("../escape"),
+            },
+            data(3, 1, b"x"),
+            Frame::Close {
+                stream: 3,
+                ts_us: 2,
+                summary: CloseSummary::default(),
+            },
+            Frame::Open {
+                stream: 4,
+                meta: meta("last"),
+            },
+            Frame::Close {
+                stream: 4,
+                ts_us: 2,
+                summary: CloseSummary::default(),
+            },
+        ],
+    );
+    closed(&daemon, "last");
+    assert!(!daemon.dir.path().join("escape.psmrec").exists());
+    assert_eq!(file::list(&daemon.recordings()).expect("list").len(), 2);
+    drop(conn);
+    daemon.stop();
+}
+
+#[test]
+fn open_recordings_are_flushed_and_finished_at_shutdown() {
+    let mut daemon = Daemon::start();
+    let mut conn = daemon.connect();
+    let bytes = noise(4, 50_000);
+    send(
+        &mut conn,
+        &[
+            Frame::Open {
+                stream: 1,
+                meta: meta("running"),
+            },
+            data(1, 1, &bytes),
+        ],
+    );
+    // within about a second the data is readable from the file, the recording still open
+    let path = file::path_for(&daemon.recordings(), "running").expect("path");
+    wait_for("periodic flush", || {
+        path.exists() && {
+            let r = read_back(&path);
+            r.truncated && r.output() == bytes
+        }
+    });
+    daemon.stop();
+    let r = read_back(&path);
+    assert!(!r.truncated);
+    assert_eq!(r.output(), bytes);
+    assert_eq!(
+        r.summary().map(|s| s.reason.as_str()),
+        Some(psm_recorder::REASON_SHUTDOWN)
+    );
+}
+
+#[test]
+fn stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join(RECORDER_SOCKET);
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+    assert!(sock.exists());
+    let data_dir = dir.path().to_path_buf();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(psm_recorder::run_until(data_dir, async {
+            let _ = rx.await;
+        }))
+    });
+    wait_for("socket", || UnixStream::connect(&sock).is_ok());
+    let _ = tx.send(());
+    thread.join().expect("thread").expect("result");
+    assert!(!sock.exists());
+}
+
+#[test]
+#[ignore = "throughput check: cargo test -p psm-recorder --test daemon -- --ignored --nocapture"]
+fn throughput_random_256_mib() {
+    let mut daemon = Daemon::start();
+    let total = 256 * 1024 * 1024;
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut all = vec![0u8; total];
+    for b in all.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes());
+    }
+    let all = Bytes::from(all);
+    let mut conn = daemon.connect();
+    let started = Instant::now();
+    send(
+        &mut conn,
+        &[Frame::Open {
+            stream: 1,
+            meta: meta("bulk"),
+        }],
+    );
+    let mut buf = Vec::with_capacity(1 << 20);
+    for (i, at) in (0..total).step_by(32 * 1024).enumerate() {
+        Frame::Data {
+            stream: 1,
+            ts_us: i as u64,
+            channel: 0,
+            direction: Direction::Output,
+            data: all.slice(at..at + 32 * 1024),
+        }
+        .encode(&mut buf);
+        if buf.len() >= 1 << 20 {
+            conn.write_all(&buf).expect("send");
+            buf.clear();
+        }
+    }
+    Frame::Close {
+        stream: 1,
+        ts_us: u64::MAX / 2,
+        summary: CloseSummary::default(),
+    }
+    .encode(&mut buf);
+    conn.write_all(&buf).expect("send");
+    conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    // the recorder hangs up once it has handled (and fsynced) everything
+    let mut sink = [0u8; 1];
+    let _ = conn.read(&mut sink);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "recorded {} MiB in {secs:.2} s: {:.0} MB/s",
+        total >> 20,
+        total as f64 / secs / 1e6
+    );
+    let r = read_back(&file::path_for(&daemon.recordings(), "bulk").expect("path"));
+    assert!(!r.truncated);
+    assert_eq!(r.output().len(), total);
+    assert!(r.output() == all[..]);
+    daemon.stop();
+}
