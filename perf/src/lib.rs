@@ -1,1 +1,654 @@
-//! placeholder
+//! psm-perf: the operator's performance tool for a psm gateway.
+//!
+//! This is the start of that tool. What it does now: `psm-perf check` reads the host's tuning
+//! (io_uring availability, the open-files limit, the listen backlog cap, the ephemeral port range,
+//! the number of CPUs, transparent hugepages, socket buffer caps) and prints one OK or WARN line
+//! per item, with the fix for each warning, as text or JSON ([`run_checks`], [`render_text`],
+//! [`render_json`]).
+//!
+//! What it does not do (yet): generate load against a running gateway or show live relay
+//! statistics; those come later. It never changes a setting: it only reads and advises.
+#![warn(missing_docs)]
+
+use std::fmt::Write as _;
+use std::io;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Below this soft `RLIMIT_NOFILE` a busy gateway runs out of descriptors (each session holds a
+/// client socket, a target socket and its share of the recorder's).
+pub const MIN_NOFILE: u64 = 65_536;
+/// Below this `net.core.somaxconn` the relay's listen backlog is cut short during connection bursts.
+pub const MIN_SOMAXCONN: u64 = 4_096;
+/// Below this many ephemeral ports, connections from the relay to one target run out early.
+pub const MIN_PORT_RANGE: u64 = 16_384;
+/// Below this `net.core.rmem_max` / `wmem_max` (4 MiB) socket buffers the relay asks for are capped.
+pub const MIN_SOCKET_BUFFER_MAX: u64 = 4 * 1024 * 1024;
+
+/// Proc and sys files the checks read.
+pub mod paths {
+    /// Resource limits of the running process.
+    pub const LIMITS: &str = "/proc/self/limits";
+    /// Listen backlog cap.
+    pub const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
+    /// Ephemeral port range.
+    pub const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    /// Transparent hugepages mode.
+    pub const THP: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+    /// Receive buffer cap.
+    pub const RMEM_MAX: &str = "/proc/sys/net/core/rmem_max";
+    /// Send buffer cap.
+    pub const WMEM_MAX: &str = "/proc/sys/net/core/wmem_max";
+    /// Whether io_uring is disabled system-wide (Linux 6.6 and later).
+    pub const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
+}
+
+/// Outcome of one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Fine for a gateway.
+    Ok,
+    /// Worth fixing before production load.
+    Warn,
+}
+
+impl Status {
+    /// `OK` or `WARN`, as the text output prints it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::Warn => "WARN",
+        }
+    }
+}
+
+/// One line of `psm-perf check`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Check {
+    /// Short stable name (`nofile`, `somaxconn`, …).
+    pub name: &'static str,
+    /// OK or WARN.
+    pub status: Status,
+    /// What was read, as JSON (`null` when it could not be read).
+    pub value: Value,
+    /// One human sentence about the value.
+    pub message: String,
+    /// How to fix a warning, when there is a fix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, value: Value, message: impl Into<String>) -> Self {
+        Check {
+            name,
+            status: Status::Ok,
+            value,
+            message: message.into(),
+            fix: None,
+        }
+    }
+
+    fn warn(
+        name: &'static str,
+        value: Value,
+        message: impl Into<String>,
+        fix: Option<String>,
+    ) -> Self {
+        Check {
+            name,
+            status: Status::Warn,
+            value,
+            message: message.into(),
+            fix,
+        }
+    }
+}
+
+/// What the checks look at; [`RealHost`] is the running machine, tests use a fake.
+pub trait Host {
+    /// Reads a proc or sys file.
+    fn read(&self, path: &str) -> io::Result<String>;
+    /// Tries to set up a small io_uring; the error text when that fails.
+    fn probe_io_uring(&self) -> Result<(), String>;
+    /// CPUs this process may run on.
+    fn cpus(&self) -> Option<usize>;
+}
+
+/// The machine psm-perf runs on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RealHost;
+
+impl Host for RealHost {
+    fn read(&self, path: &str) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+
+    fn probe_io_uring(&self) -> Result<(), String> {
+        io_uring::IoUring::new(8)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn cpus(&self) -> Option<usize> {
+        std::thread::available_parallelism().ok().map(|n| n.get())
+    }
+}
+
+/// A resource limit value from `/proc/self/limits`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// A finite limit.
+    Value(u64),
+    /// `unlimited`.
+    Unlimited,
+}
+
+impl Limit {
+    fn parse(s: &str) -> Option<Self> {
+        if s == "unlimited" {
+            Some(Limit::Unlimited)
+        } else {
+            s.parse().ok().map(Limit::Value)
+        }
+    }
+
+    fn at_least(self, min: u64) -> bool {
+        match self {
+            Limit::Value(v) => v >= min,
+            Limit::Unlimited => true,
+        }
+    }
+
+    fn to_json(self) -> Value {
+        match self {
+            Limit::Value(v) => json!(v),
+            Limit::Unlimited => json!("unlimited"),
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Value(v) => write!(f, "{v}"),
+            Limit::Unlimited => f.write_str("unlimited"),
+        }
+    }
+}
+
+/// Soft and hard "Max open files" from the text of `/proc/<pid>/limits`.
+pub fn parse_nofile(limits: &str) -> Option<(Limit, Limit)> {
+    let rest = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    let mut fields = rest.split_whitespace();
+    let soft = Limit::parse(fields.next()?)?;
+    let hard = Limit::parse(fields.next()?)?;
+    Some((soft, hard))
+}
+
+/// A single unsigned number, as most `/proc/sys` files hold.
+pub fn parse_u64(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
+/// `net.ipv4.ip_local_port_range`: the low and high port, high not below low.
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace();
+    let lo: u16 = it.next()?.parse().ok()?;
+    let hi: u16 = it.next()?.parse().ok()?;
+    if it.next().is_some() || hi < lo {
+        return None;
+    }
+    Some((lo, hi))
+}
+
+/// Number of ports in an inclusive range.
+pub fn port_range_width((lo, hi): (u16, u16)) -> u64 {
+    u64::from(hi) - u64::from(lo) + 1
+}
+
+/// The selected mode in a sysfs choice file such as `always [madvise] never`.
+pub fn parse_bracketed_choice(text: &str) -> Option<&str> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+}
+
+fn unreadable(name: &'static str, path: &str, e: &io::Error) -> Check {
+    Check::warn(name, Value::Null, format!("cannot read {path}: {e}"), None)
+}
+
+fn unparsable(name: &'static str, path: &str, text: &str) -> Check {
+    Check::warn(
+        name,
+        Value::Null,
+        format!("cannot make sense of {path}: {:?}", text.trim()),
+        None,
+    )
+}
+
+/// io_uring: the relay's per-core runtimes are built on it.
+pub fn check_io_uring(host: &dyn Host) -> Check {
+    const NAME: &str = "io_uring";
+    match host.probe_io_uring() {
+        Ok(()) => Check::ok(
+            NAME,
+            json!(true),
+            "available (io_uring_setup with 8 entries succeeded)",
+        ),
+        Err(e) => {
+            let disabled = host
+                .read(paths::IO_URING_DISABLED)
+                .ok()
+                .and_then(|t| parse_u64(&t));
+            let why = match disabled {
+                Some(v) if v != 0 => format!(" (kernel.io_uring_disabled = {v})"),
+                _ => String::new(),
+            };
+            Check::warn(
+                NAME,
+                json!(false),
+                format!("io_uring_setup failed: {e}{why}; psm-relay's runtimes need io_uring"),
+                Some(
+                    "use Linux 5.11 or later, set sysctl kernel.io_uring_disabled=0, and allow \
+                     io_uring in the container's seccomp profile"
+                        .into(),
+                ),
+            )
+        }
+    }
+}
+
+/// `RLIMIT_NOFILE` of this process, as the shell that runs `psm up` would pass it on.
+pub fn check_nofile(host: &dyn Host) -> Check {
+    const NAME: &str = "nofile";
+    let text = match host.read(paths::LIMITS) {
+        Ok(t) => t,
+        Err(e) => return unreadable(NAME, paths::LIMITS, &e),
+    };
+    let Some((soft, hard)) = parse_nofile(&text) else {
+        return unparsable(NAME, paths::LIMITS, "no \"Max open files\" line");
+    };
+    let value = json!({ "soft": soft.to_json(), "hard": hard.to_json() });
+    if soft.at_least(MIN_NOFILE) {
+        Check::ok(NAME, value, format!("open files: soft {soft}, hard {hard}"))
+    } else {
+        let fix = if hard.at_least(MIN_NOFILE) {
+            format!(
+                "run `ulimit -n {MIN_NOFILE}` before psm up (or LimitNOFILE={MIN_NOFILE} in its \
+                 systemd unit)"
+            )
+        } else {
+            format!(
+                "raise the hard limit too: `nofile {MIN_NOFILE}` in /etc/security/limits.conf \
+                 or LimitNOFILE={MIN_NOFILE} in the systemd unit"
+            )
+        };
+        Check::warn(
+            NAME,
+            value,
+            format!(
+                "open files: soft {soft}, hard {hard}; below {MIN_NOFILE}, every session holds \
+                 several descriptors"
+            ),
+            Some(fix),
+        )
+    }
+}
+
+/// `net.core.somaxconn`: caps the relay's listen backlog.
+pub fn check_somaxconn(host: &dyn Host) -> Check {
+    const NAME: &str = "somaxconn";
+    let text = match host.read(paths::SOMAXCONN) {
+        Ok(t) => t,
+        Err(e) => return unreadable(NAME, paths::SOMAXCONN, &e),
+    };
+    let Some(v) = parse_u64(&text) else {
+        return unparsable(NAME, paths::SOMAXCONN, &text);
+    };
+    if v >= MIN_SOMAXCONN {
+        Check::ok(NAME, json!(v), format!("net.core.somaxconn = {v}"))
+    } else {
+        Check::warn(
+            NAME,
+            json!(v),
+            format!(
+                "net.core.somaxconn = {v}; below {MIN_SOMAXCONN}, bursts of new connections are \
+                 dropped"
+            ),
+            Some(format!("sysctl -w net.core.somaxconn={MIN_SOMAXCONN}")),
+        )
+    }
+}
+
+/// `net.ipv4.ip_local_port_range`: ports for the relay's connections to targets.
+pub fn check_port_range(host: &dyn Host) -> Check {
+    const NAME: &str = "ip_local_port_range";
+    let text = match host.read(paths::PORT_RANGE) {
+        Ok(t) => t,
+        Err(e) => return unreadable(NAME, paths::PORT_RANGE, &e),
+    };
+    let Some(range) = parse_port_range(&text) else {
+        return unparsable(NAME, paths::PORT_RANGE, &text);
+    };
+    let width = port_range_width(range);
+    let value = json!({ "low": range.0, "high": range.1, "width": width });
+    let msg = format!(
+        "net.ipv4.ip_local_port_range = {} {} ({width} ports)",
+        range.0, range.1
+    );
+    if width >= MIN_PORT_RANGE {
+        Check::ok(NAME, value, msg)
+    } else {
+        Check::warn(
+            NAME,
+            value,
+            format!("{msg}; below {MIN_PORT_RANGE}, sessions to one target run out of ports"),
+            Some("sysctl -w net.ipv4.ip_local_port_range=\"10240 65535\"".into()),
+        )
+    }
+}
+
+/// CPUs: the relay runs one worker per core.
+pub fn check_cpus(host: &dyn Host) -> Check {
+    const NAME: &str = "cpus";
+    match host.cpus() {
+        Some(n) => Check::ok(
+            NAME,
+            json!(n),
+            format!("{n} CPUs: run one relay worker per core (psm up --workers {n}, the default)"),
+        ),
+        None => Check::warn(
+            NAME,
+            Value::Null,
+            "cannot tell how many CPUs this process may use; pass psm up --workers explicitly",
+            None,
+        ),
+    }
+}
+
+/// Transparent hugepages: `always` brings compaction stalls to a latency-sensitive proxy.
+pub fn check_thp(host: &dyn Host) -> Check {
+    const NAME: &str = "transparent_hugepage";
+    let text = match host.read(paths::THP) {
+        Ok(t) => t,
+        Err(e) => return unreadable(NAME, paths::THP, &e),
+    };
+    let Some(mode) = parse_bracketed_choice(&text) else {
+        return unparsable(NAME, paths::THP, &text);
+    };
+    let msg = format!("transparent hugepages: {mode}");
+    if mode == "always" {
+        Check::warn(
+            NAME,
+            json!(mode),
+            format!("{msg}; khugepaged compaction can stall the relay's workers"),
+            Some(format!("echo madvise > {}", paths::THP)),
+        )
+    } else {
+        Check::ok(NAME, json!(mode), msg)
+    }
+}
+
+fn check_buffer_max(host: &dyn Host, name: &'static str, sysctl: &str, path: &str) -> Check {
+    let text = match host.read(path) {
+        Ok(t) => t,
+        Err(e) => return unreadable(name, path, &e),
+    };
+    let Some(v) = parse_u64(&text) else {
+        return unparsable(name, path, &text);
+    };
+    if v >= MIN_SOCKET_BUFFER_MAX {
+        Check::ok(name, json!(v), format!("{sysctl} = {v}"))
+    } else {
+        Check::warn(
+            name,
+            json!(v),
+            format!(
+                "{sysctl} = {v}; below {MIN_SOCKET_BUFFER_MAX}, socket buffers set by the relay \
+                 are capped (bulk scp/sftp throughput suffers)"
+            ),
+            Some(format!("sysctl -w {sysctl}={}", 4 * MIN_SOCKET_BUFFER_MAX)),
+        )
+    }
+}
+
+/// `net.core.rmem_max`.
+pub fn check_rmem_max(host: &dyn Host) -> Check {
+    check_buffer_max(host, "rmem_max", "net.core.rmem_max", paths::RMEM_MAX)
+}
+
+/// `net.core.wmem_max`.
+pub fn check_wmem_max(host: &dyn Host) -> Check {
+    check_buffer_max(host, "wmem_max", "net.core.wmem_max", paths::WMEM_MAX)
+}
+
+/// Every check, in the order `psm-perf check` prints them.
+pub fn run_checks(host: &dyn Host) -> Vec<Check> {
+    vec![
+        check_io_uring(host),
+        check_nofile(host),
+        check_somaxconn(host),
+        check_port_range(host),
+        check_cpus(host),
+        check_thp(host),
+        check_rmem_max(host),
+        check_wmem_max(host),
+    ]
+}
+
+/// Number of warnings among `checks`.
+pub fn warnings(checks: &[Check]) -> usize {
+    checks.iter().filter(|c| c.status == Status::Warn).count()
+}
+
+/// The text report: one `OK`/`WARN` line per check, the fix indented below a warning, and a
+/// summary line.
+pub fn render_text(checks: &[Check]) -> String {
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for c in checks {
+        let _ = writeln!(
+            out,
+            "{:<4}  {:<width$}  {}",
+            c.status.label(),
+            c.name,
+            c.message
+        );
+        if let Some(fix) = &c.fix {
+            let _ = writeln!(out, "{:<4}  {:<width$}  fix: {fix}", "", "");
+        }
+    }
+    let warn = warnings(checks);
+    let _ = writeln!(
+        out,
+        "psm-perf check: {} OK, {warn} WARN",
+        checks.len() - warn
+    );
+    out
+}
+
+/// The JSON report: `{"checks": [...], "ok": N, "warn": N}`.
+pub fn render_json(checks: &[Check]) -> Value {
+    let warn = warnings(checks);
+    json!({
+        "checks": checks,
+        "ok": checks.len() - warn,
+        "warn": warn,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const LIMITS: &str = "\
+Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max open files            1024                 1048576              files
+Max locked memory         8388608              8388608              bytes
+";
+
+    struct Fake {
+        files: HashMap<&'static str, &'static str>,
+        uring: Result<(), String>,
+        cpus: Option<usize>,
+    }
+
+    impl Host for Fake {
+        fn read(&self, path: &str) -> io::Result<String> {
+            self.files
+                .get(path)
+                .map(|s| s.to_string())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        }
+        fn probe_io_uring(&self) -> Result<(), String> {
+            self.uring.clone()
+        }
+        fn cpus(&self) -> Option<usize> {
+            self.cpus
+        }
+    }
+
+    fn tuned() -> Fake {
+        Fake {
+            files: HashMap::from([
+                (paths::LIMITS, "Max open files  1048576  1048576  files\n"),
+                (paths::SOMAXCONN, "4096\n"),
+                (paths::PORT_RANGE, "10240\t65535\n"),
+                (paths::THP, "always [madvise] never\n"),
+                (paths::RMEM_MAX, "16777216\n"),
+                (paths::WMEM_MAX, "16777216\n"),
+            ]),
+            uring: Ok(()),
+            cpus: Some(8),
+        }
+    }
+
+    #[test]
+    fn nofile_parsed_from_proc_limits() {
+        assert_eq!(
+            parse_nofile(LIMITS),
+            Some((Limit::Value(1024), Limit::Value(1_048_576)))
+        );
+        assert_eq!(
+            parse_nofile("Max open files  unlimited unlimited files"),
+            Some((Limit::Unlimited, Limit::Unlimited))
+        );
+        assert_eq!(parse_nofile("Max cpu time 1 2 s"), None);
+        assert_eq!(parse_nofile("Max open files  lots"), None);
+    }
+
+    #[test]
+    fn numbers_ranges_and_choices() {
+        assert_eq!(parse_u64(" 4096\n"), Some(4096));
+        assert_eq!(parse_u64("-1"), None);
+        assert_eq!(parse_u64(""), None);
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(port_range_width((32768, 60999)), 28232);
+        assert_eq!(port_range_width((1024, 1024)), 1);
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+        assert_eq!(parse_port_range("70000 80000"), None);
+        assert_eq!(
+            parse_bracketed_choice("always [madvise] never\n"),
+            Some("madvise")
+        );
+        assert_eq!(
+            parse_bracketed_choice("[always] madvise never"),
+            Some("always")
+        );
+        assert_eq!(parse_bracketed_choice("always madvise never"), None);
+    }
+
+    #[test]
+    fn tuned_host_is_all_ok() {
+        let checks = run_checks(&tuned());
+        assert_eq!(checks.len(), 8);
+        assert_eq!(warnings(&checks), 0, "{checks:#?}");
+        let text = render_text(&checks);
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("OK") || l.starts_with("psm-perf")),
+            "{text}"
+        );
+        assert!(text.ends_with("psm-perf check: 8 OK, 0 WARN\n"), "{text}");
+    }
+
+    #[test]
+    fn default_host_warns_with_fixes() {
+        let mut host = tuned();
+        host.files.insert(paths::LIMITS, LIMITS);
+        host.files.insert(paths::SOMAXCONN, "128\n");
+        host.files.insert(paths::PORT_RANGE, "60000 61000\n");
+        host.files.insert(paths::THP, "[always] madvise never\n");
+        host.files.insert(paths::RMEM_MAX, "212992\n");
+        host.files.insert(paths::IO_URING_DISABLED, "2\n");
+        host.uring = Err("Operation not permitted (os error 1)".into());
+        let checks = run_checks(&host);
+        let by = |n: &str| checks.iter().find(|c| c.name == n).cloned().expect(n);
+        for name in [
+            "io_uring",
+            "nofile",
+            "somaxconn",
+            "ip_local_port_range",
+            "transparent_hugepage",
+            "rmem_max",
+        ] {
+            let c = by(name);
+            assert_eq!(c.status, Status::Warn, "{c:?}");
+            assert!(c.fix.is_some(), "{c:?}");
+        }
+        assert_eq!(by("wmem_max").status, Status::Ok);
+        assert!(by("io_uring")
+            .message
+            .contains("kernel.io_uring_disabled = 2"));
+        assert!(by("nofile")
+            .fix
+            .unwrap_or_default()
+            .contains("ulimit -n 65536"));
+        assert_eq!(by("nofile").value, json!({"soft": 1024, "hard": 1048576}));
+        assert_eq!(by("ip_local_port_range").value["width"], json!(1001));
+        let text = render_text(&checks);
+        assert!(text.contains("WARN  somaxconn"), "{text}");
+        assert!(
+            text.contains("fix: sysctl -w net.core.somaxconn=4096"),
+            "{text}"
+        );
+        let j = render_json(&checks);
+        assert_eq!(j["warn"], json!(6));
+        assert_eq!(j["ok"], json!(2));
+        assert_eq!(j["checks"][2]["status"], json!("warn"));
+        assert_eq!(j["checks"][4]["fix"], Value::Null);
+    }
+
+    #[test]
+    fn unreadable_files_warn_without_failing() {
+        let host = Fake {
+            files: HashMap::from([(paths::SOMAXCONN, "many\n")]),
+            uring: Ok(()),
+            cpus: None,
+        };
+        let checks = run_checks(&host);
+        assert_eq!(warnings(&checks), 7);
+        let nofile = &checks[1];
+        assert!(nofile.message.contains(paths::LIMITS), "{nofile:?}");
+        assert!(
+            checks[2].message.contains("cannot make sense"),
+            "{:?}",
+            checks[2]
+        );
+        assert_eq!(checks[2].value, Value::Null);
+    }
+
+    #[test]
+    fn real_host_checks_run() {
+        let checks = run_checks(&RealHost);
+        assert_eq!(checks.len(), 8);
+        assert!(checks.iter().all(|c| !c.message.is_empty()));
+    }
+}

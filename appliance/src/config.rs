@@ -1,0 +1,390 @@
+//! `psm.toml` and the settings `psm up` runs with: file values, command-line overrides on top,
+//! validated once ([`resolve`]).
+//!
+//! What it does not do: create the data directory or look at any other file in it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// File name of the optional config file inside the data directory.
+pub const CONFIG_FILE: &str = "psm.toml";
+/// Where the relay listens when neither the file nor `--listen` says.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:2222";
+/// The most relay workers `psm up` accepts.
+pub const MAX_WORKERS: i64 = 1024;
+
+/// The contents of `psm.toml`. Every table and key is optional; unknown ones are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[relay]`: the SSH listener that users connect to.
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+/// The `[relay]` table of `psm.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Socket address the relay accepts SSH connections on, `host:port` (default `0.0.0.0:2222`).
+    pub listen: Option<Spanned<String>>,
+    /// Number of relay worker threads, one per core is best (default: the number of CPUs;
+    /// 1 to 1024).
+    pub workers: Option<Spanned<i64>>,
+}
+
+/// A config file as read from disk.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its text (to turn byte offsets into line and column).
+    pub text: String,
+    /// What it says.
+    pub config: FileConfig,
+}
+
+/// Values given on the command line; each one overrides the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--workers`.
+    pub workers: Option<i64>,
+}
+
+/// The validated settings `psm up` runs with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Where the relay listens.
+    pub listen: SocketAddr,
+    /// How many relay workers.
+    pub workers: usize,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("config {}: {source}", .path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The config file is not valid TOML or does not fit [`FileConfig`].
+    #[error("config {}: {where_}{message}", .path.display())]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// `line L, column C: ` when toml knows the place, else empty.
+        where_: String,
+        /// What toml says is wrong.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// `config <path>: line L, column C` or the command-line flag.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// 1-based line and column of byte offset `at` in `text`.
+pub fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+fn place(text: &str, span: Range<usize>) -> String {
+    let (line, col) = line_col(text, span.start);
+    format!("line {line}, column {col}")
+}
+
+/// Parses the text of a config file; `path` is only used in errors.
+pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        where_: e
+            .span()
+            .map(|s| format!("{}: ", place(text, s)))
+            .unwrap_or_default(),
+        message: e.message().trim_end().to_string(),
+    })
+}
+
+/// Reads the config: `explicit` (`--config`) must exist; otherwise `<data_dir>/psm.toml` is
+/// read when it exists. `Ok(None)`: no config file, defaults and flags only.
+pub fn load(explicit: Option<&Path>, data_dir: &Path) -> Result<Option<LoadedConfig>, ConfigError> {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p.to_path_buf(), true),
+        None => (data_dir.join(CONFIG_FILE), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e)
+            if !must_exist
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+        {
+            return Ok(None)
+        }
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    };
+    let config = parse(&path, &text)?;
+    Ok(Some(LoadedConfig { path, text, config }))
+}
+
+/// Number of CPUs, the default worker count (at least 1, at most [`MAX_WORKERS`]).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WORKERS as usize)
+}
+
+fn check_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "listen address {s:?} is not a socket address (want host:port, e.g. {DEFAULT_LISTEN})"
+        )
+    })
+}
+
+fn check_workers(n: i64) -> Result<usize, String> {
+    if (1..=MAX_WORKERS).contains(&n) {
+        usize::try_from(n).map_err(|_| format!("workers {n} is out of range"))
+    } else {
+        Err(format!(
+            "workers must be between 1 and {MAX_WORKERS}, not {n}"
+        ))
+    }
+}
+
+/// Merges file and command line (the command line wins), fills in defaults, and validates the
+/// result once. Errors name where the bad value came from: the flag, or the file with line and
+/// column.
+pub fn resolve(
+    file: Option<&LoadedConfig>,
+    cli: &Overrides,
+    default_workers: usize,
+) -> Result<Settings, ConfigError> {
+    let from_file = |span: Range<usize>| -> String {
+        match file {
+            Some(f) => format!("config {}: {}", f.path.display(), place(&f.text, span)),
+            None => "config".to_string(),
+        }
+    };
+    let relay = file.map(|f| &f.config.relay);
+
+    let listen = match (&cli.listen, relay.and_then(|r| r.listen.as_ref())) {
+        (Some(flag), _) => check_listen(flag).map_err(|message| ConfigError::Invalid {
+            origin: "--listen".into(),
+            message,
+        })?,
+        (None, Some(v)) => check_listen(v.get_ref()).map_err(|message| ConfigError::Invalid {
+            origin: from_file(v.span()),
+            message,
+        })?,
+        (None, None) => check_listen(DEFAULT_LISTEN).map_err(|message| ConfigError::Invalid {
+            origin: "default".into(),
+            message,
+        })?,
+    };
+
+    let workers = match (cli.workers, relay.and_then(|r| r.workers.as_ref())) {
+        (Some(n), _) => check_workers(n).map_err(|message| ConfigError::Invalid {
+            origin: "--workers".into(),
+            message,
+        })?,
+        (None, Some(v)) => check_workers(*v.get_ref()).map_err(|message| ConfigError::Invalid {
+            origin: from_file(v.span()),
+            message,
+        })?,
+        (None, None) => default_workers.clamp(1, MAX_WORKERS as usize),
+    };
+
+    Ok(Settings { listen, workers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded(text: &str) -> Result<LoadedConfig, ConfigError> {
+        let path = PathBuf::from("/etc/psm/psm.toml");
+        parse(&path, text).map(|config| LoadedConfig {
+            path,
+            text: text.to_string(),
+            config,
+        })
+    }
+
+    fn err_text<T: std::fmt::Debug>(r: Result<T, ConfigError>) -> String {
+        match r {
+            Ok(v) => panic!("expected an error, got {v:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_and_no_file_give_defaults() {
+        let f = loaded("").expect("parse");
+        let s = resolve(Some(&f), &Overrides::default(), 6).expect("resolve");
+        assert_eq!(s.listen, "0.0.0.0:2222".parse().expect("addr"));
+        assert_eq!(s.workers, 6);
+        assert_eq!(resolve(None, &Overrides::default(), 6).expect("resolve"), s);
+        assert_eq!(
+            resolve(None, &Overrides::default(), 5000)
+                .expect("resolve")
+                .workers,
+            1024
+        );
+    }
+
+    #[test]
+    fn file_values_are_used() {
+        let f = loaded("[relay]\nlisten = \"127.0.0.1:2022\"\nworkers = 3\n").expect("parse");
+        let s = resolve(Some(&f), &Overrides::default(), 8).expect("resolve");
+        assert_eq!(s.listen, "127.0.0.1:2022".parse().expect("addr"));
+        assert_eq!(s.workers, 3);
+    }
+
+    #[test]
+    fn command_line_overrides_file() {
+        let f = loaded("[relay]\nlisten = \"127.0.0.1:2022\"\nworkers = 3\n").expect("parse");
+        let cli = Overrides {
+            listen: Some("[::1]:2200".into()),
+            workers: None,
+        };
+        let s = resolve(Some(&f), &cli, 8).expect("resolve");
+        assert_eq!(s.listen, "[::1]:2200".parse().expect("addr"));
+        assert_eq!(s.workers, 3, "file value kept where no flag is given");
+        let cli = Overrides {
+            listen: None,
+            workers: Some(16),
+        };
+        let s = resolve(Some(&f), &cli, 8).expect("resolve");
+        assert_eq!(s.listen, "127.0.0.1:2022".parse().expect("addr"));
+        assert_eq!(s.workers, 16);
+        // A flag overrides even a broken file value: only the value in use is validated.
+        let bad = loaded("[relay]\nlisten = \"nowhere\"\n").expect("parse");
+        let cli = Overrides {
+            listen: Some("0.0.0.0:22".into()),
+            workers: None,
+        };
+        assert!(resolve(Some(&bad), &cli, 1).is_ok());
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name_and_place() {
+        let e = err_text(loaded("[relay]\nlisten = \"0.0.0.0:2222\"\nthreads = 4\n"));
+        assert!(
+            e.starts_with("config /etc/psm/psm.toml: line 3, column 1: "),
+            "{e}"
+        );
+        assert!(e.contains("unknown field `threads`"), "{e}");
+        let e = err_text(loaded("[recorder]\n"));
+        assert!(e.contains("unknown field `recorder`"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_line_and_column() {
+        let e = err_text(loaded("[relay]\nlisten = \n"));
+        assert!(
+            e.starts_with("config /etc/psm/psm.toml: line 2, column "),
+            "{e}"
+        );
+        let e = err_text(loaded("[relay]\nworkers = \"four\"\n"));
+        assert!(e.contains("line 2, column 11"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_address_is_rejected() {
+        let f = loaded("[relay]\n  listen = \"localhost\"\n").expect("parse");
+        let e = err_text(resolve(Some(&f), &Overrides::default(), 2));
+        assert!(
+            e.starts_with(
+                "config /etc/psm/psm.toml: line 2, column 12: listen address \"localhost\""
+            ),
+            "{e}"
+        );
+        let cli = Overrides {
+            listen: Some("1.2.3.4".into()),
+            workers: None,
+        };
+        let e = err_text(resolve(None, &cli, 2));
+        assert!(
+            e.starts_with("--listen: listen address \"1.2.3.4\" is not a socket address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn workers_out_of_range_are_rejected() {
+        let f = loaded("[relay]\nworkers = 0\n").expect("parse");
+        let e = err_text(resolve(Some(&f), &Overrides::default(), 2));
+        assert!(
+            e.contains("line 2, column 11: workers must be between 1 and 1024, not 0"),
+            "{e}"
+        );
+        let cli = Overrides {
+            listen: None,
+            workers: Some(1025),
+        };
+        let e = err_text(resolve(None, &cli, 2));
+        assert_eq!(e, "--workers: workers must be between 1 and 1024, not 1025");
+        let cli = Overrides {
+            listen: None,
+            workers: Some(1024),
+        };
+        assert_eq!(resolve(None, &cli, 2).expect("max").workers, 1024);
+    }
+
+    #[test]
+    fn load_reads_default_file_only_when_present() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(load(None, dir.path()).expect("absent").is_none());
+        assert!(load(None, &dir.path().join("missing/dir"))
+            .expect("absent")
+            .is_none());
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").expect("write");
+        assert!(load(None, &file).expect("data dir is a file").is_none());
+        std::fs::write(dir.path().join(CONFIG_FILE), "[relay]\nworkers = 2\n").expect("write");
+        let c = load(None, dir.path()).expect("load").expect("present");
+        assert_eq!(c.config.relay.workers.map(|w| *w.get_ref()), Some(2));
+        let missing = dir.path().join("other.toml");
+        let e = err_text(load(Some(&missing), dir.path()));
+        assert!(
+            e.starts_with(&format!("config {}: ", missing.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("abc", 0), (1, 1));
+        assert_eq!(line_col("a\nbc", 3), (2, 2));
+        assert_eq!(line_col("é\nx", 2), (1, 2));
+        assert_eq!(line_col("é\nx", 3), (2, 1));
+        assert_eq!(line_col("ab", 99), (1, 3));
+    }
+}

@@ -1,0 +1,46 @@
+//! `psm-perf`: operator checks for a psm gateway host (see the library docs).
+
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+/// Operator performance tool for psm.
+#[derive(Parser, Debug)]
+#[command(name = "psm-perf", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check the host's tuning for a gateway (OK/WARN per item, with fixes).
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { json } => {
+            let checks = psm_perf::run_checks(&psm_perf::RealHost);
+            let out = if json {
+                let mut s = serde_json::to_string_pretty(&psm_perf::render_json(&checks))
+                    .context("encoding the report")?;
+                s.push('\n');
+                s
+            } else {
+                psm_perf::render_text(&checks)
+            };
+            std::io::stdout()
+                .lock()
+                .write_all(out.as_bytes())
+                .context("writing the report")?;
+        }
+    }
+    Ok(())
+}

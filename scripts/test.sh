@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# psm's test command (the README's): installs what the integration tests need when it is
+# missing, builds every binary of the workspace, then runs the whole suite.
+#
+#   scripts/test.sh [ARGS...]    ARGS go to `cargo nextest run` (or `cargo test` without nextest)
+#
+# Needs: /usr/sbin/sshd, ssh, scp, sftp, asciinema (Debian: openssh-server openssh-client
+# asciinema procps). As root they are installed with apt when missing; otherwise the script
+# says what to install and exits 1.
+# Every step is bounded (timeouts, overridable: PSM_APT_TIMEOUT, PSM_BUILD_TIMEOUT,
+# PSM_TEST_TIMEOUT, in seconds).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+apt_timeout="${PSM_APT_TIMEOUT:-600}"
+build_timeout="${PSM_BUILD_TIMEOUT:-2700}"
+test_timeout="${PSM_TEST_TIMEOUT:-2700}"
+packages=(openssh-server openssh-client asciinema procps)
+
+say() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
+
+# Interactive: keep the command in the terminal's foreground so Ctrl-C reaches it. Otherwise
+# (CI) let timeout kill the command's whole process group, test processes included.
+bounded=(timeout --kill-after=30)
+if [[ -t 0 ]]; then
+  bounded+=(--foreground)
+fi
+
+missing_tools() {
+  local tool
+  for tool in /usr/sbin/sshd ssh scp sftp asciinema; do
+    if [[ $tool == /* ]]; then
+      [[ -x $tool ]] || printf '%s\n' "$tool"
+    else
+      command -v "$tool" >/dev/null 2>&1 || printf '%s\n' "$tool"
+    fi
+  done
+}
+
+mapfile -t missing < <(missing_tools)
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    say "missing: ${missing[*]}"
+    say "install them first, as root: apt-get install ${packages[*]}"
+    exit 1
+  fi
+  say "missing: ${missing[*]}; installing ${packages[*]} with apt"
+  "${bounded[@]}" "$apt_timeout" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${bounded[@]}" "$apt_timeout" \
+    apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=120 "${packages[@]}"
+  mapfile -t missing < <(missing_tools)
+  if ((${#missing[@]})); then
+    say "still missing after apt-get install: ${missing[*]}"
+    exit 1
+  fi
+fi
+
+say "building the workspace"
+"${bounded[@]}" "$build_timeout" cargo build --workspace --bins
+
+if cargo nextest --version >/dev/null 2>&1; then
+  say "running the suite with cargo nextest"
+  exec "${bounded[@]}" "$test_timeout" cargo nextest run --workspace --no-fail-fast "$@"
+else
+  say "running the suite with cargo test (cargo-nextest is not installed)"
+  exec "${bounded[@]}" "$test_timeout" cargo test --workspace --no-fail-fast "$@"
+fi
