@@ -212,7 +212,10 @@ mod tests {
         assert_eq!(s.get().version, 5);
         assert!(s.set(v(6), false));
         assert_eq!(s.get().version, 6);
-        assert!(s.set(v(2), true), "a fresh connection's first snapshot wins");
+        assert!(
+            s.set(v(2), true),
+            "a fresh connection's first snapshot wins"
+        );
         assert_eq!(s.get().version, 2);
     }
 }

@@ -108,11 +108,19 @@ mod tests {
         let f = Flow::new();
         assert_eq!(f.user_window(), WINDOW);
         f.up_queued(WINDOW as usize);
-        assert_eq!(f.user_window(), WINDOW, "up to one window queued, the full window");
+        assert_eq!(
+            f.user_window(),
+            WINDOW,
+            "up to one window queued, the full window"
+        );
         f.up_queued(WINDOW as usize / 2);
         assert_eq!(f.user_window(), WINDOW / 2);
         f.up_queued(10 * WINDOW as usize);
-        assert_eq!(f.user_window(), MIN_WINDOW, "never zero: russh must keep adjusting");
+        assert_eq!(
+            f.user_window(),
+            MIN_WINDOW,
+            "never zero: russh must keep adjusting"
+        );
         f.up_written(11 * WINDOW as usize + WINDOW as usize / 2);
         assert_eq!(f.user_window(), WINDOW);
     }

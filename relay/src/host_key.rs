@@ -120,7 +120,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (k1, created) = load_or_create(dir.path()).expect("create");
         assert!(created);
-        let mode = fs::metadata(dir.path().join(HOST_KEY_FILE)).expect("file").permissions().mode();
+        let mode = fs::metadata(dir.path().join(HOST_KEY_FILE))
+            .expect("file")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let (k2, created) = load_or_create(dir.path()).expect("load");
         assert!(!created);
@@ -135,10 +138,19 @@ mod tests {
         let p = dir.path().join(HOST_KEY_FILE);
         fs::write(&p, "garbage").expect("write");
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod");
-        let e = load_or_create(dir.path()).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains(HOST_KEY_FILE) && e.contains("not a valid"), "{e}");
+        let e = load_or_create(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains(HOST_KEY_FILE) && e.contains("not a valid"),
+            "{e}"
+        );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let e = load_or_create(dir.path()).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = load_or_create(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("too open"), "{e}");
     }
 }

@@ -80,7 +80,10 @@ pub fn start(cfg: &RelayConfig) -> Result<(), RelayError> {
         std::thread::Builder::new()
             .name("psm-control-link".into())
             .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt.block_on(control_link::run(socket, relay_id, store, audit_rx)),
                     Err(e) => error!(error = %e, "cannot start the control link runtime"),
                 }

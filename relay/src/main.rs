@@ -39,10 +39,15 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let workers = args
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    anyhow::ensure!((1..=1024).contains(&workers), "--workers must be between 1 and 1024");
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    anyhow::ensure!(
+        (1..=1024).contains(&workers),
+        "--workers must be between 1 and 1024"
+    );
     let data_dir = std::fs::canonicalize(&args.data_dir)
         .with_context(|| format!("data directory {}", args.data_dir.display()))?;
     let cfg = psm_relay::RelayConfig {

@@ -347,10 +347,12 @@ mod tests {
                 })
                 .await
                 .expect("link is up");
-            s.data(0, Direction::Output, Bytes::from_static(b"hello")).await;
+            s.data(0, Direction::Output, Bytes::from_static(b"hello"))
+                .await;
             s.close(CloseSummary::default()).await;
         });
-        conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let mut got = Vec::new();
         let mut frames = Vec::new();
         let mut b = [0u8; 4096];

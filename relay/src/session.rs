@@ -19,8 +19,8 @@ use psm_recorder_format::{CloseSummary, Direction, RecordingMeta};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{
-    Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelWriteHalf,
-    MethodKind, MethodSet, Pty, Sig,
+    Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelWriteHalf, MethodKind, MethodSet,
+    Pty, Sig,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -96,11 +96,18 @@ fn new_id() -> String {
     let mut b = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     let ms = now_ms();
-    format!("{ms:011x}{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    format!(
+        "{ms:011x}{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
 }
 
 /// Serves one accepted TCP connection to its end, then writes the end-of-session records.
-pub async fn handle_connection(ctx: Arc<WorkerCtx>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+pub async fn handle_connection(
+    ctx: Arc<WorkerCtx>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
     let _ = stream.set_nodelay(true);
     let shared = Arc::new(Shared {
         session_id: new_id(),
@@ -337,7 +344,9 @@ impl Conn {
         }
         let (target, account) = match snap.authorize(user, &login.account, &login.target) {
             Ok(x) => x,
-            Err(d) => return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message()))),
+            Err(d) => {
+                return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message())))
+            }
         };
         if self.target.is_none() {
             if snap.recording_required && !self.ctx.recorder.state().connected {
@@ -426,7 +435,11 @@ impl Conn {
                 }
             }
         };
-        Some(tokio::time::timeout(REQUEST_TIMEOUT, wait).await.unwrap_or(false))
+        Some(
+            tokio::time::timeout(REQUEST_TIMEOUT, wait)
+                .await
+                .unwrap_or(false),
+        )
     }
 
     /// Starts relaying a channel whose shell/exec/subsystem the target accepted.
@@ -449,9 +462,23 @@ impl Conn {
             }
         }
         self.flows.insert(channel, flow.clone());
-        tokio::spawn(read_client(down_r, up_tx, flow.clone(), self.shared.clone(), rec.clone(), ch));
+        tokio::spawn(read_client(
+            down_r,
+            up_tx,
+            flow.clone(),
+            self.shared.clone(),
+            rec.clone(),
+            ch,
+        ));
         tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
-        tokio::spawn(read_target(up_r, down_tx, flow.clone(), self.shared.clone(), rec, ch));
+        tokio::spawn(read_target(
+            up_r,
+            down_tx,
+            flow.clone(),
+            self.shared.clone(),
+            rec,
+            ch,
+        ));
         if tracing::enabled!(tracing::Level::DEBUG) {
             let flow = flow.clone();
             let sid = self.shared.session_id.clone();
@@ -470,7 +497,11 @@ impl Conn {
     }
 
     /// Delivers a denial on a channel: the message on stderr, exit status 255, close.
-    fn deliver_denial(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), russh::Error> {
+    fn deliver_denial(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
         let Some(Chan::Denied(msg)) = self.channels.get(&channel) else {
             return Ok(());
         };
@@ -506,7 +537,11 @@ impl Conn {
     }
 
     fn refuse_notice(&self, channel: ChannelId, session: &mut Session, what: &str) {
-        let _ = session.extended_data(channel, 1, Bytes::from(format!("psm: {what} is not permitted\r\n")));
+        let _ = session.extended_data(
+            channel,
+            1,
+            Bytes::from(format!("psm: {what} is not permitted\r\n")),
+        );
         self.ctx.audit.emit(AuditKind::Notice {
             message: format!(
                 "{what} refused for {} from {} (session {})",
@@ -604,7 +639,9 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(user) = self.user.clone() else {
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         };
         let id = channel.id();
@@ -638,7 +675,9 @@ impl russh::server::Handler for Conn {
                 self.source()
             ),
         });
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
@@ -735,8 +774,7 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.start_request(channel, session, Req::Shell)
-            .await
+        self.start_request(channel, session, Req::Shell).await
     }
 
     async fn exec_request(
@@ -883,7 +921,9 @@ fn down_item(m: ChannelMsg) -> Option<Item> {
 fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
     match item {
         Item::Data(_) | Item::Ext(..) => {
-            shared.bytes_down.fetch_add(item.len() as u64, Ordering::Relaxed);
+            shared
+                .bytes_down
+                .fetch_add(item.len() as u64, Ordering::Relaxed);
             flow.down_queued(item.len());
         }
         Item::ExitStatus(s) => shared.with(|st| st.exit_status = Some(*s)),
@@ -926,7 +966,9 @@ async fn read_client(
     loop {
         let item = match r.wait().await {
             Some(ChannelMsg::Data { data }) => {
-                shared.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
+                shared
+                    .bytes_up
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 if let Some(rec) = &rec {
                     rec.data(ch, Direction::Input, data.clone()).await;
                 }

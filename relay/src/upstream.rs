@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use psm_control_api::{Account, Credential, Target};
 use russh::client;
-use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::keys::PublicKeyOrCertificate;
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use zeroize::Zeroizing;
 
 /// How long connecting and logging in to a target may take.
@@ -160,10 +160,13 @@ pub async fn connect(target: &Target, account: &Account) -> Result<TargetHandle,
         address: target.address.clone(),
         reason,
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&target.address))
-        .await
-        .map_err(|_| unreachable("connection timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(&target.address),
+    )
+    .await
+    .map_err(|_| unreachable("connection timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
 
     let key_algs: Vec<Algorithm> = match pinned.algorithm() {
@@ -200,7 +203,11 @@ pub async fn connect(target: &Target, account: &Account) -> Result<TargetHandle,
             return Err(match presented {
                 Some(presented) => UpstreamError::HostKeyMismatch {
                     target: target.name.clone(),
-                    expected: format!("{} {}", pinned.algorithm(), pinned.fingerprint(HashAlg::Sha256)),
+                    expected: format!(
+                        "{} {}",
+                        pinned.algorithm(),
+                        pinned.fingerprint(HashAlg::Sha256)
+                    ),
                     presented,
                 },
                 None => UpstreamError::Handshake {

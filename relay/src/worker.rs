@@ -47,7 +47,9 @@ pub fn run_worker(
                 return rt.block_on(accept_loop(index, listener, ctx));
             }
             Err(e) if backend == IoBackend::Uring => return Err(e),
-            Err(e) => warn!(worker = index, error = %e, "io_uring unavailable; worker falls back to epoll"),
+            Err(e) => {
+                warn!(worker = index, error = %e, "io_uring unavailable; worker falls back to epoll")
+            }
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -192,8 +192,13 @@ impl PasswordHash {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
     /// The target name is not registered.
-    #[error("unknown target '{0}'")]
-    UnknownTarget(String),
+    #[error("unknown target '{target}' (account '{account}' requested)")]
+    UnknownTarget {
+        /// Account name requested.
+        account: String,
+        /// Target name.
+        target: String,
+    },
     /// The account is not registered on the target.
     #[error("unknown account '{account}' on target '{target}'")]
     UnknownAccount {
@@ -217,17 +222,12 @@ pub enum Denial {
 impl Denial {
     /// The one line shown to the user: it never says whether the target or account exists.
     pub fn client_message(&self) -> String {
-        let (account, target) = match self {
-            Denial::UnknownTarget(t) => ("?", t.as_str()),
-            Denial::UnknownAccount { account, target } | Denial::NoGrant { account, target, .. } => {
-                (account.as_str(), target.as_str())
-            }
-        };
-        if account == "?" {
-            format!("access denied: you have no grant for target {target}")
-        } else {
-            format!("access denied: you have no grant for {account}@{target}")
-        }
+        let (Denial::UnknownTarget { account, target }
+        | Denial::UnknownAccount { account, target }
+        | Denial::NoGrant {
+            account, target, ..
+        }) = self;
+        format!("access denied: you have no grant for {account}@{target}")
     }
 }
 
@@ -249,7 +249,10 @@ impl PolicySnapshot {
             .targets
             .iter()
             .find(|t| t.name == target)
-            .ok_or_else(|| Denial::UnknownTarget(target.to_string()))?;
+            .ok_or_else(|| Denial::UnknownTarget {
+                account: account.to_string(),
+                target: target.to_string(),
+            })?;
         let a = self
             .accounts
             .iter()
@@ -537,10 +540,19 @@ mod tests {
     #[test]
     fn login_parsing() {
         let l = Login::parse("alice@root@web01").expect("valid");
-        assert_eq!((l.user.as_str(), l.account.as_str(), l.target.as_str()), ("alice", "root", "web01"));
+        assert_eq!(
+            (l.user.as_str(), l.account.as_str(), l.target.as_str()),
+            ("alice", "root", "web01")
+        );
         let l = Login::parse("a.b@corp.com@root@web01").expect("email user");
         assert_eq!(l.user, "a.b@corp.com");
-        for bad in ["alice", "alice@web01", "@root@web01", "alice@@web01", "alice@root@"] {
+        for bad in [
+            "alice",
+            "alice@web01",
+            "@root@web01",
+            "alice@@web01",
+            "alice@root@",
+        ] {
             assert!(Login::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Login::user_part("alice"), "alice");
@@ -552,14 +564,43 @@ mod tests {
     fn authorize_decisions() {
         let s = snap();
         assert!(s.authorize("alice", "root", "web01").is_ok());
-        assert!(matches!(s.authorize("alice", "root", "db01"), Err(Denial::UnknownTarget(_))));
-        assert!(matches!(s.authorize("alice", "admin", "web01"), Err(Denial::UnknownAccount { .. })));
-        assert!(matches!(s.authorize("bob", "root", "web01"), Err(Denial::NoGrant { .. })));
+        assert!(matches!(
+            s.authorize("alice", "root", "db01"),
+            Err(Denial::UnknownTarget { .. })
+        ));
+        assert!(matches!(
+            s.authorize("alice", "admin", "web01"),
+            Err(Denial::UnknownAccount { .. })
+        ));
+        assert!(matches!(
+            s.authorize("bob", "root", "web01"),
+            Err(Denial::NoGrant { .. })
+        ));
         // the client is told the same thing whether or not the target exists
-        let a = s.authorize("bob", "root", "web01").err().map(|d| d.client_message());
-        let b = s.authorize("bob", "root", "nope").err().map(|d| d.client_message());
-        assert!(a.is_some_and(|m| m.contains("no grant")));
-        assert!(b.is_some_and(|m| m.contains("no grant")));
+        let a = s
+            .authorize("bob", "root", "web01")
+            .err()
+            .map(|d| d.client_message());
+        let b = s
+            .authorize("alice", "root", "nope")
+            .err()
+            .map(|d| d.client_message());
+        let c = s
+            .authorize("alice", "nobody", "web01")
+            .err()
+            .map(|d| d.client_message());
+        assert_eq!(
+            a.as_deref(),
+            Some("access denied: you have no grant for root@web01")
+        );
+        assert_eq!(
+            b.as_deref(),
+            Some("access denied: you have no grant for root@nope")
+        );
+        assert_eq!(
+            c.as_deref(),
+            Some("access denied: you have no grant for nobody@web01")
+        );
     }
 
     #[test]

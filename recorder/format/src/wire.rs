@@ -196,7 +196,9 @@ impl Frame {
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if len > MAX_FRAME {
-            return Err(FormatError::Malformed(format!("frame of {len} bytes exceeds limit")));
+            return Err(FormatError::Malformed(format!(
+                "frame of {len} bytes exceeds limit"
+            )));
         }
         if buf.len() < 4 + len {
             return Ok(None);
