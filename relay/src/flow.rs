@@ -27,6 +27,9 @@ use tokio::sync::Notify;
 pub const WINDOW: u32 = 2 << 20;
 /// Upload bytes queued at which the user's window is closed down to a trickle.
 pub const UP_LIMIT: usize = 2 * WINDOW as usize;
+/// Upload bytes queued at which psm stops reading from the user altogether (a safety net for
+/// multiplexed connections, where russh's window target is shared by all channels).
+pub const UP_HARD_LIMIT: usize = 64 << 20;
 /// Download bytes queued at which psm stops reading from the target.
 pub const DOWN_LIMIT: usize = 4 << 20;
 /// Smallest window ever offered: keeps russh sending adjusts (it adjusts when the remaining
@@ -62,6 +65,12 @@ impl Flow {
     /// Upload bytes reached the target.
     pub fn up_written(&self, n: usize) {
         self.up.fetch_sub(n, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Waits until the upload queue is under the safety limit.
+    pub async fn up_ready(&self) {
+        self.wait_below(&self.up, UP_HARD_LIMIT).await
     }
 
     /// Download bytes were queued.
@@ -77,11 +86,15 @@ impl Flow {
 
     /// Waits until the download queue has room.
     pub async fn down_ready(&self) {
+        self.wait_below(&self.down, DOWN_LIMIT).await
+    }
+
+    async fn wait_below(&self, counter: &AtomicUsize, limit: usize) {
         loop {
             let n = self.notify.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            if self.down.load(Ordering::Acquire) < DOWN_LIMIT {
+            if counter.load(Ordering::Acquire) < limit {
                 return;
             }
             n.await;

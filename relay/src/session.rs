@@ -58,7 +58,7 @@ struct SessionInfo {
 struct SharedState {
     info: Option<SessionInfo>,
     recording: Option<RecordingStream>,
-    target: Option<Arc<TargetHandle>>,
+    targets: Vec<Arc<TargetHandle>>,
     exit_status: Option<u32>,
     exit_signal: Option<String>,
     first_close: Option<&'static str>,
@@ -123,7 +123,7 @@ pub async fn handle_connection(
         shared: shared.clone(),
         login: String::new(),
         user: None,
-        target: None,
+        started: false,
         channels: HashMap::new(),
         flows: HashMap::new(),
     };
@@ -176,20 +176,18 @@ pub async fn handle_connection(
 }
 
 async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<String>) {
-    let (info, recording, target, exit_status, exit_signal, first_close) = shared.with(|s| {
+    let (info, recording, targets, exit_status, exit_signal, first_close) = shared.with(|s| {
         (
             s.info.take(),
             s.recording.take(),
-            s.target.take(),
+            std::mem::take(&mut s.targets),
             s.exit_status,
             s.exit_signal.clone(),
             s.first_close,
         )
     });
-    if let Some(t) = target {
-        let _ = t
-            .disconnect(russh::Disconnect::ByApplication, "", "en")
-            .await;
+    for t in targets {
+        disconnect_target(&t).await;
     }
     let Some(info) = info else { return };
     let end_ms = now_ms();
@@ -235,6 +233,7 @@ enum Chan {
         up: Channel<russh::client::Msg>,
         down: Channel<Msg>,
         early: Vec<ChannelMsg>,
+        target: Arc<TargetHandle>,
     },
     /// Relaying.
     Running {
@@ -250,7 +249,7 @@ pub struct Conn {
     shared: Arc<Shared>,
     login: String,
     user: Option<String>,
-    target: Option<Arc<TargetHandle>>,
+    started: bool,
     channels: HashMap<ChannelId, Chan>,
     flows: HashMap<ChannelId, Arc<Flow>>,
 }
@@ -319,8 +318,13 @@ impl Conn {
         client_message
     }
 
-    /// Decides and, when allowed, brokers a new session channel on the target.
-    async fn broker(&mut self, user: &str) -> Result<Channel<russh::client::Msg>, String> {
+    /// Decides and, when allowed, brokers a new session channel on the target. Each user channel
+    /// gets its own target connection, so a slow channel never holds up another one's target
+    /// leg (a russh connection stops reading for all its channels when one is full).
+    async fn broker(
+        &mut self,
+        user: &str,
+    ) -> Result<(Channel<russh::client::Msg>, Arc<TargetHandle>), String> {
         let login = match Login::parse(&self.login) {
             Ok(l) => l,
             Err(e) => {
@@ -348,18 +352,18 @@ impl Conn {
                 return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message())))
             }
         };
-        if self.target.is_none() {
-            if snap.recording_required && !self.ctx.recorder.state().connected {
-                return Err(self.deny(
-                    user,
-                    "session recording unavailable: psm-recorder is not connected".into(),
-                    RECORDING_UNAVAILABLE.into(),
-                ));
-            }
-            let handle = match upstream::connect(target, account).await {
-                Ok(h) => Arc::new(h),
-                Err(e) => return Err(self.deny(user, e.to_string(), e.client_message())),
-            };
+        if snap.recording_required && !self.ctx.recorder.state().connected {
+            return Err(self.deny(
+                user,
+                "session recording unavailable: psm-recorder is not connected".into(),
+                RECORDING_UNAVAILABLE.into(),
+            ));
+        }
+        let handle = match upstream::connect(target, account).await {
+            Ok(h) => Arc::new(h),
+            Err(e) => return Err(self.deny(user, e.to_string(), e.client_message())),
+        };
+        if !self.started {
             let recording_id = self.shared.session_id.clone();
             let meta = RecordingMeta {
                 recording_id: recording_id.clone(),
@@ -372,9 +376,7 @@ impl Conn {
             };
             let recording = self.ctx.recorder.open(meta).await;
             if recording.is_none() && snap.recording_required {
-                let _ = handle
-                    .disconnect(russh::Disconnect::ByApplication, "", "en")
-                    .await;
+                disconnect_target(&handle).await;
                 return Err(self.deny(
                     user,
                     "session recording unavailable: psm-recorder link dropped".into(),
@@ -389,7 +391,6 @@ impl Conn {
                     recording_id: recording_id.clone(),
                 });
                 s.recording = recording;
-                s.target = Some(handle.clone());
             });
             info!(session = %self.shared.session_id, %user, target = %target.name, account = %account.username, "session started");
             self.ctx.audit.emit(AuditKind::SessionStart {
@@ -402,18 +403,19 @@ impl Conn {
                 recording_id,
                 start_ms: self.shared.start_ms,
             });
-            self.target = Some(handle);
+            self.started = true;
         }
-        let Some(handle) = self.target.as_ref() else {
-            return Err("psm: internal error".into());
-        };
-        handle.channel_open_session().await.map_err(|e| {
-            let err = upstream::UpstreamError::ChannelRefused {
-                target: target.name.clone(),
-                reason: e.to_string(),
-            };
-            self.deny(user, err.to_string(), err.client_message())
-        })
+        self.shared.with(|s| s.targets.push(handle.clone()));
+        match handle.channel_open_session().await {
+            Ok(ch) => Ok((ch, handle)),
+            Err(e) => {
+                let err = upstream::UpstreamError::ChannelRefused {
+                    target: target.name.clone(),
+                    reason: e.to_string(),
+                };
+                Err(self.deny(user, err.to_string(), err.client_message()))
+            }
+        }
     }
 
     /// Sends a request upstream and waits for the target's answer, keeping anything else that
@@ -444,7 +446,13 @@ impl Conn {
 
     /// Starts relaying a channel whose shell/exec/subsystem the target accepted.
     fn start(&mut self, channel: ChannelId, handle: russh::server::Handle) {
-        let Some(Chan::Pending { up, down, early }) = self.channels.remove(&channel) else {
+        let Some(Chan::Pending {
+            up,
+            down,
+            early,
+            target,
+        }) = self.channels.remove(&channel)
+        else {
             return;
         };
         let (up_r, up_w) = up.split();
@@ -492,7 +500,11 @@ impl Conn {
                 }
             });
         }
-        tokio::spawn(write_client(down_rx, down_w, handle, flow));
+        tokio::spawn(async move {
+            write_client(down_rx, down_w, handle, flow).await;
+            // The channel is over: its dedicated target connection goes with it.
+            disconnect_target(&target).await;
+        });
         self.channels.insert(channel, Chan::Running { up_w });
     }
 
@@ -646,10 +658,11 @@ impl russh::server::Handler for Conn {
         };
         let id = channel.id();
         let state = match self.broker(&user).await {
-            Ok(up) => Chan::Pending {
+            Ok((up, target)) => Chan::Pending {
                 up,
                 down: channel,
                 early: Vec::new(),
+                target,
             },
             Err(msg) => Chan::Denied(msg),
         };
@@ -874,6 +887,14 @@ impl Req {
     }
 }
 
+async fn disconnect_target(t: &TargetHandle) {
+    if !t.is_closed() {
+        let _ = t
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
 /// What travels from a reader task to its writer task.
 enum Item {
     Data(Bytes),
@@ -964,6 +985,9 @@ async fn read_client(
     ch: u32,
 ) {
     loop {
+        // Only a user who multiplexes channels and keeps one of them congested can get here;
+        // the window hook keeps a single channel far below this.
+        flow.up_ready().await;
         let item = match r.wait().await {
             Some(ChannelMsg::Data { data }) => {
                 shared
