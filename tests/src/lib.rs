@@ -919,36 +919,54 @@ impl Psm {
 
     /// Starts psm-recorder (separate mode only) and waits (10 s at most) for recorder.sock.
     pub fn start_recorder(&mut self) {
+        self.start_daemon("psm-recorder", "recorder.sock");
+    }
+
+    /// Kills psm-recorder with SIGKILL (separate mode only) and waits for it to be gone.
+    pub fn kill_recorder(&mut self) {
+        self.kill_daemon("psm-recorder");
+    }
+
+    /// Starts psm-control (separate mode only) and waits (10 s at most) for control.sock.
+    pub fn start_control(&mut self) {
+        self.start_daemon("psm-control", "control.sock");
+    }
+
+    /// Kills psm-control with SIGKILL (separate mode only) and waits for it to be gone.
+    pub fn kill_control(&mut self) {
+        self.kill_daemon("psm-control");
+    }
+
+    fn start_daemon(&mut self, name: &'static str, socket: &str) {
         assert_eq!(
             self.mode,
             PsmMode::Separate,
-            "start_recorder needs PsmMode::Separate"
+            "starting {name} alone needs PsmMode::Separate"
         );
-        self.daemons.retain(|d| d.name != "psm-recorder");
-        self.spawn_daemon("psm-recorder");
-        let sock = self.data.join("recorder.sock");
+        self.daemons.retain(|d| d.name != name);
+        self.spawn_daemon(name);
+        let sock = self.data.join(socket);
         let ok = wait_for(Duration::from_secs(10), || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
         self.assert_alive(
             ok,
-            "psm-recorder does not accept on recorder.sock within 10 s",
+            &format!("{name} does not accept on {socket} within 10 s"),
         );
     }
 
-    /// Kills psm-recorder with SIGKILL (separate mode only) and waits for it to be gone.
-    pub fn kill_recorder(&mut self) {
+    fn kill_daemon(&mut self, name: &'static str) {
         assert_eq!(
             self.mode,
             PsmMode::Separate,
-            "kill_recorder needs PsmMode::Separate"
+            "killing {name} alone needs PsmMode::Separate"
         );
-        for d in self.daemons.iter_mut().filter(|d| d.name == "psm-recorder") {
+        for d in self.daemons.iter_mut().filter(|d| d.name == name) {
             let _ = killpg(Pid::from_raw(d.child.id() as i32), Signal::SIGKILL);
             let _ = d.child.kill();
             assert!(
                 wait_child(&mut d.child, Duration::from_secs(10)).is_some(),
-                "psm-recorder did not die"
+                "{name} did not die"
             );
         }
     }

@@ -1,0 +1,234 @@
+//! How sessions end and what happens when a piece of psm goes away: Ctrl-D, the client vanishing,
+//! the recorder dying mid-session (fail closed), psm-control down (the relay serves on its last
+//! snapshot and resyncs), and slow readers on either side (throttled, bounded, nothing lost).
+
+use psm_tests::*;
+use serde_json::Value;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(15);
+
+fn is(e: &Value, event: &str) -> bool {
+    jstr(e, "event") == event
+}
+
+#[test]
+fn ctrl_d_ends_a_pty_session_and_it_is_audited() {
+    let w = World::new();
+    let mark = w.psm.audit_mark();
+    let mut cmd = w.ssh();
+    cmd.arg("-tt");
+    let mut pty = PtySession::spawn(&cmd, &[("TERM", "xterm")], 24, 80);
+    pty.send_line("echo \"AL\"\"IVE\"");
+    pty.expect("ALIVE", T);
+    pty.send("\x04");
+    assert_eq!(
+        pty.wait(T),
+        Some(0),
+        "Ctrl-D at the prompt ends the shell with status 0"
+    );
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end after Ctrl-D", T, |e| {
+            is(e, "session_end")
+        });
+    assert_eq!(end["exit_status"], 0, "{end}");
+}
+
+#[test]
+fn a_vanished_client_ends_the_session_and_the_target_side() {
+    let w = World::new();
+    let mark = w.psm.audit_mark();
+    let mut child = w
+        .ssh()
+        .args(["-tt", "echo START; exec sleep 300"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    w.psm
+        .wait_audit_after(mark, "session_start", T, |e| is(e, "session_start"));
+    let sleeping = || !pids_matching("sleep 300", Some("sleep")).is_empty();
+    assert!(wait_for(T, sleeping), "the remote command did not start");
+    child.kill().expect("kill ssh");
+    let _ = child.wait();
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end after the client vanished", T, |e| {
+            is(e, "session_end")
+        });
+    assert!(jstr(&end, "reason").contains("client"), "{end}");
+    assert!(
+        wait_for(T, || !sleeping()),
+        "the target-side command outlived the client by more than {T:?}"
+    );
+}
+
+#[test]
+fn a_recorder_dying_mid_session_closes_the_session() {
+    let mut w = World::with_mode(PsmMode::Separate);
+    let mark = w.psm.audit_mark();
+    let child = w
+        .ssh()
+        .args(["echo STARTED; sleep 20; echo MUST-NOT-APPEAR"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    w.psm
+        .wait_audit_after(mark, "session_start", T, |e| is(e, "session_start"));
+    let started = Instant::now();
+    w.psm.kill_recorder();
+    let out = child.wait_with_output().expect("ssh output");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the session outlived its recording by {:?}",
+        started.elapsed()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stdout.contains("MUST-NOT-APPEAR"), "{stdout}");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("session recording was lost"),
+        "stderr: {stderr}"
+    );
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end", T, |e| is(e, "session_end"));
+    assert_eq!(jstr(&end, "reason"), "session recording was lost", "{end}");
+}
+
+#[test]
+fn the_relay_serves_on_its_last_snapshot_while_control_is_down_then_resyncs() {
+    let mut w = World::with_mode(PsmMode::Separate);
+    w.psm.kill_control();
+    let out = w.psm.psmctl(&["user", "list"], None);
+    assert!(!out.success());
+    assert!(
+        out.stderr_str().contains("psm-control is not running"),
+        "{}",
+        out.describe()
+    );
+
+    // sessions go on under the last snapshot, and their audit events are kept for later
+    let out = run_ssh(w.ssh().arg("echo while-control-is-down"));
+    assert_eq!(
+        out.stdout_str(),
+        "while-control-is-down\n",
+        "{}",
+        out.describe()
+    );
+
+    w.psm.start_control();
+    let end = w
+        .psm
+        .wait_audit("the session_end buffered while control was down", T, |e| {
+            is(e, "session_end") && e["bytes_down"].as_u64() == Some(22)
+        });
+    assert_eq!(end["exit_status"], 0, "{end}");
+
+    // the relay is back on control's policy: a grant removed now takes effect
+    w.psm.psmctl_ok(
+        &["grant", "remove", "alice", &format!("{TARGET_USER}@web01")],
+        None,
+    );
+    let denied = wait_for(Duration::from_secs(5), || {
+        let out = run_ssh(w.ssh().arg("true"));
+        out.stderr_str().contains("access denied")
+    });
+    assert!(
+        denied,
+        "the relay did not resync with psm-control\n{}",
+        w.psm.logs()
+    );
+}
+
+fn relay_hwm_kib(w: &World) -> u64 {
+    w.psm
+        .relay_pids()
+        .into_iter()
+        .filter_map(vm_hwm_kib)
+        .max()
+        .expect("relay pid")
+}
+
+/// A reader that takes 64 KiB every 5 ms (about 12 MiB/s) and hashes what it read.
+const SLOW_SHA: &str = "import hashlib,sys,time\nh=hashlib.sha256()\nwhile True:\n b=sys.stdin.buffer.read(65536)\n if not b: break\n h.update(b)\n time.sleep(0.005)\nprint(h.hexdigest())";
+
+#[test]
+fn slow_readers_slow_the_writer_without_loss_or_unbounded_memory() {
+    const MIB: u64 = 48;
+    const HWM_LIMIT_KIB: u64 = 160 * 1024;
+    let w = World::new();
+    let file = w.psm.work_dir().join("slow.bin");
+    random_file(&file, MIB << 20);
+    let sha = sha256_file(&file);
+    let limit = Duration::from_secs(120);
+
+    // download to a slow local reader: the target is faster than the user
+    let remote = w.sshd.scratch().join("slow.bin");
+    std::fs::copy(&file, &remote).expect("stage the file on the target");
+    make_world_readable(&remote);
+    let mut ssh = w
+        .ssh()
+        .arg(format!("cat {}", remote.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let slow = Command::new("python3")
+        .args(["-c", SLOW_SHA])
+        .stdin(ssh.stdout.take().expect("stdout"))
+        .output_with_timeout(limit);
+    assert_eq!(wait_child(&mut ssh, T).map(|s| s.code()), Some(Some(0)));
+    assert_eq!(
+        slow.trim(),
+        sha,
+        "download through a slow reader lost or changed bytes"
+    );
+
+    // upload to a slow reader on the target: the user is faster than the target
+    let out = run_cmd(
+        w.ssh().arg(format!("python3 -c '{SLOW_SHA}'")),
+        Some(&std::fs::read(&file).expect("read file")),
+        limit,
+    );
+    assert_eq!(out.stdout_str().trim(), sha, "{}", out.describe());
+
+    let hwm = relay_hwm_kib(&w);
+    assert!(
+        hwm < HWM_LIMIT_KIB,
+        "relay peak memory {hwm} KiB for {MIB} MiB through slow readers: buffering is not bounded"
+    );
+}
+
+fn make_world_readable(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+}
+
+trait OutputWithTimeout {
+    fn output_with_timeout(&mut self, limit: Duration) -> String;
+}
+
+impl OutputWithTimeout for Command {
+    fn output_with_timeout(&mut self, limit: Duration) -> String {
+        let mut child = self.stdout(Stdio::piped()).spawn().expect("spawn");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+            s
+        });
+        if wait_child(&mut child, limit).is_none() {
+            let _ = child.kill();
+            panic!("command did not finish within {limit:?}");
+        }
+        reader.join().unwrap_or_default()
+    }
+}
