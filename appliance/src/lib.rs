@@ -69,13 +69,13 @@ pub struct UpArgs {
     /// Data directory (created mode 0700 when missing).
     #[arg(long, env = "PSM_DATA_DIR", default_value = "./psm-data")]
     pub data_dir: PathBuf,
-    /// Config file (default: <data-dir>/psm.toml when it exists).
+    /// Config file (default: `<data-dir>/psm.toml` when it exists).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Address the relay listens on for SSH (overrides [relay] listen; default 0.0.0.0:2222).
+    /// Address the relay listens on for SSH (overrides `[relay] listen`; default 0.0.0.0:2222).
     #[arg(long)]
     pub listen: Option<String>,
-    /// Relay worker threads (overrides [relay] workers; default: one per CPU).
+    /// Relay worker threads (overrides `[relay] workers`; default: one per CPU).
     #[arg(long)]
     pub workers: Option<i64>,
 }

@@ -233,7 +233,7 @@ pub fn signal_matching(needle: &str, sig: Signal) {
     }
 }
 
-/// Pids of processes whose command line contains `needle`, optionally only those whose argv[0]
+/// Pids of processes whose command line contains `needle`, optionally only those whose `argv[0]`
 /// file name is `exe_name`.
 pub fn pids_matching(needle: &str, exe_name: Option<&str>) -> Vec<u32> {
     let me = std::process::id();

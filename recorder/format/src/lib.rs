@@ -1,7 +1,7 @@
 //! The relay <-> recorder contract and the psm recording file format.
 //!
 //! - [`wire`]: frames the relay sends to psm-recorder over its Unix socket.
-//! - [`file`]: the on-disk recording (one zstd-compressed file per session), its writer and reader.
+//! - [`file`](mod@file): the on-disk recording (one zstd-compressed file per session), its writer and reader.
 //! - [`export`]: replay timing, asciicast v2 and plain-text renderings of a recording.
 //!
 //! What it does not do: open sockets. Readers and writers take any `Read`/`Write`.
