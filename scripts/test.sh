@@ -4,9 +4,9 @@
 #
 #   scripts/test.sh [ARGS...]    ARGS go to `cargo nextest run` (or `cargo test` without nextest)
 #
-# Needs: /usr/sbin/sshd, ssh, scp, sftp, asciinema (Debian: openssh-server openssh-client
-# asciinema procps). As root they are installed with apt when missing; otherwise the script
-# says what to install and exits 1.
+# Needs: /usr/sbin/sshd, ssh, scp, sftp, asciinema, /usr/bin/python3 (Debian: openssh-server
+# openssh-client asciinema procps python3). As root they are installed with apt when missing;
+# otherwise the script says what to install and exits 1.
 # Every step is bounded (timeouts, overridable: PSM_APT_TIMEOUT, PSM_BUILD_TIMEOUT,
 # PSM_TEST_TIMEOUT, in seconds).
 set -euo pipefail
@@ -17,7 +17,7 @@ cd "$root"
 apt_timeout="${PSM_APT_TIMEOUT:-600}"
 build_timeout="${PSM_BUILD_TIMEOUT:-2700}"
 test_timeout="${PSM_TEST_TIMEOUT:-2700}"
-packages=(openssh-server openssh-client asciinema procps)
+packages=(openssh-server openssh-client asciinema procps python3)
 
 say() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
 
@@ -30,7 +30,7 @@ fi
 
 missing_tools() {
   local tool
-  for tool in /usr/sbin/sshd ssh scp sftp asciinema; do
+  for tool in /usr/sbin/sshd ssh scp sftp asciinema /usr/bin/python3; do
     if [[ $tool == /* ]]; then
       [[ -x $tool ]] || printf '%s\n' "$tool"
     else
