@@ -849,6 +849,31 @@ pub fn format_event(e: &AuditEvent) -> String {
             f.push(("reason", reason.clone()));
             ("session_end", f)
         }
+        AuditKind::ChannelRequest {
+            session_id,
+            user,
+            target,
+            account,
+            channel,
+            request,
+            command,
+            accepted,
+        } => {
+            let mut f = vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("channel", channel.to_string()),
+                ("request", request.clone()),
+            ];
+            if !command.is_empty() {
+                f.push(("command", command.clone()));
+            }
+            if !accepted {
+                f.push(("accepted", "no".into()));
+            }
+            ("channel_request", f)
+        }
         AuditKind::AdminChange { action, object } => (
             "admin_change",
             vec![("action", action.clone()), ("object", object.clone())],

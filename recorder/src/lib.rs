@@ -42,6 +42,9 @@ pub const RECORDINGS_DIR: &str = "recordings";
 pub const REASON_LINK_LOST: &str = "relay link lost";
 /// Close reason written for streams still open when the recorder stops.
 pub const REASON_SHUTDOWN: &str = "recorder shutdown";
+/// Close reason written for the other streams of a link that is dropped because one recording
+/// could not be created or written (disk full, I/O error): the relay then ends their sessions.
+pub const REASON_WRITE_FAILED: &str = "recording failed";
 
 /// Longest time written data waits before it is flushed to the file.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -303,6 +306,10 @@ struct Link {
     id: u64,
     dir: PathBuf,
     streams: HashMap<u64, Stream>,
+    /// Set when a recording could not be created or written. The link is then closed: the
+    /// relay sees it drop, ends every session recorded on it and refuses new ones until a fresh
+    /// link works, so no session runs unrecorded (fail closed).
+    failed: Option<String>,
 }
 
 impl Link {
@@ -311,6 +318,7 @@ impl Link {
             id,
             dir,
             streams: HashMap::new(),
+            failed: None,
         }
     }
 
@@ -345,6 +353,10 @@ impl Link {
                             break REASON_LINK_LOST;
                         }
                     }
+                    if let Some(why) = self.failed.take() {
+                        error!(link = self.id, error = %why, "recording failed, dropping the relay connection so its sessions stop");
+                        break REASON_WRITE_FAILED;
+                    }
                     if start == end {
                         start = 0;
                         end = 0;
@@ -370,6 +382,10 @@ impl Link {
             if now >= next_sweep {
                 self.flush_due(now);
                 next_sweep = now + TICK;
+                if let Some(why) = self.failed.take() {
+                    error!(link = self.id, error = %why, "recording failed, dropping the relay connection so its sessions stop");
+                    break REASON_WRITE_FAILED;
+                }
             }
         };
         let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -454,7 +470,10 @@ impl Link {
                 Stream::Recording(Box::new(rec))
             }
             Err(e) => {
-                error!(link = self.id, stream, recording_id = %meta.recording_id, error = %e, "cannot create recording, dropping its frames");
+                error!(link = self.id, stream, recording_id = %meta.recording_id, error = %e, "cannot create recording");
+                self.failed.get_or_insert_with(|| {
+                    format!("cannot create recording {}: {e}", meta.recording_id)
+                });
                 Stream::Dropped
             }
         };
@@ -495,7 +514,10 @@ impl Link {
         match self.streams.get_mut(&stream) {
             Some(Stream::Recording(r)) => {
                 if let Err(e) = r.write(&rec) {
-                    error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot write recording, dropping its frames");
+                    error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot write recording");
+                    self.failed.get_or_insert_with(|| {
+                        format!("cannot write recording {}: {e}", r.recording_id)
+                    });
                     self.streams.insert(stream, Stream::Dropped);
                 }
             }
@@ -534,7 +556,10 @@ impl Link {
             if let Stream::Recording(r) = s {
                 if r.dirty_since.is_some_and(|t| now.duration_since(t) >= due) {
                     if let Err(e) = r.flush() {
-                        error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording, dropping its frames");
+                        error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
+                        self.failed.get_or_insert_with(|| {
+                            format!("cannot flush recording {}: {e}", r.recording_id)
+                        });
                         failed.push(*stream);
                     }
                 }

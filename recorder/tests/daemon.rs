@@ -402,65 +402,60 @@ fn malformed_frame_drops_only_its_connection() {
 }
 
 #[test]
-fn existing_recording_is_not_overwritten() {
+fn a_recording_that_cannot_be_created_drops_the_link_and_overwrites_nothing() {
     let mut daemon = Daemon::start();
     let path = file::path_for(&daemon.recordings(), "taken").expect("path");
     std::fs::write(&path, b"precious").expect("write");
+    for bad in ["taken", "../escape"] {
+        let mut conn = daemon.connect();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        send(
+            &mut conn,
+            &[
+                Frame::Open {
+                    stream: 1,
+                    meta: meta("bystander"),
+                },
+                Frame::Open {
+                    stream: 2,
+                    meta: meta(bad),
+                },
+                data(2, 1, b"x"),
+            ],
+        );
+        // fail closed: the recorder hangs up, so the relay ends the sessions of this link
+        let mut b = [0u8; 1];
+        assert_eq!(
+            conn.read(&mut b).expect("read"),
+            0,
+            "link must be dropped ({bad})"
+        );
+        closed(&daemon, "bystander");
+        let by = file::path_for(&daemon.recordings(), "bystander").expect("path");
+        let reason = file::info(&by).expect("info").summary.map(|s| s.reason);
+        assert_eq!(reason.as_deref(), Some(psm_recorder::REASON_WRITE_FAILED));
+        std::fs::remove_file(by).expect("rm");
+    }
+    assert_eq!(std::fs::read(&path).expect("read"), b"precious");
+    assert!(!daemon.dir.path().join("escape.psmrec").exists());
+    // a fresh link works
     let mut conn = daemon.connect();
     send(
         &mut conn,
         &[
             Frame::Open {
                 stream: 1,
-                meta: meta("taken"),
-            },
-            data(1, 1, b"x"),
-            Frame::Close {
-                stream: 1,
-                ts_us: 2,
-                summary: CloseSummary::default(),
-            },
-            Frame::Open {
-                stream: 2,
                 meta: meta("after"),
             },
             Frame::Close {
-                stream: 2,
+                stream: 1,
                 ts_us: 2,
                 summary: CloseSummary::default(),
             },
         ],
     );
     closed(&daemon, "after");
-    assert_eq!(std::fs::read(&path).expect("read"), b"precious");
-    // an id that is not a file name is refused too
-    send(
-        &mut conn,
-        &[
-            Frame::Open {
-                stream: 3,
-                meta: meta("../escape"),
-            },
-            data(3, 1, b"x"),
-            Frame::Close {
-                stream: 3,
-                ts_us: 2,
-                summary: CloseSummary::default(),
-            },
-            Frame::Open {
-                stream: 4,
-                meta: meta("last"),
-            },
-            Frame::Close {
-                stream: 4,
-                ts_us: 2,
-                summary: CloseSummary::default(),
-            },
-        ],
-    );
-    closed(&daemon, "last");
-    assert!(!daemon.dir.path().join("escape.psmrec").exists());
-    assert_eq!(file::list(&daemon.recordings()).expect("list").len(), 2);
     drop(conn);
     daemon.stop();
 }

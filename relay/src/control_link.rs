@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+use zeroize::Zeroize as _;
 
 /// How many audit events the relay keeps while control is unreachable.
 pub const AUDIT_BUFFER: usize = 65_536;
@@ -81,6 +82,11 @@ impl AuditSink {
             },
             rx,
         )
+    }
+
+    /// Events not yet handed to psm-control.
+    pub fn pending(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Records an event. If the buffer is full (control down for very long) the event is counted
@@ -149,7 +155,7 @@ async fn serve(
             return format!("sending audit event: {e}");
         }
     }
-    let mut line = Vec::new();
+    let mut line = Vec::with_capacity(1 << 20);
     let mut first = true;
     loop {
         tokio::select! {
@@ -169,7 +175,8 @@ async fn serve(
                     },
                     Err(e) => return format!("reading from psm-control: {e}"),
                 }
-                line.clear();
+                // The line held decrypted credentials: wipe it, not just truncate it.
+                line.zeroize();
             }
             ev = audit_rx.recv() => {
                 let Some(ev) = ev else { return "audit channel closed".into() };

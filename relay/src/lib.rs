@@ -25,7 +25,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::{MethodKind, MethodSet, SshId};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use russh::{cipher, MethodKind, MethodSet, SshId};
 use tracing::{error, info};
 
 pub use worker::IoBackend;
@@ -64,9 +66,48 @@ pub enum RelayError {
     Thread(std::io::Error),
 }
 
+/// Ciphers psm offers on both legs, fastest first on CPUs with AES instructions.
+pub const CIPHERS: &[cipher::Name] = &[
+    cipher::AES_128_GCM,
+    cipher::AES_256_GCM,
+    cipher::CHACHA20_POLY1305,
+    cipher::AES_256_CTR,
+    cipher::AES_192_CTR,
+    cipher::AES_128_CTR,
+];
+
+/// A running relay.
+pub struct Relay {
+    shutdown: tokio::sync::watch::Sender<bool>,
+    live: Arc<AtomicUsize>,
+    audit: control_link::AuditSink,
+}
+
+impl Relay {
+    /// Connections open now.
+    pub fn live_connections(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Closes every connection (each gets its end-of-session record and recording trailer),
+    /// then waits for the audit events to reach psm-control; gives up after `deadline`.
+    pub async fn shutdown(&self, deadline: Duration) {
+        let end = tokio::time::Instant::now() + deadline;
+        let _ = self.shutdown.send(true);
+        while self.live_connections() > 0 && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while self.audit.pending() > 0 && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The recorder link drains its queues within milliseconds; give it one tick.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Starts the relay: control link, recorder link and workers. Returns once everything runs; the
-/// workers live until the process exits.
-pub fn start(cfg: &RelayConfig) -> Result<(), RelayError> {
+/// workers live until the process exits or [`Relay::shutdown`].
+pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let (key, created) = host_key::load_or_create(&cfg.data_dir)?;
     info!(fingerprint = %host_key::fingerprint(&key), created, "gateway host key");
 
@@ -99,10 +140,30 @@ pub fn start(cfg: &RelayConfig) -> Result<(), RelayError> {
         auth_rejection_time: Duration::from_millis(300),
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![key],
+        // Idle shells stay as long as the client answers keepalives; a vanished client is
+        // noticed within about a minute and a half.
         inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        window_size: flow::WINDOW,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            ..Default::default()
+        },
         nodelay: true,
         ..Default::default()
     });
+
+    // SO_REUSEPORT would let a second gateway of the same user share the port silently and split
+    // users between two policies: make sure nobody listens there before joining it ourselves.
+    drop(
+        std::net::TcpListener::bind(cfg.listen).map_err(|source| RelayError::Bind {
+            addr: cfg.listen,
+            source,
+        })?,
+    );
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let live = Arc::new(AtomicUsize::new(0));
 
     for i in 0..cfg.workers {
         let listener = worker::bind(cfg.listen).map_err(|source| RelayError::Bind {
@@ -114,6 +175,8 @@ pub fn start(cfg: &RelayConfig) -> Result<(), RelayError> {
             audit: audit.clone(),
             recorder: recorder.worker(),
             server_config: server_config.clone(),
+            shutdown: shutdown_rx.clone(),
+            live: live.clone(),
         });
         let io = cfg.io;
         std::thread::Builder::new()
@@ -127,5 +190,9 @@ pub fn start(cfg: &RelayConfig) -> Result<(), RelayError> {
             .map_err(RelayError::Thread)?;
     }
     info!(listen = %cfg.listen, workers = cfg.workers, "relay listening");
-    Ok(())
+    Ok(Relay {
+        shutdown,
+        live,
+        audit,
+    })
 }

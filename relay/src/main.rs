@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -59,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{}", std::process::id())),
         io: args.io,
     };
-    psm_relay::start(&cfg)?;
+    let relay = psm_relay::start(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -69,7 +70,11 @@ fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("relay stopping");
+        tracing::info!(
+            connections = relay.live_connections(),
+            "relay stopping: closing sessions"
+        );
+        relay.shutdown(Duration::from_secs(4)).await;
         Ok::<(), std::io::Error>(())
     })?;
     Ok(())

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,10 @@ use crate::upstream::{self, TargetHandle};
 pub const RECORDING_UNAVAILABLE: &str = "psm: session recording is unavailable; try again later";
 /// How long the relay waits for the target to answer a channel request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client has to authenticate (as OpenSSH's `LoginGraceTime`, shorter).
+pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
+/// Session channels one connection may have open at once (as OpenSSH's `MaxSessions`).
+pub const MAX_CHANNELS: usize = 10;
 
 /// What every connection on one worker shares.
 pub struct WorkerCtx {
@@ -45,6 +49,10 @@ pub struct WorkerCtx {
     pub recorder: WorkerRecorder,
     /// russh server configuration (host key, algorithms, limits).
     pub server_config: Arc<russh::server::Config>,
+    /// Becomes `true` when the relay stops: every connection is closed and accounted for.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Connections alive on all workers.
+    pub live: Arc<AtomicUsize>,
 }
 
 struct SessionInfo {
@@ -72,6 +80,7 @@ struct Shared {
     started: Instant,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    authenticated: AtomicBool,
     state: Mutex<SharedState>,
 }
 
@@ -108,6 +117,7 @@ pub async fn handle_connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
+    let _live = LiveGuard::new(&ctx.live);
     let _ = stream.set_nodelay(true);
     let shared = Arc::new(Shared {
         session_id: new_id(),
@@ -116,6 +126,7 @@ pub async fn handle_connection(
         started: Instant::now(),
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
+        authenticated: AtomicBool::new(false),
         state: Mutex::new(SharedState::default()),
     });
     let conn = Conn {
@@ -127,52 +138,91 @@ pub async fn handle_connection(
         channels: HashMap::new(),
         flows: HashMap::new(),
     };
-    let running = match russh::server::run_stream(ctx.server_config.clone(), stream, conn).await {
-        Ok(r) => r,
-        Err(e) => {
+    let grace_end = tokio::time::Instant::now() + LOGIN_GRACE;
+    let start = russh::server::run_stream(ctx.server_config.clone(), stream, conn);
+    let running = match tokio::time::timeout_at(grace_end, start).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             debug!(%peer, error = %e, "ssh connection failed before the session started");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no ssh identification within the login grace time");
             return;
         }
     };
     let handle = running.handle();
     let mut link = ctx.recorder.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
     tokio::pin!(running);
+    let grace = tokio::time::sleep_until(grace_end);
+    tokio::pin!(grace);
+    let mut grace_over = false;
     let mut reason: Option<String> = None;
-    loop {
+    let kick = loop {
         tokio::select! {
             r = &mut running => {
                 if let Err(e) = r {
                     debug!(%peer, error = %e, "client connection ended with an error");
                     reason.get_or_insert_with(|| format!("client connection error: {e}"));
                 }
-                break;
+                break None;
+            }
+            _ = &mut grace, if !grace_over => {
+                grace_over = true;
+                if !shared.authenticated.load(Ordering::Acquire) {
+                    info!(%peer, "login grace time exceeded");
+                    break Some("psm: login grace time exceeded");
+                }
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    reason = Some("gateway shutting down".into());
+                    break Some("psm: the gateway is shutting down");
+                }
             }
             changed = link.changed() => {
-                if changed.is_err() {
-                    // The link is gone for good; treat like a lost recorder.
-                    reason = Some("session recording was lost".into());
-                } else {
+                if changed.is_ok() {
                     let gen = shared.recording().map(|r| r.generation());
                     let now = link.borrow().generation;
                     if !matches!(gen, Some(g) if g != now) {
                         continue;
                     }
-                    reason = Some("session recording was lost".into());
                 }
+                // The recorder link dropped (or is gone for good) under this session.
                 warn!(session = %shared.session_id, "recording lost; closing the session");
-                let _ = handle
-                    .disconnect(
-                        russh::Disconnect::ByApplication,
-                        "psm: session recording was lost; the session was closed".into(),
-                        "en".into(),
-                    )
-                    .await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
-                break;
+                reason = Some("session recording was lost".into());
+                break Some("psm: session recording was lost; the session was closed");
             }
         }
+    };
+    if let Some(message) = kick {
+        let _ = handle
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                message.into(),
+                "en".into(),
+            )
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
     }
     finish(&ctx, &shared, reason).await;
+}
+
+/// Counts live connections for a graceful shutdown.
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    fn new(live: &Arc<AtomicUsize>) -> LiveGuard {
+        live.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(live.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<String>) {
@@ -298,6 +348,7 @@ impl Conn {
         info!(peer = %self.shared.peer, %login, %user, method, "authenticated");
         self.login = login.to_string();
         self.user = Some(user.to_string());
+        self.shared.authenticated.store(true, Ordering::Release);
         self.ctx.audit.emit(AuditKind::AuthSuccess {
             login: login.to_string(),
             user: user.to_string(),
@@ -406,7 +457,8 @@ impl Conn {
             self.started = true;
         }
         self.shared.with(|s| s.targets.push(handle.clone()));
-        match handle.channel_open_session().await {
+        let open = tokio::time::timeout(REQUEST_TIMEOUT, handle.channel_open_session()).await;
+        match open.unwrap_or(Err(russh::Error::ConnectionTimeout)) {
             Ok(ch) => Ok((ch, handle)),
             Err(e) => {
                 let err = upstream::UpstreamError::ChannelRefused {
@@ -445,7 +497,7 @@ impl Conn {
     }
 
     /// Starts relaying a channel whose shell/exec/subsystem the target accepted.
-    fn start(&mut self, channel: ChannelId, handle: russh::server::Handle) {
+    async fn start(&mut self, channel: ChannelId, handle: russh::server::Handle) {
         let Some(Chan::Pending {
             up,
             down,
@@ -465,6 +517,7 @@ impl Conn {
         let (down_tx, down_rx) = mpsc::unbounded_channel();
         for m in early {
             if let Some(item) = down_item(m) {
+                record_down(rec.as_ref(), ch, &item).await;
                 account_down(&self.shared, &flow, &item);
                 let _ = down_tx.send(item);
             }
@@ -538,12 +591,29 @@ impl Conn {
             Some(Chan::Pending { .. }) => {}
             _ => return session.channel_failure(channel),
         }
-        match self.forward_request(channel, req).await {
-            Some(true) => {
-                session.channel_success(channel)?;
-                self.start(channel, session.handle());
-            }
-            _ => session.channel_failure(channel)?,
+        let (request, command) = req.describe();
+        let accepted = self.forward_request(channel, req).await == Some(true);
+        if let Some(info) = self.shared.with(|s| {
+            s.info
+                .as_ref()
+                .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
+        }) {
+            self.ctx.audit.emit(AuditKind::ChannelRequest {
+                session_id: self.shared.session_id.clone(),
+                user: info.0,
+                target: info.1,
+                account: info.2,
+                channel: channel.into(),
+                request: request.into(),
+                command,
+                accepted,
+            });
+        }
+        if accepted {
+            session.channel_success(channel)?;
+            self.start(channel, session.handle()).await;
+        } else {
+            session.channel_failure(channel)?;
         }
         Ok(())
     }
@@ -574,6 +644,19 @@ impl russh::server::Handler for Conn {
             .get(&channel)
             .map(|f| f.user_window())
             .unwrap_or(crate::flow::WINDOW)
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.flows.remove(&channel);
+        if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
+            // Opened but never started: its target connection has nothing left to do.
+            tokio::spawn(async move { disconnect_target(&target).await });
+        }
+        Ok(())
     }
 
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
@@ -656,6 +739,11 @@ impl russh::server::Handler for Conn {
                 .await;
             return Ok(());
         };
+        self.channels.retain(|_, c| !matches!(c, Chan::Done));
+        if self.channels.len() >= MAX_CHANNELS {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
         let id = channel.id();
         let state = match self.broker(&user).await {
             Ok((up, target)) => Chan::Pending {
@@ -867,6 +955,16 @@ enum Req {
 }
 
 impl Req {
+    /// The request's name and its command line / subsystem name, for the audit log.
+    fn describe(&self) -> (&'static str, String) {
+        match self {
+            Req::Pty { .. } => ("pty-req", String::new()),
+            Req::Shell => ("shell", String::new()),
+            Req::Exec(cmd) => ("exec", String::from_utf8_lossy(cmd).into_owned()),
+            Req::Subsystem(name) => ("subsystem", name.clone()),
+        }
+    }
+
     async fn send(self, up: &Channel<russh::client::Msg>) -> Result<(), russh::Error> {
         match self {
             Req::Pty {
@@ -939,6 +1037,15 @@ fn down_item(m: ChannelMsg) -> Option<Item> {
     })
 }
 
+async fn record_down(rec: Option<&RecordingStream>, ch: u32, item: &Item) {
+    let Some(rec) = rec else { return };
+    match item {
+        Item::Data(d) => rec.data(ch, Direction::Output, d.clone()).await,
+        Item::Ext(_, d) => rec.data(ch, Direction::Error, d.clone()).await,
+        _ => {}
+    }
+}
+
 fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
     match item {
         Item::Data(_) | Item::Ext(..) => {
@@ -987,7 +1094,10 @@ async fn read_client(
     loop {
         // Only a user who multiplexes channels and keeps one of them congested can get here;
         // the window hook keeps a single channel far below this.
-        flow.up_ready().await;
+        tokio::select! {
+            _ = flow.up_ready() => {}
+            _ = tx.closed() => return,
+        }
         let item = match r.wait().await {
             Some(ChannelMsg::Data { data }) => {
                 shared
@@ -1048,20 +1158,18 @@ async fn read_target(
     ch: u32,
 ) {
     loop {
-        flow.down_ready().await;
+        tokio::select! {
+            _ = flow.down_ready() => {}
+            // The user side is gone: nothing will drain the queue any more.
+            _ = tx.closed() => return,
+        }
         let Some(msg) = r.wait().await else {
             shared.closed_by("target");
             let _ = tx.send(Item::Close);
             return;
         };
         let Some(item) = down_item(msg) else { continue };
-        if let Some(rec) = &rec {
-            match &item {
-                Item::Data(d) => rec.data(ch, Direction::Output, d.clone()).await,
-                Item::Ext(_, d) => rec.data(ch, Direction::Error, d.clone()).await,
-                _ => {}
-            }
-        }
+        record_down(rec.as_ref(), ch, &item).await;
         account_down(&shared, &flow, &item);
         let close = matches!(item, Item::Close);
         if tx.send(item).is_err() || close {

@@ -148,9 +148,23 @@ impl client::Handler for TargetHandler {
 /// A logged-in connection to a target.
 pub type TargetHandle = client::Handle<TargetHandler>;
 
+/// How long connecting, verifying and logging in may take altogether.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Connects to `target`, verifies its host key against the pinned one and logs in as `account`
-/// with the vaulted credential.
+/// with the vaulted credential; gives up after [`LOGIN_TIMEOUT`].
 pub async fn connect(target: &Target, account: &Account) -> Result<TargetHandle, UpstreamError> {
+    match tokio::time::timeout(LOGIN_TIMEOUT, connect_inner(target, account)).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError::Unreachable {
+            target: target.name.clone(),
+            address: target.address.clone(),
+            reason: format!("no login within {LOGIN_TIMEOUT:?}"),
+        }),
+    }
+}
+
+async fn connect_inner(target: &Target, account: &Account) -> Result<TargetHandle, UpstreamError> {
     let pinned = PublicKey::from_openssh(&target.host_key).map_err(|e| UpstreamError::BadPin {
         target: target.name.clone(),
         reason: e.to_string(),
@@ -183,9 +197,13 @@ pub async fn connect(target: &Target, account: &Account) -> Result<TargetHandle,
     let config = client::Config {
         preferred: russh::Preferred {
             key: Cow::Owned(key_algs),
+            cipher: Cow::Borrowed(crate::CIPHERS),
             ..Default::default()
         },
         inactivity_timeout: None,
+        window_size: crate::flow::WINDOW,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
         nodelay: true,
         ..Default::default()
     };

@@ -13,6 +13,22 @@ fn is(e: &Value, event: &str) -> bool {
     jstr(e, "event") == event
 }
 
+/// Waits for the `session_start` after `mark` and returns its session id. (Events of sessions
+/// that ended just before `mark` may still arrive after it, so later checks match on the id.)
+fn started_session(w: &World, mark: usize) -> String {
+    let start = w
+        .psm
+        .wait_audit_after(mark, "session_start", T, |e| is(e, "session_start"));
+    jstr(&start, "session_id").to_string()
+}
+
+/// Waits for the `session_end` of session `sid`.
+fn ended_session(w: &World, sid: &str) -> Value {
+    w.psm.wait_audit(&format!("session_end of {sid}"), T, |e| {
+        is(e, "session_end") && jstr(e, "session_id") == sid
+    })
+}
+
 #[test]
 fn ctrl_d_ends_a_pty_session_and_it_is_audited() {
     let w = World::new();
@@ -22,17 +38,14 @@ fn ctrl_d_ends_a_pty_session_and_it_is_audited() {
     let mut pty = PtySession::spawn(&cmd, &[("TERM", "xterm")], 24, 80);
     pty.send_line("echo \"AL\"\"IVE\"");
     pty.expect("ALIVE", T);
+    let sid = started_session(&w, mark);
     pty.send("\x04");
     assert_eq!(
         pty.wait(T),
         Some(0),
         "Ctrl-D at the prompt ends the shell with status 0"
     );
-    let end = w
-        .psm
-        .wait_audit_after(mark, "session_end after Ctrl-D", T, |e| {
-            is(e, "session_end")
-        });
+    let end = ended_session(&w, &sid);
     assert_eq!(end["exit_status"], 0, "{end}");
 }
 
@@ -48,17 +61,12 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
         .stderr(Stdio::null())
         .spawn()
         .expect("ssh");
-    w.psm
-        .wait_audit_after(mark, "session_start", T, |e| is(e, "session_start"));
+    let sid = started_session(&w, mark);
     let sleeping = || !pids_matching("sleep 300", Some("sleep")).is_empty();
     assert!(wait_for(T, sleeping), "the remote command did not start");
     child.kill().expect("kill ssh");
     let _ = child.wait();
-    let end = w
-        .psm
-        .wait_audit_after(mark, "session_end after the client vanished", T, |e| {
-            is(e, "session_end")
-        });
+    let end = ended_session(&w, &sid);
     assert!(jstr(&end, "reason").contains("client"), "{end}");
     assert!(
         wait_for(T, || !sleeping()),
@@ -78,8 +86,7 @@ fn a_recorder_dying_mid_session_closes_the_session() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("ssh");
-    w.psm
-        .wait_audit_after(mark, "session_start", T, |e| is(e, "session_start"));
+    let sid = started_session(&w, mark);
     let started = Instant::now();
     w.psm.kill_recorder();
     let out = child.wait_with_output().expect("ssh output");
@@ -96,9 +103,7 @@ fn a_recorder_dying_mid_session_closes_the_session() {
         stderr.contains("session recording was lost"),
         "stderr: {stderr}"
     );
-    let end = w
-        .psm
-        .wait_audit_after(mark, "session_end", T, |e| is(e, "session_end"));
+    let end = ended_session(&w, &sid);
     assert_eq!(jstr(&end, "reason"), "session recording was lost", "{end}");
 }
 
@@ -231,4 +236,77 @@ impl OutputWithTimeout for Command {
         }
         reader.join().unwrap_or_default()
     }
+}
+
+#[test]
+fn every_shell_command_and_subsystem_request_is_audited() {
+    let w = World::new();
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh().arg("echo audited-$((40+2))"));
+    assert_eq!(out.stdout_str(), "audited-42\n", "{}", out.describe());
+    let req = w
+        .psm
+        .wait_audit_after(mark, "channel_request for the exec", T, |e| {
+            is(e, "channel_request")
+        });
+    assert_eq!(jstr(&req, "request"), "exec", "{req}");
+    assert_eq!(jstr(&req, "command"), "echo audited-$((40+2))", "{req}");
+    assert_eq!(req["accepted"], true, "{req}");
+    assert_eq!(jstr(&req, "user"), "alice", "{req}");
+}
+
+#[test]
+fn stopping_the_relay_closes_sessions_with_a_message_and_accounts_for_them() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let w = World::with_mode(PsmMode::Separate);
+    let mark = w.psm.audit_mark();
+    let child = w
+        .ssh()
+        .args(["echo STARTED; sleep 20; echo MUST-NOT-APPEAR"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    let sid = started_session(&w, mark);
+    for pid in w.psm.relay_pids() {
+        kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM relay");
+    }
+    let out = child.wait_with_output().expect("ssh output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the gateway is shutting down"),
+        "stderr: {stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("MUST-NOT-APPEAR"));
+    let end = ended_session(&w, &sid);
+    assert_eq!(jstr(&end, "reason"), "gateway shutting down", "{end}");
+}
+
+#[test]
+fn a_second_relay_cannot_silently_share_the_port() {
+    let w = World::new();
+    let other = tempfile::tempdir().expect("tempdir");
+    let out = run_cmd(
+        Command::new(bin("psm-relay"))
+            .arg("--data-dir")
+            .arg(other.path())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", w.psm.port()))
+            .env("RUST_LOG", "error"),
+        None,
+        T,
+    );
+    assert!(
+        !out.success(),
+        "a second relay started on a busy port\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr_str().contains("cannot listen on"),
+        "{}",
+        out.describe()
+    );
+    w.wait_session_works(&alice_login(), T);
 }

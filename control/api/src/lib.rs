@@ -425,6 +425,25 @@ pub enum AuditKind {
         /// Why it ended (`client closed`, `target closed`, `recorder lost`, …).
         reason: String,
     },
+    /// The user started a shell, a command or a subsystem on a channel of a session.
+    ChannelRequest {
+        /// Session id.
+        session_id: String,
+        /// psm user.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Account on the target.
+        account: String,
+        /// User-side channel number.
+        channel: u32,
+        /// `shell`, `exec` or `subsystem`.
+        request: String,
+        /// The command line (exec) or subsystem name; empty for a shell.
+        command: String,
+        /// Whether the target accepted it.
+        accepted: bool,
+    },
     /// An administrative change through psmctl.
     AdminChange {
         /// What was done (`user add`, `grant remove`, …).
