@@ -466,14 +466,15 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
-    let (relay_id, have_version) =
+    let (relay_id, have_version, live) =
         match tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut reader, &mut buf, MAX_LINE)).await
         {
             Ok(Ok(Line::Data)) => match decode_line::<RelayToControl>(&buf) {
                 Ok(RelayToControl::Hello {
                     relay_id,
                     have_version,
-                }) => (relay_id, have_version),
+                    live,
+                }) => (relay_id, have_version, live),
                 Ok(other) => {
                     warn!(message = ?other, "relay did not start with hello; closing");
                     return;
@@ -496,7 +497,7 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
                 return;
             }
         };
-    info!(%relay_id, ?have_version, "relay connected");
+    info!(%relay_id, ?have_version, live = live.len(), "relay connected");
     lock(&shared.relays).insert(
         conn,
         RelayInfo {
@@ -504,6 +505,29 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
             connected_ms: psm_control_api::now_ms(),
         },
     );
+    {
+        // The relay's running sessions: what a restarted control would otherwise not know.
+        let mut sessions = lock(&shared.sessions);
+        for l in live {
+            sessions.insert(
+                l.session_id.clone(),
+                LiveSession {
+                    conn,
+                    info: SessionInfo {
+                        session_id: l.session_id,
+                        user: l.user,
+                        source: l.source,
+                        target: l.target,
+                        target_address: l.target_address,
+                        account: l.account,
+                        recording_id: l.recording_id,
+                        start_ms: l.start_ms,
+                        relay: relay_id.clone(),
+                    },
+                },
+            );
+        }
+    }
     let mut rx = shared.snapshot.subscribe();
     let writer = async {
         loop {
@@ -763,6 +787,7 @@ mod tests {
             };
             relay
                 .send(&RelayToControl::Hello {
+                    live: Vec::new(),
                     relay_id: id.into(),
                     have_version: None,
                 })
@@ -1085,6 +1110,7 @@ mod tests {
             .expect("connect");
         let _ = relay
             .write_all(&encode_line(&RelayToControl::Hello {
+                live: Vec::new(),
                 relay_id: "x".into(),
                 have_version: None,
             }))

@@ -10,9 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use psm_control_api::{
-    decode_line, encode_line, now_ms, AuditEvent, AuditKind, ControlToRelay, PolicySnapshot,
-    RelayToControl, MAX_LINE,
+    decode_line, encode_line, now_ms, AuditEvent, AuditKind, ControlToRelay, LiveSession,
+    PolicySnapshot, RelayToControl, MAX_LINE,
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
@@ -59,6 +62,35 @@ impl PolicyStore {
     /// Whether any snapshot has been received yet.
     pub fn has_snapshot(&self) -> bool {
         self.loaded.load(Ordering::Acquire) > 0
+    }
+}
+
+/// Sessions running on this relay, announced to control in every `Hello` so a restarted control
+/// knows them.
+#[derive(Default)]
+pub struct LiveSessions(Mutex<HashMap<String, LiveSession>>);
+
+impl LiveSessions {
+    /// A session started.
+    pub fn insert(&self, s: LiveSession) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(s.session_id.clone(), s);
+        }
+    }
+
+    /// A session ended.
+    pub fn remove(&self, session_id: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(session_id);
+        }
+    }
+
+    /// All running sessions.
+    pub fn list(&self) -> Vec<LiveSession> {
+        self.0
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -110,6 +142,7 @@ pub async fn run(
     socket: PathBuf,
     relay_id: String,
     store: Arc<PolicyStore>,
+    live: Arc<LiveSessions>,
     mut audit_rx: mpsc::Receiver<AuditEvent>,
 ) {
     let mut pending: Option<Vec<u8>> = None;
@@ -119,7 +152,15 @@ pub async fn run(
             Ok(stream) => {
                 warned = false;
                 info!(socket = %socket.display(), "connected to psm-control");
-                let err = serve(stream, &relay_id, &store, &mut audit_rx, &mut pending).await;
+                let err = serve(
+                    stream,
+                    &relay_id,
+                    &store,
+                    &live,
+                    &mut audit_rx,
+                    &mut pending,
+                )
+                .await;
                 warn!(error = %err, "link to psm-control lost; serving on the last snapshot");
             }
             Err(e) => {
@@ -137,6 +178,7 @@ async fn serve(
     stream: UnixStream,
     relay_id: &str,
     store: &PolicyStore,
+    live: &LiveSessions,
     audit_rx: &mut mpsc::Receiver<AuditEvent>,
     pending: &mut Option<Vec<u8>>,
 ) -> String {
@@ -145,6 +187,7 @@ async fn serve(
     let hello = RelayToControl::Hello {
         relay_id: relay_id.to_string(),
         have_version: store.has_snapshot().then(|| store.get().version),
+        live: live.list(),
     };
     if let Err(e) = w.write_all(&encode_line(&hello)).await {
         return format!("sending hello: {e}");

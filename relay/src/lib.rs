@@ -114,9 +114,11 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let store = Arc::new(control_link::PolicyStore::default());
     let origin = format!("relay-{}", cfg.relay_id);
     let (audit, audit_rx) = control_link::AuditSink::new(&origin);
+    let live_sessions = Arc::new(control_link::LiveSessions::default());
     {
         let socket = cfg.data_dir.join(psm_control_api::POLICY_SOCKET);
         let store = store.clone();
+        let live = live_sessions.clone();
         let relay_id = cfg.relay_id.clone();
         std::thread::Builder::new()
             .name("psm-control-link".into())
@@ -125,7 +127,9 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(control_link::run(socket, relay_id, store, audit_rx)),
+                    Ok(rt) => {
+                        rt.block_on(control_link::run(socket, relay_id, store, live, audit_rx))
+                    }
                     Err(e) => error!(error = %e, "cannot start the control link runtime"),
                 }
             })
@@ -177,6 +181,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             server_config: server_config.clone(),
             shutdown: shutdown_rx.clone(),
             live: live.clone(),
+            sessions: live_sessions.clone(),
         });
         let io = cfg.io;
         std::thread::Builder::new()

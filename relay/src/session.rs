@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use psm_control_api::{now_ms, AuditKind, Login, PolicySnapshot};
+use psm_control_api::{now_ms, AuditKind, LiveSession, Login, PolicySnapshot};
 use psm_recorder_format::{CloseSummary, Direction, RecordingMeta};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -53,6 +53,8 @@ pub struct WorkerCtx {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Connections alive on all workers.
     pub live: Arc<AtomicUsize>,
+    /// Sessions running on this relay (announced to control on reconnect).
+    pub sessions: Arc<crate::control_link::LiveSessions>,
 }
 
 struct SessionInfo {
@@ -240,6 +242,7 @@ async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<String>) {
         disconnect_target(&t).await;
     }
     let Some(info) = info else { return };
+    ctx.sessions.remove(&shared.session_id);
     let end_ms = now_ms();
     let reason = reason.unwrap_or_else(|| match first_close {
         Some("target") => "target ended the session".into(),
@@ -444,7 +447,7 @@ impl Conn {
                 s.recording = recording;
             });
             info!(session = %self.shared.session_id, %user, target = %target.name, account = %account.username, "session started");
-            self.ctx.audit.emit(AuditKind::SessionStart {
+            let live = LiveSession {
                 session_id: self.shared.session_id.clone(),
                 user: user.to_string(),
                 source: self.source(),
@@ -453,6 +456,17 @@ impl Conn {
                 account: account.username.clone(),
                 recording_id,
                 start_ms: self.shared.start_ms,
+            };
+            self.ctx.sessions.insert(live.clone());
+            self.ctx.audit.emit(AuditKind::SessionStart {
+                session_id: live.session_id,
+                user: live.user,
+                source: live.source,
+                target: live.target,
+                target_address: live.target_address,
+                account: live.account,
+                recording_id: live.recording_id,
+                start_ms: live.start_ms,
             });
             self.started = true;
         }

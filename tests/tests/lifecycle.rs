@@ -310,3 +310,32 @@ fn a_second_relay_cannot_silently_share_the_port() {
     );
     w.wait_session_works(&alice_login(), T);
 }
+
+#[test]
+fn a_restarted_control_still_lists_the_running_sessions() {
+    let mut w = World::with_mode(PsmMode::Separate);
+    let mark = w.psm.audit_mark();
+    let mut child = w
+        .ssh()
+        .args(["sleep 30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let sid = started_session(&w, mark);
+    w.psm.kill_control();
+    w.psm.start_control();
+    let listed = wait_for(Duration::from_secs(5), || {
+        let out = w.psm.psmctl(&["sessions", "list", "--json"], None);
+        json_objects(&out.stdout_str())
+            .iter()
+            .any(|s| jstr(s, "session_id") == sid)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        listed,
+        "session {sid} missing from sessions list after control restarted"
+    );
+}

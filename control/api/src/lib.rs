@@ -466,6 +466,27 @@ pub enum ControlToRelay {
     Snapshot(PolicySnapshot),
 }
 
+/// A session running on a relay, as announced in [`RelayToControl::Hello`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveSession {
+    /// Session id.
+    pub session_id: String,
+    /// psm user.
+    pub user: String,
+    /// Client `ip:port`.
+    pub source: String,
+    /// Target name.
+    pub target: String,
+    /// Target `host:port`.
+    pub target_address: String,
+    /// Account on the target.
+    pub account: String,
+    /// Recording id.
+    pub recording_id: String,
+    /// Start, ms since the epoch.
+    pub start_ms: u64,
+}
+
 /// Messages from a relay to control.
 // Audit events dominate the traffic; boxing them would only add an allocation per event.
 #[allow(clippy::large_enum_variant)]
@@ -478,6 +499,9 @@ pub enum RelayToControl {
         relay_id: String,
         /// Snapshot version the relay holds, if any.
         have_version: Option<u64>,
+        /// Sessions running on the relay now (so a restarted control knows them).
+        #[serde(default)]
+        live: Vec<LiveSession>,
     },
     /// An audit event.
     Audit(AuditEvent),
@@ -653,6 +677,15 @@ mod tests {
         assert!(text.contains("\"event\":\"auth_failure\""), "{text}");
         match decode_line::<RelayToControl>(&line).expect("decodes") {
             RelayToControl::Audit(b) => assert_eq!(b, e),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn hello_without_live_sessions_still_decodes() {
+        let old = br#"{"type":"hello","relay_id":"r1","have_version":3}"#;
+        match decode_line::<RelayToControl>(old).expect("decodes") {
+            RelayToControl::Hello { live, .. } => assert!(live.is_empty()),
             other => panic!("unexpected {other:?}"),
         }
     }
