@@ -174,17 +174,19 @@ impl Shared {
                 return Response::error(e.to_string());
             }
         };
-        if let Err(e) = self.publish(&mut store) {
-            error!(action, %object, error = %e, "change saved but snapshot not built");
-            return Response::error(format!(
-                "change saved (policy version {version}) but the snapshot could not be built: {e}"
-            ));
-        }
+        // The change is saved: audit it whatever happens next.
+        let published = self.publish(&mut store);
         let audited = lock(&self.audit).append_control(AuditKind::AdminChange {
             action: action.to_string(),
             object: object.clone(),
         });
         drop(store);
+        if let Err(e) = published {
+            error!(action, %object, error = %e, "change saved but snapshot not built");
+            return Response::error(format!(
+                "change saved (policy version {version}) but the snapshot could not be built: {e}"
+            ));
+        }
         if let Err(e) = audited {
             error!(action, %object, error = %e, "change applied but not audited");
             return Response::error(format!(

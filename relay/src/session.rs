@@ -755,7 +755,12 @@ impl russh::server::Handler for Conn {
         };
         self.channels.retain(|_, c| !matches!(c, Chan::Done));
         if self.channels.len() >= MAX_CHANNELS {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: 4, // SSH_OPEN_RESOURCE_SHORTAGE
+                    reason: format!("psm: at most {MAX_CHANNELS} sessions per connection"),
+                })
+                .await;
             return Ok(());
         }
         let id = channel.id();
@@ -791,7 +796,10 @@ impl russh::server::Handler for Conn {
             ),
         });
         reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .reject(ChannelOpenFailure::Other {
+                code: 1, // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+                reason: "psm: port forwarding is not permitted".into(),
+            })
             .await;
         Ok(())
     }

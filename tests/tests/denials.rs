@@ -354,7 +354,8 @@ fn forwarding_is_refused() {
 
     // local forwarding: the session itself works, the forwarded connection does not
     let lport = free_port();
-    let mut cmd = w.ssh();
+    // (OpenSSH reports a failed forward at log level INFO)
+    let mut cmd = w.ssh_with(&["-o", "LogLevel=INFO"], &alice_login(), &w.alice_key);
     cmd.arg("-L")
         .arg(format!("127.0.0.1:{lport}:{target_addr}"))
         .arg("sleep 4; echo session-ok")
@@ -396,6 +397,12 @@ fn forwarding_is_refused() {
         "the session with a refused -L must still work; stderr: {stderr}"
     );
     assert_eq!(status.and_then(|s| s.code()), Some(0), "stderr: {stderr}");
+    if opened {
+        assert!(
+            stderr.contains("psm: port forwarding is not permitted"),
+            "the user is told why the forward failed; stderr: {stderr}"
+        );
+    }
 
     // agent and X11 forwarding: the session works, nothing is forwarded
     let agent_dir = w.psm.work_dir();
@@ -429,7 +436,7 @@ fn forwarding_is_refused() {
     let out = run_ssh(
         w.ssh()
             .env("SSH_AUTH_SOCK", &agent_sock)
-            .args(["-A", "-o", "ForwardX11=yes", "-o", "ForwardX11Trusted=no"])
+            .args(["-A", "-o", "ForwardX11=yes", "-o", "ForwardX11Trusted=yes"])
             .env("DISPLAY", "127.0.0.1:99")
             .arg("echo \"A:${SSH_AUTH_SOCK:-none} X:${DISPLAY:-none}\""),
     );
@@ -442,4 +449,12 @@ fn forwarding_is_refused() {
         "agent/X11 must not be forwarded\n{}",
         out.describe()
     );
+    for what in ["agent forwarding", "X11 forwarding"] {
+        assert!(
+            out.stderr_str()
+                .contains(&format!("psm: {what} is not permitted")),
+            "the user is told that {what} is refused\n{}",
+            out.describe()
+        );
+    }
 }
