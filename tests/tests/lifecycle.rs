@@ -22,6 +22,21 @@ fn started_session(w: &World, mark: usize) -> String {
     jstr(&start, "session_id").to_string()
 }
 
+/// Starts a 20 s exec session that prints `MUST-NOT-APPEAR` only if nothing cuts it short;
+/// returns the ssh child (stdout and stderr piped) once psm has started the session.
+fn long_session(w: &World) -> (std::process::Child, String) {
+    let mark = w.psm.audit_mark();
+    let child = w
+        .ssh()
+        .args(["echo STARTED; sleep 20; echo MUST-NOT-APPEAR"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    (child, started_session(w, mark))
+}
+
 /// Waits for the `session_end` of session `sid`.
 fn ended_session(w: &World, sid: &str) -> Value {
     w.psm.wait_audit(&format!("session_end of {sid}"), T, |e| {
@@ -77,16 +92,7 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
 #[test]
 fn a_recorder_dying_mid_session_closes_the_session() {
     let mut w = World::with_mode(PsmMode::Separate);
-    let mark = w.psm.audit_mark();
-    let child = w
-        .ssh()
-        .args(["echo STARTED; sleep 20; echo MUST-NOT-APPEAR"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ssh");
-    let sid = started_session(&w, mark);
+    let (child, sid) = long_session(&w);
     let started = Instant::now();
     w.psm.kill_recorder();
     let out = child.wait_with_output().expect("ssh output");
@@ -260,16 +266,7 @@ fn stopping_the_relay_closes_sessions_with_a_message_and_accounts_for_them() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let w = World::with_mode(PsmMode::Separate);
-    let mark = w.psm.audit_mark();
-    let child = w
-        .ssh()
-        .args(["echo STARTED; sleep 20; echo MUST-NOT-APPEAR"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ssh");
-    let sid = started_session(&w, mark);
+    let (child, sid) = long_session(&w);
     for pid in w.psm.relay_pids() {
         kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM relay");
     }
