@@ -288,8 +288,9 @@ fn up_restarts_a_dead_daemon_and_stops_cleanly() {
     );
 
     let all: Vec<u32> = children_of(pid).iter().map(|(p, _)| *p).collect();
+    // Ctrl-C: the terminal sends SIGINT to psm up (the daemons run in their own process groups)
     Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args(["-INT", &pid.to_string()])
         .status()
         .expect("kill");
     let status = child.wait().expect("wait");
