@@ -673,7 +673,8 @@ fn print_sessions(
     }
     let rows: Vec<Vec<String>> = list
         .iter()
-        .map(|s| {
+        .map(|i| {
+            let s = &i.session;
             vec![
                 s.session_id.clone(),
                 s.user.clone(),
@@ -681,7 +682,7 @@ fn print_sessions(
                 s.source.clone(),
                 timefmt::utc(s.start_ms),
                 timefmt::duration(now_ms.saturating_sub(s.start_ms)),
-                s.relay.clone(),
+                i.relay.clone(),
                 s.recording_id.clone(),
             ]
         })
@@ -1059,14 +1060,16 @@ mod tests {
     #[test]
     fn session_table() {
         let s = SessionInfo {
-            session_id: "s1".into(),
-            user: "alice".into(),
-            source: "10.0.0.9:5000".into(),
-            target: "web01".into(),
-            target_address: "10.0.0.1:22".into(),
-            account: "root".into(),
-            recording_id: "r1".into(),
-            start_ms: 1_700_000_000_000,
+            session: psm_control_api::LiveSession {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                source: "10.0.0.9:5000".into(),
+                target: "web01".into(),
+                target_address: "10.0.0.1:22".into(),
+                account: "root".into(),
+                recording_id: "r1".into(),
+                start_ms: 1_700_000_000_000,
+            },
             relay: "r-1".into(),
         };
         let mut out = Vec::new();

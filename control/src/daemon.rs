@@ -304,7 +304,10 @@ impl Shared {
                     .values()
                     .map(|s| s.info.clone())
                     .collect();
-                list.sort_by(|a, b| (a.start_ms, &a.session_id).cmp(&(b.start_ms, &b.session_id)));
+                list.sort_by(|a, b| {
+                    (a.session.start_ms, &a.session.session_id)
+                        .cmp(&(b.session.start_ms, &b.session.session_id))
+                });
                 Response::ok(&list)
             }
         }
@@ -331,14 +334,16 @@ impl Shared {
                     LiveSession {
                         conn,
                         info: SessionInfo {
-                            session_id: session_id.clone(),
-                            user: user.clone(),
-                            source: source.clone(),
-                            target: target.clone(),
-                            target_address: target_address.clone(),
-                            account: account.clone(),
-                            recording_id: recording_id.clone(),
-                            start_ms: *start_ms,
+                            session: psm_control_api::LiveSession {
+                                session_id: session_id.clone(),
+                                user: user.clone(),
+                                source: source.clone(),
+                                target: target.clone(),
+                                target_address: target_address.clone(),
+                                account: account.clone(),
+                                recording_id: recording_id.clone(),
+                                start_ms: *start_ms,
+                            },
                             relay: relay_id.to_string(),
                         },
                     },
@@ -510,20 +515,13 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
     {
         // The relay's running sessions: what a restarted control would otherwise not know.
         let mut sessions = lock(&shared.sessions);
-        for l in live {
+        for session in live {
             sessions.insert(
-                l.session_id.clone(),
+                session.session_id.clone(),
                 LiveSession {
                     conn,
                     info: SessionInfo {
-                        session_id: l.session_id,
-                        user: l.user,
-                        source: l.source,
-                        target: l.target,
-                        target_address: l.target_address,
-                        account: l.account,
-                        recording_id: l.recording_id,
-                        start_ms: l.start_ms,
+                        session,
                         relay: relay_id.clone(),
                     },
                 },
@@ -999,7 +997,7 @@ mod tests {
         assert_eq!(
             sessions
                 .iter()
-                .map(|s| s.session_id.as_str())
+                .map(|s| s.session.session_id.as_str())
                 .collect::<Vec<_>>(),
             vec!["s2"]
         );

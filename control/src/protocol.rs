@@ -244,25 +244,12 @@ pub struct GrantInfo {
     pub conditions: Conditions,
 }
 
-/// A live session, from the relays' `session_start` events.
+/// A live session, from the relays' `session_start` events and hellos.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
-    /// Session id.
-    pub session_id: String,
-    /// psm user.
-    pub user: String,
-    /// Client `ip:port`.
-    pub source: String,
-    /// Target name.
-    pub target: String,
-    /// Target `host:port`.
-    pub target_address: String,
-    /// Account on the target.
-    pub account: String,
-    /// Recording id.
-    pub recording_id: String,
-    /// Start, ms since the epoch.
-    pub start_ms: u64,
+    /// The session, as the relay announced it.
+    #[serde(flatten)]
+    pub session: psm_control_api::LiveSession,
     /// Relay id that reported it.
     pub relay: String,
 }
