@@ -353,9 +353,52 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
                     relays.join(", "),
                     s.sessions
                 )?;
+                for r in &s.relays {
+                    let st = &r.stats;
+                    writeln!(
+                        out,
+                        "relay {}: recorder {}; connections {}, refused before handshake {}, failed before authentication {}, authentication failures {}, unauthenticated now {}, sessions started {}",
+                        field(&r.relay_id),
+                        if st.recorder_connected { "connected" } else { "NOT CONNECTED (recorded sessions are refused)" },
+                        st.connections,
+                        st.startups_refused,
+                        st.preauth_failures,
+                        st.auth_failures,
+                        st.unauthenticated,
+                        st.sessions_started,
+                    )?;
+                }
+                match (&s.recordings, &s.recordings_error) {
+                    (Some(d), _) => writeln!(
+                        out,
+                        "recordings: {} free of {}, {} files free ({})",
+                        human_bytes(d.free_bytes),
+                        human_bytes(d.total_bytes),
+                        d.free_inodes,
+                        d.path
+                    )?,
+                    (None, Some(e)) => writeln!(out, "recordings: free space unknown: {e}")?,
+                    (None, None) => {}
+                }
                 Ok(())
             }
         }
+    }
+}
+
+/// `1.5 GiB`-style sizes.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 
@@ -742,13 +785,15 @@ fn recordings_cmd(
     Ok(())
 }
 
-/// Quotes a field value when it holds spaces, quotes or nothing.
+/// Quotes a field value when it holds spaces, quotes or nothing; escapes what a peer could use
+/// to forge a line or drive the terminal (controls, bidi overrides; see
+/// [`psm_control_api::escape`]).
 fn field(v: &str) -> String {
     if v.is_empty()
         || v.chars()
-            .any(|c| c.is_whitespace() || c == '"' || c.is_control())
+            .any(|c| c.is_whitespace() || c == '"' || psm_control_api::escape::needs_escape(c))
     {
-        format!("{v:?}")
+        format!("\"{}\"", psm_control_api::escape(v).replace('"', "\\\""))
     } else {
         v.to_string()
     }
@@ -1055,6 +1100,34 @@ mod tests {
             format_event(&e),
             "2023-11-14 22:13:20  #7  control  admin_change  action=\"grant add\"  object=\"alice -> root@web01\""
         );
+    }
+
+    #[test]
+    fn client_chosen_strings_are_escaped_in_audit_lines() {
+        let e = AuditEvent {
+            seq: 8,
+            ts_ms: 1_700_000_000_000,
+            origin: "relay-r1".into(),
+            kind: AuditKind::AuthFailure {
+                login: "x\n2023-11-14 22:13:21  #9  control  auth_success  user=root\u{1b}]0;t\u{7}\u{202e}abc".into(),
+                method: "password".into(),
+                source: "127.0.0.1:4000".into(),
+                reason: "unknown user".into(),
+            },
+        };
+        let line = format_event(&e);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            !line.contains('\u{1b}') && !line.contains('\u{7}'),
+            "{line}"
+        );
+        assert!(!line.contains('\u{202e}'), "{line}");
+        assert!(line.contains(r#"login="x\n2023-11-14"#), "{line}");
+        assert!(line.contains(r"\u{202e}abc"), "{line}");
+        // a bidi override alone (no space, no control character) is escaped too
+        assert_eq!(field("a\u{202e}b"), r#""a\u{202e}b""#);
+        assert_eq!(field(r#"say "hi""#), r#""say \"hi\"""#);
+        assert_eq!(field("plain"), "plain");
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!   the policy version, then a snapshot push, then an `admin_change` audit event.
 //! - Only the uid that owns the data directory may connect to either socket (checked with
 //!   `SO_PEERCRED`); both sockets are mode 0600.
+//! - Relays report their counters and each running session's byte counts every few seconds.
+//!   When a relay's link drops, its sessions wait [`RELAY_LOST_GRACE`] for the relay to come back
+//!   and announce them again; those that are not announced get their `session_end` from control,
+//!   with the reason `relay lost` and the last byte counts seen.
 //!
 //! What it does not do: talk SSH, or keep decrypted credentials anywhere but in the current
 //! snapshot line (wiped when replaced).
@@ -45,6 +49,11 @@ use crate::vault::{Vault, VaultError};
 
 /// How long a relay has to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the sessions of a relay whose link dropped wait for it to come back and announce
+/// them, before control ends them with the reason [`REASON_RELAY_LOST`].
+pub const RELAY_LOST_GRACE: Duration = Duration::from_secs(10);
+/// The `session_end` reason control writes for the sessions of a relay that never came back.
+pub const REASON_RELAY_LOST: &str = "relay lost";
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +115,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct LiveSession {
     conn: u64,
     info: SessionInfo,
+    /// Last byte counts its relay reported.
+    bytes_up: u64,
+    bytes_down: u64,
+    /// When its relay's link dropped (ms since the epoch, and for the grace period).
+    lost: Option<(u64, std::time::Instant)>,
+}
+
+impl LiveSession {
+    fn new(conn: u64, info: SessionInfo) -> LiveSession {
+        LiveSession {
+            conn,
+            info,
+            bytes_up: 0,
+            bytes_down: 0,
+            lost: None,
+        }
+    }
 }
 
 struct Shared {
@@ -115,6 +141,7 @@ struct Shared {
     snapshot: watch::Sender<Arc<SnapshotLine>>,
     sessions: Mutex<HashMap<String, LiveSession>>,
     relays: Mutex<BTreeMap<u64, RelayInfo>>,
+    recordings_dir: PathBuf,
     owner_uid: u32,
     next_conn: AtomicU64,
 }
@@ -201,10 +228,19 @@ impl Shared {
         match req {
             Request::Status => {
                 let version = self.snapshot.borrow().version;
+                let (recordings, recordings_error) = match disk_space(&self.recordings_dir) {
+                    Ok(d) => (Some(d), None),
+                    Err(e) => (None, Some(e)),
+                };
                 Response::ok(&StatusInfo {
                     version,
                     relays: lock(&self.relays).values().cloned().collect(),
-                    sessions: lock(&self.sessions).len(),
+                    sessions: lock(&self.sessions)
+                        .values()
+                        .filter(|s| s.lost.is_none())
+                        .count(),
+                    recordings,
+                    recordings_error,
                 })
             }
             Request::UserAdd {
@@ -302,6 +338,7 @@ impl Shared {
             Request::SessionsList => {
                 let mut list: Vec<SessionInfo> = lock(&self.sessions)
                     .values()
+                    .filter(|s| s.lost.is_none())
                     .map(|s| s.info.clone())
                     .collect();
                 list.sort_by(|a, b| {
@@ -331,9 +368,9 @@ impl Shared {
             } => {
                 lock(&self.sessions).insert(
                     session_id.clone(),
-                    LiveSession {
+                    LiveSession::new(
                         conn,
-                        info: SessionInfo {
+                        SessionInfo {
                             session: psm_control_api::LiveSession {
                                 session_id: session_id.clone(),
                                 user: user.clone(),
@@ -346,7 +383,7 @@ impl Shared {
                             },
                             relay: relay_id.to_string(),
                         },
-                    },
+                    ),
                 );
             }
             AuditKind::SessionEnd { session_id, .. } => {
@@ -359,9 +396,80 @@ impl Shared {
         }
     }
 
+    /// A relay's counters and its sessions' progress.
+    fn relay_stats(
+        &self,
+        conn: u64,
+        stats: psm_control_api::RelayStats,
+        progress: Vec<psm_control_api::SessionProgress>,
+    ) {
+        if let Some(r) = lock(&self.relays).get_mut(&conn) {
+            r.stats = stats;
+        }
+        let mut sessions = lock(&self.sessions);
+        for p in progress {
+            if let Some(s) = sessions.get_mut(&p.session_id) {
+                if s.conn == conn {
+                    s.bytes_up = p.bytes_up;
+                    s.bytes_down = p.bytes_down;
+                }
+            }
+        }
+    }
+
+    /// A relay's link dropped: its sessions wait for it to come back (see [`Shared::sweep`]).
     fn relay_gone(&self, conn: u64) {
         lock(&self.relays).remove(&conn);
-        lock(&self.sessions).retain(|_, s| s.conn != conn);
+        let now = (psm_control_api::now_ms(), std::time::Instant::now());
+        for s in lock(&self.sessions).values_mut() {
+            if s.conn == conn && s.lost.is_none() {
+                s.lost = Some(now);
+            }
+        }
+    }
+
+    /// Ends the sessions whose relay has been gone for longer than `grace` without announcing
+    /// them again: each gets its `session_end` ("relay lost") with what control knows.
+    fn sweep(&self, grace: Duration) {
+        let expired: Vec<LiveSession> = {
+            let mut sessions = lock(&self.sessions);
+            let ids: Vec<String> = sessions
+                .iter()
+                .filter(|(_, s)| s.lost.is_some_and(|(_, at)| at.elapsed() >= grace))
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| sessions.remove(id)).collect()
+        };
+        for s in expired {
+            let end_ms = s
+                .lost
+                .map(|(ms, _)| ms)
+                .unwrap_or_else(psm_control_api::now_ms);
+            let info = s.info.session;
+            let end_ms = end_ms.max(info.start_ms);
+            warn!(session = %info.session_id, relay = %s.info.relay, "relay never came back; ending its session");
+            let ended = lock(&self.audit).append_control(AuditKind::SessionEnd {
+                session_id: info.session_id,
+                user: info.user,
+                source: info.source,
+                target: info.target,
+                account: info.account,
+                start_ms: info.start_ms,
+                end_ms,
+                duration_ms: end_ms - info.start_ms,
+                bytes_up: s.bytes_up,
+                bytes_down: s.bytes_down,
+                exit_status: None,
+                exit_signal: None,
+                recording_id: info.recording_id,
+                reason: REASON_RELAY_LOST.into(),
+                reason_code: "relay_lost".into(),
+                side: "relay".into(),
+            });
+            if let Err(e) = ended {
+                error!(error = %e, "cannot write session_end for a lost relay's session");
+            }
+        }
     }
 }
 
@@ -510,22 +618,30 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
         RelayInfo {
             relay_id: relay_id.clone(),
             connected_ms: psm_control_api::now_ms(),
+            stats: Default::default(),
         },
     );
     {
         // The relay's running sessions: what a restarted control would otherwise not know.
         let mut sessions = lock(&shared.sessions);
         for session in live {
-            sessions.insert(
-                session.session_id.clone(),
-                LiveSession {
-                    conn,
-                    info: SessionInfo {
-                        session,
-                        relay: relay_id.clone(),
-                    },
-                },
-            );
+            // A session of a relay that came back: it is this connection's now, no longer lost,
+            // and keeps the byte counts seen so far.
+            let id = session.session_id.clone();
+            let info = SessionInfo {
+                session,
+                relay: relay_id.clone(),
+            };
+            match sessions.get_mut(&id) {
+                Some(s) => {
+                    s.conn = conn;
+                    s.info = info;
+                    s.lost = None;
+                }
+                None => {
+                    sessions.insert(id, LiveSession::new(conn, info));
+                }
+            }
         }
     }
     let mut rx = shared.snapshot.subscribe();
@@ -558,6 +674,9 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
             match decode_line::<RelayToControl>(&buf) {
                 Ok(RelayToControl::Audit(event)) => shared.relay_event(conn, &relay_id, event),
                 Ok(RelayToControl::Hello { .. }) => debug!(%relay_id, "repeated hello ignored"),
+                Ok(RelayToControl::Stats { stats, sessions }) => {
+                    shared.relay_stats(conn, stats, sessions)
+                }
                 Err(e) => warn!(%relay_id, error = %e, "malformed message from relay"),
             }
         }
@@ -571,6 +690,18 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
         Ok(()) => info!(%relay_id, "relay disconnected"),
         Err(e) => warn!(%relay_id, error = %e, "relay connection lost"),
     }
+}
+
+/// Free space and inodes of the file system holding `dir`.
+fn disk_space(dir: &Path) -> Result<crate::protocol::DiskSpace, String> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let frag = st.fragment_size() as u64;
+    Ok(crate::protocol::DiskSpace {
+        path: dir.display().to_string(),
+        free_bytes: (st.blocks_available() as u64).saturating_mul(frag),
+        total_bytes: (st.blocks() as u64).saturating_mul(frag),
+        free_inodes: st.files_available() as u64,
+    })
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ControlError> {
@@ -638,6 +769,7 @@ pub async fn run_until<F: Future<Output = ()>>(
         snapshot,
         sessions: Mutex::new(HashMap::new()),
         relays: Mutex::new(BTreeMap::new()),
+        recordings_dir: data_dir.join("recordings"),
         owner_uid,
         next_conn: AtomicU64::new(1),
     });
@@ -659,10 +791,13 @@ pub async fn run_until<F: Future<Output = ()>>(
     );
 
     let mut tasks = JoinSet::new();
+    let mut sweep = tokio::time::interval(Duration::from_millis(500));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = sweep.tick() => shared.sweep(RELAY_LOST_GRACE),
             r = control.accept() => match r {
                 Ok((stream, _)) => {
                     tasks.spawn(serve_control(shared.clone(), stream));
@@ -984,6 +1119,8 @@ mod tests {
                     exit_signal: None,
                     recording_id: "rec-s1".into(),
                     reason: "client closed".into(),
+                    reason_code: "client_closed".into(),
+                    side: "client".into(),
                 },
             }))
             .await;

@@ -261,6 +261,22 @@ pub struct RelayInfo {
     pub relay_id: String,
     /// When it connected, ms since the epoch.
     pub connected_ms: u64,
+    /// Its counters and recorder link state, as last reported (every few seconds).
+    #[serde(default)]
+    pub stats: psm_control_api::RelayStats,
+}
+
+/// Space left where recordings are written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpace {
+    /// The folder of recordings.
+    pub path: String,
+    /// Bytes available to psm.
+    pub free_bytes: u64,
+    /// Size of the file system.
+    pub total_bytes: u64,
+    /// Inodes (files) still available.
+    pub free_inodes: u64,
 }
 
 /// Daemon status.
@@ -272,6 +288,12 @@ pub struct StatusInfo {
     pub relays: Vec<RelayInfo>,
     /// Number of live sessions.
     pub sessions: usize,
+    /// Space left where recordings are written (absent when it cannot be read).
+    #[serde(default)]
+    pub recordings: Option<DiskSpace>,
+    /// Errors reading it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recordings_error: Option<String>,
 }
 
 #[cfg(test)]

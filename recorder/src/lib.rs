@@ -1,27 +1,32 @@
 //! psm-recorder: the daemon that writes session recordings to disk.
 //!
 //! It listens on `recorder.sock` in the data directory, where relays connect and send
-//! [`Frame`]s (see [`psm_recorder_format::wire`]). Each stream a relay opens becomes one file
-//! `recordings/<recording_id>.psmrec` ([`psm_recorder_format::file`]): OPEN creates it (never
-//! over an existing one), DATA and RESIZE append, CLOSE ends and fsyncs it. Open files are
-//! flushed (a zstd frame ended and written out) at least every second and every 4 MiB, so a
-//! crash loses little. A stream still open when its relay's connection drops is closed with the
-//! reason `"relay link lost"`; on SIGTERM/SIGINT, with `"recorder shutdown"`.
+//! [`Frame`]s (see [`psm_recorder_format::wire`]). Only processes of the uid that owns the data
+//! directory may connect (checked with `SO_PEERCRED`), so nobody else can forge a recording.
+//! Each stream a relay opens becomes one file `recordings/<recording_id>.psmrec`
+//! ([`psm_recorder_format::file`]): OPEN creates it (never over an existing one) and is answered
+//! with [`Reply::Opened`], or [`Reply::Refused`] when the file cannot be created; DATA and RESIZE
+//! append, CLOSE ends and fsyncs it, DISCARD removes a recording whose session never started.
+//! When a recording cannot be written any more (disk full, I/O error) the recorder answers
+//! [`Reply::Failed`] for that stream and drops its frames: the relay ends that one session, the
+//! link and its other sessions go on. Open files are flushed (a zstd frame ended and written
+//! out) at least every second and every 4 MiB, so a crash loses little. A stream still open when
+//! its relay's connection drops is closed with the reason `"relay link lost"`; on
+//! SIGTERM/SIGINT, with `"recorder shutdown"`.
 //!
 //! Every connection is served by its own thread (reading, decoding, compressing, writing), so
 //! heavy work never stalls accepting; a malformed frame drops only the connection it came on.
 //!
 //! What it does not do: decide anything about sessions (the relay decides whether recording is
-//! required), send anything back to relays, or read recordings (psmctl does that through
-//! [`psm_recorder_format::export`]).
+//! required), or read recordings (psmctl does that through [`psm_recorder_format::export`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::future::Future;
-use std::io::{self, BufWriter, Read};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use psm_recorder_format::file::{self, Record, RecordingWriter};
 use psm_recorder_format::wire::MAX_FRAME;
-use psm_recorder_format::{CloseSummary, FormatError, Frame, RecordingMeta};
+use psm_recorder_format::{CloseSummary, FormatError, Frame, RecordingMeta, Reply};
 use tracing::{debug, error, info, warn};
 
 /// Name of the socket relays connect to, inside the data directory.
@@ -42,8 +47,8 @@ pub const RECORDINGS_DIR: &str = "recordings";
 pub const REASON_LINK_LOST: &str = "relay link lost";
 /// Close reason written for streams still open when the recorder stops.
 pub const REASON_SHUTDOWN: &str = "recorder shutdown";
-/// Close reason written for the other streams of a link that is dropped because one recording
-/// could not be created or written (disk full, I/O error): the relay then ends their sessions.
+/// Close reason written for a recording that could not be written any more (disk full, I/O
+/// error), when its file can still be finished.
 pub const REASON_WRITE_FAILED: &str = "recording failed";
 
 /// Longest time written data waits before it is flushed to the file.
@@ -109,6 +114,7 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RecorderError> {
     let recordings = prepare_dirs(&data_dir)?;
+    let owner_uid = fs::metadata(&data_dir).map_err(setup_err(&data_dir))?.uid();
     let socket_path = data_dir.join(RECORDER_SOCKET);
     remove_stale_socket(&socket_path)?;
     let listener = tokio::net::UnixListener::bind(&socket_path).map_err(setup_err(&socket_path))?;
@@ -127,7 +133,7 @@ pub async fn run_until(
                 Ok((stream, _)) => {
                     next_id += 1;
                     links.retain(|l| !l.thread.is_finished());
-                    match start_link(next_id, stream, &recordings, &stop) {
+                    match start_link(next_id, stream, owner_uid, &recordings, &stop) {
                         Ok(link) => links.push(link),
                         Err(e) => error!(link = next_id, error = %e, "cannot serve relay connection"),
                     }
@@ -212,22 +218,39 @@ struct LinkHandle {
 fn start_link(
     id: u64,
     stream: tokio::net::UnixStream,
+    owner_uid: u32,
     recordings: &Path,
     stop: &Arc<AtomicBool>,
 ) -> io::Result<LinkHandle> {
     match stream.peer_cred() {
-        Ok(cred) => info!(link = id, uid = cred.uid(), pid = ?cred.pid(), "relay connected"),
-        Err(_) => info!(link = id, "relay connected"),
+        Ok(cred) if cred.uid() == owner_uid => {
+            info!(link = id, uid = cred.uid(), pid = ?cred.pid(), "relay connected")
+        }
+        Ok(cred) => {
+            warn!(link = id, uid = cred.uid(), pid = ?cred.pid(), owner_uid, "refused connection: peer does not own the data directory");
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "uid {} does not own the data directory (owner uid {owner_uid})",
+                    cred.uid()
+                ),
+            ));
+        }
+        Err(e) => {
+            warn!(link = id, error = %e, "refused connection: cannot check peer credentials");
+            return Err(e);
+        }
     }
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(TICK))?;
     let waker = stream.try_clone()?;
+    let replies = stream.try_clone()?;
     let dir = recordings.to_path_buf();
     let stop = Arc::clone(stop);
     let thread = std::thread::Builder::new()
         .name(format!("relay-link-{id}"))
-        .spawn(move || Link::new(id, dir).serve(stream, &stop))?;
+        .spawn(move || Link::new(id, dir, replies).serve(stream, &stop))?;
     Ok(LinkHandle {
         id,
         stream: waker,
@@ -306,20 +329,56 @@ struct Link {
     id: u64,
     dir: PathBuf,
     streams: HashMap<u64, Stream>,
-    /// Set when a recording could not be created or written. The link is then closed: the
-    /// relay sees it drop, ends every session recorded on it and refuses new ones until a fresh
-    /// link works, so no session runs unrecorded (fail closed).
-    failed: Option<String>,
+    /// Where [`Reply`]s go (the same socket, written by this thread only).
+    replies: UnixStream,
+    /// Set when a reply could not be sent: the relay no longer hears about its streams, so the
+    /// link is closed and the relay ends every session recorded on it (fail closed).
+    deaf: Option<String>,
 }
 
 impl Link {
-    fn new(id: u64, dir: PathBuf) -> Self {
+    fn new(id: u64, dir: PathBuf, replies: UnixStream) -> Self {
         Link {
             id,
             dir,
             streams: HashMap::new(),
-            failed: None,
+            replies,
+            deaf: None,
         }
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        if self.deaf.is_some() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(64);
+        reply.encode(&mut buf);
+        if let Err(e) = self.replies.write_all(&buf) {
+            self.deaf = Some(format!("cannot answer the relay: {e}"));
+        }
+    }
+
+    /// A recording stops being written: its frames are dropped from now on, the relay is told
+    /// so that it ends that session, and the file is finished if it still can be.
+    fn fail(&mut self, stream: u64, why: String) {
+        let Some(Stream::Recording(r)) = self.streams.insert(stream, Stream::Dropped) else {
+            return;
+        };
+        let id = r.recording_id.clone();
+        let ts_us = r.last_ts_us;
+        let summary = CloseSummary {
+            end_ms: now_ms(),
+            exit_status: None,
+            exit_signal: None,
+            reason: format!("{REASON_WRITE_FAILED}: {why}"),
+        };
+        if let Err(e) = r.finish(ts_us, summary) {
+            debug!(link = self.id, stream, recording_id = %id, error = %e, "failed recording cannot be finished either");
+        }
+        self.reply(Reply::Failed {
+            stream,
+            reason: why,
+        });
     }
 
     /// Reads and handles frames until the connection ends or the recorder stops, then closes
@@ -353,9 +412,9 @@ impl Link {
                             break REASON_LINK_LOST;
                         }
                     }
-                    if let Some(why) = self.failed.take() {
-                        error!(link = self.id, error = %why, "recording failed, dropping the relay connection so its sessions stop");
-                        break REASON_WRITE_FAILED;
+                    if let Some(why) = self.deaf.take() {
+                        error!(link = self.id, error = %why, "dropping the relay connection");
+                        break REASON_LINK_LOST;
                     }
                     if start == end {
                         start = 0;
@@ -382,9 +441,9 @@ impl Link {
             if now >= next_sweep {
                 self.flush_due(now);
                 next_sweep = now + TICK;
-                if let Some(why) = self.failed.take() {
-                    error!(link = self.id, error = %why, "recording failed, dropping the relay connection so its sessions stop");
-                    break REASON_WRITE_FAILED;
+                if let Some(why) = self.deaf.take() {
+                    error!(link = self.id, error = %why, "dropping the relay connection");
+                    break REASON_LINK_LOST;
                 }
             }
         };
@@ -447,6 +506,7 @@ impl Link {
                 ts_us,
                 summary,
             } => self.close(stream, ts_us, summary),
+            Frame::Discard { stream } => self.discard(stream),
         }
     }
 
@@ -455,7 +515,7 @@ impl Link {
             error!(link = self.id, stream, recording_id = %meta.recording_id, "stream opened twice, ignoring the second open");
             return;
         }
-        let entry = match self.create(&meta) {
+        match self.create(&meta) {
             Ok(rec) => {
                 info!(
                     link = self.id,
@@ -467,17 +527,19 @@ impl Link {
                     account = %meta.account,
                     "recording started"
                 );
-                Stream::Recording(Box::new(rec))
+                self.streams
+                    .insert(stream, Stream::Recording(Box::new(rec)));
+                self.reply(Reply::Opened { stream });
             }
             Err(e) => {
                 error!(link = self.id, stream, recording_id = %meta.recording_id, error = %e, "cannot create recording");
-                self.failed.get_or_insert_with(|| {
-                    format!("cannot create recording {}: {e}", meta.recording_id)
+                self.streams.insert(stream, Stream::Dropped);
+                self.reply(Reply::Refused {
+                    stream,
+                    reason: format!("cannot create recording {}: {e}", meta.recording_id),
                 });
-                Stream::Dropped
             }
-        };
-        self.streams.insert(stream, entry);
+        }
     }
 
     fn create(&self, meta: &RecordingMeta) -> Result<Recording, FormatError> {
@@ -515,10 +577,8 @@ impl Link {
             Some(Stream::Recording(r)) => {
                 if let Err(e) = r.write(&rec) {
                     error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot write recording");
-                    self.failed.get_or_insert_with(|| {
-                        format!("cannot write recording {}: {e}", r.recording_id)
-                    });
-                    self.streams.insert(stream, Stream::Dropped);
+                    let why = format!("cannot write recording {}: {e}", r.recording_id);
+                    self.fail(stream, why);
                 }
             }
             Some(Stream::Dropped) => {}
@@ -548,6 +608,34 @@ impl Link {
         }
     }
 
+    /// Removes the recording of a session that never started (it holds only its header).
+    fn discard(&mut self, stream: u64) {
+        match self.streams.remove(&stream) {
+            Some(Stream::Recording(r)) => {
+                let Recording {
+                    writer,
+                    recording_id,
+                    path,
+                    ..
+                } = *r;
+                drop(writer);
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        info!(link = self.id, stream, %recording_id, "recording discarded: the session never started")
+                    }
+                    Err(e) => {
+                        warn!(link = self.id, stream, %recording_id, error = %e, "cannot remove discarded recording")
+                    }
+                }
+            }
+            Some(Stream::Dropped) => {}
+            None => warn!(
+                link = self.id,
+                stream, "discard for a stream that was never opened"
+            ),
+        }
+    }
+
     /// Flushes the recordings whose oldest unflushed data is about to be a second old.
     fn flush_due(&mut self, now: Instant) {
         let due = FLUSH_INTERVAL.saturating_sub(TICK);
@@ -557,16 +645,16 @@ impl Link {
                 if r.dirty_since.is_some_and(|t| now.duration_since(t) >= due) {
                     if let Err(e) = r.flush() {
                         error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
-                        self.failed.get_or_insert_with(|| {
-                            format!("cannot flush recording {}: {e}", r.recording_id)
-                        });
-                        failed.push(*stream);
+                        failed.push((
+                            *stream,
+                            format!("cannot flush recording {}: {e}", r.recording_id),
+                        ));
                     }
                 }
             }
         }
-        for stream in failed {
-            self.streams.insert(stream, Stream::Dropped);
+        for (stream, why) in failed {
+            self.fail(stream, why);
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use psm_recorder::{RecorderError, RECORDER_SOCKET, RECORDINGS_DIR};
 use psm_recorder_format::file::{self, Record, RecordingReader};
-use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta};
+use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta, Reply};
 
 struct Daemon {
     dir: tempfile::TempDir,
@@ -356,6 +356,7 @@ fn malformed_frame_drops_only_its_connection() {
     bad.write_all(&[0, 0, 0, 1, 99]).expect("garbage");
     bad.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
+    assert_eq!(replies(&mut bad, 1), vec![Reply::Opened { stream: 1 }]);
     let mut sink = [0u8; 16];
     assert_eq!(bad.read(&mut sink).unwrap_or(0), 0, "recorder hung up");
     let victim = closed(&daemon, "victim");
@@ -401,63 +402,147 @@ fn malformed_frame_drops_only_its_connection() {
     daemon.stop();
 }
 
+/// Reads replies from the recorder until `n` arrived (10 s at most).
+fn replies(conn: &mut UnixStream, n: usize) -> Vec<Reply> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = Vec::new();
+    let mut b = [0u8; 4096];
+    while got.len() < n {
+        let k = conn.read(&mut b).expect("read reply");
+        assert!(k > 0, "recorder hung up; replies so far: {got:?}");
+        buf.extend_from_slice(&b[..k]);
+        while let Some((r, used)) = Reply::decode(&buf).expect("valid reply") {
+            got.push(r);
+            buf.drain(..used);
+        }
+    }
+    got
+}
+
 #[test]
-fn a_recording_that_cannot_be_created_drops_the_link_and_overwrites_nothing() {
+fn a_recording_that_cannot_be_created_is_refused_alone_and_overwrites_nothing() {
     let mut daemon = Daemon::start();
     let path = file::path_for(&daemon.recordings(), "taken").expect("path");
     std::fs::write(&path, b"precious").expect("write");
-    for bad in ["taken", "../escape"] {
-        let mut conn = daemon.connect();
-        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .expect("timeout");
+    let mut conn = daemon.connect();
+    for (i, bad) in ["taken", "../escape"].into_iter().enumerate() {
+        let ok = 10 + 2 * i as u64;
+        let refused = ok + 1;
         send(
             &mut conn,
             &[
                 Frame::Open {
-                    stream: 1,
-                    meta: meta("bystander"),
+                    stream: ok,
+                    meta: meta(&format!("bystander{i}")),
                 },
                 Frame::Open {
-                    stream: 2,
+                    stream: refused,
                     meta: meta(bad),
                 },
-                data(2, 1, b"x"),
+                data(refused, 1, b"x"),
+                data(ok, 1, b"still here"),
             ],
         );
-        // fail closed: the recorder hangs up, so the relay ends the sessions of this link
-        let mut b = [0u8; 1];
-        assert_eq!(
-            conn.read(&mut b).expect("read"),
-            0,
-            "link must be dropped ({bad})"
+        let got = replies(&mut conn, 2);
+        assert_eq!(got[0], Reply::Opened { stream: ok });
+        assert!(
+            matches!(&got[1], Reply::Refused { stream, reason } if *stream == refused && !reason.is_empty()),
+            "{bad}: {got:?}"
         );
-        closed(&daemon, "bystander");
-        let by = file::path_for(&daemon.recordings(), "bystander").expect("path");
-        let reason = file::info(&by).expect("info").summary.map(|s| s.reason);
-        assert_eq!(reason.as_deref(), Some(psm_recorder::REASON_WRITE_FAILED));
-        std::fs::remove_file(by).expect("rm");
+    }
+    // the link stayed up: the bystanders are recorded to their normal end
+    for (i, stream) in [10u64, 12].into_iter().enumerate() {
+        send(
+            &mut conn,
+            &[Frame::Close {
+                stream,
+                ts_us: 5,
+                summary: CloseSummary {
+                    reason: "client closed".into(),
+                    ..Default::default()
+                },
+            }],
+        );
+        let by = closed(&daemon, &format!("bystander{i}"));
+        assert_eq!(by.output(), b"still here");
+        assert_eq!(
+            by.summary().map(|s| s.reason.as_str()),
+            Some("client closed")
+        );
     }
     assert_eq!(std::fs::read(&path).expect("read"), b"precious");
     assert!(!daemon.dir.path().join("escape.psmrec").exists());
-    // a fresh link works
+    drop(conn);
+    daemon.stop();
+}
+
+#[test]
+fn a_discarded_recording_leaves_no_file() {
+    let mut daemon = Daemon::start();
     let mut conn = daemon.connect();
     send(
         &mut conn,
-        &[
-            Frame::Open {
-                stream: 1,
-                meta: meta("after"),
-            },
-            Frame::Close {
-                stream: 1,
-                ts_us: 2,
-                summary: CloseSummary::default(),
-            },
-        ],
+        &[Frame::Open {
+            stream: 1,
+            meta: meta("never-started"),
+        }],
     );
-    closed(&daemon, "after");
+    assert_eq!(replies(&mut conn, 1), vec![Reply::Opened { stream: 1 }]);
+    let path = file::path_for(&daemon.recordings(), "never-started").expect("path");
+    assert!(path.exists(), "created on open");
+    send(&mut conn, &[Frame::Discard { stream: 1 }]);
+    wait_for("discarded file removed", || !path.exists());
     drop(conn);
     daemon.stop();
+}
+
+#[test]
+fn a_peer_that_does_not_own_the_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("d");
+    std::fs::create_dir(&data_dir).expect("mkdir");
+    // The test runs as some uid; the directory now belongs to another one.
+    let me = std::fs::metadata(dir.path()).expect("meta");
+    let other = if std::os::unix::fs::MetadataExt::uid(&me) == 4242 {
+        4343
+    } else {
+        4242
+    };
+    if std::os::unix::fs::chown(&data_dir, Some(other), None).is_err() {
+        panic!("this test must run as root (it chowns a directory to uid {other})");
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let dd = data_dir.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(psm_recorder::run_until(dd, async {
+            let _ = rx.await;
+        }))
+    });
+    let sock = data_dir.join(RECORDER_SOCKET);
+    wait_for("socket", || UnixStream::connect(&sock).is_ok());
+    let mut conn = UnixStream::connect(&sock).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // a forged recording: the recorder must hang up without creating it
+    let mut buf = Vec::new();
+    Frame::Open {
+        stream: 1,
+        meta: meta("forged"),
+    }
+    .encode(&mut buf);
+    let _ = conn.write_all(&buf);
+    let mut b = [0u8; 16];
+    assert_eq!(conn.read(&mut b).unwrap_or(0), 0, "connection refused");
+    let forged = file::path_for(&data_dir.join(RECORDINGS_DIR), "forged").expect("path");
+    assert!(!forged.exists(), "no recording forged");
+    let _ = tx.send(());
+    thread.join().expect("thread").expect("recorder");
 }
 
 #[test]

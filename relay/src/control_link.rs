@@ -3,7 +3,9 @@
 //! The link runs on its own thread, never on a worker core. Workers read the current snapshot
 //! through [`PolicyStore`] (one `Arc` clone per decision) and hand audit events to an
 //! [`AuditSink`] without waiting. While control is down the relay keeps serving on its last
-//! snapshot, buffers audit events (bounded), and resyncs when control returns.
+//! snapshot, buffers audit events (bounded), and resyncs when control returns. Every
+//! [`STATS_INTERVAL`] it reports its counters and how many bytes each running session has moved,
+//! so that control can account for the sessions of a relay that dies.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,7 @@ use std::sync::Mutex;
 
 use psm_control_api::{
     decode_line, encode_line, now_ms, AuditEvent, AuditKind, ControlToRelay, LiveSession,
-    PolicySnapshot, RelayToControl, MAX_LINE,
+    PolicySnapshot, RelayStats, RelayToControl, SessionProgress, MAX_LINE,
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
@@ -25,6 +27,64 @@ use zeroize::Zeroize as _;
 
 /// How many audit events the relay keeps while control is unreachable.
 pub const AUDIT_BUFFER: usize = 65_536;
+/// How often the relay reports its counters and session progress to control.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The relay's counters (see [`RelayStats`] for what each counts).
+#[derive(Default)]
+pub struct Counters {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Connections refused before their handshake.
+    pub startups_refused: AtomicU64,
+    /// Connections that failed before authenticating.
+    pub preauth_failures: AtomicU64,
+    /// Failed authentication attempts.
+    pub auth_failures: AtomicU64,
+    /// Sessions started.
+    pub sessions_started: AtomicU64,
+}
+
+impl Counters {
+    /// Adds one to `c`.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the control link reports besides audit events.
+pub struct Reporter {
+    /// The relay's counters.
+    pub counters: Arc<Counters>,
+    /// Unauthenticated connections held now.
+    pub unauthenticated: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// Whether psm-recorder is connected.
+    pub recorder_connected: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Reporter {
+    fn stats(&self) -> RelayStats {
+        let c = &self.counters;
+        RelayStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            startups_refused: c.startups_refused.load(Ordering::Relaxed),
+            preauth_failures: c.preauth_failures.load(Ordering::Relaxed),
+            auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            sessions_started: c.sessions_started.load(Ordering::Relaxed),
+            unauthenticated: (self.unauthenticated)(),
+            recorder_connected: (self.recorder_connected)(),
+        }
+    }
+}
+
+/// Bytes a session has moved each way.
+#[derive(Default)]
+pub struct SessionBytes {
+    /// User to target.
+    pub up: AtomicU64,
+    /// Target to user.
+    pub down: AtomicU64,
+}
 
 /// The policy snapshot the relay currently enforces.
 #[derive(Default)]
@@ -68,14 +128,30 @@ impl PolicyStore {
 /// Sessions running on this relay, announced to control in every `Hello` so a restarted control
 /// knows them.
 #[derive(Default)]
-pub struct LiveSessions(Mutex<HashMap<String, LiveSession>>);
+pub struct LiveSessions(Mutex<HashMap<String, (LiveSession, Arc<SessionBytes>)>>);
 
 impl LiveSessions {
-    /// A session started.
-    pub fn insert(&self, s: LiveSession) {
+    /// A session started; `bytes` are its counters.
+    pub fn insert(&self, s: LiveSession, bytes: Arc<SessionBytes>) {
         if let Ok(mut m) = self.0.lock() {
-            m.insert(s.session_id.clone(), s);
+            m.insert(s.session_id.clone(), (s, bytes));
         }
+    }
+
+    /// How far each running session has got.
+    pub fn progress(&self) -> Vec<SessionProgress> {
+        self.0
+            .lock()
+            .map(|m| {
+                m.values()
+                    .map(|(s, b)| SessionProgress {
+                        session_id: s.session_id.clone(),
+                        bytes_up: b.up.load(Ordering::Relaxed),
+                        bytes_down: b.down.load(Ordering::Relaxed),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// A session ended.
@@ -89,8 +165,18 @@ impl LiveSessions {
     pub fn list(&self) -> Vec<LiveSession> {
         self.0
             .lock()
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.values().map(|(s, _)| s.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Sessions running now.
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no session runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -143,6 +229,7 @@ pub async fn run(
     relay_id: String,
     store: Arc<PolicyStore>,
     live: Arc<LiveSessions>,
+    reporter: Reporter,
     mut audit_rx: mpsc::Receiver<AuditEvent>,
 ) {
     let mut pending: Option<Vec<u8>> = None;
@@ -157,6 +244,7 @@ pub async fn run(
                     &relay_id,
                     &store,
                     &live,
+                    &reporter,
                     &mut audit_rx,
                     &mut pending,
                 )
@@ -179,6 +267,7 @@ async fn serve(
     relay_id: &str,
     store: &PolicyStore,
     live: &LiveSessions,
+    reporter: &Reporter,
     audit_rx: &mut mpsc::Receiver<AuditEvent>,
     pending: &mut Option<Vec<u8>>,
 ) -> String {
@@ -200,8 +289,19 @@ async fn serve(
     }
     let mut line = Vec::with_capacity(1 << 20);
     let mut first = true;
+    let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = stats_tick.tick() => {
+                let msg = RelayToControl::Stats {
+                    stats: reporter.stats(),
+                    sessions: live.progress(),
+                };
+                if let Err(e) = w.write_all(&encode_line(&msg)).await {
+                    return format!("sending stats: {e}");
+                }
+            }
             n = read_line(&mut r, &mut line) => {
                 match n {
                     Ok(0) => return "psm-control closed the connection".into(),

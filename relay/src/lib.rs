@@ -13,10 +13,14 @@
 #![warn(missing_docs)]
 
 pub mod control_link;
+pub mod cut;
+pub mod end;
 pub mod flow;
 pub mod host_key;
+mod pipe;
 pub mod recording;
 pub mod session;
+pub mod startups;
 pub mod upstream;
 pub mod worker;
 
@@ -26,11 +30,50 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use russh::{cipher, MethodKind, MethodSet, SshId};
 use tracing::{error, info};
 
+pub use startups::MaxStartups;
+pub use upstream::TargetKeepalive;
 pub use worker::IoBackend;
+
+/// Timeouts and caps of the relay, each with an OpenSSH-like default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// How long a client has to authenticate (OpenSSH's `LoginGraceTime`; default 60 s). The
+    /// one figure for the whole pre-authentication phase, handshake included.
+    pub login_grace: Duration,
+    /// Unauthenticated connections the relay holds (OpenSSH's `MaxStartups`; default 10:30:100).
+    pub max_startups: MaxStartups,
+    /// Unauthenticated connections one source address may hold (OpenSSH's
+    /// `PerSourceMaxStartups`; default 10).
+    pub per_source_max_startups: u32,
+    /// Keepalives toward targets (default every 15 s of silence, given up after 3 misses).
+    pub target_keepalive: TargetKeepalive,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            login_grace: Duration::from_secs(60),
+            max_startups: MaxStartups::default(),
+            per_source_max_startups: 10,
+            target_keepalive: TargetKeepalive::default(),
+        }
+    }
+}
+
+/// A short peer-chosen string made safe to log: escaped and cut to 256 bytes.
+pub(crate) fn escape_short(s: &str) -> String {
+    let (kept, cut) = psm_control_api::escape::truncate(s, 256);
+    let mut out = psm_control_api::escape(kept);
+    if cut {
+        out.push('…');
+    }
+    out
+}
 
 /// Relay settings, validated.
 #[derive(Clone, Debug)]
@@ -45,6 +88,8 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Runtime back end of the workers.
     pub io: IoBackend,
+    /// Timeouts and caps.
+    pub limits: Limits,
 }
 
 /// Errors that stop the relay from starting.
@@ -115,11 +160,27 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let origin = format!("relay-{}", cfg.relay_id);
     let (audit, audit_rx) = control_link::AuditSink::new(&origin);
     let live_sessions = Arc::new(control_link::LiveSessions::default());
+    let recorder = recording::RecorderLink::start(cfg.data_dir.join("recorder.sock"))
+        .map_err(RelayError::Thread)?;
+    let counters = Arc::new(control_link::Counters::default());
+    let startups =
+        startups::Startups::new(cfg.limits.max_startups, cfg.limits.per_source_max_startups);
     {
         let socket = cfg.data_dir.join(psm_control_api::POLICY_SOCKET);
         let store = store.clone();
         let live = live_sessions.clone();
         let relay_id = cfg.relay_id.clone();
+        let reporter = control_link::Reporter {
+            counters: counters.clone(),
+            unauthenticated: Box::new({
+                let s = startups.clone();
+                move || u64::from(s.held())
+            }),
+            recorder_connected: Box::new({
+                let r = recorder.worker_state();
+                move || r.borrow().connected
+            }),
+        };
         std::thread::Builder::new()
             .name("psm-control-link".into())
             .spawn(move || {
@@ -127,17 +188,14 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => {
-                        rt.block_on(control_link::run(socket, relay_id, store, live, audit_rx))
-                    }
+                    Ok(rt) => rt.block_on(control_link::run(
+                        socket, relay_id, store, live, reporter, audit_rx,
+                    )),
                     Err(e) => error!(error = %e, "cannot start the control link runtime"),
                 }
             })
             .map_err(RelayError::Thread)?;
     }
-    let recorder = recording::RecorderLink::start(cfg.data_dir.join("recorder.sock"))
-        .map_err(RelayError::Thread)?;
-
     let server_config = Arc::new(russh::server::Config {
         server_id: SshId::Standard(format!("SSH-2.0-psm_{}", env!("CARGO_PKG_VERSION")).into()),
         methods: MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..]),
@@ -168,6 +226,12 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     );
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
+    let limits = Arc::new(cfg.limits.clone());
+    // Pre-authentication failures: at most 20 log lines a second for the whole relay.
+    let preauth_log = Arc::new(Mutex::new(startups::LogLimiter::new(
+        20,
+        Duration::from_secs(1),
+    )));
 
     for i in 0..cfg.workers {
         let listener = worker::bind(cfg.listen).map_err(|source| RelayError::Bind {
@@ -182,6 +246,10 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             shutdown: shutdown_rx.clone(),
             live: live.clone(),
             sessions: live_sessions.clone(),
+            limits: limits.clone(),
+            startups: startups.clone(),
+            counters: counters.clone(),
+            preauth_log: preauth_log.clone(),
         });
         let io = cfg.io;
         std::thread::Builder::new()

@@ -1,5 +1,6 @@
 //! psm-relay daemon: thin wrapper over the library.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,12 +24,38 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Relay id used in audit events (default: the host name and pid).
+    /// Relay id used in audit events (default: `HOSTNAME:PID`).
     #[arg(long)]
     relay_id: Option<String>,
     /// Worker runtime back end.
     #[arg(long, value_enum, default_value = "auto")]
     io: psm_relay::IoBackend,
+    /// Seconds a client has to authenticate, handshake included.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    login_grace_secs: u64,
+    /// Unauthenticated connections the relay holds: N, or start:rate:full as OpenSSH's
+    /// MaxStartups (refused with rate% probability above start, rising to 100% at full).
+    #[arg(long, default_value = "10:30:100")]
+    max_startups: psm_relay::MaxStartups,
+    /// Unauthenticated connections one source address may hold.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    per_source_max_startups: u32,
+    /// Seconds of silence from a target after which a keepalive is sent.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    target_keepalive_secs: u64,
+    /// Unanswered keepalives after which a target is given up.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    target_keepalive_max: u64,
+}
+
+/// `HOSTNAME:PID`, the default relay id.
+fn default_relay_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +65,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let args = Args::parse();
     let workers = args.workers.unwrap_or_else(|| {
@@ -55,10 +83,17 @@ fn main() -> anyhow::Result<()> {
         data_dir,
         listen: args.listen,
         workers,
-        relay_id: args
-            .relay_id
-            .unwrap_or_else(|| format!("{}", std::process::id())),
+        relay_id: args.relay_id.unwrap_or_else(default_relay_id),
         io: args.io,
+        limits: psm_relay::Limits {
+            login_grace: Duration::from_secs(args.login_grace_secs),
+            max_startups: args.max_startups,
+            per_source_max_startups: args.per_source_max_startups,
+            target_keepalive: psm_relay::TargetKeepalive {
+                interval: Duration::from_secs(args.target_keepalive_secs),
+                max: args.target_keepalive_max as usize,
+            },
+        },
     };
     let relay = psm_relay::start(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -4,11 +4,13 @@
 //! and without blocking the core (a full queue makes only that session wait, asynchronously).
 //! One link thread drains every queue and writes the frames to `recorder.sock`.
 //!
-//! Fail closed: a session starts only while the link is connected, and every recorded session
-//! watches the link's generation; when the link drops, the generation changes and the sessions
-//! that were being recorded on it are ended.
+//! Fail closed: a session starts only once psm-recorder has answered that its recording file
+//! exists ([`Reply::Opened`]), before the relay logs in to the target. Every recorded session
+//! watches its stream's [`StreamStatus`]: when psm-recorder reports that one recording cannot be
+//! written ([`Reply::Failed`]) only that session ends; when the whole link drops, every session
+//! recorded on it ends.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
-use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta};
+use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta, Reply};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -27,6 +29,43 @@ use tracing::{info, warn};
 pub const QUEUE_FRAMES: usize = 4096;
 /// Bytes the link writes to the socket in one go, at most.
 const BATCH_BYTES: usize = 1 << 20;
+/// How long a session waits for psm-recorder to confirm that its recording is open.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where one recording stands, as psm-recorder reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamStatus {
+    /// OPEN sent, no answer yet.
+    Opening,
+    /// The recording file exists and is being written.
+    Open,
+    /// psm-recorder could not create the recording.
+    Refused(String),
+    /// psm-recorder can no longer write the recording (or the link dropped): the session must
+    /// end.
+    Failed(String),
+}
+
+impl StreamStatus {
+    /// Whether the recording can no longer be written.
+    pub fn is_lost(&self) -> bool {
+        matches!(self, StreamStatus::Refused(_) | StreamStatus::Failed(_))
+    }
+}
+
+/// Why a recording could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The link to psm-recorder is down.
+    #[error("psm-recorder is not connected")]
+    NotConnected,
+    /// psm-recorder refused the stream (its reason).
+    #[error("psm-recorder refused the recording: {0}")]
+    Refused(String),
+    /// psm-recorder did not answer in time.
+    #[error("psm-recorder did not confirm the recording within {OPEN_TIMEOUT:?}")]
+    Timeout,
+}
 
 /// State of the link, as sessions see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +82,38 @@ struct LinkShared {
     sleeping: AtomicBool,
     thread: Mutex<Option<Thread>>,
     next_stream: AtomicU64,
+    /// Open streams and what psm-recorder last said about each.
+    streams: Mutex<HashMap<u64, watch::Sender<StreamStatus>>>,
+}
+
+impl LinkShared {
+    fn report(&self, stream: u64, status: StreamStatus) {
+        let Ok(mut m) = self.streams.lock() else {
+            return;
+        };
+        let done = status.is_lost();
+        if let Some(tx) = m.get(&stream) {
+            tx.send_replace(status);
+        }
+        if done {
+            m.remove(&stream);
+        }
+    }
+
+    /// The link dropped: every stream on it is lost.
+    fn lose_all(&self, why: &str) {
+        if let Ok(mut m) = self.streams.lock() {
+            for (_, tx) in m.drain() {
+                tx.send_replace(StreamStatus::Failed(why.to_string()));
+            }
+        }
+    }
+
+    fn forget(&self, stream: u64) {
+        if let Ok(mut m) = self.streams.lock() {
+            m.remove(&stream);
+        }
+    }
 }
 
 /// The relay's side of the recorder link. Clone it into each worker with [`RecorderLink::worker`].
@@ -71,6 +142,7 @@ impl RecorderLink {
             sleeping: AtomicBool::new(false),
             thread: Mutex::new(None),
             next_stream: AtomicU64::new(1),
+            streams: Mutex::new(HashMap::new()),
         });
         let s2 = shared.clone();
         let handle = std::thread::Builder::new()
@@ -80,6 +152,11 @@ impl RecorderLink {
             *t = Some(handle.thread().clone());
         }
         Ok(RecorderLink { shared })
+    }
+
+    /// A receiver of the link state (for reporting, not for recording).
+    pub fn worker_state(&self) -> watch::Receiver<LinkState> {
+        self.shared.state_tx.subscribe()
     }
 
     /// Registers a worker and returns its private queue handle.
@@ -106,21 +183,51 @@ impl WorkerRecorder {
         self.shared.state_tx.subscribe()
     }
 
-    /// Opens a recording stream if the link is up; `None` means recording is unavailable.
-    pub async fn open(&self, meta: RecordingMeta) -> Option<RecordingStream> {
+    /// Opens a recording stream and waits (at most [`OPEN_TIMEOUT`]) until psm-recorder confirms
+    /// that the recording file exists.
+    pub async fn open(&self, meta: RecordingMeta) -> Result<RecordingStream, OpenError> {
         let state = self.state();
         if !state.connected {
-            return None;
+            return Err(OpenError::NotConnected);
         }
         let stream = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut status) = watch::channel(StreamStatus::Opening);
+        if let Ok(mut m) = self.shared.streams.lock() {
+            m.insert(stream, tx);
+        }
         let rs = RecordingStream {
             rec: self.clone(),
             stream,
             t0: Instant::now(),
             generation: state.generation,
+            status: status.clone(),
         };
         self.push(Frame::Open { stream, meta }).await;
-        Some(rs)
+        let answer = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            status.wait_for(|s| *s != StreamStatus::Opening),
+        )
+        .await
+        .map(|r| r.map(|s| s.clone()));
+        let result = match answer {
+            Err(_) => Err(OpenError::Timeout),
+            // the sender is gone only when the link forgot the stream: it dropped
+            Ok(Err(_)) => Err(OpenError::NotConnected),
+            Ok(Ok(s)) => match s {
+                StreamStatus::Open => Ok(()),
+                StreamStatus::Refused(why) => Err(OpenError::Refused(why)),
+                StreamStatus::Failed(_) => Err(OpenError::NotConnected),
+                StreamStatus::Opening => Err(OpenError::Timeout),
+            },
+        };
+        match result {
+            Ok(()) => Ok(rs),
+            Err(e) => {
+                // whatever psm-recorder made of it, nothing of this session is kept
+                rs.discard().await;
+                Err(e)
+            }
+        }
     }
 
     async fn push(&self, mut frame: Frame) {
@@ -155,12 +262,28 @@ pub struct RecordingStream {
     stream: u64,
     t0: Instant,
     generation: u64,
+    status: watch::Receiver<StreamStatus>,
 }
 
 impl RecordingStream {
     /// The link generation this recording lives on.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// What psm-recorder says about this recording; changes when it is lost.
+    pub fn status(&self) -> watch::Receiver<StreamStatus> {
+        self.status.clone()
+    }
+
+    /// Drops the recording of a session that never started: psm-recorder removes the file.
+    pub async fn discard(&self) {
+        self.rec.shared.forget(self.stream);
+        self.rec
+            .push(Frame::Discard {
+                stream: self.stream,
+            })
+            .await;
     }
 
     fn ts(&self) -> u64 {
@@ -193,6 +316,7 @@ impl RecordingStream {
 
     /// Ends the recording.
     pub async fn close(&self, summary: CloseSummary) {
+        self.rec.shared.forget(self.stream);
         let f = Frame::Close {
             stream: self.stream,
             ts_us: self.ts(),
@@ -219,14 +343,16 @@ fn link_thread(socket: PathBuf, shared: Arc<LinkShared>) {
                 warned = false;
                 info!(socket = %socket.display(), "connected to psm-recorder");
                 let dead = Arc::new(AtomicBool::new(false));
-                if let Ok(mut r) = stream.try_clone() {
+                if let Ok(r) = stream.try_clone() {
                     let dead2 = dead.clone();
+                    let shared2 = shared.clone();
                     let t = std::thread::current();
                     let _ = std::thread::Builder::new()
-                        .name("psm-recorder-eof".into())
+                        .name("psm-recorder-replies".into())
                         .spawn(move || {
-                            let mut b = [0u8; 64];
-                            while matches!(r.read(&mut b), Ok(n) if n > 0) {}
+                            if let Err(e) = read_replies(r, &shared2) {
+                                warn!(error = %e, "bad reply from psm-recorder; dropping the link");
+                            }
                             dead2.store(true, Ordering::Release);
                             t.unpark();
                         });
@@ -235,6 +361,7 @@ fn link_thread(socket: PathBuf, shared: Arc<LinkShared>) {
                 set_state(&shared, true);
                 let err = pump(stream, &shared, &dead);
                 set_state(&shared, false);
+                shared.lose_all("the link to psm-recorder dropped");
                 warn!(error = %err, "link to psm-recorder lost; recorded sessions are being closed");
             }
             Err(e) => {
@@ -246,6 +373,40 @@ fn link_thread(socket: PathBuf, shared: Arc<LinkShared>) {
             }
         }
         std::thread::park_timeout(Duration::from_millis(200));
+    }
+}
+
+/// Reads psm-recorder's replies until the connection ends; hands each to its stream.
+fn read_replies(
+    mut r: UnixStream,
+    shared: &LinkShared,
+) -> Result<(), psm_recorder_format::FormatError> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut b = [0u8; 4096];
+    loop {
+        let n = match r.read(&mut b) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(()),
+        };
+        buf.extend_from_slice(&b[..n]);
+        let mut used = 0;
+        while let Some((reply, k)) = Reply::decode(&buf[used..])? {
+            used += k;
+            match reply {
+                Reply::Opened { stream } => shared.report(stream, StreamStatus::Open),
+                Reply::Refused { stream, reason } => {
+                    warn!(stream, reason = %reason, "psm-recorder refused a recording");
+                    shared.report(stream, StreamStatus::Refused(reason))
+                }
+                Reply::Failed { stream, reason } => {
+                    warn!(stream, reason = %reason, "psm-recorder lost a recording");
+                    shared.report(stream, StreamStatus::Failed(reason))
+                }
+            }
+        }
+        buf.drain(..used);
     }
 }
 
@@ -264,7 +425,7 @@ fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Vec<u8>, &mut HashSet
                     Frame::Open { stream, .. } => {
                         open.insert(*stream);
                     }
-                    Frame::Close { stream, .. } => {
+                    Frame::Close { stream, .. } | Frame::Discard { stream } => {
                         if !open.remove(stream) {
                             continue;
                         }
@@ -322,6 +483,56 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
+    /// A fake psm-recorder on `conn`: answers every OPEN with `answer(stream)` and returns the
+    /// frames it got once a CLOSE or DISCARD arrived.
+    fn fake_recorder(
+        mut conn: UnixStream,
+        answer: impl Fn(u64) -> Vec<Reply> + Send + 'static,
+    ) -> std::thread::JoinHandle<(Vec<Frame>, UnixStream)> {
+        std::thread::spawn(move || {
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut got = Vec::new();
+            let mut frames = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                let n = conn.read(&mut b).expect("read");
+                assert!(n > 0, "relay hung up");
+                got.extend_from_slice(&b[..n]);
+                while let Some((f, used)) = Frame::decode(&got).expect("valid") {
+                    got.drain(..used);
+                    if let Frame::Open { stream, .. } = &f {
+                        let mut out = Vec::new();
+                        for r in answer(*stream) {
+                            r.encode(&mut out);
+                        }
+                        conn.write_all(&out).expect("reply");
+                    }
+                    let end = matches!(f, Frame::Close { .. } | Frame::Discard { .. });
+                    frames.push(f);
+                    if end {
+                        return (frames, conn);
+                    }
+                }
+            }
+        })
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt")
+    }
+
+    async fn until_connected(w: &WorkerRecorder) {
+        let mut rx = w.subscribe();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !w.state().connected && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+        }
+    }
+
     #[test]
     fn frames_reach_the_socket_and_loss_is_signalled() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -329,45 +540,28 @@ mod tests {
         let listener = UnixListener::bind(&path).expect("bind");
         let link = RecorderLink::start(path).expect("start");
         let w = link.worker();
-        let (mut conn, _) = listener.accept().expect("accept");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async {
-            let mut rx = w.subscribe();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !w.state().connected && Instant::now() < deadline {
-                let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
-            }
+        let (conn, _) = listener.accept().expect("accept");
+        let fake = fake_recorder(conn, |stream| vec![Reply::Opened { stream }]);
+        let status = runtime().block_on(async {
+            until_connected(&w).await;
             let s = w
                 .open(RecordingMeta {
                     recording_id: "x1".into(),
                     ..Default::default()
                 })
                 .await
-                .expect("link is up");
+                .expect("the recorder confirmed the stream");
+            assert_eq!(*s.status().borrow(), StreamStatus::Open);
             s.data(0, Direction::Output, Bytes::from_static(b"hello"))
                 .await;
             s.close(CloseSummary::default()).await;
+            s.status()
         });
-        conn.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut got = Vec::new();
-        let mut frames = Vec::new();
-        let mut b = [0u8; 4096];
-        while frames.len() < 3 {
-            let n = conn.read(&mut b).expect("read");
-            assert!(n > 0);
-            got.extend_from_slice(&b[..n]);
-            while let Some((f, used)) = Frame::decode(&got).expect("valid") {
-                frames.push(f);
-                got.drain(..used);
-            }
-        }
+        let (frames, conn) = fake.join().expect("fake recorder");
         assert!(matches!(frames[0], Frame::Open { .. }));
         assert!(matches!(&frames[1], Frame::Data { data, .. } if &data[..] == b"hello"));
         assert!(matches!(frames[2], Frame::Close { .. }));
+        assert_eq!(*status.borrow(), StreamStatus::Open);
         let generation = w.state().generation;
         drop(conn);
         drop(listener);
@@ -377,5 +571,62 @@ mod tests {
         }
         assert!(!w.state().connected);
         assert_ne!(w.state().generation, generation);
+    }
+
+    #[test]
+    fn a_refused_stream_is_discarded_and_a_failed_one_is_reported_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let link = RecorderLink::start(path).expect("start");
+        let w = link.worker();
+        let (conn, _) = listener.accept().expect("accept");
+        let fake = fake_recorder(conn, |stream| {
+            vec![Reply::Refused {
+                stream,
+                reason: "no space left on device".into(),
+            }]
+        });
+        let refused = runtime().block_on(async {
+            until_connected(&w).await;
+            w.open(RecordingMeta::default()).await.err()
+        });
+        assert_eq!(
+            refused,
+            Some(OpenError::Refused("no space left on device".into()))
+        );
+        let (frames, conn) = fake.join().expect("fake recorder");
+        assert!(
+            matches!(frames.last(), Some(Frame::Discard { .. })),
+            "{frames:?}"
+        );
+
+        // the same link: the next stream opens, then psm-recorder reports it failed
+        let mut writer = conn.try_clone().expect("clone");
+        let fake = fake_recorder(conn, |stream| vec![Reply::Opened { stream }]);
+        runtime().block_on(async {
+            let s = w.open(RecordingMeta::default()).await.expect("opened");
+            let mut out = Vec::new();
+            Reply::Failed {
+                stream: s.stream,
+                reason: "disk full".into(),
+            }
+            .encode(&mut out);
+            writer.write_all(&out).expect("failure report");
+            let mut st = s.status();
+            let lost = tokio::time::timeout(Duration::from_secs(5), st.wait_for(|s| s.is_lost()))
+                .await
+                .expect("failure reported in time")
+                .map(|s| s.clone())
+                .ok();
+            assert_eq!(lost, Some(StreamStatus::Failed("disk full".into())));
+            assert!(
+                w.state().connected,
+                "one failed recording does not drop the link"
+            );
+            s.close(CloseSummary::default()).await;
+        });
+        let (frames, _conn) = fake.join().expect("fake recorder");
+        assert!(matches!(frames.last(), Some(Frame::Close { .. })));
     }
 }

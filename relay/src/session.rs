@@ -9,35 +9,44 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use psm_control_api::{now_ms, AuditKind, LiveSession, Login, PolicySnapshot};
-use psm_recorder_format::{CloseSummary, Direction, RecordingMeta};
+use psm_control_api::{now_ms, AuditKind, Escaped, LiveSession, Login, PolicySnapshot};
+use psm_recorder_format::{CloseSummary, RecordingMeta};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{
     Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelWriteHalf, MethodKind, MethodSet,
     Pty, Sig,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
-use crate::control_link::{AuditSink, PolicyStore};
+use crate::control_link::{AuditSink, Counters, PolicyStore, SessionBytes};
+use crate::cut::Cuttable;
+use crate::end::EndReason;
 use crate::flow::Flow;
-use crate::recording::{RecordingStream, WorkerRecorder};
-use crate::upstream::{self, TargetHandle};
+use crate::pipe::{
+    account_down, down_item, read_client, read_target, record_down, write_client, write_target,
+};
+use crate::recording::{RecordingStream, StreamStatus, WorkerRecorder};
+use crate::startups::{LogLimiter, Permit, Startups};
+use crate::upstream::{self, LossWatch, TargetHandle};
+use crate::Limits;
 
 /// What the user is told when recording is required and psm-recorder cannot take the session.
 pub const RECORDING_UNAVAILABLE: &str = "psm: session recording is unavailable; try again later";
 /// How long the relay waits for the target to answer a channel request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client has to authenticate (as OpenSSH's `LoginGraceTime`, shorter).
-pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
 /// Session channels one connection may have open at once (as OpenSSH's `MaxSessions`).
 pub const MAX_CHANNELS: usize = 10;
+/// Longest login name written whole to the audit log and the relay's log.
+pub const MAX_LOGGED_LOGIN: usize = 256;
+/// How long a connection told to go may take to close before it is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What every connection on one worker shares.
 pub struct WorkerCtx {
@@ -55,6 +64,33 @@ pub struct WorkerCtx {
     pub live: Arc<AtomicUsize>,
     /// Sessions running on this relay (announced to control on reconnect).
     pub sessions: Arc<crate::control_link::LiveSessions>,
+    /// Timeouts and caps.
+    pub limits: Arc<Limits>,
+    /// The relay-wide table of unauthenticated connections.
+    pub startups: Arc<Startups>,
+    /// The relay's counters.
+    pub counters: Arc<Counters>,
+    /// Rate limit of the log lines about pre-authentication failures (relay-wide).
+    pub preauth_log: Arc<Mutex<LogLimiter>>,
+}
+
+impl WorkerCtx {
+    /// Counts a connection that failed before authenticating and logs it, rate-limited.
+    fn preauth_failure(&self, peer: SocketAddr, why: &dyn std::fmt::Display) {
+        Counters::bump(&self.counters.preauth_failures);
+        let allowed = match self.preauth_log.lock() {
+            Ok(mut l) => l.allow(Instant::now()),
+            Err(p) => p.into_inner().allow(Instant::now()),
+        };
+        if let Some(suppressed) = allowed {
+            let why = why.to_string();
+            if suppressed > 0 {
+                info!(%peer, reason = %Escaped(&why), suppressed, "connection failed before authentication (earlier lines suppressed)");
+            } else {
+                info!(%peer, reason = %Escaped(&why), "connection failed before authentication");
+            }
+        }
+    }
 }
 
 struct SessionInfo {
@@ -65,29 +101,29 @@ struct SessionInfo {
 }
 
 #[derive(Default)]
-struct SharedState {
+pub(crate) struct SharedState {
     info: Option<SessionInfo>,
     recording: Option<RecordingStream>,
     targets: Vec<Arc<TargetHandle>>,
-    exit_status: Option<u32>,
-    exit_signal: Option<String>,
-    first_close: Option<&'static str>,
+    pub(crate) exit_status: Option<u32>,
+    pub(crate) exit_signal: Option<String>,
+    end: Option<EndReason>,
 }
 
 /// State of one connection that outlives the russh handler (for the end-of-session record).
-struct Shared {
+pub(crate) struct Shared {
     session_id: String,
     peer: SocketAddr,
     start_ms: u64,
-    started: Instant,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
+    pub(crate) bytes: Arc<SessionBytes>,
     authenticated: AtomicBool,
+    /// Notified when psm-recorder can no longer write this session's recording.
+    recording_lost: Notify,
     state: Mutex<SharedState>,
 }
 
 impl Shared {
-    fn with<R>(&self, f: impl FnOnce(&mut SharedState) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut SharedState) -> R) -> R {
         match self.state.lock() {
             Ok(mut g) => f(&mut g),
             Err(p) => f(&mut p.into_inner()),
@@ -96,9 +132,10 @@ impl Shared {
     fn recording(&self) -> Option<RecordingStream> {
         self.with(|s| s.recording.clone())
     }
-    fn closed_by(&self, who: &'static str) {
+    /// Records why the session ended; the first reason given wins.
+    pub(crate) fn ended(&self, why: EndReason) {
         self.with(|s| {
-            s.first_close.get_or_insert(who);
+            s.end.get_or_insert(why);
         });
     }
 }
@@ -113,6 +150,17 @@ fn new_id() -> String {
     )
 }
 
+/// A login name as the audit log and the relay's log keep it: at most [`MAX_LOGGED_LOGIN`]
+/// bytes, marked when cut.
+pub fn logged_login(login: &str) -> String {
+    let (kept, cut) = psm_control_api::escape::truncate(login, MAX_LOGGED_LOGIN);
+    if cut {
+        format!("{kept}…[truncated, {} bytes]", login.len())
+    } else {
+        kept.to_string()
+    }
+}
+
 /// Serves one accepted TCP connection to its end, then writes the end-of-session records.
 pub async fn handle_connection(
     ctx: Arc<WorkerCtx>,
@@ -120,15 +168,25 @@ pub async fn handle_connection(
     peer: SocketAddr,
 ) {
     let _live = LiveGuard::new(&ctx.live);
+    Counters::bump(&ctx.counters.connections);
+    let permit = match ctx.startups.admit(peer.ip()) {
+        Ok(p) => p,
+        Err(refusal) => {
+            // Dropping the stream closes it before any SSH byte is sent, as OpenSSH does.
+            Counters::bump(&ctx.counters.startups_refused);
+            ctx.preauth_failure(peer, &format_args!("refused: {refusal}"));
+            return;
+        }
+    };
     let _ = stream.set_nodelay(true);
+    let (stream, cutter) = Cuttable::new(stream);
     let shared = Arc::new(Shared {
         session_id: new_id(),
         peer,
         start_ms: now_ms(),
-        started: Instant::now(),
-        bytes_up: AtomicU64::new(0),
-        bytes_down: AtomicU64::new(0),
+        bytes: Arc::new(SessionBytes::default()),
         authenticated: AtomicBool::new(false),
+        recording_lost: Notify::new(),
         state: Mutex::new(SharedState::default()),
     });
     let conn = Conn {
@@ -137,19 +195,21 @@ pub async fn handle_connection(
         login: String::new(),
         user: None,
         started: false,
+        permit: Some(permit),
         channels: HashMap::new(),
         flows: HashMap::new(),
     };
-    let grace_end = tokio::time::Instant::now() + LOGIN_GRACE;
+    let grace_end = tokio::time::Instant::now() + ctx.limits.login_grace;
     let start = russh::server::run_stream(ctx.server_config.clone(), stream, conn);
     let running = match tokio::time::timeout_at(grace_end, start).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            debug!(%peer, error = %e, "ssh connection failed before the session started");
+            ctx.preauth_failure(peer, &format_args!("ssh handshake failed: {e}"));
             return;
         }
         Err(_) => {
-            debug!(%peer, "no ssh identification within the login grace time");
+            cutter.cut();
+            ctx.preauth_failure(peer, &"no ssh identification within the login grace time");
             return;
         }
     };
@@ -160,28 +220,46 @@ pub async fn handle_connection(
     let grace = tokio::time::sleep_until(grace_end);
     tokio::pin!(grace);
     let mut grace_over = false;
-    let mut reason: Option<String> = None;
+    let mut reason: Option<EndReason> = None;
     let kick = loop {
         tokio::select! {
             r = &mut running => {
                 if let Err(e) = r {
-                    debug!(%peer, error = %e, "client connection ended with an error");
-                    reason.get_or_insert_with(|| format!("client connection error: {e}"));
+                    if shared.authenticated.load(Ordering::Acquire) {
+                        debug!(%peer, error = %e, "client connection ended with an error");
+                        reason.get_or_insert_with(|| EndReason::ClientError(e.to_string()));
+                    } else {
+                        ctx.preauth_failure(peer, &format_args!("ssh protocol error: {e}"));
+                    }
                 }
                 break None;
             }
             _ = &mut grace, if !grace_over => {
                 grace_over = true;
                 if !shared.authenticated.load(Ordering::Acquire) {
-                    info!(%peer, "login grace time exceeded");
+                    ctx.preauth_failure(peer, &"login grace time exceeded");
                     break Some("psm: login grace time exceeded");
                 }
             }
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
-                    reason = Some("gateway shutting down".into());
-                    break Some("psm: the gateway is shutting down");
+                    reason = Some(EndReason::Shutdown);
+                    break EndReason::Shutdown.user_line();
                 }
+            }
+            _ = shared.recording_lost.notified() => {
+                let why = shared
+                    .recording()
+                    .map(|r| match &*r.status().borrow() {
+                        StreamStatus::Failed(w) | StreamStatus::Refused(w) => w.clone(),
+                        _ => String::new(),
+                    })
+                    .unwrap_or_default();
+                warn!(session = %shared.session_id, reason = %why, "recording failed; closing the session");
+                let r = EndReason::RecordingFailed(why);
+                let line = r.user_line();
+                reason = Some(r);
+                break line;
             }
             changed = link.changed() => {
                 if changed.is_ok() {
@@ -193,20 +271,32 @@ pub async fn handle_connection(
                 }
                 // The recorder link dropped (or is gone for good) under this session.
                 warn!(session = %shared.session_id, "recording lost; closing the session");
-                reason = Some("session recording was lost".into());
-                break Some("psm: session recording was lost; the session was closed");
+                reason = Some(EndReason::RecordingLost);
+                break EndReason::RecordingLost.user_line();
             }
         }
     };
     if let Some(message) = kick {
-        let _ = handle
-            .disconnect(
+        let polite = if shared.authenticated.load(Ordering::Acquire) {
+            CLOSE_GRACE
+        } else {
+            // An unauthenticated peer gets no more time than it takes to send the message.
+            Duration::from_millis(200)
+        };
+        let _ = tokio::time::timeout(
+            polite,
+            handle.disconnect(
                 russh::Disconnect::ByApplication,
                 message.into(),
                 "en".into(),
-            )
-            .await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+            ),
+        )
+        .await;
+        if tokio::time::timeout(polite, &mut running).await.is_err() {
+            // A peer that does not read cannot keep its connection: cut it.
+            cutter.cut();
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut running).await;
+        }
     }
     finish(&ctx, &shared, reason).await;
 }
@@ -227,15 +317,15 @@ impl Drop for LiveGuard {
     }
 }
 
-async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<String>) {
-    let (info, recording, targets, exit_status, exit_signal, first_close) = shared.with(|s| {
+async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndReason>) {
+    let (info, recording, targets, exit_status, exit_signal, end) = shared.with(|s| {
         (
             s.info.take(),
             s.recording.take(),
             std::mem::take(&mut s.targets),
             s.exit_status,
             s.exit_signal.clone(),
-            s.first_close,
+            s.end.clone(),
         )
     });
     for t in targets {
@@ -243,23 +333,20 @@ async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<String>) {
     }
     let Some(info) = info else { return };
     ctx.sessions.remove(&shared.session_id);
-    let end_ms = now_ms();
-    let reason = reason.unwrap_or_else(|| match first_close {
-        Some("target") => "target ended the session".into(),
-        _ => "client closed the session".into(),
-    });
+    let end_ms = now_ms().max(shared.start_ms);
+    let reason = reason.or(end).unwrap_or(EndReason::ClientClosed);
     if let Some(rec) = recording {
         rec.close(CloseSummary {
             end_ms,
             exit_status,
             exit_signal: exit_signal.clone(),
-            reason: reason.clone(),
+            reason: reason.to_string(),
         })
         .await;
     }
-    let bytes_up = shared.bytes_up.load(Ordering::Relaxed);
-    let bytes_down = shared.bytes_down.load(Ordering::Relaxed);
-    info!(session = %shared.session_id, user = %info.user, target = %info.target, bytes_up, bytes_down, %reason, "session ended");
+    let bytes_up = shared.bytes.up.load(Ordering::Relaxed);
+    let bytes_down = shared.bytes.down.load(Ordering::Relaxed);
+    info!(session = %shared.session_id, user = %info.user, target = %info.target, bytes_up, bytes_down, %reason, side = %reason.side(), "session ended");
     ctx.audit.emit(AuditKind::SessionEnd {
         session_id: shared.session_id.clone(),
         user: info.user,
@@ -268,13 +355,15 @@ async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<String>) {
         account: info.account,
         start_ms: shared.start_ms,
         end_ms,
-        duration_ms: shared.started.elapsed().as_millis() as u64,
+        duration_ms: end_ms - shared.start_ms,
         bytes_up,
         bytes_down,
         exit_status,
         exit_signal,
         recording_id: info.recording_id,
-        reason,
+        reason: reason.to_string(),
+        reason_code: reason.code().into(),
+        side: reason.side().to_string(),
     });
 }
 
@@ -287,6 +376,7 @@ enum Chan {
         down: Channel<Msg>,
         early: Vec<ChannelMsg>,
         target: Arc<TargetHandle>,
+        loss: LossWatch,
     },
     /// Relaying.
     Running {
@@ -303,6 +393,8 @@ pub struct Conn {
     login: String,
     user: Option<String>,
     started: bool,
+    /// This connection's place among the unauthenticated ones, until it authenticates.
+    permit: Option<Permit>,
     channels: HashMap<ChannelId, Chan>,
     flows: HashMap<ChannelId, Arc<Flow>>,
 }
@@ -338,9 +430,11 @@ impl Conn {
     }
 
     fn auth_failed(&self, login: &str, method: &str, reason: &str) {
-        info!(peer = %self.shared.peer, %login, method, reason, "authentication failed");
+        let login = logged_login(login);
+        Counters::bump(&self.ctx.counters.auth_failures);
+        info!(peer = %self.shared.peer, login = %Escaped(&login), method, reason, "authentication failed");
         self.ctx.audit.emit(AuditKind::AuthFailure {
-            login: login.to_string(),
+            login,
             method: method.to_string(),
             source: self.source(),
             reason: reason.to_string(),
@@ -348,12 +442,14 @@ impl Conn {
     }
 
     fn auth_ok(&mut self, login: &str, user: &str, method: &str) {
-        info!(peer = %self.shared.peer, %login, %user, method, "authenticated");
+        info!(peer = %self.shared.peer, login = %Escaped(login), user = %Escaped(user), method, "authenticated");
         self.login = login.to_string();
         self.user = Some(user.to_string());
         self.shared.authenticated.store(true, Ordering::Release);
+        // Authenticated: no longer counted against max_startups.
+        self.permit = None;
         self.ctx.audit.emit(AuditKind::AuthSuccess {
-            login: login.to_string(),
+            login: logged_login(login),
             user: user.to_string(),
             method: method.to_string(),
             source: self.source(),
@@ -361,9 +457,9 @@ impl Conn {
     }
 
     fn deny(&self, user: &str, reason: String, client_message: String) -> String {
-        info!(peer = %self.shared.peer, login = %self.login, %reason, "session denied");
+        info!(peer = %self.shared.peer, login = %Escaped(&self.login), reason = %Escaped(&reason), "session denied");
         self.ctx.audit.emit(AuditKind::SessionDenied {
-            login: self.login.clone(),
+            login: logged_login(&self.login),
             user: user.to_string(),
             source: self.source(),
             reason,
@@ -378,7 +474,7 @@ impl Conn {
     async fn broker(
         &mut self,
         user: &str,
-    ) -> Result<(Channel<russh::client::Msg>, Arc<TargetHandle>), String> {
+    ) -> Result<(Channel<russh::client::Msg>, Arc<TargetHandle>, LossWatch), String> {
         let login = match Login::parse(&self.login) {
             Ok(l) => l,
             Err(e) => {
@@ -406,21 +502,12 @@ impl Conn {
                 return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message())))
             }
         };
-        if snap.recording_required && !self.ctx.recorder.state().connected {
-            return Err(self.deny(
-                user,
-                "session recording unavailable: psm-recorder is not connected".into(),
-                RECORDING_UNAVAILABLE.into(),
-            ));
-        }
-        let handle = match upstream::connect(target, account).await {
-            Ok(h) => Arc::new(h),
-            Err(e) => return Err(self.deny(user, e.to_string(), e.client_message())),
-        };
+        // The recording is confirmed open before the relay logs in to the target: a user who
+        // cannot be recorded is told so up front, and the target never sees the login.
+        let mut opened = None;
         if !self.started {
-            let recording_id = self.shared.session_id.clone();
             let meta = RecordingMeta {
-                recording_id: recording_id.clone(),
+                recording_id: self.shared.session_id.clone(),
                 session_id: self.shared.session_id.clone(),
                 user: user.to_string(),
                 target: target.name.clone(),
@@ -428,14 +515,39 @@ impl Conn {
                 source: self.source(),
                 start_ms: self.shared.start_ms,
             };
-            let recording = self.ctx.recorder.open(meta).await;
-            if recording.is_none() && snap.recording_required {
-                disconnect_target(&handle).await;
-                return Err(self.deny(
-                    user,
-                    "session recording unavailable: psm-recorder link dropped".into(),
-                    RECORDING_UNAVAILABLE.into(),
-                ));
+            match self.ctx.recorder.open(meta).await {
+                Ok(rec) => opened = Some(rec),
+                Err(e) if snap.recording_required => {
+                    return Err(self.deny(
+                        user,
+                        format!("session recording unavailable: {e}"),
+                        RECORDING_UNAVAILABLE.into(),
+                    ));
+                }
+                Err(e) => debug!(error = %e, "recording not required; the session runs unrecorded"),
+            }
+        }
+        let (handle, loss) =
+            match upstream::connect(target, account, self.ctx.limits.target_keepalive).await {
+                Ok((h, loss)) => (Arc::new(h), loss),
+                Err(e) => {
+                    if let Some(rec) = opened {
+                        rec.discard().await;
+                    }
+                    return Err(self.deny(user, e.to_string(), e.client_message()));
+                }
+            };
+        if !self.started {
+            let recording_id = self.shared.session_id.clone();
+            if let Some(rec) = &opened {
+                let mut status = rec.status();
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    // Ends with the stream (sender dropped) or when psm-recorder loses it.
+                    if status.wait_for(|s| s.is_lost()).await.is_ok() {
+                        shared.recording_lost.notify_one();
+                    }
+                });
             }
             self.shared.with(|s| {
                 s.info = Some(SessionInfo {
@@ -444,9 +556,10 @@ impl Conn {
                     account: account.username.clone(),
                     recording_id: recording_id.clone(),
                 });
-                s.recording = recording;
+                s.recording = opened;
             });
             info!(session = %self.shared.session_id, %user, target = %target.name, account = %account.username, "session started");
+            Counters::bump(&self.ctx.counters.sessions_started);
             let live = LiveSession {
                 session_id: self.shared.session_id.clone(),
                 user: user.to_string(),
@@ -457,7 +570,9 @@ impl Conn {
                 recording_id,
                 start_ms: self.shared.start_ms,
             };
-            self.ctx.sessions.insert(live.clone());
+            self.ctx
+                .sessions
+                .insert(live.clone(), self.shared.bytes.clone());
             self.ctx.audit.emit(AuditKind::SessionStart {
                 session_id: live.session_id,
                 user: live.user,
@@ -473,7 +588,7 @@ impl Conn {
         self.shared.with(|s| s.targets.push(handle.clone()));
         let open = tokio::time::timeout(REQUEST_TIMEOUT, handle.channel_open_session()).await;
         match open.unwrap_or(Err(russh::Error::ConnectionTimeout)) {
-            Ok(ch) => Ok((ch, handle)),
+            Ok(ch) => Ok((ch, handle, loss)),
             Err(e) => {
                 let err = upstream::UpstreamError::ChannelRefused {
                     target: target.name.clone(),
@@ -517,6 +632,7 @@ impl Conn {
             down,
             early,
             target,
+            loss,
         }) = self.channels.remove(&channel)
         else {
             return;
@@ -553,6 +669,7 @@ impl Conn {
             self.shared.clone(),
             rec,
             ch,
+            loss,
         ));
         if tracing::enabled!(tracing::Level::DEBUG) {
             let flow = flow.clone();
@@ -765,11 +882,12 @@ impl russh::server::Handler for Conn {
         }
         let id = channel.id();
         let state = match self.broker(&user).await {
-            Ok((up, target)) => Chan::Pending {
+            Ok((up, target, loss)) => Chan::Pending {
                 up,
                 down: channel,
                 early: Vec::new(),
                 target,
+                loss,
             },
             Err(msg) => Chan::Denied(msg),
         };
@@ -1012,225 +1130,5 @@ async fn disconnect_target(t: &TargetHandle) {
         let _ = t
             .disconnect(russh::Disconnect::ByApplication, "", "en")
             .await;
-    }
-}
-
-/// What travels from a reader task to its writer task.
-enum Item {
-    Data(Bytes),
-    Ext(u32, Bytes),
-    Eof,
-    ExitStatus(u32),
-    ExitSignal {
-        signal: Sig,
-        core_dumped: bool,
-        message: String,
-    },
-    Close,
-}
-
-impl Item {
-    fn len(&self) -> usize {
-        match self {
-            Item::Data(b) | Item::Ext(_, b) => b.len(),
-            _ => 0,
-        }
-    }
-}
-
-fn down_item(m: ChannelMsg) -> Option<Item> {
-    Some(match m {
-        ChannelMsg::Data { data } => Item::Data(data),
-        ChannelMsg::ExtendedData { data, ext } => Item::Ext(ext, data),
-        ChannelMsg::Eof => Item::Eof,
-        ChannelMsg::ExitStatus { exit_status } => Item::ExitStatus(exit_status),
-        ChannelMsg::ExitSignal {
-            signal_name,
-            core_dumped,
-            error_message,
-            ..
-        } => Item::ExitSignal {
-            signal: signal_name,
-            core_dumped,
-            message: error_message,
-        },
-        ChannelMsg::Close => Item::Close,
-        _ => return None,
-    })
-}
-
-async fn record_down(rec: Option<&RecordingStream>, ch: u32, item: &Item) {
-    let Some(rec) = rec else { return };
-    match item {
-        Item::Data(d) => rec.data(ch, Direction::Output, d.clone()).await,
-        Item::Ext(_, d) => rec.data(ch, Direction::Error, d.clone()).await,
-        _ => {}
-    }
-}
-
-fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
-    match item {
-        Item::Data(_) | Item::Ext(..) => {
-            shared
-                .bytes_down
-                .fetch_add(item.len() as u64, Ordering::Relaxed);
-            flow.down_queued(item.len());
-        }
-        Item::ExitStatus(s) => shared.with(|st| st.exit_status = Some(*s)),
-        Item::ExitSignal { signal, .. } => {
-            let name = sig_name(signal);
-            shared.with(|st| st.exit_signal = Some(name));
-        }
-        Item::Close => shared.closed_by("target"),
-        Item::Eof => {}
-    }
-}
-
-fn sig_name(s: &Sig) -> String {
-    match s {
-        Sig::ABRT => "ABRT".into(),
-        Sig::ALRM => "ALRM".into(),
-        Sig::FPE => "FPE".into(),
-        Sig::HUP => "HUP".into(),
-        Sig::ILL => "ILL".into(),
-        Sig::INT => "INT".into(),
-        Sig::KILL => "KILL".into(),
-        Sig::PIPE => "PIPE".into(),
-        Sig::QUIT => "QUIT".into(),
-        Sig::SEGV => "SEGV".into(),
-        Sig::TERM => "TERM".into(),
-        Sig::USR1 => "USR1".into(),
-        Sig::Custom(c) => c.clone(),
-    }
-}
-
-/// User -> relay: drains the user's channel into the up queue, recording input.
-async fn read_client(
-    mut r: russh::ChannelReadHalf,
-    tx: mpsc::UnboundedSender<Item>,
-    flow: Arc<Flow>,
-    shared: Arc<Shared>,
-    rec: Option<RecordingStream>,
-    ch: u32,
-) {
-    loop {
-        // Only a user who multiplexes channels and keeps one of them congested can get here;
-        // the window hook keeps a single channel far below this.
-        tokio::select! {
-            _ = flow.up_ready() => {}
-            _ = tx.closed() => return,
-        }
-        let item = match r.wait().await {
-            Some(ChannelMsg::Data { data }) => {
-                shared
-                    .bytes_up
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                if let Some(rec) = &rec {
-                    rec.data(ch, Direction::Input, data.clone()).await;
-                }
-                flow.up_queued(data.len());
-                Item::Data(data)
-            }
-            Some(ChannelMsg::Eof) => Item::Eof,
-            Some(ChannelMsg::Close) | None => {
-                shared.closed_by("client");
-                let _ = tx.send(Item::Close);
-                return;
-            }
-            // Requests are handled by the handler callbacks; nothing else matters here.
-            Some(_) => continue,
-        };
-        if tx.send(item).is_err() {
-            return;
-        }
-    }
-}
-
-/// Relay -> target: writes the up queue to the target channel (waiting on its window).
-async fn write_target(
-    mut rx: mpsc::UnboundedReceiver<Item>,
-    w: Arc<ChannelWriteHalf<russh::client::Msg>>,
-    flow: Arc<Flow>,
-) {
-    while let Some(item) = rx.recv().await {
-        let n = item.len();
-        let r = match item {
-            Item::Data(d) => w.data_bytes(d).await,
-            Item::Eof => w.eof().await,
-            Item::Close => {
-                let _ = w.close().await;
-                return;
-            }
-            _ => Ok(()),
-        };
-        flow.up_written(n);
-        if r.is_err() {
-            return;
-        }
-    }
-}
-
-/// Target -> relay: drains the target channel into the down queue, recording output.
-async fn read_target(
-    mut r: russh::ChannelReadHalf,
-    tx: mpsc::UnboundedSender<Item>,
-    flow: Arc<Flow>,
-    shared: Arc<Shared>,
-    rec: Option<RecordingStream>,
-    ch: u32,
-) {
-    loop {
-        tokio::select! {
-            _ = flow.down_ready() => {}
-            // The user side is gone: nothing will drain the queue any more.
-            _ = tx.closed() => return,
-        }
-        let Some(msg) = r.wait().await else {
-            shared.closed_by("target");
-            let _ = tx.send(Item::Close);
-            return;
-        };
-        let Some(item) = down_item(msg) else { continue };
-        record_down(rec.as_ref(), ch, &item).await;
-        account_down(&shared, &flow, &item);
-        let close = matches!(item, Item::Close);
-        if tx.send(item).is_err() || close {
-            return;
-        }
-    }
-}
-
-/// Relay -> user: writes the down queue to the user's channel (waiting on its window), with
-/// exit status / signal and close in order after the data.
-async fn write_client(
-    mut rx: mpsc::UnboundedReceiver<Item>,
-    w: ChannelWriteHalf<Msg>,
-    handle: russh::server::Handle,
-    flow: Arc<Flow>,
-) {
-    while let Some(item) = rx.recv().await {
-        let n = item.len();
-        let r = match item {
-            Item::Data(d) => w.data_bytes(d).await,
-            Item::Ext(ext, d) => w.extended_data_bytes(ext, d).await,
-            Item::Eof => w.eof().await,
-            Item::ExitStatus(s) => w.exit_status(s).await,
-            Item::ExitSignal {
-                signal,
-                core_dumped,
-                message,
-            } => handle
-                .exit_signal_request(w.id(), signal, core_dumped, message, "en".into())
-                .await
-                .map_err(|_| russh::Error::SendError),
-            Item::Close => {
-                let _ = w.close().await;
-                return;
-            }
-        };
-        flow.down_written(n);
-        if r.is_err() {
-            return;
-        }
     }
 }

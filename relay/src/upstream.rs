@@ -1,5 +1,6 @@
 //! The target leg: an SSH client connection to the target, with the pinned host key checked and
-//! the vaulted credential injected.
+//! the vaulted credential injected. Keepalives find a target that stopped answering; how the
+//! connection was lost is reported as a [`TargetLoss`] so the session ends with the true reason.
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,49 @@ use psm_control_api::{Account, Credential, Target};
 use russh::client;
 use russh::keys::PublicKeyOrCertificate;
 use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use tokio::sync::watch;
 use zeroize::Zeroizing;
+
+use crate::end::TargetLoss;
+
+/// Keepalives toward targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetKeepalive {
+    /// Silence after which a keepalive is sent.
+    pub interval: Duration,
+    /// Unanswered keepalives after which the target is given up.
+    pub max: usize,
+}
+
+impl Default for TargetKeepalive {
+    /// 15 s, 3 misses.
+    fn default() -> Self {
+        TargetKeepalive {
+            interval: Duration::from_secs(15),
+            max: 3,
+        }
+    }
+}
+
+/// Tells how a target connection was lost, once it is.
+pub type LossWatch = watch::Receiver<Option<TargetLoss>>;
+
+/// What a russh client error says about how the target was lost.
+pub fn classify(e: &russh::Error) -> TargetLoss {
+    use std::io::ErrorKind;
+    match e {
+        russh::Error::KeepaliveTimeout | russh::Error::InactivityTimeout => {
+            TargetLoss::Unresponsive
+        }
+        russh::Error::IO(io) => match io.kind() {
+            ErrorKind::ConnectionReset => TargetLoss::Closed("connection reset".into()),
+            ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe => TargetLoss::Closed(String::new()),
+            _ => TargetLoss::Closed(io.to_string()),
+        },
+        russh::Error::Disconnect | russh::Error::HUP => TargetLoss::Closed(String::new()),
+        other => TargetLoss::Violation(other.to_string()),
+    }
+}
 
 /// How long connecting and logging in to a target may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,14 +155,38 @@ impl UpstreamError {
     }
 }
 
-/// Client-side handler for the target connection: checks the pinned host key.
+/// Client-side handler for the target connection: checks the pinned host key and reports how
+/// the connection ended.
 pub struct TargetHandler {
     pinned: PublicKey,
     presented: Arc<Mutex<Option<String>>>,
+    loss: watch::Sender<Option<TargetLoss>>,
 }
 
 impl client::Handler for TargetHandler {
     type Error = russh::Error;
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let (loss, result) = match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => (
+                TargetLoss::Closed(crate::escape_short(&info.message)),
+                Ok(()),
+            ),
+            client::DisconnectReason::Error(e) => (classify(&e), Err(e)),
+        };
+        self.loss.send_if_modified(|l| {
+            if l.is_none() {
+                *l = Some(loss);
+                true
+            } else {
+                false
+            }
+        });
+        result
+    }
 
     async fn check_server_key(
         &mut self,
@@ -152,9 +219,14 @@ pub type TargetHandle = client::Handle<TargetHandler>;
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connects to `target`, verifies its host key against the pinned one and logs in as `account`
-/// with the vaulted credential; gives up after [`LOGIN_TIMEOUT`].
-pub async fn connect(target: &Target, account: &Account) -> Result<TargetHandle, UpstreamError> {
-    match tokio::time::timeout(LOGIN_TIMEOUT, connect_inner(target, account)).await {
+/// with the vaulted credential; gives up after [`LOGIN_TIMEOUT`]. The [`LossWatch`] tells how
+/// the connection was lost, once it is.
+pub async fn connect(
+    target: &Target,
+    account: &Account,
+    keepalive: TargetKeepalive,
+) -> Result<(TargetHandle, LossWatch), UpstreamError> {
+    match tokio::time::timeout(LOGIN_TIMEOUT, connect_inner(target, account, keepalive)).await {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Unreachable {
             target: target.name.clone(),
@@ -164,7 +236,11 @@ pub async fn connect(target: &Target, account: &Account) -> Result<TargetHandle,
     }
 }
 
-async fn connect_inner(target: &Target, account: &Account) -> Result<TargetHandle, UpstreamError> {
+async fn connect_inner(
+    target: &Target,
+    account: &Account,
+    keepalive: TargetKeepalive,
+) -> Result<(TargetHandle, LossWatch), UpstreamError> {
     let pinned = PublicKey::from_openssh(&target.host_key).map_err(|e| UpstreamError::BadPin {
         target: target.name.clone(),
         reason: e.to_string(),
@@ -202,15 +278,17 @@ async fn connect_inner(target: &Target, account: &Account) -> Result<TargetHandl
         },
         inactivity_timeout: None,
         window_size: crate::flow::WINDOW,
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_max: 3,
+        keepalive_interval: Some(keepalive.interval),
+        keepalive_max: keepalive.max,
         nodelay: true,
         ..Default::default()
     };
     let presented = Arc::new(Mutex::new(None));
+    let (loss, loss_rx) = watch::channel(None);
     let handler = TargetHandler {
         pinned: pinned.clone(),
         presented: presented.clone(),
+        loss,
     };
     let handshake = client::connect_stream(Arc::new(config), tcp, handler);
     let mut handle = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
@@ -283,5 +361,31 @@ async fn connect_inner(target: &Target, account: &Account) -> Result<TargetHandl
             kind,
         });
     }
-    Ok(handle)
+    Ok((handle, loss_rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_are_classified_by_what_russh_saw() {
+        assert_eq!(
+            classify(&russh::Error::KeepaliveTimeout),
+            TargetLoss::Unresponsive
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            classify(&russh::Error::IO(reset)),
+            TargetLoss::Closed("connection reset".into())
+        );
+        assert_eq!(
+            classify(&russh::Error::HUP),
+            TargetLoss::Closed(String::new())
+        );
+        assert!(matches!(
+            classify(&russh::Error::PacketSize(1 << 30)),
+            TargetLoss::Violation(_)
+        ));
+    }
 }

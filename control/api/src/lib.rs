@@ -9,6 +9,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod escape;
+
+pub use escape::{escape, Escaped};
+
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -422,8 +426,14 @@ pub enum AuditKind {
         exit_signal: Option<String>,
         /// Recording id.
         recording_id: String,
-        /// Why it ended (`client closed`, `target closed`, `recorder lost`, …).
+        /// Why it ended (`client closed the session`, `target stopped responding`, …).
         reason: String,
+        /// A stable code for the reason (`client_closed`, `target_unresponsive`, `relay_lost`, …).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason_code: String,
+        /// The side the end came from: `client`, `target`, `recorder`, `relay` or `internal`.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        side: String,
     },
     /// The user started a shell, a command or a subsystem on a channel of a session.
     ChannelRequest {
@@ -487,6 +497,38 @@ pub struct LiveSession {
     pub start_ms: u64,
 }
 
+/// A relay's counters, reported to control every few seconds ([`RelayToControl::Stats`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RelayStats {
+    /// TCP connections accepted since the relay started.
+    pub connections: u64,
+    /// Connections refused before their handshake (`max_startups`, per-source limit).
+    pub startups_refused: u64,
+    /// Connections that failed before authenticating (bad handshake, garbage, login grace
+    /// time exceeded).
+    pub preauth_failures: u64,
+    /// Failed authentication attempts.
+    pub auth_failures: u64,
+    /// Sessions started.
+    pub sessions_started: u64,
+    /// Unauthenticated connections held now.
+    pub unauthenticated: u64,
+    /// Whether the relay's link to psm-recorder is up.
+    pub recorder_connected: bool,
+}
+
+/// How far a running session has got, as last reported by its relay.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionProgress {
+    /// Session id.
+    pub session_id: String,
+    /// Bytes from the user to the target so far.
+    pub bytes_up: u64,
+    /// Bytes from the target to the user so far.
+    pub bytes_down: u64,
+}
+
 /// Messages from a relay to control.
 // Audit events dominate the traffic; boxing them would only add an allocation per event.
 #[allow(clippy::large_enum_variant)]
@@ -505,6 +547,14 @@ pub enum RelayToControl {
     },
     /// An audit event.
     Audit(AuditEvent),
+    /// The relay's counters and the progress of its running sessions.
+    Stats {
+        /// Counters.
+        stats: RelayStats,
+        /// One entry per running session.
+        #[serde(default)]
+        sessions: Vec<SessionProgress>,
+    },
 }
 
 /// Errors of this crate.

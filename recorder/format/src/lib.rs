@@ -1,6 +1,6 @@
 //! The relay <-> recorder contract and the psm recording file format.
 //!
-//! - [`wire`]: frames the relay sends to psm-recorder over its Unix socket.
+//! - [`wire`]: frames the relay sends to psm-recorder over its Unix socket, and its replies.
 //! - [`file`](mod@file): the on-disk recording (one zstd-compressed file per session), its writer and reader.
 //! - [`export`]: replay timing, asciicast v2 and plain-text renderings of a recording.
 //!
@@ -12,7 +12,7 @@ pub mod export;
 pub mod file;
 pub mod wire;
 
-pub use wire::{CloseSummary, Direction, Frame, RecordingMeta};
+pub use wire::{CloseSummary, Direction, Frame, RecordingMeta, Reply};
 
 /// Errors of the frame codec and the file format.
 #[derive(Debug, thiserror::Error)]

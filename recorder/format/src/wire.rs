@@ -5,9 +5,17 @@
 //! - `DATA`   : `u64 stream, u64 ts_us, u32 channel, u8 direction` + bytes
 //! - `RESIZE` : `u64 stream, u64 ts_us, u32 channel, u32 cols, u32 rows`
 //! - `CLOSE`  : `u64 stream, u64 ts_us` + JSON [`CloseSummary`]
+//! - `DISCARD`: `u64 stream` (the session never started: nothing of it is kept)
 //!
 //! `stream` is chosen by the relay and unique on one link; `ts_us` counts microseconds since the
 //! session started.
+//!
+//! psm-recorder answers on the same socket with [`Reply`] frames, framed the same way:
+//! - `OPENED` : `u64 stream` (the recording file exists; the session may start)
+//! - `REFUSED`: `u64 stream` + UTF-8 reason (the file could not be created)
+//! - `FAILED` : `u64 stream` + UTF-8 reason (writing failed mid-session; the session must end)
+//!
+//! A refusal or failure concerns that one stream only: the link and its other streams go on.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -21,6 +29,12 @@ const TAG_OPEN: u8 = 1;
 const TAG_DATA: u8 = 2;
 const TAG_RESIZE: u8 = 3;
 const TAG_CLOSE: u8 = 4;
+const TAG_DISCARD: u8 = 5;
+const TAG_OPENED: u8 = 0x41;
+const TAG_REFUSED: u8 = 0x42;
+const TAG_FAILED: u8 = 0x43;
+/// Longest reason a [`Reply`] carries.
+pub const MAX_REASON: usize = 1024;
 
 /// Which way bytes travelled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +136,112 @@ pub enum Frame {
         /// How it ended.
         summary: CloseSummary,
     },
+    /// The session this stream was opened for never started (the target login failed): the
+    /// recording holds nothing and is removed.
+    Discard {
+        /// Link-local stream number.
+        stream: u64,
+    },
+}
+
+/// psm-recorder's answer about one stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The recording file was created: the session may start.
+    Opened {
+        /// Link-local stream number.
+        stream: u64,
+    },
+    /// The recording could not be created (disk or inodes exhausted, I/O error).
+    Refused {
+        /// Link-local stream number.
+        stream: u64,
+        /// Why, for the audit log.
+        reason: String,
+    },
+    /// The recording could not be written any more: the session must end.
+    Failed {
+        /// Link-local stream number.
+        stream: u64,
+        /// Why, for the audit log.
+        reason: String,
+    },
+}
+
+impl Reply {
+    /// The stream this reply is about.
+    pub fn stream(&self) -> u64 {
+        match self {
+            Reply::Opened { stream }
+            | Reply::Refused { stream, .. }
+            | Reply::Failed { stream, .. } => *stream,
+        }
+    }
+
+    /// Appends the encoded reply to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let (tag, stream, reason) = match self {
+            Reply::Opened { stream } => (TAG_OPENED, *stream, ""),
+            Reply::Refused { stream, reason } => (TAG_REFUSED, *stream, reason.as_str()),
+            Reply::Failed { stream, reason } => (TAG_FAILED, *stream, reason.as_str()),
+        };
+        let (reason, _) = truncate_utf8(reason, MAX_REASON);
+        let body = 1 + 8 + reason.len();
+        out.extend_from_slice(&(body as u32).to_be_bytes());
+        out.push(tag);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(reason.as_bytes());
+    }
+
+    /// Decodes one reply from the front of `buf`, as [`Frame::decode`] does.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Reply, usize)>, FormatError> {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > 1 + 8 + MAX_REASON {
+            return Err(FormatError::Malformed(format!(
+                "reply of {len} bytes exceeds limit"
+            )));
+        }
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let mut r = Reader(&buf[4..4 + len]);
+        let tag = r.u8()?;
+        let stream = r.u64()?;
+        let reason = || {
+            String::from_utf8(r.0.to_vec())
+                .map_err(|_| FormatError::Malformed("reply reason is not UTF-8".into()))
+        };
+        let reply = match tag {
+            TAG_OPENED => {
+                r.end()?;
+                Reply::Opened { stream }
+            }
+            TAG_REFUSED => Reply::Refused {
+                stream,
+                reason: reason()?,
+            },
+            TAG_FAILED => Reply::Failed {
+                stream,
+                reason: reason()?,
+            },
+            other => return Err(FormatError::Malformed(format!("unknown reply tag {other}"))),
+        };
+        Ok(Some((reply, 4 + len)))
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> (&str, bool) {
+    if s.len() <= max {
+        return (s, false);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&s[..end], true)
 }
 
 impl Frame {
@@ -131,7 +251,8 @@ impl Frame {
             Frame::Open { stream, .. }
             | Frame::Data { stream, .. }
             | Frame::Resize { stream, .. }
-            | Frame::Close { stream, .. } => *stream,
+            | Frame::Close { stream, .. }
+            | Frame::Discard { stream } => *stream,
         }
     }
 
@@ -182,6 +303,10 @@ impl Frame {
                 out.extend_from_slice(&stream.to_be_bytes());
                 out.extend_from_slice(&ts_us.to_be_bytes());
                 out.extend_from_slice(&serde_json::to_vec(summary).unwrap_or_default());
+            }
+            Frame::Discard { stream } => {
+                out.push(TAG_DISCARD);
+                out.extend_from_slice(&stream.to_be_bytes());
             }
         }
         let body = (out.len() - start - 4) as u32;
@@ -241,6 +366,11 @@ impl Frame {
                     ts_us,
                     summary,
                 }
+            }
+            TAG_DISCARD => {
+                let f = Frame::Discard { stream: r.u64()? };
+                r.end()?;
+                f
             }
             other => return Err(FormatError::Malformed(format!("unknown frame tag {other}"))),
         };
@@ -328,7 +458,44 @@ mod tests {
                     ..Default::default()
                 },
             },
+            Frame::Discard { stream: 8 },
         ]
+    }
+
+    #[test]
+    fn replies_round_trip_and_reject_garbage() {
+        let replies = vec![
+            Reply::Opened { stream: 1 },
+            Reply::Refused {
+                stream: 2,
+                reason: "no space left on device".into(),
+            },
+            Reply::Failed {
+                stream: u64::MAX,
+                reason: "é".repeat(MAX_REASON),
+            },
+        ];
+        let mut buf = Vec::new();
+        for r in &replies {
+            r.encode(&mut buf);
+        }
+        let mut got = Vec::new();
+        let mut at = 0;
+        while let Some((r, n)) = Reply::decode(&buf[at..]).expect("valid") {
+            got.push(r);
+            at += n;
+        }
+        assert_eq!(at, buf.len());
+        assert_eq!(got[..2], replies[..2]);
+        // an over-long reason is cut on a character boundary, never past the limit
+        let Reply::Failed { reason, .. } = &got[2] else {
+            panic!("not a failure: {:?}", got[2]);
+        };
+        assert!(reason.len() <= MAX_REASON && reason.chars().all(|c| c == 'é'));
+        assert!(Reply::decode(&[0, 0, 0, 9, 0x7f, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
+        assert!(Reply::decode(&[0xff, 0, 0, 0]).is_err());
+        assert!(Reply::decode(&[0, 0, 0, 10, TAG_OPENED, 0, 0, 0, 0, 0, 0, 0, 1, 9]).is_err());
+        assert!(Reply::decode(&[0, 0, 0, 3, TAG_OPENED, 0, 0]).is_err());
     }
 
     #[test]

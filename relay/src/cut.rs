@@ -1,0 +1,148 @@
+//! A TCP stream the relay can cut from outside the SSH session that owns it.
+//!
+//! russh runs each connection in a task of its own and offers no way to abort it: a peer that
+//! never completes its handshake, or never reads, would keep the task, its buffers and its socket
+//! alive. [`Cuttable`] wraps the stream; once its [`Cutter`] fires, every read and write fails
+//! with `ConnectionAborted`, so russh's session loop ends at once and frees everything.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+#[derive(Default)]
+struct CutState {
+    cut: AtomicBool,
+    reader: AtomicWaker,
+    writer: AtomicWaker,
+}
+
+/// Cuts the stream it was made with. Cheap to clone.
+#[derive(Clone)]
+pub struct Cutter(Arc<CutState>);
+
+impl Cutter {
+    /// From now on every read and write of the stream fails.
+    pub fn cut(&self) {
+        self.0.cut.store(true, Ordering::Release);
+        self.0.reader.wake();
+        self.0.writer.wake();
+    }
+
+    /// Whether [`Cutter::cut`] was called.
+    pub fn is_cut(&self) -> bool {
+        self.0.cut.load(Ordering::Acquire)
+    }
+}
+
+/// A stream that fails once its [`Cutter`] fires.
+pub struct Cuttable<S> {
+    inner: S,
+    state: Arc<CutState>,
+}
+
+impl<S> Cuttable<S> {
+    /// Wraps `inner`; the returned [`Cutter`] cuts it.
+    pub fn new(inner: S) -> (Cuttable<S>, Cutter) {
+        let state = Arc::new(CutState::default());
+        (
+            Cuttable {
+                inner,
+                state: state.clone(),
+            },
+            Cutter(state),
+        )
+    }
+
+    fn aborted() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut by psm")
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Cuttable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Register first, so that a cut between the check and the inner poll still wakes us.
+        self.state.reader.register(cx.waker());
+        if self.state.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(Self::aborted()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Cuttable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.state.writer.register(cx.waker());
+        if self.state.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(Self::aborted()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.state.writer.register(cx.waker());
+        if self.state.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(Self::aborted()));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[test]
+    fn a_cut_wakes_a_blocked_reader_and_fails_writes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let (a, mut b) = tokio::io::duplex(64);
+            let (mut a, cutter) = Cuttable::new(a);
+            b.write_all(b"hi").await.expect("write");
+            let mut buf = [0u8; 2];
+            a.read_exact(&mut buf).await.expect("read before the cut");
+            assert_eq!(&buf, b"hi");
+            let reader = tokio::spawn(async move {
+                let mut buf = [0u8; 8];
+                let r = a.read(&mut buf).await;
+                (r.map_err(|e| e.kind()), a)
+            });
+            tokio::task::yield_now().await;
+            assert!(!cutter.is_cut());
+            cutter.cut();
+            let (r, mut a) = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+                .await
+                .expect("the blocked read woke")
+                .expect("task");
+            assert_eq!(r, Err(io::ErrorKind::ConnectionAborted));
+            assert_eq!(
+                a.write_all(b"x").await.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionAborted)
+            );
+            drop(b);
+        });
+    }
+}

@@ -1,0 +1,260 @@
+//! The four tasks that relay one started channel: a reader and a writer per direction, joined
+//! by queues whose memory [`Flow`] bounds. They record what passes ([`RecordingStream`]) and
+//! count it ([`SessionBytes`](crate::control_link::SessionBytes)); the target reader also tells how the target leg ended.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use psm_recorder_format::Direction;
+use russh::server::Msg;
+use russh::{ChannelMsg, ChannelWriteHalf, Sig};
+use tokio::sync::mpsc;
+
+use crate::end::{EndReason, TargetLoss};
+use crate::flow::Flow;
+use crate::recording::RecordingStream;
+use crate::session::Shared;
+use crate::upstream::LossWatch;
+
+/// What travels from a reader task to its writer task.
+pub(crate) enum Item {
+    Data(Bytes),
+    Ext(u32, Bytes),
+    Eof,
+    ExitStatus(u32),
+    ExitSignal {
+        signal: Sig,
+        core_dumped: bool,
+        message: String,
+    },
+    Close,
+}
+
+impl Item {
+    fn len(&self) -> usize {
+        match self {
+            Item::Data(b) | Item::Ext(_, b) => b.len(),
+            _ => 0,
+        }
+    }
+}
+
+pub(crate) fn down_item(m: ChannelMsg) -> Option<Item> {
+    Some(match m {
+        ChannelMsg::Data { data } => Item::Data(data),
+        ChannelMsg::ExtendedData { data, ext } => Item::Ext(ext, data),
+        ChannelMsg::Eof => Item::Eof,
+        ChannelMsg::ExitStatus { exit_status } => Item::ExitStatus(exit_status),
+        ChannelMsg::ExitSignal {
+            signal_name,
+            core_dumped,
+            error_message,
+            ..
+        } => Item::ExitSignal {
+            signal: signal_name,
+            core_dumped,
+            message: error_message,
+        },
+        ChannelMsg::Close => Item::Close,
+        _ => return None,
+    })
+}
+
+pub(crate) async fn record_down(rec: Option<&RecordingStream>, ch: u32, item: &Item) {
+    let Some(rec) = rec else { return };
+    match item {
+        Item::Data(d) => rec.data(ch, Direction::Output, d.clone()).await,
+        Item::Ext(_, d) => rec.data(ch, Direction::Error, d.clone()).await,
+        _ => {}
+    }
+}
+
+pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
+    match item {
+        Item::Data(_) | Item::Ext(..) => {
+            shared
+                .bytes
+                .down
+                .fetch_add(item.len() as u64, Ordering::Relaxed);
+            flow.down_queued(item.len());
+        }
+        Item::ExitStatus(s) => shared.with(|st| st.exit_status = Some(*s)),
+        Item::ExitSignal { signal, .. } => {
+            let name = sig_name(signal);
+            shared.with(|st| st.exit_signal = Some(name));
+        }
+        Item::Close => shared.ended(EndReason::TargetEnded),
+        Item::Eof => {}
+    }
+}
+
+fn sig_name(s: &Sig) -> String {
+    match s {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(c) => c.clone(),
+    }
+}
+
+/// User -> relay: drains the user's channel into the up queue, recording input.
+pub(crate) async fn read_client(
+    mut r: russh::ChannelReadHalf,
+    tx: mpsc::UnboundedSender<Item>,
+    flow: Arc<Flow>,
+    shared: Arc<Shared>,
+    rec: Option<RecordingStream>,
+    ch: u32,
+) {
+    loop {
+        // Only a user who multiplexes channels and keeps one of them congested can get here;
+        // the window hook keeps a single channel far below this.
+        tokio::select! {
+            _ = flow.up_ready() => {}
+            _ = tx.closed() => return,
+        }
+        let item = match r.wait().await {
+            Some(ChannelMsg::Data { data }) => {
+                shared
+                    .bytes
+                    .up
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some(rec) = &rec {
+                    rec.data(ch, Direction::Input, data.clone()).await;
+                }
+                flow.up_queued(data.len());
+                Item::Data(data)
+            }
+            Some(ChannelMsg::Eof) => Item::Eof,
+            Some(ChannelMsg::Close) | None => {
+                shared.ended(EndReason::ClientClosed);
+                let _ = tx.send(Item::Close);
+                return;
+            }
+            // Requests are handled by the handler callbacks; nothing else matters here.
+            Some(_) => continue,
+        };
+        if tx.send(item).is_err() {
+            return;
+        }
+    }
+}
+
+/// Relay -> target: writes the up queue to the target channel (waiting on its window).
+pub(crate) async fn write_target(
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    w: Arc<ChannelWriteHalf<russh::client::Msg>>,
+    flow: Arc<Flow>,
+) {
+    while let Some(item) = rx.recv().await {
+        let n = item.len();
+        let r = match item {
+            Item::Data(d) => w.data_bytes(d).await,
+            Item::Eof => w.eof().await,
+            Item::Close => {
+                let _ = w.close().await;
+                return;
+            }
+            _ => Ok(()),
+        };
+        flow.up_written(n);
+        if r.is_err() {
+            return;
+        }
+    }
+}
+
+/// How long the target reader waits for russh to say how a connection that vanished was lost.
+const LOSS_WAIT: Duration = Duration::from_secs(2);
+
+/// Why the target leg vanished without closing its channel, once russh says.
+async fn target_loss(loss: &mut LossWatch) -> EndReason {
+    let seen = tokio::time::timeout(LOSS_WAIT, loss.wait_for(|l| l.is_some())).await;
+    match seen {
+        Ok(Ok(l)) => l.clone().map(EndReason::from),
+        _ => None,
+    }
+    .unwrap_or_else(|| EndReason::from(TargetLoss::Closed(String::new())))
+}
+
+/// Target -> relay: drains the target channel into the down queue, recording output. When the
+/// target connection vanishes without closing the channel, the user is told why in one line.
+pub(crate) async fn read_target(
+    mut r: russh::ChannelReadHalf,
+    tx: mpsc::UnboundedSender<Item>,
+    flow: Arc<Flow>,
+    shared: Arc<Shared>,
+    rec: Option<RecordingStream>,
+    ch: u32,
+    mut loss: LossWatch,
+) {
+    loop {
+        tokio::select! {
+            _ = flow.down_ready() => {}
+            // The user side is gone: nothing will drain the queue any more.
+            _ = tx.closed() => return,
+        }
+        let Some(msg) = r.wait().await else {
+            let why = target_loss(&mut loss).await;
+            if let Some(line) = why.user_line() {
+                let _ = tx.send(Item::Ext(1, Bytes::from(format!("{line}\r\n"))));
+            }
+            shared.ended(why);
+            let _ = tx.send(Item::Close);
+            return;
+        };
+        let Some(item) = down_item(msg) else { continue };
+        record_down(rec.as_ref(), ch, &item).await;
+        account_down(&shared, &flow, &item);
+        let close = matches!(item, Item::Close);
+        if tx.send(item).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Relay -> user: writes the down queue to the user's channel (waiting on its window), with
+/// exit status / signal and close in order after the data.
+pub(crate) async fn write_client(
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    w: ChannelWriteHalf<Msg>,
+    handle: russh::server::Handle,
+    flow: Arc<Flow>,
+) {
+    while let Some(item) = rx.recv().await {
+        let n = item.len();
+        let r = match item {
+            Item::Data(d) => w.data_bytes(d).await,
+            Item::Ext(ext, d) => w.extended_data_bytes(ext, d).await,
+            Item::Eof => w.eof().await,
+            Item::ExitStatus(s) => w.exit_status(s).await,
+            Item::ExitSignal {
+                signal,
+                core_dumped,
+                message,
+            } => handle
+                .exit_signal_request(w.id(), signal, core_dumped, message, "en".into())
+                .await
+                .map_err(|_| russh::Error::SendError),
+            Item::Close => {
+                let _ = w.close().await;
+                return;
+            }
+        };
+        flow.down_written(n);
+        if r.is_err() {
+            return;
+        }
+    }
+}
