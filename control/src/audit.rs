@@ -220,7 +220,9 @@ mod tests {
         assert_eq!(
             log.append_control(AuditKind::AdminChange {
                 action: "user add".into(),
-                object: "alice".into()
+                object: "alice".into(),
+                actor_uid: Some(0),
+                actor: Some("root".into()),
             })
             .expect("append")
             .seq,

@@ -1,19 +1,24 @@
 //! psmctl: the command line (clap) and what each command does.
 //!
 //! Policy commands go through `control.sock` ([`crate::client`]); `audit tail` reads
-//! `audit.jsonl` and `recordings …` read `recordings/` directly. Passwords are read from
-//! standard input (one line); a user's password is hashed here, so it never leaves psmctl, while
-//! an account's password or private key goes to the daemon to be sealed by the vault.
+//! `audit.jsonl` and `recordings …` read `recordings/` directly, after checking that this
+//! process's effective uid owns the data directory (the rule psm-control applies on its sockets;
+//! root would otherwise read another owner's files, or see an empty list where it may not
+//! look). Passwords are read from standard input (one line) and go to the daemon as
+//! [`Secret`]s over the owner-only socket: a psm user's password to be checked against the
+//! minimum length and hashed there, an account's password or private key to be sealed by the
+//! vault. `target add --scan` and `target update --scan` check the target name first, then
+//! touch the network.
 //!
 //! What it does not do: print a credential, ever.
 
 use std::fs;
 use std::io::{self, BufRead, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use psm_control_api::{AuditEvent, AuditKind, Credential, PasswordHash, Secret};
+use psm_control_api::{AuditEvent, AuditKind, Credential, Secret};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -97,7 +102,15 @@ pub enum Command {
         cmd: RecordingsCmd,
     },
     /// Whether psm-control runs, its policy version and connected relays.
-    Status(JsonFlag),
+    Status(StatusArgs),
+}
+
+/// `--json` for `status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print a JSON object (version, relays, sessions) instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `--json` for list commands.
@@ -128,6 +141,14 @@ pub enum UserCmd {
         /// User name.
         name: String,
     },
+    /// Set a user's password (read from stdin); keys and grants stay.
+    Passwd {
+        /// User name.
+        name: String,
+        /// Read the new password from the first line of standard input.
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
     /// List users.
     List(JsonFlag),
 }
@@ -147,6 +168,21 @@ pub enum TargetCmd {
         #[arg(long, value_name = "KEY")]
         host_key: Option<String>,
         /// Connect to the target and pin the host key it shows (ed25519 preferred).
+        #[arg(long)]
+        scan: bool,
+    },
+    /// Change a target's address and/or pinned host key; its accounts and grants stay.
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["address", "host_key", "scan"])))]
+    Update {
+        /// Target name.
+        name: String,
+        /// The new address.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// The new host key to pin, OpenSSH form (`ssh-ed25519 AAAA…`).
+        #[arg(long, value_name = "KEY", conflicts_with = "scan")]
+        host_key: Option<String>,
+        /// Connect to the target (at its new address, if given) and pin the host key it shows.
         #[arg(long)]
         scan: bool,
     },
@@ -289,9 +325,56 @@ pub enum CliError {
     /// Output could not be written.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
-    /// The password could not be hashed.
-    #[error("cannot hash the password: {0}")]
-    Hash(psm_control_api::ApiError),
+    /// This process does not own the data directory, so it may not read its files.
+    #[error(
+        "permission denied: uid {uid} does not own the data directory {} (owner uid {owner})",
+        .dir.display()
+    )]
+    NotOwner {
+        /// Effective uid of psmctl.
+        uid: u32,
+        /// The data directory (absolute).
+        dir: PathBuf,
+        /// Its owner.
+        owner: u32,
+    },
+    /// The data directory does not exist or cannot be inspected.
+    #[error("{}", data_dir_error(.dir, .source))]
+    DataDir {
+        /// The data directory (absolute).
+        dir: PathBuf,
+        /// Why it could not be inspected.
+        source: io::Error,
+    },
+}
+
+fn data_dir_error(dir: &Path, e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::NotFound {
+        format!(
+            "no data directory at {}; give --data-dir DIR or set PSM_DATA_DIR to the directory \
+             psm runs with",
+            dir.display()
+        )
+    } else {
+        format!("cannot access the data directory {}: {e}", dir.display())
+    }
+}
+
+/// Checks that psmctl may read the data directory's files itself: the directory exists and its
+/// owner is this process's effective uid (the uid psm-control admits on its sockets).
+pub fn check_data_dir_owner(data_dir: &Path) -> Result<(), CliError> {
+    let dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let owner = fs::metadata(&dir)
+        .map_err(|source| CliError::DataDir {
+            dir: dir.clone(),
+            source,
+        })?
+        .uid();
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid != owner {
+        return Err(CliError::NotOwner { uid, dir, owner });
+    }
+    Ok(())
 }
 
 impl CliError {
@@ -327,6 +410,7 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
         Command::Audit {
             cmd: AuditCmd::Tail { n, json },
         } => {
+            check_data_dir_owner(&data_dir)?;
             let events = read_tail(&DataDir::new(&data_dir).audit_log(), n)?;
             if json {
                 print_json(out, &events)
@@ -487,8 +571,7 @@ fn user(
             }
             let mut client = Client::connect(data_dir)?;
             let password = if password_stdin {
-                let pw = read_password(stdin)?;
-                Some(PasswordHash::new(&pw).map_err(CliError::Hash)?)
+                Some(Secret::new(read_password(stdin)?.to_string()))
             } else {
                 None
             };
@@ -507,6 +590,18 @@ fn user(
             &mut Client::connect(data_dir)?,
             &Request::UserRemove { name },
         ),
+        UserCmd::Passwd {
+            name,
+            password_stdin,
+        } => {
+            validate::user_name(&name)?;
+            if !password_stdin {
+                return Err(CliError::Usage("give --password-stdin".into()));
+            }
+            let mut client = Client::connect(data_dir)?;
+            let password = Secret::new(read_password(stdin)?.to_string());
+            change(out, &mut client, &Request::UserPasswd { name, password })
+        }
         UserCmd::List(f) => {
             let list: Vec<UserInfo> = Client::connect(data_dir)?.call_as(&Request::UserList)?;
             if f.json {
@@ -546,6 +641,12 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
             let host_key = match (host_key, scan) {
                 (Some(k), false) => validate::host_key(&k)?,
                 (None, true) => {
+                    // say "already exists" before scanning a host for nothing
+                    if find_target(&mut client, &name)?.is_some() {
+                        return Err(CliError::Client(ClientError::Refused(format!(
+                            "target '{name}' already exists"
+                        ))));
+                    }
                     let key = scan::scan_host_key_blocking(&address, scan::SCAN_TIMEOUT)?;
                     writeln!(
                         out,
@@ -570,6 +671,43 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
                 },
             )
         }
+        TargetCmd::Update {
+            name,
+            address,
+            host_key,
+            scan,
+        } => {
+            validate::target_name(&name)?;
+            let address = address.as_deref().map(validate::address).transpose()?;
+            let host_key = host_key.as_deref().map(validate::host_key).transpose()?;
+            let mut client = Client::connect(data_dir)?;
+            let host_key = if scan {
+                let Some(current) = find_target(&mut client, &name)? else {
+                    return Err(CliError::Client(ClientError::Refused(format!(
+                        "unknown target '{name}'"
+                    ))));
+                };
+                let at = address.clone().unwrap_or(current.address);
+                let key = scan::scan_host_key_blocking(&at, scan::SCAN_TIMEOUT)?;
+                writeln!(
+                    out,
+                    "scanned {name} ({at}): {}",
+                    validate::key_fingerprint(&key)
+                )?;
+                Some(validate::key_material(&key)?)
+            } else {
+                host_key
+            };
+            change(
+                out,
+                &mut client,
+                &Request::TargetUpdate {
+                    name,
+                    address,
+                    host_key,
+                },
+            )
+        }
         TargetCmd::Remove { name } => change(
             out,
             &mut Client::connect(data_dir)?,
@@ -588,6 +726,12 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
             Ok(())
         }
     }
+}
+
+/// The target called `name`, if psm-control knows one.
+fn find_target(client: &mut Client, name: &str) -> Result<Option<TargetInfo>, CliError> {
+    let list: Vec<TargetInfo> = client.call_as(&Request::TargetList)?;
+    Ok(list.into_iter().find(|t| t.name == name))
 }
 
 fn account(
@@ -752,6 +896,7 @@ fn recordings_cmd(
     cmd: RecordingsCmd,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    check_data_dir_owner(data_dir)?;
     match cmd {
         RecordingsCmd::List(f) => {
             let rows = recordings::list(data_dir)?;
@@ -920,10 +1065,21 @@ pub fn format_event(e: &AuditEvent) -> String {
             }
             ("channel_request", f)
         }
-        AuditKind::AdminChange { action, object } => (
-            "admin_change",
-            vec![("action", action.clone()), ("object", object.clone())],
-        ),
+        AuditKind::AdminChange {
+            action,
+            object,
+            actor_uid,
+            actor,
+        } => {
+            let mut f = vec![("action", action.clone()), ("object", object.clone())];
+            if let Some(a) = actor {
+                f.push(("actor", a.clone()));
+            }
+            if let Some(uid) = actor_uid {
+                f.push(("actor_uid", uid.to_string()));
+            }
+            ("admin_change", f)
+        }
         AuditKind::Notice { message } => ("notice", vec![("message", message.clone())]),
     };
     let mut line = format!(
@@ -993,6 +1149,26 @@ mod tests {
                 "--scan",
             ],
             &["target", "remove", "web01"],
+            &["target", "update", "web01", "--address", "10.0.0.2:22"],
+            &["target", "update", "web01", "--scan"],
+            &[
+                "target",
+                "update",
+                "web01",
+                "--address",
+                "10.0.0.2:22",
+                "--host-key",
+                "ssh-ed25519 AAAA",
+            ],
+            &[
+                "target",
+                "update",
+                "web01",
+                "--address",
+                "10.0.0.2:22",
+                "--scan",
+            ],
+            &["user", "passwd", "alice", "--password-stdin"],
             &["account", "add", "root@web01", "--password-stdin"],
             &["account", "add", "root@web01", "--private-key", "id"],
             &["account", "remove", "root@web01"],
@@ -1045,6 +1221,9 @@ mod tests {
                 "k",
             ],
             &["recordings", "export", "abc", "--format", "pdf"],
+            &["user", "passwd", "alice"],
+            &["target", "update", "web01"],
+            &["target", "update", "web01", "--scan", "--host-key", "k"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should not parse");
         }
@@ -1055,6 +1234,40 @@ mod tests {
                 cmd: AuditCmd::Tail { n: 20, json: false }
             }
         ));
+    }
+
+    #[test]
+    fn json_help_says_what_is_printed() {
+        let cmd = Cli::command();
+        let help = |cmd: &clap::Command, path: &[&str]| -> String {
+            let mut c = cmd.clone();
+            for p in path {
+                c = c.find_subcommand(p).expect("subcommand").clone();
+            }
+            let text = c
+                .get_arguments()
+                .find(|a| a.get_id() == "json")
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            text
+        };
+        // status prints one object
+        let status = help(&cmd, &["status"]);
+        assert!(
+            status.contains("JSON object") && !status.contains("array"),
+            "{status}"
+        );
+        // lists print arrays
+        for path in [
+            &["user", "list"][..],
+            &["target", "list"],
+            &["recordings", "list"],
+            &["audit", "tail"],
+        ] {
+            let h = help(&cmd, path);
+            assert!(h.contains("JSON array"), "{path:?}: {h}");
+        }
     }
 
     #[test]
@@ -1079,10 +1292,135 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "psm-control is not running (no socket at {})",
+                "psm-control is not running on the data directory {} (no socket at {}); if it \
+                 runs with another data directory, give --data-dir DIR or set PSM_DATA_DIR",
+                tmp.path().display(),
                 tmp.path().join("control.sock").display()
             )
         );
+    }
+
+    /// Runs psmctl synchronously; Err is the message psmctl would print.
+    fn run_args(args: &[&str]) -> Result<String, String> {
+        let cli = parse(args).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        run(cli, &mut io::empty(), &mut out).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[test]
+    fn file_commands_need_the_data_directory_and_its_ownership() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let missing = tmp.path().join("nope");
+        let d = missing.display().to_string();
+        for args in [
+            &["--data-dir", &d, "recordings", "list"][..],
+            &["--data-dir", &d, "audit", "tail"],
+            &[
+                "--data-dir",
+                &d,
+                "recordings",
+                "export",
+                "x",
+                "--format",
+                "text",
+            ],
+        ] {
+            let e = run_args(args).expect_err("no data directory");
+            assert!(
+                e.starts_with(&format!("no data directory at {d}; give --data-dir DIR")),
+                "{args:?}: {e}"
+            );
+        }
+
+        let dir = tmp.path().join("data");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::create_dir(dir.join("recordings")).expect("mkdir recordings");
+        fs::write(dir.join("audit.jsonl"), "").expect("audit");
+        let d = dir.display().to_string();
+        // the owner reads them
+        assert_eq!(
+            run_args(&["--data-dir", &d, "audit", "tail"]).expect("tail"),
+            ""
+        );
+        assert_eq!(
+            run_args(&["--data-dir", &d, "recordings", "list", "--json"])
+                .expect("list")
+                .trim(),
+            "[]"
+        );
+        // Only root can hand the directory to someone else; skip elsewhere.
+        if nix::unistd::geteuid().as_raw() != 0 {
+            return;
+        }
+        std::os::unix::fs::chown(&dir, Some(12345), None).expect("chown");
+        let want = format!(
+            "permission denied: uid 0 does not own the data directory {d} (owner uid 12345)"
+        );
+        for args in [
+            &["--data-dir", &d, "recordings", "list"][..],
+            &["--data-dir", &d, "recordings", "list", "--json"],
+            &["--data-dir", &d, "recordings", "play", "x"],
+            &[
+                "--data-dir",
+                &d,
+                "recordings",
+                "export",
+                "x",
+                "--format",
+                "asciicast",
+            ],
+            &["--data-dir", &d, "audit", "tail"],
+        ] {
+            assert_eq!(run_args(args).expect_err("not the owner"), want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn recordings_list_and_audit_tail_show_the_same_duration() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // the recorder's clock starts late: its last record is at 40 ms, the session lasted
+        // 150 ms from start_ms to end_ms
+        recordings::tests::write_timed_recording(tmp.path(), "rec-1", 40_000, 1_700_000_000_150);
+        let rows = recordings::list(tmp.path()).expect("list");
+        let mut table = Vec::new();
+        recordings::print_list(&mut table, &rows, false).expect("table");
+        let table = String::from_utf8(table).expect("utf8");
+        let end = AuditEvent {
+            seq: 9,
+            ts_ms: 1_700_000_000_150,
+            origin: "relay-r1".into(),
+            kind: AuditKind::SessionEnd {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                source: "127.0.0.1:5000".into(),
+                target: "web01".into(),
+                account: "root".into(),
+                start_ms: 1_700_000_000_000,
+                end_ms: 1_700_000_000_150,
+                duration_ms: 150,
+                bytes_up: 0,
+                bytes_down: 0,
+                exit_status: Some(0),
+                exit_signal: None,
+                recording_id: "rec-1".into(),
+                reason: "client closed".into(),
+                reason_code: "client_closed".into(),
+                side: "client".into(),
+            },
+        };
+        let line = format_event(&end);
+        let audit = line
+            .split("  ")
+            .find_map(|f| f.strip_prefix("duration="))
+            .expect("duration field");
+        assert_eq!(audit, "0.1s", "{line}");
+        let row = table.lines().nth(1).expect("row");
+        assert!(row.split_whitespace().any(|c| c == audit), "{table}");
+        // and the shared formatting truncates to 0.1 s below a minute
+        for (ms, text) in [(0, "0.0s"), (99, "0.0s"), (150, "0.1s"), (59_999, "59.9s")] {
+            assert_eq!(timefmt::duration(ms), text);
+        }
     }
 
     #[test]
@@ -1094,11 +1432,26 @@ mod tests {
             kind: AuditKind::AdminChange {
                 action: "grant add".into(),
                 object: "alice -> root@web01".into(),
+                actor_uid: None,
+                actor: None,
             },
         };
         assert_eq!(
             format_event(&e),
             "2023-11-14 22:13:20  #7  control  admin_change  action=\"grant add\"  object=\"alice -> root@web01\""
+        );
+        let e = AuditEvent {
+            kind: AuditKind::AdminChange {
+                action: "user add".into(),
+                object: "bob".into(),
+                actor_uid: Some(1000),
+                actor: Some("ops admin".into()),
+            },
+            ..e
+        };
+        assert_eq!(
+            format_event(&e),
+            "2023-11-14 22:13:20  #7  control  admin_change  action=\"user add\"  object=bob  actor=\"ops admin\"  actor_uid=1000"
         );
     }
 
@@ -1202,7 +1555,7 @@ mod tests {
                 "--ssh-key",
                 &f("alice.pub"),
             ],
-            "pw\n",
+            "twelve chars\n",
         )
         .await
         .expect("user add");
@@ -1210,6 +1563,48 @@ mod tests {
             out.starts_with("added user alice (password, 1 ssh key)"),
             "{out}"
         );
+        // the daemon holds the minimum: 11 characters are refused, for user add and passwd
+        let e = psmctl(
+            &dir,
+            &["user", "add", "carol", "--password-stdin"],
+            "eleven char\n",
+        )
+        .await
+        .expect_err("short password");
+        assert_eq!(
+            e,
+            "password is too short: psm requires at least 12 characters"
+        );
+        let e = psmctl(
+            &dir,
+            &["user", "passwd", "alice", "--password-stdin"],
+            "eleven char\n",
+        )
+        .await
+        .expect_err("short password");
+        assert_eq!(
+            e,
+            "password is too short: psm requires at least 12 characters"
+        );
+        let out = psmctl(
+            &dir,
+            &["user", "passwd", "alice", "--password-stdin"],
+            "a new password\n",
+        )
+        .await
+        .expect("passwd");
+        assert!(
+            out.starts_with("changed the password of user alice (policy version"),
+            "{out}"
+        );
+        let e = psmctl(
+            &dir,
+            &["user", "passwd", "dave", "--password-stdin"],
+            "a new password\n",
+        )
+        .await
+        .expect_err("unknown user");
+        assert_eq!(e, "unknown user 'dave'");
         let e = psmctl(
             &dir,
             &["user", "add", "bob", "--ssh-key", &f("bad.pub")],
@@ -1258,6 +1653,44 @@ mod tests {
         .await
         .expect_err("encrypted");
         assert!(e.contains("encrypted"), "{e}");
+        // a public key given for a private key is named as one
+        let e = psmctl(
+            &dir,
+            &[
+                "account",
+                "add",
+                "x@web01",
+                "--private-key",
+                &f("alice.pub"),
+            ],
+            "",
+        )
+        .await
+        .expect_err("public key");
+        assert!(
+            e.contains("alice.pub: this is a public key, not a private key"),
+            "{e}"
+        );
+        // an existing name is refused before any scan: nothing listens on port 1
+        let e = psmctl(
+            &dir,
+            &[
+                "target",
+                "add",
+                "web01",
+                "--address",
+                "127.0.0.1:1",
+                "--scan",
+            ],
+            "",
+        )
+        .await
+        .expect_err("exists");
+        assert_eq!(e, "target 'web01' already exists");
+        let e = psmctl(&dir, &["target", "update", "db01", "--scan"], "")
+            .await
+            .expect_err("unknown");
+        assert_eq!(e, "unknown target 'db01'");
         let e = psmctl(
             &dir,
             &["account", "add", "root@db01", "--password-stdin"],
@@ -1306,16 +1739,62 @@ mod tests {
             .expect("tail");
         let lines: Vec<&str> = tail.lines().collect();
         assert_eq!(lines.len(), 2, "{tail}");
+        let uid = nix::unistd::geteuid().as_raw();
         assert!(
-            lines[1].contains("#5  control  admin_change  action=\"grant add\""),
+            lines[1].contains("#6  control  admin_change  action=\"grant add\""),
             "{tail}"
         );
+        assert!(lines[1].ends_with(&format!("actor_uid={uid}")), "{tail}");
         let tail = psmctl(&dir, &["audit", "tail", "--json"], "")
             .await
             .expect("tail");
         let v: serde_json::Value = serde_json::from_str(&tail).expect("json");
-        assert_eq!(v.as_array().map(|a| a.len()), Some(5));
-        assert!(!tail.contains("hunter2"));
+        assert_eq!(v.as_array().map(|a| a.len()), Some(6));
+        assert_eq!(v[1]["action"], "user passwd");
+        assert_eq!(v[1]["actor_uid"], uid);
+        assert!(!tail.contains("hunter2") && !tail.contains("new password"));
+
+        // target update keeps the accounts; the audit names old and new
+        let out = psmctl(
+            &dir,
+            &[
+                "target",
+                "update",
+                "web01",
+                "--address",
+                "127.0.0.1:2222",
+                "--host-key",
+                crate::testkeys::OTHER_PUB,
+            ],
+            "",
+        )
+        .await
+        .expect("update");
+        assert!(
+            out.starts_with(
+                "updated target web01 (address 127.0.0.1:2222, host key ssh-ed25519 SHA256:"
+            ),
+            "{out}"
+        );
+        let targets = psmctl(&dir, &["target", "list", "--json"], "")
+            .await
+            .expect("targets");
+        let v: serde_json::Value = serde_json::from_str(&targets).expect("json");
+        assert_eq!(v[0]["address"], "127.0.0.1:2222");
+        assert_eq!(v[0]["host_key"], crate::testkeys::OTHER_PUB);
+        let accounts = psmctl(&dir, &["account", "list"], "").await.expect("list");
+        assert_eq!(accounts.lines().count(), 3, "{accounts}");
+        let tail = psmctl(&dir, &["audit", "tail", "-n", "1", "--json"], "")
+            .await
+            .expect("tail");
+        let v: serde_json::Value = serde_json::from_str(&tail).expect("json");
+        let object = v[0]["object"].as_str().unwrap_or_default();
+        assert!(
+            object.starts_with(
+                "web01 (address 127.0.0.1:22 -> 127.0.0.1:2222, host key ssh-ed25519 SHA256:"
+            ),
+            "{object}"
+        );
 
         let out = psmctl(&dir, &["grant", "remove", "alice", "root@web01"], "")
             .await

@@ -1,5 +1,9 @@
 //! A blocking client for `control.sock` (what psmctl uses; other tools may too).
 //!
+//! When nothing answers, the error names the absolute socket path it tried and how to point
+//! psmctl at another data directory (`--data-dir`, `PSM_DATA_DIR`): psm-control may well run,
+//! just elsewhere.
+//!
 //! What it does not do: retry, or start the daemon.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -20,10 +24,27 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing listens on the socket.
-    #[error("psm-control is not running (no socket at {})", .path.display())]
+    #[error(
+        "psm-control is not running on the data directory {} (no socket at {}); if it runs \
+         with another data directory, give --data-dir DIR or set PSM_DATA_DIR",
+        .dir.display(),
+        .path.display()
+    )]
     NotRunning {
-        /// The socket path.
+        /// The socket path (absolute).
         path: PathBuf,
+        /// The data directory it is in (absolute).
+        dir: PathBuf,
+    },
+    /// The data directory does not exist.
+    #[error(
+        "no data directory at {} (so psm-control is not running there); give --data-dir DIR \
+         or set PSM_DATA_DIR to the directory psm runs with",
+        .dir.display()
+    )]
+    NoDataDir {
+        /// The data directory (absolute).
+        dir: PathBuf,
     },
     /// The socket could not be used.
     #[error("control socket {}: {source}", .path.display())]
@@ -72,9 +93,13 @@ impl Client {
                     io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
                 ) =>
             {
-                return Err(ClientError::NotRunning {
-                    path: path.to_path_buf(),
-                })
+                let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+                let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                return Err(if dir.is_dir() {
+                    ClientError::NotRunning { path, dir }
+                } else {
+                    ClientError::NoDataDir { dir }
+                });
             }
             Err(e) => return Err(io_err(e)),
         };
@@ -147,16 +172,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn not_running_names_the_socket() {
+    fn not_running_names_the_socket_and_how_to_point_elsewhere() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let e = Client::connect(tmp.path()).expect_err("no daemon");
         let sock = tmp.path().join("control.sock");
         assert_eq!(
             e.to_string(),
             format!(
-                "psm-control is not running (no socket at {})",
+                "psm-control is not running on the data directory {} (no socket at {}); if it \
+                 runs with another data directory, give --data-dir DIR or set PSM_DATA_DIR",
+                tmp.path().display(),
                 sock.display()
             )
+        );
+        // a missing data directory is named as such
+        let e = Client::connect(&tmp.path().join("nope")).expect_err("no dir");
+        assert!(matches!(e, ClientError::NoDataDir { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "no data directory at {} (so psm-control is not running there); give \
+                 --data-dir DIR or set PSM_DATA_DIR to the directory psm runs with",
+                tmp.path().join("nope").display()
+            )
+        );
+        // a relative path (the default ./psm-data) is shown absolute
+        let e = Client::connect(Path::new("./no-such-psm-data-dir")).expect_err("relative");
+        let cwd = std::env::current_dir().expect("cwd");
+        assert!(
+            e.to_string()
+                .contains(&cwd.join("no-such-psm-data-dir").display().to_string()),
+            "{e}"
         );
         // a stale socket file with no listener reads the same
         drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));

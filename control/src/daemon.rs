@@ -6,7 +6,12 @@
 //!   numbered and appended to `audit.jsonl`, and `session_start`/`session_end` events keep the
 //!   table of live sessions.
 //! - psmctl speaks the [`crate::protocol`]. Every change is one store transaction that bumps
-//!   the policy version, then a snapshot push, then an `admin_change` audit event.
+//!   the policy version, then a snapshot push, then an `admin_change` audit event naming the
+//!   actor: the uid from the connection's `SO_PEERCRED` and its user name (`getpwuid_r`).
+//!   Requests run on tokio's blocking pool (SQLite, PBKDF2), never on the async executor.
+//! - psm users' passwords arrive in clear over the owner-only control socket; the daemon
+//!   refuses those shorter than the minimum ([`Options::min_password_length`], default
+//!   [`DEFAULT_MIN_PASSWORD_LENGTH`]) and stores only a PBKDF2 hash.
 //! - Only the uid that owns the data directory may connect to either socket (checked with
 //!   `SO_PEERCRED`); both sockets are mode 0600.
 //! - Relays report their counters and each running session's byte counts every few seconds.
@@ -28,8 +33,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use psm_control_api::{
-    decode_line, encode_line, AuditEvent, AuditKind, ControlToRelay, PolicySnapshot,
-    RelayToControl, MAX_LINE,
+    decode_line, encode_line, AuditEvent, AuditKind, ControlToRelay, PasswordHash, PolicySnapshot,
+    RelayToControl, Secret, MAX_LINE,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -54,6 +59,52 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RELAY_LOST_GRACE: Duration = Duration::from_secs(10);
 /// The `session_end` reason control writes for the sessions of a relay that never came back.
 pub const REASON_RELAY_LOST: &str = "relay lost";
+
+/// Minimum length of a psm user's password, in characters, unless configured otherwise.
+pub const DEFAULT_MIN_PASSWORD_LENGTH: usize = 12;
+/// The minimum password lengths psm-control accepts as configuration.
+pub const MIN_PASSWORD_LENGTH_RANGE: std::ops::RangeInclusive<usize> = 8..=1024;
+
+/// Settings of the daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Shortest password (in characters) a psm user may be given.
+    pub min_password_length: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
+        }
+    }
+}
+
+/// Who sent a request on the control socket: the peer's uid and, when the system knows it,
+/// its user name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// Peer uid (`SO_PEERCRED`).
+    pub uid: u32,
+    /// User name of `uid`.
+    pub name: Option<String>,
+}
+
+impl Actor {
+    /// The actor for `uid`, with its user name looked up (`getpwuid_r`; this may block on
+    /// NSS, so call it off the async executor).
+    pub fn lookup(uid: u32) -> Actor {
+        let name = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+            Ok(Some(u)) => Some(u.name),
+            Ok(None) => None,
+            Err(e) => {
+                debug!(uid, error = %e, "cannot look up the user name");
+                None
+            }
+        };
+        Actor { uid, name }
+    }
+}
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +195,7 @@ struct Shared {
     recordings_dir: PathBuf,
     owner_uid: u32,
     next_conn: AtomicU64,
+    options: Options,
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -186,18 +238,20 @@ impl Shared {
     }
 
     /// Runs one change: store transaction, snapshot push, audit event, in that order and all
-    /// under the store lock so versions, pushes and audit lines stay in the same order.
+    /// under the store lock so versions, pushes and audit lines stay in the same order. `f` may
+    /// refine the audited `object` (with what it found in the store).
     fn change(
         &self,
+        actor: &Actor,
         action: &str,
-        object: String,
-        f: impl FnOnce(&mut Store) -> Result<(u64, String), StoreError>,
+        mut object: String,
+        f: impl FnOnce(&mut Store, &mut String) -> Result<(u64, String), StoreError>,
     ) -> Response {
         let mut store = lock(&self.store);
-        let (version, message) = match f(&mut store) {
+        let (version, message) = match f(&mut store, &mut object) {
             Ok(x) => x,
             Err(e) => {
-                debug!(action, %object, error = %e, "change refused");
+                debug!(action, ?object, error = %e, "change refused");
                 return Response::error(e.to_string());
             }
         };
@@ -206,25 +260,41 @@ impl Shared {
         let audited = lock(&self.audit).append_control(AuditKind::AdminChange {
             action: action.to_string(),
             object: object.clone(),
+            actor_uid: Some(actor.uid),
+            actor: actor.name.clone(),
         });
         drop(store);
         if let Err(e) = published {
-            error!(action, %object, error = %e, "change saved but snapshot not built");
+            error!(action, ?object, error = %e, "change saved but snapshot not built");
             return Response::error(format!(
                 "change saved (policy version {version}) but the snapshot could not be built: {e}"
             ));
         }
         if let Err(e) = audited {
-            error!(action, %object, error = %e, "change applied but not audited");
+            error!(action, ?object, error = %e, "change applied but not audited");
             return Response::error(format!(
                 "change applied (policy version {version}) but not audited: {e}"
             ));
         }
-        info!(action, %object, version, "policy changed");
+        info!(action, ?object, version, actor_uid = actor.uid, actor = ?actor.name, "policy changed");
         Response::ok(&Changed { version, message })
     }
 
-    fn handle(&self, req: Request) -> Response {
+    /// Checks a psm user's new password against the minimum length and hashes it (PBKDF2:
+    /// slow, so this runs on the blocking pool like every request).
+    fn hash_password(&self, password: &Secret) -> Result<PasswordHash, String> {
+        let min = self.options.min_password_length;
+        if password.expose().chars().count() < min {
+            return Err(format!(
+                "password is too short: psm requires at least {min} characters"
+            ));
+        }
+        PasswordHash::new(password.expose()).map_err(|e| format!("cannot hash the password: {e}"))
+    }
+
+    /// Answers one request from `actor`. Blocking (store, password hashing): run it on the
+    /// blocking pool.
+    fn handle(&self, req: Request, actor: &Actor) -> Response {
         match req {
             Request::Status => {
                 let version = self.snapshot.borrow().version;
@@ -247,24 +317,44 @@ impl Shared {
                 name,
                 password,
                 ssh_keys,
-            } => self.change("user add", name.clone(), |s| {
-                let v = s.add_user(&name, password.as_ref(), &ssh_keys)?;
-                let mut how = Vec::new();
-                if password.is_some() {
-                    how.push("password".to_string());
-                }
-                if !ssh_keys.is_empty() {
-                    how.push(plural(ssh_keys.len(), "ssh key", "ssh keys"));
-                }
-                Ok((v, format!("added user {name} ({})", how.join(", "))))
-            }),
-            Request::UserRemove { name } => self.change("user remove", name.clone(), |s| {
-                let r = s.remove_user(&name)?;
-                Ok((
-                    r.version,
-                    format!("removed user {name}{}", removed_suffix(&r)),
-                ))
-            }),
+            } => {
+                let hash = match password.as_ref().map(|p| self.hash_password(p)).transpose() {
+                    Ok(h) => h,
+                    Err(e) => return Response::error(e),
+                };
+                drop(password);
+                self.change(actor, "user add", name.clone(), |s, _| {
+                    let v = s.add_user(&name, hash.as_ref(), &ssh_keys)?;
+                    let mut how = Vec::new();
+                    if hash.is_some() {
+                        how.push("password".to_string());
+                    }
+                    if !ssh_keys.is_empty() {
+                        how.push(plural(ssh_keys.len(), "ssh key", "ssh keys"));
+                    }
+                    Ok((v, format!("added user {name} ({})", how.join(", "))))
+                })
+            }
+            Request::UserPasswd { name, password } => {
+                let hash = match self.hash_password(&password) {
+                    Ok(h) => h,
+                    Err(e) => return Response::error(e),
+                };
+                drop(password);
+                self.change(actor, "user passwd", name.clone(), |s, _| {
+                    let v = s.set_password(&name, &hash)?;
+                    Ok((v, format!("changed the password of user {name}")))
+                })
+            }
+            Request::UserRemove { name } => {
+                self.change(actor, "user remove", name.clone(), |s, _| {
+                    let r = s.remove_user(&name)?;
+                    Ok((
+                        r.version,
+                        format!("removed user {name}{}", removed_suffix(&r)),
+                    ))
+                })
+            }
             Request::UserList => self.read(|s| s.list_users()),
             Request::TargetAdd {
                 name,
@@ -276,18 +366,45 @@ impl Shared {
                     address.trim(),
                     validate::fingerprint(&host_key)
                 );
-                self.change("target add", object, |s| {
+                self.change(actor, "target add", object, |s, _| {
                     let v = s.add_target(&name, &address, &host_key)?;
                     Ok((v, format!("added target {name} ({})", address.trim())))
                 })
             }
-            Request::TargetRemove { name } => self.change("target remove", name.clone(), |s| {
-                let r = s.remove_target(&name)?;
-                Ok((
-                    r.version,
-                    format!("removed target {name}{}", removed_suffix(&r)),
-                ))
+            Request::TargetUpdate {
+                name,
+                address,
+                host_key,
+            } => self.change(actor, "target update", name.clone(), |s, object| {
+                let (v, before) =
+                    s.update_target(&name, address.as_deref(), host_key.as_deref())?;
+                let mut what = Vec::new();
+                let mut said = Vec::new();
+                if let Some(a) = &address {
+                    let a = a.trim();
+                    what.push(format!("address {} -> {a}", before.address));
+                    said.push(format!("address {a}"));
+                }
+                if let Some(k) = &host_key {
+                    let fp = validate::fingerprint(k);
+                    what.push(format!(
+                        "host key {} -> {fp}",
+                        validate::fingerprint(&before.host_key)
+                    ));
+                    said.push(format!("host key {fp}"));
+                }
+                *object = format!("{name} ({})", what.join(", "));
+                Ok((v, format!("updated target {name} ({})", said.join(", "))))
             }),
+            Request::TargetRemove { name } => {
+                self.change(actor, "target remove", name.clone(), |s, _| {
+                    let r = s.remove_target(&name)?;
+                    Ok((
+                        r.version,
+                        format!("removed target {name}{}", removed_suffix(&r)),
+                    ))
+                })
+            }
             Request::TargetList => self.read(|s| s.list_targets()),
             Request::AccountAdd {
                 target,
@@ -296,21 +413,24 @@ impl Shared {
             } => {
                 let kind = CredentialKind::of(&credential).as_str();
                 let object = format!("{username}@{target} ({kind})");
-                self.change("account add", object, |s| {
+                self.change(actor, "account add", object, |s, _| {
                     let v = s.add_account(&self.vault, &target, &username, &credential)?;
                     Ok((v, format!("added account {username}@{target} ({kind})")))
                 })
             }
-            Request::AccountRemove { target, username } => {
-                self.change("account remove", format!("{username}@{target}"), |s| {
+            Request::AccountRemove { target, username } => self.change(
+                actor,
+                "account remove",
+                format!("{username}@{target}"),
+                |s, _| {
                     let r = s.remove_account(&target, &username)?;
                     let r = Removed { accounts: 0, ..r };
                     Ok((
                         r.version,
                         format!("removed account {username}@{target}{}", removed_suffix(&r)),
                     ))
-                })
-            }
+                },
+            ),
             Request::AccountList => self.read(|s| s.list_accounts()),
             Request::GrantAdd {
                 user,
@@ -318,7 +438,7 @@ impl Shared {
                 account,
             } => {
                 let object = format!("{user} -> {account}@{target}");
-                self.change("grant add", object.clone(), |s| {
+                self.change(actor, "grant add", object.clone(), |s, _| {
                     let v = s.add_grant(&user, &target, &account)?;
                     Ok((v, format!("added grant {object}")))
                 })
@@ -329,7 +449,7 @@ impl Shared {
                 account,
             } => {
                 let object = format!("{user} -> {account}@{target}");
-                self.change("grant remove", object.clone(), |s| {
+                self.change(actor, "grant remove", object.clone(), |s, _| {
                     let v = s.remove_grant(&user, &target, &account)?;
                     Ok((v, format!("removed grant {object}")))
                 })
@@ -513,8 +633,8 @@ async fn serve_control(shared: Arc<Shared>, stream: UnixStream) {
         line.push(b'\n');
         line
     };
-    match peer {
-        Ok(c) if c.uid() == shared.owner_uid => {}
+    let uid = match peer {
+        Ok(c) if c.uid() == shared.owner_uid => c.uid(),
         other => {
             let why = match other {
                 Ok(c) => format!(
@@ -528,7 +648,11 @@ async fn serve_control(shared: Arc<Shared>, stream: UnixStream) {
             let _ = w.write_all(&reply(Response::error(why))).await;
             return;
         }
-    }
+    };
+    let actor = match tokio::task::spawn_blocking(move || Actor::lookup(uid)).await {
+        Ok(a) => a,
+        Err(_) => Actor { uid, name: None },
+    };
     let mut reader = BufReader::new(r);
     let mut buf = Vec::new();
     loop {
@@ -550,7 +674,12 @@ async fn serve_control(shared: Arc<Shared>, stream: UnixStream) {
             continue;
         }
         let resp = match serde_json::from_slice::<Request>(&buf) {
-            Ok(req) => shared.handle(req),
+            Ok(req) => {
+                let (shared, actor) = (shared.clone(), actor.clone());
+                tokio::task::spawn_blocking(move || shared.handle(req, &actor))
+                    .await
+                    .unwrap_or_else(|e| Response::error(format!("request failed: {e}")))
+            }
             Err(e) => Response::error(format!("malformed request: {e}")),
         };
         buf.zeroize();
@@ -729,8 +858,9 @@ fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Runs the daemon on `data_dir` until SIGTERM or SIGINT, then removes its sockets.
-pub async fn run(data_dir: PathBuf) -> Result<(), ControlError> {
+/// Runs the daemon on `data_dir` with `options` until SIGTERM or SIGINT, then removes its
+/// sockets.
+pub async fn run(data_dir: PathBuf, options: Options) -> Result<(), ControlError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(ControlError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
@@ -740,13 +870,22 @@ pub async fn run(data_dir: PathBuf) -> Result<(), ControlError> {
             _ = int.recv() => info!("SIGINT received"),
         }
     };
-    run_until(data_dir, stop).await
+    run_until_with(data_dir, options, stop).await
+}
+
+/// [`run_until_with`] with the default [`Options`].
+pub async fn run_until<F: Future<Output = ()>>(
+    data_dir: PathBuf,
+    shutdown: F,
+) -> Result<(), ControlError> {
+    run_until_with(data_dir, Options::default(), shutdown).await
 }
 
 /// Runs the daemon on `data_dir` until `shutdown` completes, then closes every connection and
 /// removes its sockets. [`run`] is this with the signal handlers as `shutdown`.
-pub async fn run_until<F: Future<Output = ()>>(
+pub async fn run_until_with<F: Future<Output = ()>>(
     data_dir: PathBuf,
+    options: Options,
     shutdown: F,
 ) -> Result<(), ControlError> {
     init_data_dir(&data_dir)?;
@@ -772,6 +911,7 @@ pub async fn run_until<F: Future<Output = ()>>(
         recordings_dir: data_dir.join("recordings"),
         owner_uid,
         next_conn: AtomicU64::new(1),
+        options,
     });
     let control_path = paths.control_socket();
     let policy_path = paths.policy_socket();
@@ -839,7 +979,7 @@ mod tests {
     use super::*;
     use crate::client::Client;
     use crate::testkeys::USER_PUB;
-    use psm_control_api::{Credential, PasswordHash, Secret};
+    use psm_control_api::{Credential, Secret};
     use tokio::io::AsyncWriteExt;
     use tokio::net::unix::OwnedReadHalf;
     use tokio::sync::oneshot;
@@ -852,9 +992,13 @@ mod tests {
 
     impl Daemon {
         async fn start(dir: &Path) -> Daemon {
+            Daemon::start_with(dir, Options::default()).await
+        }
+
+        async fn start_with(dir: &Path, options: Options) -> Daemon {
             let (tx, rx) = oneshot::channel::<()>();
             let d = dir.to_path_buf();
-            let task = tokio::spawn(run_until(d, async move {
+            let task = tokio::spawn(run_until_with(d, options, async move {
                 let _ = rx.await;
             }));
             let sock = dir.join("policy.sock");
@@ -1007,7 +1151,7 @@ mod tests {
         let v1 = d
             .change(Request::UserAdd {
                 name: "alice".into(),
-                password: Some(PasswordHash::new("pw").expect("hash")),
+                password: Some(Secret::new("correct horse battery".into())),
                 ssh_keys: vec![USER_PUB.into()],
             })
             .await;
@@ -1077,6 +1221,7 @@ mod tests {
         })
         .await;
         let events = audit_lines(&dir);
+        let me = Actor::lookup(nix::unistd::geteuid().as_raw());
         assert_eq!(
             events.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![1, 2, 3, 4, 5]
@@ -1086,7 +1231,9 @@ mod tests {
             events[3].kind,
             AuditKind::AdminChange {
                 action: "grant add".into(),
-                object: "alice -> root@web01".into()
+                object: "alice -> root@web01".into(),
+                actor_uid: Some(me.uid),
+                actor: me.name.clone(),
             }
         );
         assert!(matches!(events[4].kind, AuditKind::SessionStart { .. }));
@@ -1177,6 +1324,170 @@ mod tests {
         assert_eq!(relay.snapshot().await.version, v6);
         let events = audit_lines(&dir);
         assert_eq!(events.last().map(|e| e.seq), Some(9));
+        d.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_daemon_checks_and_hashes_passwords_and_names_the_actor() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let d = Daemon::start_with(
+            &dir,
+            Options {
+                min_password_length: 20,
+            },
+        )
+        .await;
+        let mut relay = FakeRelay::connect(&dir, "r1").await;
+        relay.snapshot().await;
+        let nineteen = "0123456789abcdefghi";
+        let twenty = "0123456789abcdefghij";
+        let add = |pw: &str| Request::UserAdd {
+            name: "alice".into(),
+            password: Some(Secret::new(pw.into())),
+            ssh_keys: Vec::new(),
+        };
+        let e = d.call(add(nineteen)).await.expect_err("too short");
+        assert_eq!(
+            e,
+            "password is too short: psm requires at least 20 characters"
+        );
+        // characters, not bytes: 19 two-byte characters are still too short
+        let e = d.call(add(&"é".repeat(19))).await.expect_err("too short");
+        assert!(e.contains("at least 20"), "{e}");
+        let v = d.change(add(twenty)).await;
+        let snap = relay.snapshot().await;
+        assert_eq!(snap.version, v);
+        let hash = snap.users[0].password.clone().expect("a verifier");
+        assert!(hash.verify(twenty));
+
+        let passwd = |pw: &str| Request::UserPasswd {
+            name: "alice".into(),
+            password: Secret::new(pw.into()),
+        };
+        let e = d.call(passwd(nineteen)).await.expect_err("too short");
+        assert!(e.contains("at least 20"), "{e}");
+        d.change(passwd("an even longer passphrase")).await;
+        let snap = relay.snapshot().await;
+        let hash = snap.users[0].password.clone().expect("a verifier");
+        assert!(hash.verify("an even longer passphrase") && !hash.verify(twenty));
+
+        // a client that hashes for itself (the old protocol) cannot skip the check
+        let s = UnixStream::connect(dir.join("control.sock"))
+            .await
+            .expect("connect");
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(
+            br#"{"cmd":"user_add","name":"bob","password":{"iterations":1,"salt":"AAAAAAAAAAA=","hash":"AAAA"}}
+"#,
+        )
+        .await
+        .expect("write");
+        let mut line = String::new();
+        r.read_line(&mut line).await.expect("read");
+        let resp: Response = serde_json::from_str(&line).expect("response");
+        assert!(
+            resp.error
+                .unwrap_or_default()
+                .starts_with("malformed request"),
+            "{line}"
+        );
+
+        // every change names who made it; no password is in the log
+        let me = Actor::lookup(nix::unistd::geteuid().as_raw());
+        let events = audit_lines(&dir);
+        assert_eq!(
+            events.len(),
+            2,
+            "refused changes are not audited: {events:?}"
+        );
+        for (e, action) in events.iter().zip(["user add", "user passwd"]) {
+            assert_eq!(
+                e.kind,
+                AuditKind::AdminChange {
+                    action: action.into(),
+                    object: "alice".into(),
+                    actor_uid: Some(me.uid),
+                    actor: me.name.clone(),
+                }
+            );
+        }
+        if me.uid == 0 {
+            assert_eq!(me.name.as_deref(), Some("root"));
+        }
+        let text = fs::read_to_string(dir.join("audit.jsonl")).expect("audit");
+        assert!(!text.contains(twenty) && !text.contains("longer passphrase"));
+        d.stop().await;
+    }
+
+    #[tokio::test]
+    async fn target_update_keeps_accounts_and_pushes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let d = Daemon::start(&dir).await;
+        let mut relay = FakeRelay::connect(&dir, "r1").await;
+        relay.snapshot().await;
+        d.change(Request::UserAdd {
+            name: "alice".into(),
+            password: None,
+            ssh_keys: vec![USER_PUB.into()],
+        })
+        .await;
+        d.change(Request::TargetAdd {
+            name: "web01".into(),
+            address: "127.0.0.1:22".into(),
+            host_key: USER_PUB.into(),
+        })
+        .await;
+        d.change(Request::AccountAdd {
+            target: "web01".into(),
+            username: "root".into(),
+            credential: Credential::Password(Secret::new("hunter2".into())),
+        })
+        .await;
+        d.change(Request::GrantAdd {
+            user: "alice".into(),
+            target: "web01".into(),
+            account: "root".into(),
+        })
+        .await;
+        for _ in 0..4 {
+            relay.snapshot().await;
+        }
+        let v = d
+            .change(Request::TargetUpdate {
+                name: "web01".into(),
+                address: Some("127.0.0.1:2200".into()),
+                host_key: Some(crate::testkeys::OTHER_PUB.into()),
+            })
+            .await;
+        let snap = relay.snapshot().await;
+        assert_eq!(snap.version, v);
+        let (target, account) = snap.authorize("alice", "root", "web01").expect("granted");
+        assert_eq!(target.address, "127.0.0.1:2200");
+        assert_eq!(target.host_key, crate::testkeys::OTHER_PUB);
+        assert_eq!(account.username, "root");
+        let e = d
+            .call(Request::TargetUpdate {
+                name: "db01".into(),
+                address: Some("127.0.0.1:2200".into()),
+                host_key: None,
+            })
+            .await
+            .expect_err("unknown");
+        assert_eq!(e, "unknown target 'db01'");
+        let last = audit_lines(&dir).pop().expect("an event");
+        match last.kind {
+            AuditKind::AdminChange { action, object, .. } => {
+                assert_eq!(action, "target update");
+                assert!(
+                    object.starts_with("web01 (address 127.0.0.1:22 -> 127.0.0.1:2200, host key "),
+                    "{object}"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
         d.stop().await;
     }
 

@@ -7,12 +7,14 @@
 //! depends on the request (see each variant). Only the uid that owns the data directory may
 //! connect; anyone else gets one error response and the connection is closed.
 //!
-//! Credentials travel only towards the daemon (in [`Request::AccountAdd`]); no response ever
-//! carries one.
+//! Secrets travel only towards the daemon: an account's credential in [`Request::AccountAdd`],
+//! a psm user's password in [`Request::UserAdd`] and [`Request::UserPasswd`] (the daemon checks
+//! its length and hashes it, so no client can skip the minimum). They are [`Secret`]s, redacted
+//! in `Debug` and wiped when dropped; no response ever carries one.
 //!
 //! What it does not do: I/O (see [`crate::client`] and [`crate::daemon`]).
 
-use psm_control_api::{Conditions, Credential, PasswordHash};
+use psm_control_api::{Conditions, Credential, Secret};
 use serde::{Deserialize, Serialize};
 
 /// Longest request line the daemon accepts.
@@ -28,9 +30,9 @@ pub enum Request {
     UserAdd {
         /// User name.
         name: String,
-        /// Password verifier (hashed by the client; the password never crosses the socket).
+        /// The user's password (the daemon checks its length and stores only a hash).
         #[serde(default)]
-        password: Option<PasswordHash>,
+        password: Option<Secret>,
         /// Authorized keys, OpenSSH one-line form.
         #[serde(default)]
         ssh_keys: Vec<String>,
@@ -39,6 +41,13 @@ pub enum Request {
     UserRemove {
         /// User name.
         name: String,
+    },
+    /// Sets a user's password (keys and grants stay). Result: [`Changed`].
+    UserPasswd {
+        /// User name.
+        name: String,
+        /// The new password (the daemon checks its length and stores only a hash).
+        password: Secret,
     },
     /// Lists users. Result: array of [`UserInfo`].
     UserList,
@@ -55,6 +64,18 @@ pub enum Request {
     TargetRemove {
         /// Target name.
         name: String,
+    },
+    /// Changes a target's address and/or pinned host key; its accounts and grants stay.
+    /// Result: [`Changed`].
+    TargetUpdate {
+        /// Target name.
+        name: String,
+        /// New `host:port`, if it changes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+        /// New pinned host key, OpenSSH form, if it changes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_key: Option<String>,
     },
     /// Lists targets. Result: array of [`TargetInfo`].
     TargetList,
@@ -107,7 +128,9 @@ impl Request {
             self,
             Request::UserAdd { .. }
                 | Request::UserRemove { .. }
+                | Request::UserPasswd { .. }
                 | Request::TargetAdd { .. }
+                | Request::TargetUpdate { .. }
                 | Request::TargetRemove { .. }
                 | Request::AccountAdd { .. }
                 | Request::AccountRemove { .. }
@@ -324,6 +347,29 @@ mod tests {
         assert!(!format!("{add:?}").contains("hunter2"));
         assert!(add.is_change());
         assert!(!Request::SessionsList.is_change());
+        // a user's password crosses the socket as a secret: redacted, never a hash
+        let passwd = Request::UserPasswd {
+            name: "alice".into(),
+            password: Secret::new("correct horse battery".into()),
+        };
+        assert!(!format!("{passwd:?}").contains("correct horse"));
+        assert!(passwd.is_change());
+        let line = serde_json::to_string(&passwd).expect("encode");
+        assert_eq!(
+            line,
+            r#"{"cmd":"user_passwd","name":"alice","password":"correct horse battery"}"#
+        );
+        let update: Request =
+            serde_json::from_str(r#"{"cmd":"target_update","name":"web01","address":"h:22"}"#)
+                .expect("decode");
+        assert!(matches!(
+            update,
+            Request::TargetUpdate {
+                address: Some(_),
+                host_key: None,
+                ..
+            }
+        ));
     }
 
     #[test]

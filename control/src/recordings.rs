@@ -1,6 +1,12 @@
 //! `psmctl recordings …`: lists, replays and exports the recordings psm-recorder wrote under
 //! `<data-dir>/recordings`, through `psm-recorder-format`.
 //!
+//! A closed recording's duration is its close summary's `end_ms` minus its meta's `start_ms`,
+//! the same two instants the `session_end` audit event has, and it is printed with the same
+//! function as `audit tail` (`timefmt::duration`), so both show the same figure. A recording
+//! still running (or cut short) lasts up to its last record. The caller
+//! ([`crate::cli`]) checks first that it may read the data directory.
+//!
 //! What it does not do: parse the recording format itself, or talk to psm-recorder.
 
 use std::fs::File;
@@ -23,6 +29,14 @@ pub enum RecordingError {
         id: String,
         /// The recordings directory.
         dir: std::path::PathBuf,
+    },
+    /// The recordings directory could not be listed.
+    #[error("cannot list recordings in {}: {source}", .dir.display())]
+    List {
+        /// The recordings directory.
+        dir: std::path::PathBuf,
+        /// What failed.
+        source: FormatError,
     },
     /// The recording could not be read or rendered.
     #[error(transparent)]
@@ -60,7 +74,7 @@ pub struct RecordingRow {
     pub source: String,
     /// Start, ms since the epoch.
     pub start_ms: u64,
-    /// Duration in ms.
+    /// Duration in ms: end minus start when complete, else up to the last record.
     pub duration_ms: u64,
     /// File size in bytes.
     pub size_bytes: u64,
@@ -86,7 +100,10 @@ impl From<&RecordingInfo> for RecordingRow {
             account: r.meta.account.clone(),
             source: r.meta.source.clone(),
             start_ms: r.meta.start_ms,
-            duration_ms: r.duration_ms,
+            duration_ms: match &r.summary {
+                Some(s) => s.end_ms.saturating_sub(r.meta.start_ms),
+                None => r.duration_ms,
+            },
             size_bytes: r.size_bytes,
             complete: r.summary.is_some(),
             end_ms: r.summary.as_ref().map(|s| s.end_ms),
@@ -97,13 +114,15 @@ impl From<&RecordingInfo> for RecordingRow {
     }
 }
 
-/// The recordings of `data_dir`, oldest first (none when the directory does not exist yet).
-pub fn list(data_dir: &Path) -> Result<Vec<RecordingRow>, FormatError> {
+/// The recordings of `data_dir`, oldest first (none when the recordings directory does not
+/// exist yet; an error when it cannot be read).
+pub fn list(data_dir: &Path) -> Result<Vec<RecordingRow>, RecordingError> {
     let dir = DataDir::new(data_dir).recordings();
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let mut rows: Vec<RecordingRow> = file::list(&dir)?.iter().map(RecordingRow::from).collect();
+    let found = file::list(&dir).map_err(|source| RecordingError::List {
+        dir: dir.clone(),
+        source,
+    })?;
+    let mut rows: Vec<RecordingRow> = found.iter().map(RecordingRow::from).collect();
     rows.sort_by(|a, b| (a.start_ms, &a.id).cmp(&(b.start_ms, &b.id)));
     Ok(rows)
 }
@@ -193,12 +212,18 @@ pub fn export(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use psm_recorder_format::file::{Record, RecordingWriter};
     use psm_recorder_format::{CloseSummary, Direction, RecordingMeta};
 
     fn write_recording(data_dir: &Path, id: &str) {
+        write_timed_recording(data_dir, id, 2_500_000, 1_700_000_002_500);
+    }
+
+    /// A recording that started at `1_700_000_000_000` whose close record is at `close_ts_us`
+    /// (from the recorder's own start) and says the session ended at `end_ms`.
+    pub(crate) fn write_timed_recording(data_dir: &Path, id: &str, close_ts_us: u64, end_ms: u64) {
         let dir = DataDir::new(data_dir).recordings();
         std::fs::create_dir_all(&dir).expect("mkdir");
         let f = File::create(file::path_for(&dir, id).expect("path")).expect("create");
@@ -227,9 +252,9 @@ mod tests {
         })
         .expect("data");
         w.write(&Record::Close {
-            ts_us: 2_500_000,
+            ts_us: close_ts_us,
             summary: CloseSummary {
-                end_ms: 1_700_000_002_500,
+                end_ms,
                 exit_status: Some(0),
                 exit_signal: None,
                 reason: "client closed".into(),
@@ -237,6 +262,40 @@ mod tests {
         })
         .expect("close");
         w.finish().expect("finish");
+    }
+
+    #[test]
+    fn duration_is_end_minus_start() {
+        // the recorder's clock starts after login and target connection: its last record is at
+        // 40 ms while the session lasted 150 ms
+        let tmp = tempfile::tempdir().expect("tempdir");
+        write_timed_recording(tmp.path(), "rec-1", 40_000, 1_700_000_000_150);
+        let rows = list(tmp.path()).expect("list");
+        assert_eq!(rows[0].duration_ms, 150);
+        assert_eq!(rows[0].end_ms, Some(1_700_000_000_150));
+        let mut table = Vec::new();
+        print_list(&mut table, &rows, false).expect("table");
+        let table = String::from_utf8(table).expect("utf8");
+        assert!(table.contains(" 0.1s "), "{table}");
+        // an end before the start (clock stepped back) is no duration, not an overflow
+        write_timed_recording(tmp.path(), "rec-2", 40_000, 1_699_999_999_000);
+        let rows = list(tmp.path()).expect("list");
+        assert_eq!(
+            rows.iter().find(|r| r.id == "rec-2").map(|r| r.duration_ms),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_recordings_directory_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // a file where the directory should be: listing fails instead of showing nothing
+        std::fs::write(DataDir::new(tmp.path()).recordings(), b"x").expect("write");
+        let e = list(tmp.path()).expect_err("not a directory");
+        assert!(
+            e.to_string().starts_with("cannot list recordings in "),
+            "{e}"
+        );
     }
 
     #[test]

@@ -258,6 +258,25 @@ impl Store {
         })
     }
 
+    /// Replaces the password verifier of an existing user (their keys and grants stay).
+    /// Returns the new policy version.
+    pub fn set_password(&mut self, name: &str, password: &PasswordHash) -> Result<u64, StoreError> {
+        check_hash(password)?;
+        let json =
+            serde_json::to_string(password).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE users SET password = ?2 WHERE name = ?1",
+            params![name, json],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("unknown user '{name}'")));
+        }
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
     /// Lists users, by name.
     pub fn list_users(&self) -> Result<Vec<UserInfo>, StoreError> {
         let users = read_users(&self.conn)?;
@@ -294,6 +313,51 @@ impl Store {
         let v = Self::bump(&tx)?;
         tx.commit()?;
         Ok(v)
+    }
+
+    /// Changes the address and/or the pinned host key of an existing target, in one
+    /// transaction; its accounts and grants stay. Returns the new policy version and the target
+    /// as it was before.
+    pub fn update_target(
+        &mut self,
+        name: &str,
+        address: Option<&str>,
+        host_key: Option<&str>,
+    ) -> Result<(u64, Target), StoreError> {
+        if address.is_none() && host_key.is_none() {
+            return Err(Invalid(format!(
+                "nothing to update for target '{name}': give a new address and/or host key"
+            ))
+            .into());
+        }
+        let address = address.map(validate::address).transpose()?;
+        let host_key = host_key.map(validate::host_key).transpose()?;
+        let tx = self.conn.transaction()?;
+        let before = tx
+            .query_row(
+                "SELECT name, address, host_key FROM targets WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(Target {
+                        name: r.get(0)?,
+                        address: r.get(1)?,
+                        host_key: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("unknown target '{name}'")))?;
+        tx.execute(
+            "UPDATE targets SET address = ?2, host_key = ?3 WHERE name = ?1",
+            params![
+                name,
+                address.as_deref().unwrap_or(&before.address),
+                host_key.as_deref().unwrap_or(&before.host_key)
+            ],
+        )?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok((v, before))
     }
 
     /// Removes a target, its accounts and the grants on them.
@@ -711,6 +775,67 @@ mod tests {
         assert_eq!(r.grants, 0);
         assert!(s.list_users().expect("users").is_empty());
         assert_eq!(s.policy_version().expect("v"), r.version);
+    }
+
+    #[test]
+    fn password_and_target_updates_keep_everything_else() {
+        let (_t, mut s, v) = setup();
+        populate(&mut s, &v);
+        let before = s.policy_version().expect("v");
+
+        let h = PasswordHash::new("a much longer password").expect("hash");
+        let v1 = s.set_password("alice", &h).expect("passwd");
+        assert_eq!(v1, before + 1);
+        let snap = s.snapshot(&v).expect("snapshot");
+        let alice = snap.user("alice").expect("alice");
+        assert!(alice
+            .password
+            .as_ref()
+            .is_some_and(|p| p.verify("a much longer password")));
+        assert!(!alice.password.as_ref().is_some_and(|p| p.verify("pw")));
+        assert_eq!(alice.ssh_keys, vec![USER_PUB.to_string()]);
+        assert_eq!(
+            s.set_password("bob", &h).expect_err("unknown").to_string(),
+            "unknown user 'bob'"
+        );
+
+        let other = crate::testkeys::OTHER_PUB;
+        let (v2, old) = s
+            .update_target("web01", Some(" 10.0.0.9:2222 "), None)
+            .expect("address");
+        assert_eq!(v2, v1 + 1);
+        assert_eq!(old.address, "127.0.0.1:22");
+        let (v3, old) = s.update_target("web01", None, Some(other)).expect("key");
+        assert_eq!(v3, v2 + 1);
+        assert_eq!(old.address, "10.0.0.9:2222");
+        assert_eq!(old.host_key, validate::host_key(&host_key()).expect("key"));
+        let t = &s.list_targets().expect("targets")[0];
+        assert_eq!(
+            (t.address.as_str(), t.host_key.as_str()),
+            ("10.0.0.9:2222", other)
+        );
+        // accounts and grants are untouched
+        assert_eq!(s.list_accounts().expect("accounts").len(), 2);
+        assert_eq!(s.list_grants().expect("grants").len(), 1);
+        let snap = s.snapshot(&v).expect("snapshot");
+        assert!(snap.authorize("alice", "root", "web01").is_ok());
+
+        let msg = |r: Result<(u64, Target), StoreError>| r.expect_err("must fail").to_string();
+        assert_eq!(
+            msg(s.update_target("db01", Some("10.0.0.1:22"), None)),
+            "unknown target 'db01'"
+        );
+        assert!(msg(s.update_target("web01", None, None)).starts_with("nothing to update"));
+        assert!(msg(s.update_target("web01", Some("nope"), None)).contains("invalid address"));
+        assert!(
+            msg(s.update_target("web01", None, Some("ssh-ed25519 AAAA")))
+                .contains("invalid host key")
+        );
+        assert_eq!(
+            s.policy_version().expect("v"),
+            v3,
+            "failed updates change nothing"
+        );
     }
 
     #[test]

@@ -153,8 +153,15 @@ pub fn key_fingerprint(key: &PublicKey) -> String {
     format!("{} {}", key.algorithm(), key.fingerprint(HashAlg::Sha256))
 }
 
-/// Checks that `pem` is an unencrypted OpenSSH private key.
+/// Checks that `pem` is an unencrypted OpenSSH private key. A public key (a `.pub` file given
+/// by mistake) is named as such.
 pub fn private_key(pem: &str) -> Result<(), Invalid> {
+    if !pem.contains("-----BEGIN") && pem.lines().any(|l| public_key(l).is_ok()) {
+        return Err(bad(
+            "this is a public key, not a private key: give the private key file \
+             (e.g. id_ed25519, not id_ed25519.pub)",
+        ));
+    }
     let key = PrivateKey::from_openssh(pem.trim())
         .map_err(|e| bad(format!("not an OpenSSH private key ({e})")))?;
     if key.is_encrypted() {
@@ -219,5 +226,14 @@ mod tests {
         assert!(private_key(USER_PRIV).is_ok());
         let e = private_key(ENCRYPTED_PRIV).expect_err("encrypted");
         assert!(e.to_string().contains("encrypted"), "{e}");
+        // a .pub file given for a private key says so, rather than "PEM preamble …"
+        for public in [TEST_PUB.to_string(), format!("\n# alice\n{TEST_PUB}\n")] {
+            let e = private_key(&public).expect_err("public key");
+            assert_eq!(
+                e.to_string(),
+                "this is a public key, not a private key: give the private key file \
+                 (e.g. id_ed25519, not id_ed25519.pub)"
+            );
+        }
     }
 }

@@ -460,6 +460,13 @@ pub enum AuditKind {
         action: String,
         /// The object it was done to.
         object: String,
+        /// Uid of the process that asked for the change (the control socket's peer
+        /// credentials); absent in events written before psm recorded it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        actor_uid: Option<u32>,
+        /// User name of `actor_uid`, when the system knows it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        actor: Option<String>,
     },
     /// A process-level event (relay connected, recorder unavailable, …).
     Notice {
@@ -729,6 +736,41 @@ mod tests {
             RelayToControl::Audit(b) => assert_eq!(b, e),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn admin_change_actor_is_optional_on_the_wire() {
+        // a line written before the actor was recorded still parses
+        let old = br#"{"seq":4,"ts_ms":1,"origin":"control","event":"admin_change","action":"user add","object":"alice"}"#;
+        let e: AuditEvent = decode_line(old).expect("old line decodes");
+        assert_eq!(
+            e.kind,
+            AuditKind::AdminChange {
+                action: "user add".into(),
+                object: "alice".into(),
+                actor_uid: None,
+                actor: None,
+            }
+        );
+        // absent fields are not written, present ones round-trip
+        let text = String::from_utf8_lossy(&encode_line(&e)).into_owned();
+        assert!(!text.contains("actor"), "{text}");
+        let with = AuditEvent {
+            kind: AuditKind::AdminChange {
+                action: "user add".into(),
+                object: "alice".into(),
+                actor_uid: Some(0),
+                actor: Some("root".into()),
+            },
+            ..e
+        };
+        let line = encode_line(&with);
+        let text = String::from_utf8_lossy(&line);
+        assert!(
+            text.contains(r#""actor_uid":0"#) && text.contains(r#""actor":"root""#),
+            "{text}"
+        );
+        assert_eq!(decode_line::<AuditEvent>(&line).expect("decodes"), with);
     }
 
     #[test]

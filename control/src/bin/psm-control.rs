@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
+use psm_control::daemon::{Options, DEFAULT_MIN_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH_RANGE};
 use tracing_subscriber::EnvFilter;
 
 /// The psm policy daemon: serves relays on policy.sock and psmctl on control.sock.
@@ -18,6 +19,29 @@ struct Args {
         value_name = "DIR"
     )]
     data_dir: PathBuf,
+    /// Shortest password (in characters) a psm user may be given (8 to 1024).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = DEFAULT_MIN_PASSWORD_LENGTH,
+        value_parser = parse_min_password_length
+    )]
+    min_password_length: usize,
+}
+
+fn parse_min_password_length(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{}' is not a number", s.escape_debug()))?;
+    if MIN_PASSWORD_LENGTH_RANGE.contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} is not in {}..={}",
+            MIN_PASSWORD_LENGTH_RANGE.start(),
+            MIN_PASSWORD_LENGTH_RANGE.end()
+        ))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +60,34 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(psm_control::daemon::run(args.data_dir))
+    let options = Options {
+        min_password_length: args.min_password_length,
+    };
+    rt.block_on(psm_control::daemon::run(args.data_dir, options))
         .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("psm-control").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn min_password_length_flag() {
+        let a = parse(&["--data-dir", "/tmp/x"]).expect("defaults");
+        assert_eq!(a.min_password_length, 12);
+        let a = parse(&["--min-password-length", "20"]).expect("20");
+        assert_eq!(a.min_password_length, 20);
+        assert!(parse(&["--min-password-length", "8"]).is_ok());
+        assert!(parse(&["--min-password-length", "1024"]).is_ok());
+        for bad in ["7", "1025", "0", "-3", "twelve"] {
+            assert!(
+                parse(&["--min-password-length", bad]).is_err(),
+                "{bad} should be refused"
+            );
+        }
+    }
 }

@@ -21,7 +21,8 @@ use serde::Serialize;
 use crate::file::{Record, RecordingReader};
 use crate::{Direction, FormatError};
 
-/// Terminal size assumed when a recording has no resize record.
+/// Terminal size assumed when a recording has no resize record, or when the pty was requested
+/// without a size (0x0: `ssh -tt` with no terminal on its standard input).
 const DEFAULT_SIZE: (u32, u32) = (80, 24);
 /// `TERM` written in the asciicast header (the relay does not record the client's).
 const DEFAULT_TERM: &str = "xterm-256color";
@@ -135,10 +136,21 @@ fn cast_event(out: &mut impl Write, ts_us: u64, code: &str, text: &str) -> Resul
     Ok(())
 }
 
+/// The size a resize record gives a terminal: 80x24 when a side is 0 (a pty requested without a
+/// size), as no player can show a 0-column terminal.
+fn usable_size(cols: u32, rows: u32) -> (u32, u32) {
+    if cols == 0 || rows == 0 {
+        DEFAULT_SIZE
+    } else {
+        (cols, rows)
+    }
+}
+
 /// Writes the recording as an asciicast v2 file.
 ///
-/// Width and height come from the first resize record (80x24 without one); later resizes
-/// become `r` events, output and error `o` events, input `i` events.
+/// Width and height come from the first resize record, the size the pty was requested with
+/// (80x24 without one, or when it was requested as 0x0); later resizes become `r` events
+/// (those without a size are left out), output and error `o` events, input `i` events.
 pub fn asciicast<R: Read>(
     mut reader: RecordingReader<R>,
     out: impl Write,
@@ -153,7 +165,7 @@ pub fn asciicast<R: Read>(
             break;
         };
         match &rec {
-            Record::Resize { cols, rows, .. } => size = Some((*cols, *rows)),
+            Record::Resize { cols, rows, .. } => size = Some(usable_size(*cols, *rows)),
             Record::Data { data, .. } => held_bytes += data.len(),
             Record::Close { .. } => {}
         }
@@ -196,7 +208,7 @@ pub fn asciicast<R: Read>(
                 if first_resize {
                     // it is the header's size
                     first_resize = false;
-                } else {
+                } else if cols != 0 && rows != 0 {
                     cast_event(out, ts_us, "r", &format!("{cols}x{rows}"))?;
                 }
             }
@@ -569,6 +581,39 @@ mod tests {
         assert_eq!(lines[0]["width"], 80);
         assert_eq!(lines[0]["height"], 24);
         assert_eq!(lines[1][2], "\x1b[1mhi\x1b[0m\r\n\"q\"");
+    }
+
+    #[test]
+    fn asciicast_pty_without_a_size_gets_the_default() {
+        // `ssh -tt` with no terminal on stdin requests a 0x0 pty
+        let lines = cast(&[
+            resize(1, 0, 0),
+            data(2, Direction::Output, b"$ "),
+            resize(3, 0, 0),
+            resize(4, 132, 0),
+            resize(5, 100, 30),
+        ]);
+        assert_eq!(lines[0]["width"], 80);
+        assert_eq!(lines[0]["height"], 24);
+        // sizeless resizes are not events; a real one is
+        let events: Vec<&serde_json::Value> = lines[1..].iter().collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0][1], "o");
+        assert_eq!(events[1][1], "r");
+        assert_eq!(events[1][2], "100x30");
+        // the size the pty asked for wins when it has one
+        let lines = cast(&[resize(1, 120, 40), data(2, Direction::Output, b"x")]);
+        assert_eq!(
+            (&lines[0]["width"], &lines[0]["height"]),
+            (&120.into(), &40.into())
+        );
+        assert_eq!(lines.len(), 2);
+        // one side 0 is no size either
+        let lines = cast(&[resize(1, 0, 40)]);
+        assert_eq!(
+            (&lines[0]["width"], &lines[0]["height"]),
+            (&80.into(), &24.into())
+        );
     }
 
     #[test]
