@@ -25,6 +25,17 @@ pub struct FileConfig {
     /// `[relay]`: the SSH listener that users connect to.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// `[control]`: psm-control's settings.
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// The `[control]` table of `psm.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Shortest password a psm user may have (default 12; 8 to 1024).
+    pub min_password_length: Option<Spanned<i64>>,
 }
 
 /// The `[relay]` table of `psm.toml`.
@@ -36,6 +47,17 @@ pub struct RelayConfig {
     /// Number of relay worker threads, one per core is best (default: the number of CPUs;
     /// 1 to 1024).
     pub workers: Option<Spanned<i64>>,
+    /// Seconds a client has to authenticate, handshake included (default 60; 1 to 3600).
+    pub login_grace_secs: Option<Spanned<i64>>,
+    /// Unauthenticated connections the relay holds, `N` or `start:rate:full` as OpenSSH's
+    /// MaxStartups (default `"10:30:100"`).
+    pub max_startups: Option<Spanned<String>>,
+    /// Unauthenticated connections one source address may hold (default 10; 1 to 100000).
+    pub per_source_max_startups: Option<Spanned<i64>>,
+    /// Seconds of silence from a target before a keepalive is sent (default 15; 1 to 3600).
+    pub target_keepalive_secs: Option<Spanned<i64>>,
+    /// Unanswered keepalives after which a target is given up (default 3; 1 to 100).
+    pub target_keepalive_max: Option<Spanned<i64>>,
 }
 
 /// A config file as read from disk.
@@ -65,6 +87,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// How many relay workers.
     pub workers: usize,
+    /// Further psm-relay flags from the file (limits), validated.
+    pub relay_args: Vec<String>,
+    /// psm-control flags from the file, validated.
+    pub control_args: Vec<String>,
 }
 
 /// Why the configuration is unusable.
@@ -220,7 +246,80 @@ pub fn resolve(
         (None, None) => default_workers.clamp(1, MAX_WORKERS as usize),
     };
 
-    Ok(Settings { listen, workers })
+    let mut relay_args = Vec::new();
+    let mut control_args = Vec::new();
+    let ranged = |flag: &str,
+                  v: Option<&Spanned<i64>>,
+                  range: std::ops::RangeInclusive<i64>,
+                  out: &mut Vec<String>|
+     -> Result<(), ConfigError> {
+        let Some(v) = v else { return Ok(()) };
+        let n = *v.get_ref();
+        if !range.contains(&n) {
+            return Err(ConfigError::Invalid {
+                origin: from_file(v.span()),
+                message: format!(
+                    "{} must be between {} and {}, not {n}",
+                    flag.replace('-', "_"),
+                    range.start(),
+                    range.end()
+                ),
+            });
+        }
+        out.extend([format!("--{flag}"), n.to_string()]);
+        Ok(())
+    };
+    if let Some(r) = relay {
+        ranged(
+            "login-grace-secs",
+            r.login_grace_secs.as_ref(),
+            1..=3600,
+            &mut relay_args,
+        )?;
+        ranged(
+            "per-source-max-startups",
+            r.per_source_max_startups.as_ref(),
+            1..=100_000,
+            &mut relay_args,
+        )?;
+        ranged(
+            "target-keepalive-secs",
+            r.target_keepalive_secs.as_ref(),
+            1..=3600,
+            &mut relay_args,
+        )?;
+        ranged(
+            "target-keepalive-max",
+            r.target_keepalive_max.as_ref(),
+            1..=100,
+            &mut relay_args,
+        )?;
+    }
+    if let Some(c) = file.map(|f| &f.config.control) {
+        ranged(
+            "min-password-length",
+            c.min_password_length.as_ref(),
+            8..=1024,
+            &mut control_args,
+        )?;
+    }
+    if let Some(v) = relay.and_then(|r| r.max_startups.as_ref()) {
+        let m: psm_relay::MaxStartups =
+            v.get_ref()
+                .parse()
+                .map_err(|message| ConfigError::Invalid {
+                    origin: from_file(v.span()),
+                    message,
+                })?;
+        relay_args.extend(["--max-startups".to_string(), m.to_string()]);
+    }
+
+    Ok(Settings {
+        listen,
+        workers,
+        relay_args,
+        control_args,
+    })
 }
 
 #[cfg(test)]

@@ -116,6 +116,24 @@ pub enum UpError {
     /// A daemon could not be started.
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    /// The relay's address is taken (or cannot be bound) before anything started.
+    #[error("cannot listen on {addr}: {source} (is another psm or an sshd listening there? choose another with --listen or [relay] listen)")]
+    PortTaken {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The data directory belongs to another user, whose daemons would refuse ours.
+    #[error("data directory {} is owned by uid {owner}, but psm runs as uid {me}: run psm as its owner, or chown the directory", .path.display())]
+    NotOwner {
+        /// The data directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        me: u32,
+    },
 }
 
 impl UpError {
@@ -126,7 +144,9 @@ impl UpError {
             UpError::Config(_)
             | UpError::DataDirPath { .. }
             | UpError::DataDir(_)
-            | UpError::HostKey(_) => 2,
+            | UpError::HostKey(_)
+            | UpError::PortTaken { .. }
+            | UpError::NotOwner { .. } => 2,
             UpError::Launch(_) => 1,
         }
     }
@@ -194,6 +214,17 @@ fn socket_accepts(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
 }
 
+/// Whether psm-control lists a relay whose id ends in `:PID`.
+fn relay_registered(data_dir: &Path, pid: u32) -> bool {
+    let suffix = format!(":{pid}");
+    psm_control::client::Client::connect(data_dir)
+        .and_then(|mut c| {
+            c.call_as::<psm_control::protocol::StatusInfo>(&psm_control::protocol::Request::Status)
+        })
+        .map(|s| s.relays.iter().any(|r| r.relay_id.ends_with(&suffix)))
+        .unwrap_or(false)
+}
+
 fn tcp_accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
@@ -212,6 +243,13 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
     let recorder = supervisor::find_binary(&bin_dir, RECORDER_BIN)?;
     let relay = supervisor::find_binary(&bin_dir, RELAY_BIN)?;
     let wrapper = std::env::current_exe().map_err(LaunchError::ExeDir)?;
+    // A port already taken would only make the relay exit and restart forever: say so now.
+    if let Err(source) = std::net::TcpListener::bind(settings.listen) {
+        return Err(UpError::PortTaken {
+            addr: settings.listen,
+            source,
+        });
+    }
     for sock in [psm_control_api::POLICY_SOCKET, RECORDER_SOCKET] {
         let sock = data_dir.join(sock);
         if socket_accepts(&sock) {
@@ -227,6 +265,23 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
         path: data_dir.clone(),
         source,
     })?;
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let owner = std::fs::metadata(&data_dir)
+            .map_err(|source| UpError::DataDirPath {
+                path: data_dir.clone(),
+                source,
+            })?
+            .uid();
+        let me = nix::unistd::geteuid().as_raw();
+        if owner != me {
+            return Err(UpError::NotOwner {
+                path: data_dir,
+                owner,
+                me,
+            });
+        }
+    }
     let (key, created) = psm_relay::host_key::load_or_create(&data_dir)?;
     println!(
         "gateway host key: {} {} ({})",
@@ -247,18 +302,25 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
     );
     let dd = || vec![OsString::from("--data-dir"), data_dir.clone().into()];
 
-    type Probe = Box<dyn Fn() -> bool>;
+    // Each probe gets the child's pid. The relay is ready when it accepts on its port and has
+    // announced itself (HOSTNAME:PID) to psm-control, so a port answered by someone else
+    // never counts.
+    type Probe = Box<dyn Fn(u32) -> bool>;
     let steps: [(ChildSpec, String, Probe); 3] = [
         (
             ChildSpec {
                 name: CONTROL_BIN.into(),
                 program: control,
-                args: dd(),
+                args: {
+                    let mut a = dd();
+                    a.extend(settings.control_args.iter().map(OsString::from));
+                    a
+                },
             },
             format!("{} accepted connections", policy_sock.display()),
             Box::new({
                 let p = policy_sock.clone();
-                move || socket_accepts(&p)
+                move |_| socket_accepts(&p)
             }),
         ),
         (
@@ -270,7 +332,7 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
             format!("{} accepted connections", recorder_sock.display()),
             Box::new({
                 let p = recorder_sock.clone();
-                move || socket_accepts(&p)
+                move |_| socket_accepts(&p)
             }),
         ),
         (
@@ -285,21 +347,27 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
                         "--workers".into(),
                         settings.workers.to_string().into(),
                     ]);
+                    a.extend(settings.relay_args.iter().map(OsString::from));
                     a
                 },
             },
-            format!("the relay accepted connections on {}", settings.listen),
+            format!(
+                "the relay accepted connections on {} and reported to psm-control",
+                settings.listen
+            ),
             Box::new({
                 let a = probe_addr(settings.listen);
-                move || tcp_accepts(a)
+                let dir = data_dir.clone();
+                move |pid| tcp_accepts(a) && relay_registered(&dir, pid)
             }),
         ),
     ];
 
     for (spec, what, probe) in steps {
-        let started = sup
-            .start(spec)
-            .and_then(|idx| sup.wait_ready(idx, &what, probe, READY_TIMEOUT, &stop));
+        let started = sup.start(spec).and_then(|idx| {
+            let pid = sup.pid(idx).unwrap_or(0);
+            sup.wait_ready(idx, &what, || probe(pid), READY_TIMEOUT, &stop)
+        });
         match started {
             Ok(Readiness::Ready) => {}
             Ok(Readiness::Interrupted) => {

@@ -138,6 +138,16 @@ pub enum ControlError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(io::Error),
+    /// The data directory belongs to another user.
+    #[error("data directory {} is owned by uid {owner}, but psm-control runs as uid {me}: run it as the directory's owner, or chown the directory", .path.display())]
+    NotOwner {
+        /// The data directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        me: u32,
+    },
 }
 
 /// The current snapshot, encoded once as a policy-socket line. The buffer holds decrypted
@@ -891,6 +901,15 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     init_data_dir(&data_dir)?;
     let paths = DataDir::new(&data_dir);
     let owner_uid = paths.owner_uid()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if owner_uid != me {
+        // Relays and psmctl run as the same user as psm-control; they would all be refused.
+        return Err(ControlError::NotOwner {
+            path: data_dir.clone(),
+            owner: owner_uid,
+            me,
+        });
+    }
     let vault = Vault::new(&*load_master_key(&paths.master_key())?)?;
     let mut store = Store::open(&paths.database()).map_err(|source| InitError::Database {
         path: paths.database(),
@@ -1540,35 +1559,98 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_the_data_directory_owner_may_connect() {
-        use std::os::unix::fs::MetadataExt;
+    async fn a_data_directory_of_another_user_is_refused_at_start() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         init_data_dir(&dir).expect("init");
-        // Only root can hand the directory to someone else; skip elsewhere.
-        if fs::metadata(&dir).expect("meta").uid() != 0 {
-            return;
+        let me = nix::unistd::geteuid().as_raw();
+        let other = if me == 4242 { 4343 } else { 4242 };
+        if std::os::unix::fs::chown(&dir, Some(other), None).is_err() {
+            panic!("this test must run as root: it chowns a directory to uid {other}");
         }
-        std::os::unix::fs::chown(&dir, Some(4242), None).expect("chown");
+        let e = run_until(dir.clone(), std::future::pending())
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(e, ControlError::NotOwner { owner, .. } if owner == other),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains(&format!("owned by uid {other}")),
+            "{e}"
+        );
+        assert!(!dir.join("control.sock").exists(), "no socket left behind");
+    }
+
+    #[tokio::test]
+    async fn only_the_data_directory_owner_may_connect() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        init_data_dir(&dir).expect("init");
         let d = Daemon::start(&dir).await;
-        let e = d.call(Request::UserList).await.expect_err("refused");
-        assert!(e.contains("permission denied: uid 0"), "{e}");
-        let mut relay = UnixStream::connect(dir.join("policy.sock"))
-            .await
-            .expect("connect");
-        let _ = relay
-            .write_all(&encode_line(&RelayToControl::Hello {
-                live: Vec::new(),
-                relay_id: "x".into(),
-                have_version: None,
-            }))
-            .await;
-        let mut buf = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(2), relay.read_to_end(&mut buf))
-            .await
-            .expect("closed")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "no snapshot for a stranger");
+        // Open the directory and both sockets to everybody, as a careless operator might: the
+        // peer-credential check still refuses a stranger.
+        for (p, mode) in [
+            (tmp.path().to_path_buf(), 0o755),
+            (dir.clone(), 0o755),
+            (dir.join("control.sock"), 0o666),
+            (dir.join("policy.sock"), 0o666),
+        ] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        let stranger = async |socket: &str, line: &str| {
+            let out = tokio::process::Command::new("setpriv")
+                .args([
+                    "--reuid=4242",
+                    "--regid=4242",
+                    "--clear-groups",
+                    "/usr/bin/python3",
+                    "-c",
+                ])
+                .arg(
+                    "import socket,sys\n\
+                     s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5)\n\
+                     data=b''\n\
+                     try:\n\
+                     \x20 if sys.argv[2]: s.sendall(sys.argv[2].encode())\n\
+                     \x20 while True:\n\
+                     \x20   b=s.recv(65536)\n\
+                     \x20   if not b: break\n\
+                     \x20   data+=b\n\
+                     except (ConnectionResetError, BrokenPipeError):\n\
+                     \x20 pass\n\
+                     sys.stdout.write(data.decode())",
+                )
+                .arg(dir.join(socket))
+                .arg(line)
+                .output()
+                .await
+                .expect("setpriv (util-linux) runs");
+            assert!(
+                out.status.success(),
+                "stranger client failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        // the refusal comes unasked, before any request is read
+        let answer = stranger("control.sock", "").await;
+        assert!(answer.contains("permission denied: uid 4242"), "{answer}");
+        let hello = String::from_utf8(encode_line(&RelayToControl::Hello {
+            live: Vec::new(),
+            relay_id: "x".into(),
+            have_version: None,
+        }))
+        .expect("utf8");
+        assert_eq!(
+            stranger("policy.sock", &hello).await,
+            "",
+            "no snapshot for a stranger"
+        );
+        assert!(
+            d.call(Request::UserList).await.is_ok(),
+            "the owner still is served"
+        );
         d.stop().await;
     }
 }
