@@ -577,6 +577,11 @@ impl Sshd {
     /// Starts it, with TCP forwarding allowed or not (a forwarding test needs a target that would
     /// forward, to show that psm is the one refusing).
     pub fn start_with(allow_tcp_forwarding: bool) -> Sshd {
+        Sshd::start_opts(allow_tcp_forwarding, "ERROR")
+    }
+
+    /// Starts it with sshd's `LogLevel` (`INFO` logs each login: `Accepted password for …`).
+    pub fn start_opts(allow_tcp_forwarding: bool, log_level: &str) -> Sshd {
         ensure_target_user();
         let _ = fs::create_dir_all("/run/sshd");
         let sshd = sshd_path();
@@ -620,7 +625,7 @@ impl Sshd {
                  AuthorizedKeysFile {ak}\n\
                  Subsystem sftp internal-sftp\n\
                  PidFile none\n\
-                 LogLevel ERROR\n\
+                 LogLevel {log_level}\n\
                  AllowTcpForwarding {fwd}\n\
                  X11Forwarding no\n\
                  PermitRootLogin no\n\
@@ -695,6 +700,18 @@ impl Sshd {
     /// sshd's stderr log.
     pub fn log(&self) -> String {
         file_tail(&self.log, 8000)
+    }
+    /// sshd's whole log.
+    pub fn full_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// The per-connection sshd processes of this sshd (not the listener itself).
+    pub fn session_pids(&self) -> Vec<u32> {
+        let me = self.child.id();
+        pids_matching(&self.dir.path().display().to_string(), None)
+            .into_iter()
+            .filter(|&p| p != me)
+            .collect()
     }
     /// `ssh` straight to this sshd as [`TARGET_USER`] with [`Sshd::target_key`] (no psm).
     pub fn direct_ssh(&self) -> Command {
@@ -781,6 +798,16 @@ pub struct Psm {
     mode: PsmMode,
     up: Option<Daemon>,
     daemons: Vec<Daemon>,
+    relay_args: Vec<String>,
+}
+
+/// How a test psm is configured beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct PsmOpts {
+    /// `psm.toml` written into the data directory before the start ([`PsmMode::Up`]).
+    pub config: Option<String>,
+    /// Extra psm-relay flags ([`PsmMode::Separate`]).
+    pub relay_args: Vec<String>,
 }
 
 /// Relay worker runtimes every test psm gets.
@@ -800,11 +827,19 @@ impl Psm {
     /// Starts psm in `mode`; waits (30 s at most) until the relay port accepts and
     /// `psmctl user list` succeeds.
     pub fn start(mode: PsmMode) -> Psm {
+        Psm::start_opts(mode, PsmOpts::default())
+    }
+
+    /// Like [`Psm::start`], configured by `opts`.
+    pub fn start_opts(mode: PsmMode, opts: PsmOpts) -> Psm {
         require_psm_binaries();
         let dir = short_tempdir("psm");
         let data = dir.path().join("d");
         fs::create_dir_all(&data).expect("data dir");
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
+        if let Some(cfg) = &opts.config {
+            fs::write(data.join("psm.toml"), cfg).expect("psm.toml");
+        }
         let port = free_port();
         let mut psm = Psm {
             dir,
@@ -813,6 +848,7 @@ impl Psm {
             mode,
             up: None,
             daemons: Vec::new(),
+            relay_args: opts.relay_args,
         };
         match mode {
             PsmMode::Up => {
@@ -830,7 +866,6 @@ impl Psm {
                         "RUST_LOG",
                         std::env::var("PSM_TEST_LOG").unwrap_or_else(|_| "info".into()),
                     )
-                    .env("NO_COLOR", "1")
                     .stdin(Stdio::null())
                     .stdout(o)
                     .stderr(e)
@@ -888,14 +923,14 @@ impl Psm {
             c.arg("--listen")
                 .arg(format!("127.0.0.1:{}", self.port))
                 .arg("--workers")
-                .arg(WORKERS);
+                .arg(WORKERS)
+                .args(&self.relay_args);
         }
         let child = c
             .env(
                 "RUST_LOG",
                 std::env::var("PSM_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(o)
             .stderr(e)
@@ -1157,7 +1192,12 @@ impl World {
 
     /// The standard world around a given sshd.
     pub fn build(mode: PsmMode, sshd: Sshd) -> World {
-        let psm = Psm::start(mode);
+        World::build_opts(mode, sshd, PsmOpts::default())
+    }
+
+    /// The standard world around a given sshd, with a configured psm.
+    pub fn build_opts(mode: PsmMode, sshd: Sshd, opts: PsmOpts) -> World {
+        let psm = Psm::start_opts(mode, opts);
         let w = psm.work_dir();
         let alice_key = w.join("alice_ed25519");
         gen_key(&alice_key);
@@ -1458,7 +1498,8 @@ if os.WIFEXITED(st):
 sys.exit(128 + os.WTERMSIG(st))
 "#;
 
-fn python3() -> PathBuf {
+/// The python3 that has the test dependencies (asyncssh): Debian's.
+pub fn python3() -> PathBuf {
     for p in ["/usr/bin/python3", "/usr/local/bin/python3"] {
         if Path::new(p).is_file() {
             return PathBuf::from(p);
