@@ -308,3 +308,47 @@ fn up_restarts_a_dead_daemon_and_stops_cleanly() {
         );
     }
 }
+
+#[test]
+fn a_taken_port_makes_psm_up_exit_non_zero_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let (code, out, err) = run_up(&[
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        &addr.to_string(),
+    ]);
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(!out.contains("psm is up"), "{out}");
+    // nothing was started, and nothing is left behind listening
+    assert!(!data.join("policy.sock").exists());
+}
+
+#[test]
+fn a_data_dir_of_another_user_makes_psm_up_exit_non_zero() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    fs::create_dir(&data).expect("mkdir");
+    let me = fs::metadata(dir.path()).expect("meta").uid();
+    let other = if me == 4242 { 4343 } else { 4242 };
+    if std::os::unix::fs::chown(&data, Some(other), None).is_err() {
+        panic!("this test must run as root: it chowns a directory to uid {other}");
+    }
+    let (code, out, err) = run_up(&[
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains(&format!("owned by uid {other}")), "{err}");
+    assert!(!out.contains("psm is up"), "{out}");
+}

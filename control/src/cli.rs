@@ -1497,6 +1497,8 @@ mod tests {
                 start_ms: 1_700_000_000_000,
             },
             relay: "r-1".into(),
+            bytes_up: 10,
+            bytes_down: 20,
         };
         let mut out = Vec::new();
         print_sessions(&mut out, &[s], false, 1_700_000_065_000).expect("print");

@@ -469,7 +469,11 @@ impl Shared {
                 let mut list: Vec<SessionInfo> = lock(&self.sessions)
                     .values()
                     .filter(|s| s.lost.is_none())
-                    .map(|s| s.info.clone())
+                    .map(|s| SessionInfo {
+                        bytes_up: s.bytes_up,
+                        bytes_down: s.bytes_down,
+                        ..s.info.clone()
+                    })
                     .collect();
                 list.sort_by(|a, b| {
                     (a.session.start_ms, &a.session.session_id)
@@ -512,6 +516,8 @@ impl Shared {
                                 start_ms: *start_ms,
                             },
                             relay: relay_id.to_string(),
+                            bytes_up: 0,
+                            bytes_down: 0,
                         },
                     ),
                 );
@@ -770,6 +776,8 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
             let info = SessionInfo {
                 session,
                 relay: relay_id.clone(),
+                bytes_up: 0,
+                bytes_down: 0,
             };
             match sessions.get_mut(&id) {
                 Some(s) => {

@@ -275,6 +275,12 @@ pub struct SessionInfo {
     pub session: psm_control_api::LiveSession,
     /// Relay id that reported it.
     pub relay: String,
+    /// Bytes from the user to the target, as last reported by the relay.
+    #[serde(default)]
+    pub bytes_up: u64,
+    /// Bytes from the target to the user, as last reported by the relay.
+    #[serde(default)]
+    pub bytes_down: u64,
 }
 
 /// A relay connected to `policy.sock`.

@@ -268,6 +268,36 @@ pub fn pids_matching(needle: &str, exe_name: Option<&str>) -> Vec<u32> {
     pids
 }
 
+/// Every process below `pid` (children, grandchildren, …), from `/proc`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| {
+                    let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
 /// Peak resident set size (`VmHWM`) of a process, in KiB.
 pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -707,11 +737,7 @@ impl Sshd {
     }
     /// The per-connection sshd processes of this sshd (not the listener itself).
     pub fn session_pids(&self) -> Vec<u32> {
-        let me = self.child.id();
-        pids_matching(&self.dir.path().display().to_string(), None)
-            .into_iter()
-            .filter(|&p| p != me)
-            .collect()
+        descendants(self.child.id())
     }
     /// `ssh` straight to this sshd as [`TARGET_USER`] with [`Sshd::target_key`] (no psm).
     pub fn direct_ssh(&self) -> Command {
