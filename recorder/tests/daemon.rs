@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -660,5 +661,59 @@ fn throughput_random_256_mib() {
     assert!(!r.truncated);
     assert_eq!(r.output().len(), total);
     assert!(r.output() == all[..]);
+    daemon.stop();
+}
+
+#[test]
+fn a_recording_that_cannot_be_written_fails_alone_and_the_link_stays_up() {
+    let mut daemon = Daemon::start();
+    // A 1 MiB file system under recordings/: the first big write cannot fit.
+    let rec_dir = daemon.recordings();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "psm-test"])
+        .arg(&rec_dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(mounted, "this test mounts a tmpfs and must run as root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(rec_dir);
+    let mut conn = daemon.connect();
+    send(
+        &mut conn,
+        &[Frame::Open {
+            stream: 1,
+            meta: meta("too-big"),
+        }],
+    );
+    assert_eq!(replies(&mut conn, 1), vec![Reply::Opened { stream: 1 }]);
+    for i in 0..8 {
+        send(&mut conn, &[data(1, i, &noise(i, 1 << 20))]);
+    }
+    let got = replies(&mut conn, 1);
+    assert!(
+        matches!(&got[0], Reply::Failed { stream: 1, reason } if reason.contains("cannot")),
+        "{got:?}"
+    );
+    // the link is still served: a later frame of the failed stream is ignored, a new stream
+    // is answered
+    send(
+        &mut conn,
+        &[
+            data(1, 9, b"dropped"),
+            Frame::Open {
+                stream: 2,
+                meta: meta("next"),
+            },
+        ],
+    );
+    let next = replies(&mut conn, 1);
+    assert_eq!(next[0].stream(), 2, "{next:?}");
+    drop(conn);
     daemon.stop();
 }
