@@ -58,6 +58,10 @@ pub struct RelayConfig {
     pub target_keepalive_secs: Option<Spanned<i64>>,
     /// Unanswered keepalives after which a target is given up (default 3; 1 to 100).
     pub target_keepalive_max: Option<Spanned<i64>>,
+    /// Authenticated connections one psm user may hold (default 32; 1 to 100000).
+    pub max_connections_per_user: Option<Spanned<i64>>,
+    /// Authenticated connections the relay holds in all (default 4096; 1 to 1000000).
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 /// A config file as read from disk.
@@ -292,6 +296,18 @@ pub fn resolve(
             "target-keepalive-max",
             r.target_keepalive_max.as_ref(),
             1..=100,
+            &mut relay_args,
+        )?;
+        ranged(
+            "max-connections-per-user",
+            r.max_connections_per_user.as_ref(),
+            1..=100_000,
+            &mut relay_args,
+        )?;
+        ranged(
+            "max-connections",
+            r.max_connections.as_ref(),
+            1..=1_000_000,
             &mut relay_args,
         )?;
     }

@@ -206,6 +206,9 @@ mod tests {
             origin: "relay-1".into(),
             kind: AuditKind::Notice {
                 message: msg.into(),
+                session_id: None,
+                kind: None,
+                count: None,
             },
         }
     }

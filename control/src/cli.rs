@@ -1080,7 +1080,22 @@ pub fn format_event(e: &AuditEvent) -> String {
             }
             ("admin_change", f)
         }
-        AuditKind::Notice { message } => ("notice", vec![("message", message.clone())]),
+        AuditKind::Notice {
+            message,
+            session_id,
+            count,
+            ..
+        } => {
+            let mut f = Vec::new();
+            if let Some(s) = session_id {
+                f.push(("session", s.clone()));
+            }
+            if let Some(n) = count {
+                f.push(("count", n.to_string()));
+            }
+            f.push(("message", message.clone()));
+            ("notice", f)
+        }
     };
     let mut line = format!(
         "{}  #{}  {}  {}",

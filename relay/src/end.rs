@@ -47,6 +47,8 @@ pub enum EndReason {
     ClientClosed,
     /// The user's connection failed.
     ClientError(String),
+    /// The user's client broke the protocol (data beyond its window, a request flood).
+    ClientViolation(String),
     /// The target ended the session normally (the shell or command exited).
     TargetEnded,
     /// The target stopped answering keepalives.
@@ -67,7 +69,9 @@ impl EndReason {
     /// The side at fault (or that ended it).
     pub fn side(&self) -> Side {
         match self {
-            EndReason::ClientClosed | EndReason::ClientError(_) => Side::Client,
+            EndReason::ClientClosed | EndReason::ClientError(_) | EndReason::ClientViolation(_) => {
+                Side::Client
+            }
             EndReason::TargetEnded
             | EndReason::TargetUnresponsive
             | EndReason::TargetClosed(_)
@@ -82,6 +86,7 @@ impl EndReason {
         match self {
             EndReason::ClientClosed => "client_closed",
             EndReason::ClientError(_) => "client_error",
+            EndReason::ClientViolation(_) => "client_violation",
             EndReason::TargetEnded => "target_ended",
             EndReason::TargetUnresponsive => "target_unresponsive",
             EndReason::TargetClosed(_) => "target_closed",
@@ -96,6 +101,9 @@ impl EndReason {
     pub fn user_line(&self) -> Option<&'static str> {
         match self {
             EndReason::ClientClosed | EndReason::ClientError(_) | EndReason::TargetEnded => None,
+            EndReason::ClientViolation(_) => {
+                Some("psm: protocol violation by the client; the connection was closed")
+            }
             EndReason::TargetUnresponsive => {
                 Some("psm: the target stopped responding; the session was closed")
             }
@@ -128,6 +136,7 @@ impl fmt::Display for EndReason {
         match self {
             EndReason::ClientClosed => f.write_str("client closed the session"),
             EndReason::ClientError(d) => write!(f, "client connection error: {d}"),
+            EndReason::ClientViolation(d) => write!(f, "client protocol violation: {d}"),
             EndReason::TargetEnded => f.write_str("target ended the session"),
             EndReason::TargetUnresponsive => f.write_str("target stopped responding"),
             EndReason::TargetClosed(d) if d.is_empty() => {

@@ -16,8 +16,15 @@
 //!   soon as the user consumes, and that only depends on the user-leg loop, which never blocks.
 //!
 //! Memory per channel stays bounded (about `2 * WINDOW + DOWN_LIMIT` plus russh's buffers); a
-//! slow reader slows the writer; nothing is dropped.
+//! slow reader slows the writer; nothing is dropped. Every item in the download queue counts
+//! against the bound (a fixed cost plus its bytes), so a flood of exit-signal or EOF messages
+//! is bounded like data.
+//!
+//! A client that ignores its window breaks the protocol (russh would deliver the excess anyway):
+//! [`WindowMirror`] replays russh's window bookkeeping for every user channel and reports the
+//! first byte beyond what psm granted, so the relay can disconnect it instead of holding it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -35,6 +42,83 @@ pub const DOWN_LIMIT: usize = 4 << 20;
 /// Smallest window ever offered: keeps russh sending adjusts (it adjusts when the remaining
 /// window falls below half the target, so a target of 1 would never adjust again).
 pub const MIN_WINDOW: u32 = 2;
+
+/// russh's receive-window bookkeeping for the user leg, replayed from the handler's callbacks so
+/// that data beyond the window can be caught.
+///
+/// russh keeps one target for a whole connection: on each data packet it subtracts the packet
+/// from the channel's window (unless the packet is larger: "extra data" is delivered anyway),
+/// and when the window falls below half the target it grants up to the target and then asks
+/// the `adjust_window` hook for the next target. The hook and the data callback run in that
+/// order on the connection's loop, so the mirror sees the same sequence.
+pub struct WindowMirror {
+    target: u32,
+    /// The target in force before the hook ran for the packet being processed.
+    granted: Option<u32>,
+    windows: HashMap<u32, u32>,
+}
+
+/// A client sent more than its window allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowViolation {
+    /// The channel.
+    pub channel: u32,
+    /// Bytes in the packet.
+    pub sent: u32,
+    /// Bytes the window still allowed.
+    pub allowed: u32,
+}
+
+impl WindowMirror {
+    /// A connection whose channels start with `window` (russh's `window_size`).
+    pub fn new(window: u32) -> WindowMirror {
+        WindowMirror {
+            target: window,
+            granted: None,
+            windows: HashMap::new(),
+        }
+    }
+
+    /// A channel was opened with the initial window.
+    pub fn opened(&mut self, channel: u32, window: u32) {
+        self.windows.insert(channel, window);
+    }
+
+    /// A channel was closed.
+    pub fn closed(&mut self, channel: u32) {
+        self.windows.remove(&channel);
+    }
+
+    /// The `adjust_window` hook returned `next`: russh has just granted the channel up to the
+    /// current target, and `next` becomes the target.
+    pub fn hook(&mut self, next: u32) {
+        self.granted = Some(self.target);
+        if next > 0 {
+            self.target = next;
+        }
+    }
+
+    /// A data packet of `len` bytes arrived on `channel` (after the hook, if it ran).
+    pub fn data(&mut self, channel: u32, len: usize) -> Result<(), WindowViolation> {
+        let granted = self.granted.take();
+        let Some(w) = self.windows.get_mut(&channel) else {
+            return Ok(());
+        };
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        if len > *w {
+            return Err(WindowViolation {
+                channel,
+                sent: len,
+                allowed: *w,
+            });
+        }
+        *w -= len;
+        if let Some(t) = granted {
+            *w = t;
+        }
+        Ok(())
+    }
+}
 
 /// Queue accounting for one relayed channel.
 #[derive(Default)]
@@ -136,6 +220,33 @@ mod tests {
         );
         f.up_written(11 * WINDOW as usize + WINDOW as usize / 2);
         assert_eq!(f.user_window(), WINDOW);
+    }
+
+    #[test]
+    fn the_window_mirror_follows_russh_and_catches_the_excess() {
+        let mut m = WindowMirror::new(100);
+        m.opened(0, 100);
+        m.opened(1, 100);
+        assert!(m.data(0, 40).is_ok());
+        // 60 left; 20 more makes it 40 < 50: russh grants back up to 100, then asks the hook
+        m.hook(30);
+        assert!(m.data(0, 20).is_ok());
+        // the channel has 100 again; 86 leaves 14 < 15: russh grants back to the target of 30
+        // (and the hook, called first, keeps 30)
+        m.hook(30);
+        assert!(m.data(0, 86).is_ok());
+        assert_eq!(
+            m.data(0, 31),
+            Err(WindowViolation {
+                channel: 0,
+                sent: 31,
+                allowed: 30
+            })
+        );
+        assert!(m.data(1, 100).is_ok(), "channels are separate");
+        assert!(m.data(1, 1).is_err());
+        m.closed(1);
+        assert!(m.data(1, 1000).is_ok(), "closed channels are not watched");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -17,7 +17,9 @@ pub mod cut;
 pub mod end;
 pub mod flow;
 pub mod host_key;
+pub mod notices;
 mod pipe;
+pub mod prestart;
 pub mod recording;
 pub mod session;
 pub mod startups;
@@ -52,6 +54,10 @@ pub struct Limits {
     pub per_source_max_startups: u32,
     /// Keepalives toward targets (default every 15 s of silence, given up after 3 misses).
     pub target_keepalive: TargetKeepalive,
+    /// Authenticated connections one psm user may hold (default 32).
+    pub max_connections_per_user: u32,
+    /// Authenticated connections the relay holds in all (default 4096).
+    pub max_connections: u32,
 }
 
 impl Default for Limits {
@@ -61,6 +67,8 @@ impl Default for Limits {
             max_startups: MaxStartups::default(),
             per_source_max_startups: 10,
             target_keepalive: TargetKeepalive::default(),
+            max_connections_per_user: 32,
+            max_connections: 4096,
         }
     }
 }
@@ -227,6 +235,10 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
     let limits = Arc::new(cfg.limits.clone());
+    let user_slots = startups::UserSlots::new(
+        cfg.limits.max_connections_per_user,
+        cfg.limits.max_connections,
+    );
     // Pre-authentication failures: at most 20 log lines a second for the whole relay.
     let preauth_log = Arc::new(Mutex::new(startups::LogLimiter::new(
         20,
@@ -250,6 +262,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             startups: startups.clone(),
             counters: counters.clone(),
             preauth_log: preauth_log.clone(),
+            user_slots: user_slots.clone(),
         });
         let io = cfg.io;
         std::thread::Builder::new()

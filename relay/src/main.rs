@@ -46,6 +46,12 @@ struct Args {
     /// Unanswered keepalives after which a target is given up.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     target_keepalive_max: u64,
+    /// Authenticated connections one psm user may hold.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_user: u32,
+    /// Authenticated connections the relay holds in all.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
 }
 
 /// `HOSTNAME:PID`, the default relay id.
@@ -93,6 +99,8 @@ fn main() -> anyhow::Result<()> {
                 interval: Duration::from_secs(args.target_keepalive_secs),
                 max: args.target_keepalive_max as usize,
             },
+            max_connections_per_user: args.max_connections_per_user,
+            max_connections: args.max_connections,
         },
     };
     let relay = psm_relay::start(&cfg)?;

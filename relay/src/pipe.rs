@@ -32,6 +32,14 @@ pub(crate) enum Item {
     Close,
 }
 
+/// What an item costs in a queue besides its bytes: every item counts against the bound, so a
+/// flood of empty messages cannot grow memory either.
+const ITEM_OVERHEAD: usize = 64;
+/// Longest exit-signal message relayed (a target may send megabytes).
+pub(crate) const MAX_SIGNAL_MESSAGE: usize = 1024;
+/// Longest custom signal name kept.
+pub(crate) const MAX_SIGNAL_NAME: usize = 32;
+
 impl Item {
     fn len(&self) -> usize {
         match self {
@@ -39,6 +47,24 @@ impl Item {
             _ => 0,
         }
     }
+
+    /// What the item costs in a queue.
+    pub(crate) fn cost(&self) -> usize {
+        ITEM_OVERHEAD
+            + match self {
+                Item::Data(b) | Item::Ext(_, b) => b.len(),
+                Item::ExitSignal { message, .. } => message.len(),
+                _ => 0,
+            }
+    }
+
+    fn is_exit(&self) -> bool {
+        matches!(self, Item::ExitStatus(_) | Item::ExitSignal { .. })
+    }
+}
+
+fn cut(s: &str, max: usize) -> String {
+    psm_control_api::escape::truncate(s, max).0.to_string()
 }
 
 pub(crate) fn down_item(m: ChannelMsg) -> Option<Item> {
@@ -53,9 +79,12 @@ pub(crate) fn down_item(m: ChannelMsg) -> Option<Item> {
             error_message,
             ..
         } => Item::ExitSignal {
-            signal: signal_name,
+            signal: match signal_name {
+                Sig::Custom(name) => Sig::Custom(cut(&name, MAX_SIGNAL_NAME)),
+                other => other,
+            },
             core_dumped,
-            message: error_message,
+            message: cut(&error_message, MAX_SIGNAL_MESSAGE),
         },
         ChannelMsg::Close => Item::Close,
         _ => return None,
@@ -78,7 +107,6 @@ pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
                 .bytes
                 .down
                 .fetch_add(item.len() as u64, Ordering::Relaxed);
-            flow.down_queued(item.len());
         }
         Item::ExitStatus(s) => shared.with(|st| st.exit_status = Some(*s)),
         Item::ExitSignal { signal, .. } => {
@@ -88,6 +116,7 @@ pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
         Item::Close => shared.ended(EndReason::TargetEnded),
         Item::Eof => {}
     }
+    flow.down_queued(item.cost());
 }
 
 fn sig_name(s: &Sig) -> String {
@@ -199,6 +228,7 @@ pub(crate) async fn read_target(
     ch: u32,
     mut loss: LossWatch,
 ) {
+    let mut exited = false;
     loop {
         tokio::select! {
             _ = flow.down_ready() => {}
@@ -207,14 +237,30 @@ pub(crate) async fn read_target(
         }
         let Some(msg) = r.wait().await else {
             let why = target_loss(&mut loss).await;
+            let mut last = Vec::with_capacity(2);
             if let Some(line) = why.user_line() {
-                let _ = tx.send(Item::Ext(1, Bytes::from(format!("{line}\r\n"))));
+                last.push(Item::Ext(1, Bytes::from(format!("{line}\r\n"))));
             }
+            last.push(Item::Close);
             shared.ended(why);
-            let _ = tx.send(Item::Close);
+            for item in last {
+                flow.down_queued(item.cost());
+                let _ = tx.send(item);
+            }
             return;
         };
         let Some(item) = down_item(msg) else { continue };
+        if item.is_exit() {
+            // Only the first exit status or signal means anything; a target that sends more is
+            // noted, and they are dropped.
+            if exited {
+                shared.notices.note("repeated exit status from the target", "", || {
+                    format!("target sent more than one exit status or signal on channel {ch}; the repeats were dropped")
+                });
+                continue;
+            }
+            exited = true;
+        }
         record_down(rec.as_ref(), ch, &item).await;
         account_down(&shared, &flow, &item);
         let close = matches!(item, Item::Close);
@@ -233,7 +279,7 @@ pub(crate) async fn write_client(
     flow: Arc<Flow>,
 ) {
     while let Some(item) = rx.recv().await {
-        let n = item.len();
+        let n = item.cost();
         let r = match item {
             Item::Data(d) => w.data_bytes(d).await,
             Item::Ext(ext, d) => w.extended_data_bytes(ext, d).await,

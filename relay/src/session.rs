@@ -28,12 +28,14 @@ use tracing::{debug, info, warn};
 use crate::control_link::{AuditSink, Counters, PolicyStore, SessionBytes};
 use crate::cut::Cuttable;
 use crate::end::EndReason;
-use crate::flow::Flow;
+use crate::flow::{Flow, WindowMirror, WINDOW};
+use crate::notices::Notices;
 use crate::pipe::{
     account_down, down_item, read_client, read_target, record_down, write_client, write_target,
 };
+use crate::prestart::{Early, PreStart, MAX_PRESTART_REQUESTS};
 use crate::recording::{RecordingStream, StreamStatus, WorkerRecorder};
-use crate::startups::{LogLimiter, Permit, Startups};
+use crate::startups::{LogLimiter, Permit, Startups, UserPermit, UserSlots};
 use crate::upstream::{self, LossWatch, TargetHandle};
 use crate::Limits;
 
@@ -47,6 +49,29 @@ pub const MAX_CHANNELS: usize = 10;
 pub const MAX_LOGGED_LOGIN: usize = 256;
 /// How long a connection told to go may take to close before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Largest terminal size psm passes on and records; larger requests are clamped.
+pub const MAX_PTY_CELLS: u32 = 4096;
+/// Largest terminal size in pixels psm passes on.
+pub const MAX_PTY_PIXELS: u32 = 65_535;
+/// Messages a target may send on a channel while psm waits for its answer to a request.
+const MAX_EARLY_MESSAGES: usize = 1024;
+
+/// Environment variables forwarded to targets by default: what Debian's sshd accepts
+/// (`AcceptEnv LANG LC_*`).
+pub fn env_allowed(name: &str) -> bool {
+    name == "LANG" || name.starts_with("LC_")
+}
+
+/// A pty size as psm passes it on: each side at most [`MAX_PTY_CELLS`].
+pub fn clamp_cells(v: u32) -> u32 {
+    v.min(MAX_PTY_CELLS)
+}
+
+/// A pty size as psm records it: clamped, and 80x24 where the client gave none (0).
+pub fn recorded_size(cols: u32, rows: u32) -> (u32, u32) {
+    let or = |v: u32, d: u32| if v == 0 { d } else { clamp_cells(v) };
+    (or(cols, 80), or(rows, 24))
+}
 
 /// What every connection on one worker shares.
 pub struct WorkerCtx {
@@ -72,6 +97,8 @@ pub struct WorkerCtx {
     pub counters: Arc<Counters>,
     /// Rate limit of the log lines about pre-authentication failures (relay-wide).
     pub preauth_log: Arc<Mutex<LogLimiter>>,
+    /// The relay-wide table of authenticated connections per user.
+    pub user_slots: Arc<UserSlots>,
 }
 
 impl WorkerCtx {
@@ -119,6 +146,13 @@ pub(crate) struct Shared {
     authenticated: AtomicBool,
     /// Notified when psm-recorder can no longer write this session's recording.
     recording_lost: Notify,
+    /// Notified when the client broke the protocol (the reason is in the state's `end`).
+    violation: Notify,
+    /// The connection's aggregated notices.
+    pub(crate) notices: Arc<Notices>,
+    /// Channels whose relaying finished (russh does not call `channel_close` when the target
+    /// closed them): the handler drops them from its tables.
+    finished: Mutex<Vec<ChannelId>>,
     state: Mutex<SharedState>,
 }
 
@@ -137,6 +171,13 @@ impl Shared {
         self.with(|s| {
             s.end.get_or_insert(why);
         });
+    }
+
+    /// The client broke the protocol: the connection is closed with `why`.
+    pub(crate) fn violated(&self, why: String) {
+        warn!(session = %self.session_id, peer = %self.peer, reason = %Escaped(&why), "client protocol violation; disconnecting");
+        self.with(|s| s.end = Some(EndReason::ClientViolation(why)));
+        self.violation.notify_one();
     }
 }
 
@@ -180,13 +221,17 @@ pub async fn handle_connection(
     };
     let _ = stream.set_nodelay(true);
     let (stream, cutter) = Cuttable::new(stream);
+    let session_id = new_id();
     let shared = Arc::new(Shared {
-        session_id: new_id(),
+        notices: Arc::new(Notices::new(ctx.audit.clone(), session_id.clone())),
+        session_id,
         peer,
         start_ms: now_ms(),
         bytes: Arc::new(SessionBytes::default()),
         authenticated: AtomicBool::new(false),
         recording_lost: Notify::new(),
+        violation: Notify::new(),
+        finished: Mutex::new(Vec::new()),
         state: Mutex::new(SharedState::default()),
     });
     let conn = Conn {
@@ -196,6 +241,8 @@ pub async fn handle_connection(
         user: None,
         started: false,
         permit: Some(permit),
+        user_permit: None,
+        window: WindowMirror::new(WINDOW),
         channels: HashMap::new(),
         flows: HashMap::new(),
     };
@@ -246,6 +293,20 @@ pub async fn handle_connection(
                     reason = Some(EndReason::Shutdown);
                     break EndReason::Shutdown.user_line();
                 }
+            }
+            _ = shared.violation.notified() => {
+                let r = shared.with(|s| s.end.clone());
+                if let Some(EndReason::ClientViolation(why)) = &r {
+                    ctx.audit.emit(AuditKind::Notice {
+                        message: format!("client protocol violation from {peer}: {why}; disconnected"),
+                        session_id: Some(shared.session_id.clone()),
+                        kind: Some("client protocol violation".into()),
+                        count: None,
+                    });
+                }
+                let line = r.as_ref().and_then(|r| r.user_line());
+                reason = r;
+                break line.or(Some("psm: protocol violation"));
             }
             _ = shared.recording_lost.notified() => {
                 let why = shared
@@ -299,6 +360,7 @@ pub async fn handle_connection(
         }
     }
     finish(&ctx, &shared, reason).await;
+    shared.notices.flush();
 }
 
 /// Counts live connections for a graceful shutdown.
@@ -373,10 +435,14 @@ enum Chan {
     /// Brokered, waiting for the request that starts it.
     Pending {
         up: Channel<russh::client::Msg>,
-        down: Channel<Msg>,
+        down_w: ChannelWriteHalf<Msg>,
+        /// Reads the user's channel until it starts.
+        reader: PreStart,
         early: Vec<ChannelMsg>,
         target: Arc<TargetHandle>,
         loss: LossWatch,
+        /// Requests the client sent before the start.
+        requests: u32,
     },
     /// Relaying.
     Running {
@@ -395,6 +461,10 @@ pub struct Conn {
     started: bool,
     /// This connection's place among the unauthenticated ones, until it authenticates.
     permit: Option<Permit>,
+    /// Its place among the user's connections, once authenticated.
+    user_permit: Option<UserPermit>,
+    /// russh's receive windows on this connection, replayed to catch data beyond them.
+    window: WindowMirror,
     channels: HashMap<ChannelId, Chan>,
     flows: HashMap<ChannelId, Arc<Flow>>,
 }
@@ -441,7 +511,15 @@ impl Conn {
         });
     }
 
-    fn auth_ok(&mut self, login: &str, user: &str, method: &str) {
+    fn auth_ok(&mut self, login: &str, user: &str, method: &str) -> Auth {
+        let permit = match self.ctx.user_slots.admit(user) {
+            Ok(p) => p,
+            Err(refusal) => {
+                self.auth_failed(login, method, &format!("connection refused: {refusal}"));
+                return reject();
+            }
+        };
+        self.user_permit = Some(permit);
         info!(peer = %self.shared.peer, login = %Escaped(login), user = %Escaped(user), method, "authenticated");
         self.login = login.to_string();
         self.user = Some(user.to_string());
@@ -454,6 +532,20 @@ impl Conn {
             method: method.to_string(),
             source: self.source(),
         });
+        Auth::Accept
+    }
+
+    /// Counts a request on a channel that has not started; too many is a protocol violation.
+    fn prestart_request(&mut self, channel: ChannelId) {
+        if let Some(Chan::Pending { requests, .. }) = self.channels.get_mut(&channel) {
+            *requests += 1;
+            if *requests == MAX_PRESTART_REQUESTS + 1 {
+                self.shared.violated(format!(
+                    "more than {MAX_PRESTART_REQUESTS} requests on channel {} before it started",
+                    u32::from(channel)
+                ));
+            }
+        }
     }
 
     fn deny(&self, user: &str, reason: String, client_message: String) -> String {
@@ -527,16 +619,22 @@ impl Conn {
                 Err(e) => debug!(error = %e, "recording not required; the session runs unrecorded"),
             }
         }
-        let (handle, loss) =
-            match upstream::connect(target, account, self.ctx.limits.target_keepalive).await {
-                Ok((h, loss)) => (Arc::new(h), loss),
-                Err(e) => {
-                    if let Some(rec) = opened {
-                        rec.discard().await;
-                    }
-                    return Err(self.deny(user, e.to_string(), e.client_message()));
+        let (handle, loss) = match upstream::connect(
+            target,
+            account,
+            self.ctx.limits.target_keepalive,
+            self.shared.notices.clone(),
+        )
+        .await
+        {
+            Ok((h, loss)) => (Arc::new(h), loss),
+            Err(e) => {
+                if let Some(rec) = opened {
+                    rec.discard().await;
                 }
-            };
+                return Err(self.deny(user, e.to_string(), e.client_message()));
+            }
+        };
         if !self.started {
             let recording_id = self.shared.session_id.clone();
             if let Some(rec) = &opened {
@@ -614,6 +712,8 @@ impl Conn {
                     Some(ChannelMsg::Success) => return true,
                     Some(ChannelMsg::Failure) | None => return false,
                     Some(ChannelMsg::WindowAdjusted { .. }) => {}
+                    // a target that floods before answering gets no answer from psm either
+                    Some(_) if early.len() >= MAX_EARLY_MESSAGES => return false,
                     Some(other) => early.push(other),
                 }
             }
@@ -629,16 +729,21 @@ impl Conn {
     async fn start(&mut self, channel: ChannelId, handle: russh::server::Handle) {
         let Some(Chan::Pending {
             up,
-            down,
+            down_w,
+            reader,
             early,
             target,
             loss,
+            ..
         }) = self.channels.remove(&channel)
         else {
             return;
         };
+        let Some((down_r, before)) = reader.finish().await else {
+            disconnect_target(&target).await;
+            return;
+        };
         let (up_r, up_w) = up.split();
-        let (down_r, down_w) = down.split();
         let up_w = Arc::new(up_w);
         let flow = Flow::new();
         let rec = self.shared.recording();
@@ -651,6 +756,26 @@ impl Conn {
                 account_down(&self.shared, &flow, &item);
                 let _ = down_tx.send(item);
             }
+        }
+        // what the user sent before the start goes first, recorded and counted like the rest
+        for e in before {
+            let item = match e {
+                Early::Data(data) => {
+                    self.shared
+                        .bytes
+                        .up
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(rec) = &rec {
+                        rec.data(ch, psm_recorder_format::Direction::Input, data.clone())
+                            .await;
+                    }
+                    flow.up_queued(data.len());
+                    crate::pipe::Item::Data(data)
+                }
+                Early::Eof => crate::pipe::Item::Eof,
+                Early::Closed => crate::pipe::Item::Close,
+            };
+            let _ = up_tx.send(item);
         }
         self.flows.insert(channel, flow.clone());
         tokio::spawn(read_client(
@@ -684,10 +809,15 @@ impl Conn {
                 }
             });
         }
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             write_client(down_rx, down_w, handle, flow).await;
-            // The channel is over: its dedicated target connection goes with it.
+            // The channel is over: its dedicated target connection goes with it, and the
+            // handler forgets it (russh does not tell it when the target closed the channel).
             disconnect_target(&target).await;
+            if let Ok(mut f) = shared.finished.lock() {
+                f.push(channel);
+            }
         });
         self.channels.insert(channel, Chan::Running { up_w });
     }
@@ -749,20 +879,50 @@ impl Conn {
         Ok(())
     }
 
-    fn refuse_notice(&self, channel: ChannelId, session: &mut Session, what: &str) {
+    fn refuse_notice(&self, channel: ChannelId, session: &mut Session, what: &'static str) {
         let _ = session.extended_data(
             channel,
             1,
             Bytes::from(format!("psm: {what} is not permitted\r\n")),
         );
-        self.ctx.audit.emit(AuditKind::Notice {
-            message: format!(
-                "{what} refused for {} from {} (session {})",
-                self.login,
+        self.notice(what, "", String::new());
+    }
+
+    /// An aggregated notice of kind `what refused` (see [`Notices`]).
+    fn notice(&self, what: &'static str, detail: &str, extra: String) {
+        let kind: &'static str = match what {
+            "X11 forwarding" => "X11 forwarding refused",
+            "agent forwarding" => "agent forwarding refused",
+            "port forwarding" => "port forwarding refused",
+            "remote port forwarding" => "remote port forwarding refused",
+            "unix socket forwarding" => "unix socket forwarding refused",
+            "environment variable" => "environment variable refused",
+            _ => "request refused",
+        };
+        self.shared.notices.note(kind, detail, || {
+            format!(
+                "{what}{extra} refused for {} from {} (session {})",
+                crate::escape_short(&self.login),
                 self.source(),
                 self.shared.session_id
-            ),
+            )
         });
+    }
+
+    /// Forgets channels whose relaying finished.
+    fn reap(&mut self) {
+        let done: Vec<ChannelId> = self
+            .shared
+            .finished
+            .lock()
+            .map(|mut f| std::mem::take(&mut *f))
+            .unwrap_or_default();
+        for ch in done {
+            self.channels.remove(&ch);
+            self.flows.remove(&ch);
+            self.window.closed(ch.into());
+        }
+        self.channels.retain(|_, c| !matches!(c, Chan::Done));
     }
 }
 
@@ -771,10 +931,38 @@ impl russh::server::Handler for Conn {
 
     fn adjust_window(&mut self, channel: ChannelId, _current: u32) -> u32 {
         // The user's window follows what psm can still hold for this channel (see `flow`).
-        self.flows
+        let w = self
+            .flows
             .get(&channel)
             .map(|f| f.user_window())
-            .unwrap_or(crate::flow::WINDOW)
+            .unwrap_or(WINDOW);
+        self.window.hook(w);
+        w
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Err(v) = self.window.data(channel.into(), data.len()) {
+            self.shared.violated(format!(
+                "sent {} bytes on channel {} where its SSH window allowed {}",
+                v.sent, v.channel, v.allowed
+            ));
+        }
+        Ok(())
+    }
+
+    async fn extended_data(
+        &mut self,
+        channel: ChannelId,
+        _code: u32,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.data(channel, data, session).await
     }
 
     async fn channel_close(
@@ -783,6 +971,7 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.flows.remove(&channel);
+        self.window.closed(channel.into());
         if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
             // Opened but never started: its target connection has nothing left to do.
             tokio::spawn(async move { disconnect_target(&target).await });
@@ -816,10 +1005,7 @@ impl russh::server::Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         let user = Login::user_part(login).to_string();
         match key_registered(&self.ctx.policy.get(), &user, key.public_key) {
-            Ok(()) => {
-                self.auth_ok(login, &user, "publickey");
-                Ok(Auth::Accept)
-            }
+            Ok(()) => Ok(self.auth_ok(login, &user, "publickey")),
             Err(reason) => {
                 self.auth_failed(login, "publickey", reason);
                 Ok(reject())
@@ -847,10 +1033,7 @@ impl russh::server::Handler for Conn {
             }
         };
         match verdict {
-            Ok(()) => {
-                self.auth_ok(login, &user, "password");
-                Ok(Auth::Accept)
-            }
+            Ok(()) => Ok(self.auth_ok(login, &user, "password")),
             Err(reason) => {
                 self.auth_failed(login, "password", reason);
                 Ok(reject())
@@ -870,7 +1053,7 @@ impl russh::server::Handler for Conn {
                 .await;
             return Ok(());
         };
-        self.channels.retain(|_, c| !matches!(c, Chan::Done));
+        self.reap();
         if self.channels.len() >= MAX_CHANNELS {
             reply
                 .reject(ChannelOpenFailure::Other {
@@ -882,16 +1065,29 @@ impl russh::server::Handler for Conn {
         }
         let id = channel.id();
         let state = match self.broker(&user).await {
-            Ok((up, target, loss)) => Chan::Pending {
-                up,
-                down: channel,
-                early: Vec::new(),
-                target,
-                loss,
-            },
+            Ok((up, target, loss)) => {
+                let (down_r, down_w) = channel.split();
+                let shared = self.shared.clone();
+                let reader = PreStart::spawn(down_r, move |n| {
+                    shared.violated(format!(
+                        "sent {n} bytes on channel {} before it started",
+                        u32::from(id)
+                    ))
+                });
+                Chan::Pending {
+                    up,
+                    down_w,
+                    reader,
+                    early: Vec::new(),
+                    target,
+                    loss,
+                    requests: 0,
+                }
+            }
             Err(msg) => Chan::Denied(msg),
         };
         self.channels.insert(id, state);
+        self.window.opened(id.into(), WINDOW);
         reply.accept().await;
         Ok(())
     }
@@ -906,13 +1102,8 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.ctx.audit.emit(AuditKind::Notice {
-            message: format!(
-                "port forwarding to {host}:{port} refused for {} from {}",
-                self.login,
-                self.source()
-            ),
-        });
+        let to = crate::escape_short(&format!("{host}:{port}"));
+        self.notice("port forwarding", &to, format!(" to {to}"));
         reply
             .reject(ChannelOpenFailure::Other {
                 code: 1, // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
@@ -922,19 +1113,42 @@ impl russh::server::Handler for Conn {
         Ok(())
     }
 
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let to = crate::escape_short(socket_path);
+        self.notice("unix socket forwarding", &to, format!(" to {to}"));
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: 1, // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+                reason: "psm: unix socket forwarding is not permitted".into(),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let at = crate::escape_short(socket_path);
+        self.notice("unix socket forwarding", &at, format!(" of {at}"));
+        Ok(false)
+    }
+
     async fn tcpip_forward(
         &mut self,
         address: &str,
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.ctx.audit.emit(AuditKind::Notice {
-            message: format!(
-                "remote port forwarding of {address}:{port} refused for {} from {}",
-                self.login,
-                self.source()
-            ),
-        });
+        let at = crate::escape_short(&format!("{address}:{port}"));
+        self.notice("remote port forwarding", &at, format!(" of {at}"));
         Ok(false)
     }
 
@@ -947,6 +1161,7 @@ impl russh::server::Handler for Conn {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.prestart_request(channel);
         session.channel_failure(channel)?;
         self.refuse_notice(channel, session, "X11 forwarding");
         Ok(())
@@ -957,6 +1172,7 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        self.prestart_request(channel);
         self.refuse_notice(channel, session, "agent forwarding");
         Ok(false)
     }
@@ -973,23 +1189,25 @@ impl russh::server::Handler for Conn {
         modes: &[(Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.prestart_request(channel);
         match self.channels.get(&channel) {
             Some(Chan::Denied(_)) => return session.channel_success(channel),
             Some(Chan::Pending { .. }) => {}
             _ => return session.channel_failure(channel),
         }
         let req = Req::Pty {
-            term: term.to_string(),
-            cols: col_width,
-            rows: row_height,
-            pix_width,
-            pix_height,
+            term: crate::escape_short(term),
+            cols: clamp_cells(col_width),
+            rows: clamp_cells(row_height),
+            pix_width: pix_width.min(MAX_PTY_PIXELS),
+            pix_height: pix_height.min(MAX_PTY_PIXELS),
             modes: modes.to_vec(),
         };
         let ok = self.forward_request(channel, req).await;
         if ok == Some(true) {
             if let Some(rec) = self.shared.recording() {
-                rec.resize(channel.into(), col_width, row_height).await;
+                let (cols, rows) = recorded_size(col_width, row_height);
+                rec.resize(channel.into(), cols, rows).await;
             }
             session.channel_success(channel)
         } else {
@@ -1004,6 +1222,14 @@ impl russh::server::Handler for Conn {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.prestart_request(channel);
+        if !env_allowed(name) {
+            // Only LANG and LC_* reach targets: LD_PRELOAD, BASH_ENV and the like could change
+            // what runs there. The names are audited (aggregated), never the values.
+            let shown = crate::escape_short(name);
+            self.notice("environment variable", &shown, format!(" {shown}"));
+            return session.channel_failure(channel);
+        }
         if let Some(Chan::Pending { up, .. }) = self.channels.get(&channel) {
             let _ = up.set_env(false, name, value).await;
         }
@@ -1047,6 +1273,12 @@ impl russh::server::Handler for Conn {
         pix_height: u32,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.prestart_request(channel);
+        let (col_width, row_height) = (clamp_cells(col_width), clamp_cells(row_height));
+        let (pix_width, pix_height) = (
+            pix_width.min(MAX_PTY_PIXELS),
+            pix_height.min(MAX_PTY_PIXELS),
+        );
         let sent = match self.channels.get(&channel) {
             Some(Chan::Running { up_w }) => up_w
                 .window_change(col_width, row_height, pix_width, pix_height)
@@ -1060,7 +1292,8 @@ impl russh::server::Handler for Conn {
         };
         if sent {
             if let Some(rec) = self.shared.recording() {
-                rec.resize(channel.into(), col_width, row_height).await;
+                let (cols, rows) = recorded_size(col_width, row_height);
+                rec.resize(channel.into(), cols, rows).await;
             }
         }
         Ok(())
@@ -1072,6 +1305,7 @@ impl russh::server::Handler for Conn {
         signal: Sig,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.prestart_request(channel);
         if let Some(Chan::Running { up_w }) = self.channels.get(&channel) {
             let _ = up_w.signal(signal).await;
         }

@@ -1,6 +1,6 @@
 //! Unauthenticated connections: how many the relay holds at once (OpenSSH's `MaxStartups` and
 //! `PerSourceMaxStartups`), and how their failures are logged without letting a flood fill the
-//! disk.
+//! disk; and authenticated ones: how many one user, and all users, may hold ([`UserSlots`]).
 //!
 //! The decisions are sans-IO: [`decide`] takes the counts and a random roll, [`LogLimiter`]
 //! takes `now`. [`Startups`] is the shared table the workers consult when they accept.
@@ -194,6 +194,86 @@ impl Startups {
     }
 }
 
+/// The relay-wide table of authenticated connections: at most `per_user` for one user and
+/// `total` for all.
+pub struct UserSlots {
+    per_user: u32,
+    total: u32,
+    held: Mutex<(u32, HashMap<String, u32>)>,
+}
+
+/// Why an authenticated connection was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotRefusal {
+    /// The user holds `per_user` connections already.
+    User(u32),
+    /// The relay holds `total` authenticated connections already.
+    Total(u32),
+}
+
+impl fmt::Display for SlotRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SlotRefusal::User(n) => write!(
+                f,
+                "the user already has {n} connections (max_connections_per_user)"
+            ),
+            SlotRefusal::Total(n) => write!(
+                f,
+                "the relay already holds {n} authenticated connections (max_connections)"
+            ),
+        }
+    }
+}
+
+/// One authenticated connection's place; dropping it frees the place.
+pub struct UserPermit {
+    table: Arc<UserSlots>,
+    user: String,
+}
+
+impl Drop for UserPermit {
+    fn drop(&mut self) {
+        let mut h = self.table.held.lock().unwrap_or_else(|p| p.into_inner());
+        h.0 = h.0.saturating_sub(1);
+        if let Some(n) = h.1.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                h.1.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl UserSlots {
+    /// A table with the given caps.
+    pub fn new(per_user: u32, total: u32) -> Arc<UserSlots> {
+        Arc::new(UserSlots {
+            per_user,
+            total,
+            held: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// Takes a place for `user` or says why not.
+    pub fn admit(self: &Arc<Self>, user: &str) -> Result<UserPermit, SlotRefusal> {
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if h.0 >= self.total {
+            return Err(SlotRefusal::Total(self.total));
+        }
+        let n = h.1.get(user).copied().unwrap_or(0);
+        if n >= self.per_user {
+            return Err(SlotRefusal::User(self.per_user));
+        }
+        h.0 += 1;
+        h.1.insert(user.to_string(), n + 1);
+        Ok(UserPermit {
+            table: self.clone(),
+            user: user.to_string(),
+        })
+    }
+}
+
 fn random_percent() -> u32 {
     let mut b = [0u8; 4];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
@@ -310,6 +390,18 @@ mod tests {
         let _p4 = t.admit(b).expect("a freed place");
         drop((p2, p3));
         assert_eq!(t.held(), 1);
+    }
+
+    #[test]
+    fn user_slots_cap_one_user_and_everyone() {
+        let t = UserSlots::new(2, 3);
+        let a1 = t.admit("alice").expect("1");
+        let _a2 = t.admit("alice").expect("2");
+        assert_eq!(t.admit("alice").err(), Some(SlotRefusal::User(2)));
+        let _b1 = t.admit("bob").expect("bob");
+        assert_eq!(t.admit("carol").err(), Some(SlotRefusal::Total(3)));
+        drop(a1);
+        let _c = t.admit("carol").expect("a freed place");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::end::TargetLoss;
+use crate::notices::Notices;
 
 /// Keepalives toward targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,10 +162,116 @@ pub struct TargetHandler {
     pinned: PublicKey,
     presented: Arc<Mutex<Option<String>>>,
     loss: watch::Sender<Option<TargetLoss>>,
+    notices: Arc<Notices>,
 }
+
+impl TargetHandler {
+    /// A target opened a channel psm never asked for: refused, and noted once per kind.
+    async fn unasked(&self, kind: &'static str, reply: client::ChannelOpenHandle) {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        self.notices.note(kind, "", || {
+            format!("the target opened an unrequested {kind} channel; refused")
+        });
+    }
+}
+
+/// The kinds of channel a target may try to open toward psm; all are refused.
+pub const UNASKED_CHANNEL_KINDS: [&str; 7] = [
+    "session",
+    "direct-tcpip",
+    "forwarded-tcpip",
+    "x11",
+    "auth-agent",
+    "direct-streamlocal",
+    "forwarded-streamlocal",
+];
 
 impl client::Handler for TargetHandler {
     type Error = russh::Error;
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.unasked("session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.unasked("direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.unasked("forwarded-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.unasked("x11", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.unasked("auth-agent", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.unasked("direct-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.unasked("forwarded-streamlocal", reply).await;
+        Ok(())
+    }
 
     async fn disconnected(
         &mut self,
@@ -225,8 +332,14 @@ pub async fn connect(
     target: &Target,
     account: &Account,
     keepalive: TargetKeepalive,
+    notices: Arc<Notices>,
 ) -> Result<(TargetHandle, LossWatch), UpstreamError> {
-    match tokio::time::timeout(LOGIN_TIMEOUT, connect_inner(target, account, keepalive)).await {
+    match tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        connect_inner(target, account, keepalive, notices),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Unreachable {
             target: target.name.clone(),
@@ -240,6 +353,7 @@ async fn connect_inner(
     target: &Target,
     account: &Account,
     keepalive: TargetKeepalive,
+    notices: Arc<Notices>,
 ) -> Result<(TargetHandle, LossWatch), UpstreamError> {
     let pinned = PublicKey::from_openssh(&target.host_key).map_err(|e| UpstreamError::BadPin {
         target: target.name.clone(),
@@ -289,6 +403,7 @@ async fn connect_inner(
         pinned: pinned.clone(),
         presented: presented.clone(),
         loss,
+        notices,
     };
     let handshake = client::connect_stream(Arc::new(config), tcp, handler);
     let mut handle = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {

@@ -468,10 +468,21 @@ pub enum AuditKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         actor: Option<String>,
     },
-    /// A process-level event (relay connected, recorder unavailable, …).
+    /// A process-level or session-level event (refused forwarding, refused environment
+    /// variables, channels a target opened unasked, …). Repeats within a session are aggregated:
+    /// the first is audited with `count` 1, and one more event at the end carries the total.
     Notice {
         /// Message.
         message: String,
+        /// The session (connection) it concerns, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_id: Option<String>,
+        /// What kind of notice (`port forwarding refused`, …), for aggregation and search.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// How many of this kind the session had: 1 on the first, the total on the summary.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
     },
 }
 

@@ -1,0 +1,491 @@
+"""A hostile SSH client toward the gateway: one protocol abuse per run, chosen by MODE.
+
+usage: hostile_client.py --port P --user LOGIN (--password PW | --key PATH)
+                         --mode MODE [--count N] [--max-seconds S]
+
+It connects to 127.0.0.1:P (host key not checked), authenticates as LOGIN and prints exactly
+one line on stdout, "result key=value ...", then exits 0. Free-text values (reason=,
+output=) come last on the line, with CR/LF written as \\r/\\n; other values hold no spaces.
+Exit status is non-zero only for unexpected local errors (2) or when the watchdog ends the
+run after --max-seconds (default 60; then the line is "result watchdog=1", status 3).
+
+Modes (COUNT default in brackets):
+  env-before-exec   opens a session, sends COUNT [200] "env" requests (VAR0..VARn-1, then
+                    LD_PRELOAD and BASH_ENV; want_reply false) and then "exec echo env-ok"
+                    without waiting in between. Prints
+                    answered=1|0 accepted=1|0 disconnected=1|0 seconds=X output=...
+                    (seconds: from sending exec to its reply or to giving up after 10 s).
+  window-ignore     opens a session running "sleep 30" (which never reads stdin, so an
+                    honest peer's window runs out), then sends COUNT [64] MiB of data in
+                    32 KiB writes for at most 12 s, ignoring the send window the server
+                    granted (asyncssh's channel._send_window is forced large before each
+                    write; packets still respect the peer's maximum packet size), then
+                    waits up to 4 s for the peer to disconnect.
+                    Prints disconnected=1|0 channel_closed=1|0 granted=W sent_mib=M
+                    seconds=X error=Class reason=<disconnect reason text>.
+  many-forwards     sends COUNT [5000] "tcpip-forward" global requests for 127.0.0.1:0,
+                    COUNT "direct-tcpip" channel opens to 127.0.0.1:9, 10
+                    "streamlocal-forward@openssh.com" global requests and 10
+                    "direct-streamlocal@openssh.com" channel opens, all at once. Prints
+                    tcpip_refused= direct_refused= streamlocal_refused= seconds= plus the
+                    *_accepted= and *_unanswered= counts and disconnected=.
+  pty-extremes      on a fresh connection for each of the pty sizes (cols x rows)
+                    65535x65535, 0x0 and 4294967295x4294967295, sends pty-req (want_reply)
+                    then "exec stty size; echo pty-ok". Prints
+                    sizes=COLSxROWS=<what stty printed, spaces as _>,... pty_ok=K
+                    (K: sessions that printed pty-ok). A size whose pty-req was refused
+                    shows "pty-refused:" before the output; also exec-refused,
+                    timeout, disconnected.
+  long-login        password (or key) login with a user name of COUNT [200000] 'a' bytes.
+                    Prints denied=1|0 answered=1|0 seconds=X error=Class reason=...
+                    (denied=1: permission denied or the connection was dropped).
+  pre-start-data    opens a session and, before any exec, sends COUNT [200] one-byte data
+                    messages interleaved with COUNT window-change requests, then
+                    "exec cat" (want_reply) and waits up to 2 s for the reply; then sends
+                    EOF and counts what cat echoed. Prints
+                    answered=1|0 accepted=1|0 seconds=X echoed=BYTES disconnected=1|0.
+
+asyncssh applies SASLprep to user names on the client side; that is bypassed here as in
+forged_login.py so the name goes on the wire as given.
+"""
+import argparse
+import asyncio
+import os
+import sys
+import threading
+import time
+
+import asyncssh
+import asyncssh.connection
+from asyncssh.channel import SSHClientChannel
+from asyncssh.constants import MSG_CHANNEL_FAILURE, MSG_CHANNEL_SUCCESS, MSG_REQUEST_SUCCESS
+from asyncssh.packet import String, UInt32
+
+asyncssh.connection.saslprep = lambda s: s
+
+MODES = (
+    "env-before-exec",
+    "window-ignore",
+    "many-forwards",
+    "pty-extremes",
+    "long-login",
+    "pre-start-data",
+)
+DEFAULT_COUNT = {
+    "env-before-exec": 200,
+    "window-ignore": 64,
+    "many-forwards": 5000,
+    "pty-extremes": 0,
+    "long-login": 200000,
+    "pre-start-data": 200,
+}
+PTY_SIZES = ((65535, 65535), (0, 0), (4294967295, 4294967295))
+STREAMLOCAL_COUNT = 10
+# Never reads its stdin, so an honest peer stops granting window once it has buffered.
+WINDOW_IGNORE_COMMAND = "sleep 30"
+MIB = 1024 * 1024
+WRITE_BUFFER_LIMIT = 8 * MIB
+START = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"hostile_client[{time.monotonic() - START:7.3f}]: {msg}", file=sys.stderr, flush=True)
+
+
+def text(value) -> str:
+    """A free-text value for the end of the result line."""
+    s = str(value).strip()
+    return s.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def token(value) -> str:
+    """A value without spaces."""
+    return text(value).replace(" ", "_") or "none"
+
+
+_printed = threading.Lock()
+
+
+def result(*fields: str) -> None:
+    with _printed:
+        print("result " + " ".join(fields), flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="hostile SSH client")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--user", required=True)
+    cred = p.add_mutually_exclusive_group(required=True)
+    cred.add_argument("--password")
+    cred.add_argument("--key")
+    p.add_argument("--mode", required=True, choices=MODES)
+    p.add_argument("--count", type=int, default=None)
+    p.add_argument("--max-seconds", type=float, default=60.0)
+    args = p.parse_args()
+    if args.count is None:
+        args.count = DEFAULT_COUNT[args.mode]
+    if args.count < 0 or args.max_seconds <= 0:
+        p.error("--count must be >= 0 and --max-seconds > 0")
+    return args
+
+
+def start_watchdog(seconds: float) -> None:
+    def fire() -> None:
+        log(f"watchdog: {seconds:g} s passed, exiting")
+        if _printed.acquire(timeout=1):
+            print("result watchdog=1", flush=True)
+        os._exit(3)
+
+    t = threading.Timer(seconds, fire)
+    t.daemon = True
+    t.start()
+
+
+class Budget:
+    """Time left before the watchdog, less a margin to print the result."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = START + seconds - 3.0
+
+    def cap(self, seconds: float) -> float:
+        return max(0.1, min(seconds, self.end - time.monotonic()))
+
+
+class Tracker(asyncssh.SSHClient):
+    def __init__(self) -> None:
+        self.exc = None
+        self.lost = asyncio.Event()
+
+    def connection_lost(self, exc) -> None:
+        log(f"connection lost: {exc!r}")
+        self.exc = exc
+        self.lost.set()
+
+
+def describe(exc) -> tuple:
+    """(error class, reason text) of a connection-level exception."""
+    if exc is None:
+        return "none", ""
+    return type(exc).__name__, getattr(exc, "reason", None) or str(exc)
+
+
+async def connect(cfg: argparse.Namespace, budget: Budget, username: str = None):
+    tracker = Tracker()
+    kwargs = dict(
+        username=cfg.user if username is None else username,
+        known_hosts=None,
+        agent_path=None,
+        client_factory=lambda: tracker,
+        rekey_bytes=1 << 40,
+        rekey_seconds=0,
+        keepalive_interval=0,
+        compression_algs=None,  # no zlib: every byte counted here goes on the wire as is
+    )
+    if cfg.password is not None:
+        kwargs.update(password=cfg.password, client_keys=None, preferred_auth="password")
+    else:
+        kwargs.update(client_keys=[cfg.key], password=None, preferred_auth="publickey")
+    conn = await asyncio.wait_for(asyncssh.connect("127.0.0.1", cfg.port, **kwargs),
+                                  budget.cap(20))
+    return conn, tracker
+
+
+class RawChannel(SSHClientChannel):
+    """A client session channel driven by hand, recording real SUCCESS/FAILURE replies."""
+
+    def __init__(self, conn, encoding=None, window=2 * MIB, max_pktsize=32768) -> None:
+        super().__init__(conn, asyncio.get_running_loop(), encoding, "replace", window,
+                         max_pktsize)
+        self.replies = []
+
+    def _note_response(self, pkttype, pktid, packet) -> None:
+        self.replies.append(pkttype)
+        SSHClientChannel._process_response(self, pkttype, pktid, packet)
+
+    _packet_handlers = {
+        **SSHClientChannel._packet_handlers,
+        MSG_CHANNEL_SUCCESS: _note_response,
+        MSG_CHANNEL_FAILURE: _note_response,
+    }
+
+
+class Collector(asyncssh.SSHClientSession):
+    def __init__(self) -> None:
+        self.out = []
+        self.closed = asyncio.Event()
+        self.exc = None
+
+    def data_received(self, data, datatype) -> None:
+        self.out.append(data)
+
+    def connection_lost(self, exc) -> None:
+        self.exc = exc
+        self.closed.set()
+
+    def output(self):
+        if not self.out:
+            return ""
+        return type(self.out[0])().join(self.out)
+
+
+async def open_raw_session(conn, encoding=None):
+    chan = RawChannel(conn, encoding)
+    packet = await chan._open(b"session")
+    packet.check_end()
+    sess = Collector()
+    chan._session = sess
+    sess.connection_made(chan)
+    return chan, sess
+
+
+async def request(chan: RawChannel, budget: Budget, timeout: float, name: bytes, *args):
+    """Send a want_reply channel request: (answered, accepted, seconds)."""
+    before = len(chan.replies)
+    t0 = time.monotonic()
+    try:
+        ok = await asyncio.wait_for(chan._make_request(name, *args), budget.cap(timeout))
+    except asyncio.TimeoutError:
+        ok = False
+    except (OSError, asyncssh.Error) as exc:
+        log(f"{name!r} request failed: {exc!r}")
+        ok = False
+    seconds = time.monotonic() - t0
+    answered = len(chan.replies) > before
+    return answered, bool(ok) and answered, seconds
+
+
+def start_reading(conn, chan: RawChannel) -> None:
+    chan._session.session_started()
+    conn.create_task(chan._start_reading())
+
+
+async def wait_event(event: asyncio.Event, budget: Budget, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), budget.cap(timeout))
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+# --- modes -----------------------------------------------------------------------------
+
+
+async def mode_env_before_exec(cfg, budget) -> None:
+    conn, tracker = await connect(cfg, budget)
+    chan, sess = await open_raw_session(conn, "utf-8")
+    env = [(f"VAR{i}", f"value{i}") for i in range(cfg.count)]
+    env += [("LD_PRELOAD", "/tmp/psm-hostile-preload.so"), ("BASH_ENV", "/tmp/psm-hostile-bash-env")]
+    for name, value in env:
+        chan._send_request(b"env", String(name), String(value))  # want_reply false
+    answered, accepted, seconds = await request(chan, budget, 10, b"exec", String("echo env-ok"))
+    if accepted:
+        start_reading(conn, chan)
+        await wait_event(sess.closed, budget, 5)
+    result(f"answered={int(answered)}", f"accepted={int(accepted)}",
+           f"disconnected={int(tracker.lost.is_set())}", f"seconds={seconds:.3f}",
+           f"output={text(sess.output())}")
+    conn.abort()
+
+
+async def mode_window_ignore(cfg, budget) -> None:
+    conn, tracker = await connect(cfg, budget)
+    chan, sess = await open_raw_session(conn, None)
+    answered, accepted, _ = await request(chan, budget, 10, b"exec", String(WINDOW_IGNORE_COMMAND))
+    if accepted:
+        start_reading(conn, chan)
+        # OpenSSH opens session channels with a zero window and adjusts it once the
+        # command runs: give the peer a moment so that "granted" is the real grant.
+        settle = time.monotonic() + 0.5
+        while chan._send_window == 0 and time.monotonic() < settle:
+            await asyncio.sleep(0.01)
+    granted = chan._send_window
+    log(f"exec answered={answered} accepted={accepted}, window granted {granted}, "
+        f"max packet {chan._send_pktsize}")
+    chunk = os.urandom(32768)
+    total = cfg.count * MIB
+    sent = 0
+    t0 = time.monotonic()
+    send_end = time.monotonic() + budget.cap(12)
+    transport = conn._transport
+    while sent < total and time.monotonic() < send_end and accepted:
+        if tracker.lost.is_set() or chan.is_closing() or transport.is_closing():
+            break
+        while (transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT
+               and time.monotonic() < send_end and not transport.is_closing()):
+            await asyncio.sleep(0.002)
+        if transport.is_closing() or chan.is_closing():
+            break
+        chan._send_window = 1 << 30  # ignore the window the peer granted
+        chan.write(chunk)
+        sent += len(chunk)
+        if (sent // len(chunk)) % 16 == 0:
+            await asyncio.sleep(0)
+    seconds = time.monotonic() - t0
+    log(f"sent {sent} bytes in {seconds:.2f} s; waiting for the peer's verdict")
+    await wait_event(tracker.lost, budget, 4)
+    err, reason = describe(tracker.exc)
+    result(f"disconnected={int(tracker.lost.is_set())}",
+           f"channel_closed={int(sess.closed.is_set())}", f"granted={granted}",
+           f"sent_mib={sent / MIB:.2f}", f"seconds={seconds:.3f}", f"error={err}",
+           f"reason={text(reason)}")
+    conn.abort()
+
+
+async def _global(conn, name: bytes, *args) -> str:
+    pkttype, _ = await conn._make_global_request(name, *args)
+    return "accepted" if pkttype == MSG_REQUEST_SUCCESS else "refused"
+
+
+async def _direct_tcp(conn) -> str:
+    chan, _ = await conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", 9)
+    chan.close()
+    return "accepted"
+
+
+async def _direct_unix(conn, path: str) -> str:
+    chan, _ = await conn.create_unix_connection(asyncssh.SSHUNIXSession, path)
+    chan.close()
+    return "accepted"
+
+
+async def _outcome(coro) -> str:
+    try:
+        return await coro
+    except asyncssh.ChannelOpenError as exc:
+        return "closed" if exc.reason == "SSH connection closed" else "refused"
+    except (OSError, asyncssh.Error) as exc:
+        log(f"request failed: {exc!r}")
+        return "closed"
+
+
+async def mode_many_forwards(cfg, budget) -> None:
+    conn, tracker = await connect(cfg, budget)
+    base = f"/tmp/psm-hostile-{os.getpid()}"
+    groups = {
+        "tcpip": [_global(conn, b"tcpip-forward", String("127.0.0.1"), UInt32(0))
+                  for _ in range(cfg.count)],
+        "direct": [_direct_tcp(conn) for _ in range(cfg.count)],
+        "streamlocal": (
+            [_global(conn, b"streamlocal-forward@openssh.com", String(f"{base}-fwd{i}.sock"))
+             for i in range(STREAMLOCAL_COUNT)]
+            + [_direct_unix(conn, f"{base}-direct{i}.sock") for i in range(STREAMLOCAL_COUNT)]),
+    }
+    t0 = time.monotonic()
+    tasks = {g: [asyncio.ensure_future(_outcome(c)) for c in coros]
+             for g, coros in groups.items()}
+    everything = [t for ts in tasks.values() for t in ts]
+    await asyncio.wait(everything, timeout=budget.cap(15))
+    seconds = time.monotonic() - t0
+    fields = []
+    extra = []
+    for g, ts in tasks.items():
+        outcomes = [t.result() if t.done() else "unanswered" for t in ts]
+        refused = outcomes.count("refused") + outcomes.count("closed")
+        fields.append(f"{g}_refused={refused}")
+        extra.append(f"{g}_accepted={outcomes.count('accepted')}")
+        extra.append(f"{g}_unanswered={outcomes.count('unanswered')}")
+        log(f"{g}: {len(ts)} sent, {outcomes.count('closed')} ended by the connection closing")
+    for t in everything:
+        t.cancel()
+    result(*fields, f"seconds={seconds:.3f}", *extra,
+           f"disconnected={int(tracker.lost.is_set())}")
+    conn.abort()
+
+
+async def _one_pty(cfg, budget, cols: int, rows: int) -> tuple:
+    try:
+        conn, tracker = await connect(cfg, budget)
+    except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+        return f"connect-failed:{type(exc).__name__}", False
+    try:
+        chan, sess = await open_raw_session(conn, "utf-8")
+        answered, pty_ok, _ = await request(
+            chan, budget, 10, b"pty-req", String("xterm"), UInt32(cols), UInt32(rows),
+            UInt32(0), UInt32(0), String(b"\0"))
+        prefix = "" if pty_ok else ("pty-refused:" if answered else "pty-unanswered:")
+        answered, ok, _ = await request(chan, budget, 10, b"exec",
+                                        String("stty size; echo pty-ok"))
+        if not ok:
+            state = "disconnected" if tracker.lost.is_set() else (
+                "exec-refused" if answered else "exec-unanswered")
+            return prefix + state, False
+        start_reading(conn, chan)
+        closed = await wait_event(sess.closed, budget, 10)
+        out = sess.output()
+        first = out.replace("\r", "").split("\n")[0].strip()
+        value = prefix + (token(first) if first and first != "pty-ok" else "none")
+        if not closed:
+            value += ":timeout"
+        return value, "pty-ok" in out
+    except asyncssh.ChannelOpenError as exc:
+        return f"open-refused:{token(exc.reason)}", False
+    finally:
+        conn.abort()
+
+
+async def mode_pty_extremes(cfg, budget) -> None:
+    sizes = []
+    oks = 0
+    for cols, rows in PTY_SIZES:
+        value, ok = await _one_pty(cfg, budget, cols, rows)
+        log(f"pty {cols}x{rows}: {value} pty-ok={ok}")
+        sizes.append(f"{cols}x{rows}={value}")
+        oks += int(ok)
+    result("sizes=" + ",".join(sizes), f"pty_ok={oks}")
+
+
+async def mode_long_login(cfg, budget) -> None:
+    t0 = time.monotonic()
+    try:
+        conn, _ = await connect(cfg, budget, username="a" * cfg.count)
+    except asyncssh.PermissionDenied as exc:
+        denied, answered, err, reason = 1, 1, type(exc).__name__, exc.reason
+    except asyncssh.DisconnectError as exc:  # includes ConnectionLost
+        denied, answered, err, reason = 1, 1, type(exc).__name__, exc.reason
+    except (ConnectionError, EOFError) as exc:
+        denied, answered, err, reason = 1, 1, type(exc).__name__, str(exc)
+    except asyncio.TimeoutError:
+        denied, answered, err, reason = 0, 0, "TimeoutError", "no answer to the login"
+    else:
+        denied, answered, err, reason = 0, 1, "none", "logged in"
+        conn.abort()
+    result(f"denied={denied}", f"answered={answered}", f"seconds={time.monotonic() - t0:.3f}",
+           f"error={err}", f"reason={text(reason)}")
+
+
+async def mode_pre_start_data(cfg, budget) -> None:
+    conn, tracker = await connect(cfg, budget)
+    chan, sess = await open_raw_session(conn, None)
+    for i in range(cfg.count):
+        chan.write(b"x")
+        chan._send_request(b"window-change", UInt32(80 + i % 40), UInt32(24 + i % 10),
+                           UInt32(0), UInt32(0))
+    answered, accepted, seconds = await request(chan, budget, 2, b"exec", String("cat"))
+    if accepted:
+        start_reading(conn, chan)
+        try:
+            chan.write_eof()
+        except OSError:
+            pass
+        await wait_event(sess.closed, budget, 3)
+    result(f"answered={int(answered)}", f"accepted={int(accepted)}", f"seconds={seconds:.3f}",
+           f"echoed={len(sess.output())}", f"disconnected={int(tracker.lost.is_set())}")
+    conn.abort()
+
+
+async def main() -> int:
+    cfg = parse_args()
+    start_watchdog(cfg.max_seconds)
+    budget = Budget(cfg.max_seconds)
+    await globals()["mode_" + cfg.mode.replace("-", "_")](cfg, budget)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        code = asyncio.run(main())
+    except Exception as exc:  # pylint: disable=broad-except
+        log(f"unexpected local error: {exc!r}")
+        code = 2
+    sys.stdout.flush()
+    os._exit(code)
