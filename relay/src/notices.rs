@@ -122,7 +122,10 @@ mod tests {
         };
         assert_eq!(*count, Some(5000));
         assert!(message.contains("5000 in all"), "{message}");
-        assert!(message.contains("and 1000 more"), "notices with other details: {message}");
+        assert!(
+            message.contains("and 1000 more"),
+            "notices with other details: {message}"
+        );
         n.flush();
         assert!(rx.try_recv().is_err(), "flushed once");
     }

@@ -270,6 +270,15 @@ pub(crate) async fn read_target(
     }
 }
 
+/// How long the target's EOF is held back from the user while psm waits for the exit status.
+///
+/// sshd sends EOF and then the exit status. A client that has sent its own EOF closes the
+/// channel as soon as it sees the target's (OpenSSH's ControlMaster does), and russh answers a
+/// close at once: an exit status arriving after that could no longer be delivered. Holding the
+/// EOF until the exit status (or the close) arrives, for at most this long, keeps the order
+/// data, exit status, EOF, close that every client handles.
+pub(crate) const EOF_HOLD: Duration = Duration::from_millis(250);
+
 /// Relay -> user: writes the down queue to the user's channel (waiting on its window), with
 /// exit status / signal and close in order after the data.
 pub(crate) async fn write_client(
@@ -278,12 +287,44 @@ pub(crate) async fn write_client(
     handle: russh::server::Handle,
     flow: Arc<Flow>,
 ) {
-    while let Some(item) = rx.recv().await {
+    let mut eof_held = false;
+    loop {
+        let next = if eof_held {
+            match tokio::time::timeout(EOF_HOLD, rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    eof_held = false;
+                    if w.eof().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(item) = next else {
+            if eof_held {
+                let _ = w.eof().await;
+            }
+            return;
+        };
         let n = item.cost();
+        let exit = item.is_exit();
+        if eof_held && !exit {
+            // anything but the exit status releases the EOF first, in the target's order
+            eof_held = false;
+            if w.eof().await.is_err() {
+                return;
+            }
+        }
         let r = match item {
             Item::Data(d) => w.data_bytes(d).await,
             Item::Ext(ext, d) => w.extended_data_bytes(ext, d).await,
-            Item::Eof => w.eof().await,
+            Item::Eof => {
+                eof_held = true;
+                Ok(())
+            }
             Item::ExitStatus(s) => w.exit_status(s).await,
             Item::ExitSignal {
                 signal,
@@ -301,6 +342,12 @@ pub(crate) async fn write_client(
         flow.down_written(n);
         if r.is_err() {
             return;
+        }
+        if exit && eof_held {
+            eof_held = false;
+            if w.eof().await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -7,7 +7,9 @@ It connects to 127.0.0.1:P (host key not checked), authenticates as LOGIN and pr
 one line on stdout, "result key=value ...", then exits 0. Free-text values (reason=,
 output=) come last on the line, with CR/LF written as \\r/\\n; other values hold no spaces.
 Exit status is non-zero only for unexpected local errors (2) or when the watchdog ends the
-run after --max-seconds (default 60; then the line is "result watchdog=1", status 3).
+run after --max-seconds (default 60; then the line is "result watchdog=1", status 3). When
+the peer refuses or drops something a mode needs before it can report (the login, the
+session open), the line is "result failed=1 error=Class reason=..." with status 0.
 
 Modes (COUNT default in brackets):
   env-before-exec   opens a session, sends COUNT [200] "env" requests (VAR0..VARn-1, then
@@ -33,6 +35,7 @@ Modes (COUNT default in brackets):
                     65535x65535, 0x0 and 4294967295x4294967295, sends pty-req (want_reply)
                     then "exec stty size; echo pty-ok". Prints
                     sizes=COLSxROWS=<what stty printed, spaces as _>,... pty_ok=K
+                    output=<each session's output, escaped, joined by " | ">
                     (K: sessions that printed pty-ok). A size whose pty-req was refused
                     shows "pty-refused:" before the output; also exec-refused,
                     timeout, disconnected.
@@ -393,10 +396,11 @@ async def mode_many_forwards(cfg, budget) -> None:
 
 
 async def _one_pty(cfg, budget, cols: int, rows: int) -> tuple:
+    """(size value, what the session printed)"""
     try:
         conn, tracker = await connect(cfg, budget)
     except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-        return f"connect-failed:{type(exc).__name__}", False
+        return f"connect-failed:{type(exc).__name__}", ""
     try:
         chan, sess = await open_raw_session(conn, "utf-8")
         answered, pty_ok, _ = await request(
@@ -408,7 +412,7 @@ async def _one_pty(cfg, budget, cols: int, rows: int) -> tuple:
         if not ok:
             state = "disconnected" if tracker.lost.is_set() else (
                 "exec-refused" if answered else "exec-unanswered")
-            return prefix + state, False
+            return prefix + state, ""
         start_reading(conn, chan)
         closed = await wait_event(sess.closed, budget, 10)
         out = sess.output()
@@ -416,22 +420,24 @@ async def _one_pty(cfg, budget, cols: int, rows: int) -> tuple:
         value = prefix + (token(first) if first and first != "pty-ok" else "none")
         if not closed:
             value += ":timeout"
-        return value, "pty-ok" in out
+        return value, out
     except asyncssh.ChannelOpenError as exc:
-        return f"open-refused:{token(exc.reason)}", False
+        return f"open-refused:{token(exc.reason)}", ""
     finally:
         conn.abort()
 
 
 async def mode_pty_extremes(cfg, budget) -> None:
     sizes = []
+    outputs = []
     oks = 0
     for cols, rows in PTY_SIZES:
-        value, ok = await _one_pty(cfg, budget, cols, rows)
-        log(f"pty {cols}x{rows}: {value} pty-ok={ok}")
+        value, out = await _one_pty(cfg, budget, cols, rows)
+        log(f"pty {cols}x{rows}: {value} output={out!r}")
         sizes.append(f"{cols}x{rows}={value}")
-        oks += int(ok)
-    result("sizes=" + ",".join(sizes), f"pty_ok={oks}")
+        outputs.append(text(out))
+        oks += int("pty-ok" in out)
+    result("sizes=" + ",".join(sizes), f"pty_ok={oks}", "output=" + " | ".join(outputs))
 
 
 async def mode_long_login(cfg, budget) -> None:
@@ -477,7 +483,13 @@ async def main() -> int:
     cfg = parse_args()
     start_watchdog(cfg.max_seconds)
     budget = Budget(cfg.max_seconds)
-    await globals()["mode_" + cfg.mode.replace("-", "_")](cfg, budget)
+    try:
+        await globals()["mode_" + cfg.mode.replace("-", "_")](cfg, budget)
+    except (asyncssh.Error, ConnectionError, asyncio.TimeoutError) as exc:
+        # The peer refused or dropped something this mode needed (login, session open):
+        # a finding about the peer, reported like any other.
+        err, reason = describe(exc)
+        result("failed=1", f"error={err}", f"reason={text(reason)}")
     return 0
 
 

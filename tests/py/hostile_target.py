@@ -11,7 +11,9 @@ session channel that requests exec or shell, misbehaves as MODE says:
                       each kind toward the gateway: forwarded-tcpip, x11,
                       auth-agent@openssh.com, session and direct-tcpip; prints
                       "accepted=A refused=R unanswered=U disconnected=0|1" on this script's
-                      stdout, then writes "done\\n" on the session and exits with status 0.
+                      stdout, then writes "done\\n" on the session, exits it with status 0
+                      and ends this process (status 0) once the connection has closed
+                      (waiting at most 3 s for that).
   rst-after-output    writes "before-reset\\n", waits 0.3 s and aborts the TCP connection with
                       a RST (SO_LINGER 0, then close).
   oversized-packet    writes "before-big\\n", then sends a properly encrypted packet header
@@ -24,9 +26,10 @@ usage: hostile_target.py --port-file PATH --host-key PATH --user U --password P
                          --mode MODE [--count N] [--max-seconds S]
 
 It listens on 127.0.0.1 on a port the kernel picks and writes that port and a newline to
---port-file (write to PATH.tmp, then rename) once it is listening. It runs until killed or
-until --max-seconds (default 60) have passed, whichever comes first; a watchdog thread
-ends the process with os._exit at that deadline even if the event loop is busy. Logs go to
+--port-file (write to PATH.tmp, then rename) once it is listening. Except for
+unasked-channels, it runs until killed or until --max-seconds (default 60) have passed,
+whichever comes first; a watchdog thread ends the process with os._exit at that deadline
+even if the event loop is busy. Logs go to
 stderr; stdout carries only the unasked-channels result line.
 """
 import argparse
@@ -148,6 +151,9 @@ class HostileSession(asyncssh.SSHServerSession):
             await getattr(self, "mode_" + mode.replace("-", "_"))()
         except Exception as exc:  # a hostile peer may make anything fail; keep serving
             log(f"mode {mode} raised {exc!r}")
+        finally:
+            if mode == "unasked-channels":
+                self.cfg.finished.set()  # this mode ends the whole process once done
 
     # --- modes -------------------------------------------------------------------------
 
@@ -290,9 +296,11 @@ class HostileServer(asyncssh.SSHServer):
         self.deadline = deadline
 
     def connection_made(self, conn) -> None:
+        self.cfg.active += 1
         log(f"connection from {conn.get_extra_info('peername')}")
 
     def connection_lost(self, exc) -> None:
+        self.cfg.active -= 1
         log(f"connection lost: {exc!r}")
 
     def begin_auth(self, username: str) -> bool:
@@ -312,6 +320,8 @@ class HostileServer(asyncssh.SSHServer):
 
 async def main() -> None:
     cfg = parse_args()
+    cfg.finished = asyncio.Event()
+    cfg.active = 0
     start_watchdog(cfg.max_seconds)
     deadline = Deadline(cfg.max_seconds)
     key = asyncssh.read_private_key(cfg.host_key)
@@ -334,8 +344,17 @@ async def main() -> None:
         f.write(f"{port}\n")
     os.replace(tmp, cfg.port_file)
     log(f"listening on 127.0.0.1:{port}, mode {cfg.mode}, count {cfg.count}")
-    await asyncio.sleep(max(0.0, deadline.left()))
-    log("deadline reached, exiting")
+    try:
+        await asyncio.wait_for(cfg.finished.wait(), max(0.1, deadline.left()))
+    except asyncio.TimeoutError:
+        log("deadline reached, exiting")
+        return
+    # unasked-channels: give the peer up to 3 s to close, then exit 0.
+    end = time.monotonic() + min(3.0, max(0.0, deadline.left() - 1))
+    while cfg.active > 0 and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    server.close()
+    log("mode finished, exiting")
 
 
 if __name__ == "__main__":

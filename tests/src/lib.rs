@@ -1295,6 +1295,36 @@ impl World {
         }
     }
 
+    /// Live sessions as `psmctl sessions list --json` shows them.
+    pub fn sessions(&self) -> Vec<Value> {
+        let out = self.psm.psmctl_ok(&["sessions", "list", "--json"], None);
+        serde_json::from_str::<Vec<Value>>(&out).expect("sessions json")
+    }
+
+    /// Waits (20 s at most) until no session is listed and every `session_start` in the audit
+    /// log has its `session_end`; panics otherwise.
+    pub fn assert_all_sessions_ended(&self) {
+        let t = Duration::from_secs(20);
+        assert!(
+            wait_for(t, || self.sessions().is_empty()),
+            "sessions still listed: {:?}",
+            self.sessions()
+        );
+        let mut missing = Vec::new();
+        let ok = wait_for(t, || {
+            let ends = self.psm.audit_of("session_end");
+            missing = self
+                .psm
+                .audit_of("session_start")
+                .iter()
+                .map(|e| jstr(e, "session_id").to_string())
+                .filter(|s| !ends.iter().any(|e| jstr(e, "session_id") == s))
+                .collect();
+            missing.is_empty()
+        });
+        assert!(ok, "session_start without session_end: {missing:?}");
+    }
+
     /// `ssh` as alice (publickey) with the standard login; append the remote command.
     pub fn ssh(&self) -> Command {
         self.ssh_as(&alice_login(), &self.alice_key)

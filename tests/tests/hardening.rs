@@ -85,31 +85,11 @@ fn all_logs(w: &World) -> String {
 }
 
 fn sessions(w: &World) -> Vec<Value> {
-    let out = w.psm.psmctl_ok(&["sessions", "list", "--json"], None);
-    serde_json::from_str::<Vec<Value>>(&out).expect("sessions json")
+    w.sessions()
 }
 
 fn assert_no_sessions_left(w: &World) {
-    assert!(
-        wait_for(T, || sessions(w).is_empty()),
-        "sessions still listed: {:?}",
-        sessions(w)
-    );
-    let starts: Vec<String> = w
-        .psm
-        .audit_of("session_start")
-        .iter()
-        .map(|e| jstr(e, "session_id").to_string())
-        .collect();
-    assert!(
-        wait_for(T, || {
-            let ends = w.psm.audit_of("session_end");
-            starts
-                .iter()
-                .all(|s| ends.iter().any(|e| jstr(e, "session_id") == s))
-        }),
-        "a session_start without its session_end"
-    );
+    w.assert_all_sessions_ended()
 }
 
 #[test]

@@ -1,0 +1,610 @@
+//! psm between parties who may be compromised (issue #11): malicious targets written with
+//! asyncssh's server API (`tests/py/hostile_target.py`), malicious clients written with asyncssh
+//! (`tests/py/hostile_client.py`), and OpenSSH used the way Ansible uses it. Every flood is
+//! bounded in count and time; after every test no session is listed and every `session_start`
+//! has its `session_end`.
+
+use psm_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+fn is(e: &Value, event: &str) -> bool {
+    jstr(e, "event") == event
+}
+
+fn notices_of(w: &World, kind: &str) -> Vec<Value> {
+    w.psm
+        .audit_of("notice")
+        .into_iter()
+        .filter(|e| jstr(e, "kind") == kind)
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn py(script: &str) -> Command {
+    let mut c = Command::new(python3());
+    c.arg(format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR")));
+    c
+}
+
+/// The value of `key=` in a `result key=value …` line.
+fn result_field(out: &str, key: &str) -> String {
+    out.lines()
+        .filter(|l| l.starts_with("result"))
+        .flat_map(|l| l.split_whitespace())
+        .find_map(|f| f.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {out:?}"))
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenSSH as automation uses it
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn control_master_runs_thirty_commands_on_one_connection() {
+    let w = World::new();
+    let sock = w.psm.work_dir().join("cm.sock");
+    let mark = w.psm.audit_mark();
+    // the master, as Ansible's ControlPersist keeps one: a long-lived `ssh -M -N`
+    let mut master = w
+        .ssh()
+        .arg("-M")
+        .arg("-N")
+        .arg("-S")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh -M");
+    assert!(
+        wait_for(Duration::from_secs(15), || sock.exists()),
+        "the master is up"
+    );
+    for i in 0..30 {
+        let mut c = w.ssh();
+        c.arg("-S").arg(&sock).arg("-o").arg("ControlMaster=no");
+        let out = run_ssh(c.arg(format!("echo cmd-{i}; exit {}", i % 3)));
+        assert!(
+            out.code() == Some(i % 3) && out.stdout_str().contains(&format!("cmd-{i}")),
+            "command {i} through the master:\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        matches!(master.try_wait(), Ok(None)),
+        "the master still runs"
+    );
+    let auths = w
+        .psm
+        .audit()
+        .into_iter()
+        .skip(mark)
+        .filter(|e| is(e, "auth_success"))
+        .count();
+    assert_eq!(auths, 1, "all 30 commands shared one connection");
+    let mut stop = w.ssh();
+    stop.arg("-S").arg(&sock).arg("-O").arg("exit");
+    let _ = run_ssh(&mut stop);
+    let _ = wait_child(&mut master, Duration::from_secs(10));
+    w.assert_all_sessions_ended();
+}
+
+#[test]
+fn environment_variables_beyond_lang_and_lc_are_refused_and_their_names_audited() {
+    let w = World::new();
+    let out = run_ssh(
+        w.ssh()
+            .arg("-o")
+            .arg("SetEnv=LD_PRELOAD=/tmp/evil.so BASH_ENV=/tmp/evil.sh LANG=C.UTF-8 LC_TIME=C")
+            .arg("echo \"[$LD_PRELOAD|$BASH_ENV|$LANG|$LC_TIME]\""),
+    );
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        out.stdout_str().contains("[||C.UTF-8|C]"),
+        "only LANG and LC_* reach the target:\n{}",
+        out.describe()
+    );
+    w.assert_all_sessions_ended();
+    let refused = notices_of(&w, "environment variable refused");
+    let text: String = refused.iter().map(|e| jstr(e, "message")).collect();
+    assert!(text.contains("LD_PRELOAD"), "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["count"] == 2 && jstr(e, "message").contains("BASH_ENV")),
+        "the summary counts both names: {refused:?}"
+    );
+    assert!(!text.contains("/tmp/evil"), "values are never audited");
+}
+
+#[test]
+fn repeated_forwarding_refusals_are_aggregated() {
+    let w = World::new();
+    let mut c = w.ssh();
+    c.arg("-o").arg("ExitOnForwardFailure=no");
+    for i in 0..50 {
+        c.arg("-R").arg(format!("{}:127.0.0.1:9", 20000 + i));
+    }
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(c.arg("echo fwd-done"));
+    assert!(out.stdout_str().contains("fwd-done"), "{}", out.describe());
+    w.assert_all_sessions_ended();
+    let fwd: Vec<Value> = w
+        .psm
+        .audit()
+        .into_iter()
+        .skip(mark)
+        .filter(|e| is(e, "notice") && jstr(e, "kind") == "remote port forwarding refused")
+        .collect();
+    assert_eq!(fwd.len(), 2, "the first and one summary: {fwd:?}");
+    assert_eq!(fwd[1]["count"], 50, "{fwd:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// malicious targets
+// ---------------------------------------------------------------------------------------------
+
+/// A hostile SSH server playing one misbehaviour, registered in psm as target `evil`.
+struct HostileTarget {
+    child: Child,
+    port: u16,
+    host_key: String,
+}
+
+impl HostileTarget {
+    fn start(dir: &Path, mode: &str, extra: &[&str]) -> HostileTarget {
+        let key = dir.join(format!("evil_{mode}_key"));
+        let host_key = gen_key(&key);
+        let port_file = dir.join(format!("evil_{mode}.port"));
+        let _ = std::fs::remove_file(&port_file);
+        let log = std::fs::File::create(dir.join(format!("evil_{mode}.log"))).expect("log");
+        let child = py("hostile_target.py")
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--host-key")
+            .arg(&key)
+            .args(["--user", TARGET_USER, "--password", TARGET_PASSWORD])
+            .args(["--mode", mode, "--max-seconds", "90"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("hostile target");
+        let mut port = 0;
+        assert!(
+            wait_for(Duration::from_secs(20), || {
+                port = std::fs::read_to_string(&port_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                port != 0
+            }),
+            "hostile target ({mode}) did not start"
+        );
+        HostileTarget {
+            child,
+            port,
+            host_key,
+        }
+    }
+
+    /// Adds it to psm as target `evil` with an account and alice's grant.
+    fn register(&self, w: &World) {
+        w.psm.psmctl_ok(
+            &[
+                "target",
+                "add",
+                "evil",
+                "--address",
+                &format!("127.0.0.1:{}", self.port),
+                "--host-key",
+                &self.host_key,
+            ],
+            None,
+        );
+        w.psm.psmctl_ok(
+            &[
+                "account",
+                "add",
+                &format!("{TARGET_USER}@evil"),
+                "--password-stdin",
+            ],
+            Some(&format!("{TARGET_PASSWORD}\n")),
+        );
+        w.psm.psmctl_ok(
+            &["grant", "add", "alice", &format!("{TARGET_USER}@evil")],
+            None,
+        );
+    }
+
+    fn stdout(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            use std::io::Read as _;
+            let _ = o.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for HostileTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn evil_login() -> String {
+    format!("alice@{TARGET_USER}@evil")
+}
+
+fn work(w: &World) -> PathBuf {
+    w.psm.work_dir()
+}
+
+#[test]
+fn a_target_flooding_exit_signals_cannot_grow_relay_memory() {
+    let w = World::new();
+    let evil = HostileTarget::start(&work(&w), "exit-signal-flood", &["--count", "8000"]);
+    evil.register(&w);
+    let relay = w.psm.relay_pids()[0];
+    let before = rss_kib(relay);
+    // the user reads nothing for a while: the relay must hold the flood in bounded memory
+    let mut ssh = w
+        .ssh_as(&evil_login(), &w.alice_key)
+        .arg("flood")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    let mut peak = before;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        peak = peak.max(rss_kib(relay));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = wait_child(&mut ssh, T);
+    assert!(status.is_some(), "the session ends");
+    assert!(
+        peak < before + 64 * 1024,
+        "relay RSS {before} KiB before, peak {peak} KiB during 8000 exit-signals of 240 KB"
+    );
+    let repeated = notices_of(&w, "repeated exit status from the target");
+    assert!(!repeated.is_empty(), "the repeats are noted");
+    let ends = w.psm.audit_of("session_end");
+    assert!(
+        ends.iter()
+            .any(|e| jstr(e, "target") == "evil" && jstr(e, "exit_signal") == "TERM"),
+        "the first exit-signal is kept: {ends:?}"
+    );
+    w.assert_all_sessions_ended();
+}
+
+#[test]
+fn channels_a_target_opens_unasked_are_refused_and_audited_with_counts() {
+    let w = World::new();
+    let mut evil = HostileTarget::start(&work(&w), "unasked-channels", &["--count", "200"]);
+    evil.register(&w);
+    let out = run_ssh(w.ssh_as(&evil_login(), &w.alice_key).arg("go"));
+    assert!(out.stdout_str().contains("done"), "{}", out.describe());
+    w.assert_all_sessions_ended();
+    let _ = wait_child(&mut evil.child, Duration::from_secs(30));
+    let report = evil.stdout();
+    assert!(
+        report.contains("accepted=0"),
+        "no channel accepted: {report}"
+    );
+    for kind in [
+        "session",
+        "direct-tcpip",
+        "forwarded-tcpip",
+        "x11",
+        "auth-agent",
+    ] {
+        let n = notices_of(&w, kind);
+        assert!(
+            n.iter().any(|e| e["count"].as_u64() == Some(200)),
+            "{kind}: one summary with the count of 200: {n:?}"
+        );
+        assert!(n.len() <= 2, "{kind}: aggregated, not {} events", n.len());
+    }
+}
+
+#[test]
+fn a_target_that_resets_the_connection_is_reported_as_closing_it() {
+    let w = World::new();
+    let evil = HostileTarget::start(&work(&w), "rst-after-output", &[]);
+    evil.register(&w);
+    let out = run_ssh(w.ssh_as(&evil_login(), &w.alice_key).arg("go"));
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    assert!(
+        out.stderr_str()
+            .contains("psm: the target closed the connection"),
+        "{}",
+        out.describe()
+    );
+    let end = w
+        .psm
+        .wait_audit("session_end of the reset session", T, |e| {
+            is(e, "session_end") && jstr(e, "target") == "evil"
+        });
+    assert!(
+        jstr(&end, "reason").starts_with("target closed the connection"),
+        "{end}"
+    );
+    w.assert_all_sessions_ended();
+}
+
+#[test]
+fn a_target_that_sends_an_oversized_packet_is_reported_as_breaking_the_protocol() {
+    let w = World::new();
+    let evil = HostileTarget::start(&work(&w), "oversized-packet", &[]);
+    evil.register(&w);
+    let out = run_ssh(w.ssh_as(&evil_login(), &w.alice_key).arg("go"));
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    let end = w
+        .psm
+        .wait_audit("session_end of the oversized session", T, |e| {
+            is(e, "session_end") && jstr(e, "target") == "evil"
+        });
+    assert_ne!(jstr(&end, "reason"), "target ended the session", "{end}");
+    assert_eq!(jstr(&end, "side"), "target", "{end}");
+    w.assert_all_sessions_ended();
+}
+
+// ---------------------------------------------------------------------------------------------
+// malicious clients
+// ---------------------------------------------------------------------------------------------
+
+fn hostile_client(w: &World, mode: &str, extra: &[&str]) -> String {
+    let out = run_cmd(
+        py("hostile_client.py")
+            .args(["--port", &w.psm.port().to_string()])
+            .args(["--user", &alice_login(), "--key"])
+            .arg(&w.alice_key)
+            .args(["--mode", mode, "--max-seconds", "60"])
+            .args(extra),
+        None,
+        Duration::from_secs(90),
+    );
+    assert!(
+        out.success(),
+        "hostile client ({mode}) failed:\n{}",
+        out.describe()
+    );
+    out.stdout_str()
+}
+
+#[test]
+fn requests_before_exec_are_answered_or_refused_within_a_second() {
+    let w = World::new();
+    // a handful more than OpenSSH sends: answered, and only LANG/LC_* reach the target
+    let out = hostile_client(&w, "env-before-exec", &["--count", "50"]);
+    assert_eq!(result_field(&out, "answered"), "1", "{out}");
+    assert!(result_field(&out, "output").contains("env-ok"), "{out}");
+    // 200 of them, or 200 data messages and 200 window changes: refused at once
+    for (mode, what) in [
+        ("env-before-exec", "env requests"),
+        ("pre-start-data", "data and window-change messages"),
+    ] {
+        let out = hostile_client(&w, mode, &["--count", "200"]);
+        let answered = result_field(&out, "answered") == "1";
+        let refused = result_field(&out, "disconnected") == "1";
+        assert!(answered || refused, "{what}: {out}");
+        let secs: f64 = result_field(&out, "seconds").parse().expect("seconds");
+        assert!(secs < 1.0, "{what}: answered or refused in {secs} s: {out}");
+    }
+    w.assert_all_sessions_ended();
+    let violations: Vec<Value> = w
+        .psm
+        .audit_of("session_end")
+        .into_iter()
+        .filter(|e| jstr(e, "reason_code") == "client_violation")
+        .collect();
+    assert_eq!(
+        violations.len(),
+        2,
+        "both floods end their sessions as violations"
+    );
+    assert!(
+        jstr(&violations[0], "reason").contains("requests on channel"),
+        "{violations:?}"
+    );
+    assert_eq!(
+        notices_of(&w, "client protocol violation").len(),
+        2,
+        "and are audited"
+    );
+}
+
+#[test]
+fn a_client_that_ignores_its_window_is_disconnected_and_memory_returns() {
+    let w = World::new();
+    let relay = w.psm.relay_pids()[0];
+    let before = rss_kib(relay);
+    let out = hostile_client(&w, "window-ignore", &["--count", "64"]);
+    assert_eq!(result_field(&out, "disconnected"), "1", "{out}");
+    let end = w.psm.wait_audit("session_end of the violator", T, |e| {
+        is(e, "session_end") && jstr(e, "reason_code") == "client_violation"
+    });
+    assert!(jstr(&end, "reason").contains("SSH window"), "{end}");
+    assert!(
+        wait_for(T, || rss_kib(relay) < before + 32 * 1024),
+        "relay RSS back near {before} KiB: {} KiB",
+        rss_kib(relay)
+    );
+    w.assert_all_sessions_ended();
+}
+
+#[test]
+fn pty_sizes_are_clamped_in_the_recording() {
+    let w = World::new();
+    let out = hostile_client(&w, "pty-extremes", &[]);
+    assert!(out.contains("pty-ok"), "{out}");
+    w.assert_all_sessions_ended();
+    let data = w.psm.data_dir().join("recordings");
+    let mut casts = String::new();
+    for e in std::fs::read_dir(&data).expect("recordings") {
+        let id = e
+            .expect("entry")
+            .path()
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+            .unwrap_or_default();
+        let c = w.psm.psmctl(
+            &["recordings", "export", &id, "--format", "asciicast"],
+            None,
+        );
+        casts.push_str(&c.stdout_str());
+    }
+    let header_sizes: Vec<(u64, u64)> = casts
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.is_object())
+        .map(|v| {
+            (
+                v["width"].as_u64().unwrap_or(0),
+                v["height"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(!header_sizes.is_empty(), "{casts}");
+    for (wd, ht) in &header_sizes {
+        assert!(
+            (1..=4096).contains(wd) && (1..=4096).contains(ht),
+            "sizes in recordings are clamped: {header_sizes:?}"
+        );
+    }
+}
+
+#[test]
+fn a_huge_login_name_is_audited_cut_and_marked() {
+    let w = World::new();
+    let out = run_cmd(
+        py("hostile_client.py")
+            .args(["--port", &w.psm.port().to_string()])
+            .args(["--user", "x", "--password", "nope"])
+            .args([
+                "--mode",
+                "long-login",
+                "--count",
+                "200000",
+                "--max-seconds",
+                "60",
+            ]),
+        None,
+        Duration::from_secs(90),
+    );
+    assert!(out.success(), "{}", out.describe());
+    let f = w.psm.wait_audit("auth_failure of the long login", T, |e| {
+        is(e, "auth_failure") && jstr(e, "login").starts_with("aaaa")
+    });
+    let login = jstr(&f, "login");
+    assert!(login.len() < 400, "cut: {} bytes", login.len());
+    assert!(login.contains("[truncated, 200000 bytes]"), "{login}");
+}
+
+#[test]
+fn thousands_of_refused_forwards_make_a_handful_of_audit_events() {
+    let w = World::new();
+    let mark = w.psm.audit_mark();
+    let out = hostile_client(&w, "many-forwards", &["--count", "5000"]);
+    assert_eq!(result_field(&out, "direct_refused"), "5000", "{out}");
+    assert_eq!(result_field(&out, "tcpip_refused"), "5000", "{out}");
+    assert_eq!(result_field(&out, "streamlocal_refused"), "20", "{out}");
+    w.assert_all_sessions_ended();
+    let notices: Vec<Value> = w
+        .psm
+        .audit()
+        .into_iter()
+        .skip(mark)
+        .filter(|e| is(e, "notice"))
+        .collect();
+    assert!(
+        notices.len() <= 8,
+        "{} notices for 10,020 refusals",
+        notices.len()
+    );
+    let total = |kind: &str| {
+        notices
+            .iter()
+            .filter(|e| jstr(e, "kind") == kind)
+            .filter_map(|e| e["count"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    assert_eq!(total("port forwarding refused"), 5000, "{notices:?}");
+    assert_eq!(total("remote port forwarding refused"), 5000, "{notices:?}");
+    assert_eq!(
+        total("unix socket forwarding refused"),
+        20,
+        "streamlocal is audited too"
+    );
+}
+
+#[test]
+fn one_user_cannot_hold_more_than_max_connections_per_user() {
+    let w = World::build_opts(
+        PsmMode::Up,
+        Sshd::start(),
+        PsmOpts {
+            config: Some("[relay]\nmax_connections_per_user = 2\n".into()),
+            ..Default::default()
+        },
+    );
+    let hold = |w: &World| {
+        let mark = w.psm.audit_mark();
+        let c = w
+            .ssh()
+            .arg("sleep 20")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh");
+        w.psm
+            .wait_audit_after(mark, "session_start", T, |e| is(e, "session_start"));
+        c
+    };
+    let mut held = vec![hold(&w), hold(&w)];
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh().arg("echo third"));
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    assert!(!out.stdout_str().contains("third"));
+    let f = w
+        .psm
+        .wait_audit_after(mark, "auth_failure of the third", T, |e| {
+            is(e, "auth_failure")
+        });
+    assert!(
+        jstr(&f, "reason").contains("max_connections_per_user"),
+        "{f}"
+    );
+    for c in &mut held {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // the places are freed: alice gets in again
+    w.wait_session_works(&alice_login(), T);
+    w.assert_all_sessions_ended();
+}
