@@ -40,7 +40,8 @@
 //! cursor, alternate screen, scroll region, modes, character set), so the auditor's terminal is
 //! left as it was.
 //!
-//! What it does not do: emulate a terminal, or judge text (bidi characters are passed).
+//! What it does not do: emulate a terminal, or judge text (bidi characters are passed; the
+//! text and asciicast exports escape them, see [`is_bidi_control`]).
 
 /// Longest control or escape sequence held back while it is parsed (longer ones are dropped).
 pub const MAX_SEQUENCE: usize = 256;
@@ -52,12 +53,24 @@ const DEL: u8 = 0x7f;
 const BEL: u8 = 0x07;
 const REPLACEMENT: &[u8] = "\u{fffd}".as_bytes();
 
+/// Whether `c` reorders text when displayed or breaks a line where none is: the Unicode bidi
+/// controls (U+061C, U+200E, U+200F, U+202A–U+202E, U+2066–U+2069) and the line and
+/// paragraph separators (U+2028, U+2029). The text and asciicast exports escape them.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 /// Where the parser is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Ground,
     /// Inside a UTF-8 character: `need` continuation bytes to come (the bytes so far in `utf8`).
-    Utf8 { need: u8 },
+    Utf8 {
+        need: u8,
+    },
     /// After ESC (held in `seq`).
     Escape,
     /// After ESC and intermediate bytes (held in `seq`).
@@ -69,7 +82,9 @@ enum State {
     /// A control sequence being dropped: up to its final byte.
     CsiDrop,
     /// A string (OSC when `bel_ends`; DCS, SOS, PM, APC otherwise) being dropped, up to ST.
-    Str { bel_ends: bool },
+    Str {
+        bel_ends: bool,
+    },
     /// ESC inside a string: `\` ends it (ST), anything else ends it and starts a new sequence.
     StrEscape,
 }
@@ -401,7 +416,10 @@ impl Sanitizer {
             _ => (None, body),
         };
         // intermediates, or a marker byte anywhere else: nothing that draws
-        if !params.iter().all(|p| p.is_ascii_digit() || *p == b';' || *p == b':') {
+        if !params
+            .iter()
+            .all(|p| p.is_ascii_digit() || *p == b';' || *p == b':')
+        {
             return;
         }
         let pass = |out: &mut Vec<u8>| {
@@ -418,8 +436,7 @@ impl Sanitizer {
             (
                 None,
                 b'A' | b'B' | b'C' | b'D' | b'E' | b'F' | b'G' | b'H' | b'f' | b'd' | b'e' | b'a'
-                | b'`' | b'I' | b'Z' | b'K' | b'X' | b'L' | b'M' | b'@' | b'P' | b'S' | b'g'
-                | b'b',
+                | b'`' | b'I' | b'Z' | b'K' | b'X' | b'L' | b'M' | b'@' | b'P' | b'S' | b'g' | b'b',
             ) => pass(out),
             // 3 J clears the scrollback
             (None, b'J') if numbers().all(|n| matches!(n, b"" | b"0" | b"1" | b"2")) => pass(out),
@@ -615,7 +632,9 @@ mod tests {
             let c = char::from_u32(c).expect("char");
             let out = clean_str(format!("x{c}y").as_bytes());
             assert!(!out.contains(c), "{c:?} in {out:?}");
-            assert!(!clean(&[b'x', c as u8, b'y']).iter().any(|b| (0x80..=0x9f).contains(b)));
+            assert!(!clean(&[b'x', c as u8, b'y'])
+                .iter()
+                .any(|b| (0x80..=0x9f).contains(b)));
         }
     }
 
