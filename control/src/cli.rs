@@ -8,7 +8,8 @@
 //! [`Secret`]s over the owner-only socket: a psm user's password to be checked against the
 //! minimum length and hashed there, an account's password or private key to be sealed by the
 //! vault. `target add --scan` and `target update --scan` check the target name first, then
-//! touch the network.
+//! touch the network. `recordings play` writes only what draws the screen unless given `--raw`
+//! (see [`crate::recordings`]).
 //!
 //! What it does not do: print a credential, ever.
 
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use psm_control_api::{AuditEvent, AuditKind, Credential, Secret};
+use psm_recorder_format::export::Replay;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -273,6 +275,11 @@ pub enum RecordingsCmd {
         /// Playback speed factor.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
+        /// Write the output bytes as recorded, escape sequences and all. Unsafe: the session's
+        /// output can then set the clipboard and window title, and make the terminal type
+        /// answers into the shell. By default only what draws the screen is written.
+        #[arg(long)]
+        raw: bool,
     },
     /// Export a recording.
     Export {
@@ -902,13 +909,14 @@ fn recordings_cmd(
             let rows = recordings::list(data_dir)?;
             recordings::print_list(out, &rows, f.json)?;
         }
-        RecordingsCmd::Play { id, speed } => {
+        RecordingsCmd::Play { id, speed, raw } => {
             if !(speed.is_finite() && speed > 0.0) {
                 return Err(CliError::Usage(format!(
                     "invalid --speed {speed}: must be a positive number"
                 )));
             }
-            recordings::play(data_dir, &id, speed, out)?;
+            let mode = if raw { Replay::Raw } else { Replay::Safe };
+            recordings::play(data_dir, &id, speed, mode, out)?;
         }
         RecordingsCmd::Export { id, format, output } => match output {
             Some(path) => {
@@ -1198,6 +1206,7 @@ mod tests {
             &["audit", "tail"],
             &["recordings", "list", "--json"],
             &["recordings", "play", "abc", "--speed", "2"],
+            &["recordings", "play", "abc", "--raw"],
             &[
                 "recordings",
                 "export",

@@ -1,6 +1,12 @@
 //! `psmctl recordings …`: lists, replays and exports the recordings psm-recorder wrote under
 //! `<data-dir>/recordings`, through `psm-recorder-format`.
 //!
+//! A recording holds what a possibly hostile session printed. `play` sends it through
+//! `psm_recorder_format::sanitize` unless asked for the raw bytes (`--raw`), so a replay cannot
+//! set the auditor's clipboard or title, make the terminal answer into the auditor's shell, or
+//! change the keyboard's modes; the text and asciicast exports escape control and bidi
+//! characters (see `psm_recorder_format::export`), and all of them run in bounded memory.
+//!
 //! A closed recording's duration is its close summary's `end_ms` minus its meta's `start_ms`,
 //! the same two instants the `session_end` audit event has, and it is printed with the same
 //! function as `audit tail` (`timefmt::duration`), so both show the same figure. A recording
@@ -13,8 +19,9 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+use psm_recorder_format::export::{self, Replay};
 use psm_recorder_format::file::{self, RecordingInfo, RecordingReader};
-use psm_recorder_format::{export, FormatError};
+use psm_recorder_format::FormatError;
 use serde::Serialize;
 
 use crate::datadir::DataDir;
@@ -183,15 +190,17 @@ fn open(data_dir: &Path, id: &str) -> Result<RecordingReader<File>, RecordingErr
     Ok(RecordingReader::open(f)?)
 }
 
-/// Replays recording `id` to `out` in (scaled) real time.
+/// Replays recording `id` to `out` in (scaled) real time: through the sanitizer (only what
+/// draws the screen) with [`Replay::Safe`], as recorded with [`Replay::Raw`].
 pub fn play(
     data_dir: &Path,
     id: &str,
     speed: f64,
+    mode: Replay,
     out: &mut dyn Write,
 ) -> Result<(), RecordingError> {
     let reader = open(data_dir, id)?;
-    export::play(reader, speed, out)?;
+    export::play(reader, speed, mode, out)?;
     Ok(())
 }
 
@@ -333,7 +342,14 @@ pub(crate) mod tests {
             "{cast}"
         );
         let mut played = Vec::new();
-        play(tmp.path(), "rec-1", f64::INFINITY, &mut played).expect("play");
+        play(
+            tmp.path(),
+            "rec-1",
+            f64::INFINITY,
+            Replay::Safe,
+            &mut played,
+        )
+        .expect("play");
         assert!(String::from_utf8_lossy(&played).contains("hello from web01"));
 
         let e =

@@ -2,15 +2,38 @@
 //!
 //! - [`asciicast`]: JSON lines that `asciinema play` understands (header, then `o`/`i`/`r`
 //!   events). Bytes are decoded as UTF-8 per channel and direction; a sequence cut between two
-//!   records is carried over, invalid bytes become U+FFFD.
+//!   records is carried over, invalid bytes become U+FFFD. Besides what JSON requires, DEL, the
+//!   C1 controls (U+0080–U+009F, which serde_json would leave raw: U+009B is CSI on many
+//!   terminals) and the bidi controls are written as `\u` escapes, so the file holds no raw
+//!   control character and still decodes to the exact text.
 //! - [`text`]: what was on screen as plain text: the terminal output with escape sequences
-//!   removed and carriage returns, backspaces and line erases applied to the current line.
-//! - [`play`]: the terminal output written with its original timing, sped up by a factor.
+//!   removed and carriage returns, backspaces and line erases applied to the current line,
+//!   lines wrapped at the terminal's width. Control characters that are left (NUL, BEL, C1
+//!   controls, DEL) and the bidi controls and line separators (U+061C, U+200E, U+200F,
+//!   U+2028–U+202E, U+2066–U+2069) are shown escaped, `\u{7}` or `\u{202e}`, never raw; a
+//!   backslash the session printed is left as it is.
+//! - [`play`]: the terminal output written with its original timing, sped up by a factor,
+//!   through the [`Sanitizer`] (only what draws the screen reaches the auditor's terminal), or
+//!   raw with [`Replay::Raw`].
 //!
 //! All three merge every channel of the session; `text` and `play` show output and error
 //! only (what the user saw), `asciicast` also has input events.
 //!
-//! What it does not do: emulate a full terminal (cursor movement, screens, scroll regions).
+//! # Memory
+//!
+//! Nothing grows with the length of a recording or of a line in it. Each function holds one
+//! record at a time (a DATA record is at most [`MAX_RECORD`] = 16 MiB, as the file format
+//! bounds it; the recorder writes far smaller ones) with the reader's buffers (see
+//! [`RecordingReader`]: 128 KiB and a zstd window of at most 8 MiB), and decodes, sanitizes
+//! and writes it in pieces of 64 KiB (at most 192 KiB of text each). [`text`] holds one line
+//! of at most [`MAX_COLUMNS`] characters and at most 16 bytes of a control sequence;
+//! [`asciicast`] also holds back up to 1 MiB of records (plus the record that crosses it) while
+//! it looks for the terminal size. So a recording is rendered in at most about 50 MiB, and a
+//! typical one (records of 32 KiB) in a few MiB: the integration test `replay` exports 256 MiB
+//! of output without a newline as text in under 64 MiB of peak RSS for all of psmctl.
+//!
+//! What it does not do: emulate a full terminal (cursor movement, screens, scroll regions,
+//! the width of wide characters: the text rendering counts characters).
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Write};
@@ -18,7 +41,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+#[cfg(doc)]
+use crate::file::MAX_RECORD;
 use crate::file::{Record, RecordingReader};
+use crate::sanitize::{is_bidi_control, Sanitizer};
 use crate::{Direction, FormatError};
 
 /// Terminal size assumed when a recording has no resize record, or when the pty was requested
@@ -30,6 +56,13 @@ const DEFAULT_TERM: &str = "xterm-256color";
 const LOOKAHEAD_BYTES: usize = 1024 * 1024;
 /// Longest idle gap [`play`] reproduces (before dividing by the speed).
 const MAX_GAP_US: u64 = 2_000_000;
+/// Widest line of [`text`]: lines wrap at the terminal's width, or at this many characters
+/// when the width is unknown (no pty, or one without a size) or larger.
+pub const MAX_COLUMNS: usize = 1024;
+/// How many DATA bytes are decoded (or sanitized) and written at once.
+const PIECE: usize = 64 * 1024;
+/// CSI parameter bytes [`text`] keeps (it only needs to recognise erase in line).
+const MAX_CSI_PARAMS: usize = 16;
 
 /// Decodes a byte stream as UTF-8 across record boundaries.
 #[derive(Default)]
@@ -89,13 +122,13 @@ impl Utf8Stream {
 struct Decoders(HashMap<(u32, u8), Utf8Stream>);
 
 impl Decoders {
-    fn decode(&mut self, channel: u32, direction: Direction, data: &[u8]) -> String {
-        let mut s = String::new();
+    /// Decodes `data` into `s` (cleared first).
+    fn decode(&mut self, channel: u32, direction: Direction, data: &[u8], s: &mut String) {
+        s.clear();
         self.0
             .entry((channel, direction as u8))
             .or_default()
-            .decode(data, &mut s);
-        s
+            .decode(data, s);
     }
 }
 
@@ -123,6 +156,38 @@ fn json_err(e: serde_json::Error) -> FormatError {
     FormatError::Io(e.into())
 }
 
+/// Whether the asciicast writes `c` as a `\u` escape although JSON allows it raw.
+fn cast_escapes(c: char) -> bool {
+    ('\u{7f}'..='\u{9f}').contains(&c) || is_bidi_control(c)
+}
+
+/// serde_json's compact output, with [`cast_escapes`] characters written as `\u00XX`.
+struct CastFormatter;
+
+impl serde_json::ser::Formatter for CastFormatter {
+    fn write_string_fragment<W>(&mut self, writer: &mut W, fragment: &str) -> std::io::Result<()>
+    where
+        W: ?Sized + Write,
+    {
+        let mut last = 0;
+        for (i, c) in fragment.char_indices() {
+            if cast_escapes(c) {
+                writer.write_all(&fragment.as_bytes()[last..i])?;
+                // all of them are in the BMP: four hex digits
+                write!(writer, "\\u{:04x}", c as u32)?;
+                last = i + c.len_utf8();
+            }
+        }
+        writer.write_all(&fragment.as_bytes()[last..])
+    }
+}
+
+/// Writes `value` as JSON with [`CastFormatter`].
+fn cast_json<T: Serialize + ?Sized>(out: &mut impl Write, value: &T) -> Result<(), FormatError> {
+    let mut ser = serde_json::Serializer::with_formatter(out, CastFormatter);
+    value.serialize(&mut ser).map_err(json_err)
+}
+
 /// Writes one `[time, "code", "text"]` line.
 fn cast_event(out: &mut impl Write, ts_us: u64, code: &str, text: &str) -> Result<(), FormatError> {
     write!(
@@ -131,7 +196,7 @@ fn cast_event(out: &mut impl Write, ts_us: u64, code: &str, text: &str) -> Resul
         ts_us / 1_000_000,
         ts_us % 1_000_000
     )?;
-    serde_json::to_writer(&mut *out, text).map_err(json_err)?;
+    cast_json(out, text)?;
     out.write_all(b"]\n")?;
     Ok(())
 }
@@ -150,7 +215,8 @@ fn usable_size(cols: u32, rows: u32) -> (u32, u32) {
 ///
 /// Width and height come from the first resize record, the size the pty was requested with
 /// (80x24 without one, or when it was requested as 0x0); later resizes become `r` events
-/// (those without a size are left out), output and error `o` events, input `i` events.
+/// (those without a size are left out), output and error `o` events, input `i` events. A
+/// DATA record longer than 64 KiB becomes several events with its timestamp.
 pub fn asciicast<R: Read>(
     mut reader: RecordingReader<R>,
     out: impl Write,
@@ -181,10 +247,11 @@ pub fn asciicast<R: Read>(
         title: format!("{}@{}@{}", meta.user, meta.account, meta.target),
         env: CastEnv { term: DEFAULT_TERM },
     };
-    serde_json::to_writer(&mut out, &header).map_err(json_err)?;
+    cast_json(&mut out, &header)?;
     out.write_all(b"\n")?;
 
     let mut decoders = Decoders::default();
+    let mut text = String::new();
     let mut first_resize = size.is_some();
     let mut last_ts = 0;
     let mut emit = |rec: Record, out: &mut BufWriter<_>| -> Result<(), FormatError> {
@@ -196,10 +263,12 @@ pub fn asciicast<R: Read>(
                 direction,
                 data,
             } => {
-                let text = decoders.decode(channel, direction, &data);
-                if !text.is_empty() {
-                    let code = if is_screen(direction) { "o" } else { "i" };
-                    cast_event(out, ts_us, code, &text)?;
+                let code = if is_screen(direction) { "o" } else { "i" };
+                for piece in data.chunks(PIECE) {
+                    decoders.decode(channel, direction, piece, &mut text);
+                    if !text.is_empty() {
+                        cast_event(out, ts_us, code, &text)?;
+                    }
                 }
             }
             Record::Resize {
@@ -257,22 +326,39 @@ enum State {
 }
 
 /// Turns terminal output into plain text, one line at a time.
+///
+/// Holds one line of at most [`MAX_COLUMNS`] characters and [`MAX_CSI_PARAMS`] parameter
+/// bytes, whatever it is fed.
 struct Screen {
     state: State,
-    /// CSI parameter bytes, to tell erase-line apart.
+    /// CSI parameter bytes (the first [`MAX_CSI_PARAMS`]), to tell erase-line apart.
     params: String,
+    /// The CSI had more parameter bytes than were kept.
+    params_cut: bool,
     line: Vec<char>,
     cursor: usize,
+    /// Where lines wrap (1..=MAX_COLUMNS).
+    width: usize,
 }
 
 impl Screen {
     fn new() -> Self {
         Screen {
             state: State::Ground,
-            params: String::new(),
+            params: String::with_capacity(MAX_CSI_PARAMS),
+            params_cut: false,
             line: Vec::new(),
             cursor: 0,
+            width: MAX_COLUMNS,
         }
+    }
+
+    /// The terminal now has `cols` columns (0: unknown).
+    fn set_width(&mut self, cols: u32) {
+        self.width = match usize::try_from(cols) {
+            Ok(c) if (1..=MAX_COLUMNS).contains(&c) => c,
+            _ => MAX_COLUMNS,
+        };
     }
 
     fn feed(&mut self, text: &str, out: &mut impl Write) -> std::io::Result<()> {
@@ -293,10 +379,8 @@ impl Screen {
                 '\n' => self.newline(out)?,
                 '\r' => self.cursor = 0,
                 '\x08' => self.backspace(),
-                '\t' => self.put('\t'),
-                '\u{9b}' => self.start_csi(),
-                c if c.is_control() => {}
-                c => self.put(c),
+                // other controls (C1 included) and the bidi controls are shown escaped
+                c => self.put(c, out)?,
             },
             State::Escape => match c {
                 '[' => self.start_csi(),
@@ -313,11 +397,18 @@ impl Screen {
                 _ => self.state = State::Ground,
             },
             State::Csi => match c {
-                '\x30'..='\x3f' => self.params.push(c),
+                '\x30'..='\x3f' => {
+                    if self.params.len() < MAX_CSI_PARAMS {
+                        self.params.push(c);
+                    } else {
+                        self.params_cut = true;
+                    }
+                }
                 '\x20'..='\x2f' => {}
                 '\x40'..='\x7e' => {
-                    if c == 'K' && (self.params.is_empty() || self.params == "0") {
-                        // erase to the end of the line
+                    let erase_to_end =
+                        !self.params_cut && (self.params.is_empty() || self.params == "0");
+                    if c == 'K' && erase_to_end {
                         self.line.truncate(self.cursor);
                     }
                     self.state = State::Ground;
@@ -346,16 +437,22 @@ impl Screen {
 
     fn start_csi(&mut self) {
         self.params.clear();
+        self.params_cut = false;
         self.state = State::Csi;
     }
 
-    fn put(&mut self, c: char) {
+    /// Writes `c` at the cursor; past the last column the line wraps first, as a terminal's.
+    fn put(&mut self, c: char, out: &mut impl Write) -> std::io::Result<()> {
+        if self.cursor >= self.width {
+            self.newline(out)?;
+        }
         if self.cursor < self.line.len() {
             self.line[self.cursor] = c;
         } else {
             self.line.push(c);
         }
         self.cursor += 1;
+        Ok(())
     }
 
     fn backspace(&mut self) {
@@ -374,37 +471,56 @@ impl Screen {
     }
 
     fn flush_line(&mut self, out: &mut impl Write) -> std::io::Result<()> {
-        let s: String = self.line.drain(..).collect();
+        let mut buf = [0u8; 4];
+        for c in self.line.drain(..) {
+            if shown_escaped(c) {
+                write!(out, "\\u{{{:x}}}", c as u32)?;
+            } else {
+                out.write_all(c.encode_utf8(&mut buf).as_bytes())?;
+            }
+        }
         self.cursor = 0;
-        out.write_all(s.as_bytes())
+        Ok(())
     }
+}
+
+/// Whether [`text`] shows `c` as `\u{…}`: control characters but the tab, and the bidi
+/// controls and line separators.
+fn shown_escaped(c: char) -> bool {
+    (c.is_control() && c != '\t') || is_bidi_control(c)
 }
 
 /// Writes what was on screen as plain text: output and error with escape sequences removed,
 /// `\r\n` as `\n`, a lone `\r` going back to the line start, backspace deleting the previous
-/// character; other control characters except `\n` and `\t` are dropped.
+/// character, lines wrapped at the terminal's width (from the resize records; [`MAX_COLUMNS`]
+/// when unknown or wider); other control characters but `\n` and `\t`, and the bidi controls,
+/// are written escaped (`\u{7}`, `\u{202e}`). Memory stays bounded (see the module docs).
 pub fn text<R: Read>(mut reader: RecordingReader<R>, out: impl Write) -> Result<(), FormatError> {
     let mut out = BufWriter::new(out);
     let mut decoders = Decoders::default();
     let mut screen = Screen::new();
+    let mut s = String::new();
     while let Some(rec) = reader.next_record()? {
-        if let Record::Data {
-            channel,
-            direction,
-            data,
-            ..
-        } = rec
-        {
-            if is_screen(direction) {
-                let s = decoders.decode(channel, direction, &data);
-                screen.feed(&s, &mut out)?;
+        match rec {
+            Record::Data {
+                channel,
+                direction,
+                data,
+                ..
+            } if is_screen(direction) => {
+                for piece in data.chunks(PIECE) {
+                    decoders.decode(channel, direction, piece, &mut s);
+                    screen.feed(&s, &mut out)?;
+                }
             }
+            Record::Resize { cols, .. } => screen.set_width(cols),
+            _ => {}
         }
     }
     let mut tails: Vec<_> = decoders.0.into_iter().collect();
     tails.sort_by_key(|(key, _)| *key);
     for (_, mut stream) in tails {
-        let mut s = String::new();
+        s.clear();
         stream.finish(&mut s);
         screen.feed(&s, &mut out)?;
     }
@@ -413,12 +529,25 @@ pub fn text<R: Read>(mut reader: RecordingReader<R>, out: impl Write) -> Result<
     Ok(())
 }
 
-/// Replays the terminal output (output and error bytes, as they were) to `out`, flushing after
-/// each record, with the original delays between records divided by `speed`. A single idle gap
-/// lasts at most 2 s / `speed`. `speed` must be positive; `f64::INFINITY` replays without delay.
+/// How [`play`] writes the recorded output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Through a [`Sanitizer`]: only what draws the screen reaches the terminal, and what the
+    /// replay changed in it is put back at the end.
+    Safe,
+    /// The bytes as they were recorded. Unsafe on a terminal: the session's output can set the
+    /// clipboard, make the terminal type into the shell, and the like.
+    Raw,
+}
+
+/// Replays the terminal output (output and error bytes) to `out`, flushing after each record,
+/// with the original delays between records divided by `speed`. A single idle gap lasts at
+/// most 2 s / `speed`. `speed` must be positive; `f64::INFINITY` replays without delay.
+/// `mode` says whether the bytes go through a [`Sanitizer`] first.
 pub fn play<R: Read>(
     mut reader: RecordingReader<R>,
     speed: f64,
+    mode: Replay,
     mut out: impl Write,
 ) -> Result<(), FormatError> {
     if speed.is_nan() || speed <= 0.0 {
@@ -429,6 +558,8 @@ pub fn play<R: Read>(
     let started = Instant::now();
     let mut offset = Duration::ZERO;
     let mut last_ts = None;
+    let mut sanitizer = Sanitizer::new();
+    let mut safe = Vec::new();
     while let Some(rec) = reader.next_record()? {
         let Record::Data {
             ts_us,
@@ -455,7 +586,22 @@ pub fn play<R: Read>(
                 std::thread::sleep(due - now);
             }
         }
-        out.write_all(&data)?;
+        match mode {
+            Replay::Raw => out.write_all(&data)?,
+            Replay::Safe => {
+                for piece in data.chunks(PIECE) {
+                    safe.clear();
+                    sanitizer.feed(piece, &mut safe);
+                    out.write_all(&safe)?;
+                }
+            }
+        }
+        out.flush()?;
+    }
+    if mode == Replay::Safe {
+        safe.clear();
+        sanitizer.finish(&mut safe);
+        out.write_all(&safe)?;
         out.flush()?;
     }
     Ok(())
@@ -628,7 +774,7 @@ mod tests {
         assert_eq!(render(&[b"abcdef\r\x1b[2Cx\x1b[K\n"]), "x\n");
         assert_eq!(
             render(&[b"\x1b(Bplain\x1b)0\x1b=\x1b7t\x07\x00\tz"]),
-            "plaint\tz"
+            "plaint\\u{7}\\u{0}\tz"
         );
         assert_eq!(render(&[b"\x1bP1$r\x1b\\ok"]), "ok");
     }
@@ -657,6 +803,7 @@ mod tests {
         play(
             RecordingReader::open(&bytes[..]).expect("open"),
             20.0,
+            Replay::Safe,
             &mut out,
         )
         .expect("play");
@@ -668,8 +815,125 @@ mod tests {
         assert!(play(
             RecordingReader::open(&bytes[..]).expect("open"),
             0.0,
+            Replay::Raw,
             Vec::new()
         )
         .is_err());
+    }
+
+    const HOSTILE: &[u8] = b"\x1b]52;c;SGVsbG8=\x07\x1b]0;pwned\x07\x1bP$q m\x1b\\\x1b[6n\x1b[>c\x9b6n\x1b[1;31mred\x1b[0m \xc2\x9d8;;x\x07ok\r\n";
+
+    #[test]
+    fn play_is_safe_by_default_and_raw_on_request() {
+        let bytes = recording(&[
+            data(0, Direction::Output, &HOSTILE[..7]),
+            data(1, Direction::Output, &HOSTILE[7..]),
+        ]);
+        let mut out = Vec::new();
+        let reader = RecordingReader::open(&bytes[..]).expect("open");
+        play(reader, f64::INFINITY, Replay::Safe, &mut out).expect("play");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "\x1b[1;31mred\x1b[0m ok\r\n\x1b[0m"
+        );
+        let mut out = Vec::new();
+        let reader = RecordingReader::open(&bytes[..]).expect("open");
+        play(reader, f64::INFINITY, Replay::Raw, &mut out).expect("play");
+        assert_eq!(out, HOSTILE);
+    }
+
+    #[test]
+    fn asciicast_escapes_c1_and_bidi_controls() {
+        let shown = "a\u{9b}6n\u{9d}52;c;eA==\u{7}\u{85}\u{7f}\u{202e}cba \u{1b}[1mb";
+        let bytes = recording(&[data(0, Direction::Output, shown.as_bytes())]);
+        let mut out = Vec::new();
+        asciicast(RecordingReader::open(&bytes[..]).expect("open"), &mut out).expect("cast");
+        let file = String::from_utf8(out).expect("utf-8");
+        let raw: Vec<char> = file
+            .chars()
+            .filter(|c| (c.is_control() && *c != '\n') || is_bidi_control(*c))
+            .collect();
+        assert!(raw.is_empty(), "raw controls {raw:?} in {file}");
+        assert!(file.contains("\\u009b6n\\u009d52"), "{file}");
+        assert!(file.contains("\\u202e"), "{file}");
+        let event: serde_json::Value =
+            serde_json::from_str(file.lines().nth(1).expect("event")).expect("json");
+        assert_eq!(event[2], shown);
+    }
+
+    #[test]
+    fn text_escapes_bidi_and_control_characters() {
+        assert_eq!(
+            render(&["abc\u{202e}txt.exe".as_bytes()]),
+            "abc\\u{202e}txt.exe"
+        );
+        assert_eq!(
+            render(&["\u{2066}x\u{2069}\u{200f}\u{61c}".as_bytes()]),
+            "\\u{2066}x\\u{2069}\\u{200f}\\u{61c}"
+        );
+        // C1 controls, raw in UTF-8, are shown, not acted on
+        assert_eq!(
+            render(&["\u{9b}31mx\u{85}".as_bytes()]),
+            "\\u{9b}31mx\\u{85}"
+        );
+        assert_eq!(render(&[b"a\x07b\x7f"]), "a\\u{7}b\\u{7f}");
+        // escape sequences are still removed, text kept as printed
+        assert_eq!(render(&[b"\x1b[31mC:\\dir\x1b[0m"]), "C:\\dir");
+    }
+
+    #[test]
+    fn text_wraps_at_the_terminal_width() {
+        let long = vec![b'a'; 200];
+        let render_with = |recs: &[Record]| {
+            let bytes = recording(recs);
+            let mut out = Vec::new();
+            text(RecordingReader::open(&bytes[..]).expect("open"), &mut out).expect("text");
+            String::from_utf8(out).expect("utf-8")
+        };
+        let lens = |s: &str| s.split('\n').map(str::len).collect::<Vec<_>>();
+        let got = render_with(&[resize(0, 80, 24), data(1, Direction::Output, &long)]);
+        assert_eq!(lens(&got), [80, 80, 40]);
+        // exactly the width: no empty line after it
+        let got = render_with(&[resize(0, 100, 24), data(1, Direction::Output, &long[..100])]);
+        assert_eq!(lens(&got), [100]);
+        let got = render_with(&[
+            resize(0, 100, 24),
+            data(1, Direction::Output, &[&long[..100], &b"\r\n"[..]].concat()),
+        ]);
+        assert_eq!(lens(&got), [100, 0]);
+        // unknown (no pty, or 0x0) and absurd widths: MAX_COLUMNS
+        let huge = vec![b'b'; 2 * MAX_COLUMNS + 5];
+        for recs in [
+            vec![data(1, Direction::Output, &huge)],
+            vec![resize(0, 0, 0), data(1, Direction::Output, &huge)],
+            vec![resize(0, u32::MAX, 24), data(1, Direction::Output, &huge)],
+        ] {
+            assert_eq!(lens(&render_with(&recs)), [MAX_COLUMNS, MAX_COLUMNS, 5]);
+        }
+        // a resize applies to what follows
+        let got = render_with(&[
+            resize(0, 10, 24),
+            data(1, Direction::Output, &long[..15]),
+            resize(2, 20, 24),
+            data(3, Direction::Output, &long[..25]),
+        ]);
+        assert_eq!(lens(&got), [10, 20, 10]);
+    }
+
+    #[test]
+    fn text_memory_does_not_grow_with_a_line() {
+        let mut screen = Screen::new();
+        let chunk = "x".repeat(PIECE);
+        for _ in 0..64 {
+            screen.feed(&chunk, &mut std::io::sink()).expect("feed");
+        }
+        assert!(
+            screen.line.capacity() <= MAX_COLUMNS,
+            "{}",
+            screen.line.capacity()
+        );
+        let params = format!("\x1b[{}K", "1;".repeat(1_000_000));
+        screen.feed(&params, &mut std::io::sink()).expect("feed");
+        assert!(screen.params.capacity() <= MAX_CSI_PARAMS);
     }
 }

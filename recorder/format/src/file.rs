@@ -25,7 +25,8 @@
 //! Each call to [`RecordingWriter::flush`] ends the current zstd frame (with its content
 //! checksum), so everything written before it decodes even when the process dies right after.
 //! A reader that meets the end of the file inside a frame or a record keeps what was complete
-//! and reports [`RecordingReader::truncated`].
+//! and reports [`RecordingReader::truncated`]. The reader holds at most one record and fixed
+//! buffers, whatever the size of the recording (see [`RecordingReader`]).
 //!
 //! # Extension seam (not implemented yet)
 //!
@@ -76,6 +77,9 @@ const DATA_PREFIX: usize = 13;
 const RECORD_HEAD: usize = 5;
 /// Capacity of the reader's decompressed-bytes buffer.
 const READ_BUFFER: usize = 128 * 1024;
+/// Largest zstd window the reader accepts, as a power of two (8 MiB). The writer's level uses
+/// 2 MiB; without a limit a damaged or forged frame could make the decoder take 128 MiB.
+const WINDOW_LOG_MAX: u32 = 23;
 
 /// One record of a recording, after the header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,6 +369,11 @@ impl<R: Read> Read for Source<R> {
 type Decompressed<R> = BufReader<zstd::stream::read::Decoder<'static, BufReader<Source<R>>>>;
 
 /// Reads a recording written by [`RecordingWriter`], including one cut short by a crash.
+///
+/// Memory is bounded whatever the recording holds: the zstd decoder (a window of at most
+/// 8 MiB, and its input buffer), 128 KiB of decompressed bytes, and the record being read (a
+/// body is at most [`MAX_RECORD`] bytes; the reader refuses a longer one before allocating
+/// it). A DATA record's bytes are handed out without copy.
 pub struct RecordingReader<R: Read> {
     src: Decompressed<R>,
     meta: RecordingMeta,
@@ -412,7 +421,8 @@ impl<R: Read> RecordingReader<R> {
                 failed: false,
             },
         );
-        let decoder = zstd::stream::read::Decoder::with_buffer(source)?;
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(source)?;
+        decoder.window_log_max(WINDOW_LOG_MAX)?;
         let mut reader = RecordingReader {
             src: BufReader::with_capacity(READ_BUFFER, decoder),
             meta: RecordingMeta::default(),
