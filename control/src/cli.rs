@@ -230,6 +230,10 @@ pub enum GrantCmd {
         user: String,
         /// USERNAME@TARGET.
         account: String,
+        /// An environment variable the client may pass to the target besides LANG and LC_*
+        /// (a name, or a prefix ending in *); repeat for more.
+        #[arg(long = "allow-env", value_name = "NAME")]
+        allow_env: Vec<String>,
     },
     /// Remove a grant.
     Remove {
@@ -817,7 +821,11 @@ fn account(
 
 fn grant(data_dir: &Path, cmd: GrantCmd, out: &mut dyn Write) -> Result<(), CliError> {
     match cmd {
-        GrantCmd::Add { user, account } => {
+        GrantCmd::Add {
+            user,
+            account,
+            allow_env,
+        } => {
             let (account, target) = validate::split_account(&account)?;
             change(
                 out,
@@ -826,6 +834,7 @@ fn grant(data_dir: &Path, cmd: GrantCmd, out: &mut dyn Write) -> Result<(), CliE
                     user,
                     target,
                     account,
+                    allow_env,
                 },
             )
         }
@@ -848,9 +857,16 @@ fn grant(data_dir: &Path, cmd: GrantCmd, out: &mut dyn Write) -> Result<(), CliE
             }
             let rows: Vec<Vec<String>> = list
                 .iter()
-                .map(|g| vec![g.user.clone(), g.account.clone(), g.target.clone()])
+                .map(|g| {
+                    vec![
+                        g.user.clone(),
+                        g.account.clone(),
+                        g.target.clone(),
+                        g.conditions.allow_env.join(" "),
+                    ]
+                })
                 .collect();
-            write_table(out, &["USER", "ACCOUNT", "TARGET"], &rows)?;
+            write_table(out, &["USER", "ACCOUNT", "TARGET", "ALLOW-ENV"], &rows)?;
             Ok(())
         }
     }

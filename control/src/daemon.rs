@@ -446,10 +446,21 @@ impl Shared {
                 user,
                 target,
                 account,
+                allow_env,
             } => {
-                let object = format!("{user} -> {account}@{target}");
+                let mut object = format!("{user} -> {account}@{target}");
+                if !allow_env.is_empty() {
+                    object.push_str(&format!(" (environment: {})", allow_env.join(" ")));
+                }
+                if let Some(bad) = allow_env.iter().find(|n| !validate::env_pattern(n)) {
+                    return Response::error(format!(
+                        "invalid environment variable name {}: use letters, digits and _, optionally ending in *",
+                        psm_control_api::escape(bad)
+                    ));
+                }
+                let conditions = psm_control_api::Conditions { allow_env };
                 self.change(actor, "grant add", object.clone(), |s, _| {
-                    let v = s.add_grant(&user, &target, &account)?;
+                    let v = s.add_grant_with(&user, &target, &account, &conditions)?;
                     Ok((v, format!("added grant {object}")))
                 })
             }
@@ -1206,6 +1217,7 @@ mod tests {
                 user: "alice".into(),
                 target: "web01".into(),
                 account: "root".into(),
+                allow_env: Vec::new(),
             })
             .await;
         let s = relay.snapshot().await;
@@ -1222,6 +1234,7 @@ mod tests {
                 user: "bob".into(),
                 target: "web01".into(),
                 account: "root".into(),
+                allow_env: Vec::new(),
             })
             .await
             .expect_err("unknown user");
@@ -1477,6 +1490,7 @@ mod tests {
             user: "alice".into(),
             target: "web01".into(),
             account: "root".into(),
+            allow_env: Vec::new(),
         })
         .await;
         for _ in 0..4 {

@@ -105,6 +105,9 @@ pub enum Request {
         target: String,
         /// Account on the target.
         account: String,
+        /// Environment variables the grant lets through beyond `LANG` and `LC_*`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow_env: Vec<String>,
     },
     /// Removes a grant. Result: [`Changed`].
     GrantRemove {
@@ -336,6 +339,7 @@ mod tests {
             user: "alice".into(),
             target: "web01".into(),
             account: "root".into(),
+            allow_env: Vec::new(),
         };
         let line = serde_json::to_string(&r).expect("encode");
         assert_eq!(

@@ -489,6 +489,19 @@ impl Store {
         target: &str,
         account: &str,
     ) -> Result<u64, StoreError> {
+        self.add_grant_with(user, target, account, &Conditions::default())
+    }
+
+    /// Like [`Store::add_grant`], with conditions.
+    pub fn add_grant_with(
+        &mut self,
+        user: &str,
+        target: &str,
+        account: &str,
+        conditions: &Conditions,
+    ) -> Result<u64, StoreError> {
+        let conditions = serde_json::to_string(conditions)
+            .map_err(|e| StoreError::Conflict(format!("conditions: {e}")))?;
         let tx = self.conn.transaction()?;
         Self::require_user(&tx, user)?;
         Self::require_target(&tx, target)?;
@@ -503,8 +516,8 @@ impl Store {
             )));
         }
         tx.execute(
-            "INSERT INTO grants (user, target, account, conditions) VALUES (?1, ?2, ?3, '{}')",
-            [user, target, account],
+            "INSERT INTO grants (user, target, account, conditions) VALUES (?1, ?2, ?3, ?4)",
+            [user, target, account, conditions.as_str()],
         )?;
         let v = Self::bump(&tx)?;
         tx.commit()?;

@@ -173,6 +173,18 @@ pub fn private_key(pem: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// An environment variable name or prefix pattern a grant may allow: `[A-Za-z_][A-Za-z0-9_]*`,
+/// optionally ending in `*`.
+pub fn env_pattern(p: &str) -> bool {
+    let name = p.strip_suffix('*').unwrap_or(p);
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
+        _ => return false,
+    }
+    chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,12 +56,6 @@ pub const MAX_PTY_PIXELS: u32 = 65_535;
 /// Messages a target may send on a channel while psm waits for its answer to a request.
 const MAX_EARLY_MESSAGES: usize = 1024;
 
-/// Environment variables forwarded to targets by default: what Debian's sshd accepts
-/// (`AcceptEnv LANG LC_*`).
-pub fn env_allowed(name: &str) -> bool {
-    name == "LANG" || name.starts_with("LC_")
-}
-
 /// A pty size as psm passes it on: each side at most [`MAX_PTY_CELLS`].
 pub fn clamp_cells(v: u32) -> u32 {
     v.min(MAX_PTY_CELLS)
@@ -243,6 +237,7 @@ pub async fn handle_connection(
         permit: Some(permit),
         user_permit: None,
         window: WindowMirror::new(WINDOW),
+        conditions: Default::default(),
         channels: HashMap::new(),
         flows: HashMap::new(),
     };
@@ -465,6 +460,8 @@ pub struct Conn {
     user_permit: Option<UserPermit>,
     /// russh's receive windows on this connection, replayed to catch data beyond them.
     window: WindowMirror,
+    /// The conditions of the grant the latest channel was brokered under.
+    conditions: psm_control_api::Conditions,
     channels: HashMap<ChannelId, Chan>,
     flows: HashMap<ChannelId, Arc<Flow>>,
 }
@@ -594,6 +591,10 @@ impl Conn {
                 return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message())))
             }
         };
+        self.conditions = snap
+            .grant(user, &login.account, &login.target)
+            .map(|g| g.conditions.clone())
+            .unwrap_or_default();
         // The recording is confirmed open before the relay logs in to the target: a user who
         // cannot be recorded is told so up front, and the target never sees the login.
         let mut opened = None;
@@ -1223,7 +1224,7 @@ impl russh::server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.prestart_request(channel);
-        if !env_allowed(name) {
+        if !self.conditions.env_allowed(name) {
             // Only LANG and LC_* reach targets: LD_PRELOAD, BASH_ENV and the like could change
             // what runs there. The names are audited (aggregated), never the values.
             let shown = crate::escape_short(name);

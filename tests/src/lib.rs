@@ -662,7 +662,7 @@ impl Sshd {
                  AllowUsers {TARGET_USER}\n\
                  MaxStartups 100:30:200\n\
                  MaxSessions 64\n\
-                 AcceptEnv LANG LC_*\n",
+                 AcceptEnv LANG LC_* TZ LD_PRELOAD BASH_ENV\n",
                 hk = host_key.display(),
                 ak = ak.display(),
                 fwd = if allow_tcp_forwarding { "yes" } else { "no" },

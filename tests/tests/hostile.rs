@@ -135,6 +135,63 @@ fn environment_variables_beyond_lang_and_lc_are_refused_and_their_names_audited(
 }
 
 #[test]
+fn a_grant_may_let_more_environment_variables_through() {
+    let w = World::new();
+    let login = format!("alice@{TARGET_USER}@web01");
+    let env = |w: &World| {
+        run_ssh(
+            w.ssh_as(&login, &w.alice_key)
+                .arg("-o")
+                .arg("SetEnv=TZ=UTC LD_PRELOAD=/tmp/evil.so")
+                .arg("echo \"[$TZ|$LD_PRELOAD]\""),
+        )
+    };
+    let out = env(&w);
+    assert!(out.stdout_str().contains("[|]"), "{}", out.describe());
+    w.psm.psmctl_ok(
+        &["grant", "remove", "alice", &format!("{TARGET_USER}@web01")],
+        None,
+    );
+    let bad = w.psm.psmctl(
+        &[
+            "grant",
+            "add",
+            "alice",
+            &format!("{TARGET_USER}@web01"),
+            "--allow-env",
+            "TZ;rm",
+        ],
+        None,
+    );
+    assert!(
+        !bad.success()
+            && bad
+                .stderr_str()
+                .contains("invalid environment variable name")
+    );
+    w.psm.psmctl_ok(
+        &[
+            "grant",
+            "add",
+            "alice",
+            &format!("{TARGET_USER}@web01"),
+            "--allow-env",
+            "TZ",
+        ],
+        None,
+    );
+    let list = w.psm.psmctl_ok(&["grant", "list"], None);
+    assert!(list.contains("ALLOW-ENV") && list.contains("TZ"), "{list}");
+    let out = env(&w);
+    assert!(
+        out.stdout_str().contains("[UTC|]"),
+        "TZ is granted, LD_PRELOAD still refused:\n{}",
+        out.describe()
+    );
+    w.assert_all_sessions_ended();
+}
+
+#[test]
 fn repeated_forwarding_refusals_are_aggregated() {
     let w = World::new();
     let mut c = w.ssh();

@@ -126,10 +126,28 @@ pub struct Grant {
     pub conditions: Conditions,
 }
 
-/// Conditions a grant may carry. Empty today; time windows, source CIDRs, expiry and session
-/// limits slot in here without changing the grant's shape.
+/// Conditions a grant may carry. Time windows, source CIDRs, expiry and session limits slot in
+/// here without changing the grant's shape.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Conditions {}
+pub struct Conditions {
+    /// Environment variables this grant lets the client pass to the target beyond `LANG` and
+    /// `LC_*`: exact names, or a prefix ending in `*` (`GIT_*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_env: Vec<String>,
+}
+
+impl Conditions {
+    /// Whether `name` may reach the target: `LANG` and `LC_*` always (what Debian's sshd
+    /// accepts by default), others only when the grant lists them.
+    pub fn env_allowed(&self, name: &str) -> bool {
+        name == "LANG"
+            || name.starts_with("LC_")
+            || self.allow_env.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => p == name,
+            })
+    }
+}
 
 /// PBKDF2-HMAC-SHA256 password verifier.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -277,6 +295,15 @@ impl PolicySnapshot {
             });
         }
         Ok((t, a))
+    }
+}
+
+impl PolicySnapshot {
+    /// The grant that lets `user` use `account@target`, if any.
+    pub fn grant(&self, user: &str, account: &str, target: &str) -> Option<&Grant> {
+        self.grants
+            .iter()
+            .find(|g| g.user == user && g.target == target && g.account == account)
     }
 }
 
@@ -675,6 +702,18 @@ mod tests {
     fn authorize_decisions() {
         let s = snap();
         assert!(s.authorize("alice", "root", "web01").is_ok());
+        assert!(s.grant("alice", "root", "web01").is_some());
+        assert!(s.grant("bob", "root", "web01").is_none());
+        let c = Conditions {
+            allow_env: vec!["TZ".into(), "GIT_*".into()],
+        };
+        for ok in ["LANG", "LC_ALL", "TZ", "GIT_AUTHOR_NAME"] {
+            assert!(c.env_allowed(ok), "{ok}");
+        }
+        for no in ["LD_PRELOAD", "BASH_ENV", "TZX", "GI"] {
+            assert!(!c.env_allowed(no), "{no}");
+        }
+        assert!(!Conditions::default().env_allowed("TZ"));
         assert!(matches!(
             s.authorize("alice", "root", "db01"),
             Err(Denial::UnknownTarget { .. })
