@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod escape;
+pub mod fuzz;
 
 pub use escape::{escape, Escaped};
 

@@ -3,6 +3,7 @@
 //! - [`wire`]: frames the relay sends to psm-recorder over its Unix socket, and its replies.
 //! - [`file`](mod@file): the on-disk recording (one zstd-compressed file per session), its writer and reader.
 //! - [`export`]: replay timing, asciicast v2 and plain-text renderings of a recording.
+//! - [`fuzz`](mod@fuzz): the entry points of the fuzz targets and corpus replay tests.
 //! - [`sanitize`]: the filter that makes replayed terminal output safe for the auditor's terminal.
 //!
 //! What it does not do: open sockets. Readers and writers take any `Read`/`Write`.
@@ -11,6 +12,7 @@
 
 pub mod export;
 pub mod file;
+pub mod fuzz;
 pub mod sanitize;
 pub mod wire;
 

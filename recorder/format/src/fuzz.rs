@@ -1,0 +1,94 @@
+//! Entry points of the fuzz targets (`fuzz/`) and of the corpus replay tests: each feeds
+//! arbitrary bytes to one parser that reads what a peer chose, and checks what must hold for
+//! any input (no panic, bounded work, round trips).
+
+use std::io::Cursor;
+
+use crate::file::RecordingReader;
+use crate::sanitize::Sanitizer;
+use crate::{export, Frame, Reply};
+
+/// Records read from one fuzzed recording at most (keeps each run short).
+const MAX_RECORDS: usize = 10_000;
+
+/// Relay -> recorder frames: whatever decodes re-encodes to the same bytes' meaning.
+pub fn frames(data: &[u8]) {
+    let mut at = 0;
+    while let Ok(Some((f, n))) = Frame::decode(&data[at..]) {
+        assert!(n > 0 && n <= data.len() - at, "a frame uses what it decoded");
+        let mut again = Vec::new();
+        f.encode(&mut again);
+        match Frame::decode(&again) {
+            Ok(Some((g, m))) => {
+                assert_eq!(f, g, "round trip");
+                assert_eq!(m, again.len());
+            }
+            other => panic!("re-encoded frame does not decode: {other:?}"),
+        }
+        at += n;
+    }
+}
+
+/// Recorder -> relay replies: the same.
+pub fn replies(data: &[u8]) {
+    let mut at = 0;
+    while let Ok(Some((r, n))) = Reply::decode(&data[at..]) {
+        assert!(n > 0 && n <= data.len() - at);
+        let mut again = Vec::new();
+        r.encode(&mut again);
+        match Reply::decode(&again) {
+            Ok(Some((s, m))) => {
+                assert_eq!(r, s, "round trip");
+                assert_eq!(m, again.len());
+            }
+            other => panic!("re-encoded reply does not decode: {other:?}"),
+        }
+        at += n;
+    }
+}
+
+/// A recording file: read its records, then render it as text and asciicast.
+pub fn recording(data: &[u8]) {
+    if let Ok(mut r) = RecordingReader::open(Cursor::new(data)) {
+        for _ in 0..MAX_RECORDS {
+            match r.next_record() {
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+    if let Ok(r) = RecordingReader::open(Cursor::new(data)) {
+        let _ = export::text(r, std::io::sink());
+    }
+    if let Ok(r) = RecordingReader::open(Cursor::new(data)) {
+        let _ = export::asciicast(r, std::io::sink());
+    }
+}
+
+/// Terminal output through the replay filter: splitting the input anywhere changes nothing,
+/// and no OSC, DCS, APC, PM or SOS introducer and no C1 control comes out.
+pub fn sanitize(data: &[u8]) {
+    let mut whole = Vec::new();
+    let mut s = Sanitizer::new();
+    s.feed(data, &mut whole);
+    s.finish(&mut whole);
+    let mut split = Vec::new();
+    let mut t = Sanitizer::new();
+    let mid = data.len() / 2;
+    t.feed(&data[..mid], &mut split);
+    t.feed(&data[mid..], &mut split);
+    t.finish(&mut split);
+    assert_eq!(whole, split, "the output does not depend on how the input is cut");
+    for w in whole.windows(2) {
+        assert!(
+            !(w[0] == 0x1b && matches!(w[1], b']' | b'P' | b'_' | b'^' | b'X')),
+            "a string introducer passed: {whole:?}"
+        );
+    }
+    if let Ok(text) = std::str::from_utf8(&whole) {
+        assert!(
+            !text.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)),
+            "a C1 control passed"
+        );
+    }
+}
