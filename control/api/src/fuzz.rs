@@ -13,7 +13,9 @@ pub fn login(s: &str) {
     let _ = Login::user_part(s);
     let shown = escape(s);
     assert!(
-        !shown.chars().any(|c| c.is_control() || crate::escape::is_bidi_or_invisible(c)),
+        !shown
+            .chars()
+            .any(|c| c.is_control() || crate::escape::is_bidi_or_invisible(c)),
         "escaped text is inert"
     );
 }

@@ -15,7 +15,10 @@ const MAX_RECORDS: usize = 10_000;
 pub fn frames(data: &[u8]) {
     let mut at = 0;
     while let Ok(Some((f, n))) = Frame::decode(&data[at..]) {
-        assert!(n > 0 && n <= data.len() - at, "a frame uses what it decoded");
+        assert!(
+            n > 0 && n <= data.len() - at,
+            "a frame uses what it decoded"
+        );
         let mut again = Vec::new();
         f.encode(&mut again);
         match Frame::decode(&again) {
@@ -78,7 +81,10 @@ pub fn sanitize(data: &[u8]) {
     t.feed(&data[..mid], &mut split);
     t.feed(&data[mid..], &mut split);
     t.finish(&mut split);
-    assert_eq!(whole, split, "the output does not depend on how the input is cut");
+    assert_eq!(
+        whole, split,
+        "the output does not depend on how the input is cut"
+    );
     for w in whole.windows(2) {
         assert!(
             !(w[0] == 0x1b && matches!(w[1], b']' | b'P' | b'_' | b'^' | b'X')),
