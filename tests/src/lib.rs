@@ -298,6 +298,19 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     found
 }
 
+/// Resident set size now (`VmRSS`) of a process, in KiB; 0 when it is gone.
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Peak resident set size (`VmHWM`) of a process, in KiB.
 pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -327,18 +327,6 @@ for s in socks:
     s.close()
 "#;
 
-fn vm_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn field_of(text: &str, key: &str) -> u64 {
     text.split_whitespace()
         .find_map(|f| f.strip_prefix(&format!("{key}=")))

@@ -24,18 +24,6 @@ fn notices_of(w: &World, kind: &str) -> Vec<Value> {
         .collect()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn py(script: &str) -> Command {
     let mut c = Command::new(python3());
     c.arg(format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR")));
@@ -323,7 +311,7 @@ fn a_target_flooding_exit_signals_cannot_grow_relay_memory() {
     let evil = HostileTarget::start(&work(&w), "exit-signal-flood", &["--count", "8000"]);
     evil.register(&w);
     let relay = w.psm.relay_pids()[0];
-    let before = rss_kib(relay);
+    let before = vm_rss_kib(relay);
     // the user reads nothing for a while: the relay must hold the flood in bounded memory
     let mut ssh = w
         .ssh_as(&evil_login(), &w.alice_key)
@@ -336,7 +324,7 @@ fn a_target_flooding_exit_signals_cannot_grow_relay_memory() {
     let mut peak = before;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(8) {
-        peak = peak.max(rss_kib(relay));
+        peak = peak.max(vm_rss_kib(relay));
         std::thread::sleep(Duration::from_millis(100));
     }
     let status = wait_child(&mut ssh, T);
@@ -497,7 +485,7 @@ fn requests_before_exec_are_answered_or_refused_within_a_second() {
 fn a_client_that_ignores_its_window_is_disconnected_and_memory_returns() {
     let w = World::new();
     let relay = w.psm.relay_pids()[0];
-    let before = rss_kib(relay);
+    let before = vm_rss_kib(relay);
     let out = hostile_client(&w, "window-ignore", &["--count", "64"]);
     assert_eq!(result_field(&out, "disconnected"), "1", "{out}");
     let end = w.psm.wait_audit("session_end of the violator", T, |e| {
@@ -505,9 +493,9 @@ fn a_client_that_ignores_its_window_is_disconnected_and_memory_returns() {
     });
     assert!(jstr(&end, "reason").contains("SSH window"), "{end}");
     assert!(
-        wait_for(T, || rss_kib(relay) < before + 32 * 1024),
+        wait_for(T, || vm_rss_kib(relay) < before + 32 * 1024),
         "relay RSS back near {before} KiB: {} KiB",
-        rss_kib(relay)
+        vm_rss_kib(relay)
     );
     w.assert_all_sessions_ended();
 }
