@@ -693,14 +693,11 @@ fn read_grants(c: &Connection) -> Result<Vec<Grant>, StoreError> {
 }
 
 fn check_hash(h: &PasswordHash) -> Result<(), Invalid> {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let salt_ok = b64.decode(&h.salt).map(|s| s.len() >= 8).unwrap_or(false);
-    let hash_ok = b64.decode(&h.hash).map(|s| s.len() == 32).unwrap_or(false);
-    if h.iterations == 0 || !salt_ok || !hash_ok {
-        return Err(Invalid("malformed password hash".into()));
+    if h.well_formed() {
+        Ok(())
+    } else {
+        Err(Invalid("malformed password hash".into()))
     }
-    Ok(())
 }
 
 #[cfg(test)]
