@@ -28,6 +28,22 @@ pub struct FileConfig {
     /// `[control]`: psm-control's settings.
     #[serde(default)]
     pub control: ControlConfig,
+    /// `[policy]`: settings that apply to every grant.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// The `[policy]` table of `psm.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `"required"`: every session needs a second factor; `"per-grant"` (default): grants
+    /// that say `--mfa`.
+    pub mfa: Option<Spanned<String>>,
+    /// Failed logins that lock a user (default 5; 1 to 1000).
+    pub lockout_failures: Option<Spanned<i64>>,
+    /// The window failed logins are counted in and the lock's length, as `15m` (default).
+    pub lockout_window: Option<Spanned<String>>,
 }
 
 /// The `[control]` table of `psm.toml`.
@@ -318,6 +334,38 @@ pub fn resolve(
             8..=1024,
             &mut control_args,
         )?;
+    }
+    if let Some(p) = file.map(|f| &f.config.policy) {
+        ranged(
+            "lockout-failures",
+            p.lockout_failures.as_ref(),
+            1..=1000,
+            &mut control_args,
+        )?;
+        if let Some(v) = &p.lockout_window {
+            psm_control_api::conditions::parse_duration(v.get_ref()).map_err(|message| {
+                ConfigError::Invalid {
+                    origin: from_file(v.span()),
+                    message: format!("lockout_window: {message}"),
+                }
+            })?;
+            control_args.extend(["--lockout-window".to_string(), v.get_ref().clone()]);
+        }
+        if let Some(v) = &p.mfa {
+            match v.get_ref().as_str() {
+                "required" => control_args.push("--mfa-required".to_string()),
+                "per-grant" => {}
+                other => {
+                    return Err(ConfigError::Invalid {
+                        origin: from_file(v.span()),
+                        message: format!(
+                            "mfa = \"{}\": expected \"required\" or \"per-grant\"",
+                            other.escape_debug()
+                        ),
+                    })
+                }
+            }
+        }
     }
     if let Some(v) = relay.and_then(|r| r.max_startups.as_ref()) {
         let m: psm_relay::MaxStartups =

@@ -25,6 +25,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::audit::{read_tail, AuditError};
+use crate::cli_policy::{self, ConditionFlags, GroupCmd, MfaCmd, PolicyCmd};
 use crate::client::{Client, ClientError};
 use crate::datadir::DataDir;
 use crate::protocol::{
@@ -105,6 +106,24 @@ pub enum Command {
     },
     /// Whether psm-control runs, its policy version and connected relays.
     Status(StatusArgs),
+    /// Manage groups of users (named `@group` in grants).
+    Group {
+        /// Group command.
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+    /// Manage target groups (named `account@@group` in grants).
+    TargetGroup {
+        /// Target group command.
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+    /// Ask the policy without connecting.
+    Policy {
+        /// Policy command.
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
 }
 
 /// `--json` for `status`.
@@ -153,6 +172,27 @@ pub enum UserCmd {
     },
     /// List users.
     List(JsonFlag),
+    /// Disable a user: no login, and their live sessions end within a second.
+    Disable {
+        /// User name.
+        name: String,
+    },
+    /// Enable a disabled user.
+    Enable {
+        /// User name.
+        name: String,
+    },
+    /// Lift the lock after failed logins.
+    Unlock {
+        /// User name.
+        name: String,
+    },
+    /// TOTP second factor.
+    Mfa {
+        /// MFA command.
+        #[command(subcommand)]
+        cmd: MfaCmd,
+    },
 }
 
 /// `psmctl target …`
@@ -224,22 +264,25 @@ pub enum AccountCmd {
 /// `psmctl grant …`
 #[derive(Debug, Subcommand)]
 pub enum GrantCmd {
-    /// Allow USER to open sessions as USERNAME@TARGET.
+    /// Allow USER (or @GROUP) to open sessions as USERNAME@TARGET (or USERNAME@@TARGETGROUP).
     Add {
-        /// psm user.
+        /// psm user, or @group.
         user: String,
-        /// USERNAME@TARGET.
+        /// USERNAME@TARGET or USERNAME@@TARGETGROUP.
         account: String,
         /// An environment variable the client may pass to the target besides LANG and LC_*
         /// (a name, or a prefix ending in *); repeat for more.
         #[arg(long = "allow-env", value_name = "NAME")]
         allow_env: Vec<String>,
+        /// Conditions.
+        #[command(flatten)]
+        cond: ConditionFlags,
     },
     /// Remove a grant.
     Remove {
-        /// psm user.
+        /// psm user, or @group.
         user: String,
-        /// USERNAME@TARGET.
+        /// USERNAME@TARGET or USERNAME@@TARGETGROUP.
         account: String,
     },
     /// List grants.
@@ -251,6 +294,14 @@ pub enum GrantCmd {
 pub enum SessionsCmd {
     /// List live sessions.
     List(JsonFlag),
+    /// End a live session within a second; the user sees the reason.
+    Kill {
+        /// Session id (from `sessions list`).
+        id: String,
+        /// What the user and the audit log are told.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// `psmctl audit …`
@@ -321,6 +372,9 @@ pub enum CliError {
     /// A bad combination of arguments.
     #[error("{0}")]
     Usage(String),
+    /// `policy check` answered "denied" (already printed; exit status 1).
+    #[error("denied")]
+    Denied,
     /// A host-key scan failed.
     #[error(transparent)]
     Scan(#[from] ScanError),
@@ -418,6 +472,25 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
                 Client::connect(&data_dir)?.call_as(&Request::SessionsList)?;
             print_sessions(out, &list, f.json, psm_control_api::now_ms())
         }
+        Command::Sessions {
+            cmd: SessionsCmd::Kill { id, reason },
+        } => change(
+            out,
+            &mut Client::connect(&data_dir)?,
+            &Request::SessionKill {
+                session_id: id,
+                reason,
+            },
+        ),
+        Command::Group { cmd } => cli_policy::group(&data_dir, cmd, false, out),
+        Command::TargetGroup { cmd } => cli_policy::group(&data_dir, cmd, true, out),
+        Command::Policy { cmd } => {
+            if cli_policy::policy(&data_dir, cmd, out)? {
+                Ok(())
+            } else {
+                Err(CliError::Denied)
+            }
+        }
         Command::Audit {
             cmd: AuditCmd::Tail { n, json },
         } => {
@@ -497,7 +570,10 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-fn print_json<T: Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> Result<(), CliError> {
+pub(crate) fn print_json<T: Serialize + ?Sized>(
+    out: &mut dyn Write,
+    v: &T,
+) -> Result<(), CliError> {
     serde_json::to_writer_pretty(&mut *out, v).map_err(io::Error::from)?;
     writeln!(out)?;
     Ok(())
@@ -624,6 +700,22 @@ fn user(
                     vec![
                         u.name.clone(),
                         if u.has_password { "yes" } else { "no" }.to_string(),
+                        if u.mfa { "totp" } else { "-" }.to_string(),
+                        u.groups
+                            .iter()
+                            .map(|g| format!("@{g}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        if u.disabled {
+                            "disabled".to_string()
+                        } else if u
+                            .locked_until_ms
+                            .is_some_and(|t| t > psm_control_api::now_ms())
+                        {
+                            "locked".to_string()
+                        } else {
+                            "active".to_string()
+                        },
                         u.ssh_keys
                             .iter()
                             .map(|k| validate::fingerprint(k))
@@ -632,9 +724,33 @@ fn user(
                     ]
                 })
                 .collect();
-            write_table(out, &["NAME", "PASSWORD", "SSH KEYS"], &rows)?;
+            write_table(
+                out,
+                &["NAME", "PASSWORD", "MFA", "GROUPS", "STATE", "SSH KEYS"],
+                &rows,
+            )?;
             Ok(())
         }
+        UserCmd::Disable { name } => cli_policy::user_state(
+            data_dir,
+            Request::UserDisable {
+                name,
+                disabled: true,
+            },
+            out,
+        ),
+        UserCmd::Enable { name } => cli_policy::user_state(
+            data_dir,
+            Request::UserDisable {
+                name,
+                disabled: false,
+            },
+            out,
+        ),
+        UserCmd::Unlock { name } => {
+            cli_policy::user_state(data_dir, Request::UserUnlock { name }, out)
+        }
+        UserCmd::Mfa { cmd } => cli_policy::mfa(data_dir, cmd, out),
     }
 }
 
@@ -825,8 +941,10 @@ fn grant(data_dir: &Path, cmd: GrantCmd, out: &mut dyn Write) -> Result<(), CliE
             user,
             account,
             allow_env,
+            cond,
         } => {
-            let (account, target) = validate::split_account(&account)?;
+            let (account, target) = cli_policy::split_grant_target(&account)?;
+            let conditions = cond.conditions(Vec::new())?;
             change(
                 out,
                 &mut Client::connect(data_dir)?,
@@ -835,11 +953,12 @@ fn grant(data_dir: &Path, cmd: GrantCmd, out: &mut dyn Write) -> Result<(), CliE
                     target,
                     account,
                     allow_env,
+                    conditions,
                 },
             )
         }
         GrantCmd::Remove { user, account } => {
-            let (account, target) = validate::split_account(&account)?;
+            let (account, target) = cli_policy::split_grant_target(&account)?;
             change(
                 out,
                 &mut Client::connect(data_dir)?,
@@ -862,11 +981,11 @@ fn grant(data_dir: &Path, cmd: GrantCmd, out: &mut dyn Write) -> Result<(), CliE
                         g.user.clone(),
                         g.account.clone(),
                         g.target.clone(),
-                        g.conditions.allow_env.join(" "),
+                        g.conditions.describe().join("; "),
                     ]
                 })
                 .collect();
-            write_table(out, &["USER", "ACCOUNT", "TARGET", "ALLOW-ENV"], &rows)?;
+            write_table(out, &["USER", "ACCOUNT", "TARGET", "CONDITIONS"], &rows)?;
             Ok(())
         }
     }

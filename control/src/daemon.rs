@@ -52,6 +52,10 @@ use crate::store::{Removed, Store, StoreError};
 use crate::validate;
 use crate::vault::{Vault, VaultError};
 
+mod governance;
+pub use crate::store::Lockout;
+pub use governance::otpauth_uri;
+
 /// How long a relay has to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the sessions of a relay whose link dropped wait for it to come back and announce
@@ -70,12 +74,18 @@ pub const MIN_PASSWORD_LENGTH_RANGE: std::ops::RangeInclusive<usize> = 8..=1024;
 pub struct Options {
     /// Shortest password (in characters) a psm user may be given.
     pub min_password_length: usize,
+    /// When failed logins lock a user.
+    pub lockout: Lockout,
+    /// Whether every session needs a second factor (`[policy] mfa = "required"`).
+    pub mfa_required: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
+            lockout: Lockout::default(),
+            mfa_required: false,
         }
     }
 }
@@ -200,6 +210,8 @@ struct Shared {
     vault: Vault,
     audit: Mutex<AuditLog>,
     snapshot: watch::Sender<Arc<SnapshotLine>>,
+    /// `ControlToRelay::Kill` lines for every connected relay.
+    kills: tokio::sync::broadcast::Sender<Arc<Vec<u8>>>,
     sessions: Mutex<HashMap<String, LiveSession>>,
     relays: Mutex<BTreeMap<u64, RelayInfo>>,
     recordings_dir: PathBuf,
@@ -230,7 +242,8 @@ fn removed_suffix(r: &Removed) -> String {
 impl Shared {
     /// Builds and publishes the snapshot of the store's current state.
     fn publish(&self, store: &mut Store) -> Result<u64, StoreError> {
-        let snap = store.snapshot(&self.vault)?;
+        let mut snap = store.snapshot(&self.vault)?;
+        snap.mfa_required = self.options.mfa_required;
         let line = SnapshotLine::encode(snap);
         let version = line.version;
         self.snapshot.send_replace(Arc::new(line));
@@ -305,6 +318,10 @@ impl Shared {
     /// Answers one request from `actor`. Blocking (store, password hashing): run it on the
     /// blocking pool.
     fn handle(&self, req: Request, actor: &Actor) -> Response {
+        let req = match self.handle_governance(req, actor) {
+            Ok(resp) => return resp,
+            Err(req) => req,
+        };
         match req {
             Request::Status => {
                 let version = self.snapshot.borrow().version;
@@ -447,18 +464,27 @@ impl Shared {
                 target,
                 account,
                 allow_env,
+                mut conditions,
             } => {
-                let mut object = format!("{user} -> {account}@{target}");
-                if !allow_env.is_empty() {
-                    object.push_str(&format!(" (environment: {})", allow_env.join(" ")));
-                }
-                if let Some(bad) = allow_env.iter().find(|n| !validate::env_pattern(n)) {
+                conditions.allow_env.extend(allow_env);
+                if let Some(bad) = conditions
+                    .allow_env
+                    .iter()
+                    .find(|n| !validate::env_pattern(n))
+                {
                     return Response::error(format!(
                         "invalid environment variable name {}: use letters, digits and _, optionally ending in *",
                         psm_control_api::escape(bad)
                     ));
                 }
-                let conditions = psm_control_api::Conditions { allow_env };
+                if let Err(e) = conditions.validate() {
+                    return Response::error(e);
+                }
+                let mut object = format!("{user} -> {account}@{target}");
+                let described = conditions.describe();
+                if !described.is_empty() {
+                    object.push_str(&format!(" ({})", described.join("; ")));
+                }
                 self.change(actor, "grant add", object.clone(), |s, _| {
                     let v = s.add_grant_with(&user, &target, &account, &conditions)?;
                     Ok((v, format!("added grant {object}")))
@@ -492,6 +518,8 @@ impl Shared {
                 });
                 Response::ok(&list)
             }
+            // every other request is answered by `handle_governance`
+            _ => Response::error("internal error: request not handled"),
         }
     }
 
@@ -535,6 +563,9 @@ impl Shared {
             }
             AuditKind::SessionEnd { session_id, .. } => {
                 lock(&self.sessions).remove(session_id);
+            }
+            kind @ (AuditKind::AuthFailure { .. } | AuditKind::AuthSuccess { .. }) => {
+                self.auth_event(kind)
             }
             _ => {}
         }
@@ -803,14 +834,28 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
         }
     }
     let mut rx = shared.snapshot.subscribe();
+    let mut kills = shared.kills.subscribe();
     let writer = async {
+        let line = rx.borrow_and_update().clone();
+        w.write_all(&line.line).await?;
+        drop(line);
         loop {
-            let line = rx.borrow_and_update().clone();
-            w.write_all(&line.line).await?;
-            debug!(%relay_id, version = line.version, "snapshot sent");
-            drop(line);
-            if rx.changed().await.is_err() {
-                return Ok::<(), io::Error>(());
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Ok::<(), io::Error>(());
+                    }
+                    let line = rx.borrow_and_update().clone();
+                    w.write_all(&line.line).await?;
+                    debug!(%relay_id, version = line.version, "snapshot sent");
+                }
+                kill = kills.recv() => match kill {
+                    Ok(line) => w.write_all(&line).await?,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(%relay_id, missed = n, "kill requests dropped for a slow relay");
+                    }
+                    Err(_) => return Ok(()),
+                },
             }
         }
     };
@@ -834,6 +879,14 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
                 Ok(RelayToControl::Hello { .. }) => debug!(%relay_id, "repeated hello ignored"),
                 Ok(RelayToControl::Stats { stats, sessions }) => {
                     shared.relay_stats(conn, stats, sessions)
+                }
+                Ok(RelayToControl::MfaUsed { user, step }) => {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || shared.mfa_used(&user, step));
+                }
+                Ok(RelayToControl::Rehash { user, old, new }) => {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || shared.rehash(&user, &old, &new));
                 }
                 Err(e) => warn!(%relay_id, error = %e, "malformed message from relay"),
             }
@@ -934,7 +987,9 @@ pub async fn run_until_with<F: Future<Output = ()>>(
         path: paths.database(),
         source,
     })?;
-    let first = SnapshotLine::encode(store.snapshot(&vault)?);
+    let mut first = store.snapshot(&vault)?;
+    first.mfa_required = options.mfa_required;
+    let first = SnapshotLine::encode(first);
     let version = first.version;
     let audit = AuditLog::open(&paths.audit_log())?;
     let next_seq = audit.next_seq();
@@ -944,6 +999,7 @@ pub async fn run_until_with<F: Future<Output = ()>>(
         vault,
         audit: Mutex::new(audit),
         snapshot,
+        kills: tokio::sync::broadcast::channel(64).0,
         sessions: Mutex::new(HashMap::new()),
         relays: Mutex::new(BTreeMap::new()),
         recordings_dir: data_dir.join("recordings"),
@@ -1126,7 +1182,10 @@ mod tests {
                 .expect("a snapshot within 1 s")
                 .expect("read");
             assert!(n > 0, "policy socket closed");
-            let ControlToRelay::Snapshot(s) = decode_line(line.as_bytes()).expect("snapshot line");
+            let ControlToRelay::Snapshot(s) = decode_line(line.as_bytes()).expect("snapshot line")
+            else {
+                panic!("not a snapshot");
+            };
             s
         }
     }
@@ -1218,11 +1277,14 @@ mod tests {
                 target: "web01".into(),
                 account: "root".into(),
                 allow_env: Vec::new(),
+                conditions: Default::default(),
             })
             .await;
         let s = relay.snapshot().await;
         assert_eq!(s.version, v4);
-        let (_, account) = s.authorize("alice", "root", "web01").expect("granted");
+        let (_, account) = s
+            .authorize_local("alice", "root", "web01")
+            .expect("granted");
         assert_eq!(
             account.credential,
             Credential::Password(Secret::new("hunter2".into()))
@@ -1235,6 +1297,7 @@ mod tests {
                 target: "web01".into(),
                 account: "root".into(),
                 allow_env: Vec::new(),
+                conditions: Default::default(),
             })
             .await
             .expect_err("unknown user");
@@ -1374,6 +1437,8 @@ mod tests {
         let d = Daemon::start_with(
             &dir,
             Options {
+                lockout: Default::default(),
+                mfa_required: false,
                 min_password_length: 20,
             },
         )
@@ -1491,6 +1556,7 @@ mod tests {
             target: "web01".into(),
             account: "root".into(),
             allow_env: Vec::new(),
+            conditions: Default::default(),
         })
         .await;
         for _ in 0..4 {
@@ -1505,7 +1571,9 @@ mod tests {
             .await;
         let snap = relay.snapshot().await;
         assert_eq!(snap.version, v);
-        let (target, account) = snap.authorize("alice", "root", "web01").expect("granted");
+        let (target, account) = snap
+            .authorize_local("alice", "root", "web01")
+            .expect("granted");
         assert_eq!(target.address, "127.0.0.1:2200");
         assert_eq!(target.host_key, crate::testkeys::OTHER_PUB);
         assert_eq!(account.username, "root");

@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod cli_policy;
 pub mod client;
 pub mod daemon;
 pub mod datadir;

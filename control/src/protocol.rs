@@ -108,6 +108,9 @@ pub enum Request {
         /// Environment variables the grant lets through beyond `LANG` and `LC_*`.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         allow_env: Vec<String>,
+        /// The grant's other conditions (validated by the daemon as well as by psmctl).
+        #[serde(default)]
+        conditions: Conditions,
     },
     /// Removes a grant. Result: [`Changed`].
     GrantRemove {
@@ -122,6 +125,141 @@ pub enum Request {
     GrantList,
     /// Lists live sessions. Result: array of [`SessionInfo`].
     SessionsList,
+    /// Ends a live session within a second; the user sees the reason. Result: [`Changed`]
+    /// (the version does not change).
+    SessionKill {
+        /// Session id.
+        session_id: String,
+        /// What the user and the audit log are told.
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Disables (`disabled: true`) or enables a user; disabling ends their live sessions.
+    /// Result: [`Changed`].
+    UserDisable {
+        /// User name.
+        name: String,
+        /// Disable or enable.
+        disabled: bool,
+    },
+    /// Lifts a user's lockout. Result: [`Changed`].
+    UserUnlock {
+        /// User name.
+        name: String,
+    },
+    /// Enrols a user for TOTP with a fresh secret. Result: [`MfaEnrolment`].
+    UserMfaEnroll {
+        /// User name.
+        name: String,
+    },
+    /// Removes a user's TOTP enrolment. Result: [`Changed`].
+    UserMfaReset {
+        /// User name.
+        name: String,
+    },
+    /// Adds a group (`targets`: a target group). Result: [`Changed`].
+    GroupAdd {
+        /// Group name, without `@`.
+        name: String,
+        /// A target group rather than a group of users.
+        #[serde(default)]
+        targets: bool,
+    },
+    /// Removes a group and the grants naming it. Result: [`Changed`].
+    GroupRemove {
+        /// Group name.
+        name: String,
+        /// A target group.
+        #[serde(default)]
+        targets: bool,
+    },
+    /// Lists groups. Result: array of [`crate::store::GroupInfo`].
+    GroupList {
+        /// Target groups.
+        #[serde(default)]
+        targets: bool,
+    },
+    /// Adds a member to a group or removes it. Result: [`Changed`].
+    GroupMember {
+        /// Group name.
+        group: String,
+        /// User (or target, for a target group).
+        member: String,
+        /// Add or remove.
+        add: bool,
+        /// A target group.
+        #[serde(default)]
+        targets: bool,
+    },
+    /// Would `user` be allowed `account@target` from `from` at `at_ms`? Result: [`PolicyAnswer`].
+    PolicyCheck {
+        /// psm user.
+        user: String,
+        /// Account.
+        account: String,
+        /// Target.
+        target: String,
+        /// Source address (default 127.0.0.1).
+        #[serde(default)]
+        from: Option<String>,
+        /// When (default now), ms since the epoch.
+        #[serde(default)]
+        at_ms: Option<u64>,
+    },
+    /// Who can reach `account@target`, through which grant. Result: array of [`Reach`].
+    WhoCanReach {
+        /// Account.
+        account: String,
+        /// Target.
+        target: String,
+    },
+}
+
+/// A new TOTP enrolment, shown once to the operator to hand to the user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MfaEnrolment {
+    /// Policy version after the change.
+    pub version: u64,
+    /// `otpauth://totp/psm:NAME?secret=…&issuer=psm`.
+    pub uri: String,
+}
+
+/// The answer to [`Request::PolicyCheck`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyAnswer {
+    /// Allowed or not.
+    pub allowed: bool,
+    /// The grant that decided (`alice -> root@web01`), when allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+    /// How the user is covered (`directly`, `through group @ops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// Conditions that apply, one per line.
+    #[serde(default)]
+    pub conditions: Vec<String>,
+    /// Why not, when refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The refusal's code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// One answer of [`Request::WhoCanReach`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reach {
+    /// psm user.
+    pub user: String,
+    /// The grant (`@ops -> root@@prod`).
+    pub grant: String,
+    /// How the user is covered.
+    pub via: String,
+    /// The grant's conditions.
+    pub conditions: Vec<String>,
+    /// Whether the user is disabled or locked now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
 }
 
 impl Request {
@@ -139,6 +277,13 @@ impl Request {
                 | Request::AccountRemove { .. }
                 | Request::GrantAdd { .. }
                 | Request::GrantRemove { .. }
+                | Request::UserDisable { .. }
+                | Request::UserUnlock { .. }
+                | Request::UserMfaEnroll { .. }
+                | Request::UserMfaReset { .. }
+                | Request::GroupAdd { .. }
+                | Request::GroupRemove { .. }
+                | Request::GroupMember { .. }
         )
     }
 }
@@ -196,6 +341,18 @@ pub struct UserInfo {
     pub has_password: bool,
     /// Authorized keys, OpenSSH one-line form.
     pub ssh_keys: Vec<String>,
+    /// Groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Disabled by an operator.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Locked after failed logins until this time.
+    #[serde(default)]
+    pub locked_until_ms: Option<u64>,
+    /// Enrolled for TOTP.
+    #[serde(default)]
+    pub mfa: bool,
 }
 
 /// A target as listed.
@@ -209,6 +366,9 @@ pub struct TargetInfo {
     pub host_key: String,
     /// `ssh-ed25519 SHA256:…` of the pinned key.
     pub fingerprint: String,
+    /// Target groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// Which kind of credential an account holds.
@@ -266,7 +426,7 @@ pub struct GrantInfo {
     pub target: String,
     /// Account on the target.
     pub account: String,
-    /// Conditions (empty today).
+    /// Conditions.
     pub conditions: Conditions,
 }
 
@@ -340,11 +500,12 @@ mod tests {
             target: "web01".into(),
             account: "root".into(),
             allow_env: Vec::new(),
+            conditions: Conditions::default(),
         };
         let line = serde_json::to_string(&r).expect("encode");
         assert_eq!(
             line,
-            r#"{"cmd":"grant_add","user":"alice","target":"web01","account":"root"}"#
+            r#"{"cmd":"grant_add","user":"alice","target":"web01","account":"root","conditions":{}}"#
         );
         let list: Request = serde_json::from_str(r#"{"cmd":"user_list"}"#).expect("decode");
         assert!(matches!(list, Request::UserList));

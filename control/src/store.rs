@@ -20,10 +20,13 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::protocol::{AccountInfo, CredentialKind, GrantInfo, TargetInfo, UserInfo};
 use crate::validate::{self, Invalid};
-use crate::vault::{account_aad, Vault, VaultError};
+use crate::vault::{account_aad, totp_aad, Vault, VaultError};
+
+mod governance;
+pub use governance::{GroupInfo, Lockout};
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -61,6 +64,44 @@ CREATE TABLE grants (
     conditions TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (user, target, account),
     FOREIGN KEY (target, account) REFERENCES accounts(target, username) ON DELETE CASCADE
+);
+";
+
+/// Version 2: groups and target groups, grants naming either, user state for MFA, lockout and
+/// disabling, and the failed logins lockout counts. Grants keep their creation order (`id`):
+/// the first grant whose conditions hold decides.
+const SCHEMA_V2: &str = "
+CREATE TABLE grants_v2 (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    target TEXT NOT NULL,
+    account TEXT NOT NULL,
+    conditions TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (user, target, account)
+);
+INSERT INTO grants_v2 (user, target, account, conditions)
+    SELECT user, target, account, conditions FROM grants ORDER BY user, target, account;
+DROP TABLE grants;
+ALTER TABLE grants_v2 RENAME TO grants;
+ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN locked_until_ms INTEGER;
+ALTER TABLE users ADD COLUMN totp BLOB;
+ALTER TABLE users ADD COLUMN totp_last_step INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE groups (name TEXT PRIMARY KEY NOT NULL);
+CREATE TABLE group_members (
+    grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    PRIMARY KEY (grp, user)
+);
+CREATE TABLE target_groups (name TEXT PRIMARY KEY NOT NULL);
+CREATE TABLE target_group_members (
+    grp TEXT NOT NULL REFERENCES target_groups(name) ON DELETE CASCADE,
+    target TEXT NOT NULL REFERENCES targets(name) ON DELETE CASCADE,
+    PRIMARY KEY (grp, target)
+);
+CREATE TABLE auth_failures (
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    ts_ms INTEGER NOT NULL
 );
 ";
 
@@ -123,7 +164,13 @@ impl Store {
         if version < 1 {
             let tx = conn.transaction()?;
             tx.execute_batch(SCHEMA_V1)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.pragma_update(None, "user_version", 1)?;
+            tx.commit()?;
+        }
+        if version < 2 {
+            let tx = conn.transaction()?;
+            tx.execute_batch(SCHEMA_V2)?;
+            tx.pragma_update(None, "user_version", 2)?;
             tx.commit()?;
         }
         // Sanity read, so a damaged file fails at open rather than on first use.
@@ -279,13 +326,22 @@ impl Store {
 
     /// Lists users, by name.
     pub fn list_users(&self) -> Result<Vec<UserInfo>, StoreError> {
-        let users = read_users(&self.conn)?;
+        let users = read_users(&self.conn, None)?;
+        let mfa: Vec<String> = self
+            .conn
+            .prepare("SELECT name FROM users WHERE totp IS NOT NULL")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         Ok(users
             .into_iter()
             .map(|u| UserInfo {
-                name: u.name,
+                mfa: mfa.contains(&u.name),
                 has_password: u.password.is_some(),
                 ssh_keys: u.ssh_keys,
+                groups: u.groups,
+                disabled: u.disabled,
+                locked_until_ms: u.locked_until_ms,
+                name: u.name,
             })
             .collect())
     }
@@ -342,6 +398,7 @@ impl Store {
                         name: r.get(0)?,
                         address: r.get(1)?,
                         host_key: r.get(2)?,
+                        groups: Vec::new(),
                     })
                 },
             )
@@ -385,6 +442,7 @@ impl Store {
                 name: t.name,
                 address: t.address,
                 host_key: t.host_key,
+                groups: t.groups,
             })
             .collect())
     }
@@ -503,9 +561,20 @@ impl Store {
         let conditions = serde_json::to_string(conditions)
             .map_err(|e| StoreError::Conflict(format!("conditions: {e}")))?;
         let tx = self.conn.transaction()?;
-        Self::require_user(&tx, user)?;
-        Self::require_target(&tx, target)?;
-        Self::require_account(&tx, target, account)?;
+        match user.strip_prefix('@') {
+            Some(g) => Self::require_group(&tx, g)?,
+            None => Self::require_user(&tx, user)?,
+        }
+        match target.strip_prefix('@') {
+            Some(g) => {
+                Self::require_target_group(&tx, g)?;
+                validate::account_name(account)?;
+            }
+            None => {
+                Self::require_target(&tx, target)?;
+                Self::require_account(&tx, target, account)?;
+            }
+        }
         if Self::exists(
             &tx,
             "SELECT 1 FROM grants WHERE user = ?1 AND target = ?2 AND account = ?3",
@@ -537,7 +606,9 @@ impl Store {
             [user, target, account],
         )?;
         if n == 0 {
-            Self::require_user(&tx, user)?;
+            if !user.starts_with('@') {
+                Self::require_user(&tx, user)?;
+            }
             return Err(StoreError::NotFound(format!(
                 "no grant {user} -> {account}@{target}"
             )));
@@ -566,11 +637,12 @@ impl Store {
         let tx = self.conn.transaction()?;
         let snap = PolicySnapshot {
             version: read_version(&tx)?,
-            users: read_users(&tx)?,
+            users: read_users(&tx, Some(vault))?,
             targets: read_targets(&tx)?,
             accounts: read_accounts(&tx, vault)?,
             grants: read_grants(&tx)?,
             recording_required: true,
+            mfa_required: false,
         };
         tx.commit()?;
         Ok(snap)
@@ -584,15 +656,45 @@ fn read_version(c: &Connection) -> Result<u64, StoreError> {
     Ok(v as u64)
 }
 
-fn read_users(c: &Connection) -> Result<Vec<User>, StoreError> {
-    let mut stmt = c.prepare("SELECT name, password FROM users ORDER BY name")?;
+/// Users with their keys, groups and state; their TOTP secrets opened when `vault` is given
+/// (the snapshot), left out otherwise (listings).
+fn read_users(c: &Connection, vault: Option<&Vault>) -> Result<Vec<User>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT name, password, disabled, locked_until_ms, totp, totp_last_step
+         FROM users ORDER BY name",
+    )?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, bool>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, Option<Vec<u8>>>(4)?,
+            r.get::<_, i64>(5)?,
+        ))
     })?;
     let mut keys_stmt = c.prepare("SELECT key FROM user_keys WHERE user = ?1 ORDER BY id")?;
+    let mut groups_stmt =
+        c.prepare("SELECT grp FROM group_members WHERE user = ?1 ORDER BY grp")?;
     let mut out = Vec::new();
     for row in rows {
-        let (name, password) = row?;
+        let (name, password, disabled, locked, totp, last_step) = row?;
+        let groups = groups_stmt
+            .query_map([&name], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let totp = match (totp, vault) {
+            (Some(sealed), Some(vault)) => {
+                let plain = vault.open(&totp_aad(&name), &sealed)?;
+                let secret = std::str::from_utf8(&plain).map_err(|_| {
+                    StoreError::Corrupt(format!("TOTP secret of user '{name}' is not utf-8"))
+                })?;
+                Some(psm_control_api::Totp {
+                    secret: Secret::new(secret.to_string()),
+                    last_step: last_step.max(0) as u64,
+                })
+            }
+            _ => None,
+        };
         let password = match password {
             Some(json) => Some(
                 serde_json::from_str::<PasswordHash>(&json)
@@ -607,6 +709,10 @@ fn read_users(c: &Connection) -> Result<Vec<User>, StoreError> {
             name,
             password,
             ssh_keys,
+            groups,
+            disabled,
+            locked_until_ms: locked.map(|t| t.max(0) as u64),
+            totp,
         });
     }
     Ok(out)
@@ -619,9 +725,18 @@ fn read_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
             name: r.get(0)?,
             address: r.get(1)?,
             host_key: r.get(2)?,
+            groups: Vec::new(),
         })
     })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    let mut targets = rows.collect::<Result<Vec<_>, _>>()?;
+    let mut groups_stmt =
+        c.prepare("SELECT grp FROM target_group_members WHERE target = ?1 ORDER BY grp")?;
+    for t in &mut targets {
+        t.groups = groups_stmt
+            .query_map([&t.name], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+    }
+    Ok(targets)
 }
 
 fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreError> {
@@ -663,9 +778,7 @@ fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreErr
 }
 
 fn read_grants(c: &Connection) -> Result<Vec<Grant>, StoreError> {
-    let mut stmt = c.prepare(
-        "SELECT user, target, account, conditions FROM grants ORDER BY user, target, account",
-    )?;
+    let mut stmt = c.prepare("SELECT user, target, account, conditions FROM grants ORDER BY id")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -828,7 +941,7 @@ mod tests {
         assert_eq!(s.list_accounts().expect("accounts").len(), 2);
         assert_eq!(s.list_grants().expect("grants").len(), 1);
         let snap = s.snapshot(&v).expect("snapshot");
-        assert!(snap.authorize("alice", "root", "web01").is_ok());
+        assert!(snap.authorize_local("alice", "root", "web01").is_ok());
 
         let msg = |r: Result<(u64, Target), StoreError>| r.expect_err("must fail").to_string();
         assert_eq!(
@@ -938,8 +1051,8 @@ mod tests {
             root.credential,
             Credential::Password(Secret::new("hunter2".into()))
         );
-        assert!(snap.authorize("alice", "root", "web01").is_ok());
-        assert!(snap.authorize("alice", "deploy", "web01").is_err());
+        assert!(snap.authorize_local("alice", "root", "web01").is_ok());
+        assert!(snap.authorize_local("alice", "deploy", "web01").is_err());
 
         // the ciphertext at rest holds no plaintext
         let raw = fs::read(t.path().join("psm.db")).expect("read");

@@ -29,6 +29,11 @@ pub enum VaultError {
     Open(String),
 }
 
+/// The additional authenticated data for a user's TOTP secret.
+pub fn totp_aad(user: &str) -> String {
+    format!("totp:{user}")
+}
+
 /// The additional authenticated data for an account credential.
 pub fn account_aad(target: &str, username: &str) -> String {
     format!("account:{target}/{username}")

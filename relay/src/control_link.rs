@@ -73,17 +73,63 @@ impl Reporter {
             sessions_started: c.sessions_started.load(Ordering::Relaxed),
             unauthenticated: (self.unauthenticated)(),
             recorder_connected: (self.recorder_connected)(),
+            policy_version: 0,
         }
     }
 }
 
-/// Bytes a session has moved each way.
+/// Bytes a session has moved each way, and when the user last sent anything.
 #[derive(Default)]
 pub struct SessionBytes {
     /// User to target.
     pub up: AtomicU64,
     /// Target to user.
     pub down: AtomicU64,
+    /// Last input from the user, ms since the epoch (for the idle timeout).
+    pub last_input_ms: AtomicU64,
+}
+
+impl SessionBytes {
+    /// `n` bytes came from the user now.
+    pub fn input(&self, n: usize) {
+        self.up.fetch_add(n as u64, Ordering::Relaxed);
+        self.last_input_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// An operator's kill of one session, as the session's own task receives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kill {
+    /// What the user and the audit log are told.
+    pub reason: String,
+    /// Who asked.
+    pub actor: String,
+}
+
+/// Where a session is told it must end: set once, then its task is woken.
+#[derive(Default)]
+pub struct KillSwitch {
+    kill: Mutex<Option<Kill>>,
+    notify: tokio::sync::Notify,
+}
+
+impl KillSwitch {
+    /// Ends the session (the first kill wins).
+    pub fn fire(&self, k: Kill) {
+        if let Ok(mut g) = self.kill.lock() {
+            g.get_or_insert(k);
+        }
+        self.notify.notify_one();
+    }
+    /// Waits for a kill.
+    pub async fn fired(&self) -> Kill {
+        loop {
+            if let Some(k) = self.kill.lock().ok().and_then(|g| g.clone()) {
+                return k;
+            }
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// The policy snapshot the relay currently enforces.
@@ -91,6 +137,8 @@ pub struct SessionBytes {
 pub struct PolicyStore {
     current: RwLock<Arc<PolicySnapshot>>,
     loaded: AtomicU64,
+    /// The version in force, for the sessions that re-check their policy on every change.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyStore {
@@ -114,9 +162,18 @@ impl PolicyStore {
         if !first && !authoritative && snap.version < g.version {
             return false;
         }
+        let v = snap.version;
         *g = Arc::new(snap);
         self.loaded.fetch_add(1, Ordering::AcqRel);
+        drop(g);
+        // every replacement wakes the watchers, even to the same version number
+        self.version.send_modify(|x| *x = v);
         true
+    }
+
+    /// Wakes on every snapshot applied.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// Whether any snapshot has been received yet.
@@ -128,13 +185,29 @@ impl PolicyStore {
 /// Sessions running on this relay, announced to control in every `Hello` so a restarted control
 /// knows them.
 #[derive(Default)]
-pub struct LiveSessions(Mutex<HashMap<String, (LiveSession, Arc<SessionBytes>)>>);
+pub struct LiveSessions(Mutex<HashMap<String, (LiveSession, Arc<SessionBytes>, Arc<KillSwitch>)>>);
 
 impl LiveSessions {
-    /// A session started; `bytes` are its counters.
-    pub fn insert(&self, s: LiveSession, bytes: Arc<SessionBytes>) {
+    /// A session started; `bytes` are its counters, `kill` where an operator's kill goes.
+    pub fn insert(&self, s: LiveSession, bytes: Arc<SessionBytes>, kill: Arc<KillSwitch>) {
         if let Ok(mut m) = self.0.lock() {
-            m.insert(s.session_id.clone(), (s, bytes));
+            m.insert(s.session_id.clone(), (s, bytes, kill));
+        }
+    }
+
+    /// Delivers an operator's kill; false when the session does not run here.
+    pub fn kill(&self, session_id: &str, k: Kill) -> bool {
+        let switch = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(session_id).map(|(_, _, k)| k.clone()));
+        match switch {
+            Some(s) => {
+                s.fire(k);
+                true
+            }
+            None => false,
         }
     }
 
@@ -144,7 +217,7 @@ impl LiveSessions {
             .lock()
             .map(|m| {
                 m.values()
-                    .map(|(s, b)| SessionProgress {
+                    .map(|(s, b, _)| SessionProgress {
                         session_id: s.session_id.clone(),
                         bytes_up: b.up.load(Ordering::Relaxed),
                         bytes_down: b.down.load(Ordering::Relaxed),
@@ -165,7 +238,7 @@ impl LiveSessions {
     pub fn list(&self) -> Vec<LiveSession> {
         self.0
             .lock()
-            .map(|m| m.values().map(|(s, _)| s.clone()).collect())
+            .map(|m| m.values().map(|(s, _, _)| s.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -183,14 +256,14 @@ impl LiveSessions {
 /// Where relay code sends audit events. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<AuditEvent>,
+    tx: mpsc::Sender<RelayToControl>,
     origin: Arc<str>,
     dropped: Arc<AtomicU64>,
 }
 
 impl AuditSink {
     /// A sink and the receiving end the control link drains.
-    pub fn new(origin: &str) -> (AuditSink, mpsc::Receiver<AuditEvent>) {
+    pub fn new(origin: &str) -> (AuditSink, mpsc::Receiver<RelayToControl>) {
         let (tx, rx) = mpsc::channel(AUDIT_BUFFER);
         (
             AuditSink {
@@ -216,9 +289,17 @@ impl AuditSink {
             origin: self.origin.to_string(),
             kind,
         };
-        if let Err(e) = self.tx.try_send(ev) {
+        if let Err(e) = self.tx.try_send(RelayToControl::Audit(ev)) {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             warn!(dropped = n, error = %e, "audit buffer full; event dropped");
+        }
+    }
+
+    /// Sends a report that is not an audit event (a TOTP step used, a rehashed password) the
+    /// same way: queued, never blocking.
+    pub fn report(&self, msg: RelayToControl) {
+        if self.tx.try_send(msg).is_err() {
+            warn!("control buffer full; report dropped");
         }
     }
 }
@@ -230,7 +311,7 @@ pub async fn run(
     store: Arc<PolicyStore>,
     live: Arc<LiveSessions>,
     reporter: Reporter,
-    mut audit_rx: mpsc::Receiver<AuditEvent>,
+    mut audit_rx: mpsc::Receiver<RelayToControl>,
 ) {
     let mut pending: Option<Vec<u8>> = None;
     let mut warned = false;
@@ -268,7 +349,7 @@ async fn serve(
     store: &PolicyStore,
     live: &LiveSessions,
     reporter: &Reporter,
-    audit_rx: &mut mpsc::Receiver<AuditEvent>,
+    audit_rx: &mut mpsc::Receiver<RelayToControl>,
     pending: &mut Option<Vec<u8>>,
 ) -> String {
     let (r, mut w) = stream.into_split();
@@ -294,8 +375,10 @@ async fn serve(
     loop {
         tokio::select! {
             _ = stats_tick.tick() => {
+                let mut stats = reporter.stats();
+                stats.policy_version = store.get().version;
                 let msg = RelayToControl::Stats {
-                    stats: reporter.stats(),
+                    stats,
                     sessions: live.progress(),
                 };
                 if let Err(e) = w.write_all(&encode_line(&msg)).await {
@@ -314,6 +397,10 @@ async fn serve(
                                 debug!(version = v, "stale policy snapshot ignored");
                             }
                         }
+                        Ok(ControlToRelay::Kill { session_id, reason, actor }) => {
+                            let here = live.kill(&session_id, Kill { reason, actor });
+                            debug!(session = %session_id, here, "kill request");
+                        }
                         Err(e) => return format!("bad message from psm-control: {e}"),
                     },
                     Err(e) => return format!("reading from psm-control: {e}"),
@@ -323,7 +410,7 @@ async fn serve(
             }
             ev = audit_rx.recv() => {
                 let Some(ev) = ev else { return "audit channel closed".into() };
-                let bytes = encode_line(&RelayToControl::Audit(ev));
+                let bytes = encode_line(&ev);
                 if let Err(e) = w.write_all(&bytes).await {
                     *pending = Some(bytes);
                     return format!("sending audit event: {e}");

@@ -16,6 +16,10 @@ pub enum Side {
     Recorder,
     /// psm itself (shutdown, limits).
     Internal,
+    /// The policy (a limit reached, a grant revoked, a window closed).
+    Policy,
+    /// An operator (`psmctl sessions kill`).
+    Operator,
 }
 
 impl fmt::Display for Side {
@@ -25,6 +29,8 @@ impl fmt::Display for Side {
             Side::Target => "target",
             Side::Recorder => "recorder",
             Side::Internal => "internal",
+            Side::Policy => "policy",
+            Side::Operator => "operator",
         })
     }
 }
@@ -63,6 +69,15 @@ pub enum EndReason {
     RecordingFailed(String),
     /// The relay is stopping.
     Shutdown,
+    /// The policy ended it.
+    Policy(psm_control_api::PolicyStop),
+    /// An operator ended it.
+    Operator {
+        /// The reason given.
+        reason: String,
+        /// Who.
+        actor: String,
+    },
 }
 
 impl EndReason {
@@ -78,6 +93,8 @@ impl EndReason {
             | EndReason::TargetViolation(_) => Side::Target,
             EndReason::RecordingLost | EndReason::RecordingFailed(_) => Side::Recorder,
             EndReason::Shutdown => Side::Internal,
+            EndReason::Policy(_) => Side::Policy,
+            EndReason::Operator { .. } => Side::Operator,
         }
     }
 
@@ -94,11 +111,24 @@ impl EndReason {
             EndReason::RecordingLost => "recording_lost",
             EndReason::RecordingFailed(_) => "recording_failed",
             EndReason::Shutdown => "shutdown",
+            EndReason::Policy(p) => p.code(),
+            EndReason::Operator { .. } => "operator_kill",
         }
     }
 
     /// What the user is told (one line on stderr or in the disconnect message), if anything.
-    pub fn user_line(&self) -> Option<&'static str> {
+    pub fn user_line(&self) -> Option<String> {
+        match self {
+            EndReason::Policy(p) => Some(p.user_line()),
+            EndReason::Operator { reason, .. } => Some(format!(
+                "psm: session ended by an operator: {}",
+                crate::escape_short(reason)
+            )),
+            other => other.static_line().map(String::from),
+        }
+    }
+
+    fn static_line(&self) -> Option<&'static str> {
         match self {
             EndReason::ClientClosed | EndReason::ClientError(_) | EndReason::TargetEnded => None,
             EndReason::ClientViolation(_) => {
@@ -117,6 +147,7 @@ impl EndReason {
                 Some("psm: session recording was lost; the session was closed")
             }
             EndReason::Shutdown => Some("psm: the gateway is shutting down"),
+            EndReason::Policy(_) | EndReason::Operator { .. } => None,
         }
     }
 }
@@ -147,6 +178,14 @@ impl fmt::Display for EndReason {
             EndReason::RecordingLost => f.write_str("session recording was lost"),
             EndReason::RecordingFailed(d) => write!(f, "session recording was lost: {d}"),
             EndReason::Shutdown => f.write_str("gateway shutting down"),
+            EndReason::Policy(p) => write!(f, "{p}"),
+            EndReason::Operator { reason, actor } => {
+                write!(
+                    f,
+                    "ended by operator {actor}: {}",
+                    crate::escape_short(reason)
+                )
+            }
         }
     }
 }

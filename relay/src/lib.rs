@@ -17,6 +17,7 @@ pub mod cut;
 pub mod end;
 pub mod flow;
 pub mod host_key;
+pub mod mfa;
 pub mod notices;
 mod pipe;
 pub mod prestart;
@@ -235,6 +236,8 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
     let limits = Arc::new(cfg.limits.clone());
+    let mfa = Arc::new(mfa::Mfa::default());
+    let throttle = Arc::new(mfa::Throttle::default());
     let user_slots = startups::UserSlots::new(
         cfg.limits.max_connections_per_user,
         cfg.limits.max_connections,
@@ -263,6 +266,8 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             counters: counters.clone(),
             preauth_log: preauth_log.clone(),
             user_slots: user_slots.clone(),
+            mfa: mfa.clone(),
+            throttle: throttle.clone(),
         });
         let io = cfg.io;
         std::thread::Builder::new()

@@ -114,7 +114,9 @@ mod tests {
         n.flush();
         let mut events = Vec::new();
         while let Ok(e) = rx.try_recv() {
-            events.push(e.kind);
+            if let psm_control_api::RelayToControl::Audit(e) = e {
+                events.push(e.kind);
+            }
         }
         assert_eq!(events.len(), 3, "{events:?}");
         let AuditKind::Notice { message, count, .. } = &events[2] else {

@@ -155,10 +155,7 @@ pub(crate) async fn read_client(
         }
         let item = match r.wait().await {
             Some(ChannelMsg::Data { data }) => {
-                shared
-                    .bytes
-                    .up
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                shared.bytes.input(data.len());
                 if let Some(rec) = &rec {
                     rec.data(ch, Direction::Input, data.clone()).await;
                 }

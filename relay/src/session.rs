@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use psm_control_api::{now_ms, AuditKind, Escaped, LiveSession, Login, PolicySnapshot};
+use psm_control_api::{
+    decide, now_ms, Attempt, AuditKind, ChannelKind, Escaped, Governor, LiveSession, Login,
+    PolicySnapshot, RelayToControl, Verdict,
+};
 use psm_recorder_format::{CloseSummary, RecordingMeta};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -25,10 +28,11 @@ use russh::{
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
-use crate::control_link::{AuditSink, Counters, PolicyStore, SessionBytes};
+use crate::control_link::{AuditSink, Counters, KillSwitch, PolicyStore, SessionBytes};
 use crate::cut::Cuttable;
 use crate::end::EndReason;
 use crate::flow::{Flow, WindowMirror, WINDOW};
+use crate::mfa::{Mfa, Throttle};
 use crate::notices::Notices;
 use crate::pipe::{
     account_down, down_item, read_client, read_target, record_down, write_client, write_target,
@@ -93,6 +97,10 @@ pub struct WorkerCtx {
     pub preauth_log: Arc<Mutex<LogLimiter>>,
     /// The relay-wide table of authenticated connections per user.
     pub user_slots: Arc<UserSlots>,
+    /// TOTP steps used and the MFA cache (relay-wide).
+    pub mfa: Arc<Mfa>,
+    /// Failed logins per source and per user (relay-wide).
+    pub throttle: Arc<Throttle>,
 }
 
 impl WorkerCtx {
@@ -129,6 +137,10 @@ pub(crate) struct SharedState {
     pub(crate) exit_status: Option<u32>,
     pub(crate) exit_signal: Option<String>,
     end: Option<EndReason>,
+    /// The policy side of the session, once it started.
+    governor: Option<Governor>,
+    /// Channels relaying now (where an end-of-session line is written).
+    running: Vec<ChannelId>,
 }
 
 /// State of one connection that outlives the russh handler (for the end-of-session record).
@@ -147,6 +159,10 @@ pub(crate) struct Shared {
     /// Channels whose relaying finished (russh does not call `channel_close` when the target
     /// closed them): the handler drops them from its tables.
     finished: Mutex<Vec<ChannelId>>,
+    /// An operator's kill arrives here.
+    kill: Arc<KillSwitch>,
+    /// Notified when the session starts (its governor is set).
+    governed: Notify,
     state: Mutex<SharedState>,
 }
 
@@ -226,6 +242,8 @@ pub async fn handle_connection(
         recording_lost: Notify::new(),
         violation: Notify::new(),
         finished: Mutex::new(Vec::new()),
+        kill: Arc::new(KillSwitch::default()),
+        governed: Notify::new(),
         state: Mutex::new(SharedState::default()),
     });
     let conn = Conn {
@@ -237,6 +255,7 @@ pub async fn handle_connection(
         permit: Some(permit),
         user_permit: None,
         window: WindowMirror::new(WINDOW),
+        mfa_pending: None,
         conditions: Default::default(),
         channels: HashMap::new(),
         flows: HashMap::new(),
@@ -263,8 +282,23 @@ pub async fn handle_connection(
     tokio::pin!(grace);
     let mut grace_over = false;
     let mut reason: Option<EndReason> = None;
+    let policy = govern(&ctx, &shared);
+    tokio::pin!(policy);
     let kick = loop {
         tokio::select! {
+            stop = &mut policy => {
+                info!(session = %shared.session_id, reason = %stop, "session ended by policy");
+                let line = stop.user_line();
+                reason = Some(stop);
+                break line;
+            }
+            k = shared.kill.fired() => {
+                info!(session = %shared.session_id, actor = %Escaped(&k.actor), reason = %Escaped(&k.reason), "session killed by an operator");
+                let r = EndReason::Operator { reason: k.reason, actor: k.actor };
+                let line = r.user_line();
+                reason = Some(r);
+                break line;
+            }
             r = &mut running => {
                 if let Err(e) = r {
                     if shared.authenticated.load(Ordering::Acquire) {
@@ -280,7 +314,7 @@ pub async fn handle_connection(
                 grace_over = true;
                 if !shared.authenticated.load(Ordering::Acquire) {
                     ctx.preauth_failure(peer, &"login grace time exceeded");
-                    break Some("psm: login grace time exceeded");
+                    break Some("psm: login grace time exceeded".to_string());
                 }
             }
             changed = shutdown.changed() => {
@@ -301,7 +335,7 @@ pub async fn handle_connection(
                 }
                 let line = r.as_ref().and_then(|r| r.user_line());
                 reason = r;
-                break line.or(Some("psm: protocol violation"));
+                break line.or(Some("psm: protocol violation".to_string()));
             }
             _ = shared.recording_lost.notified() => {
                 let why = shared
@@ -333,6 +367,15 @@ pub async fn handle_connection(
         }
     };
     if let Some(message) = kick {
+        // The line goes to every running channel's stderr (what an exec client or a terminal
+        // shows) as well as into the disconnect message.
+        for ch in shared.with(|s| s.running.clone()) {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                handle.extended_data(ch, 1, Bytes::from(format!("\r\n{message}\r\n"))),
+            )
+            .await;
+        }
         let polite = if shared.authenticated.load(Ordering::Acquire) {
             CLOSE_GRACE
         } else {
@@ -356,6 +399,42 @@ pub async fn handle_connection(
     }
     finish(&ctx, &shared, reason).await;
     shared.notices.flush();
+}
+
+/// The policy side of a connection: once the session started, asks its governor at every
+/// snapshot and every deadline whether it may go on; returns only when it may not.
+async fn govern(ctx: &WorkerCtx, shared: &Shared) -> EndReason {
+    let mut watch = ctx.policy.watch();
+    loop {
+        let Some(gov) = shared.with(|s| s.governor.clone()) else {
+            shared.governed.notified().await;
+            continue;
+        };
+        let now = now_ms();
+        let last = shared.bytes.last_input_ms.load(Ordering::Relaxed);
+        match gov.check(&ctx.policy.get(), now, last) {
+            Verdict::End(stop) => return EndReason::Policy(stop),
+            Verdict::Continue { next_check_ms } => {
+                let sleep = async {
+                    match next_check_ms {
+                        Some(t) => {
+                            tokio::time::sleep(Duration::from_millis(t.saturating_sub(now))).await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                let changed = async {
+                    if watch.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    _ = sleep => {}
+                    _ = changed => {}
+                }
+            }
+        }
+    }
 }
 
 /// Counts live connections for a graceful shutdown.
@@ -460,6 +539,8 @@ pub struct Conn {
     user_permit: Option<UserPermit>,
     /// russh's receive windows on this connection, replayed to catch data beyond them.
     window: WindowMirror,
+    /// First factor passed, second factor asked: (login, user, first method).
+    mfa_pending: Option<(String, String, &'static str)>,
     /// The conditions of the grant the latest channel was brokered under.
     conditions: psm_control_api::Conditions,
     channels: HashMap<ChannelId, Chan>,
@@ -468,6 +549,10 @@ pub struct Conn {
 
 fn methods() -> MethodSet {
     MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
+}
+
+fn second_factor() -> MethodSet {
+    MethodSet::from(&[MethodKind::KeyboardInteractive][..])
 }
 
 fn reject() -> Auth {
@@ -497,6 +582,9 @@ impl Conn {
     }
 
     fn auth_failed(&self, login: &str, method: &str, reason: &str) {
+        self.ctx
+            .throttle
+            .failed(self.shared.peer.ip(), Login::user_part(login), now_ms());
         let login = logged_login(login);
         Counters::bump(&self.ctx.counters.auth_failures);
         info!(peer = %self.shared.peer, login = %Escaped(&login), method, reason, "authentication failed");
@@ -506,6 +594,72 @@ impl Conn {
             source: self.source(),
             reason: reason.to_string(),
         });
+    }
+
+    /// Refuses any attempt while the source or the user is over the rate limit, and users
+    /// that are disabled or locked (with the same refusal as a wrong password).
+    fn refused_early(&self, login: &str, method: &str) -> Option<Auth> {
+        let user = Login::user_part(login);
+        let now = now_ms();
+        if self.ctx.throttle.limited(self.shared.peer.ip(), user, now) {
+            Counters::bump(&self.ctx.counters.auth_failures);
+            info!(peer = %self.shared.peer, login = %Escaped(&logged_login(login)), method, "authentication rate limited");
+            self.ctx.audit.emit(AuditKind::AuthFailure {
+                login: logged_login(login),
+                method: method.to_string(),
+                source: self.source(),
+                reason: "rate limited: too many failed logins from this address or for this user"
+                    .into(),
+            });
+            return Some(reject());
+        }
+        if let Err(d) = psm_control_api::policy::user_usable(&self.ctx.policy.get(), user, now) {
+            let why = match d {
+                psm_control_api::Denial::UserLocked { .. } => "locked",
+                psm_control_api::Denial::UserDisabled { .. } => "disabled",
+                _ => return None,
+            };
+            self.auth_failed(login, method, why);
+            return Some(reject());
+        }
+        None
+    }
+
+    /// The first factor passed: accept, or ask for the second one when the policy wants it
+    /// (and no cached MFA of this user from this address covers the grant).
+    fn first_factor(&mut self, login: &str, user: &str, method: &'static str) -> Auth {
+        let snap = self.ctx.policy.get();
+        let now = now_ms();
+        let ip = self.shared.peer.ip();
+        let needs = match Login::parse(login) {
+            Ok(l) => decide(
+                &snap,
+                &Attempt {
+                    user,
+                    account: &l.account,
+                    target: &l.target,
+                    source: ip,
+                    now_ms: now,
+                },
+            )
+            .ok()
+            .map(|p| {
+                let cache = p.conditions().mfa_cache_ms;
+                p.mfa && !cache.is_some_and(|ms| self.ctx.mfa.cached(user, ip, ms, now))
+            })
+            // a denied session is told why on its first channel; MFA only if required globally
+            .unwrap_or(snap.mfa_required),
+            Err(_) => snap.mfa_required,
+        };
+        if !needs {
+            return self.auth_ok(login, user, method);
+        }
+        debug!(peer = %self.shared.peer, user = %Escaped(user), "first factor passed; asking for the second");
+        self.mfa_pending = Some((login.to_string(), user.to_string(), method));
+        Auth::Reject {
+            proceed_with_methods: Some(second_factor()),
+            partial_success: true,
+        }
     }
 
     fn auth_ok(&mut self, login: &str, user: &str, method: &str) -> Auth {
@@ -578,23 +732,21 @@ impl Conn {
             }
         };
         let snap = self.ctx.policy.get();
-        if snap.user(user).is_none() {
-            return Err(self.deny(
-                user,
-                format!("user '{user}' no longer exists"),
-                "psm: access denied".into(),
-            ));
-        }
-        let (target, account) = match snap.authorize(user, &login.account, &login.target) {
-            Ok(x) => x,
+        let attempt = Attempt {
+            user,
+            account: &login.account,
+            target: &login.target,
+            source: self.shared.peer.ip(),
+            now_ms: now_ms(),
+        };
+        let permit = match decide(&snap, &attempt) {
+            Ok(p) => p,
             Err(d) => {
                 return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message())))
             }
         };
-        self.conditions = snap
-            .grant(user, &login.account, &login.target)
-            .map(|g| g.conditions.clone())
-            .unwrap_or_default();
+        let (target, account) = (permit.target, permit.account);
+        self.conditions = permit.conditions().clone();
         // The recording is confirmed open before the relay logs in to the target: a user who
         // cannot be recorded is told so up front, and the target never sees the login.
         let mut opened = None;
@@ -656,7 +808,15 @@ impl Conn {
                     recording_id: recording_id.clone(),
                 });
                 s.recording = opened;
+                s.governor = Some(Governor {
+                    user: user.to_string(),
+                    account: account.username.clone(),
+                    target: target.name.clone(),
+                    source: self.shared.peer.ip(),
+                    start_ms: self.shared.start_ms,
+                });
             });
+            self.shared.governed.notify_one();
             info!(session = %self.shared.session_id, %user, target = %target.name, account = %account.username, "session started");
             Counters::bump(&self.ctx.counters.sessions_started);
             let live = LiveSession {
@@ -669,9 +829,11 @@ impl Conn {
                 recording_id,
                 start_ms: self.shared.start_ms,
             };
-            self.ctx
-                .sessions
-                .insert(live.clone(), self.shared.bytes.clone());
+            self.ctx.sessions.insert(
+                live.clone(),
+                self.shared.bytes.clone(),
+                self.shared.kill.clone(),
+            );
             self.ctx.audit.emit(AuditKind::SessionStart {
                 session_id: live.session_id,
                 user: live.user,
@@ -762,10 +924,7 @@ impl Conn {
         for e in before {
             let item = match e {
                 Early::Data(data) => {
-                    self.shared
-                        .bytes
-                        .up
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    self.shared.bytes.input(data.len());
                     if let Some(rec) = &rec {
                         rec.data(ch, psm_recorder_format::Direction::Input, data.clone())
                             .await;
@@ -819,7 +978,9 @@ impl Conn {
             if let Ok(mut f) = shared.finished.lock() {
                 f.push(channel);
             }
+            shared.with(|s| s.running.retain(|c| *c != channel));
         });
+        self.shared.with(|s| s.running.push(channel));
         self.channels.insert(channel, Chan::Running { up_w });
     }
 
@@ -854,7 +1015,32 @@ impl Conn {
             _ => return session.channel_failure(channel),
         }
         let (request, command) = req.describe();
-        let accepted = self.forward_request(channel, req).await == Some(true);
+        let kind = req.kind();
+        let permitted = match kind {
+            Some(k) => self.conditions.allows(k),
+            None => false,
+        };
+        let accepted = if permitted {
+            self.forward_request(channel, req).await == Some(true)
+        } else {
+            let what = match kind {
+                Some(k) => format!("{k} sessions are"),
+                None => format!("the subsystem '{}' is", crate::escape_short(&command)),
+            };
+            let _ = session.extended_data(
+                channel,
+                1,
+                Bytes::from(format!("psm: {what} not permitted by policy\r\n")),
+            );
+            self.notice(
+                "channel kind",
+                &kind
+                    .map(|k| k.to_string())
+                    .unwrap_or_else(|| "subsystem".into()),
+                format!(" ({request} {})", crate::escape_short(&command)),
+            );
+            false
+        };
         if let Some(info) = self.shared.with(|s| {
             s.info
                 .as_ref()
@@ -898,6 +1084,7 @@ impl Conn {
             "remote port forwarding" => "remote port forwarding refused",
             "unix socket forwarding" => "unix socket forwarding refused",
             "environment variable" => "environment variable refused",
+            "channel kind" => "channel refused by policy",
             _ => "request refused",
         };
         self.shared.notices.note(kind, detail, || {
@@ -1004,9 +1191,12 @@ impl russh::server::Handler for Conn {
         login: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        if let Some(r) = self.refused_early(login, "publickey") {
+            return Ok(r);
+        }
         let user = Login::user_part(login).to_string();
         match key_registered(&self.ctx.policy.get(), &user, key.public_key) {
-            Ok(()) => Ok(self.auth_ok(login, &user, "publickey")),
+            Ok(()) => Ok(self.first_factor(login, &user, "publickey")),
             Err(reason) => {
                 self.auth_failed(login, "publickey", reason);
                 Ok(reject())
@@ -1015,6 +1205,9 @@ impl russh::server::Handler for Conn {
     }
 
     async fn auth_password(&mut self, login: &str, password: &str) -> Result<Auth, Self::Error> {
+        if let Some(r) = self.refused_early(login, "password") {
+            return Ok(r);
+        }
         let user = Login::user_part(login).to_string();
         let snap = self.ctx.policy.get();
         let verdict = match snap.user(&user).map(|u| u.password.clone()) {
@@ -1022,10 +1215,25 @@ impl russh::server::Handler for Conn {
             Some(None) => Err("password login not enabled for this user"),
             Some(Some(hash)) => {
                 let pw = zeroize::Zeroizing::new(password.to_string());
-                // PBKDF2 takes tens of milliseconds: keep it off the worker's event loop.
-                let ok = tokio::task::spawn_blocking(move || hash.verify(&pw))
-                    .await
-                    .unwrap_or(false);
+                // argon2id and PBKDF2 take tens of milliseconds: keep them off the worker's
+                // event loop. A legacy PBKDF2 verifier is replaced by an argon2id one.
+                let audit = self.ctx.audit.clone();
+                let name = user.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    let ok = hash.verify(&pw);
+                    if ok && hash.needs_rehash() {
+                        if let Ok(new) = psm_control_api::PasswordHash::new(&pw) {
+                            audit.report(RelayToControl::Rehash {
+                                user: name,
+                                old: hash,
+                                new,
+                            });
+                        }
+                    }
+                    ok
+                })
+                .await
+                .unwrap_or(false);
                 if ok {
                     Ok(())
                 } else {
@@ -1034,10 +1242,75 @@ impl russh::server::Handler for Conn {
             }
         };
         match verdict {
-            Ok(()) => Ok(self.auth_ok(login, &user, "password")),
+            Ok(()) => Ok(self.first_factor(login, &user, "password")),
             Err(reason) => {
                 self.auth_failed(login, "password", reason);
                 Ok(reject())
+            }
+        }
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        login: &str,
+        _submethods: &str,
+        response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        // Keyboard-interactive is only ever psm's second factor, after a key or a password.
+        let Some((first_login, user, first)) = self.mfa_pending.clone() else {
+            return Ok(reject());
+        };
+        if first_login != login {
+            self.auth_failed(
+                login,
+                "keyboard-interactive",
+                "login changed between the factors",
+            );
+            self.mfa_pending = None;
+            return Ok(reject());
+        }
+        let Some(mut response) = response else {
+            return Ok(Auth::Partial {
+                name: "psm".into(),
+                instructions: "".into(),
+                prompts: vec![(std::borrow::Cow::Borrowed(crate::mfa::PROMPT), true)].into(),
+            });
+        };
+        let method = if first == "password" {
+            "password+totp"
+        } else {
+            "publickey+totp"
+        };
+        if let Some(r) = self.refused_early(login, method) {
+            return Ok(r);
+        }
+        let code = response
+            .next()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let code = zeroize::Zeroizing::new(code);
+        let snap = self.ctx.policy.get();
+        let now = now_ms();
+        let verdict = match snap.user(&user) {
+            Some(u) => self.ctx.mfa.verify(u, &code, now),
+            None => Err(crate::mfa::MfaFailure::NotEnrolled),
+        };
+        match verdict {
+            Ok(step) => {
+                self.mfa_pending = None;
+                self.ctx.audit.report(RelayToControl::MfaUsed {
+                    user: user.clone(),
+                    step,
+                });
+                self.ctx.mfa.remember(&user, self.shared.peer.ip(), now);
+                Ok(self.auth_ok(login, &user, method))
+            }
+            Err(f) => {
+                self.auth_failed(login, method, f.reason());
+                Ok(Auth::Reject {
+                    proceed_with_methods: Some(second_factor()),
+                    partial_success: false,
+                })
             }
         }
     }
@@ -1330,6 +1603,16 @@ enum Req {
 }
 
 impl Req {
+    /// The channel kind a start request opens (None: a subsystem psm does not know).
+    fn kind(&self) -> Option<ChannelKind> {
+        match self {
+            Req::Pty { .. } | Req::Shell => Some(ChannelKind::Shell),
+            Req::Exec(cmd) => Some(ChannelKind::of_exec(&String::from_utf8_lossy(cmd))),
+            Req::Subsystem(name) if name == "sftp" => Some(ChannelKind::Sftp),
+            Req::Subsystem(_) => None,
+        }
+    }
+
     /// The request's name and its command line / subsystem name, for the audit log.
     fn describe(&self) -> (&'static str, String) {
         match self {

@@ -169,7 +169,10 @@ fn a_grant_may_let_more_environment_variables_through() {
         None,
     );
     let list = w.psm.psmctl_ok(&["grant", "list"], None);
-    assert!(list.contains("ALLOW-ENV") && list.contains("TZ"), "{list}");
+    assert!(
+        list.contains("CONDITIONS") && list.contains("env TZ"),
+        "{list}"
+    );
     let out = env(&w);
     assert!(
         out.stdout_str().contains("[UTC|]"),

@@ -396,6 +396,57 @@ impl Conditions {
             })
     }
 
+    /// Checks what psmctl (or an imported document) set, so a grant the relay could not
+    /// evaluate is refused when it is made, never at connect time.
+    pub fn validate(&self) -> Result<(), String> {
+        for w in &self.windows {
+            if w.days == 0 || w.days > 0x7f {
+                return Err(format!("time window {w}: no valid day"));
+            }
+            if w.start_min >= 24 * 60 || w.end_min >= 24 * 60 {
+                return Err(format!("time window {w}: not a time of day"));
+            }
+            jiff::tz::TimeZone::get(&w.tz)
+                .map_err(|_| format!("time window: unknown time zone '{}'", w.tz))?;
+        }
+        if let (Some(a), Some(b)) = (self.not_before_ms, self.expires_ms) {
+            if a >= b {
+                return Err(format!(
+                    "--not-before {} is not before --expires {}",
+                    format_time(a),
+                    format_time(b)
+                ));
+            }
+        }
+        for p in &self.forward_to {
+            parse_forward_to(p)?;
+        }
+        if !self.forward_to.is_empty() && !self.allows(ChannelKind::ForwardLocal) {
+            return Err("--forward-to needs --allow forward-local".into());
+        }
+        for (what, v) in [
+            ("--max-duration", self.max_duration_ms),
+            ("--idle-timeout", self.idle_timeout_ms),
+            ("--mfa-cache", self.mfa_cache_ms),
+        ] {
+            if v == Some(0) {
+                return Err(format!("{what}: the duration must be positive"));
+            }
+        }
+        if let Some(a) = &self.approval {
+            if a.count == 0 {
+                return Err("--approval: at least one approval".into());
+            }
+            if a.approvers.is_empty() {
+                return Err("--approval needs --approvers @group".into());
+            }
+            if a.timeout_ms == 0 {
+                return Err("--approval-timeout: the duration must be positive".into());
+            }
+        }
+        Ok(())
+    }
+
     /// Whether channels of `kind` are allowed.
     pub fn allows(&self, kind: ChannelKind) -> bool {
         match &self.allow {

@@ -302,6 +302,27 @@ impl PolicySnapshot {
     pub fn user(&self, name: &str) -> Option<&User> {
         self.users.iter().find(|u| u.name == name)
     }
+
+    /// [`decide`] for `user` connecting from the loopback address now: the target and account
+    /// it would broker (for tests and tools that ask without a real client).
+    pub fn authorize_local(
+        &self,
+        user: &str,
+        account: &str,
+        target: &str,
+    ) -> Result<(&Target, &Account), Denial> {
+        decide(
+            self,
+            &Attempt {
+                user,
+                account,
+                target,
+                source: std::net::IpAddr::from([127, 0, 0, 1]),
+                now_ms: now_ms(),
+            },
+        )
+        .map(|p| (p.target, p.account))
+    }
 }
 
 /// A login string `<psm user>@<account>@<target>`, the CyberArk PSMP connection syntax.
@@ -516,6 +537,15 @@ pub enum AuditKind {
 pub enum ControlToRelay {
     /// A complete policy snapshot; replaces whatever the relay had.
     Snapshot(PolicySnapshot),
+    /// An operator ends a live session (`psmctl sessions kill`).
+    Kill {
+        /// Session id.
+        session_id: String,
+        /// The reason the operator gave (shown to the user).
+        reason: String,
+        /// Who asked (`root (uid 0)`).
+        actor: String,
+    },
 }
 
 /// A session running on a relay, as announced in [`RelayToControl::Hello`].
@@ -558,6 +588,8 @@ pub struct RelayStats {
     pub unauthenticated: u64,
     /// Whether the relay's link to psm-recorder is up.
     pub recorder_connected: bool,
+    /// The policy version the relay applies now.
+    pub policy_version: u64,
 }
 
 /// How far a running session has got, as last reported by its relay.
@@ -589,6 +621,22 @@ pub enum RelayToControl {
     },
     /// An audit event.
     Audit(AuditEvent),
+    /// A TOTP code was accepted: its time step may never be accepted again for this user.
+    MfaUsed {
+        /// psm user.
+        user: String,
+        /// RFC 6238 time step of the accepted code.
+        step: u64,
+    },
+    /// A user logged in with a legacy password verifier; here is its argon2id replacement.
+    Rehash {
+        /// psm user.
+        user: String,
+        /// The verifier the relay checked against.
+        old: PasswordHash,
+        /// Its replacement.
+        new: PasswordHash,
+    },
     /// The relay's counters and the progress of its running sessions.
     Stats {
         /// Counters.
@@ -702,7 +750,9 @@ mod tests {
         let line = encode_line(&ControlToRelay::Snapshot(s.clone()));
         assert_eq!(line.last(), Some(&b'\n'));
         let back: ControlToRelay = decode_line(&line).expect("decodes");
-        let ControlToRelay::Snapshot(b) = back;
+        let ControlToRelay::Snapshot(b) = back else {
+            panic!("not a snapshot");
+        };
         assert_eq!(b.accounts, s.accounts);
         assert_eq!(b.grants, s.grants);
         assert!(!format!("{:?}", s.accounts).contains("hunter2"));

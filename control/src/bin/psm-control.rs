@@ -27,6 +27,15 @@ struct Args {
         value_parser = parse_min_password_length
     )]
     min_password_length: usize,
+    /// Failed logins (first or second factor) that lock a user (1 to 1000).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    lockout_failures: u32,
+    /// The window failed logins are counted in, and how long a lock lasts (`15m`).
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = psm_control_api::conditions::parse_duration)]
+    lockout_window: u64,
+    /// Require a second factor for every session, whatever the grant says.
+    #[arg(long)]
+    mfa_required: bool,
 }
 
 fn parse_min_password_length(s: &str) -> Result<usize, String> {
@@ -62,6 +71,11 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     let options = Options {
         min_password_length: args.min_password_length,
+        lockout: psm_control::daemon::Lockout {
+            max_failures: args.lockout_failures,
+            window_ms: args.lockout_window,
+        },
+        mfa_required: args.mfa_required,
     };
     rt.block_on(psm_control::daemon::run(args.data_dir, options))
         .map_err(|e| anyhow::anyhow!("{e}"))

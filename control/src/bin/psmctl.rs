@@ -28,6 +28,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(psm_control::cli::CliError::Denied) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("psmctl: {e}");
             ExitCode::FAILURE

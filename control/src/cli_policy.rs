@@ -1,0 +1,532 @@
+//! psmctl's governance commands: grant conditions, groups and target groups, user state and
+//! MFA enrolment, live kill, and the auditor's questions (`policy check`, `who-can-reach`).
+
+use std::io::Write;
+use std::path::Path;
+
+use clap::{Args, Subcommand};
+use psm_control_api::conditions::{
+    parse_cidr, parse_duration, parse_forward_to, parse_time, ApprovalRule,
+};
+use psm_control_api::{ChannelKind, Conditions, TimeWindow};
+
+use crate::cli::{print_json, CliError, JsonFlag};
+use crate::client::Client;
+use crate::protocol::{Changed, MfaEnrolment, PolicyAnswer, Reach, Request};
+use crate::store::GroupInfo;
+use crate::table::write_table;
+use crate::validate::{self, Invalid};
+
+/// The conditions flags of `grant add`.
+#[derive(Debug, Default, Args)]
+pub struct ConditionFlags {
+    /// Days of a time window (`mon-fri`, `sat,sun`, `all`); with --hours and --tz. Repeat the
+    /// three for several windows.
+    #[arg(long, value_name = "DAYS")]
+    pub days: Vec<String>,
+    /// Hours of a time window, `HH:MM-HH:MM` (past midnight when the end is before the start).
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    pub hours: Vec<String>,
+    /// Time zone of the windows (IANA name; default UTC).
+    #[arg(long, value_name = "ZONE")]
+    pub tz: Vec<String>,
+    /// The grant is valid from this time (RFC 3339 or a date).
+    #[arg(long, value_name = "TIME")]
+    pub not_before: Option<String>,
+    /// The grant expires at this time (RFC 3339 or a date).
+    #[arg(long, value_name = "TIME")]
+    pub expires: Option<String>,
+    /// A source network the user may connect from (repeat for more).
+    #[arg(long = "from", value_name = "CIDR")]
+    pub from: Vec<String>,
+    /// Longest a session may last (`2h`).
+    #[arg(long, value_name = "DURATION")]
+    pub max_duration: Option<String>,
+    /// End a session after this long without input from the user (`15m`).
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Channel kinds allowed, comma separated (shell, exec, sftp, scp, forward-local,
+    /// forward-remote, agent; default shell,exec,sftp,scp).
+    #[arg(long, value_name = "KINDS", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// A destination local forwards may reach, HOST:PORT (globs allowed; repeat for more).
+    #[arg(long = "forward-to", value_name = "HOST:PORT")]
+    pub forward_to: Vec<String>,
+    /// The user must give a reason before the session starts.
+    #[arg(long)]
+    pub reason_required: bool,
+    /// Require the TOTP second factor.
+    #[arg(long)]
+    pub mfa: bool,
+    /// Accept an MFA success by the same user from the same address within this long (`8h`).
+    #[arg(long, value_name = "DURATION")]
+    pub mfa_cache: Option<String>,
+    /// Approvals needed before a session starts (dual control); with --approvers.
+    #[arg(long, value_name = "N")]
+    pub approval: Option<u32>,
+    /// The group whose members may approve (`@secops`).
+    #[arg(long, value_name = "@GROUP")]
+    pub approvers: Option<String>,
+    /// How long a request waits for approval (default 10m).
+    #[arg(long, value_name = "DURATION")]
+    pub approval_timeout: Option<String>,
+}
+
+fn usage(e: String) -> CliError {
+    CliError::Usage(e)
+}
+
+impl ConditionFlags {
+    /// The conditions these flags set, validated (a condition the relay could not evaluate is
+    /// refused here).
+    pub fn conditions(&self, allow_env: Vec<String>) -> Result<Conditions, CliError> {
+        let mut c = Conditions {
+            allow_env,
+            ..Conditions::default()
+        };
+        if self.hours.len() != self.days.len() && !(self.days.is_empty() || self.hours.is_empty()) {
+            return Err(usage(
+                "give --days and --hours the same number of times".into(),
+            ));
+        }
+        let n = self.days.len().max(self.hours.len());
+        for i in 0..n {
+            let days = self.days.get(i).map(String::as_str).unwrap_or("all");
+            let hours = self
+                .hours
+                .get(i)
+                .map(String::as_str)
+                .unwrap_or("00:00-24:00");
+            let tz = self
+                .tz
+                .get(i)
+                .or(self.tz.last())
+                .map(String::as_str)
+                .unwrap_or("UTC");
+            c.windows
+                .push(TimeWindow::parse(days, hours, tz).map_err(usage)?);
+        }
+        if n == 0 && !self.tz.is_empty() {
+            return Err(usage("--tz needs --days and/or --hours".into()));
+        }
+        c.not_before_ms = self
+            .not_before
+            .as_deref()
+            .map(parse_time)
+            .transpose()
+            .map_err(|e| usage(format!("--not-before: {e}")))?;
+        c.expires_ms = self
+            .expires
+            .as_deref()
+            .map(parse_time)
+            .transpose()
+            .map_err(|e| usage(format!("--expires: {e}")))?;
+        for f in &self.from {
+            c.from.push(parse_cidr(f).map_err(usage)?);
+        }
+        let dur = |flag: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| usage(format!("{flag}: {e}")))
+        };
+        c.max_duration_ms = dur("--max-duration", &self.max_duration)?;
+        c.idle_timeout_ms = dur("--idle-timeout", &self.idle_timeout)?;
+        c.mfa_cache_ms = dur("--mfa-cache", &self.mfa_cache)?;
+        if !self.allow.is_empty() {
+            let mut kinds = Vec::new();
+            for k in &self.allow {
+                let k = ChannelKind::parse(k.trim()).map_err(|e| usage(format!("--allow: {e}")))?;
+                if !kinds.contains(&k) {
+                    kinds.push(k);
+                }
+            }
+            c.allow = Some(kinds);
+        }
+        for f in &self.forward_to {
+            c.forward_to.push(parse_forward_to(f).map_err(usage)?);
+        }
+        c.reason_required = self.reason_required;
+        c.mfa = self.mfa || c.mfa_cache_ms.is_some();
+        match (self.approval, &self.approvers) {
+            (Some(count), Some(group)) => {
+                let group = group.strip_prefix('@').unwrap_or(group).to_string();
+                c.approval = Some(ApprovalRule {
+                    count,
+                    approvers: group,
+                    timeout_ms: dur("--approval-timeout", &self.approval_timeout)?
+                        .unwrap_or(10 * 60 * 1000),
+                    covers_ms: 0,
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(usage(
+                    "give --approval N together with --approvers @GROUP".into(),
+                ))
+            }
+        }
+        c.validate().map_err(usage)?;
+        Ok(c)
+    }
+}
+
+/// `USERNAME@TARGET` or `USERNAME@@TARGETGROUP`: the account and the target side of a grant.
+pub fn split_grant_target(spec: &str) -> Result<(String, String), Invalid> {
+    match spec.split_once("@@") {
+        Some((account, group)) => {
+            validate::account_name(account)?;
+            validate::target_name(group)?;
+            Ok((account.to_string(), format!("@{group}")))
+        }
+        None => validate::split_account(spec),
+    }
+}
+
+/// `psmctl group …` and `psmctl target-group …`
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Add a group.
+    Add {
+        /// Group name (with or without the leading @).
+        name: String,
+    },
+    /// Remove a group and the grants that name it.
+    Remove {
+        /// Group name.
+        name: String,
+    },
+    /// List groups with their members.
+    List(JsonFlag),
+    /// Add or remove members.
+    Member {
+        /// Member command.
+        #[command(subcommand)]
+        cmd: MemberCmd,
+    },
+}
+
+/// `psmctl group member …`
+#[derive(Debug, Subcommand)]
+pub enum MemberCmd {
+    /// Add a member.
+    Add {
+        /// Group name.
+        group: String,
+        /// User name (target name for a target group).
+        member: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// Group name.
+        group: String,
+        /// User name (target name for a target group).
+        member: String,
+    },
+}
+
+fn bare(name: &str) -> String {
+    name.strip_prefix('@').unwrap_or(name).to_string()
+}
+
+fn change(out: &mut dyn Write, data_dir: &Path, req: &Request) -> Result<(), CliError> {
+    let c: Changed = Client::connect(data_dir)?.call_as(req)?;
+    writeln!(out, "{} (policy version {})", c.message, c.version)?;
+    Ok(())
+}
+
+/// Runs `group …` (`targets` false) or `target-group …` (true).
+pub fn group(
+    data_dir: &Path,
+    cmd: GroupCmd,
+    targets: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    match cmd {
+        GroupCmd::Add { name } => {
+            let name = bare(&name);
+            validate::target_name(&name)?;
+            change(out, data_dir, &Request::GroupAdd { name, targets })
+        }
+        GroupCmd::Remove { name } => change(
+            out,
+            data_dir,
+            &Request::GroupRemove {
+                name: bare(&name),
+                targets,
+            },
+        ),
+        GroupCmd::List(f) => {
+            let list: Vec<GroupInfo> =
+                Client::connect(data_dir)?.call_as(&Request::GroupList { targets })?;
+            if f.json {
+                return print_json(out, &list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|g| vec![format!("@{}", g.name), g.members.join(", ")])
+                .collect();
+            write_table(out, &["GROUP", "MEMBERS"], &rows)?;
+            Ok(())
+        }
+        GroupCmd::Member { cmd } => {
+            let (group, member, add) = match cmd {
+                MemberCmd::Add { group, member } => (group, member, true),
+                MemberCmd::Remove { group, member } => (group, member, false),
+            };
+            change(
+                out,
+                data_dir,
+                &Request::GroupMember {
+                    group: bare(&group),
+                    member,
+                    add,
+                    targets,
+                },
+            )
+        }
+    }
+}
+
+/// `psmctl user mfa …`
+#[derive(Debug, Subcommand)]
+pub enum MfaCmd {
+    /// Enrol a user for TOTP: prints the otpauth:// URI and a QR code to scan.
+    Enroll {
+        /// User name.
+        name: String,
+        /// Print only the URI (no QR code).
+        #[arg(long)]
+        no_qr: bool,
+    },
+    /// Remove a user's TOTP enrolment.
+    Reset {
+        /// User name.
+        name: String,
+    },
+}
+
+/// Draws `text` as a QR code with Unicode half blocks (two rows per line).
+pub fn qr(text: &str) -> Result<String, CliError> {
+    let code = qrcode::QrCode::new(text.as_bytes())
+        .map_err(|e| CliError::Usage(format!("cannot draw the QR code: {e}")))?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
+
+/// Runs `user mfa …`.
+pub fn mfa(data_dir: &Path, cmd: MfaCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        MfaCmd::Enroll { name, no_qr } => {
+            let e: MfaEnrolment = Client::connect(data_dir)?
+                .call_as(&Request::UserMfaEnroll { name: name.clone() })?;
+            writeln!(
+                out,
+                "enrolled {name} for TOTP (policy version {})",
+                e.version
+            )?;
+            writeln!(out, "{}", e.uri)?;
+            if !no_qr {
+                writeln!(out, "{}", qr(&e.uri)?)?;
+            }
+            writeln!(
+                out,
+                "scan it with an authenticator app; it is not shown again (psmctl user mfa reset {name} to start over)"
+            )?;
+            Ok(())
+        }
+        MfaCmd::Reset { name } => change(out, data_dir, &Request::UserMfaReset { name }),
+    }
+}
+
+/// Runs `user disable|enable|unlock`.
+pub fn user_state(data_dir: &Path, req: Request, out: &mut dyn Write) -> Result<(), CliError> {
+    change(out, data_dir, &req)
+}
+
+/// `psmctl policy …`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Would USER be allowed USERNAME@TARGET (exit 0) or not (exit 1), and why.
+    Check {
+        /// psm user.
+        user: String,
+        /// USERNAME@TARGET.
+        account: String,
+        /// Source address (default 127.0.0.1).
+        #[arg(long, value_name = "ADDR")]
+        from: Option<String>,
+        /// When (RFC 3339; default now).
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every user who can reach USERNAME@TARGET, through which grant, with its conditions.
+    WhoCanReach {
+        /// USERNAME@TARGET.
+        account: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `policy …`; returns whether a `check` allowed (the exit status).
+pub fn policy(data_dir: &Path, cmd: PolicyCmd, out: &mut dyn Write) -> Result<bool, CliError> {
+    match cmd {
+        PolicyCmd::Check {
+            user,
+            account,
+            from,
+            at,
+            json,
+        } => {
+            let (account, target) = validate::split_account(&account)?;
+            let at_ms = at
+                .as_deref()
+                .map(parse_time)
+                .transpose()
+                .map_err(|e| usage(format!("--at: {e}")))?;
+            let a: PolicyAnswer = Client::connect(data_dir)?.call_as(&Request::PolicyCheck {
+                user: user.clone(),
+                account: account.clone(),
+                target: target.clone(),
+                from,
+                at_ms,
+            })?;
+            if json {
+                print_json(out, &a)?;
+            } else if a.allowed {
+                writeln!(
+                    out,
+                    "allowed: {user} -> {account}@{target} by grant {} ({})",
+                    a.grant.as_deref().unwrap_or("?"),
+                    a.via.as_deref().unwrap_or("?")
+                )?;
+                for c in &a.conditions {
+                    writeln!(out, "  {c}")?;
+                }
+            } else {
+                writeln!(
+                    out,
+                    "denied: {} ({})",
+                    a.reason.as_deref().unwrap_or("?"),
+                    a.code.as_deref().unwrap_or("?")
+                )?;
+            }
+            Ok(a.allowed)
+        }
+        PolicyCmd::WhoCanReach { account, json } => {
+            let (account, target) = validate::split_account(&account)?;
+            let list: Vec<Reach> =
+                Client::connect(data_dir)?.call_as(&Request::WhoCanReach { account, target })?;
+            if json {
+                print_json(out, &list)?;
+                return Ok(true);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.user.clone(),
+                        r.grant.clone(),
+                        r.via.clone(),
+                        r.conditions.join("; "),
+                        r.blocked.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            write_table(
+                out,
+                &["USER", "GRANT", "VIA", "CONDITIONS", "BLOCKED"],
+                &rows,
+            )?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_make_validated_conditions() {
+        let f = ConditionFlags {
+            days: vec!["mon-fri".into()],
+            hours: vec!["08:00-18:00".into()],
+            tz: vec!["Europe/Paris".into()],
+            from: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+            max_duration: Some("2h".into()),
+            idle_timeout: Some("15m".into()),
+            allow: vec!["shell".into(), "forward-local".into()],
+            forward_to: vec!["db*:5432".into()],
+            mfa_cache: Some("8h".into()),
+            ..ConditionFlags::default()
+        };
+        let c = f.conditions(vec![]).expect("valid");
+        assert_eq!(c.windows.len(), 1);
+        assert_eq!(c.from.len(), 2);
+        assert_eq!(c.max_duration_ms, Some(7_200_000));
+        assert!(c.mfa, "a cache implies mfa");
+        assert!(c.forward_allowed("db1", 5432) && !c.allows(ChannelKind::Exec));
+        for (bad, needle) in [
+            (
+                ConditionFlags {
+                    tz: vec!["Nowhere/City".into()],
+                    days: vec!["mon".into()],
+                    ..ConditionFlags::default()
+                },
+                "unknown time zone",
+            ),
+            (
+                ConditionFlags {
+                    forward_to: vec!["db:5432".into()],
+                    ..ConditionFlags::default()
+                },
+                "needs --allow forward-local",
+            ),
+            (
+                ConditionFlags {
+                    approval: Some(2),
+                    ..ConditionFlags::default()
+                },
+                "--approvers",
+            ),
+            (
+                ConditionFlags {
+                    not_before: Some("2027-01-02".into()),
+                    expires: Some("2027-01-01".into()),
+                    ..ConditionFlags::default()
+                },
+                "is not before",
+            ),
+            (
+                ConditionFlags {
+                    allow: vec!["x11".into()],
+                    ..ConditionFlags::default()
+                },
+                "unknown channel kind",
+            ),
+        ] {
+            let e = bad.conditions(vec![]).expect_err(needle).to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        assert_eq!(
+            split_grant_target("root@@prod").expect("group"),
+            ("root".to_string(), "@prod".to_string())
+        );
+        assert_eq!(
+            split_grant_target("root@web01").expect("target"),
+            ("root".to_string(), "web01".to_string())
+        );
+        assert!(qr("otpauth://totp/psm:alice?secret=AAAA&issuer=psm")
+            .is_ok_and(|q| q.lines().count() > 10));
+    }
+}

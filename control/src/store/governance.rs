@@ -1,0 +1,405 @@
+//! The store's governance tables: groups and target groups, user state (disabled, locked, TOTP
+//! enrolment) and the failed logins the lockout counts.
+
+use psm_control_api::PasswordHash;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use super::{Removed, Store, StoreError};
+use crate::validate::{self, Invalid};
+use crate::vault::{totp_aad, Vault};
+
+/// A group (of users, or of targets) as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Group name (without the `@`).
+    pub name: String,
+    /// Members, by name.
+    pub members: Vec<String>,
+}
+
+/// When failed logins lock a user: `max_failures` within `window_ms` lock for `window_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lockout {
+    /// Failures that lock.
+    pub max_failures: u32,
+    /// The window they are counted in, and how long the lock lasts, ms.
+    pub window_ms: u64,
+}
+
+impl Default for Lockout {
+    fn default() -> Self {
+        Lockout {
+            max_failures: 5,
+            window_ms: 15 * 60 * 1000,
+        }
+    }
+}
+
+/// Which kind of group a call is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Users,
+    Targets,
+}
+
+impl Kind {
+    fn table(self) -> &'static str {
+        match self {
+            Kind::Users => "groups",
+            Kind::Targets => "target_groups",
+        }
+    }
+    fn members(self) -> &'static str {
+        match self {
+            Kind::Users => "group_members",
+            Kind::Targets => "target_group_members",
+        }
+    }
+    fn member_col(self) -> &'static str {
+        match self {
+            Kind::Users => "user",
+            Kind::Targets => "target",
+        }
+    }
+    fn what(self) -> &'static str {
+        match self {
+            Kind::Users => "group",
+            Kind::Targets => "target group",
+        }
+    }
+}
+
+impl Store {
+    pub(super) fn require_group(c: &Connection, name: &str) -> Result<(), StoreError> {
+        if Self::exists(c, "SELECT 1 FROM groups WHERE name = ?1", [name])? {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!("unknown group '@{name}'")))
+        }
+    }
+
+    pub(super) fn require_target_group(c: &Connection, name: &str) -> Result<(), StoreError> {
+        if Self::exists(c, "SELECT 1 FROM target_groups WHERE name = ?1", [name])? {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(format!(
+                "unknown target group '@{name}'"
+            )))
+        }
+    }
+
+    fn add_any_group(&mut self, kind: Kind, name: &str) -> Result<u64, StoreError> {
+        validate::user_name(name).map_err(|e| Invalid(format!("{} name: {}", kind.what(), e.0)))?;
+        let tx = self.conn.transaction()?;
+        let sql = format!("SELECT 1 FROM {} WHERE name = ?1", kind.table());
+        if Self::exists(&tx, &sql, [name])? {
+            return Err(StoreError::Conflict(format!(
+                "{} '@{name}' already exists",
+                kind.what()
+            )));
+        }
+        tx.execute(
+            &format!("INSERT INTO {} (name) VALUES (?1)", kind.table()),
+            [name],
+        )?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    fn remove_any_group(&mut self, kind: Kind, name: &str) -> Result<Removed, StoreError> {
+        let tx = self.conn.transaction()?;
+        match kind {
+            Kind::Users => Self::require_group(&tx, name)?,
+            Kind::Targets => Self::require_target_group(&tx, name)?,
+        }
+        let side = match kind {
+            Kind::Users => "user",
+            Kind::Targets => "target",
+        };
+        let grants = tx.execute(
+            &format!("DELETE FROM grants WHERE {side} = ?1"),
+            [format!("@{name}")],
+        )?;
+        tx.execute(
+            &format!("DELETE FROM {} WHERE name = ?1", kind.table()),
+            [name],
+        )?;
+        let version = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(Removed {
+            version,
+            accounts: 0,
+            grants,
+        })
+    }
+
+    fn list_any_groups(&self, kind: Kind) -> Result<Vec<GroupInfo>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT name FROM {} ORDER BY name", kind.table()))?;
+        let names = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut members = self.conn.prepare(&format!(
+            "SELECT {} FROM {} WHERE grp = ?1 ORDER BY 1",
+            kind.member_col(),
+            kind.members()
+        ))?;
+        let mut out = Vec::new();
+        for name in names {
+            let m = members
+                .query_map([&name], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(GroupInfo { name, members: m });
+        }
+        Ok(out)
+    }
+
+    fn member_any(
+        &mut self,
+        kind: Kind,
+        group: &str,
+        member: &str,
+        add: bool,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        match kind {
+            Kind::Users => {
+                Self::require_group(&tx, group)?;
+                Self::require_user(&tx, member)?;
+            }
+            Kind::Targets => {
+                Self::require_target_group(&tx, group)?;
+                Self::require_target(&tx, member)?;
+            }
+        }
+        let n = if add {
+            tx.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO {} (grp, {}) VALUES (?1, ?2)",
+                    kind.members(),
+                    kind.member_col()
+                ),
+                [group, member],
+            )?
+        } else {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {} WHERE grp = ?1 AND {} = ?2",
+                    kind.members(),
+                    kind.member_col()
+                ),
+                [group, member],
+            )?
+        };
+        if n == 0 {
+            return Err(if add {
+                StoreError::Conflict(format!("'{member}' is already in @{group}"))
+            } else {
+                StoreError::NotFound(format!("'{member}' is not in @{group}"))
+            });
+        }
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Adds a group of users.
+    pub fn add_group(&mut self, name: &str) -> Result<u64, StoreError> {
+        self.add_any_group(Kind::Users, name)
+    }
+    /// Removes a group of users with the grants that name it.
+    pub fn remove_group(&mut self, name: &str) -> Result<Removed, StoreError> {
+        self.remove_any_group(Kind::Users, name)
+    }
+    /// Lists groups of users with their members.
+    pub fn list_groups(&self) -> Result<Vec<GroupInfo>, StoreError> {
+        self.list_any_groups(Kind::Users)
+    }
+    /// Adds a user to a group (`add`) or removes them.
+    pub fn group_member(&mut self, group: &str, user: &str, add: bool) -> Result<u64, StoreError> {
+        self.member_any(Kind::Users, group, user, add)
+    }
+    /// Adds a target group.
+    pub fn add_target_group(&mut self, name: &str) -> Result<u64, StoreError> {
+        self.add_any_group(Kind::Targets, name)
+    }
+    /// Removes a target group with the grants that name it.
+    pub fn remove_target_group(&mut self, name: &str) -> Result<Removed, StoreError> {
+        self.remove_any_group(Kind::Targets, name)
+    }
+    /// Lists target groups with their members.
+    pub fn list_target_groups(&self) -> Result<Vec<GroupInfo>, StoreError> {
+        self.list_any_groups(Kind::Targets)
+    }
+    /// Adds a target to a target group (`add`) or removes it.
+    pub fn target_group_member(
+        &mut self,
+        group: &str,
+        target: &str,
+        add: bool,
+    ) -> Result<u64, StoreError> {
+        self.member_any(Kind::Targets, group, target, add)
+    }
+
+    fn update_user(&mut self, name: &str, sql: &str) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        Self::require_user(&tx, name)?;
+        tx.execute(sql, [name])?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Disables a user (`true`: no login, live sessions end) or enables them again.
+    pub fn set_disabled(&mut self, name: &str, disabled: bool) -> Result<u64, StoreError> {
+        self.update_user(
+            name,
+            if disabled {
+                "UPDATE users SET disabled = 1 WHERE name = ?1"
+            } else {
+                "UPDATE users SET disabled = 0 WHERE name = ?1"
+            },
+        )
+    }
+
+    /// Lifts a lock and forgets the failures that led to it.
+    pub fn unlock(&mut self, name: &str) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        Self::require_user(&tx, name)?;
+        tx.execute(
+            "UPDATE users SET locked_until_ms = NULL WHERE name = ?1",
+            [name],
+        )?;
+        tx.execute("DELETE FROM auth_failures WHERE user = ?1", [name])?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Enrols (or re-enrols) a user's TOTP secret (base32), sealed by the vault.
+    pub fn set_totp(&mut self, vault: &Vault, name: &str, secret: &str) -> Result<u64, StoreError> {
+        let sealed = vault.seal(&totp_aad(name), secret.as_bytes())?;
+        let tx = self.conn.transaction()?;
+        Self::require_user(&tx, name)?;
+        tx.execute(
+            "UPDATE users SET totp = ?2, totp_last_step = 0 WHERE name = ?1",
+            params![name, sealed],
+        )?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Removes a user's TOTP enrolment.
+    pub fn reset_totp(&mut self, name: &str) -> Result<u64, StoreError> {
+        self.update_user(
+            name,
+            "UPDATE users SET totp = NULL, totp_last_step = 0 WHERE name = ?1",
+        )
+    }
+
+    /// Records that a TOTP code of time step `step` was accepted for `name`, so it is never
+    /// accepted again. Returns the new policy version, or None when nothing changed (an older
+    /// step, or an unknown user).
+    pub fn totp_used(&mut self, name: &str, step: u64) -> Result<Option<u64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE users SET totp_last_step = ?2
+             WHERE name = ?1 AND totp IS NOT NULL AND totp_last_step < ?2",
+            params![name, step as i64],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(Some(v))
+    }
+
+    /// Counts a failed login of `name` at `now_ms`. When it makes `lockout.max_failures` within
+    /// the window, the user is locked for the window: returns the new policy version and the
+    /// end of the lock. Unknown users are not counted.
+    pub fn auth_failed(
+        &mut self,
+        name: &str,
+        now_ms: u64,
+        lockout: Lockout,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let tx = self.conn.transaction()?;
+        if !Self::exists(&tx, "SELECT 1 FROM users WHERE name = ?1", [name])? {
+            return Ok(None);
+        }
+        let since = now_ms.saturating_sub(lockout.window_ms) as i64;
+        tx.execute(
+            "DELETE FROM auth_failures WHERE user = ?1 AND ts_ms <= ?2",
+            params![name, since],
+        )?;
+        tx.execute(
+            "INSERT INTO auth_failures (user, ts_ms) VALUES (?1, ?2)",
+            params![name, now_ms as i64],
+        )?;
+        let count: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM auth_failures WHERE user = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        let already: Option<i64> = tx
+            .query_row(
+                "SELECT locked_until_ms FROM users WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        let locked_now = already.is_some_and(|t| t as u64 > now_ms);
+        if count < i64::from(lockout.max_failures) || locked_now {
+            tx.commit()?;
+            return Ok(None);
+        }
+        let until = now_ms.saturating_add(lockout.window_ms);
+        tx.execute(
+            "UPDATE users SET locked_until_ms = ?2 WHERE name = ?1",
+            params![name, until as i64],
+        )?;
+        tx.execute("DELETE FROM auth_failures WHERE user = ?1", [name])?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(Some((v, until)))
+    }
+
+    /// A successful login: the failures counted so far are forgotten.
+    pub fn auth_succeeded(&mut self, name: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM auth_failures WHERE user = ?1", [name])?;
+        Ok(())
+    }
+
+    /// Replaces `name`'s password verifier by `new` if it is still `old` (a relay rehashing a
+    /// legacy verifier after a successful login). Returns the new policy version when it did.
+    pub fn rehash(
+        &mut self,
+        name: &str,
+        old: &PasswordHash,
+        new: &PasswordHash,
+    ) -> Result<Option<u64>, StoreError> {
+        if !new.well_formed() || new.needs_rehash() {
+            return Ok(None);
+        }
+        let old = serde_json::to_string(old).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let new = serde_json::to_string(new).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE users SET password = ?3 WHERE name = ?1 AND password = ?2",
+            params![name, old, new],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(Some(v))
+    }
+}
