@@ -57,6 +57,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub const MAX_PTY_CELLS: u32 = 4096;
 /// Largest terminal size in pixels psm passes on.
 pub const MAX_PTY_PIXELS: u32 = 65_535;
+/// Verification codes one connection may try.
+const MAX_MFA_TRIES: u32 = 3;
 /// Messages a target may send on a channel while psm waits for its answer to a request.
 const MAX_EARLY_MESSAGES: usize = 1024;
 
@@ -256,6 +258,7 @@ pub async fn handle_connection(
         user_permit: None,
         window: WindowMirror::new(WINDOW),
         mfa_pending: None,
+        mfa_tries: 0,
         conditions: Default::default(),
         channels: HashMap::new(),
         flows: HashMap::new(),
@@ -541,6 +544,8 @@ pub struct Conn {
     window: WindowMirror,
     /// First factor passed, second factor asked: (login, user, first method).
     mfa_pending: Option<(String, String, &'static str)>,
+    /// Verification codes refused on this connection.
+    mfa_tries: u32,
     /// The conditions of the grant the latest channel was brokered under.
     conditions: psm_control_api::Conditions,
     channels: HashMap<ChannelId, Chan>,
@@ -1027,10 +1032,14 @@ impl Conn {
                 Some(k) => format!("{k} sessions are"),
                 None => format!("the subsystem '{}' is", crate::escape_short(&command)),
             };
-            let _ = session.extended_data(
+            // Delivered like a denial (the message on stderr, exit status 1): a refused request
+            // would make OpenSSH print only "exec request failed".
+            if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
+                tokio::spawn(async move { disconnect_target(&target).await });
+            }
+            self.channels.insert(
                 channel,
-                1,
-                Bytes::from(format!("psm: {what} not permitted by policy\r\n")),
+                Chan::Denied(format!("psm: {what} not permitted by policy")),
             );
             self.notice(
                 "channel kind",
@@ -1060,6 +1069,8 @@ impl Conn {
         if accepted {
             session.channel_success(channel)?;
             self.start(channel, session.handle()).await;
+        } else if !permitted {
+            return self.deliver_denial(channel, session);
         } else {
             session.channel_failure(channel)?;
         }
@@ -1307,6 +1318,11 @@ impl russh::server::Handler for Conn {
             }
             Err(f) => {
                 self.auth_failed(login, method, f.reason());
+                self.mfa_tries += 1;
+                if self.mfa_tries >= MAX_MFA_TRIES {
+                    // no more codes on this connection (the lockout counts them all anyway)
+                    self.mfa_pending = None;
+                }
                 Ok(Auth::Reject {
                     proceed_with_methods: Some(second_factor()),
                     partial_success: false,

@@ -1,0 +1,492 @@
+//! Policy that governs sessions (issue #6), against real OpenSSH and asyncssh: TOTP second
+//! factor (right, wrong, replayed, lockout and unlock, MFA cache), grant conditions (source
+//! networks, time windows, maximum duration, idle timeout), channel kinds, groups and target
+//! groups, the auditor's questions, and live control (kill, revocation, disable), each ending a
+//! live session within a second.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use psm_tests::*;
+
+fn py(script: &str) -> Command {
+    let mut c = Command::new(python3());
+    c.arg(format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR")));
+    c
+}
+
+fn account() -> String {
+    format!("{TARGET_USER}@web01")
+}
+
+/// Replaces alice's grant with one carrying `flags`.
+fn regrant(w: &World, flags: &[&str]) {
+    w.psm
+        .psmctl_ok(&["grant", "remove", "alice", &account()], None);
+    let mut args = vec!["grant", "add", "alice"];
+    let acct = account();
+    args.push(&acct);
+    args.extend_from_slice(flags);
+    w.psm.psmctl_ok(&args, None);
+}
+
+/// Enrols alice for TOTP; returns her secret (base32) from the printed URI.
+fn enroll(w: &World) -> String {
+    let out = w.psm.psmctl_ok(&["user", "mfa", "enroll", "alice"], None);
+    assert!(
+        out.contains("otpauth://totp/psm:alice?secret=") && out.contains("issuer=psm"),
+        "{out}"
+    );
+    assert!(
+        out.contains('█') || out.contains('▀') || out.contains('▄'),
+        "a QR code is drawn:\n{out}"
+    );
+    let start = out.find("secret=").expect("secret") + "secret=".len();
+    out[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect()
+}
+
+/// The TOTP code of `secret` for the time step `offset` steps from now.
+fn code(secret: &str, offset: i64) -> String {
+    let raw = totp_rs::Secret::Encoded(secret.to_string())
+        .to_bytes()
+        .expect("base32");
+    let t =
+        totp_rs::TOTP::new_unchecked(totp_rs::Algorithm::SHA1, 6, 1, 30, raw, None, String::new());
+    let now = psm_control_api_now_secs() as i64 + offset * 30;
+    t.generate(now as u64)
+}
+
+fn psm_control_api_now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn mfa_login(w: &World, code: &str, source: Option<&str>) -> CmdOut {
+    let mut c = py("mfa_login.py");
+    c.arg(w.psm.port().to_string())
+        .arg(alice_login())
+        .arg(&w.alice_key)
+        .arg(code)
+        .arg("echo mfa-ok");
+    if let Some(s) = source {
+        c.arg(s);
+    }
+    run_cmd(&mut c, None, CMD_TIMEOUT)
+}
+
+#[test]
+fn totp_right_wrong_replayed_then_lockout_and_unlock() {
+    let w = World::new();
+    let secret = enroll(&w);
+    regrant(&w, &["--mfa"]);
+    // the key alone is not enough any more
+    let out = run_ssh(w.ssh().arg("true"));
+    assert!(!out.success(), "{}", out.describe());
+    // a wrong code is refused and audited as such
+    let bad = if code(&secret, 0) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let out = mfa_login(&w, bad, None);
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+    assert!(
+        out.stdout_str().contains("prompt: psm verification code: "),
+        "{}",
+        out.describe()
+    );
+    w.psm.wait_audit("wrong code", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "auth_failure" && jstr(e, "reason") == "wrong verification code"
+    });
+    // the right one works
+    let right = code(&secret, 0);
+    let out = mfa_login(&w, &right, None);
+    assert!(
+        out.success() && out.stdout_str().contains("mfa-ok"),
+        "{}",
+        out.describe()
+    );
+    w.psm
+        .wait_audit("totp success", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "auth_success" && jstr(e, "method") == "publickey+totp"
+        });
+    // ... once
+    let out = mfa_login(&w, &right, None);
+    assert_eq!(out.code(), Some(3), "replayed code: {}", out.describe());
+    w.psm.wait_audit("replay", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "auth_failure" && jstr(e, "reason") == "verification code already used"
+    });
+    // 5 failures since the last success lock alice
+    for _ in 0..4 {
+        let out = mfa_login(&w, bad, None);
+        assert_eq!(out.code(), Some(3), "{}", out.describe());
+    }
+    w.psm.wait_audit("lock", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "notice" && jstr(e, "kind") == "user locked"
+    });
+    let users = w.psm.psmctl_ok(&["user", "list"], None);
+    assert!(users.contains("locked"), "{users}");
+    // locked: even the next valid code gets the same refusal; the audit log says why
+    let next = code(&secret, 1);
+    let mark = w.psm.audit_mark();
+    let out = mfa_login(&w, &next, None);
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+    w.psm
+        .wait_audit_after(mark, "locked refusal", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "auth_failure" && jstr(e, "reason") == "locked"
+        });
+    w.psm.psmctl_ok(&["user", "unlock", "alice"], None);
+    let mut last = None;
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let out = mfa_login(&w, &next, None);
+            let ok = out.success();
+            last = Some(out);
+            ok
+        }),
+        "after unlock: {}",
+        last.map(|o| o.describe()).unwrap_or_default()
+    );
+    // reset removes the enrolment: MFA can no longer be passed
+    w.psm.psmctl_ok(&["user", "mfa", "reset", "alice"], None);
+    let out = mfa_login(&w, &code(&secret, 1), None);
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+}
+
+#[test]
+fn mfa_cache_hit_from_the_same_address_and_miss_from_another() {
+    let w = World::new();
+    let secret = enroll(&w);
+    regrant(&w, &["--mfa-cache", "1h"]);
+    let out = mfa_login(&w, &code(&secret, 0), Some("127.0.0.1"));
+    assert!(out.success(), "{}", out.describe());
+    // hit: the key alone from the same address
+    let out = run_ssh(w.ssh().arg("echo cached"));
+    assert!(
+        out.success() && out.stdout_str().contains("cached"),
+        "{}",
+        out.describe()
+    );
+    // miss: another address must answer the prompt again
+    let out = run_ssh(w.ssh().args(["-b", "127.0.0.2"]).arg("echo cached"));
+    assert!(!out.success(), "{}", out.describe());
+    let out = mfa_login(&w, &code(&secret, 1), Some("127.0.0.2"));
+    assert!(out.success(), "{}", out.describe());
+}
+
+#[test]
+fn source_networks_and_time_windows_allow_and_refuse() {
+    let w = World::new();
+    regrant(&w, &["--from", "127.0.0.2/32"]);
+    let out = run_ssh(w.ssh().arg("echo hi"));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        out.stderr_str().contains("may not be used from 127.0.0.1"),
+        "{}",
+        out.describe()
+    );
+    w.psm
+        .wait_audit("source denial", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "session_denied" && jstr(e, "reason").contains("127.0.0.2/32")
+        });
+    let out = run_ssh(w.ssh().args(["-b", "127.0.0.2"]).arg("echo hi"));
+    assert!(
+        out.success() && out.stdout_str().contains("hi"),
+        "{}",
+        out.describe()
+    );
+    // a window that holds now, and one that does not (both in UTC, by the clock of this run)
+    let now = psm_control_api_now_secs();
+    let minute = (now / 60) % (24 * 60);
+    let hm = |m: u64| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    let open = format!(
+        "{}-{}",
+        hm(minute.saturating_sub(2)),
+        hm((minute + 3) % 1440)
+    );
+    let closed = format!("{}-{}", hm((minute + 10) % 1440), hm((minute + 20) % 1440));
+    regrant(&w, &["--days", "all", "--hours", &closed, "--tz", "UTC"]);
+    let out = run_ssh(w.ssh().arg("echo hi"));
+    assert!(
+        !out.success() && out.stderr_str().contains("is not available now"),
+        "{}",
+        out.describe()
+    );
+    if minute >= 2 && minute + 3 < 1440 {
+        regrant(&w, &["--days", "all", "--hours", &open, "--tz", "UTC"]);
+        let out = run_ssh(w.ssh().arg("echo hi"));
+        assert!(out.success(), "{}", out.describe());
+    }
+    // a zone the relay could not evaluate is refused by psmctl, not at connect time
+    let bad = w.psm.psmctl(
+        &[
+            "grant",
+            "add",
+            "alice",
+            &account(),
+            "--days",
+            "mon",
+            "--tz",
+            "Mars/Olympus",
+        ],
+        None,
+    );
+    assert!(
+        !bad.success() && bad.stderr_str().contains("unknown time zone"),
+        "{}",
+        bad.describe()
+    );
+}
+
+/// Starts `ssh alice@… COMMAND` in the background.
+fn background(w: &World, command: &str) -> Child {
+    let mut c = w.ssh();
+    c.arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c.spawn().expect("ssh")
+}
+
+fn live_session(w: &World) -> String {
+    let mut id = String::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let list = w.psm.psmctl_ok(&["sessions", "list", "--json"], None);
+            let v: serde_json::Value = serde_json::from_str(&list).unwrap_or_default();
+            id = v
+                .as_array()
+                .and_then(|a| a.first())
+                .map(|s| jstr(s, "session_id").to_string())
+                .unwrap_or_default();
+            !id.is_empty()
+        }),
+        "no live session"
+    );
+    id
+}
+
+/// Waits for the background ssh to end; returns its stderr and how long it took.
+fn ended(mut child: Child, since: Instant) -> (String, Duration) {
+    let st = wait_child(&mut child, Duration::from_secs(15));
+    let took = since.elapsed();
+    assert!(st.is_some(), "the session did not end");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut err);
+    }
+    (err, took)
+}
+
+fn end_event(w: &World, id: &str) -> serde_json::Value {
+    w.psm
+        .wait_audit("session_end", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "session_end" && jstr(e, "session_id") == id
+        })
+}
+
+#[test]
+fn kill_revocation_and_disable_end_live_sessions_within_a_second() {
+    let w = World::new();
+    // kill
+    let child = background(&w, "sleep 30");
+    let id = live_session(&w);
+    let t = Instant::now();
+    w.psm
+        .psmctl_ok(&["sessions", "kill", &id, "--reason", "incident 42"], None);
+    let (err, took) = ended(child, t);
+    assert!(took < Duration::from_secs(1), "kill took {took:?}");
+    assert!(
+        err.contains("psm: session ended by an operator: incident 42"),
+        "{err}"
+    );
+    let e = end_event(&w, &id);
+    assert_eq!(
+        (jstr(&e, "reason_code"), jstr(&e, "side")),
+        ("operator_kill", "operator")
+    );
+    assert!(jstr(&e, "reason").contains("incident 42"), "{e}");
+    // revocation
+    let child = background(&w, "sleep 30");
+    let id = live_session(&w);
+    let t = Instant::now();
+    w.psm
+        .psmctl_ok(&["grant", "remove", "alice", &account()], None);
+    let (err, took) = ended(child, t);
+    assert!(took < Duration::from_secs(1), "revocation took {took:?}");
+    assert!(
+        err.contains("psm: session ended: access was revoked"),
+        "{err}"
+    );
+    let e = end_event(&w, &id);
+    assert_eq!(
+        (jstr(&e, "reason_code"), jstr(&e, "side")),
+        ("grant_revoked", "policy")
+    );
+    // disable
+    w.psm
+        .psmctl_ok(&["grant", "add", "alice", &account()], None);
+    w.wait_session_works(&alice_login(), Duration::from_secs(5));
+    let child = background(&w, "sleep 30");
+    let id = live_session(&w);
+    let t = Instant::now();
+    w.psm.psmctl_ok(&["user", "disable", "alice"], None);
+    let (err, took) = ended(child, t);
+    assert!(took < Duration::from_secs(1), "disable took {took:?}");
+    assert!(err.contains("psm: session ended"), "{err}");
+    assert_eq!(jstr(&end_event(&w, &id), "reason_code"), "user_disabled");
+    // a disabled user cannot log in; the audit log says why
+    let out = run_ssh(w.ssh().arg("true"));
+    assert!(!out.success());
+    w.psm.wait_audit("disabled", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "auth_failure" && jstr(e, "reason") == "disabled"
+    });
+    w.psm.psmctl_ok(&["user", "enable", "alice"], None);
+    w.wait_session_works(&alice_login(), Duration::from_secs(5));
+    let none = w.psm.psmctl(&["sessions", "kill", "nope"], None);
+    assert!(
+        !none.success() && none.stderr_str().contains("no live session"),
+        "{}",
+        none.describe()
+    );
+}
+
+#[test]
+fn maximum_duration_and_idle_timeout_end_sessions_with_a_message() {
+    let w = World::new();
+    regrant(&w, &["--max-duration", "2s"]);
+    let t = Instant::now();
+    let out = run_ssh(w.ssh().arg("sleep 20"));
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert!(
+        out.stderr_str()
+            .contains("psm: session ended: maximum duration of 2s reached"),
+        "{}",
+        out.describe()
+    );
+    let e = w
+        .psm
+        .wait_audit("max duration", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "session_end" && jstr(e, "reason_code") == "max_duration"
+        });
+    assert_eq!(jstr(&e, "side"), "policy");
+    regrant(&w, &["--idle-timeout", "2s"]);
+    let out = run_ssh(w.ssh().arg("sleep 20"));
+    assert!(
+        out.stderr_str()
+            .contains("psm: session ended: idle timeout of 2s reached"),
+        "{}",
+        out.describe()
+    );
+    w.psm.wait_audit("idle", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "session_end" && jstr(e, "reason_code") == "idle_timeout"
+    });
+}
+
+#[test]
+fn channel_kinds_are_allowed_or_refused_with_a_reason() {
+    let w = World::new();
+    regrant(&w, &["--allow", "shell"]);
+    let out = run_ssh(w.ssh().arg("echo hi"));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        out.stderr_str()
+            .contains("psm: exec sessions are not permitted by policy"),
+        "{}",
+        out.describe()
+    );
+    regrant(&w, &["--allow", "exec"]);
+    let out = run_ssh(w.ssh().arg("echo hi"));
+    assert!(
+        out.success() && out.stdout_str().contains("hi"),
+        "{}",
+        out.describe()
+    );
+    let batch = w.psm.work_dir().join("batch");
+    std::fs::write(&batch, "pwd\n").expect("batch");
+    let out = run_cmd(&mut w.sftp(&batch), None, CMD_TIMEOUT);
+    assert!(!out.success(), "sftp refused: {}", out.describe());
+    w.psm
+        .wait_audit("refused channel", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "channel_request"
+                && jstr(e, "request") == "subsystem"
+                && e["accepted"] == false
+        });
+    // a forward to a destination the grant does not list is refused
+    let bad = w.psm.psmctl(
+        &[
+            "grant",
+            "add",
+            "alice",
+            &account(),
+            "--forward-to",
+            "db:5432",
+        ],
+        None,
+    );
+    assert!(!bad.success() && bad.stderr_str().contains("needs --allow forward-local"));
+}
+
+#[test]
+fn groups_target_groups_and_the_auditors_questions() {
+    let w = World::new();
+    w.psm
+        .psmctl_ok(&["grant", "remove", "alice", &account()], None);
+    w.psm.psmctl_ok(&["group", "add", "ops"], None);
+    w.psm
+        .psmctl_ok(&["group", "member", "add", "ops", "alice"], None);
+    w.psm.psmctl_ok(&["target-group", "add", "prod"], None);
+    w.psm
+        .psmctl_ok(&["target-group", "member", "add", "prod", "web01"], None);
+    let out = run_ssh(w.ssh().arg("true"));
+    assert!(!out.success(), "no grant yet: {}", out.describe());
+    let acct = format!("{TARGET_USER}@@prod");
+    w.psm.psmctl_ok(
+        &["grant", "add", "@ops", &acct, "--max-duration", "8h"],
+        None,
+    );
+    w.wait_session_works(&alice_login(), Duration::from_secs(5));
+    let check = w
+        .psm
+        .psmctl(&["policy", "check", "alice", &account()], None);
+    assert!(check.success(), "{}", check.describe());
+    let text = check.stdout_str();
+    assert!(
+        text.contains("allowed")
+            && text.contains("@ops")
+            && text.contains("through group @ops")
+            && text.contains("max duration 8h"),
+        "{text}"
+    );
+    let check = w.psm.psmctl(&["policy", "check", "bob", &account()], None);
+    assert_eq!(check.code(), Some(1), "{}", check.describe());
+    assert!(
+        check.stdout_str().contains("denied"),
+        "{}",
+        check.describe()
+    );
+    let who = w
+        .psm
+        .psmctl_ok(&["policy", "who-can-reach", &account()], None);
+    assert!(
+        who.contains("alice") && who.contains("through group @ops"),
+        "{who}"
+    );
+    // leaving the group revokes
+    w.psm
+        .psmctl_ok(&["group", "member", "remove", "ops", "alice"], None);
+    let out = run_ssh(w.ssh().arg("true"));
+    assert!(!out.success(), "{}", out.describe());
+    let groups = w.psm.psmctl_ok(&["target-group", "list"], None);
+    assert!(
+        groups.contains("@prod") && groups.contains("web01"),
+        "{groups}"
+    );
+}
