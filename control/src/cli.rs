@@ -60,6 +60,8 @@ pub struct Cli {
 }
 
 /// Top-level commands.
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Manage psm users (the people who log in to the gateway).
@@ -262,6 +264,8 @@ pub enum AccountCmd {
 }
 
 /// `psmctl grant …`
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum GrantCmd {
     /// Allow USER (or @GROUP) to open sessions as USERNAME@TARGET (or USERNAME@@TARGETGROUP).

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_REQUEST: usize = 1024 * 1024;
 
 /// One request from psmctl.
+// Decoded once per request line: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {

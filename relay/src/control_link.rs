@@ -185,7 +185,10 @@ impl PolicyStore {
 /// Sessions running on this relay, announced to control in every `Hello` so a restarted control
 /// knows them.
 #[derive(Default)]
-pub struct LiveSessions(Mutex<HashMap<String, (LiveSession, Arc<SessionBytes>, Arc<KillSwitch>)>>);
+pub struct LiveSessions(Mutex<HashMap<String, LiveEntry>>);
+
+/// One running session: what is announced, its counters, where its kill goes.
+type LiveEntry = (LiveSession, Arc<SessionBytes>, Arc<KillSwitch>);
 
 impl LiveSessions {
     /// A session started; `bytes` are its counters, `kill` where an operator's kill goes.

@@ -387,11 +387,7 @@ pub async fn handle_connection(
         };
         let _ = tokio::time::timeout(
             polite,
-            handle.disconnect(
-                russh::Disconnect::ByApplication,
-                message.into(),
-                "en".into(),
-            ),
+            handle.disconnect(russh::Disconnect::ByApplication, message, "en".into()),
         )
         .await;
         if tokio::time::timeout(polite, &mut running).await.is_err() {
