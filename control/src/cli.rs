@@ -25,7 +25,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::audit::{read_tail, AuditError};
-use crate::cli_policy::{self, ConditionFlags, GroupCmd, MfaCmd, PolicyCmd};
+use crate::cli_policy::{self, CommandRuleCmd, ConditionFlags, GroupCmd, MfaCmd, PolicyCmd};
 use crate::client::{Client, ClientError};
 use crate::datadir::DataDir;
 use crate::protocol::{
@@ -119,6 +119,12 @@ pub enum Command {
         /// Target group command.
         #[command(subcommand)]
         cmd: GroupCmd,
+    },
+    /// Command control rules.
+    CommandRule {
+        /// Command rule command.
+        #[command(subcommand)]
+        cmd: CommandRuleCmd,
     },
     /// Ask the policy without connecting.
     Policy {
@@ -487,6 +493,7 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
             },
         ),
         Command::Group { cmd } => cli_policy::group(&data_dir, cmd, false, out),
+        Command::CommandRule { cmd } => cli_policy::command_rule(&data_dir, cmd, out),
         Command::TargetGroup { cmd } => cli_policy::group(&data_dir, cmd, true, out),
         Command::Policy { cmd } => {
             if cli_policy::policy(&data_dir, cmd, out)? {
@@ -529,8 +536,10 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
                     let st = &r.stats;
                     writeln!(
                         out,
-                        "relay {}: recorder {}; connections {}, refused before handshake {}, failed before authentication {}, authentication failures {}, unauthenticated now {}, sessions started {}",
+                        "relay {}: policy version {}{}; recorder {}; connections {}, refused before handshake {}, failed before authentication {}, authentication failures {}, unauthenticated now {}, sessions started {}",
                         field(&r.relay_id),
+                        st.policy_version,
+                        if st.policy_version == s.version { "" } else { " (behind)" },
                         if st.recorder_connected { "connected" } else { "NOT CONNECTED (recorded sessions are refused)" },
                         st.connections,
                         st.startups_refused,
@@ -1211,6 +1220,31 @@ pub fn format_event(e: &AuditEvent) -> String {
                 f.push(("accepted", "no".into()));
             }
             ("channel_request", f)
+        }
+        AuditKind::Command {
+            session_id,
+            user,
+            target,
+            account,
+            channel,
+            line,
+            decision,
+            rule,
+            source,
+        } => {
+            let mut f = vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("channel", channel.to_string()),
+                ("line", line.clone()),
+                ("decision", decision.clone()),
+                ("from", source.clone()),
+            ];
+            if let Some(r) = rule {
+                f.push(("rule", r.to_string()));
+            }
+            ("command", f)
         }
         AuditKind::AdminChange {
             action,

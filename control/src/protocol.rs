@@ -208,6 +208,22 @@ pub enum Request {
         #[serde(default)]
         at_ms: Option<u64>,
     },
+    /// Adds a command rule. Result: [`Changed`].
+    CommandRuleAdd {
+        /// What it is attached to.
+        scope: psm_control_api::RuleScope,
+        /// Regular expression.
+        pattern: String,
+        /// Action.
+        action: psm_control_api::CommandAction,
+    },
+    /// Removes a command rule. Result: [`Changed`].
+    CommandRuleRemove {
+        /// Rule id.
+        id: u64,
+    },
+    /// Lists command rules. Result: array of [`psm_control_api::CommandRule`].
+    CommandRuleList,
     /// Who can reach `account@target`, through which grant. Result: array of [`Reach`].
     WhoCanReach {
         /// Account.
@@ -286,6 +302,8 @@ impl Request {
                 | Request::GroupAdd { .. }
                 | Request::GroupRemove { .. }
                 | Request::GroupMember { .. }
+                | Request::CommandRuleAdd { .. }
+                | Request::CommandRuleRemove { .. }
         )
     }
 }

@@ -26,7 +26,7 @@ mod governance;
 pub use governance::{GroupInfo, Lockout};
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -105,6 +105,16 @@ CREATE TABLE auth_failures (
 );
 ";
 
+/// Version 3: command rules (scope as JSON, pattern, action), in id order.
+const SCHEMA_V3: &str = "
+CREATE TABLE command_rules (
+    id INTEGER PRIMARY KEY,
+    scope TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('allow', 'deny', 'terminate', 'alert'))
+);
+";
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -171,6 +181,12 @@ impl Store {
             let tx = conn.transaction()?;
             tx.execute_batch(SCHEMA_V2)?;
             tx.pragma_update(None, "user_version", 2)?;
+            tx.commit()?;
+        }
+        if version < 3 {
+            let tx = conn.transaction()?;
+            tx.execute_batch(SCHEMA_V3)?;
+            tx.pragma_update(None, "user_version", 3)?;
             tx.commit()?;
         }
         // Sanity read, so a damaged file fails at open rather than on first use.
@@ -605,6 +621,14 @@ impl Store {
             "DELETE FROM grants WHERE user = ?1 AND target = ?2 AND account = ?3",
             [user, target, account],
         )?;
+        governance::drop_rules(
+            &tx,
+            &psm_control_api::RuleScope::Grant {
+                user: user.to_string(),
+                target: target.to_string(),
+                account: account.to_string(),
+            },
+        )?;
         if n == 0 {
             if !user.starts_with('@') {
                 Self::require_user(&tx, user)?;
@@ -643,6 +667,7 @@ impl Store {
             grants: read_grants(&tx)?,
             recording_required: true,
             mfa_required: false,
+            command_rules: governance::read_command_rules(&tx)?,
         };
         tx.commit()?;
         Ok(snap)

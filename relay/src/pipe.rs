@@ -12,6 +12,7 @@ use russh::server::Msg;
 use russh::{ChannelMsg, ChannelWriteHalf, Sig};
 use tokio::sync::mpsc;
 
+use crate::commands::Gate;
 use crate::end::{EndReason, TargetLoss};
 use crate::flow::Flow;
 use crate::recording::RecordingStream;
@@ -137,7 +138,175 @@ fn sig_name(s: &Sig) -> String {
     }
 }
 
-/// User -> relay: drains the user's channel into the up queue, recording input.
+/// Queues `data` toward the target, recorded as input.
+async fn send_up(
+    tx: &mpsc::UnboundedSender<Item>,
+    flow: &Flow,
+    rec: Option<&RecordingStream>,
+    ch: u32,
+    data: Bytes,
+) -> bool {
+    if data.is_empty() {
+        return true;
+    }
+    if let Some(rec) = rec {
+        rec.data(ch, Direction::Input, data.clone()).await;
+    }
+    flow.up_queued(data.len());
+    tx.send(Item::Data(data)).is_ok()
+}
+
+/// Queues a line from psm toward the user (recorded as output, as the user saw it).
+async fn tell_user(
+    down: &mpsc::UnboundedSender<Item>,
+    flow: &Flow,
+    rec: Option<&RecordingStream>,
+    ch: u32,
+    text: String,
+    stderr: bool,
+) {
+    let data = Bytes::from(text);
+    let item = if stderr {
+        Item::Ext(1, data)
+    } else {
+        Item::Data(data)
+    };
+    record_down(rec, ch, &item).await;
+    flow.down_queued(item.cost());
+    let _ = down.send(item);
+}
+
+/// User input on a shell under command control: forwards what is not a submitted line at
+/// once, and decides each line (Enter on a terminal, newline without one) before it goes.
+/// Returns false when the session is to end.
+#[allow(clippy::too_many_arguments)]
+async fn gated_input(
+    gate: &Gate,
+    down: &mpsc::UnboundedSender<Item>,
+    data: Bytes,
+    tx: &mpsc::UnboundedSender<Item>,
+    flow: &Flow,
+    shared: &Shared,
+    rec: Option<&RecordingStream>,
+    ch: u32,
+) -> bool {
+    use psm_control_api::CommandAction;
+    if !gate.has_screen() {
+        for (line, complete) in gate.stdin_lines(&data) {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\n', '\r']).trim();
+            if !complete || text.is_empty() {
+                if !complete {
+                    shared.notices.note("unchecked long input line", "", || {
+                        format!("an input line longer than {} bytes on channel {ch} was forwarded unchecked", crate::commands::MAX_STDIN_LINE)
+                    });
+                }
+                if !send_up(tx, flow, rec, ch, Bytes::from(line)).await {
+                    return false;
+                }
+                continue;
+            }
+            let v = shared.decide_command(ch, text, "stdin");
+            match v.action {
+                CommandAction::Allow | CommandAction::Alert => {
+                    if !send_up(tx, flow, rec, ch, Bytes::from(line)).await {
+                        return false;
+                    }
+                }
+                CommandAction::Deny => {
+                    let shown = crate::escape_short(text);
+                    tell_user(
+                        down,
+                        flow,
+                        rec,
+                        ch,
+                        format!("psm: command denied by policy: {shown}\n"),
+                        true,
+                    )
+                    .await;
+                }
+                CommandAction::Terminate => {
+                    shared.stop(EndReason::Policy(
+                        psm_control_api::PolicyStop::CommandTerminated {
+                            line: text.to_string(),
+                            rule: v.rule,
+                        },
+                    ));
+                    return false;
+                }
+            }
+        }
+        return true;
+    }
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some(i) = rest.iter().position(|b| *b == b'\r' || *b == b'\n') else {
+            gate.typing();
+            return send_up(tx, flow, rec, ch, rest).await;
+        };
+        if i > 0 {
+            gate.typing();
+            if !send_up(tx, flow, rec, ch, rest.slice(..i)).await {
+                return false;
+            }
+        }
+        let enter = rest.slice(i..i + 1);
+        rest = rest.slice(i + 1..);
+        // the Enter waits for the echo of what came before it
+        gate.settle().await;
+        let line = gate.screen_line();
+        let Some(line) = line.filter(|l| !l.is_empty()) else {
+            gate.line_done();
+            if !send_up(tx, flow, rec, ch, enter).await {
+                return false;
+            }
+            continue;
+        };
+        let v = shared.decide_command(ch, &line, "shell");
+        gate.line_done();
+        match v.action {
+            CommandAction::Allow | CommandAction::Alert => {
+                if !send_up(tx, flow, rec, ch, enter).await {
+                    return false;
+                }
+            }
+            CommandAction::Deny => {
+                // the line never runs: cleared on the target, a fresh prompt, and the reason
+                let shown = crate::escape_short(&line);
+                tell_user(
+                    down,
+                    flow,
+                    rec,
+                    ch,
+                    format!("\r\npsm: command denied by policy: {shown}\r\n"),
+                    false,
+                )
+                .await;
+                if !send_up(
+                    tx,
+                    flow,
+                    rec,
+                    ch,
+                    Bytes::from_static(crate::commands::CLEAR_LINE),
+                )
+                .await
+                {
+                    return false;
+                }
+            }
+            CommandAction::Terminate => {
+                shared.stop(EndReason::Policy(
+                    psm_control_api::PolicyStop::CommandTerminated { line, rule: v.rule },
+                ));
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// User -> relay: drains the user's channel into the up queue, recording input. A shell's
+/// input goes through its command gate.
 pub(crate) async fn read_client(
     mut r: russh::ChannelReadHalf,
     tx: mpsc::UnboundedSender<Item>,
@@ -145,6 +314,7 @@ pub(crate) async fn read_client(
     shared: Arc<Shared>,
     rec: Option<RecordingStream>,
     ch: u32,
+    gate: Option<(Arc<Gate>, mpsc::UnboundedSender<Item>)>,
 ) {
     loop {
         // Only a user who multiplexes channels and keeps one of them congested can get here;
@@ -156,13 +326,43 @@ pub(crate) async fn read_client(
         let item = match r.wait().await {
             Some(ChannelMsg::Data { data }) => {
                 shared.bytes.input(data.len());
+                if let Some((g, down)) = &gate {
+                    if !gated_input(g, down, data, &tx, &flow, &shared, rec.as_ref(), ch).await {
+                        return;
+                    }
+                    continue;
+                }
                 if let Some(rec) = &rec {
                     rec.data(ch, Direction::Input, data.clone()).await;
                 }
                 flow.up_queued(data.len());
                 Item::Data(data)
             }
-            Some(ChannelMsg::Eof) => Item::Eof,
+            Some(ChannelMsg::Eof) => {
+                if let Some((g, down)) = &gate {
+                    // a last line without its newline is decided too
+                    let rest = g.stdin_rest();
+                    if !rest.is_empty() {
+                        let mut line = rest;
+                        line.push(b'\n');
+                        if !gated_input(
+                            g,
+                            down,
+                            Bytes::from(line),
+                            &tx,
+                            &flow,
+                            &shared,
+                            rec.as_ref(),
+                            ch,
+                        )
+                        .await
+                        {
+                            return;
+                        }
+                    }
+                }
+                Item::Eof
+            }
             Some(ChannelMsg::Close) | None => {
                 shared.ended(EndReason::ClientClosed);
                 let _ = tx.send(Item::Close);
@@ -216,6 +416,7 @@ async fn target_loss(loss: &mut LossWatch) -> EndReason {
 
 /// Target -> relay: drains the target channel into the down queue, recording output. When the
 /// target connection vanishes without closing the channel, the user is told why in one line.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_target(
     mut r: russh::ChannelReadHalf,
     tx: mpsc::UnboundedSender<Item>,
@@ -224,6 +425,7 @@ pub(crate) async fn read_target(
     rec: Option<RecordingStream>,
     ch: u32,
     mut loss: LossWatch,
+    gate: Option<Arc<Gate>>,
 ) {
     let mut exited = false;
     loop {
@@ -257,6 +459,9 @@ pub(crate) async fn read_target(
                 continue;
             }
             exited = true;
+        }
+        if let (Some(g), Item::Data(d)) = (&gate, &item) {
+            g.output(d);
         }
         record_down(rec.as_ref(), ch, &item).await;
         account_down(&shared, &flow, &item);

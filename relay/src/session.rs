@@ -163,6 +163,12 @@ pub(crate) struct Shared {
     finished: Mutex<Vec<ChannelId>>,
     /// An operator's kill arrives here.
     kill: Arc<KillSwitch>,
+    /// Notified when the relay itself ends the session (a command rule that terminates).
+    stopped: Notify,
+    /// The policy in force (for command decisions on the relay tasks).
+    policy: Arc<PolicyStore>,
+    /// Audit events.
+    audit: AuditSink,
     /// Notified when the session starts (its governor is set).
     governed: Notify,
     state: Mutex<SharedState>,
@@ -183,6 +189,73 @@ impl Shared {
         self.with(|s| {
             s.end.get_or_insert(why);
         });
+    }
+
+    /// The relay ends the session with `why` (the first reason wins).
+    pub(crate) fn stop(&self, why: EndReason) {
+        self.ended(why);
+        self.stopped.notify_one();
+    }
+
+    /// Decides one command line on channel `channel` under the policy in force now, and audits
+    /// it (`source`: `exec`, `shell` or `stdin`).
+    pub(crate) fn decide_command(
+        &self,
+        channel: u32,
+        line: &str,
+        source: &str,
+    ) -> psm_control_api::CommandVerdict {
+        let snap = self.policy.get();
+        let (gov, info) = self.with(|s| {
+            (
+                s.governor.clone(),
+                s.info
+                    .as_ref()
+                    .map(|i| (i.user.clone(), i.target.clone(), i.account.clone())),
+            )
+        });
+        let verdict = gov
+            .and_then(|g| {
+                let permit = decide(
+                    &snap,
+                    &Attempt {
+                        user: &g.user,
+                        account: &g.account,
+                        target: &g.target,
+                        source: g.source,
+                        now_ms: now_ms(),
+                    },
+                )
+                .ok()?;
+                let user = snap.user(&g.user)?;
+                Some(
+                    psm_control_api::CommandPolicy::for_session(&snap, permit.grant, user)
+                        .check(line),
+                )
+            })
+            // no grant covers the session any more: nothing runs (the governor ends it)
+            .unwrap_or(psm_control_api::CommandVerdict {
+                action: psm_control_api::CommandAction::Deny,
+                rule: None,
+                pattern: None,
+            });
+        let (user, target, account) = info.unwrap_or_default();
+        let (kept, _) = psm_control_api::escape::truncate(line, 4096);
+        if verdict.action != psm_control_api::CommandAction::Allow {
+            info!(session = %self.session_id, line = %Escaped(kept), decision = %verdict.action, "command control");
+        }
+        self.audit.emit(AuditKind::Command {
+            session_id: self.session_id.clone(),
+            user,
+            target,
+            account,
+            channel,
+            line: kept.to_string(),
+            decision: verdict.action.to_string(),
+            rule: verdict.rule,
+            source: source.to_string(),
+        });
+        verdict
     }
 
     /// The client broke the protocol: the connection is closed with `why`.
@@ -245,6 +318,9 @@ pub async fn handle_connection(
         violation: Notify::new(),
         finished: Mutex::new(Vec::new()),
         kill: Arc::new(KillSwitch::default()),
+        stopped: Notify::new(),
+        policy: ctx.policy.clone(),
+        audit: ctx.audit.clone(),
         governed: Notify::new(),
         state: Mutex::new(SharedState::default()),
     });
@@ -293,6 +369,12 @@ pub async fn handle_connection(
                 info!(session = %shared.session_id, reason = %stop, "session ended by policy");
                 let line = stop.user_line();
                 reason = Some(stop);
+                break line;
+            }
+            _ = shared.stopped.notified() => {
+                let r = shared.with(|s| s.end.clone()).unwrap_or(EndReason::Shutdown);
+                let line = r.user_line();
+                reason = Some(r);
                 break line;
             }
             k = shared.kill.fired() => {
@@ -516,10 +598,14 @@ enum Chan {
         loss: LossWatch,
         /// Requests the client sent before the start.
         requests: u32,
+        /// The terminal the target granted (cols, rows), if any.
+        pty: Option<(u32, u32)>,
     },
     /// Relaying.
     Running {
         up_w: Arc<ChannelWriteHalf<russh::client::Msg>>,
+        /// Command control of a shell.
+        gate: Option<Arc<crate::commands::Gate>>,
     },
     /// Finished or failed.
     Done,
@@ -890,7 +976,7 @@ impl Conn {
     }
 
     /// Starts relaying a channel whose shell/exec/subsystem the target accepted.
-    async fn start(&mut self, channel: ChannelId, handle: russh::server::Handle) {
+    async fn start(&mut self, channel: ChannelId, handle: russh::server::Handle, shell: bool) {
         let Some(Chan::Pending {
             up,
             down_w,
@@ -898,6 +984,7 @@ impl Conn {
             early,
             target,
             loss,
+            pty,
             ..
         }) = self.channels.remove(&channel)
         else {
@@ -914,8 +1001,13 @@ impl Conn {
         let ch: u32 = channel.into();
         let (up_tx, up_rx) = mpsc::unbounded_channel();
         let (down_tx, down_rx) = mpsc::unbounded_channel();
+        // every shell gets command control: its lines are audited, and decided by the rules
+        let gate = shell.then(|| Arc::new(crate::commands::Gate::new(pty)));
         for m in early {
             if let Some(item) = down_item(m) {
+                if let (Some(g), crate::pipe::Item::Data(d)) = (&gate, &item) {
+                    g.output(d);
+                }
                 record_down(rec.as_ref(), ch, &item).await;
                 account_down(&self.shared, &flow, &item);
                 let _ = down_tx.send(item);
@@ -946,6 +1038,7 @@ impl Conn {
             self.shared.clone(),
             rec.clone(),
             ch,
+            gate.clone().map(|g| (g, down_tx.clone())),
         ));
         tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
         tokio::spawn(read_target(
@@ -956,6 +1049,7 @@ impl Conn {
             rec,
             ch,
             loss,
+            gate.clone(),
         ));
         if tracing::enabled!(tracing::Level::DEBUG) {
             let flow = flow.clone();
@@ -982,7 +1076,7 @@ impl Conn {
             shared.with(|s| s.running.retain(|c| *c != channel));
         });
         self.shared.with(|s| s.running.push(channel));
-        self.channels.insert(channel, Chan::Running { up_w });
+        self.channels.insert(channel, Chan::Running { up_w, gate });
     }
 
     /// Delivers a denial on a channel: the message on stderr, exit status 255, close.
@@ -1017,10 +1111,44 @@ impl Conn {
         }
         let (request, command) = req.describe();
         let kind = req.kind();
+        let shell = matches!(req, Req::Shell);
         let permitted = match kind {
             Some(k) => self.conditions.allows(k),
             None => false,
         };
+        if permitted && matches!(req, Req::Exec(_)) {
+            // command control: the command line is decided before it is sent
+            let v = self.shared.decide_command(channel.into(), &command, "exec");
+            match v.action {
+                psm_control_api::CommandAction::Allow | psm_control_api::CommandAction::Alert => {}
+                psm_control_api::CommandAction::Deny => {
+                    self.refuse_started(
+                        channel,
+                        format!(
+                            "psm: command denied by policy: {}",
+                            crate::escape_short(&command)
+                        ),
+                    );
+                    return self.deliver_denial(channel, session);
+                }
+                psm_control_api::CommandAction::Terminate => {
+                    self.refuse_started(
+                        channel,
+                        format!(
+                            "psm: command denied by policy: {}",
+                            crate::escape_short(&command)
+                        ),
+                    );
+                    self.shared.stop(EndReason::Policy(
+                        psm_control_api::PolicyStop::CommandTerminated {
+                            line: command.clone(),
+                            rule: v.rule,
+                        },
+                    ));
+                    return self.deliver_denial(channel, session);
+                }
+            }
+        }
         let accepted = if permitted {
             self.forward_request(channel, req).await == Some(true)
         } else {
@@ -1028,15 +1156,9 @@ impl Conn {
                 Some(k) => format!("{k} sessions are"),
                 None => format!("the subsystem '{}' is", crate::escape_short(&command)),
             };
-            // Delivered like a denial (the message on stderr, exit status 1): a refused request
-            // would make OpenSSH print only "exec request failed".
-            if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
-                tokio::spawn(async move { disconnect_target(&target).await });
-            }
-            self.channels.insert(
-                channel,
-                Chan::Denied(format!("psm: {what} not permitted by policy")),
-            );
+            // Delivered like a denial (the message on stderr, exit status 255): a refused
+            // request would make OpenSSH print only "exec request failed".
+            self.refuse_started(channel, format!("psm: {what} not permitted by policy"));
             self.notice(
                 "channel kind",
                 &kind
@@ -1064,13 +1186,22 @@ impl Conn {
         }
         if accepted {
             session.channel_success(channel)?;
-            self.start(channel, session.handle()).await;
+            self.start(channel, session.handle(), shell).await;
         } else if !permitted {
             return self.deliver_denial(channel, session);
         } else {
             session.channel_failure(channel)?;
         }
         Ok(())
+    }
+
+    /// Turns a brokered channel into a denied one (its target connection is closed); the
+    /// denial is delivered by [`Conn::deliver_denial`].
+    fn refuse_started(&mut self, channel: ChannelId, message: String) {
+        if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
+            tokio::spawn(async move { disconnect_target(&target).await });
+        }
+        self.channels.insert(channel, Chan::Denied(message));
     }
 
     fn refuse_notice(&self, channel: ChannelId, session: &mut Session, what: &'static str) {
@@ -1368,6 +1499,7 @@ impl russh::server::Handler for Conn {
                     target,
                     loss,
                     requests: 0,
+                    pty: None,
                 }
             }
             Err(msg) => Chan::Denied(msg),
@@ -1491,8 +1623,11 @@ impl russh::server::Handler for Conn {
         };
         let ok = self.forward_request(channel, req).await;
         if ok == Some(true) {
+            let (cols, rows) = recorded_size(col_width, row_height);
+            if let Some(Chan::Pending { pty, .. }) = self.channels.get_mut(&channel) {
+                *pty = Some((cols, rows));
+            }
             if let Some(rec) = self.shared.recording() {
-                let (cols, rows) = recorded_size(col_width, row_height);
                 rec.resize(channel.into(), cols, rows).await;
             }
             session.channel_success(channel)
@@ -1565,15 +1700,24 @@ impl russh::server::Handler for Conn {
             pix_width.min(MAX_PTY_PIXELS),
             pix_height.min(MAX_PTY_PIXELS),
         );
-        let sent = match self.channels.get(&channel) {
-            Some(Chan::Running { up_w }) => up_w
-                .window_change(col_width, row_height, pix_width, pix_height)
-                .await
-                .is_ok(),
-            Some(Chan::Pending { up, .. }) => up
-                .window_change(col_width, row_height, pix_width, pix_height)
-                .await
-                .is_ok(),
+        let size = recorded_size(col_width, row_height);
+        let sent = match self.channels.get_mut(&channel) {
+            Some(Chan::Running { up_w, gate }) => {
+                if let Some(g) = gate {
+                    g.resize(size.0, size.1);
+                }
+                up_w.window_change(col_width, row_height, pix_width, pix_height)
+                    .await
+                    .is_ok()
+            }
+            Some(Chan::Pending { up, pty, .. }) => {
+                if pty.is_some() {
+                    *pty = Some(size);
+                }
+                up.window_change(col_width, row_height, pix_width, pix_height)
+                    .await
+                    .is_ok()
+            }
             _ => false,
         };
         if sent {
@@ -1592,7 +1736,7 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.prestart_request(channel);
-        if let Some(Chan::Running { up_w }) = self.channels.get(&channel) {
+        if let Some(Chan::Running { up_w, .. }) = self.channels.get(&channel) {
             let _ = up_w.signal(signal).await;
         }
         Ok(())

@@ -382,6 +382,9 @@ pub struct Conditions {
     /// Dual control.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalRule>,
+    /// What happens to a command no command rule matches (None: allow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_default: Option<crate::CommandAction>,
 }
 
 impl Conditions {
@@ -514,6 +517,9 @@ impl Conditions {
         }
         if self.reason_required {
             out.push("reason required".into());
+        }
+        if let Some(a) = self.command_default {
+            out.push(format!("commands default {a}"));
         }
         if let Some(a) = &self.approval {
             out.push(format!(

@@ -10,11 +10,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod commands;
 pub mod conditions;
 pub mod escape;
 pub mod fuzz;
 pub mod policy;
 
+pub use commands::{CommandAction, CommandPolicy, CommandRule, CommandVerdict, RuleScope};
 pub use conditions::{ChannelKind, Conditions, TimeWindow};
 pub use escape::{escape, Escaped};
 pub use policy::{decide, Attempt, Denial, Governor, Permit, PolicyStop, Verdict};
@@ -77,6 +79,9 @@ pub struct PolicySnapshot {
     /// its grant says.
     #[serde(default)]
     pub mfa_required: bool,
+    /// Command rules, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command_rules: Vec<CommandRule>,
 }
 
 /// A psm user.
@@ -499,6 +504,30 @@ pub enum AuditKind {
         /// Whether the target accepted it.
         accepted: bool,
     },
+    /// A command the user submitted (an exec request, or a line typed in a shell), with the
+    /// command-control decision.
+    Command {
+        /// Session id.
+        session_id: String,
+        /// psm user.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Account on the target.
+        account: String,
+        /// User-side channel number.
+        channel: u32,
+        /// The command line as reconstructed.
+        line: String,
+        /// `allow`, `deny`, `terminate` or `alert`.
+        decision: String,
+        /// The rule that decided (None: the grant's default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<u64>,
+        /// How the line was read: `exec`, `shell` (screen model) or `stdin` (a shell without a
+        /// terminal).
+        source: String,
+    },
     /// An administrative change through psmctl.
     AdminChange {
         /// What was done (`user add`, `grant remove`, …).
@@ -718,6 +747,7 @@ mod tests {
             }],
             recording_required: true,
             mfa_required: false,
+            command_rules: vec![],
         }
     }
 

@@ -404,6 +404,13 @@ pub enum PolicyStop {
     MaxDuration(u64),
     /// No input from the user for the grant's idle timeout.
     IdleTimeout(u64),
+    /// A command rule with the `terminate` action matched.
+    CommandTerminated {
+        /// The command line.
+        line: String,
+        /// The rule.
+        rule: Option<u64>,
+    },
 }
 
 impl fmt::Display for PolicyStop {
@@ -420,6 +427,13 @@ impl fmt::Display for PolicyStop {
                     format_duration(*ms)
                 )
             }
+            PolicyStop::CommandTerminated { line, rule } => write!(
+                f,
+                "command {:?} matched {} (terminate)",
+                crate::escape(line),
+                rule.map(|r| format!("command rule {r}"))
+                    .unwrap_or_else(|| "the grant's default".into())
+            ),
         }
     }
 }
@@ -439,6 +453,7 @@ impl PolicyStop {
             PolicyStop::Denied(_) => "grant_revoked",
             PolicyStop::MaxDuration(_) => "max_duration",
             PolicyStop::IdleTimeout(_) => "idle_timeout",
+            PolicyStop::CommandTerminated { .. } => "command_terminated",
         }
     }
 
@@ -460,6 +475,10 @@ impl PolicyStop {
             }
             PolicyStop::IdleTimeout(ms) => {
                 format!("idle timeout of {} reached", format_duration(*ms))
+            }
+            PolicyStop::CommandTerminated { line, .. } => {
+                let (l, _) = crate::escape::truncate(line, 200);
+                format!("command not permitted: {}", crate::escape(l))
             }
         };
         format!("psm: session ended: {why}")
@@ -613,6 +632,7 @@ mod tests {
             ],
             recording_required: true,
             mfa_required: false,
+            command_rules: vec![],
         }
     }
 

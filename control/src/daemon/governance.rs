@@ -181,6 +181,27 @@ impl Shared {
                 })
             }
             Request::SessionKill { session_id, reason } => self.kill(actor, session_id, reason),
+            Request::CommandRuleAdd {
+                scope,
+                pattern,
+                action,
+            } => {
+                let object = format!("{scope}: {action} {pattern:?}");
+                self.change(actor, "command-rule add", object.clone(), |s, obj| {
+                    let (v, id) = s.add_command_rule(&scope, &pattern, action)?;
+                    *obj = format!("{id} ({object})");
+                    Ok((v, format!("added command rule {id}: {object}")))
+                })
+            }
+            Request::CommandRuleRemove { id } => {
+                self.change(actor, "command-rule remove", id.to_string(), |s, _| {
+                    Ok((
+                        s.remove_command_rule(id)?,
+                        format!("removed command rule {id}"),
+                    ))
+                })
+            }
+            Request::CommandRuleList => self.read(|s| s.list_command_rules()),
             Request::PolicyCheck {
                 user,
                 account,
