@@ -1024,8 +1024,17 @@ fn print_sessions(
                 s.source.clone(),
                 timefmt::utc(s.start_ms),
                 timefmt::duration(now_ms.saturating_sub(s.start_ms)),
-                i.relay.clone(),
+                human_bytes(i.bytes_up),
+                human_bytes(i.bytes_down),
+                match s.worker {
+                    Some(w) => format!("{}/{w}", i.relay),
+                    None => i.relay.clone(),
+                },
                 s.recording_id.clone(),
+                s.justification
+                    .as_deref()
+                    .map(psm_control_api::escape)
+                    .unwrap_or_default(),
             ]
         })
         .collect();
@@ -1038,8 +1047,11 @@ fn print_sessions(
             "SOURCE",
             "STARTED (UTC)",
             "DURATION",
-            "RELAY",
+            "UP",
+            "DOWN",
+            "RELAY/WORKER",
             "RECORDING",
+            "REASON",
         ],
         &rows,
     )?;
@@ -1604,6 +1616,7 @@ mod tests {
                 reason: "client closed".into(),
                 reason_code: "client_closed".into(),
                 side: "client".into(),
+                justification: None,
             },
         };
         let line = format_event(&end);
@@ -1692,6 +1705,8 @@ mod tests {
                 account: "root".into(),
                 recording_id: "r1".into(),
                 start_ms: 1_700_000_000_000,
+                justification: None,
+                worker: None,
             },
             relay: "r-1".into(),
             bytes_up: 10,

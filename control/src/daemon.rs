@@ -538,6 +538,8 @@ impl Shared {
                 account,
                 recording_id,
                 start_ms,
+                justification,
+                worker,
             } => {
                 lock(&self.sessions).insert(
                     session_id.clone(),
@@ -553,6 +555,8 @@ impl Shared {
                                 account: account.clone(),
                                 recording_id: recording_id.clone(),
                                 start_ms: *start_ms,
+                                justification: justification.clone(),
+                                worker: *worker,
                             },
                             relay: relay_id.to_string(),
                             bytes_up: 0,
@@ -643,6 +647,7 @@ impl Shared {
                 reason: REASON_RELAY_LOST.into(),
                 reason_code: "relay_lost".into(),
                 side: "relay".into(),
+                justification: info.justification,
             });
             if let Err(e) = ended {
                 error!(error = %e, "cannot write session_end for a lost relay's session");
@@ -1212,6 +1217,8 @@ mod tests {
                 account: "root".into(),
                 recording_id: format!("rec-{id}"),
                 start_ms: 1000,
+                justification: None,
+                worker: None,
             },
         }
     }
@@ -1371,6 +1378,7 @@ mod tests {
                     reason: "client closed".into(),
                     reason_code: "client_closed".into(),
                     side: "client".into(),
+                    justification: None,
                 },
             }))
             .await;

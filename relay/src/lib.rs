@@ -255,6 +255,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             source,
         })?;
         let ctx = Arc::new(session::WorkerCtx {
+            worker: i,
             policy: store.clone(),
             audit: audit.clone(),
             recorder: recorder.worker(),

@@ -43,6 +43,8 @@ use crate::startups::{LogLimiter, Permit, Startups, UserPermit, UserSlots};
 use crate::upstream::{self, LossWatch, TargetHandle};
 use crate::Limits;
 
+mod login;
+
 /// What the user is told when recording is required and psm-recorder cannot take the session.
 pub const RECORDING_UNAVAILABLE: &str = "psm: session recording is unavailable; try again later";
 /// How long the relay waits for the target to answer a channel request.
@@ -57,8 +59,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub const MAX_PTY_CELLS: u32 = 4096;
 /// Largest terminal size in pixels psm passes on.
 pub const MAX_PTY_PIXELS: u32 = 65_535;
-/// Verification codes one connection may try.
-const MAX_MFA_TRIES: u32 = 3;
 /// Messages a target may send on a channel while psm waits for its answer to a request.
 const MAX_EARLY_MESSAGES: usize = 1024;
 
@@ -75,6 +75,8 @@ pub fn recorded_size(cols: u32, rows: u32) -> (u32, u32) {
 
 /// What every connection on one worker shares.
 pub struct WorkerCtx {
+    /// This worker's index (its core).
+    pub worker: usize,
     /// Policy in force.
     pub policy: Arc<PolicyStore>,
     /// Audit events to control.
@@ -129,6 +131,7 @@ struct SessionInfo {
     target: String,
     account: String,
     recording_id: String,
+    justification: Option<String>,
 }
 
 #[derive(Default)]
@@ -333,7 +336,8 @@ pub async fn handle_connection(
         permit: Some(permit),
         user_permit: None,
         window: WindowMirror::new(WINDOW),
-        mfa_pending: None,
+        pending: None,
+        reason: None,
         mfa_tries: 0,
         conditions: Default::default(),
         channels: HashMap::new(),
@@ -581,6 +585,7 @@ async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndReason>) {
         reason: reason.to_string(),
         reason_code: reason.code().into(),
         side: reason.side().to_string(),
+        justification: info.justification,
     });
 }
 
@@ -625,7 +630,9 @@ pub struct Conn {
     /// russh's receive windows on this connection, replayed to catch data beyond them.
     window: WindowMirror,
     /// First factor passed, second factor asked: (login, user, first method).
-    mfa_pending: Option<(String, String, &'static str)>,
+    pending: Option<login::Pending>,
+    /// The reason the user gave (when the grant asks for one).
+    reason: Option<String>,
     /// Verification codes refused on this connection.
     mfa_tries: u32,
     /// The conditions of the grant the latest channel was brokered under.
@@ -681,72 +688,6 @@ impl Conn {
             source: self.source(),
             reason: reason.to_string(),
         });
-    }
-
-    /// Refuses any attempt while the source or the user is over the rate limit, and users
-    /// that are disabled or locked (with the same refusal as a wrong password).
-    fn refused_early(&self, login: &str, method: &str) -> Option<Auth> {
-        let user = Login::user_part(login);
-        let now = now_ms();
-        if self.ctx.throttle.limited(self.shared.peer.ip(), user, now) {
-            Counters::bump(&self.ctx.counters.auth_failures);
-            info!(peer = %self.shared.peer, login = %Escaped(&logged_login(login)), method, "authentication rate limited");
-            self.ctx.audit.emit(AuditKind::AuthFailure {
-                login: logged_login(login),
-                method: method.to_string(),
-                source: self.source(),
-                reason: "rate limited: too many failed logins from this address or for this user"
-                    .into(),
-            });
-            return Some(reject());
-        }
-        if let Err(d) = psm_control_api::policy::user_usable(&self.ctx.policy.get(), user, now) {
-            let why = match d {
-                psm_control_api::Denial::UserLocked { .. } => "locked",
-                psm_control_api::Denial::UserDisabled { .. } => "disabled",
-                _ => return None,
-            };
-            self.auth_failed(login, method, why);
-            return Some(reject());
-        }
-        None
-    }
-
-    /// The first factor passed: accept, or ask for the second one when the policy wants it
-    /// (and no cached MFA of this user from this address covers the grant).
-    fn first_factor(&mut self, login: &str, user: &str, method: &'static str) -> Auth {
-        let snap = self.ctx.policy.get();
-        let now = now_ms();
-        let ip = self.shared.peer.ip();
-        let needs = match Login::parse(login) {
-            Ok(l) => decide(
-                &snap,
-                &Attempt {
-                    user,
-                    account: &l.account,
-                    target: &l.target,
-                    source: ip,
-                    now_ms: now,
-                },
-            )
-            .ok()
-            .map(|p| {
-                let cache = p.conditions().mfa_cache_ms;
-                p.mfa && !cache.is_some_and(|ms| self.ctx.mfa.cached(user, ip, ms, now))
-            })
-            // a denied session is told why on its first channel; MFA only if required globally
-            .unwrap_or(snap.mfa_required),
-            Err(_) => snap.mfa_required,
-        };
-        if !needs {
-            return self.auth_ok(login, user, method);
-        }
-        debug!(peer = %self.shared.peer, user = %Escaped(user), "first factor passed; asking for the second");
-        self.mfa_pending = Some((login.to_string(), user.to_string(), method));
-        Auth::Reject {
-            proceed_with_methods: Some(second_factor()),
-            partial_success: true,
-        }
     }
 
     fn auth_ok(&mut self, login: &str, user: &str, method: &str) -> Auth {
@@ -893,6 +834,7 @@ impl Conn {
                     target: target.name.clone(),
                     account: account.username.clone(),
                     recording_id: recording_id.clone(),
+                    justification: self.reason.clone(),
                 });
                 s.recording = opened;
                 s.governor = Some(Governor {
@@ -915,6 +857,8 @@ impl Conn {
                 account: account.username.clone(),
                 recording_id,
                 start_ms: self.shared.start_ms,
+                justification: self.reason.clone(),
+                worker: Some(self.ctx.worker),
             };
             self.ctx.sessions.insert(
                 live.clone(),
@@ -930,6 +874,8 @@ impl Conn {
                 account: live.account,
                 recording_id: live.recording_id,
                 start_ms: live.start_ms,
+                justification: live.justification,
+                worker: live.worker,
             });
             self.started = true;
         }
@@ -1394,68 +1340,7 @@ impl russh::server::Handler for Conn {
         _submethods: &str,
         response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
-        // Keyboard-interactive is only ever psm's second factor, after a key or a password.
-        let Some((first_login, user, first)) = self.mfa_pending.clone() else {
-            return Ok(reject());
-        };
-        if first_login != login {
-            self.auth_failed(
-                login,
-                "keyboard-interactive",
-                "login changed between the factors",
-            );
-            self.mfa_pending = None;
-            return Ok(reject());
-        }
-        let Some(mut response) = response else {
-            return Ok(Auth::Partial {
-                name: "psm".into(),
-                instructions: "".into(),
-                prompts: vec![(std::borrow::Cow::Borrowed(crate::mfa::PROMPT), true)].into(),
-            });
-        };
-        let method = if first == "password" {
-            "password+totp"
-        } else {
-            "publickey+totp"
-        };
-        if let Some(r) = self.refused_early(login, method) {
-            return Ok(r);
-        }
-        let code = response
-            .next()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
-        let code = zeroize::Zeroizing::new(code);
-        let snap = self.ctx.policy.get();
-        let now = now_ms();
-        let verdict = match snap.user(&user) {
-            Some(u) => self.ctx.mfa.verify(u, &code, now),
-            None => Err(crate::mfa::MfaFailure::NotEnrolled),
-        };
-        match verdict {
-            Ok(step) => {
-                self.mfa_pending = None;
-                self.ctx.audit.report(RelayToControl::MfaUsed {
-                    user: user.clone(),
-                    step,
-                });
-                self.ctx.mfa.remember(&user, self.shared.peer.ip(), now);
-                Ok(self.auth_ok(login, &user, method))
-            }
-            Err(f) => {
-                self.auth_failed(login, method, f.reason());
-                self.mfa_tries += 1;
-                if self.mfa_tries >= MAX_MFA_TRIES {
-                    // no more codes on this connection (the lockout counts them all anyway)
-                    self.mfa_pending = None;
-                }
-                Ok(Auth::Reject {
-                    proceed_with_methods: Some(second_factor()),
-                    partial_success: false,
-                })
-            }
-        }
+        Ok(self.keyboard_interactive(login, response).await)
     }
 
     async fn channel_open_session(

@@ -1,7 +1,8 @@
-"""Logs in with a key, answers psm's keyboard-interactive verification prompt with CODE, runs
-COMMAND and prints its output.
+"""Logs in with a key, answers psm's keyboard-interactive prompts with ANSWERS (separated by
+"|", one per prompt, in order: a menu choice, a TOTP code, a reason), runs COMMAND and prints
+its output.
 
-usage: mfa_login.py PORT LOGIN KEYFILE CODE COMMAND [SOURCE_ADDR]
+usage: mfa_login.py PORT LOGIN KEYFILE ANSWERS COMMAND [SOURCE_ADDR]
 exit: the command's exit status; 3 when authentication was refused.
 Prints "prompt: …" for every prompt psm sent, so a test can check what the user was asked.
 """
@@ -12,21 +13,23 @@ import asyncssh
 
 
 class Client(asyncssh.SSHClient):
-    def __init__(self, code: str) -> None:
-        self.code = code
-        self.answered = False
+    def __init__(self, answers: str) -> None:
+        self.answers = answers.split("|")
 
     def kbdint_auth_requested(self) -> str:
         return ""
 
     def kbdint_challenge_received(self, name, instructions, lang, prompts):
+        if instructions:
+            print(f"instructions: {instructions}", flush=True)
         for prompt, _echo in prompts:
             print(f"prompt: {prompt}", flush=True)
-        if self.answered:
-            # one try per connection, as a user who gives up after a refusal
+        if not prompts:
+            return []
+        if not self.answers:
+            # each answer is tried once, as a user who gives up after a refusal
             return None
-        self.answered = True
-        return [self.code for _ in prompts]
+        return [self.answers.pop(0) for _ in prompts]
 
 
 async def main() -> int:

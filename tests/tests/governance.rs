@@ -490,3 +490,107 @@ fn groups_target_groups_and_the_auditors_questions() {
         "{groups}"
     );
 }
+
+fn kbdint(w: &World, login: &str, answers: &str, command: &str) -> CmdOut {
+    let mut c = py("mfa_login.py");
+    c.arg(w.psm.port().to_string())
+        .arg(login)
+        .arg(&w.alice_key)
+        .arg(answers)
+        .arg(command);
+    run_cmd(&mut c, None, CMD_TIMEOUT)
+}
+
+#[test]
+fn a_required_reason_is_asked_and_kept_with_the_session() {
+    let w = World::new();
+    regrant(&w, &["--reason-required"]);
+    // a client that cannot answer is not let in
+    let out = run_ssh(w.ssh().arg("true"));
+    assert!(!out.success(), "{}", out.describe());
+    let out = kbdint(
+        &w,
+        &alice_login(),
+        "CHG-4711 patch openssl",
+        "echo with-reason",
+    );
+    assert!(
+        out.success() && out.stdout_str().contains("with-reason"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout_str().contains(&format!(
+            "prompt: psm: reason or ticket for {}: ",
+            account()
+        )),
+        "{}",
+        out.describe()
+    );
+    let start = w
+        .psm
+        .wait_audit("session_start", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "session_start"
+                && jstr(e, "justification") == "CHG-4711 patch openssl"
+        });
+    let id = jstr(&start, "session_id").to_string();
+    let end = end_event(&w, &id);
+    assert_eq!(jstr(&end, "justification"), "CHG-4711 patch openssl");
+}
+
+#[test]
+fn a_login_without_a_target_gets_a_menu_of_what_it_may_use_now() {
+    let w = World::new();
+    // a second account, and a grant outside its window that must not be offered
+    w.psm.psmctl_ok(
+        &["account", "add", "nobody@web01", "--password-stdin"],
+        Some("x-unused-pw\n"),
+    );
+    w.psm.psmctl_ok(
+        &[
+            "grant",
+            "add",
+            "alice",
+            "nobody@web01",
+            "--days",
+            "all",
+            "--hours",
+            "00:00-00:01",
+            "--tz",
+            "Pacific/Kiritimati",
+        ],
+        None,
+    );
+    let now_min = (psm_control_api_now_secs() / 60 + 14 * 60) % (24 * 60);
+    let offered_nobody = now_min == 0;
+    let out = kbdint(&w, "alice", "1", "echo from-menu; id -un");
+    assert!(out.success(), "{}", out.describe());
+    let text = out.stdout_str();
+    assert!(text.contains("psm: accounts you may use now:"), "{text}");
+    assert!(text.contains(&format!("1) {}", account())), "{text}");
+    if !offered_nobody {
+        assert!(!text.contains("nobody@web01"), "{text}");
+    }
+    assert!(
+        text.contains("prompt: psm: choose an account (number): "),
+        "{text}"
+    );
+    assert!(
+        text.contains("from-menu") && text.contains(TARGET_USER),
+        "{text}"
+    );
+    // the session is recorded and audited as if alice had named the account
+    w.psm
+        .wait_audit("menu session", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "session_start"
+                && jstr(e, "account") == TARGET_USER
+                && jstr(e, "user") == "alice"
+        });
+    // a wrong choice is asked again
+    let out = kbdint(&w, "alice", "9|1", "echo second-try");
+    assert!(
+        out.success() && out.stdout_str().contains("second-try"),
+        "{}",
+        out.describe()
+    );
+}

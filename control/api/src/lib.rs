@@ -447,6 +447,12 @@ pub enum AuditKind {
         recording_id: String,
         /// Start, ms since the epoch.
         start_ms: u64,
+        /// The reason or ticket the user gave, when the grant asks for one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        justification: Option<String>,
+        /// The relay worker (core) serving it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<usize>,
     },
     /// A session ended.
     SessionEnd {
@@ -481,9 +487,13 @@ pub enum AuditKind {
         /// A stable code for the reason (`client_closed`, `target_unresponsive`, `relay_lost`, …).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         reason_code: String,
-        /// The side the end came from: `client`, `target`, `recorder`, `relay` or `internal`.
+        /// The side the end came from: `client`, `target`, `recorder`, `policy`, `operator`,
+        /// `relay` or `internal`.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         side: String,
+        /// The reason or ticket the user gave, when the grant asks for one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        justification: Option<String>,
     },
     /// The user started a shell, a command or a subsystem on a channel of a session.
     ChannelRequest {
@@ -596,6 +606,12 @@ pub struct LiveSession {
     pub recording_id: String,
     /// Start, ms since the epoch.
     pub start_ms: u64,
+    /// The reason or ticket the user gave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
+    /// The relay worker (core) serving it.
+    #[serde(default)]
+    pub worker: Option<usize>,
 }
 
 /// A relay's counters, reported to control every few seconds ([`RelayToControl::Stats`]).

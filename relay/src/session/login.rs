@@ -1,0 +1,310 @@
+//! The login dialogue after the first factor: the target menu (a login without a target), the
+//! TOTP second factor and the reason the grant may ask for, all through SSH
+//! keyboard-interactive, so stock OpenSSH (also with SSH_ASKPASS), PuTTY and library clients
+//! answer them. Each step is asked only when the policy wants it; the dialogue then accepts
+//! the login as if the user had named `user@account@target`.
+
+use std::borrow::Cow;
+
+use psm_control_api::{decide, now_ms, Attempt, AuditKind, Escaped, Login, RelayToControl};
+use russh::server::Auth;
+use tracing::{debug, info};
+
+use super::{logged_login, reject, second_factor, Conn, Counters};
+
+/// Verification codes one connection may try.
+pub(super) const MAX_MFA_TRIES: u32 = 3;
+/// Longest reason kept.
+pub const MAX_REASON: usize = 512;
+/// The menu prompt.
+pub const MENU_PROMPT: &str = "psm: choose an account (number): ";
+
+/// What the dialogue still has to ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// Which account (a login without a target).
+    Menu(Vec<(String, String)>),
+    /// The TOTP code.
+    Code,
+    /// The reason or ticket.
+    Reason,
+}
+
+/// A login between its first factor and its acceptance.
+#[derive(Clone, Debug)]
+pub(super) struct Pending {
+    /// The login string the client sent.
+    pub login: String,
+    /// psm user.
+    pub user: String,
+    /// The first factor (`publickey`, `password`).
+    pub first: &'static str,
+    /// The account chosen from the menu, or named in the login.
+    pub chosen: Option<(String, String)>,
+    /// The second factor passed.
+    pub mfa_done: bool,
+    /// The step asked now.
+    pub stage: Option<Stage>,
+}
+
+impl Conn {
+    /// Refuses any attempt while the source or the user is over the rate limit, and users
+    /// that are disabled or locked (with the same refusal as a wrong password).
+    pub(super) fn refused_early(&self, login: &str, method: &str) -> Option<Auth> {
+        let user = Login::user_part(login);
+        let now = now_ms();
+        if self.ctx.throttle.limited(self.shared.peer.ip(), user, now) {
+            Counters::bump(&self.ctx.counters.auth_failures);
+            info!(peer = %self.shared.peer, login = %Escaped(&logged_login(login)), method, "authentication rate limited");
+            self.ctx.audit.emit(AuditKind::AuthFailure {
+                login: logged_login(login),
+                method: method.to_string(),
+                source: self.source(),
+                reason: "rate limited: too many failed logins from this address or for this user"
+                    .into(),
+            });
+            return Some(reject());
+        }
+        if let Err(d) = psm_control_api::policy::user_usable(&self.ctx.policy.get(), user, now) {
+            let why = match d {
+                psm_control_api::Denial::UserLocked { .. } => "locked",
+                psm_control_api::Denial::UserDisabled { .. } => "disabled",
+                _ => return None,
+            };
+            self.auth_failed(login, method, why);
+            return Some(reject());
+        }
+        None
+    }
+
+    /// The first factor passed: accept, or start the dialogue for what the policy still wants.
+    pub(super) fn first_factor(&mut self, login: &str, user: &str, method: &'static str) -> Auth {
+        let chosen = Login::parse(login).ok().map(|l| (l.account, l.target));
+        let plain = !login.contains('@') || (chosen.is_none() && login == user);
+        self.pending = Some(Pending {
+            login: login.to_string(),
+            user: user.to_string(),
+            first: method,
+            chosen: if plain { None } else { chosen },
+            mfa_done: false,
+            stage: None,
+        });
+        if !plain && self.pending.as_ref().is_some_and(|p| p.chosen.is_none()) {
+            // a malformed login: accepted, and told why on its first channel
+            self.pending = None;
+            return self.auth_ok(login, user, method);
+        }
+        match self.next_stage() {
+            None => self.finish_dialogue(),
+            Some(stage) => {
+                debug!(peer = %self.shared.peer, user = %Escaped(user), ?stage, "first factor passed; keyboard-interactive follows");
+                if let Some(p) = &mut self.pending {
+                    p.stage = Some(stage);
+                }
+                Auth::Reject {
+                    proceed_with_methods: Some(second_factor()),
+                    partial_success: true,
+                }
+            }
+        }
+    }
+
+    /// What still has to be asked, given what was answered.
+    fn next_stage(&self) -> Option<Stage> {
+        let p = self.pending.as_ref()?;
+        let snap = self.ctx.policy.get();
+        let now = now_ms();
+        let ip = self.shared.peer.ip();
+        let Some((account, target)) = &p.chosen else {
+            let menu = psm_control_api::policy::reachable(&snap, &p.user, ip, now);
+            if menu.is_empty() {
+                // nothing to choose: accepted, and told on the first channel
+                return None;
+            }
+            return Some(Stage::Menu(menu));
+        };
+        let permit = decide(
+            &snap,
+            &Attempt {
+                user: &p.user,
+                account,
+                target,
+                source: ip,
+                now_ms: now,
+            },
+        );
+        match permit {
+            Ok(permit) => {
+                let cache = permit.conditions().mfa_cache_ms;
+                let cached = cache.is_some_and(|ms| self.ctx.mfa.cached(&p.user, ip, ms, now));
+                if permit.mfa && !cached && !p.mfa_done {
+                    return Some(Stage::Code);
+                }
+                if permit.conditions().reason_required && self.reason.is_none() {
+                    return Some(Stage::Reason);
+                }
+                None
+            }
+            // a refused session is told why on its first channel; a second factor only if
+            // required globally
+            Err(_) if snap.mfa_required && !p.mfa_done => Some(Stage::Code),
+            Err(_) => None,
+        }
+    }
+
+    /// The dialogue is over: the login as the user named it, or as chosen from the menu.
+    fn finish_dialogue(&mut self) -> Auth {
+        let Some(p) = self.pending.take() else {
+            return reject();
+        };
+        let login = match &p.chosen {
+            Some((account, target)) => format!("{}@{account}@{target}", p.user),
+            None => p.login.clone(),
+        };
+        let method = match (p.first, p.mfa_done) {
+            ("password", true) => "password+totp",
+            (_, true) => "publickey+totp",
+            (m, false) => m,
+        };
+        self.auth_ok(&login, &p.user, method)
+    }
+
+    fn prompt(&self, stage: &Stage) -> Auth {
+        let (instructions, prompt): (String, Cow<'static, str>) = match stage {
+            Stage::Menu(menu) => {
+                let mut text = String::from("psm: accounts you may use now:\r\n");
+                for (i, (account, target)) in menu.iter().enumerate() {
+                    text.push_str(&format!("  {}) {account}@{target}\r\n", i + 1));
+                }
+                (text, Cow::Borrowed(MENU_PROMPT))
+            }
+            Stage::Code => (String::new(), Cow::Borrowed(crate::mfa::PROMPT)),
+            Stage::Reason => {
+                let (a, t) = self
+                    .pending
+                    .as_ref()
+                    .and_then(|p| p.chosen.clone())
+                    .unwrap_or_default();
+                (
+                    String::new(),
+                    Cow::Owned(format!("psm: reason or ticket for {a}@{t}: ")),
+                )
+            }
+        };
+        Auth::Partial {
+            name: "psm".into(),
+            instructions: instructions.into(),
+            prompts: vec![(prompt, true)].into(),
+        }
+    }
+
+    /// One keyboard-interactive round: the first call asks, each answer is checked and the
+    /// next question (or the acceptance) follows.
+    pub(super) async fn keyboard_interactive(
+        &mut self,
+        login: &str,
+        response: Option<russh::server::Response<'_>>,
+    ) -> Auth {
+        // Keyboard-interactive is only ever psm's dialogue after a key or a password.
+        let Some(p) = self.pending.clone() else {
+            return reject();
+        };
+        if p.login != login {
+            self.auth_failed(
+                login,
+                "keyboard-interactive",
+                "login changed between the factors",
+            );
+            self.pending = None;
+            return reject();
+        }
+        let Some(stage) = p.stage.clone() else {
+            return reject();
+        };
+        let Some(mut response) = response else {
+            return self.prompt(&stage);
+        };
+        let answer = zeroize::Zeroizing::new(
+            response
+                .next()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default(),
+        );
+        match stage {
+            Stage::Menu(menu) => {
+                let pick = answer
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|n| n.checked_sub(1))
+                    .and_then(|i| menu.get(i).cloned());
+                match pick {
+                    Some(choice) => {
+                        if let Some(p) = &mut self.pending {
+                            p.chosen = Some(choice);
+                        }
+                    }
+                    None => return self.prompt(&Stage::Menu(menu)),
+                }
+            }
+            Stage::Code => {
+                let method = if p.first == "password" {
+                    "password+totp"
+                } else {
+                    "publickey+totp"
+                };
+                if let Some(r) = self.refused_early(login, method) {
+                    return r;
+                }
+                let snap = self.ctx.policy.get();
+                let now = now_ms();
+                let verdict = match snap.user(&p.user) {
+                    Some(u) => self.ctx.mfa.verify(u, &answer, now),
+                    None => Err(crate::mfa::MfaFailure::NotEnrolled),
+                };
+                match verdict {
+                    Ok(step) => {
+                        self.ctx.audit.report(RelayToControl::MfaUsed {
+                            user: p.user.clone(),
+                            step,
+                        });
+                        self.ctx.mfa.remember(&p.user, self.shared.peer.ip(), now);
+                        if let Some(p) = &mut self.pending {
+                            p.mfa_done = true;
+                        }
+                    }
+                    Err(f) => {
+                        self.auth_failed(login, method, f.reason());
+                        self.mfa_tries += 1;
+                        if self.mfa_tries >= MAX_MFA_TRIES {
+                            // no more codes on this connection (the lockout counts them all)
+                            self.pending = None;
+                        }
+                        return Auth::Reject {
+                            proceed_with_methods: Some(second_factor()),
+                            partial_success: false,
+                        };
+                    }
+                }
+            }
+            Stage::Reason => {
+                let reason = answer.trim();
+                if reason.is_empty() {
+                    return self.prompt(&Stage::Reason);
+                }
+                let (kept, _) = psm_control_api::escape::truncate(reason, MAX_REASON);
+                self.reason = Some(kept.to_string());
+            }
+        }
+        match self.next_stage() {
+            None => self.finish_dialogue(),
+            Some(stage) => {
+                let ask = self.prompt(&stage);
+                if let Some(p) = &mut self.pending {
+                    p.stage = Some(stage);
+                }
+                ask
+            }
+        }
+    }
+}
