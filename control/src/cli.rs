@@ -25,7 +25,9 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::audit::{read_tail, AuditError};
-use crate::cli_policy::{self, CommandRuleCmd, ConditionFlags, GroupCmd, MfaCmd, PolicyCmd};
+use crate::cli_policy::{
+    self, CommandRuleCmd, ConditionFlags, GroupCmd, MfaCmd, PolicyCmd, RequestsCmd,
+};
 use crate::client::{Client, ClientError};
 use crate::datadir::DataDir;
 use crate::protocol::{
@@ -119,6 +121,12 @@ pub enum Command {
         /// Target group command.
         #[command(subcommand)]
         cmd: GroupCmd,
+    },
+    /// Access requests waiting for approval (dual control), and recent decisions.
+    Requests {
+        /// Requests command.
+        #[command(subcommand)]
+        cmd: RequestsCmd,
     },
     /// Command control rules.
     CommandRule {
@@ -494,6 +502,7 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
         ),
         Command::Group { cmd } => cli_policy::group(&data_dir, cmd, false, out),
         Command::CommandRule { cmd } => cli_policy::command_rule(&data_dir, cmd, out),
+        Command::Requests { cmd } => cli_policy::requests(&data_dir, cmd, out),
         Command::TargetGroup { cmd } => cli_policy::group(&data_dir, cmd, true, out),
         Command::Policy { cmd } => {
             if cli_policy::policy(&data_dir, cmd, out)? {
@@ -1257,6 +1266,29 @@ pub fn format_event(e: &AuditEvent) -> String {
                 f.push(("rule", r.to_string()));
             }
             ("command", f)
+        }
+        AuditKind::Approval {
+            request,
+            action,
+            user,
+            account,
+            target,
+            by,
+            reason,
+        } => {
+            let mut f = vec![
+                ("request", request.to_string()),
+                ("action", action.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+            ];
+            if let Some(b) = by {
+                f.push(("by", b.clone()));
+            }
+            if let Some(r) = reason {
+                f.push(("reason", r.clone()));
+            }
+            ("approval", f)
         }
         AuditKind::AdminChange {
             action,

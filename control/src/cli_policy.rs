@@ -70,6 +70,10 @@ pub struct ConditionFlags {
     /// How long a request waits for approval (default 10m).
     #[arg(long, value_name = "DURATION")]
     pub approval_timeout: Option<String>,
+    /// How long an approval also covers later sessions of the same user to the same account
+    /// (default: this session only).
+    #[arg(long, value_name = "DURATION")]
+    pub approval_covers: Option<String>,
     /// What happens to a command no command rule matches: allow (default) or deny (an
     /// allow-list grant).
     #[arg(long, value_name = "allow|deny")]
@@ -170,7 +174,7 @@ impl ConditionFlags {
                     approvers: group,
                     timeout_ms: dur("--approval-timeout", &self.approval_timeout)?
                         .unwrap_or(10 * 60 * 1000),
-                    covers_ms: 0,
+                    covers_ms: dur("--approval-covers", &self.approval_covers)?.unwrap_or(0),
                 });
             }
             (None, None) => {}
@@ -452,6 +456,71 @@ pub fn command_rule(
                 })
                 .collect();
             write_table(out, &["ID", "ATTACHED TO", "ACTION", "PATTERN"], &rows)?;
+            Ok(())
+        }
+    }
+}
+
+/// `psmctl requests …`
+#[derive(Debug, Subcommand)]
+pub enum RequestsCmd {
+    /// List access requests: pending ones and recent decisions.
+    List(JsonFlag),
+}
+
+/// One line per request, as `psmctl requests list` and `ssh approver@gateway requests list`
+/// print them.
+pub fn request_rows(list: &[psm_control_api::ApprovalRequest]) -> Vec<Vec<String>> {
+    use psm_control_api::ApprovalState;
+    list.iter()
+        .map(|r| {
+            let state = match &r.state {
+                ApprovalState::Pending { approvals } => {
+                    format!("pending ({} of {})", approvals.len(), r.needed)
+                }
+                ApprovalState::Approved { by } => format!("approved by {}", by.join(", ")),
+                ApprovalState::Denied { by, reason } => {
+                    format!("denied by {by}: {}", psm_control_api::escape(reason))
+                }
+                ApprovalState::Expired => "expired".into(),
+            };
+            vec![
+                r.id.to_string(),
+                r.user.clone(),
+                format!("{}@{}", r.account, r.target),
+                r.source.clone(),
+                format!("@{}", r.approvers),
+                state,
+                r.justification
+                    .as_deref()
+                    .map(psm_control_api::escape)
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+/// The header of [`request_rows`].
+pub const REQUEST_HEADER: [&str; 7] = [
+    "ID",
+    "USER",
+    "ACCOUNT",
+    "SOURCE",
+    "APPROVERS",
+    "STATE",
+    "REASON",
+];
+
+/// Runs `requests …`.
+pub fn requests(data_dir: &Path, cmd: RequestsCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        RequestsCmd::List(f) => {
+            let list: Vec<psm_control_api::ApprovalRequest> =
+                Client::connect(data_dir)?.call_as(&Request::RequestsList)?;
+            if f.json {
+                return print_json(out, &list);
+            }
+            write_table(out, &REQUEST_HEADER, &request_rows(&list))?;
             Ok(())
         }
     }

@@ -52,6 +52,7 @@ use crate::store::{Removed, Store, StoreError};
 use crate::validate;
 use crate::vault::{Vault, VaultError};
 
+mod approvals;
 mod governance;
 pub use crate::store::Lockout;
 pub use governance::otpauth_uri;
@@ -210,8 +211,11 @@ struct Shared {
     vault: Vault,
     audit: Mutex<AuditLog>,
     snapshot: watch::Sender<Arc<SnapshotLine>>,
-    /// `ControlToRelay::Kill` lines for every connected relay.
+    /// Lines for every connected relay besides snapshots (`Kill`, approval replies and
+    /// updates).
     kills: tokio::sync::broadcast::Sender<Arc<Vec<u8>>>,
+    /// Dual-control requests.
+    approvals: Mutex<approvals::Approvals>,
     sessions: Mutex<HashMap<String, LiveSession>>,
     relays: Mutex<BTreeMap<u64, RelayInfo>>,
     recordings_dir: PathBuf,
@@ -885,6 +889,11 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
                 Ok(RelayToControl::Stats { stats, sessions }) => {
                     shared.relay_stats(conn, stats, sessions)
                 }
+                Ok(RelayToControl::Approval { corr, op }) => {
+                    let shared = shared.clone();
+                    let relay_id = relay_id.clone();
+                    tokio::task::spawn_blocking(move || shared.approval(&relay_id, corr, op));
+                }
                 Ok(RelayToControl::MfaUsed { user, step }) => {
                     let shared = shared.clone();
                     tokio::task::spawn_blocking(move || shared.mfa_used(&user, step));
@@ -1004,7 +1013,8 @@ pub async fn run_until_with<F: Future<Output = ()>>(
         vault,
         audit: Mutex::new(audit),
         snapshot,
-        kills: tokio::sync::broadcast::channel(64).0,
+        kills: tokio::sync::broadcast::channel(1024).0,
+        approvals: Mutex::new(Default::default()),
         sessions: Mutex::new(HashMap::new()),
         relays: Mutex::new(BTreeMap::new()),
         recordings_dir: data_dir.join("recordings"),
@@ -1036,7 +1046,10 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = sweep.tick() => shared.sweep(RELAY_LOST_GRACE),
+            _ = sweep.tick() => {
+                shared.sweep(RELAY_LOST_GRACE);
+                shared.approvals_sweep();
+            }
             r = control.accept() => match r {
                 Ok((stream, _)) => {
                     tasks.spawn(serve_control(shared.clone(), stream));

@@ -224,6 +224,9 @@ pub enum Request {
     },
     /// Lists command rules. Result: array of [`psm_control_api::CommandRule`].
     CommandRuleList,
+    /// Lists access requests (dual control). Result: array of
+    /// [`psm_control_api::ApprovalRequest`].
+    RequestsList,
     /// Who can reach `account@target`, through which grant. Result: array of [`Reach`].
     WhoCanReach {
         /// Account.

@@ -132,6 +132,79 @@ impl KillSwitch {
     }
 }
 
+/// Dual-control calls to psm-control: each [`ApprovalOp`](psm_control_api::ApprovalOp) gets
+/// its reply by correlation number; sessions waiting on a request watch its updates.
+#[derive(Default)]
+pub struct ApprovalRpc {
+    next: AtomicU64,
+    replies: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<psm_control_api::ApprovalReply>>>,
+    updates:
+        Mutex<HashMap<u64, tokio::sync::watch::Sender<Option<psm_control_api::ApprovalRequest>>>>,
+}
+
+/// How long a relay waits for psm-control to answer an approval call.
+pub const APPROVAL_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ApprovalRpc {
+    /// Sends `op` and waits for the answer (fails closed when control does not answer).
+    pub async fn call(
+        &self,
+        sink: &AuditSink,
+        op: psm_control_api::ApprovalOp,
+    ) -> Result<psm_control_api::ApprovalReply, String> {
+        let corr = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Ok(mut m) = self.replies.lock() {
+            m.insert(corr, tx);
+        }
+        sink.report(RelayToControl::Approval { corr, op });
+        let r = tokio::time::timeout(APPROVAL_CALL_TIMEOUT, rx).await;
+        if let Ok(mut m) = self.replies.lock() {
+            m.remove(&corr);
+        }
+        match r {
+            Ok(Ok(reply)) => Ok(reply),
+            _ => Err("psm-control did not answer".into()),
+        }
+    }
+
+    /// Watches request `id` (its updates from psm-control).
+    pub fn watch(
+        &self,
+        id: u64,
+    ) -> tokio::sync::watch::Receiver<Option<psm_control_api::ApprovalRequest>> {
+        let mut m = match self.updates.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry(id)
+            .or_insert_with(|| tokio::sync::watch::channel(None).0)
+            .subscribe()
+    }
+
+    /// Stops watching request `id`.
+    pub fn unwatch(&self, id: u64) {
+        if let Ok(mut m) = self.updates.lock() {
+            m.remove(&id);
+        }
+    }
+
+    fn reply(&self, corr: u64, reply: psm_control_api::ApprovalReply) {
+        let tx = self.replies.lock().ok().and_then(|mut m| m.remove(&corr));
+        if let Some(tx) = tx {
+            let _ = tx.send(reply);
+        }
+    }
+
+    fn update(&self, r: psm_control_api::ApprovalRequest) {
+        if let Ok(m) = self.updates.lock() {
+            if let Some(tx) = m.get(&r.id) {
+                tx.send_replace(Some(r));
+            }
+        }
+    }
+}
+
 /// The policy snapshot the relay currently enforces.
 #[derive(Default)]
 pub struct PolicyStore {
@@ -315,6 +388,7 @@ pub async fn run(
     live: Arc<LiveSessions>,
     reporter: Reporter,
     mut audit_rx: mpsc::Receiver<RelayToControl>,
+    approvals: Arc<ApprovalRpc>,
 ) {
     let mut pending: Option<Vec<u8>> = None;
     let mut warned = false;
@@ -331,6 +405,7 @@ pub async fn run(
                     &reporter,
                     &mut audit_rx,
                     &mut pending,
+                    &approvals,
                 )
                 .await;
                 warn!(error = %err, "link to psm-control lost; serving on the last snapshot");
@@ -354,6 +429,7 @@ async fn serve(
     reporter: &Reporter,
     audit_rx: &mut mpsc::Receiver<RelayToControl>,
     pending: &mut Option<Vec<u8>>,
+    approvals: &ApprovalRpc,
 ) -> String {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
@@ -400,6 +476,12 @@ async fn serve(
                                 debug!(version = v, "stale policy snapshot ignored");
                             }
                         }
+                        Ok(ControlToRelay::ApprovalReply { relay_id: to, corr, reply }) => {
+                            if to == relay_id {
+                                approvals.reply(corr, reply);
+                            }
+                        }
+                        Ok(ControlToRelay::ApprovalUpdate(r)) => approvals.update(r),
                         Ok(ControlToRelay::Kill { session_id, reason, actor }) => {
                             let here = live.kill(&session_id, Kill { reason, actor });
                             debug!(session = %session_id, here, "kill request");

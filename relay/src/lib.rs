@@ -170,6 +170,8 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let origin = format!("relay-{}", cfg.relay_id);
     let (audit, audit_rx) = control_link::AuditSink::new(&origin);
     let live_sessions = Arc::new(control_link::LiveSessions::default());
+    let approvals = Arc::new(control_link::ApprovalRpc::default());
+    let approvals_link = approvals.clone();
     let recorder = recording::RecorderLink::start(cfg.data_dir.join("recorder.sock"))
         .map_err(RelayError::Thread)?;
     let counters = Arc::new(control_link::Counters::default());
@@ -199,7 +201,13 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
                     .build()
                 {
                     Ok(rt) => rt.block_on(control_link::run(
-                        socket, relay_id, store, live, reporter, audit_rx,
+                        socket,
+                        relay_id,
+                        store,
+                        live,
+                        reporter,
+                        audit_rx,
+                        approvals_link,
                     )),
                     Err(e) => error!(error = %e, "cannot start the control link runtime"),
                 }
@@ -269,6 +277,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             preauth_log: preauth_log.clone(),
             user_slots: user_slots.clone(),
             mfa: mfa.clone(),
+            approvals: approvals.clone(),
             throttle: throttle.clone(),
         });
         let io = cfg.io;

@@ -103,6 +103,8 @@ pub struct WorkerCtx {
     pub user_slots: Arc<UserSlots>,
     /// TOTP steps used and the MFA cache (relay-wide).
     pub mfa: Arc<Mfa>,
+    /// Dual-control calls to psm-control (relay-wide).
+    pub approvals: Arc<crate::control_link::ApprovalRpc>,
     /// Failed logins per source and per user (relay-wide).
     pub throttle: Arc<Throttle>,
 }
@@ -168,6 +170,8 @@ pub(crate) struct Shared {
     kill: Arc<KillSwitch>,
     /// Notified when the relay itself ends the session (a command rule that terminates).
     stopped: Notify,
+    /// The login waits for an approval: the login grace time does not run meanwhile.
+    pub(crate) awaiting: AtomicBool,
     /// The policy in force (for command decisions on the relay tasks).
     policy: Arc<PolicyStore>,
     /// Audit events.
@@ -322,6 +326,7 @@ pub async fn handle_connection(
         finished: Mutex::new(Vec::new()),
         kill: Arc::new(KillSwitch::default()),
         stopped: Notify::new(),
+        awaiting: AtomicBool::new(false),
         policy: ctx.policy.clone(),
         audit: ctx.audit.clone(),
         governed: Notify::new(),
@@ -338,6 +343,7 @@ pub async fn handle_connection(
         window: WindowMirror::new(WINDOW),
         pending: None,
         reason: None,
+        approval_watch: None,
         mfa_tries: 0,
         conditions: Default::default(),
         channels: HashMap::new(),
@@ -400,6 +406,11 @@ pub async fn handle_connection(
                 break None;
             }
             _ = &mut grace, if !grace_over => {
+                if shared.awaiting.load(Ordering::Acquire) {
+                    // an access request is open: its own timeout bounds the wait
+                    grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                    continue;
+                }
                 grace_over = true;
                 if !shared.authenticated.load(Ordering::Acquire) {
                     ctx.preauth_failure(peer, &"login grace time exceeded");
@@ -633,6 +644,12 @@ pub struct Conn {
     pending: Option<login::Pending>,
     /// The reason the user gave (when the grant asks for one).
     reason: Option<String>,
+    /// The access request the login waits on: id, its updates, its expiry.
+    approval_watch: Option<(
+        u64,
+        tokio::sync::watch::Receiver<Option<psm_control_api::ApprovalRequest>>,
+        u64,
+    )>,
     /// Verification codes refused on this connection.
     mfa_tries: u32,
     /// The conditions of the grant the latest channel was brokered under.
@@ -1051,7 +1068,23 @@ impl Conn {
         req: Req,
     ) -> Result<(), russh::Error> {
         match self.channels.get(&channel) {
-            Some(Chan::Denied(_)) => return self.deliver_denial(channel, session),
+            Some(Chan::Denied(_)) => {
+                if let Req::Exec(cmd) = &req {
+                    let cmd = String::from_utf8_lossy(cmd).into_owned();
+                    if !self.login.contains('@') && cmd.trim_start().starts_with("requests") {
+                        // psm's own commands for approvers, on a login without a target
+                        let (status, text) = self.approver_command(&cmd).await;
+                        self.channels.insert(channel, Chan::Done);
+                        session.channel_success(channel)?;
+                        session.data(channel, Bytes::from(text))?;
+                        session.exit_status_request(channel, status)?;
+                        session.eof(channel)?;
+                        session.close(channel)?;
+                        return Ok(());
+                    }
+                }
+                return self.deliver_denial(channel, session);
+            }
             Some(Chan::Pending { .. }) => {}
             _ => return session.channel_failure(channel),
         }

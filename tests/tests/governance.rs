@@ -594,3 +594,130 @@ fn a_login_without_a_target_gets_a_menu_of_what_it_may_use_now() {
         out.describe()
     );
 }
+
+/// alice's login waiting for approval, in the background (asyncssh answers the dialogue).
+fn waiting_login(w: &World) -> std::process::Child {
+    let mut c = py("mfa_login.py");
+    c.arg(w.psm.port().to_string())
+        .arg(alice_login())
+        .arg(&w.alice_key)
+        .arg("")
+        .arg("echo approved-ok")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c.spawn().expect("python3")
+}
+
+fn request_id(w: &World, mark: usize) -> String {
+    let e = w
+        .psm
+        .wait_audit_after(mark, "approval requested", Duration::from_secs(10), |e| {
+            jstr(e, "event") == "approval" && jstr(e, "action") == "requested"
+        });
+    e["request"].as_u64().expect("request id").to_string()
+}
+
+fn child_output(mut child: std::process::Child) -> (Option<i32>, String) {
+    let st = wait_child(&mut child, Duration::from_secs(30)).and_then(|s| s.code());
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        use std::io::Read as _;
+        let _ = o.read_to_string(&mut out);
+    }
+    (st, out)
+}
+
+#[test]
+fn dual_control_approved_denied_and_timed_out() {
+    let w = World::new();
+    let bob = w.add_user_with_key("bob");
+    let carol = w.add_user_with_key("carol");
+    w.psm.psmctl_ok(&["group", "add", "secops"], None);
+    for u in ["bob", "carol"] {
+        w.psm
+            .psmctl_ok(&["group", "member", "add", "secops", u], None);
+    }
+    regrant(
+        &w,
+        &[
+            "--approval",
+            "1",
+            "--approvers",
+            "@secops",
+            "--approval-timeout",
+            "3s",
+        ],
+    );
+    // approved
+    let mark = w.psm.audit_mark();
+    let child = waiting_login(&w);
+    let id = request_id(&w, mark);
+    let list = run_ssh(w.ssh_as("bob", &bob).arg("requests list"));
+    assert!(list.success(), "{}", list.describe());
+    assert!(
+        list.stdout_str()
+            .contains(&format!("{id}\talice\t{}", account())),
+        "{}",
+        list.describe()
+    );
+    // alice is not an approver; bob may not vote twice
+    let out = run_ssh(w.ssh_as("bob", &bob).arg(format!("requests approve {id}")));
+    assert!(
+        out.success() && out.stdout_str().contains("approved"),
+        "{}",
+        out.describe()
+    );
+    let (code, text) = child_output(child);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("waiting for approval of request {id}")),
+        "{text}"
+    );
+    assert!(text.contains("approved-ok"), "{text}");
+    let again = run_ssh(w.ssh_as("bob", &bob).arg(format!("requests approve {id}")));
+    assert!(
+        !again.success() && again.stdout_str().contains("already decided"),
+        "{}",
+        again.describe()
+    );
+    // denied, with a reason the user sees
+    let mark = w.psm.audit_mark();
+    let child = waiting_login(&w);
+    let id = request_id(&w, mark);
+    let out = run_ssh(
+        w.ssh_as("carol", &carol)
+            .arg(format!("requests deny {id} --reason not during the freeze")),
+    );
+    assert!(out.success(), "{}", out.describe());
+    let (code, text) = child_output(child);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains(&format!(
+            "request {id} was denied by carol: not during the freeze"
+        )),
+        "{text}"
+    );
+    w.psm.wait_audit("denied", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "approval" && jstr(e, "action") == "denied" && jstr(e, "by") == "carol"
+    });
+    // timed out
+    let mark = w.psm.audit_mark();
+    let child = waiting_login(&w);
+    let id = request_id(&w, mark);
+    let (code, text) = child_output(child);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains(&format!("request {id} was not approved in time")),
+        "{text}"
+    );
+    w.psm.wait_audit("expired", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "approval" && jstr(e, "action") == "expired"
+    });
+    let all = w.psm.psmctl_ok(&["requests", "list"], None);
+    assert!(
+        all.contains("approved by bob")
+            && all.contains("denied by carol")
+            && all.contains("expired"),
+        "{all}"
+    );
+}

@@ -10,12 +10,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod approvals;
 pub mod commands;
 pub mod conditions;
 pub mod escape;
 pub mod fuzz;
 pub mod policy;
 
+pub use approvals::{ApprovalOp, ApprovalReply, ApprovalRequest, ApprovalState};
 pub use commands::{CommandAction, CommandPolicy, CommandRule, CommandVerdict, RuleScope};
 pub use conditions::{ChannelKind, Conditions, TimeWindow};
 pub use escape::{escape, Escaped};
@@ -538,6 +540,25 @@ pub enum AuditKind {
         /// terminal).
         source: String,
     },
+    /// Dual control: a request was made, voted on, approved, denied or expired.
+    Approval {
+        /// Request id.
+        request: u64,
+        /// `requested`, `approve`, `deny`, `approved`, `denied`, `expired`, `covered`.
+        action: String,
+        /// The requesting user.
+        user: String,
+        /// Account.
+        account: String,
+        /// Target.
+        target: String,
+        /// Who voted (for votes and decisions).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        /// The reason given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// An administrative change through psmctl.
     AdminChange {
         /// What was done (`user add`, `grant remove`, …).
@@ -576,6 +597,17 @@ pub enum AuditKind {
 pub enum ControlToRelay {
     /// A complete policy snapshot; replaces whatever the relay had.
     Snapshot(PolicySnapshot),
+    /// The answer to a relay's [`RelayToControl::Approval`].
+    ApprovalReply {
+        /// The relay that asked (other relays ignore it).
+        relay_id: String,
+        /// The relay's correlation number.
+        corr: u64,
+        /// The answer.
+        reply: ApprovalReply,
+    },
+    /// A request changed state (every relay gets it; the one whose session waits acts).
+    ApprovalUpdate(ApprovalRequest),
     /// An operator ends a live session (`psmctl sessions kill`).
     Kill {
         /// Session id.
@@ -666,6 +698,13 @@ pub enum RelayToControl {
     },
     /// An audit event.
     Audit(AuditEvent),
+    /// An approval operation; answered by [`ControlToRelay::ApprovalReply`] with `corr`.
+    Approval {
+        /// Correlation number, unique on this relay.
+        corr: u64,
+        /// What is asked.
+        op: ApprovalOp,
+    },
     /// A TOTP code was accepted: its time step may never be accepted again for this user.
     MfaUsed {
         /// psm user.

@@ -202,6 +202,7 @@ impl Shared {
                 })
             }
             Request::CommandRuleList => self.read(|s| s.list_command_rules()),
+            Request::RequestsList => Response::ok(&self.approvals_list()),
             Request::PolicyCheck {
                 user,
                 account,

@@ -28,6 +28,10 @@ pub(super) enum Stage {
     Code,
     /// The reason or ticket.
     Reason,
+    /// Dual control: the request (None until it is made).
+    Approval(Option<u64>),
+    /// The login is refused: the message is shown, then the refusal.
+    Refused(String),
 }
 
 /// A login between its first factor and its acceptance.
@@ -43,6 +47,8 @@ pub(super) struct Pending {
     pub chosen: Option<(String, String)>,
     /// The second factor passed.
     pub mfa_done: bool,
+    /// Dual control passed.
+    pub approved: bool,
     /// The step asked now.
     pub stage: Option<Stage>,
 }
@@ -87,6 +93,7 @@ impl Conn {
             first: method,
             chosen: if plain { None } else { chosen },
             mfa_done: false,
+            approved: false,
             stage: None,
         });
         if !plain && self.pending.as_ref().is_some_and(|p| p.chosen.is_none()) {
@@ -143,6 +150,9 @@ impl Conn {
                 if permit.conditions().reason_required && self.reason.is_none() {
                     return Some(Stage::Reason);
                 }
+                if permit.conditions().approval.is_some() && !p.approved {
+                    return Some(Stage::Approval(None));
+                }
                 None
             }
             // a refused session is told why on its first channel; a second factor only if
@@ -190,11 +200,170 @@ impl Conn {
                     Cow::Owned(format!("psm: reason or ticket for {a}@{t}: ")),
                 )
             }
+            Stage::Approval(id) => {
+                return Auth::Partial {
+                    name: "psm".into(),
+                    instructions: format!(
+                        "psm: waiting for approval of request {}…\r\n",
+                        id.unwrap_or_default()
+                    )
+                    .into(),
+                    prompts: Vec::new().into(),
+                }
+            }
+            Stage::Refused(message) => {
+                return Auth::Partial {
+                    name: "psm".into(),
+                    instructions: format!("{message}\r\n").into(),
+                    prompts: Vec::new().into(),
+                }
+            }
         };
         Auth::Partial {
             name: "psm".into(),
             instructions: instructions.into(),
             prompts: vec![(prompt, true)].into(),
+        }
+    }
+
+    /// Moves the dialogue on after a step: the next question, or the acceptance.
+    fn advance(&mut self) -> Auth {
+        match self.next_stage() {
+            None => self.finish_dialogue(),
+            Some(stage) => {
+                let ask = self.prompt(&stage);
+                if let Some(p) = &mut self.pending {
+                    p.stage = Some(stage);
+                }
+                ask
+            }
+        }
+    }
+
+    /// Refuses the login, showing `message` first (the client displays it).
+    fn refuse_with(&mut self, login: &str, message: String, audit: &str) -> Auth {
+        self.auth_failed(login, "keyboard-interactive", audit);
+        let stage = Stage::Refused(message);
+        let ask = self.prompt(&stage);
+        if let Some(p) = &mut self.pending {
+            p.stage = Some(stage);
+        }
+        ask
+    }
+
+    /// Makes the access request psm-control keeps; an earlier approval may still cover it.
+    async fn request_approval(&mut self, login: &str) -> Auth {
+        let Some(p) = self.pending.clone() else {
+            return reject();
+        };
+        let Some((account, target)) = p.chosen.clone() else {
+            return reject();
+        };
+        let snap = self.ctx.policy.get();
+        let rule = decide(
+            &snap,
+            &Attempt {
+                user: &p.user,
+                account: &account,
+                target: &target,
+                source: self.shared.peer.ip(),
+                now_ms: now_ms(),
+            },
+        )
+        .ok()
+        .and_then(|permit| permit.conditions().approval.clone());
+        let Some(rule) = rule else {
+            return self.advance();
+        };
+        let op = psm_control_api::ApprovalOp::Request {
+            user: p.user.clone(),
+            account,
+            target,
+            source: self.source(),
+            justification: self.reason.clone(),
+            rule,
+        };
+        match self.ctx.approvals.call(&self.ctx.audit, op).await {
+            Ok(reply) => match reply.request {
+                Some(r) if matches!(r.state, psm_control_api::ApprovalState::Approved { .. }) => {
+                    if let Some(p) = &mut self.pending {
+                        p.approved = true;
+                    }
+                    self.advance()
+                }
+                Some(r) => {
+                    // watch from now on, so no decision is missed
+                    self.approval_watch =
+                        Some((r.id, self.ctx.approvals.watch(r.id), r.expires_ms));
+                    self.shared
+                        .awaiting
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    let stage = Stage::Approval(Some(r.id));
+                    let ask = self.prompt(&stage);
+                    if let Some(p) = &mut self.pending {
+                        p.stage = Some(stage);
+                    }
+                    ask
+                }
+                None => self.refuse_with(
+                    login,
+                    format!("psm: {}", reply.message),
+                    "approval request refused",
+                ),
+            },
+            Err(e) => self.refuse_with(
+                login,
+                "psm: approvals are unavailable; try again later".into(),
+                &format!("approval request failed: {e}"),
+            ),
+        }
+    }
+
+    /// Waits for the request's decision (the client shows "waiting for approval …").
+    async fn await_approval(&mut self, login: &str, id: u64) -> Auth {
+        use psm_control_api::ApprovalState;
+        let (mut watch, expires_ms) = match self.approval_watch.take() {
+            Some((w, rx, exp)) if w == id => (rx, exp),
+            _ => (self.ctx.approvals.watch(id), now_ms() + 600_000),
+        };
+        // psm-control expires the request; a little longer here in case it is gone
+        let wait = std::time::Duration::from_millis(expires_ms.saturating_sub(now_ms()) + 5_000);
+        let decided = tokio::time::timeout(
+            wait,
+            watch.wait_for(|r| r.as_ref().is_some_and(|r| r.state.is_final())),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|r| r.clone()));
+        self.ctx.approvals.unwatch(id);
+        self.shared
+            .awaiting
+            .store(false, std::sync::atomic::Ordering::Release);
+        match decided.map(|r| r.state) {
+            Some(ApprovalState::Approved { by }) => {
+                info!(peer = %self.shared.peer, request = id, by = %by.join(","), "access request approved");
+                if let Some(p) = &mut self.pending {
+                    p.approved = true;
+                }
+                self.advance()
+            }
+            Some(ApprovalState::Denied { by, reason }) => {
+                let shown = if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", crate::escape_short(&reason))
+                };
+                self.refuse_with(
+                    login,
+                    format!("psm: request {id} was denied by {by}{shown}"),
+                    &format!("approval request {id} denied by {by}"),
+                )
+            }
+            _ => self.refuse_with(
+                login,
+                format!("psm: request {id} was not approved in time"),
+                &format!("approval request {id} timed out"),
+            ),
         }
     }
 
@@ -221,6 +390,18 @@ impl Conn {
         let Some(stage) = p.stage.clone() else {
             return reject();
         };
+        if let Stage::Refused(_) = &stage {
+            if response.is_some() {
+                self.pending = None;
+                return reject();
+            }
+        }
+        if let Stage::Approval(None) = &stage {
+            return self.request_approval(login).await;
+        }
+        if let (Stage::Approval(Some(id)), Some(_)) = (&stage, &response) {
+            return self.await_approval(login, *id).await;
+        }
         let Some(mut response) = response else {
             return self.prompt(&stage);
         };
@@ -287,6 +468,7 @@ impl Conn {
                     }
                 }
             }
+            Stage::Approval(_) | Stage::Refused(_) => return reject(),
             Stage::Reason => {
                 let reason = answer.trim();
                 if reason.is_empty() {
@@ -296,15 +478,69 @@ impl Conn {
                 self.reason = Some(kept.to_string());
             }
         }
-        match self.next_stage() {
-            None => self.finish_dialogue(),
-            Some(stage) => {
-                let ask = self.prompt(&stage);
-                if let Some(p) = &mut self.pending {
-                    p.stage = Some(stage);
-                }
-                ask
+        self.advance()
+    }
+}
+
+impl Conn {
+    /// `ssh approver@gateway requests list|approve R|deny R [--reason TEXT]`: psm's own
+    /// commands for approvers, run on a login without a target.
+    pub(super) async fn approver_command(&mut self, command: &str) -> (u32, String) {
+        use psm_control_api::{ApprovalOp, ApprovalState};
+        let Some(user) = self.user.clone() else {
+            return (1, "psm: not logged in\n".into());
+        };
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let reason = words
+            .iter()
+            .position(|w| *w == "--reason")
+            .map(|i| words[i + 1..].join(" "));
+        let op = match words.as_slice() {
+            ["requests", "list"] | ["requests"] => ApprovalOp::List { user: user.clone() },
+            ["requests", verb @ ("approve" | "deny"), id, ..] => match id.parse::<u64>() {
+                Ok(id) => ApprovalOp::Vote {
+                    user: user.clone(),
+                    id,
+                    approve: *verb == "approve",
+                    reason,
+                },
+                Err(_) => return (2, format!("psm: '{}' is not a request number\n", crate::escape_short(id))),
+            },
+            _ => {
+                return (
+                    2,
+                    "usage: requests list | requests approve ID [--reason TEXT] | requests deny ID [--reason TEXT]\n"
+                        .into(),
+                )
             }
+        };
+        let reply = match self.ctx.approvals.call(&self.ctx.audit, op).await {
+            Ok(r) => r,
+            Err(e) => return (1, format!("psm: {e}\n")),
+        };
+        let mut out = String::new();
+        for r in &reply.list {
+            let state = match &r.state {
+                ApprovalState::Pending { approvals } => {
+                    format!("pending ({} of {})", approvals.len(), r.needed)
+                }
+                other => format!("{other:?}"),
+            };
+            out.push_str(&format!(
+                "{}\t{}\t{}@{}\t{}\t{}\t{}\n",
+                r.id,
+                r.user,
+                r.account,
+                r.target,
+                r.source,
+                state,
+                r.justification
+                    .as_deref()
+                    .map(crate::escape_short)
+                    .unwrap_or_default()
+            ));
         }
+        out.push_str(&format!("psm: {}\n", reply.message));
+        (if reply.ok { 0 } else { 1 }, out)
     }
 }
