@@ -421,6 +421,7 @@ pub async fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     stream: UnixStream,
     relay_id: &str,
