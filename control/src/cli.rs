@@ -312,6 +312,11 @@ pub enum GrantCmd {
 pub enum SessionsCmd {
     /// List live sessions.
     List(JsonFlag),
+    /// Show a live session's terminal as it happens (read-only, from its recording).
+    Watch {
+        /// Session id (from `sessions list`).
+        id: String,
+    },
     /// End a live session within a second; the user sees the reason.
     Kill {
         /// Session id (from `sessions list`).
@@ -489,6 +494,31 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
             let list: Vec<SessionInfo> =
                 Client::connect(&data_dir)?.call_as(&Request::SessionsList)?;
             print_sessions(out, &list, f.json, psm_control_api::now_ms())
+        }
+        Command::Sessions {
+            cmd: SessionsCmd::Watch { id },
+        } => {
+            check_data_dir_owner(&data_dir)?;
+            let live = |dir: &Path, id: &str| -> Result<Option<SessionInfo>, CliError> {
+                let list: Vec<SessionInfo> =
+                    Client::connect(dir)?.call_as(&Request::SessionsList)?;
+                Ok(list.into_iter().find(|s| s.session.session_id == id))
+            };
+            let Some(s) = live(&data_dir, &id)? else {
+                return Err(CliError::Usage(format!(
+                    "no live session '{}' (sessions list shows them; recordings play replays ended ones)",
+                    psm_control_api::escape(&id)
+                )));
+            };
+            let dir = data_dir.clone();
+            let sid = id.clone();
+            recordings::watch(
+                &data_dir,
+                &s.session.recording_id,
+                move || live(&dir, &sid).map(|s| s.is_some()).unwrap_or(false),
+                out,
+            )?;
+            Ok(())
         }
         Command::Sessions {
             cmd: SessionsCmd::Kill { id, reason },

@@ -204,6 +204,67 @@ pub fn play(
     Ok(())
 }
 
+/// A recording file being written: reading past its end waits for more, as long as `live`
+/// says the session runs (asked at most twice a second); then the rest is read and the end
+/// reported.
+struct Follow<F: FnMut() -> bool> {
+    file: File,
+    live: F,
+    checked: std::time::Instant,
+    running: bool,
+}
+
+impl<F: FnMut() -> bool> std::io::Read for Follow<F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.file.read(buf)?;
+            if n > 0 || !self.running {
+                return Ok(n);
+            }
+            if self.checked.elapsed() >= std::time::Duration::from_millis(500) {
+                self.checked = std::time::Instant::now();
+                self.running = (self.live)();
+                if !self.running {
+                    // the recorder flushes the end of a session before it is reported ended
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    continue;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// `sessions watch`: shows recording `id` as it is written (only what draws the screen), until
+/// `live` says the session ended.
+pub fn watch(
+    data_dir: &Path,
+    id: &str,
+    live: impl FnMut() -> bool,
+    out: &mut dyn Write,
+) -> Result<(), RecordingError> {
+    let dir = DataDir::new(data_dir).recordings();
+    let path = file::path_for(&dir, id)?;
+    let file = File::open(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            RecordingError::NotFound {
+                id: id.to_string(),
+                dir: dir.clone(),
+            }
+        } else {
+            RecordingError::Format(FormatError::Io(e))
+        }
+    })?;
+    let reader = RecordingReader::open(Follow {
+        file,
+        live,
+        checked: std::time::Instant::now(),
+        running: true,
+    })?;
+    export::play(reader, f64::INFINITY, Replay::Safe, out)?;
+    Ok(())
+}
+
 /// Writes recording `id` to `out` in `format`.
 pub fn export(
     data_dir: &Path,

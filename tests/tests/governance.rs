@@ -721,3 +721,74 @@ fn dual_control_approved_denied_and_timed_out() {
         "{all}"
     );
 }
+
+#[test]
+fn watch_shows_a_live_session_as_it_happens() {
+    let w = World::new();
+    let mut c = w.ssh();
+    c.arg("for i in 1 2 3 4 5 6 7 8; do echo watch-$i; sleep 0.5; done")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut session = c.spawn().expect("ssh");
+    let id = live_session(&w);
+    let mut watcher = Command::new(bin("psmctl"))
+        .args([
+            "--data-dir",
+            &w.psm.data_dir().display().to_string(),
+            "sessions",
+            "watch",
+            &id,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psmctl");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = watcher.stdout.take().expect("stdout");
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    // the output shows up while the session still runs, not at its end
+    assert!(
+        wait_for(Duration::from_secs(10), || seen
+            .lock()
+            .expect("lock")
+            .contains("watch-2")),
+        "watch showed nothing: {:?}",
+        seen.lock().expect("lock")
+    );
+    assert!(
+        session.try_wait().expect("try_wait").is_none(),
+        "the session had already ended"
+    );
+    assert!(wait_child(&mut session, Duration::from_secs(15)).is_some_and(|s| s.success()));
+    let st = wait_child(&mut watcher, Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "watch ends with the session"
+    );
+    let text = seen.lock().expect("lock").clone();
+    for i in 1..=8 {
+        assert!(
+            text.contains(&format!("watch-{i}")),
+            "watch-{i} missing:\n{text}"
+        );
+    }
+    let none = w.psm.psmctl(&["sessions", "watch", &id], None);
+    assert!(
+        !none.success() && none.stderr_str().contains("no live session"),
+        "{}",
+        none.describe()
+    );
+}
