@@ -545,6 +545,21 @@ pub enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the whole policy (users, groups, targets, target groups, accounts without
+    /// secrets, grants with conditions, command rules) as one TOML document.
+    Export,
+    /// Apply a policy document atomically: a bad document changes nothing and names the line
+    /// and the problem.
+    Import {
+        /// The TOML document (`-` for standard input).
+        file: std::path::PathBuf,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply even a document that would leave no grant or no user.
+        #[arg(long)]
+        force: bool,
+    },
     /// Every user who can reach USERNAME@TARGET, through which grant, with its conditions.
     WhoCanReach {
         /// USERNAME@TARGET.
@@ -599,6 +614,65 @@ pub fn policy(data_dir: &Path, cmd: PolicyCmd, out: &mut dyn Write) -> Result<bo
                 )?;
             }
             Ok(a.allowed)
+        }
+        PolicyCmd::Export => {
+            let doc: crate::store::PolicyDoc =
+                Client::connect(data_dir)?.call_as(&Request::PolicyExport)?;
+            let text = toml::to_string(&doc)
+                .map_err(|e| usage(format!("cannot write the policy as TOML: {e}")))?;
+            writeln!(
+                out,
+                "# psm policy (psmctl policy export); secrets are not in it"
+            )?;
+            out.write_all(text.as_bytes())?;
+            Ok(true)
+        }
+        PolicyCmd::Import {
+            file,
+            dry_run,
+            force,
+        } => {
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .map_err(|e| CliError::Stdin(format!("cannot read the policy: {e}")))?;
+                s
+            } else {
+                std::fs::read_to_string(&file).map_err(|e| CliError::File {
+                    path: file.clone(),
+                    reason: e.to_string(),
+                })?
+            };
+            let doc: crate::store::PolicyDoc =
+                toml::from_str(&text).map_err(|e| CliError::File {
+                    path: file.clone(),
+                    reason: e.to_string(),
+                })?;
+            let r: crate::store::ImportReport =
+                Client::connect(data_dir)?.call_as(&Request::PolicyImport {
+                    doc,
+                    dry_run,
+                    force,
+                })?;
+            for c in &r.changes {
+                writeln!(out, "{c}")?;
+            }
+            match (r.applied, r.changes.is_empty(), dry_run) {
+                (_, true, _) => writeln!(out, "no change (policy version {})", r.version)?,
+                (false, false, true) => writeln!(
+                    out,
+                    "dry run: {} change(s) not applied (policy version {})",
+                    r.changes.len(),
+                    r.version
+                )?,
+                _ => writeln!(
+                    out,
+                    "imported {} change(s) (policy version {})",
+                    r.changes.len(),
+                    r.version
+                )?,
+            }
+            Ok(true)
         }
         PolicyCmd::WhoCanReach { account, json } => {
             let (account, target) = validate::split_account(&account)?;

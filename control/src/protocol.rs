@@ -224,6 +224,19 @@ pub enum Request {
     },
     /// Lists command rules. Result: array of [`psm_control_api::CommandRule`].
     CommandRuleList,
+    /// The whole policy as a document. Result: [`crate::store::PolicyDoc`].
+    PolicyExport,
+    /// Applies a policy document atomically. Result: [`crate::store::ImportReport`].
+    PolicyImport {
+        /// The document.
+        doc: crate::store::PolicyDoc,
+        /// Only say what would change.
+        #[serde(default)]
+        dry_run: bool,
+        /// Apply even a document that would leave no grant or no user.
+        #[serde(default)]
+        force: bool,
+    },
     /// Lists access requests (dual control). Result: array of
     /// [`psm_control_api::ApprovalRequest`].
     RequestsList,
@@ -306,6 +319,7 @@ impl Request {
                 | Request::GroupRemove { .. }
                 | Request::GroupMember { .. }
                 | Request::CommandRuleAdd { .. }
+                | Request::PolicyImport { .. }
                 | Request::CommandRuleRemove { .. }
         )
     }

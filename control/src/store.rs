@@ -23,7 +23,9 @@ use crate::validate::{self, Invalid};
 use crate::vault::{account_aad, totp_aad, Vault, VaultError};
 
 mod governance;
+mod import;
 pub use governance::{GroupInfo, Lockout};
+pub use import::{ImportReport, PolicyDoc};
 
 /// Schema version this code writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 3;
@@ -312,6 +314,7 @@ impl Store {
         let grants = tx.execute("DELETE FROM grants WHERE user = ?1", [name])?;
         tx.execute("DELETE FROM user_keys WHERE user = ?1", [name])?;
         tx.execute("DELETE FROM users WHERE name = ?1", [name])?;
+        governance::prune_rules(&tx)?;
         let version = Self::bump(&tx)?;
         tx.commit()?;
         Ok(Removed {
@@ -440,6 +443,7 @@ impl Store {
         let grants = tx.execute("DELETE FROM grants WHERE target = ?1", [name])?;
         let accounts = tx.execute("DELETE FROM accounts WHERE target = ?1", [name])?;
         tx.execute("DELETE FROM targets WHERE name = ?1", [name])?;
+        governance::prune_rules(&tx)?;
         let version = Self::bump(&tx)?;
         tx.commit()?;
         Ok(Removed {
@@ -520,6 +524,7 @@ impl Store {
             "DELETE FROM accounts WHERE target = ?1 AND username = ?2",
             [target, username],
         )?;
+        governance::prune_rules(&tx)?;
         let version = Self::bump(&tx)?;
         tx.commit()?;
         Ok(Removed {

@@ -696,6 +696,12 @@ impl Conn {
         self.ctx
             .throttle
             .failed(self.shared.peer.ip(), Login::user_part(login), now_ms());
+        self.auth_refused(login, method, reason);
+    }
+
+    /// Audits a refused login without counting it toward the rate limit (a key an agent
+    /// offers that is not registered, a denied approval).
+    fn auth_refused(&self, login: &str, method: &str, reason: &str) {
         let login = logged_login(login);
         Counters::bump(&self.ctx.counters.auth_failures);
         info!(peer = %self.shared.peer, login = %Escaped(&login), method, reason, "authentication failed");
@@ -1297,7 +1303,8 @@ impl russh::server::Handler for Conn {
         match key_registered(&self.ctx.policy.get(), user, offer.public_key) {
             Ok(()) => Ok(Auth::Accept),
             Err(reason) => {
-                self.auth_failed(login, "publickey", reason);
+                // an agent offers every key it holds: only an attempt with a secret counts
+                self.auth_refused(login, "publickey", reason);
                 Ok(reject())
             }
         }

@@ -792,3 +792,132 @@ fn watch_shows_a_live_session_as_it_happens() {
         none.describe()
     );
 }
+
+#[test]
+fn policy_export_import_round_trip_and_bad_imports_change_nothing() {
+    let w = World::new();
+    w.psm.psmctl_ok(&["group", "add", "ops"], None);
+    w.psm
+        .psmctl_ok(&["group", "member", "add", "ops", "alice"], None);
+    w.psm.psmctl_ok(&["target-group", "add", "prod"], None);
+    w.psm
+        .psmctl_ok(&["target-group", "member", "add", "prod", "web01"], None);
+    let acct = format!("{TARGET_USER}@@prod");
+    w.psm.psmctl_ok(
+        &[
+            "grant",
+            "add",
+            "@ops",
+            &acct,
+            "--days",
+            "mon-fri",
+            "--hours",
+            "08:00-18:00",
+            "--tz",
+            "Europe/Paris",
+            "--from",
+            "10.0.0.0/8",
+            "--max-duration",
+            "2h",
+            "--mfa-cache",
+            "8h",
+        ],
+        None,
+    );
+    w.psm.psmctl_ok(
+        &[
+            "command-rule",
+            "add",
+            "--group",
+            "@ops",
+            "--pattern",
+            "^reboot",
+            "--action",
+            "deny",
+        ],
+        None,
+    );
+    let doc = w.psm.psmctl_ok(&["policy", "export"], None);
+    assert!(
+        doc.contains("[[grants]]") && doc.contains("Europe/Paris") && doc.contains("^reboot"),
+        "{doc}"
+    );
+    assert!(
+        !doc.contains(TARGET_PASSWORD) && !doc.contains("argon2") && !doc.contains("iterations"),
+        "no secret: {doc}"
+    );
+    let file = w.psm.work_dir().join("policy.toml");
+    std::fs::write(&file, &doc).expect("write");
+    let f = file.display().to_string();
+    let out = w.psm.psmctl_ok(&["policy", "import", &f], None);
+    assert!(out.contains("no change"), "{out}");
+    assert_eq!(
+        w.psm.psmctl_ok(&["policy", "export"], None),
+        doc,
+        "round trip"
+    );
+    let version = |w: &World| -> u64 {
+        let s = w.psm.psmctl_ok(&["status", "--json"], None);
+        serde_json::from_str::<serde_json::Value>(&s).expect("json")["version"]
+            .as_u64()
+            .expect("v")
+    };
+    let v0 = version(&w);
+    // a bad document changes nothing and names the field
+    let bad = doc.replace("user = \"@ops\"", "user = \"@nobody\"");
+    std::fs::write(&file, &bad).expect("write");
+    let out = w.psm.psmctl(&["policy", "import", &f], None);
+    assert!(
+        !out.success()
+            && out
+                .stderr_str()
+                .contains("grants[1].user: unknown group '@nobody'"),
+        "{}",
+        out.describe()
+    );
+    // a syntax error names the line
+    std::fs::write(&file, format!("{doc}\n[[grants]\n")).expect("write");
+    let out = w.psm.psmctl(&["policy", "import", &f], None);
+    assert!(
+        !out.success() && out.stderr_str().contains("line"),
+        "{}",
+        out.describe()
+    );
+    // an unknown time zone is refused at import, not at connect time
+    std::fs::write(&file, doc.replace("Europe/Paris", "Europe/Atlantis")).expect("write");
+    let out = w.psm.psmctl(&["policy", "import", &f], None);
+    assert!(
+        !out.success() && out.stderr_str().contains("unknown time zone"),
+        "{}",
+        out.describe()
+    );
+    // an empty policy would lock everyone out
+    std::fs::write(&file, "").expect("write");
+    let out = w.psm.psmctl(&["policy", "import", &f], None);
+    assert!(
+        !out.success() && out.stderr_str().contains("--force"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(version(&w), v0, "nothing changed");
+    assert_eq!(w.psm.psmctl_ok(&["policy", "export"], None), doc);
+    // a dry run says what would change and changes nothing; the import then applies it
+    let edited = doc.replace("\"^reboot\"", "\"^halt\"");
+    std::fs::write(&file, &edited).expect("write");
+    let out = w
+        .psm
+        .psmctl_ok(&["policy", "import", &f, "--dry-run"], None);
+    assert!(
+        out.contains("dry run") && out.contains("~ command rules"),
+        "{out}"
+    );
+    assert_eq!(version(&w), v0);
+    let out = w.psm.psmctl_ok(&["policy", "import", &f], None);
+    assert!(out.contains("imported"), "{out}");
+    assert!(version(&w) > v0);
+    let rules = w.psm.psmctl_ok(&["command-rule", "list"], None);
+    assert!(
+        rules.contains("^halt") && !rules.contains("^reboot"),
+        "{rules}"
+    );
+}

@@ -85,7 +85,8 @@ impl Shared {
             } => {
                 let mut a = lock(&self.approvals);
                 a.covers.retain(|c| c.3 > now);
-                a.next_id += 1;
+                // ids stay unique across restarts of psm-control: they start from the clock
+                a.next_id = a.next_id.max(now / 1000 * 1000) + 1;
                 let id = a.next_id;
                 let covered = a
                     .covers

@@ -12,6 +12,18 @@ use super::{lock, removed_suffix, Actor, Shared};
 use crate::protocol::{Changed, MfaEnrolment, PolicyAnswer, Reach, Request, Response};
 use crate::store::StoreError;
 
+/// The failed logins the lockout counts: a wrong secret (password, key signature, code), not a
+/// key an agent offered, a rate-limited attempt or a refused approval.
+fn counts_toward_lockout(reason: &str) -> bool {
+    matches!(
+        reason,
+        "wrong password"
+            | "wrong verification code"
+            | "verification code already used"
+            | "malformed verification code"
+    )
+}
+
 /// A fresh TOTP secret: 20 random bytes (RFC 4226's recommended length), base32.
 fn new_totp_secret() -> Result<String, String> {
     use ring::rand::SecureRandom as _;
@@ -203,6 +215,45 @@ impl Shared {
             }
             Request::CommandRuleList => self.read(|s| s.list_command_rules()),
             Request::RequestsList => Response::ok(&self.approvals_list()),
+            Request::PolicyExport => self.read(|s| s.export()),
+            Request::PolicyImport {
+                doc,
+                dry_run,
+                force,
+            } => {
+                if dry_run {
+                    return Ok(self.read(|s| {
+                        // a dry run reads; it never writes (the import rolls nothing back)
+                        let mut copy = crate::store::Store::open(s.path())?;
+                        copy.import(&doc, true, force)
+                    }));
+                }
+                let mut report = None;
+                let object = format!(
+                    "{} users, {} targets, {} grants, {} command rules",
+                    doc.users.len(),
+                    doc.targets.len(),
+                    doc.grants.len(),
+                    doc.command_rules.len()
+                );
+                let resp = self.change(actor, "policy import", object, |s, obj| {
+                    let r = s.import(&doc, false, force)?;
+                    if !r.applied {
+                        // nothing to change: say so without a new version
+                        report = Some(r.clone());
+                        return Err(StoreError::Conflict("NOCHANGE".into()));
+                    }
+                    obj.push_str(&format!(": {}", r.changes.join("; ")));
+                    let v = r.version;
+                    report = Some(r);
+                    Ok((v, "imported".into()))
+                });
+                match (resp.ok, report) {
+                    (true, Some(r)) => Response::ok(&r),
+                    (false, Some(r)) if !r.applied => Response::ok(&r),
+                    _ => resp,
+                }
+            }
             Request::PolicyCheck {
                 user,
                 account,
@@ -360,7 +411,7 @@ impl Shared {
     /// failures count towards the lockout, a success clears them.
     pub(super) fn auth_event(&self, kind: &AuditKind) {
         match kind {
-            AuditKind::AuthFailure { login, .. } => {
+            AuditKind::AuthFailure { login, reason, .. } if counts_toward_lockout(reason) => {
                 let user = Login::user_part(login).to_string();
                 let lockout = self.options.lockout;
                 let mut locked = None;

@@ -134,6 +134,7 @@ impl Store {
             &format!("DELETE FROM {} WHERE name = ?1", kind.table()),
             [name],
         )?;
+        prune_rules(&tx)?;
         let version = Self::bump(&tx)?;
         tx.commit()?;
         Ok(Removed {
@@ -440,6 +441,34 @@ pub(super) fn read_command_rules(c: &Connection) -> Result<Vec<CommandRule>, Sto
     Ok(out)
 }
 
+/// Removes the rules whose grant or group no longer exists (after any removal).
+pub(super) fn prune_rules(c: &Connection) -> Result<usize, StoreError> {
+    let mut gone = Vec::new();
+    for r in read_command_rules(c)? {
+        let exists = match &r.scope {
+            RuleScope::Grant {
+                user,
+                target,
+                account,
+            } => Store::exists(
+                c,
+                "SELECT 1 FROM grants WHERE user = ?1 AND target = ?2 AND account = ?3",
+                [user, target, account],
+            )?,
+            RuleScope::Group { group } => {
+                Store::exists(c, "SELECT 1 FROM groups WHERE name = ?1", [group])?
+            }
+        };
+        if !exists {
+            gone.push(r.id as i64);
+        }
+    }
+    for id in &gone {
+        c.execute("DELETE FROM command_rules WHERE id = ?1", [id])?;
+    }
+    Ok(gone.len())
+}
+
 /// Removes the rules attached to `scope` (its grant or group is gone).
 pub(super) fn drop_rules(c: &Connection, scope: &RuleScope) -> Result<usize, StoreError> {
     let json = serde_json::to_string(scope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -501,5 +530,78 @@ impl Store {
     /// Lists command rules in order.
     pub fn list_command_rules(&self) -> Result<Vec<CommandRule>, StoreError> {
         read_command_rules(&self.conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::Vault;
+
+    #[test]
+    fn lockout_counts_within_the_window_and_rules_go_with_their_grant() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut s = Store::open(&tmp.path().join("psm.db")).expect("store");
+        let vault = Vault::new(&[7u8; 32]).expect("vault");
+        let h = PasswordHash::new("a long enough password").expect("hash");
+        s.add_user("alice", Some(&h), &[]).expect("user");
+        let lock = Lockout {
+            max_failures: 3,
+            window_ms: 1000,
+        };
+        assert_eq!(s.auth_failed("alice", 0, lock).expect("f"), None);
+        assert_eq!(s.auth_failed("alice", 10, lock).expect("f"), None);
+        // the first failure left the window: still two
+        assert_eq!(s.auth_failed("alice", 1005, lock).expect("f"), None);
+        let locked = s.auth_failed("alice", 1006, lock).expect("f");
+        assert_eq!(locked.map(|(_, until)| until), Some(2006));
+        let snap = s.snapshot(&vault).expect("snap");
+        assert_eq!(snap.users[0].locked_until_ms, Some(2006));
+        s.unlock("alice").expect("unlock");
+        assert_eq!(
+            s.snapshot(&vault).expect("snap").users[0].locked_until_ms,
+            None
+        );
+        assert_eq!(
+            s.auth_failed("nobody", 0, lock).expect("f"),
+            None,
+            "unknown users are not counted"
+        );
+        // TOTP steps only move forward
+        s.set_totp(&vault, "alice", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")
+            .expect("totp");
+        assert!(s.totp_used("alice", 5).expect("used").is_some());
+        assert!(s.totp_used("alice", 5).expect("used").is_none());
+        assert!(s.totp_used("alice", 4).expect("used").is_none());
+        let snap = s.snapshot(&vault).expect("snap");
+        let t = snap.users[0].totp.as_ref().expect("enrolled");
+        assert_eq!(
+            (t.last_step, t.secret.expose()),
+            (5, "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")
+        );
+        // a group's rules go with the group
+        s.add_group("ops").expect("group");
+        s.add_command_rule(
+            &RuleScope::Group {
+                group: "ops".into(),
+            },
+            "^rm",
+            CommandAction::Deny,
+        )
+        .expect("rule");
+        assert_eq!(s.list_command_rules().expect("rules").len(), 1);
+        s.remove_group("ops").expect("remove");
+        assert!(s.list_command_rules().expect("rules").is_empty());
+        // rehash replaces only the verifier it was computed from
+        let old = PasswordHash::pbkdf2("pw-one", 1000).expect("old");
+        s.set_password("alice", &old).expect("set");
+        let new = PasswordHash::new("pw-one").expect("new");
+        assert!(
+            s.rehash("alice", &h, &new).expect("rehash").is_none(),
+            "stale"
+        );
+        assert!(s.rehash("alice", &old, &new).expect("rehash").is_some());
+        let snap = s.snapshot(&vault).expect("snap");
+        assert!(!snap.users[0].password.as_ref().expect("pw").needs_rehash());
     }
 }

@@ -123,8 +123,18 @@ impl Conn {
         let now = now_ms();
         let ip = self.shared.peer.ip();
         let Some((account, target)) = &p.chosen else {
+            // an approver logs in without a target to decide requests (`requests …`), so
+            // approvers get no menu: they name the account for their own sessions
+            let approver = snap.user(&p.user).is_some_and(|u| {
+                snap.grants.iter().any(|g| {
+                    g.conditions
+                        .approval
+                        .as_ref()
+                        .is_some_and(|a| u.groups.contains(&a.approvers))
+                })
+            });
             let menu = psm_control_api::policy::reachable(&snap, &p.user, ip, now);
-            if menu.is_empty() {
+            if menu.is_empty() || approver {
                 // nothing to choose: accepted, and told on the first channel
                 return None;
             }
@@ -242,7 +252,8 @@ impl Conn {
 
     /// Refuses the login, showing `message` first (the client displays it).
     fn refuse_with(&mut self, login: &str, message: String, audit: &str) -> Auth {
-        self.auth_failed(login, "keyboard-interactive", audit);
+        // not a wrong secret: audited, not counted toward the lockout
+        self.auth_refused(login, "keyboard-interactive", audit);
         let stage = Stage::Refused(message);
         let ask = self.prompt(&stage);
         if let Some(p) = &mut self.pending {
