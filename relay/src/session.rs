@@ -771,6 +771,14 @@ impl Conn {
     ) -> Result<(Channel<russh::client::Msg>, Arc<TargetHandle>, LossWatch), String> {
         let login = match Login::parse(&self.login) {
             Ok(l) => l,
+            Err(_) if !self.login.contains('@') => {
+                // a login without a target whose menu had nothing to offer
+                return Err(self.deny(
+                    user,
+                    "no target named and no account available now".into(),
+                    "psm: no account is available to you now; name one with ssh <user>@<account>@<target>@<gateway>".into(),
+                ));
+            }
             Err(e) => {
                 return Err(self.deny(
                     user,
