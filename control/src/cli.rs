@@ -1320,6 +1320,29 @@ pub fn format_event(e: &AuditEvent) -> String {
             }
             ("approval", f)
         }
+        AuditKind::Forward {
+            session_id,
+            user,
+            target,
+            account,
+            channel,
+            destination,
+            bytes_up,
+            bytes_down,
+            duration_ms,
+        } => (
+            "forward",
+            vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("channel", channel.to_string()),
+                ("to", destination.clone()),
+                ("up", bytes_up.to_string()),
+                ("down", bytes_down.to_string()),
+                ("duration_ms", duration_ms.to_string()),
+            ],
+        ),
         AuditKind::AdminChange {
             action,
             object,

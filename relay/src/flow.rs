@@ -125,6 +125,9 @@ impl WindowMirror {
 pub struct Flow {
     up: AtomicUsize,
     down: AtomicUsize,
+    /// Bytes relayed each way so far (for the per-forward audit).
+    moved_up: std::sync::atomic::AtomicU64,
+    moved_down: std::sync::atomic::AtomicU64,
     notify: Notify,
 }
 
@@ -144,6 +147,26 @@ impl Flow {
     /// Upload bytes were queued.
     pub fn up_queued(&self, n: usize) {
         self.up.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` bytes of data were relayed toward the target.
+    pub fn count_up(&self, n: usize) {
+        self.moved_up.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// `n` bytes of data were relayed toward the user.
+    pub fn count_down(&self, n: usize) {
+        self.moved_down.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes relayed toward the target so far.
+    pub fn moved_up(&self) -> u64 {
+        self.moved_up.load(Ordering::Relaxed)
+    }
+
+    /// Bytes relayed toward the user so far.
+    pub fn moved_down(&self) -> u64 {
+        self.moved_down.load(Ordering::Relaxed)
     }
 
     /// Upload bytes reached the target.

@@ -108,6 +108,7 @@ pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
                 .bytes
                 .down
                 .fetch_add(item.len() as u64, Ordering::Relaxed);
+            flow.count_down(item.len());
         }
         Item::ExitStatus(s) => shared.with(|st| st.exit_status = Some(*s)),
         Item::ExitSignal { signal, .. } => {
@@ -153,6 +154,7 @@ async fn send_up(
         rec.data(ch, Direction::Input, data.clone()).await;
     }
     flow.up_queued(data.len());
+    flow.count_up(data.len());
     tx.send(Item::Data(data)).is_ok()
 }
 
@@ -336,6 +338,7 @@ pub(crate) async fn read_client(
                     rec.data(ch, Direction::Input, data.clone()).await;
                 }
                 flow.up_queued(data.len());
+                flow.count_up(data.len());
                 Item::Data(data)
             }
             Some(ChannelMsg::Eof) => {

@@ -768,6 +768,7 @@ impl Conn {
     async fn broker(
         &mut self,
         user: &str,
+        open: &Open,
     ) -> Result<(Channel<russh::client::Msg>, Arc<TargetHandle>, LossWatch), String> {
         let login = match Login::parse(&self.login) {
             Ok(l) => l,
@@ -806,6 +807,20 @@ impl Conn {
         };
         let (target, account) = (permit.target, permit.account);
         self.conditions = permit.conditions().clone();
+        if let Open::DirectTcpip { host, port, .. } = open {
+            if !self.conditions.forward_allowed(host, *port) {
+                let to = crate::escape_short(&format!("{host}:{port}"));
+                self.notice("port forwarding", &to, format!(" to {to}"));
+                return Err(self.deny(
+                    user,
+                    format!(
+                        "local forward to {to} not allowed by the grant for {}@{}",
+                        account.username, target.name
+                    ),
+                    format!("psm: port forwarding to {to} is not permitted by policy"),
+                ));
+            }
+        }
         // The recording is confirmed open before the relay logs in to the target: a user who
         // cannot be recorded is told so up front, and the target never sees the login.
         let mut opened = None;
@@ -911,7 +926,28 @@ impl Conn {
             self.started = true;
         }
         self.shared.with(|s| s.targets.push(handle.clone()));
-        let open = tokio::time::timeout(REQUEST_TIMEOUT, handle.channel_open_session()).await;
+        let open = match open {
+            Open::Session => {
+                tokio::time::timeout(REQUEST_TIMEOUT, handle.channel_open_session()).await
+            }
+            Open::DirectTcpip {
+                host,
+                port,
+                orig_addr,
+                orig_port,
+            } => {
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    handle.channel_open_direct_tcpip(
+                        host.clone(),
+                        *port,
+                        orig_addr.clone(),
+                        *orig_port,
+                    ),
+                )
+                .await
+            }
+        };
         match open.unwrap_or(Err(russh::Error::ConnectionTimeout)) {
             Ok(ch) => Ok((ch, handle, loss)),
             Err(e) => {
@@ -953,7 +989,13 @@ impl Conn {
     }
 
     /// Starts relaying a channel whose shell/exec/subsystem the target accepted.
-    async fn start(&mut self, channel: ChannelId, handle: russh::server::Handle, shell: bool) {
+    async fn start(
+        &mut self,
+        channel: ChannelId,
+        handle: russh::server::Handle,
+        shell: bool,
+        forward: Option<String>,
+    ) {
         let Some(Chan::Pending {
             up,
             down_w,
@@ -1042,8 +1084,31 @@ impl Conn {
             });
         }
         let shared = self.shared.clone();
+        let opened_ms = now_ms();
         tokio::spawn(async move {
-            write_client(down_rx, down_w, handle, flow).await;
+            write_client(down_rx, down_w, handle, flow.clone()).await;
+            if let Some(destination) = forward {
+                // one audit event per forward, with what it moved
+                let end_ms = now_ms().max(opened_ms);
+                let (user, target, account) = shared
+                    .with(|s| {
+                        s.info
+                            .as_ref()
+                            .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
+                    })
+                    .unwrap_or_default();
+                shared.audit.emit(AuditKind::Forward {
+                    session_id: shared.session_id.clone(),
+                    user,
+                    target,
+                    account,
+                    channel: ch,
+                    destination,
+                    bytes_up: flow.moved_up(),
+                    bytes_down: flow.moved_down(),
+                    duration_ms: end_ms - opened_ms,
+                });
+            }
             // The channel is over: its dedicated target connection goes with it, and the
             // handler forgets it (russh does not tell it when the target closed the channel).
             disconnect_target(&target).await;
@@ -1179,7 +1244,7 @@ impl Conn {
         }
         if accepted {
             session.channel_success(channel)?;
-            self.start(channel, session.handle(), shell).await;
+            self.start(channel, session.handle(), shell, None).await;
         } else if !permitted {
             return self.deliver_denial(channel, session);
         } else {
@@ -1414,7 +1479,7 @@ impl russh::server::Handler for Conn {
             return Ok(());
         }
         let id = channel.id();
-        let state = match self.broker(&user).await {
+        let state = match self.broker(&user, &Open::Session).await {
             Ok((up, target, loss)) => {
                 let (down_r, down_w) = channel.split();
                 let shared = self.shared.clone();
@@ -1445,22 +1510,93 @@ impl russh::server::Handler for Conn {
 
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host: &str,
         port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let to = crate::escape_short(&format!("{host}:{port}"));
-        self.notice("port forwarding", &to, format!(" to {to}"));
-        reply
-            .reject(ChannelOpenFailure::Other {
-                code: 1, // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
-                reason: "psm: port forwarding is not permitted".into(),
-            })
-            .await;
+        let Some(user) = self.user.clone() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        self.reap();
+        if self.channels.len() >= MAX_CHANNELS {
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: 4, // SSH_OPEN_RESOURCE_SHORTAGE
+                    reason: format!("psm: at most {MAX_CHANNELS} channels per connection"),
+                })
+                .await;
+            return Ok(());
+        }
+        // a local forward is a channel of its own, brokered under the grant like a session,
+        // allowed only where the grant says forward-local (and lists the destination)
+        let open = Open::DirectTcpip {
+            host: host.to_string(),
+            port,
+            orig_addr: originator_address.to_string(),
+            orig_port: originator_port,
+        };
+        let destination = crate::escape_short(&format!("{host}:{port}"));
+        match self.broker(&user, &open).await {
+            Ok((up, target, loss)) => {
+                let id = channel.id();
+                let (down_r, down_w) = channel.split();
+                let shared = self.shared.clone();
+                let reader = PreStart::spawn(down_r, move |n| {
+                    shared.violated(format!(
+                        "sent {n} bytes on channel {} before it started",
+                        u32::from(id)
+                    ))
+                });
+                self.channels.insert(
+                    id,
+                    Chan::Pending {
+                        up,
+                        down_w,
+                        reader,
+                        early: Vec::new(),
+                        target,
+                        loss,
+                        requests: 0,
+                        pty: None,
+                    },
+                );
+                self.window.opened(id.into(), WINDOW);
+                reply.accept().await;
+                if let Some(info) = self.shared.with(|s| {
+                    s.info
+                        .as_ref()
+                        .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
+                }) {
+                    self.ctx.audit.emit(AuditKind::ChannelRequest {
+                        session_id: self.shared.session_id.clone(),
+                        user: info.0,
+                        target: info.1,
+                        account: info.2,
+                        channel: id.into(),
+                        request: "direct-tcpip".into(),
+                        command: destination.clone(),
+                        accepted: true,
+                    });
+                }
+                self.start(id, session.handle(), false, Some(destination))
+                    .await;
+            }
+            Err(msg) => {
+                reply
+                    .reject(ChannelOpenFailure::Other {
+                        code: 1, // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+                        reason: msg,
+                    })
+                    .await;
+            }
+        }
         Ok(())
     }
 
@@ -1674,6 +1810,19 @@ impl russh::server::Handler for Conn {
         }
         Ok(())
     }
+}
+
+/// What the target leg of a new user channel opens.
+pub(crate) enum Open {
+    /// A session channel (shell, exec, subsystem follow).
+    Session,
+    /// A local forward (`direct-tcpip`).
+    DirectTcpip {
+        host: String,
+        port: u32,
+        orig_addr: String,
+        orig_port: u32,
+    },
 }
 
 /// A channel request forwarded to the target, answered before the relay goes on.

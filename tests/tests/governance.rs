@@ -921,3 +921,73 @@ fn policy_export_import_round_trip_and_bad_imports_change_nothing() {
         "{rules}"
     );
 }
+
+/// An echo server on loopback (the destination of local forwards); serves `n` connections.
+fn echo_server(n: usize) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((mut s, _)) = l.accept() else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().expect("clone");
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn local_forwards_follow_the_grant_and_are_audited() {
+    let w = World::build(PsmMode::Up, Sshd::start_with(true));
+    let port = echo_server(4);
+    let other = echo_server(1);
+    let dest = format!("127.0.0.1:{port}");
+    let forward = |to: &str| {
+        // INFO: ssh prints why a channel open failed
+        let mut c = w.ssh_with(&["-o", "LogLevel=INFO"], &alice_login(), &w.alice_key);
+        c.args(["-W", to]);
+        run_cmd(&mut c, Some(b"ping through psm\n"), CMD_TIMEOUT)
+    };
+    // not allowed by default
+    let out = forward(&dest);
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        out.stderr_str().contains("not permitted by policy"),
+        "{}",
+        out.describe()
+    );
+    regrant(
+        &w,
+        &[
+            "--allow",
+            "shell,exec,forward-local",
+            "--forward-to",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let out = forward(&dest);
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(out.stdout_str(), "ping through psm\n", "bytes intact");
+    let e = w.psm.wait_audit("forward", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "forward" && jstr(e, "destination") == dest
+    });
+    assert_eq!(
+        (e["bytes_up"].as_u64(), e["bytes_down"].as_u64()),
+        (Some(17), Some(17)),
+        "{e}"
+    );
+    // a destination the grant does not list is refused, with the reason audited
+    let out = forward(&format!("127.0.0.1:{other}"));
+    assert!(
+        !out.success() && out.stderr_str().contains("not permitted by policy"),
+        "{}",
+        out.describe()
+    );
+    w.psm
+        .wait_audit("refused forward", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "session_denied"
+                && jstr(e, "reason").contains(&format!("127.0.0.1:{other}"))
+        });
+}

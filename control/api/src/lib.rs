@@ -559,6 +559,27 @@ pub enum AuditKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A local port forward (`direct-tcpip`) ended: where it went and what it moved.
+    Forward {
+        /// Session id.
+        session_id: String,
+        /// psm user.
+        user: String,
+        /// Target name (the forward leaves from there).
+        target: String,
+        /// Account on the target.
+        account: String,
+        /// User-side channel number.
+        channel: u32,
+        /// `host:port`.
+        destination: String,
+        /// Bytes from the user.
+        bytes_up: u64,
+        /// Bytes to the user.
+        bytes_down: u64,
+        /// How long it was open, ms.
+        duration_ms: u64,
+    },
     /// An administrative change through psmctl.
     AdminChange {
         /// What was done (`user add`, `grant remove`, …).
