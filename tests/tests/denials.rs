@@ -192,7 +192,8 @@ fn policy_denials_after_authentication() {
 
     // a malformed login, once alice has authenticated (a login without any target gets the
     // target menu instead: see governance.rs)
-    for login in ["alice@web01"] {
+    {
+        let login = "alice@web01";
         let mark = w.psm.audit_mark();
         let out = run_ssh(w.ssh_as(login, &w.alice_key).arg("echo ran"));
         assert_refused(&out, "psm: malformed login");
@@ -400,7 +401,7 @@ fn forwarding_is_refused() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "stderr: {stderr}");
     if opened {
         assert!(
-            stderr.contains("psm: port forwarding is not permitted"),
+            stderr.contains("psm: port forwarding to ") && stderr.contains("is not permitted by policy"),
             "the user is told why the forward failed; stderr: {stderr}"
         );
     }
