@@ -1,0 +1,318 @@
+//! Small helpers: binaries, ports, waiting on a condition, files, keys, processes, JSON.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Folder with the workspace binaries: `$PSM_BIN_DIR`, else `target/<profile>` derived from the
+/// test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PSM_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, panicking with a clear message when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "psm binary {} is missing: run `cargo build --workspace --bins` first (or set PSM_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// Panics with one message listing every psm binary that is missing.
+pub fn require_psm_binaries() {
+    let dir = bin_dir();
+    let missing: Vec<&str> = PSM_BINARIES
+        .iter()
+        .copied()
+        .filter(|b| !dir.join(b).is_file())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "psm binaries missing from {}: {}; run `cargo build --workspace --bins` first (or set PSM_BIN_DIR)",
+        dir.display(),
+        missing.join(", ")
+    );
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().expect("addr"),
+        Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+/// Last `max` bytes of a (log) file, as text, without ANSI colour sequences.
+pub fn file_tail(path: &Path, max: usize) -> String {
+    let data = fs::read(path).unwrap_or_default();
+    let text = strip_ansi(&String::from_utf8_lossy(&data));
+    let start = text.len().saturating_sub(max);
+    let mut start = start;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_string()
+}
+
+/// Removes `ESC [ … letter` sequences.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `sha256sum` of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> String {
+    let out = run_cmd(
+        Command::new("sha256sum").arg(path),
+        None,
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.success(),
+        "sha256sum {}: {}",
+        path.display(),
+        out.describe()
+    );
+    out.stdout_str()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Writes `len` random bytes (from /dev/urandom) to `path`.
+pub fn random_file(path: &Path, len: u64) {
+    let mut src = fs::File::open("/dev/urandom").expect("open /dev/urandom");
+    let mut dst = fs::File::create(path).expect("create random file");
+    let copied = std::io::copy(&mut (&mut src).take(len), &mut dst).expect("copy random bytes");
+    assert_eq!(copied, len);
+}
+
+/// Generates an ed25519 key pair at `path` / `path.pub`; returns the public key line
+/// (`ssh-ed25519 AAAA…`, without the comment).
+pub fn gen_key(path: &Path) -> String {
+    let _ = fs::remove_file(path);
+    let _ = fs::remove_file(path.with_extension("pub"));
+    let out = run_cmd(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "psm-tests", "-f"])
+            .arg(path),
+        None,
+        Duration::from_secs(30),
+    );
+    assert!(out.success(), "ssh-keygen: {}", out.describe());
+    pub_line(&pub_path(path))
+}
+
+/// `KEY.pub` next to a private key path.
+pub fn pub_path(key: &Path) -> PathBuf {
+    let mut s = key.as_os_str().to_os_string();
+    s.push(".pub");
+    PathBuf::from(s)
+}
+
+/// First two fields (`type base64`) of an OpenSSH public key file.
+pub fn pub_line(pub_file: &Path) -> String {
+    let text = fs::read_to_string(pub_file).expect("read public key");
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `SHA256:…` fingerprint of a public key file (`ssh-keygen -lf`).
+pub fn fingerprint(pub_file: &Path) -> String {
+    let out = run_cmd(
+        Command::new("ssh-keygen").arg("-lf").arg(pub_file),
+        None,
+        Duration::from_secs(10),
+    );
+    assert!(out.success(), "ssh-keygen -lf: {}", out.describe());
+    out.stdout_str()
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Sends `sig` to every process whose command line contains `needle` (a unique temp path), other
+/// than this test process.
+pub fn signal_matching(needle: &str, sig: Signal) {
+    for pid in pids_matching(needle, None) {
+        let _ = kill(Pid::from_raw(pid as i32), sig);
+    }
+}
+
+/// Pids of processes whose command line contains `needle`, optionally only those whose `argv[0]`
+/// file name is `exe_name`.
+pub fn pids_matching(needle: &str, exe_name: Option<&str>) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if !cmdline.contains(needle) {
+            continue;
+        }
+        if let Some(name) = exe_name {
+            let argv0 = raw.split(|b| *b == 0).next().unwrap_or_default();
+            let argv0 = String::from_utf8_lossy(argv0);
+            let base = argv0.rsplit('/').next().unwrap_or_default();
+            if base != name {
+                continue;
+            }
+        }
+        pids.push(pid);
+    }
+    pids
+}
+
+/// Every process below `pid` (children, grandchildren, …), from `/proc`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| {
+                    let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Resident set size now (`VmRSS`) of a process, in KiB; 0 when it is gone.
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Peak resident set size (`VmHWM`) of a process, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Parses psmctl `--json` output: one JSON array, one JSON object, or one JSON value per line.
+/// Returns the objects (the elements of an array).
+pub fn json_objects(text: &str) -> Vec<Value> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Vec::new();
+    }
+    if let Ok(v) = serde_json::from_str::<Value>(t) {
+        return match v {
+            Value::Array(a) => a,
+            other => vec![other],
+        };
+    }
+    t.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap_or_else(|e| {
+                panic!("psmctl --json printed a line that is not JSON ({e}): {l}")
+            })
+        })
+        .flat_map(|v| match v {
+            Value::Array(a) => a,
+            other => vec![other],
+        })
+        .collect()
+}
+
+/// Reads `DATA/audit.jsonl` (lines that do not parse, e.g. a half-written last line, are skipped).
+pub fn audit_events(data_dir: &Path) -> Vec<Value> {
+    let text = fs::read_to_string(data_dir.join("audit.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// A string field of a JSON object, or "".
+pub fn jstr<'a>(v: &'a Value, field: &str) -> &'a str {
+    v.get(field).and_then(Value::as_str).unwrap_or("")
+}
