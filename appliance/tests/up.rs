@@ -103,10 +103,10 @@ fn data_dir_that_is_a_file_exits_2_naming_it() {
     fs::write(&file, "").expect("write");
     // Without the daemons next to psm the launcher stops earlier, at the binary check (exit 1).
     let (code, _, err) = run_up(&["--data-dir", file.to_str().expect("utf-8")]);
-    if code == 1 && err.contains("not found in") {
-        assert!(err.contains("cargo build --workspace"), "{err}");
-        return;
-    }
+    assert!(
+        daemons_built().is_some(),
+        "the daemons must be built next to psm: cargo build --workspace --bins"
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.starts_with("psm: "), "{err}");
     assert!(err.contains(&file.display().to_string()), "{err}");
@@ -181,10 +181,10 @@ fn free_port() -> u16 {
 
 #[test]
 fn up_restarts_a_dead_daemon_and_stops_cleanly() {
-    if daemons_built().is_none() {
-        eprintln!("SKIP: psm-control, psm-recorder, psm-relay are not built next to psm (cargo build --workspace --bins)");
-        return;
-    }
+    assert!(
+        daemons_built().is_some(),
+        "psm-control, psm-recorder, psm-relay are not built next to psm: cargo build --workspace --bins (scripts/test.sh does)"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let listen = format!("127.0.0.1:{}", free_port());

@@ -57,7 +57,9 @@ impl CmdOut {
     }
 }
 
-pub(crate) fn spawn_collector<R: Read + Send + 'static>(mut r: R) -> (Arc<Mutex<Vec<u8>>>, Arc<AtomicBool>) {
+pub(crate) fn spawn_collector<R: Read + Send + 'static>(
+    mut r: R,
+) -> (Arc<Mutex<Vec<u8>>>, Arc<AtomicBool>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicBool::new(false));
     let (b, d) = (buf.clone(), done.clone());

@@ -324,6 +324,48 @@ impl Psm {
         })
     }
 
+    /// `psmctl status --json`.
+    pub fn status(&self) -> Value {
+        let out = self.psmctl_ok(&["status", "--json"], None);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+    }
+
+    /// Waits until every relay reports it applies the current policy version (relays report
+    /// every 2 s); panics with the status after 10 s.
+    pub fn wait_policy_applied(&self) {
+        let mut last = Value::Null;
+        let ok = wait_for(Duration::from_secs(10), || {
+            last = self.status();
+            let v = last["version"].as_u64();
+            let relays = last["relays"].as_array().cloned().unwrap_or_default();
+            !relays.is_empty()
+                && relays
+                    .iter()
+                    .all(|r| r["stats"]["policy_version"].as_u64() == v)
+        });
+        assert!(
+            ok,
+            "the relays did not report the current policy version: {last}"
+        );
+    }
+
+    /// Waits until every relay reports its recorder link as `connected`.
+    pub fn wait_recorder_link(&self, connected: bool) {
+        let mut last = Value::Null;
+        let ok = wait_for(Duration::from_secs(10), || {
+            last = self.status();
+            let relays = last["relays"].as_array().cloned().unwrap_or_default();
+            !relays.is_empty()
+                && relays
+                    .iter()
+                    .all(|r| r["stats"]["recorder_connected"].as_bool() == Some(connected))
+        });
+        assert!(
+            ok,
+            "the relays did not report the recorder link {connected}: {last}"
+        );
+    }
+
     /// All audit events of kind `event` (e.g. `session_end`).
     pub fn audit_of(&self, event: &str) -> Vec<Value> {
         self.audit()

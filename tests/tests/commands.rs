@@ -203,13 +203,7 @@ fn a_shell_line_is_decided_from_the_screen_however_it_was_typed() {
     pty.expect("psm$ ", T);
     rule(&w, r"^echo .HIS", "deny");
     // the relay applies the new rule with the next snapshot
-    assert!(wait_for(Duration::from_secs(5), || {
-        w.psm
-            .psmctl_ok(&["status"], None)
-            .lines()
-            .any(|l| l.starts_with("relay") && !l.contains("(behind)"))
-    }));
-    std::thread::sleep(Duration::from_millis(200));
+    w.psm.wait_policy_applied();
     pty.send("\x1b[A");
     pty.send("\r");
     pty.expect("psm: command denied by policy: echo \"HIS\"\"TORY\"", T);

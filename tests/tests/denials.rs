@@ -7,7 +7,6 @@ use serde_json::Value;
 use std::io::Read;
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::thread;
 use std::time::Duration;
 
 const AUDIT_WAIT: Duration = Duration::from_secs(5);
@@ -249,8 +248,7 @@ fn unreachable_or_untrusted_targets_are_refused() {
         w.sshd.host_key(),
         "wrong-target-password",
     );
-    // policy changes reach the relay within a second
-    thread::sleep(Duration::from_millis(1500));
+    w.psm.wait_policy_applied();
 
     let cases: [(&str, &str, &str); 3] = [
         ("web02", "psm: cannot connect to web02:", "host key"),
@@ -401,7 +399,8 @@ fn forwarding_is_refused() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "stderr: {stderr}");
     if opened {
         assert!(
-            stderr.contains("psm: port forwarding to ") && stderr.contains("is not permitted by policy"),
+            stderr.contains("psm: port forwarding to ")
+                && stderr.contains("is not permitted by policy"),
             "the user is told why the forward failed; stderr: {stderr}"
         );
     }

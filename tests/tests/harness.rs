@@ -56,9 +56,21 @@ fn pty_driver_types_reads_and_resizes() {
     pty.send_line("echo \"S\"\"Z1=$(stty size)\"");
     assert_eq!(pty.expect_line_after("SZ1=", t), "24 80");
     pty.resize(40, 132);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_size(&mut pty, "40 132");
     pty.send_line("echo \"S\"\"Z2=$(stty size)\"");
     assert_eq!(pty.expect_line_after("SZ2=", t), "40 132");
     pty.send_line("exit 0");
     assert_eq!(pty.wait(t), Some(0), "output:\n{}", pty.output());
+}
+
+/// Waits until the shell under `pty` sees the terminal size `want` ("rows cols"): the resize
+/// reaches the target asynchronously.
+fn wait_size(pty: &mut PtySession, want: &str) {
+    let mut seen = String::new();
+    let ok = wait_for(Duration::from_secs(10), || {
+        pty.send_line("echo \"W\"\"SZ=$(stty size)\"");
+        seen = pty.expect_line_after("WSZ=", Duration::from_secs(10));
+        seen == want
+    });
+    assert!(ok, "the terminal size never became {want} (last {seen})");
 }

@@ -55,7 +55,7 @@ fn pty_shell_term_size_resize_and_exit() {
     );
 
     pty.resize(40, 132);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_size(&mut pty, "40 132");
     pty.send_line("echo \"S\"\"Z2=$(stty size)\"");
     assert_eq!(
         pty.expect_line_after("SZ2=", T),
@@ -64,7 +64,7 @@ fn pty_shell_term_size_resize_and_exit() {
     );
 
     pty.resize(30, 100);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_size(&mut pty, "30 100");
     pty.send_line("echo \"S\"\"Z3=$(stty size)\"");
     assert_eq!(
         pty.expect_line_after("SZ3=", T),
@@ -105,4 +105,16 @@ fn pty_shell_term_size_resize_and_exit() {
             .psmctl(&["sessions", "list", "--json"], None)
             .describe()
     );
+}
+
+/// Waits until the shell under `pty` sees the terminal size `want` ("rows cols"): the resize
+/// reaches the target asynchronously.
+fn wait_size(pty: &mut PtySession, want: &str) {
+    let mut seen = String::new();
+    let ok = wait_for(Duration::from_secs(10), || {
+        pty.send_line("echo \"W\"\"SZ=$(stty size)\"");
+        seen = pty.expect_line_after("WSZ=", Duration::from_secs(10));
+        seen == want
+    });
+    assert!(ok, "the terminal size never became {want} (last {seen})");
 }

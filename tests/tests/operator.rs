@@ -64,10 +64,11 @@ fn file_commands_refuse_a_data_directory_this_uid_does_not_own() {
     assert!(out.success(), "{}", out.describe());
     // Only root can hand the directory to another uid (and root is who would otherwise read
     // it regardless); elsewhere there is nothing to test.
-    if fs::metadata(&data).expect("meta").uid() != 0 {
-        eprintln!("not root: skipped");
-        return;
-    }
+    assert_eq!(
+        fs::metadata(&data).expect("meta").uid(),
+        0,
+        "this test hands the directory to another uid: run the suite as root (scripts/test.sh does)"
+    );
     std::os::unix::fs::chown(&data, Some(12345), None).expect("chown");
     let want = format!(
         "psmctl: permission denied: uid 0 does not own the data directory {d} (owner uid 12345)"

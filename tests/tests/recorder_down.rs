@@ -13,7 +13,7 @@ const UNAVAILABLE: &str = "psm: session recording is unavailable; try again late
 fn sessions_fail_closed_while_the_recorder_is_down() {
     let mut w = World::with_mode(PsmMode::Separate);
     w.psm.kill_recorder();
-    std::thread::sleep(Duration::from_millis(300));
+    w.psm.wait_recorder_link(false);
 
     for attempt in 0..2 {
         let mark = w.psm.audit_mark();

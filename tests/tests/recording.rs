@@ -225,7 +225,7 @@ fn sessions_are_recorded_listed_exported_and_played() {
             term.output()
         );
     } else {
-        eprintln!("asciinema not installed: skipped `asciinema cat`");
+        panic!("asciinema is not installed: scripts/test.sh installs it");
     }
 
     // playback
