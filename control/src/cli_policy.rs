@@ -648,6 +648,12 @@ pub fn policy(data_dir: &Path, cmd: PolicyCmd, out: &mut dyn Write) -> Result<bo
                     path: file.clone(),
                     reason: e.to_string(),
                 })?;
+            if let Some(bad) = unknown_condition_key(&text) {
+                return Err(CliError::File {
+                    path: file.clone(),
+                    reason: format!("{bad}: unknown key"),
+                });
+            }
             let r: crate::store::ImportReport =
                 Client::connect(data_dir)?.call_as(&Request::PolicyImport {
                     doc,
@@ -702,6 +708,75 @@ pub fn policy(data_dir: &Path, cmd: PolicyCmd, out: &mut dyn Write) -> Result<bo
             Ok(true)
         }
     }
+}
+
+/// The first key of a grant's conditions (or of their windows and approval) that psm does not
+/// know, as `grants[I].conditions.KEY`: serde ignores unknown keys there (the snapshot must stay
+/// readable across versions), but a misspelt condition in a document must not pass unnoticed.
+fn unknown_condition_key(text: &str) -> Option<String> {
+    let full = Conditions {
+        allow_env: vec!["X".into()],
+        windows: vec![TimeWindow::parse("mon", "08:00-09:00", "UTC").ok()?],
+        not_before_ms: Some(1),
+        expires_ms: Some(2),
+        from: vec![parse_cidr("10.0.0.0/8").ok()?],
+        max_duration_ms: Some(1),
+        idle_timeout_ms: Some(1),
+        allow: Some(vec![ChannelKind::Shell]),
+        forward_to: vec!["h:1".into()],
+        reason_required: true,
+        mfa: true,
+        mfa_cache_ms: Some(1),
+        approval: Some(ApprovalRule {
+            count: 1,
+            approvers: "g".into(),
+            timeout_ms: 1,
+            covers_ms: 1,
+        }),
+        command_default: Some(CommandAction::Deny),
+    };
+    let known = toml::Value::try_from(&full).ok()?;
+    let doc: toml::Value = toml::from_str(text).ok()?;
+    let keys = |v: &toml::Value| -> Vec<String> {
+        v.as_table()
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for (i, g) in doc.get("grants")?.as_array()?.iter().enumerate() {
+        let Some(c) = g.get("conditions") else {
+            continue;
+        };
+        for k in keys(c) {
+            let Some(kv) = known.get(&k) else {
+                return Some(format!("grants[{i}].conditions.{k}"));
+            };
+            let sub = |name: &str, v: &toml::Value| -> Option<String> {
+                let model = match kv {
+                    toml::Value::Array(a) => a.first()?.clone(),
+                    other => other.clone(),
+                };
+                let items: Vec<&toml::Value> = match v {
+                    toml::Value::Array(a) => a.iter().collect(),
+                    other => vec![other],
+                };
+                for item in items {
+                    if !item.is_table() {
+                        continue;
+                    }
+                    for sk in keys(item) {
+                        if model.get(&sk).is_none() {
+                            return Some(format!("grants[{i}].conditions.{name}.{sk}"));
+                        }
+                    }
+                }
+                None
+            };
+            if let Some(bad) = c.get(&k).and_then(|v| sub(&k, v)) {
+                return Some(bad);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

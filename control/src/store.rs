@@ -6,7 +6,7 @@
 //! the store. References (a grant to a user, target and account) are checked in code first, for
 //! clear errors, and backed by SQLite foreign keys.
 //!
-//! What it does not do: decide access (that is [`PolicySnapshot::authorize`]) or push anything
+//! What it does not do: decide access (that is [`psm_control_api::policy::decide`]) or push anything
 //! anywhere (the daemon does).
 
 use std::fs;

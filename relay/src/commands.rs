@@ -124,7 +124,7 @@ impl Gate {
     }
 
     /// Waits until the echo of what was forwarded has arrived: the output has been quiet for a
-    /// moment, or at most [`SETTLE_MAX`].
+    /// moment, or at most 600 ms.
     pub async fn settle(&self) {
         let Some(s) = &self.screen else { return };
         let start = tokio::time::Instant::now();

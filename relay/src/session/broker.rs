@@ -1,0 +1,640 @@
+//! Deciding and brokering: the access decision for each new channel, the target leg, the
+//! channel requests forwarded and answered, the start of relaying, denials and notices.
+
+use super::*;
+
+impl Conn {
+    pub(super) fn source(&self) -> String {
+        self.shared.peer.to_string()
+    }
+
+    pub(super) fn auth_failed(&self, login: &str, method: &str, reason: &str) {
+        self.ctx
+            .throttle
+            .failed(self.shared.peer.ip(), Login::user_part(login), now_ms());
+        self.auth_refused(login, method, reason);
+    }
+
+    /// Audits a refused login without counting it toward the rate limit (a key an agent
+    /// offers that is not registered, a denied approval).
+    pub(super) fn auth_refused(&self, login: &str, method: &str, reason: &str) {
+        let login = logged_login(login);
+        Counters::bump(&self.ctx.counters.auth_failures);
+        info!(peer = %self.shared.peer, login = %Escaped(&login), method, reason, "authentication failed");
+        self.ctx.audit.emit(AuditKind::AuthFailure {
+            login,
+            method: method.to_string(),
+            source: self.source(),
+            reason: reason.to_string(),
+        });
+    }
+
+    pub(super) fn auth_ok(&mut self, login: &str, user: &str, method: &str) -> Auth {
+        let permit = match self.ctx.user_slots.admit(user) {
+            Ok(p) => p,
+            Err(refusal) => {
+                self.auth_failed(login, method, &format!("connection refused: {refusal}"));
+                return reject();
+            }
+        };
+        self.user_permit = Some(permit);
+        info!(peer = %self.shared.peer, login = %Escaped(login), user = %Escaped(user), method, "authenticated");
+        self.login = login.to_string();
+        self.user = Some(user.to_string());
+        self.shared.authenticated.store(true, Ordering::Release);
+        // Authenticated: no longer counted against max_startups.
+        self.permit = None;
+        self.ctx.audit.emit(AuditKind::AuthSuccess {
+            login: logged_login(login),
+            user: user.to_string(),
+            method: method.to_string(),
+            source: self.source(),
+        });
+        Auth::Accept
+    }
+
+    /// Counts a request on a channel that has not started; too many is a protocol violation.
+    pub(super) fn prestart_request(&mut self, channel: ChannelId) {
+        if let Some(Chan::Pending { requests, .. }) = self.channels.get_mut(&channel) {
+            *requests += 1;
+            if *requests == MAX_PRESTART_REQUESTS + 1 {
+                self.shared.violated(format!(
+                    "more than {MAX_PRESTART_REQUESTS} requests on channel {} before it started",
+                    u32::from(channel)
+                ));
+            }
+        }
+    }
+
+    pub(super) fn deny(&self, user: &str, reason: String, client_message: String) -> String {
+        info!(peer = %self.shared.peer, login = %Escaped(&self.login), reason = %Escaped(&reason), "session denied");
+        self.ctx.audit.emit(AuditKind::SessionDenied {
+            login: logged_login(&self.login),
+            user: user.to_string(),
+            source: self.source(),
+            reason,
+            client_message: client_message.clone(),
+        });
+        client_message
+    }
+
+    /// Decides and, when allowed, brokers a new session channel on the target. Each user channel
+    /// gets its own target connection, so a slow channel never holds up another one's target
+    /// leg (a russh connection stops reading for all its channels when one is full).
+    pub(super) async fn broker(
+        &mut self,
+        user: &str,
+        open: &Open,
+    ) -> Result<(Channel<russh::client::Msg>, Arc<TargetHandle>, LossWatch), String> {
+        let login = match Login::parse(&self.login) {
+            Ok(l) => l,
+            Err(_) if !self.login.contains('@') => {
+                // a login without a target whose menu had nothing to offer
+                return Err(self.deny(
+                    user,
+                    "no target named and no account available now".into(),
+                    "psm: no account is available to you now; name one with ssh <user>@<account>@<target>@<gateway>".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(self.deny(
+                    user,
+                    e.to_string(),
+                    format!(
+                        "psm: malformed login '{}': use ssh <user>@<account>@<target>@<gateway>",
+                        self.login
+                    ),
+                ))
+            }
+        };
+        let snap = self.ctx.policy.get();
+        let attempt = Attempt {
+            user,
+            account: &login.account,
+            target: &login.target,
+            source: self.shared.peer.ip(),
+            now_ms: now_ms(),
+        };
+        let permit = match decide(&snap, &attempt) {
+            Ok(p) => p,
+            Err(d) => {
+                return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message())))
+            }
+        };
+        let (target, account) = (permit.target, permit.account);
+        self.conditions = permit.conditions().clone();
+        if let Open::DirectTcpip { host, port, .. } = open {
+            if !self.conditions.forward_allowed(host, *port) {
+                let to = crate::escape_short(&format!("{host}:{port}"));
+                self.notice("port forwarding", &to, format!(" to {to}"));
+                return Err(self.deny(
+                    user,
+                    format!(
+                        "local forward to {to} not allowed by the grant for {}@{}",
+                        account.username, target.name
+                    ),
+                    format!("psm: port forwarding to {to} is not permitted by policy"),
+                ));
+            }
+        }
+        // The recording is confirmed open before the relay logs in to the target: a user who
+        // cannot be recorded is told so up front, and the target never sees the login.
+        let mut opened = None;
+        if !self.started {
+            let meta = RecordingMeta {
+                recording_id: self.shared.session_id.clone(),
+                session_id: self.shared.session_id.clone(),
+                user: user.to_string(),
+                target: target.name.clone(),
+                account: account.username.clone(),
+                source: self.source(),
+                start_ms: self.shared.start_ms,
+            };
+            match self.ctx.recorder.open(meta).await {
+                Ok(rec) => opened = Some(rec),
+                Err(e) if snap.recording_required => {
+                    return Err(self.deny(
+                        user,
+                        format!("session recording unavailable: {e}"),
+                        RECORDING_UNAVAILABLE.into(),
+                    ));
+                }
+                Err(e) => debug!(error = %e, "recording not required; the session runs unrecorded"),
+            }
+        }
+        let (handle, loss) = match upstream::connect(
+            target,
+            account,
+            self.ctx.limits.target_keepalive,
+            self.shared.notices.clone(),
+        )
+        .await
+        {
+            Ok((h, loss)) => (Arc::new(h), loss),
+            Err(e) => {
+                if let Some(rec) = opened {
+                    rec.discard().await;
+                }
+                return Err(self.deny(user, e.to_string(), e.client_message()));
+            }
+        };
+        if !self.started {
+            let recording_id = self.shared.session_id.clone();
+            if let Some(rec) = &opened {
+                let mut status = rec.status();
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    // Ends with the stream (sender dropped) or when psm-recorder loses it.
+                    if status.wait_for(|s| s.is_lost()).await.is_ok() {
+                        shared.recording_lost.notify_one();
+                    }
+                });
+            }
+            self.shared.with(|s| {
+                s.info = Some(SessionInfo {
+                    user: user.to_string(),
+                    target: target.name.clone(),
+                    account: account.username.clone(),
+                    recording_id: recording_id.clone(),
+                    justification: self.reason.clone(),
+                });
+                s.recording = opened;
+                s.governor = Some(Governor {
+                    user: user.to_string(),
+                    account: account.username.clone(),
+                    target: target.name.clone(),
+                    source: self.shared.peer.ip(),
+                    start_ms: self.shared.start_ms,
+                });
+            });
+            self.shared.governed.notify_one();
+            info!(session = %self.shared.session_id, %user, target = %target.name, account = %account.username, "session started");
+            Counters::bump(&self.ctx.counters.sessions_started);
+            let live = LiveSession {
+                session_id: self.shared.session_id.clone(),
+                user: user.to_string(),
+                source: self.source(),
+                target: target.name.clone(),
+                target_address: target.address.clone(),
+                account: account.username.clone(),
+                recording_id,
+                start_ms: self.shared.start_ms,
+                justification: self.reason.clone(),
+                worker: Some(self.ctx.worker),
+            };
+            self.ctx.sessions.insert(
+                live.clone(),
+                self.shared.bytes.clone(),
+                self.shared.kill.clone(),
+            );
+            self.ctx.audit.emit(AuditKind::SessionStart {
+                session_id: live.session_id,
+                user: live.user,
+                source: live.source,
+                target: live.target,
+                target_address: live.target_address,
+                account: live.account,
+                recording_id: live.recording_id,
+                start_ms: live.start_ms,
+                justification: live.justification,
+                worker: live.worker,
+            });
+            self.started = true;
+        }
+        self.shared.with(|s| s.targets.push(handle.clone()));
+        let open = match open {
+            Open::Session => {
+                tokio::time::timeout(REQUEST_TIMEOUT, handle.channel_open_session()).await
+            }
+            Open::DirectTcpip {
+                host,
+                port,
+                orig_addr,
+                orig_port,
+            } => {
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    handle.channel_open_direct_tcpip(
+                        host.clone(),
+                        *port,
+                        orig_addr.clone(),
+                        *orig_port,
+                    ),
+                )
+                .await
+            }
+        };
+        match open.unwrap_or(Err(russh::Error::ConnectionTimeout)) {
+            Ok(ch) => Ok((ch, handle, loss)),
+            Err(e) => {
+                let err = upstream::UpstreamError::ChannelRefused {
+                    target: target.name.clone(),
+                    reason: e.to_string(),
+                };
+                Err(self.deny(user, err.to_string(), err.client_message()))
+            }
+        }
+    }
+
+    /// Sends a request upstream and waits for the target's answer, keeping anything else that
+    /// arrives meanwhile for the relay tasks.
+    pub(super) async fn forward_request(&mut self, channel: ChannelId, req: Req) -> Option<bool> {
+        let Some(Chan::Pending { up, early, .. }) = self.channels.get_mut(&channel) else {
+            return None;
+        };
+        if req.send(up).await.is_err() {
+            return Some(false);
+        }
+        let wait = async {
+            loop {
+                match up.wait().await {
+                    Some(ChannelMsg::Success) => return true,
+                    Some(ChannelMsg::Failure) | None => return false,
+                    Some(ChannelMsg::WindowAdjusted { .. }) => {}
+                    // a target that floods before answering gets no answer from psm either
+                    Some(_) if early.len() >= MAX_EARLY_MESSAGES => return false,
+                    Some(other) => early.push(other),
+                }
+            }
+        };
+        Some(
+            tokio::time::timeout(REQUEST_TIMEOUT, wait)
+                .await
+                .unwrap_or(false),
+        )
+    }
+
+    /// Starts relaying a channel whose shell/exec/subsystem the target accepted.
+    pub(super) async fn start(
+        &mut self,
+        channel: ChannelId,
+        handle: russh::server::Handle,
+        shell: bool,
+        forward: Option<String>,
+    ) {
+        let Some(Chan::Pending {
+            up,
+            down_w,
+            reader,
+            early,
+            target,
+            loss,
+            pty,
+            ..
+        }) = self.channels.remove(&channel)
+        else {
+            return;
+        };
+        let Some((down_r, before)) = reader.finish().await else {
+            disconnect_target(&target).await;
+            return;
+        };
+        let (up_r, up_w) = up.split();
+        let up_w = Arc::new(up_w);
+        let flow = Flow::new();
+        let rec = self.shared.recording();
+        let ch: u32 = channel.into();
+        let (up_tx, up_rx) = mpsc::unbounded_channel();
+        let (down_tx, down_rx) = mpsc::unbounded_channel();
+        // every shell gets command control: its lines are audited, and decided by the rules
+        let gate = shell.then(|| Arc::new(crate::commands::Gate::new(pty)));
+        for m in early {
+            if let Some(item) = down_item(m) {
+                if let (Some(g), crate::pipe::Item::Data(d)) = (&gate, &item) {
+                    g.output(d);
+                }
+                record_down(rec.as_ref(), ch, &item).await;
+                account_down(&self.shared, &flow, &item);
+                let _ = down_tx.send(item);
+            }
+        }
+        // what the user sent before the start goes first, recorded and counted like the rest
+        for e in before {
+            let item = match e {
+                Early::Data(data) => {
+                    self.shared.bytes.input(data.len());
+                    if let Some(rec) = &rec {
+                        rec.data(ch, psm_recorder_format::Direction::Input, data.clone())
+                            .await;
+                    }
+                    flow.up_queued(data.len());
+                    crate::pipe::Item::Data(data)
+                }
+                Early::Eof => crate::pipe::Item::Eof,
+                Early::Closed => crate::pipe::Item::Close,
+            };
+            let _ = up_tx.send(item);
+        }
+        self.flows.insert(channel, flow.clone());
+        tokio::spawn(read_client(
+            down_r,
+            up_tx,
+            flow.clone(),
+            self.shared.clone(),
+            rec.clone(),
+            ch,
+            gate.clone().map(|g| (g, down_tx.clone())),
+        ));
+        tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
+        tokio::spawn(read_target(
+            up_r,
+            down_tx,
+            flow.clone(),
+            self.shared.clone(),
+            rec,
+            ch,
+            loss,
+            gate.clone(),
+        ));
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let flow = flow.clone();
+            let sid = self.shared.session_id.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if Arc::strong_count(&flow) <= 1 {
+                        return;
+                    }
+                    debug!(session = %sid, state = %flow.describe(), "flow");
+                }
+            });
+        }
+        let shared = self.shared.clone();
+        let opened_ms = now_ms();
+        tokio::spawn(async move {
+            write_client(down_rx, down_w, handle, flow.clone()).await;
+            if let Some(destination) = forward {
+                // one audit event per forward, with what it moved
+                let end_ms = now_ms().max(opened_ms);
+                let (user, target, account) = shared
+                    .with(|s| {
+                        s.info
+                            .as_ref()
+                            .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
+                    })
+                    .unwrap_or_default();
+                shared.audit.emit(AuditKind::Forward {
+                    session_id: shared.session_id.clone(),
+                    user,
+                    target,
+                    account,
+                    channel: ch,
+                    destination,
+                    bytes_up: flow.moved_up(),
+                    bytes_down: flow.moved_down(),
+                    duration_ms: end_ms - opened_ms,
+                });
+            }
+            // The channel is over: its dedicated target connection goes with it, and the
+            // handler forgets it (russh does not tell it when the target closed the channel).
+            disconnect_target(&target).await;
+            if let Ok(mut f) = shared.finished.lock() {
+                f.push(channel);
+            }
+            shared.with(|s| s.running.retain(|c| *c != channel));
+        });
+        self.shared.with(|s| s.running.push(channel));
+        self.channels.insert(channel, Chan::Running { up_w, gate });
+    }
+
+    /// Delivers a denial on a channel: the message on stderr, exit status 255, close.
+    pub(super) fn deliver_denial(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(Chan::Denied(msg)) = self.channels.get(&channel) else {
+            return Ok(());
+        };
+        let text = Bytes::from(format!("{msg}\r\n"));
+        session.channel_success(channel)?;
+        session.extended_data(channel, 1, text)?;
+        session.exit_status_request(channel, 255)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        self.channels.insert(channel, Chan::Done);
+        Ok(())
+    }
+
+    pub(super) async fn start_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+        req: Req,
+    ) -> Result<(), russh::Error> {
+        match self.channels.get(&channel) {
+            Some(Chan::Plain) => {
+                if let Req::Exec(cmd) = &req {
+                    let cmd = String::from_utf8_lossy(cmd).into_owned();
+                    if cmd.trim_start().starts_with("requests") {
+                        // psm's own commands for approvers, on a login without a target
+                        let (status, text) = self.approver_command(&cmd).await;
+                        self.channels.insert(channel, Chan::Done);
+                        session.channel_success(channel)?;
+                        session.data(channel, Bytes::from(text))?;
+                        session.exit_status_request(channel, status)?;
+                        session.eof(channel)?;
+                        session.close(channel)?;
+                        return Ok(());
+                    }
+                }
+                let user = self.user.clone().unwrap_or_default();
+                let msg = self.deny(
+                    &user,
+                    "no target named and no account available now".into(),
+                    "psm: no account is available to you now; name one with ssh <user>@<account>@<target>@<gateway>".into(),
+                );
+                self.channels.insert(channel, Chan::Denied(msg));
+                return self.deliver_denial(channel, session);
+            }
+            Some(Chan::Denied(_)) => return self.deliver_denial(channel, session),
+            Some(Chan::Pending { .. }) => {}
+            _ => return session.channel_failure(channel),
+        }
+        let (request, command) = req.describe();
+        let kind = req.kind();
+        let shell = matches!(req, Req::Shell);
+        let permitted = match kind {
+            Some(k) => self.conditions.allows(k),
+            None => false,
+        };
+        if permitted && matches!(req, Req::Exec(_)) {
+            // command control: the command line is decided before it is sent
+            let v = self.shared.decide_command(channel.into(), &command, "exec");
+            match v.action {
+                psm_control_api::CommandAction::Allow | psm_control_api::CommandAction::Alert => {}
+                psm_control_api::CommandAction::Deny => {
+                    self.refuse_started(
+                        channel,
+                        format!(
+                            "psm: command denied by policy: {}",
+                            crate::escape_short(&command)
+                        ),
+                    );
+                    return self.deliver_denial(channel, session);
+                }
+                psm_control_api::CommandAction::Terminate => {
+                    self.refuse_started(
+                        channel,
+                        format!(
+                            "psm: command denied by policy: {}",
+                            crate::escape_short(&command)
+                        ),
+                    );
+                    self.shared.stop(EndReason::Policy(
+                        psm_control_api::PolicyStop::CommandTerminated {
+                            line: command.clone(),
+                            rule: v.rule,
+                        },
+                    ));
+                    return self.deliver_denial(channel, session);
+                }
+            }
+        }
+        let accepted = if permitted {
+            self.forward_request(channel, req).await == Some(true)
+        } else {
+            let what = match kind {
+                Some(k) => format!("{k} sessions are"),
+                None => format!("the subsystem '{}' is", crate::escape_short(&command)),
+            };
+            // Delivered like a denial (the message on stderr, exit status 255): a refused
+            // request would make OpenSSH print only "exec request failed".
+            self.refuse_started(channel, format!("psm: {what} not permitted by policy"));
+            self.notice(
+                "channel kind",
+                &kind
+                    .map(|k| k.to_string())
+                    .unwrap_or_else(|| "subsystem".into()),
+                format!(" ({request} {})", crate::escape_short(&command)),
+            );
+            false
+        };
+        if let Some(info) = self.shared.with(|s| {
+            s.info
+                .as_ref()
+                .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
+        }) {
+            self.ctx.audit.emit(AuditKind::ChannelRequest {
+                session_id: self.shared.session_id.clone(),
+                user: info.0,
+                target: info.1,
+                account: info.2,
+                channel: channel.into(),
+                request: request.into(),
+                command,
+                accepted,
+            });
+        }
+        if accepted {
+            session.channel_success(channel)?;
+            self.start(channel, session.handle(), shell, None).await;
+        } else if !permitted {
+            return self.deliver_denial(channel, session);
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    /// Turns a brokered channel into a denied one (its target connection is closed); the
+    /// denial is delivered by [`Conn::deliver_denial`].
+    pub(super) fn refuse_started(&mut self, channel: ChannelId, message: String) {
+        if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
+            tokio::spawn(async move { disconnect_target(&target).await });
+        }
+        self.channels.insert(channel, Chan::Denied(message));
+    }
+
+    pub(super) fn refuse_notice(
+        &self,
+        channel: ChannelId,
+        session: &mut Session,
+        what: &'static str,
+    ) {
+        let _ = session.extended_data(
+            channel,
+            1,
+            Bytes::from(format!("psm: {what} is not permitted\r\n")),
+        );
+        self.notice(what, "", String::new());
+    }
+
+    /// An aggregated notice of kind `what refused` (see [`Notices`]).
+    pub(super) fn notice(&self, what: &'static str, detail: &str, extra: String) {
+        let kind: &'static str = match what {
+            "X11 forwarding" => "X11 forwarding refused",
+            "agent forwarding" => "agent forwarding refused",
+            "port forwarding" => "port forwarding refused",
+            "remote port forwarding" => "remote port forwarding refused",
+            "unix socket forwarding" => "unix socket forwarding refused",
+            "environment variable" => "environment variable refused",
+            "channel kind" => "channel refused by policy",
+            _ => "request refused",
+        };
+        self.shared.notices.note(kind, detail, || {
+            format!(
+                "{what}{extra} refused for {} from {} (session {})",
+                crate::escape_short(&self.login),
+                self.source(),
+                self.shared.session_id
+            )
+        });
+    }
+
+    /// Forgets channels whose relaying finished.
+    pub(super) fn reap(&mut self) {
+        let done: Vec<ChannelId> = self
+            .shared
+            .finished
+            .lock()
+            .map(|mut f| std::mem::take(&mut *f))
+            .unwrap_or_default();
+        for ch in done {
+            self.channels.remove(&ch);
+            self.flows.remove(&ch);
+            self.window.closed(ch.into());
+        }
+        self.channels.retain(|_, c| !matches!(c, Chan::Done));
+    }
+}
