@@ -991,3 +991,49 @@ fn local_forwards_follow_the_grant_and_are_audited() {
                 && jstr(e, "reason").contains(&format!("127.0.0.1:{other}"))
         });
 }
+
+#[test]
+fn stock_openssh_answers_the_verification_code_through_ssh_askpass() {
+    let w = World::new();
+    let secret = enroll(&w);
+    regrant(&w, &["--mfa"]);
+    // password first, then the code: both asked through SSH_ASKPASS, told apart by the prompt
+    let askpass = w.psm.work_dir().join("askpass-mfa.sh");
+    let prompts = w.psm.work_dir().join("prompts.txt");
+    let script = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"$1\" >> '{}'\ncase \"$1\" in\n  *'verification code'*) printf '%s\\n' '{}' ;;\n  *) printf '%s\\n' '{}' ;;\nesac\n",
+        prompts.display(),
+        code(&secret, 0),
+        ALICE_PASSWORD
+    );
+    std::fs::write(&askpass, script).expect("askpass");
+    let mut c = Command::new("ssh");
+    c.args(common_ssh_opts())
+        .args([
+            "-o",
+            "BatchMode=no",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            "-p",
+            &w.psm.port().to_string(),
+            &format!("{}@127.0.0.1", alice_login()),
+            "echo via-askpass",
+        ])
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", ":0")
+        .env_remove("SSH_AUTH_SOCK");
+    std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let out = run_ssh(&mut c);
+    assert!(out.success() && out.stdout_str().contains("via-askpass"), "{}", out.describe());
+    let asked = std::fs::read_to_string(&prompts).unwrap_or_default();
+    assert!(asked.contains("psm verification code: "), "prompts: {asked}");
+    w.psm.wait_audit("password+totp", Duration::from_secs(5), |e| {
+        jstr(e, "event") == "auth_success" && jstr(e, "method") == "password+totp"
+    });
+}
