@@ -422,6 +422,49 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_table_reaches_psm_control() {
+        let f = loaded(
+            "[policy]\nmfa = \"required\"\nlockout_failures = 3\nlockout_window = \"30m\"\n",
+        )
+        .expect("parse");
+        let s = resolve(Some(&f), &Overrides::default(), 2).expect("resolve");
+        for flag in [
+            "--mfa-required",
+            "--lockout-failures",
+            "3",
+            "--lockout-window",
+            "30m",
+        ] {
+            assert!(
+                s.control_args.iter().any(|a| a == flag),
+                "{flag}: {:?}",
+                s.control_args
+            );
+        }
+        let per_grant = loaded("[policy]\nmfa = \"per-grant\"\n").expect("parse");
+        let s = resolve(Some(&per_grant), &Overrides::default(), 2).expect("resolve");
+        assert!(!s.control_args.iter().any(|a| a == "--mfa-required"));
+        for (bad, needle) in [
+            (
+                "[policy]\nmfa = \"sometimes\"\n",
+                "expected \"required\" or \"per-grant\"",
+            ),
+            ("[policy]\nlockout_window = \"soon\"\n", "lockout_window"),
+            (
+                "[policy]\nlockout_failures = 0\n",
+                "lockout_failures must be between 1 and 1000",
+            ),
+            ("[policy]\nmfa_required = true\n", "unknown field"),
+        ] {
+            let e = match loaded(bad) {
+                Ok(f) => err_text(resolve(Some(&f), &Overrides::default(), 2)),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn file_values_are_used() {
         let f = loaded("[relay]\nlisten = \"127.0.0.1:2022\"\nworkers = 3\n").expect("parse");
         let s = resolve(Some(&f), &Overrides::default(), 8).expect("resolve");

@@ -1452,6 +1452,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn mfa_required_by_configuration_is_in_every_snapshot() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let d = Daemon::start_with(
+            &dir,
+            Options {
+                mfa_required: true,
+                ..Options::default()
+            },
+        )
+        .await;
+        let mut relay = FakeRelay::connect(&dir, "r1").await;
+        assert!(relay.snapshot().await.mfa_required, "first snapshot");
+        d.change(Request::GroupAdd {
+            name: "ops".into(),
+            targets: false,
+        })
+        .await;
+        assert!(relay.snapshot().await.mfa_required, "after a change");
+        d.stop().await;
+    }
+
+    #[tokio::test]
     async fn the_daemon_checks_and_hashes_passwords_and_names_the_actor() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("data");

@@ -46,6 +46,13 @@ pub struct Gate {
     output: Notify,
 }
 
+/// The terminal model's size: at least 2 columns and 2 rows (vt100 0.16 overflows on a
+/// 1-row terminal, which the fuzzer found), at most 1000 each way. Should it still fail on
+/// some output, [`Gate::output`] resets the model.
+fn model_size(cols: u32, rows: u32) -> (u16, u16) {
+    (cols.clamp(2, 1000) as u16, rows.clamp(2, 1000) as u16)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -55,7 +62,7 @@ impl Gate {
     pub fn new(pty: Option<(u32, u32)>) -> Gate {
         Gate {
             screen: pty.map(|(cols, rows)| {
-                let (cols, rows) = (cols.clamp(1, 1000) as u16, rows.clamp(1, 1000) as u16);
+                let (cols, rows) = model_size(cols, rows);
                 Mutex::new(Screen {
                     parser: vt100::Parser::new(rows, cols, 0),
                     prompt: None,
@@ -77,7 +84,20 @@ impl Gate {
     pub fn output(&self, data: &[u8]) {
         if let Some(s) = &self.screen {
             let mut s = lock(s);
-            s.parser.process(data);
+            let parser = &mut s.parser;
+            let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                parser.process(data);
+            }));
+            if processed.is_err() {
+                // the terminal model broke on what the target sent: start it afresh (the
+                // current line is then read without its prompt) rather than lose the session
+                let (rows, cols) = s.parser.screen().size();
+                s.parser = vt100::Parser::new(rows, cols, 0);
+                s.prompt = None;
+                tracing::warn!(
+                    "command control: the terminal model failed on target output and was reset"
+                );
+            }
             s.last_output = tokio::time::Instant::now();
         }
         self.output.notify_waiters();
@@ -86,10 +106,8 @@ impl Gate {
     /// The terminal was resized.
     pub fn resize(&self, cols: u32, rows: u32) {
         if let Some(s) = &self.screen {
-            lock(s)
-                .parser
-                .screen_mut()
-                .set_size(rows.clamp(1, 1000) as u16, cols.clamp(1, 1000) as u16);
+            let (cols, rows) = model_size(cols, rows);
+            lock(s).parser.screen_mut().set_size(rows, cols);
         }
     }
 

@@ -17,6 +17,7 @@ pub mod control_link;
 pub mod cut;
 pub mod end;
 pub mod flow;
+pub mod fuzz;
 pub mod host_key;
 pub mod mfa;
 pub mod notices;

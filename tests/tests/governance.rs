@@ -1027,13 +1027,61 @@ fn stock_openssh_answers_the_verification_code_through_ssh_askpass() {
         .env("SSH_ASKPASS_REQUIRE", "force")
         .env("DISPLAY", ":0")
         .env_remove("SSH_AUTH_SOCK");
-    std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let out = run_ssh(&mut c);
-    assert!(out.success() && out.stdout_str().contains("via-askpass"), "{}", out.describe());
+    assert!(
+        out.success() && out.stdout_str().contains("via-askpass"),
+        "{}",
+        out.describe()
+    );
     let asked = std::fs::read_to_string(&prompts).unwrap_or_default();
-    assert!(asked.contains("psm verification code: "), "prompts: {asked}");
-    w.psm.wait_audit("password+totp", Duration::from_secs(5), |e| {
-        jstr(e, "event") == "auth_success" && jstr(e, "method") == "password+totp"
-    });
+    assert!(
+        asked.contains("psm verification code: "),
+        "prompts: {asked}"
+    );
+    w.psm
+        .wait_audit("password+totp", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "auth_success" && jstr(e, "method") == "password+totp"
+        });
+}
+
+#[test]
+fn an_expiry_that_passes_ends_the_live_session_within_a_second() {
+    let w = World::new();
+    let expires = psm_control_api_now_secs() + 4;
+    let at = format!("@{expires}");
+    // RFC 3339 from the epoch seconds, as an operator would write it
+    let out = Command::new("date")
+        .args(["-u", "-d", &at, "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
+    let when = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    regrant(&w, &["--expires", &when]);
+    let child = background(&w, "sleep 30");
+    let id = live_session(&w);
+    let deadline = std::time::UNIX_EPOCH + Duration::from_secs(expires);
+    let (err, _) = ended(child, Instant::now());
+    let late = std::time::SystemTime::now()
+        .duration_since(deadline)
+        .unwrap_or_default();
+    assert!(
+        late < Duration::from_secs(1),
+        "ended {late:?} after the expiry"
+    );
+    assert!(
+        err.contains("psm: session ended: the grant expired"),
+        "{err}"
+    );
+    assert_eq!(jstr(&end_event(&w, &id), "reason_code"), "grant_expired");
+    // and no new session starts
+    let out = run_ssh(w.ssh().arg("true"));
+    assert!(
+        !out.success() && out.stderr_str().contains("has expired"),
+        "{}",
+        out.describe()
+    );
 }
