@@ -272,8 +272,13 @@ fn live_session(w: &World) -> String {
 }
 
 /// Waits for the background ssh to end; returns its stderr and how long it took.
-fn ended(mut child: Child, since: Instant) -> (String, Duration) {
-    let st = wait_child(&mut child, Duration::from_secs(15));
+fn ended(child: Child, since: Instant) -> (String, Duration) {
+    ended_within(child, since, Duration::from_secs(15))
+}
+
+/// Like [`ended`], waiting up to `timeout`.
+fn ended_within(mut child: Child, since: Instant, timeout: Duration) -> (String, Duration) {
+    let st = wait_child(&mut child, timeout);
     let took = since.elapsed();
     assert!(st.is_some(), "the session did not end");
     let mut err = String::new();
@@ -1084,4 +1089,36 @@ fn an_expiry_that_passes_ends_the_live_session_within_a_second() {
         "{}",
         out.describe()
     );
+}
+
+#[test]
+fn a_closing_time_window_ends_the_live_session_within_a_second() {
+    let w = World::new();
+    // a window that ends at the next minute boundary (at least 15 s away, time for the
+    // session to start inside it)
+    let mut now = psm_control_api_now_secs();
+    if 60 - now % 60 < 15 {
+        std::thread::sleep(Duration::from_secs(60 - now % 60 + 1));
+        now = psm_control_api_now_secs();
+    }
+    let minute = (now / 60) % (24 * 60);
+    let hm = |m: u64| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    let hours = format!("{}-{}", hm(minute), hm((minute + 1) % 1440));
+    regrant(&w, &["--days", "all", "--hours", &hours, "--tz", "UTC"]);
+    let child = background(&w, "sleep 90");
+    let id = live_session(&w);
+    let closes = std::time::UNIX_EPOCH + Duration::from_secs((now / 60 + 1) * 60);
+    let (err, _) = ended_within(child, Instant::now(), Duration::from_secs(75));
+    let at = std::time::SystemTime::now();
+    assert!(at >= closes, "ended before the window closed");
+    let late = at.duration_since(closes).unwrap_or_default();
+    assert!(
+        late < Duration::from_secs(1),
+        "ended {late:?} after the window closed"
+    );
+    assert!(
+        err.contains("psm: session ended: the permitted time window closed"),
+        "{err}"
+    );
+    assert_eq!(jstr(&end_event(&w, &id), "reason_code"), "window_closed");
 }
