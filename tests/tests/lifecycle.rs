@@ -77,6 +77,26 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
         .spawn()
         .expect("ssh");
     let sid = started_session(&w, mark);
+    // the command's first output has come back through psm: the session is fully up on both
+    // sides before the client vanishes
+    let mut out = child.stdout.take().expect("stdout");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut buf = [0u8; 64];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().expect("lock").extend_from_slice(&buf[..n]);
+        }
+    });
+    assert!(
+        wait_for(T, || String::from_utf8_lossy(&seen.lock().expect("lock"))
+            .contains("START")),
+        "no START from the target"
+    );
     let sleeping = || !pids_matching("sleep 300", Some("sleep")).is_empty();
     assert!(wait_for(T, sleeping), "the remote command did not start");
     child.kill().expect("kill ssh");
