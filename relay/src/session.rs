@@ -187,7 +187,19 @@ pub(crate) struct Shared {
     state: Mutex<SharedState>,
 }
 
+impl SessionInfo {
+    /// (user, target, account), for audit events.
+    fn who(&self) -> (String, String, String) {
+        (self.user.clone(), self.target.clone(), self.account.clone())
+    }
+}
+
 impl Shared {
+    /// (user, target, account) of the session, once it started.
+    pub(crate) fn who(&self) -> Option<(String, String, String)> {
+        self.with(|s| s.info.as_ref().map(SessionInfo::who))
+    }
+
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut SharedState) -> R) -> R {
         match self.state.lock() {
             Ok(mut g) => f(&mut g),
@@ -219,14 +231,8 @@ impl Shared {
         source: &str,
     ) -> psm_control_api::CommandVerdict {
         let snap = self.policy.get();
-        let (gov, info) = self.with(|s| {
-            (
-                s.governor.clone(),
-                s.info
-                    .as_ref()
-                    .map(|i| (i.user.clone(), i.target.clone(), i.account.clone())),
-            )
-        });
+        let (gov, info) =
+            self.with(|s| (s.governor.clone(), s.info.as_ref().map(SessionInfo::who)));
         let verdict = gov
             .and_then(|g| {
                 let permit = decide(
@@ -541,22 +547,9 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(user) = self.user.clone() else {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+        let Some((user, reply)) = self.admit_channel(reply).await else {
             return Ok(());
         };
-        self.reap();
-        if self.channels.len() >= MAX_CHANNELS {
-            reply
-                .reject(ChannelOpenFailure::Other {
-                    code: 4, // SSH_OPEN_RESOURCE_SHORTAGE
-                    reason: format!("psm: at most {MAX_CHANNELS} sessions per connection"),
-                })
-                .await;
-            return Ok(());
-        }
         let id = channel.id();
         if !self.login.contains('@') {
             // a login without a target (nothing to choose from the menu, or an approver): its
@@ -567,26 +560,7 @@ impl russh::server::Handler for Conn {
             return Ok(());
         }
         let state = match self.broker(&user, &Open::Session).await {
-            Ok((up, target, loss)) => {
-                let (down_r, down_w) = channel.split();
-                let shared = self.shared.clone();
-                let reader = PreStart::spawn(down_r, move |n| {
-                    shared.violated(format!(
-                        "sent {n} bytes on channel {} before it started",
-                        u32::from(id)
-                    ))
-                });
-                Chan::Pending {
-                    up,
-                    down_w,
-                    reader,
-                    early: Vec::new(),
-                    target,
-                    loss,
-                    requests: 0,
-                    pty: None,
-                }
-            }
+            Ok((up, target, loss)) => self.pending_channel(channel, up, target, loss),
             Err(msg) => Chan::Denied(msg),
         };
         self.channels.insert(id, state);
@@ -605,22 +579,9 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(user) = self.user.clone() else {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+        let Some((user, reply)) = self.admit_channel(reply).await else {
             return Ok(());
         };
-        self.reap();
-        if self.channels.len() >= MAX_CHANNELS {
-            reply
-                .reject(ChannelOpenFailure::Other {
-                    code: 4, // SSH_OPEN_RESOURCE_SHORTAGE
-                    reason: format!("psm: at most {MAX_CHANNELS} channels per connection"),
-                })
-                .await;
-            return Ok(());
-        }
         // a local forward is a channel of its own, brokered under the grant like a session,
         // allowed only where the grant says forward-local (and lists the destination)
         let open = Open::DirectTcpip {
@@ -633,34 +594,11 @@ impl russh::server::Handler for Conn {
         match self.broker(&user, &open).await {
             Ok((up, target, loss)) => {
                 let id = channel.id();
-                let (down_r, down_w) = channel.split();
-                let shared = self.shared.clone();
-                let reader = PreStart::spawn(down_r, move |n| {
-                    shared.violated(format!(
-                        "sent {n} bytes on channel {} before it started",
-                        u32::from(id)
-                    ))
-                });
-                self.channels.insert(
-                    id,
-                    Chan::Pending {
-                        up,
-                        down_w,
-                        reader,
-                        early: Vec::new(),
-                        target,
-                        loss,
-                        requests: 0,
-                        pty: None,
-                    },
-                );
+                let state = self.pending_channel(channel, up, target, loss);
+                self.channels.insert(id, state);
                 self.window.opened(id.into(), WINDOW);
                 reply.accept().await;
-                if let Some(info) = self.shared.with(|s| {
-                    s.info
-                        .as_ref()
-                        .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
-                }) {
+                if let Some(info) = self.shared.who() {
                     self.ctx.audit.emit(AuditKind::ChannelRequest {
                         session_id: self.shared.session_id.clone(),
                         user: info.0,

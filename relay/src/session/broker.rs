@@ -4,6 +4,61 @@
 use super::*;
 
 impl Conn {
+    /// Admits a new user channel: an authenticated user, and room under [`MAX_CHANNELS`];
+    /// otherwise the open is refused here and None returned.
+    pub(super) async fn admit_channel(
+        &mut self,
+        reply: ChannelOpenHandle,
+    ) -> Option<(String, ChannelOpenHandle)> {
+        let Some(user) = self.user.clone() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return None;
+        };
+        self.reap();
+        if self.channels.len() >= MAX_CHANNELS {
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: 4, // SSH_OPEN_RESOURCE_SHORTAGE
+                    reason: format!("psm: at most {MAX_CHANNELS} channels per connection"),
+                })
+                .await;
+            return None;
+        }
+        Some((user, reply))
+    }
+
+    /// A brokered channel waiting for the request that starts it (a local forward starts at
+    /// once); the user's side is read from now on.
+    pub(super) fn pending_channel(
+        &self,
+        channel: Channel<Msg>,
+        up: Channel<russh::client::Msg>,
+        target: Arc<TargetHandle>,
+        loss: LossWatch,
+    ) -> Chan {
+        let id = channel.id();
+        let (down_r, down_w) = channel.split();
+        let shared = self.shared.clone();
+        let reader = PreStart::spawn(down_r, move |n| {
+            shared.violated(format!(
+                "sent {n} bytes on channel {} before it started",
+                u32::from(id)
+            ))
+        });
+        Chan::Pending {
+            up,
+            down_w,
+            reader,
+            early: Vec::new(),
+            target,
+            loss,
+            requests: 0,
+            pty: None,
+        }
+    }
+
     pub(super) fn source(&self) -> String {
         self.shared.peer.to_string()
     }
@@ -406,13 +461,7 @@ impl Conn {
             if let Some(destination) = forward {
                 // one audit event per forward, with what it moved
                 let end_ms = now_ms().max(opened_ms);
-                let (user, target, account) = shared
-                    .with(|s| {
-                        s.info
-                            .as_ref()
-                            .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
-                    })
-                    .unwrap_or_default();
+                let (user, target, account) = shared.who().unwrap_or_default();
                 shared.audit.emit(AuditKind::Forward {
                     session_id: shared.session_id.clone(),
                     user,
@@ -550,11 +599,7 @@ impl Conn {
             );
             false
         };
-        if let Some(info) = self.shared.with(|s| {
-            s.info
-                .as_ref()
-                .map(|i| (i.user.clone(), i.target.clone(), i.account.clone()))
-        }) {
+        if let Some(info) = self.shared.who() {
             self.ctx.audit.emit(AuditKind::ChannelRequest {
                 session_id: self.shared.session_id.clone(),
                 user: info.0,
