@@ -33,6 +33,8 @@ pub struct AuditLog {
     file: File,
     path: PathBuf,
     next_seq: u64,
+    /// Where every appended event goes next: the SIEM sinks' queues (`crate::siem`).
+    pub tap: Option<crate::siem::Tap>,
 }
 
 impl AuditLog {
@@ -66,6 +68,7 @@ impl AuditLog {
             file,
             path: path.to_path_buf(),
             next_seq: last_seq + 1,
+            tap: None,
         })
     }
 
@@ -98,6 +101,9 @@ impl AuditLog {
                 source,
             })?;
         self.next_seq += 1;
+        if let Some(tap) = &self.tap {
+            tap.offer(&event);
+        }
         Ok(event)
     }
 

@@ -79,6 +79,8 @@ pub struct Options {
     pub lockout: Lockout,
     /// Whether every session needs a second factor (`[policy] mfa = "required"`).
     pub mfa_required: bool,
+    /// Where the audit stream is exported (`[[siem.sink]]`).
+    pub siem: Vec<crate::siem::config::SinkConfig>,
 }
 
 impl Default for Options {
@@ -87,6 +89,7 @@ impl Default for Options {
             min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
             lockout: Lockout::default(),
             mfa_required: false,
+            siem: Vec::new(),
         }
     }
 }
@@ -132,6 +135,9 @@ pub enum ControlError {
     /// The audit log is unusable.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// A SIEM sink's queue or TLS files are unusable.
+    #[error("{0}")]
+    Siem(String),
     /// A socket could not be set up.
     #[error("cannot listen on {}: {source}", .path.display())]
     Socket {
@@ -222,6 +228,7 @@ struct Shared {
     owner_uid: u32,
     next_conn: AtomicU64,
     options: Options,
+    siem: crate::siem::Siem,
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -342,6 +349,7 @@ impl Shared {
                         .count(),
                     recordings,
                     recordings_error,
+                    siem: self.siem.status(),
                 })
             }
             Request::UserAdd {
@@ -1005,7 +1013,9 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     first.mfa_required = options.mfa_required;
     let first = SnapshotLine::encode(first);
     let version = first.version;
-    let audit = AuditLog::open(&paths.audit_log())?;
+    let mut audit = AuditLog::open(&paths.audit_log())?;
+    let siem = crate::siem::Siem::start(&data_dir, &options.siem).map_err(ControlError::Siem)?;
+    audit.tap = siem.tap();
     let next_seq = audit.next_seq();
     let (snapshot, _) = watch::channel(Arc::new(first));
     let shared = Arc::new(Shared {
@@ -1021,6 +1031,13 @@ pub async fn run_until_with<F: Future<Output = ()>>(
         owner_uid,
         next_conn: AtomicU64::new(1),
         options,
+        siem,
+    });
+    let weak = Arc::downgrade(&shared);
+    shared.siem.forward_notices(move |kind| {
+        if let Some(Err(e)) = weak.upgrade().map(|s| lock(&s.audit).append_control(kind)) {
+            error!(error = %e, "cannot write a SIEM notice");
+        }
     });
     let control_path = paths.control_socket();
     let policy_path = paths.policy_socket();
@@ -1075,6 +1092,7 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     drop(control);
     drop(policy);
     tasks.shutdown().await;
+    shared.siem.stop().await;
     for p in [&control_path, &policy_path] {
         if let Err(e) = fs::remove_file(p) {
             if e.kind() != io::ErrorKind::NotFound {
@@ -1484,6 +1502,7 @@ mod tests {
                 lockout: Default::default(),
                 mfa_required: false,
                 min_password_length: 20,
+                siem: Vec::new(),
             },
         )
         .await;

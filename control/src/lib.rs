@@ -7,7 +7,7 @@
 //! - serves relays on `policy.sock`: a full [`psm_control_api::PolicySnapshot`] on connect and
 //!   again after every change, and takes their audit events ([`daemon`]);
 //! - appends every audit event, its own administrative changes included, to `audit.jsonl`
-//!   ([`audit`]);
+//!   ([`audit`]), and exports the stream to SIEM receivers over syslog ([`siem`]);
 //! - serves `psmctl` on `control.sock` with a JSON-lines protocol ([`protocol`], [`client`]);
 //! - implements the `psmctl` commands ([`cli`]), host-key scanning ([`scan`]) and the
 //!   recording commands on top of `psm-recorder-format` ([`recordings`]).
@@ -26,6 +26,7 @@ pub mod datadir;
 pub mod protocol;
 pub mod recordings;
 pub mod scan;
+pub mod siem;
 pub mod store;
 pub mod validate;
 pub mod vault;

@@ -523,6 +523,40 @@ pub struct StatusInfo {
     /// Errors reading it, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recordings_error: Option<String>,
+    /// The SIEM sinks (`[[siem.sink]]` in psm.toml), in configuration order.
+    #[serde(default)]
+    pub siem: Vec<SinkStatus>,
+}
+
+/// One SIEM sink in `psmctl status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct SinkStatus {
+    /// Its name.
+    pub name: String,
+    /// `udp`, `tcp` or `tls`.
+    pub transport: String,
+    /// The receiver, `host:port`.
+    pub address: String,
+    /// `json`, `cef` or `ocsf`.
+    pub format: String,
+    /// Whether it holds a connection now (UDP: whether the last send went out).
+    pub connected: bool,
+    /// Events waiting in its disk queue.
+    pub queued: u64,
+    /// Their bytes.
+    pub queued_bytes: u64,
+    /// Events delivered since the sink was first configured.
+    pub delivered: u64,
+    /// `seq` of the last event delivered.
+    pub delivered_seq: u64,
+    /// Events dropped because its queue was full (or unwritable).
+    pub dropped: u64,
+    /// Whether it is dropping now (its queue is at its bound).
+    pub dropping: bool,
+    /// Why it last failed to connect or send, while it is not delivering.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

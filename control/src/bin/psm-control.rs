@@ -36,6 +36,9 @@ struct Args {
     /// Require a second factor for every session, whatever the grant says.
     #[arg(long)]
     mfa_required: bool,
+    /// psm.toml: psm-control reads its `[[siem.sink]]` tables (the audit stream's receivers).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn parse_min_password_length(s: &str) -> Result<usize, String> {
@@ -69,6 +72,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let siem = match &args.config {
+        Some(path) => psm_control::siem::config::load(path).map_err(|e| anyhow::anyhow!(e))?,
+        None => Vec::new(),
+    };
     let options = Options {
         min_password_length: args.min_password_length,
         lockout: psm_control::daemon::Lockout {
@@ -76,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             window_ms: args.lockout_window,
         },
         mfa_required: args.mfa_required,
+        siem,
     };
     rt.block_on(psm_control::daemon::run(args.data_dir, options))
         .map_err(|e| anyhow::anyhow!("{e}"))
