@@ -418,7 +418,8 @@ async fn target_loss(loss: &mut LossWatch) -> EndReason {
 }
 
 /// Target -> relay: drains the target channel into the down queue, recording output. When the
-/// target connection vanishes without closing the channel, the user is told why in one line.
+/// target connection vanishes without closing a session channel, the user is told why in one
+/// line (a forwarded channel, which carries only bytes, is just closed).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_target(
     mut r: russh::ChannelReadHalf,
@@ -429,6 +430,7 @@ pub(crate) async fn read_target(
     ch: u32,
     mut loss: LossWatch,
     gate: Option<Arc<Gate>>,
+    session: bool,
 ) {
     let mut exited = false;
     loop {
@@ -438,13 +440,15 @@ pub(crate) async fn read_target(
             _ = tx.closed() => return,
         }
         let Some(msg) = r.wait().await else {
-            let why = target_loss(&mut loss).await;
             let mut last = Vec::with_capacity(2);
-            if let Some(line) = why.user_line() {
-                last.push(Item::Ext(1, Bytes::from(format!("{line}\r\n"))));
+            if session {
+                let why = target_loss(&mut loss).await;
+                if let Some(line) = why.user_line() {
+                    last.push(Item::Ext(1, Bytes::from(format!("{line}\r\n"))));
+                }
+                shared.ended(why);
             }
             last.push(Item::Close);
-            shared.ended(why);
             for item in last {
                 flow.down_queued(item.cost());
                 let _ = tx.send(item);
@@ -493,12 +497,15 @@ pub(crate) async fn write_client(
     flow: Arc<Flow>,
 ) {
     let mut eof_held = false;
+    // after the EOF the channel carries no more data (OpenSSH disconnects on it)
+    let mut eof_sent = false;
     loop {
         let next = if eof_held {
             match tokio::time::timeout(EOF_HOLD, rx.recv()).await {
                 Ok(next) => next,
                 Err(_) => {
                     eof_held = false;
+                    eof_sent = true;
                     if w.eof().await.is_err() {
                         return;
                     }
@@ -519,11 +526,14 @@ pub(crate) async fn write_client(
         if eof_held && !exit {
             // anything but the exit status releases the EOF first, in the target's order
             eof_held = false;
+            eof_sent = true;
             if w.eof().await.is_err() {
                 return;
             }
         }
         let r = match item {
+            // nothing after the EOF but the exit status and the close: the rest is dropped
+            Item::Data(_) | Item::Ext(..) | Item::Eof if eof_sent || eof_held => Ok(()),
             Item::Data(d) => w.data_bytes(d).await,
             Item::Ext(ext, d) => w.extended_data_bytes(ext, d).await,
             Item::Eof => {
@@ -550,6 +560,7 @@ pub(crate) async fn write_client(
         }
         if exit && eof_held {
             eof_held = false;
+            eof_sent = true;
             if w.eof().await.is_err() {
                 return;
             }

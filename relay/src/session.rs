@@ -48,6 +48,8 @@ use crate::Limits;
 mod broker;
 mod lifecycle;
 mod login;
+mod relay;
+mod reverse;
 
 pub use lifecycle::handle_connection;
 
@@ -156,6 +158,14 @@ pub(crate) struct SharedState {
     running: Vec<ChannelId>,
 }
 
+/// The user leg's receive windows: russh's bookkeeping replayed (to catch data beyond them) and
+/// the flow of each relayed channel (the window it may have). Shared, because channels psm
+/// opens toward the user (remote forwards, the forwarded agent) start outside the handler.
+pub(crate) struct Windows {
+    mirror: WindowMirror,
+    flows: HashMap<ChannelId, Arc<Flow>>,
+}
+
 /// State of one connection that outlives the russh handler (for the end-of-session record).
 pub(crate) struct Shared {
     session_id: String,
@@ -184,6 +194,10 @@ pub(crate) struct Shared {
     audit: AuditSink,
     /// Notified when the session starts (its governor is set).
     governed: Notify,
+    /// The user leg's windows and flows.
+    windows: Mutex<Windows>,
+    /// Channels psm opened toward the user that are relaying now.
+    reverse_open: AtomicUsize,
     state: Mutex<SharedState>,
 }
 
@@ -209,6 +223,40 @@ impl Shared {
     fn recording(&self) -> Option<RecordingStream> {
         self.with(|s| s.recording.clone())
     }
+    fn windows<R>(&self, f: impl FnOnce(&mut Windows) -> R) -> R {
+        match self.windows.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// The grant that covers the running session now, decided again under the policy in force
+    /// (None: the session has not started, or nothing covers it any more).
+    fn permit_now<R>(
+        &self,
+        f: impl FnOnce(&PolicySnapshot, &psm_control_api::Permit<'_>, &str) -> R,
+    ) -> Option<R> {
+        let snap = self.policy.get();
+        let gov = self.with(|s| s.governor.clone())?;
+        let permit = decide(
+            &snap,
+            &Attempt {
+                user: &gov.user,
+                account: &gov.account,
+                target: &gov.target,
+                source: gov.source,
+                now_ms: now_ms(),
+            },
+        )
+        .ok()?;
+        Some(f(&snap, &permit, &gov.user))
+    }
+
+    /// Whether the grant that covers the session now allows channels of `kind`.
+    pub(crate) fn allows_now(&self, kind: ChannelKind) -> bool {
+        self.permit_now(|_, p, _| p.conditions().allows(kind))
+            .unwrap_or(false)
+    }
     /// Records why the session ended; the first reason given wins.
     pub(crate) fn ended(&self, why: EndReason) {
         self.with(|s| {
@@ -230,28 +278,16 @@ impl Shared {
         line: &str,
         source: &str,
     ) -> psm_control_api::CommandVerdict {
-        let snap = self.policy.get();
-        let (gov, info) =
-            self.with(|s| (s.governor.clone(), s.info.as_ref().map(SessionInfo::who)));
-        let verdict = gov
-            .and_then(|g| {
-                let permit = decide(
-                    &snap,
-                    &Attempt {
-                        user: &g.user,
-                        account: &g.account,
-                        target: &g.target,
-                        source: g.source,
-                        now_ms: now_ms(),
-                    },
-                )
-                .ok()?;
-                let user = snap.user(&g.user)?;
+        let info = self.with(|s| s.info.as_ref().map(SessionInfo::who));
+        let verdict = self
+            .permit_now(|snap, permit, user| {
+                let user = snap.user(user)?;
                 Some(
-                    psm_control_api::CommandPolicy::for_session(&snap, permit.grant, user)
+                    psm_control_api::CommandPolicy::for_session(snap, permit.grant, user)
                         .check(line),
                 )
             })
+            .flatten()
             // no grant covers the session any more: nothing runs (the governor ends it)
             .unwrap_or(psm_control_api::CommandVerdict {
                 action: psm_control_api::CommandAction::Deny,
@@ -324,6 +360,8 @@ enum Chan {
         requests: u32,
         /// The terminal the target granted (cols, rows), if any.
         pty: Option<(u32, u32)>,
+        /// What the channel's target connection may open toward the user (the agent).
+        route: Arc<upstream::Route>,
     },
     /// Relaying.
     Running {
@@ -346,8 +384,6 @@ pub struct Conn {
     permit: Option<Permit>,
     /// Its place among the user's connections, once authenticated.
     user_permit: Option<UserPermit>,
-    /// russh's receive windows on this connection, replayed to catch data beyond them.
-    window: WindowMirror,
     /// First factor passed, second factor asked: (login, user, first method).
     pending: Option<login::Pending>,
     /// The reason the user gave (when the grant asks for one).
@@ -360,10 +396,11 @@ pub struct Conn {
     )>,
     /// Verification codes refused on this connection.
     mfa_tries: u32,
+    /// Remote forwards in place: (address, port as the user knows it) → their target connection.
+    remote_forwards: HashMap<(String, u32), Arc<TargetHandle>>,
     /// The conditions of the grant the latest channel was brokered under.
     conditions: psm_control_api::Conditions,
     channels: HashMap<ChannelId, Chan>,
-    flows: HashMap<ChannelId, Arc<Flow>>,
 }
 
 fn methods() -> MethodSet {
@@ -400,13 +437,15 @@ impl russh::server::Handler for Conn {
 
     fn adjust_window(&mut self, channel: ChannelId, _current: u32) -> u32 {
         // The user's window follows what psm can still hold for this channel (see `flow`).
-        let w = self
-            .flows
-            .get(&channel)
-            .map(|f| f.user_window())
-            .unwrap_or(WINDOW);
-        self.window.hook(w);
-        w
+        self.shared.windows(|w| {
+            let next = w
+                .flows
+                .get(&channel)
+                .map(|f| f.user_window())
+                .unwrap_or(WINDOW);
+            w.mirror.hook(next);
+            next
+        })
     }
 
     async fn data(
@@ -415,7 +454,10 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Err(v) = self.window.data(channel.into(), data.len()) {
+        if let Err(v) = self
+            .shared
+            .windows(|w| w.mirror.data(channel.into(), data.len()))
+        {
             self.shared.violated(format!(
                 "sent {} bytes on channel {} where its SSH window allowed {}",
                 v.sent, v.channel, v.allowed
@@ -439,8 +481,10 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.flows.remove(&channel);
-        self.window.closed(channel.into());
+        self.shared.windows(|w| {
+            w.flows.remove(&channel);
+            w.mirror.closed(channel.into());
+        });
         if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
             // Opened but never started: its target connection has nothing left to do.
             tokio::spawn(async move { disconnect_target(&target).await });
@@ -545,7 +589,7 @@ impl russh::server::Handler for Conn {
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some((user, reply)) = self.admit_channel(reply).await else {
             return Ok(());
@@ -555,16 +599,16 @@ impl russh::server::Handler for Conn {
             // a login without a target (nothing to choose from the menu, or an approver): its
             // first request says whether it is psm's own `requests` command or a refusal
             self.channels.insert(id, Chan::Plain);
-            self.window.opened(id.into(), WINDOW);
+            self.opened(id);
             reply.accept().await;
             return Ok(());
         }
-        let state = match self.broker(&user, &Open::Session).await {
-            Ok((up, target, loss)) => self.pending_channel(channel, up, target, loss),
+        let state = match self.broker(&user, &Open::Session, session.handle()).await {
+            Ok(b) => self.pending_channel(channel, b),
             Err(msg) => Chan::Denied(msg),
         };
         self.channels.insert(id, state);
-        self.window.opened(id.into(), WINDOW);
+        self.opened(id);
         reply.accept().await;
         Ok(())
     }
@@ -591,12 +635,12 @@ impl russh::server::Handler for Conn {
             orig_port: originator_port,
         };
         let destination = crate::escape_short(&format!("{host}:{port}"));
-        match self.broker(&user, &open).await {
-            Ok((up, target, loss)) => {
+        match self.broker(&user, &open, session.handle()).await {
+            Ok(b) => {
                 let id = channel.id();
-                let state = self.pending_channel(channel, up, target, loss);
+                let state = self.pending_channel(channel, b);
                 self.channels.insert(id, state);
-                self.window.opened(id.into(), WINDOW);
+                self.opened(id);
                 reply.accept().await;
                 if let Some(info) = self.shared.who() {
                     self.ctx.audit.emit(AuditKind::ChannelRequest {
@@ -610,8 +654,13 @@ impl russh::server::Handler for Conn {
                         accepted: true,
                     });
                 }
-                self.start(id, session.handle(), false, Some(destination))
-                    .await;
+                self.start(
+                    id,
+                    session.handle(),
+                    false,
+                    Some((ForwardKind::Local, destination)),
+                )
+                .await;
             }
             Err(msg) => {
                 reply
@@ -657,11 +706,18 @@ impl russh::server::Handler for Conn {
         &mut self,
         address: &str,
         port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.remote_forward(address, port, session.handle()).await)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let at = crate::escape_short(&format!("{address}:{port}"));
-        self.notice("remote port forwarding", &at, format!(" of {at}"));
-        Ok(false)
+        Ok(self.cancel_remote_forward(address, port).await)
     }
 
     async fn x11_request(
@@ -685,8 +741,7 @@ impl russh::server::Handler for Conn {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         self.prestart_request(channel);
-        self.refuse_notice(channel, session, "agent forwarding");
-        Ok(false)
+        Ok(self.forward_agent(channel, session).await)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -848,6 +903,29 @@ pub(crate) enum Open {
         orig_addr: String,
         orig_port: u32,
     },
+    /// A remote forward (`tcpip-forward`, `ssh -R`): the target listens for psm.
+    RemoteForward { address: String, port: u32 },
+}
+
+/// What a forwarded channel carries, for its `forward` audit event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ForwardKind {
+    /// `ssh -L` / `-W`: from the user toward a destination the target reaches.
+    Local,
+    /// `ssh -R`: from a port the target listens on toward the user's side.
+    Remote,
+    /// `ssh -A`: a program on the target asking the user's agent.
+    Agent,
+}
+
+impl ForwardKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ForwardKind::Local => "local",
+            ForwardKind::Remote => "remote",
+            ForwardKind::Agent => "agent",
+        }
+    }
 }
 
 /// A channel request forwarded to the target, answered before the relay goes on.
@@ -863,6 +941,8 @@ enum Req {
     Shell,
     Exec(Vec<u8>),
     Subsystem(String),
+    /// `auth-agent-req@openssh.com`.
+    Agent,
 }
 
 impl Req {
@@ -873,6 +953,7 @@ impl Req {
             Req::Exec(cmd) => Some(ChannelKind::of_exec(&String::from_utf8_lossy(cmd))),
             Req::Subsystem(name) if name == "sftp" => Some(ChannelKind::Sftp),
             Req::Subsystem(_) => None,
+            Req::Agent => Some(ChannelKind::Agent),
         }
     }
 
@@ -883,6 +964,7 @@ impl Req {
             Req::Shell => ("shell", String::new()),
             Req::Exec(cmd) => ("exec", String::from_utf8_lossy(cmd).into_owned()),
             Req::Subsystem(name) => ("subsystem", name.clone()),
+            Req::Agent => ("auth-agent-req@openssh.com", String::new()),
         }
     }
 
@@ -902,6 +984,7 @@ impl Req {
             Req::Shell => up.request_shell(true).await,
             Req::Exec(cmd) => up.exec(true, cmd).await,
             Req::Subsystem(name) => up.request_subsystem(true, name).await,
+            Req::Agent => up.agent_forward(true).await,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! connection was lost is reported as a [`TargetLoss`] so the session ends with the true reason.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use psm_control_api::{Account, Credential, Target};
 use russh::client;
 use russh::keys::PublicKeyOrCertificate;
 use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
 use crate::end::TargetLoss;
@@ -156,6 +157,80 @@ impl UpstreamError {
     }
 }
 
+/// A channel the target opens toward psm that psm may have asked for: a connection to a
+/// remote forward (`forwarded-tcpip`) or to the user's forwarded agent (`auth-agent`). The
+/// relay decides whether it asked (see `session::reverse`); the open is answered through
+/// `reply`.
+pub enum Reverse {
+    /// A connection arrived at a port the target listens on for psm (`ssh -R`).
+    Forwarded {
+        /// The target's side of the channel.
+        channel: russh::Channel<client::Msg>,
+        /// Address the target listens on, as requested.
+        connected_address: String,
+        /// Port the target listens on.
+        connected_port: u32,
+        /// Who connected (as the target reports it).
+        originator_address: String,
+        /// Their port.
+        originator_port: u32,
+        /// Accepts or rejects the target's open.
+        reply: client::ChannelOpenHandle,
+    },
+    /// A program on the target asks the forwarded agent (`ssh -A`).
+    Agent {
+        /// The target's side of the channel.
+        channel: russh::Channel<client::Msg>,
+        /// Accepts or rejects the target's open.
+        reply: client::ChannelOpenHandle,
+    },
+}
+
+/// Reverse opens waiting for the relay, per target connection; more are refused.
+pub const REVERSE_QUEUE: usize = 16;
+
+/// What psm asked a target connection for, and so what the target may open back over it.
+#[derive(Default)]
+pub struct Route {
+    /// The target accepted the agent request made on this connection.
+    agent: AtomicBool,
+    /// (address, port) the target listens on for psm over this connection.
+    listening: Mutex<Vec<(String, u32)>>,
+}
+
+impl Route {
+    /// The target accepted an agent request on this connection.
+    pub fn allow_agent(&self) {
+        self.agent.store(true, Ordering::Release);
+    }
+
+    /// The target listens on `address:port` for psm over this connection.
+    pub fn listen(&self, address: &str, port: u32) {
+        if let Ok(mut l) = self.listening.lock() {
+            l.push((address.to_string(), port));
+        }
+    }
+
+    /// Whether psm asked for this open.
+    pub fn asked(&self, open: &Reverse) -> bool {
+        match open {
+            Reverse::Agent { .. } => self.agent.load(Ordering::Acquire),
+            Reverse::Forwarded {
+                connected_address,
+                connected_port,
+                ..
+            } => self
+                .listening
+                .lock()
+                .map(|l| {
+                    l.iter()
+                        .any(|(a, p)| a == connected_address && p == connected_port)
+                })
+                .unwrap_or(false),
+        }
+    }
+}
+
 /// Client-side handler for the target connection: checks the pinned host key and reports how
 /// the connection ended.
 pub struct TargetHandler {
@@ -163,21 +238,55 @@ pub struct TargetHandler {
     presented: Arc<Mutex<Option<String>>>,
     loss: watch::Sender<Option<TargetLoss>>,
     notices: Arc<Notices>,
+    /// What psm asked this connection for, and where the opens it asked for go (none: refused
+    /// like every other kind).
+    reverse: Option<(Arc<Route>, mpsc::Sender<Reverse>)>,
 }
 
 impl TargetHandler {
     /// A target opened a channel psm never asked for: refused, and noted once per kind.
     async fn unasked(&self, kind: &'static str, reply: client::ChannelOpenHandle) {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        self.notices.note(kind, "", || {
-            format!("the target opened an unrequested {kind} channel; refused")
-        });
+        unasked(&self.notices, kind, reply).await;
+    }
+
+    /// Hands a reverse open psm asked for to the relay; refused when psm did not ask for it or
+    /// the relay has too many waiting.
+    async fn route(&self, kind: &'static str, open: Reverse) {
+        let Some((_, tx)) = self.reverse.as_ref().filter(|(r, _)| r.asked(&open)) else {
+            let (Reverse::Forwarded { reply, .. } | Reverse::Agent { reply, .. }) = open;
+            return self.unasked(kind, reply).await;
+        };
+        match tx.try_send(open) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(open)) => {
+                let (Reverse::Forwarded { reply, .. } | Reverse::Agent { reply, .. }) = open;
+                reply
+                    .reject(russh::ChannelOpenFailure::ResourceShortage)
+                    .await;
+                self.notices.note("reverse channel flood", kind, || {
+                    format!("the target opened {kind} channels faster than psm could relay them; refused")
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(open)) => {
+                let (Reverse::Forwarded { reply, .. } | Reverse::Agent { reply, .. }) = open;
+                self.unasked(kind, reply).await;
+            }
+        }
     }
 }
 
-/// The kinds of channel a target may try to open toward psm; all are refused.
+/// Refuses a channel the target opened that psm never asked for, noted once per kind.
+pub async fn unasked(notices: &Notices, kind: &'static str, reply: client::ChannelOpenHandle) {
+    reply
+        .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
+    notices.note(kind, "", || {
+        format!("the target opened an unrequested {kind} channel; refused")
+    });
+}
+
+/// The kinds of channel a target may try to open toward psm; all are refused unless psm asked
+/// for them (a remote forward it requested, an agent the user forwarded).
 pub const UNASKED_CHANNEL_KINDS: [&str; 7] = [
     "session",
     "direct-tcpip",
@@ -217,15 +326,23 @@ impl client::Handler for TargetHandler {
 
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
-        _channel: russh::Channel<client::Msg>,
-        _connected_address: &str,
-        _connected_port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        self.unasked("forwarded-tcpip", reply).await;
+        let open = Reverse::Forwarded {
+            channel,
+            connected_address: connected_address.to_string(),
+            connected_port,
+            originator_address: originator_address.to_string(),
+            originator_port,
+            reply,
+        };
+        self.route("forwarded-tcpip", open).await;
         Ok(())
     }
 
@@ -243,11 +360,12 @@ impl client::Handler for TargetHandler {
 
     async fn server_channel_open_agent_forward(
         &mut self,
-        _channel: russh::Channel<client::Msg>,
+        channel: russh::Channel<client::Msg>,
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        self.unasked("auth-agent", reply).await;
+        self.route("auth-agent", Reverse::Agent { channel, reply })
+            .await;
         Ok(())
     }
 
@@ -327,16 +445,18 @@ pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connects to `target`, verifies its host key against the pinned one and logs in as `account`
 /// with the vaulted credential; gives up after [`LOGIN_TIMEOUT`]. The [`LossWatch`] tells how
-/// the connection was lost, once it is.
+/// the connection was lost, once it is. Channels the target opens toward psm go to `reverse`
+/// when there is one (the relay decides whether it asked for them), and are refused otherwise.
 pub async fn connect(
     target: &Target,
     account: &Account,
     keepalive: TargetKeepalive,
     notices: Arc<Notices>,
+    reverse: Option<(Arc<Route>, mpsc::Sender<Reverse>)>,
 ) -> Result<(TargetHandle, LossWatch), UpstreamError> {
     match tokio::time::timeout(
         LOGIN_TIMEOUT,
-        connect_inner(target, account, keepalive, notices),
+        connect_inner(target, account, keepalive, notices, reverse),
     )
     .await
     {
@@ -354,6 +474,7 @@ async fn connect_inner(
     account: &Account,
     keepalive: TargetKeepalive,
     notices: Arc<Notices>,
+    reverse: Option<(Arc<Route>, mpsc::Sender<Reverse>)>,
 ) -> Result<(TargetHandle, LossWatch), UpstreamError> {
     let pinned = PublicKey::from_openssh(&target.host_key).map_err(|e| UpstreamError::BadPin {
         target: target.name.clone(),
@@ -404,6 +525,7 @@ async fn connect_inner(
         presented: presented.clone(),
         loss,
         notices,
+        reverse,
     };
     let handshake = client::connect_stream(Arc::new(config), tcp, handler);
     let mut handle = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {

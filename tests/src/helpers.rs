@@ -316,3 +316,19 @@ pub fn audit_events(data_dir: &Path) -> Vec<Value> {
 pub fn jstr<'a>(v: &'a Value, field: &str) -> &'a str {
     v.get(field).and_then(Value::as_str).unwrap_or("")
 }
+
+/// An echo server on loopback (the destination of forwards); serves `n` connections.
+pub fn echo_server(n: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((mut s, _)) = l.accept() else { return };
+            thread::spawn(move || {
+                let mut r = s.try_clone().expect("clone");
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    port
+}

@@ -141,6 +141,16 @@ impl World {
         assert!(ok, "session_start without session_end: {missing:?}");
     }
 
+    /// Replaces alice's grant on `TARGET_USER@web01` with one carrying `flags`.
+    pub fn regrant(&self, flags: &[&str]) {
+        let acct = format!("{TARGET_USER}@web01");
+        self.psm
+            .psmctl_ok(&["grant", "remove", "alice", &acct], None);
+        let mut args = vec!["grant", "add", "alice", &acct];
+        args.extend_from_slice(flags);
+        self.psm.psmctl_ok(&args, None);
+    }
+
     /// `ssh` as alice (publickey) with the standard login; append the remote command.
     pub fn ssh(&self) -> Command {
         self.ssh_as(&alice_login(), &self.alice_key)

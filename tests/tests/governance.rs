@@ -19,17 +19,6 @@ fn account() -> String {
     format!("{TARGET_USER}@web01")
 }
 
-/// Replaces alice's grant with one carrying `flags`.
-fn regrant(w: &World, flags: &[&str]) {
-    w.psm
-        .psmctl_ok(&["grant", "remove", "alice", &account()], None);
-    let mut args = vec!["grant", "add", "alice"];
-    let acct = account();
-    args.push(&acct);
-    args.extend_from_slice(flags);
-    w.psm.psmctl_ok(&args, None);
-}
-
 /// Enrols alice for TOTP; returns her secret (base32) from the printed URI.
 fn enroll(w: &World) -> String {
     let out = w.psm.psmctl_ok(&["user", "mfa", "enroll", "alice"], None);
@@ -83,7 +72,7 @@ fn mfa_login(w: &World, code: &str, source: Option<&str>) -> CmdOut {
 fn totp_right_wrong_replayed_then_lockout_and_unlock() {
     let w = World::new();
     let secret = enroll(&w);
-    regrant(&w, &["--mfa"]);
+    w.regrant(&["--mfa"]);
     // the key alone is not enough any more
     let out = run_ssh(w.ssh().arg("true"));
     assert!(!out.success(), "{}", out.describe());
@@ -162,7 +151,7 @@ fn totp_right_wrong_replayed_then_lockout_and_unlock() {
 fn mfa_cache_hit_from_the_same_address_and_miss_from_another() {
     let w = World::new();
     let secret = enroll(&w);
-    regrant(&w, &["--mfa-cache", "1h"]);
+    w.regrant(&["--mfa-cache", "1h"]);
     let out = mfa_login(&w, &code(&secret, 0), Some("127.0.0.1"));
     assert!(out.success(), "{}", out.describe());
     // hit: the key alone from the same address
@@ -182,7 +171,7 @@ fn mfa_cache_hit_from_the_same_address_and_miss_from_another() {
 #[test]
 fn source_networks_and_time_windows_allow_and_refuse() {
     let w = World::new();
-    regrant(&w, &["--from", "127.0.0.2/32"]);
+    w.regrant(&["--from", "127.0.0.2/32"]);
     let out = run_ssh(w.ssh().arg("echo hi"));
     assert!(!out.success(), "{}", out.describe());
     assert!(
@@ -210,7 +199,7 @@ fn source_networks_and_time_windows_allow_and_refuse() {
         hm((minute + 3) % 1440)
     );
     let closed = format!("{}-{}", hm((minute + 10) % 1440), hm((minute + 20) % 1440));
-    regrant(&w, &["--days", "all", "--hours", &closed, "--tz", "UTC"]);
+    w.regrant(&["--days", "all", "--hours", &closed, "--tz", "UTC"]);
     let out = run_ssh(w.ssh().arg("echo hi"));
     assert!(
         !out.success() && out.stderr_str().contains("is not available now"),
@@ -218,7 +207,7 @@ fn source_networks_and_time_windows_allow_and_refuse() {
         out.describe()
     );
     if minute >= 2 && minute + 3 < 1440 {
-        regrant(&w, &["--days", "all", "--hours", &open, "--tz", "UTC"]);
+        w.regrant(&["--days", "all", "--hours", &open, "--tz", "UTC"]);
         let out = run_ssh(w.ssh().arg("echo hi"));
         assert!(out.success(), "{}", out.describe());
     }
@@ -365,7 +354,7 @@ fn kill_revocation_and_disable_end_live_sessions_within_a_second() {
 #[test]
 fn maximum_duration_and_idle_timeout_end_sessions_with_a_message() {
     let w = World::new();
-    regrant(&w, &["--max-duration", "2s"]);
+    w.regrant(&["--max-duration", "2s"]);
     let t = Instant::now();
     let out = run_ssh(w.ssh().arg("sleep 20"));
     let took = t.elapsed();
@@ -382,7 +371,7 @@ fn maximum_duration_and_idle_timeout_end_sessions_with_a_message() {
             jstr(e, "event") == "session_end" && jstr(e, "reason_code") == "max_duration"
         });
     assert_eq!(jstr(&e, "side"), "policy");
-    regrant(&w, &["--idle-timeout", "2s"]);
+    w.regrant(&["--idle-timeout", "2s"]);
     let out = run_ssh(w.ssh().arg("sleep 20"));
     assert!(
         out.stderr_str()
@@ -398,7 +387,7 @@ fn maximum_duration_and_idle_timeout_end_sessions_with_a_message() {
 #[test]
 fn channel_kinds_are_allowed_or_refused_with_a_reason() {
     let w = World::new();
-    regrant(&w, &["--allow", "shell"]);
+    w.regrant(&["--allow", "shell"]);
     let out = run_ssh(w.ssh().arg("echo hi"));
     assert!(!out.success(), "{}", out.describe());
     assert!(
@@ -407,7 +396,7 @@ fn channel_kinds_are_allowed_or_refused_with_a_reason() {
         "{}",
         out.describe()
     );
-    regrant(&w, &["--allow", "exec"]);
+    w.regrant(&["--allow", "exec"]);
     let out = run_ssh(w.ssh().arg("echo hi"));
     assert!(
         out.success() && out.stdout_str().contains("hi"),
@@ -509,7 +498,7 @@ fn kbdint(w: &World, login: &str, answers: &str, command: &str) -> CmdOut {
 #[test]
 fn a_required_reason_is_asked_and_kept_with_the_session() {
     let w = World::new();
-    regrant(&w, &["--reason-required"]);
+    w.regrant(&["--reason-required"]);
     // a client that cannot answer is not let in
     let out = run_ssh(w.ssh().arg("true"));
     assert!(!out.success(), "{}", out.describe());
@@ -642,17 +631,14 @@ fn dual_control_approved_denied_and_timed_out() {
         w.psm
             .psmctl_ok(&["group", "member", "add", "secops", u], None);
     }
-    regrant(
-        &w,
-        &[
-            "--approval",
-            "1",
-            "--approvers",
-            "@secops",
-            "--approval-timeout",
-            "3s",
-        ],
-    );
+    w.regrant(&[
+        "--approval",
+        "1",
+        "--approvers",
+        "@secops",
+        "--approval-timeout",
+        "3s",
+    ]);
     // approved
     let mark = w.psm.audit_mark();
     let child = waiting_login(&w);
@@ -927,22 +913,6 @@ fn policy_export_import_round_trip_and_bad_imports_change_nothing() {
     );
 }
 
-/// An echo server on loopback (the destination of local forwards); serves `n` connections.
-fn echo_server(n: usize) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for _ in 0..n {
-            let Ok((mut s, _)) = l.accept() else { return };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().expect("clone");
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn local_forwards_follow_the_grant_and_are_audited() {
     let w = World::build(PsmMode::Up, Sshd::start_with(true));
@@ -963,15 +933,12 @@ fn local_forwards_follow_the_grant_and_are_audited() {
         "{}",
         out.describe()
     );
-    regrant(
-        &w,
-        &[
-            "--allow",
-            "shell,exec,forward-local",
-            "--forward-to",
-            &format!("127.0.0.1:{port}"),
-        ],
-    );
+    w.regrant(&[
+        "--allow",
+        "shell,exec,forward-local",
+        "--forward-to",
+        &format!("127.0.0.1:{port}"),
+    ]);
     let out = forward(&dest);
     assert!(out.success(), "{}", out.describe());
     assert_eq!(out.stdout_str(), "ping through psm\n", "bytes intact");
@@ -1001,7 +968,7 @@ fn local_forwards_follow_the_grant_and_are_audited() {
 fn stock_openssh_answers_the_verification_code_through_ssh_askpass() {
     let w = World::new();
     let secret = enroll(&w);
-    regrant(&w, &["--mfa"]);
+    w.regrant(&["--mfa"]);
     // password first, then the code: both asked through SSH_ASKPASS, told apart by the prompt
     let askpass = w.psm.work_dir().join("askpass-mfa.sh");
     let prompts = w.psm.work_dir().join("prompts.txt");
@@ -1065,7 +1032,7 @@ fn an_expiry_that_passes_ends_the_live_session_within_a_second() {
         .output()
         .expect("date");
     let when = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    regrant(&w, &["--expires", &when]);
+    w.regrant(&["--expires", &when]);
     let child = background(&w, "sleep 30");
     let id = live_session(&w);
     let deadline = std::time::UNIX_EPOCH + Duration::from_secs(expires);
@@ -1104,7 +1071,7 @@ fn a_closing_time_window_ends_the_live_session_within_a_second() {
     let minute = (now / 60) % (24 * 60);
     let hm = |m: u64| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
     let hours = format!("{}-{}", hm(minute), hm((minute + 1) % 1440));
-    regrant(&w, &["--days", "all", "--hours", &hours, "--tz", "UTC"]);
+    w.regrant(&["--days", "all", "--hours", &hours, "--tz", "UTC"]);
     let child = background(&w, "sleep 90");
     let id = live_session(&w);
     let closes = std::time::UNIX_EPOCH + Duration::from_secs((now / 60 + 1) * 60);

@@ -571,7 +571,11 @@ pub enum AuditKind {
         account: String,
         /// User-side channel number.
         channel: u32,
-        /// `host:port`.
+        /// `local` (`ssh -L`/`-W`), `remote` (`ssh -R`) or `agent` (`ssh -A`).
+        #[serde(default = "local_forward")]
+        kind: String,
+        /// `host:port` (local), `address:port from originator:port` (remote), or
+        /// `auth-agent@openssh.com`.
         destination: String,
         /// Bytes from the user.
         bytes_up: u64,
@@ -783,6 +787,11 @@ pub fn decode_line<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, ApiEr
         return Err(ApiError::TooLong);
     }
     serde_json::from_slice(line).map_err(|e| ApiError::Malformed(e.to_string()))
+}
+
+/// The `kind` of a `forward` event written before there were other kinds.
+fn local_forward() -> String {
+    "local".into()
 }
 
 /// Milliseconds since the Unix epoch, for event timestamps.

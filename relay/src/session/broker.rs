@@ -3,7 +3,26 @@
 
 use super::*;
 
+/// A new user channel's target leg, brokered: the channel on its own target connection.
+pub(super) struct Brokered {
+    pub(super) up: Channel<russh::client::Msg>,
+    pub(super) leg: TargetLeg,
+}
+
+/// A target connection set up for one user channel or one remote forward.
+pub(super) struct TargetLeg {
+    pub(super) target: Arc<TargetHandle>,
+    pub(super) loss: LossWatch,
+    /// What the target may open toward the user over this connection.
+    pub(super) route: Arc<upstream::Route>,
+}
+
 impl Conn {
+    /// A channel the user opened: russh's window bookkeeping for it starts.
+    pub(super) fn opened(&self, id: ChannelId) {
+        self.shared.windows(|w| w.mirror.opened(id.into(), WINDOW));
+    }
+
     /// Admits a new user channel: an authenticated user, and room under [`MAX_CHANNELS`];
     /// otherwise the open is refused here and None returned.
     pub(super) async fn admit_channel(
@@ -31,13 +50,7 @@ impl Conn {
 
     /// A brokered channel waiting for the request that starts it (a local forward starts at
     /// once); the user's side is read from now on.
-    pub(super) fn pending_channel(
-        &self,
-        channel: Channel<Msg>,
-        up: Channel<russh::client::Msg>,
-        target: Arc<TargetHandle>,
-        loss: LossWatch,
-    ) -> Chan {
+    pub(super) fn pending_channel(&self, channel: Channel<Msg>, b: Brokered) -> Chan {
         let id = channel.id();
         let (down_r, down_w) = channel.split();
         let shared = self.shared.clone();
@@ -48,14 +61,15 @@ impl Conn {
             ))
         });
         Chan::Pending {
-            up,
+            up: b.up,
             down_w,
             reader,
             early: Vec::new(),
-            target,
-            loss,
+            target: b.leg.target,
+            loss: b.leg.loss,
             requests: 0,
             pty: None,
+            route: b.leg.route,
         }
     }
 
@@ -133,14 +147,62 @@ impl Conn {
         client_message
     }
 
-    /// Decides and, when allowed, brokers a new session channel on the target. Each user channel
-    /// gets its own target connection, so a slow channel never holds up another one's target
-    /// leg (a russh connection stops reading for all its channels when one is full).
+    /// Decides and, when allowed, brokers a new session channel or local forward on the
+    /// target. Each user channel gets its own target connection, so a slow channel never holds
+    /// up another one's target leg (a russh connection stops reading for all its channels when
+    /// one is full).
     pub(super) async fn broker(
         &mut self,
         user: &str,
         open: &Open,
-    ) -> Result<(Channel<russh::client::Msg>, Arc<TargetHandle>, LossWatch), String> {
+        handle: russh::server::Handle,
+    ) -> Result<Brokered, String> {
+        let leg = self.target_leg(user, open, handle).await?;
+        let (target, name) = (leg.target.clone(), self.shared.who().unwrap_or_default().1);
+        let opening = match open {
+            Open::Session => {
+                tokio::time::timeout(REQUEST_TIMEOUT, target.channel_open_session()).await
+            }
+            Open::DirectTcpip {
+                host,
+                port,
+                orig_addr,
+                orig_port,
+            } => {
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    target.channel_open_direct_tcpip(
+                        host.clone(),
+                        *port,
+                        orig_addr.clone(),
+                        *orig_port,
+                    ),
+                )
+                .await
+            }
+            Open::RemoteForward { .. } => Ok(Err(russh::Error::WrongChannel)),
+        };
+        match opening.unwrap_or(Err(russh::Error::ConnectionTimeout)) {
+            Ok(up) => Ok(Brokered { up, leg }),
+            Err(e) => {
+                let err = upstream::UpstreamError::ChannelRefused {
+                    target: name,
+                    reason: e.to_string(),
+                };
+                Err(self.deny(user, err.to_string(), err.client_message()))
+            }
+        }
+    }
+
+    /// Decides a new channel or forward under the policy in force, starts the session (its
+    /// recording confirmed open, `session_start`) when it is the first, and logs in to the
+    /// target on a connection of its own. Denials are audited; the user's line is returned.
+    pub(super) async fn target_leg(
+        &mut self,
+        user: &str,
+        open: &Open,
+        handle: russh::server::Handle,
+    ) -> Result<TargetLeg, String> {
         let login = match Login::parse(&self.login) {
             Ok(l) => l,
             Err(_) if !self.login.contains('@') => {
@@ -192,6 +254,20 @@ impl Conn {
                 ));
             }
         }
+        if let Open::RemoteForward { address, port } = open {
+            if !self.conditions.allows(ChannelKind::ForwardRemote) {
+                let at = crate::escape_short(&format!("{address}:{port}"));
+                self.notice("remote port forwarding", &at, format!(" of {at}"));
+                return Err(self.deny(
+                    user,
+                    format!(
+                        "remote forward of {at} not allowed by the grant for {}@{}",
+                        account.username, target.name
+                    ),
+                    "psm: remote port forwarding is not permitted by policy".to_string(),
+                ));
+            }
+        }
         // The recording is confirmed open before the relay logs in to the target: a user who
         // cannot be recorded is told so up front, and the target never sees the login.
         let mut opened = None;
@@ -217,11 +293,14 @@ impl Conn {
                 Err(e) => debug!(error = %e, "recording not required; the session runs unrecorded"),
             }
         }
-        let (handle, loss) = match upstream::connect(
+        let (reverse_tx, reverse_rx) = mpsc::channel(upstream::REVERSE_QUEUE);
+        let route = Arc::new(upstream::Route::default());
+        let (target_handle, loss) = match upstream::connect(
             target,
             account,
             self.ctx.limits.target_keepalive,
             self.shared.notices.clone(),
+            Some((route.clone(), reverse_tx)),
         )
         .await
         {
@@ -296,39 +375,13 @@ impl Conn {
             });
             self.started = true;
         }
-        self.shared.with(|s| s.targets.push(handle.clone()));
-        let open = match open {
-            Open::Session => {
-                tokio::time::timeout(REQUEST_TIMEOUT, handle.channel_open_session()).await
-            }
-            Open::DirectTcpip {
-                host,
-                port,
-                orig_addr,
-                orig_port,
-            } => {
-                tokio::time::timeout(
-                    REQUEST_TIMEOUT,
-                    handle.channel_open_direct_tcpip(
-                        host.clone(),
-                        *port,
-                        orig_addr.clone(),
-                        *orig_port,
-                    ),
-                )
-                .await
-            }
-        };
-        match open.unwrap_or(Err(russh::Error::ConnectionTimeout)) {
-            Ok(ch) => Ok((ch, handle, loss)),
-            Err(e) => {
-                let err = upstream::UpstreamError::ChannelRefused {
-                    target: target.name.clone(),
-                    reason: e.to_string(),
-                };
-                Err(self.deny(user, err.to_string(), err.client_message()))
-            }
-        }
+        self.shared.with(|s| s.targets.push(target_handle.clone()));
+        reverse::spawn_router(self.shared.clone(), handle, reverse_rx, loss.clone());
+        Ok(TargetLeg {
+            target: target_handle,
+            loss,
+            route,
+        })
     }
 
     /// Sends a request upstream and waits for the target's answer, keeping anything else that
@@ -365,7 +418,7 @@ impl Conn {
         channel: ChannelId,
         handle: russh::server::Handle,
         shell: bool,
-        forward: Option<String>,
+        forward: Option<(ForwardKind, String)>,
     ) {
         let Some(Chan::Pending {
             up,
@@ -384,105 +437,25 @@ impl Conn {
             disconnect_target(&target).await;
             return;
         };
-        let (up_r, up_w) = up.split();
-        let up_w = Arc::new(up_w);
-        let flow = Flow::new();
-        let rec = self.shared.recording();
-        let ch: u32 = channel.into();
-        let (up_tx, up_rx) = mpsc::unbounded_channel();
-        let (down_tx, down_rx) = mpsc::unbounded_channel();
         // every shell gets command control: its lines are audited, and decided by the rules
         let gate = shell.then(|| Arc::new(crate::commands::Gate::new(pty)));
-        for m in early {
-            if let Some(item) = down_item(m) {
-                if let (Some(g), crate::pipe::Item::Data(d)) = (&gate, &item) {
-                    g.output(d);
-                }
-                record_down(rec.as_ref(), ch, &item).await;
-                account_down(&self.shared, &flow, &item);
-                let _ = down_tx.send(item);
-            }
-        }
-        // what the user sent before the start goes first, recorded and counted like the rest
-        for e in before {
-            let item = match e {
-                Early::Data(data) => {
-                    self.shared.bytes.input(data.len());
-                    if let Some(rec) = &rec {
-                        rec.data(ch, psm_recorder_format::Direction::Input, data.clone())
-                            .await;
-                    }
-                    flow.up_queued(data.len());
-                    crate::pipe::Item::Data(data)
-                }
-                Early::Eof => crate::pipe::Item::Eof,
-                Early::Closed => crate::pipe::Item::Close,
-            };
-            let _ = up_tx.send(item);
-        }
-        self.flows.insert(channel, flow.clone());
-        tokio::spawn(read_client(
-            down_r,
-            up_tx,
-            flow.clone(),
-            self.shared.clone(),
-            rec.clone(),
-            ch,
-            gate.clone().map(|g| (g, down_tx.clone())),
-        ));
-        tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
-        tokio::spawn(read_target(
-            up_r,
-            down_tx,
-            flow.clone(),
-            self.shared.clone(),
-            rec,
-            ch,
-            loss,
-            gate.clone(),
-        ));
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let flow = flow.clone();
-            let sid = self.shared.session_id.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    if Arc::strong_count(&flow) <= 1 {
-                        return;
-                    }
-                    debug!(session = %sid, state = %flow.describe(), "flow");
-                }
-            });
-        }
-        let shared = self.shared.clone();
-        let opened_ms = now_ms();
-        tokio::spawn(async move {
-            write_client(down_rx, down_w, handle, flow.clone()).await;
-            if let Some(destination) = forward {
-                // one audit event per forward, with what it moved
-                let end_ms = now_ms().max(opened_ms);
-                let (user, target, account) = shared.who().unwrap_or_default();
-                shared.audit.emit(AuditKind::Forward {
-                    session_id: shared.session_id.clone(),
-                    user,
-                    target,
-                    account,
-                    channel: ch,
-                    destination,
-                    bytes_up: flow.moved_up(),
-                    bytes_down: flow.moved_down(),
-                    duration_ms: end_ms - opened_ms,
-                });
-            }
-            // The channel is over: its dedicated target connection goes with it, and the
-            // handler forgets it (russh does not tell it when the target closed the channel).
-            disconnect_target(&target).await;
-            if let Ok(mut f) = shared.finished.lock() {
-                f.push(channel);
-            }
-            shared.with(|s| s.running.retain(|c| *c != channel));
-        });
-        self.shared.with(|s| s.running.push(channel));
+        let up_w = relay::spawn(
+            &self.shared,
+            relay::Relaying {
+                channel,
+                handle,
+                down_r,
+                down_w,
+                before,
+                up,
+                early,
+                loss,
+                gate: gate.clone(),
+                forward,
+                dedicated: Some(target),
+            },
+        )
+        .await;
         self.channels.insert(channel, Chan::Running { up_w, gate });
     }
 
@@ -675,11 +648,15 @@ impl Conn {
             .lock()
             .map(|mut f| std::mem::take(&mut *f))
             .unwrap_or_default();
-        for ch in done {
-            self.channels.remove(&ch);
-            self.flows.remove(&ch);
-            self.window.closed(ch.into());
+        for ch in &done {
+            self.channels.remove(ch);
         }
+        self.shared.windows(|w| {
+            for ch in done {
+                w.flows.remove(&ch);
+                w.mirror.closed(ch.into());
+            }
+        });
         self.channels.retain(|_, c| !matches!(c, Chan::Done));
     }
 }

@@ -40,6 +40,11 @@ pub async fn handle_connection(
         policy: ctx.policy.clone(),
         audit: ctx.audit.clone(),
         governed: Notify::new(),
+        windows: Mutex::new(Windows {
+            mirror: WindowMirror::new(WINDOW),
+            flows: HashMap::new(),
+        }),
+        reverse_open: AtomicUsize::new(0),
         state: Mutex::new(SharedState::default()),
     });
     let conn = Conn {
@@ -50,14 +55,13 @@ pub async fn handle_connection(
         started: false,
         permit: Some(permit),
         user_permit: None,
-        window: WindowMirror::new(WINDOW),
         pending: None,
         reason: None,
         approval_watch: None,
         mfa_tries: 0,
+        remote_forwards: HashMap::new(),
         conditions: Default::default(),
         channels: HashMap::new(),
-        flows: HashMap::new(),
     };
     let grace_end = tokio::time::Instant::now() + ctx.limits.login_grace;
     let start = russh::server::run_stream(ctx.server_config.clone(), stream, conn);

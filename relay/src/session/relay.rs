@@ -1,0 +1,157 @@
+//! Relaying one channel between the two legs: the four tasks of `pipe` joined by a [`Flow`],
+//! what arrived before the start replayed first, and the channel's end (its `forward` audit
+//! event, its dedicated target connection closed, the handler told to forget it). Used for the
+//! channels the user opens and for those psm opens toward the user (remote forwards, the agent).
+
+use super::*;
+
+/// A channel ready to relay.
+pub(super) struct Relaying {
+    /// The user-side channel.
+    pub(super) channel: ChannelId,
+    pub(super) handle: russh::server::Handle,
+    pub(super) down_r: russh::ChannelReadHalf,
+    pub(super) down_w: ChannelWriteHalf<Msg>,
+    /// What the user sent before the start.
+    pub(super) before: Vec<Early>,
+    /// The target-side channel.
+    pub(super) up: Channel<russh::client::Msg>,
+    /// What the target sent while psm waited for its answer to a request.
+    pub(super) early: Vec<ChannelMsg>,
+    pub(super) loss: LossWatch,
+    /// Command control of a shell.
+    pub(super) gate: Option<Arc<crate::commands::Gate>>,
+    /// A forward: audited as one `forward` event when it ends.
+    pub(super) forward: Option<(ForwardKind, String)>,
+    /// The channel's own target connection, closed when it ends (None: a shared one).
+    pub(super) dedicated: Option<Arc<TargetHandle>>,
+}
+
+/// Starts relaying; returns the target channel's write half (for window changes and signals).
+pub(super) async fn spawn(
+    shared: &Arc<Shared>,
+    r: Relaying,
+) -> Arc<ChannelWriteHalf<russh::client::Msg>> {
+    let Relaying {
+        channel,
+        handle,
+        down_r,
+        down_w,
+        before,
+        up,
+        early,
+        loss,
+        gate,
+        forward,
+        dedicated,
+    } = r;
+    let (up_r, up_w) = up.split();
+    let up_w = Arc::new(up_w);
+    let flow = Flow::new();
+    let rec = shared.recording();
+    let ch: u32 = channel.into();
+    let (up_tx, up_rx) = mpsc::unbounded_channel();
+    let (down_tx, down_rx) = mpsc::unbounded_channel();
+    for m in early {
+        if let Some(item) = down_item(m) {
+            if let (Some(g), crate::pipe::Item::Data(d)) = (&gate, &item) {
+                g.output(d);
+            }
+            record_down(rec.as_ref(), ch, &item).await;
+            account_down(shared, &flow, &item);
+            let _ = down_tx.send(item);
+        }
+    }
+    // what the user sent before the start goes first, recorded and counted like the rest
+    for e in before {
+        let item = match e {
+            Early::Data(data) => {
+                shared.bytes.input(data.len());
+                if let Some(rec) = &rec {
+                    rec.data(ch, psm_recorder_format::Direction::Input, data.clone())
+                        .await;
+                }
+                flow.up_queued(data.len());
+                crate::pipe::Item::Data(data)
+            }
+            Early::Eof => crate::pipe::Item::Eof,
+            Early::Closed => crate::pipe::Item::Close,
+        };
+        let _ = up_tx.send(item);
+    }
+    shared.windows(|w| w.flows.insert(channel, flow.clone()));
+    tokio::spawn(read_client(
+        down_r,
+        up_tx,
+        flow.clone(),
+        shared.clone(),
+        rec.clone(),
+        ch,
+        gate.clone().map(|g| (g, down_tx.clone())),
+    ));
+    tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
+    tokio::spawn(read_target(
+        up_r,
+        down_tx,
+        flow.clone(),
+        shared.clone(),
+        rec,
+        ch,
+        loss,
+        gate,
+        forward.is_none(),
+    ));
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let flow = flow.clone();
+        let sid = shared.session_id.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if Arc::strong_count(&flow) <= 1 {
+                    return;
+                }
+                debug!(session = %sid, state = %flow.describe(), "flow");
+            }
+        });
+    }
+    let reverse = dedicated.is_none();
+    // a channel the user opened gets the end-of-session line on its stderr
+    if !reverse {
+        shared.with(|s| s.running.push(channel));
+    }
+    let shared = shared.clone();
+    let opened_ms = now_ms();
+    tokio::spawn(async move {
+        write_client(down_rx, down_w, handle, flow.clone()).await;
+        if let Some((kind, destination)) = forward {
+            // one audit event per forward, with what it moved
+            let end_ms = now_ms().max(opened_ms);
+            let (user, target, account) = shared.who().unwrap_or_default();
+            shared.audit.emit(AuditKind::Forward {
+                session_id: shared.session_id.clone(),
+                user,
+                target,
+                account,
+                channel: ch,
+                kind: kind.as_str().to_string(),
+                destination,
+                bytes_up: flow.moved_up(),
+                bytes_down: flow.moved_down(),
+                duration_ms: end_ms - opened_ms,
+            });
+        }
+        // The channel is over: its dedicated target connection goes with it, and the handler
+        // forgets it (russh does not tell it when the target closed the channel).
+        if let Some(target) = dedicated {
+            disconnect_target(&target).await;
+        }
+        if reverse {
+            shared.reverse_open.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Ok(mut f) = shared.finished.lock() {
+            f.push(channel);
+        }
+        shared.with(|s| s.running.retain(|c| *c != channel));
+    });
+    up_w
+}
