@@ -1,9 +1,14 @@
-//! The audit log `audit.jsonl`: append-only, one [`AuditEvent`] JSON object per line.
+//! The audit log `audit.jsonl`: append-only, one [`AuditEvent`] JSON object per line,
+//! hash-chained and checkpointed.
 //!
 //! psm-control is its only writer. It numbers events (`seq`) when it appends them, continuing
 //! from the last event in the file, and hands each line to the OS right away (one `write` per
-//! line; no user-space buffering). [`read_tail`] reads the last events without loading the whole
-//! file, for `psmctl audit tail`.
+//! line; no user-space buffering). Every line carries `prev_hash`, the SHA-256 of the line
+//! before it, and with an evidence key ([`AuditLog::sign_checkpoints`]) a signed checkpoint
+//! line is written every N events and at shutdown ([`AuditLog::checkpoint`]); the format and its
+//! verification are in [`psm_evidence::audit`]. [`read_tail`] reads the last events without
+//! loading the whole file, for `psmctl audit tail`; [`verify`] checks the whole log for
+//! `psmctl audit verify`.
 //!
 //! What it does not do: rotate or truncate the log, or fsync every line.
 
@@ -13,6 +18,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use psm_control_api::{AuditEvent, AuditKind};
+use psm_evidence::audit::{self as chain, AuditReport};
+use psm_evidence::{EvidenceKey, Hash, PublicKey};
+use tracing::error;
+
+/// Checkpoints are written every this many events by default.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
 
 /// Errors of the audit log.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +44,16 @@ pub struct AuditLog {
     file: File,
     path: PathBuf,
     next_seq: u64,
+    /// The hash of the last line: what the next line carries as `prev_hash`.
+    prev_hash: Hash,
+    /// Signs checkpoints; without it none are written.
+    signer: Option<EvidenceKey>,
+    /// Events between two checkpoints.
+    checkpoint_every: u64,
+    /// Events appended since the last checkpoint (or since this process opened the log).
+    since_checkpoint: u64,
+    /// The next appended event is a checkpoint (set by [`AuditLog::checkpoint`]).
+    checkpoint_next: bool,
     /// Where every appended event goes next: the SIEM sinks' queues (`crate::siem`).
     pub tap: Option<crate::siem::Tap>,
 }
@@ -64,10 +85,19 @@ impl AuditLog {
             }
         }
         let last_seq = last_seq(&mut file).map_err(io_err)?;
+        let prev_hash = last_lines(&mut file, 1)
+            .map_err(io_err)?
+            .last()
+            .map_or(chain::GENESIS, |l| chain::line_hash(l));
         Ok(AuditLog {
             file,
             path: path.to_path_buf(),
             next_seq: last_seq + 1,
+            prev_hash,
+            signer: None,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            since_checkpoint: 0,
+            checkpoint_next: false,
             tap: None,
         })
     }
@@ -82,16 +112,36 @@ impl AuditLog {
         &self.path
     }
 
-    /// Numbers `event` and appends it as one line; returns it with its `seq`.
+    /// From now on, writes a checkpoint signed with `key` every `every` events (at least 1)
+    /// and whenever [`checkpoint`](Self::checkpoint) is called.
+    pub fn sign_checkpoints(&mut self, key: EvidenceKey, every: u64) {
+        self.signer = Some(key);
+        self.checkpoint_every = every.max(1);
+    }
+
+    /// Numbers `event`, chains it to the line before and appends it as one line (with its
+    /// signed `checkpoint` field when [`checkpoint`](Self::checkpoint) asked for one); returns it
+    /// with its `seq`. The one place events are written.
     pub fn append(&mut self, mut event: AuditEvent) -> Result<AuditEvent, AuditError> {
+        let checkpoint = std::mem::take(&mut self.checkpoint_next);
         event.seq = self.next_seq;
         if event.ts_ms == 0 {
             event.ts_ms = psm_control_api::now_ms();
         }
-        let mut line = serde_json::to_vec(&event).map_err(|e| AuditError::Io {
-            path: self.path.clone(),
-            source: io::Error::other(e),
-        })?;
+        let bad = |path: &Path, why: String| AuditError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::other(why),
+        };
+        let mut line =
+            serde_json::to_vec(&event).map_err(|e| bad(&self.path, e.to_string()))?;
+        if let (true, Some(key)) = (checkpoint, &self.signer) {
+            let field = chain::checkpoint_field(event.seq, event.ts_ms, &self.prev_hash, key);
+            line = chain::add_field(&line, chain::CHECKPOINT_FIELD, &field)
+                .ok_or_else(|| bad(&self.path, "an event is not a JSON object".into()))?;
+        }
+        let mut line = chain::chain_line(&line, &self.prev_hash)
+            .ok_or_else(|| bad(&self.path, "an event is not a JSON object".into()))?;
+        let hash = chain::line_hash(&line);
         line.push(b'\n');
         self.file
             .write_all(&line)
@@ -101,10 +151,50 @@ impl AuditLog {
                 source,
             })?;
         self.next_seq += 1;
+        self.prev_hash = hash;
         if let Some(tap) = &self.tap {
             tap.offer(&event);
         }
+        self.after_append(checkpoint);
         Ok(event)
+    }
+
+    /// Counts an appended event, and writes the periodic checkpoint when it is due.
+    fn after_append(&mut self, was_checkpoint: bool) {
+        if was_checkpoint {
+            self.since_checkpoint = 0;
+            return;
+        }
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= self.checkpoint_every {
+            let reason = format!("every {} events", self.checkpoint_every);
+            if let Err(e) = self.checkpoint(&reason) {
+                error!(error = %e, "cannot write an audit checkpoint");
+            }
+        }
+    }
+
+    /// Appends a checkpoint: a `notice` of kind `audit checkpoint` whose `checkpoint` field
+    /// signs the hash of the line before it. Nothing without an evidence key.
+    pub fn checkpoint(&mut self, reason: &str) -> Result<Option<AuditEvent>, AuditError> {
+        let Some(key) = &self.signer else {
+            return Ok(None);
+        };
+        let message = format!(
+            "audit checkpoint ({reason}): events up to seq {} signed by key {}, chain hash {}",
+            self.next_seq.saturating_sub(1),
+            key.public().key_id(),
+            psm_evidence::hex(&self.prev_hash)
+        );
+        self.checkpoint_next = true;
+        let written = self.append_control(AuditKind::Notice {
+            message,
+            session_id: None,
+            kind: Some(chain::CHECKPOINT_KIND.into()),
+            count: None,
+        });
+        self.checkpoint_next = false;
+        written.map(Some)
     }
 
     /// Appends an event made by control itself (origin `control`).
@@ -196,6 +286,17 @@ pub fn read_tail(path: &Path, n: usize) -> Result<Vec<AuditEvent>, AuditError> {
         .collect())
 }
 
+/// Checks the whole log at `path`: its hash chain, `seq` order and checkpoints (signatures
+/// against `key`). See [`psm_evidence::audit::verify_log`].
+pub fn verify(path: &Path, key: Option<&PublicKey>) -> Result<AuditReport, AuditError> {
+    let io_err = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    chain::verify_log(io::BufReader::new(file), key).map_err(io_err)
+}
+
 /// Size of the audit log in bytes (0 when missing).
 pub fn log_size(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.len()).unwrap_or(0)
@@ -270,6 +371,90 @@ mod tests {
         log.append(notice("after")).expect("append");
         let events = read_tail(&path, 3).expect("tail");
         assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6]);
+    }
+
+    fn key() -> EvidenceKey {
+        EvidenceKey::generate().expect("key").0
+    }
+
+    #[test]
+    fn lines_are_chained_and_checkpointed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("audit.jsonl");
+        let k = key();
+        let public = *k.public();
+        let mut log = AuditLog::open(&path).expect("open");
+        log.sign_checkpoints(k, 3);
+        for i in 0..7 {
+            log.append(notice(&format!("n{i}"))).expect("append");
+        }
+        log.checkpoint("shutdown").expect("checkpoint");
+        drop(log);
+        // 7 events, a checkpoint after every 3 (seq 4 and 8), and the shutdown one (seq 10)
+        let events = read_tail(&path, 100).expect("tail");
+        assert_eq!(events.len(), 10);
+        let checkpoints: Vec<u64> = events
+            .iter()
+            .filter(|e| matches!(&e.kind, AuditKind::Notice { kind: Some(k), .. } if k == "audit checkpoint"))
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(checkpoints, [4, 8, 10]);
+        let rep = verify(&path, Some(&public)).expect("verify");
+        assert!(rep.ok(), "{rep}");
+        assert_eq!(rep.good_checkpoints, 3);
+        assert_eq!(rep.after_checkpoint, 0);
+        // reopened, the chain goes on from the last line
+        let mut log = AuditLog::open(&path).expect("reopen");
+        log.append(notice("after")).expect("append");
+        drop(log);
+        let rep = verify(&path, Some(&public)).expect("verify");
+        assert!(rep.ok(), "{rep}");
+        assert_eq!(rep.after_checkpoint, 1);
+        // every line is still an event with an "event" field
+        for line in fs::read_to_string(&path).expect("read").lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json");
+            assert!(v.get("event").is_some() && v.get("prev_hash").is_some(), "{line}");
+        }
+    }
+
+    #[test]
+    fn edits_and_deletions_are_located() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("audit.jsonl");
+        let k = key();
+        let public = *k.public();
+        let mut log = AuditLog::open(&path).expect("open");
+        log.sign_checkpoints(k, 100);
+        for i in 0..6 {
+            log.append(notice(&format!("n{i}"))).expect("append");
+        }
+        log.checkpoint("shutdown").expect("checkpoint");
+        drop(log);
+        let text = fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+
+        let edited = text.replacen("\"n2\"", "\"nX\"", 1);
+        fs::write(&path, &edited).expect("write");
+        let rep = verify(&path, Some(&public)).expect("verify");
+        assert!(!rep.ok());
+        assert!(
+            rep.to_string().contains("line 4: event seq 3 (line 3) was modified"),
+            "{rep}"
+        );
+
+        let mut without = lines.clone();
+        without.remove(4);
+        fs::write(&path, without.join("\n") + "\n").expect("write");
+        let rep = verify(&path, Some(&public)).expect("verify");
+        assert!(rep.to_string().contains("event seq 5 is missing"), "{rep}");
+
+        // a forged checkpoint signature
+        let last = lines[6].replace("\"signature\":\"", "\"signature\":\"00");
+        let mut forged = lines.clone();
+        forged[6] = &last;
+        fs::write(&path, forged.join("\n") + "\n").expect("write");
+        let rep = verify(&path, Some(&public)).expect("verify");
+        assert!(rep.to_string().contains("checkpoint event seq 7"), "{rep}");
     }
 
     #[test]

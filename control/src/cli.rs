@@ -339,6 +339,9 @@ pub enum AuditCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check the audit log's hash chain and signed checkpoints; say what is wrong and where.
+    /// Exit status 1 when anything is.
+    Verify,
 }
 
 /// `psmctl recordings …`
@@ -370,6 +373,19 @@ pub enum RecordingsCmd {
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Check recordings' seals and signed trailers; say what is wrong and where. Exit status 1
+    /// unless every one is OK.
+    Verify {
+        /// Recording id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every recording.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print the evidence public key (`ed25519:<hex>`) that recordings and audit checkpoints
+    /// are signed with: what an auditor gives `psm-verify`.
+    Pubkey,
 }
 
 /// Why a psmctl command failed; `Display` is the whole message psmctl prints.
@@ -398,6 +414,12 @@ pub enum CliError {
     /// `policy check` answered "denied" (already printed; exit status 1).
     #[error("denied")]
     Denied,
+    /// A verification found something wrong (already printed; exit status 1).
+    #[error("verification failed")]
+    Unverified,
+    /// The evidence key could not be read.
+    #[error(transparent)]
+    Evidence(#[from] psm_evidence::KeyError),
     /// A host-key scan failed.
     #[error(transparent)]
     Scan(#[from] ScanError),
@@ -542,6 +564,20 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
             }
         }
         Command::Audit {
+            cmd: AuditCmd::Verify,
+        } => {
+            check_data_dir_owner(&data_dir)?;
+            let key = evidence_public_key(&data_dir)?;
+            let path = DataDir::new(&data_dir).audit_log();
+            let report = crate::audit::verify(&path, Some(&key))?;
+            writeln!(out, "{}: {report}", path.display())?;
+            if report.ok() {
+                Ok(())
+            } else {
+                Err(CliError::Unverified)
+            }
+        }
+        Command::Audit {
             cmd: AuditCmd::Tail { n, json },
         } => {
             check_data_dir_owner(&data_dir)?;
@@ -600,10 +636,42 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
                     (None, Some(e)) => writeln!(out, "recordings: free space unknown: {e}")?,
                     (None, None) => {}
                 }
+                for k in &s.siem {
+                    writeln!(out, "{}", siem_line(k))?;
+                }
                 Ok(())
             }
         }
     }
+}
+
+/// One SIEM sink in `psmctl status`.
+fn siem_line(k: &crate::protocol::SinkStatus) -> String {
+    let link = if k.connected {
+        "connected".to_string()
+    } else {
+        match &k.last_error {
+            Some(e) => format!("NOT CONNECTED ({})", field(e)),
+            None => "NOT CONNECTED".to_string(),
+        }
+    };
+    format!(
+        "siem sink {} ({} {}, {}): {link}; queued {} ({}), delivered {} (up to seq {}), dropped {}{}",
+        field(&k.name),
+        k.transport,
+        field(&k.address),
+        k.format,
+        k.queued,
+        human_bytes(k.queued_bytes),
+        k.delivered,
+        k.delivered_seq,
+        k.dropped,
+        if k.dropping {
+            " (DROPPING NOW: its queue is full)"
+        } else {
+            ""
+        }
+    )
 }
 
 /// `1.5 GiB`-style sizes.
@@ -1117,6 +1185,34 @@ fn recordings_cmd(
             let mode = if raw { Replay::Raw } else { Replay::Safe };
             recordings::play(data_dir, &id, speed, mode, out)?;
         }
+        RecordingsCmd::Verify { id, all } => {
+            let key = evidence_public_key(data_dir)?;
+            let reports = match (id, all) {
+                (Some(id), false) => vec![recordings::verify(data_dir, &id, &key)?],
+                _ => recordings::verify_all(data_dir, &key)?,
+            };
+            let mut bad = 0;
+            for r in &reports {
+                writeln!(out, "{r}")?;
+                if !r.ok() {
+                    bad += 1;
+                }
+            }
+            if all {
+                writeln!(
+                    out,
+                    "{} recording(s): {} OK, {bad} not OK",
+                    reports.len(),
+                    reports.len() - bad
+                )?;
+            }
+            if bad > 0 {
+                return Err(CliError::Unverified);
+            }
+        }
+        RecordingsCmd::Pubkey => {
+            writeln!(out, "{}", evidence_public_key(data_dir)?)?;
+        }
         RecordingsCmd::Export { id, format, output } => match output {
             Some(path) => {
                 let mut f = fs::OpenOptions::new()
@@ -1135,6 +1231,18 @@ fn recordings_cmd(
         },
     }
     Ok(())
+}
+
+/// The data directory's evidence public key (`evidence.pub`, or the public half of
+/// `evidence.key`).
+fn evidence_public_key(data_dir: &Path) -> Result<psm_evidence::PublicKey, CliError> {
+    let pub_path = data_dir.join(psm_evidence::PUB_FILE);
+    match psm_evidence::PublicKey::read(&pub_path) {
+        Err(psm_evidence::KeyError::Missing(_)) => Ok(psm_evidence::PublicKey::read(
+            &data_dir.join(psm_evidence::KEY_FILE),
+        )?),
+        other => Ok(other?),
+    }
 }
 
 /// Quotes a field value when it holds spaces, quotes or nothing; escapes what a peer could use

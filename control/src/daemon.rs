@@ -79,6 +79,8 @@ pub struct Options {
     pub lockout: Lockout,
     /// Whether every session needs a second factor (`[policy] mfa = "required"`).
     pub mfa_required: bool,
+    /// Events between two signed audit checkpoints (one is also written at shutdown).
+    pub audit_checkpoint_every: u64,
     /// Where the audit stream is exported (`[[siem.sink]]`).
     pub siem: Vec<crate::siem::config::SinkConfig>,
 }
@@ -89,6 +91,7 @@ impl Default for Options {
             min_password_length: DEFAULT_MIN_PASSWORD_LENGTH,
             lockout: Lockout::default(),
             mfa_required: false,
+            audit_checkpoint_every: crate::audit::DEFAULT_CHECKPOINT_EVERY,
             siem: Vec::new(),
         }
     }
@@ -135,6 +138,9 @@ pub enum ControlError {
     /// The audit log is unusable.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// The evidence key (`evidence.key`) that signs audit checkpoints is unusable.
+    #[error(transparent)]
+    Evidence(#[from] psm_evidence::KeyError),
     /// A SIEM sink's queue or TLS files are unusable.
     #[error("{0}")]
     Siem(String),
@@ -1014,6 +1020,8 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     let first = SnapshotLine::encode(first);
     let version = first.version;
     let mut audit = AuditLog::open(&paths.audit_log())?;
+    let (evidence_key, _) = psm_evidence::EvidenceKey::load_or_create(&data_dir)?;
+    audit.sign_checkpoints(evidence_key, options.audit_checkpoint_every);
     let siem = crate::siem::Siem::start(&data_dir, &options.siem).map_err(ControlError::Siem)?;
     audit.tap = siem.tap();
     let next_seq = audit.next_seq();
@@ -1092,6 +1100,9 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     drop(control);
     drop(policy);
     tasks.shutdown().await;
+    if let Err(e) = lock(&shared.audit).checkpoint("shutdown") {
+        error!(error = %e, "cannot write the shutdown audit checkpoint");
+    }
     shared.siem.stop().await;
     for p in [&control_path, &policy_path] {
         if let Err(e) = fs::remove_file(p) {
@@ -1465,7 +1476,12 @@ mod tests {
         assert_eq!(v6, v5 + 1);
         assert_eq!(relay.snapshot().await.version, v6);
         let events = audit_lines(&dir);
-        assert_eq!(events.last().map(|e| e.seq), Some(9));
+        // 8 events, the shutdown checkpoint (9), then the target removal
+        assert_eq!(events.last().map(|e| e.seq), Some(10));
+        assert!(
+            events.iter().any(|e| matches!(&e.kind, AuditKind::Notice { kind: Some(k), .. } if k == "audit checkpoint")),
+            "no shutdown checkpoint: {events:?}"
+        );
         d.stop().await;
     }
 
@@ -1502,6 +1518,7 @@ mod tests {
                 lockout: Default::default(),
                 mfa_required: false,
                 min_password_length: 20,
+                audit_checkpoint_every: 1000,
                 siem: Vec::new(),
             },
         )

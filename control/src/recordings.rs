@@ -13,6 +13,9 @@
 //! still running (or cut short) lasts up to its last record. The caller
 //! ([`crate::cli`]) checks first that it may read the data directory.
 //!
+//! `verify` checks recordings' seal chains and signed trailers against the evidence public key
+//! (`psm_recorder_format::verify`).
+//!
 //! What it does not do: parse the recording format itself, or talk to psm-recorder.
 
 use std::fs::File;
@@ -21,6 +24,8 @@ use std::path::Path;
 
 use psm_recorder_format::export::{self, Replay};
 use psm_recorder_format::file::{self, RecordingInfo, RecordingReader};
+use psm_evidence::PublicKey;
+use psm_recorder_format::verify::Report;
 use psm_recorder_format::FormatError;
 use serde::Serialize;
 
@@ -174,7 +179,46 @@ pub fn print_list(out: &mut dyn Write, rows: &[RecordingRow], json: bool) -> std
     )
 }
 
+/// Verifies recording `id` against `key`.
+pub fn verify(data_dir: &Path, id: &str, key: &PublicKey) -> Result<Report, RecordingError> {
+    let f = open_file(data_dir, id)?;
+    Ok(psm_recorder_format::verify::verify(f, id, Some(key)))
+}
+
+/// Verifies every recording (`*.psmrec`) against `key`, in the order of their ids.
+pub fn verify_all(data_dir: &Path, key: &PublicKey) -> Result<Vec<Report>, RecordingError> {
+    let dir = DataDir::new(data_dir).recordings();
+    let list_err = |e: std::io::Error| RecordingError::List {
+        dir: dir.clone(),
+        source: FormatError::Io(e),
+    };
+    let mut ids = Vec::new();
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry.map_err(list_err)?.path();
+                if path.extension().and_then(|e| e.to_str()) != Some(file::EXTENSION) {
+                    continue;
+                }
+                if let Some(id) = path.file_stem().and_then(|s| s.to_str()) {
+                    if file::valid_id(id) {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(list_err(e)),
+    }
+    ids.sort();
+    ids.iter().map(|id| verify(data_dir, id, key)).collect()
+}
+
 fn open(data_dir: &Path, id: &str) -> Result<RecordingReader<File>, RecordingError> {
+    Ok(RecordingReader::open(open_file(data_dir, id)?)?)
+}
+
+fn open_file(data_dir: &Path, id: &str) -> Result<File, RecordingError> {
     let dir = DataDir::new(data_dir).recordings();
     let path = file::path_for(&dir, id)?;
     let f = File::open(&path).map_err(|e| {
@@ -187,7 +231,7 @@ fn open(data_dir: &Path, id: &str) -> Result<RecordingReader<File>, RecordingErr
             RecordingError::Format(FormatError::Io(e))
         }
     })?;
-    Ok(RecordingReader::open(f)?)
+    Ok(f)
 }
 
 /// Replays recording `id` to `out` in (scaled) real time: through the sanitizer (only what

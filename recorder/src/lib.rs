@@ -9,10 +9,17 @@
 //! append, CLOSE ends and fsyncs it, DISCARD removes a recording whose session never started.
 //! When a recording cannot be written any more (disk full, I/O error) the recorder answers
 //! [`Reply::Failed`] for that stream and drops its frames: the relay ends that one session, the
-//! link and its other sessions go on. Open files are flushed (a zstd frame ended and written
-//! out) at least every second and every 4 MiB, so a crash loses little. A stream still open when
-//! its relay's connection drops is closed with the reason `"relay link lost"`; on
-//! SIGTERM/SIGINT, with `"recorder shutdown"`.
+//! link and its other sessions go on. Open files are flushed (a sealed chunk: a zstd frame
+//! ended with its SEAL, written out) at least every second, every 4 MiB and at every RESIZE,
+//! so a crash loses at most the last second. A stream still open when its relay's connection
+//! drops is closed with the reason `"relay link lost"`; on SIGTERM/SIGINT, with `"recorder
+//! shutdown"`.
+//!
+//! Every finished recording gets a trailer signed with the evidence key (`evidence.key` in the
+//! data directory, created on first start by this process or psm-control, whichever starts
+//! first; see `psm_evidence`). The trailer says whether the recording ended with the session's
+//! own CLOSE or with one the recorder made up (link lost, shutdown, write failure): the latter
+//! verify as truncated, signed up to where the recorder got.
 //!
 //! Every connection is served by its own thread (reading, decoding, compressing, writing), so
 //! heavy work never stalls accepting; a malformed frame drops only the connection it came on.
@@ -34,6 +41,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use psm_evidence::EvidenceKey;
 use psm_recorder_format::file::{self, Record, RecordingWriter};
 use psm_recorder_format::wire::MAX_FRAME;
 use psm_recorder_format::{CloseSummary, FormatError, Frame, RecordingMeta, Reply};
@@ -83,6 +91,9 @@ pub enum RecorderError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    /// The evidence key that signs recordings could not be read or created.
+    #[error(transparent)]
+    Evidence(#[from] psm_evidence::KeyError),
 }
 
 fn setup_err(path: &Path) -> impl FnOnce(io::Error) -> RecorderError + '_ {
@@ -114,6 +125,9 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RecorderError> {
     let recordings = prepare_dirs(&data_dir)?;
+    let (key, created) = EvidenceKey::load_or_create(&data_dir)?;
+    info!(public_key = %key.public(), key_id = %key.public().key_id(), created, "evidence key");
+    let key = Arc::new(key);
     let owner_uid = fs::metadata(&data_dir).map_err(setup_err(&data_dir))?.uid();
     let socket_path = data_dir.join(RECORDER_SOCKET);
     remove_stale_socket(&socket_path)?;
@@ -133,7 +147,7 @@ pub async fn run_until(
                 Ok((stream, _)) => {
                     next_id += 1;
                     links.retain(|l| !l.thread.is_finished());
-                    match start_link(next_id, stream, owner_uid, &recordings, &stop) {
+                    match start_link(next_id, stream, owner_uid, &recordings, &stop, &key) {
                         Ok(link) => links.push(link),
                         Err(e) => error!(link = next_id, error = %e, "cannot serve relay connection"),
                     }
@@ -221,6 +235,7 @@ fn start_link(
     owner_uid: u32,
     recordings: &Path,
     stop: &Arc<AtomicBool>,
+    key: &Arc<EvidenceKey>,
 ) -> io::Result<LinkHandle> {
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == owner_uid => {
@@ -248,9 +263,10 @@ fn start_link(
     let replies = stream.try_clone()?;
     let dir = recordings.to_path_buf();
     let stop = Arc::clone(stop);
+    let key = Arc::clone(key);
     let thread = std::thread::Builder::new()
         .name(format!("relay-link-{id}"))
-        .spawn(move || Link::new(id, dir, replies).serve(stream, &stop))?;
+        .spawn(move || Link::new(id, dir, replies, key).serve(stream, &stop))?;
     Ok(LinkHandle {
         id,
         stream: waker,
@@ -293,8 +309,16 @@ impl Recording {
         self.writer.flush()
     }
 
-    /// Writes the CLOSE record, ends the file and fsyncs it.
-    fn finish(self, ts_us: u64, summary: CloseSummary) -> Result<(), FormatError> {
+    /// Writes the CLOSE record, seals the last chunk, writes the trailer signed with `key`,
+    /// and fsyncs the file. `complete`: `summary` is the session's own end (a CLOSE frame from
+    /// the relay), not one the recorder made up.
+    fn finish(
+        self,
+        ts_us: u64,
+        summary: CloseSummary,
+        key: &EvidenceKey,
+        complete: bool,
+    ) -> Result<(), FormatError> {
         let Recording {
             mut writer,
             recording_id,
@@ -304,7 +328,7 @@ impl Recording {
         let reason = summary.reason.clone();
         writer.write(&Record::Close { ts_us, summary })?;
         let file = writer
-            .finish()?
+            .finish_signed(key, complete)?
             .into_inner()
             .map_err(|e| FormatError::Io(e.into_error()))?;
         file.sync_all()?;
@@ -334,16 +358,19 @@ struct Link {
     /// Set when a reply could not be sent: the relay no longer hears about its streams, so the
     /// link is closed and the relay ends every session recorded on it (fail closed).
     deaf: Option<String>,
+    /// Signs the trailers.
+    key: Arc<EvidenceKey>,
 }
 
 impl Link {
-    fn new(id: u64, dir: PathBuf, replies: UnixStream) -> Self {
+    fn new(id: u64, dir: PathBuf, replies: UnixStream, key: Arc<EvidenceKey>) -> Self {
         Link {
             id,
             dir,
             streams: HashMap::new(),
             replies,
             deaf: None,
+            key,
         }
     }
 
@@ -372,7 +399,7 @@ impl Link {
             exit_signal: None,
             reason: format!("{REASON_WRITE_FAILED}: {why}"),
         };
-        if let Err(e) = r.finish(ts_us, summary) {
+        if let Err(e) = r.finish(ts_us, summary, &self.key, false) {
             debug!(link = self.id, stream, recording_id = %id, error = %e, "failed recording cannot be finished either");
         }
         self.reply(Reply::Failed {
@@ -492,15 +519,19 @@ impl Link {
                 channel,
                 cols,
                 rows,
-            } => self.append(
-                stream,
-                Record::Resize {
-                    ts_us,
-                    channel,
-                    cols,
-                    rows,
-                },
-            ),
+            } => {
+                self.append(
+                    stream,
+                    Record::Resize {
+                        ts_us,
+                        channel,
+                        cols,
+                        rows,
+                    },
+                );
+                // a session event: seal the chunk now
+                self.flush_stream(stream);
+            }
             Frame::Close {
                 stream,
                 ts_us,
@@ -596,7 +627,7 @@ impl Link {
         match self.streams.remove(&stream) {
             Some(Stream::Recording(r)) => {
                 let id = r.recording_id.clone();
-                if let Err(e) = r.finish(ts_us, summary) {
+                if let Err(e) = r.finish(ts_us, summary, &self.key, true) {
                     error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
                 }
             }
@@ -633,6 +664,18 @@ impl Link {
                 link = self.id,
                 stream, "discard for a stream that was never opened"
             ),
+        }
+    }
+
+    /// Flushes one recording now (after a session event).
+    fn flush_stream(&mut self, stream: u64) {
+        let Some(Stream::Recording(r)) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if let Err(e) = r.flush() {
+            error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
+            let why = format!("cannot flush recording {}: {e}", r.recording_id);
+            self.fail(stream, why);
         }
     }
 
@@ -673,7 +716,7 @@ impl Link {
                 exit_signal: None,
                 reason: reason.to_string(),
             };
-            if let Err(e) = r.finish(ts_us, summary) {
+            if let Err(e) = r.finish(ts_us, summary, &self.key, false) {
                 error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
             }
         }

@@ -36,6 +36,9 @@ struct Args {
     /// Require a second factor for every session, whatever the grant says.
     #[arg(long)]
     mfa_required: bool,
+    /// Events between two signed audit checkpoints (one is also written at shutdown).
+    #[arg(long, value_name = "N", default_value_t = psm_control::audit::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    audit_checkpoint_every: u64,
     /// psm.toml: psm-control reads its `[[siem.sink]]` tables (the audit stream's receivers).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             window_ms: args.lockout_window,
         },
         mfa_required: args.mfa_required,
+        audit_checkpoint_every: args.audit_checkpoint_every,
         siem,
     };
     rt.block_on(psm_control::daemon::run(args.data_dir, options))

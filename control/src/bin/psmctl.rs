@@ -28,7 +28,9 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
-        Err(psm_control::cli::CliError::Denied) => ExitCode::FAILURE,
+        Err(psm_control::cli::CliError::Denied | psm_control::cli::CliError::Unverified) => {
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("psmctl: {e}");
             ExitCode::FAILURE

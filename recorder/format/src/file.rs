@@ -12,10 +12,12 @@
 //!
 //! | kind | name   | body |
 //! |------|--------|------|
-//! | 0x01 | HEADER | `u8 version (1), u8 flags (0)` + JSON [`RecordingMeta`]; always the first record, exactly once |
+//! | 0x01 | HEADER | `u8 version (1), u8 flags` + JSON [`RecordingMeta`]; always the first record, exactly once |
 //! | 0x02 | DATA   | `u64 ts_us, u32 channel, u8 direction` + the bytes |
 //! | 0x03 | RESIZE | `u64 ts_us, u32 channel, u32 cols, u32 rows` |
 //! | 0x04 | CLOSE  | `u64 ts_us` + JSON [`CloseSummary`]; the last record of a recording that ended cleanly |
+//! | 0x80 | SEAL   | `u64 chunk, u64 ts_us, [32] hash`: the last record of every zstd frame (chunk) of a sealed recording |
+//! | 0x81 | TRAILER | see below; alone in the last zstd frame of a signed recording, after CLOSE |
 //!
 //! `ts_us` counts microseconds since the session started; `direction` is the
 //! [`Direction`] discriminant (0 input, 1 output, 2 error). A record body is at most
@@ -28,23 +30,41 @@
 //! and reports [`RecordingReader::truncated`]. The reader holds at most one record and fixed
 //! buffers, whatever the size of the recording (see [`RecordingReader`]).
 //!
-//! # Extension seam (not implemented yet)
+//! # Seals and trailer (tamper evidence)
+//!
+//! HEADER `flags` bit 0 ([`FLAG_SEALED`]) says the recording is sealed: every zstd frame is a
+//! *chunk* that ends with a SEAL record. Chunks are numbered from 1 (the first holds the
+//! header); a seal carries its chunk's number, the largest `ts_us` written so far, and
+//! `SHA-256(previous seal's hash || every decompressed byte from the end of the previous seal
+//! (the start of the stream for chunk 1) up to this seal's hash field)` — the seal's own head,
+//! number and time included. The seals form a hash chain from the header to the last chunk.
+//!
+//! A recording that ends cleanly then gets a TRAILER in a frame of its own, signed with the
+//! recorder's Ed25519 evidence key (`psm_evidence`):
+//!
+//! ```text
+//! u8 version (1), u8 flags (bit 0: complete: the session's own CLOSE; clear: the recorder
+//! closed it because the relay link was lost or the recorder stopped), u64 chunk count,
+//! [32] last seal's hash, [8] key id, u16 len + session id, u16 len + recording id,
+//! [64] Ed25519 signature of TRAILER_DOMAIN || all the bytes above
+//! ```
+//!
+//! [`crate::verify`] checks all of it. Readers that only replay skip both kinds.
+//!
+//! # Extension seam
 //!
 //! - Record kinds `0x80..=0xff` are *optional*: a reader that does not know one skips it.
 //!   Unknown kinds below `0x80` are errors (they would change the meaning of the file).
-//! - Reserved: `0x80` CHUNK_SEAL, written as the last record of each zstd frame, carrying
-//!   `SHA-256(previous seal || every decompressed record byte of this frame)`, a per-chunk hash
-//!   chain; `0x81` TRAILER, after CLOSE, carrying a signature over the last seal and the
-//!   recorder's key id.
-//! - HEADER `flags` bit 0 will announce that seals are present (so a reader can insist on
-//!   them); readers ignore flag bits they do not know. A change that old readers must refuse
-//!   bumps the version byte (and the magic's digit).
+//! - Readers ignore flag bits they do not know. A change that old readers must refuse bumps the
+//!   version byte (and the magic's digit).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use psm_evidence::{EvidenceKey, Hash, KeyId, PublicKey, HASH_LEN, SIG_LEN};
+use ring::digest;
 use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
 
 use crate::{CloseSummary, Direction, FormatError, RecordingMeta};
@@ -68,6 +88,18 @@ const KIND_HEADER: u8 = 0x01;
 const KIND_DATA: u8 = 0x02;
 const KIND_RESIZE: u8 = 0x03;
 const KIND_CLOSE: u8 = 0x04;
+const KIND_SEAL: u8 = 0x80;
+const KIND_TRAILER: u8 = 0x81;
+/// HEADER flag: every chunk ends with a SEAL record.
+pub const FLAG_SEALED: u8 = 0x01;
+/// TRAILER flag: the recording ended with the session's own CLOSE.
+const TRAILER_COMPLETE: u8 = 0x01;
+/// What a trailer's signature covers, before the trailer's bytes.
+pub const TRAILER_DOMAIN: &[u8] = b"psm recording trailer v1\0";
+/// `u64 chunk, u64 ts_us` before a seal's hash.
+const SEAL_PREFIX: usize = 16;
+/// The whole SEAL body.
+const SEAL_BODY: usize = SEAL_PREFIX + HASH_LEN;
 /// First optional record kind: readers skip optional kinds they do not know.
 const FIRST_OPTIONAL_KIND: u8 = 0x80;
 
@@ -167,6 +199,145 @@ pub struct RecordingWriter<W: Write> {
     pending: u64,
     /// An earlier write failed half-way: the stream is unusable.
     poisoned: bool,
+    /// The running hash of the current chunk (starts with the previous seal's hash).
+    hasher: digest::Context,
+    /// The last seal's hash (zeros before the first).
+    chain: Hash,
+    /// Chunks sealed so far.
+    chunks: u64,
+    /// Largest `ts_us` written.
+    last_ts_us: u64,
+    /// Session and recording id, for the trailer.
+    session_id: String,
+    recording_id: String,
+}
+
+fn chunk_hasher(chain: &Hash) -> digest::Context {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(chain);
+    ctx
+}
+
+/// One seal as the reader found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seal {
+    /// The chunk number it carries.
+    pub chunk: u64,
+    /// The largest `ts_us` written before it.
+    pub ts_us: u64,
+    /// The hash it carries.
+    pub stored: Hash,
+    /// The hash of what was actually read, chained on the previous seal's *stored* hash.
+    pub computed: Hash,
+}
+
+/// A trailer as the reader found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    /// The recording ended with the session's own CLOSE (not one the recorder made up).
+    pub complete: bool,
+    /// Chunks it says the recording has.
+    pub chunks: u64,
+    /// The last seal's hash it names.
+    pub final_hash: Hash,
+    /// The key that signed it.
+    pub key_id: KeyId,
+    /// Session it names.
+    pub session_id: String,
+    /// Recording it names.
+    pub recording_id: String,
+    /// The bytes the signature covers (after [`TRAILER_DOMAIN`]).
+    signed: Vec<u8>,
+    signature: [u8; SIG_LEN],
+}
+
+impl Trailer {
+    fn encode_signed(
+        complete: bool,
+        chunks: u64,
+        final_hash: &Hash,
+        key_id: KeyId,
+        session_id: &str,
+        recording_id: &str,
+    ) -> Vec<u8> {
+        let sid = &session_id.as_bytes()[..session_id.len().min(u16::MAX as usize)];
+        let rid = &recording_id.as_bytes()[..recording_id.len().min(u16::MAX as usize)];
+        let mut b = Vec::with_capacity(64 + sid.len() + rid.len());
+        b.push(1);
+        b.push(if complete { TRAILER_COMPLETE } else { 0 });
+        b.extend_from_slice(&chunks.to_be_bytes());
+        b.extend_from_slice(final_hash);
+        b.extend_from_slice(&key_id.0);
+        b.extend_from_slice(&(sid.len() as u16).to_be_bytes());
+        b.extend_from_slice(sid);
+        b.extend_from_slice(&(rid.len() as u16).to_be_bytes());
+        b.extend_from_slice(rid);
+        b
+    }
+
+    fn decode(body: &[u8]) -> Result<Trailer, String> {
+        let bad = |what: &str| format!("malformed trailer: {what}");
+        if body.len() < SIG_LEN {
+            return Err(bad("too short"));
+        }
+        let (signed, sig) = body.split_at(body.len() - SIG_LEN);
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            let piece = signed.get(at..at + n).ok_or_else(|| bad("too short"))?;
+            at += n;
+            Ok(piece)
+        };
+        let version = take(1)?[0];
+        if version != 1 {
+            return Err(bad(&format!("unknown version {version}")));
+        }
+        let flags = take(1)?[0];
+        let chunks = be_u64(take(8)?);
+        let mut final_hash = [0u8; HASH_LEN];
+        final_hash.copy_from_slice(take(HASH_LEN)?);
+        let mut kid = [0u8; 8];
+        kid.copy_from_slice(take(8)?);
+        let n = u16::from_be_bytes([take(1)?[0], take(1)?[0]]) as usize;
+        let session_id = String::from_utf8_lossy(take(n)?).into_owned();
+        let n = u16::from_be_bytes([take(1)?[0], take(1)?[0]]) as usize;
+        let recording_id = String::from_utf8_lossy(take(n)?).into_owned();
+        if at != signed.len() {
+            return Err(bad("trailing bytes"));
+        }
+        let mut signature = [0u8; SIG_LEN];
+        signature.copy_from_slice(sig);
+        Ok(Trailer {
+            complete: flags & TRAILER_COMPLETE != 0,
+            chunks,
+            final_hash,
+            key_id: KeyId(kid),
+            session_id,
+            recording_id,
+            signed: signed.to_vec(),
+            signature,
+        })
+    }
+
+    /// Whether `key` signed this trailer.
+    pub fn signed_by(&self, key: &PublicKey) -> bool {
+        let mut msg = Vec::with_capacity(TRAILER_DOMAIN.len() + self.signed.len());
+        msg.extend_from_slice(TRAILER_DOMAIN);
+        msg.extend_from_slice(&self.signed);
+        key.key_id() == self.key_id && key.verify(&msg, &self.signature)
+    }
+}
+
+/// What the reader found next: a record, or the evidence around records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A record.
+    Record(Record),
+    /// The end of a chunk.
+    Seal(Seal),
+    /// The signed trailer.
+    Trailer(Trailer),
+    /// A SEAL or TRAILER that does not parse (`kind`, why).
+    Bad(u8, String),
 }
 
 impl<W: Write> RecordingWriter<W> {
@@ -183,12 +354,18 @@ impl<W: Write> RecordingWriter<W> {
             in_frame: false,
             pending: 0,
             poisoned: false,
+            hasher: chunk_hasher(&[0u8; HASH_LEN]),
+            chain: [0u8; HASH_LEN],
+            chunks: 0,
+            last_ts_us: 0,
+            session_id: meta.session_id.clone(),
+            recording_id: meta.recording_id.clone(),
         };
         let json = json_body(meta)?;
         let mut rec = Vec::with_capacity(RECORD_HEAD + 2 + json.len());
         put_head(&mut rec, KIND_HEADER, 2 + json.len());
         rec.push(FORMAT_VERSION);
-        rec.push(0); // flags
+        rec.push(FLAG_SEALED);
         rec.extend_from_slice(&json);
         writer.compress(&rec)?;
         Ok(writer)
@@ -197,6 +374,7 @@ impl<W: Write> RecordingWriter<W> {
     /// Appends one record. DATA longer than [`MAX_RECORD`] is cut into several records.
     pub fn write(&mut self, rec: &Record) -> Result<(), FormatError> {
         self.check()?;
+        self.last_ts_us = self.last_ts_us.max(rec.ts_us());
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         let result = self.write_with(rec, &mut scratch);
@@ -263,10 +441,43 @@ impl<W: Write> RecordingWriter<W> {
         Ok(())
     }
 
-    /// Ends the recording (flushes) and returns the underlying writer. Does not fsync.
+    /// Ends the recording (flushes) and returns the underlying writer, without a trailer: the
+    /// recording is sealed but not signed. Does not fsync.
     pub fn finish(mut self) -> Result<W, FormatError> {
         self.flush()?;
         Ok(self.inner)
+    }
+
+    /// Ends the recording (flushes), then writes the TRAILER signed with `key` in a frame of its
+    /// own, and returns the underlying writer. `complete`: the last record written is the
+    /// session's own CLOSE (not one made up because the relay link was lost). Does not fsync.
+    pub fn finish_signed(mut self, key: &EvidenceKey, complete: bool) -> Result<W, FormatError> {
+        self.flush()?;
+        let signed = Trailer::encode_signed(
+            complete,
+            self.chunks,
+            &self.chain,
+            key.public().key_id(),
+            &self.session_id,
+            &self.recording_id,
+        );
+        let mut msg = Vec::with_capacity(TRAILER_DOMAIN.len() + signed.len());
+        msg.extend_from_slice(TRAILER_DOMAIN);
+        msg.extend_from_slice(&signed);
+        let sig = key.sign(&msg);
+        let mut rec = Vec::with_capacity(RECORD_HEAD + signed.len() + SIG_LEN);
+        put_head(&mut rec, KIND_TRAILER, signed.len() + SIG_LEN);
+        rec.extend_from_slice(&signed);
+        rec.extend_from_slice(&sig);
+        self.compress_with(&rec, false)?;
+        self.close_frame()?;
+        self.guard(|w| w.inner.flush())?;
+        Ok(self.inner)
+    }
+
+    /// Chunks sealed so far.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
     }
 
     /// Uncompressed bytes written since the last flush (to decide when to flush).
@@ -301,8 +512,16 @@ impl<W: Write> RecordingWriter<W> {
     }
 
     fn compress(&mut self, data: &[u8]) -> Result<(), FormatError> {
+        self.compress_with(data, true)
+    }
+
+    /// Compresses `data`, adding it to the chunk's hash when `hashed`.
+    fn compress_with(&mut self, data: &[u8], hashed: bool) -> Result<(), FormatError> {
         if data.is_empty() {
             return Ok(());
+        }
+        if hashed {
+            self.hasher.update(data);
         }
         self.in_frame = true;
         self.pending += data.len() as u64;
@@ -324,7 +543,31 @@ impl<W: Write> RecordingWriter<W> {
         })
     }
 
+    /// Seals the current chunk and ends its zstd frame (nothing when no frame is open).
     fn end_frame(&mut self) -> Result<(), FormatError> {
+        if !self.in_frame {
+            return Ok(());
+        }
+        let chunk = self.chunks + 1;
+        let mut seal = [0u8; RECORD_HEAD + SEAL_PREFIX];
+        seal[0] = KIND_SEAL;
+        seal[1..5].copy_from_slice(&(SEAL_BODY as u32).to_be_bytes());
+        seal[5..13].copy_from_slice(&chunk.to_be_bytes());
+        seal[13..21].copy_from_slice(&self.last_ts_us.to_be_bytes());
+        self.compress_with(&seal, true)?;
+        let done = std::mem::replace(&mut self.hasher, digest::Context::new(&digest::SHA256));
+        let mut hash = [0u8; HASH_LEN];
+        hash.copy_from_slice(done.finish().as_ref());
+        self.compress_with(&hash, false)?;
+        self.close_frame()?;
+        self.chunks = chunk;
+        self.chain = hash;
+        self.hasher = chunk_hasher(&hash);
+        Ok(())
+    }
+
+    /// Ends the zstd frame as it is.
+    fn close_frame(&mut self) -> Result<(), FormatError> {
         if !self.in_frame {
             return Ok(());
         }
@@ -384,6 +627,14 @@ pub struct RecordingReader<R: Read> {
     ended: bool,
     cut: bool,
     damage: Option<String>,
+    /// The stream ended inside a zstd frame (a file cut short), as opposed to damaged bytes.
+    damage_is_cut: bool,
+    /// HEADER flag [`FLAG_SEALED`].
+    sealed: bool,
+    /// Whether decompressed bytes go into `hasher`.
+    hashing: bool,
+    /// The running hash of the current chunk (starts with the previous seal's stored hash).
+    hasher: digest::Context,
 }
 
 /// How much of a requested read could be served.
@@ -432,6 +683,10 @@ impl<R: Read> RecordingReader<R> {
             ended: false,
             cut: false,
             damage: None,
+            damage_is_cut: false,
+            sealed: false,
+            hashing: true,
+            hasher: chunk_hasher(&[0u8; HASH_LEN]),
         };
         let (kind, len) = match reader.read_head()? {
             Some(head) => head,
@@ -453,7 +708,9 @@ impl<R: Read> RecordingReader<R> {
                 reader.version
             )));
         }
-        // body[1]: flags; none is defined yet and unknown ones are hints, so they are ignored.
+        // body[1]: flags; unknown ones are hints, so they are ignored.
+        reader.sealed = body[1] & FLAG_SEALED != 0;
+        reader.hashing = reader.sealed;
         reader.meta = serde_json::from_slice(&body[2..])
             .map_err(|e| FormatError::Malformed(format!("recording header: {e}")))?;
         Ok(reader)
@@ -495,8 +752,35 @@ impl<R: Read> RecordingReader<R> {
         self.damage.as_deref()
     }
 
+    /// Whether the damage (see [`damage`](Self::damage)) is only the file ending inside a zstd
+    /// frame, as when the writer died, rather than bytes that do not decode.
+    pub fn damage_is_cut(&self) -> bool {
+        self.damage_is_cut
+    }
+
+    /// Whether the header announces seals ([`FLAG_SEALED`]).
+    pub fn sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// The next record, seal or trailer, or `None` at the end of the recording (see
+    /// [`next_record`](Self::next_record) for how the end is found).
+    pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
+        self.next_any(true)
+    }
+
     /// Like `next_record`; with `want_data == false`, DATA bytes are not handed out (empty).
     fn next_inner(&mut self, want_data: bool) -> Result<Option<Record>, FormatError> {
+        loop {
+            match self.next_any(want_data)? {
+                None => return Ok(None),
+                Some(Item::Record(rec)) => return Ok(Some(rec)),
+                Some(_) => continue,
+            }
+        }
+    }
+
+    fn next_any(&mut self, want_data: bool) -> Result<Option<Item>, FormatError> {
         loop {
             if self.ended {
                 return Ok(None);
@@ -506,17 +790,73 @@ impl<R: Read> RecordingReader<R> {
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(self.fail(e)),
             };
-            match self.read_record(kind, len, want_data) {
-                Ok(Some(rec)) => {
-                    if matches!(rec, Record::Close { .. }) {
+            let item = if kind == KIND_SEAL && self.sealed {
+                self.read_seal(len)
+            } else if kind == KIND_TRAILER {
+                self.read_trailer(len)
+            } else {
+                self.read_record(kind, len, want_data)
+                    .map(|r| r.map(Item::Record))
+            };
+            match item {
+                Ok(Some(item)) => {
+                    if matches!(item, Item::Record(Record::Close { .. })) {
                         self.seen_close = true;
                     }
-                    return Ok(Some(rec));
+                    return Ok(Some(item));
                 }
                 Ok(None) => continue,
                 Err(e) => return Err(self.fail(e)),
             }
         }
+    }
+
+    /// Reads a SEAL body: its number and time go into the chunk's hash, its hash does not.
+    fn read_seal(&mut self, len: usize) -> Result<Option<Item>, FormatError> {
+        if len != SEAL_BODY {
+            let mut body = std::mem::take(&mut self.scratch);
+            let complete = self.read_body(&mut body, len);
+            self.scratch = body;
+            return Ok(complete?.then(|| Item::Bad(KIND_SEAL, format!("seal of {len} bytes"))));
+        }
+        let mut prefix = [0u8; SEAL_PREFIX];
+        if !matches!(self.fill(&mut prefix)?, Fill::Full) {
+            self.ended = true;
+            self.cut = true;
+            return Ok(None);
+        }
+        let done = std::mem::replace(&mut self.hasher, digest::Context::new(&digest::SHA256));
+        let mut computed = [0u8; HASH_LEN];
+        computed.copy_from_slice(done.finish().as_ref());
+        let mut stored = [0u8; HASH_LEN];
+        self.hashing = false;
+        let got = self.fill(&mut stored);
+        self.hashing = true;
+        if !matches!(got?, Fill::Full) {
+            self.ended = true;
+            self.cut = true;
+            return Ok(None);
+        }
+        self.hasher = chunk_hasher(&stored);
+        Ok(Some(Item::Seal(Seal {
+            chunk: be_u64(&prefix[0..8]),
+            ts_us: be_u64(&prefix[8..16]),
+            stored,
+            computed,
+        })))
+    }
+
+    fn read_trailer(&mut self, len: usize) -> Result<Option<Item>, FormatError> {
+        let mut body = std::mem::take(&mut self.scratch);
+        let complete = self.read_body(&mut body, len);
+        let item = complete.map(|c| {
+            c.then(|| match Trailer::decode(&body) {
+                Ok(t) => Item::Trailer(t),
+                Err(why) => Item::Bad(KIND_TRAILER, why),
+            })
+        });
+        self.scratch = body;
+        item
     }
 
     fn fail(&mut self, e: FormatError) -> FormatError {
@@ -606,13 +946,19 @@ impl<R: Read> RecordingReader<R> {
         while got < buf.len() {
             match self.src.read(&mut buf[got..]) {
                 Ok(0) => break,
-                Ok(n) => got += n,
+                Ok(n) => {
+                    if self.hashing {
+                        self.hasher.update(&buf[got..got + n]);
+                    }
+                    got += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if self.src.get_ref().get_ref().get_ref().failed {
                         return Err(e.into());
                     }
                     // zstd could not go on: a file cut inside a frame, or damaged bytes.
+                    self.damage_is_cut = e.kind() == io::ErrorKind::UnexpectedEof;
                     self.damage = Some(e.to_string());
                     self.ended = true;
                     self.cut = true;
@@ -691,6 +1037,27 @@ fn parse_record(kind: u8, body: &[u8]) -> Result<Option<Record>, FormatError> {
             "unknown record kind {k:#04x}"
         ))),
     }
+}
+
+/// Where each zstd frame (chunk, or the trailer's frame) of a recording lies in its bytes, in
+/// order; stops at the first bytes that are not a whole frame. For tools and tests that look at
+/// a recording's chunks one by one (the trailer's frame is the last one of a signed recording).
+pub fn frame_spans(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    if !bytes.starts_with(MAGIC) {
+        return out;
+    }
+    let mut at = MAGIC.len();
+    while at < bytes.len() {
+        match zstd::zstd_safe::find_frame_compressed_size(&bytes[at..]) {
+            Ok(n) if n > 0 && at + n <= bytes.len() => {
+                out.push(at..at + n);
+                at += n;
+            }
+            _ => break,
+        }
+    }
+    out
 }
 
 /// A recording on disk, as [`list`] and [`info`] describe it.
@@ -954,7 +1321,7 @@ mod tests {
     #[test]
     fn optional_unknown_kinds_are_skipped_and_others_rejected() {
         let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
-        w.compress(&[0x80, 0, 0, 0, 2, 9, 9]).expect("raw");
+        w.compress(&[0x9f, 0, 0, 0, 2, 9, 9]).expect("raw");
         w.write(&records()[0]).expect("write");
         w.compress(&[0x05, 0, 0, 0, 0]).expect("raw");
         let bytes = w.finish().expect("finish");

@@ -50,7 +50,7 @@ pub fn replies(data: &[u8]) {
     }
 }
 
-/// A recording file: read its records, then render it as text and asciicast.
+/// A recording file: read its records, render it as text and asciicast, and verify it.
 pub fn recording(data: &[u8]) {
     if let Ok(mut r) = RecordingReader::open(Cursor::new(data)) {
         for _ in 0..MAX_RECORDS {
@@ -66,6 +66,9 @@ pub fn recording(data: &[u8]) {
     if let Ok(r) = RecordingReader::open(Cursor::new(data)) {
         let _ = export::asciicast(r, std::io::sink());
     }
+    // the verifier reads what the reader reads; without a key nothing can verify as OK
+    let report = crate::verify::verify(Cursor::new(data), "fuzz", None);
+    assert_ne!(report.status, crate::verify::Status::Ok, "{report}");
 }
 
 /// Terminal output through the replay filter: splitting the input anywhere changes nothing,

@@ -5,6 +5,8 @@
 //! - [`export`]: replay timing, asciicast v2 and plain-text renderings of a recording.
 //! - [`fuzz`](mod@fuzz): the entry points of the fuzz targets and corpus replay tests.
 //! - [`sanitize`]: the filter that makes replayed terminal output safe for the auditor's terminal.
+//! - [`verify`](mod@verify): checks a recording's seal chain and signed trailer, and says what is
+//!   wrong and where (used by `psmctl recordings verify` and `psm-verify`).
 //!
 //! What it does not do: open sockets. Readers and writers take any `Read`/`Write`.
 #![forbid(unsafe_code)]
@@ -14,6 +16,7 @@ pub mod export;
 pub mod file;
 pub mod fuzz;
 pub mod sanitize;
+pub mod verify;
 pub mod wire;
 
 pub use wire::{CloseSummary, Direction, Frame, RecordingMeta, Reply};

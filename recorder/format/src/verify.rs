@@ -1,0 +1,618 @@
+//! Verification of a sealed, signed recording: is it what psm-recorder wrote, all of it?
+//!
+//! [`verify`] reads a recording once, in bounded memory, and checks the seal chain (each
+//! chunk's content against its seal, chunk numbers in order, none missing), the trailer (present,
+//! after CLOSE, naming this session and recording, the chunk count and last seal hash, signed by
+//! the given key) and that nothing follows it. It says what is wrong and where (chunk numbers and
+//! times into the session), and tells a recording cut short by a crash (*truncated*) from one
+//! that was changed (*failed*).
+
+use std::fmt;
+use std::io::Read;
+
+use psm_evidence::{offset, utc, PublicKey};
+
+use crate::file::{Item, Record, RecordingReader};
+use crate::RecordingMeta;
+
+/// Problems listed at most (the count goes on).
+const MAX_PROBLEMS: usize = 100;
+
+/// The verdict on one recording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Sealed, complete, signed by the key, untouched.
+    Ok,
+    /// Cut short by a crash (or closed by the recorder when its relay link was lost), and
+    /// untouched up to there.
+    Truncated,
+    /// Written before recordings were sealed: nothing to check.
+    Unsealed,
+    /// Changed, damaged, or not signed by the key.
+    Failed,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Ok => "OK",
+            Status::Truncated => "TRUNCATED",
+            Status::Unsealed => "UNSEALED",
+            Status::Failed => "FAILED",
+        })
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The recording's id (file name), as given.
+    pub id: String,
+    /// Its header, when it could be read.
+    pub meta: Option<RecordingMeta>,
+    /// The verdict.
+    pub status: Status,
+    /// Chunks whose seal was read.
+    pub chunks: u64,
+    /// Time into the session of the last good chunk, in microseconds.
+    pub last_ts_us: u64,
+    /// One line saying what the recording is (OK) or how it was cut short (truncated).
+    pub summary: String,
+    /// What is wrong, with where.
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    /// Whether the recording verified (status OK).
+    pub fn ok(&self) -> bool {
+        self.status == Status::Ok
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.id, self.status)?;
+        if !self.summary.is_empty() {
+            write!(f, ": {}", self.summary)?;
+        }
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+struct State {
+    problems: Vec<String>,
+    more: u64,
+}
+
+impl State {
+    fn problem(&mut self, what: String) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(what);
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+/// Checks the recording read from `r`, named `id` (its file name without extension), against
+/// `key` (when `None`, the trailer's signature is not checked and the recording cannot be OK).
+pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
+    let mut report = Report {
+        id: id.to_string(),
+        meta: None,
+        status: Status::Failed,
+        chunks: 0,
+        last_ts_us: 0,
+        summary: String::new(),
+        problems: Vec::new(),
+    };
+    let mut reader = match RecordingReader::open(r) {
+        Ok(reader) => reader,
+        Err(e) => {
+            report.problems.push(format!(
+                "chunk 1: the header cannot be read ({e}): damaged, modified or not a recording"
+            ));
+            return report;
+        }
+    };
+    let meta = reader.meta().clone();
+    let start_ms = meta.start_ms;
+    let when = |ts_us: u64| {
+        format!(
+            "{} into the session, {}",
+            offset(ts_us),
+            utc(start_ms.saturating_add(ts_us / 1000))
+        )
+    };
+    report.meta = Some(meta.clone());
+    if !reader.sealed() {
+        // still read it through, so that damage shows
+        let mut n = 0u64;
+        loop {
+            match reader.next_record() {
+                Ok(Some(_)) => n += 1,
+                Ok(None) => break,
+                Err(e) => {
+                    report.problems.push(format!("record {}: {e}", n + 1));
+                    return report;
+                }
+            }
+        }
+        report.status = Status::Unsealed;
+        report.summary =
+            "written before recordings were sealed: it has no seals or signature to check".into();
+        return report;
+    }
+
+    let mut st = State {
+        problems: Vec::new(),
+        more: 0,
+    };
+    let mut max_chunk = 0u64; // largest chunk number seen
+    let mut prev_chunk = 0u64; // the chunk number of the seal before, in file order
+    let mut last_stored = [0u8; 32];
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    let mut records_since_seal = 0u64;
+    let mut close: Option<String> = None;
+    let mut close_chunk = 0u64;
+    let mut trailer = None;
+    let mut after_trailer = 0u64;
+    let mut read_error = None;
+    loop {
+        let item = match reader.next_item() {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        };
+        if trailer.is_some() {
+            after_trailer += 1;
+            continue;
+        }
+        match item {
+            Item::Record(rec) => {
+                records_since_seal += 1;
+                if let Record::Close { summary, .. } = rec {
+                    close = Some(summary.reason);
+                    close_chunk = max_chunk + 1;
+                }
+            }
+            Item::Seal(seal) => {
+                records_since_seal = 0;
+                let n = seal.chunk;
+                if n == max_chunk + 1 {
+                    if prev_chunk + 1 == n && seal.computed != seal.stored {
+                        st.problem(format!(
+                            "chunk {n} (up to {}) was modified: its content does not match its seal",
+                            when(seal.ts_us)
+                        ));
+                    }
+                    max_chunk = n;
+                    report.chunks += 1;
+                    report.last_ts_us = seal.ts_us;
+                } else if n > max_chunk + 1 {
+                    let (a, b) = (max_chunk + 1, n - 1);
+                    st.problem(format!(
+                        "chunk {n} found where chunk {a} was expected (after {})",
+                        when(report.last_ts_us)
+                    ));
+                    gaps.push((a, b));
+                    max_chunk = n;
+                    report.chunks += 1;
+                    report.last_ts_us = seal.ts_us;
+                } else if let Some(i) = gaps.iter().position(|&(a, b)| a <= n && n <= b) {
+                    let (a, b) = gaps.remove(i);
+                    if a < n {
+                        gaps.push((a, n - 1));
+                    }
+                    if n < b {
+                        gaps.push((n + 1, b));
+                    }
+                    st.problem(format!(
+                        "chunk {n} is out of order (it follows chunk {prev_chunk}): chunks were reordered"
+                    ));
+                    report.chunks += 1;
+                } else {
+                    st.problem(format!(
+                        "chunk {n} appears again (after chunk {prev_chunk}): a chunk was duplicated"
+                    ));
+                }
+                prev_chunk = n;
+                last_stored = seal.stored;
+            }
+            Item::Trailer(t) => trailer = Some(t),
+            Item::Bad(kind, why) => st.problem(format!(
+                "after chunk {prev_chunk}: record {kind:#04x} is malformed ({why})"
+            )),
+        }
+    }
+    gaps.sort();
+    for (a, b) in gaps {
+        st.problem(if a == b {
+            format!("chunk {a} is missing")
+        } else {
+            format!("chunks {a}..{b} are missing")
+        });
+    }
+    let last = format!("chunk {max_chunk} ({})", when(report.last_ts_us));
+    // how the stream ended
+    let mut truncated = false;
+    if let Some(e) = read_error {
+        st.problem(format!(
+            "chunk {} is damaged or modified ({e}); nothing after {last} can be checked",
+            max_chunk + 1
+        ));
+    } else if let Some(d) = reader.damage() {
+        if reader.damage_is_cut() && trailer.is_none() {
+            truncated = true;
+        } else {
+            st.problem(format!(
+                "chunk {} is damaged or modified: it cannot be decompressed ({d}); nothing after {last} can be checked",
+                max_chunk + 1
+            ));
+        }
+    }
+    if after_trailer > 0 {
+        st.problem(format!(
+            "{after_trailer} record(s) follow the trailer: appended after the recording was signed"
+        ));
+    }
+    match &trailer {
+        None => {
+            if records_since_seal > 0 && !truncated {
+                st.problem(format!(
+                    "{records_since_seal} record(s) after {last} carry no seal: appended or modified"
+                ));
+            }
+            if close.is_some() && !truncated && reader.damage().is_none() {
+                st.problem(format!(
+                    "trailer missing: the recording ends with its CLOSE in {last} but has no signed trailer (removed?)"
+                ));
+            } else {
+                truncated = true;
+            }
+        }
+        Some(t) => {
+            if t.chunks != max_chunk || t.chunks != report.chunks {
+                st.problem(format!(
+                    "the trailer names {} chunks, the recording has {} (up to chunk {max_chunk}): chunks are missing or were added",
+                    t.chunks, report.chunks
+                ));
+            }
+            if t.final_hash != last_stored {
+                st.problem(format!(
+                    "the trailer's hash is not the seal of the last chunk ({max_chunk}): the end of the recording was changed"
+                ));
+            }
+            if t.session_id != meta.session_id || t.recording_id != meta.recording_id {
+                st.problem(format!(
+                    "the trailer names session {} / recording {}, the header session {} / recording {}",
+                    t.session_id, t.recording_id, meta.session_id, meta.recording_id
+                ));
+            }
+            if t.recording_id != id {
+                st.problem(format!(
+                    "the trailer names recording {}, but the file is {id}: renamed or swapped",
+                    t.recording_id
+                ));
+            }
+            match key {
+                Some(k) if t.key_id != k.key_id() => st.problem(format!(
+                    "the trailer is signed by key {}, not by the given key {}",
+                    t.key_id,
+                    k.key_id()
+                )),
+                Some(k) if !t.signed_by(k) => {
+                    st.problem("the trailer's signature is invalid: the trailer was modified".into())
+                }
+                Some(_) => {}
+                None => st.problem("no public key given: the signature was not checked".into()),
+            }
+            if t.complete && close.is_none() {
+                st.problem("the trailer says the session closed, but there is no CLOSE record".into());
+            }
+            if close.is_some() && close_chunk != max_chunk {
+                st.problem(format!(
+                    "the CLOSE record is in chunk {close_chunk}, not in the last chunk ({max_chunk})"
+                ));
+            }
+        }
+    }
+    if st.more > 0 {
+        st.problems.push(format!("… and {} more", st.more));
+    }
+    report.problems = st.problems;
+    let key_name = trailer.as_ref().map(|t| t.key_id.to_string());
+    if !report.problems.is_empty() {
+        report.status = Status::Failed;
+        report.summary = format!("{} problem(s)", report.problems.len());
+        if truncated {
+            report.summary.push_str(&format!(
+                "; and truncated after {last}, signature missing"
+            ));
+        }
+    } else if truncated {
+        report.status = Status::Truncated;
+        report.summary = format!("truncated after {last}, signature missing");
+    } else if let Some(t) = trailer.as_ref().filter(|t| !t.complete) {
+        report.status = Status::Truncated;
+        report.summary = format!(
+            "truncated after {last}: the recorder closed it ({}), the chunks up to there are signed by key {}",
+            close.as_deref().unwrap_or("no reason"),
+            t.key_id
+        );
+    } else {
+        report.status = Status::Ok;
+        report.summary = format!(
+            "{max_chunk} chunks, {}, session {} ({}), signed by key {}",
+            offset(report.last_ts_us),
+            meta.session_id,
+            close.as_deref().unwrap_or(""),
+            key_name.unwrap_or_default()
+        );
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file::{frame_spans, RecordingWriter};
+    use crate::{CloseSummary, Direction};
+    use bytes::Bytes;
+    use psm_evidence::EvidenceKey;
+
+    fn meta() -> RecordingMeta {
+        RecordingMeta {
+            recording_id: "rec-1".into(),
+            session_id: "s1".into(),
+            user: "alice".into(),
+            target: "db1".into(),
+            account: "root".into(),
+            source: "10.0.0.1:5555".into(),
+            start_ms: 1_796_256_000_000,
+        }
+    }
+
+    fn data(ts_us: u64, text: &str) -> Record {
+        Record::Data {
+            ts_us,
+            channel: 0,
+            direction: Direction::Output,
+            data: Bytes::from(text.as_bytes().to_vec()),
+        }
+    }
+
+    fn close(ts_us: u64) -> Record {
+        Record::Close {
+            ts_us,
+            summary: CloseSummary {
+                end_ms: 1_796_256_009_000,
+                exit_status: Some(0),
+                exit_signal: None,
+                reason: "client closed".into(),
+            },
+        }
+    }
+
+    /// Header chunk, 5 data chunks, a chunk with CLOSE, then the trailer's frame.
+    fn recording(key: &EvidenceKey, signed: Option<bool>) -> Vec<u8> {
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        w.flush().expect("flush");
+        for i in 1..=5u64 {
+            w.write(&data(i * 1_000_000, &format!("line {i}\r\n").repeat(50)))
+                .expect("write");
+            w.flush().expect("flush");
+        }
+        w.write(&close(6_000_000)).expect("close");
+        match signed {
+            Some(complete) => w.finish_signed(key, complete).expect("finish"),
+            None => w.finish().expect("finish"),
+        }
+    }
+
+    fn check(bytes: &[u8], key: &EvidenceKey) -> Report {
+        verify(bytes, "rec-1", Some(key.public()))
+    }
+
+    fn splice(bytes: &[u8], spans: &[std::ops::Range<usize>], order: &[usize]) -> Vec<u8> {
+        let mut out = bytes[..spans[0].start].to_vec();
+        for &i in order {
+            out.extend_from_slice(&bytes[spans[i].clone()]);
+        }
+        out
+    }
+
+    #[test]
+    fn untouched_is_ok_and_replays() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let rep = check(&bytes, &key);
+        assert!(rep.ok(), "{rep}");
+        assert_eq!(rep.chunks, 7);
+        assert!(rep.to_string().starts_with("rec-1: OK: 7 chunks"), "{rep}");
+        assert_eq!(frame_spans(&bytes).len(), 8);
+        let mut r = RecordingReader::open(&bytes[..]).expect("open");
+        let mut n = 0;
+        while r.next_record().expect("record").is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 6);
+        assert!(!r.truncated());
+    }
+
+    #[test]
+    fn another_key_or_no_key_is_not_ok() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let (other, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let rep = check(&bytes, &other);
+        assert_eq!(rep.status, Status::Failed);
+        assert!(rep.to_string().contains("not by the given key"), "{rep}");
+        let rep = verify(&bytes[..], "rec-1", None);
+        assert_eq!(rep.status, Status::Failed, "{rep}");
+        let rep = verify(&bytes[..], "rec-2", Some(key.public()));
+        assert!(rep.to_string().contains("renamed or swapped"), "{rep}");
+    }
+
+    fn records(bytes: &[u8]) -> Vec<Record> {
+        let mut out = Vec::new();
+        if let Ok(mut r) = RecordingReader::open(bytes) {
+            while let Ok(Some(rec)) = r.next_record() {
+                out.push(rec);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught_or_harmless() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let original = records(&bytes);
+        for at in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[at] ^= 0x20;
+            let rep = check(&b, &key);
+            // A few bits of zstd's framing (the window size, say) do not change what decodes:
+            // the evidence is the decompressed content, and that must be unchanged then. A
+            // flipped block size can make the rest of the file look like a frame cut short: that
+            // reads as truncated, never as OK.
+            if rep.status == Status::Ok {
+                assert_eq!(records(&b), original, "byte {at}: content changed unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_chunk_names_it() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        let mut b = bytes.clone();
+        let mid = (spans[3].start + spans[3].end) / 2;
+        b[mid] ^= 0x01;
+        let rep = check(&b, &key);
+        assert_eq!(rep.status, Status::Failed);
+        assert!(rep.to_string().contains("chunk 4"), "{rep}");
+    }
+
+    #[test]
+    fn dropped_chunk_is_missing() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        let b = splice(&bytes, &spans, &[0, 1, 2, 4, 5, 6, 7]);
+        let rep = check(&b, &key);
+        let text = rep.to_string();
+        assert_eq!(rep.status, Status::Failed, "{text}");
+        assert!(text.contains("chunk 5 found where chunk 4 was expected"), "{text}");
+        assert!(text.contains("chunk 4 is missing"), "{text}");
+        assert!(text.contains("the trailer names 7 chunks"), "{text}");
+    }
+
+    #[test]
+    fn swapped_chunks_are_reordered() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        let b = splice(&bytes, &spans, &[0, 1, 3, 2, 4, 5, 6, 7]);
+        let rep = check(&b, &key);
+        let text = rep.to_string();
+        assert_eq!(rep.status, Status::Failed, "{text}");
+        assert!(text.contains("chunk 3 is out of order"), "{text}");
+        assert!(!text.contains("missing"), "{text}");
+    }
+
+    #[test]
+    fn a_modified_chunk_with_a_fresh_frame_is_caught_by_its_seal() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        // recompress chunk 3 with one byte of its content changed (what a forger would do)
+        let plain = zstd::decode_all(&bytes[spans[2].clone()]).expect("decode");
+        let mut changed = plain.clone();
+        let at = plain
+            .windows(6)
+            .position(|w| w == b"line 2")
+            .expect("text");
+        changed[at + 5] = b'9';
+        let forged = zstd::encode_all(&changed[..], 3).expect("encode");
+        let mut b = bytes[..spans[2].start].to_vec();
+        b.extend_from_slice(&forged);
+        b.extend_from_slice(&bytes[spans[2].end..]);
+        let rep = check(&b, &key);
+        let text = rep.to_string();
+        assert!(text.contains("chunk 3 (up to 0:00:02.000 into the session"), "{text}");
+        assert!(text.contains("was modified"), "{text}");
+    }
+
+    #[test]
+    fn cut_anywhere_is_truncated_and_replays_to_there() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        // at a frame boundary
+        let rep = check(&bytes[..spans[4].end], &key);
+        assert_eq!(rep.status, Status::Truncated, "{rep}");
+        assert!(
+            rep.summary.starts_with(
+                "truncated after chunk 5 (0:00:04.000 into the session, 2026-12-03T00:00:04.000Z), signature missing"
+            ),
+            "{rep}"
+        );
+        // inside a frame
+        for cut in (spans[1].start + 1..spans[6].end).step_by(7) {
+            let rep = check(&bytes[..cut], &key);
+            assert_eq!(rep.status, Status::Truncated, "cut {cut}: {rep}");
+            assert!(rep.summary.contains("signature missing"), "{rep}");
+        }
+    }
+
+    #[test]
+    fn removed_trailer_is_missing_not_truncated() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        let rep = check(&bytes[..spans[6].end], &key);
+        assert_eq!(rep.status, Status::Failed, "{rep}");
+        assert!(rep.to_string().contains("trailer missing"), "{rep}");
+        // an unsigned writer's output reads the same way
+        let rep = check(&recording(&key, None), &key);
+        assert!(rep.to_string().contains("trailer missing"), "{rep}");
+    }
+
+    #[test]
+    fn recorder_closed_is_truncated_but_signed() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let rep = check(&recording(&key, Some(false)), &key);
+        assert_eq!(rep.status, Status::Truncated, "{rep}");
+        assert!(
+            rep.summary
+                .contains("the recorder closed it (client closed), the chunks up to there are signed"),
+            "{rep}"
+        );
+    }
+
+    #[test]
+    fn unsealed_recordings_are_said_so() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let mut bytes = recording(&key, Some(true));
+        // clear the header flag by rewriting the first frame unsealed
+        let spans = frame_spans(&bytes);
+        let mut plain = zstd::decode_all(&bytes[spans[0].clone()]).expect("decode");
+        plain[6] = 0;
+        let first = zstd::encode_all(&plain[..], 3).expect("encode");
+        let mut b = bytes[..spans[0].start].to_vec();
+        b.extend_from_slice(&first);
+        b.extend_from_slice(&bytes[spans[0].end..]);
+        bytes = b;
+        let rep = check(&bytes, &key);
+        assert_eq!(rep.status, Status::Unsealed, "{rep}");
+    }
+}
