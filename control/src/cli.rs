@@ -1453,6 +1453,83 @@ pub fn format_event(e: &AuditEvent) -> String {
                 ("duration_ms", duration_ms.to_string()),
             ],
         ),
+        AuditKind::CommandEnd {
+            session_id,
+            user,
+            target,
+            account,
+            channel,
+            line,
+            exit_status,
+            exit_signal,
+            duration_ms,
+            ..
+        } => {
+            let mut f = vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("channel", channel.to_string()),
+                ("line", line.clone()),
+            ];
+            if let Some(s) = exit_status {
+                f.push(("exit", s.to_string()));
+            }
+            if let Some(s) = exit_signal {
+                f.push(("signal", s.clone()));
+            }
+            f.push(("duration_ms", duration_ms.to_string()));
+            ("command_end", f)
+        }
+        AuditKind::FileTransfer {
+            session_id,
+            user,
+            target,
+            account,
+            channel,
+            protocol,
+            operation,
+            path,
+            path2,
+            bytes,
+            sha256,
+            partial,
+            note,
+            ok,
+            status,
+        } => {
+            let mut f = vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("channel", channel.to_string()),
+                ("protocol", protocol.clone()),
+                ("op", operation.clone()),
+                ("path", path.clone()),
+            ];
+            if let Some(p) = path2 {
+                f.push(("path2", p.clone()));
+            }
+            if matches!(operation.as_str(), "read" | "write") || *bytes > 0 {
+                f.push(("bytes", bytes.to_string()));
+            }
+            if let Some(h) = sha256 {
+                f.push(("sha256", h.clone()));
+            }
+            if *partial {
+                f.push(("partial", "yes".into()));
+            }
+            if let Some(n) = note {
+                f.push(("note", n.clone()));
+            }
+            if !ok {
+                f.push(("ok", "no".into()));
+            }
+            if let Some(s) = status {
+                f.push(("status", s.clone()));
+            }
+            ("file_transfer", f)
+        }
         AuditKind::AdminChange {
             action,
             object,

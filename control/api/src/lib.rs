@@ -584,6 +584,84 @@ pub enum AuditKind {
         /// How long it was open, ms.
         duration_ms: u64,
     },
+    /// An exec command ended (one per exec channel that started, after its `command` event):
+    /// how it ended, as the target reported it. Interactive shells have none per line.
+    CommandEnd {
+        /// Session id.
+        session_id: String,
+        /// psm user.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Account on the target.
+        account: String,
+        /// User-side channel number.
+        channel: u32,
+        /// The command line, as in its `command` event (cut at 4096 bytes).
+        line: String,
+        /// Exit status, when the target sent one.
+        #[serde(default)]
+        exit_status: Option<u32>,
+        /// Exit signal, when the target sent one.
+        #[serde(default)]
+        exit_signal: Option<String>,
+        /// How long the command ran (from its start to the channel's end), ms.
+        #[serde(default)]
+        duration_ms: u64,
+        /// Bytes from the user on this channel.
+        #[serde(default)]
+        bytes_up: u64,
+        /// Bytes to the user on this channel.
+        #[serde(default)]
+        bytes_down: u64,
+    },
+    /// One file operation over SFTP (OpenSSH's `sftp`, and `scp`, which speaks SFTP since
+    /// OpenSSH 9) or the legacy SCP protocol (`scp -O`), read by the relay from the channel's
+    /// bytes as they passed. A file opened, read or written and closed is one event, sent when
+    /// it is closed (or when the channel ends).
+    FileTransfer {
+        /// Session id.
+        session_id: String,
+        /// psm user.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Account on the target.
+        account: String,
+        /// User-side channel number.
+        channel: u32,
+        /// `sftp` or `scp` (the legacy protocol).
+        protocol: String,
+        /// `read` (file content went to the user: a download), `write` (from the user: an
+        /// upload), `open` (opened, or refused, with nothing moved), `remove`, `rename`,
+        /// `mkdir`, `rmdir`, `setstat`, `symlink` or `link`.
+        operation: String,
+        /// The path as the client (or, for downloads with `scp -O`, the target) named it.
+        path: String,
+        /// The second path: a rename's new name, the link of a symlink or hard link (`path`
+        /// is what it points to); with `scp -O`, the file name the sending side gave.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path2: Option<String>,
+        /// Bytes of file content that passed.
+        #[serde(default)]
+        bytes: u64,
+        /// SHA-256 (hex) of the content as it passed, when it passed whole and in order from
+        /// the start of the file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        /// The content that passed is not the file from its start, in order (random access, a
+        /// resumed transfer, one cut short): no hash.
+        #[serde(default)]
+        partial: bool,
+        /// Why there is no hash, or anything else worth knowing about the operation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+        /// Whether it succeeded, as the peers reported it.
+        ok: bool,
+        /// What the peer reported when it failed (`permission denied: …`, scp's error line).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<String>,
+    },
     /// An administrative change through psmctl.
     AdminChange {
         /// What was done (`user add`, `grant remove`, …).
