@@ -965,6 +965,57 @@ fn local_forwards_follow_the_grant_and_are_audited() {
 }
 
 #[test]
+fn putty_plink_answers_the_verification_code() {
+    if std::process::Command::new("plink")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        panic!("plink (Debian: putty-tools) is required; scripts/test.sh installs it");
+    }
+    let w = World::new();
+    let secret = enroll(&w);
+    w.regrant(&["--mfa"]);
+    // plink checks psm's host key against the fingerprint it is given
+    let host_pub = run_cmd(
+        Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(w.psm.data_dir().join("ssh_host_ed25519_key")),
+        None,
+        CMD_TIMEOUT,
+    );
+    assert!(host_pub.success(), "{}", host_pub.describe());
+    let pub_file = w.psm.work_dir().join("gateway.pub");
+    std::fs::write(&pub_file, host_pub.stdout_str()).expect("gateway.pub");
+    let fp = fingerprint(&pub_file);
+    let mut plink = Command::new("plink");
+    plink.args([
+        "-ssh",
+        "-no-antispoof",
+        "-P",
+        &w.psm.port().to_string(),
+        "-hostkey",
+        &fp,
+        "-l",
+        &alice_login(),
+        "-pw",
+        ALICE_PASSWORD,
+        "127.0.0.1",
+        "echo via-plink",
+    ]);
+    let mut pty = PtySession::spawn(&plink, &[], 24, 80);
+    pty.expect("psm verification code: ", CMD_TIMEOUT);
+    pty.send(&format!("{}\r", code(&secret, 0)));
+    pty.expect("via-plink", CMD_TIMEOUT);
+    assert_eq!(pty.wait(CMD_TIMEOUT), Some(0), "{}", pty.output());
+    w.psm
+        .wait_audit("plink password+totp", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "auth_success" && jstr(e, "method") == "password+totp"
+        });
+}
+
+#[test]
 fn stock_openssh_answers_the_verification_code_through_ssh_askpass() {
     let w = World::new();
     let secret = enroll(&w);

@@ -381,6 +381,54 @@ fn password_login_works(w: &World, password: &str) -> bool {
     out.success() && out.stdout_str().contains("pw-ok")
 }
 
+/// alice's stored password verifier (JSON), read from psm.db.
+fn stored_verifier(w: &World) -> String {
+    let db = rusqlite::Connection::open(w.psm.data_dir().join("psm.db")).expect("open psm.db");
+    db.query_row("SELECT password FROM users WHERE name = 'alice'", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .expect("alice's verifier")
+}
+
+#[test]
+fn a_legacy_pbkdf2_password_logs_in_and_is_replaced_by_argon2id() {
+    let mut w = World::build(PsmMode::Separate, Sshd::start());
+    // a store from before argon2id: alice's verifier is PBKDF2 (written while control is down)
+    w.psm.kill_control();
+    let legacy = psm_control_api::PasswordHash::pbkdf2(ALICE_PASSWORD, 1000).expect("pbkdf2");
+    let json = serde_json::to_string(&legacy).expect("json");
+    {
+        let db = rusqlite::Connection::open(w.psm.data_dir().join("psm.db")).expect("open psm.db");
+        db.execute(
+            "UPDATE users SET password = ?1 WHERE name = 'alice'",
+            [&json],
+        )
+        .expect("write the legacy verifier");
+        db.execute("UPDATE meta SET policy_version = policy_version + 1", [])
+            .expect("bump the policy version");
+    }
+    w.psm.start_control();
+    w.psm.wait_policy_applied();
+    assert!(
+        stored_verifier(&w).contains("iterations"),
+        "legacy in place"
+    );
+
+    // the login succeeds on the PBKDF2 verifier; the relay sends its argon2id replacement
+    assert!(password_login_works(&w, ALICE_PASSWORD));
+    assert!(
+        wait_for(PROPAGATION, || stored_verifier(&w).contains("$argon2id$")),
+        "not rehashed: {}",
+        stored_verifier(&w)
+    );
+    w.psm.wait_policy_applied();
+    assert!(
+        password_login_works(&w, ALICE_PASSWORD),
+        "the argon2id verifier logs in"
+    );
+    assert!(!password_login_works(&w, "not-alices-password"));
+}
+
 #[test]
 fn user_passwd_and_the_minimum_password_length() {
     let w = World::new();

@@ -428,6 +428,7 @@ pub fn cef_line(hostname: &str, event: &AuditEvent) -> String {
             target,
             account,
             channel,
+            kind,
             destination,
             bytes_up,
             bytes_down,
@@ -441,6 +442,8 @@ pub fn cef_line(hostname: &str, event: &AuditEvent) -> String {
             session(&mut ext, session_id);
             ext.push(("cs5Label", "destination".into()));
             ext.push(("cs5", destination.clone()));
+            ext.push(("cs6Label", "forwardKind".into()));
+            ext.push(("cs6", kind.clone()));
             ext.push(("cn1Label", "durationMs".into()));
             ext.push(("cn1", duration_ms.to_string()));
             ext.push(("cn2Label", "channel".into()));
@@ -752,6 +755,7 @@ pub fn ocsf(hostname: &str, event: &AuditEvent) -> Value {
                 target,
                 account,
                 channel,
+                kind,
                 destination,
                 bytes_up,
                 bytes_down,
@@ -774,6 +778,7 @@ pub fn ocsf(hostname: &str, event: &AuditEvent) -> Value {
                 );
                 unmapped.insert("account".into(), account.clone().into());
                 unmapped.insert("channel".into(), (*channel).into());
+                unmapped.insert("forward_kind".into(), kind.clone().into());
                 (NETWORK_ACTIVITY, 2, "Close".into())
             }
             AuditKind::AdminChange {
