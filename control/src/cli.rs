@@ -1295,16 +1295,24 @@ pub fn format_event(e: &AuditEvent) -> String {
             user,
             source,
             reason,
+            reason_code,
+            side,
             ..
-        } => (
-            "session_denied",
-            vec![
+        } => {
+            let mut f = vec![
                 ("user", user.clone()),
                 ("login", login.clone()),
                 ("source", source.clone()),
                 ("reason", reason.clone()),
-            ],
-        ),
+            ];
+            if !reason_code.is_empty() {
+                f.push(("code", reason_code.clone()));
+            }
+            if !side.is_empty() {
+                f.push(("side", side.clone()));
+            }
+            ("session_denied", f)
+        }
         AuditKind::SessionStart {
             session_id,
             user,

@@ -35,6 +35,54 @@ impl fmt::Display for Side {
     }
 }
 
+/// Why a session, a channel or a forward was refused before it ran: the side at fault, a stable
+/// code for SIEM rules, the full reason for the audit log (`Display`) and the one line the user
+/// is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Who is at fault (the policy, the user's client, the target, psm-recorder).
+    pub side: Side,
+    /// Stable short code (`no_grant`, `host_key_mismatch`, `recording_unavailable`, …).
+    pub code: &'static str,
+    /// The full reason, for the audit log.
+    pub reason: String,
+    /// The user's line.
+    pub user_line: String,
+}
+
+impl Refusal {
+    /// A refusal with its parts.
+    pub fn new(side: Side, code: &'static str, reason: String, user_line: String) -> Refusal {
+        Refusal {
+            side,
+            code,
+            reason,
+            user_line,
+        }
+    }
+
+    /// The access decision said no.
+    pub fn policy(d: &psm_control_api::Denial) -> Refusal {
+        Refusal::new(
+            Side::Policy,
+            d.code(),
+            d.to_string(),
+            format!("psm: {}", d.client_message()),
+        )
+    }
+
+    /// The target leg could not be set up.
+    pub fn target(e: &crate::upstream::UpstreamError) -> Refusal {
+        Refusal::new(Side::Target, e.code(), e.to_string(), e.client_message())
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// How the target leg of a channel was lost, as russh reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetLoss {

@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::control_link::{AuditSink, Counters, KillSwitch, PolicyStore, SessionBytes};
 use crate::cut::Cuttable;
-use crate::end::EndReason;
+use crate::end::{EndReason, Refusal, Side};
 use crate::flow::{Flow, WindowMirror, WINDOW};
 use crate::mfa::{Mfa, Throttle};
 use crate::notices::Notices;

@@ -130,6 +130,19 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// A stable short code for the audit log's `reason_code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::BadPin { .. } => "bad_host_key_pin",
+            UpstreamError::Unreachable { .. } => "target_unreachable",
+            UpstreamError::HostKeyMismatch { .. } => "host_key_mismatch",
+            UpstreamError::Handshake { .. } => "target_handshake_failed",
+            UpstreamError::CredentialRefused { .. } => "credential_refused",
+            UpstreamError::BadCredential { .. } => "bad_credential",
+            UpstreamError::ChannelRefused { .. } => "target_channel_refused",
+        }
+    }
+
     /// The single line shown to the user: never a secret.
     pub fn client_message(&self) -> String {
         match self {

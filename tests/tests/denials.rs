@@ -187,6 +187,11 @@ fn policy_denials_after_authentication() {
     );
     let ev = session_denied(&w, mark, &login);
     assert_eq!(jstr(&ev, "user"), "bob", "{ev}");
+    assert_eq!(
+        (jstr(&ev, "reason_code"), jstr(&ev, "side")),
+        ("no_grant", "policy"),
+        "a typed refusal naming the side at fault: {ev}"
+    );
     no_session_started(&w, mark);
 
     // a malformed login, once alice has authenticated (a login without any target gets the
@@ -197,7 +202,12 @@ fn policy_denials_after_authentication() {
         let out = run_ssh(w.ssh_as(login, &w.alice_key).arg("echo ran"));
         assert_refused(&out, "psm: malformed login");
         assert!(out.stdout.is_empty(), "{}", out.describe());
-        session_denied(&w, mark, login);
+        let ev = session_denied(&w, mark, login);
+        assert_eq!(
+            (jstr(&ev, "reason_code"), jstr(&ev, "side")),
+            ("malformed_login", "client"),
+            "{ev}"
+        );
         no_session_started(&w, mark);
     }
 
@@ -250,16 +260,27 @@ fn unreachable_or_untrusted_targets_are_refused() {
     );
     w.psm.wait_policy_applied();
 
-    let cases: [(&str, &str, &str); 3] = [
-        ("web02", "psm: cannot connect to web02:", "host key"),
-        ("web03", "psm: cannot connect to web03:", "unreachable"),
+    let cases: [(&str, &str, &str, &str); 3] = [
+        (
+            "web02",
+            "psm: cannot connect to web02:",
+            "host key",
+            "host_key_mismatch",
+        ),
+        (
+            "web03",
+            "psm: cannot connect to web03:",
+            "unreachable",
+            "target_unreachable",
+        ),
         (
             "web04",
             &format!("psm: cannot log in to {TARGET_USER}@web04:"),
             "",
+            "credential_refused",
         ),
     ];
-    for (target, prefix, needle) in cases {
+    for (target, prefix, needle, code) in cases {
         let login = format!("alice@{TARGET_USER}@{target}");
         let mark = w.psm.audit_mark();
         let out = run_ssh(w.ssh_as(&login, &w.alice_key).arg("echo ran"));
@@ -276,7 +297,12 @@ fn unreachable_or_untrusted_targets_are_refused() {
             "a credential leaked to the client\n{}",
             out.describe()
         );
-        session_denied(&w, mark, &login);
+        let ev = session_denied(&w, mark, &login);
+        assert_eq!(
+            (jstr(&ev, "reason_code"), jstr(&ev, "side")),
+            (code, "target"),
+            "{ev}"
+        );
     }
     // the audit log never holds the vaulted passwords
     let audit = std::fs::read_to_string(w.psm.data_dir().join("audit.jsonl")).unwrap_or_default();

@@ -428,6 +428,12 @@ pub enum AuditKind {
         source: String,
         /// Full reason.
         reason: String,
+        /// Stable short code of the reason (`no_grant`, `host_key_mismatch`, …).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason_code: String,
+        /// The side at fault: `policy`, `client`, `target` or `recorder`.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        side: String,
         /// What the client was told.
         client_message: String,
     },

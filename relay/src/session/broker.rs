@@ -135,16 +135,29 @@ impl Conn {
         }
     }
 
-    pub(super) fn deny(&self, user: &str, reason: String, client_message: String) -> String {
-        info!(peer = %self.shared.peer, login = %Escaped(&self.login), reason = %Escaped(&reason), "session denied");
+    /// Audits a refused session, channel or forward; returns the user's line.
+    pub(super) fn deny(&self, user: &str, r: Refusal) -> String {
+        info!(peer = %self.shared.peer, login = %Escaped(&self.login), reason = %Escaped(&r.reason), code = r.code, side = %r.side, "session denied");
         self.ctx.audit.emit(AuditKind::SessionDenied {
             login: logged_login(&self.login),
             user: user.to_string(),
             source: self.source(),
-            reason,
-            client_message: client_message.clone(),
+            reason: r.reason,
+            reason_code: r.code.to_string(),
+            side: r.side.to_string(),
+            client_message: r.user_line.clone(),
         });
-        client_message
+        r.user_line
+    }
+
+    /// The refusal of a login without a target when nothing is available to it.
+    pub(super) fn no_account() -> Refusal {
+        Refusal::new(
+            Side::Policy,
+            "no_account_available",
+            "no target named and no account available now".into(),
+            "psm: no account is available to you now; name one with ssh <user>@<account>@<target>@<gateway>".into(),
+        )
     }
 
     /// Decides and, when allowed, brokers a new session channel or local forward on the
@@ -189,7 +202,7 @@ impl Conn {
                     target: name,
                     reason: e.to_string(),
                 };
-                Err(self.deny(user, err.to_string(), err.client_message()))
+                Err(self.deny(user, Refusal::target(&err)))
             }
         }
     }
@@ -207,21 +220,17 @@ impl Conn {
             Ok(l) => l,
             Err(_) if !self.login.contains('@') => {
                 // a login without a target whose menu had nothing to offer
-                return Err(self.deny(
-                    user,
-                    "no target named and no account available now".into(),
-                    "psm: no account is available to you now; name one with ssh <user>@<account>@<target>@<gateway>".into(),
-                ));
+                return Err(self.deny(user, Conn::no_account()));
             }
             Err(e) => {
+                let line = format!(
+                    "psm: malformed login '{}': use ssh <user>@<account>@<target>@<gateway>",
+                    crate::escape_short(&self.login)
+                );
                 return Err(self.deny(
                     user,
-                    e.to_string(),
-                    format!(
-                        "psm: malformed login '{}': use ssh <user>@<account>@<target>@<gateway>",
-                        self.login
-                    ),
-                ))
+                    Refusal::new(Side::Client, "malformed_login", e.to_string(), line),
+                ));
             }
         };
         let snap = self.ctx.policy.get();
@@ -234,9 +243,7 @@ impl Conn {
         };
         let permit = match decide(&snap, &attempt) {
             Ok(p) => p,
-            Err(d) => {
-                return Err(self.deny(user, d.to_string(), format!("psm: {}", d.client_message())))
-            }
+            Err(d) => return Err(self.deny(user, Refusal::policy(&d))),
         };
         let (target, account) = (permit.target, permit.account);
         self.conditions = permit.conditions().clone();
@@ -246,11 +253,15 @@ impl Conn {
                 self.notice("port forwarding", &to, format!(" to {to}"));
                 return Err(self.deny(
                     user,
-                    format!(
-                        "local forward to {to} not allowed by the grant for {}@{}",
-                        account.username, target.name
+                    Refusal::new(
+                        Side::Policy,
+                        "forward_not_allowed",
+                        format!(
+                            "local forward to {to} not allowed by the grant for {}@{}",
+                            account.username, target.name
+                        ),
+                        format!("psm: port forwarding to {to} is not permitted by policy"),
                     ),
-                    format!("psm: port forwarding to {to} is not permitted by policy"),
                 ));
             }
         }
@@ -260,11 +271,15 @@ impl Conn {
                 self.notice("remote port forwarding", &at, format!(" of {at}"));
                 return Err(self.deny(
                     user,
-                    format!(
-                        "remote forward of {at} not allowed by the grant for {}@{}",
-                        account.username, target.name
+                    Refusal::new(
+                        Side::Policy,
+                        "remote_forward_not_allowed",
+                        format!(
+                            "remote forward of {at} not allowed by the grant for {}@{}",
+                            account.username, target.name
+                        ),
+                        "psm: remote port forwarding is not permitted by policy".to_string(),
                     ),
-                    "psm: remote port forwarding is not permitted by policy".to_string(),
                 ));
             }
         }
@@ -286,8 +301,12 @@ impl Conn {
                 Err(e) if snap.recording_required => {
                     return Err(self.deny(
                         user,
-                        format!("session recording unavailable: {e}"),
-                        RECORDING_UNAVAILABLE.into(),
+                        Refusal::new(
+                            Side::Recorder,
+                            "recording_unavailable",
+                            format!("session recording unavailable: {e}"),
+                            RECORDING_UNAVAILABLE.into(),
+                        ),
                     ));
                 }
                 Err(e) => debug!(error = %e, "recording not required; the session runs unrecorded"),
@@ -309,7 +328,7 @@ impl Conn {
                 if let Some(rec) = opened {
                     rec.discard().await;
                 }
-                return Err(self.deny(user, e.to_string(), e.client_message()));
+                return Err(self.deny(user, Refusal::target(&e)));
             }
         };
         if !self.started {
@@ -501,11 +520,7 @@ impl Conn {
                     }
                 }
                 let user = self.user.clone().unwrap_or_default();
-                let msg = self.deny(
-                    &user,
-                    "no target named and no account available now".into(),
-                    "psm: no account is available to you now; name one with ssh <user>@<account>@<target>@<gateway>".into(),
-                );
+                let msg = self.deny(&user, Conn::no_account());
                 self.channels.insert(channel, Chan::Denied(msg));
                 return self.deliver_denial(channel, session);
             }

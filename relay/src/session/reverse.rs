@@ -261,10 +261,14 @@ impl Conn {
                 let (_, target, account) = self.shared.who().unwrap_or_default();
                 self.deny(
                     &user,
-                    format!(
-                        "target '{target}' refused the remote forward of {at} for {account}: {why}"
+                    Refusal::new(
+                        Side::Target,
+                        "remote_forward_failed",
+                        format!(
+                            "target '{target}' refused the remote forward of {at} for {account}: {why}"
+                        ),
+                        "psm: remote port forwarding failed on the target".into(),
                     ),
-                    "psm: remote port forwarding failed on the target".into(),
                 );
                 disconnect_target(&leg.target).await;
                 return false;
