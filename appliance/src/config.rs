@@ -78,6 +78,11 @@ pub struct RelayConfig {
     pub max_connections_per_user: Option<Spanned<i64>>,
     /// Authenticated connections the relay holds in all (default 4096; 1 to 1000000).
     pub max_connections: Option<Spanned<i64>>,
+    /// Relayed bytes a session may have that psm-recorder has not confirmed durable (default
+    /// 1048576; 4096 to 1073741824).
+    pub durable_window_bytes: Option<Spanned<i64>>,
+    /// Milliseconds the oldest unconfirmed byte may wait (default 1000; 100 to 60000).
+    pub durable_window_ms: Option<Spanned<i64>>,
 }
 
 /// A config file as read from disk.
@@ -324,6 +329,18 @@ pub fn resolve(
             "max-connections",
             r.max_connections.as_ref(),
             1..=1_000_000,
+            &mut relay_args,
+        )?;
+        ranged(
+            "durable-window-bytes",
+            r.durable_window_bytes.as_ref(),
+            4096..=(1 << 30),
+            &mut relay_args,
+        )?;
+        ranged(
+            "durable-window-ms",
+            r.durable_window_ms.as_ref(),
+            100..=60_000,
             &mut relay_args,
         )?;
     }

@@ -1344,6 +1344,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             exit_status,
             exit_signal,
             reason,
+            unconfirmed_bytes,
             ..
         } => {
             let mut f = vec![
@@ -1361,6 +1362,9 @@ pub fn format_event(e: &AuditEvent) -> String {
                 f.push(("signal", s.clone()));
             }
             f.push(("reason", reason.clone()));
+            if let Some(n) = unconfirmed_bytes.filter(|n| *n > 0) {
+                f.push(("unconfirmed", n.to_string()));
+            }
             ("session_end", f)
         }
         AuditKind::ChannelRequest {
@@ -1897,6 +1901,7 @@ mod tests {
                 reason_code: "client_closed".into(),
                 side: "client".into(),
                 justification: None,
+                unconfirmed_bytes: None,
             },
         };
         let line = format_event(&end);

@@ -666,6 +666,7 @@ impl Shared {
                 reason_code: "relay_lost".into(),
                 side: "relay".into(),
                 justification: info.justification,
+                unconfirmed_bytes: None,
             });
             if let Err(e) = ended {
                 error!(error = %e, "cannot write session_end for a lost relay's session");
@@ -1421,6 +1422,7 @@ mod tests {
                     reason_code: "client_closed".into(),
                     side: "client".into(),
                     justification: None,
+                    unconfirmed_bytes: None,
                 },
             }))
             .await;

@@ -59,13 +59,17 @@ pub const REASON_SHUTDOWN: &str = "recorder shutdown";
 /// error), when its file can still be finished.
 pub const REASON_WRITE_FAILED: &str = "recording failed";
 
-/// Longest time written data waits before it is flushed to the file.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// Uncompressed bytes after which a stream is flushed at once.
-pub const FLUSH_BYTES: u64 = 4 * 1024 * 1024;
+/// Longest time written data waits before it is flushed to the file (and acknowledged to the
+/// relay as durable). Well under the relay's durable window (1 s by default), so that a
+/// session's window moves on before it fills with time.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// Uncompressed bytes after which a stream is flushed at once: a quarter of the relay's
+/// default durable window (1 MiB), so that a busy session is acknowledged several times per
+/// window and keeps moving.
+pub const FLUSH_BYTES: u64 = 256 * 1024;
 
 /// How often a connection thread wakes without traffic (flushes, shutdown check).
-const TICK: Duration = Duration::from_millis(200);
+const TICK: Duration = Duration::from_millis(50);
 /// Receive buffer of a connection: a largest frame plus room to read more behind it.
 const RECV_BUFFER: usize = 2 * MAX_FRAME;
 /// Below this much free space at the end of the receive buffer, the partial frame is moved to
@@ -290,12 +294,19 @@ struct Recording {
     last_ts_us: u64,
     /// When data was first written since the last flush.
     dirty_since: Option<Instant>,
+    /// DATA payload bytes written so far.
+    data_bytes: u64,
+    /// DATA payload bytes the relay was last told are durable.
+    acked: u64,
 }
 
 impl Recording {
     fn write(&mut self, rec: &Record) -> Result<(), FormatError> {
         self.last_ts_us = self.last_ts_us.max(rec.ts_us());
         self.writer.write(rec)?;
+        if let Record::Data { data, .. } = rec {
+            self.data_bytes += data.len() as u64;
+        }
         if self.writer.pending_bytes() >= FLUSH_BYTES {
             self.flush()?;
         } else if self.dirty_since.is_none() {
@@ -307,6 +318,20 @@ impl Recording {
     fn flush(&mut self) -> Result<(), FormatError> {
         self.dirty_since = None;
         self.writer.flush()
+    }
+
+    /// The durable count to report, when it moved since the last report (call after a flush
+    /// that succeeded: everything written before it is in flushed chunks).
+    fn take_ack(&mut self) -> Option<u64> {
+        if self.dirty_since.is_none()
+            && self.writer.pending_bytes() == 0
+            && self.data_bytes > self.acked
+        {
+            self.acked = self.data_bytes;
+            Some(self.acked)
+        } else {
+            None
+        }
     }
 
     /// Writes the CLOSE record, seals the last chunk, writes the trailer signed with `key`,
@@ -600,18 +625,25 @@ impl Link {
             start_ms: meta.start_ms,
             last_ts_us: 0,
             dirty_since: None,
+            data_bytes: 0,
+            acked: 0,
         })
     }
 
     fn append(&mut self, stream: u64, rec: Record) {
         match self.streams.get_mut(&stream) {
-            Some(Stream::Recording(r)) => {
-                if let Err(e) = r.write(&rec) {
+            Some(Stream::Recording(r)) => match r.write(&rec) {
+                Ok(()) => {
+                    if let Some(bytes) = r.take_ack() {
+                        self.reply(Reply::Durable { stream, bytes });
+                    }
+                }
+                Err(e) => {
                     error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot write recording");
                     let why = format!("cannot write recording {}: {e}", r.recording_id);
                     self.fail(stream, why);
                 }
-            }
+            },
             Some(Stream::Dropped) => {}
             None => {
                 warn!(
@@ -627,8 +659,13 @@ impl Link {
         match self.streams.remove(&stream) {
             Some(Stream::Recording(r)) => {
                 let id = r.recording_id.clone();
-                if let Err(e) = r.finish(ts_us, summary, &self.key, true) {
-                    error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
+                let bytes = r.data_bytes;
+                match r.finish(ts_us, summary, &self.key, true) {
+                    // the session's last bytes are in the finished file
+                    Ok(()) => self.reply(Reply::Durable { stream, bytes }),
+                    Err(e) => {
+                        error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording")
+                    }
                 }
             }
             Some(Stream::Dropped) => debug!(link = self.id, stream, "dropped stream closed"),
@@ -672,10 +709,17 @@ impl Link {
         let Some(Stream::Recording(r)) = self.streams.get_mut(&stream) else {
             return;
         };
-        if let Err(e) = r.flush() {
-            error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
-            let why = format!("cannot flush recording {}: {e}", r.recording_id);
-            self.fail(stream, why);
+        match r.flush() {
+            Ok(()) => {
+                if let Some(bytes) = r.take_ack() {
+                    self.reply(Reply::Durable { stream, bytes });
+                }
+            }
+            Err(e) => {
+                error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
+                let why = format!("cannot flush recording {}: {e}", r.recording_id);
+                self.fail(stream, why);
+            }
         }
     }
 
@@ -683,18 +727,25 @@ impl Link {
     fn flush_due(&mut self, now: Instant) {
         let due = FLUSH_INTERVAL.saturating_sub(TICK);
         let mut failed = Vec::new();
+        let mut acks = Vec::new();
         for (stream, s) in &mut self.streams {
             if let Stream::Recording(r) = s {
                 if r.dirty_since.is_some_and(|t| now.duration_since(t) >= due) {
-                    if let Err(e) = r.flush() {
-                        error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
-                        failed.push((
-                            *stream,
-                            format!("cannot flush recording {}: {e}", r.recording_id),
-                        ));
+                    match r.flush() {
+                        Ok(()) => acks.extend(r.take_ack().map(|bytes| (*stream, bytes))),
+                        Err(e) => {
+                            error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
+                            failed.push((
+                                *stream,
+                                format!("cannot flush recording {}: {e}", r.recording_id),
+                            ));
+                        }
                     }
                 }
             }
+        }
+        for (stream, bytes) in acks {
+            self.reply(Reply::Durable { stream, bytes });
         }
         for (stream, why) in failed {
             self.fail(stream, why);

@@ -61,6 +61,9 @@ pub struct Limits {
     pub max_connections_per_user: u32,
     /// Authenticated connections the relay holds in all (default 4096).
     pub max_connections: u32,
+    /// How far a session may run ahead of what psm-recorder confirmed durable (default 1 MiB
+    /// or 1 s, whichever first).
+    pub durable_window: recording::Window,
 }
 
 impl Default for Limits {
@@ -72,6 +75,7 @@ impl Default for Limits {
             target_keepalive: TargetKeepalive::default(),
             max_connections_per_user: 32,
             max_connections: 4096,
+            durable_window: recording::Window::default(),
         }
     }
 }
@@ -173,8 +177,11 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let live_sessions = Arc::new(control_link::LiveSessions::default());
     let approvals = Arc::new(control_link::ApprovalRpc::default());
     let approvals_link = approvals.clone();
-    let recorder = recording::RecorderLink::start(cfg.data_dir.join("recorder.sock"))
-        .map_err(RelayError::Thread)?;
+    let recorder = recording::RecorderLink::start(
+        cfg.data_dir.join("recorder.sock"),
+        cfg.limits.durable_window,
+    )
+    .map_err(RelayError::Thread)?;
     let counters = Arc::new(control_link::Counters::default());
     let startups =
         startups::Startups::new(cfg.limits.max_startups, cfg.limits.per_source_max_startups);

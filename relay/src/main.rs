@@ -52,6 +52,13 @@ struct Args {
     /// Authenticated connections the relay holds in all.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Relayed bytes a session may have that psm-recorder has not confirmed durable; the
+    /// session stops reading at this many.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1u64 << 30)))]
+    durable_window_bytes: u64,
+    /// Milliseconds the oldest unconfirmed byte may wait before the session stops reading.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    durable_window_ms: u64,
 }
 
 /// `HOSTNAME:PID`, the default relay id.
@@ -101,6 +108,10 @@ fn main() -> anyhow::Result<()> {
             },
             max_connections_per_user: args.max_connections_per_user,
             max_connections: args.max_connections,
+            durable_window: psm_relay::recording::Window {
+                bytes: args.durable_window_bytes,
+                time: Duration::from_millis(args.durable_window_ms),
+            },
         },
     };
     let relay = psm_relay::start(&cfg)?;

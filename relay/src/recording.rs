@@ -9,8 +9,17 @@
 //! watches its stream's [`StreamStatus`]: when psm-recorder reports that one recording cannot be
 //! written ([`Reply::Failed`]) only that session ends; when the whole link drops, every session
 //! recorded on it ends.
+//!
+//! Nothing is relayed unrecorded, within a stated bound: psm-recorder acknowledges what it has
+//! made durable ([`Reply::Durable`]: the chunk is written and flushed to the file), and each
+//! session keeps a [`Window`] of relayed-but-unacknowledged bytes (1 MiB or 1 s by default,
+//! whichever is reached first). [`RecordingStream::data`] is called before a byte is relayed
+//! and waits while the window is full, so a session stops reading from its user and its
+//! target until psm-recorder catches up: a slow recorder slows the sessions it records, it
+//! never lets them run ahead. When the link drops, the session ends and
+//! [`RecordingStream::unconfirmed`] says how many relayed bytes were never confirmed durable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -22,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta, Reply};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 /// Frames each worker's queue holds before its sessions wait.
@@ -67,6 +76,101 @@ pub enum OpenError {
     Timeout,
 }
 
+/// How far a session may run ahead of what psm-recorder confirmed durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Relayed bytes not yet confirmed durable at which the session stops reading.
+    pub bytes: u64,
+    /// Age of the oldest unconfirmed byte at which the session stops reading.
+    pub time: Duration,
+}
+
+impl Default for Window {
+    /// 1 MiB or 1 s, whichever is reached first.
+    fn default() -> Self {
+        Window {
+            bytes: 1 << 20,
+            time: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Marks closer together than this share one entry (a flood of tiny packets stays bounded).
+const MARK_GRAIN: Duration = Duration::from_millis(10);
+
+#[derive(Default)]
+struct DurableState {
+    /// DATA bytes handed to the link (and so relayed, or about to be).
+    sent: u64,
+    /// DATA bytes psm-recorder confirmed durable.
+    acked: u64,
+    /// (cumulative end, when) of unconfirmed bytes, oldest first.
+    marks: VecDeque<(u64, Instant)>,
+}
+
+/// One stream's durable window: what was sent, what psm-recorder confirmed.
+#[derive(Default)]
+struct Durable {
+    state: Mutex<DurableState>,
+    moved: Notify,
+}
+
+impl Durable {
+    fn with<R>(&self, f: impl FnOnce(&mut DurableState) -> R) -> R {
+        match self.state.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// psm-recorder confirmed `bytes` (cumulative).
+    fn ack(&self, bytes: u64) {
+        self.with(|s| {
+            s.acked = s.acked.max(bytes.min(s.sent));
+            while s.marks.front().is_some_and(|(end, _)| *end <= s.acked) {
+                s.marks.pop_front();
+            }
+        });
+        self.moved.notify_waiters();
+    }
+
+    /// Takes `len` more bytes into the window if it has room now; otherwise how long to wait
+    /// at most before looking again.
+    fn try_admit(&self, len: u64, w: Window, now: Instant) -> Result<(), Duration> {
+        self.with(|s| {
+            let unacked = s.sent - s.acked;
+            let oldest = s
+                .marks
+                .front()
+                .map(|(_, t)| now.saturating_duration_since(*t));
+            let full =
+                unacked > 0 && (unacked + len > w.bytes || oldest.is_some_and(|age| age >= w.time));
+            if full {
+                let left = oldest.map(|age| w.time.saturating_sub(age));
+                return Err(left
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_millis(50)));
+            }
+            s.sent += len;
+            match s.marks.back_mut() {
+                Some((end, t)) if now.saturating_duration_since(*t) < MARK_GRAIN => *end = s.sent,
+                _ => s.marks.push_back((s.sent, now)),
+            }
+            Ok(())
+        })
+    }
+
+    fn unconfirmed(&self) -> u64 {
+        self.with(|s| s.sent - s.acked)
+    }
+}
+
+/// What the link keeps about one open stream.
+struct StreamEntry {
+    status: watch::Sender<StreamStatus>,
+    durable: Arc<Durable>,
+}
+
 /// State of the link, as sessions see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkState {
@@ -83,7 +187,9 @@ struct LinkShared {
     thread: Mutex<Option<Thread>>,
     next_stream: AtomicU64,
     /// Open streams and what psm-recorder last said about each.
-    streams: Mutex<HashMap<u64, watch::Sender<StreamStatus>>>,
+    streams: Mutex<HashMap<u64, StreamEntry>>,
+    /// Each session's durable window.
+    window: Window,
 }
 
 impl LinkShared {
@@ -92,8 +198,9 @@ impl LinkShared {
             return;
         };
         let done = status.is_lost();
-        if let Some(tx) = m.get(&stream) {
-            tx.send_replace(status);
+        if let Some(e) = m.get(&stream) {
+            e.status.send_replace(status);
+            e.durable.moved.notify_waiters();
         }
         if done {
             m.remove(&stream);
@@ -103,9 +210,21 @@ impl LinkShared {
     /// The link dropped: every stream on it is lost.
     fn lose_all(&self, why: &str) {
         if let Ok(mut m) = self.streams.lock() {
-            for (_, tx) in m.drain() {
-                tx.send_replace(StreamStatus::Failed(why.to_string()));
+            for (_, e) in m.drain() {
+                e.status.send_replace(StreamStatus::Failed(why.to_string()));
+                e.durable.moved.notify_waiters();
             }
+        }
+    }
+
+    /// psm-recorder confirmed `bytes` of `stream` durable.
+    fn ack(&self, stream: u64, bytes: u64) {
+        let durable = match self.streams.lock() {
+            Ok(m) => m.get(&stream).map(|e| e.durable.clone()),
+            Err(_) => None,
+        };
+        if let Some(d) = durable {
+            d.ack(bytes);
         }
     }
 
@@ -130,8 +249,8 @@ pub struct WorkerRecorder {
 }
 
 impl RecorderLink {
-    /// Starts the link thread toward `socket`.
-    pub fn start(socket: PathBuf) -> std::io::Result<RecorderLink> {
+    /// Starts the link thread toward `socket`; each session it records keeps `window`.
+    pub fn start(socket: PathBuf, window: Window) -> std::io::Result<RecorderLink> {
         let (state_tx, _) = watch::channel(LinkState {
             connected: false,
             generation: 0,
@@ -143,6 +262,7 @@ impl RecorderLink {
             thread: Mutex::new(None),
             next_stream: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
+            window,
         });
         let s2 = shared.clone();
         let handle = std::thread::Builder::new()
@@ -192,8 +312,15 @@ impl WorkerRecorder {
         }
         let stream = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let (tx, mut status) = watch::channel(StreamStatus::Opening);
+        let durable = Arc::new(Durable::default());
         if let Ok(mut m) = self.shared.streams.lock() {
-            m.insert(stream, tx);
+            m.insert(
+                stream,
+                StreamEntry {
+                    status: tx,
+                    durable: durable.clone(),
+                },
+            );
         }
         let rs = RecordingStream {
             rec: self.clone(),
@@ -201,6 +328,7 @@ impl WorkerRecorder {
             t0: Instant::now(),
             generation: state.generation,
             status: status.clone(),
+            durable,
         };
         self.push(Frame::Open { stream, meta }).await;
         let answer = tokio::time::timeout(
@@ -263,6 +391,7 @@ pub struct RecordingStream {
     t0: Instant,
     generation: u64,
     status: watch::Receiver<StreamStatus>,
+    durable: Arc<Durable>,
 }
 
 impl RecordingStream {
@@ -290,8 +419,12 @@ impl RecordingStream {
         self.t0.elapsed().as_micros() as u64
     }
 
-    /// Records bytes seen on a channel.
+    /// Records bytes seen on a channel; called before they are relayed. Waits while the
+    /// session's durable window is full (psm-recorder has not confirmed enough of what was
+    /// relayed), so the caller stops relaying until it has; returns at once when the recording
+    /// is lost (the session is ending, and what it still relays counts as unconfirmed).
     pub async fn data(&self, channel: u32, direction: Direction, data: Bytes) {
+        self.admit(data.len() as u64).await;
         let f = Frame::Data {
             stream: self.stream,
             ts_us: self.ts(),
@@ -300,6 +433,57 @@ impl RecordingStream {
             data,
         };
         self.rec.push(f).await;
+    }
+
+    async fn admit(&self, len: u64) {
+        let window = self.rec.shared.window;
+        loop {
+            let moved = self.durable.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let wait = match self.durable.try_admit(len, window, Instant::now()) {
+                Ok(()) => return,
+                Err(wait) => wait,
+            };
+            if self.status.borrow().is_lost() {
+                // no confirmation will come: count it and let the session end
+                self.durable.with(|s| s.sent += len);
+                return;
+            }
+            tokio::select! {
+                _ = &mut moved => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// The link stops tracking this (closed) recording.
+    pub fn forget(&self) {
+        self.rec.shared.forget(self.stream);
+    }
+
+    /// Relayed bytes psm-recorder has not confirmed durable.
+    pub fn unconfirmed(&self) -> u64 {
+        self.durable.unconfirmed()
+    }
+
+    /// Waits (at most `timeout`, less when the recording is lost) until psm-recorder has
+    /// confirmed everything relayed; returns what is still unconfirmed.
+    pub async fn settle(&self, timeout: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let moved = self.durable.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let left = self.unconfirmed();
+            if left == 0 || self.status.borrow().is_lost() {
+                return left;
+            }
+            tokio::select! {
+                _ = &mut moved => {}
+                _ = tokio::time::sleep_until(deadline) => return self.unconfirmed(),
+            }
+        }
     }
 
     /// Records a terminal size.
@@ -314,9 +498,9 @@ impl RecordingStream {
         self.rec.push(f).await;
     }
 
-    /// Ends the recording.
+    /// Ends the recording; psm-recorder confirms the last bytes once the file is finished
+    /// ([`RecordingStream::settle`] waits for it), then [`RecordingStream::forget`].
     pub async fn close(&self, summary: CloseSummary) {
-        self.rec.shared.forget(self.stream);
         let f = Frame::Close {
             stream: self.stream,
             ts_us: self.ts(),
@@ -404,6 +588,7 @@ fn read_replies(
                     warn!(stream, reason = %reason, "psm-recorder lost a recording");
                     shared.report(stream, StreamStatus::Failed(reason))
                 }
+                Reply::Durable { stream, bytes } => shared.ack(stream, bytes),
             }
         }
         buf.drain(..used);
@@ -481,6 +666,52 @@ fn pump(mut stream: UnixStream, shared: &LinkShared, dead: &AtomicBool) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_durable_window_fills_by_bytes_or_by_age_and_moves_on_acks() {
+        let w = Window {
+            bytes: 1000,
+            time: Duration::from_secs(1),
+        };
+        let d = Durable::default();
+        let t0 = Instant::now();
+        assert!(d.try_admit(600, w, t0).is_ok());
+        assert!(d.try_admit(400, w, t0).is_ok(), "exactly the window");
+        assert!(d.try_admit(1, w, t0).is_err(), "full by bytes");
+        assert_eq!(d.unconfirmed(), 1000);
+        d.ack(600);
+        assert_eq!(d.unconfirmed(), 400);
+        assert!(d.try_admit(600, w, t0).is_ok());
+        // full by age: the oldest unconfirmed byte is a second old
+        d.ack(1600);
+        assert!(d.try_admit(10, w, t0).is_ok());
+        let later = t0 + Duration::from_millis(1000);
+        let wait = d.try_admit(10, w, later).expect_err("full by age");
+        assert!(wait <= Duration::from_millis(50), "{wait:?}");
+        d.ack(1610);
+        assert!(d.try_admit(10, w, later).is_ok(), "acked: room again");
+        // an empty window takes a chunk larger than itself, so nothing ever waits forever
+        d.ack(1620);
+        assert!(d.try_admit(5000, w, later).is_ok());
+        // acks never run past what was sent
+        d.ack(u64::MAX);
+        assert_eq!(d.unconfirmed(), 0);
+    }
+
+    #[test]
+    fn marks_of_a_flood_of_tiny_writes_stay_few() {
+        let w = Window {
+            bytes: 1 << 20,
+            time: Duration::from_secs(1),
+        };
+        let d = Durable::default();
+        let t0 = Instant::now();
+        for i in 0..10_000u64 {
+            assert!(d.try_admit(1, w, t0 + Duration::from_micros(i * 50)).is_ok());
+        }
+        // 10 000 writes over half a second: one mark per 10 ms
+        assert!(d.with(|s| s.marks.len()) <= 51, "{}", d.with(|s| s.marks.len()));
+    }
     use std::os::unix::net::UnixListener;
 
     /// A fake psm-recorder on `conn`: answers every OPEN with `answer(stream)` and returns the
@@ -538,7 +769,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("r.sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let link = RecorderLink::start(path).expect("start");
+        let link = RecorderLink::start(path, Window::default()).expect("start");
         let w = link.worker();
         let (conn, _) = listener.accept().expect("accept");
         let fake = fake_recorder(conn, |stream| vec![Reply::Opened { stream }]);
@@ -578,7 +809,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("r.sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let link = RecorderLink::start(path).expect("start");
+        let link = RecorderLink::start(path, Window::default()).expect("start");
         let w = link.worker();
         let (conn, _) = listener.accept().expect("accept");
         let fake = fake_recorder(conn, |stream| {

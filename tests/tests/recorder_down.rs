@@ -5,6 +5,10 @@
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use psm_tests::*;
+use std::io::Read;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const UNAVAILABLE: &str = "psm: session recording is unavailable; try again later";
@@ -92,4 +96,108 @@ fn psm_up_restarts_a_killed_recorder() {
         w.psm.logs()
     );
     w.wait_session_works(&alice_login(), Duration::from_secs(20));
+}
+
+/// Output bytes recorded for a session (every DATA record toward the user), read up to where
+/// the file ends (a recording cut by a killed recorder ends early).
+fn recorded_output(w: &World, recording_id: &str) -> u64 {
+    let path = w
+        .psm
+        .data_dir()
+        .join("recordings")
+        .join(format!("{recording_id}.psmrec"));
+    let file = std::fs::File::open(&path).expect("recording file");
+    let mut r = psm_recorder_format::file::RecordingReader::open(std::io::BufReader::new(file))
+        .expect("recording header");
+    let mut out = 0;
+    while let Ok(Some(rec)) = r.next_record() {
+        if let psm_recorder_format::file::Record::Data {
+            direction, data, ..
+        } = rec
+        {
+            if direction != psm_recorder_format::Direction::Input {
+                out += data.len() as u64;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_recorder_killed_mid_stream_leaves_every_byte_the_user_saw_accounted_for() {
+    let mut w = World::with_mode(PsmMode::Separate);
+    // the normal case: everything relayed was confirmed durable
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh().arg("seq 1 20000"));
+    assert!(out.success(), "{}", out.describe());
+    // (the end of the harness's own readiness session may land after the mark)
+    let got = out.stdout.len() as u64;
+    let end = w.psm.wait_audit_after(
+        mark,
+        "session_end of the seq session",
+        Duration::from_secs(5),
+        |e| jstr(e, "event") == "session_end" && e["bytes_down"].as_u64() >= Some(got),
+    );
+    assert_eq!(end["unconfirmed_bytes"].as_u64(), Some(0), "{end}");
+    assert_eq!(
+        recorded_output(&w, jstr(&end, "recording_id")),
+        got,
+        "the recording holds every byte the user got"
+    );
+
+    // a stream of digits for several seconds; the recorder is killed once 256 KiB came through
+    let mark = w.psm.audit_mark();
+    let mut child = w
+        .ssh()
+        .arg("for i in $(seq 0 999); do seq $((i*1000)) $((i*1000+999)); sleep 0.01; done")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let received = Arc::new(AtomicU64::new(0));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let counter = received.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            counter.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    });
+    assert!(
+        wait_for(Duration::from_secs(20), || received.load(Ordering::SeqCst)
+            >= 256 * 1024),
+        "the stream did not start"
+    );
+    w.psm.kill_recorder();
+    let status = wait_child(&mut child, Duration::from_secs(20)).expect("ssh ends");
+    let _ = reader.join();
+    assert!(!status.success(), "the session must end with its recording");
+    let end = w.psm.wait_audit_after(
+        mark,
+        "session_end of the cut session",
+        Duration::from_secs(10),
+        |e| jstr(e, "event") == "session_end" && jstr(e, "side") == "recorder",
+    );
+    assert_eq!(jstr(&end, "side"), "recorder", "{end}");
+    let user_got = received.load(Ordering::SeqCst);
+    let unconfirmed = end["unconfirmed_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("session_end must say what was not confirmed: {end}"));
+    let recorded = recorded_output(&w, jstr(&end, "recording_id"));
+    assert!(
+        recorded + unconfirmed >= user_got,
+        "recorded {recorded} + unconfirmed {unconfirmed} < {user_got} bytes the user received"
+    );
+    // the bound: no more than the durable window ran ahead of the recording
+    assert!(
+        unconfirmed <= (1 << 20) + 64 * 1024,
+        "unconfirmed {unconfirmed} exceeds the 1 MiB window"
+    );
+    assert!(
+        user_got < 3_500_000,
+        "the session went on after its recorder died ({user_got} of about 6.9 MB)"
+    );
 }

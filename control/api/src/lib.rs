@@ -502,6 +502,11 @@ pub enum AuditKind {
         /// The reason or ticket the user gave, when the grant asks for one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         justification: Option<String>,
+        /// Relayed bytes psm-recorder never confirmed durable (0 in the normal case; more when
+        /// the recorder link dropped mid-session). Absent when the session was not recorded or
+        /// its relay vanished.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unconfirmed_bytes: Option<u64>,
     },
     /// The user started a shell, a command or a subsystem on a channel of a session.
     ChannelRequest {

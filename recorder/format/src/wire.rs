@@ -14,6 +14,8 @@
 //! - `OPENED` : `u64 stream` (the recording file exists; the session may start)
 //! - `REFUSED`: `u64 stream` + UTF-8 reason (the file could not be created)
 //! - `FAILED` : `u64 stream` + UTF-8 reason (writing failed mid-session; the session must end)
+//! - `DURABLE`: `u64 stream, u64 bytes` (the stream's first `bytes` DATA payload bytes are in
+//!   chunks written and flushed to the file: the relay's durable window moves on)
 //!
 //! A refusal or failure concerns that one stream only: the link and its other streams go on.
 
@@ -33,6 +35,7 @@ const TAG_DISCARD: u8 = 5;
 const TAG_OPENED: u8 = 0x41;
 const TAG_REFUSED: u8 = 0x42;
 const TAG_FAILED: u8 = 0x43;
+const TAG_DURABLE: u8 = 0x44;
 /// Longest reason a [`Reply`] carries.
 pub const MAX_REASON: usize = 1024;
 
@@ -166,6 +169,15 @@ pub enum Reply {
         /// Why, for the audit log.
         reason: String,
     },
+    /// Everything recorded on the stream up to here is durable: its chunk is written and
+    /// flushed to the file. The relay may have that many DATA bytes relayed (see the relay's
+    /// durable window).
+    Durable {
+        /// Link-local stream number.
+        stream: u64,
+        /// DATA payload bytes of the stream made durable so far (cumulative).
+        bytes: u64,
+    },
 }
 
 impl Reply {
@@ -174,7 +186,8 @@ impl Reply {
         match self {
             Reply::Opened { stream }
             | Reply::Refused { stream, .. }
-            | Reply::Failed { stream, .. } => *stream,
+            | Reply::Failed { stream, .. }
+            | Reply::Durable { stream, .. } => *stream,
         }
     }
 
@@ -184,6 +197,13 @@ impl Reply {
             Reply::Opened { stream } => (TAG_OPENED, *stream, ""),
             Reply::Refused { stream, reason } => (TAG_REFUSED, *stream, reason.as_str()),
             Reply::Failed { stream, reason } => (TAG_FAILED, *stream, reason.as_str()),
+            Reply::Durable { stream, bytes } => {
+                out.extend_from_slice(&17u32.to_be_bytes());
+                out.push(TAG_DURABLE);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&bytes.to_be_bytes());
+                return;
+            }
         };
         let (reason, _) = truncate_utf8(reason, MAX_REASON);
         let body = 1 + 8 + reason.len();
@@ -227,6 +247,11 @@ impl Reply {
                 stream,
                 reason: reason()?,
             },
+            TAG_DURABLE => {
+                let bytes = r.u64()?;
+                r.end()?;
+                Reply::Durable { stream, bytes }
+            }
             other => return Err(FormatError::Malformed(format!("unknown reply tag {other}"))),
         };
         Ok(Some((reply, 4 + len)))
@@ -474,6 +499,10 @@ mod tests {
                 stream: u64::MAX,
                 reason: "é".repeat(MAX_REASON),
             },
+            Reply::Durable {
+                stream: 3,
+                bytes: 1 << 40,
+            },
         ];
         let mut buf = Vec::new();
         for r in &replies {
@@ -492,6 +521,12 @@ mod tests {
             panic!("not a failure: {:?}", got[2]);
         };
         assert!(reason.len() <= MAX_REASON && reason.chars().all(|c| c == 'é'));
+        assert_eq!(got[3], replies[3]);
+        // a DURABLE without its count, or with bytes after it, is malformed
+        assert!(Reply::decode(&[0, 0, 0, 9, TAG_DURABLE, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
+        let mut long = vec![0, 0, 0, 18, TAG_DURABLE];
+        long.extend_from_slice(&[0; 17]);
+        assert!(Reply::decode(&long).is_err());
         assert!(Reply::decode(&[0, 0, 0, 9, 0x7f, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
         assert!(Reply::decode(&[0xff, 0, 0, 0]).is_err());
         assert!(Reply::decode(&[0, 0, 0, 10, TAG_OPENED, 0, 0, 0, 0, 0, 0, 0, 1, 9]).is_err());

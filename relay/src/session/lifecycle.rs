@@ -263,6 +263,9 @@ impl Drop for LiveGuard {
     }
 }
 
+/// How long the end of a session waits for psm-recorder to confirm the last bytes.
+const SETTLE: Duration = Duration::from_secs(2);
+
 pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndReason>) {
     let (info, recording, targets, exit_status, exit_signal, end) = shared.with(|s| {
         (
@@ -281,6 +284,9 @@ pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndR
     ctx.sessions.remove(&shared.session_id);
     let end_ms = now_ms().max(shared.start_ms);
     let reason = reason.or(end).unwrap_or(EndReason::ClientClosed);
+    // psm-recorder finishes the recording (its last chunk flushed, the trailer written) and
+    // confirms what it holds; a lost recorder never does, and that count is kept
+    let mut unconfirmed = None;
     if let Some(rec) = recording {
         rec.close(CloseSummary {
             end_ms,
@@ -289,6 +295,8 @@ pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndR
             reason: reason.to_string(),
         })
         .await;
+        unconfirmed = Some(rec.settle(SETTLE).await);
+        rec.forget();
     }
     let bytes_up = shared.bytes.up.load(Ordering::Relaxed);
     let bytes_down = shared.bytes.down.load(Ordering::Relaxed);
@@ -311,5 +319,6 @@ pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndR
         reason_code: reason.code().into(),
         side: reason.side().to_string(),
         justification: info.justification,
+        unconfirmed_bytes: unconfirmed,
     });
 }
