@@ -307,14 +307,15 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
                     t.key_id,
                     k.key_id()
                 )),
-                Some(k) if !t.signed_by(k) => {
-                    st.problem("the trailer's signature is invalid: the trailer was modified".into())
-                }
+                Some(k) if !t.signed_by(k) => st
+                    .problem("the trailer's signature is invalid: the trailer was modified".into()),
                 Some(_) => {}
                 None => st.problem("no public key given: the signature was not checked".into()),
             }
             if t.complete && close.is_none() {
-                st.problem("the trailer says the session closed, but there is no CLOSE record".into());
+                st.problem(
+                    "the trailer says the session closed, but there is no CLOSE record".into(),
+                );
             }
             if close.is_some() && close_chunk != max_chunk {
                 st.problem(format!(
@@ -332,9 +333,9 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
         report.status = Status::Failed;
         report.summary = format!("{} problem(s)", report.problems.len());
         if truncated {
-            report.summary.push_str(&format!(
-                "; and truncated after {last}, signature missing"
-            ));
+            report
+                .summary
+                .push_str(&format!("; and truncated after {last}, signature missing"));
         }
     } else if truncated {
         report.status = Status::Truncated;
@@ -484,7 +485,11 @@ mod tests {
             // flipped block size can make the rest of the file look like a frame cut short: that
             // reads as truncated, never as OK.
             if rep.status == Status::Ok {
-                assert_eq!(records(&b), original, "byte {at}: content changed unnoticed");
+                assert_eq!(
+                    records(&b),
+                    original,
+                    "byte {at}: content changed unnoticed"
+                );
             }
         }
     }
@@ -511,7 +516,10 @@ mod tests {
         let rep = check(&b, &key);
         let text = rep.to_string();
         assert_eq!(rep.status, Status::Failed, "{text}");
-        assert!(text.contains("chunk 5 found where chunk 4 was expected"), "{text}");
+        assert!(
+            text.contains("chunk 5 found where chunk 4 was expected"),
+            "{text}"
+        );
         assert!(text.contains("chunk 4 is missing"), "{text}");
         assert!(text.contains("the trailer names 7 chunks"), "{text}");
     }
@@ -537,10 +545,7 @@ mod tests {
         // recompress chunk 3 with one byte of its content changed (what a forger would do)
         let plain = zstd::decode_all(&bytes[spans[2].clone()]).expect("decode");
         let mut changed = plain.clone();
-        let at = plain
-            .windows(6)
-            .position(|w| w == b"line 2")
-            .expect("text");
+        let at = plain.windows(6).position(|w| w == b"line 2").expect("text");
         changed[at + 5] = b'9';
         let forged = zstd::encode_all(&changed[..], 3).expect("encode");
         let mut b = bytes[..spans[2].start].to_vec();
@@ -548,7 +553,10 @@ mod tests {
         b.extend_from_slice(&bytes[spans[2].end..]);
         let rep = check(&b, &key);
         let text = rep.to_string();
-        assert!(text.contains("chunk 3 (up to 0:00:02.000 into the session"), "{text}");
+        assert!(
+            text.contains("chunk 3 (up to 0:00:02.000 into the session"),
+            "{text}"
+        );
         assert!(text.contains("was modified"), "{text}");
     }
 
@@ -593,8 +601,9 @@ mod tests {
         let rep = check(&recording(&key, Some(false)), &key);
         assert_eq!(rep.status, Status::Truncated, "{rep}");
         assert!(
-            rep.summary
-                .contains("the recorder closed it (client closed), the chunks up to there are signed"),
+            rep.summary.contains(
+                "the recorder closed it (client closed), the chunks up to there are signed"
+            ),
             "{rep}"
         );
     }
@@ -614,5 +623,20 @@ mod tests {
         bytes = b;
         let rep = check(&bytes, &key);
         assert_eq!(rep.status, Status::Unsealed, "{rep}");
+    }
+
+    #[test]
+    #[ignore = "writes the fuzz corpus seeds: cargo test -p psm-recorder-format -- --ignored write_corpus_seeds"]
+    fn write_corpus_seeds() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus/recording_read");
+        let signed = recording(&key, Some(true));
+        let spans = frame_spans(&signed);
+        std::fs::write(dir.join("sealed-signed.psmrec"), &signed).expect("write");
+        let cut = &signed[..(spans[3].start + spans[3].end) / 2];
+        std::fs::write(dir.join("sealed-cut.psmrec"), cut).expect("write");
+        let closed = recording(&key, Some(false));
+        std::fs::write(dir.join("sealed-recorder-closed.psmrec"), closed).expect("write");
     }
 }
