@@ -41,6 +41,12 @@ impl Ev {
             _ => Ev(Map::new()),
         }
     }
+    fn from_line(line: &[u8]) -> Ev {
+        match serde_json::from_slice(line) {
+            Ok(Value::Object(m)) => Ev(m),
+            _ => Ev(Map::new()),
+        }
+    }
     /// A string field ("" when absent).
     fn s(&self, k: &str) -> &str {
         self.0.get(k).and_then(Value::as_str).unwrap_or("")
@@ -65,8 +71,7 @@ impl Ev {
 
 /// The event's `event` tag as a syslog MSGID (at most 32 printable ASCII characters; `-`
 /// when there is none).
-pub fn msgid(event: &AuditEvent) -> String {
-    let ev = Ev::new(event);
+fn msgid(ev: &Ev) -> String {
     let id: String = ev
         .kind()
         .chars()
@@ -138,25 +143,28 @@ pub fn timestamp(ms: u64) -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
-/// The whole RFC 5424 message for `event`: header, no structured data, the formatted MSG.
-pub fn syslog_message(header: &Header, format: Format, event: &AuditEvent) -> Vec<u8> {
-    let ev = Ev::new(event);
+/// The whole RFC 5424 message for one line of `audit.jsonl` (`line`: the JSON object, hash
+/// chain fields included): header, no structured data, the formatted MSG.
+pub fn syslog_message(header: &Header, format: Format, line: &[u8]) -> Vec<u8> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let ev = Ev::from_line(line);
     let pri = u32::from(header.facility) * 8 + u32::from(syslog_severity(severity(&ev)));
     let mut out = format!(
         "<{pri}>1 {} {} {} {} {} - ",
-        timestamp(event.ts_ms),
+        timestamp(ev.n("ts_ms").unwrap_or(0)),
         header.hostname,
         header.app_name,
         header.procid,
-        msgid(event)
+        msgid(&ev)
     )
     .into_bytes();
-    let msg = match format {
-        Format::Json => serde_json::to_string(event).unwrap_or_else(|_| "{}".into()),
-        Format::Cef => cef_of(&header.hostname, &ev),
-        Format::Ocsf => ocsf_of(&header.hostname, &ev).to_string(),
-    };
-    out.extend_from_slice(msg.as_bytes());
+    match format {
+        Format::Json => out.extend_from_slice(line),
+        Format::Cef => out.extend_from_slice(cef_of(&header.hostname, &ev).as_bytes()),
+        Format::Ocsf => {
+            out.extend_from_slice(ocsf_of(&header.hostname, &ev).to_string().as_bytes())
+        }
+    }
     out
 }
 
@@ -811,7 +819,11 @@ mod tests {
     #[test]
     fn syslog_header_and_framing() {
         let e = command("deny", "rm -rf /");
-        let m = syslog_message(&header(), Format::Json, &e);
+        let m = syslog_message(
+            &header(),
+            Format::Json,
+            &serde_json::to_vec(&e).expect("json"),
+        );
         let text = String::from_utf8(m.clone()).expect("utf8");
         // authpriv (10) * 8 + error (3)
         assert!(
