@@ -132,8 +132,7 @@ impl AuditLog {
             path: path.to_path_buf(),
             source: io::Error::other(why),
         };
-        let mut line =
-            serde_json::to_vec(&event).map_err(|e| bad(&self.path, e.to_string()))?;
+        let mut line = serde_json::to_vec(&event).map_err(|e| bad(&self.path, e.to_string()))?;
         if let (true, Some(key)) = (checkpoint, &self.signer) {
             let field = chain::checkpoint_field(event.seq, event.ts_ms, &self.prev_hash, key);
             line = chain::add_field(&line, chain::CHECKPOINT_FIELD, &field)
@@ -413,7 +412,10 @@ mod tests {
         // every line is still an event with an "event" field
         for line in fs::read_to_string(&path).expect("read").lines() {
             let v: serde_json::Value = serde_json::from_str(line).expect("json");
-            assert!(v.get("event").is_some() && v.get("prev_hash").is_some(), "{line}");
+            assert!(
+                v.get("event").is_some() && v.get("prev_hash").is_some(),
+                "{line}"
+            );
         }
     }
 
@@ -438,7 +440,8 @@ mod tests {
         let rep = verify(&path, Some(&public)).expect("verify");
         assert!(!rep.ok());
         assert!(
-            rep.to_string().contains("line 4: event seq 3 (line 3) was modified"),
+            rep.to_string()
+                .contains("line 4: event seq 3 (line 3) was modified"),
             "{rep}"
         );
 

@@ -22,9 +22,9 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+use psm_evidence::PublicKey;
 use psm_recorder_format::export::{self, Replay};
 use psm_recorder_format::file::{self, RecordingInfo, RecordingReader};
-use psm_evidence::PublicKey;
 use psm_recorder_format::verify::Report;
 use psm_recorder_format::FormatError;
 use serde::Serialize;
