@@ -491,8 +491,8 @@ mod tests {
             s.control_args[s.control_args.len() - 2..],
             ["--config".to_string(), "/etc/psm/psm.toml".to_string()]
         );
-        let none = resolve(Some(&loaded("").expect("parse")), &Overrides::default(), 2)
-            .expect("resolve");
+        let none =
+            resolve(Some(&loaded("").expect("parse")), &Overrides::default(), 2).expect("resolve");
         assert!(!none.control_args.iter().any(|a| a == "--config"));
         let bad = loaded("[[siem.sink]]\nname = \"soc\"\ntransport = \"tls\"\naddress = \"127.0.0.1:6514\"\nca = \"/nonexistent/ca.pem\"\n")
             .expect("parse");
@@ -502,7 +502,10 @@ mod tests {
             "{e}"
         );
         let e = err_text(loaded("[[siem.sink]]\nname = \"soc\"\nport = 1\n"));
-        assert!(e.contains("line 3, column 1") && e.contains("unknown field `port`"), "{e}");
+        assert!(
+            e.contains("line 3, column 1") && e.contains("unknown field `port`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,9 +9,7 @@
 //!   and says so (audit notice, log line, `psmctl status`), while the audit log drops nothing.
 
 use psm_tests::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
@@ -60,8 +58,11 @@ fn pki(dir: &Path) -> Pki {
         ExtendedKeyUsagePurpose::ServerAuth,
         "localhost",
     );
-    let (client_pem, client_key) =
-        leaf(vec!["psm".into()], ExtendedKeyUsagePurpose::ClientAuth, "psm");
+    let (client_pem, client_key) = leaf(
+        vec!["psm".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        "psm",
+    );
     let p = Pki {
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),
@@ -234,7 +235,14 @@ fn by_seq(rs: &Rsyslog, transport: &str, app: &str, format: &str) -> Vec<(u64, [
         .collect()
 }
 
-fn sink_toml(name: &str, transport: &str, port: u16, format: &str, pki: &Pki, extra: &str) -> String {
+fn sink_toml(
+    name: &str,
+    transport: &str,
+    port: u16,
+    format: &str,
+    pki: &Pki,
+    extra: &str,
+) -> String {
     let tls = if transport == "tls" {
         format!(
             "ca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
@@ -299,21 +307,24 @@ fn every_transport_in_every_format_reaches_rsyslog() {
         CMD_TIMEOUT,
     );
     assert!(!out.success(), "{}", out.describe());
-    let out = run_cmd(
-        world.ssh().arg("echo siem-check"),
-        None,
-        CMD_TIMEOUT,
-    );
+    let out = run_cmd(world.ssh().arg("echo siem-check"), None, CMD_TIMEOUT);
     assert!(out.success(), "{}", out.describe());
-    world.psm.wait_audit("the siem-check command's session end", DELIVERY, |e| {
-        jstr(e, "event") == "command" && jstr(e, "line") == "echo siem-check"
-    });
+    world
+        .psm
+        .wait_audit("the siem-check command's session end", DELIVERY, |e| {
+            jstr(e, "event") == "command" && jstr(e, "line") == "echo siem-check"
+        });
     world.assert_all_sessions_ended();
     let audit = world.psm.audit();
     let last = audit.last().and_then(|e| e["seq"].as_u64()).expect("seq");
     let kinds: BTreeMap<u64, String> = audit
         .iter()
-        .map(|e| (e["seq"].as_u64().expect("seq"), jstr(e, "event").to_string()))
+        .map(|e| {
+            (
+                e["seq"].as_u64().expect("seq"),
+                jstr(e, "event").to_string(),
+            )
+        })
         .collect();
     for transport in ["udp", "tcp", "tls"] {
         for format in ["json", "cef", "ocsf"] {
@@ -329,7 +340,11 @@ fn every_transport_in_every_format_reaches_rsyslog() {
                 "{app}: want seq 1..={last}, got {seqs:?}\nstatus: {}",
                 world.psm.status()
             );
-            assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "{app}: in order, once each");
+            assert_eq!(
+                seqs,
+                (1..=last).collect::<Vec<_>>(),
+                "{app}: in order, once each"
+            );
             for (seq, l) in &got {
                 assert_eq!(l[0], "1", "{app}: RFC 5424 (protocol version 1): {l:?}");
                 assert_eq!(l[3], "psm-test-gw", "{app}: hostname: {l:?}");
@@ -359,7 +374,10 @@ fn every_transport_in_every_format_reaches_rsyslog() {
                     assert!(m.contains("|command|command allowed|3|"), "{app}: {m}");
                     assert!(m.contains(" suser=alice "), "{app}: {m}");
                     let m = msg("auth_failure");
-                    assert!(m.contains("|auth_failure|authentication failed|6|"), "{app}: {m}");
+                    assert!(
+                        m.contains("|auth_failure|authentication failed|6|"),
+                        "{app}: {m}"
+                    );
                     assert!(m.contains(" src=127.0.0.1 "), "{app}: {m}");
                 }
                 _ => {
@@ -367,16 +385,30 @@ fn every_transport_in_every_format_reaches_rsyslog() {
                     assert_eq!(v["class_uid"], 3002, "{app}: {v}");
                     assert_eq!(v["user"]["name"], "alice", "{app}: {v}");
                     let v: Value = serde_json::from_str(msg("auth_failure")).expect("ocsf");
-                    assert_eq!((v["class_uid"].clone(), v["status_id"].clone()), (3002.into(), 2.into()), "{app}: {v}");
+                    assert_eq!(
+                        (v["class_uid"].clone(), v["status_id"].clone()),
+                        (3002.into(), 2.into()),
+                        "{app}: {v}"
+                    );
                     let v: Value = serde_json::from_str(msg("session_start")).expect("ocsf");
-                    assert_eq!((v["class_uid"].clone(), v["activity_id"].clone()), (4007.into(), 1.into()), "{app}: {v}");
+                    assert_eq!(
+                        (v["class_uid"].clone(), v["activity_id"].clone()),
+                        (4007.into(), 1.into()),
+                        "{app}: {v}"
+                    );
                     let v: Value = serde_json::from_str(msg("session_end")).expect("ocsf");
-                    assert_eq!((v["class_uid"].clone(), v["activity_id"].clone()), (4007.into(), 2.into()), "{app}: {v}");
+                    assert_eq!(
+                        (v["class_uid"].clone(), v["activity_id"].clone()),
+                        (4007.into(), 2.into()),
+                        "{app}: {v}"
+                    );
                     let cmd = got
                         .iter()
                         .map(|(_, l)| serde_json::from_str::<Value>(&l[4]).expect("ocsf"))
                         .find(|v| v["process"]["cmd_line"] == "echo siem-check")
-                        .unwrap_or_else(|| panic!("{app}: no OCSF process activity for the command"));
+                        .unwrap_or_else(|| {
+                            panic!("{app}: no OCSF process activity for the command")
+                        });
                     assert_eq!(cmd["class_uid"], 1007, "{app}: {cmd}");
                     assert_eq!(cmd["type_uid"], 100701, "{app}: {cmd}");
                     assert_eq!(cmd["actor"]["user"]["name"], "alice", "{app}: {cmd}");
@@ -416,7 +448,11 @@ fn a_receiver_stopped_and_restarted_loses_and_duplicates_nothing() {
     let sinks = [("tcp", "tcp-json", "json"), ("tls", "tls-cef", "cef")];
     let delivered_up_to = |rs: &Rsyslog, n: u64| {
         sinks.iter().all(|(t, app, f)| {
-            by_seq(rs, t, app, f).iter().filter(|(s, _)| *s <= n).count() >= n as usize
+            by_seq(rs, t, app, f)
+                .iter()
+                .filter(|(s, _)| *s <= n)
+                .count()
+                >= n as usize
         })
     };
     for i in 0..5 {
@@ -463,7 +499,11 @@ fn a_receiver_stopped_and_restarted_loses_and_duplicates_nothing() {
             "{app}: every event once, in order, across the receiver's restart"
         );
         let st = sink_status(&psm, app);
-        assert_eq!((st["queued"].as_u64(), st["dropped"].as_u64()), (Some(0), Some(0)), "{st}");
+        assert_eq!(
+            (st["queued"].as_u64(), st["dropped"].as_u64()),
+            (Some(0), Some(0)),
+            "{st}"
+        );
     }
 }
 
@@ -476,7 +516,14 @@ fn a_sink_down_past_its_bound_reports_the_drop() {
     rs.stop();
     let config = format!(
         "{}{}",
-        sink_toml("small", "tcp", rs.tcp, "json", &pki, "queue_max_events = 5\n"),
+        sink_toml(
+            "small",
+            "tcp",
+            rs.tcp,
+            "json",
+            &pki,
+            "queue_max_events = 5\n"
+        ),
         sink_toml("roomy", "tls", rs.tls, "json", &pki, "")
     );
     let psm = Psm::start_opts(
@@ -521,9 +568,16 @@ fn a_sink_down_past_its_bound_reports_the_drop() {
     // with the total.
     rs.run();
     let small = |rs: &Rsyslog| -> Vec<u64> {
-        by_seq(rs, "tcp", "small", "json").iter().map(|(s, _)| *s).collect()
+        by_seq(rs, "tcp", "small", "json")
+            .iter()
+            .map(|(s, _)| *s)
+            .collect()
     };
-    assert!(wait_for(DELIVERY, || small(&rs).len() >= 5), "{:?}", small(&rs));
+    assert!(
+        wait_for(DELIVERY, || small(&rs).len() >= 5),
+        "{:?}",
+        small(&rs)
+    );
     assert_eq!(small(&rs)[..5], [1, 2, 3, 4, 5], "the oldest were kept");
     psm.psmctl_ok(&["group", "add", "after"], None);
     let end = psm.wait_audit("the end-of-drop notice", DELIVERY, |e| {
@@ -541,8 +595,14 @@ fn a_sink_down_past_its_bound_reports_the_drop() {
     // the roomy sink got everything, in order
     let last = *audit_seqs(&psm).last().expect("events");
     let roomy = |rs: &Rsyslog| -> Vec<u64> {
-        by_seq(rs, "tls", "roomy", "json").iter().map(|(s, _)| *s).collect()
+        by_seq(rs, "tls", "roomy", "json")
+            .iter()
+            .map(|(s, _)| *s)
+            .collect()
     };
     assert!(wait_for(DELIVERY, || roomy(&rs).len() >= last as usize));
-    assert_eq!(roomy(&rs)[..last as usize], (1..=last).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        roomy(&rs)[..last as usize],
+        (1..=last).collect::<Vec<_>>()[..]
+    );
 }
