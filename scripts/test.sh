@@ -5,8 +5,10 @@
 #   scripts/test.sh [ARGS...]    ARGS go to `cargo nextest run` (or `cargo test` without nextest)
 #
 # Needs: /usr/sbin/sshd, ssh, scp, sftp, asciinema, /usr/bin/python3 with asyncssh (the hostile
-# peers of tests/py), setpriv, mount and plink (Debian: openssh-server openssh-client asciinema
-# procps python3 python3-asyncssh util-linux mount putty-tools). As root they are installed with apt when missing;
+# peers of tests/py), setpriv and mount, plink (PuTTY answering the TOTP prompt),
+# /usr/sbin/rsyslogd with its gtls driver (the SIEM tests' syslog receiver; the tests run it
+# themselves, no system service) (Debian: openssh-server openssh-client asciinema procps python3
+# python3-asyncssh util-linux mount putty-tools rsyslog rsyslog-gnutls). As root they are installed with apt when missing;
 # otherwise the script says what to install and exits 1. Some tests mount a tmpfs and switch
 # uids: run the suite as root.
 # Every step is bounded (timeouts, overridable: PSM_APT_TIMEOUT, PSM_BUILD_TIMEOUT,
@@ -19,7 +21,8 @@ cd "$root"
 apt_timeout="${PSM_APT_TIMEOUT:-600}"
 build_timeout="${PSM_BUILD_TIMEOUT:-2700}"
 test_timeout="${PSM_TEST_TIMEOUT:-2700}"
-packages=(openssh-server openssh-client asciinema procps python3 python3-asyncssh util-linux mount putty-tools)
+packages=(openssh-server openssh-client asciinema procps python3 python3-asyncssh util-linux mount
+  putty-tools rsyslog rsyslog-gnutls)
 
 say() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
 
@@ -32,7 +35,7 @@ fi
 
 missing_tools() {
   local tool
-  for tool in /usr/sbin/sshd ssh scp sftp asciinema /usr/bin/python3 setpriv mount plink; do
+  for tool in /usr/sbin/sshd ssh scp sftp asciinema /usr/bin/python3 setpriv mount plink /usr/sbin/rsyslogd; do
     if [[ $tool == /* ]]; then
       [[ -x $tool ]] || printf '%s\n' "$tool"
     else
@@ -41,6 +44,9 @@ missing_tools() {
   done
   if [[ -x /usr/bin/python3 ]] && ! /usr/bin/python3 -c 'import asyncssh' >/dev/null 2>&1; then
     printf '%s\n' "python3 asyncssh"
+  fi
+  if ! compgen -G '/usr/lib/*/rsyslog/lmnsd_gtls.so' >/dev/null; then
+    printf '%s\n' "rsyslog gtls driver (rsyslog-gnutls)"
   fi
 }
 

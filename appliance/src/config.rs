@@ -31,6 +31,9 @@ pub struct FileConfig {
     /// `[policy]`: settings that apply to every grant.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// `[[siem.sink]]`: where psm-control exports the audit stream (syslog receivers).
+    #[serde(default)]
+    pub siem: psm_control::siem::config::SiemTable,
 }
 
 /// The `[policy]` table of `psm.toml`.
@@ -139,6 +142,9 @@ pub enum ConfigError {
         /// What toml says is wrong.
         message: String,
     },
+    /// A `[[siem.sink]]` is unusable (the message names the file, place and field).
+    #[error("{0}")]
+    Siem(String),
     /// A value is out of range or malformed.
     #[error("{origin}: {message}")]
     Invalid {
@@ -384,6 +390,16 @@ pub fn resolve(
             }
         }
     }
+    if let Some(f) = file.filter(|f| !f.config.siem.sink.is_empty()) {
+        // Checked here (TLS files included) so that a bad sink stops `psm up` before anything
+        // starts; psm-control reads the same table from the same file.
+        psm_control::siem::config::parse(&f.path, &f.text).map_err(ConfigError::Siem)?;
+        let path = std::path::absolute(&f.path).map_err(|source| ConfigError::Read {
+            path: f.path.clone(),
+            source,
+        })?;
+        control_args.extend(["--config".to_string(), path.display().to_string()]);
+    }
     if let Some(v) = relay.and_then(|r| r.max_startups.as_ref()) {
         let m: psm_relay::MaxStartups =
             v.get_ref()
@@ -479,6 +495,34 @@ mod tests {
             };
             assert!(e.contains(needle), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn siem_sinks_are_checked_and_reach_psm_control() {
+        let f = loaded(
+            "[[siem.sink]]\nname = \"soc\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\nformat = \"ocsf\"\n",
+        )
+        .expect("parse");
+        let s = resolve(Some(&f), &Overrides::default(), 2).expect("resolve");
+        assert_eq!(
+            s.control_args[s.control_args.len() - 2..],
+            ["--config".to_string(), "/etc/psm/psm.toml".to_string()]
+        );
+        let none =
+            resolve(Some(&loaded("").expect("parse")), &Overrides::default(), 2).expect("resolve");
+        assert!(!none.control_args.iter().any(|a| a == "--config"));
+        let bad = loaded("[[siem.sink]]\nname = \"soc\"\ntransport = \"tls\"\naddress = \"127.0.0.1:6514\"\nca = \"/nonexistent/ca.pem\"\n")
+            .expect("parse");
+        let e = err_text(resolve(Some(&bad), &Overrides::default(), 2));
+        assert!(
+            e.starts_with("config /etc/psm/psm.toml: line 5, column 6: siem.sink[0].ca: cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = err_text(loaded("[[siem.sink]]\nname = \"soc\"\nport = 1\n"));
+        assert!(
+            e.contains("line 3, column 1") && e.contains("unknown field `port`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl AuditLog {
         self.next_seq += 1;
         self.prev_hash = hash;
         if let Some(tap) = &self.tap {
-            tap.offer(&event);
+            tap.offer(&line);
         }
         self.after_append(checkpoint);
         Ok(event)

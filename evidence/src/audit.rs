@@ -181,7 +181,7 @@ impl fmt::Display for AuditReport {
             )?,
             None => write!(f, "; no signed checkpoint")?,
         }
-        if self.after_checkpoint > 0 {
+        if self.after_checkpoint > 0 && self.last_checkpoint.is_some() {
             write!(
                 f,
                 "; {} line(s) after it are chained but not signed yet",
@@ -583,5 +583,31 @@ mod tests {
         assert!(rep.ok(), "{rep}");
         assert_eq!(rep.unchained, 1);
         assert_eq!(rep.notes.len(), 3, "{rep}");
+    }
+
+    #[test]
+    #[ignore = "writes the fuzz corpus seeds: cargo test -p psm-evidence -- --ignored write_corpus_seeds"]
+    fn write_corpus_seeds() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/audit_verify");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let lines = log(6, 3, &key);
+        std::fs::write(dir.join("chained"), join(&lines)).expect("write");
+        let mut edited = lines.clone();
+        edited[1] = String::from_utf8(edited[1].clone())
+            .expect("utf8")
+            .replace("m2", "mX")
+            .into_bytes();
+        std::fs::write(dir.join("edited"), join(&edited)).expect("write");
+        let mut torn = join(&lines[..4]);
+        torn.extend_from_slice(b"{\"seq\":9,\"ts");
+        std::fs::write(dir.join("torn"), torn).expect("write");
+        std::fs::write(
+            dir.join("legacy"),
+            b"{\"seq\":1,\"ts_ms\":1,\"origin\":\"control\",\"event\":\"notice\",\"message\":\"old\"}\n",
+        )
+        .expect("write");
+        std::fs::write(dir.join("pubkey"), format!("{}\n", key.public())).expect("write");
     }
 }

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod fuzz;
 
 use std::fmt;
 use std::fs::{self, OpenOptions};

@@ -1,8 +1,9 @@
 //! Entry points of the fuzz targets (`fuzz/`) and of the corpus replay tests for the relay's
 //! parsers of what a peer chose: the command gate reads the target's terminal output and the
-//! user's keys.
+//! user's keys; the file-transfer readers read SFTP and legacy SCP both ways.
 
 use crate::commands::Gate;
+use crate::transfer::Transfer;
 
 /// Terminal output and keystrokes, interleaved: reading the command line never panics, and a
 /// line without a terminal is split at newlines with nothing lost.
@@ -47,4 +48,68 @@ pub fn gate(data: &[u8]) {
     let _ = gate.screen_line();
     got_stdin += gate.stdin_rest().len();
     assert_eq!(fed_stdin, got_stdin, "input lines lose nothing");
+}
+
+/// SFTP bytes both ways, as the relay feeds them: the parser never panics, keeps its bounds,
+/// hashes only what it does not call partial, and says nothing more once it gave up.
+///
+/// Each chunk starts with a byte: its low bit picks the side (0: the user, 1: the target), the
+/// rest is the chunk's length (0 to 127).
+pub fn sftp(data: &[u8]) {
+    transfer(Transfer::sftp(), data);
+}
+
+/// Legacy SCP bytes both ways (chunks as in [`sftp`]); the first byte picks the command line
+/// (upload or download, recursive, into a directory).
+pub fn scp(data: &[u8]) {
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let cmd = [
+        "scp -t /tmp/x",
+        "scp -f /srv/f",
+        "scp -r -t -- /tmp/dir",
+        "scp -r -p -f '/srv/a b'",
+        "scp -d -t /tmp/dst",
+    ][usize::from(pick) % 5];
+    if let Some(t) = Transfer::scp(cmd) {
+        transfer(t, rest);
+    }
+}
+
+fn transfer(mut t: Transfer, mut data: &[u8]) {
+    let mut stopped = false;
+    while let Some((&sel, rest)) = data.split_first() {
+        let n = usize::from(sel >> 1).min(rest.len());
+        let (chunk, rest) = rest.split_at(n);
+        data = rest;
+        let fed = if sel & 1 == 0 {
+            t.up(chunk)
+        } else {
+            t.down(chunk)
+        };
+        if stopped {
+            assert!(
+                fed.events.is_empty() && fed.gave_up.is_none(),
+                "nothing after giving up"
+            );
+        }
+        stopped |= fed.gave_up.is_some();
+        check(&fed.events);
+    }
+    check(&t.finish());
+    assert!(t.finish().is_empty(), "finished once");
+}
+
+fn check(events: &[crate::transfer::Event]) {
+    for e in events {
+        assert!(
+            !(e.partial && e.sha256.is_some()),
+            "a partial transfer is not hashed"
+        );
+        assert!(
+            e.path.len() <= crate::transfer::MAX_PATH + 64,
+            "paths are cut"
+        );
+    }
 }

@@ -26,6 +26,7 @@ pub mod prestart;
 pub mod recording;
 pub mod session;
 pub mod startups;
+pub mod transfer;
 pub mod upstream;
 pub mod worker;
 

@@ -16,6 +16,7 @@ use crate::commands::Gate;
 use crate::end::{EndReason, TargetLoss};
 use crate::flow::Flow;
 use crate::recording::RecordingStream;
+use crate::session::tap::Tap;
 use crate::session::Shared;
 use crate::upstream::LossWatch;
 
@@ -121,7 +122,7 @@ pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
     flow.down_queued(item.cost());
 }
 
-fn sig_name(s: &Sig) -> String {
+pub(crate) fn sig_name(s: &Sig) -> String {
     match s {
         Sig::ABRT => "ABRT".into(),
         Sig::ALRM => "ALRM".into(),
@@ -308,7 +309,8 @@ async fn gated_input(
 }
 
 /// User -> relay: drains the user's channel into the up queue, recording input. A shell's
-/// input goes through its command gate.
+/// input goes through its command gate; the tap, if any, sees the data first.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_client(
     mut r: russh::ChannelReadHalf,
     tx: mpsc::UnboundedSender<Item>,
@@ -317,6 +319,7 @@ pub(crate) async fn read_client(
     rec: Option<RecordingStream>,
     ch: u32,
     gate: Option<(Arc<Gate>, mpsc::UnboundedSender<Item>)>,
+    tap: Option<Arc<Tap>>,
 ) {
     loop {
         // Only a user who multiplexes channels and keeps one of them congested can get here;
@@ -328,6 +331,9 @@ pub(crate) async fn read_client(
         let item = match r.wait().await {
             Some(ChannelMsg::Data { data }) => {
                 shared.bytes.input(data.len());
+                if let Some(t) = &tap {
+                    t.up(&shared, &data);
+                }
                 if let Some((g, down)) = &gate {
                     if !gated_input(g, down, data, &tx, &flow, &shared, rec.as_ref(), ch).await {
                         return;
@@ -431,6 +437,7 @@ pub(crate) async fn read_target(
     mut loss: LossWatch,
     gate: Option<Arc<Gate>>,
     session: bool,
+    tap: Option<Arc<Tap>>,
 ) {
     let mut exited = false;
     loop {
@@ -469,6 +476,9 @@ pub(crate) async fn read_target(
         }
         if let (Some(g), Item::Data(d)) = (&gate, &item) {
             g.output(d);
+        }
+        if let Some(t) = &tap {
+            t.down(&shared, &item);
         }
         record_down(rec.as_ref(), ch, &item).await;
         account_down(&shared, &flow, &item);

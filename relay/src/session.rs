@@ -50,6 +50,7 @@ mod lifecycle;
 mod login;
 mod relay;
 mod reverse;
+pub(crate) mod tap;
 
 pub use lifecycle::handle_connection;
 
@@ -659,6 +660,7 @@ impl russh::server::Handler for Conn {
                     session.handle(),
                     false,
                     Some((ForwardKind::Local, destination)),
+                    None,
                 )
                 .await;
             }

@@ -1,15 +1,32 @@
-//! Replays the committed fuzz corpus of the relay's command gate (see `fuzz/`).
+//! Replays the committed fuzz corpora of the relay's parsers of peer bytes (see `fuzz/`): the
+//! command gate and the sftp and legacy scp readers.
 
 use std::path::PathBuf;
 
-#[test]
-fn command_gate_corpus() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/command_gate");
+fn replay(name: &str, f: fn(&[u8])) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(name);
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let data = std::fs::read(e.expect("entry").path()).expect("read");
-        psm_relay::fuzz::gate(&data);
+        f(&data);
         n += 1;
     }
     assert!(n > 0, "empty corpus {}", dir.display());
+}
+
+#[test]
+fn command_gate_corpus() {
+    replay("command_gate", psm_relay::fuzz::gate);
+}
+
+#[test]
+fn sftp_transfer_corpus() {
+    replay("sftp_transfer", psm_relay::fuzz::sftp);
+}
+
+#[test]
+fn scp_transfer_corpus() {
+    replay("scp_transfer", psm_relay::fuzz::scp);
 }

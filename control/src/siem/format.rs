@@ -2,9 +2,13 @@
 //! OCSF ([`Format`]), and the octet-counted framing of RFC 6587 / RFC 5425 for TCP and TLS.
 //! docs/siem.md documents every field of the CEF and OCSF mappings.
 //!
+//! The mappings read the event as its JSON object (as in `audit.jsonl`), by field name: an
+//! event kind or a field that psm adds later is still exported (CEF: the common fields and
+//! `msg`; OCSF: a Base Event with every field under `unmapped`), never refused.
+//!
 //! Pure functions of the event and the sink's settings: no I/O, no clock.
 
-use psm_control_api::{AuditEvent, AuditKind};
+use psm_control_api::AuditEvent;
 use serde_json::{json, Map, Value};
 
 use super::config::Format;
@@ -27,50 +31,85 @@ pub struct Header {
     pub procid: u32,
 }
 
-/// The event's `event` tag, as in `audit.jsonl` (`auth_success`, `session_end`, …); also the
-/// syslog MSGID and CEF's Signature ID.
-pub fn kind_name(kind: &AuditKind) -> &'static str {
-    match kind {
-        AuditKind::AuthSuccess { .. } => "auth_success",
-        AuditKind::AuthFailure { .. } => "auth_failure",
-        AuditKind::SessionDenied { .. } => "session_denied",
-        AuditKind::SessionStart { .. } => "session_start",
-        AuditKind::SessionEnd { .. } => "session_end",
-        AuditKind::ChannelRequest { .. } => "channel_request",
-        AuditKind::Command { .. } => "command",
-        AuditKind::Approval { .. } => "approval",
-        AuditKind::Forward { .. } => "forward",
-        AuditKind::AdminChange { .. } => "admin_change",
-        AuditKind::Notice { .. } => "notice",
+/// An audit event as its JSON object, with typed accessors.
+struct Ev(Map<String, Value>);
+
+impl Ev {
+    fn new(event: &AuditEvent) -> Ev {
+        match serde_json::to_value(event) {
+            Ok(Value::Object(m)) => Ev(m),
+            _ => Ev(Map::new()),
+        }
+    }
+    fn from_line(line: &[u8]) -> Ev {
+        match serde_json::from_slice(line) {
+            Ok(Value::Object(m)) => Ev(m),
+            _ => Ev(Map::new()),
+        }
+    }
+    /// A string field ("" when absent).
+    fn s(&self, k: &str) -> &str {
+        self.0.get(k).and_then(Value::as_str).unwrap_or("")
+    }
+    /// A string field, when present.
+    fn opt(&self, k: &str) -> Option<&str> {
+        self.0.get(k).and_then(Value::as_str)
+    }
+    /// A number field, when present.
+    fn n(&self, k: &str) -> Option<u64> {
+        self.0.get(k).and_then(Value::as_u64)
+    }
+    /// A boolean field (false when absent).
+    fn b(&self, k: &str) -> bool {
+        self.0.get(k).and_then(Value::as_bool).unwrap_or(false)
+    }
+    /// The `event` tag (`auth_success`, `session_end`, …).
+    fn kind(&self) -> &str {
+        self.s("event")
+    }
+}
+
+/// The event's `event` tag as a syslog MSGID (at most 32 printable ASCII characters; `-`
+/// when there is none).
+fn msgid(ev: &Ev) -> String {
+    let id: String = ev
+        .kind()
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(32)
+        .collect();
+    if id.is_empty() {
+        "-".into()
+    } else {
+        id
     }
 }
 
 /// How grave an event is, on CEF's 0 to 10 scale; syslog severity and OCSF `severity_id` are
 /// derived from it ([`syslog_severity`], [`ocsf_severity`]).
-pub fn cef_severity(kind: &AuditKind) -> u8 {
-    match kind {
-        AuditKind::AuthSuccess { .. } | AuditKind::SessionStart { .. } => 3,
-        AuditKind::SessionEnd { .. } | AuditKind::Forward { .. } => 3,
-        AuditKind::AuthFailure { .. } | AuditKind::SessionDenied { .. } => 6,
-        AuditKind::ChannelRequest { accepted, .. } => {
-            if *accepted {
-                3
-            } else {
-                6
-            }
-        }
-        AuditKind::Command { decision, .. } => match decision.as_str() {
+fn severity(ev: &Ev) -> u8 {
+    match ev.kind() {
+        "auth_failure" | "session_denied" => 6,
+        "channel_request" if !ev.b("accepted") => 6,
+        "file_transfer" if !ev.b("ok") => 5,
+        "command" => match ev.s("decision") {
             "allow" => 3,
             "alert" => 7,
             "deny" => 8,
             _ => 9, // terminate, or anything new: the graver
         },
-        AuditKind::Approval { action, .. } => match action.as_str() {
+        "approval" => match ev.s("action") {
             "deny" | "denied" | "expired" => 5,
             _ => 3,
         },
-        AuditKind::AdminChange { .. } | AuditKind::Notice { .. } => 5,
+        "admin_change" | "notice" => 5,
+        _ => 3,
     }
+}
+
+/// CEF's 0 to 10 severity of `event`.
+pub fn cef_severity(event: &AuditEvent) -> u8 {
+    severity(&Ev::new(event))
 }
 
 /// RFC 5424 severity: 6 informational, 5 notice, 4 warning, 3 error, 2 critical.
@@ -104,25 +143,28 @@ pub fn timestamp(ms: u64) -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
-/// The whole RFC 5424 message for `event`: header, no structured data, the formatted MSG.
-pub fn syslog_message(header: &Header, format: Format, event: &AuditEvent) -> Vec<u8> {
-    let cef = cef_severity(&event.kind);
-    let pri = u32::from(header.facility) * 8 + u32::from(syslog_severity(cef));
+/// The whole RFC 5424 message for one line of `audit.jsonl` (`line`: the JSON object, hash
+/// chain fields included): header, no structured data, the formatted MSG.
+pub fn syslog_message(header: &Header, format: Format, line: &[u8]) -> Vec<u8> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let ev = Ev::from_line(line);
+    let pri = u32::from(header.facility) * 8 + u32::from(syslog_severity(severity(&ev)));
     let mut out = format!(
         "<{pri}>1 {} {} {} {} {} - ",
-        timestamp(event.ts_ms),
+        timestamp(ev.n("ts_ms").unwrap_or(0)),
         header.hostname,
         header.app_name,
         header.procid,
-        kind_name(&event.kind)
+        msgid(&ev)
     )
     .into_bytes();
-    let msg = match format {
-        Format::Json => serde_json::to_string(event).unwrap_or_else(|_| "{}".into()),
-        Format::Cef => cef_line(&header.hostname, event),
-        Format::Ocsf => ocsf(&header.hostname, event).to_string(),
-    };
-    out.extend_from_slice(msg.as_bytes());
+    match format {
+        Format::Json => out.extend_from_slice(line),
+        Format::Cef => out.extend_from_slice(cef_of(&header.hostname, &ev).as_bytes()),
+        Format::Ocsf => {
+            out.extend_from_slice(ocsf_of(&header.hostname, &ev).to_string().as_bytes())
+        }
+    }
     out
 }
 
@@ -167,323 +209,211 @@ fn cef_value(s: &str) -> String {
 }
 
 /// CEF's Name for an event.
-fn cef_name(kind: &AuditKind) -> String {
-    match kind {
-        AuditKind::AuthSuccess { .. } => "authentication succeeded".into(),
-        AuditKind::AuthFailure { .. } => "authentication failed".into(),
-        AuditKind::SessionDenied { .. } => "session denied".into(),
-        AuditKind::SessionStart { .. } => "session started".into(),
-        AuditKind::SessionEnd { .. } => "session ended".into(),
-        AuditKind::ChannelRequest { accepted, .. } => if *accepted {
-            "channel request accepted"
-        } else {
-            "channel request refused"
-        }
-        .into(),
-        AuditKind::Command { decision, .. } => match decision.as_str() {
-            "allow" => "command allowed",
-            "alert" => "command alert",
-            "deny" => "command denied",
-            "terminate" => "command terminated the session",
-            _ => "command",
-        }
-        .into(),
-        AuditKind::Approval { .. } => "access request".into(),
-        AuditKind::Forward { .. } => "port forward closed".into(),
-        AuditKind::AdminChange { .. } => "administrative change".into(),
-        AuditKind::Notice { .. } => "notice".into(),
+fn cef_name(ev: &Ev) -> String {
+    match ev.kind() {
+        "auth_success" => "authentication succeeded".into(),
+        "auth_failure" => "authentication failed".into(),
+        "session_denied" => "session denied".into(),
+        "session_start" => "session started".into(),
+        "session_end" => "session ended".into(),
+        "channel_request" if ev.b("accepted") => "channel request accepted".into(),
+        "channel_request" => "channel request refused".into(),
+        "command" => match ev.s("decision") {
+            "allow" => "command allowed".into(),
+            "alert" => "command alert".into(),
+            "deny" => "command denied".into(),
+            "terminate" => "command terminated the session".into(),
+            other => format!("command {other}"),
+        },
+        "command_end" => "command ended".into(),
+        "file_transfer" => format!("file {}", ev.s("operation")),
+        "approval" => "access request".into(),
+        "forward" => "port forward closed".into(),
+        "admin_change" => "administrative change".into(),
+        "notice" => "notice".into(),
+        other => other.replace('_', " "),
     }
 }
 
 /// The CEF line for `event` (docs/siem.md, "CEF").
 pub fn cef_line(hostname: &str, event: &AuditEvent) -> String {
+    cef_of(hostname, &Ev::new(event))
+}
+
+fn cef_of(hostname: &str, ev: &Ev) -> String {
     let mut ext: Vec<(&str, String)> = vec![
-        ("rt", event.ts_ms.to_string()),
-        ("externalId", event.seq.to_string()),
+        ("rt", ev.n("ts_ms").unwrap_or(0).to_string()),
+        ("externalId", ev.n("seq").unwrap_or(0).to_string()),
         ("dvchost", hostname.to_string()),
-        ("deviceProcessName", event.origin.clone()),
+        ("deviceProcessName", ev.s("origin").to_string()),
     ];
-    let src = |ext: &mut Vec<(&str, String)>, source: &str| {
-        let (ip, port) = split_addr(source);
-        ext.push(("src", ip));
-        if let Some(p) = port {
-            ext.push(("spt", p.to_string()));
+    let kind = ev.kind().to_string();
+    let mut put = |k: &'static str, v: String| ext.push((k, v));
+    let labeled = |put: &mut dyn FnMut(&'static str, String),
+                   key: &'static str,
+                   label: &'static str,
+                   v: Option<String>| {
+        if let Some(v) = v {
+            let label_key: &'static str = match key {
+                "cs1" => "cs1Label",
+                "cs2" => "cs2Label",
+                "cs3" => "cs3Label",
+                "cs4" => "cs4Label",
+                "cs5" => "cs5Label",
+                "cs6" => "cs6Label",
+                "cn1" => "cn1Label",
+                "cn2" => "cn2Label",
+                _ => "cn3Label",
+            };
+            put(label_key, label.to_string());
+            put(key, v);
         }
     };
-    let session = |ext: &mut Vec<(&str, String)>, id: &str| {
-        ext.push(("cs1Label", "sessionId".into()));
-        ext.push(("cs1", id.to_string()));
-    };
-    match &event.kind {
-        AuditKind::AuthSuccess {
-            login,
-            user,
-            method,
-            source,
-        } => {
-            ext.push(("suser", user.clone()));
-            src(&mut ext, source);
-            ext.push(("outcome", "success".into()));
-            ext.push(("cs4Label", "method".into()));
-            ext.push(("cs4", method.clone()));
-            ext.push(("cs5Label", "login".into()));
-            ext.push(("cs5", login.clone()));
-        }
-        AuditKind::AuthFailure {
-            login,
-            method,
-            source,
-            reason,
-        } => {
-            ext.push((
-                "suser",
-                psm_control_api::Login::user_part(login).to_string(),
-            ));
-            src(&mut ext, source);
-            ext.push(("outcome", "failure".into()));
-            ext.push(("reason", reason.clone()));
-            ext.push(("cs4Label", "method".into()));
-            ext.push(("cs4", method.clone()));
-            ext.push(("cs5Label", "login".into()));
-            ext.push(("cs5", login.clone()));
-        }
-        AuditKind::SessionDenied {
-            login,
-            user,
-            source,
-            reason,
-            client_message,
-        } => {
-            ext.push(("suser", user.clone()));
-            src(&mut ext, source);
-            ext.push(("outcome", "failure".into()));
-            ext.push(("reason", reason.clone()));
-            ext.push(("msg", client_message.clone()));
-            ext.push(("cs5Label", "login".into()));
-            ext.push(("cs5", login.clone()));
-        }
-        AuditKind::SessionStart {
-            session_id,
-            user,
-            source,
-            target,
-            target_address,
-            account,
-            recording_id,
-            start_ms,
-            justification,
-            worker: _,
-        } => {
-            ext.push(("suser", user.clone()));
-            src(&mut ext, source);
-            ext.push(("duser", account.clone()));
-            ext.push(("dhost", target.clone()));
-            let (ip, port) = split_addr(target_address);
-            if ip.parse::<std::net::IpAddr>().is_ok() {
-                ext.push(("dst", ip));
+    let own = |k: &str| ev.opt(k).map(str::to_string);
+    let num = |k: &str| ev.n(k).map(|n| n.to_string());
+    // who and where, the same keys for every kind
+    match kind.as_str() {
+        "auth_failure" => put(
+            "suser",
+            psm_control_api::Login::user_part(ev.s("login")).to_string(),
+        ),
+        "admin_change" => {
+            if let Some(a) = own("actor") {
+                put("suser", a);
             }
-            if let Some(p) = port {
-                ext.push(("dpt", p.to_string()));
-            }
-            ext.push(("app", "ssh".into()));
-            ext.push(("start", start_ms.to_string()));
-            session(&mut ext, session_id);
-            ext.push(("cs2Label", "recordingId".into()));
-            ext.push(("cs2", recording_id.clone()));
-            if let Some(j) = justification {
-                ext.push(("cs3Label", "justification".into()));
-                ext.push(("cs3", j.clone()));
+            if let Some(u) = num("actor_uid") {
+                put("suid", u);
             }
         }
-        AuditKind::SessionEnd {
-            session_id,
-            user,
-            source,
-            target,
-            account,
-            start_ms,
-            end_ms,
-            duration_ms,
-            bytes_up,
-            bytes_down,
-            exit_status,
-            exit_signal,
-            recording_id,
-            reason,
-            reason_code,
-            side,
-            justification,
-        } => {
-            ext.push(("suser", user.clone()));
-            src(&mut ext, source);
-            ext.push(("duser", account.clone()));
-            ext.push(("dhost", target.clone()));
-            ext.push(("app", "ssh".into()));
-            ext.push(("start", start_ms.to_string()));
-            ext.push(("end", end_ms.to_string()));
-            ext.push(("in", bytes_up.to_string()));
-            ext.push(("out", bytes_down.to_string()));
-            ext.push(("reason", reason.clone()));
-            session(&mut ext, session_id);
-            ext.push(("cs2Label", "recordingId".into()));
-            ext.push(("cs2", recording_id.clone()));
-            if let Some(j) = justification {
-                ext.push(("cs3Label", "justification".into()));
-                ext.push(("cs3", j.clone()));
-            }
-            ext.push(("cs4Label", "reasonCode".into()));
-            ext.push(("cs4", reason_code.clone()));
-            ext.push(("cs6Label", "side".into()));
-            ext.push(("cs6", side.clone()));
-            ext.push(("cn1Label", "durationMs".into()));
-            ext.push(("cn1", duration_ms.to_string()));
-            if let Some(s) = exit_status {
-                ext.push(("cn3Label", "exitStatus".into()));
-                ext.push(("cn3", s.to_string()));
-            }
-            if let Some(s) = exit_signal {
-                ext.push(("cs5Label", "exitSignal".into()));
-                ext.push(("cs5", s.clone()));
-            }
-        }
-        AuditKind::ChannelRequest {
-            session_id,
-            user,
-            target,
-            account,
-            channel,
-            request,
-            command,
-            accepted,
-        } => {
-            ext.push(("suser", user.clone()));
-            ext.push(("duser", account.clone()));
-            ext.push(("dhost", target.clone()));
-            ext.push(("act", request.clone()));
-            ext.push((
-                "outcome",
-                if *accepted { "success" } else { "failure" }.into(),
-            ));
-            session(&mut ext, session_id);
-            if !command.is_empty() {
-                ext.push(("cs5Label", "command".into()));
-                ext.push(("cs5", command.clone()));
-            }
-            ext.push(("cn2Label", "channel".into()));
-            ext.push(("cn2", channel.to_string()));
-        }
-        AuditKind::Command {
-            session_id,
-            user,
-            target,
-            account,
-            channel,
-            line,
-            decision,
-            rule,
-            source,
-        } => {
-            ext.push(("suser", user.clone()));
-            ext.push(("duser", account.clone()));
-            ext.push(("dhost", target.clone()));
-            ext.push(("act", decision.clone()));
-            session(&mut ext, session_id);
-            ext.push(("cs4Label", "commandSource".into()));
-            ext.push(("cs4", source.clone()));
-            ext.push(("cs5Label", "command".into()));
-            ext.push(("cs5", line.clone()));
-            if let Some(r) = rule {
-                ext.push(("cn1Label", "ruleId".into()));
-                ext.push(("cn1", r.to_string()));
-            }
-            ext.push(("cn2Label", "channel".into()));
-            ext.push(("cn2", channel.to_string()));
-        }
-        AuditKind::Approval {
-            request,
-            action,
-            user,
-            account,
-            target,
-            by,
-            reason,
-        } => {
-            ext.push(("suser", user.clone()));
-            ext.push(("duser", account.clone()));
-            ext.push(("dhost", target.clone()));
-            ext.push(("act", action.clone()));
-            if let Some(by) = by {
-                ext.push(("cs6Label", "by".into()));
-                ext.push(("cs6", by.clone()));
-            }
-            if let Some(r) = reason {
-                ext.push(("reason", r.clone()));
-            }
-            ext.push(("cn1Label", "requestId".into()));
-            ext.push(("cn1", request.to_string()));
-        }
-        AuditKind::Forward {
-            session_id,
-            user,
-            target,
-            account,
-            channel,
-            kind,
-            destination,
-            bytes_up,
-            bytes_down,
-            duration_ms,
-        } => {
-            ext.push(("suser", user.clone()));
-            ext.push(("duser", account.clone()));
-            ext.push(("dhost", target.clone()));
-            ext.push(("in", bytes_up.to_string()));
-            ext.push(("out", bytes_down.to_string()));
-            session(&mut ext, session_id);
-            ext.push(("cs5Label", "destination".into()));
-            ext.push(("cs5", destination.clone()));
-            ext.push(("cs6Label", "forwardKind".into()));
-            ext.push(("cs6", kind.clone()));
-            ext.push(("cn1Label", "durationMs".into()));
-            ext.push(("cn1", duration_ms.to_string()));
-            ext.push(("cn2Label", "channel".into()));
-            ext.push(("cn2", channel.to_string()));
-        }
-        AuditKind::AdminChange {
-            action,
-            object,
-            actor_uid,
-            actor,
-        } => {
-            if let Some(a) = actor {
-                ext.push(("suser", a.clone()));
-            }
-            if let Some(uid) = actor_uid {
-                ext.push(("suid", uid.to_string()));
-            }
-            ext.push(("act", action.clone()));
-            ext.push(("cs5Label", "object".into()));
-            ext.push(("cs5", object.clone()));
-        }
-        AuditKind::Notice {
-            message,
-            session_id,
-            kind,
-            count,
-        } => {
-            ext.push(("msg", message.clone()));
-            if let Some(id) = session_id {
-                session(&mut ext, id);
-            }
-            if let Some(k) = kind {
-                ext.push(("cs4Label", "noticeKind".into()));
-                ext.push(("cs4", k.clone()));
-            }
-            if let Some(c) = count {
-                ext.push(("cnt", c.to_string()));
+        _ => {
+            if let Some(u) = own("user") {
+                put("suser", u);
             }
         }
     }
+    if kind != "command" && kind != "command_end" {
+        if let Some(source) = ev.opt("source") {
+            let (ip, port) = split_addr(source);
+            put("src", ip);
+            if let Some(p) = port {
+                put("spt", p.to_string());
+            }
+        }
+    }
+    if let Some(a) = own("account") {
+        put("duser", a);
+    }
+    if let Some(t) = own("target") {
+        put("dhost", t);
+    }
+    if let Some(ta) = ev.opt("target_address") {
+        let (ip, port) = split_addr(ta);
+        if ip.parse::<std::net::IpAddr>().is_ok() {
+            put("dst", ip);
+        }
+        if let Some(p) = port {
+            put("dpt", p.to_string());
+        }
+    }
+    match kind.as_str() {
+        "auth_success" => put("outcome", "success".into()),
+        "auth_failure" | "session_denied" => put("outcome", "failure".into()),
+        "channel_request" => {
+            put("act", ev.s("request").to_string());
+            put(
+                "outcome",
+                if ev.b("accepted") {
+                    "success"
+                } else {
+                    "failure"
+                }
+                .into(),
+            );
+        }
+        "command" => put("act", ev.s("decision").to_string()),
+        "approval" | "admin_change" => put("act", ev.s("action").to_string()),
+        "file_transfer" => {
+            put("act", ev.s("operation").to_string());
+            put(
+                "outcome",
+                if ev.b("ok") { "success" } else { "failure" }.into(),
+            );
+            put("app", ev.s("protocol").to_string());
+            put("filePath", ev.s("path").to_string());
+            if let Some(n) = num("bytes") {
+                put("fsize", n);
+            }
+            if let Some(h) = own("sha256") {
+                put("fileHash", h);
+            }
+        }
+        "session_start" | "session_end" => put("app", "ssh".into()),
+        _ => {}
+    }
+    if let Some(r) = own("reason") {
+        put("reason", r);
+    } else if let Some(r) = own("status") {
+        put("reason", r);
+    }
+    if let Some(m) = own("client_message")
+        .or_else(|| own("message"))
+        .or_else(|| own("note"))
+    {
+        put("msg", m);
+    }
+    if let Some(n) = num("start_ms") {
+        put("start", n);
+    }
+    if let Some(n) = num("end_ms") {
+        put("end", n);
+    }
+    if let Some(n) = num("bytes_up") {
+        put("in", n);
+    }
+    if let Some(n) = num("bytes_down") {
+        put("out", n);
+    }
+    if let Some(n) = num("count") {
+        put("cnt", n);
+    }
+    let p = &mut put;
+    labeled(p, "cs1", "sessionId", own("session_id"));
+    labeled(p, "cs2", "recordingId", own("recording_id"));
+    labeled(p, "cs3", "justification", own("justification"));
+    let (cs4_label, cs4) = match kind.as_str() {
+        "auth_success" | "auth_failure" => ("method", own("method")),
+        "session_end" => ("reasonCode", own("reason_code")),
+        "command" => ("commandSource", own("source")),
+        "forward" => ("forwardKind", own("kind")),
+        "notice" => ("noticeKind", own("kind")),
+        _ => ("", None),
+    };
+    labeled(p, "cs4", cs4_label, cs4);
+    let (cs5_label, cs5) = match kind.as_str() {
+        "auth_success" | "auth_failure" | "session_denied" => ("login", own("login")),
+        "command" | "command_end" => ("command", own("line")),
+        "channel_request" => ("command", own("command").filter(|c| !c.is_empty())),
+        "forward" => ("destination", own("destination")),
+        "admin_change" => ("object", own("object")),
+        "file_transfer" => ("path2", own("path2")),
+        "session_end" => ("exitSignal", own("exit_signal")),
+        _ => ("", None),
+    };
+    labeled(p, "cs5", cs5_label, cs5);
+    let (cs6_label, cs6) = match kind.as_str() {
+        "session_end" => ("side", own("side")),
+        "approval" => ("by", own("by")),
+        _ => ("", None),
+    };
+    labeled(p, "cs6", cs6_label, cs6);
+    let (cn1_label, cn1) = match kind.as_str() {
+        "command" => ("ruleId", num("rule")),
+        "approval" => ("requestId", num("request")),
+        _ => ("durationMs", num("duration_ms")),
+    };
+    labeled(p, "cn1", cn1_label, cn1);
+    labeled(p, "cn2", "channel", num("channel"));
+    labeled(p, "cn3", "exitStatus", num("exit_status"));
     let ext: Vec<String> = ext
         .iter()
         .map(|(k, v)| format!("{k}={}", cef_value(v)))
@@ -491,9 +421,9 @@ pub fn cef_line(hostname: &str, event: &AuditEvent) -> String {
     format!(
         "CEF:0|psm|psm|{}|{}|{}|{}|{}",
         cef_header(PRODUCT_VERSION),
-        kind_name(&event.kind),
-        cef_header(&cef_name(&event.kind)),
-        cef_severity(&event.kind),
+        cef_header(ev.kind()),
+        cef_header(&cef_name(ev)),
+        severity(ev),
         ext.join(" ")
     )
 }
@@ -501,7 +431,7 @@ pub fn cef_line(hostname: &str, event: &AuditEvent) -> String {
 // ---------------------------------------------------------------------------------------------
 // OCSF
 
-/// An OCSF network endpoint from `ip:port`.
+/// An OCSF network endpoint from `ip:port` (a host name when it is not an address).
 fn endpoint(addr: &str) -> Value {
     let (ip, port) = split_addr(addr);
     let mut m = Map::new();
@@ -516,343 +446,294 @@ fn endpoint(addr: &str) -> Value {
     Value::Object(m)
 }
 
-fn user(name: &str) -> Value {
-    json!({ "name": name })
-}
-
 /// class_uid, class_name, category_uid, category_name.
-const AUTHENTICATION: (u32, &str, u32, &str) =
-    (3002, "Authentication", 3, "Identity & Access Management");
-const ENTITY_MANAGEMENT: (u32, &str, u32, &str) =
-    (3004, "Entity Management", 3, "Identity & Access Management");
-const NETWORK_ACTIVITY: (u32, &str, u32, &str) = (4001, "Network Activity", 4, "Network Activity");
-const SSH_ACTIVITY: (u32, &str, u32, &str) = (4007, "SSH Activity", 4, "Network Activity");
-const PROCESS_ACTIVITY: (u32, &str, u32, &str) = (1007, "Process Activity", 1, "System Activity");
-const BASE_EVENT: (u32, &str, u32, &str) = (0, "Base Event", 0, "Uncategorized");
+type Class = (u32, &'static str, u32, &'static str);
+const AUTHENTICATION: Class = (3002, "Authentication", 3, "Identity & Access Management");
+const ENTITY_MANAGEMENT: Class = (3004, "Entity Management", 3, "Identity & Access Management");
+const NETWORK_ACTIVITY: Class = (4001, "Network Activity", 4, "Network Activity");
+const SSH_ACTIVITY: Class = (4007, "SSH Activity", 4, "Network Activity");
+const PROCESS_ACTIVITY: Class = (1007, "Process Activity", 1, "System Activity");
+const BASE_EVENT: Class = (0, "Base Event", 0, "Uncategorized");
 
 /// The OCSF object for `event` (docs/siem.md, "OCSF").
 pub fn ocsf(hostname: &str, event: &AuditEvent) -> Value {
-    let mut unmapped = Map::new();
-    unmapped.insert("origin".into(), event.origin.clone().into());
-    let mut fields = Map::new();
+    ocsf_of(hostname, &Ev::new(event))
+}
+
+fn ocsf_of(hostname: &str, ev: &Ev) -> Value {
+    // Every field not mapped below ends up in `unmapped`.
+    let mut rest = ev.0.clone();
+    for k in ["seq", "ts_ms", "event"] {
+        rest.remove(k);
+    }
+    let mut take = |k: &str| rest.remove(k);
+    let mut f = Map::new();
     let mut status: Option<bool> = None;
     let mut message: Option<String> = None;
-    let service = json!({ "name": "psm", "uid": hostname });
-    let (class, activity_id, activity_name): ((u32, &str, u32, &str), u32, String) =
-        match &event.kind {
-            AuditKind::AuthSuccess {
-                login,
-                user: u,
-                method,
-                source,
-            } => {
-                fields.insert("user".into(), user(u));
-                fields.insert("src_endpoint".into(), endpoint(source));
-                fields.insert("dst_endpoint".into(), json!({ "hostname": hostname }));
-                fields.insert("service".into(), service);
-                fields.insert("auth_protocol_id".into(), 99.into());
-                fields.insert("auth_protocol".into(), format!("ssh {method}").into());
-                fields.insert("is_mfa".into(), method.contains("+totp").into());
-                fields.insert("is_remote".into(), true.into());
-                unmapped.insert("login".into(), login.clone().into());
-                status = Some(true);
-                (AUTHENTICATION, 1, "Logon".into())
+    let user = |name: &str| json!({ "name": name });
+    let kind = ev.kind().to_string();
+    // The actor: the psm user and, within a session, the session.
+    let actor = |take: &mut dyn FnMut(&str) -> Option<Value>| {
+        let mut a = Map::new();
+        if let Some(u) = take("user") {
+            a.insert("user".into(), json!({ "name": u }));
+        }
+        if let Some(s) = take("session_id") {
+            a.insert("session".into(), json!({ "uid": s }));
+        }
+        Value::Object(a)
+    };
+    let (class, activity_id, activity_name): (Class, u32, String) = match kind.as_str() {
+        "auth_success" | "auth_failure" => {
+            let ok = kind == "auth_success";
+            let name = if ok {
+                take("user")
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            } else {
+                psm_control_api::Login::user_part(ev.s("login")).to_string()
+            };
+            f.insert("user".into(), user(&name));
+            if let Some(s) = take("source") {
+                f.insert("src_endpoint".into(), endpoint(s.as_str().unwrap_or("")));
             }
-            AuditKind::AuthFailure {
-                login,
-                method,
-                source,
-                reason,
-            } => {
-                fields.insert(
-                    "user".into(),
-                    user(psm_control_api::Login::user_part(login)),
+            f.insert("dst_endpoint".into(), json!({ "hostname": hostname }));
+            f.insert("service".into(), json!({ "name": "psm", "uid": hostname }));
+            let method = take("method")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            f.insert("auth_protocol_id".into(), 99.into());
+            f.insert("auth_protocol".into(), format!("ssh {method}").into());
+            f.insert("is_mfa".into(), method.contains("totp").into());
+            f.insert("is_remote".into(), true.into());
+            if let Some(r) = take("reason") {
+                f.insert("status_detail".into(), r);
+            }
+            status = Some(ok);
+            (AUTHENTICATION, 1, "Logon".into())
+        }
+        "session_denied" => {
+            f.insert("actor".into(), actor(&mut take));
+            if let Some(s) = take("source") {
+                f.insert("src_endpoint".into(), endpoint(s.as_str().unwrap_or("")));
+            }
+            f.insert("dst_endpoint".into(), json!({ "hostname": hostname }));
+            if let Some(r) = take("reason") {
+                f.insert("status_detail".into(), r);
+            }
+            message = take("client_message").and_then(|v| v.as_str().map(str::to_string));
+            status = Some(false);
+            (SSH_ACTIVITY, 5, "Refuse".into())
+        }
+        "session_start" | "session_end" => {
+            let start = kind == "session_start";
+            f.insert("actor".into(), actor(&mut take));
+            if let Some(s) = take("source") {
+                f.insert("src_endpoint".into(), endpoint(s.as_str().unwrap_or("")));
+            }
+            let mut dst = match take("target_address") {
+                Some(Value::String(a)) => endpoint(&a),
+                _ => json!({}),
+            };
+            if let (Value::Object(m), Some(t)) = (&mut dst, take("target")) {
+                m.insert("name".into(), t);
+            }
+            f.insert("dst_endpoint".into(), dst);
+            if let Some(v) = take("start_ms") {
+                f.insert("start_time".into(), v);
+            }
+            if let Some(v) = take("end_ms") {
+                f.insert("end_time".into(), v);
+            }
+            if let Some(v) = take("duration_ms") {
+                f.insert("duration".into(), v);
+            }
+            if !start {
+                let (up, down) = (
+                    ev.n("bytes_up").unwrap_or(0),
+                    ev.n("bytes_down").unwrap_or(0),
                 );
-                fields.insert("src_endpoint".into(), endpoint(source));
-                fields.insert("dst_endpoint".into(), json!({ "hostname": hostname }));
-                fields.insert("service".into(), service);
-                fields.insert("auth_protocol_id".into(), 99.into());
-                fields.insert("auth_protocol".into(), format!("ssh {method}").into());
-                fields.insert("is_mfa".into(), method.contains("totp").into());
-                fields.insert("is_remote".into(), true.into());
-                fields.insert("status_detail".into(), reason.clone().into());
-                unmapped.insert("login".into(), login.clone().into());
-                status = Some(false);
-                (AUTHENTICATION, 1, "Logon".into())
-            }
-            AuditKind::SessionDenied {
-                login,
-                user: u,
-                source,
-                reason,
-                client_message,
-            } => {
-                fields.insert("actor".into(), json!({ "user": user(u) }));
-                fields.insert("src_endpoint".into(), endpoint(source));
-                fields.insert("dst_endpoint".into(), json!({ "hostname": hostname }));
-                fields.insert("status_detail".into(), reason.clone().into());
-                unmapped.insert("login".into(), login.clone().into());
-                message = Some(client_message.clone());
-                status = Some(false);
-                (SSH_ACTIVITY, 5, "Refuse".into())
-            }
-            AuditKind::SessionStart {
-                session_id,
-                user: u,
-                source,
-                target,
-                target_address,
-                account,
-                recording_id,
-                start_ms,
-                justification,
-                worker,
-            } => {
-                fields.insert(
-                    "actor".into(),
-                    json!({ "user": user(u), "session": { "uid": session_id } }),
-                );
-                fields.insert("src_endpoint".into(), endpoint(source));
-                let mut dst = endpoint(target_address);
-                if let Value::Object(m) = &mut dst {
-                    m.insert("name".into(), target.clone().into());
-                }
-                fields.insert("dst_endpoint".into(), dst);
-                fields.insert("start_time".into(), (*start_ms).into());
-                unmapped.insert("account".into(), account.clone().into());
-                unmapped.insert("recording_id".into(), recording_id.clone().into());
-                if let Some(j) = justification {
-                    unmapped.insert("justification".into(), j.clone().into());
-                }
-                if let Some(w) = worker {
-                    unmapped.insert("worker".into(), (*w).into());
-                }
-                status = Some(true);
-                (SSH_ACTIVITY, 1, "Open".into())
-            }
-            AuditKind::SessionEnd {
-                session_id,
-                user: u,
-                source,
-                target,
-                account,
-                start_ms,
-                end_ms,
-                duration_ms,
-                bytes_up,
-                bytes_down,
-                exit_status,
-                exit_signal,
-                recording_id,
-                reason,
-                reason_code,
-                side,
-                justification,
-            } => {
-                fields.insert(
-                    "actor".into(),
-                    json!({ "user": user(u), "session": { "uid": session_id } }),
-                );
-                fields.insert("src_endpoint".into(), endpoint(source));
-                fields.insert("dst_endpoint".into(), json!({ "name": target }));
-                fields.insert("start_time".into(), (*start_ms).into());
-                fields.insert("end_time".into(), (*end_ms).into());
-                fields.insert("duration".into(), (*duration_ms).into());
-                fields.insert(
+                take("bytes_up");
+                take("bytes_down");
+                f.insert(
                     "traffic".into(),
-                    json!({
-                        "bytes_in": bytes_up,
-                        "bytes_out": bytes_down,
-                        "bytes": bytes_up.saturating_add(*bytes_down),
-                    }),
+                    json!({ "bytes_in": up, "bytes_out": down, "bytes": up.saturating_add(down) }),
                 );
-                fields.insert("status_detail".into(), reason.clone().into());
-                unmapped.insert("account".into(), account.clone().into());
-                unmapped.insert("recording_id".into(), recording_id.clone().into());
-                unmapped.insert("reason_code".into(), reason_code.clone().into());
-                unmapped.insert("side".into(), side.clone().into());
-                if let Some(s) = exit_status {
-                    unmapped.insert("exit_status".into(), (*s).into());
+                if let Some(r) = take("reason") {
+                    f.insert("status_detail".into(), r);
                 }
-                if let Some(s) = exit_signal {
-                    unmapped.insert("exit_signal".into(), s.clone().into());
-                }
-                if let Some(j) = justification {
-                    unmapped.insert("justification".into(), j.clone().into());
-                }
+            } else {
+                status = Some(true);
+            }
+            if start {
+                (SSH_ACTIVITY, 1, "Open".into())
+            } else {
                 (SSH_ACTIVITY, 2, "Close".into())
             }
-            AuditKind::ChannelRequest {
-                session_id,
-                user: u,
-                target,
-                account,
-                channel,
-                request,
-                command,
-                accepted,
-            } => {
-                fields.insert(
-                    "actor".into(),
-                    json!({ "user": user(u), "session": { "uid": session_id } }),
-                );
-                fields.insert("dst_endpoint".into(), json!({ "name": target }));
-                unmapped.insert("account".into(), account.clone().into());
-                unmapped.insert("channel".into(), (*channel).into());
-                unmapped.insert("request".into(), request.clone().into());
-                if !command.is_empty() {
-                    unmapped.insert("command".into(), command.clone().into());
-                }
-                status = Some(*accepted);
-                (SSH_ACTIVITY, 99, format!("Channel Request: {request}"))
+        }
+        "channel_request" => {
+            f.insert("actor".into(), actor(&mut take));
+            if let Some(t) = take("target") {
+                f.insert("dst_endpoint".into(), json!({ "name": t }));
             }
-            AuditKind::Command {
-                session_id,
-                user: u,
-                target,
-                account,
-                channel,
-                line,
-                decision,
-                rule,
-                source,
-            } => {
-                let allowed = matches!(decision.as_str(), "allow" | "alert");
-                fields.insert(
-                    "actor".into(),
-                    json!({ "user": user(u), "session": { "uid": session_id } }),
+            status = Some(ev.b("accepted"));
+            take("accepted");
+            (
+                SSH_ACTIVITY,
+                99,
+                format!("Channel Request: {}", ev.s("request")),
+            )
+        }
+        "file_transfer" => {
+            f.insert("actor".into(), actor(&mut take));
+            if let Some(t) = take("target") {
+                f.insert("dst_endpoint".into(), json!({ "name": t }));
+            }
+            let mut file = Map::new();
+            if let Some(p) = take("path") {
+                let name = p
+                    .as_str()
+                    .and_then(|p| p.rsplit('/').next())
+                    .unwrap_or("")
+                    .to_string();
+                file.insert("name".into(), name.into());
+                file.insert("path".into(), p);
+            }
+            if let Some(b) = take("bytes") {
+                file.insert("size".into(), b);
+            }
+            if let Some(h) = take("sha256") {
+                file.insert(
+                    "hashes".into(),
+                    json!([{ "algorithm_id": 3, "algorithm": "SHA-256", "value": h }]),
                 );
-                fields.insert(
-                    "process".into(),
-                    json!({ "cmd_line": line, "user": user(account) }),
-                );
-                fields.insert(
+            }
+            f.insert("file".into(), Value::Object(file));
+            status = Some(ev.b("ok"));
+            take("ok");
+            if let Some(s) = take("status") {
+                f.insert("status_detail".into(), s);
+            }
+            (
+                SSH_ACTIVITY,
+                99,
+                format!("File Transfer: {}", ev.s("operation")),
+            )
+        }
+        "command" | "command_end" => {
+            f.insert("actor".into(), actor(&mut take));
+            let account = take("account")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut process = Map::new();
+            if let Some(l) = take("line") {
+                process.insert("cmd_line".into(), l);
+            }
+            process.insert("user".into(), user(&account));
+            f.insert("process".into(), Value::Object(process));
+            if let Some(t) = take("target") {
+                f.insert(
                     "device".into(),
-                    json!({ "hostname": target, "type_id": 1, "type": "Server" }),
+                    json!({ "hostname": t, "type_id": 1, "type": "Server" }),
                 );
-                fields.insert("action_id".into(), if allowed { 1 } else { 2 }.into());
-                fields.insert(
+            }
+            if kind == "command" {
+                let allowed = matches!(ev.s("decision"), "allow" | "alert");
+                f.insert("action_id".into(), if allowed { 1 } else { 2 }.into());
+                f.insert(
                     "action".into(),
                     if allowed { "Allowed" } else { "Denied" }.into(),
                 );
-                fields.insert("disposition_id".into(), if allowed { 1 } else { 2 }.into());
-                fields.insert(
+                f.insert("disposition_id".into(), if allowed { 1 } else { 2 }.into());
+                f.insert(
                     "disposition".into(),
                     if allowed { "Allowed" } else { "Blocked" }.into(),
                 );
-                unmapped.insert("decision".into(), decision.clone().into());
-                if let Some(r) = rule {
-                    unmapped.insert("rule".into(), (*r).into());
-                }
-                unmapped.insert("source".into(), source.clone().into());
-                unmapped.insert("channel".into(), (*channel).into());
                 status = Some(allowed);
                 (PROCESS_ACTIVITY, 1, "Launch".into())
+            } else {
+                if let Some(c) = take("exit_status") {
+                    if !c.is_null() {
+                        f.insert("exit_code".into(), c);
+                    }
+                }
+                if let Some(d) = take("duration_ms") {
+                    f.insert("duration".into(), d);
+                }
+                (PROCESS_ACTIVITY, 2, "Terminate".into())
             }
-            AuditKind::Forward {
-                session_id,
-                user: u,
-                target,
-                account,
-                channel,
-                kind,
-                destination,
-                bytes_up,
-                bytes_down,
-                duration_ms,
-            } => {
-                fields.insert(
-                    "actor".into(),
-                    json!({ "user": user(u), "session": { "uid": session_id } }),
-                );
-                fields.insert("src_endpoint".into(), json!({ "name": target }));
-                fields.insert("dst_endpoint".into(), endpoint(destination));
-                fields.insert("duration".into(), (*duration_ms).into());
-                fields.insert(
-                    "traffic".into(),
-                    json!({
-                        "bytes_in": bytes_up,
-                        "bytes_out": bytes_down,
-                        "bytes": bytes_up.saturating_add(*bytes_down),
-                    }),
-                );
-                unmapped.insert("account".into(), account.clone().into());
-                unmapped.insert("channel".into(), (*channel).into());
-                unmapped.insert("forward_kind".into(), kind.clone().into());
-                (NETWORK_ACTIVITY, 2, "Close".into())
+        }
+        "forward" => {
+            f.insert("actor".into(), actor(&mut take));
+            if let Some(t) = take("target") {
+                f.insert("src_endpoint".into(), json!({ "name": t }));
             }
-            AuditKind::AdminChange {
-                action,
-                object,
-                actor_uid,
-                actor,
-            } => {
-                let mut u = Map::new();
-                if let Some(a) = actor {
-                    u.insert("name".into(), a.clone().into());
-                }
-                if let Some(uid) = actor_uid {
-                    u.insert("uid".into(), uid.to_string().into());
-                }
-                fields.insert("actor".into(), json!({ "user": Value::Object(u) }));
-                let entity_type = action.split(' ').next().unwrap_or(action);
-                fields.insert(
-                    "entity".into(),
-                    json!({ "name": object, "type": entity_type }),
-                );
-                unmapped.insert("action".into(), action.clone().into());
-                let (id, name) = match action.rsplit(' ').next() {
-                    Some("add") => (1, "Create"),
-                    Some("remove") => (4, "Delete"),
-                    _ => (3, "Update"),
-                };
-                status = Some(true);
-                (ENTITY_MANAGEMENT, id, name.into())
+            if let Some(Value::String(d)) = take("destination") {
+                f.insert("dst_endpoint".into(), endpoint(&d));
             }
-            AuditKind::Approval {
-                request,
-                action,
-                user: u,
-                account,
-                target,
-                by,
-                reason,
-            } => {
-                fields.insert("actor".into(), json!({ "user": user(u) }));
-                unmapped.insert("request".into(), (*request).into());
-                unmapped.insert("action".into(), action.clone().into());
-                unmapped.insert("account".into(), account.clone().into());
-                unmapped.insert("target".into(), target.clone().into());
-                if let Some(b) = by {
-                    unmapped.insert("by".into(), b.clone().into());
-                }
-                if let Some(r) = reason {
-                    unmapped.insert("reason".into(), r.clone().into());
-                }
-                message = Some(format!("access request {request}: {action}"));
-                (BASE_EVENT, 99, format!("Access Request: {action}"))
+            if let Some(d) = take("duration_ms") {
+                f.insert("duration".into(), d);
             }
-            AuditKind::Notice {
-                message: m,
-                session_id,
-                kind,
-                count,
-            } => {
-                if let Some(id) = session_id {
-                    unmapped.insert("session_id".into(), id.clone().into());
-                }
-                if let Some(k) = kind {
-                    unmapped.insert("kind".into(), k.clone().into());
-                }
-                if let Some(c) = count {
-                    fields.insert("count".into(), (*c).into());
-                }
-                message = Some(m.clone());
-                (BASE_EVENT, 99, "Notice".into())
+            let (up, down) = (
+                ev.n("bytes_up").unwrap_or(0),
+                ev.n("bytes_down").unwrap_or(0),
+            );
+            take("bytes_up");
+            take("bytes_down");
+            f.insert(
+                "traffic".into(),
+                json!({ "bytes_in": up, "bytes_out": down, "bytes": up.saturating_add(down) }),
+            );
+            (NETWORK_ACTIVITY, 2, "Close".into())
+        }
+        "admin_change" => {
+            let mut u = Map::new();
+            if let Some(a) = take("actor") {
+                u.insert("name".into(), a);
             }
-        };
+            if let Some(uid) = take("actor_uid").and_then(|v| v.as_u64()) {
+                u.insert("uid".into(), uid.to_string().into());
+            }
+            f.insert("actor".into(), json!({ "user": Value::Object(u) }));
+            let action = ev.s("action");
+            let entity_type = action.split(' ').next().unwrap_or(action);
+            if let Some(o) = take("object") {
+                f.insert("entity".into(), json!({ "name": o, "type": entity_type }));
+            }
+            status = Some(true);
+            match action.rsplit(' ').next() {
+                Some("add") => (ENTITY_MANAGEMENT, 1, "Create".into()),
+                Some("remove") => (ENTITY_MANAGEMENT, 4, "Delete".into()),
+                _ => (ENTITY_MANAGEMENT, 3, "Update".into()),
+            }
+        }
+        "approval" => {
+            if let Some(u) = take("user") {
+                f.insert("actor".into(), json!({ "user": { "name": u } }));
+            }
+            message = Some(format!(
+                "access request {}: {}",
+                ev.n("request").unwrap_or(0),
+                ev.s("action")
+            ));
+            (
+                BASE_EVENT,
+                99,
+                format!("Access Request: {}", ev.s("action")),
+            )
+        }
+        "notice" => {
+            message = take("message").and_then(|v| v.as_str().map(str::to_string));
+            if let Some(c) = take("count") {
+                f.insert("count".into(), c);
+            }
+            (BASE_EVENT, 99, "Notice".into())
+        }
+        other => (BASE_EVENT, 99, other.replace('_', " ")),
+    };
     let (class_uid, class_name, category_uid, category_name) = class;
-    let (severity_id, severity) = ocsf_severity(cef_severity(&event.kind));
+    let (severity_id, severity_name) = ocsf_severity(severity(ev));
+    let seq = ev.n("seq").unwrap_or(0);
     let mut out = Map::new();
     out.insert("class_uid".into(), class_uid.into());
     out.insert("class_name".into(), class_name.into());
@@ -868,9 +749,9 @@ pub fn ocsf(hostname: &str, event: &AuditEvent) -> Value {
         "type_name".into(),
         format!("{class_name}: {activity_name}").into(),
     );
-    out.insert("time".into(), event.ts_ms.into());
+    out.insert("time".into(), ev.n("ts_ms").unwrap_or(0).into());
     out.insert("severity_id".into(), severity_id.into());
-    out.insert("severity".into(), severity.into());
+    out.insert("severity".into(), severity_name.into());
     if let Some(ok) = status {
         out.insert("status_id".into(), if ok { 1 } else { 2 }.into());
         out.insert(
@@ -880,27 +761,28 @@ pub fn ocsf(hostname: &str, event: &AuditEvent) -> Value {
     }
     out.insert(
         "message".into(),
-        message.unwrap_or_else(|| cef_name(&event.kind)).into(),
+        message.unwrap_or_else(|| cef_name(ev)).into(),
     );
     out.insert(
         "metadata".into(),
         json!({
             "version": OCSF_VERSION,
             "product": { "name": "psm", "vendor_name": "psm", "version": PRODUCT_VERSION },
-            "uid": event.seq.to_string(),
-            "sequence": event.seq,
+            "uid": seq.to_string(),
+            "sequence": seq,
             "log_name": "audit",
-            "event_code": kind_name(&event.kind),
+            "event_code": ev.kind(),
         }),
     );
-    out.extend(fields);
-    out.insert("unmapped".into(), Value::Object(unmapped));
+    out.extend(f);
+    out.insert("unmapped".into(), Value::Object(rest));
     Value::Object(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use psm_control_api::AuditKind;
 
     fn ev(kind: AuditKind) -> AuditEvent {
         AuditEvent {
@@ -937,7 +819,11 @@ mod tests {
     #[test]
     fn syslog_header_and_framing() {
         let e = command("deny", "rm -rf /");
-        let m = syslog_message(&header(), Format::Json, &e);
+        let m = syslog_message(
+            &header(),
+            Format::Json,
+            &serde_json::to_vec(&e).expect("json"),
+        );
         let text = String::from_utf8(m.clone()).expect("utf8");
         // authpriv (10) * 8 + error (3)
         assert!(
@@ -1053,5 +939,53 @@ mod tests {
         assert_eq!(admin["activity_id"], 1);
         assert_eq!(admin["entity"]["type"], "user");
         assert_eq!(admin["actor"]["user"]["name"], "root");
+    }
+
+    fn raw(v: Value) -> Ev {
+        match v {
+            Value::Object(m) => Ev(m),
+            _ => panic!("an object"),
+        }
+    }
+
+    #[test]
+    fn kinds_added_later_are_exported_too() {
+        let ft = raw(json!({
+            "seq": 9, "ts_ms": 5, "origin": "relay-r", "event": "file_transfer",
+            "session_id": "s1", "user": "alice", "target": "web01", "account": "root",
+            "channel": 0, "protocol": "sftp", "operation": "write", "path": "/tmp/a.bin",
+            "bytes": 1024, "sha256": "ab", "partial": false, "ok": true
+        }));
+        let o = ocsf_of("gw1", &ft);
+        assert_eq!(o["class_uid"], 4007);
+        assert_eq!(o["file"]["name"], "a.bin");
+        assert_eq!(o["file"]["size"], 1024);
+        assert_eq!(o["file"]["hashes"][0]["value"], "ab");
+        assert_eq!(o["unmapped"]["protocol"], "sftp");
+        let c = cef_of("gw1", &ft);
+        assert!(c.contains("|file_transfer|file write|3|"), "{c}");
+        assert!(
+            c.contains(
+                " act=write outcome=success app=sftp filePath=/tmp/a.bin fsize=1024 fileHash=ab "
+            ),
+            "{c}"
+        );
+
+        let future = raw(json!({
+            "seq": 10, "ts_ms": 5, "origin": "control", "event": "something_new",
+            "user": "bob", "detail": "x"
+        }));
+        let o = ocsf_of("gw1", &future);
+        assert_eq!(
+            (o["class_uid"].clone(), o["type_uid"].clone()),
+            (json!(0), json!(99))
+        );
+        assert_eq!(o["unmapped"]["detail"], "x");
+        assert_eq!(o["unmapped"]["user"], "bob");
+        let c = cef_of("gw1", &future);
+        assert!(
+            c.contains("|something_new|something new|3|") && c.contains(" suser=bob"),
+            "{c}"
+        );
     }
 }

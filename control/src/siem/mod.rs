@@ -1,7 +1,7 @@
 //! SIEM export: the audit stream, as it is written, to any number of syslog receivers.
 //!
-//! - [`Tap::offer`] is called by [`crate::audit::AuditLog::append`] with every event it wrote:
-//!   it appends the event to each sink's disk queue ([`queue`], `siem/<sink>/`) and wakes the
+//! - [`Tap::offer`] is called by [`crate::audit::AuditLog::append`] with every line it wrote
+//!   (the event with its hash-chain fields): it appends the line to each sink's disk queue ([`queue`], `siem/<sink>/`) and wakes the
 //!   sink's delivery task. That is a local file append per sink; nothing on that path waits on a
 //!   network, so a sink that is down or slow never holds up the audit log or a session.
 //! - Each sink has its own delivery task: it connects ([`transport`]: UDP, TCP or TLS with
@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use psm_control_api::{AuditEvent, AuditKind};
+use psm_control_api::AuditKind;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{error, info, warn};
 
@@ -65,10 +65,10 @@ struct Sink {
 }
 
 impl Sink {
-    fn offer(&self, event: &AuditEvent) {
+    fn offer(&self, seq: u64, line: &[u8]) {
         let (pushed, dropped_total, pending, pending_bytes) = {
             let mut q = lock(&self.queue);
-            let p = q.push(event);
+            let p = q.push(seq, line);
             (p, q.state().dropped, q.pending(), q.pending_bytes())
         };
         let name = &self.config.name;
@@ -80,8 +80,7 @@ impl Sink {
                     warn!(sink = %name, dropped = n, "SIEM sink has room again; events were dropped for it");
                     let _ = self.notices.send(AuditKind::Notice {
                         message: format!(
-                            "SIEM sink {name}: {n} event(s) were dropped while its queue was full; delivery goes on from seq {}",
-                            event.seq
+                            "SIEM sink {name}: {n} event(s) were dropped while its queue was full; delivery goes on from seq {seq}"
                         ),
                         session_id: None,
                         kind: Some(DROP_NOTICE_KIND.into()),
@@ -102,11 +101,10 @@ impl Sink {
                     } else {
                         "its queue cannot be written".to_string()
                     };
-                    error!(sink = %name, seq = event.seq, %why, "SIEM sink is dropping events");
+                    error!(sink = %name, seq, %why, "SIEM sink is dropping events");
                     let _ = self.notices.send(AuditKind::Notice {
                         message: format!(
-                            "SIEM sink {name}: {why}; newer events are dropped for this sink until it catches up (first dropped: seq {})",
-                            event.seq
+                            "SIEM sink {name}: {why}; newer events are dropped for this sink until it catches up (first dropped: seq {seq})"
                         ),
                         session_id: None,
                         kind: Some(DROP_NOTICE_KIND.into()),
@@ -211,7 +209,7 @@ impl Sink {
                     self.lost(&mut conn, "the receiver closed the connection".into());
                     break;
                 }
-                let msg = format::syslog_message(&self.header, self.config.format, &item.event);
+                let msg = format::syslog_message(&self.header, self.config.format, &item.line);
                 if let Err(e) = c.send(&msg).await {
                     self.lost(&mut conn, format!("send: {e}"));
                     break;
@@ -251,10 +249,15 @@ impl std::fmt::Debug for Tap {
 }
 
 impl Tap {
-    /// Queues `event` for every sink. Never waits on a network.
-    pub fn offer(&self, event: &AuditEvent) {
+    /// Queues one line of `audit.jsonl` (a JSON object with its `seq`) for every sink. Never
+    /// waits on a network.
+    pub fn offer(&self, line: &[u8]) {
+        let Some(seq) = queue::line_seq(line) else {
+            error!("an audit line without a seq was not exported");
+            return;
+        };
         for s in self.sinks.iter() {
-            s.offer(event);
+            s.offer(seq, line);
         }
     }
 }

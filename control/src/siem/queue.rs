@@ -19,7 +19,6 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use psm_control_api::AuditEvent;
 use serde::{Deserialize, Serialize};
 
 /// Compaction rewrites the file once its delivered part is over this many bytes (and half of
@@ -45,8 +44,8 @@ pub struct State {
 pub struct Queued {
     /// Its `seq`.
     pub seq: u64,
-    /// The event.
-    pub event: AuditEvent,
+    /// The event: its line of `audit.jsonl`, without the newline.
+    pub line: Vec<u8>,
     /// Logical offset just past its line (file offset plus the bytes compacted away before).
     end: u64,
 }
@@ -163,16 +162,17 @@ impl DiskQueue {
         Ok(q)
     }
 
-    /// Queues `event` (already numbered), unless it is at the bound or older than what the
-    /// queue holds.
-    pub fn push(&mut self, event: &AuditEvent) -> Pushed {
-        if event.seq <= self.last_seq {
+    /// Queues the event `seq` (`line`: its JSON object, one line), unless the queue is at its
+    /// bound or already holds `seq` or a later event.
+    pub fn push(&mut self, seq: u64, line: &[u8]) -> Pushed {
+        if seq <= self.last_seq {
             return Pushed::Duplicate;
         }
-        let mut line = match serde_json::to_vec(event) {
-            Ok(l) => l,
-            Err(_) => return self.dropped(Pushed::DroppedIo),
-        };
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        if line.contains(&b'\n') {
+            return self.dropped(Pushed::DroppedIo);
+        }
+        let mut line = line.to_vec();
         line.push(b'\n');
         if self.pending >= self.max_events
             || self.pending_bytes + line.len() as u64 > self.max_bytes
@@ -189,7 +189,7 @@ impl DiskQueue {
         self.len += line.len() as u64;
         self.pending += 1;
         self.pending_bytes += line.len() as u64;
-        self.last_seq = event.seq;
+        self.last_seq = seq;
         Pushed::Queued
     }
 
@@ -214,15 +214,15 @@ impl DiskQueue {
                 }
                 consumed += line.len();
                 let end = self.base + pos + consumed as u64;
-                match serde_json::from_slice::<AuditEvent>(line) {
-                    Ok(event) if event.seq > self.state.delivered_seq => out.push(Queued {
-                        seq: event.seq,
-                        event,
+                match line_seq(line) {
+                    Some(seq) if seq > self.state.delivered_seq => out.push(Queued {
+                        seq,
+                        line: line[..line.len() - 1].to_vec(),
                         end,
                     }),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(queue = %self.dir.display(), offset = pos + consumed as u64 - line.len() as u64, error = %e, "unreadable line in a SIEM sink's queue; skipped");
+                    Some(_) => {}
+                    None => {
+                        tracing::warn!(queue = %self.dir.display(), offset = pos + consumed as u64 - line.len() as u64, "unreadable line in a SIEM sink's queue; skipped");
                     }
                 }
             }
@@ -238,14 +238,13 @@ impl DiskQueue {
                     .position(|&b| b == b'\n')
                     .map_or(rest.len(), |i| i + 1);
                 let end = self.base + pos + line_len as u64;
-                if let Ok(event) = serde_json::from_slice::<AuditEvent>(&rest[..line_len]) {
-                    if event.seq > self.state.delivered_seq {
-                        out.push(Queued {
-                            seq: event.seq,
-                            event,
-                            end,
-                        });
-                    }
+                let line = &rest[..line_len];
+                if let Some(seq) = line_seq(line).filter(|s| *s > self.state.delivered_seq) {
+                    out.push(Queued {
+                        seq,
+                        line: line.strip_suffix(b"\n").unwrap_or(line).to_vec(),
+                        end,
+                    });
                 }
                 consumed = line_len;
             }
@@ -341,8 +340,8 @@ impl DiskQueue {
     }
 }
 
-/// The `seq` of a queue line, without parsing the whole event.
-fn line_seq(line: &[u8]) -> Option<u64> {
+/// The `seq` of an audit line, without building the whole event.
+pub fn line_seq(line: &[u8]) -> Option<u64> {
     #[derive(Deserialize)]
     struct Seq {
         seq: u64,
@@ -353,10 +352,11 @@ fn line_seq(line: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use psm_control_api::AuditKind;
+    use psm_control_api::{AuditEvent, AuditKind};
 
-    fn ev(seq: u64, msg: &str) -> AuditEvent {
-        AuditEvent {
+    /// A queue line for event `seq`.
+    fn ev(seq: u64, msg: &str) -> (u64, Vec<u8>) {
+        let e = AuditEvent {
             seq,
             ts_ms: 1,
             origin: "control".into(),
@@ -366,7 +366,13 @@ mod tests {
                 kind: None,
                 count: None,
             },
-        }
+        };
+        (seq, serde_json::to_vec(&e).expect("json"))
+    }
+
+    fn push(q: &mut DiskQueue, seq: u64, msg: &str) -> Pushed {
+        let (seq, line) = ev(seq, msg);
+        q.push(seq, &line)
     }
 
     fn deliver(q: &mut DiskQueue, n: usize) -> Vec<u64> {
@@ -383,9 +389,9 @@ mod tests {
         let dir = tmp.path().join("siem/a");
         let mut q = DiskQueue::open(&dir, 100, 1 << 20).expect("open");
         for s in 1..=5 {
-            assert_eq!(q.push(&ev(s, "x")), Pushed::Queued);
+            assert_eq!(push(&mut q, s, "x"), Pushed::Queued);
         }
-        assert_eq!(q.push(&ev(3, "again")), Pushed::Duplicate);
+        assert_eq!(push(&mut q, 3, "again"), Pushed::Duplicate);
         assert_eq!(q.pending(), 5);
         assert_eq!(deliver(&mut q, 2), vec![1, 2]);
         // peeking twice gives the same events until they are acknowledged
@@ -395,8 +401,8 @@ mod tests {
         let mut q = DiskQueue::open(&dir, 100, 1 << 20).expect("reopen");
         assert_eq!(q.pending(), 3);
         assert_eq!(q.state().delivered, 2);
-        assert_eq!(q.push(&ev(5, "dup after restart")), Pushed::Duplicate);
-        assert_eq!(q.push(&ev(6, "y")), Pushed::Queued);
+        assert_eq!(push(&mut q, 5, "dup after restart"), Pushed::Duplicate);
+        assert_eq!(push(&mut q, 6, "y"), Pushed::Queued);
         assert_eq!(deliver(&mut q, 10), vec![3, 4, 5, 6]);
         assert_eq!(q.file_len(), 0, "emptied once all is delivered");
         drop(q);
@@ -410,7 +416,7 @@ mod tests {
     fn the_bound_keeps_the_oldest_and_counts_the_rest() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut q = DiskQueue::open(tmp.path(), 3, 1 << 20).expect("open");
-        let got: Vec<Pushed> = (1..=5).map(|s| q.push(&ev(s, "x"))).collect();
+        let got: Vec<Pushed> = (1..=5).map(|s| push(&mut q, s, "x")).collect();
         assert_eq!(
             got,
             vec![
@@ -423,13 +429,13 @@ mod tests {
         );
         assert_eq!(q.state().dropped, 2);
         assert_eq!(deliver(&mut q, 1), vec![1]);
-        assert_eq!(q.push(&ev(6, "room again")), Pushed::Queued);
+        assert_eq!(push(&mut q, 6, "room again"), Pushed::Queued);
         assert_eq!(deliver(&mut q, 10), vec![2, 3, 6]);
         // bytes bound
         let big = "b".repeat(2000);
         let mut q = DiskQueue::open(&tmp.path().join("b"), 1000, 4096).expect("open");
-        assert_eq!(q.push(&ev(1, &big)), Pushed::Queued);
-        assert_eq!(q.push(&ev(2, &big)), Pushed::DroppedFull);
+        assert_eq!(push(&mut q, 1, &big), Pushed::Queued);
+        assert_eq!(push(&mut q, 2, &big), Pushed::DroppedFull);
         assert!(q.pending_bytes() > 2000);
     }
 
@@ -439,7 +445,7 @@ mod tests {
         let pad = "p".repeat(1000);
         let mut q = DiskQueue::open(tmp.path(), 100_000, 1 << 30).expect("open");
         for s in 1..=3000 {
-            q.push(&ev(s, &pad));
+            push(&mut q, s, &pad);
         }
         let before = q.file_len();
         let delivered = deliver(&mut q, 2000);
@@ -460,7 +466,7 @@ mod tests {
         drop(f);
         let mut q = DiskQueue::open(tmp.path(), 100_000, 1 << 30).expect("reopen");
         assert_eq!(q.pending(), 1000);
-        assert_eq!(q.push(&ev(3001, "after")), Pushed::Queued);
+        assert_eq!(push(&mut q, 3001, "after"), Pushed::Queued);
         let rest = deliver(&mut q, 5000);
         assert_eq!(rest.first(), Some(&2001));
         assert_eq!(rest.last(), Some(&3001));

@@ -44,6 +44,15 @@ fn notice(seq: u64) -> AuditEvent {
     }
 }
 
+/// An audit line as `AuditLog::append` hands it over (hash-chain fields and newline included).
+fn line(e: AuditEvent) -> Vec<u8> {
+    let mut v = serde_json::to_value(&e).expect("json");
+    v["prev_hash"] = "00".into();
+    let mut l = serde_json::to_vec(&v).expect("json");
+    l.push(b'\n');
+    l
+}
+
 /// Reads one octet-counted frame; `None` at EOF.
 async fn frame<R: AsyncRead + Unpin>(r: &mut R) -> Option<String> {
     let mut len = Vec::new();
@@ -140,7 +149,7 @@ async fn tcp_in_order_and_nothing_lost_or_twice_across_a_receiver_restart() {
     let tap = siem.tap().expect("tap");
     let (mut conn, _) = listener.accept().await.expect("accept");
     for s in 1..=20 {
-        tap.offer(&notice(s));
+        tap.offer(&line(notice(s)));
     }
     let mut got = Vec::new();
     for _ in 1..=20 {
@@ -158,7 +167,7 @@ async fn tcp_in_order_and_nothing_lost_or_twice_across_a_receiver_restart() {
     drop(listener);
     wait("the sink to notice", || !status(&siem).connected).await;
     for s in 21..=40 {
-        tap.offer(&notice(s));
+        tap.offer(&line(notice(s)));
     }
     wait("20 queued", || status(&siem).queued == 20).await;
     assert_eq!(status(&siem).delivered, 20);
@@ -204,7 +213,7 @@ async fn a_sink_down_past_its_bound_reports_the_drop_and_keeps_the_oldest() {
     siem.forward_notices(move |k| n.lock().expect("lock").push(k));
     let tap = siem.tap().expect("tap");
     for s in 1..=10 {
-        tap.offer(&notice(s));
+        tap.offer(&line(notice(s)));
     }
     let st = status(&siem);
     assert_eq!((st.queued, st.dropped, st.dropping), (3, 7, true));
@@ -241,7 +250,7 @@ async fn a_sink_down_past_its_bound_reports_the_drop_and_keeps_the_oldest() {
         assert!(m.contains(&format!(" externalId={want} ")), "{m}");
     }
     wait("3 delivered", || status(&siem).queued == 0).await;
-    tap.offer(&notice(11));
+    tap.offer(&line(notice(11)));
     let m = frame(&mut conn).await.expect("frame");
     assert!(m.contains(" externalId=11 "), "{m}");
     wait("the end notice", || {
@@ -303,7 +312,7 @@ async fn tls_with_a_client_certificate() {
     )
     .expect("start");
     let tap = siem.tap().expect("tap");
-    tap.offer(&AuditEvent {
+    tap.offer(&line(AuditEvent {
         seq: 7,
         ts_ms: 1_796_304_000_000,
         origin: "relay-r1".into(),
@@ -318,7 +327,7 @@ async fn tls_with_a_client_certificate() {
             rule: None,
             source: "exec".into(),
         },
-    });
+    }));
     let (tcp, _) = listener.accept().await.expect("accept");
     let mut tls = acceptor
         .accept(tcp)
@@ -373,7 +382,7 @@ async fn tls_refuses_a_receiver_the_ca_did_not_sign() {
         )],
     )
     .expect("start");
-    siem.tap().expect("tap").offer(&notice(1));
+    siem.tap().expect("tap").offer(&line(notice(1)));
     let (tcp, _) = listener.accept().await.expect("accept");
     assert!(acceptor.accept(tcp).await.is_err(), "the handshake fails");
     wait("the error in status", || {
@@ -399,7 +408,7 @@ async fn udp_one_message_per_datagram() {
     .expect("start");
     let tap = siem.tap().expect("tap");
     for s in 1..=5 {
-        tap.offer(&notice(s));
+        tap.offer(&line(notice(s)));
     }
     let mut buf = vec![0u8; 70_000];
     for want in 1..=5 {

@@ -624,4 +624,19 @@ mod tests {
         let rep = check(&bytes, &key);
         assert_eq!(rep.status, Status::Unsealed, "{rep}");
     }
+
+    #[test]
+    #[ignore = "writes the fuzz corpus seeds: cargo test -p psm-recorder-format -- --ignored write_corpus_seeds"]
+    fn write_corpus_seeds() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus/recording_read");
+        let signed = recording(&key, Some(true));
+        let spans = frame_spans(&signed);
+        std::fs::write(dir.join("sealed-signed.psmrec"), &signed).expect("write");
+        let cut = &signed[..(spans[3].start + spans[3].end) / 2];
+        std::fs::write(dir.join("sealed-cut.psmrec"), cut).expect("write");
+        let closed = recording(&key, Some(false));
+        std::fs::write(dir.join("sealed-recorder-closed.psmrec"), closed).expect("write");
+    }
 }

@@ -438,6 +438,7 @@ impl Conn {
         handle: russh::server::Handle,
         shell: bool,
         forward: Option<(ForwardKind, String)>,
+        tap: Option<Arc<tap::Tap>>,
     ) {
         let Some(Chan::Pending {
             up,
@@ -472,6 +473,7 @@ impl Conn {
                 gate: gate.clone(),
                 forward,
                 dedicated: Some(target),
+                tap,
             },
         )
         .await;
@@ -568,6 +570,12 @@ impl Conn {
                 }
             }
         }
+        // file transfers (sftp, legacy scp) and an exec's end are read from the channel's bytes
+        let tap = if permitted {
+            tap::Tap::for_start(channel.into(), kind, &command, matches!(req, Req::Exec(_)))
+        } else {
+            None
+        };
         let accepted = if permitted {
             self.forward_request(channel, req).await == Some(true)
         } else {
@@ -601,7 +609,8 @@ impl Conn {
         }
         if accepted {
             session.channel_success(channel)?;
-            self.start(channel, session.handle(), shell, None).await;
+            self.start(channel, session.handle(), shell, None, tap)
+                .await;
         } else if !permitted {
             return self.deliver_denial(channel, session);
         } else {

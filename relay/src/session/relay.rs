@@ -25,6 +25,9 @@ pub(super) struct Relaying {
     pub(super) forward: Option<(ForwardKind, String)>,
     /// The channel's own target connection, closed when it ends (None: a shared one).
     pub(super) dedicated: Option<Arc<TargetHandle>>,
+    /// What is read from the channel's bytes besides relaying them (file transfers, an exec's
+    /// end).
+    pub(super) tap: Option<Arc<tap::Tap>>,
 }
 
 /// Starts relaying; returns the target channel's write half (for window changes and signals).
@@ -44,6 +47,7 @@ pub(super) async fn spawn(
         gate,
         forward,
         dedicated,
+        tap,
     } = r;
     let (up_r, up_w) = up.split();
     let up_w = Arc::new(up_w);
@@ -57,6 +61,9 @@ pub(super) async fn spawn(
             if let (Some(g), crate::pipe::Item::Data(d)) = (&gate, &item) {
                 g.output(d);
             }
+            if let Some(t) = &tap {
+                t.down(shared, &item);
+            }
             record_down(rec.as_ref(), ch, &item).await;
             account_down(shared, &flow, &item);
             let _ = down_tx.send(item);
@@ -67,6 +74,9 @@ pub(super) async fn spawn(
         let item = match e {
             Early::Data(data) => {
                 shared.bytes.input(data.len());
+                if let Some(t) = &tap {
+                    t.up(shared, &data);
+                }
                 if let Some(rec) = &rec {
                     rec.data(ch, psm_recorder_format::Direction::Input, data.clone())
                         .await;
@@ -88,6 +98,7 @@ pub(super) async fn spawn(
         rec.clone(),
         ch,
         gate.clone().map(|g| (g, down_tx.clone())),
+        tap.clone(),
     ));
     tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
     tokio::spawn(read_target(
@@ -100,6 +111,7 @@ pub(super) async fn spawn(
         loss,
         gate,
         forward.is_none(),
+        tap.clone(),
     ));
     if tracing::enabled!(tracing::Level::DEBUG) {
         let flow = flow.clone();
@@ -123,6 +135,9 @@ pub(super) async fn spawn(
     let opened_ms = now_ms();
     tokio::spawn(async move {
         write_client(down_rx, down_w, handle, flow.clone()).await;
+        if let Some(t) = tap {
+            t.end(&shared, &flow);
+        }
         if let Some((kind, destination)) = forward {
             // one audit event per forward, with what it moved
             let end_ms = now_ms().max(opened_ms);

@@ -204,6 +204,7 @@ async fn open_toward_user(
             gate: None,
             forward: Some((toward.forward_kind(), destination)),
             dedicated: None,
+            tap: None,
         },
     )
     .await;

@@ -1,0 +1,198 @@
+//! What was done, not only what was shown: file operations over sftp, scp (SFTP-based) and
+//! legacy `scp -O` audited as `file_transfer` events with their sizes and the SHA-256 of what
+//! passed, compared with the files at both ends; an exec's exit status as `command_end`.
+
+use psm_tests::*;
+use serde_json::Value;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+const SIZE: u64 = 1024 * 1024 + 123;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn make_readable(p: &Path) {
+    fs::set_permissions(p, fs::Permissions::from_mode(0o644)).expect("chmod");
+}
+
+fn is_op(e: &Value, protocol: &str, op: &str, path: &Path) -> bool {
+    jstr(e, "event") == "file_transfer"
+        && jstr(e, "protocol") == protocol
+        && jstr(e, "operation") == op
+        && jstr(e, "path") == path.display().to_string()
+}
+
+/// The content event of a transfer: its size and hash as the file has them.
+fn assert_hashed(e: &Value, file: &Path, len: u64) {
+    assert_eq!(e["bytes"].as_u64(), Some(len), "bytes of {e}");
+    assert_eq!(jstr(e, "sha256"), sha256_file(file), "hash of {e}");
+    assert_eq!(e["partial"].as_bool(), Some(false), "{e}");
+    assert_eq!(e["ok"].as_bool(), Some(true), "{e}");
+}
+
+#[test]
+fn sftp_operations_are_audited_with_sizes_and_hashes() {
+    let w = World::new();
+    let work = w.psm.work_dir();
+    let scratch = w.sshd.scratch();
+    let up_local = work.join("put.bin");
+    random_file(&up_local, SIZE);
+    let up_remote = scratch.join("put.bin");
+    let down_remote = scratch.join("get.bin");
+    random_file(&down_remote, SIZE / 3);
+    make_readable(&down_remote);
+    let down_local = work.join("get.bin");
+    let dir = scratch.join("newdir");
+    let moved = dir.join("moved.bin");
+    let missing = scratch.join("no such file");
+    let batch = work.join("batch.txt");
+    fs::write(
+        &batch,
+        format!(
+            "put {up} {up_r}\nget {down_r} {down}\nmkdir {dir}\nrename {up_r} {moved}\nrm {moved}\nrmdir {dir}\n-rm \"{missing}\"\n",
+            up = up_local.display(),
+            up_r = up_remote.display(),
+            down_r = down_remote.display(),
+            down = down_local.display(),
+            dir = dir.display(),
+            moved = moved.display(),
+            missing = missing.display(),
+        ),
+    )
+    .expect("batch file");
+    let mark = w.psm.audit_mark();
+    let out = run_cmd(&mut w.sftp(&batch), None, CMD_TIMEOUT);
+    assert!(out.success(), "sftp batch:\n{}", out.describe());
+    assert_eq!(sha256_file(&down_local), sha256_file(&down_remote));
+
+    let put = w.psm.wait_audit_after(mark, "sftp put", WAIT, |e| {
+        is_op(e, "sftp", "write", &up_remote)
+    });
+    assert_hashed(&put, &up_local, SIZE);
+    let get = w.psm.wait_audit_after(mark, "sftp get", WAIT, |e| {
+        is_op(e, "sftp", "read", &down_remote)
+    });
+    assert_hashed(&get, &down_local, SIZE / 3);
+    let mkdir = w.psm.wait_audit_after(mark, "sftp mkdir", WAIT, |e| {
+        is_op(e, "sftp", "mkdir", &dir)
+    });
+    assert_eq!(mkdir["ok"].as_bool(), Some(true), "{mkdir}");
+    let rename = w.psm.wait_audit_after(mark, "sftp rename", WAIT, |e| {
+        is_op(e, "sftp", "rename", &up_remote)
+    });
+    assert_eq!(jstr(&rename, "path2"), moved.display().to_string());
+    w.psm.wait_audit_after(mark, "sftp rm", WAIT, |e| {
+        is_op(e, "sftp", "remove", &moved)
+    });
+    w.psm.wait_audit_after(mark, "sftp rmdir", WAIT, |e| {
+        is_op(e, "sftp", "rmdir", &dir)
+    });
+    let failed = w.psm.wait_audit_after(mark, "failed rm", WAIT, |e| {
+        is_op(e, "sftp", "remove", &missing)
+    });
+    assert_eq!(failed["ok"].as_bool(), Some(false), "{failed}");
+    assert!(jstr(&failed, "status").contains("no such file"), "{failed}");
+    // every event names the session, the user and the channel
+    assert_eq!(jstr(&put, "user"), "alice");
+    assert_eq!(jstr(&put, "session_id"), jstr(&get, "session_id"));
+
+    let tail = w.psm.psmctl_ok(&["audit", "tail", "-n", "50"], None);
+    assert!(
+        tail.lines().any(|l| l.contains("file_transfer")
+            && l.contains("op=write")
+            && l.contains(&format!("sha256={}", jstr(&put, "sha256")))),
+        "audit tail:\n{tail}"
+    );
+    // the file name with a space is shown quoted, on one line
+    assert!(
+        tail.lines()
+            .any(|l| l.contains("op=remove") && l.contains("no such file")),
+        "audit tail:\n{tail}"
+    );
+}
+
+#[test]
+fn scp_both_modes_are_audited_and_hashed() {
+    let w = World::new();
+    let work = w.psm.work_dir();
+    let scratch = w.sshd.scratch();
+    for (protocol, extra) in [("sftp", None), ("scp", Some("-O"))] {
+        let local = work.join(format!("up-{protocol}.bin"));
+        random_file(&local, SIZE);
+        let remote = scratch.join(format!("up-{protocol}.bin"));
+        let mark = w.psm.audit_mark();
+        let mut cmd = w.scp();
+        cmd.args(extra)
+            .arg(&local)
+            .arg(format!("127.0.0.1:{}", remote.display()));
+        let out = run_cmd(&mut cmd, None, CMD_TIMEOUT);
+        assert!(
+            out.success(),
+            "scp ({protocol}) upload:\n{}",
+            out.describe()
+        );
+        let e = w
+            .psm
+            .wait_audit_after(mark, &format!("{protocol} upload"), WAIT, |e| {
+                is_op(e, protocol, "write", &remote)
+            });
+        assert_hashed(&e, &remote, SIZE);
+        assert_eq!(jstr(&e, "sha256"), sha256_file(&local));
+
+        let remote_src = scratch.join(format!("down-{protocol}.bin"));
+        random_file(&remote_src, SIZE / 2);
+        make_readable(&remote_src);
+        let local = work.join(format!("down-{protocol}.bin"));
+        let mark = w.psm.audit_mark();
+        let mut cmd = w.scp();
+        cmd.args(extra)
+            .arg(format!("127.0.0.1:{}", remote_src.display()))
+            .arg(&local);
+        let out = run_cmd(&mut cmd, None, CMD_TIMEOUT);
+        assert!(
+            out.success(),
+            "scp ({protocol}) download:\n{}",
+            out.describe()
+        );
+        let e = w
+            .psm
+            .wait_audit_after(mark, &format!("{protocol} download"), WAIT, |e| {
+                is_op(e, protocol, "read", &remote_src)
+            });
+        assert_hashed(&e, &local, SIZE / 2);
+        assert_eq!(jstr(&e, "sha256"), sha256_file(&remote_src));
+    }
+    // legacy scp runs as an exec: it has its command_end too
+    let end = w.psm.wait_audit("scp -O command_end", WAIT, |e| {
+        jstr(e, "event") == "command_end" && jstr(e, "line").starts_with("scp ")
+    });
+    assert_eq!(end["exit_status"].as_u64(), Some(0), "{end}");
+}
+
+#[test]
+fn an_exec_commands_exit_status_is_audited() {
+    let w = World::new();
+    let mark = w.psm.audit_mark();
+    let out = run_cmd(w.ssh().arg("echo out; exit 3"), None, CMD_TIMEOUT);
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+    let end = w.psm.wait_audit_after(mark, "command_end", WAIT, |e| {
+        jstr(e, "event") == "command_end" && jstr(e, "line") == "echo out; exit 3"
+    });
+    assert_eq!(end["exit_status"].as_u64(), Some(3), "{end}");
+    assert!(end["exit_signal"].is_null(), "{end}");
+    assert_eq!(end["bytes_down"].as_u64(), Some(4), "{end}");
+    // the command event came first, on the same channel
+    let cmd = w.psm.wait_audit_after(mark, "command", WAIT, |e| {
+        jstr(e, "event") == "command" && jstr(e, "line") == "echo out; exit 3"
+    });
+    assert_eq!(cmd["channel"], end["channel"]);
+    assert!(cmd["seq"].as_u64() < end["seq"].as_u64());
+
+    let tail = w.psm.psmctl_ok(&["audit", "tail", "-n", "20"], None);
+    assert!(
+        tail.lines()
+            .any(|l| l.contains("command_end") && l.contains("exit=3")),
+        "audit tail:\n{tail}"
+    );
+}
