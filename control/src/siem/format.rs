@@ -919,6 +919,7 @@ mod tests {
                 reason_code: "client_closed".into(),
                 side: "client".into(),
                 justification: None,
+                unconfirmed_bytes: None,
             }),
         );
         assert_eq!(end["class_uid"], 4007);
