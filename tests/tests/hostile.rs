@@ -586,11 +586,12 @@ fn thousands_of_refused_forwards_make_a_handful_of_audit_events() {
         .audit()
         .into_iter()
         .skip(mark)
-        .filter(|e| is(e, "notice"))
+        // the audit log's own signed checkpoints (every 1000 events) are not about refusals
+        .filter(|e| is(e, "notice") && jstr(e, "kind") != "audit checkpoint")
         .collect();
     assert!(
         notices.len() <= 8,
-        "{} notices for 10,020 refusals",
+        "{} notices for 10,020 refusals: {notices:?}",
         notices.len()
     );
     let total = |kind: &str| {
