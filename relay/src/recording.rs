@@ -707,10 +707,16 @@ mod tests {
         let d = Durable::default();
         let t0 = Instant::now();
         for i in 0..10_000u64 {
-            assert!(d.try_admit(1, w, t0 + Duration::from_micros(i * 50)).is_ok());
+            assert!(d
+                .try_admit(1, w, t0 + Duration::from_micros(i * 50))
+                .is_ok());
         }
         // 10 000 writes over half a second: one mark per 10 ms
-        assert!(d.with(|s| s.marks.len()) <= 51, "{}", d.with(|s| s.marks.len()));
+        assert!(
+            d.with(|s| s.marks.len()) <= 51,
+            "{}",
+            d.with(|s| s.marks.len())
+        );
     }
     use std::os::unix::net::UnixListener;
 
