@@ -8,8 +8,8 @@
 # peers of tests/py), setpriv and mount, plink (PuTTY answering the TOTP prompt),
 # /usr/sbin/rsyslogd with its gtls driver (the SIEM tests' syslog receiver; the tests run it
 # themselves, no system service) (Debian: openssh-server openssh-client asciinema procps python3
-# python3-asyncssh util-linux mount putty-tools rsyslog rsyslog-gnutls). As root they are installed with apt when missing;
-# otherwise the script says what to install and exits 1. Some tests mount a tmpfs and switch
+# python3-asyncssh util-linux mount putty-tools rsyslog rsyslog-gnutls). As root they are
+# installed with apt when missing; otherwise the script says what to install and exits 1. Some tests mount a tmpfs and switch
 # uids: run the suite as root.
 # Every step is bounded (timeouts, overridable: PSM_APT_TIMEOUT, PSM_BUILD_TIMEOUT,
 # PSM_TEST_TIMEOUT, in seconds).

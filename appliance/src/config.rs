@@ -55,6 +55,9 @@ pub struct PolicyConfig {
 pub struct ControlConfig {
     /// Shortest password a psm user may have (default 12; 8 to 1024).
     pub min_password_length: Option<Spanned<i64>>,
+    /// Audit events between two signed audit checkpoints (default 1000; 1 to 1000000); one is
+    /// also written whenever psm-control stops.
+    pub audit_checkpoint_every: Option<Spanned<i64>>,
 }
 
 /// The `[relay]` table of `psm.toml`.
@@ -357,6 +360,12 @@ pub fn resolve(
             8..=1024,
             &mut control_args,
         )?;
+        ranged(
+            "audit-checkpoint-every",
+            c.audit_checkpoint_every.as_ref(),
+            1..=1_000_000,
+            &mut control_args,
+        )?;
     }
     if let Some(p) = file.map(|f| &f.config.policy) {
         ranged(
@@ -495,6 +504,25 @@ mod tests {
             };
             assert!(e.contains(needle), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_audit_checkpoint_interval_reaches_psm_control() {
+        let f = loaded("[control]\naudit_checkpoint_every = 50\n").expect("parse");
+        let s = resolve(Some(&f), &Overrides::default(), 2).expect("resolve");
+        assert!(
+            s.control_args
+                .windows(2)
+                .any(|w| w == ["--audit-checkpoint-every", "50"]),
+            "{:?}",
+            s.control_args
+        );
+        let f = loaded("[control]\naudit_checkpoint_every = 0\n").expect("parse");
+        let e = err_text(resolve(Some(&f), &Overrides::default(), 2));
+        assert!(
+            e.contains("audit_checkpoint_every must be between 1 and 1000000"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1233,15 +1233,15 @@ fn recordings_cmd(
     Ok(())
 }
 
-/// The data directory's evidence public key (`evidence.pub`, or the public half of
-/// `evidence.key`).
+/// The data directory's evidence public key: the public half of `evidence.key` (what the
+/// daemons sign with), or `evidence.pub` when the key cannot be read.
 fn evidence_public_key(data_dir: &Path) -> Result<psm_evidence::PublicKey, CliError> {
-    let pub_path = data_dir.join(psm_evidence::PUB_FILE);
-    match psm_evidence::PublicKey::read(&pub_path) {
-        Err(psm_evidence::KeyError::Missing(_)) => Ok(psm_evidence::PublicKey::read(
-            &data_dir.join(psm_evidence::KEY_FILE),
-        )?),
-        other => Ok(other?),
+    match psm_evidence::PublicKey::read(&data_dir.join(psm_evidence::KEY_FILE)) {
+        Ok(k) => Ok(k),
+        Err(e) => match psm_evidence::PublicKey::read(&data_dir.join(psm_evidence::PUB_FILE)) {
+            Ok(k) => Ok(k),
+            Err(_) => Err(e.into()),
+        },
     }
 }
 

@@ -462,4 +462,49 @@ pub(crate) mod tests {
         assert!(e.to_string().starts_with("no recording 'nope' in "), "{e}");
         assert!(export(tmp.path(), "../etc", ExportFormat::Text, &mut Vec::new()).is_err());
     }
+
+    #[test]
+    fn verify_says_unsealed_truncated_and_ok() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (key, _) = psm_evidence::EvidenceKey::load_or_create(tmp.path()).expect("key");
+        // written without a trailer: it ends with CLOSE but is not signed
+        write_recording(tmp.path(), "unsigned");
+        let r = verify(tmp.path(), "unsigned", key.public()).expect("verify");
+        assert!(!r.ok());
+        assert!(r.to_string().contains("trailer missing"), "{r}");
+        // signed by the recorder's key
+        let dir = DataDir::new(tmp.path()).recordings();
+        let meta = RecordingMeta {
+            recording_id: "signed".into(),
+            session_id: "s2".into(),
+            ..RecordingMeta::default()
+        };
+        let f = File::create(file::path_for(&dir, "signed").expect("path")).expect("create");
+        let mut w = RecordingWriter::new(f, &meta).expect("writer");
+        w.flush().expect("flush");
+        w.write(&Record::Close {
+            ts_us: 5,
+            summary: CloseSummary {
+                end_ms: 1,
+                exit_status: None,
+                exit_signal: None,
+                reason: "client closed".into(),
+            },
+        })
+        .expect("close");
+        w.finish_signed(&key, true).expect("finish");
+        let r = verify(tmp.path(), "signed", key.public()).expect("verify");
+        assert!(r.ok(), "{r}");
+        let all = verify_all(tmp.path(), key.public()).expect("all");
+        assert_eq!(
+            all.iter()
+                .map(|r| (r.id.as_str(), r.ok()))
+                .collect::<Vec<_>>(),
+            [("signed", true), ("unsigned", false)]
+        );
+        assert!(matches!(
+            verify(tmp.path(), "nope", key.public()),
+            Err(RecordingError::NotFound { .. })
+        ));
+    }
 }

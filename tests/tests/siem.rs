@@ -4,7 +4,8 @@
 //! per transport. The tests check:
 //! - every audit event reaches each transport in each format (JSON, CEF, OCSF), once, with the
 //!   OCSF classes for authentication, SSH sessions and commands;
-//! - a receiver stopped and restarted loses and duplicates nothing (TCP and TLS);
+//! - a receiver stopped and restarted loses and duplicates nothing (TCP and TLS), and neither
+//!   does a psm-control killed and restarted;
 //! - a sink down past its bound keeps the oldest events, drops the newer ones for itself only,
 //!   and says so (audit notice, log line, `psmctl status`), while the audit log drops nothing.
 
@@ -489,14 +490,40 @@ fn a_receiver_stopped_and_restarted_loses_and_duplicates_nothing() {
         psm.status()
     );
     psm.psmctl_ok(&["group", "add", "after"], None);
+    let before_kill = *audit_seqs(&psm).last().expect("events");
+    assert!(wait_for(DELIVERY, || delivered_up_to(&rs, before_kill)));
+
+    // psm-control killed (no shutdown of its own) and restarted by psm up: it resumes from the
+    // delivered position it saved, so nothing is sent again.
+    let data = psm.data_dir().display().to_string();
+    let control = pids_matching(&data, Some("psm-control"));
+    assert_eq!(control.len(), 1, "one psm-control: {control:?}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(control[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let restarted = wait_for(DELIVERY, || {
+        let now = pids_matching(&data, Some("psm-control"));
+        !now.is_empty() && !now.contains(&control[0]) && psm.psmctl(&["status"], None).success()
+    });
+    assert!(
+        restarted,
+        "psm up did not restart psm-control:\n{}",
+        psm.logs()
+    );
+    psm.psmctl_ok(&["group", "add", "after-control-restart"], None);
     let last = *audit_seqs(&psm).last().expect("events");
-    assert!(wait_for(DELIVERY, || delivered_up_to(&rs, last)));
+    assert!(
+        wait_for(DELIVERY, || delivered_up_to(&rs, last)),
+        "events after psm-control's restart did not arrive; status: {}",
+        psm.status()
+    );
     for (t, app, f) in sinks {
         let seqs: Vec<u64> = by_seq(&rs, t, app, f).iter().map(|(s, _)| *s).collect();
         assert_eq!(
             seqs,
             (1..=last).collect::<Vec<_>>(),
-            "{app}: every event once, in order, across the receiver's restart"
+            "{app}: every event once, in order, across the receiver's and psm-control's restarts"
         );
         let st = sink_status(&psm, app);
         assert_eq!(

@@ -1021,6 +1021,42 @@ mod tests {
     }
 
     #[test]
+    fn file_transfer_and_command_end_on_the_wire() {
+        let line = br#"{"seq":7,"ts_ms":1,"origin":"relay-a","event":"file_transfer","session_id":"s","user":"alice","target":"web01","account":"root","channel":2,"protocol":"scp","operation":"write","path":"/tmp/a\nb","ok":true}"#;
+        let e = decode_line::<AuditEvent>(line).expect("decodes");
+        let AuditKind::FileTransfer {
+            path,
+            bytes,
+            sha256,
+            partial,
+            ..
+        } = &e.kind
+        else {
+            panic!("{e:?}");
+        };
+        assert_eq!(
+            (path.as_str(), *bytes, sha256, *partial),
+            ("/tmp/a\nb", 0, &None, false)
+        );
+        assert_eq!(
+            decode_line::<AuditEvent>(&encode_line(&e)).expect("again"),
+            e
+        );
+        let end = br#"{"seq":8,"ts_ms":1,"origin":"relay-a","event":"command_end","session_id":"s","user":"alice","target":"web01","account":"root","channel":2,"line":"exit 3","exit_status":3}"#;
+        let e = decode_line::<AuditEvent>(end).expect("decodes");
+        assert!(matches!(
+            e.kind,
+            AuditKind::CommandEnd {
+                exit_status: Some(3),
+                exit_signal: None,
+                ..
+            }
+        ));
+        let text = String::from_utf8_lossy(&encode_line(&e)).into_owned();
+        assert!(text.contains(r#""exit_signal":null"#), "{text}");
+    }
+
+    #[test]
     fn hello_without_live_sessions_still_decodes() {
         let old = br#"{"type":"hello","relay_id":"r1","have_version":3}"#;
         match decode_line::<RelayToControl>(old).expect("decodes") {

@@ -148,11 +148,22 @@ impl Sink {
         let name = self.config.name.clone();
         let mut conn: Option<Conn> = None;
         let mut backoff = BACKOFF_MIN;
+        // After a lost connection, wait before the next one: a receiver that accepts and closes
+        // at once must not make this a busy loop.
+        let mut pause = false;
         loop {
             if *stop.borrow() || stop.has_changed().is_err() {
                 break;
             }
             let Some(c) = conn.as_mut() else {
+                if std::mem::take(&mut pause) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
                 match Conn::connect(
                     &self.config.transport,
                     &self.config.address,
@@ -165,16 +176,11 @@ impl Sink {
                         conn = Some(c);
                         self.connected.store(true, Ordering::Relaxed);
                         self.set_error(None);
-                        backoff = BACKOFF_MIN;
                     }
                     Err(e) => {
                         self.connected.store(false, Ordering::Relaxed);
                         self.set_error(Some(format!("connect: {e}")));
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = stop.changed() => {}
-                        }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        pause = true;
                     }
                 }
                 continue;
@@ -200,6 +206,7 @@ impl Sink {
                 if closed {
                     info!(sink = %name, "SIEM receiver closed the connection");
                     self.lost(&mut conn, "the receiver closed the connection".into());
+                    pause = true;
                 }
                 continue;
             }
@@ -207,13 +214,16 @@ impl Sink {
                 let Some(c) = conn.as_mut() else { break };
                 if !c.alive().await {
                     self.lost(&mut conn, "the receiver closed the connection".into());
+                    pause = true;
                     break;
                 }
                 let msg = format::syslog_message(&self.header, self.config.format, &item.line);
                 if let Err(e) = c.send(&msg).await {
                     self.lost(&mut conn, format!("send: {e}"));
+                    pause = true;
                     break;
                 }
+                backoff = BACKOFF_MIN;
                 if let Err(e) = lock(&self.queue).ack(item) {
                     error!(sink = %name, seq = item.seq, error = %e, "cannot record a delivered event; it may be sent again after a restart");
                 }

@@ -98,12 +98,17 @@ impl DiskQueue {
             .map_err(|e| io_at(dir, e))?;
         let state_path = dir.join("state.json");
         let state: State = match fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", state_path.display()),
-                )
-            })?,
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(s) => s,
+                Err(e) => {
+                    // Not a reason to keep psm-control down: set it aside and deliver again
+                    // what the queue file still holds (duplicates rather than losses).
+                    let bad = dir.join("state.json.bad");
+                    tracing::error!(file = %state_path.display(), error = %e, moved_to = %bad.display(), "unreadable SIEM queue state; what the queue holds is sent again");
+                    fs::rename(&state_path, &bad).map_err(|e| io_at(&state_path, e))?;
+                    State::default()
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(io_at(&state_path, e)),
         };
@@ -410,6 +415,13 @@ mod tests {
         assert_eq!(q.pending(), 0);
         assert_eq!(q.state().delivered_seq, 6);
         assert!(q.peek(10).expect("peek").is_empty());
+        push(&mut q, 7, "z");
+        drop(q);
+        // a damaged state file is set aside: the queue opens and sends what it holds again
+        fs::write(dir.join("state.json"), b"{\"delivered_seq\":").expect("damage");
+        let mut q = DiskQueue::open(&dir, 100, 1 << 20).expect("reopen despite the state");
+        assert!(dir.join("state.json.bad").exists());
+        assert_eq!(deliver(&mut q, 10), vec![7]);
     }
 
     #[test]
