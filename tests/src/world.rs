@@ -109,6 +109,12 @@ impl World {
                 last.map(|o| o.describe()).unwrap_or_default()
             );
         }
+        // the tries' own session_end events are written once psm-recorder confirmed their
+        // recordings: wait for them, so that a test's audit mark comes after them
+        let ended = wait_for(timeout, || {
+            self.psm.audit_of("session_end").len() >= self.psm.audit_of("session_start").len()
+        });
+        assert!(ended, "the readiness sessions did not end within {timeout:?}");
     }
 
     /// Live sessions as `psmctl sessions list --json` shows them.
