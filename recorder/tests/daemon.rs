@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use psm_recorder::{RecorderError, RECORDER_SOCKET, RECORDINGS_DIR};
 use psm_recorder_format::file::{self, Record, RecordingReader};
+use psm_recorder_format::verify::{verify, Report, Status};
 use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta, Reply};
 
 struct Daemon {
@@ -173,6 +174,14 @@ fn closed(daemon: &Daemon, id: &str) -> ReadBack {
     read_back(&path)
 }
 
+/// Verifies recording `id` against the data directory's evidence key.
+fn verified(daemon: &Daemon, id: &str) -> Report {
+    let key = psm_evidence::PublicKey::read(&daemon.dir.path().join(psm_evidence::PUB_FILE))
+        .expect("evidence.pub");
+    let f = std::fs::File::open(daemon.recordings().join(format!("{id}.psmrec"))).expect("open");
+    verify(f, id, Some(&key))
+}
+
 fn data(stream: u64, ts_us: u64, bytes: &[u8]) -> Frame {
     Frame::Data {
         stream,
@@ -288,6 +297,12 @@ fn two_interleaved_streams_are_recorded() {
         r2.records.last(),
         Some(Record::Close { ts_us: 5_000, .. })
     ));
+    // sealed and signed: the 3 MiB stream took several chunks
+    for id in ["one", "two"] {
+        let rep = verified(&daemon, id);
+        assert_eq!(rep.status, Status::Ok, "{rep}");
+    }
+    assert!(verified(&daemon, "one").chunks >= 2);
 
     // modes and listing
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
@@ -328,6 +343,14 @@ fn dropped_connection_closes_its_streams() {
     let s = r.summary().expect("summary");
     assert_eq!(s.reason, psm_recorder::REASON_LINK_LOST);
     assert_eq!(s.exit_status, None);
+    // signed as far as the recorder got, and said to be cut short
+    let rep = verified(&daemon, "lost");
+    assert_eq!(rep.status, Status::Truncated, "{rep}");
+    assert!(
+        rep.summary
+            .contains("the recorder closed it (relay link lost)"),
+        "{rep}"
+    );
     daemon.stop();
 }
 
