@@ -1281,15 +1281,19 @@ pub fn format_event(e: &AuditEvent) -> String {
             method,
             source,
             reason,
-        } => (
-            "auth_failure",
-            vec![
+            side,
+        } => {
+            let mut f = vec![
                 ("login", login.clone()),
                 ("method", method.clone()),
                 ("source", source.clone()),
                 ("reason", reason.clone()),
-            ],
-        ),
+            ];
+            if !side.is_empty() {
+                f.push(("side", side.clone()));
+            }
+            ("auth_failure", f)
+        }
         AuditKind::SessionDenied {
             login,
             user,
@@ -1961,6 +1965,7 @@ mod tests {
                 method: "password".into(),
                 source: "127.0.0.1:4000".into(),
                 reason: "unknown user".into(),
+                side: String::new(),
             },
         };
         let line = format_event(&e);

@@ -14,6 +14,8 @@ pub enum Side {
     Target,
     /// psm-recorder.
     Recorder,
+    /// psm-control (the one call a login waits on: dual control).
+    Control,
     /// psm itself (shutdown, limits).
     Internal,
     /// The policy (a limit reached, a grant revoked, a window closed).
@@ -28,6 +30,7 @@ impl fmt::Display for Side {
             Side::Client => "client",
             Side::Target => "target",
             Side::Recorder => "recorder",
+            Side::Control => "control",
             Side::Internal => "internal",
             Side::Policy => "policy",
             Side::Operator => "operator",

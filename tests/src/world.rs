@@ -114,7 +114,10 @@ impl World {
         let ended = wait_for(timeout, || {
             self.psm.audit_of("session_end").len() >= self.psm.audit_of("session_start").len()
         });
-        assert!(ended, "the readiness sessions did not end within {timeout:?}");
+        assert!(
+            ended,
+            "the readiness sessions did not end within {timeout:?}"
+        );
     }
 
     /// Live sessions as `psmctl sessions list --json` shows them.

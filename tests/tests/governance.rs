@@ -1140,3 +1140,37 @@ fn a_closing_time_window_ends_the_live_session_within_a_second() {
     );
     assert_eq!(jstr(&end_event(&w, &id), "reason_code"), "window_closed");
 }
+
+#[test]
+fn an_approval_psm_control_cannot_answer_refuses_the_login_naming_control() {
+    let mut w = World::build(PsmMode::Separate, Sshd::start());
+    w.psm.psmctl_ok(&["group", "add", "secops"], None);
+    w.regrant(&["--approval", "1", "--approvers", "@secops"]);
+    w.psm.wait_policy_applied();
+    // the relay keeps serving on its snapshot, but the approval call has no one to answer it
+    w.psm.kill_control();
+    let out = kbdint(&w, &alice_login(), "", "echo must-not-run");
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        !out.stdout_str().contains("must-not-run"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout_str().contains("approvals are unavailable")
+            || out.stderr_str().contains("approvals are unavailable"),
+        "{}",
+        out.describe()
+    );
+    // the relay's buffered audit events reach psm-control when it is back
+    w.psm.start_control();
+    let e = w
+        .psm
+        .wait_audit("refused approval call", Duration::from_secs(15), |e| {
+            jstr(e, "event") == "auth_failure" && jstr(e, "side") == "control"
+        });
+    assert!(
+        jstr(&e, "reason").contains("psm-control did not answer"),
+        "{e}"
+    );
+}

@@ -417,6 +417,10 @@ pub enum AuditKind {
         source: String,
         /// Full reason (for auditors only).
         reason: String,
+        /// The side at fault when it is not the client's own attempt: `control` when
+        /// psm-control did not answer an approval call, `policy` when dual control refused.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        side: String,
     },
     /// An authenticated user was refused a session.
     SessionDenied {
@@ -974,6 +978,7 @@ mod tests {
                 method: "password".into(),
                 source: "127.0.0.1:5000".into(),
                 reason: "wrong password".into(),
+                side: String::new(),
             },
         };
         let line = encode_line(&RelayToControl::Audit(e.clone()));

@@ -858,6 +858,7 @@ mod tests {
                 method: "password".into(),
                 source: "[::1]:5022".into(),
                 reason: "wrong password".into(),
+                side: String::new(),
             }),
         );
         assert!(

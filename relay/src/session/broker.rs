@@ -87,6 +87,17 @@ impl Conn {
     /// Audits a refused login without counting it toward the rate limit (a key an agent
     /// offers that is not registered, a denied approval).
     pub(super) fn auth_refused(&self, login: &str, method: &str, reason: &str) {
+        self.auth_refused_by(login, method, reason, None);
+    }
+
+    /// [`Conn::auth_refused`] naming the side at fault when it is not the client.
+    pub(super) fn auth_refused_by(
+        &self,
+        login: &str,
+        method: &str,
+        reason: &str,
+        side: Option<Side>,
+    ) {
         let login = logged_login(login);
         Counters::bump(&self.ctx.counters.auth_failures);
         info!(peer = %self.shared.peer, login = %Escaped(&login), method, reason, "authentication failed");
@@ -95,6 +106,7 @@ impl Conn {
             method: method.to_string(),
             source: self.source(),
             reason: reason.to_string(),
+            side: side.map(|s| s.to_string()).unwrap_or_default(),
         });
     }
 

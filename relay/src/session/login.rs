@@ -8,6 +8,8 @@ use std::borrow::Cow;
 
 use psm_control_api::{decide, now_ms, Attempt, AuditKind, Escaped, Login, RelayToControl};
 use russh::server::Auth;
+
+use crate::end::Side;
 use tracing::{debug, info};
 
 use super::{logged_login, reject, second_factor, Conn, Counters};
@@ -68,6 +70,7 @@ impl Conn {
                 source: self.source(),
                 reason: "rate limited: too many failed logins from this address or for this user"
                     .into(),
+                side: String::new(),
             });
             return Some(reject());
         }
@@ -251,9 +254,9 @@ impl Conn {
     }
 
     /// Refuses the login, showing `message` first (the client displays it).
-    fn refuse_with(&mut self, login: &str, message: String, audit: &str) -> Auth {
+    fn refuse_with(&mut self, login: &str, message: String, audit: &str, side: Side) -> Auth {
         // not a wrong secret: audited, not counted toward the lockout
-        self.auth_refused(login, "keyboard-interactive", audit);
+        self.auth_refused_by(login, "keyboard-interactive", audit, Some(side));
         let stage = Stage::Refused(message);
         let ask = self.prompt(&stage);
         if let Some(p) = &mut self.pending {
@@ -320,12 +323,14 @@ impl Conn {
                     login,
                     format!("psm: {}", reply.message),
                     "approval request refused",
+                    Side::Policy,
                 ),
             },
             Err(e) => self.refuse_with(
                 login,
                 "psm: approvals are unavailable; try again later".into(),
-                &format!("approval request failed: {e}"),
+                &format!("approval request failed: psm-control did not answer: {e}"),
+                Side::Control,
             ),
         }
     }
@@ -368,12 +373,14 @@ impl Conn {
                     login,
                     format!("psm: request {id} was denied by {by}{shown}"),
                     &format!("approval request {id} denied by {by}"),
+                    Side::Policy,
                 )
             }
             _ => self.refuse_with(
                 login,
                 format!("psm: request {id} was not approved in time"),
                 &format!("approval request {id} timed out"),
+                Side::Policy,
             ),
         }
     }
