@@ -356,12 +356,42 @@ pub enum RecordingsCmd {
         /// Playback speed factor.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
+        /// Start at this offset in the session (`90s`, `1m30s`); the screen before it is drawn
+        /// at once.
+        #[arg(long, value_name = "OFFSET")]
+        from: Option<String>,
+        /// Longest idle gap kept, in seconds (before --speed).
+        #[arg(long, value_name = "S", default_value_t = 2.0)]
+        idle_limit: f64,
         /// Write the output bytes as recorded, escape sequences and all. Unsafe: the session's
         /// output can then set the clipboard and window title, and make the terminal type
         /// answers into the shell. By default only what draws the screen is written.
         #[arg(long)]
         raw: bool,
     },
+    /// Find sessions where TEXT was typed or shown on the screen (through the search index).
+    Search {
+        /// Text to find (a substring, case-insensitive for ASCII).
+        #[arg(required_unless_present = "regex", conflicts_with = "regex")]
+        text: Option<String>,
+        /// A regular expression instead (matched line by line after the other filters: slower).
+        #[arg(long, value_name = "RE")]
+        regex: Option<String>,
+        /// Only this psm user's sessions.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only sessions to this target (`target` or `account@target`).
+        #[arg(long)]
+        target: Option<String>,
+        /// Only lines at or after this time (RFC 3339 or a date).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only lines before this time (RFC 3339 or a date).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Rebuild the search index from the recording files.
+    Reindex,
     /// Export a recording.
     Export {
         /// Recording id.
@@ -426,6 +456,9 @@ pub enum CliError {
     /// A recording could not be read.
     #[error(transparent)]
     Recording(#[from] recordings::RecordingError),
+    /// The search index could not be read or rebuilt.
+    #[error(transparent)]
+    Review(#[from] crate::review::ReviewError),
     /// The recordings directory could not be listed.
     #[error(transparent)]
     Format(#[from] psm_recorder_format::FormatError),
@@ -1176,14 +1209,76 @@ fn recordings_cmd(
             let rows = recordings::list(data_dir)?;
             recordings::print_list(out, &rows, f.json)?;
         }
-        RecordingsCmd::Play { id, speed, raw } => {
+        RecordingsCmd::Play {
+            id,
+            speed,
+            raw,
+            from,
+            idle_limit,
+        } => {
             if !(speed.is_finite() && speed > 0.0) {
                 return Err(CliError::Usage(format!(
                     "invalid --speed {speed}: must be a positive number"
                 )));
             }
+            if !(idle_limit.is_finite() && idle_limit >= 0.0) {
+                return Err(CliError::Usage(format!(
+                    "invalid --idle-limit {idle_limit}: must be zero or more seconds"
+                )));
+            }
+            let from_us = match from {
+                Some(f) => crate::review::parse_offset(&f)
+                    .map_err(|e| CliError::Usage(format!("invalid --from: {e}")))?,
+                None => 0,
+            };
             let mode = if raw { Replay::Raw } else { Replay::Safe };
-            recordings::play(data_dir, &id, speed, mode, out)?;
+            let opts = crate::review::PlayOptions {
+                speed,
+                from_us,
+                idle_limit_us: (idle_limit * 1e6) as u64,
+                mode,
+            };
+            crate::review::play(data_dir, &id, opts, out)?;
+        }
+        RecordingsCmd::Search {
+            text,
+            regex,
+            user,
+            target,
+            since,
+            until,
+        } => {
+            let time = |s: Option<String>, flag: &str| -> Result<Option<u64>, CliError> {
+                s.map(|s| {
+                    psm_control_api::conditions::parse_time(&s)
+                        .map_err(|e| CliError::Usage(format!("invalid --{flag}: {e}")))
+                })
+                .transpose()
+            };
+            let q = psm_recorder_index::Query {
+                regex: regex.is_some(),
+                text: regex.or(text).unwrap_or_default(),
+                user,
+                target,
+                since_ms: time(since, "since")?,
+                until_ms: time(until, "until")?,
+            };
+            let hits = crate::review::search(data_dir, &q)?;
+            crate::review::print_hits(out, &hits)?;
+            if hits.len() >= psm_recorder_index::MAX_HITS {
+                writeln!(
+                    out,
+                    "(stopped at {} hits; narrow the search)",
+                    psm_recorder_index::MAX_HITS
+                )?;
+            }
+        }
+        RecordingsCmd::Reindex => {
+            let (recs, lines, failed) = crate::review::reindex(data_dir, out)?;
+            writeln!(
+                out,
+                "indexed {recs} recording(s), {lines} line(s); {failed} could not be read"
+            )?;
         }
         RecordingsCmd::Verify { id, all } => {
             let key = evidence_public_key(data_dir)?;

@@ -214,6 +214,14 @@ pub fn verify_all(data_dir: &Path, key: &PublicKey) -> Result<Vec<Report>, Recor
     ids.iter().map(|id| verify(data_dir, id, key)).collect()
 }
 
+/// Opens recording `id` for reading (`review`'s replay).
+pub(crate) fn open_reader(
+    data_dir: &Path,
+    id: &str,
+) -> Result<RecordingReader<File>, RecordingError> {
+    open(data_dir, id)
+}
+
 fn open(data_dir: &Path, id: &str) -> Result<RecordingReader<File>, RecordingError> {
     Ok(RecordingReader::open(open_file(data_dir, id)?)?)
 }

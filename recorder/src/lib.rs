@@ -47,6 +47,9 @@ use psm_recorder_format::wire::MAX_FRAME;
 use psm_recorder_format::{CloseSummary, FormatError, Frame, RecordingMeta, Reply};
 use tracing::{debug, error, info, warn};
 
+mod index;
+use index::{Collector, Indexer};
+
 /// Name of the socket relays connect to, inside the data directory.
 pub const RECORDER_SOCKET: &str = "recorder.sock";
 /// Name of the folder of recordings, inside the data directory.
@@ -141,6 +144,7 @@ pub async fn run_until(
     info!(socket = %socket_path.display(), recordings = %recordings.display(), "listening");
 
     let stop = Arc::new(AtomicBool::new(false));
+    let indexer = Indexer::start(&recordings).map_err(setup_err(&recordings))?;
     let mut links: Vec<LinkHandle> = Vec::new();
     let mut next_id = 0u64;
     tokio::pin!(shutdown);
@@ -151,7 +155,7 @@ pub async fn run_until(
                 Ok((stream, _)) => {
                     next_id += 1;
                     links.retain(|l| !l.thread.is_finished());
-                    match start_link(next_id, stream, owner_uid, &recordings, &stop, &key) {
+                    match start_link(next_id, stream, owner_uid, &recordings, &stop, &key, &indexer) {
                         Ok(link) => links.push(link),
                         Err(e) => error!(link = next_id, error = %e, "cannot serve relay connection"),
                     }
@@ -240,6 +244,7 @@ fn start_link(
     recordings: &Path,
     stop: &Arc<AtomicBool>,
     key: &Arc<EvidenceKey>,
+    indexer: &Indexer,
 ) -> io::Result<LinkHandle> {
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == owner_uid => {
@@ -268,9 +273,10 @@ fn start_link(
     let dir = recordings.to_path_buf();
     let stop = Arc::clone(stop);
     let key = Arc::clone(key);
+    let indexer = indexer.clone();
     let thread = std::thread::Builder::new()
         .name(format!("relay-link-{id}"))
-        .spawn(move || Link::new(id, dir, replies, key).serve(stream, &stop))?;
+        .spawn(move || Link::new(id, dir, replies, key, indexer).serve(stream, &stop))?;
     Ok(LinkHandle {
         id,
         stream: waker,
@@ -298,6 +304,10 @@ struct Recording {
     data_bytes: u64,
     /// DATA payload bytes the relay was last told are durable.
     acked: u64,
+    /// The lines of text seen so far, for the search index.
+    lines: Collector,
+    /// Where they go at each flush.
+    indexer: Indexer,
 }
 
 impl Recording {
@@ -307,6 +317,7 @@ impl Recording {
         if let Record::Data { data, .. } = rec {
             self.data_bytes += data.len() as u64;
         }
+        self.lines.record(rec);
         if self.writer.pending_bytes() >= FLUSH_BYTES {
             self.flush()?;
         } else if self.dirty_since.is_none() {
@@ -317,7 +328,9 @@ impl Recording {
 
     fn flush(&mut self) -> Result<(), FormatError> {
         self.dirty_since = None;
-        self.writer.flush()
+        self.writer.flush()?;
+        self.indexer.batch(&self.recording_id, &mut self.lines);
+        Ok(())
     }
 
     /// The durable count to report, when it moved since the last report (call after a flush
@@ -348,8 +361,12 @@ impl Recording {
             mut writer,
             recording_id,
             path,
+            mut lines,
+            indexer,
             ..
         } = self;
+        lines.finish();
+        indexer.batch(&recording_id, &mut lines);
         let reason = summary.reason.clone();
         writer.write(&Record::Close { ts_us, summary })?;
         let file = writer
@@ -385,10 +402,18 @@ struct Link {
     deaf: Option<String>,
     /// Signs the trailers.
     key: Arc<EvidenceKey>,
+    /// The search index's writer thread.
+    indexer: Indexer,
 }
 
 impl Link {
-    fn new(id: u64, dir: PathBuf, replies: UnixStream, key: Arc<EvidenceKey>) -> Self {
+    fn new(
+        id: u64,
+        dir: PathBuf,
+        replies: UnixStream,
+        key: Arc<EvidenceKey>,
+        indexer: Indexer,
+    ) -> Self {
         Link {
             id,
             dir,
@@ -396,6 +421,7 @@ impl Link {
             replies,
             deaf: None,
             key,
+            indexer,
         }
     }
 
@@ -618,6 +644,10 @@ impl Link {
         let mut writer = RecordingWriter::new(BufWriter::with_capacity(FILE_BUFFER, file), meta)?;
         // the header is on disk from the start: the recording is listed while it runs
         writer.flush()?;
+        let mut lines = Collector::new();
+        if !self.indexer.begin(meta) {
+            lines.partial = true;
+        }
         Ok(Recording {
             writer,
             recording_id: meta.recording_id.clone(),
@@ -627,6 +657,8 @@ impl Link {
             dirty_since: None,
             data_bytes: 0,
             acked: 0,
+            lines,
+            indexer: self.indexer.clone(),
         })
     }
 
