@@ -314,6 +314,28 @@ impl Shared {
         verdict
     }
 
+    /// Audits a channel request of the running session (nothing before it started).
+    pub(crate) fn audit_request(
+        &self,
+        channel: u32,
+        request: &str,
+        command: String,
+        accepted: bool,
+    ) {
+        if let Some((user, target, account)) = self.who() {
+            self.audit.emit(AuditKind::ChannelRequest {
+                session_id: self.session_id.clone(),
+                user,
+                target,
+                account,
+                channel,
+                request: request.to_string(),
+                command,
+                accepted,
+            });
+        }
+    }
+
     /// The client broke the protocol: the connection is closed with `why`.
     pub(crate) fn violated(&self, why: String) {
         warn!(session = %self.session_id, peer = %self.peer, reason = %Escaped(&why), "client protocol violation; disconnecting");
@@ -643,18 +665,8 @@ impl russh::server::Handler for Conn {
                 self.channels.insert(id, state);
                 self.opened(id);
                 reply.accept().await;
-                if let Some(info) = self.shared.who() {
-                    self.ctx.audit.emit(AuditKind::ChannelRequest {
-                        session_id: self.shared.session_id.clone(),
-                        user: info.0,
-                        target: info.1,
-                        account: info.2,
-                        channel: id.into(),
-                        request: "direct-tcpip".into(),
-                        command: destination.clone(),
-                        accepted: true,
-                    });
-                }
+                self.shared
+                    .audit_request(id.into(), "direct-tcpip", destination.clone(), true);
                 self.start(
                     id,
                     session.handle(),

@@ -607,18 +607,8 @@ impl Conn {
             );
             false
         };
-        if let Some(info) = self.shared.who() {
-            self.ctx.audit.emit(AuditKind::ChannelRequest {
-                session_id: self.shared.session_id.clone(),
-                user: info.0,
-                target: info.1,
-                account: info.2,
-                channel: channel.into(),
-                request: request.into(),
-                command,
-                accepted,
-            });
-        }
+        self.shared
+            .audit_request(channel.into(), request, command, accepted);
         if accepted {
             session.channel_success(channel)?;
             self.start(channel, session.handle(), shell, None, tap)

@@ -177,18 +177,7 @@ async fn open_toward_user(
     let channel = down.id();
     shared.windows(|w| w.mirror.opened(channel.into(), WINDOW));
     let destination = toward.destination();
-    if let Some((user, target, account)) = shared.who() {
-        shared.audit.emit(AuditKind::ChannelRequest {
-            session_id: shared.session_id.clone(),
-            user,
-            target,
-            account,
-            channel: channel.into(),
-            request: toward.wire().into(),
-            command: destination.clone(),
-            accepted: true,
-        });
-    }
+    shared.audit_request(channel.into(), toward.wire(), destination.clone(), true);
     let (down_r, down_w) = down.split();
     relay::spawn(
         &shared,
@@ -276,18 +265,8 @@ impl Conn {
             }
         };
         leg.route.listen(address, bound);
-        if let Some((user, target, account)) = self.shared.who() {
-            self.ctx.audit.emit(AuditKind::ChannelRequest {
-                session_id: self.shared.session_id.clone(),
-                user,
-                target,
-                account,
-                channel: 0,
-                request: "tcpip-forward".into(),
-                command: crate::escape_short(&format!("{address}:{bound}")),
-                accepted: true,
-            });
-        }
+        let at = crate::escape_short(&format!("{address}:{bound}"));
+        self.shared.audit_request(0, "tcpip-forward", at, true);
         self.remote_forwards
             .insert((address.to_string(), bound), leg.target);
         *port = bound;
@@ -324,18 +303,12 @@ impl Conn {
             }
         }
         if pending {
-            if let Some((user, target, account)) = self.shared.who() {
-                self.ctx.audit.emit(AuditKind::ChannelRequest {
-                    session_id: self.shared.session_id.clone(),
-                    user,
-                    target,
-                    account,
-                    channel: channel.into(),
-                    request: "auth-agent-req@openssh.com".into(),
-                    command: String::new(),
-                    accepted,
-                });
-            }
+            self.shared.audit_request(
+                channel.into(),
+                "auth-agent-req@openssh.com",
+                String::new(),
+                accepted,
+            );
         }
         if !allowed {
             self.refuse_notice(channel, session, "agent forwarding");
