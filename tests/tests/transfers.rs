@@ -5,8 +5,10 @@
 use psm_tests::*;
 use serde_json::Value;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 const SIZE: u64 = 1024 * 1024 + 123;
@@ -194,5 +196,85 @@ fn an_exec_commands_exit_status_is_audited() {
         tail.lines()
             .any(|l| l.contains("command_end") && l.contains("exit=3")),
         "audit tail:\n{tail}"
+    );
+}
+
+/// An SFTP packet: length, type, body.
+fn sftp_packet(typ: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    p.push(typ);
+    p.extend_from_slice(body);
+    p
+}
+
+fn sftp_string(s: &[u8]) -> Vec<u8> {
+    let mut v = (s.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+#[test]
+fn sftp_bytes_psm_cannot_follow_make_one_notice_and_still_pass() {
+    let w = World::new();
+    let victim = w.sshd.scratch().join("unseen.bin");
+    random_file(&victim, 10);
+    let mark = w.psm.audit_mark();
+    // INIT; an OPEN whose 100 KiB path is more than psm reads whole (64 KiB) but within what
+    // sshd's sftp-server takes (256 KiB); then a REMOVE, which psm no longer reads
+    let mut input = sftp_packet(1, &3u32.to_be_bytes());
+    let mut open = 1u32.to_be_bytes().to_vec();
+    open.extend(sftp_string(
+        format!("/tmp/{}", "a".repeat(100_000)).as_bytes(),
+    ));
+    open.extend(1u32.to_be_bytes()); // read
+    open.extend(0u32.to_be_bytes()); // no attributes
+    input.extend(sftp_packet(3, &open));
+    let mut remove = 2u32.to_be_bytes().to_vec();
+    remove.extend(sftp_string(victim.display().to_string().as_bytes()));
+    input.extend(sftp_packet(13, &remove));
+    // sftp-server quits at the end of its input, even with requests unread: keep it open a while
+    let mut child = w
+        .ssh_with(&["-s"], &alice_login(), &w.alice_key)
+        .arg("sftp")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&input).expect("write");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(stdin);
+    if wait_child(&mut child, CMD_TIMEOUT).is_none() {
+        let _ = child.kill();
+        panic!("ssh -s sftp did not end");
+    }
+    let out = child.wait_with_output().expect("ssh output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // the target's answers all came back: VERSION, then a status for each request
+    let mut types = Vec::new();
+    let mut rest = out.stdout.as_slice();
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        types.push(rest[4]);
+        rest = &rest[(4 + len).min(rest.len())..];
+    }
+    assert_eq!(types, vec![2, 101, 101], "stderr: {stderr}");
+    assert!(!victim.exists(), "the remove reached the target");
+    let notice = w.psm.wait_audit_after(mark, "notice", WAIT, |e| {
+        jstr(e, "event") == "notice" && jstr(e, "kind") == "file transfer not followed"
+    });
+    assert!(
+        jstr(&notice, "message").contains("65536"),
+        "the notice says why: {notice}"
+    );
+    w.assert_all_sessions_ended();
+    assert!(
+        !w.psm
+            .audit()
+            .iter()
+            .skip(mark)
+            .any(|e| jstr(e, "event") == "file_transfer"),
+        "nothing is reported once psm stopped reading"
     );
 }

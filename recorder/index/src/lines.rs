@@ -39,7 +39,7 @@ enum Esc {
     /// In a string (OSC, DCS, SOS, PM, APC) until BEL or ST.
     Str,
     /// In a string, after ESC (ST is `ESC \`).
-    StrEsc,
+    StrEscape,
     /// After `ESC` and an intermediate byte (charset selection and the like): one more byte.
     One,
 }
@@ -137,11 +137,8 @@ impl LineSplitter {
                 self.esc = Esc::Start;
                 self.esc_len = 0;
             }
-            b'\n' => {
-                if !(self.kind == Kind::Input && was_cr) {
-                    self.end_line(out);
-                }
-            }
+            b'\n' if !(self.kind == Kind::Input && was_cr) => self.end_line(out),
+            b'\n' => {}
             b'\r' => match self.kind {
                 Kind::Input => {
                     self.end_line(out);
@@ -198,10 +195,10 @@ impl LineSplitter {
             (Esc::Csi, 0x18 | 0x1a) => Esc::None,
             (Esc::Csi, _) => Esc::Csi,
             (Esc::Str, 0x07) => Esc::None,
-            (Esc::Str, 0x1b) => Esc::StrEsc,
+            (Esc::Str, 0x1b) => Esc::StrEscape,
             (Esc::Str, _) => Esc::Str,
-            (Esc::StrEsc, b'\\') => Esc::None,
-            (Esc::StrEsc, _) => Esc::Str,
+            (Esc::StrEscape, b'\\') => Esc::None,
+            (Esc::StrEscape, _) => Esc::Str,
             (Esc::None, _) => Esc::None,
         };
     }
