@@ -1238,7 +1238,11 @@ fn recordings_cmd(
                 idle_limit_us: (idle_limit * 1e6) as u64,
                 mode,
             };
-            crate::review::play(data_dir, &id, opts, out)?;
+            // keys when stdin is a terminal: the guard puts it back when dropped
+            let raw = crate::review::RawInput::start();
+            let keys = raw.as_ref().map(|(_, rx)| rx);
+            crate::review::play(data_dir, &id, opts, keys, out)?;
+            drop(raw);
         }
         RecordingsCmd::Search {
             text,

@@ -13,6 +13,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use psm_control_api::escape;
@@ -145,16 +146,82 @@ pub struct PlayOptions {
     pub mode: Replay,
 }
 
-/// Replays recording `id`'s screen output to `out` with `opts`.
+/// What a key pressed during `play` asks for.
+enum Pace {
+    Go,
+    Quit,
+}
+
+/// Keys read while playing: space pauses and resumes, `+`/`-` double or halve the speed, `q`
+/// (or Ctrl-C, Ctrl-D) quits. Waits until `due`, handling keys meanwhile; moves `due` on by a
+/// pause and rescales what is left of it on a speed change.
+fn wait_until(due: &mut Instant, speed: &mut f64, keys: Option<&Receiver<u8>>) -> Pace {
+    let Some(keys) = keys else {
+        let now = Instant::now();
+        if *due > now {
+            std::thread::sleep(*due - now);
+        }
+        return Pace::Go;
+    };
+    loop {
+        let now = Instant::now();
+        let key = if *due > now {
+            match keys.recv_timeout(*due - now) {
+                Ok(k) => k,
+                Err(RecvTimeoutError::Timeout) => return Pace::Go,
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(*due - now);
+                    return Pace::Go;
+                }
+            }
+        } else {
+            match keys.try_recv() {
+                Ok(k) => k,
+                Err(_) => return Pace::Go,
+            }
+        };
+        match key {
+            b'q' | b'Q' | 0x03 | 0x04 => return Pace::Quit,
+            b' ' => {
+                let paused = Instant::now();
+                loop {
+                    match keys.recv() {
+                        Ok(b' ') => break,
+                        Ok(b'q' | b'Q' | 0x03 | 0x04) => return Pace::Quit,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                *due += paused.elapsed();
+            }
+            b'+' | b'=' | b'-' => {
+                let old = *speed;
+                *speed = if key == b'-' {
+                    (old / 2.0).max(1.0 / 64.0)
+                } else {
+                    (old * 2.0).min(64.0)
+                };
+                let now = Instant::now();
+                let left = due.saturating_duration_since(now).mul_f64(old / *speed);
+                *due = now + left;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Replays recording `id`'s screen output to `out` with `opts`; with `keys`, takes keys
+/// meanwhile (see [`wait_until`]). Output before `from_us` is written at once.
 pub fn play(
     data_dir: &Path,
     id: &str,
     opts: PlayOptions,
+    keys: Option<&Receiver<u8>>,
     out: &mut dyn Write,
 ) -> Result<(), RecordingError> {
     let mut reader = crate::recordings::open_reader(data_dir, id)?;
-    let started = Instant::now();
-    let mut offset = Duration::ZERO;
+    let mut speed = opts.speed;
+    let mut due = Instant::now();
     let mut last_ts: Option<u64> = None;
     let mut sanitizer = Sanitizer::new();
     let mut safe = Vec::new();
@@ -174,15 +241,12 @@ pub fn play(
         if ts_us >= opts.from_us {
             let prev = last_ts.unwrap_or(opts.from_us).max(opts.from_us);
             let gap = ts_us.saturating_sub(prev).min(opts.idle_limit_us);
-            let secs = gap as f64 / 1e6 / opts.speed;
-            offset =
-                offset.saturating_add(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
+            let secs = gap as f64 / 1e6 / speed;
+            let step = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
+            due = due.checked_add(step).unwrap_or(due);
             last_ts = Some(ts_us);
-            if let Some(due) = started.checked_add(offset) {
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
+            if let Pace::Quit = wait_until(&mut due, &mut speed, keys) {
+                break;
             }
         }
         match opts.mode {
@@ -206,6 +270,60 @@ pub fn play(
     }
     out.flush()?;
     Ok(())
+}
+
+/// The terminal in raw input mode (no line editing, no echo, no signals: Ctrl-C is a key)
+/// while it lives; put back as it was when dropped, also on an error or a panic that unwinds.
+pub struct RawInput {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawInput {
+    /// Puts standard input in raw mode and starts a thread that sends each byte read to the
+    /// returned receiver. None when standard input is not a terminal.
+    pub fn start() -> Option<(RawInput, Receiver<u8>)> {
+        use nix::sys::termios::{
+            tcgetattr, tcsetattr, LocalFlags, SetArg, SpecialCharacterIndices,
+        };
+        use std::io::{IsTerminal, Read};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.local_flags
+            .remove(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG | LocalFlags::IEXTEN);
+        raw.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
+        raw.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        let guard = RawInput { saved };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("play-keys".into())
+            .spawn(move || {
+                let mut b = [0u8; 1];
+                let mut input = std::io::stdin();
+                while let Ok(1) = input.read(&mut b) {
+                    if tx.send(b[0]).is_err() {
+                        break;
+                    }
+                }
+            });
+        // without the thread no key arrives; the guard still restores the terminal
+        spawned.ok()?;
+        Some((guard, rx))
+    }
+}
+
+impl Drop for RawInput {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
 }
 
 /// Parses an offset: `90`, `90s`, `1m30s`, `1h`, `0`.
@@ -237,5 +355,82 @@ mod tests {
         assert_eq!(parse_offset("0"), Ok(0));
         assert_eq!(parse_offset("0s"), Ok(0));
         assert!(parse_offset("soon").is_err());
+    }
+
+    fn data_dir_with(id: &str, recs: &[(u64, &[u8])]) -> tempfile::TempDir {
+        use psm_recorder_format::file::RecordingWriter;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rdir = dir.path().join("recordings");
+        std::fs::create_dir(&rdir).expect("mkdir");
+        let meta = psm_recorder_format::RecordingMeta {
+            recording_id: id.into(),
+            ..Default::default()
+        };
+        let f = std::fs::File::create(rdir.join(format!("{id}.psmrec"))).expect("create");
+        let mut w = RecordingWriter::new(f, &meta).expect("writer");
+        for (ts, b) in recs {
+            w.write(&Record::Data {
+                ts_us: *ts,
+                channel: 0,
+                direction: Direction::Output,
+                data: b.to_vec().into(),
+            })
+            .expect("write");
+        }
+        w.finish().expect("finish");
+        dir
+    }
+
+    fn opts() -> PlayOptions {
+        PlayOptions {
+            speed: 1.0,
+            from_us: 0,
+            idle_limit_us: 60_000_000,
+            mode: Replay::Safe,
+        }
+    }
+
+    #[test]
+    fn from_skips_waiting_and_keys_quit_and_speed_up() {
+        let d = data_dir_with(
+            "r1",
+            &[
+                (0, b"one\r\n"),
+                (30_000_000, b"two\r\n"),
+                (60_000_000, b"three\r\n"),
+            ],
+        );
+        // from 60 s: the first two are drawn at once, nothing waits
+        let mut out = Vec::new();
+        let t = Instant::now();
+        let o = PlayOptions {
+            from_us: 60_000_000,
+            ..opts()
+        };
+        play(d.path(), "r1", o, None, &mut out).expect("play");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("one") && text.contains("three"), "{text}");
+
+        // q quits at once, before the 30 s gap
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(b'q').expect("send");
+        let mut out = Vec::new();
+        let t = Instant::now();
+        play(d.path(), "r1", opts(), Some(&rx), &mut out).expect("play");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("two"), "{text}");
+
+        // + six times: 64x, the 30 s gaps take under a second each
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..6 {
+            tx.send(b'+').expect("send");
+        }
+        let mut out = Vec::new();
+        let t = Instant::now();
+        play(d.path(), "r1", opts(), Some(&rx), &mut out).expect("play");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(String::from_utf8_lossy(&out).contains("three"));
     }
 }
