@@ -7,7 +7,8 @@
 //! the recording marked partly indexed (`psmctl recordings reindex` rebuilds it from the
 //! files). When the index cannot be opened or written (damaged, disk full) the thread logs it,
 //! drops what it was given and tries to open it again at most every [`RETRY`]; recording goes
-//! on regardless.
+//! on regardless. At each recording's start it reopens the file if it was replaced or removed
+//! (a `reindex` that set a damaged one aside).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -82,15 +83,30 @@ impl Indexer {
     }
 }
 
+/// The index file's inode, to notice it was replaced (`psmctl recordings reindex` sets a
+/// damaged one aside) or removed.
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
 fn serve(path: PathBuf, rx: Receiver<Msg>) {
     let mut writer: Option<IndexWriter> = None;
+    let mut opened_ino: Option<u64> = None;
     let mut last_try: Option<Instant> = None;
     while let Ok(msg) = rx.recv() {
+        // at each recording's start, follow a file that was replaced or removed
+        if matches!(msg, Msg::Begin(_)) && writer.is_some() && inode(&path) != opened_ino {
+            info!(index = %path.display(), "search index file replaced or removed, reopening");
+            writer = None;
+            last_try = None;
+        }
         if writer.is_none() && last_try.is_none_or(|t| t.elapsed() >= RETRY) {
             last_try = Some(Instant::now());
             match IndexWriter::open(&path) {
                 Ok(w) => {
                     info!(index = %path.display(), "search index open");
+                    opened_ino = inode(&path);
                     writer = Some(w);
                 }
                 Err(e) => {

@@ -183,3 +183,38 @@ fn play_from_idle_limit_and_speed_without_a_terminal() {
         .psmctl(&["recordings", "play", &id, "--from", "soon"], None);
     assert!(!bad.success(), "{}", bad.describe());
 }
+
+#[test]
+fn a_damaged_index_stops_no_recording_and_reindex_rebuilds_it() {
+    let w = World::new();
+    let index = w.psm.data_dir().join("recordings").join("index.db");
+    wait_for(T, || index.exists());
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", index.display()));
+    }
+    std::fs::write(&index, vec![0x5a; 8192]).expect("damage the index");
+
+    let out = run_ssh(w.ssh().arg("echo \"DAMAGED\"\"-INDEX-OK\""));
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stdout_str().contains("DAMAGED-INDEX-OK"));
+    let v = w.psm.psmctl(&["recordings", "verify", "--all"], None);
+    assert!(v.success(), "{}", v.describe());
+
+    let s = w
+        .psm
+        .psmctl(&["recordings", "search", "DAMAGED-INDEX"], None);
+    assert!(!s.success(), "{}", s.describe());
+    assert!(s.describe().contains("reindex"), "{}", s.describe());
+
+    let re = w.psm.psmctl_ok(&["recordings", "reindex"], None);
+    assert!(
+        re.contains("unusable") && re.contains("; 0 could not be read"),
+        "{re}"
+    );
+    wait_hits(&w, &["DAMAGED-INDEX-OK"], 1);
+
+    // psm-recorder follows the rebuilt file: the next session is indexed as it is written
+    let out = run_ssh(w.ssh().arg("echo \"AFTER\"\"-REINDEX\""));
+    assert!(out.success(), "{}", out.describe());
+    wait_hits(&w, &["AFTER-REINDEX"], 1);
+}
