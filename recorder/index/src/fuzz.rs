@@ -10,7 +10,11 @@ pub fn lines(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let kind = if first & 1 == 0 { Kind::Input } else { Kind::Output };
+    let kind = if first & 1 == 0 {
+        Kind::Input
+    } else {
+        Kind::Output
+    };
     let mut s = LineSplitter::new(kind);
     let mut out: Vec<Line> = Vec::new();
     let step = 1 + usize::from(first >> 1) % 64;
