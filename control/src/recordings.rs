@@ -242,20 +242,6 @@ fn open_file(data_dir: &Path, id: &str) -> Result<File, RecordingError> {
     Ok(f)
 }
 
-/// Replays recording `id` to `out` in (scaled) real time: through the sanitizer (only what
-/// draws the screen) with [`Replay::Safe`], as recorded with [`Replay::Raw`].
-pub fn play(
-    data_dir: &Path,
-    id: &str,
-    speed: f64,
-    mode: Replay,
-    out: &mut dyn Write,
-) -> Result<(), RecordingError> {
-    let reader = open(data_dir, id)?;
-    export::play(reader, speed, mode, out)?;
-    Ok(())
-}
-
 /// A recording file being written: reading past its end waits for more, as long as `live`
 /// says the session runs (asked at most twice a second); then the rest is read and the end
 /// reported.
@@ -454,16 +440,6 @@ pub(crate) mod tests {
                 .is_some_and(|l| l.contains("\"version\":2")),
             "{cast}"
         );
-        let mut played = Vec::new();
-        play(
-            tmp.path(),
-            "rec-1",
-            f64::INFINITY,
-            Replay::Safe,
-            &mut played,
-        )
-        .expect("play");
-        assert!(String::from_utf8_lossy(&played).contains("hello from web01"));
 
         let e =
             export(tmp.path(), "nope", ExportFormat::Text, &mut Vec::new()).expect_err("missing");

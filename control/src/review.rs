@@ -211,7 +211,7 @@ fn wait_until(due: &mut Instant, speed: &mut f64, keys: Option<&Receiver<u8>>) -
 }
 
 /// Replays recording `id`'s screen output to `out` with `opts`; with `keys`, takes keys
-/// meanwhile (see [`wait_until`]). Output before `from_us` is written at once.
+/// meanwhile (see `wait_until`). Output before `from_us` is written at once.
 pub fn play(
     data_dir: &Path,
     id: &str,

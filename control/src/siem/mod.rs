@@ -5,7 +5,7 @@
 //!   sink's delivery task. That is a local file append per sink; nothing on that path waits on a
 //!   network, so a sink that is down or slow never holds up the audit log or a session.
 //! - Each sink has its own delivery task: it connects ([`transport`]: UDP, TCP or TLS with
-//!   rustls), formats each queued event as an RFC 5424 message ([`format`]: JSON, CEF or OCSF),
+//!   rustls), formats each queued event as an RFC 5424 message ([`mod@format`]: JSON, CEF or OCSF),
 //!   sends them in `seq` order, and records each as delivered ([`queue`]) before the next. It
 //!   reconnects with a backoff (0.2 s doubling to 5 s) and resumes at the first undelivered
 //!   event.
