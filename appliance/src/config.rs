@@ -58,6 +58,12 @@ pub struct ControlConfig {
     /// Audit events between two signed audit checkpoints (default 1000; 1 to 1000000); one is
     /// also written whenever psm-control stops.
     pub audit_checkpoint_every: Option<Spanned<i64>>,
+    /// Recordings last written longer ago than this are deleted (`90d`; default: kept).
+    pub retention_max_age: Option<Spanned<String>>,
+    /// When the recordings take more bytes than this, the oldest are deleted.
+    pub retention_max_bytes: Option<Spanned<i64>>,
+    /// How often retention looks (default `1m`).
+    pub retention_interval: Option<Spanned<String>>,
 }
 
 /// The `[relay]` table of `psm.toml`.
@@ -366,6 +372,26 @@ pub fn resolve(
             1..=1_000_000,
             &mut control_args,
         )?;
+        ranged(
+            "retention-max-bytes",
+            c.retention_max_bytes.as_ref(),
+            1..=i64::MAX,
+            &mut control_args,
+        )?;
+        for (key, v) in [
+            ("retention_max_age", &c.retention_max_age),
+            ("retention_interval", &c.retention_interval),
+        ] {
+            if let Some(v) = v {
+                psm_control_api::conditions::parse_duration(v.get_ref()).map_err(|message| {
+                    ConfigError::Invalid {
+                        origin: from_file(v.span()),
+                        message: format!("{key}: {message}"),
+                    }
+                })?;
+                control_args.extend([format!("--{}", key.replace('_', "-")), v.get_ref().clone()]);
+            }
+        }
     }
     if let Some(p) = file.map(|f| &f.config.policy) {
         ranged(

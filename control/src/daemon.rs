@@ -83,6 +83,11 @@ pub struct Options {
     pub audit_checkpoint_every: u64,
     /// Where the audit stream is exported (`[[siem.sink]]`).
     pub siem: Vec<crate::siem::config::SinkConfig>,
+    /// What retention keeps of the recordings.
+    pub retention: crate::retention::Retention,
+    /// How often retention looks (the first time once relays had time to announce their
+    /// sessions).
+    pub retention_interval: Duration,
 }
 
 impl Default for Options {
@@ -93,6 +98,8 @@ impl Default for Options {
             mfa_required: false,
             audit_checkpoint_every: crate::audit::DEFAULT_CHECKPOINT_EVERY,
             siem: Vec::new(),
+            retention: Default::default(),
+            retention_interval: Duration::from_secs(60),
         }
     }
 }
@@ -235,6 +242,57 @@ struct Shared {
     next_conn: AtomicU64,
     options: Options,
     siem: crate::siem::Siem,
+}
+
+impl Shared {
+    /// Deletes the recordings retention no longer keeps, each after its `retention` audit
+    /// event is written (an event that cannot be written keeps the file).
+    fn retention_sweep(&self) {
+        let r = self.options.retention;
+        let live: std::collections::HashSet<String> = lock(&self.sessions)
+            .values()
+            .map(|s| s.info.session.recording_id.clone())
+            .collect();
+        let all = match crate::retention::scan(&self.recordings_dir) {
+            Ok(all) => all,
+            Err(e) => {
+                warn!(dir = %self.recordings_dir.display(), error = %e, "retention cannot list the recordings");
+                return;
+            }
+        };
+        let now = psm_control_api::now_ms();
+        for (c, why) in crate::retention::select(all, &live, now, &r) {
+            let path = self.recordings_dir.join(format!(
+                "{}.{}",
+                c.id,
+                psm_recorder_format::file::EXTENSION
+            ));
+            let audited = lock(&self.audit).append_control(AuditKind::Retention {
+                recording_id: c.id.clone(),
+                bytes: c.bytes,
+                reason: why.as_str().into(),
+                modified_ms: c.modified_ms,
+            });
+            if let Err(e) = audited {
+                error!(recording_id = %c.id, error = %e, "retention keeps the recording: its deletion cannot be audited");
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    info!(recording_id = %c.id, bytes = c.bytes, reason = why.as_str(), "recording deleted by retention")
+                }
+                Err(e) => {
+                    error!(recording_id = %c.id, error = %e, "retention cannot delete the recording");
+                    let _ = lock(&self.audit).append_control(AuditKind::Notice {
+                        message: format!("retention could not delete recording {}: {e}", c.id),
+                        session_id: None,
+                        kind: Some("retention failed".into()),
+                        count: None,
+                    });
+                }
+            }
+        }
+    }
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -1066,6 +1124,11 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     );
 
     let mut tasks = JoinSet::new();
+    // after a restart, relays have RELAY_LOST_GRACE to announce their live sessions: retention
+    // never runs before it knows them
+    let mut next_retention = tokio::time::Instant::now()
+        + RELAY_LOST_GRACE.max(shared.options.retention_interval)
+        + Duration::from_secs(2);
     let mut sweep = tokio::time::interval(Duration::from_millis(500));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -1075,6 +1138,16 @@ pub async fn run_until_with<F: Future<Output = ()>>(
             _ = sweep.tick() => {
                 shared.sweep(RELAY_LOST_GRACE);
                 shared.approvals_sweep();
+                if shared.options.retention.enabled()
+                    && tokio::time::Instant::now() >= next_retention
+                {
+                    next_retention =
+                        tokio::time::Instant::now() + shared.options.retention_interval;
+                    let s = shared.clone();
+                    tasks.spawn(async move {
+                        let _ = tokio::task::spawn_blocking(move || s.retention_sweep()).await;
+                    });
+                }
             }
             r = control.accept() => match r {
                 Ok((stream, _)) => {
@@ -1520,8 +1593,7 @@ mod tests {
                 lockout: Default::default(),
                 mfa_required: false,
                 min_password_length: 20,
-                audit_checkpoint_every: 1000,
-                siem: Vec::new(),
+                ..Default::default()
             },
         )
         .await;

@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod datadir;
 pub mod protocol;
 pub mod recordings;
+pub mod retention;
 pub mod review;
 pub mod scan;
 pub mod siem;

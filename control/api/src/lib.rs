@@ -707,6 +707,17 @@ pub enum AuditKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         count: Option<u64>,
     },
+    /// Retention deleted a recording (written just before the file is removed).
+    Retention {
+        /// The recording deleted.
+        recording_id: String,
+        /// Its size.
+        bytes: u64,
+        /// `max_age` or `max_bytes`.
+        reason: String,
+        /// When it was last written, ms since the epoch.
+        modified_ms: u64,
+    },
 }
 
 /// Messages from control to a relay.

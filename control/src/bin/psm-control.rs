@@ -42,6 +42,15 @@ struct Args {
     /// psm.toml: psm-control reads its `[[siem.sink]]` tables (the audit stream's receivers).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Recordings last written longer ago than this are deleted (`90d`; default: kept).
+    #[arg(long, value_name = "DURATION", value_parser = psm_control_api::conditions::parse_duration)]
+    retention_max_age: Option<u64>,
+    /// When the recordings take more bytes than this, the oldest are deleted (default: no budget).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    retention_max_bytes: Option<u64>,
+    /// How often retention looks.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = psm_control_api::conditions::parse_duration)]
+    retention_interval: u64,
 }
 
 fn parse_min_password_length(s: &str) -> Result<usize, String> {
@@ -88,6 +97,11 @@ fn main() -> anyhow::Result<()> {
         mfa_required: args.mfa_required,
         audit_checkpoint_every: args.audit_checkpoint_every,
         siem,
+        retention: psm_control::retention::Retention {
+            max_age_ms: args.retention_max_age,
+            max_bytes: args.retention_max_bytes,
+        },
+        retention_interval: std::time::Duration::from_millis(args.retention_interval),
     };
     rt.block_on(psm_control::daemon::run(args.data_dir, options))
         .map_err(|e| anyhow::anyhow!("{e}"))
