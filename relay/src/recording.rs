@@ -437,7 +437,12 @@ impl RecordingStream {
 
     async fn admit(&self, len: u64) {
         let window = self.rec.shared.window;
+        // the common case: room in the window, one short lock and nothing else
+        if self.durable.try_admit(len, window, Instant::now()).is_ok() {
+            return;
+        }
         loop {
+            // registered before the second look, so an ack in between is not missed
             let moved = self.durable.moved.notified();
             tokio::pin!(moved);
             moved.as_mut().enable();
