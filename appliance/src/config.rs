@@ -64,6 +64,15 @@ pub struct ControlConfig {
     pub retention_max_bytes: Option<Spanned<i64>>,
     /// How often retention looks (default `1m`).
     pub retention_interval: Option<Spanned<String>>,
+    /// The live audit segment is rotated once it holds this many bytes (default 64 MiB;
+    /// at least 1024).
+    pub audit_rotate_bytes: Option<Spanned<i64>>,
+    /// The live audit segment is rotated once its first event is this old (default `1d`).
+    pub audit_rotate_interval: Option<Spanned<String>>,
+    /// Closed audit segments older than this are deleted (`365d`; default: kept).
+    pub audit_retention_max_age: Option<Spanned<String>>,
+    /// When the closed audit segments take more bytes than this, the oldest are deleted.
+    pub audit_retention_max_bytes: Option<Spanned<i64>>,
 }
 
 /// The `[relay]` table of `psm.toml`.
@@ -378,9 +387,23 @@ pub fn resolve(
             1..=i64::MAX,
             &mut control_args,
         )?;
+        ranged(
+            "audit-rotate-bytes",
+            c.audit_rotate_bytes.as_ref(),
+            1024..=i64::MAX,
+            &mut control_args,
+        )?;
+        ranged(
+            "audit-retention-max-bytes",
+            c.audit_retention_max_bytes.as_ref(),
+            1..=i64::MAX,
+            &mut control_args,
+        )?;
         for (key, v) in [
             ("retention_max_age", &c.retention_max_age),
             ("retention_interval", &c.retention_interval),
+            ("audit_rotate_interval", &c.audit_rotate_interval),
+            ("audit_retention_max_age", &c.audit_retention_max_age),
         ] {
             if let Some(v) = v {
                 psm_control_api::conditions::parse_duration(v.get_ref()).map_err(|message| {
@@ -549,6 +572,49 @@ mod tests {
             e.contains("audit_checkpoint_every must be between 1 and 1000000"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn audit_rotation_and_retention_reach_psm_control() {
+        let f = loaded(
+            "[control]\naudit_rotate_bytes = 4096\naudit_rotate_interval = \"12h\"\naudit_retention_max_age = \"400d\"\naudit_retention_max_bytes = 1000000\n",
+        )
+        .expect("parse");
+        let s = resolve(Some(&f), &Overrides::default(), 2).expect("resolve");
+        for pair in [
+            ["--audit-rotate-bytes", "4096"],
+            ["--audit-rotate-interval", "12h"],
+            ["--audit-retention-max-age", "400d"],
+            ["--audit-retention-max-bytes", "1000000"],
+        ] {
+            assert!(
+                s.control_args.windows(2).any(|w| w == pair),
+                "{pair:?} in {:?}",
+                s.control_args
+            );
+        }
+        for (bad, needle) in [
+            (
+                "[control]\naudit_rotate_bytes = 10\n",
+                "audit_rotate_bytes must be between 1024 and",
+            ),
+            (
+                "[control]\naudit_rotate_interval = \"often\"\n",
+                "audit_rotate_interval",
+            ),
+            (
+                "[control]\naudit_retention_max_age = \"x\"\n",
+                "audit_retention_max_age",
+            ),
+            (
+                "[control]\naudit_retention_max_bytes = 0\n",
+                "audit_retention_max_bytes must be between 1 and",
+            ),
+        ] {
+            let f = loaded(bad).expect("parse");
+            let e = err_text(resolve(Some(&f), &Overrides::default(), 2));
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,29 +1,92 @@
-//! The audit log `audit.jsonl`: append-only, one [`AuditEvent`] JSON object per line,
-//! hash-chained and checkpointed.
+//! The audit log: append-only, one [`AuditEvent`] JSON object per line, hash-chained,
+//! checkpointed and rotated into segments.
 //!
 //! psm-control is its only writer. It numbers events (`seq`) when it appends them, continuing
-//! from the last event in the file, and hands each line to the OS right away (one `write` per
+//! from the last event written, and hands each line to the OS right away (one `write` per
 //! line; no user-space buffering). Every line carries `prev_hash`, the SHA-256 of the line
 //! before it, and with an evidence key ([`AuditLog::sign_checkpoints`]) a signed checkpoint
-//! line is written every N events and at shutdown ([`AuditLog::checkpoint`]); the format and its
-//! verification are in [`psm_evidence::audit`]. [`read_tail`] reads the last events without
-//! loading the whole file, for `psmctl audit tail`; [`verify`] checks the whole log for
-//! `psmctl audit verify`.
+//! line is written every N events, at shutdown ([`AuditLog::checkpoint`]) and at every
+//! rotation; the format and its verification are in [`psm_evidence::audit`].
 //!
-//! What it does not do: rotate or truncate the log, or fsync every line.
+//! Segments: events are appended to the live segment `audit.jsonl`. When it passes a size or
+//! an age ([`Rotation`]), a checkpoint (reason `rotation`) is written as its last line, it is
+//! fsynced and renamed to `audit/audit-<first seq, 20 digits>.jsonl` (names sort by `seq`),
+//! and a new `audit.jsonl` is created; the next event chains to the checkpoint. The order is
+//! what makes it crash-safe: every event is in exactly one file at every instant (the rename
+//! is atomic), and a crash before the rename leaves a live segment that ends with the
+//! checkpoint (it is rotated at the next append), after it an absent or empty `audit.jsonl`,
+//! which [`AuditLog::open`] creates and continues from the newest closed segment's last line
+//! (`seq` and hash). Closed segments are never written again; retention deletes the oldest
+//! ([`segments`], `crate::retention::select_segments`).
+//!
+//! [`read_tail`] reads the last events across segments without loading whole files, for
+//! `psmctl audit tail`; [`verify`] checks every segment as one chain for `psmctl audit verify`.
+//!
+//! What it does not do: fsync every line (only a closed segment is fsynced).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use psm_control_api::{AuditEvent, AuditKind};
-use psm_evidence::audit::{self as chain, AuditReport};
-use psm_evidence::{EvidenceKey, Hash, PublicKey};
-use tracing::error;
+use psm_evidence::audit as chain;
+use psm_evidence::{EvidenceKey, Hash};
+use tracing::{error, info};
+
+#[cfg(test)]
+mod rotation_tests;
+pub mod segments;
+
+pub use segments::{closed_segments, read_tail, segment_dir, segment_paths, verify, ClosedSegment};
 
 /// Checkpoints are written every this many events by default.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+/// The live segment is rotated once it holds this many bytes, by default (64 MiB).
+pub const DEFAULT_ROTATE_BYTES: u64 = 64 << 20;
+/// The live segment is rotated once its first event is this old, by default (1 day).
+pub const DEFAULT_ROTATE_INTERVAL_MS: u64 = 86_400_000;
+/// After a rotation failed, the next attempt waits this long (ms).
+const ROTATE_RETRY_MS: u64 = 60_000;
+
+/// When the live segment is closed and a new one started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// Once the live segment holds at least this many bytes (none: never by size).
+    pub max_bytes: Option<u64>,
+    /// Once the live segment's first event is older than this, in ms (none: never by age).
+    pub max_age_ms: Option<u64>,
+}
+
+impl Rotation {
+    /// Never rotates.
+    pub const NEVER: Rotation = Rotation {
+        max_bytes: None,
+        max_age_ms: None,
+    };
+
+    /// Whether a live segment of `bytes` whose first event was at `started_ms` (none: it is
+    /// empty) is due for rotation at `now_ms`. An empty segment never is.
+    pub fn due(&self, bytes: u64, started_ms: Option<u64>, now_ms: u64) -> bool {
+        let Some(started) = started_ms else {
+            return false;
+        };
+        self.max_bytes.is_some_and(|max| bytes >= max)
+            || self
+                .max_age_ms
+                .is_some_and(|max| now_ms.saturating_sub(started) >= max)
+    }
+}
+
+impl Default for Rotation {
+    /// 64 MiB or one day, whichever comes first.
+    fn default() -> Self {
+        Rotation {
+            max_bytes: Some(DEFAULT_ROTATE_BYTES),
+            max_age_ms: Some(DEFAULT_ROTATE_INTERVAL_MS),
+        }
+    }
+}
 
 /// Errors of the audit log.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +119,16 @@ pub struct AuditLog {
     checkpoint_next: bool,
     /// Where every appended event goes next: the SIEM sinks' queues (`crate::siem`).
     pub tap: Option<crate::siem::Tap>,
+    /// When the live segment is rotated.
+    rotation: Rotation,
+    /// Bytes in the live segment.
+    live_bytes: u64,
+    /// The first `seq` and time of the live segment (none while it is empty).
+    live_first: Option<(u64, u64)>,
+    /// A rotation is being written (its checkpoint is not a reason to rotate again).
+    rotating: bool,
+    /// When a rotation last failed (ms), so that a failing one is not retried at every event.
+    rotate_failed_ms: Option<u64>,
 }
 
 impl AuditLog {
@@ -84,11 +157,23 @@ impl AuditLog {
                 file.write_all(b"\n").map_err(io_err)?;
             }
         }
-        let last_seq = last_seq(&mut file).map_err(io_err)?;
-        let prev_hash = last_lines(&mut file, 1)
-            .map_err(io_err)?
-            .last()
-            .map_or(chain::GENESIS, |l| chain::line_hash(l));
+        let live_bytes = file.metadata().map_err(io_err)?.len();
+        let live_first = segments::first_event(path).map_err(io_err)?;
+        // an empty live segment (just rotated, or a crash between the rename and its
+        // creation) continues from the newest closed segment
+        let head = match last_lines(&mut file, 1).map_err(io_err)?.last() {
+            Some(line) => Some((last_seq(&mut file).map_err(io_err)?, chain::line_hash(line))),
+            None => match closed_segments(path).map_err(io_err)?.last() {
+                Some(seg) => {
+                    segments::segment_tail(&seg.path).map_err(|source| AuditError::Io {
+                        path: seg.path.clone(),
+                        source,
+                    })?
+                }
+                None => None,
+            },
+        };
+        let (last_seq, prev_hash) = head.unwrap_or((0, chain::GENESIS));
         Ok(AuditLog {
             file,
             path: path.to_path_buf(),
@@ -99,7 +184,84 @@ impl AuditLog {
             since_checkpoint: 0,
             checkpoint_next: false,
             tap: None,
+            rotation: Rotation::NEVER,
+            live_bytes,
+            live_first,
+            rotating: false,
+            rotate_failed_ms: None,
         })
+    }
+
+    /// From now on, rotates the live segment as `rotation` says.
+    pub fn rotate_when(&mut self, rotation: Rotation) {
+        self.rotation = rotation;
+    }
+
+    /// Rotates the live segment if it is due at `now_ms` (a quiet log still rotates by age).
+    pub fn rotate_if_due(&mut self, now_ms: u64) -> Result<(), AuditError> {
+        let retry = self
+            .rotate_failed_ms
+            .is_none_or(|t| now_ms.saturating_sub(t) >= ROTATE_RETRY_MS);
+        if self.rotating
+            || !retry
+            || !self
+                .rotation
+                .due(self.live_bytes, self.live_first.map(|f| f.1), now_ms)
+        {
+            return Ok(());
+        }
+        self.rotate()
+            .inspect_err(|_| self.rotate_failed_ms = Some(now_ms))
+    }
+
+    /// Closes the live segment: its rotation checkpoint, fsync, rename into `audit/`, a new
+    /// live segment. Nothing when it is empty. See the module documentation for the order.
+    pub fn rotate(&mut self) -> Result<(), AuditError> {
+        let Some((first_seq, _)) = self.live_first else {
+            return Ok(());
+        };
+        self.rotating = true;
+        let written = self.checkpoint("rotation");
+        self.rotating = false;
+        written?;
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AuditError::Io { path, source }
+        };
+        self.file.sync_all().map_err(io_err(&self.path))?;
+        let dir = segment_dir(&self.path);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(&dir))?;
+        let closed = dir.join(segments::segment_name(first_seq));
+        if closed.exists() {
+            // never replace a closed segment
+            return Err(AuditError::Io {
+                path: closed,
+                source: io::Error::new(io::ErrorKind::AlreadyExists, "segment exists already"),
+            });
+        }
+        fs::rename(&self.path, &closed).map_err(io_err(&closed))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        for d in [dir.as_path(), self.path.parent().unwrap_or(Path::new("."))] {
+            File::open(d)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(d))?;
+        }
+        info!(segment = %closed.display(), first_seq, last_seq = self.next_seq - 1, "audit log rotated");
+        self.file = file;
+        self.live_bytes = 0;
+        self.live_first = None;
+        self.rotate_failed_ms = None;
+        Ok(())
     }
 
     /// The `seq` the next appended event gets.
@@ -123,6 +285,11 @@ impl AuditLog {
     /// signed `checkpoint` field when [`checkpoint`](Self::checkpoint) asked for one); returns it
     /// with its `seq`. The one place events are written.
     pub fn append(&mut self, mut event: AuditEvent) -> Result<AuditEvent, AuditError> {
+        if !self.checkpoint_next {
+            if let Err(e) = self.rotate_if_due(psm_control_api::now_ms()) {
+                error!(error = %e, "cannot rotate the audit log; it goes on in the live segment");
+            }
+        }
         let checkpoint = std::mem::take(&mut self.checkpoint_next);
         event.seq = self.next_seq;
         if event.ts_ms == 0 {
@@ -151,6 +318,8 @@ impl AuditLog {
             })?;
         self.next_seq += 1;
         self.prev_hash = hash;
+        self.live_bytes += line.len() as u64;
+        self.live_first.get_or_insert((event.seq, event.ts_ms));
         if let Some(tap) = &self.tap {
             tap.offer(&line);
         }
@@ -260,40 +429,6 @@ fn last_seq(file: &mut File) -> io::Result<u64> {
         }
         want *= 16;
     }
-}
-
-/// The last `n` events of the log at `path`, oldest first; lines that do not parse are skipped.
-/// A missing log reads as empty.
-pub fn read_tail(path: &Path, n: usize) -> Result<Vec<AuditEvent>, AuditError> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(AuditError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let lines = last_lines(&mut file, n).map_err(|source| AuditError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(lines
-        .iter()
-        .filter_map(|l| serde_json::from_slice(l).ok())
-        .collect())
-}
-
-/// Checks the whole log at `path`: its hash chain, `seq` order and checkpoints (signatures
-/// against `key`). See [`psm_evidence::audit::verify_log`].
-pub fn verify(path: &Path, key: Option<&PublicKey>) -> Result<AuditReport, AuditError> {
-    let io_err = |source| AuditError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    chain::verify_log(io::BufReader::new(file), key).map_err(io_err)
 }
 
 /// Size of the audit log in bytes (0 when missing).

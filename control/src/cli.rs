@@ -1370,7 +1370,10 @@ fn field(v: &str) -> String {
 
 /// What the audit log says of a recording retention deleted (`ID: DELETED by retention …`).
 fn deleted_by_retention(data_dir: &Path, id: &str) -> Option<String> {
-    let text = fs::read_to_string(DataDir::new(data_dir).audit_log()).ok()?;
+    let mut text = String::new();
+    for path in crate::audit::segment_paths(&DataDir::new(data_dir).audit_log()).ok()? {
+        text.push_str(&fs::read_to_string(path).unwrap_or_default());
+    }
     text.lines().rev().find_map(|l| {
         let e: AuditEvent = serde_json::from_str(l).ok()?;
         match e.kind {
@@ -1379,6 +1382,7 @@ fn deleted_by_retention(data_dir: &Path, id: &str) -> Option<String> {
                 bytes,
                 reason,
                 modified_ms,
+                ..
             } if recording_id == id => Some(format!(
                 "{id}: DELETED: deleted by retention at {} ({reason}, {bytes} bytes, last written {}; audit seq {})",
                 timefmt::utc(e.ts_ms),
@@ -1713,15 +1717,21 @@ pub fn format_event(e: &AuditEvent) -> String {
             bytes,
             reason,
             modified_ms,
-        } => (
-            "retention",
-            vec![
-                ("recording", recording_id.clone()),
-                ("bytes", bytes.to_string()),
-                ("reason", reason.clone()),
-                ("last_written", timefmt::utc(*modified_ms)),
-            ],
-        ),
+            audit_segment,
+        } => {
+            let mut f = Vec::new();
+            match audit_segment {
+                Some(s) => {
+                    f.push(("audit_segment", s.file.clone()));
+                    f.push(("seq", format!("{}..{}", s.first_seq, s.last_seq)));
+                }
+                None => f.push(("recording", recording_id.clone())),
+            }
+            f.push(("bytes", bytes.to_string()));
+            f.push(("reason", reason.clone()));
+            f.push(("last_written", timefmt::utc(*modified_ms)));
+            ("retention", f)
+        }
     };
     let mut line = format!(
         "{}  #{}  {}  {}",

@@ -88,6 +88,10 @@ pub struct Options {
     /// How often retention looks (the first time once relays had time to announce their
     /// sessions).
     pub retention_interval: Duration,
+    /// When the live audit segment is rotated.
+    pub audit_rotation: crate::audit::Rotation,
+    /// What retention keeps of the closed audit segments.
+    pub audit_retention: crate::retention::Retention,
 }
 
 impl Default for Options {
@@ -100,6 +104,8 @@ impl Default for Options {
             siem: Vec::new(),
             retention: Default::default(),
             retention_interval: Duration::from_secs(60),
+            audit_rotation: Default::default(),
+            audit_retention: Default::default(),
         }
     }
 }
@@ -272,6 +278,7 @@ impl Shared {
                 bytes: c.bytes,
                 reason: why.as_str().into(),
                 modified_ms: c.modified_ms,
+                audit_segment: None,
             });
             if let Err(e) = audited {
                 error!(recording_id = %c.id, error = %e, "retention keeps the recording: its deletion cannot be audited");
@@ -289,6 +296,86 @@ impl Shared {
                         kind: Some("retention failed".into()),
                         count: None,
                     });
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Deletes the closed audit segments retention no longer keeps, oldest first, each after
+    /// its `retention` audit event (its file, `seq` range and last line's hash) is written.
+    /// The audit log stays locked meanwhile, so no rotation runs between the listing and the
+    /// deletions.
+    fn audit_retention_sweep(&self) {
+        let r = self.options.audit_retention;
+        if !r.enabled() {
+            return;
+        }
+        let mut audit = lock(&self.audit);
+        let closed = match crate::audit::closed_segments(audit.path()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "retention cannot list the audit segments");
+                return;
+            }
+        };
+        let candidates = closed
+            .iter()
+            .map(|s| crate::retention::Candidate {
+                id: s.file.clone(),
+                bytes: s.bytes,
+                modified_ms: s.modified_ms,
+            })
+            .collect();
+        let now = psm_control_api::now_ms();
+        for (c, why) in crate::retention::select_segments(candidates, now, &r) {
+            let Some(seg) = closed.iter().find(|s| s.file == c.id) else {
+                continue;
+            };
+            let tail = match crate::audit::segments::segment_tail(&seg.path) {
+                Ok(Some(t)) => t,
+                Ok(None) => (
+                    seg.first_seq.saturating_sub(1),
+                    psm_evidence::audit::GENESIS,
+                ),
+                Err(e) => {
+                    error!(segment = %seg.file, error = %e, "retention keeps the audit segment: it cannot be read");
+                    break;
+                }
+            };
+            let audited = audit.append_control(AuditKind::Retention {
+                recording_id: String::new(),
+                bytes: seg.bytes,
+                reason: why.as_str().into(),
+                modified_ms: seg.modified_ms,
+                audit_segment: Some(psm_control_api::AuditSegment {
+                    file: seg.file.clone(),
+                    first_seq: seg.first_seq,
+                    last_seq: tail.0,
+                    last_hash: psm_evidence::hex(&tail.1),
+                }),
+            });
+            if let Err(e) = audited {
+                error!(segment = %seg.file, error = %e, "retention keeps the audit segment: its deletion cannot be audited");
+                break;
+            }
+            match fs::remove_file(&seg.path) {
+                Ok(()) => {
+                    info!(segment = %seg.file, first_seq = seg.first_seq, last_seq = tail.0, reason = why.as_str(), "audit segment deleted by retention")
+                }
+                Err(e) => {
+                    error!(segment = %seg.file, error = %e, "retention cannot delete the audit segment");
+                    let _ = audit.append_control(AuditKind::Notice {
+                        message: format!(
+                            "retention could not delete audit segment {}: {e}",
+                            seg.file
+                        ),
+                        session_id: None,
+                        kind: Some("retention failed".into()),
+                        count: None,
+                    });
+                    break;
                 }
             }
         }
@@ -1081,6 +1168,7 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     let mut audit = AuditLog::open(&paths.audit_log())?;
     let (evidence_key, _) = psm_evidence::EvidenceKey::load_or_create(&data_dir)?;
     audit.sign_checkpoints(evidence_key, options.audit_checkpoint_every);
+    audit.rotate_when(options.audit_rotation);
     let siem = crate::siem::Siem::start(&data_dir, &options.siem).map_err(ControlError::Siem)?;
     audit.tap = siem.tap();
     let next_seq = audit.next_seq();
@@ -1138,14 +1226,23 @@ pub async fn run_until_with<F: Future<Output = ()>>(
             _ = sweep.tick() => {
                 shared.sweep(RELAY_LOST_GRACE);
                 shared.approvals_sweep();
-                if shared.options.retention.enabled()
+                if let Err(e) = lock(&shared.audit).rotate_if_due(psm_control_api::now_ms()) {
+                    error!(error = %e, "cannot rotate the audit log");
+                }
+                if (shared.options.retention.enabled() || shared.options.audit_retention.enabled())
                     && tokio::time::Instant::now() >= next_retention
                 {
                     next_retention =
                         tokio::time::Instant::now() + shared.options.retention_interval;
                     let s = shared.clone();
                     tasks.spawn(async move {
-                        let _ = tokio::task::spawn_blocking(move || s.retention_sweep()).await;
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if s.options.retention.enabled() {
+                                s.retention_sweep();
+                            }
+                            s.audit_retention_sweep();
+                        })
+                        .await;
                     });
                 }
             }

@@ -6,6 +6,11 @@
 //! psm-control runs it, not psm-recorder: the deletion and its audit event must come from the
 //! process that writes the audit log. [`select`] decides without I/O (the listing, the live
 //! sessions and `now` in, the deletions out); [`scan`] lists the files.
+//!
+//! Closed audit segments are retained the same way ([`select_segments`]: the oldest, by age or
+//! beyond a budget, never the live segment); each deletion is a `retention` event naming the
+//! segment, its `seq` range and its last line's hash, so verification says "deleted by
+//! retention" rather than "missing".
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -124,6 +129,35 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<Candidate>> {
     Ok(out)
 }
 
+/// The closed audit segments to delete now, oldest first: those closed longer ago than the
+/// age, then the oldest while the closed segments take more than the budget. Only a prefix
+/// of the segments (in `seq` order, which their names sort by) is ever chosen, so what
+/// survives is one unbroken run of the chain; the live segment is never in `closed`.
+pub fn select_segments(
+    mut closed: Vec<Candidate>,
+    now_ms: u64,
+    r: &Retention,
+) -> Vec<(Candidate, Why)> {
+    closed.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut total: u64 = closed.iter().map(|c| c.bytes).sum();
+    let mut out = Vec::new();
+    for c in closed {
+        let why = if r
+            .max_age_ms
+            .is_some_and(|max| now_ms.saturating_sub(c.modified_ms) > max)
+        {
+            Why::Age
+        } else if r.max_bytes.is_some_and(|max| total > max) {
+            Why::Size
+        } else {
+            break;
+        };
+        total -= c.bytes;
+        out.push((c, why));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +234,75 @@ mod tests {
             .map(|(c, _)| c.id)
             .collect();
         assert_eq!(got, vec!["old".to_string()]);
+    }
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::*;
+
+    const DAY: u64 = 86_400_000;
+
+    fn seg(first_seq: u64, bytes: u64, modified_ms: u64) -> Candidate {
+        Candidate {
+            id: format!("audit-{first_seq:020}.jsonl"),
+            bytes,
+            modified_ms,
+        }
+    }
+
+    fn names(got: Vec<(Candidate, Why)>) -> Vec<(String, Why)> {
+        got.into_iter().map(|(c, w)| (c.id, w)).collect()
+    }
+
+    #[test]
+    fn the_oldest_segments_go_by_age_then_by_size() {
+        let now = 100 * DAY;
+        let closed = vec![
+            seg(201, 10, now - DAY),
+            seg(1, 10, now - 40 * DAY),
+            seg(101, 10, now - 35 * DAY),
+            seg(151, 10, now - 10 * DAY),
+        ];
+        let by_age = Retention {
+            max_age_ms: Some(30 * DAY),
+            max_bytes: None,
+        };
+        assert_eq!(
+            names(select_segments(closed.clone(), now, &by_age)),
+            [(seg(1, 0, 0).id, Why::Age), (seg(101, 0, 0).id, Why::Age)]
+        );
+        let both = Retention {
+            max_age_ms: Some(30 * DAY),
+            max_bytes: Some(15),
+        };
+        assert_eq!(
+            names(select_segments(closed.clone(), now, &both)),
+            [
+                (seg(1, 0, 0).id, Why::Age),
+                (seg(101, 0, 0).id, Why::Age),
+                (seg(151, 0, 0).id, Why::Size)
+            ]
+        );
+        assert!(select_segments(closed, now, &Retention::default()).is_empty());
+    }
+
+    #[test]
+    fn only_a_prefix_of_the_chain_is_deleted() {
+        let now = 100 * DAY;
+        // the second segment is young (its mtime was touched): the third, older, stays too
+        let closed = vec![
+            seg(1, 10, now - 40 * DAY),
+            seg(101, 10, now - DAY),
+            seg(201, 10, now - 40 * DAY),
+        ];
+        let r = Retention {
+            max_age_ms: Some(30 * DAY),
+            max_bytes: None,
+        };
+        assert_eq!(
+            names(select_segments(closed, now, &r)),
+            [(seg(1, 0, 0).id, Why::Age)]
+        );
     }
 }

@@ -304,12 +304,37 @@ pub fn json_objects(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Reads `DATA/audit.jsonl` (lines that do not parse, e.g. a half-written last line, are skipped).
+/// Reads the audit log: its closed segments (`DATA/audit/audit-*.jsonl`, in order), then
+/// `DATA/audit.jsonl` (lines that do not parse, e.g. a half-written last line, are skipped).
 pub fn audit_events(data_dir: &Path) -> Vec<Value> {
-    let text = fs::read_to_string(data_dir.join("audit.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let mut files = audit_segments(data_dir);
+    files.push(data_dir.join("audit.jsonl"));
+    files
+        .iter()
+        .flat_map(|f| {
+            let text = fs::read_to_string(f).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .collect::<Vec<_>>()
+        })
         .collect()
+}
+
+/// The closed audit segments, `DATA/audit/audit-*.jsonl`, oldest first.
+pub fn audit_segments(data_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(data_dir.join("audit"))
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 /// A string field of a JSON object, or "".

@@ -27,6 +27,7 @@ pub struct Psm {
     up: Option<Daemon>,
     daemons: Vec<Daemon>,
     relay_args: Vec<String>,
+    control_args: Vec<String>,
 }
 
 /// How a test psm is configured beyond the defaults.
@@ -36,6 +37,9 @@ pub struct PsmOpts {
     pub config: Option<String>,
     /// Extra psm-relay flags ([`PsmMode::Separate`]).
     pub relay_args: Vec<String>,
+    /// Extra psm-control flags ([`PsmMode::Separate`]; [`Psm::set_control_args`] changes them
+    /// for the next [`Psm::start_control`]).
+    pub control_args: Vec<String>,
 }
 
 /// Relay worker runtimes every test psm gets.
@@ -77,6 +81,7 @@ impl Psm {
             up: None,
             daemons: Vec::new(),
             relay_args: opts.relay_args,
+            control_args: opts.control_args,
         };
         match mode {
             PsmMode::Up => {
@@ -154,6 +159,9 @@ impl Psm {
                 .arg(WORKERS)
                 .args(&self.relay_args);
         }
+        if name == "psm-control" {
+            c.args(&self.control_args);
+        }
         let child = c
             .env(
                 "RUST_LOG",
@@ -193,6 +201,11 @@ impl Psm {
     /// Starts psm-control (separate mode only) and waits (10 s at most) for control.sock.
     pub fn start_control(&mut self) {
         self.start_daemon("psm-control", "control.sock");
+    }
+
+    /// The psm-control flags the next [`Psm::start_control`] passes (separate mode only).
+    pub fn set_control_args(&mut self, args: &[&str]) {
+        self.control_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// Kills psm-control with SIGKILL (separate mode only) and waits for it to be gone.

@@ -707,9 +707,11 @@ pub enum AuditKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         count: Option<u64>,
     },
-    /// Retention deleted a recording (written just before the file is removed).
+    /// Retention deleted a recording or a closed audit segment (written just before the file
+    /// is removed).
     Retention {
-        /// The recording deleted.
+        /// The recording deleted (empty when an audit segment was).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         recording_id: String,
         /// Its size.
         bytes: u64,
@@ -717,7 +719,24 @@ pub enum AuditKind {
         reason: String,
         /// When it was last written, ms since the epoch.
         modified_ms: u64,
+        /// The audit segment deleted, when it is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit_segment: Option<AuditSegment>,
     },
+}
+
+/// A closed segment of the audit log, as a `retention` event names it: what the verifier
+/// needs to tell "deleted by retention" from "missing".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditSegment {
+    /// Its file name (in the data directory's `audit/`).
+    pub file: String,
+    /// Its first `seq`.
+    pub first_seq: u64,
+    /// Its last `seq` (its rotation checkpoint).
+    pub last_seq: u64,
+    /// SHA-256 (hex) of its last line: what the next segment's first line carries.
+    pub last_hash: String,
 }
 
 /// Messages from control to a relay.

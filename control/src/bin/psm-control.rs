@@ -51,6 +51,18 @@ struct Args {
     /// How often retention looks.
     #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = psm_control_api::conditions::parse_duration)]
     retention_interval: u64,
+    /// The live audit segment (audit.jsonl) is rotated once it holds this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = psm_control::audit::DEFAULT_ROTATE_BYTES, value_parser = clap::value_parser!(u64).range(1024..))]
+    audit_rotate_bytes: u64,
+    /// The live audit segment is rotated once its first event is this old.
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = psm_control_api::conditions::parse_duration)]
+    audit_rotate_interval: u64,
+    /// Closed audit segments older than this are deleted (default: kept).
+    #[arg(long, value_name = "DURATION", value_parser = psm_control_api::conditions::parse_duration)]
+    audit_retention_max_age: Option<u64>,
+    /// When the closed audit segments take more bytes than this, the oldest are deleted.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    audit_retention_max_bytes: Option<u64>,
 }
 
 fn parse_min_password_length(s: &str) -> Result<usize, String> {
@@ -102,6 +114,14 @@ fn main() -> anyhow::Result<()> {
             max_bytes: args.retention_max_bytes,
         },
         retention_interval: std::time::Duration::from_millis(args.retention_interval),
+        audit_rotation: psm_control::audit::Rotation {
+            max_bytes: Some(args.audit_rotate_bytes),
+            max_age_ms: Some(args.audit_rotate_interval),
+        },
+        audit_retention: psm_control::retention::Retention {
+            max_age_ms: args.audit_retention_max_age,
+            max_bytes: args.audit_retention_max_bytes,
+        },
     };
     rt.block_on(psm_control::daemon::run(args.data_dir, options))
         .map_err(|e| anyhow::anyhow!("{e}"))
