@@ -31,6 +31,9 @@ pub struct FileConfig {
     /// `[policy]`: settings that apply to every grant.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// `[recorder]`: psm-recorder's settings.
+    #[serde(default)]
+    pub recorder: RecorderConfig,
     /// `[[siem.sink]]`: where psm-control exports the audit stream (syslog receivers).
     #[serde(default)]
     pub siem: psm_control::siem::config::SiemTable,
@@ -73,6 +76,19 @@ pub struct ControlConfig {
     pub audit_retention_max_age: Option<Spanned<String>>,
     /// When the closed audit segments take more bytes than this, the oldest are deleted.
     pub audit_retention_max_bytes: Option<Spanned<i64>>,
+}
+
+/// The `[recorder]` table of `psm.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecorderConfig {
+    /// The recording key (64 hex digits, mode 0600; `psmctl recordings keygen FILE` makes one):
+    /// new recordings are encrypted at rest with it. Relative to the config file's directory.
+    /// Default: recordings are not encrypted.
+    pub encryption_key_file: Option<Spanned<String>>,
+    /// Put the text of encrypted recordings into the search index anyway, where it is in the
+    /// clear (default false: encrypted recordings are not searchable).
+    pub index_encrypted: Option<Spanned<bool>>,
 }
 
 /// The `[relay]` table of `psm.toml`.
@@ -137,6 +153,8 @@ pub struct Settings {
     pub relay_args: Vec<String>,
     /// psm-control flags from the file, validated.
     pub control_args: Vec<String>,
+    /// psm-recorder flags from the file, validated.
+    pub recorder_args: Vec<String>,
 }
 
 /// Why the configuration is unusable.
@@ -469,12 +487,59 @@ pub fn resolve(
         relay_args.extend(["--max-startups".to_string(), m.to_string()]);
     }
 
+    let recorder_args = match file {
+        Some(f) => recorder_args(f, from_file)?,
+        None => Vec::new(),
+    };
+
     Ok(Settings {
         listen,
         workers,
         relay_args,
         control_args,
+        recorder_args,
     })
+}
+
+/// The `[recorder]` table as psm-recorder flags; the key file is read here, so that a missing,
+/// malformed or group-readable key stops `psm up` before anything starts.
+fn recorder_args(
+    f: &LoadedConfig,
+    from_file: impl Fn(Range<usize>) -> String,
+) -> Result<Vec<String>, ConfigError> {
+    let r = &f.config.recorder;
+    let mut args = Vec::new();
+    if let Some(v) = &r.encryption_key_file {
+        let path = key_file_path(&f.path, v.get_ref());
+        psm_recorder_format::crypt::RecordingKey::read(&path).map_err(|e| {
+            ConfigError::Invalid {
+                origin: from_file(v.span()),
+                message: format!("encryption_key_file: {e}"),
+            }
+        })?;
+        args.extend([
+            "--encryption-key-file".to_string(),
+            path.display().to_string(),
+        ]);
+    }
+    if let Some(v) = r.index_encrypted.as_ref().filter(|v| *v.get_ref()) {
+        if r.encryption_key_file.is_none() {
+            return Err(ConfigError::Invalid {
+                origin: from_file(v.span()),
+                message: "index_encrypted needs encryption_key_file".into(),
+            });
+        }
+        args.push("--index-encrypted".to_string());
+    }
+    Ok(args)
+}
+
+/// `[recorder] encryption_key_file` as a path: relative ones are taken from the directory of
+/// the config file, and made absolute (the daemons run elsewhere).
+pub fn key_file_path(config: &Path, value: &str) -> PathBuf {
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let joined = dir.join(value);
+    std::path::absolute(&joined).unwrap_or(joined)
 }
 
 #[cfg(test)]
@@ -646,6 +711,46 @@ mod tests {
     }
 
     #[test]
+    fn the_recording_key_reaches_psm_recorder_once_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let cfg = dir.path().join("psm.toml");
+        let load = |text: &str| LoadedConfig {
+            path: cfg.clone(),
+            text: text.to_string(),
+            config: parse(&cfg, text).expect("parse"),
+        };
+        let text = "[recorder]\nencryption_key_file = \"rec.key\"\nindex_encrypted = true\n";
+        let e = err_text(resolve(Some(&load(text)), &Overrides::default(), 2));
+        assert!(
+            e.contains("line 2, column 23") && e.contains("encryption_key_file: recording key"),
+            "{e}"
+        );
+        let key = dir.path().join("rec.key");
+        psm_recorder_format::crypt::RecordingKey::create(&key).expect("key");
+        let s = resolve(Some(&load(text)), &Overrides::default(), 2).expect("resolve");
+        assert_eq!(
+            s.recorder_args,
+            [
+                "--encryption-key-file".to_string(),
+                key.display().to_string(),
+                "--index-encrypted".to_string()
+            ]
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = err_text(resolve(Some(&load(text)), &Overrides::default(), 2));
+        assert!(e.contains("mode 0644 lets others read it"), "{e}");
+        let e = err_text(
+            loaded("[recorder]\nindex_encrypted = true\n")
+                .and_then(|f| resolve(Some(&f), &Overrides::default(), 2)),
+        );
+        assert!(
+            e.contains("index_encrypted needs encryption_key_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn file_values_are_used() {
         let f = loaded("[relay]\nlisten = \"127.0.0.1:2022\"\nworkers = 3\n").expect("parse");
         let s = resolve(Some(&f), &Overrides::default(), 8).expect("resolve");
@@ -687,8 +792,8 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("unknown field `threads`"), "{e}");
-        let e = err_text(loaded("[recorder]\n"));
-        assert!(e.contains("unknown field `recorder`"), "{e}");
+        let e = err_text(loaded("[recordings]\n"));
+        assert!(e.contains("unknown field `recordings`"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
     }
 

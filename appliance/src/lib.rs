@@ -327,7 +327,11 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
             ChildSpec {
                 name: RECORDER_BIN.into(),
                 program: recorder,
-                args: dd(),
+                args: {
+                    let mut a = dd();
+                    a.extend(settings.recorder_args.iter().map(OsString::from));
+                    a
+                },
             },
             format!("{} accepted connections", recorder_sock.display()),
             Box::new({

@@ -416,6 +416,12 @@ pub enum RecordingsCmd {
     /// Print the evidence public key (`ed25519:<hex>`) that recordings and audit checkpoints
     /// are signed with: what an auditor gives `psm-verify`.
     Pubkey,
+    /// Create a recording key in a new FILE (mode 0600) for `[recorder] encryption_key_file`:
+    /// recordings are then encrypted at rest with it, and replaying them needs it.
+    Keygen {
+        /// The key file to create (never over an existing one).
+        file: PathBuf,
+    },
 }
 
 /// Why a psmctl command failed; `Display` is the whole message psmctl prints.
@@ -1203,8 +1209,21 @@ fn recordings_cmd(
     cmd: RecordingsCmd,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    if let RecordingsCmd::Keygen { file } = &cmd {
+        // needs no data directory: the key may be made before psm is set up
+        let key = psm_recorder_format::crypt::RecordingKey::create(file)
+            .map_err(recordings::RecordingError::Key)?;
+        writeln!(
+            out,
+            "recording key {} written to {}; set [recorder] encryption_key_file to it in psm.toml and restart psm; keep a copy apart from the data directory: without it encrypted recordings cannot be replayed",
+            key.id(),
+            file.display()
+        )?;
+        return Ok(());
+    }
     check_data_dir_owner(data_dir)?;
     match cmd {
+        RecordingsCmd::Keygen { .. } => {}
         RecordingsCmd::List(f) => {
             let rows = recordings::list(data_dir)?;
             recordings::print_list(out, &rows, f.json)?;

@@ -24,6 +24,7 @@ pub mod client;
 pub mod daemon;
 pub mod datadir;
 pub mod protocol;
+pub mod reckey;
 pub mod recordings;
 pub mod retention;
 pub mod review;

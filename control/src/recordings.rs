@@ -14,7 +14,8 @@
 //! ([`crate::cli`]) checks first that it may read the data directory.
 //!
 //! `verify` checks recordings' seal chains and signed trailers against the evidence public key
-//! (`psm_recorder_format::verify`).
+//! (`psm_recorder_format::verify`); it needs no recording key, encrypted or not. Replay, watch
+//! and export of an encrypted recording take the recording key ([`crate::reckey`]).
 //!
 //! What it does not do: parse the recording format itself, or talk to psm-recorder.
 
@@ -56,6 +57,25 @@ pub enum RecordingError {
     /// The output could not be written.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// The recording is encrypted and no recording key is configured.
+    #[error("recording {recording} is encrypted with key {key_id}; configure [recorder] encryption_key_file in psm.toml")]
+    KeyNeeded {
+        /// The recording.
+        recording: String,
+        /// The key it needs.
+        key_id: psm_evidence::KeyId,
+    },
+    /// The configured recording key cannot be used.
+    #[error(transparent)]
+    Key(#[from] psm_recorder_format::crypt::KeyFileError),
+    /// `psm.toml` cannot be read.
+    #[error("config {}: {message}", .path.display())]
+    Config {
+        /// The config file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 use crate::table::write_table;
 use crate::timefmt;
@@ -223,7 +243,7 @@ pub(crate) fn open_reader(
 }
 
 fn open(data_dir: &Path, id: &str) -> Result<RecordingReader<File>, RecordingError> {
-    Ok(RecordingReader::open(open_file(data_dir, id)?)?)
+    crate::reckey::open_for_replay(data_dir, || open_file(data_dir, id))
 }
 
 fn open_file(data_dir: &Path, id: &str) -> Result<File, RecordingError> {
@@ -281,24 +301,16 @@ pub fn watch(
     live: impl FnMut() -> bool,
     out: &mut dyn Write,
 ) -> Result<(), RecordingError> {
-    let dir = DataDir::new(data_dir).recordings();
-    let path = file::path_for(&dir, id)?;
-    let file = File::open(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            RecordingError::NotFound {
-                id: id.to_string(),
-                dir: dir.clone(),
-            }
-        } else {
-            RecordingError::Format(FormatError::Io(e))
-        }
-    })?;
-    let reader = RecordingReader::open(Follow {
-        file,
-        live,
-        checked: std::time::Instant::now(),
-        running: true,
-    })?;
+    let key = crate::reckey::key_if_encrypted(data_dir, open_file(data_dir, id)?)?;
+    let reader = RecordingReader::open_with_key(
+        Follow {
+            file: open_file(data_dir, id)?,
+            live,
+            checked: std::time::Instant::now(),
+            running: true,
+        },
+        key.as_ref(),
+    )?;
     export::play(reader, f64::INFINITY, Replay::Safe, out)?;
     Ok(())
 }

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use psm_control_api::escape;
 use psm_recorder_format::export::Replay;
-use psm_recorder_format::file::{self, Record};
+use psm_recorder_format::file::{self, Record, RecordingReader};
 use psm_recorder_format::sanitize::Sanitizer;
-use psm_recorder_format::Direction;
+use psm_recorder_format::{Direction, FormatError};
 use psm_recorder_index::{Hit, IndexError, IndexReader, IndexWriter, Query, INDEX_FILE};
 
 use crate::recordings::RecordingError;
@@ -92,6 +92,8 @@ pub fn print_hits(out: &mut dyn Write, hits: &[Hit]) -> std::io::Result<()> {
 }
 
 /// Rebuilds the index from every recording file; returns (recordings, lines, failures).
+/// Encrypted recordings are left out unless `[recorder] index_encrypted` is set (then they are
+/// read with the recording key).
 pub fn reindex(data_dir: &Path, out: &mut dyn Write) -> Result<(u64, u64, u64), ReviewError> {
     let path = index_path(data_dir);
     let mut writer = match IndexWriter::open(&path) {
@@ -117,9 +119,27 @@ pub fn reindex(data_dir: &Path, out: &mut dyn Write) -> Result<(u64, u64, u64), 
         dir: dir.clone(),
         source,
     })?;
+    let settings = crate::reckey::settings(data_dir)?;
     let (mut recs, mut lines, mut failed) = (0, 0, 0);
     for info in listing {
-        match writer.index_file(&info.path) {
+        let open = || std::fs::File::open(&info.path).map(std::io::BufReader::new);
+        let indexed = match open()
+            .map_err(FormatError::Io)
+            .and_then(RecordingReader::open)
+        {
+            Ok(r) if r.encrypted_with().is_some() => {
+                if !settings.index_encrypted {
+                    // the index is in the clear: an encrypted recording's text stays out of it
+                    // unless `[recorder] index_encrypted` says otherwise
+                    continue;
+                }
+                crate::reckey::open_for_replay(data_dir, || Ok(open()?))
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| writer.index_recording(r).map_err(|e| e.to_string()))
+            }
+            _ => writer.index_file(&info.path).map_err(|e| e.to_string()),
+        };
+        match indexed {
             Ok(n) => {
                 recs += 1;
                 lines += n;

@@ -21,6 +21,12 @@
 //! own CLOSE or with one the recorder made up (link lost, shutdown, write failure): the latter
 //! verify as truncated, signed up to where the recorder got.
 //!
+//! With a recording key ([`Encryption`], `[recorder] encryption_key_file` in `psm.toml`),
+//! every new recording is encrypted at rest (format version 2, see
+//! [`psm_recorder_format::crypt`]): its seals and trailer still verify without the key. The
+//! text of encrypted recordings stays out of the search index (which is not encrypted) unless
+//! [`Encryption::index_encrypted`] says otherwise.
+//!
 //! Every connection is served by its own thread (reading, decoding, compressing, writing), so
 //! heavy work never stalls accepting; a malformed frame drops only the connection it came on.
 //!
@@ -42,6 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use psm_evidence::EvidenceKey;
+use psm_recorder_format::crypt::RecordingKey;
 use psm_recorder_format::file::{self, Record, RecordingWriter};
 use psm_recorder_format::wire::MAX_FRAME;
 use psm_recorder_format::{CloseSummary, FormatError, Frame, RecordingMeta, Reply};
@@ -110,13 +117,28 @@ fn setup_err(path: &Path) -> impl FnOnce(io::Error) -> RecorderError + '_ {
     }
 }
 
+/// Whether and how recordings are encrypted at rest.
+#[derive(Debug, Default)]
+pub struct Encryption {
+    /// The recording key; `None`: recordings are written unencrypted.
+    pub key: Option<RecordingKey>,
+    /// Whether the text of encrypted recordings goes into the search index anyway (where it
+    /// is in the clear); by default it does not, and search does not find them.
+    pub index_encrypted: bool,
+}
+
 /// Runs the recorder on `data_dir` until SIGTERM or SIGINT, then finishes every open recording
 /// (reason `"recorder shutdown"`) and removes the socket.
 pub async fn run(data_dir: PathBuf) -> Result<(), RecorderError> {
+    run_with(data_dir, Encryption::default()).await
+}
+
+/// Like [`run`], encrypting recordings as `encryption` says.
+pub async fn run_with(data_dir: PathBuf, encryption: Encryption) -> Result<(), RecorderError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(RecorderError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RecorderError::Signals)?;
-    run_until(data_dir, async move {
+    run_until_with(data_dir, encryption, async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM received"),
             _ = int.recv() => info!("SIGINT received"),
@@ -131,10 +153,28 @@ pub async fn run_until(
     data_dir: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RecorderError> {
+    run_until_with(data_dir, Encryption::default(), shutdown).await
+}
+
+/// Like [`run_until`], encrypting recordings as `encryption` says.
+pub async fn run_until_with(
+    data_dir: PathBuf,
+    encryption: Encryption,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RecorderError> {
     let recordings = prepare_dirs(&data_dir)?;
+    match &encryption.key {
+        Some(k) => {
+            info!(key_id = %k.id(), index_encrypted = encryption.index_encrypted, "recordings are encrypted at rest")
+        }
+        None => info!("recordings are not encrypted at rest"),
+    }
     let (key, created) = EvidenceKey::load_or_create(&data_dir)?;
     info!(public_key = %key.public(), key_id = %key.public().key_id(), created, "evidence key");
-    let key = Arc::new(key);
+    let keys = Arc::new(Keys {
+        evidence: key,
+        encryption,
+    });
     let owner_uid = fs::metadata(&data_dir).map_err(setup_err(&data_dir))?.uid();
     let socket_path = data_dir.join(RECORDER_SOCKET);
     remove_stale_socket(&socket_path)?;
@@ -155,7 +195,7 @@ pub async fn run_until(
                 Ok((stream, _)) => {
                     next_id += 1;
                     links.retain(|l| !l.thread.is_finished());
-                    match start_link(next_id, stream, owner_uid, &recordings, &stop, &key, &indexer) {
+                    match start_link(next_id, stream, owner_uid, &recordings, &stop, &keys, &indexer) {
                         Ok(link) => links.push(link),
                         Err(e) => error!(link = next_id, error = %e, "cannot serve relay connection"),
                     }
@@ -243,7 +283,7 @@ fn start_link(
     owner_uid: u32,
     recordings: &Path,
     stop: &Arc<AtomicBool>,
-    key: &Arc<EvidenceKey>,
+    keys: &Arc<Keys>,
     indexer: &Indexer,
 ) -> io::Result<LinkHandle> {
     match stream.peer_cred() {
@@ -272,11 +312,11 @@ fn start_link(
     let replies = stream.try_clone()?;
     let dir = recordings.to_path_buf();
     let stop = Arc::clone(stop);
-    let key = Arc::clone(key);
+    let keys = Arc::clone(keys);
     let indexer = indexer.clone();
     let thread = std::thread::Builder::new()
         .name(format!("relay-link-{id}"))
-        .spawn(move || Link::new(id, dir, replies, key, indexer).serve(stream, &stop))?;
+        .spawn(move || Link::new(id, dir, replies, keys, indexer).serve(stream, &stop))?;
     Ok(LinkHandle {
         id,
         stream: waker,
@@ -306,8 +346,8 @@ struct Recording {
     acked: u64,
     /// The lines of text seen so far, for the search index.
     lines: Collector,
-    /// Where they go at each flush.
-    indexer: Indexer,
+    /// Where they go at each flush; `None` when the recording is not indexed (encrypted).
+    indexer: Option<Indexer>,
 }
 
 impl Recording {
@@ -317,7 +357,9 @@ impl Recording {
         if let Record::Data { data, .. } = rec {
             self.data_bytes += data.len() as u64;
         }
-        self.lines.record(rec);
+        if self.indexer.is_some() {
+            self.lines.record(rec);
+        }
         if self.writer.pending_bytes() >= FLUSH_BYTES {
             self.flush()?;
         } else if self.dirty_since.is_none() {
@@ -329,7 +371,9 @@ impl Recording {
     fn flush(&mut self) -> Result<(), FormatError> {
         self.dirty_since = None;
         self.writer.flush()?;
-        self.indexer.batch(&self.recording_id, &mut self.lines);
+        if let Some(indexer) = &self.indexer {
+            indexer.batch(&self.recording_id, &mut self.lines);
+        }
         Ok(())
     }
 
@@ -365,8 +409,10 @@ impl Recording {
             indexer,
             ..
         } = self;
-        lines.finish();
-        indexer.batch(&recording_id, &mut lines);
+        if let Some(indexer) = indexer {
+            lines.finish();
+            indexer.batch(&recording_id, &mut lines);
+        }
         let reason = summary.reason.clone();
         writer.write(&Record::Close { ts_us, summary })?;
         let file = writer
@@ -401,26 +447,27 @@ struct Link {
     /// link is closed and the relay ends every session recorded on it (fail closed).
     deaf: Option<String>,
     /// Signs the trailers.
-    key: Arc<EvidenceKey>,
-    /// The search index's writer thread.
+    keys: Arc<Keys>,
+    /// Signs the trailers; encrypts the recordings when there is a recording key.
     indexer: Indexer,
 }
 
+/// The keys of the recorder: the evidence key signs trailers, the recording key (if any)
+/// encrypts recordings.
+struct Keys {
+    evidence: EvidenceKey,
+    encryption: Encryption,
+}
+
 impl Link {
-    fn new(
-        id: u64,
-        dir: PathBuf,
-        replies: UnixStream,
-        key: Arc<EvidenceKey>,
-        indexer: Indexer,
-    ) -> Self {
+    fn new(id: u64, dir: PathBuf, replies: UnixStream, keys: Arc<Keys>, indexer: Indexer) -> Self {
         Link {
             id,
             dir,
             streams: HashMap::new(),
             replies,
             deaf: None,
-            key,
+            keys,
             indexer,
         }
     }
@@ -450,7 +497,7 @@ impl Link {
             exit_signal: None,
             reason: format!("{REASON_WRITE_FAILED}: {why}"),
         };
-        if let Err(e) = r.finish(ts_us, summary, &self.key, false) {
+        if let Err(e) = r.finish(ts_us, summary, &self.keys.evidence, false) {
             debug!(link = self.id, stream, recording_id = %id, error = %e, "failed recording cannot be finished either");
         }
         self.reply(Reply::Failed {
@@ -641,11 +688,14 @@ impl Link {
                     e.into()
                 }
             })?;
-        let mut writer = RecordingWriter::new(BufWriter::with_capacity(FILE_BUFFER, file), meta)?;
+        let key = self.keys.encryption.key.as_ref();
+        let mut writer =
+            RecordingWriter::with_key(BufWriter::with_capacity(FILE_BUFFER, file), meta, key)?;
         // the header is on disk from the start: the recording is listed while it runs
         writer.flush()?;
         let mut lines = Collector::new();
-        if !self.indexer.begin(meta) {
+        let indexed = key.is_none() || self.keys.encryption.index_encrypted;
+        if indexed && !self.indexer.begin(meta) {
             lines.partial = true;
         }
         Ok(Recording {
@@ -658,7 +708,7 @@ impl Link {
             data_bytes: 0,
             acked: 0,
             lines,
-            indexer: self.indexer.clone(),
+            indexer: indexed.then(|| self.indexer.clone()),
         })
     }
 
@@ -692,7 +742,7 @@ impl Link {
             Some(Stream::Recording(r)) => {
                 let id = r.recording_id.clone();
                 let bytes = r.data_bytes;
-                match r.finish(ts_us, summary, &self.key, true) {
+                match r.finish(ts_us, summary, &self.keys.evidence, true) {
                     // the session's last bytes are in the finished file
                     Ok(()) => self.reply(Reply::Durable { stream, bytes }),
                     Err(e) => {
@@ -799,7 +849,7 @@ impl Link {
                 exit_signal: None,
                 reason: reason.to_string(),
             };
-            if let Err(e) = r.finish(ts_us, summary, &self.key, false) {
+            if let Err(e) = r.finish(ts_us, summary, &self.keys.evidence, false) {
                 error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
             }
         }

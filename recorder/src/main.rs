@@ -1,4 +1,4 @@
-//! `psm-recorder --data-dir DIR`: writes session recordings sent by relays (see the library).
+//! `psm-recorder --data-dir DIR [--encryption-key-file FILE]`: writes session recordings sent by relays (see the library).
 
 use std::path::PathBuf;
 
@@ -14,6 +14,13 @@ struct Args {
     /// Data directory [env: PSM_DATA_DIR] [default: ./psm-data]
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Encrypt new recordings at rest with the recording key in FILE (64 hex digits, mode
+    /// 0600; `psmctl recordings keygen FILE` makes one).
+    #[arg(long, value_name = "FILE")]
+    encryption_key_file: Option<PathBuf>,
+    /// Index the text of encrypted recordings for search anyway (the index is not encrypted).
+    #[arg(long, requires = "encryption_key_file")]
+    index_encrypted: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,12 +43,21 @@ fn main() -> anyhow::Result<()> {
                 .map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from("./psm-data"));
+    let key = args
+        .encryption_key_file
+        .as_deref()
+        .map(psm_recorder_format::crypt::RecordingKey::read)
+        .transpose()?;
+    let encryption = psm_recorder::Encryption {
+        key,
+        index_encrypted: args.index_encrypted,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime
-        .block_on(psm_recorder::run(data_dir.clone()))
+        .block_on(psm_recorder::run_with(data_dir.clone(), encryption))
         .with_context(|| format!("recorder on {}", data_dir.display()))?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The on-disk recording: one file per session, `<recording_id>.psmrec`.
 //!
-//! # Layout (format version 1)
+//! # Layout (format version 1, unencrypted)
 //!
 //! ```text
 //! "PSMREC1\n"                      8-byte magic, uncompressed
@@ -51,6 +51,32 @@
 //!
 //! [`crate::verify`] checks all of it. Readers that only replay skip both kinds.
 //!
+//! # Encrypted recordings (format version 2)
+//!
+//! With a recording key ([`crate::crypt`]), [`RecordingWriter::new_encrypted`] writes records
+//! of the same shape, uncompressed and in the clear at the top level, around encrypted chunks:
+//!
+//! ```text
+//! "PSMREC2\n"
+//! HEADER   u8 version (2), u8 flags (FLAG_SEALED | FLAG_ENCRYPTED), [8] recording key id,
+//!          [32] salt, JSON RecordingMeta
+//! then per chunk:
+//! CHUNK    (0x05) AES-256-GCM(one zstd frame of DATA and RESIZE records) || [16] tag
+//! CLOSE    as above, in the clear, in the last chunk only
+//! SEAL     as above
+//! and at the end: TRAILER as above
+//! ```
+//!
+//! A seal's hash covers the bytes *as written in the file* since the previous seal (the clear
+//! header and the ciphertext included, up to its own hash field), so [`crate::verify`] checks
+//! the chain and the trailer without the key and finds the same changes as in version 1. What
+//! is in the clear: who, what target and when (the meta), the session's end (CLOSE), each
+//! chunk's time and size, and the key id; what is not: every byte of the session and its
+//! terminal sizes. The nonce and key derivation are described in [`crate::crypt`]. A chunk
+//! holds whole records, at most 1 MiB of them unless one record is larger, so a reader holds
+//! one chunk at a time. [`RecordingReader::open`] reads the evidence of an encrypted recording
+//! without the key; [`RecordingReader::open_with_key`] also decrypts its records.
+//!
 //! # Extension seam
 //!
 //! - Record kinds `0x80..=0xff` are *optional*: a reader that does not know one skips it.
@@ -67,7 +93,10 @@ use psm_evidence::{EvidenceKey, Hash, KeyId, PublicKey, HASH_LEN, SIG_LEN};
 use ring::digest;
 use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
 
+use crate::crypt::RecordingKey;
 use crate::{CloseSummary, Direction, FormatError, RecordingMeta};
+
+mod v2;
 
 /// File name extension of recordings (without the dot).
 pub const EXTENSION: &str = "psmrec";
@@ -75,8 +104,14 @@ pub const EXTENSION: &str = "psmrec";
 /// The first bytes of every recording file.
 pub const MAGIC: &[u8; 8] = b"PSMREC1\n";
 
-/// Version byte of the HEADER record written by this code.
+/// The first bytes of an encrypted recording (format version 2).
+pub const MAGIC_ENCRYPTED: &[u8; 8] = b"PSMREC2\n";
+
+/// Version byte of the HEADER record of an unencrypted recording.
 pub const FORMAT_VERSION: u8 = 1;
+
+/// Version byte of the HEADER record of an encrypted recording.
+pub const FORMAT_VERSION_ENCRYPTED: u8 = 2;
 
 /// Largest record body written or accepted.
 pub const MAX_RECORD: usize = 16 * 1024 * 1024;
@@ -88,10 +123,13 @@ const KIND_HEADER: u8 = 0x01;
 const KIND_DATA: u8 = 0x02;
 const KIND_RESIZE: u8 = 0x03;
 const KIND_CLOSE: u8 = 0x04;
+const KIND_CHUNK: u8 = 0x05;
 const KIND_SEAL: u8 = 0x80;
 const KIND_TRAILER: u8 = 0x81;
 /// HEADER flag: every chunk ends with a SEAL record.
 pub const FLAG_SEALED: u8 = 0x01;
+/// HEADER flag: the chunks are encrypted (format version 2).
+pub const FLAG_ENCRYPTED: u8 = 0x02;
 /// TRAILER flag: the recording ended with the session's own CLOSE.
 const TRAILER_COMPLETE: u8 = 0x01;
 /// What a trailer's signature covers, before the trailer's bytes.
@@ -210,6 +248,8 @@ pub struct RecordingWriter<W: Write> {
     /// Session and recording id, for the trailer.
     session_id: String,
     recording_id: String,
+    /// Encrypted recordings (format version 2): the chunk being compressed, the cipher.
+    enc: Option<Box<v2::Encrypting>>,
 }
 
 fn chunk_hasher(chain: &Hash) -> digest::Context {
@@ -338,15 +378,55 @@ pub enum Item {
     Trailer(Trailer),
     /// A SEAL or TRAILER that does not parse (`kind`, why).
     Bad(u8, String),
+    /// An encrypted chunk, read without the key: its records cannot be seen (the number it
+    /// should be, counting from the last seal).
+    Encrypted(u64),
 }
 
 impl<W: Write> RecordingWriter<W> {
     /// Starts a recording on `w`: writes the magic and the HEADER record.
     pub fn new(mut w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
+        w.write_all(MAGIC)?;
+        let mut writer = Self::start(w, meta)?;
+        let json = json_body(meta)?;
+        let mut rec = Vec::with_capacity(RECORD_HEAD + 2 + json.len());
+        put_head(&mut rec, KIND_HEADER, 2 + json.len());
+        rec.push(FORMAT_VERSION);
+        rec.push(FLAG_SEALED);
+        rec.extend_from_slice(&json);
+        writer.compress(&rec)?;
+        Ok(writer)
+    }
+
+    /// Starts an encrypted recording (format version 2) on `w`: writes the magic and the clear
+    /// HEADER record, which names `key` by its id; every chunk is then encrypted with it.
+    pub fn new_encrypted(
+        mut w: W,
+        meta: &RecordingMeta,
+        key: &RecordingKey,
+    ) -> Result<Self, FormatError> {
+        w.write_all(MAGIC_ENCRYPTED)?;
+        let mut writer = Self::start(w, meta)?;
+        writer.begin_encrypted(meta, key)?;
+        Ok(writer)
+    }
+
+    /// Starts an encrypted recording when `key` is given, else an unencrypted one.
+    pub fn with_key(
+        w: W,
+        meta: &RecordingMeta,
+        key: Option<&RecordingKey>,
+    ) -> Result<Self, FormatError> {
+        match key {
+            Some(key) => Self::new_encrypted(w, meta, key),
+            None => Self::new(w, meta),
+        }
+    }
+
+    fn start(w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
         let mut cctx = zstd::stream::raw::Encoder::new(ZSTD_LEVEL)?;
         cctx.set_parameter(CParameter::ChecksumFlag(true))?;
-        w.write_all(MAGIC)?;
-        let mut writer = RecordingWriter {
+        Ok(RecordingWriter {
             inner: w,
             cctx,
             out: Vec::with_capacity(zstd::zstd_safe::CCtx::out_size()),
@@ -360,15 +440,8 @@ impl<W: Write> RecordingWriter<W> {
             last_ts_us: 0,
             session_id: meta.session_id.clone(),
             recording_id: meta.recording_id.clone(),
-        };
-        let json = json_body(meta)?;
-        let mut rec = Vec::with_capacity(RECORD_HEAD + 2 + json.len());
-        put_head(&mut rec, KIND_HEADER, 2 + json.len());
-        rec.push(FORMAT_VERSION);
-        rec.push(FLAG_SEALED);
-        rec.extend_from_slice(&json);
-        writer.compress(&rec)?;
-        Ok(writer)
+            enc: None,
+        })
     }
 
     /// Appends one record. DATA longer than [`MAX_RECORD`] is cut into several records.
@@ -394,6 +467,7 @@ impl<W: Write> RecordingWriter<W> {
                 let mut rest: &[u8] = data;
                 loop {
                     let (piece, next) = rest.split_at(rest.len().min(max));
+                    self.room(RECORD_HEAD + DATA_PREFIX + piece.len())?;
                     scratch.clear();
                     put_head(scratch, KIND_DATA, DATA_PREFIX + piece.len());
                     scratch.extend_from_slice(&ts_us.to_be_bytes());
@@ -413,6 +487,7 @@ impl<W: Write> RecordingWriter<W> {
                 cols,
                 rows,
             } => {
+                self.room(RECORD_HEAD + 20)?;
                 put_head(scratch, KIND_RESIZE, 20);
                 scratch.extend_from_slice(&ts_us.to_be_bytes());
                 scratch.extend_from_slice(&channel.to_be_bytes());
@@ -425,7 +500,12 @@ impl<W: Write> RecordingWriter<W> {
                 put_head(scratch, KIND_CLOSE, 8 + json.len());
                 scratch.extend_from_slice(&ts_us.to_be_bytes());
                 scratch.extend_from_slice(&json);
-                self.compress(scratch)?;
+                if self.enc.is_some() {
+                    // in the clear, before the last seal: verify sees it without the key
+                    self.close_clear(scratch);
+                } else {
+                    self.compress(scratch)?;
+                }
             }
         }
         Ok(())
@@ -469,8 +549,13 @@ impl<W: Write> RecordingWriter<W> {
         put_head(&mut rec, KIND_TRAILER, signed.len() + SIG_LEN);
         rec.extend_from_slice(&signed);
         rec.extend_from_slice(&sig);
-        self.compress_with(&rec, false)?;
-        self.close_frame()?;
+        if self.enc.is_some() {
+            // in the clear, like the seals
+            self.guard(|w| w.inner.write_all(&rec))?;
+        } else {
+            self.compress_with(&rec, false)?;
+            self.close_frame()?;
+        }
         self.guard(|w| w.inner.flush())?;
         Ok(self.inner)
     }
@@ -520,10 +605,13 @@ impl<W: Write> RecordingWriter<W> {
         if data.is_empty() {
             return Ok(());
         }
-        if hashed {
+        if hashed && self.enc.is_none() {
             self.hasher.update(data);
         }
         self.in_frame = true;
+        if let Some(enc) = &mut self.enc {
+            enc.plain += data.len();
+        }
         self.pending += data.len() as u64;
         self.guard(|w| {
             let mut rest = data;
@@ -535,16 +623,31 @@ impl<W: Write> RecordingWriter<W> {
                     w.cctx.run(&mut input, &mut output)?;
                 }
                 rest = &rest[input.pos()..];
-                if !w.out.is_empty() {
-                    w.inner.write_all(&w.out)?;
-                }
+                w.emit_out()?;
             }
             Ok(())
         })
     }
 
+    /// Where compressed bytes go: the file, or the chunk being built when encrypted.
+    fn emit_out(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match &mut self.enc {
+            Some(enc) => {
+                enc.frame.extend_from_slice(&self.out);
+                Ok(())
+            }
+            None => self.inner.write_all(&self.out),
+        }
+    }
+
     /// Seals the current chunk and ends its zstd frame (nothing when no frame is open).
     fn end_frame(&mut self) -> Result<(), FormatError> {
+        if self.enc.is_some() {
+            return self.end_chunk_encrypted();
+        }
         if !self.in_frame {
             return Ok(());
         }
@@ -578,7 +681,7 @@ impl<W: Write> RecordingWriter<W> {
                     let mut output = OutBuffer::around(&mut w.out);
                     w.cctx.finish(&mut output, false)?
                 };
-                w.inner.write_all(&w.out)?;
+                w.emit_out()?;
                 if remaining == 0 {
                     break;
                 }
@@ -611,6 +714,14 @@ impl<R: Read> Read for Source<R> {
 
 type Decompressed<R> = BufReader<zstd::stream::read::Decoder<'static, BufReader<Source<R>>>>;
 
+/// Where the records come from.
+enum Src<R> {
+    /// Format version 1: one zstd stream over the whole file.
+    Zstd(Decompressed<R>),
+    /// Format version 2: clear records around encrypted chunks.
+    Sealed(Box<v2::Envelope<R>>),
+}
+
 /// Reads a recording written by [`RecordingWriter`], including one cut short by a crash.
 ///
 /// Memory is bounded whatever the recording holds: the zstd decoder (a window of at most
@@ -618,7 +729,7 @@ type Decompressed<R> = BufReader<zstd::stream::read::Decoder<'static, BufReader<
 /// body is at most [`MAX_RECORD`] bytes; the reader refuses a longer one before allocating
 /// it). A DATA record's bytes are handed out without copy.
 pub struct RecordingReader<R: Read> {
-    src: Decompressed<R>,
+    src: Src<R>,
     meta: RecordingMeta,
     version: u8,
     /// Reused body buffer for records whose bytes are not handed out.
@@ -649,7 +760,28 @@ enum Fill {
 impl<R: Read> RecordingReader<R> {
     /// Checks the magic and reads the header. Fails when the file is not a recording or ends
     /// before its header is complete.
-    pub fn open(mut r: R) -> Result<Self, FormatError> {
+    ///
+    /// An encrypted recording opened this way shows its header, CLOSE, seals and trailer (all
+    /// that [`crate::verify`] needs), not its records: [`next_record`](Self::next_record)
+    /// fails with [`FormatError::Encrypted`] at its first chunk. Use
+    /// [`open_with_key`](Self::open_with_key) to replay it.
+    pub fn open(r: R) -> Result<Self, FormatError> {
+        Self::open_inner(r, None, false)
+    }
+
+    /// Like [`open`](Self::open), decrypting an encrypted recording with `key`. Fails with
+    /// [`FormatError::Encrypted`] when the recording is encrypted and no key is given, and with
+    /// [`FormatError::WrongKey`] when it is encrypted with another key. An unencrypted
+    /// recording reads as with `open`, whatever the key.
+    pub fn open_with_key(r: R, key: Option<&RecordingKey>) -> Result<Self, FormatError> {
+        Self::open_inner(r, key, true)
+    }
+
+    fn open_inner(
+        mut r: R,
+        key: Option<&RecordingKey>,
+        need_key: bool,
+    ) -> Result<Self, FormatError> {
         let mut magic = [0u8; MAGIC.len()];
         let mut got = 0;
         while got < magic.len() {
@@ -659,6 +791,9 @@ impl<R: Read> RecordingReader<R> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+        if got == magic.len() && &magic == MAGIC_ENCRYPTED {
+            return Self::open_encrypted(r, key, need_key);
         }
         if got < magic.len() || &magic != MAGIC {
             return Err(FormatError::Malformed(
@@ -675,7 +810,7 @@ impl<R: Read> RecordingReader<R> {
         let mut decoder = zstd::stream::read::Decoder::with_buffer(source)?;
         decoder.window_log_max(WINDOW_LOG_MAX)?;
         let mut reader = RecordingReader {
-            src: BufReader::with_capacity(READ_BUFFER, decoder),
+            src: Src::Zstd(BufReader::with_capacity(READ_BUFFER, decoder)),
             meta: RecordingMeta::default(),
             version: 0,
             scratch: Vec::new(),
@@ -763,6 +898,14 @@ impl<R: Read> RecordingReader<R> {
         self.sealed
     }
 
+    /// The id of the key an encrypted recording needs; `None` when it is not encrypted.
+    pub fn encrypted_with(&self) -> Option<psm_evidence::KeyId> {
+        match &self.src {
+            Src::Sealed(env) => Some(env.key_id()),
+            Src::Zstd(_) => None,
+        }
+    }
+
     /// The next record, seal or trailer, or `None` at the end of the recording (see
     /// [`next_record`](Self::next_record) for how the end is found).
     pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
@@ -775,12 +918,16 @@ impl<R: Read> RecordingReader<R> {
             match self.next_any(want_data)? {
                 None => return Ok(None),
                 Some(Item::Record(rec)) => return Ok(Some(rec)),
+                Some(Item::Encrypted(_)) => return Err(self.key_needed()),
                 Some(_) => continue,
             }
         }
     }
 
     fn next_any(&mut self, want_data: bool) -> Result<Option<Item>, FormatError> {
+        if matches!(self.src, Src::Sealed(_)) {
+            return self.next_sealed(want_data);
+        }
         loop {
             if self.ended {
                 return Ok(None);
@@ -942,9 +1089,13 @@ impl<R: Read> RecordingReader<R> {
     /// Fills `buf` from the decompressed stream. An error of the underlying reader is returned;
     /// zstd failing (a cut or damaged frame) ends the stream as truncated instead.
     fn fill(&mut self, buf: &mut [u8]) -> Result<Fill, FormatError> {
+        let src = match &mut self.src {
+            Src::Zstd(src) => src,
+            Src::Sealed(_) => return self.fill_chunk(buf),
+        };
         let mut got = 0;
         while got < buf.len() {
-            match self.src.read(&mut buf[got..]) {
+            match src.read(&mut buf[got..]) {
                 Ok(0) => break,
                 Ok(n) => {
                     if self.hashing {
@@ -954,7 +1105,7 @@ impl<R: Read> RecordingReader<R> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    if self.src.get_ref().get_ref().get_ref().failed {
+                    if src.get_ref().get_ref().get_ref().failed {
                         return Err(e.into());
                     }
                     // zstd could not go on: a file cut inside a frame, or damaged bytes.
@@ -1042,7 +1193,13 @@ fn parse_record(kind: u8, body: &[u8]) -> Result<Option<Record>, FormatError> {
 /// Where each zstd frame (chunk, or the trailer's frame) of a recording lies in its bytes, in
 /// order; stops at the first bytes that are not a whole frame. For tools and tests that look at
 /// a recording's chunks one by one (the trailer's frame is the last one of a signed recording).
+///
+/// For an encrypted recording: the clear header, then each chunk with its CLOSE and SEAL, then
+/// the trailer.
 pub fn frame_spans(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
+    if bytes.starts_with(MAGIC_ENCRYPTED) {
+        return v2::unit_spans(bytes);
+    }
     let mut out = Vec::new();
     if !bytes.starts_with(MAGIC) {
         return out;
@@ -1106,13 +1263,20 @@ pub fn info(path: &Path) -> Result<RecordingInfo, FormatError> {
         .and_then(|s| s.to_str())
         .unwrap_or_default()
         .to_string();
+    // an encrypted recording shows its header, seals and CLOSE without the key: enough here
     let mut reader = RecordingReader::open(file)?;
     let mut summary = None;
     let mut last_ts = 0u64;
-    while let Some(rec) = reader.next_inner(false)? {
-        last_ts = last_ts.max(rec.ts_us());
-        if let Record::Close { summary: s, .. } = rec {
-            summary = Some(s);
+    while let Some(item) = reader.next_any(false)? {
+        match item {
+            Item::Record(rec) => {
+                last_ts = last_ts.max(rec.ts_us());
+                if let Record::Close { summary: s, .. } = rec {
+                    summary = Some(s);
+                }
+            }
+            Item::Seal(seal) => last_ts = last_ts.max(seal.ts_us),
+            _ => {}
         }
     }
     Ok(RecordingInfo {

@@ -128,6 +128,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
         )
     };
     report.meta = Some(meta.clone());
+    let encrypted = reader.encrypted_with();
     if !reader.sealed() {
         // still read it through, so that damage shows
         let mut n = 0u64;
@@ -225,6 +226,8 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
                 prev_chunk = n;
                 last_stored = seal.stored;
             }
+            // an encrypted chunk (no key needed here): like records, its seal must follow
+            Item::Encrypted(_) => records_since_seal += 1,
             Item::Trailer(t) => trailer = Some(t),
             Item::Bad(kind, why) => st.problem(format!(
                 "after chunk {prev_chunk}: record {kind:#04x} is malformed ({why})"
@@ -356,6 +359,11 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
             close.as_deref().unwrap_or(""),
             key_name.unwrap_or_default()
         );
+        if let Some(k) = encrypted {
+            report
+                .summary
+                .push_str(&format!(", encrypted with recording key {k}"));
+        }
     }
     report
 }

@@ -256,7 +256,15 @@ impl IndexWriter {
     /// Indexes a whole recording from its bytes (replacing what the index had of it); returns
     /// the number of lines. A damaged or truncated recording is indexed up to where it reads.
     pub fn index_reader<R: Read>(&mut self, reader: R) -> Result<u64, IndexError> {
-        let mut reader = RecordingReader::open(reader)?;
+        self.index_recording(RecordingReader::open(reader)?)
+    }
+
+    /// Indexes a recording already opened (an encrypted one, with its key), as
+    /// [`index_reader`](Self::index_reader).
+    pub fn index_recording<R: Read>(
+        &mut self,
+        mut reader: RecordingReader<R>,
+    ) -> Result<u64, IndexError> {
         let meta = reader.meta().clone();
         self.begin(&meta)?;
         let mut c = Collector::new();
