@@ -17,14 +17,13 @@
 
 use crate::{hex, sha256, Hash, KeyId};
 
+mod report;
 #[cfg(test)]
 mod tests;
 mod verify;
 
-pub use verify::{
-    verify_log, AuditProblem, AuditReport, ChainVerifier, DeletedRecording, RetiredSegment,
-    SegmentSummary,
-};
+pub use report::{AuditProblem, AuditReport, DeletedRecording, RetiredSegment, SegmentSummary};
+pub use verify::{verify_log, ChainVerifier};
 
 /// Name of the field that carries the previous line's hash.
 pub const PREV_FIELD: &str = "prev_hash";
