@@ -720,6 +720,21 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "writes the fuzz corpus seeds: cargo test -p psm-recorder-format -- --ignored write_encrypted_corpus_seeds"]
+    fn write_encrypted_corpus_seeds() {
+        let key = RecordingKey::generate().expect("key");
+        let (ev, _) = EvidenceKey::generate().expect("evidence");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus/recording_read");
+        let bytes = recording(&key, &ev);
+        // not `.psmrec`: the corpus test replays those, and these need their key
+        std::fs::write(dir.join("encrypted-signed.psmrec2"), &bytes).expect("write");
+        let spans = frame_spans(&bytes);
+        let cut = &bytes[..(spans[3].start + spans[3].end) / 2];
+        std::fs::write(dir.join("encrypted-cut.psmrec2"), cut).expect("write");
+    }
+
+    #[test]
     fn large_records_make_chunks_of_bounded_size() {
         let key = RecordingKey::generate().expect("key");
         let mut w = RecordingWriter::new_encrypted(Vec::new(), &meta(), &key).expect("new");
