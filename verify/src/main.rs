@@ -277,7 +277,10 @@ mod tests {
         assert_eq!(audit_segments(data).expect("data dir"), want);
         assert_eq!(audit_segments(&closed).expect("audit dir"), want);
         let one = data.join("audit.jsonl");
-        assert_eq!(audit_segments(&one).expect("file"), std::slice::from_ref(&one));
+        assert_eq!(
+            audit_segments(&one).expect("file"),
+            std::slice::from_ref(&one)
+        );
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(audit_segments(empty.path()).is_err());
     }
