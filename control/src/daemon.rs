@@ -286,7 +286,8 @@ impl Shared {
             }
             match fs::remove_file(&path) {
                 Ok(()) => {
-                    info!(recording_id = %c.id, bytes = c.bytes, reason = why.as_str(), "recording deleted by retention")
+                    info!(recording_id = %c.id, bytes = c.bytes, reason = why.as_str(), "recording deleted by retention");
+                    self.forget_indexed(&c.id);
                 }
                 Err(e) => {
                     error!(recording_id = %c.id, error = %e, "retention cannot delete the recording");
@@ -298,6 +299,23 @@ impl Shared {
                     });
                 }
             }
+        }
+    }
+}
+
+impl Shared {
+    /// Removes a deleted recording's lines from the search index, so that search finds
+    /// nothing of it. The index is psm-recorder's (it may be absent, or busy for a moment);
+    /// a failure is logged and `psmctl recordings reindex` rebuilds it.
+    fn forget_indexed(&self, recording_id: &str) {
+        let path = self.recordings_dir.join(psm_recorder_index::INDEX_FILE);
+        if !path.exists() {
+            return;
+        }
+        let forgotten =
+            psm_recorder_index::IndexWriter::open(&path).and_then(|mut w| w.forget(recording_id));
+        if let Err(e) = forgotten {
+            warn!(recording_id = %recording_id, error = %e, "the search index still has a recording retention deleted (psmctl recordings reindex removes it)");
         }
     }
 }

@@ -93,7 +93,8 @@ pub fn print_hits(out: &mut dyn Write, hits: &[Hit]) -> std::io::Result<()> {
 
 /// Rebuilds the index from every recording file; returns (recordings, lines, failures).
 /// Encrypted recordings are left out unless `[recorder] index_encrypted` is set (then they are
-/// read with the recording key).
+/// read with the recording key); rows of recordings whose files are gone, or that are left
+/// out, are removed.
 pub fn reindex(data_dir: &Path, out: &mut dyn Write) -> Result<(u64, u64, u64), ReviewError> {
     let path = index_path(data_dir);
     let mut writer = match IndexWriter::open(&path) {
@@ -121,6 +122,8 @@ pub fn reindex(data_dir: &Path, out: &mut dyn Write) -> Result<(u64, u64, u64), 
     })?;
     let settings = crate::reckey::settings(data_dir)?;
     let (mut recs, mut lines, mut failed) = (0, 0, 0);
+    // what the index may keep: the recordings whose files are there and may be indexed
+    let mut keep = std::collections::HashSet::new();
     for info in listing {
         let open = || std::fs::File::open(&info.path).map(std::io::BufReader::new);
         let indexed = match open()
@@ -133,11 +136,15 @@ pub fn reindex(data_dir: &Path, out: &mut dyn Write) -> Result<(u64, u64, u64), 
                     // unless `[recorder] index_encrypted` says otherwise
                     continue;
                 }
+                keep.insert(info.id.clone());
                 crate::reckey::open_for_replay(data_dir, || Ok(open()?))
                     .map_err(|e| e.to_string())
                     .and_then(|r| writer.index_recording(r).map_err(|e| e.to_string()))
             }
-            _ => writer.index_file(&info.path).map_err(|e| e.to_string()),
+            _ => {
+                keep.insert(info.id.clone());
+                writer.index_file(&info.path).map_err(|e| e.to_string())
+            }
         };
         match indexed {
             Ok(n) => {
@@ -148,6 +155,12 @@ pub fn reindex(data_dir: &Path, out: &mut dyn Write) -> Result<(u64, u64, u64), 
                 failed += 1;
                 writeln!(out, "{}: {e}", escape(&info.path.display().to_string()))?;
             }
+        }
+    }
+    // rows of recordings deleted since, or encrypted ones no longer meant to be indexed
+    for id in writer.ids()? {
+        if !keep.contains(&id) {
+            writer.forget(&id)?;
         }
     }
     Ok((recs, lines, failed))
@@ -318,12 +331,16 @@ impl RawInput {
         raw.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
         tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
         let guard = RawInput { saved };
+        // the thread reads its own handle of the terminal: psmctl's main thread holds the lock
+        // of `std::io::stdin()` (it reads passwords through it), so reading through that would
+        // wait for ever
+        use std::os::fd::AsFd;
+        let mut input = std::fs::File::from(stdin.as_fd().try_clone_to_owned().ok()?);
         let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("play-keys".into())
             .spawn(move || {
                 let mut b = [0u8; 1];
-                let mut input = std::io::stdin();
                 while let Ok(1) = input.read(&mut b) {
                     if tx.send(b[0]).is_err() {
                         break;

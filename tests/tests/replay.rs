@@ -296,3 +296,56 @@ fn exports_of_one_endless_line_use_bounded_memory() {
         "replay peak RSS {peak} KiB >= {PSMCTL_RSS_LIMIT_KIB} KiB"
     );
 }
+
+/// `psmctl recordings play` under a real terminal takes keys while it plays: `+` speeds it up,
+/// space pauses and resumes, `q` quits at once. The recording's gaps, slowed 20 times, are
+/// far longer than every bound below, so only the keys can make the replay meet them.
+#[test]
+fn play_takes_keys_while_playing() {
+    let w = World::new();
+    let id = record_exec(
+        &w,
+        w.ssh()
+            .arg("echo PLAY-ONE; sleep 1; echo PLAY-TWO; sleep 3; echo PLAY-THREE"),
+        T,
+    );
+    let play = |speed: &str| {
+        let mut cmd = Command::new(bin("psmctl"));
+        cmd.arg("--data-dir")
+            .arg(w.psm.data_dir())
+            .args(["recordings", "play", &id, "--speed", speed])
+            .args(["--idle-limit", "60"])
+            .env_remove("PSM_DATA_DIR");
+        PtySession::spawn(&cmd, &[("TERM", "xterm")], 24, 80)
+    };
+
+    // at 1/20 speed PLAY-TWO is due 20 s after PLAY-ONE; four `+` make it 0.8x (1.25 s left)
+    let mut pty = play("0.05");
+    pty.expect("PLAY-ONE", T);
+    pty.send("++++");
+    pty.expect("PLAY-TWO", Duration::from_secs(8));
+    // PLAY-THREE is now due 3.75 s later: paused, it does not come; resumed, it does
+    pty.send(" ");
+    assert!(
+        !wait_for(Duration::from_secs(6), || pty
+            .output()
+            .contains("PLAY-THREE")),
+        "paused, the replay went on:\n{}",
+        pty.output()
+    );
+    pty.send(" ");
+    pty.expect("PLAY-THREE", Duration::from_secs(10));
+    assert_eq!(pty.wait(T), Some(0), "{}", pty.output());
+
+    // q quits in the middle of a 20 s gap
+    let mut pty = play("0.05");
+    pty.expect("PLAY-ONE", T);
+    pty.send("q");
+    assert_eq!(
+        pty.wait(Duration::from_secs(5)),
+        Some(0),
+        "q did not end the replay:\n{}",
+        pty.output()
+    );
+    assert!(!pty.output().contains("PLAY-TWO"), "{}", pty.output());
+}

@@ -1,6 +1,7 @@
 //! Retention: recordings older than the configured age are deleted by psm-control, each
 //! deletion audited before the file goes; a live session's recording is kept; `recordings
-//! verify` says "deleted by retention" rather than failing on a missing file.
+//! verify` says "deleted by retention" rather than failing on a missing file; search no longer
+//! finds what the deleted recording held.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -32,6 +33,18 @@ fn old_recordings_are_deleted_audited_and_verify_says_so() {
         .join("recordings")
         .join(format!("{id}.psmrec"));
     assert!(file.exists(), "recorded first");
+    // indexed as it was written: found by search (retention leaves a recording alone for its
+    // first 5 s, so it cannot be gone before this looks)
+    let hits = |w: &World| {
+        let out = w
+            .psm
+            .psmctl(&["recordings", "search", "recorded-then-expired"], None);
+        out.stdout_str().lines().filter(|l| l.contains(&id)).count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), || hits(&w) > 0),
+        "the session's output is in the search index"
+    );
     // a live session's recording is kept however old it gets
     let mut live = w
         .ssh()
@@ -66,6 +79,11 @@ fn old_recordings_are_deleted_audited_and_verify_says_so() {
         "the file is gone"
     );
     assert!(live_file.exists(), "a live session's recording is kept");
+    assert_eq!(
+        hits(&w),
+        0,
+        "search finds nothing of a recording retention deleted"
+    );
     let v = w.psm.psmctl(&["recordings", "verify", &id], None);
     assert!(v.success(), "{}", v.describe());
     assert!(

@@ -220,6 +220,29 @@ impl IndexWriter {
         Ok(())
     }
 
+    /// Ids of the indexed recordings.
+    pub fn ids(&self) -> Result<Vec<String>, IndexError> {
+        let mut st = self.conn.prepare("SELECT id FROM recordings ORDER BY id")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a recording and its lines (retention deleted its file); returns whether the
+    /// index had it.
+    pub fn forget(&mut self, recording_id: &str) -> Result<bool, IndexError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "DELETE FROM lines WHERE recording = ?1",
+            params![recording_id],
+        )?;
+        let rows = tx.execute(
+            "DELETE FROM recordings WHERE id = ?1",
+            params![recording_id],
+        )?;
+        tx.commit()?;
+        Ok(rows > 0)
+    }
+
     /// Adds a batch of a recording's lines in one transaction; `partial` marks the recording
     /// as not completely indexed.
     pub fn add(
@@ -574,6 +597,19 @@ mod tests {
         query.since_ms = None;
         query.until_ms = Some(1_002_000);
         assert_eq!(r.search(&query).expect("s").len(), 1);
+    }
+
+    #[test]
+    fn a_forgotten_recording_is_no_longer_found() {
+        let (_d, path) = index();
+        let mut w = IndexWriter::open(&path).expect("writer");
+        assert!(w.forget("a").expect("forget"));
+        assert!(!w.forget("a").expect("forget twice"), "already gone");
+        assert_eq!(w.ids().expect("ids"), vec!["b".to_string()]);
+        let r = IndexReader::open(&path).expect("reader");
+        assert_eq!(r.recordings().expect("ids"), vec!["b".to_string()]);
+        assert!(r.search(&q("/etc/shadow")).expect("s").is_empty());
+        assert_eq!(r.search(&q("disk full")).expect("s").len(), 1);
     }
 
     #[test]
