@@ -1525,6 +1525,25 @@ pub fn format_event(e: &AuditEvent) -> String {
             }
             ("session_end", f)
         }
+        AuditKind::RdpChannel {
+            session_id,
+            user,
+            target,
+            account,
+            channel,
+            what,
+            reason,
+        } => (
+            "rdp_channel_refused",
+            vec![
+                ("session", session_id.clone()),
+                ("user", user.clone()),
+                ("account", format!("{account}@{target}")),
+                ("channel", channel.clone()),
+                ("refused", what.clone()),
+                ("reason", reason.clone()),
+            ],
+        ),
         AuditKind::ChannelRequest {
             session_id,
             user,

@@ -734,6 +734,14 @@ fn unknown_condition_key(text: &str) -> Option<String> {
             covers_ms: 1,
         }),
         command_default: Some(CommandAction::Deny),
+        rdp: psm_control_api::RdpChannels {
+            clipboard: psm_control_api::ClipboardRule::Both,
+            drive: true,
+            printer: true,
+            smartcard: true,
+            audio: false,
+            channels: vec!["x".into()],
+        },
     };
     let known = toml::Value::try_from(&full).ok()?;
     let doc: toml::Value = toml::from_str(text).ok()?;

@@ -348,6 +348,7 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let f = File::create(file::path_for(&dir, id).expect("path")).expect("create");
         let meta = RecordingMeta {
+            protocol: String::new(),
             recording_id: id.into(),
             session_id: "s1".into(),
             user: "alice".into(),

@@ -418,6 +418,7 @@ impl Store {
                         address: r.get(1)?,
                         host_key: r.get(2)?,
                         groups: Vec::new(),
+                        protocol: Default::default(),
                     })
                 },
             )
@@ -743,6 +744,7 @@ fn read_users(c: &Connection, vault: Option<&Vault>) -> Result<Vec<User>, StoreE
             disabled,
             locked_until_ms: locked.map(|t| t.max(0) as u64),
             totp,
+            nt_hash: None,
         });
     }
     Ok(out)
@@ -756,6 +758,7 @@ fn read_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
             address: r.get(1)?,
             host_key: r.get(2)?,
             groups: Vec::new(),
+            protocol: Default::default(),
         })
     })?;
     let mut targets = rows.collect::<Result<Vec<_>, _>>()?;
@@ -802,6 +805,7 @@ fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreErr
             target,
             username,
             credential,
+            domain: None,
         });
     }
     Ok(out)

@@ -66,6 +66,7 @@ fn write_recording(dir: &Path, i: usize, commands: usize, rng: &mut Rng) -> anyh
     let user = USERS[i % USERS.len()];
     let target = TARGETS[(i / USERS.len()) % TARGETS.len()];
     let meta = RecordingMeta {
+        protocol: String::new(),
         recording_id: format!("bench-{i:05}"),
         session_id: format!("s-{i:05}"),
         user: user.into(),

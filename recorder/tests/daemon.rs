@@ -88,6 +88,7 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 fn meta(id: &str) -> RecordingMeta {
     RecordingMeta {
+        protocol: String::new(),
         recording_id: id.into(),
         session_id: format!("session-{id}"),
         user: "alice".into(),

@@ -19,7 +19,7 @@ pub mod policy;
 
 pub use approvals::{ApprovalOp, ApprovalReply, ApprovalRequest, ApprovalState};
 pub use commands::{CommandAction, CommandPolicy, CommandRule, CommandVerdict, RuleScope};
-pub use conditions::{ChannelKind, Conditions, TimeWindow};
+pub use conditions::{ChannelKind, ClipboardRule, Conditions, RdpChannels, TimeWindow};
 pub use escape::{escape, Escaped};
 pub use policy::{decide, Attempt, Denial, Governor, Permit, PolicyStop, Verdict};
 
@@ -107,6 +107,12 @@ pub struct User {
     /// The TOTP second factor, once enrolled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totp: Option<Totp>,
+    /// The NT hash of the user's psm password (32 hex digits, MD4 of its UTF-16LE form), which
+    /// RDP's NLA (CredSSP/NTLM) needs to check the user. Password-equivalent: vaulted at rest
+    /// like account credentials, only in memory on the relay. None for users without a
+    /// password, and for passwords set before psm kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nt_hash: Option<Secret>,
 }
 
 /// A user's TOTP enrolment (RFC 6238: SHA-1, 6 digits, 30 s steps).
@@ -126,11 +132,59 @@ pub struct Target {
     pub name: String,
     /// `host:port` the relay connects to.
     pub address: String,
-    /// The pinned host key in OpenSSH form (`ssh-ed25519 AAAA…`).
+    /// The pinned identity: for SSH the host key in OpenSSH form (`ssh-ed25519 AAAA…`); for
+    /// RDP the SHA-256 fingerprint of the target's TLS leaf certificate (`SHA256:` + unpadded
+    /// base64 of the digest of its DER), as `psmctl target add --scan` prints it.
     pub host_key: String,
     /// Target groups it belongs to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// How the relay talks to it.
+    #[serde(default, skip_serializing_if = "Protocol::is_ssh")]
+    pub protocol: Protocol,
+}
+
+/// The protocol of a target.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// SSH (the default).
+    #[default]
+    Ssh,
+    /// RDP: TLS with a pinned certificate, then NLA (CredSSP/NTLM) when the target asks for it.
+    Rdp,
+}
+
+impl Protocol {
+    /// Whether this is SSH (the serde default, left out of the snapshot).
+    pub fn is_ssh(&self) -> bool {
+        *self == Protocol::Ssh
+    }
+
+    /// `ssh` or `rdp`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Ssh => "ssh",
+            Protocol::Rdp => "rdp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ssh" => Ok(Protocol::Ssh),
+            "rdp" => Ok(Protocol::Rdp),
+            other => Err(format!("unknown protocol '{other}' (ssh or rdp)")),
+        }
+    }
 }
 
 /// An account on a target, with the credential the relay injects.
@@ -142,6 +196,9 @@ pub struct Account {
     pub username: String,
     /// The vaulted credential (only ever in memory on the relay).
     pub credential: Credential,
+    /// Windows domain of the account (RDP only; None: a local account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// A credential injected into the target login.
@@ -511,6 +568,25 @@ pub enum AuditKind {
         /// its relay vanished.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unconfirmed_bytes: Option<u64>,
+    },
+    /// An RDP session's virtual channel was refused (removed or answered by the relay), or a
+    /// refused use of an allowed one (a clipboard transfer the wrong way) was stopped.
+    RdpChannel {
+        /// Session id.
+        session_id: String,
+        /// psm user.
+        user: String,
+        /// Target name.
+        target: String,
+        /// Account on the target.
+        account: String,
+        /// Channel name as the client offered it (escaped), e.g. `cliprdr`, `rdpdr`.
+        channel: String,
+        /// What was refused: `channel` (the whole channel), `to-target` or `from-target` (a
+        /// clipboard transfer that way), `drive`, `printer`, `smartcard`.
+        what: String,
+        /// Why, for auditors (`grant allows clipboard none`).
+        reason: String,
     },
     /// The user started a shell, a command or a subsystem on a channel of a session.
     ChannelRequest {
@@ -937,12 +1013,14 @@ mod tests {
                 ..User::default()
             }],
             targets: vec![Target {
+                protocol: Default::default(),
                 name: "web01".into(),
                 address: "127.0.0.1:22".into(),
                 host_key: "ssh-ed25519 AAAA".into(),
                 groups: vec![],
             }],
             accounts: vec![Account {
+                domain: None,
                 target: "web01".into(),
                 username: "root".into(),
                 credential: Credential::Password(Secret::new("hunter2".into())),

@@ -574,12 +574,14 @@ mod tests {
             ..User::default()
         };
         let target = |name: &str, groups: &[&str]| Target {
+            protocol: Default::default(),
             name: name.into(),
             address: "127.0.0.1:22".into(),
             host_key: "ssh-ed25519 AAAA".into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
         };
         let account = |t: &str, u: &str| Account {
+            domain: None,
             target: t.into(),
             username: u.into(),
             credential: Credential::Password(Secret::new("pw".into())),

@@ -906,6 +906,7 @@ mod tests {
 
     fn meta() -> RecordingMeta {
         RecordingMeta {
+            protocol: String::new(),
             recording_id: "rec-1".into(),
             session_id: "s1".into(),
             user: "alice".into(),

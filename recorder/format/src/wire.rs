@@ -79,6 +79,28 @@ pub struct RecordingMeta {
     pub source: String,
     /// Start, ms since the Unix epoch.
     pub start_ms: u64,
+    /// `rdp` for an RDP session; empty for SSH (the default, left out of the header).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+}
+
+/// RDP recordings: where their records go.
+///
+/// An RDP recording keeps every PDU each way, one DATA record per PDU, on [`RDP_PDU_CHANNEL`]
+/// (direction `Input`: client to target, `Output`: target to client), exactly as relayed
+/// (after psm's rewrites, so never a credential). The relay also writes what it decoded on
+/// [`RDP_KEYS_CHANNEL`] (direction `Input`): the text typed, so search, text export and watch
+/// treat it like an SSH session's input; and session events (connect, channels refused,
+/// disconnect) as one line of text each on [`RDP_EVENTS_CHANNEL`] (direction `Output`).
+pub mod rdp {
+    /// `protocol` of an RDP recording's header.
+    pub const PROTOCOL: &str = "rdp";
+    /// Raw PDUs, one per record.
+    pub const RDP_PDU_CHANNEL: u32 = 0xFFFF_0000;
+    /// Typed text, decoded from the input PDUs with the session's keyboard layout.
+    pub const RDP_KEYS_CHANNEL: u32 = 0;
+    /// Session events, one line each.
+    pub const RDP_EVENTS_CHANNEL: u32 = 0xFFFF_0001;
 }
 
 /// How a recorded session ended: written once at its end.

@@ -300,6 +300,7 @@ impl Conn {
         let mut opened = None;
         if !self.started {
             let meta = RecordingMeta {
+                protocol: String::new(),
                 recording_id: self.shared.session_id.clone(),
                 session_id: self.shared.session_id.clone(),
                 user: user.to_string(),
