@@ -23,6 +23,7 @@ pub mod mfa;
 pub mod notices;
 mod pipe;
 pub mod prestart;
+pub mod rdp;
 pub mod recording;
 pub mod session;
 pub mod startups;
