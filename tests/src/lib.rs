@@ -49,6 +49,7 @@ mod helpers;
 mod process;
 mod psm;
 mod pty;
+mod rdp;
 mod sshd;
 mod world;
 
@@ -56,5 +57,6 @@ pub use helpers::*;
 pub use process::*;
 pub use psm::*;
 pub use pty::*;
+pub use rdp::*;
 pub use sshd::*;
 pub use world::*;
