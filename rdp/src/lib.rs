@@ -6,3 +6,7 @@
 //! What it does not do: open sockets, or rewrite PDUs (the relay does that).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod keys;
+
+pub use keys::Keyboard;
