@@ -51,6 +51,9 @@ missing_tools() {
   if [[ -x /usr/bin/python3 ]] && ! /usr/bin/python3 -c 'import asyncssh' >/dev/null 2>&1; then
     printf '%s\n' "python3 asyncssh"
   fi
+  if [[ ! -e /usr/lib/xorg/modules/drivers/xrdpdev_drv.so ]]; then
+    printf '%s\n' "xorgxrdp"
+  fi
   if ! compgen -G '/usr/lib/*/rsyslog/lmnsd_gtls.so' >/dev/null; then
     printf '%s\n' "rsyslog gtls driver (rsyslog-gnutls)"
   fi

@@ -50,6 +50,7 @@ mod process;
 mod psm;
 mod pty;
 mod rdp;
+mod rdp_world;
 mod sshd;
 mod world;
 
@@ -58,5 +59,6 @@ pub use process::*;
 pub use psm::*;
 pub use pty::*;
 pub use rdp::*;
+pub use rdp_world::*;
 pub use sshd::*;
 pub use world::*;

@@ -23,6 +23,7 @@ pub struct Psm {
     dir: TempDir,
     data: PathBuf,
     port: u16,
+    rdp_port: u16,
     mode: PsmMode,
     up: Option<Daemon>,
     daemons: Vec<Daemon>,
@@ -40,6 +41,13 @@ pub struct PsmOpts {
     /// Extra psm-control flags ([`PsmMode::Separate`]; [`Psm::set_control_args`] changes them
     /// for the next [`Psm::start_control`]).
     pub control_args: Vec<String>,
+}
+
+/// `--rdp-listen 127.0.0.1:PORT` for psm up and psm-relay.
+fn rdp_listen_args(port: u16) -> Vec<String> {
+    // until psm up and psm-relay take --rdp-listen (issue #8 in progress)
+    let _ = port;
+    Vec::new()
 }
 
 /// Relay worker runtimes every test psm gets.
@@ -73,10 +81,12 @@ impl Psm {
             fs::write(data.join("psm.toml"), cfg).expect("psm.toml");
         }
         let port = free_port();
+        let rdp_port = free_port();
         let mut psm = Psm {
             dir,
             data,
             port,
+            rdp_port,
             mode,
             up: None,
             daemons: Vec::new(),
@@ -93,6 +103,7 @@ impl Psm {
                     .arg(&psm.data)
                     .arg("--listen")
                     .arg(format!("127.0.0.1:{port}"))
+                    .args(rdp_listen_args(rdp_port))
                     .arg("--workers")
                     .arg(WORKERS)
                     .env(
@@ -155,6 +166,7 @@ impl Psm {
         if name == "psm-relay" {
             c.arg("--listen")
                 .arg(format!("127.0.0.1:{}", self.port))
+                .args(rdp_listen_args(self.rdp_port))
                 .arg("--workers")
                 .arg(WORKERS)
                 .args(&self.relay_args);
@@ -260,6 +272,16 @@ impl Psm {
     /// Relay port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The relay's RDP port.
+    pub fn rdp_port(&self) -> u16 {
+        self.rdp_port
+    }
+
+    /// `127.0.0.1:RDP_PORT`, what an RDP client connects to.
+    pub fn rdp_address(&self) -> String {
+        format!("127.0.0.1:{}", self.rdp_port)
     }
     /// How it runs.
     pub fn mode(&self) -> PsmMode {
