@@ -10,3 +10,7 @@
 pub mod keys;
 
 pub use keys::Keyboard;
+pub mod replay;
+pub mod synth;
+
+pub use replay::{Renderer, Sampler};
