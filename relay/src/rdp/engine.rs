@@ -5,9 +5,29 @@
 //! Sans-IO: frames in (as cut by [`super::frame::next_frame`]), [`Out`] steps out; the io side
 //! carries them out in order.
 
+mod channels;
+mod clip;
+mod info;
+mod input;
+mod mcs;
+mod rdpdr;
+mod svc;
+#[cfg(test)]
+mod tests;
+
+use ironrdp_core::decode;
+use ironrdp_pdu::mcs::McsMessage;
+use ironrdp_pdu::rdp::capability_sets::CapabilitySet;
+use ironrdp_pdu::rdp::headers::{ShareControlHeader, ShareControlPdu, ShareDataPdu};
+use ironrdp_pdu::x224::X224;
 use psm_control_api::{RdpChannels, Secret};
 use psm_recorder_format::Direction;
 
+use self::channels::{Carrier, Rule};
+use self::clip::Clip;
+use self::input::Input;
+use self::rdpdr::Rdpdr;
+use self::svc::Step;
 use super::frame::FrameKind;
 
 /// What the engine needs to know about the session.
@@ -107,10 +127,55 @@ pub enum EngineError {
     Target(String),
 }
 
+/// Where the connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the client's MCS Connect Initial.
+    ConnectInitial,
+    /// Waiting for the target's MCS Connect Response.
+    ConnectResponse,
+    /// Channels known: relaying.
+    Relay,
+}
+
+/// One static channel the client offered.
+#[derive(Debug)]
+struct Channel {
+    name: String,
+    rule: Rule,
+    id: Option<u16>,
+    filter: Filter,
+}
+
+#[derive(Debug)]
+enum Filter {
+    None,
+    Clip(Clip),
+    Rdpdr(Rdpdr),
+}
+
+/// Share Control PDU types psm looks at (`pduType`, low 4 bits).
+const PDUTYPE_DEMAND_ACTIVE: u16 = 0x1;
+const PDUTYPE_DATA: u16 = 0x7;
+/// Share Data PDU types psm looks at (`pduType2`).
+const PDUTYPE2_INPUT: u8 = 0x1c;
+const PDUTYPE2_SHUTDOWN_REQUEST: u8 = 0x24;
+/// X.224 TPDU codes.
+const TPDU_DATA: u8 = 0xf0;
+const TPDU_DISCONNECT_REQUEST: u8 = 0x80;
+
 /// The per-connection RDP state machine.
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
+    phase: Phase,
+    channels: Vec<Channel>,
+    io_channel: Option<u16>,
+    user_channel: Option<u16>,
+    client_initiator: Option<u16>,
+    server_initiator: Option<u16>,
+    info_done: bool,
+    input: Option<Input>,
     input_seen: bool,
 }
 
@@ -119,6 +184,14 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Engine {
         Engine {
             cfg,
+            phase: Phase::ConnectInitial,
+            channels: Vec::new(),
+            io_channel: None,
+            user_channel: None,
+            client_initiator: None,
+            server_initiator: None,
+            info_done: false,
+            input: None,
             input_seen: false,
         }
     }
@@ -130,13 +203,28 @@ impl Engine {
         frame: &[u8],
         out: &mut Vec<Out>,
     ) -> Result<(), EngineError> {
-        let _ = (kind, &self.cfg);
-        out.push(Out::ToTarget(frame.to_vec()));
-        out.push(Out::Record {
-            direction: Direction::Input,
-            pdu: frame.to_vec(),
-        });
-        Ok(())
+        match (kind, self.phase) {
+            (FrameKind::FastPath, Phase::ConnectInitial) => Err(EngineError::Client(
+                "fast-path input before the MCS Connect Initial".into(),
+            )),
+            (FrameKind::FastPath, _) => {
+                let input = self
+                    .input
+                    .get_or_insert_with(|| Input::new(0x409))
+                    .fast_path(frame)
+                    .map_err(EngineError::Client)?;
+                to_target(out, frame.to_vec());
+                self.input_seen |= input.activity;
+                if !input.typed.is_empty() {
+                    out.push(Out::Typed(input.typed));
+                }
+                Ok(())
+            }
+            (FrameKind::X224, Phase::ConnectInitial) => self
+                .connect_initial(frame, out)
+                .map_err(EngineError::Client),
+            (FrameKind::X224, _) => self.client_x224(frame, out).map_err(EngineError::Client),
+        }
     }
 
     /// One whole frame from the target.
@@ -146,17 +234,367 @@ impl Engine {
         frame: &[u8],
         out: &mut Vec<Out>,
     ) -> Result<(), EngineError> {
-        let _ = kind;
-        out.push(Out::ToClient(frame.to_vec()));
-        out.push(Out::Record {
-            direction: Direction::Output,
-            pdu: frame.to_vec(),
-        });
-        Ok(())
+        match (kind, self.phase) {
+            // Graphics and other fast-path output: relayed untouched.
+            (FrameKind::FastPath, _) => {
+                to_client(out, frame.to_vec());
+                Ok(())
+            }
+            (FrameKind::X224, Phase::ConnectInitial) => Err(EngineError::Target(
+                "the target spoke before the client's MCS Connect Initial".into(),
+            )),
+            (FrameKind::X224, Phase::ConnectResponse) => self
+                .connect_response(frame, out)
+                .map_err(EngineError::Target),
+            (FrameKind::X224, Phase::Relay) => {
+                self.target_x224(frame, out).map_err(EngineError::Target)
+            }
+        }
     }
 
     /// Whether the user gave input (keyboard or mouse) since the last call.
     pub fn take_input_seen(&mut self) -> bool {
         std::mem::take(&mut self.input_seen)
     }
+
+    fn connect_initial(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
+        let initial = mcs::rewrite_connect_initial(frame, self.cfg.target_protocol)?;
+        self.input = Some(Input::new(initial.keyboard_layout));
+        out.push(Out::Event(RdpEvent::Keyboard {
+            layout: initial.keyboard_layout,
+        }));
+        let mut refused = Vec::new();
+        for name in &initial.channels {
+            let rule = channels::rule_for(name, &self.cfg.rules);
+            let filter = match rule {
+                Rule::Clip { to_target } => Filter::Clip(Clip::new(to_target)),
+                Rule::Rdpdr {
+                    drive,
+                    printer,
+                    smartcard,
+                } => Filter::Rdpdr(Rdpdr::new(drive, printer, smartcard)),
+                Rule::Pass | Rule::Refused => Filter::None,
+            };
+            if rule == Rule::Refused {
+                refused.push(name.clone());
+                out.push(Out::Event(RdpEvent::Refused {
+                    channel: name.clone(),
+                    what: "channel",
+                    reason: channels::refusal_reason(name),
+                }));
+            }
+            self.channels.push(Channel {
+                name: name.clone(),
+                rule,
+                id: None,
+                filter,
+            });
+        }
+        out.push(Out::Event(RdpEvent::Channels {
+            offered: initial.channels,
+            refused,
+        }));
+        to_target(out, initial.frame);
+        self.phase = Phase::ConnectResponse;
+        Ok(())
+    }
+
+    fn connect_response(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
+        let resp = mcs::connect_response(frame)?;
+        if resp.channel_ids.len() != self.channels.len() {
+            return Err(format!(
+                "MCS Connect Response has {} channel ids for {} channels",
+                resp.channel_ids.len(),
+                self.channels.len()
+            ));
+        }
+        for (c, id) in self.channels.iter_mut().zip(resp.channel_ids) {
+            c.id = Some(id);
+        }
+        self.io_channel = Some(resp.io_channel);
+        self.phase = Phase::Relay;
+        to_client(out, frame.to_vec());
+        Ok(())
+    }
+
+    fn client_x224(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
+        if !is_data_tpdu(frame, true) {
+            to_target(out, frame.to_vec());
+            return Ok(());
+        }
+        let X224(msg) = decode::<X224<McsMessage<'_>>>(frame).map_err(|e| format!("MCS: {e}"))?;
+        match msg {
+            McsMessage::SendDataRequest(sdr) => {
+                self.client_initiator = Some(sdr.initiator_id);
+                let Some(io) = self.io_channel else {
+                    return Err("MCS data before the Connect Response".into());
+                };
+                if sdr.channel_id == io {
+                    return self.client_io(sdr.initiator_id, io, &sdr.user_data, frame, out);
+                }
+                self.client_channel(sdr.channel_id, &sdr.user_data, frame, out)
+            }
+            McsMessage::DisconnectProviderUltimatum(_) => {
+                out.push(Out::Event(RdpEvent::Disconnect { by_client: true }));
+                to_target(out, frame.to_vec());
+                Ok(())
+            }
+            _ => {
+                to_target(out, frame.to_vec());
+                Ok(())
+            }
+        }
+    }
+
+    /// Client data on the I/O channel: the Client Info first, then share control PDUs.
+    fn client_io(
+        &mut self,
+        initiator: u16,
+        io: u16,
+        user_data: &[u8],
+        frame: &[u8],
+        out: &mut Vec<Out>,
+    ) -> Result<(), String> {
+        if !self.info_done {
+            if !info::is_info_pkt(user_data) {
+                return Err("I/O channel data before the Client Info PDU".into());
+            }
+            let rewritten = info::rewrite(initiator, io, user_data, &self.cfg.login)?;
+            self.info_done = true;
+            out.push(Out::Record {
+                direction: Direction::Input,
+                pdu: rewritten.record,
+            });
+            out.push(Out::ToTarget(rewritten.frame));
+            return Ok(());
+        }
+        match share_types(user_data) {
+            Some((PDUTYPE_DATA, Some(PDUTYPE2_INPUT))) => {
+                let header: ShareControlHeader =
+                    decode(user_data).map_err(|e| format!("slow-path input: {e}"))?;
+                if let ShareControlPdu::Data(d) = header.share_control_pdu {
+                    if let ShareDataPdu::Input(events) = d.share_data_pdu {
+                        let input = self.input.get_or_insert_with(|| Input::new(0x409));
+                        let fed = input.slow_path(&events.0);
+                        to_target(out, frame.to_vec());
+                        self.input_seen |= fed.activity;
+                        if !fed.typed.is_empty() {
+                            out.push(Out::Typed(fed.typed));
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            Some((PDUTYPE_DATA, Some(PDUTYPE2_SHUTDOWN_REQUEST))) => {
+                out.push(Out::Event(RdpEvent::Disconnect { by_client: true }));
+            }
+            _ => {}
+        }
+        to_target(out, frame.to_vec());
+        Ok(())
+    }
+
+    fn client_channel(
+        &mut self,
+        id: u16,
+        user_data: &[u8],
+        frame: &[u8],
+        out: &mut Vec<Out>,
+    ) -> Result<(), String> {
+        let server_initiator = self.server_initiator.or(self.user_channel).unwrap_or(1001);
+        let user_initiator = self.client_initiator.or(self.user_channel).unwrap_or(1001);
+        let Some(ch) = self.channels.iter_mut().find(|c| c.id == Some(id)) else {
+            to_target(out, frame.to_vec());
+            return Ok(());
+        };
+        match (&mut ch.filter, ch.rule) {
+            (_, Rule::Refused) => {}
+            (Filter::Clip(clip), Rule::Clip { to_target: rule }) => {
+                let chunk = channels::chunk(user_data)?;
+                let r = clip.feed(true, frame, &chunk)?;
+                for s in r.steps {
+                    if let Step::Forward(f) = s {
+                        to_target(out, f);
+                    }
+                }
+                if let Some(reply) = r.reply {
+                    let carrier = Carrier::Indication {
+                        initiator: server_initiator,
+                    };
+                    for f in channels::message_frames(carrier, id, &reply)? {
+                        to_client(out, f);
+                    }
+                }
+                if let Some((what, did)) = r.refused {
+                    out.push(Out::Event(clip_refused(what, did, rule)));
+                }
+            }
+            (Filter::Rdpdr(rdpdr), _) => {
+                let chunk = channels::chunk(user_data)?;
+                let r = rdpdr.feed(frame, &chunk)?;
+                for s in r.steps {
+                    if let Step::Forward(f) = s {
+                        to_target(out, f);
+                    }
+                }
+                if let Some((msg, removed)) = r.rewritten {
+                    let carrier = Carrier::Request {
+                        initiator: user_initiator,
+                    };
+                    for f in channels::message_frames(carrier, id, &msg)? {
+                        to_target(out, f);
+                    }
+                    for d in removed {
+                        out.push(Out::Event(RdpEvent::Refused {
+                            channel: ch.name.clone(),
+                            what: d.kind,
+                            reason: format!(
+                                "{} '{}' not allowed by the grant",
+                                d.kind,
+                                psm_control_api::escape(&d.name)
+                            ),
+                        }));
+                    }
+                }
+            }
+            _ => to_target(out, frame.to_vec()),
+        }
+        Ok(())
+    }
+
+    fn target_x224(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
+        if !is_data_tpdu(frame, false) {
+            if frame.get(5) == Some(&TPDU_DISCONNECT_REQUEST) {
+                out.push(Out::Event(RdpEvent::Disconnect { by_client: false }));
+            }
+            to_client(out, frame.to_vec());
+            return Ok(());
+        }
+        let X224(msg) = decode::<X224<McsMessage<'_>>>(frame).map_err(|e| format!("MCS: {e}"))?;
+        match msg {
+            McsMessage::AttachUserConfirm(c) => self.user_channel = Some(c.initiator_id),
+            McsMessage::SendDataIndication(sdi) => {
+                self.server_initiator = Some(sdi.initiator_id);
+                if Some(sdi.channel_id) == self.io_channel {
+                    if let Some((PDUTYPE_DEMAND_ACTIVE, _)) = share_types(&sdi.user_data) {
+                        if let Some(ev) = desktop(&sdi.user_data) {
+                            out.push(Out::Event(ev));
+                        }
+                    }
+                } else {
+                    return self.target_channel(sdi.channel_id, &sdi.user_data, frame, out);
+                }
+            }
+            McsMessage::DisconnectProviderUltimatum(_) => {
+                out.push(Out::Event(RdpEvent::Disconnect { by_client: false }));
+            }
+            _ => {}
+        }
+        to_client(out, frame.to_vec());
+        Ok(())
+    }
+
+    fn target_channel(
+        &mut self,
+        id: u16,
+        user_data: &[u8],
+        frame: &[u8],
+        out: &mut Vec<Out>,
+    ) -> Result<(), String> {
+        let user_initiator = self.client_initiator.or(self.user_channel).unwrap_or(1001);
+        let Some(ch) = self.channels.iter_mut().find(|c| c.id == Some(id)) else {
+            to_client(out, frame.to_vec());
+            return Ok(());
+        };
+        match (&mut ch.filter, ch.rule) {
+            (_, Rule::Refused) => {}
+            (Filter::Clip(clip), Rule::Clip { to_target: rule }) => {
+                let chunk = channels::chunk(user_data)?;
+                let r = clip.feed(false, frame, &chunk)?;
+                for s in r.steps {
+                    if let Step::Forward(f) = s {
+                        to_client(out, f);
+                    }
+                }
+                if let Some(reply) = r.reply {
+                    let carrier = Carrier::Request {
+                        initiator: user_initiator,
+                    };
+                    for f in channels::message_frames(carrier, id, &reply)? {
+                        to_target(out, f);
+                    }
+                }
+                if let Some((what, did)) = r.refused {
+                    out.push(Out::Event(clip_refused(what, did, rule)));
+                }
+            }
+            _ => to_client(out, frame.to_vec()),
+        }
+        Ok(())
+    }
+}
+
+/// Records and sends a frame to the target.
+fn to_target(out: &mut Vec<Out>, frame: Vec<u8>) {
+    out.push(Out::Record {
+        direction: Direction::Input,
+        pdu: frame.clone(),
+    });
+    out.push(Out::ToTarget(frame));
+}
+
+/// Records and sends a frame to the client.
+fn to_client(out: &mut Vec<Out>, frame: Vec<u8>) {
+    out.push(Out::Record {
+        direction: Direction::Output,
+        pdu: frame.clone(),
+    });
+    out.push(Out::ToClient(frame));
+}
+
+fn clip_refused(what: &'static str, did: &'static str, to_target: bool) -> RdpEvent {
+    RdpEvent::Refused {
+        channel: "cliprdr".into(),
+        what,
+        reason: format!(
+            "{did}: the grant allows the clipboard {} only",
+            if to_target {
+                "to-target"
+            } else {
+                "from-target"
+            }
+        ),
+    }
+}
+
+/// Whether an X.224 frame is a Data TPDU (the MCS carrier); other TPDUs pass through.
+fn is_data_tpdu(frame: &[u8], _from_client: bool) -> bool {
+    // TPKT (4) + X.224 length indicator (1) + TPDU code.
+    frame.get(5).map(|c| c & 0xf0) == Some(TPDU_DATA)
+}
+
+/// The Share Control `pduType` and, for Data PDUs, the Share Data `pduType2`, read in place.
+fn share_types(user_data: &[u8]) -> Option<(u16, Option<u8>)> {
+    let ty = user_data
+        .get(2..4)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]) & 0x0f)?;
+    let ty2 = (ty == PDUTYPE_DATA)
+        .then(|| user_data.get(14).copied())
+        .flatten();
+    Some((ty, ty2))
+}
+
+/// The desktop size of a Server Demand Active PDU (none if it does not decode).
+fn desktop(user_data: &[u8]) -> Option<RdpEvent> {
+    let header: ShareControlHeader = decode(user_data).ok()?;
+    let ShareControlPdu::ServerDemandActive(da) = header.share_control_pdu else {
+        return None;
+    };
+    da.pdu.capability_sets.iter().find_map(|c| match c {
+        CapabilitySet::Bitmap(b) => Some(RdpEvent::Desktop {
+            width: b.desktop_width,
+            height: b.desktop_height,
+        }),
+        _ => None,
+    })
 }

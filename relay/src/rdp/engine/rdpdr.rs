@@ -1,0 +1,135 @@
+//! Device redirection (`rdpdr`) when the grant allows some device kinds: the client's Device
+//! List Announce is rewritten without the devices the grant refuses, so the target never learns
+//! of them (and never sends them I/O requests).
+
+use super::channels::Chunk;
+use super::svc::{Decision, Messages, Step};
+
+const RDPDR_CTYP_CORE: u16 = 0x4472;
+const PAKID_CORE_DEVICELIST_ANNOUNCE: u16 = 0x4441;
+
+const DTYP_SERIAL: u32 = 0x01;
+const DTYP_PARALLEL: u32 = 0x02;
+const DTYP_PRINT: u32 = 0x04;
+const DTYP_FILESYSTEM: u32 = 0x08;
+const DTYP_SMARTCARD: u32 = 0x20;
+
+/// A device psm removed from the client's list.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Removed {
+    /// Its kind: "drive", "printer", "smartcard", "serial", "parallel" or "device".
+    pub kind: &'static str,
+    /// Its DOS name as the client gave it (lossy text).
+    pub name: String,
+}
+
+/// The device filter of one session's `rdpdr` channel (client to target only).
+#[derive(Debug)]
+pub(super) struct Rdpdr {
+    drive: bool,
+    printer: bool,
+    smartcard: bool,
+    up: Messages,
+}
+
+/// What became of one chunk.
+#[derive(Debug, Default)]
+pub(super) struct RdpdrOut {
+    /// Frames to relay unchanged.
+    pub steps: Vec<Step>,
+    /// A rewritten Device List Announce to send instead (unchunked), and what it left out.
+    pub rewritten: Option<(Vec<u8>, Vec<Removed>)>,
+}
+
+impl Rdpdr {
+    /// A filter allowing the given device kinds (serial and parallel ports never).
+    pub fn new(drive: bool, printer: bool, smartcard: bool) -> Rdpdr {
+        Rdpdr {
+            drive,
+            printer,
+            smartcard,
+            up: Messages::default(),
+        }
+    }
+
+    /// One chunk from the client.
+    pub fn feed(&mut self, frame: &[u8], chunk: &Chunk<'_>) -> Result<RdpdrOut, String> {
+        let mut decide = |head: &[u8]| -> Result<Decision, String> {
+            let announce = head.len() >= 4
+                && u16::from_le_bytes([head[0], head[1]]) == RDPDR_CTYP_CORE
+                && u16::from_le_bytes([head[2], head[3]]) == PAKID_CORE_DEVICELIST_ANNOUNCE;
+            Ok(if announce {
+                Decision::Collect
+            } else {
+                Decision::Pass
+            })
+        };
+        let mut steps = Vec::new();
+        self.up.feed(frame, chunk, 4, &mut decide, &mut steps)?;
+        let mut out = RdpdrOut::default();
+        for s in steps {
+            match s {
+                Step::Message(m) => out.rewritten = Some(self.filter(&m)?),
+                forward => out.steps.push(forward),
+            }
+        }
+        Ok(out)
+    }
+
+    fn allowed(&self, ty: u32) -> bool {
+        match ty {
+            DTYP_FILESYSTEM => self.drive,
+            DTYP_PRINT => self.printer,
+            DTYP_SMARTCARD => self.smartcard,
+            _ => false,
+        }
+    }
+
+    /// The Device List Announce without the refused devices.
+    fn filter(&self, msg: &[u8]) -> Result<(Vec<u8>, Vec<Removed>), String> {
+        let short = || "rdpdr Device List Announce truncated".to_string();
+        let count = msg.get(4..8).ok_or_else(short)?;
+        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+        let mut out = Vec::with_capacity(msg.len());
+        out.extend_from_slice(&msg[..4]);
+        out.extend_from_slice(&[0; 4]);
+        let mut kept = 0u32;
+        let mut removed = Vec::new();
+        let mut at = 8usize;
+        for _ in 0..count {
+            let head = msg.get(at..at + 20).ok_or_else(short)?;
+            let ty = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            let len = u32::from_le_bytes([head[16], head[17], head[18], head[19]]);
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|l| (at + 20).checked_add(l))
+                .filter(|&e| e <= msg.len())
+                .ok_or_else(short)?;
+            if self.allowed(ty) {
+                out.extend_from_slice(&msg[at..end]);
+                kept += 1;
+            } else {
+                removed.push(Removed {
+                    kind: kind(ty),
+                    name: super::mcs::channel_name(&head[8..16]),
+                });
+            }
+            at = end;
+        }
+        // Anything after the list is kept as the client sent it.
+        out.extend_from_slice(&msg[at..]);
+        out[4..8].copy_from_slice(&kept.to_le_bytes());
+        Ok((out, removed))
+    }
+}
+
+fn kind(ty: u32) -> &'static str {
+    match ty {
+        DTYP_FILESYSTEM => "drive",
+        DTYP_PRINT => "printer",
+        DTYP_SMARTCARD => "smartcard",
+        DTYP_SERIAL => "serial",
+        DTYP_PARALLEL => "parallel",
+        _ => "device",
+    }
+}
