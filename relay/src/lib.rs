@@ -99,6 +99,11 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// Where users connect.
     pub listen: SocketAddr,
+    /// Where RDP users connect (None: no RDP listener).
+    pub rdp_listen: Option<SocketAddr>,
+    /// psm's RDP certificate and key (PEM); None: `DATA/rdp-cert.pem` and `DATA/rdp-key.pem`,
+    /// generated on first start.
+    pub rdp_cert: Option<(PathBuf, PathBuf)>,
     /// Worker threads (one per core by default).
     pub workers: usize,
     /// Relay id reported to control and in audit events.
@@ -123,6 +128,9 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
+    /// The RDP certificate could not be loaded or created.
+    #[error(transparent)]
+    RdpCert(#[from] rdp::tls::CertError),
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
@@ -252,6 +260,22 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             source,
         })?,
     );
+    let rdp_cert = match cfg.rdp_listen {
+        Some(addr) => {
+            let (cert, created) = rdp::tls::load_or_create(
+                &cfg.data_dir,
+                cfg.rdp_cert.as_ref().map(|(c, _)| c.as_path()),
+                cfg.rdp_cert.as_ref().map(|(_, k)| k.as_path()),
+            )?;
+            info!(fingerprint = %cert.fingerprint, created, "gateway rdp certificate");
+            drop(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|source| RelayError::Bind { addr, source })?,
+            );
+            Some((addr, Arc::new(cert)))
+        }
+        None => None,
+    };
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
     let limits = Arc::new(cfg.limits.clone());
@@ -272,6 +296,16 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             addr: cfg.listen,
             source,
         })?;
+        let rdp_listener = match &rdp_cert {
+            Some((addr, cert)) => Some(worker::RdpListener {
+                listener: worker::bind(*addr).map_err(|source| RelayError::Bind {
+                    addr: *addr,
+                    source,
+                })?,
+                cert: cert.clone(),
+            }),
+            None => None,
+        };
         let ctx = Arc::new(session::WorkerCtx {
             worker: i,
             policy: store.clone(),
@@ -294,7 +328,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         std::thread::Builder::new()
             .name(format!("psm-worker-{i}"))
             .spawn(move || {
-                if let Err(e) = worker::run_worker(i, listener, ctx, io) {
+                if let Err(e) = worker::run_worker(i, listener, rdp_listener, ctx, io) {
                     error!(worker = i, error = %e, "worker stopped");
                     std::process::exit(1);
                 }
@@ -302,6 +336,9 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             .map_err(RelayError::Thread)?;
     }
     info!(listen = %cfg.listen, workers = cfg.workers, "relay listening");
+    if let Some((addr, _)) = &rdp_cert {
+        info!(listen = %addr, workers = cfg.workers, "relay listening for rdp");
+    }
     Ok(Relay {
         shutdown,
         live,

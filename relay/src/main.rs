@@ -21,6 +21,15 @@ struct Args {
     /// Address users connect to.
     #[arg(long, default_value = "0.0.0.0:2222")]
     listen: SocketAddr,
+    /// Address RDP users connect to, or `off`.
+    #[arg(long, default_value = "0.0.0.0:3389", value_parser = parse_rdp_listen)]
+    rdp_listen: RdpListen,
+    /// psm's RDP TLS certificate (PEM; default DATA/rdp-cert.pem, generated on first start).
+    #[arg(long, requires = "rdp_key")]
+    rdp_cert: Option<PathBuf>,
+    /// The private key of --rdp-cert (PEM).
+    #[arg(long, requires = "rdp_cert")]
+    rdp_key: Option<PathBuf>,
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -61,6 +70,19 @@ struct Args {
     durable_window_ms: u64,
 }
 
+/// `--rdp-listen`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct RdpListen(Option<SocketAddr>);
+
+fn parse_rdp_listen(s: &str) -> Result<RdpListen, String> {
+    if s == "off" {
+        return Ok(RdpListen(None));
+    }
+    s.parse::<SocketAddr>()
+        .map(|a| RdpListen(Some(a)))
+        .map_err(|e| format!("'{s}': {e} (an address such as 0.0.0.0:3389, or off)"))
+}
+
 /// `HOSTNAME:PID`, the default relay id.
 fn default_relay_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -95,6 +117,8 @@ fn main() -> anyhow::Result<()> {
     let cfg = psm_relay::RelayConfig {
         data_dir,
         listen: args.listen,
+        rdp_listen: args.rdp_listen.0,
+        rdp_cert: args.rdp_cert.zip(args.rdp_key),
         workers,
         relay_id: args.relay_id.unwrap_or_else(default_relay_id),
         io: args.io,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
+use crate::rdp::tls::GatewayCert;
 use crate::session::{handle_connection, WorkerCtx};
 
 /// Which runtime drives a worker.
@@ -33,10 +34,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-/// Runs one worker on the current thread until its listener fails.
+/// The RDP listener of a worker, with the certificate it serves.
+pub struct RdpListener {
+    /// This worker's `SO_REUSEPORT` socket.
+    pub listener: std::net::TcpListener,
+    /// psm's certificate toward users.
+    pub cert: Arc<GatewayCert>,
+}
+
+/// Runs one worker on the current thread until its listener fails. `rdp`: the worker's RDP
+/// listener, served by the same runtime.
 pub fn run_worker(
     index: usize,
     listener: std::net::TcpListener,
+    rdp: Option<RdpListener>,
     ctx: Arc<WorkerCtx>,
     backend: IoBackend,
 ) -> std::io::Result<()> {
@@ -44,7 +55,7 @@ pub fn run_worker(
         match tokio_uring::Runtime::new(&tokio_uring::builder()) {
             Ok(rt) => {
                 info!(worker = index, "worker running on tokio-uring");
-                return rt.block_on(accept_loop(index, listener, ctx));
+                return rt.block_on(accept_loop(index, listener, rdp, ctx));
             }
             Err(e) if backend == IoBackend::Uring => return Err(e),
             Err(e) => {
@@ -57,25 +68,61 @@ pub fn run_worker(
         .build()?;
     let local = tokio::task::LocalSet::new();
     info!(worker = index, "worker running on tokio (epoll)");
-    local.block_on(&rt, accept_loop(index, listener, ctx))
+    local.block_on(&rt, accept_loop(index, listener, rdp, ctx))
 }
 
 async fn accept_loop(
     index: usize,
     listener: std::net::TcpListener,
+    rdp: Option<RdpListener>,
     ctx: Arc<WorkerCtx>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let rdp = match rdp {
+        Some(r) => Some((tokio::net::TcpListener::from_std(r.listener)?, r.cert)),
+        None => None,
+    };
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle_connection(ctx.clone(), stream, peer));
-            }
-            Err(e) => {
-                // EMFILE and friends: log and keep serving the connections we have.
-                error!(worker = index, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(handle_connection(ctx.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // EMFILE and friends: log and keep serving the connections we have.
+                    error!(worker = index, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            (accepted, cert) = accept_rdp(&rdp) => {
+                match accepted {
+                    Ok((stream, peer)) => {
+                        tokio::task::spawn_local(crate::rdp::handle_rdp_connection(
+                            ctx.clone(),
+                            cert,
+                            stream,
+                            peer,
+                        ));
+                    }
+                    Err(e) => {
+                        error!(worker = index, error = %e, "rdp accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
             }
         }
+    }
+}
+
+/// The next connection on the RDP listener (never, without one).
+async fn accept_rdp(
+    rdp: &Option<(tokio::net::TcpListener, Arc<GatewayCert>)>,
+) -> (
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    Arc<GatewayCert>,
+) {
+    match rdp {
+        Some((l, cert)) => (l.accept().await, cert.clone()),
+        None => std::future::pending().await,
     }
 }

@@ -1,0 +1,605 @@
+//! One RDP connection up to its start: the pre-authentication limits, X.224, TLS, CredSSP
+//! toward the user, the second factor, the access decision, the recording and the target
+//! login, all within the login grace time. The running session is in [`super::live`].
+//!
+//! Every refusal after the user named itself reaches the client as a CredSSP logon failure,
+//! and the audit log as `auth_failure` (method `nla`, `nla+totp`) or `session_denied` with the
+//! side at fault, exactly as for SSH.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use psm_control_api::{
+    decide, now_ms, Account, Attempt, AuditKind, Denial, Escaped, Login, Protocol, RelayToControl,
+    Target,
+};
+use psm_recorder_format::RecordingMeta;
+use sspi::credssp::TsRequest;
+use tokio::net::TcpStream;
+use tracing::info;
+
+use super::accept::{negotiate, Negotiation};
+use super::credssp::{encode, logon_failure, FrontNla, NlaLogin, Step};
+use super::target::{self, TargetLeg};
+use super::tls::GatewayCert;
+use super::wire::{Framed, ReadError};
+use crate::control_link::Counters;
+use crate::end::{Refusal, Side};
+use crate::recording::RecordingStream;
+use crate::session::{logged_login, WorkerCtx, RECORDING_UNAVAILABLE};
+use crate::startups::UserPermit;
+
+/// The TLS stream toward the user.
+pub type ClientTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The authentication method names in the audit log.
+pub const METHOD: &str = "nla";
+/// With a second factor.
+pub const METHOD_TOTP: &str = "nla+totp";
+
+/// Counts live connections for a graceful shutdown.
+pub(super) struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    fn new(live: &Arc<AtomicUsize>) -> LiveGuard {
+        live.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(live.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A session id: time plus randomness, as SSH sessions get.
+pub(super) fn new_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    format!(
+        "{:011x}{}",
+        now_ms(),
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+/// Counts a connection that failed before authenticating and logs it, rate-limited.
+pub(super) fn preauth_failure(ctx: &WorkerCtx, peer: SocketAddr, why: &str) {
+    Counters::bump(&ctx.counters.preauth_failures);
+    let allowed = match ctx.preauth_log.lock() {
+        Ok(mut l) => l.allow(Instant::now()),
+        Err(p) => p.into_inner().allow(Instant::now()),
+    };
+    if let Some(suppressed) = allowed {
+        info!(%peer, reason = %Escaped(why), suppressed, protocol = "rdp", "connection failed before authentication");
+    }
+}
+
+/// Who a session is for, once admitted.
+pub(super) struct SessionInfo {
+    pub(super) session_id: String,
+    pub(super) start_ms: u64,
+    pub(super) peer: SocketAddr,
+    pub(super) user: String,
+    pub(super) target: Target,
+    pub(super) account: Account,
+    pub(super) rules: psm_control_api::RdpChannels,
+}
+
+/// What the connection phase hands to the running session.
+pub(super) struct Admitted {
+    pub(super) info: SessionInfo,
+    pub(super) client: Framed<ClientTls>,
+    pub(super) leg: TargetLeg,
+    pub(super) recording: Option<RecordingStream>,
+    pub(super) user_permit: UserPermit,
+}
+
+/// Serves one accepted RDP connection to its end.
+pub async fn handle_rdp_connection(
+    ctx: Arc<WorkerCtx>,
+    cert: Arc<GatewayCert>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _live = LiveGuard::new(&ctx.live);
+    Counters::bump(&ctx.counters.connections);
+    let permit = match ctx.startups.admit(peer.ip()) {
+        Ok(p) => p,
+        Err(refusal) => {
+            Counters::bump(&ctx.counters.startups_refused);
+            preauth_failure(&ctx, peer, &format!("refused: {refusal}"));
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut phase = Phase {
+        ctx: &ctx,
+        peer,
+        session_id: new_id(),
+        start_ms: now_ms(),
+        login: None,
+    };
+    let mut shutdown = ctx.shutdown.clone();
+    let admitted = tokio::select! {
+        r = tokio::time::timeout(ctx.limits.login_grace, phase.run(&cert, stream)) => match r {
+            Ok(Some(a)) => a,
+            Ok(None) => return,
+            Err(_) => {
+                phase.grace_exceeded();
+                return;
+            }
+        },
+        _ = shutdown.wait_for(|s| *s) => return,
+    };
+    drop(permit);
+    super::live::run(&ctx, admitted).await;
+}
+
+/// The connection phase of one connection.
+struct Phase<'a> {
+    ctx: &'a WorkerCtx,
+    peer: SocketAddr,
+    session_id: String,
+    start_ms: u64,
+    /// The login, once the client named it in NTLM.
+    login: Option<String>,
+}
+
+/// Where a refused login stands.
+enum Fail {
+    /// Audited already; close.
+    Closed,
+}
+
+impl Phase<'_> {
+    fn source(&self) -> String {
+        self.peer.to_string()
+    }
+
+    /// An `auth_failure` audit event (method `nla`); `counted`: a wrong secret, counted toward
+    /// the rate limit and the lockout.
+    fn auth_failure(
+        &self,
+        login: &str,
+        method: &str,
+        reason: &str,
+        side: Option<Side>,
+        counted: bool,
+    ) {
+        let login = logged_login(login);
+        if counted {
+            self.ctx
+                .throttle
+                .failed(self.peer.ip(), Login::user_part(&login), now_ms());
+        }
+        Counters::bump(&self.ctx.counters.auth_failures);
+        info!(peer = %self.peer, login = %Escaped(&login), method, reason = %Escaped(reason), protocol = "rdp", "authentication failed");
+        self.ctx.audit.emit(AuditKind::AuthFailure {
+            login,
+            method: method.to_string(),
+            source: self.source(),
+            reason: reason.to_string(),
+            side: side.map(|s| s.to_string()).unwrap_or_default(),
+        });
+    }
+
+    /// A `session_denied` audit event.
+    fn denied(&self, login: &str, user: &str, r: &Refusal) {
+        info!(peer = %self.peer, login = %Escaped(login), reason = %Escaped(&r.reason), code = r.code, side = %r.side, protocol = "rdp", "session denied");
+        self.ctx.audit.emit(AuditKind::SessionDenied {
+            login: logged_login(login),
+            user: user.to_string(),
+            source: self.source(),
+            reason: r.reason.clone(),
+            reason_code: r.code.to_string(),
+            side: r.side.to_string(),
+            client_message: r.user_line.clone(),
+        });
+    }
+
+    fn grace_exceeded(&self) {
+        let why = "login grace time exceeded";
+        preauth_failure(self.ctx, self.peer, why);
+        let login = self.login.clone().unwrap_or_default();
+        self.auth_failure(&login, METHOD, why, Some(Side::Client), false);
+    }
+
+    /// A failure before the client named a user: logged (rate-limited) and audited.
+    fn early_failure(&self, why: &str) -> Option<Admitted> {
+        preauth_failure(self.ctx, self.peer, why);
+        self.auth_failure("", METHOD, why, Some(Side::Client), false);
+        None
+    }
+
+    async fn run(&mut self, cert: &GatewayCert, stream: TcpStream) -> Option<Admitted> {
+        let mut io = Framed::new(stream);
+        let cr = match io.read_pdu().await {
+            Ok(f) => f,
+            // a port scan or a health check: no audit event, as for SSH
+            Err(ReadError::Eof) => {
+                preauth_failure(self.ctx, self.peer, "closed before the X.224 request");
+                return None;
+            }
+            Err(e) => return self.early_failure(&format!("X.224 request: {e}")),
+        };
+        match negotiate(&cr) {
+            Err(e) => return self.early_failure(&e),
+            Ok(Negotiation::Refuse { failure, reason }) => {
+                let _ = io.send(&failure).await;
+                return self.early_failure(&reason);
+            }
+            Ok(Negotiation::Hybrid { confirm, .. }) => {
+                if io.send(&confirm).await.is_err() {
+                    return self.early_failure("connection lost after the X.224 negotiation");
+                }
+            }
+        }
+        if !io.buf.is_empty() {
+            return self.early_failure("client sent data before the TLS handshake");
+        }
+        let tls = match tokio_rustls::TlsAcceptor::from(cert.server.clone())
+            .accept(io.io)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => return self.early_failure(&format!("TLS handshake failed: {e}")),
+        };
+        let mut client = Framed::new(tls);
+        let (mut nla, login, held) = self.nla(cert, &mut client).await.ok()?;
+        let admitted = match self.admit(&login).await {
+            Ok((user, target, account, rules, recording, leg, user_permit)) => Admitted {
+                info: SessionInfo {
+                    session_id: self.session_id.clone(),
+                    start_ms: self.start_ms,
+                    peer: self.peer,
+                    user,
+                    target,
+                    account,
+                    rules,
+                },
+                client,
+                leg,
+                recording,
+                user_permit,
+            },
+            Err(Fail::Closed) => {
+                if let Some(r) = logon_failure(*held) {
+                    let _ = client.send(&r).await;
+                }
+                return None;
+            }
+        };
+        self.finish_nla(&mut nla, admitted, *held).await
+    }
+
+    /// CredSSP up to the held key proof: the user proved its password.
+    async fn nla(
+        &mut self,
+        cert: &GatewayCert,
+        client: &mut Framed<ClientTls>,
+    ) -> Result<(FrontNla, NlaLogin, Box<TsRequest>), Fail> {
+        let snap = self.ctx.policy.get();
+        let throttle = self.ctx.throttle.clone();
+        let ip = self.peer.ip();
+        let lookup = Box::new(move |l: &NlaLogin| {
+            let user = Login::user_part(&l.login);
+            let now = now_ms();
+            if throttle.limited(ip, user, now) {
+                return Err(
+                    "rate limited: too many failed logins from this address or for this user"
+                        .to_string(),
+                );
+            }
+            let u =
+                psm_control_api::policy::user_usable(&snap, user, now).map_err(|d| match d {
+                    Denial::UserLocked { .. } => "locked".to_string(),
+                    Denial::UserDisabled { .. } => "disabled".to_string(),
+                    Denial::UnknownUser { .. } => "unknown user".to_string(),
+                    other => other.to_string(),
+                })?;
+            u.nt_hash.clone().ok_or_else(|| {
+                "no NT hash for this user: RDP needs the password set again with psmctl".to_string()
+            })
+        });
+        let mut nla =
+            match FrontNla::new(cert.public_key.clone(), &self.peer.ip().to_string(), lookup) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.early_failure(&format!("cannot start CredSSP: {e}"));
+                    return Err(Fail::Closed);
+                }
+            };
+        loop {
+            let bytes = match client.read_ts_request().await {
+                Ok(b) => b,
+                Err(e) => {
+                    let why = format!("CredSSP: {e}");
+                    match self.login.clone() {
+                        Some(l) => self.auth_failure(&l, METHOD, &why, Some(Side::Client), false),
+                        None => {
+                            self.early_failure(&why);
+                        }
+                    }
+                    return Err(Fail::Closed);
+                }
+            };
+            match nla.step(&bytes) {
+                Step::Reply(r) => {
+                    if client.send(&r).await.is_err() {
+                        self.early_failure("connection lost during CredSSP");
+                        return Err(Fail::Closed);
+                    }
+                }
+                Step::Verified { login, reply } => {
+                    self.login = Some(login.login.clone());
+                    return Ok((nla, login, reply));
+                }
+                Step::Done => {
+                    self.early_failure("CredSSP ended before the user was verified");
+                    return Err(Fail::Closed);
+                }
+                Step::Failed {
+                    reply,
+                    login,
+                    reason,
+                    wrong_secret,
+                } => {
+                    if let Some(r) = reply {
+                        let _ = client.send(&r).await;
+                    }
+                    let counted = wrong_secret && !reason.starts_with("rate limited");
+                    match login {
+                        Some(l) => self.auth_failure(&l.login, METHOD, &reason, None, counted),
+                        None => {
+                            self.early_failure(&reason);
+                        }
+                    }
+                    return Err(Fail::Closed);
+                }
+            }
+        }
+    }
+
+    /// The second factor, the decision, the recording and the target login.
+    #[allow(clippy::type_complexity)]
+    async fn admit(
+        &self,
+        login: &NlaLogin,
+    ) -> Result<
+        (
+            String,
+            Target,
+            Account,
+            psm_control_api::RdpChannels,
+            Option<RecordingStream>,
+            TargetLeg,
+            UserPermit,
+        ),
+        Fail,
+    > {
+        let text = login.login.as_str();
+        let user = Login::user_part(text).to_string();
+        let snap = self.ctx.policy.get();
+        let parsed = Login::parse(text);
+        let now = now_ms();
+        let ip = self.peer.ip();
+        let decision = parsed.as_ref().ok().map(|l| {
+            decide(
+                &snap,
+                &Attempt {
+                    user: &user,
+                    account: &l.account,
+                    target: &l.target,
+                    source: ip,
+                    now_ms: now,
+                },
+            )
+        });
+        let need_code = match &decision {
+            Some(Ok(p)) => {
+                p.mfa
+                    && !p
+                        .conditions()
+                        .mfa_cache_ms
+                        .is_some_and(|ms| self.ctx.mfa.cached(&user, ip, ms, now))
+            }
+            _ => snap.mfa_required,
+        };
+        let mut method = METHOD;
+        if need_code {
+            method = METHOD_TOTP;
+            let Some(code) = &login.code else {
+                self.auth_failure(
+                    text,
+                    method,
+                    "second factor missing: give the verification code as the domain (/d:123456)",
+                    None,
+                    true,
+                );
+                return Err(Fail::Closed);
+            };
+            let verdict = match snap.user(&user) {
+                Some(u) => self.ctx.mfa.verify(u, code, now),
+                None => Err(crate::mfa::MfaFailure::NotEnrolled),
+            };
+            match verdict {
+                Ok(step) => {
+                    self.ctx.audit.report(RelayToControl::MfaUsed {
+                        user: user.clone(),
+                        step,
+                    });
+                    self.ctx.mfa.remember(&user, ip, now);
+                }
+                Err(f) => {
+                    self.auth_failure(text, method, f.reason(), None, true);
+                    return Err(Fail::Closed);
+                }
+            }
+        }
+        let user_permit = match self.ctx.user_slots.admit(&user) {
+            Ok(p) => p,
+            Err(refusal) => {
+                self.auth_failure(
+                    text,
+                    method,
+                    &format!("connection refused: {refusal}"),
+                    Some(Side::Internal),
+                    false,
+                );
+                return Err(Fail::Closed);
+            }
+        };
+        info!(peer = %self.peer, login = %Escaped(text), user = %Escaped(&user), method, protocol = "rdp", "authenticated");
+        self.ctx.audit.emit(AuditKind::AuthSuccess {
+            login: logged_login(text),
+            user: user.clone(),
+            method: method.to_string(),
+            source: self.source(),
+        });
+        let deny = |r: Refusal| {
+            self.denied(text, &user, &r);
+            Fail::Closed
+        };
+        let permit = match decision {
+            Some(Ok(p)) => p,
+            Some(Err(d)) => return Err(deny(Refusal::policy(&d))),
+            None => {
+                let why = parsed.err().map(|e| e.to_string()).unwrap_or_default();
+                return Err(deny(Refusal::new(
+                    Side::Client,
+                    "malformed_login",
+                    why,
+                    format!(
+                        "psm: malformed login '{}': use /u:<user>@<account>@<target>",
+                        crate::escape_short(text)
+                    ),
+                )));
+            }
+        };
+        let (target, account) = (permit.target.clone(), permit.account.clone());
+        let conditions = permit.conditions().clone();
+        if target.protocol != Protocol::Rdp {
+            return Err(deny(Refusal::new(
+                Side::Policy,
+                "protocol_mismatch",
+                format!(
+                    "target {} is a {} target, not rdp",
+                    target.name, target.protocol
+                ),
+                format!("psm: {} is not an RDP target", target.name),
+            )));
+        }
+        if conditions.approval.is_some() {
+            return Err(deny(Refusal::new(
+                Side::Policy,
+                "approval_unsupported",
+                format!(
+                    "the grant for {}@{} needs an approval, which RDP logins cannot ask for yet",
+                    account.username, target.name
+                ),
+                "psm: this account needs an approval; request it over SSH first".into(),
+            )));
+        }
+        if conditions.reason_required {
+            return Err(deny(Refusal::new(
+                Side::Policy,
+                "reason_unsupported",
+                format!(
+                    "the grant for {}@{} needs a reason, which RDP logins cannot give yet",
+                    account.username, target.name
+                ),
+                "psm: this account needs a reason, which RDP cannot give yet".into(),
+            )));
+        }
+        // the recording is confirmed open before the target sees the login
+        let meta = RecordingMeta {
+            protocol: psm_recorder_format::wire::rdp::PROTOCOL.to_string(),
+            recording_id: self.session_id.clone(),
+            session_id: self.session_id.clone(),
+            user: user.clone(),
+            target: target.name.clone(),
+            account: account.username.clone(),
+            source: self.source(),
+            start_ms: self.start_ms,
+        };
+        let recording = match self.ctx.recorder.open(meta).await {
+            Ok(r) => Some(r),
+            Err(e) if snap.recording_required => {
+                return Err(deny(Refusal::new(
+                    Side::Recorder,
+                    "recording_unavailable",
+                    format!("session recording unavailable: {e}"),
+                    RECORDING_UNAVAILABLE.into(),
+                )));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "recording not required; the session runs unrecorded");
+                None
+            }
+        };
+        match target::connect(&target, &account).await {
+            Ok(leg) => Ok((
+                user.clone(),
+                target,
+                account,
+                conditions.rdp,
+                recording,
+                leg,
+                user_permit,
+            )),
+            Err(e) => {
+                if let Some(rec) = recording {
+                    rec.discard().await;
+                }
+                Err(deny(Refusal::new(
+                    Side::Target,
+                    e.code(),
+                    format!("{}: {e}", target.name),
+                    e.user_line(&target.name),
+                )))
+            }
+        }
+    }
+
+    /// Sends the held key proof and reads the client's delegated credentials (dropped).
+    async fn finish_nla(
+        &self,
+        nla: &mut FrontNla,
+        mut admitted: Admitted,
+        held: TsRequest,
+    ) -> Option<Admitted> {
+        let login = self.login.clone().unwrap_or_default();
+        let fail = |why: String| {
+            self.auth_failure(&login, METHOD, &why, Some(Side::Client), false);
+        };
+        let sent = match encode(&held) {
+            Ok(b) => admitted.client.send(&b).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let result = match sent {
+            Err(e) => Err(format!("CredSSP: cannot send the key proof: {e}")),
+            Ok(()) => match admitted.client.read_ts_request().await {
+                Err(e) => Err(format!("CredSSP: client did not finish: {e}")),
+                Ok(bytes) => match nla.step(&bytes) {
+                    Step::Done => Ok(()),
+                    Step::Failed { reason, .. } => Err(format!("CredSSP: {reason}")),
+                    _ => Err("CredSSP: unexpected message after the key proof".into()),
+                },
+            },
+        };
+        match result {
+            Ok(()) => Some(admitted),
+            Err(why) => {
+                fail(why);
+                if let Some(rec) = admitted.recording.take() {
+                    rec.discard().await;
+                }
+                None
+            }
+        }
+    }
+}
