@@ -140,6 +140,8 @@ pub enum Command {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Write a ready .rdp file for USER to open ACCOUNT@TARGET through psm (to standard output).
+    RdpFile(crate::cli_rdp::RdpFileArgs),
 }
 
 /// `--json` for `status`.
@@ -162,6 +164,10 @@ pub struct JsonFlag {
 #[derive(Debug, Subcommand)]
 pub enum UserCmd {
     /// Add a user with a password (read from stdin) and/or SSH public keys.
+    ///
+    /// Along with the password psm keeps its NT hash, sealed in the vault, which RDP logins
+    /// (NLA) need. Users whose password was set before psm kept it cannot log in over RDP until
+    /// their password is set again (`user passwd`); `user list` shows who can (column RDP).
     #[command(group(ArgGroup::new("credentials").required(true).multiple(true).args(["password_stdin", "ssh_key"])))]
     Add {
         /// User name.
@@ -214,23 +220,31 @@ pub enum UserCmd {
 /// `psmctl target …`
 #[derive(Debug, Subcommand)]
 pub enum TargetCmd {
-    /// Add a target and pin its SSH host key.
-    #[command(group(ArgGroup::new("pin").required(true).args(["host_key", "scan"])))]
+    /// Add a target and pin its SSH host key (or, for RDP, its TLS certificate).
+    #[command(group(ArgGroup::new("pin").required(true).args(["host_key", "cert_fingerprint", "scan"])))]
     Add {
         /// Target name (used in logins: user@account@NAME).
         name: String,
-        /// Where the target listens.
+        /// Where the target listens (for RDP the port defaults to 3389).
         #[arg(long, value_name = "HOST:PORT")]
         address: String,
-        /// The host key to pin, OpenSSH form (`ssh-ed25519 AAAA…`).
+        /// How the relay talks to the target: ssh (default) or rdp.
+        #[arg(long, value_name = "ssh|rdp", default_value = "ssh")]
+        protocol: psm_control_api::Protocol,
+        /// The host key to pin, OpenSSH form (`ssh-ed25519 AAAA…`); SSH targets.
         #[arg(long, value_name = "KEY")]
         host_key: Option<String>,
-        /// Connect to the target and pin the host key it shows (ed25519 preferred).
+        /// The TLS certificate to pin, `SHA256:<base64>` (or the hex of
+        /// `openssl x509 -fingerprint -sha256`); RDP targets.
+        #[arg(long, value_name = "SHA256:…")]
+        cert_fingerprint: Option<String>,
+        /// Connect to the target and pin the host key (SSH, ed25519 preferred) or the TLS
+        /// certificate (RDP) it shows.
         #[arg(long)]
         scan: bool,
     },
     /// Change a target's address and/or pinned host key; its accounts and grants stay.
-    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["address", "host_key", "scan"])))]
+    #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["address", "host_key", "cert_fingerprint", "scan"])))]
     Update {
         /// Target name.
         name: String,
@@ -238,8 +252,11 @@ pub enum TargetCmd {
         #[arg(long, value_name = "HOST:PORT")]
         address: Option<String>,
         /// The new host key to pin, OpenSSH form (`ssh-ed25519 AAAA…`).
-        #[arg(long, value_name = "KEY", conflicts_with = "scan")]
+        #[arg(long, value_name = "KEY", conflicts_with_all = ["scan", "cert_fingerprint"])]
         host_key: Option<String>,
+        /// The new TLS certificate fingerprint to pin, `SHA256:…` (RDP targets).
+        #[arg(long, value_name = "SHA256:…", conflicts_with = "scan")]
+        cert_fingerprint: Option<String>,
         /// Connect to the target (at its new address, if given) and pin the host key it shows.
         #[arg(long)]
         scan: bool,
@@ -267,6 +284,9 @@ pub enum AccountCmd {
         /// An unencrypted OpenSSH private key file.
         #[arg(long, value_name = "FILE")]
         private_key: Option<PathBuf>,
+        /// The account's Windows domain (RDP targets; default: a local account).
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
     },
     /// Remove an account and the grants on it.
     Remove {
@@ -459,6 +479,9 @@ pub enum CliError {
     /// A host-key scan failed.
     #[error(transparent)]
     Scan(#[from] ScanError),
+    /// An RDP certificate scan failed.
+    #[error(transparent)]
+    RdpScan(#[from] crate::scan_rdp::RdpScanError),
     /// A recording could not be read.
     #[error(transparent)]
     Recording(#[from] recordings::RecordingError),
@@ -631,6 +654,7 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
             }
         }
         Command::Recordings { cmd } => recordings_cmd(&data_dir, cmd, out),
+        Command::RdpFile(args) => crate::cli_rdp::rdp_file(&data_dir, args, out),
         Command::Status(f) => {
             let s: StatusInfo = Client::connect(&data_dir)?.call_as(&Request::Status)?;
             if f.json {
@@ -880,12 +904,15 @@ fn user(
                             .map(|k| validate::fingerprint(k))
                             .collect::<Vec<_>>()
                             .join(", "),
+                        crate::cli_rdp::user_rdp_column(u).to_string(),
                     ]
                 })
                 .collect();
             write_table(
                 out,
-                &["NAME", "PASSWORD", "MFA", "GROUPS", "STATE", "SSH KEYS"],
+                &[
+                    "NAME", "PASSWORD", "MFA", "GROUPS", "STATE", "SSH KEYS", "RDP",
+                ],
                 &rows,
             )?;
             Ok(())
@@ -918,11 +945,25 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
         TargetCmd::Add {
             name,
             address,
+            protocol,
             host_key,
+            cert_fingerprint,
             scan,
         } => {
             validate::target_name(&name)?;
-            let address = validate::address(&address)?;
+            let address = validate::address_for(protocol, &address)?;
+            if protocol == psm_control_api::Protocol::Rdp || cert_fingerprint.is_some() {
+                return crate::cli_rdp::target_add(
+                    data_dir,
+                    name,
+                    address,
+                    protocol,
+                    host_key,
+                    cert_fingerprint,
+                    scan,
+                    out,
+                );
+            }
             let mut client = Client::connect(data_dir)?;
             let host_key = match (host_key, scan) {
                 (Some(k), false) => validate::host_key(&k)?,
@@ -954,6 +995,7 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
                     name,
                     address,
                     host_key,
+                    protocol,
                 },
             )
         }
@@ -961,12 +1003,32 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
             name,
             address,
             host_key,
+            cert_fingerprint,
             scan,
         } => {
             validate::target_name(&name)?;
+            let mut client = Client::connect(data_dir)?;
+            // an RDP target pins its certificate: see cli_rdp
+            let current = find_target(&mut client, &name)?;
+            if let Some(t) = current
+                .as_ref()
+                .filter(|t| t.protocol == psm_control_api::Protocol::Rdp)
+            {
+                let pin = cert_fingerprint.or(host_key);
+                return crate::cli_rdp::update_rdp(&mut client, t, address, pin, scan, out);
+            }
+            if cert_fingerprint.is_some() {
+                return Err(match current {
+                    Some(_) => CliError::Usage(format!(
+                        "target '{name}' is an SSH target: pin its host key with --host-key or --scan"
+                    )),
+                    None => CliError::Client(ClientError::Refused(format!(
+                        "unknown target '{name}'"
+                    ))),
+                });
+            }
             let address = address.as_deref().map(validate::address).transpose()?;
             let host_key = host_key.as_deref().map(validate::host_key).transpose()?;
-            let mut client = Client::connect(data_dir)?;
             let host_key = if scan {
                 let Some(current) = find_target(&mut client, &name)? else {
                     return Err(CliError::Client(ClientError::Refused(format!(
@@ -1004,6 +1066,12 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
             if f.json {
                 return print_json(out, &list);
             }
+            if list
+                .iter()
+                .any(|t| t.protocol == psm_control_api::Protocol::Rdp)
+            {
+                return crate::cli_rdp::print_targets(out, &list);
+            }
             let rows: Vec<Vec<String>> = list
                 .iter()
                 .map(|t| vec![t.name.clone(), t.address.clone(), t.fingerprint.clone()])
@@ -1031,8 +1099,12 @@ fn account(
             account,
             password_stdin,
             private_key,
+            domain,
         } => {
             let (username, target) = validate::split_account(&account)?;
+            if let Some(d) = &domain {
+                validate::domain(d)?;
+            }
             let credential = match (password_stdin, private_key) {
                 (true, None) => None,
                 (false, Some(path)) => {
@@ -1061,6 +1133,7 @@ fn account(
                     target,
                     username,
                     credential,
+                    domain,
                 },
             )
         }
@@ -1077,6 +1150,9 @@ fn account(
                 Client::connect(data_dir)?.call_as(&Request::AccountList)?;
             if f.json {
                 return print_json(out, &list);
+            }
+            if list.iter().any(|a| a.domain.is_some()) {
+                return crate::cli_rdp::print_accounts(out, &list);
             }
             let rows: Vec<Vec<String>> = list
                 .iter()
@@ -1159,11 +1235,14 @@ fn print_sessions(
     if json {
         return print_json(out, list);
     }
+    let rdp = list
+        .iter()
+        .any(|i| i.protocol == psm_control_api::Protocol::Rdp);
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|i| {
             let s = &i.session;
-            vec![
+            let mut row = vec![
                 s.session_id.clone(),
                 s.user.clone(),
                 format!("{}@{}", s.account, s.target),
@@ -1181,26 +1260,31 @@ fn print_sessions(
                     .as_deref()
                     .map(psm_control_api::escape)
                     .unwrap_or_default(),
-            ]
+            ];
+            if rdp {
+                // a protocol column only where RDP sessions are listed: SSH-only output stays
+                row.insert(3, i.protocol.to_string());
+            }
+            row
         })
         .collect();
-    write_table(
-        out,
-        &[
-            "SESSION",
-            "USER",
-            "ACCOUNT",
-            "SOURCE",
-            "STARTED (UTC)",
-            "DURATION",
-            "UP",
-            "DOWN",
-            "RELAY/WORKER",
-            "RECORDING",
-            "REASON",
-        ],
-        &rows,
-    )?;
+    let mut headers = vec![
+        "SESSION",
+        "USER",
+        "ACCOUNT",
+        "SOURCE",
+        "STARTED (UTC)",
+        "DURATION",
+        "UP",
+        "DOWN",
+        "RELAY/WORKER",
+        "RECORDING",
+        "REASON",
+    ];
+    if rdp {
+        headers.insert(3, "PROTOCOL");
+    }
+    write_table(out, &headers, &rows)?;
     Ok(())
 }
 
@@ -2194,6 +2278,7 @@ mod tests {
             relay: "r-1".into(),
             bytes_up: 10,
             bytes_down: 20,
+            protocol: Default::default(),
         };
         let mut out = Vec::new();
         print_sessions(&mut out, &[s], false, 1_700_000_065_000).expect("print");

@@ -78,6 +78,30 @@ pub struct ConditionFlags {
     /// allow-list grant).
     #[arg(long, value_name = "allow|deny")]
     pub commands_default: Option<String>,
+    /// RDP: which way the clipboard may carry data (default none). SSH sessions ignore the
+    /// RDP flags, and RDP sessions the SSH-only ones (--allow, --forward-to, --allow-env,
+    /// command rules).
+    #[arg(
+        long,
+        value_name = "none|to-target|from-target|both",
+        help_heading = "RDP"
+    )]
+    pub clipboard: Option<psm_control_api::ClipboardRule>,
+    /// RDP: allow drive redirection.
+    #[arg(long, help_heading = "RDP")]
+    pub drive: bool,
+    /// RDP: allow printer redirection.
+    #[arg(long, help_heading = "RDP")]
+    pub printer: bool,
+    /// RDP: allow smart-card redirection.
+    #[arg(long, help_heading = "RDP")]
+    pub smartcard: bool,
+    /// RDP: no audio (sound output and microphone); audio is allowed by default.
+    #[arg(long, help_heading = "RDP")]
+    pub no_audio: bool,
+    /// RDP: allow another static or dynamic virtual channel by name (repeat for more).
+    #[arg(long = "rdp-channel", value_name = "NAME", help_heading = "RDP")]
+    pub rdp_channel: Vec<String>,
 }
 
 fn usage(e: String) -> CliError {
@@ -166,6 +190,14 @@ impl ConditionFlags {
             }
         };
         c.mfa = self.mfa || c.mfa_cache_ms.is_some();
+        c.rdp = psm_control_api::RdpChannels {
+            clipboard: self.clipboard.unwrap_or_default(),
+            drive: self.drive,
+            printer: self.printer,
+            smartcard: self.smartcard,
+            audio: !self.no_audio,
+            channels: self.rdp_channel.clone(),
+        };
         match (self.approval, &self.approvers) {
             (Some(count), Some(group)) => {
                 let group = group.strip_prefix('@').unwrap_or(group).to_string();

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use psm_control_api::{
     decode_line, encode_line, AuditEvent, AuditKind, ControlToRelay, PasswordHash, PolicySnapshot,
-    RelayToControl, Secret, MAX_LINE,
+    Protocol, RelayToControl, Secret, MAX_LINE,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -530,9 +530,16 @@ impl Shared {
                     Ok(h) => h,
                     Err(e) => return Response::error(e),
                 };
+                // RDP's NLA checks users by the NT hash of their password: kept sealed.
+                let nt = password.as_ref().map(|p| crate::ntlm::nt_hash(p.expose()));
                 drop(password);
                 self.change(actor, "user add", name.clone(), |s, _| {
-                    let v = s.add_user(&name, hash.as_ref(), &ssh_keys)?;
+                    let v = s.add_user_with_nt_hash(
+                        &self.vault,
+                        &name,
+                        hash.as_ref().zip(nt.as_ref()),
+                        &ssh_keys,
+                    )?;
                     let mut how = Vec::new();
                     if hash.is_some() {
                         how.push("password".to_string());
@@ -548,9 +555,10 @@ impl Shared {
                     Ok(h) => h,
                     Err(e) => return Response::error(e),
                 };
+                let nt = crate::ntlm::nt_hash(password.expose());
                 drop(password);
                 self.change(actor, "user passwd", name.clone(), |s, _| {
-                    let v = s.set_password(&name, &hash)?;
+                    let v = s.set_password_with_nt_hash(&self.vault, &name, &hash, &nt)?;
                     Ok((v, format!("changed the password of user {name}")))
                 })
             }
@@ -568,15 +576,32 @@ impl Shared {
                 name,
                 address,
                 host_key,
+                protocol,
             } => {
-                let object = format!(
-                    "{name} ({}, {})",
-                    address.trim(),
-                    validate::fingerprint(&host_key)
-                );
+                let object = match protocol {
+                    Protocol::Ssh => format!(
+                        "{name} ({}, {})",
+                        address.trim(),
+                        validate::fingerprint(&host_key)
+                    ),
+                    Protocol::Rdp => format!(
+                        "{name} (rdp, {}, certificate {})",
+                        address.trim(),
+                        validate::fingerprint(&host_key)
+                    ),
+                };
                 self.change(actor, "target add", object, |s, _| {
-                    let v = s.add_target(&name, &address, &host_key)?;
-                    Ok((v, format!("added target {name} ({})", address.trim())))
+                    let v = s.add_target_with(&name, &address, &host_key, protocol)?;
+                    Ok(match protocol {
+                        Protocol::Ssh => (v, format!("added target {name} ({})", address.trim())),
+                        Protocol::Rdp => (
+                            v,
+                            format!(
+                                "added RDP target {name} ({})",
+                                validate::address_for(protocol, &address)?
+                            ),
+                        ),
+                    })
                 })
             }
             Request::TargetUpdate {
@@ -595,11 +620,15 @@ impl Shared {
                 }
                 if let Some(k) = &host_key {
                     let fp = validate::fingerprint(k);
+                    let pin = match before.protocol {
+                        Protocol::Ssh => "host key",
+                        Protocol::Rdp => "certificate",
+                    };
                     what.push(format!(
-                        "host key {} -> {fp}",
+                        "{pin} {} -> {fp}",
                         validate::fingerprint(&before.host_key)
                     ));
-                    said.push(format!("host key {fp}"));
+                    said.push(format!("{pin} {fp}"));
                 }
                 *object = format!("{name} ({})", what.join(", "));
                 Ok((v, format!("updated target {name} ({})", said.join(", "))))
@@ -618,12 +647,23 @@ impl Shared {
                 target,
                 username,
                 credential,
+                domain,
             } => {
                 let kind = CredentialKind::of(&credential).as_str();
-                let object = format!("{username}@{target} ({kind})");
+                let what = match &domain {
+                    Some(d) => format!("{kind}, domain {}", psm_control_api::escape(d)),
+                    None => kind.to_string(),
+                };
+                let object = format!("{username}@{target} ({what})");
                 self.change(actor, "account add", object, |s, _| {
-                    let v = s.add_account(&self.vault, &target, &username, &credential)?;
-                    Ok((v, format!("added account {username}@{target} ({kind})")))
+                    let v = s.add_account_with(
+                        &self.vault,
+                        &target,
+                        &username,
+                        &credential,
+                        domain.as_deref(),
+                    )?;
+                    Ok((v, format!("added account {username}@{target} ({what})")))
                 })
             }
             Request::AccountRemove { target, username } => self.change(
@@ -684,12 +724,21 @@ impl Shared {
             }
             Request::GrantList => self.read(|s| s.list_grants()),
             Request::SessionsList => {
+                // the protocol of each session's target, from the store (a sessions list is rare)
+                let protocols: HashMap<String, Protocol> = lock(&self.store)
+                    .list_targets()
+                    .map(|ts| ts.into_iter().map(|t| (t.name, t.protocol)).collect())
+                    .unwrap_or_default();
                 let mut list: Vec<SessionInfo> = lock(&self.sessions)
                     .values()
                     .filter(|s| s.lost.is_none())
                     .map(|s| SessionInfo {
                         bytes_up: s.bytes_up,
                         bytes_down: s.bytes_down,
+                        protocol: protocols
+                            .get(&s.info.session.target)
+                            .copied()
+                            .unwrap_or_default(),
                         ..s.info.clone()
                     })
                     .collect();
@@ -742,6 +791,7 @@ impl Shared {
                             relay: relay_id.to_string(),
                             bytes_up: 0,
                             bytes_down: 0,
+                            protocol: Protocol::Ssh,
                         },
                     ),
                 );
@@ -1007,6 +1057,7 @@ async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: u64) {
                 relay: relay_id.clone(),
                 bytes_up: 0,
                 bytes_down: 0,
+                protocol: Protocol::Ssh,
             };
             match sessions.get_mut(&id) {
                 Some(s) => {
@@ -1499,6 +1550,7 @@ mod tests {
             name: "web01".into(),
             address: "127.0.0.1:22".into(),
             host_key: USER_PUB.into(),
+            protocol: Protocol::Ssh,
         })
         .await;
         relay.snapshot().await;
@@ -1506,6 +1558,7 @@ mod tests {
             target: "web01".into(),
             username: "root".into(),
             credential: Credential::Password(Secret::new("hunter2".into())),
+            domain: None,
         })
         .await;
         relay.snapshot().await;
@@ -1812,12 +1865,14 @@ mod tests {
             name: "web01".into(),
             address: "127.0.0.1:22".into(),
             host_key: USER_PUB.into(),
+            protocol: Protocol::Ssh,
         })
         .await;
         d.change(Request::AccountAdd {
             target: "web01".into(),
             username: "root".into(),
             credential: Credential::Password(Secret::new("hunter2".into())),
+            domain: None,
         })
         .await;
         d.change(Request::GrantAdd {

@@ -14,7 +14,7 @@
 //!
 //! What it does not do: I/O (see [`crate::client`] and [`crate::daemon`]).
 
-use psm_control_api::{Conditions, Credential, Secret};
+use psm_control_api::{Conditions, Credential, Protocol, Secret};
 use serde::{Deserialize, Serialize};
 
 /// Longest request line the daemon accepts.
@@ -59,8 +59,11 @@ pub enum Request {
         name: String,
         /// `host:port`.
         address: String,
-        /// Pinned host key, OpenSSH form.
+        /// Pinned host key, OpenSSH form (SSH); certificate fingerprint `SHA256:…` (RDP).
         host_key: String,
+        /// How the relay talks to it (default SSH).
+        #[serde(default, skip_serializing_if = "Protocol::is_ssh")]
+        protocol: Protocol,
     },
     /// Removes a target with its accounts and their grants. Result: [`Changed`].
     TargetRemove {
@@ -75,7 +78,7 @@ pub enum Request {
         /// New `host:port`, if it changes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<String>,
-        /// New pinned host key, OpenSSH form, if it changes.
+        /// New pin, if it changes: host key, OpenSSH form (SSH); certificate fingerprint (RDP).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         host_key: Option<String>,
     },
@@ -89,6 +92,9 @@ pub enum Request {
         username: String,
         /// The credential.
         credential: Credential,
+        /// Windows domain (accounts on RDP targets only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        domain: Option<String>,
     },
     /// Removes an account and the grants on it. Result: [`Changed`].
     AccountRemove {
@@ -390,6 +396,10 @@ pub struct UserInfo {
     /// Enrolled for TOTP.
     #[serde(default)]
     pub mfa: bool,
+    /// Has the NT hash of the password that RDP logins need (set with the password since
+    /// psm supports RDP; older passwords have none until changed).
+    #[serde(default)]
+    pub rdp: bool,
 }
 
 /// A target as listed.
@@ -399,13 +409,16 @@ pub struct TargetInfo {
     pub name: String,
     /// `host:port`.
     pub address: String,
-    /// Pinned host key, `type base64`.
+    /// Pinned host key, `type base64` (SSH); certificate fingerprint `SHA256:…` (RDP).
     pub host_key: String,
-    /// `ssh-ed25519 SHA256:…` of the pinned key.
+    /// `ssh-ed25519 SHA256:…` of the pinned key (SSH); the certificate fingerprint (RDP).
     pub fingerprint: String,
     /// Target groups.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// `ssh` or `rdp`.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Which kind of credential an account holds.
@@ -452,6 +465,9 @@ pub struct AccountInfo {
     pub username: String,
     /// Credential kind.
     pub kind: CredentialKind,
+    /// Windows domain (RDP accounts; none: a local account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// A grant as listed.
@@ -481,6 +497,9 @@ pub struct SessionInfo {
     /// Bytes from the target to the user, as last reported by the relay.
     #[serde(default)]
     pub bytes_down: u64,
+    /// The target's protocol (`ssh` or `rdp`), from the policy as psm-control has it now.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// A relay connected to `policy.sock`.
@@ -585,6 +604,7 @@ mod tests {
             target: "web01".into(),
             username: "root".into(),
             credential: Credential::Password(Secret::new("hunter2".into())),
+            domain: None,
         };
         assert!(!format!("{add:?}").contains("hunter2"));
         assert!(add.is_change());

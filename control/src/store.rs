@@ -1,7 +1,8 @@
 //! The policy store: `psm.db` (SQLite).
 //!
-//! Tables: `users`, `user_keys`, `targets`, `accounts` (credentials sealed by the
-//! [`Vault`]), `grants`, and `meta` (the policy version). Every change runs in one transaction
+//! Tables: `users` (with the NT hash RDP needs, sealed by the [`Vault`]), `user_keys`, `targets`
+//! (SSH or RDP), `accounts` (credentials sealed by the [`Vault`]), `grants`, and `meta` (the
+//! policy version). Every change runs in one transaction
 //! that also bumps the policy version, so the version in a snapshot always names one state of
 //! the store. References (a grant to a user, target and account) are checked in code first, for
 //! clear errors, and backed by SQLite foreign keys.
@@ -14,13 +15,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use psm_control_api::{
-    Account, Conditions, Credential, Grant, PasswordHash, PolicySnapshot, Secret, Target, User,
+    Account, Conditions, Credential, Grant, PasswordHash, PolicySnapshot, Protocol, Secret, Target,
+    User,
 };
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::protocol::{AccountInfo, CredentialKind, GrantInfo, TargetInfo, UserInfo};
 use crate::validate::{self, Invalid};
-use crate::vault::{account_aad, totp_aad, Vault, VaultError};
+use crate::vault::{account_aad, nt_hash_aad, totp_aad, Vault, VaultError};
 
 mod governance;
 mod import;
@@ -28,7 +30,7 @@ pub use governance::{GroupInfo, Lockout};
 pub use import::{ImportReport, PolicyDoc};
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -117,6 +119,15 @@ CREATE TABLE command_rules (
 );
 ";
 
+/// Version 4 (RDP): a target's protocol (existing targets are SSH), an account's Windows domain,
+/// and a user's NT hash, sealed by the vault (users whose password predates it have none until
+/// their next password change).
+const SCHEMA_V4: &str = "
+ALTER TABLE targets ADD COLUMN protocol TEXT NOT NULL DEFAULT 'ssh' CHECK (protocol IN ('ssh', 'rdp'));
+ALTER TABLE accounts ADD COLUMN domain TEXT;
+ALTER TABLE users ADD COLUMN nt_hash BLOB;
+";
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -189,6 +200,12 @@ impl Store {
             let tx = conn.transaction()?;
             tx.execute_batch(SCHEMA_V3)?;
             tx.pragma_update(None, "user_version", 3)?;
+            tx.commit()?;
+        }
+        if version < 4 {
+            let tx = conn.transaction()?;
+            tx.execute_batch(SCHEMA_V4)?;
+            tx.pragma_update(None, "user_version", 4)?;
             tx.commit()?;
         }
         // Sanity read, so a damaged file fails at open rather than on first use.
@@ -264,6 +281,32 @@ impl Store {
         password: Option<&PasswordHash>,
         ssh_keys: &[String],
     ) -> Result<u64, StoreError> {
+        self.insert_user(name, password, None, ssh_keys)
+    }
+
+    /// Like [`Store::add_user`], also keeping the password's NT hash (see [`crate::ntlm`])
+    /// sealed by `vault`, so that the user can log in over RDP.
+    pub fn add_user_with_nt_hash(
+        &mut self,
+        vault: &Vault,
+        name: &str,
+        password: Option<(&PasswordHash, &Secret)>,
+        ssh_keys: &[String],
+    ) -> Result<u64, StoreError> {
+        let sealed = match password {
+            Some((_, nt)) => Some(seal_nt_hash(vault, name, nt)?),
+            None => None,
+        };
+        self.insert_user(name, password.map(|(h, _)| h), sealed, ssh_keys)
+    }
+
+    fn insert_user(
+        &mut self,
+        name: &str,
+        password: Option<&PasswordHash>,
+        sealed_nt_hash: Option<Vec<u8>>,
+        ssh_keys: &[String],
+    ) -> Result<u64, StoreError> {
         validate::user_name(name)?;
         if password.is_none() && ssh_keys.is_empty() {
             return Err(Invalid(format!(
@@ -293,8 +336,8 @@ impl Store {
             )));
         }
         tx.execute(
-            "INSERT INTO users (name, password) VALUES (?1, ?2)",
-            params![name, password_json],
+            "INSERT INTO users (name, password, nt_hash) VALUES (?1, ?2, ?3)",
+            params![name, password_json, sealed_nt_hash],
         )?;
         for (full, material) in &keys {
             tx.execute(
@@ -324,16 +367,37 @@ impl Store {
         })
     }
 
-    /// Replaces the password verifier of an existing user (their keys and grants stay).
-    /// Returns the new policy version.
+    /// Replaces the password verifier of an existing user (their keys and grants stay); the NT
+    /// hash of the old password goes (it would no longer match). Returns the new policy version.
     pub fn set_password(&mut self, name: &str, password: &PasswordHash) -> Result<u64, StoreError> {
+        self.update_password(name, password, None)
+    }
+
+    /// Like [`Store::set_password`], keeping the new password's NT hash sealed by `vault`.
+    pub fn set_password_with_nt_hash(
+        &mut self,
+        vault: &Vault,
+        name: &str,
+        password: &PasswordHash,
+        nt_hash: &Secret,
+    ) -> Result<u64, StoreError> {
+        let sealed = seal_nt_hash(vault, name, nt_hash)?;
+        self.update_password(name, password, Some(sealed))
+    }
+
+    fn update_password(
+        &mut self,
+        name: &str,
+        password: &PasswordHash,
+        sealed_nt_hash: Option<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
         check_hash(password)?;
         let json =
             serde_json::to_string(password).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let tx = self.conn.transaction()?;
         let n = tx.execute(
-            "UPDATE users SET password = ?2 WHERE name = ?1",
-            params![name, json],
+            "UPDATE users SET password = ?2, nt_hash = ?3 WHERE name = ?1",
+            params![name, json, sealed_nt_hash],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("unknown user '{name}'")));
@@ -351,10 +415,16 @@ impl Store {
             .prepare("SELECT name FROM users WHERE totp IS NOT NULL")?
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
+        let rdp: Vec<String> = self
+            .conn
+            .prepare("SELECT name FROM users WHERE nt_hash IS NOT NULL")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         Ok(users
             .into_iter()
             .map(|u| UserInfo {
                 mfa: mfa.contains(&u.name),
+                rdp: rdp.contains(&u.name),
                 has_password: u.password.is_some(),
                 ssh_keys: u.ssh_keys,
                 groups: u.groups,
@@ -365,16 +435,28 @@ impl Store {
             .collect())
     }
 
-    /// Adds a target with its pinned host key. Returns the new policy version.
+    /// Adds an SSH target with its pinned host key. Returns the new policy version.
     pub fn add_target(
         &mut self,
         name: &str,
         address: &str,
         host_key: &str,
     ) -> Result<u64, StoreError> {
+        self.add_target_with(name, address, host_key, Protocol::Ssh)
+    }
+
+    /// Adds a target of `protocol` with its pin: an OpenSSH host key for SSH, the certificate
+    /// fingerprint (`SHA256:…`) for RDP. Returns the new policy version.
+    pub fn add_target_with(
+        &mut self,
+        name: &str,
+        address: &str,
+        host_key: &str,
+        protocol: Protocol,
+    ) -> Result<u64, StoreError> {
         validate::target_name(name)?;
-        let address = validate::address(address)?;
-        let host_key = validate::host_key(host_key)?;
+        let address = validate::address_for(protocol, address)?;
+        let host_key = validate::pin(protocol, host_key)?;
         let tx = self.conn.transaction()?;
         if Self::exists(&tx, "SELECT 1 FROM targets WHERE name = ?1", [name])? {
             return Err(StoreError::Conflict(format!(
@@ -382,8 +464,8 @@ impl Store {
             )));
         }
         tx.execute(
-            "INSERT INTO targets (name, address, host_key) VALUES (?1, ?2, ?3)",
-            params![name, address, host_key],
+            "INSERT INTO targets (name, address, host_key, protocol) VALUES (?1, ?2, ?3, ?4)",
+            params![name, address, host_key, protocol.as_str()],
         )?;
         let v = Self::bump(&tx)?;
         tx.commit()?;
@@ -405,12 +487,10 @@ impl Store {
             ))
             .into());
         }
-        let address = address.map(validate::address).transpose()?;
-        let host_key = host_key.map(validate::host_key).transpose()?;
         let tx = self.conn.transaction()?;
         let before = tx
             .query_row(
-                "SELECT name, address, host_key FROM targets WHERE name = ?1",
+                "SELECT name, address, host_key, protocol FROM targets WHERE name = ?1",
                 [name],
                 |r| {
                     Ok(Target {
@@ -418,12 +498,18 @@ impl Store {
                         address: r.get(1)?,
                         host_key: r.get(2)?,
                         groups: Vec::new(),
-                        protocol: Default::default(),
+                        protocol: protocol_column(r, 3)?,
                     })
                 },
             )
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("unknown target '{name}'")))?;
+        let address = address
+            .map(|a| validate::address_for(before.protocol, a))
+            .transpose()?;
+        let host_key = host_key
+            .map(|k| validate::pin(before.protocol, k))
+            .transpose()?;
         tx.execute(
             "UPDATE targets SET address = ?2, host_key = ?3 WHERE name = ?1",
             params![
@@ -460,6 +546,7 @@ impl Store {
             .into_iter()
             .map(|t| TargetInfo {
                 fingerprint: validate::fingerprint(&t.host_key),
+                protocol: t.protocol,
                 name: t.name,
                 address: t.address,
                 host_key: t.host_key,
@@ -477,8 +564,24 @@ impl Store {
         username: &str,
         credential: &Credential,
     ) -> Result<u64, StoreError> {
+        self.add_account_with(vault, target, username, credential, None)
+    }
+
+    /// Like [`Store::add_account`], with the account's Windows domain (RDP targets only). An
+    /// RDP account's credential must be a password.
+    pub fn add_account_with(
+        &mut self,
+        vault: &Vault,
+        target: &str,
+        username: &str,
+        credential: &Credential,
+        domain: Option<&str>,
+    ) -> Result<u64, StoreError> {
         validate::target_name(target)?;
         validate::account_name(username)?;
+        if let Some(d) = domain {
+            validate::domain(d)?;
+        }
         let kind = CredentialKind::of(credential);
         let secret = match credential {
             Credential::Password(s) => {
@@ -495,6 +598,22 @@ impl Store {
         let sealed = vault.seal(&account_aad(target, username), secret.expose().as_bytes())?;
         let tx = self.conn.transaction()?;
         Self::require_target(&tx, target)?;
+        let protocol = target_protocol(&tx, target)?;
+        match (protocol, kind, domain) {
+            (Protocol::Rdp, CredentialKind::PrivateKey, _) => {
+                return Err(Invalid(format!(
+                    "target '{target}' is an RDP target: its accounts need a password, not a private key"
+                ))
+                .into())
+            }
+            (Protocol::Ssh, _, Some(_)) => {
+                return Err(Invalid(format!(
+                    "target '{target}' is an SSH target: a domain is for accounts on RDP targets"
+                ))
+                .into())
+            }
+            _ => {}
+        }
         if Self::exists(
             &tx,
             "SELECT 1 FROM accounts WHERE target = ?1 AND username = ?2",
@@ -505,8 +624,9 @@ impl Store {
             )));
         }
         tx.execute(
-            "INSERT INTO accounts (target, username, kind, ciphertext) VALUES (?1, ?2, ?3, ?4)",
-            params![target, username, kind.as_str(), sealed],
+            "INSERT INTO accounts (target, username, kind, ciphertext, domain)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![target, username, kind.as_str(), sealed, domain],
         )?;
         let v = Self::bump(&tx)?;
         tx.commit()?;
@@ -537,19 +657,20 @@ impl Store {
 
     /// Lists accounts, by target then username (never their secrets).
     pub fn list_accounts(&self) -> Result<Vec<AccountInfo>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT target, username, kind FROM accounts ORDER BY target, username")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT target, username, kind, domain FROM accounts ORDER BY target, username",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (target, username, kind) = row?;
+            let (target, username, kind, domain) = row?;
             let kind = CredentialKind::parse(&kind).ok_or_else(|| {
                 StoreError::Corrupt(format!("account '{username}@{target}': kind '{kind}'"))
             })?;
@@ -557,6 +678,7 @@ impl Store {
                 target,
                 username,
                 kind,
+                domain,
             });
         }
         Ok(out)
@@ -691,7 +813,7 @@ fn read_version(c: &Connection) -> Result<u64, StoreError> {
 /// (the snapshot), left out otherwise (listings).
 fn read_users(c: &Connection, vault: Option<&Vault>) -> Result<Vec<User>, StoreError> {
     let mut stmt = c.prepare(
-        "SELECT name, password, disabled, locked_until_ms, totp, totp_last_step
+        "SELECT name, password, disabled, locked_until_ms, totp, totp_last_step, nt_hash
          FROM users ORDER BY name",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -702,6 +824,7 @@ fn read_users(c: &Connection, vault: Option<&Vault>) -> Result<Vec<User>, StoreE
             r.get::<_, Option<i64>>(3)?,
             r.get::<_, Option<Vec<u8>>>(4)?,
             r.get::<_, i64>(5)?,
+            r.get::<_, Option<Vec<u8>>>(6)?,
         ))
     })?;
     let mut keys_stmt = c.prepare("SELECT key FROM user_keys WHERE user = ?1 ORDER BY id")?;
@@ -709,7 +832,11 @@ fn read_users(c: &Connection, vault: Option<&Vault>) -> Result<Vec<User>, StoreE
         c.prepare("SELECT grp FROM group_members WHERE user = ?1 ORDER BY grp")?;
     let mut out = Vec::new();
     for row in rows {
-        let (name, password, disabled, locked, totp, last_step) = row?;
+        let (name, password, disabled, locked, totp, last_step, nt_hash) = row?;
+        let nt_hash = match (nt_hash, vault) {
+            (Some(sealed), Some(vault)) => Some(open_nt_hash(vault, &name, &sealed)?),
+            _ => None,
+        };
         let groups = groups_stmt
             .query_map([&name], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -744,21 +871,22 @@ fn read_users(c: &Connection, vault: Option<&Vault>) -> Result<Vec<User>, StoreE
             disabled,
             locked_until_ms: locked.map(|t| t.max(0) as u64),
             totp,
-            nt_hash: None,
+            nt_hash,
         });
     }
     Ok(out)
 }
 
 fn read_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
-    let mut stmt = c.prepare("SELECT name, address, host_key FROM targets ORDER BY name")?;
+    let mut stmt =
+        c.prepare("SELECT name, address, host_key, protocol FROM targets ORDER BY name")?;
     let rows = stmt.query_map([], |r| {
         Ok(Target {
             name: r.get(0)?,
             address: r.get(1)?,
             host_key: r.get(2)?,
             groups: Vec::new(),
-            protocol: Default::default(),
+            protocol: protocol_column(r, 3)?,
         })
     })?;
     let mut targets = rows.collect::<Result<Vec<_>, _>>()?;
@@ -774,7 +902,8 @@ fn read_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
 
 fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreError> {
     let mut stmt = c.prepare(
-        "SELECT target, username, kind, ciphertext FROM accounts ORDER BY target, username",
+        "SELECT target, username, kind, ciphertext, domain FROM accounts
+         ORDER BY target, username",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -782,11 +911,12 @@ fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreErr
             r.get::<_, String>(1)?,
             r.get::<_, String>(2)?,
             r.get::<_, Vec<u8>>(3)?,
+            r.get::<_, Option<String>>(4)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (target, username, kind, sealed) = row?;
+        let (target, username, kind, sealed, domain) = row?;
         let plain = vault.open(&account_aad(&target, &username), &sealed)?;
         let text = std::str::from_utf8(&plain).map_err(|_| {
             StoreError::Corrupt(format!("account '{username}@{target}': secret not utf-8"))
@@ -805,7 +935,7 @@ fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreErr
             target,
             username,
             credential,
-            domain: None,
+            domain,
         });
     }
     Ok(out)
@@ -837,6 +967,44 @@ fn read_grants(c: &Connection) -> Result<Vec<Grant>, StoreError> {
         });
     }
     Ok(out)
+}
+
+/// A `protocol` column (`ssh` or `rdp`).
+fn protocol_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Protocol> {
+    let s: String = r.get(i)?;
+    s.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+/// The protocol of target `name` (which exists).
+fn target_protocol(c: &Connection, name: &str) -> Result<Protocol, StoreError> {
+    let p: String = c.query_row(
+        "SELECT protocol FROM targets WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    p.parse()
+        .map_err(|e: String| StoreError::Corrupt(format!("target '{name}': {e}")))
+}
+
+/// Seals a user's NT hash (checked for its form first).
+fn seal_nt_hash(vault: &Vault, user: &str, nt: &Secret) -> Result<Vec<u8>, StoreError> {
+    if !crate::ntlm::well_formed(nt.expose()) {
+        return Err(Invalid("malformed NT hash".into()).into());
+    }
+    Ok(vault.seal(&nt_hash_aad(user), nt.expose().as_bytes())?)
+}
+
+/// Opens a user's sealed NT hash.
+fn open_nt_hash(vault: &Vault, user: &str, sealed: &[u8]) -> Result<Secret, StoreError> {
+    let plain = vault.open(&nt_hash_aad(user), sealed)?;
+    match std::str::from_utf8(&plain) {
+        Ok(s) if crate::ntlm::well_formed(s) => Ok(Secret::new(s.to_string())),
+        _ => Err(StoreError::Corrupt(format!(
+            "NT hash of user '{user}' is malformed"
+        ))),
+    }
 }
 
 fn check_hash(h: &PasswordHash) -> Result<(), Invalid> {

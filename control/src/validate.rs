@@ -1,4 +1,5 @@
-//! Checks and normal forms for what an administrator types: names, addresses, OpenSSH keys.
+//! Checks and normal forms for what an administrator types: names, addresses, OpenSSH keys,
+//! RDP certificate fingerprints and Windows domains.
 //!
 //! Both psmctl (early, friendly errors) and the daemon (the authority) call these.
 //!
@@ -140,8 +141,12 @@ pub fn user_key(line: &str) -> Result<(String, String), Invalid> {
     Ok((full, material))
 }
 
-/// `ssh-ed25519 SHA256:…` for a public key line, or the error text when it does not parse.
+/// `ssh-ed25519 SHA256:…` for a public key line, or the error text when it does not parse. An
+/// RDP target's pin (`SHA256:…`, see [`cert_fingerprint`]) is its own fingerprint.
 pub fn fingerprint(line: &str) -> String {
+    if let Ok(fp) = cert_fingerprint(line) {
+        return fp;
+    }
     match public_key(line) {
         Ok(k) => key_fingerprint(&k),
         Err(e) => format!("<{e}>"),
@@ -171,6 +176,99 @@ pub fn private_key(pem: &str) -> Result<(), Invalid> {
         ));
     }
     Ok(())
+}
+
+/// Checks an RDP target's pinned certificate fingerprint and returns its normal form:
+/// `SHA256:` and the unpadded standard base64 of the SHA-256 digest of the leaf certificate's
+/// DER (what `psmctl target add --scan` prints). Also accepted: the same with `=` padding, and
+/// the 64 hex digits `openssl x509 -fingerprint -sha256` prints (colons optional).
+pub fn cert_fingerprint(s: &str) -> Result<String, Invalid> {
+    use base64::Engine as _;
+    let s = s.trim();
+    let err = || {
+        bad(format!(
+            "invalid certificate fingerprint '{}': expected SHA256:<base64 of the SHA-256 digest>",
+            s.escape_debug()
+        ))
+    };
+    let digest: Vec<u8> = if let Some(b64) = s.strip_prefix("SHA256:") {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(b64.trim_end_matches('='))
+            .map_err(|_| err())?
+    } else {
+        let hex: String = s
+            .strip_prefix("sha256 Fingerprint=")
+            .unwrap_or(s)
+            .chars()
+            .filter(|c| *c != ':')
+            .collect();
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(err());
+        }
+        (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| err()))
+            .collect::<Result<_, _>>()?
+    };
+    if digest.len() != 32 {
+        return Err(err());
+    }
+    Ok(der_fingerprint_of_digest(&digest))
+}
+
+/// `SHA256:<unpadded base64>` of a SHA-256 digest.
+fn der_fingerprint_of_digest(digest: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
+/// The pin of an RDP target for a leaf certificate: `SHA256:` and the unpadded base64 of the
+/// SHA-256 digest of its DER.
+pub fn der_fingerprint(der: &[u8]) -> String {
+    der_fingerprint_of_digest(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+}
+
+/// Checks a target's pin for its protocol: an OpenSSH host key for SSH, a certificate
+/// fingerprint for RDP. Returns the normal form.
+pub fn pin(protocol: psm_control_api::Protocol, s: &str) -> Result<String, Invalid> {
+    match protocol {
+        psm_control_api::Protocol::Ssh => host_key(s),
+        psm_control_api::Protocol::Rdp => cert_fingerprint(s),
+    }
+}
+
+/// A Windows domain of an RDP account (`CORP`, `corp.example.com`): letters, digits, `.`, `-`
+/// and `_`, at most 255 bytes.
+pub fn domain(d: &str) -> Result<(), Invalid> {
+    if d.is_empty() || d.len() > 255 {
+        return Err(bad("domain must be 1 to 255 characters"));
+    }
+    if !d
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return Err(bad(format!(
+            "domain '{}' may only contain letters, digits, '.', '-' and '_'",
+            d.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+/// An address for `protocol`, with RDP's port 3389 added when none is given.
+pub fn address_for(protocol: psm_control_api::Protocol, addr: &str) -> Result<String, Invalid> {
+    let a = addr.trim();
+    let has_port = if a.starts_with('[') {
+        a.contains("]:")
+    } else {
+        a.contains(':')
+    };
+    if protocol == psm_control_api::Protocol::Rdp && !has_port && !a.is_empty() {
+        return address(&format!("{a}:3389"));
+    }
+    address(a)
 }
 
 /// An environment variable name or prefix pattern a grant may allow: `[A-Za-z_][A-Za-z0-9_]*`,
@@ -223,6 +321,44 @@ mod tests {
         assert!(address("host:70000").is_err());
         assert!(address(":22").is_err());
         assert!(address("[zz]:22").is_err());
+    }
+
+    #[test]
+    fn rdp_pins_domains_and_addresses() {
+        use psm_control_api::Protocol;
+        let fp = der_fingerprint(b"not really a certificate");
+        assert!(fp.starts_with("SHA256:") && fp.len() == 7 + 43, "{fp}");
+        assert_eq!(cert_fingerprint(&format!(" {fp} ")).expect("ok"), fp);
+        assert_eq!(cert_fingerprint(&format!("{fp}=")).expect("padded"), fp);
+        // the openssl form of the same digest
+        let digest = ring::digest::digest(&ring::digest::SHA256, b"not really a certificate");
+        let hex: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(cert_fingerprint(&hex.join(":")).expect("hex"), fp);
+        assert_eq!(
+            cert_fingerprint(&format!("sha256 Fingerprint={}", hex.join(":"))).expect("openssl"),
+            fp
+        );
+        assert!(cert_fingerprint("SHA256:AAAA").is_err());
+        assert!(cert_fingerprint(TEST_PUB).is_err());
+        assert_eq!(fingerprint(&fp), fp);
+        assert_eq!(pin(Protocol::Rdp, &fp).expect("rdp"), fp);
+        assert!(pin(Protocol::Ssh, &fp).is_err());
+        assert!(pin(Protocol::Rdp, TEST_PUB).is_err());
+        assert!(domain("CORP").is_ok() && domain("corp.example.com").is_ok());
+        assert!(domain("").is_err() && domain("CO RP").is_err() && domain("a\\b").is_err());
+        assert_eq!(
+            address_for(Protocol::Rdp, "10.0.0.7").expect("rdp"),
+            "10.0.0.7:3389"
+        );
+        assert_eq!(
+            address_for(Protocol::Rdp, "[::1]").expect("rdp"),
+            "[::1]:3389"
+        );
+        assert_eq!(
+            address_for(Protocol::Rdp, "win01:3390").expect("rdp"),
+            "win01:3390"
+        );
+        assert!(address_for(Protocol::Ssh, "10.0.0.7").is_err());
     }
 
     #[test]

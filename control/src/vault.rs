@@ -34,6 +34,11 @@ pub fn totp_aad(user: &str) -> String {
     format!("totp:{user}")
 }
 
+/// The additional authenticated data for a user's NT hash (RDP, see [`crate::ntlm`]).
+pub fn nt_hash_aad(user: &str) -> String {
+    format!("nthash:{user}")
+}
+
 /// The additional authenticated data for an account credential.
 pub fn account_aad(target: &str, username: &str) -> String {
     format!("account:{target}/{username}")

@@ -504,6 +504,48 @@ impl RdpChannels {
     pub fn other_allowed(&self, name: &str) -> bool {
         self.channels.iter().any(|c| c.eq_ignore_ascii_case(name))
     }
+
+    /// What differs from the defaults, one phrase each (`clipboard to-target`, `drive`,
+    /// `no audio`, `rdp channel rail`), for `grant list` and the audit log.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.clipboard != ClipboardRule::None {
+            out.push(format!("clipboard {}", self.clipboard));
+        }
+        for (on, what) in [
+            (self.drive, "drive"),
+            (self.printer, "printer"),
+            (self.smartcard, "smartcard"),
+        ] {
+            if on {
+                out.push(what.to_string());
+            }
+        }
+        if !self.audio {
+            out.push("no audio".into());
+        }
+        if !self.channels.is_empty() {
+            out.push(format!("rdp channels {}", self.channels.join(",")));
+        }
+        out
+    }
+
+    /// Checks the channel names: 1 to 64 printable ASCII characters without spaces or commas
+    /// (static channels have at most 7, dynamic ones are longer, `Microsoft::Windows::…`).
+    pub fn validate(&self) -> Result<(), String> {
+        for c in &self.channels {
+            if c.is_empty()
+                || c.len() > 64
+                || !c.chars().all(|ch| ch.is_ascii_graphic() && ch != ',')
+            {
+                return Err(format!(
+                    "--rdp-channel {}: a channel name is 1 to 64 printable characters without spaces or commas",
+                    crate::escape(c)
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Conditions {
@@ -555,6 +597,7 @@ impl Conditions {
                 return Err(format!("{what}: the duration must be positive"));
             }
         }
+        self.rdp.validate()?;
         if let Some(a) = &self.approval {
             if a.count == 0 {
                 return Err("--approval: at least one approval".into());
@@ -640,6 +683,7 @@ impl Conditions {
         if let Some(a) = self.command_default {
             out.push(format!("commands default {a}"));
         }
+        out.extend(self.rdp.describe());
         if let Some(a) = &self.approval {
             out.push(format!(
                 "approval {} of @{} (timeout {}{})",
@@ -659,6 +703,36 @@ impl Conditions {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rdp_channel_rules_describe_and_validate() {
+        let mut c = Conditions::default();
+        assert!(c.describe().is_empty(), "defaults say nothing");
+        c.rdp = RdpChannels {
+            clipboard: ClipboardRule::FromTarget,
+            drive: true,
+            printer: false,
+            smartcard: true,
+            audio: false,
+            channels: vec![
+                "rail".into(),
+                "Microsoft::Windows::RDS::DisplayControl".into(),
+            ],
+        };
+        assert_eq!(
+            c.describe(),
+            [
+                "clipboard from-target",
+                "drive",
+                "smartcard",
+                "no audio",
+                "rdp channels rail,Microsoft::Windows::RDS::DisplayControl"
+            ]
+        );
+        assert!(c.validate().is_ok());
+        c.rdp.channels.push("two words".into());
+        assert!(c.validate().expect_err("space").contains("--rdp-channel"));
+    }
+
     use super::*;
 
     fn at(s: &str) -> u64 {

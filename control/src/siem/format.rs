@@ -102,7 +102,7 @@ fn severity(ev: &Ev) -> u8 {
             "deny" | "denied" | "expired" => 5,
             _ => 3,
         },
-        "admin_change" | "notice" => 5,
+        "admin_change" | "notice" | "rdp_channel" => 5,
         _ => 3,
     }
 }
@@ -218,6 +218,7 @@ fn cef_name(ev: &Ev) -> String {
         "session_end" => "session ended".into(),
         "channel_request" if ev.b("accepted") => "channel request accepted".into(),
         "channel_request" => "channel request refused".into(),
+        "rdp_channel" => "RDP channel refused".into(),
         "command" => match ev.s("decision") {
             "allow" => "command allowed".into(),
             "alert" => "command alert".into(),
@@ -331,6 +332,11 @@ fn cef_of(hostname: &str, ev: &Ev) -> String {
             );
         }
         "command" => put("act", ev.s("decision").to_string()),
+        "rdp_channel" => {
+            put("act", ev.s("what").to_string());
+            put("outcome", "failure".into());
+            put("app", "rdp".into());
+        }
         "approval" | "admin_change" => put("act", ev.s("action").to_string()),
         "file_transfer" => {
             put("act", ev.s("operation").to_string());
@@ -386,6 +392,7 @@ fn cef_of(hostname: &str, ev: &Ev) -> String {
         "command" => ("commandSource", own("source")),
         "forward" => ("forwardKind", own("kind")),
         "notice" => ("noticeKind", own("kind")),
+        "rdp_channel" => ("rdpChannel", own("channel")),
         _ => ("", None),
     };
     labeled(p, "cs4", cs4_label, cs4);
@@ -583,6 +590,22 @@ fn ocsf_of(hostname: &str, ev: &Ev) -> Value {
                 99,
                 format!("Channel Request: {}", ev.s("request")),
             )
+        }
+        "rdp_channel" => {
+            f.insert("actor".into(), actor(&mut take));
+            if let Some(t) = take("target") {
+                f.insert("dst_endpoint".into(), json!({ "name": t }));
+            }
+            if let Some(r) = take("reason") {
+                f.insert("status_detail".into(), r);
+            }
+            message = Some(format!(
+                "RDP channel {} refused ({})",
+                psm_control_api::escape(ev.s("channel")),
+                ev.s("what")
+            ));
+            status = Some(false);
+            (NETWORK_ACTIVITY, 5, "Refuse".into())
         }
         "file_transfer" => {
             f.insert("actor".into(), actor(&mut take));
@@ -791,6 +814,41 @@ mod tests {
             origin: "relay-h:1".into(),
             kind,
         }
+    }
+
+    #[test]
+    fn rdp_channel_refusals_map_to_each_format() {
+        let e = ev(AuditKind::RdpChannel {
+            session_id: "s9".into(),
+            user: "alice".into(),
+            target: "win01".into(),
+            account: "Administrator".into(),
+            channel: "cliprdr".into(),
+            what: "from-target".into(),
+            reason: "grant allows clipboard to-target".into(),
+        });
+        assert_eq!(cef_severity(&e), 5);
+        let cef = cef_line("gw1", &e);
+        for part in [
+            "|RDP channel refused|5|",
+            "act=from-target",
+            "outcome=failure",
+            "app=rdp",
+            "suser=alice",
+            "duser=Administrator",
+            "dhost=win01",
+            "cs4Label=rdpChannel cs4=cliprdr",
+            "reason=grant allows clipboard to-target",
+        ] {
+            assert!(cef.contains(part), "{part}: {cef}");
+        }
+        let o = ocsf("gw1", &e);
+        assert_eq!(o["class_uid"], 4001);
+        assert_eq!(o["activity_name"], "Refuse");
+        assert_eq!(o["status"], "Failure");
+        assert_eq!(o["actor"]["user"]["name"], "alice");
+        assert_eq!(o["dst_endpoint"]["name"], "win01");
+        assert_eq!(o["message"], "RDP channel cliprdr refused (from-target)");
     }
 
     fn header() -> Header {

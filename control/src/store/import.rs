@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use psm_control_api::{CommandAction, CommandRule, Grant, RuleScope};
+use psm_control_api::{CommandAction, CommandRule, Grant, Protocol, RuleScope};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
@@ -45,8 +45,11 @@ pub struct DocTarget {
     pub name: String,
     /// `host:port`.
     pub address: String,
-    /// Pinned host key.
+    /// Pinned host key (SSH) or certificate fingerprint `SHA256:…` (RDP).
     pub host_key: String,
+    /// `ssh` (the default, left out) or `rdp`.
+    #[serde(default, skip_serializing_if = "Protocol::is_ssh")]
+    pub protocol: Protocol,
 }
 
 /// An account (its credential stays in the vault).
@@ -57,6 +60,9 @@ pub struct DocAccount {
     pub target: String,
     /// Login name.
     pub username: String,
+    /// Windows domain (accounts on RDP targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// A command rule (its place in the list is its order).
@@ -154,7 +160,7 @@ impl PolicyDoc {
             let f = format!("targets[{i}]");
             validate::target_name(&t.name).map_err(|e| bad(format!("{f}.name"), e))?;
             validate::address(&t.address).map_err(|e| bad(format!("{f}.address"), e))?;
-            validate::host_key(&t.host_key).map_err(|e| bad(format!("{f}.host_key"), e))?;
+            validate::pin(t.protocol, &t.host_key).map_err(|e| bad(format!("{f}.host_key"), e))?;
             if !targets.insert(t.name.as_str()) {
                 return Err(bad(
                     format!("{f}.name"),
@@ -190,6 +196,19 @@ impl PolicyDoc {
                     format!("{f}.target"),
                     format!("unknown target '{}'", a.target),
                 ));
+            }
+            if let Some(d) = &a.domain {
+                validate::domain(d).map_err(|e| bad(format!("{f}.domain"), e))?;
+                let rdp = self
+                    .targets
+                    .iter()
+                    .any(|t| t.name == a.target && t.protocol == Protocol::Rdp);
+                if !rdp {
+                    return Err(bad(
+                        format!("{f}.domain"),
+                        format!("target '{}' is not an RDP target", a.target),
+                    ));
+                }
             }
             if !accounts.insert((a.target.as_str(), a.username.as_str())) {
                 return Err(bad(
@@ -296,6 +315,7 @@ impl Store {
                     name: t.name.clone(),
                     address: t.address.clone(),
                     host_key: t.host_key.clone(),
+                    protocol: t.protocol,
                 })
                 .collect(),
             target_groups: tgroups
@@ -310,6 +330,7 @@ impl Store {
                 .map(|a| DocAccount {
                     target: a.target,
                     username: a.username,
+                    domain: a.domain,
                 })
                 .collect(),
             grants: read_grants(&self.conn)?,
@@ -369,6 +390,12 @@ impl Store {
             doc.targets.iter().map(|t| (t.name.as_str(), t)).collect();
         for (name, t) in &new_t {
             match cur_t.get(name) {
+                Some(c) if c.protocol != t.protocol => {
+                    return Err(StoreError::Invalid(Invalid(format!(
+                        "targets: '{name}' would change protocol from {} to {}: remove it and add it again",
+                        c.protocol, t.protocol
+                    ))))
+                }
                 None => changes.push(format!("+ target {name} ({})", t.address)),
                 Some(c) if *c != *t => changes.push(format!("~ target {name}")),
                 _ => {}
@@ -397,6 +424,23 @@ impl Store {
             .collect();
         for (t, u) in cur_a.iter().filter(|a| !new_a.contains(*a)) {
             changes.push(format!("- account {u}@{t}"));
+        }
+        let domain_changes: Vec<&DocAccount> = doc
+            .accounts
+            .iter()
+            .filter(|a| {
+                now.accounts.iter().any(|c| {
+                    c.target == a.target && c.username == a.username && c.domain != a.domain
+                })
+            })
+            .collect();
+        for a in &domain_changes {
+            changes.push(format!(
+                "~ account {}@{} domain {}",
+                a.username,
+                a.target,
+                a.domain.as_deref().unwrap_or("(none)")
+            ));
         }
         let set_diff = |what: &str, cur: &[DocGroup], new: &[DocGroup], out: &mut Vec<String>| {
             for g in new {
@@ -482,12 +526,12 @@ impl Store {
             tx.execute("DELETE FROM users WHERE name = ?1", [name])?;
         }
         for t in &doc.targets {
-            let host_key = validate::host_key(&t.host_key)?;
-            let address = validate::address(&t.address)?;
+            let host_key = validate::pin(t.protocol, &t.host_key)?;
+            let address = validate::address_for(t.protocol, &t.address)?;
             tx.execute(
-                "INSERT INTO targets (name, address, host_key) VALUES (?1, ?2, ?3)
+                "INSERT INTO targets (name, address, host_key, protocol) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO UPDATE SET address = ?2, host_key = ?3",
-                params![t.name, address, host_key],
+                params![t.name, address, host_key, t.protocol.as_str()],
             )?;
         }
         for name in cur_t.keys().filter(|n| !new_t.contains_key(*n)) {
@@ -497,6 +541,12 @@ impl Store {
             tx.execute(
                 "DELETE FROM accounts WHERE target = ?1 AND username = ?2",
                 [t, u],
+            )?;
+        }
+        for a in &domain_changes {
+            tx.execute(
+                "UPDATE accounts SET domain = ?3 WHERE target = ?1 AND username = ?2",
+                params![a.target, a.username, a.domain],
             )?;
         }
         tx.execute_batch(
