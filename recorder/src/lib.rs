@@ -693,7 +693,7 @@ impl Link {
             RecordingWriter::with_key(BufWriter::with_capacity(FILE_BUFFER, file), meta, key)?;
         // the header is on disk from the start: the recording is listed while it runs
         writer.flush()?;
-        let mut lines = Collector::new();
+        let mut lines = Collector::for_meta(meta);
         let indexed = key.is_none() || self.keys.encryption.index_encrypted;
         if indexed && !self.indexer.begin(meta) {
             lines.partial = true;

@@ -26,7 +26,7 @@ use std::io::Read;
 use std::path::Path;
 
 use psm_recorder_format::file::{Record, RecordingReader};
-use psm_recorder_format::{Direction, FormatError, RecordingMeta};
+use psm_recorder_format::{wire, Direction, FormatError, RecordingMeta};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 pub use lines::{Kind, Line, LineSplitter};
@@ -94,8 +94,14 @@ pub struct IndexLine {
 
 /// Turns one recording's DATA records into lines, with bounded memory: one [`LineSplitter`]
 /// per stream (at most [`MAX_STREAMS`]) and at most [`MAX_PENDING`] lines between batches.
+///
+/// For an RDP recording ([`Collector::for_meta`]) the raw PDUs
+/// ([`wire::rdp::RDP_PDU_CHANNEL`]) are not text and are skipped; the typed text
+/// ([`wire::rdp::RDP_KEYS_CHANNEL`], input) is split like an SSH session's input, and each
+/// session event ([`wire::rdp::RDP_EVENTS_CHANNEL`]) is one shown line.
 #[derive(Debug, Default)]
 pub struct Collector {
+    rdp: bool,
     streams: HashMap<(u32, bool), LineSplitter>,
     pending: Vec<IndexLine>,
     scratch: Vec<Line>,
@@ -104,13 +110,37 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// An empty collector.
+    /// An empty collector for an SSH recording.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// An empty collector for the recording `meta` describes (SSH or RDP).
+    pub fn for_meta(meta: &RecordingMeta) -> Self {
+        Collector {
+            rdp: meta.protocol == wire::rdp::PROTOCOL,
+            ..Self::default()
+        }
+    }
+
     /// Feeds one DATA record's bytes.
     pub fn feed(&mut self, ts_us: u64, channel: u32, direction: Direction, data: &[u8]) {
+        if self.rdp {
+            match channel {
+                wire::rdp::RDP_PDU_CHANNEL => return,
+                wire::rdp::RDP_EVENTS_CHANNEL if !data.ends_with(b"\n") => {
+                    // one event a record, with or without its line end
+                    self.feed_stream(ts_us, channel, direction, data);
+                    self.feed_stream(ts_us, channel, direction, b"\n");
+                    return;
+                }
+                _ => {}
+            }
+        }
+        self.feed_stream(ts_us, channel, direction, data);
+    }
+
+    fn feed_stream(&mut self, ts_us: u64, channel: u32, direction: Direction, data: &[u8]) {
         let typed = direction == Direction::Input;
         let key = (channel, typed);
         if !self.streams.contains_key(&key) && self.streams.len() >= MAX_STREAMS {
@@ -290,7 +320,7 @@ impl IndexWriter {
     ) -> Result<u64, IndexError> {
         let meta = reader.meta().clone();
         self.begin(&meta)?;
-        let mut c = Collector::new();
+        let mut c = Collector::for_meta(&meta);
         let mut count = 0u64;
         loop {
             match reader.next_record() {
@@ -635,6 +665,70 @@ mod tests {
         ));
         std::fs::write(&path, b"not a database at all, just some bytes here...").expect("w");
         assert!(IndexReader::open(&path).is_err());
+    }
+
+    #[test]
+    fn rdp_recordings_index_typed_text_and_events_not_raw_pdus() {
+        use wire::rdp::{RDP_EVENTS_CHANNEL, RDP_KEYS_CHANNEL, RDP_PDU_CHANNEL};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(INDEX_FILE);
+        let mut w = IndexWriter::open(&path).expect("open");
+        let m = RecordingMeta {
+            protocol: wire::rdp::PROTOCOL.into(),
+            ..meta("r", "carol", "win01", 3_000_000)
+        };
+        let mut rw = RecordingWriter::new(Vec::new(), &m).expect("new");
+        let recs: [(u64, u32, Direction, &[u8]); 6] = [
+            (
+                1,
+                RDP_EVENTS_CHANNEL,
+                Direction::Output,
+                b"connected 1024x768",
+            ),
+            (
+                2,
+                RDP_PDU_CHANNEL,
+                Direction::Output,
+                b"\x03\x00\x00\x10 pdu-bytes-here\n",
+            ),
+            (
+                3,
+                RDP_PDU_CHANNEL,
+                Direction::Input,
+                b"\x03\x00\x00\x10 pdu-bytes-typed\r",
+            ),
+            (4, RDP_KEYS_CHANNEL, Direction::Input, b"notepad.exe\r"),
+            (
+                5,
+                RDP_EVENTS_CHANNEL,
+                Direction::Output,
+                b"clipboard refused by policy",
+            ),
+            (6, RDP_KEYS_CHANNEL, Direction::Input, b"net user"),
+        ];
+        for (ts, channel, direction, data) in recs {
+            rw.write(&Record::Data {
+                ts_us: ts,
+                channel,
+                direction,
+                data: Bytes::copy_from_slice(data),
+            })
+            .expect("write");
+        }
+        let rec = rw.finish().expect("finish");
+        assert_eq!(w.index_reader(&rec[..]).expect("index"), 4);
+        let r = IndexReader::open(&path).expect("reader");
+        let hits = r.search(&q("notepad")).expect("search");
+        assert_eq!(hits.len(), 1);
+        assert!(hits[0].typed);
+        assert_eq!(hits[0].text, "notepad.exe");
+        let hits = r.search(&q("clipboard refused")).expect("search");
+        assert_eq!(hits.len(), 1);
+        assert!(!hits[0].typed);
+        assert_eq!(hits[0].ts_us, 5);
+        assert_eq!(r.search(&q("connected")).expect("search").len(), 1);
+        assert_eq!(r.search(&q("net user")).expect("search").len(), 1);
+        assert!(r.search(&q("pdu-bytes")).expect("search").is_empty());
     }
 
     #[test]
