@@ -11,6 +11,7 @@ mod info;
 mod input;
 mod mcs;
 mod rdpdr;
+pub mod samples;
 mod svc;
 #[cfg(test)]
 mod tests;

@@ -1,1 +1,518 @@
+//! The engine against real PDUs (built with the ironrdp encoders in [`super::samples`]).
 
+use ironrdp_cliprdr::pdu::{
+    ClipboardFormat, ClipboardFormatId, ClipboardPdu, FormatDataRequest, FormatList,
+};
+use ironrdp_core::{decode, encode_vec};
+use ironrdp_pdu::gcc::ClientEarlyCapabilityFlags;
+use ironrdp_pdu::input::fast_path::{FastPathInputEvent, KeyboardFlags};
+use ironrdp_pdu::mcs::{ConnectInitial, DisconnectProviderUltimatum, DisconnectReason, McsMessage};
+use ironrdp_pdu::nego::SecurityProtocol;
+use ironrdp_pdu::rdp::client_info::ClientInfoFlags;
+use ironrdp_pdu::rdp::ClientInfoPdu;
+use ironrdp_pdu::x224::{X224Data, X224};
+use psm_control_api::{ClipboardRule, RdpChannels};
+use psm_recorder_format::Direction;
+
+use super::samples::{self, channel_id, channel_pdu, CHANNELS, USER_PASSWORD, VAULT_PASSWORD};
+use super::{Engine, EngineError, Out, RdpEvent};
+use crate::rdp::frame::FrameKind::{FastPath, X224 as X};
+
+fn utf16(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn to_target(out: &[Out]) -> Vec<&Vec<u8>> {
+    out.iter()
+        .filter_map(|o| match o {
+            Out::ToTarget(f) => Some(f),
+            _ => None,
+        })
+        .collect()
+}
+
+fn to_client(out: &[Out]) -> Vec<&Vec<u8>> {
+    out.iter()
+        .filter_map(|o| match o {
+            Out::ToClient(f) => Some(f),
+            _ => None,
+        })
+        .collect()
+}
+
+fn records(out: &[Out], dir: Direction) -> Vec<&Vec<u8>> {
+    out.iter()
+        .filter_map(|o| match o {
+            Out::Record { direction, pdu } if *direction == dir => Some(pdu),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(out: &[Out]) -> Vec<&RdpEvent> {
+    out.iter()
+        .filter_map(|o| match o {
+            Out::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+fn typed(out: &[Out]) -> String {
+    out.iter()
+        .filter_map(|o| match o {
+            Out::Typed(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The static-channel payload (a cliprdr message) of an MCS frame.
+fn channel_message(frame: &[u8]) -> Vec<u8> {
+    let X224(msg) = decode::<X224<McsMessage<'_>>>(frame).expect("MCS");
+    let data = match msg {
+        McsMessage::SendDataRequest(r) => r.user_data.into_owned(),
+        McsMessage::SendDataIndication(i) => i.user_data.into_owned(),
+        other => panic!("not channel data: {other:?}"),
+    };
+    data[8..].to_vec()
+}
+
+fn clip(pdu: &ClipboardPdu<'_>) -> Vec<u8> {
+    channel_pdu(&encode_vec(pdu).expect("cliprdr"))
+}
+
+fn format_list() -> Vec<u8> {
+    let list = FormatList::new_unicode(
+        &[ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT)],
+        true,
+    )
+    .expect("format list");
+    clip(&ClipboardPdu::FormatList(list))
+}
+
+fn data_request() -> Vec<u8> {
+    clip(&ClipboardPdu::FormatDataRequest(FormatDataRequest {
+        format: ClipboardFormatId::CF_UNICODETEXT,
+    }))
+}
+
+#[test]
+fn connect_initial_gets_target_protocol_no_gfx_and_channel_rules() {
+    let mut e = Engine::new(samples::config(RdpChannels::default()));
+    let mut out = Vec::new();
+    let ci = samples::connect_initial(&CHANNELS, 0x407).expect("sample");
+    e.client_frame(X, &ci, &mut out).expect("connect initial");
+
+    let sent = to_target(&out);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(records(&out, Direction::Input), sent, "recorded as relayed");
+    let x: X224<X224Data<'_>> = decode(sent[0]).expect("X.224");
+    let ci: ConnectInitial = decode(&x.0.data).expect("Connect Initial");
+    let gcc = ci.conference_create_request.gcc_blocks();
+    assert_eq!(
+        gcc.core.optional_data.server_selected_protocol,
+        Some(SecurityProtocol::SSL),
+        "the target's choice, not the client's HYBRID toward psm"
+    );
+    let early = gcc
+        .core
+        .optional_data
+        .early_capability_flags
+        .expect("flags");
+    assert!(!early.contains(ClientEarlyCapabilityFlags::SUPPORT_DYN_VC_GFX_PROTOCOL));
+    assert!(early.contains(ClientEarlyCapabilityFlags::SUPPORT_ERR_INFO_PDU));
+    let names: Vec<_> = ci
+        .channel_names()
+        .expect("channels")
+        .iter()
+        .map(|c| c.name.as_str().expect("ascii").to_owned())
+        .collect();
+    assert_eq!(
+        names, CHANNELS,
+        "refused channels stay listed so ids stay aligned"
+    );
+
+    let ev = events(&out);
+    assert_eq!(ev[0], &RdpEvent::Keyboard { layout: 0x407 });
+    let refused: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            RdpEvent::Refused {
+                channel,
+                what: "channel",
+                ..
+            } => Some(channel.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, ["rdpdr", "cliprdr"], "defaults: audio only");
+    assert_eq!(
+        ev.last(),
+        Some(&&RdpEvent::Channels {
+            offered: CHANNELS.iter().map(|s| s.to_string()).collect(),
+            refused: vec!["rdpdr".into(), "cliprdr".into()],
+        })
+    );
+}
+
+#[test]
+fn client_info_carries_the_vaulted_login_and_never_the_users_password() {
+    let (_, out) = samples::connected(RdpChannels::default()).expect("connected");
+    let user_pw = [USER_PASSWORD.as_bytes().to_vec(), utf16(USER_PASSWORD)];
+    for o in &out {
+        let bytes: &[u8] = match o {
+            Out::ToTarget(f) | Out::ToClient(f) => f,
+            Out::Record { pdu, .. } => pdu,
+            Out::Typed(t) => t.as_bytes(),
+            Out::Event(e) => &format!("{e:?}").into_bytes(),
+        };
+        for pw in &user_pw {
+            assert!(
+                !contains(bytes, pw),
+                "the user's password left the engine: {o:?}"
+            );
+        }
+    }
+    let info_frame = *to_target(&out).last().expect("client info sent");
+    let X224(McsMessage::SendDataRequest(sdr)) =
+        decode::<X224<McsMessage<'_>>>(info_frame).expect("MCS")
+    else {
+        panic!("not a send data request")
+    };
+    assert_eq!(sdr.channel_id, samples::IO_CHANNEL);
+    let info: ClientInfoPdu = decode(&sdr.user_data).expect("Client Info");
+    let ci = &info.client_info;
+    assert_eq!(ci.credentials.username, "administrator");
+    assert_eq!(ci.credentials.domain.as_deref(), Some("WIN01"));
+    assert_eq!(ci.credentials.password, VAULT_PASSWORD);
+    assert!(ci.flags.contains(ClientInfoFlags::AUTOLOGON));
+    assert!(
+        !ci.flags.contains(ClientInfoFlags::COMPRESSION),
+        "recordings need no decompressor"
+    );
+    assert!(
+        ci.flags.contains(ClientInfoFlags::UNICODE),
+        "other flags kept"
+    );
+
+    let rec = *records(&out, Direction::Input).last().expect("recorded");
+    assert_ne!(rec, info_frame);
+    for o in &out {
+        if let Out::Record { pdu, .. } = o {
+            assert!(
+                !contains(pdu, &utf16(VAULT_PASSWORD)),
+                "vaulted password recorded"
+            );
+        }
+    }
+    let X224(McsMessage::SendDataRequest(sdr)) = decode::<X224<McsMessage<'_>>>(rec).expect("MCS")
+    else {
+        panic!("not a send data request")
+    };
+    let info: ClientInfoPdu = decode(&sdr.user_data).expect("recorded Client Info");
+    assert_eq!(info.client_info.credentials.password, "");
+    assert_eq!(info.client_info.credentials.username, "administrator");
+}
+
+#[test]
+fn keyboard_input_becomes_typed_text_and_activity() {
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    assert!(!e.take_input_seen());
+    let key = |code, up: bool| {
+        FastPathInputEvent::KeyboardEvent(
+            if up {
+                KeyboardFlags::RELEASE
+            } else {
+                KeyboardFlags::empty()
+            },
+            code,
+        )
+    };
+    let mut out = Vec::new();
+    // "ls" then Enter, as scancodes (l = 0x26, s = 0x1f, Enter = 0x1c), then "é" as Unicode.
+    let frame = samples::fast_path(vec![
+        key(0x26, false),
+        key(0x26, true),
+        key(0x1f, false),
+        key(0x1f, true),
+    ])
+    .expect("sample");
+    e.client_frame(FastPath, &frame, &mut out).expect("input");
+    assert_eq!(to_target(&out), [&frame], "input relayed unchanged");
+    assert_eq!(records(&out, Direction::Input), [&frame]);
+    let frame = samples::fast_path(vec![
+        FastPathInputEvent::UnicodeKeyboardEvent(KeyboardFlags::empty(), 0xe9),
+        FastPathInputEvent::UnicodeKeyboardEvent(KeyboardFlags::RELEASE, 0xe9),
+    ])
+    .expect("sample");
+    e.client_frame(FastPath, &frame, &mut out).expect("input");
+    assert_eq!(typed(&out), "lsé");
+    assert!(e.take_input_seen());
+    assert!(!e.take_input_seen(), "taken");
+}
+
+#[test]
+fn refused_channels_carry_nothing_either_way() {
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let mut out = Vec::new();
+    let up = samples::send_data_request(channel_id("cliprdr"), format_list()).expect("sample");
+    e.client_frame(X, &up, &mut out)
+        .expect("dropped, not an error");
+    let down =
+        samples::send_data_indication(channel_id("rdpdr"), channel_pdu(&[0x72, 0x44, 0x6e, 0x49]))
+            .expect("sample");
+    e.target_frame(X, &down, &mut out)
+        .expect("dropped, not an error");
+    assert!(out.is_empty(), "{out:?}");
+    // An allowed channel (rdpsnd: audio is on by default) passes both ways.
+    let snd =
+        samples::send_data_indication(channel_id("rdpsnd"), channel_pdu(&[7, 0, 4, 0, 1, 2, 3, 4]))
+            .expect("sample");
+    e.target_frame(X, &snd, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&snd]);
+}
+
+#[test]
+fn clipboard_to_target_only() {
+    let rules = RdpChannels {
+        clipboard: ClipboardRule::ToTarget,
+        ..RdpChannels::default()
+    };
+    let (mut e, _) = samples::connected(rules).expect("connected");
+    let id = channel_id("cliprdr");
+
+    // The user copies: the client's Format List reaches the target.
+    let mut out = Vec::new();
+    let f = samples::send_data_request(id, format_list()).expect("sample");
+    e.client_frame(X, &f, &mut out).expect("relayed");
+    assert_eq!(to_target(&out), [&f]);
+    assert!(events(&out).is_empty());
+
+    // The target asks for the data: allowed.
+    let mut out = Vec::new();
+    let f = samples::send_data_indication(id, data_request()).expect("sample");
+    e.target_frame(X, &f, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&f]);
+
+    // Something is copied on the target: its Format List never reaches the client, and the
+    // target hears OK.
+    let mut out = Vec::new();
+    let f = samples::send_data_indication(id, format_list()).expect("sample");
+    e.target_frame(X, &f, &mut out).expect("filtered");
+    assert!(to_client(&out).is_empty());
+    let replies = to_target(&out);
+    assert_eq!(replies.len(), 1);
+    let reply = channel_message(replies[0]);
+    assert!(matches!(
+        decode::<ClipboardPdu<'_>>(&reply).expect("cliprdr"),
+        ClipboardPdu::FormatListResponse(ironrdp_cliprdr::pdu::FormatListResponse::Ok)
+    ));
+    assert!(matches!(
+        events(&out)[..],
+        [RdpEvent::Refused {
+            what: "from-target",
+            ..
+        }]
+    ));
+
+    // The client asks for the target's data anyway: it gets a failure, the target nothing.
+    let mut out = Vec::new();
+    let f = samples::send_data_request(id, data_request()).expect("sample");
+    e.client_frame(X, &f, &mut out).expect("filtered");
+    assert!(to_target(&out).is_empty());
+    let replies = to_client(&out);
+    assert_eq!(replies.len(), 1);
+    let reply = channel_message(replies[0]);
+    let ClipboardPdu::FormatDataResponse(r) = decode::<ClipboardPdu<'_>>(&reply).expect("cliprdr")
+    else {
+        panic!("not a data response")
+    };
+    assert!(r.is_error());
+    assert_eq!(events(&out).len(), 1, "one event per attempt");
+}
+
+#[test]
+fn clipboard_from_target_only_drops_the_clients_copies() {
+    let rules = RdpChannels {
+        clipboard: ClipboardRule::FromTarget,
+        ..RdpChannels::default()
+    };
+    let (mut e, _) = samples::connected(rules).expect("connected");
+    let id = channel_id("cliprdr");
+    let mut out = Vec::new();
+    e.client_frame(
+        X,
+        &samples::send_data_request(id, format_list()).expect("sample"),
+        &mut out,
+    )
+    .expect("filtered");
+    assert!(to_target(&out).is_empty());
+    assert_eq!(to_client(&out).len(), 1, "the client hears OK");
+    assert!(matches!(
+        events(&out)[..],
+        [RdpEvent::Refused {
+            what: "to-target",
+            ..
+        }]
+    ));
+    let mut out = Vec::new();
+    let f = samples::send_data_indication(id, format_list()).expect("sample");
+    e.target_frame(X, &f, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&f]);
+}
+
+fn device(ty: u32, id: u32, name: &[u8; 8], data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&ty.to_le_bytes());
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(name);
+    v.extend_from_slice(&u32::try_from(data.len()).expect("len").to_le_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+#[test]
+fn rdpdr_announces_only_allowed_devices() {
+    let rules = RdpChannels {
+        printer: true,
+        ..RdpChannels::default()
+    };
+    let (mut e, out) = samples::connected(rules).expect("connected");
+    assert!(
+        !events(&out)
+            .iter()
+            .any(|e| matches!(e, RdpEvent::Refused { channel, .. } if channel == "rdpdr")),
+        "rdpdr is open when a device kind is allowed"
+    );
+    let mut msg = vec![0x72, 0x44, 0x41, 0x44, 2, 0, 0, 0];
+    msg.extend(device(8, 1, b"HOME\0\0\0\0", b"home\0"));
+    msg.extend(device(4, 2, b"PRN1\0\0\0\0", &[0; 24]));
+    let mut out = Vec::new();
+    let f = samples::send_data_request(channel_id("rdpdr"), channel_pdu(&msg)).expect("sample");
+    e.client_frame(X, &f, &mut out).expect("filtered");
+    let sent = to_target(&out);
+    assert_eq!(sent.len(), 1);
+    let m = channel_message(sent[0]);
+    assert_eq!(&m[4..8], &1u32.to_le_bytes(), "one device left");
+    assert_eq!(&m[8..12], &4u32.to_le_bytes(), "the printer");
+    assert_eq!(m.len(), 8 + 20 + 24);
+    assert!(matches!(
+        events(&out)[..],
+        [RdpEvent::Refused { what: "drive", reason, .. }] if reason.contains("HOME")
+    ));
+    // Other rdpdr messages pass unchanged.
+    let mut out = Vec::new();
+    let f = samples::send_data_request(
+        channel_id("rdpdr"),
+        channel_pdu(&[0x72, 0x44, 0x43, 0x43, 1, 0, 12, 0]),
+    )
+    .expect("sample");
+    e.client_frame(X, &f, &mut out).expect("relayed");
+    assert_eq!(to_target(&out), [&f]);
+}
+
+#[test]
+fn desktop_size_and_disconnects_are_events() {
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let mut out = Vec::new();
+    let da = samples::demand_active(1280, 800).expect("sample");
+    e.target_frame(X, &da, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&da]);
+    assert_eq!(
+        events(&out),
+        [&RdpEvent::Desktop {
+            width: 1280,
+            height: 800
+        }]
+    );
+    let dpu = encode_vec(&X224(McsMessage::DisconnectProviderUltimatum(
+        DisconnectProviderUltimatum::from_reason(DisconnectReason::UserRequested),
+    )))
+    .expect("encode");
+    let mut out = Vec::new();
+    e.client_frame(X, &dpu, &mut out).expect("relayed");
+    e.target_frame(X, &dpu, &mut out).expect("relayed");
+    assert_eq!(
+        events(&out),
+        [
+            &RdpEvent::Disconnect { by_client: true },
+            &RdpEvent::Disconnect { by_client: false }
+        ]
+    );
+}
+
+#[test]
+fn graphics_pass_untouched_and_recorded_once() {
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let frame = vec![0x00, 0x08, 0x00, 0x01, 0x02, 0x03, 0x04, 0x05];
+    let mut out = Vec::new();
+    e.target_frame(FastPath, &frame, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&frame]);
+    assert_eq!(records(&out, Direction::Output), [&frame]);
+    assert_eq!(out.len(), 2);
+}
+
+#[test]
+fn malformed_frames_end_the_session_naming_the_sender() {
+    let ci = samples::connect_initial(&CHANNELS, 0x409).expect("sample");
+    for n in 0..ci.len() {
+        let mut e = Engine::new(samples::config(RdpChannels::default()));
+        let r = e.client_frame(X, &ci[..n], &mut Vec::new());
+        assert!(
+            matches!(r, Err(EngineError::Client(_))),
+            "cut at {n}: {r:?}"
+        );
+    }
+    let mut e = Engine::new(samples::config(RdpChannels::default()));
+    assert!(matches!(
+        e.target_frame(
+            X,
+            &samples::connect_response(4).expect("sample"),
+            &mut Vec::new()
+        ),
+        Err(EngineError::Target(_))
+    ));
+    let mut e = Engine::new(samples::config(RdpChannels::default()));
+    e.client_frame(X, &ci, &mut Vec::new()).expect("initial");
+    assert!(
+        matches!(
+            e.target_frame(
+                X,
+                &samples::connect_response(3).expect("sample"),
+                &mut Vec::new()
+            ),
+            Err(EngineError::Target(_))
+        ),
+        "channel ids must match the client's list"
+    );
+
+    let info = samples::client_info().expect("sample");
+    let input = samples::fast_path(vec![FastPathInputEvent::KeyboardEvent(
+        KeyboardFlags::empty(),
+        0x1e,
+    )])
+    .expect("sample");
+    for n in 0..info.len() {
+        let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+        let _ = e.client_frame(X, &info[..n], &mut Vec::new());
+        let _ = e.client_frame(FastPath, &input[..n.min(input.len())], &mut Vec::new());
+    }
+    // A Client Info cut short never passes unrewritten.
+    let mut e = Engine::new(samples::config(RdpChannels::default()));
+    let mut out = Vec::new();
+    e.client_frame(X, &ci, &mut out).expect("initial");
+    e.target_frame(X, &samples::connect_response(4).expect("sample"), &mut out)
+        .expect("response");
+    let mut cut = info.clone();
+    cut.truncate(info.len() - 30);
+    cut[3] = u8::try_from(cut.len()).expect("short");
+    cut[2] = 0;
+    let mut out = Vec::new();
+    assert!(e.client_frame(X, &cut, &mut out).is_err());
+    assert!(to_target(&out).is_empty());
+}
