@@ -29,7 +29,7 @@ use crate::recording::{RecordingStream, StreamStatus};
 use crate::session::WorkerCtx;
 
 /// How long a session being ended may take to say so to the client.
-const CLOSE_GRACE: Duration = Duration::from_millis(500);
+const CLOSE_GRACE: Duration = Duration::from_millis(300);
 /// How long the end waits for psm-recorder to confirm the last bytes.
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -192,6 +192,9 @@ impl Running<'_> {
                         Ok(None) => break,
                         Err(e) => return EndReason::ClientViolation(e.to_string()),
                     };
+                    if client.buf.len() < len {
+                        break;
+                    }
                     let frame: Vec<u8> = client.buf.drain(..len).collect();
                     if let Err(e) = engine.client_frame(kind, &frame, &mut outs) {
                         return engine_end(e);
@@ -216,6 +219,9 @@ impl Running<'_> {
                         Ok(None) => break,
                         Err(e) => return EndReason::TargetViolation(e.to_string()),
                     };
+                    if target.buf.len() < len {
+                        break;
+                    }
                     let frame: Vec<u8> = target.buf.drain(..len).collect();
                     if let Err(e) = engine.target_frame(kind, &frame, &mut outs) {
                         return engine_end(e);
