@@ -370,6 +370,10 @@ pub fn rdp_file(data_dir: &Path, args: RdpFileArgs, out: &mut dyn Write) -> Resu
 }
 
 #[cfg(test)]
+#[path = "cli_rdp_tests.rs"]
+mod e2e;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use psm_control_api::RdpChannels;

@@ -281,7 +281,7 @@ fn subject_of(der: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::TcpListener;
 
@@ -296,7 +296,7 @@ mod tests {
         );
     }
 
-    fn confirm(kind: u8, value: u32) -> Vec<u8> {
+    pub(crate) fn confirm(kind: u8, value: u32) -> Vec<u8> {
         let mut v = vec![
             0x03, 0x00, 0x00, 0x13, 0x0e, 0xd0, 0x00, 0x00, 0x12, 0x34, 0x00, kind, 0x00, 0x08,
             0x00,
@@ -322,7 +322,7 @@ mod tests {
     /// A tiny RDP-ish server: reads the Connection Request, answers `answer`, then (for a TLS
     /// answer) accepts TLS with a fresh self-signed certificate. Returns the address and the
     /// certificate's DER.
-    fn serve(answer: Vec<u8>, tls: bool) -> (String, Vec<u8>) {
+    pub(crate) fn serve(answer: Vec<u8>, tls: bool) -> (String, Vec<u8>) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let cert =
             rcgen::generate_simple_self_signed(vec!["win01.test".to_string()]).expect("cert");

@@ -1016,6 +1016,9 @@ fn check_hash(h: &PasswordHash) -> Result<(), Invalid> {
 }
 
 #[cfg(test)]
+mod rdp_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::testkeys::{ENCRYPTED_PRIV, USER_PRIV, USER_PUB};
