@@ -1,5 +1,5 @@
 //! Replays the committed fuzz corpora of the relay's parsers of peer bytes (see `fuzz/`): the
-//! command gate and the sftp and legacy scp readers.
+//! command gate, the sftp and legacy scp readers, and the RDP framing and engine.
 
 use std::path::PathBuf;
 
@@ -29,4 +29,19 @@ fn sftp_transfer_corpus() {
 #[test]
 fn scp_transfer_corpus() {
     replay("scp_transfer", psm_relay::fuzz::scp);
+}
+
+#[test]
+fn rdp_frame_corpus() {
+    replay("rdp_frame", psm_relay::fuzz::rdp_frame);
+}
+
+#[test]
+fn rdp_engine_client_corpus() {
+    replay("rdp_engine_client", psm_relay::fuzz::rdp_engine_client);
+}
+
+#[test]
+fn rdp_engine_target_corpus() {
+    replay("rdp_engine_target", psm_relay::fuzz::rdp_engine_target);
 }

@@ -263,9 +263,9 @@ pub fn channel_id(name: &str) -> u16 {
     FIRST_CHANNEL + u16::try_from(i).unwrap_or(0)
 }
 
-/// An engine past the Connect Initial, Connect Response, Attach User Confirm and Client Info
-/// (with [`CHANNELS`]), and the steps it took.
-pub fn connected(rules: RdpChannels) -> Result<(Engine, Vec<Out>)> {
+/// An engine past the Connect Initial, Connect Response and Attach User Confirm (with
+/// [`CHANNELS`]): the client's next I/O channel PDU must be its Client Info.
+pub fn before_client_info(rules: RdpChannels) -> Result<(Engine, Vec<Out>)> {
     use super::super::frame::FrameKind::X224 as K;
     let mut e = Engine::new(config(rules));
     let mut out = Vec::new();
@@ -276,6 +276,15 @@ pub fn connected(rules: RdpChannels) -> Result<(Engine, Vec<Out>)> {
         .map_err(err)?;
     e.target_frame(K, &attach_user_confirm()?, &mut out)
         .map_err(err)?;
-    e.client_frame(K, &client_info()?, &mut out).map_err(err)?;
+    Ok((e, out))
+}
+
+/// An engine past the Connect Initial, Connect Response, Attach User Confirm and Client Info
+/// (with [`CHANNELS`]), and the steps it took.
+pub fn connected(rules: RdpChannels) -> Result<(Engine, Vec<Out>)> {
+    use super::super::frame::FrameKind::X224 as K;
+    let (mut e, mut out) = before_client_info(rules)?;
+    e.client_frame(K, &client_info()?, &mut out)
+        .map_err(|e| e.to_string())?;
     Ok((e, out))
 }

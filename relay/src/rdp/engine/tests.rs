@@ -516,3 +516,120 @@ fn malformed_frames_end_the_session_naming_the_sender() {
     assert!(e.client_frame(X, &cut, &mut out).is_err());
     assert!(to_target(&out).is_empty());
 }
+
+#[test]
+fn a_client_info_that_does_not_decode_is_refused_not_relayed() {
+    let (mut e, _) = samples::before_client_info(RdpChannels::default()).expect("set up");
+    let mut bad = vec![0x40, 0x00, 0x00, 0x00];
+    bad.extend_from_slice(&[0xff; 24]);
+    let mut out = Vec::new();
+    let r = e.client_frame(
+        X,
+        &samples::send_data_request(samples::IO_CHANNEL, bad).expect("sample"),
+        &mut out,
+    );
+    assert!(matches!(r, Err(EngineError::Client(_))), "{r:?}");
+    assert!(out.is_empty());
+    // Nor does anything else come first on the I/O channel.
+    let (mut e, _) = samples::before_client_info(RdpChannels::default()).expect("set up");
+    let r = e.client_frame(
+        X,
+        &samples::send_data_request(samples::IO_CHANNEL, vec![0; 20]).expect("sample"),
+        &mut out,
+    );
+    assert!(matches!(r, Err(EngineError::Client(_))), "{r:?}");
+}
+
+/// Writes the fuzz corpora `fuzz/corpus/rdp_*` from the samples (each file: a byte picking the
+/// rules for the engine targets, then a byte stream of whole frames).
+#[test]
+#[ignore = "writes fuzz/corpus/rdp_*; run by hand with --ignored to regenerate them"]
+fn write_fuzz_corpora() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let write = |dir: &str, name: &str, parts: &[Vec<u8>]| {
+        let d = root.join(dir);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join(name), parts.concat()).expect("write");
+    };
+    let key = |code, up: bool| {
+        FastPathInputEvent::KeyboardEvent(
+            if up {
+                KeyboardFlags::RELEASE
+            } else {
+                KeyboardFlags::empty()
+            },
+            code,
+        )
+    };
+    let keys = samples::fast_path(vec![key(0x26, false), key(0x26, true), key(0x1c, false)])
+        .expect("sample");
+    let ci = samples::connect_initial(&CHANNELS, 0x409).expect("sample");
+    let info = samples::client_info().expect("sample");
+    let cliprdr = channel_id("cliprdr");
+    let rdpdr = channel_id("rdpdr");
+    let dpu = encode_vec(&X224(McsMessage::DisconnectProviderUltimatum(
+        DisconnectProviderUltimatum::from_reason(DisconnectReason::UserRequested),
+    )))
+    .expect("encode");
+    let mut ts = vec![0x30, 0x81, 0x10];
+    ts.extend_from_slice(&[0xa0; 16]);
+
+    write("rdp_frame", "connect_initial", std::slice::from_ref(&ci));
+    write(
+        "rdp_frame",
+        "fast_path_then_tpkt",
+        &[keys.clone(), info.clone()],
+    );
+    write("rdp_frame", "ts_request", &[ts]);
+
+    let mut devices = vec![0x72, 0x44, 0x41, 0x44, 2, 0, 0, 0];
+    devices.extend(device(8, 1, b"HOME\0\0\0\0", b"home\0"));
+    devices.extend(device(4, 2, b"PRN1\0\0\0\0", &[0; 24]));
+    write(
+        "rdp_engine_client",
+        "keys",
+        &[vec![0x20], keys.clone(), dpu.clone()],
+    );
+    write(
+        "rdp_engine_client",
+        "client_info",
+        &[vec![0x80], info, keys.clone()],
+    );
+    write(
+        "rdp_engine_client",
+        "clipboard_to_target",
+        &[
+            vec![0x01],
+            samples::send_data_request(cliprdr, format_list()).expect("sample"),
+            samples::send_data_request(cliprdr, data_request()).expect("sample"),
+        ],
+    );
+    write(
+        "rdp_engine_client",
+        "rdpdr_printer",
+        &[
+            vec![0x08],
+            samples::send_data_request(rdpdr, channel_pdu(&devices)).expect("sample"),
+        ],
+    );
+
+    write(
+        "rdp_engine_target",
+        "demand_active",
+        &[
+            vec![0x20],
+            samples::demand_active(1024, 768).expect("sample"),
+            vec![0x00, 0x06, 0x00, 0x01, 0x02, 0x03],
+            dpu,
+        ],
+    );
+    write(
+        "rdp_engine_target",
+        "clipboard_from_target",
+        &[
+            vec![0x02],
+            samples::send_data_indication(cliprdr, format_list()).expect("sample"),
+            samples::send_data_indication(cliprdr, data_request()).expect("sample"),
+        ],
+    );
+}
