@@ -416,12 +416,16 @@ pub enum RecordingsCmd {
     Export {
         /// Recording id.
         id: String,
-        /// Output format.
+        /// Output format (png and video: RDP recordings only).
         #[arg(long, value_enum)]
         format: ExportFormat,
-        /// Output file (default: standard output).
+        /// Output file (default: standard output); for png the directory of the frames, for
+        /// video the file (.webm or .mp4).
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
+        /// png and video: one frame per this much recorded time (1s, 500ms, 2m; default 1s).
+        #[arg(long, value_name = "INTERVAL", value_parser = recordings::parse_every)]
+        every: Option<u64>,
     },
     /// Check recordings' seals and signed trailers; say what is wrong and where. Exit status 1
     /// unless every one is OK.
@@ -1425,7 +1429,35 @@ fn recordings_cmd(
         RecordingsCmd::Pubkey => {
             writeln!(out, "{}", evidence_public_key(data_dir)?)?;
         }
-        RecordingsCmd::Export { id, format, output } => match output {
+        RecordingsCmd::Export {
+            id,
+            format: format @ (ExportFormat::Png | ExportFormat::Video),
+            output,
+            every,
+        } => {
+            let Some(path) = output else {
+                return Err(CliError::Usage(
+                    "--format png needs -o DIR, --format video needs -o FILE (.webm or .mp4)"
+                        .into(),
+                ));
+            };
+            let every = every.unwrap_or(recordings::DEFAULT_EVERY_US);
+            let n = recordings::export_frames(
+                data_dir,
+                &id,
+                format,
+                &path,
+                every,
+                std::ffi::OsStr::new("ffmpeg"),
+            )?;
+            writeln!(out, "{n} frames written to {}", path.display())?;
+        }
+        RecordingsCmd::Export {
+            id,
+            format,
+            output,
+            every: _,
+        } => match output {
             Some(path) => {
                 let mut f = fs::OpenOptions::new()
                     .write(true)
@@ -1967,6 +1999,26 @@ mod tests {
                 "x.cast",
             ],
             &["recordings", "export", "abc", "--format", "text"],
+            &[
+                "recordings",
+                "export",
+                "abc",
+                "--format",
+                "png",
+                "--every",
+                "500ms",
+                "-o",
+                "frames",
+            ],
+            &[
+                "recordings",
+                "export",
+                "abc",
+                "--format",
+                "video",
+                "-o",
+                "s.webm",
+            ],
             &["--data-dir", "/tmp/x", "status"],
             &["status", "--data-dir", "/tmp/x"],
         ] {
@@ -1995,6 +2047,15 @@ mod tests {
                 "k",
             ],
             &["recordings", "export", "abc", "--format", "pdf"],
+            &[
+                "recordings",
+                "export",
+                "abc",
+                "--format",
+                "png",
+                "--every",
+                "1h",
+            ],
             &["user", "passwd", "alice"],
             &["target", "update", "web01"],
             &["target", "update", "web01", "--scan", "--host-key", "k"],

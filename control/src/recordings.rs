@@ -23,6 +23,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+use psm_control_api::Escaped;
 use psm_evidence::PublicKey;
 use psm_recorder_format::export::{self, Replay};
 use psm_recorder_format::file::{self, RecordingInfo, RecordingReader};
@@ -31,6 +32,13 @@ use psm_recorder_format::FormatError;
 use serde::Serialize;
 
 use crate::datadir::DataDir;
+
+mod frames;
+mod rdp;
+#[cfg(test)]
+mod rdp_export_tests;
+
+pub use rdp::parse_every;
 
 /// Errors of the recording commands.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +76,9 @@ pub enum RecordingError {
     /// The configured recording key cannot be used.
     #[error(transparent)]
     Key(#[from] psm_recorder_format::crypt::KeyFileError),
+    /// An RDP recording could not be exported this way (the message says why and what to do).
+    #[error("{0}")]
+    Rdp(String),
     /// `psm.toml` cannot be read.
     #[error("config {}: {message}", .path.display())]
     Config {
@@ -85,9 +96,17 @@ use crate::timefmt;
 pub enum ExportFormat {
     /// asciicast v2 (asciinema).
     Asciicast,
-    /// Plain text of the terminal output.
+    /// Plain text of the terminal output (SSH); typed lines and session events (RDP).
     Text,
+    /// PNG frames of the screen into the directory `-o` names (RDP).
+    Png,
+    /// A video of the screen into the file `-o` names, `.webm` (VP9) or `.mp4` (H.264),
+    /// encoded by the system ffmpeg (RDP).
+    Video,
 }
+
+/// Default interval between two frames of a PNG or video export: one second of recorded time.
+pub const DEFAULT_EVERY_US: u64 = 1_000_000;
 
 /// A recording as printed by `recordings list --json`.
 #[derive(Clone, Debug, Serialize)]
@@ -294,7 +313,7 @@ impl<F: FnMut() -> bool> std::io::Read for Follow<F> {
 }
 
 /// `sessions watch`: shows recording `id` as it is written (only what draws the screen), until
-/// `live` says the session ended.
+/// `live` says the session ended. An RDP session shows its typed lines and events instead.
 pub fn watch(
     data_dir: &Path,
     id: &str,
@@ -311,11 +330,15 @@ pub fn watch(
         },
         key.as_ref(),
     )?;
+    if rdp::is_rdp(reader.meta()) {
+        // typed lines and events as they happen; the screen is in the exports
+        return rdp::text(reader, out, true);
+    }
     export::play(reader, f64::INFINITY, Replay::Safe, out)?;
     Ok(())
 }
 
-/// Writes recording `id` to `out` in `format`.
+/// Writes recording `id` to `out` in `format` (text or asciicast; an RDP recording: text).
 pub fn export(
     data_dir: &Path,
     id: &str,
@@ -323,12 +346,50 @@ pub fn export(
     out: &mut dyn Write,
 ) -> Result<(), RecordingError> {
     let reader = open(data_dir, id)?;
+    let is_rdp = rdp::is_rdp(reader.meta());
     match format {
+        ExportFormat::Text if is_rdp => rdp::text(reader, &mut *out, false)?,
+        ExportFormat::Asciicast if is_rdp => return Err(RecordingError::Rdp(format!(
+            "recording {} is an RDP session: asciicast is for SSH; use --format png, video or text",
+            Escaped(id)
+        ))),
         ExportFormat::Asciicast => export::asciicast(reader, &mut *out)?,
         ExportFormat::Text => export::text(reader, &mut *out)?,
+        ExportFormat::Png | ExportFormat::Video => {
+            return Err(RecordingError::Rdp(
+                "--format png and video write to the directory or file -o names".into(),
+            ))
+        }
     };
     out.flush()?;
     Ok(())
+}
+
+/// Exports RDP recording `id` as PNG frames into the directory `path` or as the video file
+/// `path`, one frame every `every_us` of recorded time; `ffmpeg` is the program encoding videos.
+/// Returns the number of frames.
+pub fn export_frames(
+    data_dir: &Path,
+    id: &str,
+    format: ExportFormat,
+    path: &Path,
+    every_us: u64,
+    ffmpeg: &std::ffi::OsStr,
+) -> Result<u64, RecordingError> {
+    let reader = open(data_dir, id)?;
+    if !rdp::is_rdp(reader.meta()) {
+        return Err(RecordingError::Rdp(format!(
+            "recording {} is an SSH session: png and video are for RDP; use --format text or asciicast",
+            Escaped(id)
+        )));
+    }
+    match format {
+        ExportFormat::Png => frames::png(reader, id, path, every_us),
+        ExportFormat::Video => frames::video(reader, id, path, every_us, ffmpeg),
+        ExportFormat::Text | ExportFormat::Asciicast => Err(RecordingError::Rdp(
+            "text and asciicast exports write to standard output or -o FILE".into(),
+        )),
+    }
 }
 
 #[cfg(test)]
