@@ -158,6 +158,7 @@ enum Filter {
 /// Share Control PDU types psm looks at (`pduType`, low 4 bits).
 const PDUTYPE_DEMAND_ACTIVE: u16 = 0x1;
 const PDUTYPE_DATA: u16 = 0x7;
+const PDUTYPE_SERVER_REDIRECT: u16 = 0xa;
 /// Share Data PDU types psm looks at (`pduType2`).
 const PDUTYPE2_INPUT: u8 = 0x1c;
 const PDUTYPE2_SHUTDOWN_REQUEST: u8 = 0x24;
@@ -319,7 +320,10 @@ impl Engine {
     }
 
     fn client_x224(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
-        if !is_data_tpdu(frame, true) {
+        if !is_data_tpdu(frame) {
+            if frame.get(5) == Some(&TPDU_DISCONNECT_REQUEST) {
+                out.push(Out::Event(RdpEvent::Disconnect { by_client: true }));
+            }
             to_target(out, frame.to_vec());
             return Ok(());
         }
@@ -422,7 +426,9 @@ impl Engine {
                     let carrier = Carrier::Indication {
                         initiator: server_initiator,
                     };
-                    for f in channels::message_frames(carrier, id, &reply)? {
+                    for f in
+                        channels::message_frames(carrier, id, &reply, channels::FLAG_SHOW_PROTOCOL)?
+                    {
                         to_client(out, f);
                     }
                 }
@@ -442,7 +448,7 @@ impl Engine {
                     let carrier = Carrier::Request {
                         initiator: user_initiator,
                     };
-                    for f in channels::message_frames(carrier, id, &msg)? {
+                    for f in channels::message_frames(carrier, id, &msg, chunk.flags)? {
                         to_target(out, f);
                     }
                     for d in removed {
@@ -464,7 +470,7 @@ impl Engine {
     }
 
     fn target_x224(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
-        if !is_data_tpdu(frame, false) {
+        if !is_data_tpdu(frame) {
             if frame.get(5) == Some(&TPDU_DISCONNECT_REQUEST) {
                 out.push(Out::Event(RdpEvent::Disconnect { by_client: false }));
             }
@@ -477,10 +483,17 @@ impl Engine {
             McsMessage::SendDataIndication(sdi) => {
                 self.server_initiator = Some(sdi.initiator_id);
                 if Some(sdi.channel_id) == self.io_channel {
-                    if let Some((PDUTYPE_DEMAND_ACTIVE, _)) = share_types(&sdi.user_data) {
-                        if let Some(ev) = desktop(&sdi.user_data) {
-                            out.push(Out::Event(ev));
+                    match share_types(&sdi.user_data) {
+                        Some((PDUTYPE_DEMAND_ACTIVE, _)) => {
+                            if let Some(ev) = desktop(&sdi.user_data) {
+                                out.push(Out::Event(ev));
+                            }
                         }
+                        // The client would reconnect elsewhere, around psm.
+                        Some((PDUTYPE_SERVER_REDIRECT, _)) => {
+                            return Err("server redirection (psm does not follow it)".into());
+                        }
+                        _ => {}
                     }
                 } else {
                     return self.target_channel(sdi.channel_id, &sdi.user_data, frame, out);
@@ -521,7 +534,9 @@ impl Engine {
                     let carrier = Carrier::Request {
                         initiator: user_initiator,
                     };
-                    for f in channels::message_frames(carrier, id, &reply)? {
+                    for f in
+                        channels::message_frames(carrier, id, &reply, channels::FLAG_SHOW_PROTOCOL)?
+                    {
                         to_target(out, f);
                     }
                 }
@@ -569,7 +584,7 @@ fn clip_refused(what: &'static str, did: &'static str, to_target: bool) -> RdpEv
 }
 
 /// Whether an X.224 frame is a Data TPDU (the MCS carrier); other TPDUs pass through.
-fn is_data_tpdu(frame: &[u8], _from_client: bool) -> bool {
+fn is_data_tpdu(frame: &[u8]) -> bool {
     // TPKT (4) + X.224 length indicator (1) + TPDU code.
     frame.get(5).map(|c| c & 0xf0) == Some(TPDU_DATA)
 }

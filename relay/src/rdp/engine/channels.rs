@@ -14,6 +14,8 @@ pub(super) const CHUNK: usize = 1600;
 pub(super) const FLAG_FIRST: u32 = 0x1;
 /// `CHANNEL_FLAG_LAST`.
 pub(super) const FLAG_LAST: u32 = 0x2;
+/// `CHANNEL_FLAG_SHOW_PROTOCOL` (clipboard messages must carry it).
+pub(super) const FLAG_SHOW_PROTOCOL: u32 = 0x10;
 /// `CHANNEL_PACKET_COMPRESSED`.
 pub(super) const FLAG_COMPRESSED: u32 = 0x0020_0000;
 
@@ -141,11 +143,13 @@ pub(super) fn mcs_frame(
     encode_vec(&X224(msg)).map_err(|e| format!("MCS encoding: {e}"))
 }
 
-/// A whole channel message cut into chunks of [`CHUNK`] bytes, each in its own MCS frame.
+/// A whole channel message cut into chunks of [`CHUNK`] bytes, each in its own MCS frame with
+/// `flags` (e.g. [`FLAG_SHOW_PROTOCOL`]) besides first/last.
 pub(super) fn message_frames(
     carrier: Carrier,
     channel_id: u16,
     message: &[u8],
+    flags: u32,
 ) -> Result<Vec<Vec<u8>>, String> {
     let total = u32::try_from(message.len()).map_err(|_| "channel message too long".to_string())?;
     let n = message.len().div_ceil(CHUNK).max(1);
@@ -154,7 +158,7 @@ pub(super) fn message_frames(
         let part = message
             .get(i * CHUNK..((i + 1) * CHUNK).min(message.len()))
             .unwrap_or_default();
-        let mut flags = 0;
+        let mut flags = flags & !(FLAG_FIRST | FLAG_LAST);
         if i == 0 {
             flags |= FLAG_FIRST;
         }

@@ -21,7 +21,8 @@ pub(super) struct Initial {
 }
 
 /// Decodes the client's MCS Connect Initial, writes the target's selected protocol into it and
-/// turns off the graphics pipeline (EGFX), so that recordings replay without H.264.
+/// turns off the graphics pipeline (EGFX), so that recordings replay without H.264, and the UDP
+/// multitransport, so that nothing bypasses the relayed TCP connection.
 pub(super) fn rewrite_connect_initial(
     frame: &[u8],
     target_protocol: SecurityProtocol,
@@ -35,6 +36,8 @@ pub(super) fn rewrite_connect_initial(
     if let Some(f) = gcc.core.optional_data.early_capability_flags.as_mut() {
         f.remove(ClientEarlyCapabilityFlags::SUPPORT_DYN_VC_GFX_PROTOCOL);
     }
+    // No UDP side transport: everything goes through psm's TCP leg.
+    gcc.multi_transport_channel = None;
     let keyboard_layout = gcc.core.keyboard_layout;
     let channels = gcc
         .network

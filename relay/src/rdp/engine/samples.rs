@@ -8,9 +8,10 @@ use ironrdp_core::encode_vec;
 use ironrdp_pdu::gcc::{
     ChannelDef, ChannelName, ChannelOptions, ClientCoreData, ClientCoreOptionalData,
     ClientEarlyCapabilityFlags, ClientGccBlocks, ClientNetworkData, ClientSecurityData, ColorDepth,
-    ConferenceCreateResponse, ConnectionType, HighColorDepth, KeyboardType, RdpVersion,
-    SecureAccessSequence, ServerCoreData, ServerCoreOptionalData, ServerGccBlocks,
-    ServerNetworkData, ServerSecurityData, SupportedColorDepths,
+    ConferenceCreateResponse, ConnectionType, HighColorDepth, KeyboardType,
+    MultiTransportChannelData, MultiTransportFlags, RdpVersion, SecureAccessSequence,
+    ServerCoreData, ServerCoreOptionalData, ServerGccBlocks, ServerNetworkData, ServerSecurityData,
+    SupportedColorDepths,
 };
 use ironrdp_pdu::input::fast_path::{FastPathInput, FastPathInputEvent};
 use ironrdp_pdu::mcs::{
@@ -118,7 +119,9 @@ pub fn connect_initial(channels: &[&str], layout: u32) -> Result<Vec<u8>> {
         cluster: None,
         monitor: None,
         message_channel: None,
-        multi_transport_channel: None,
+        multi_transport_channel: Some(MultiTransportChannelData {
+            flags: MultiTransportFlags::TRANSPORT_TYPE_UDP_FECR,
+        }),
         monitor_extended: None,
     };
     let ci = ConnectInitial::with_gcc_blocks(gcc).map_err(|e| e.to_string())?;

@@ -126,6 +126,7 @@ fn connect_initial_gets_target_protocol_no_gfx_and_channel_rules() {
         .expect("flags");
     assert!(!early.contains(ClientEarlyCapabilityFlags::SUPPORT_DYN_VC_GFX_PROTOCOL));
     assert!(early.contains(ClientEarlyCapabilityFlags::SUPPORT_ERR_INFO_PDU));
+    assert!(gcc.multi_transport_channel.is_none(), "no UDP around psm");
     let names: Vec<_> = ci
         .channel_names()
         .expect("channels")
@@ -308,6 +309,17 @@ fn clipboard_to_target_only() {
     let replies = to_target(&out);
     assert_eq!(replies.len(), 1);
     let reply = channel_message(replies[0]);
+    let X224(McsMessage::SendDataRequest(r)) =
+        decode::<X224<McsMessage<'_>>>(replies[0]).expect("MCS")
+    else {
+        panic!("not a request")
+    };
+    assert_eq!(r.channel_id, id);
+    assert_eq!(
+        &r.user_data[4..8],
+        &0x13u32.to_le_bytes(),
+        "first, last, show protocol"
+    );
     assert!(matches!(
         decode::<ClipboardPdu<'_>>(&reply).expect("cliprdr"),
         ClipboardPdu::FormatListResponse(ironrdp_cliprdr::pdu::FormatListResponse::Ok)
@@ -444,6 +456,18 @@ fn desktop_size_and_disconnects_are_events() {
             &RdpEvent::Disconnect { by_client: false }
         ]
     );
+}
+
+#[test]
+fn a_server_redirection_ends_the_session_at_the_target() {
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let mut pdu = vec![0x10, 0x00, 0x1a, 0x00, 0xef, 0x03];
+    pdu.extend_from_slice(&[0; 10]);
+    let f = samples::send_data_indication(samples::IO_CHANNEL, pdu).expect("sample");
+    let mut out = Vec::new();
+    let r = e.target_frame(X, &f, &mut out);
+    assert!(matches!(r, Err(EngineError::Target(_))), "{r:?}");
+    assert!(to_client(&out).is_empty());
 }
 
 #[test]
