@@ -242,6 +242,10 @@ impl Running<'_> {
                         client.buf.extend_from_slice(&cbuf[..n]);
                         (from_client, from_target) = (true, false);
                     }
+                    // RDP clients often just close the socket (no TLS close_notify)
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return EndReason::ClientClosed
+                    }
                     Err(e) => return EndReason::ClientError(e.to_string()),
                 },
                 r = target.io.read(&mut tbuf) => match r {
@@ -250,6 +254,12 @@ impl Running<'_> {
                     Ok(n) => {
                         target.buf.extend_from_slice(&tbuf[..n]);
                         (from_client, from_target) = (false, true);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && self.target_ended => {
+                        return EndReason::TargetEnded
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return EndReason::TargetClosed(String::new())
                     }
                     Err(e) => return EndReason::TargetClosed(e.to_string()),
                 },

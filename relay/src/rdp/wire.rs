@@ -33,28 +33,14 @@ pub struct Framed<S> {
 
 /// Length of the TPKT or fast-path PDU at the start of `bytes`; None: more bytes needed.
 pub fn pdu_len(bytes: &[u8]) -> Result<Option<usize>, String> {
-    match ironrdp_pdu::find_size(bytes) {
-        Ok(Some(info)) if info.length == 0 => Err("zero-length PDU".into()),
-        Ok(Some(info)) => Ok(Some(info.length)),
-        Ok(None) => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
+    super::frame::next_frame(bytes)
+        .map(|f| f.map(|(_, n)| n))
+        .map_err(|e| e.0)
 }
 
 /// Length of the DER TsRequest at the start of `bytes`; None: more bytes needed.
 pub fn ts_request_len(bytes: &[u8]) -> Result<Option<usize>, String> {
-    if bytes.is_empty() {
-        return Ok(None);
-    }
-    if bytes[0] != 0x30 {
-        return Err(format!("not a TsRequest (first byte {:#04x})", bytes[0]));
-    }
-    match sspi::credssp::TsRequest::read_length(bytes) {
-        Ok(0) => Err("zero-length TsRequest".into()),
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
+    super::frame::next_ts_request(bytes).map_err(|e| e.0)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
@@ -128,15 +114,18 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(1 << 20);
         let mut f = Framed::new(b);
         // two TPKTs in one write, the second cut
-        a.write_all(&[3, 0, 0, 7, 1, 2, 3, 3, 0, 0, 5])
+        a.write_all(&[3, 0, 0, 7, 2, 0xf0, 0x80, 3, 0, 0, 8])
             .await
             .expect("write");
         assert_eq!(
             f.read_pdu().await.expect("first"),
-            vec![3, 0, 0, 7, 1, 2, 3]
+            vec![3, 0, 0, 7, 2, 0xf0, 0x80]
         );
-        a.write_all(&[9]).await.expect("write");
-        assert_eq!(f.read_pdu().await.expect("second"), vec![3, 0, 0, 5, 9]);
+        a.write_all(&[2, 0xf0, 0x80, 9]).await.expect("write");
+        assert_eq!(
+            f.read_pdu().await.expect("second"),
+            vec![3, 0, 0, 8, 2, 0xf0, 0x80, 9]
+        );
         // garbage is refused, not waited on
         a.write_all(&[0x55; 8]).await.expect("write");
         assert!(matches!(
