@@ -14,3 +14,4 @@ pub mod replay;
 pub mod synth;
 
 pub use replay::{Renderer, Sampler};
+pub mod fuzz;
