@@ -9,8 +9,10 @@
 //! - appends every audit event, its own administrative changes included, to `audit.jsonl`
 //!   ([`audit`]), and exports the stream to SIEM receivers over syslog ([`siem`]);
 //! - serves `psmctl` on `control.sock` with a JSON-lines protocol ([`protocol`], [`client`]);
-//! - implements the `psmctl` commands ([`cli`]), host-key scanning ([`scan`]) and the
-//!   recording commands on top of `psm-recorder-format` ([`recordings`]).
+//! - implements the `psmctl` commands ([`cli`]; the RDP ones in [`cli_rdp`]), host-key scanning
+//!   ([`scan`]), RDP certificate scanning ([`scan_rdp`]), and the recording commands on top of
+//!   `psm-recorder-format` ([`recordings`]);
+//! - keeps each psm user's NT hash for RDP logins, sealed like account credentials ([`ntlm`]).
 //!
 //! What it does not do: terminate SSH sessions (psm-relay does), write recordings
 //! (psm-recorder does), or ever hand a credential back to psmctl.
