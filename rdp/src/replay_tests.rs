@@ -140,3 +140,70 @@ fn sampler_skips_frames_before_the_first_image() {
     s.finish(4_000_000, &mut emit).expect("finish");
     assert_eq!(indexes, vec![3, 4]);
 }
+
+/// The client's Client Info as recorded: a SendDataRequest on the I/O channel.
+fn client_info(compression: bool) -> Vec<u8> {
+    use ironrdp_core::encode_vec;
+    use ironrdp_pdu::mcs::{McsMessage, SendDataRequest};
+    use ironrdp_pdu::rdp::client_info::{
+        AddressFamily, ClientInfo, ClientInfoFlags, CompressionType, Credentials,
+        ExtendedClientInfo, ExtendedClientOptionalInfo,
+    };
+    use ironrdp_pdu::rdp::headers::{BasicSecurityHeader, BasicSecurityHeaderFlags};
+    use ironrdp_pdu::rdp::ClientInfoPdu;
+    use ironrdp_pdu::x224::X224;
+    let mut flags = ClientInfoFlags::UNICODE | ClientInfoFlags::AUTOLOGON;
+    if compression {
+        flags |= ClientInfoFlags::COMPRESSION;
+    }
+    let info = ClientInfoPdu {
+        security_header: BasicSecurityHeader {
+            flags: BasicSecurityHeaderFlags::INFO_PKT,
+        },
+        client_info: ClientInfo {
+            credentials: Credentials {
+                username: "psmtest".into(),
+                password: String::new(),
+                domain: None,
+            },
+            password_cookie: None,
+            code_page: 0,
+            flags,
+            compression_type: CompressionType::Rdp61,
+            alternate_shell: String::new(),
+            work_dir: String::new(),
+            extra_info: ExtendedClientInfo {
+                address_family: AddressFamily::INET,
+                address: "127.0.0.1".into(),
+                dir: "C:\\".into(),
+                optional_data: ExtendedClientOptionalInfo::default(),
+            },
+        },
+    };
+    encode_vec(&X224(McsMessage::SendDataRequest(SendDataRequest {
+        initiator_id: synth::USER_CHANNEL,
+        channel_id: synth::IO_CHANNEL,
+        user_data: std::borrow::Cow::Owned(encode_vec(&info).expect("info")),
+    })))
+    .expect("sdr")
+}
+
+#[test]
+fn the_recorded_client_info_sets_the_bulk_compression() {
+    use ironrdp_pdu::rdp::client_info::CompressionType;
+    for (flag, expected) in [(true, Some(CompressionType::Rdp61)), (false, None)] {
+        let mut r = Renderer::new();
+        let start = synth::session_start(16, 16).expect("encode");
+        r.feed(Direction::TargetToClient, &start[0]).expect("cr");
+        r.feed(Direction::ClientToTarget, &client_info(flag))
+            .expect("client info");
+        assert_eq!(r.compression, expected);
+        for pdu in &start[1..] {
+            r.feed(Direction::TargetToClient, pdu).expect("start");
+        }
+        // uncompressed updates still render with a decompressor in place
+        let red = synth::fill(0, 0, 4, 4, [255, 0, 0]).expect("encode");
+        assert!(r.feed(Direction::TargetToClient, &red).expect("update"));
+        assert_eq!(&pixel(&r, 1, 1)[..3], &[255, 0, 0]);
+    }
+}
