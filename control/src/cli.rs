@@ -332,7 +332,8 @@ pub enum GrantCmd {
 pub enum SessionsCmd {
     /// List live sessions.
     List(JsonFlag),
-    /// Show a live session's terminal as it happens (read-only, from its recording).
+    /// Show a live session's terminal as it happens (read-only, from its recording); for an
+    /// RDP session, the lines typed and the session's events.
     Watch {
         /// Session id (from `sessions list`).
         id: String,
@@ -1452,11 +1453,16 @@ fn recordings_cmd(
             )?;
             writeln!(out, "{n} frames written to {}", path.display())?;
         }
+        RecordingsCmd::Export { every: Some(_), .. } => {
+            return Err(CliError::Usage(
+                "--every is for --format png and video".into(),
+            ))
+        }
         RecordingsCmd::Export {
             id,
             format,
             output,
-            every: _,
+            every: None,
         } => match output {
             Some(path) => {
                 let mut f = fs::OpenOptions::new()
