@@ -7,6 +7,7 @@
 
 mod channels;
 mod clip;
+mod dvc;
 mod info;
 mod input;
 mod mcs;
@@ -26,6 +27,7 @@ use psm_recorder_format::Direction;
 
 use self::channels::{Carrier, Rule};
 use self::clip::Clip;
+use self::dvc::Dvc;
 use self::input::Input;
 use self::rdpdr::Rdpdr;
 use self::svc::Step;
@@ -153,6 +155,7 @@ enum Filter {
     None,
     Clip(Clip),
     Rdpdr(Rdpdr),
+    Dvc(Dvc),
 }
 
 /// Share Control PDU types psm looks at (`pduType`, low 4 bits).
@@ -275,6 +278,7 @@ impl Engine {
                     printer,
                     smartcard,
                 } => Filter::Rdpdr(Rdpdr::new(drive, printer, smartcard)),
+                Rule::Dvc => Filter::Dvc(Dvc::new(self.cfg.rules.clone())),
                 Rule::Pass | Rule::Refused => Filter::None,
             };
             if rule == Rule::Refused {
@@ -516,6 +520,7 @@ impl Engine {
         out: &mut Vec<Out>,
     ) -> Result<(), String> {
         let user_initiator = self.client_initiator.or(self.user_channel).unwrap_or(1001);
+        let server_initiator = self.server_initiator.or(self.user_channel).unwrap_or(1001);
         let Some(ch) = self.channels.iter_mut().find(|c| c.id == Some(id)) else {
             to_client(out, frame.to_vec());
             return Ok(());
@@ -542,6 +547,36 @@ impl Engine {
                 }
                 if let Some((what, did)) = r.refused {
                     out.push(Out::Event(clip_refused(what, did, rule)));
+                }
+            }
+            (Filter::Dvc(dvc), _) => {
+                let chunk = channels::chunk(user_data)?;
+                let r = dvc.feed(frame, &chunk)?;
+                for s in r.steps {
+                    if let Step::Forward(f) = s {
+                        to_client(out, f);
+                    }
+                }
+                if let Some(create) = r.create {
+                    let carrier = Carrier::Indication {
+                        initiator: server_initiator,
+                    };
+                    for f in channels::message_frames(carrier, id, &create, chunk.flags)? {
+                        to_client(out, f);
+                    }
+                }
+                if let Some((name, reply)) = r.refused {
+                    let carrier = Carrier::Request {
+                        initiator: user_initiator,
+                    };
+                    for f in channels::message_frames(carrier, id, &reply, chunk.flags)? {
+                        to_target(out, f);
+                    }
+                    out.push(Out::Event(RdpEvent::Refused {
+                        channel: name,
+                        what: "channel",
+                        reason: "dynamic channel not allowed by the grant".into(),
+                    }));
                 }
             }
             _ => to_client(out, frame.to_vec()),

@@ -31,6 +31,8 @@ pub(super) enum Rule {
         /// Data may flow from the user's machine to the target.
         to_target: bool,
     },
+    /// `drdynvc`, the dynamic channels' transport: their Create Requests are filtered by name.
+    Dvc,
     /// `rdpdr` with some device kinds allowed: the client's device announcements are filtered.
     Rdpdr {
         /// Drives may be redirected.
@@ -59,7 +61,7 @@ pub(super) fn rule_for(name: &str, rules: &RdpChannels) -> Rule {
         "rdpdr" => Rule::Refused,
         "rdpsnd" if rules.audio => Rule::Pass,
         "rdpsnd" => Rule::Refused,
-        "drdynvc" => Rule::Pass,
+        "drdynvc" => Rule::Dvc,
         other if rules.other_allowed(other) => Rule::Pass,
         _ => Rule::Refused,
     }

@@ -657,3 +657,44 @@ fn write_fuzz_corpora() {
         ],
     );
 }
+
+fn dvc_create(id: u8, name: &str) -> Vec<u8> {
+    let mut m = vec![0x10, id];
+    m.extend_from_slice(name.as_bytes());
+    m.push(0);
+    channel_pdu(&m)
+}
+
+#[test]
+fn dynamic_channels_open_by_name() {
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let id = channel_id("drdynvc");
+    // Display control carries nothing off either machine: relayed.
+    let mut out = Vec::new();
+    let f =
+        samples::send_data_indication(id, dvc_create(3, "Microsoft::Windows::RDS::DisplayControl"))
+            .expect("sample");
+    e.target_frame(X, &f, &mut out).expect("relayed");
+    assert_eq!(to_client(&out).len(), 1);
+    assert_eq!(channel_message(to_client(&out)[0]), channel_message(&f));
+    assert!(events(&out).is_empty());
+    // USB redirection: the client never hears of it, the target hears "failed".
+    let mut out = Vec::new();
+    let f = samples::send_data_indication(id, dvc_create(4, "URBDRC")).expect("sample");
+    e.target_frame(X, &f, &mut out).expect("filtered");
+    assert!(to_client(&out).is_empty());
+    let reply = channel_message(to_target(&out)[0]);
+    assert_eq!(reply, [0x10, 4, 0x01, 0x00, 0x00, 0xc0]);
+    assert!(matches!(
+        events(&out)[..],
+        [RdpEvent::Refused { channel, what: "channel", .. }] if channel == "URBDRC"
+    ));
+    // Data on open channels passes unchanged, both ways.
+    let mut out = Vec::new();
+    let data = samples::send_data_indication(id, channel_pdu(&[0x30, 3, 1, 2, 3])).expect("sample");
+    e.target_frame(X, &data, &mut out).expect("relayed");
+    let up = samples::send_data_request(id, channel_pdu(&[0x30, 3, 4, 5])).expect("sample");
+    e.client_frame(X, &up, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&data]);
+    assert_eq!(to_target(&out), [&up]);
+}
