@@ -647,6 +647,18 @@ fn write_fuzz_corpora() {
             dpu,
         ],
     );
+    let drdynvc = channel_id("drdynvc");
+    write(
+        "rdp_engine_target",
+        "dynamic_channels",
+        &[
+            vec![0x20],
+            samples::send_data_indication(drdynvc, dvc_create(3, "ECHO")).expect("sample"),
+            samples::send_data_indication(drdynvc, dvc_create(4, "URBDRC")).expect("sample"),
+            samples::send_data_indication(drdynvc, channel_pdu(&[0x30, 3, 1, 2, 3]))
+                .expect("sample"),
+        ],
+    );
     write(
         "rdp_engine_target",
         "clipboard_from_target",
