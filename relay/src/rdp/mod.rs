@@ -12,6 +12,7 @@
 //! session's life (governor, kill, recorder, shutdown) is in [`session`].
 
 pub mod accept;
+mod admit;
 pub mod credssp;
 pub mod engine;
 pub mod frame;

@@ -1,6 +1,7 @@
 //! One RDP connection up to its start: the pre-authentication limits, X.224, TLS, CredSSP
 //! toward the user, the second factor, the access decision, the recording and the target
-//! login, all within the login grace time. The running session is in [`super::live`].
+//! login, all within the login grace time. The second factor and the decision are in `admit`,
+//! the running session in `live`.
 //!
 //! Every refusal after the user named itself reaches the client as a CredSSP logon failure,
 //! and the audit log as `auth_failure` (method `nla`, `nla+totp`) or `session_denied` with the
@@ -11,24 +12,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use psm_control_api::{
-    decide, now_ms, Account, Attempt, AuditKind, Denial, Escaped, Login, Protocol, RelayToControl,
-    Target,
-};
-use psm_recorder_format::RecordingMeta;
+use psm_control_api::{now_ms, Account, AuditKind, Denial, Escaped, Login, Target};
 use sspi::credssp::TsRequest;
 use tokio::net::TcpStream;
 use tracing::info;
 
 use super::accept::{negotiate, Negotiation};
 use super::credssp::{encode, logon_failure, FrontNla, NlaLogin, Step};
-use super::target::{self, TargetLeg};
+use super::target::TargetLeg;
 use super::tls::GatewayCert;
 use super::wire::{Framed, ReadError};
 use crate::control_link::Counters;
 use crate::end::{Refusal, Side};
 use crate::recording::RecordingStream;
-use crate::session::{logged_login, WorkerCtx, RECORDING_UNAVAILABLE};
+use crate::session::{logged_login, WorkerCtx};
 use crate::startups::UserPermit;
 
 /// The TLS stream toward the user.
@@ -140,29 +137,26 @@ pub async fn handle_rdp_connection(
 }
 
 /// The connection phase of one connection.
-struct Phase<'a> {
-    ctx: &'a WorkerCtx,
-    peer: SocketAddr,
-    session_id: String,
-    start_ms: u64,
+pub(super) struct Phase<'a> {
+    pub(super) ctx: &'a WorkerCtx,
+    pub(super) peer: SocketAddr,
+    pub(super) session_id: String,
+    pub(super) start_ms: u64,
     /// The login, once the client named it in NTLM.
-    login: Option<String>,
+    pub(super) login: Option<String>,
 }
 
-/// Where a refused login stands.
-enum Fail {
-    /// Audited already; close.
-    Closed,
-}
+/// A refused login, audited already: the client gets a logon failure and the connection closes.
+pub(super) struct Fail;
 
 impl Phase<'_> {
-    fn source(&self) -> String {
+    pub(super) fn source(&self) -> String {
         self.peer.to_string()
     }
 
     /// An `auth_failure` audit event (method `nla`); `counted`: a wrong secret, counted toward
     /// the rate limit and the lockout.
-    fn auth_failure(
+    pub(super) fn auth_failure(
         &self,
         login: &str,
         method: &str,
@@ -188,7 +182,7 @@ impl Phase<'_> {
     }
 
     /// A `session_denied` audit event.
-    fn denied(&self, login: &str, user: &str, r: &Refusal) {
+    pub(super) fn denied(&self, login: &str, user: &str, r: &Refusal) {
         info!(peer = %self.peer, login = %Escaped(login), reason = %Escaped(&r.reason), code = r.code, side = %r.side, protocol = "rdp", "session denied");
         self.ctx.audit.emit(AuditKind::SessionDenied {
             login: logged_login(login),
@@ -203,15 +197,25 @@ impl Phase<'_> {
 
     fn grace_exceeded(&self) {
         let why = "login grace time exceeded";
-        preauth_failure(self.ctx, self.peer, why);
-        let login = self.login.clone().unwrap_or_default();
-        self.auth_failure(&login, METHOD, why, Some(Side::Client), false);
+        match self.login.clone() {
+            Some(login) => self.auth_failure(&login, METHOD, why, Some(Side::Client), false),
+            None => {
+                self.early_failure(why);
+            }
+        }
     }
 
-    /// A failure before the client named a user: logged (rate-limited) and audited.
+    /// A failure before the client named a user: counted and logged (rate-limited) as a
+    /// pre-authentication failure, and audited as an `auth_failure` without a login.
     fn early_failure(&self, why: &str) -> Option<Admitted> {
         preauth_failure(self.ctx, self.peer, why);
-        self.auth_failure("", METHOD, why, Some(Side::Client), false);
+        self.ctx.audit.emit(AuditKind::AuthFailure {
+            login: String::new(),
+            method: METHOD.to_string(),
+            source: self.source(),
+            reason: why.to_string(),
+            side: Side::Client.to_string(),
+        });
         None
     }
 
@@ -251,22 +255,22 @@ impl Phase<'_> {
         let mut client = Framed::new(tls);
         let (mut nla, login, held) = self.nla(cert, &mut client).await.ok()?;
         let admitted = match self.admit(&login).await {
-            Ok((user, target, account, rules, recording, leg, user_permit)) => Admitted {
+            Ok(g) => Admitted {
                 info: SessionInfo {
                     session_id: self.session_id.clone(),
                     start_ms: self.start_ms,
                     peer: self.peer,
-                    user,
-                    target,
-                    account,
-                    rules,
+                    user: g.user,
+                    target: g.target,
+                    account: g.account,
+                    rules: g.rules,
                 },
                 client,
-                leg,
-                recording,
-                user_permit,
+                leg: g.leg,
+                recording: g.recording,
+                user_permit: g.user_permit,
             },
-            Err(Fail::Closed) => {
+            Err(Fail) => {
                 if let Some(r) = logon_failure(*held) {
                     let _ = client.send(&r).await;
                 }
@@ -310,7 +314,7 @@ impl Phase<'_> {
                 Ok(n) => n,
                 Err(e) => {
                     self.early_failure(&format!("cannot start CredSSP: {e}"));
-                    return Err(Fail::Closed);
+                    return Err(Fail);
                 }
             };
         loop {
@@ -324,14 +328,14 @@ impl Phase<'_> {
                             self.early_failure(&why);
                         }
                     }
-                    return Err(Fail::Closed);
+                    return Err(Fail);
                 }
             };
             match nla.step(&bytes) {
                 Step::Reply(r) => {
                     if client.send(&r).await.is_err() {
                         self.early_failure("connection lost during CredSSP");
-                        return Err(Fail::Closed);
+                        return Err(Fail);
                     }
                 }
                 Step::Verified { login, reply } => {
@@ -340,7 +344,7 @@ impl Phase<'_> {
                 }
                 Step::Done => {
                     self.early_failure("CredSSP ended before the user was verified");
-                    return Err(Fail::Closed);
+                    return Err(Fail);
                 }
                 Step::Failed {
                     reply,
@@ -358,209 +362,8 @@ impl Phase<'_> {
                             self.early_failure(&reason);
                         }
                     }
-                    return Err(Fail::Closed);
+                    return Err(Fail);
                 }
-            }
-        }
-    }
-
-    /// The second factor, the decision, the recording and the target login.
-    #[allow(clippy::type_complexity)]
-    async fn admit(
-        &self,
-        login: &NlaLogin,
-    ) -> Result<
-        (
-            String,
-            Target,
-            Account,
-            psm_control_api::RdpChannels,
-            Option<RecordingStream>,
-            TargetLeg,
-            UserPermit,
-        ),
-        Fail,
-    > {
-        let text = login.login.as_str();
-        let user = Login::user_part(text).to_string();
-        let snap = self.ctx.policy.get();
-        let parsed = Login::parse(text);
-        let now = now_ms();
-        let ip = self.peer.ip();
-        let decision = parsed.as_ref().ok().map(|l| {
-            decide(
-                &snap,
-                &Attempt {
-                    user: &user,
-                    account: &l.account,
-                    target: &l.target,
-                    source: ip,
-                    now_ms: now,
-                },
-            )
-        });
-        let need_code = match &decision {
-            Some(Ok(p)) => {
-                p.mfa
-                    && !p
-                        .conditions()
-                        .mfa_cache_ms
-                        .is_some_and(|ms| self.ctx.mfa.cached(&user, ip, ms, now))
-            }
-            _ => snap.mfa_required,
-        };
-        let mut method = METHOD;
-        if need_code {
-            method = METHOD_TOTP;
-            let Some(code) = &login.code else {
-                self.auth_failure(
-                    text,
-                    method,
-                    "second factor missing: give the verification code as the domain (/d:123456)",
-                    None,
-                    true,
-                );
-                return Err(Fail::Closed);
-            };
-            let verdict = match snap.user(&user) {
-                Some(u) => self.ctx.mfa.verify(u, code, now),
-                None => Err(crate::mfa::MfaFailure::NotEnrolled),
-            };
-            match verdict {
-                Ok(step) => {
-                    self.ctx.audit.report(RelayToControl::MfaUsed {
-                        user: user.clone(),
-                        step,
-                    });
-                    self.ctx.mfa.remember(&user, ip, now);
-                }
-                Err(f) => {
-                    self.auth_failure(text, method, f.reason(), None, true);
-                    return Err(Fail::Closed);
-                }
-            }
-        }
-        let user_permit = match self.ctx.user_slots.admit(&user) {
-            Ok(p) => p,
-            Err(refusal) => {
-                self.auth_failure(
-                    text,
-                    method,
-                    &format!("connection refused: {refusal}"),
-                    Some(Side::Internal),
-                    false,
-                );
-                return Err(Fail::Closed);
-            }
-        };
-        info!(peer = %self.peer, login = %Escaped(text), user = %Escaped(&user), method, protocol = "rdp", "authenticated");
-        self.ctx.audit.emit(AuditKind::AuthSuccess {
-            login: logged_login(text),
-            user: user.clone(),
-            method: method.to_string(),
-            source: self.source(),
-        });
-        let deny = |r: Refusal| {
-            self.denied(text, &user, &r);
-            Fail::Closed
-        };
-        let permit = match decision {
-            Some(Ok(p)) => p,
-            Some(Err(d)) => return Err(deny(Refusal::policy(&d))),
-            None => {
-                let why = parsed.err().map(|e| e.to_string()).unwrap_or_default();
-                return Err(deny(Refusal::new(
-                    Side::Client,
-                    "malformed_login",
-                    why,
-                    format!(
-                        "psm: malformed login '{}': use /u:<user>@<account>@<target>",
-                        crate::escape_short(text)
-                    ),
-                )));
-            }
-        };
-        let (target, account) = (permit.target.clone(), permit.account.clone());
-        let conditions = permit.conditions().clone();
-        if target.protocol != Protocol::Rdp {
-            return Err(deny(Refusal::new(
-                Side::Policy,
-                "protocol_mismatch",
-                format!(
-                    "target {} is a {} target, not rdp",
-                    target.name, target.protocol
-                ),
-                format!("psm: {} is not an RDP target", target.name),
-            )));
-        }
-        if conditions.approval.is_some() {
-            return Err(deny(Refusal::new(
-                Side::Policy,
-                "approval_unsupported",
-                format!(
-                    "the grant for {}@{} needs an approval, which RDP logins cannot ask for yet",
-                    account.username, target.name
-                ),
-                "psm: this account needs an approval; request it over SSH first".into(),
-            )));
-        }
-        if conditions.reason_required {
-            return Err(deny(Refusal::new(
-                Side::Policy,
-                "reason_unsupported",
-                format!(
-                    "the grant for {}@{} needs a reason, which RDP logins cannot give yet",
-                    account.username, target.name
-                ),
-                "psm: this account needs a reason, which RDP cannot give yet".into(),
-            )));
-        }
-        // the recording is confirmed open before the target sees the login
-        let meta = RecordingMeta {
-            protocol: psm_recorder_format::wire::rdp::PROTOCOL.to_string(),
-            recording_id: self.session_id.clone(),
-            session_id: self.session_id.clone(),
-            user: user.clone(),
-            target: target.name.clone(),
-            account: account.username.clone(),
-            source: self.source(),
-            start_ms: self.start_ms,
-        };
-        let recording = match self.ctx.recorder.open(meta).await {
-            Ok(r) => Some(r),
-            Err(e) if snap.recording_required => {
-                return Err(deny(Refusal::new(
-                    Side::Recorder,
-                    "recording_unavailable",
-                    format!("session recording unavailable: {e}"),
-                    RECORDING_UNAVAILABLE.into(),
-                )));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "recording not required; the session runs unrecorded");
-                None
-            }
-        };
-        match target::connect(&target, &account).await {
-            Ok(leg) => Ok((
-                user.clone(),
-                target,
-                account,
-                conditions.rdp,
-                recording,
-                leg,
-                user_permit,
-            )),
-            Err(e) => {
-                if let Some(rec) = recording {
-                    rec.discard().await;
-                }
-                Err(deny(Refusal::new(
-                    Side::Target,
-                    e.code(),
-                    format!("{}: {e}", target.name),
-                    e.user_line(&target.name),
-                )))
             }
         }
     }
