@@ -66,6 +66,11 @@ impl Messages {
                 data: Vec::new(),
                 held: Vec::new(),
             },
+            // Control-only chunks (CHANNEL_FLAG_SUSPEND / RESUME) carry nothing to judge.
+            (State::Idle, false) if chunk.data.is_empty() => {
+                out.push(Step::Forward(frame.to_vec()));
+                return Ok(());
+            }
             (State::Idle, false) => {
                 return Err("virtual channel chunk without a first chunk".into());
             }

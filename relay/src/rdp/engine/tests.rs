@@ -710,3 +710,42 @@ fn dynamic_channels_open_by_name() {
     assert_eq!(to_client(&out), [&data]);
     assert_eq!(to_target(&out), [&up]);
 }
+
+#[test]
+fn filtered_channels_keep_message_boundaries() {
+    let rules = RdpChannels {
+        clipboard: ClipboardRule::ToTarget,
+        ..RdpChannels::default()
+    };
+    let (mut e, _) = samples::connected(rules).expect("connected");
+    let id = channel_id("cliprdr");
+    // A suspend chunk carries nothing: relayed.
+    let mut suspend = 0u32.to_le_bytes().to_vec();
+    suspend.extend_from_slice(&0x20u32.to_le_bytes());
+    let f = samples::send_data_indication(id, suspend).expect("sample");
+    let mut out = Vec::new();
+    e.target_frame(X, &f, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&f]);
+    // A target Format List in two chunks: neither reaches the client, one OK goes back.
+    let list = format_list();
+    let body = &list[8..];
+    let (a, b) = body.split_at(5);
+    let part = |flags: u32, data: &[u8]| {
+        let mut v = u32::try_from(body.len())
+            .expect("len")
+            .to_le_bytes()
+            .to_vec();
+        v.extend_from_slice(&flags.to_le_bytes());
+        v.extend_from_slice(data);
+        samples::send_data_indication(id, v).expect("sample")
+    };
+    let mut out = Vec::new();
+    e.target_frame(X, &part(0x1, a), &mut out).expect("first");
+    e.target_frame(X, &part(0x2, b), &mut out).expect("last");
+    assert!(to_client(&out).is_empty());
+    assert_eq!(to_target(&out).len(), 1);
+    assert_eq!(events(&out).len(), 1);
+    // A continuation without a first chunk is malformed.
+    let r = e.target_frame(X, &part(0x2, b), &mut Vec::new());
+    assert!(matches!(r, Err(EngineError::Target(_))), "{r:?}");
+}
