@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ironrdp_core::{decode, encode_vec, WriteBuf};
+use ironrdp_core::{decode, encode_vec};
 use ironrdp_pdu::nego::{
     ConnectionConfirm, ConnectionRequest, NegoRequestData, RequestFlags, SecurityProtocol,
 };
@@ -12,7 +12,6 @@ use ironrdp_pdu::x224::X224;
 use psm_control_api::{Account, Credential, Secret, Target};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use zeroize::Zeroizing;
 
 use super::tls::{pinned_client, subject_public_key, PIN_MISMATCH};
 use super::wire::{Framed, ReadError};
@@ -198,7 +197,7 @@ async fn connect_inner(target: &Target, account: &Account) -> Result<TargetLeg, 
     let mut io = Framed::new(tls);
     if protocol == SecurityProtocol::HYBRID {
         let key = subject_public_key(&leaf).map_err(TargetError::Tls)?;
-        nla(&mut io, target, account, &secret, protocol, key).await?;
+        nla(&mut io, target, account, &secret, key).await?;
     }
     Ok(TargetLeg { io, protocol })
 }
@@ -208,16 +207,17 @@ fn cookie(user: &str) -> String {
     user.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
-/// CredSSP as a client with the vaulted credential.
+/// CredSSP as a client with the vaulted credential (NTLM; the password lives only in sspi's
+/// zeroizing secret). psm offered SSL|HYBRID, so the target cannot pick HYBRID_EX and no Early
+/// User Authorization Result follows.
 async fn nla(
     io: &mut Framed<TlsStream<TcpStream>>,
     target: &Target,
     account: &Account,
     secret: &Secret,
-    protocol: SecurityProtocol,
     key: Vec<u8>,
 ) -> Result<(), TargetError> {
-    use ironrdp_connector::credssp::CredsspSequence;
+    use sspi::credssp::{ClientMode, ClientState, CredSspClient, CredSspMode, TsRequest};
     let host = target
         .address
         .rsplit_once(':')
@@ -225,38 +225,36 @@ async fn nla(
         .unwrap_or(&target.address)
         .trim_matches(['[', ']'])
         .to_string();
-    let password = Zeroizing::new(secret.expose().to_string());
-    let (mut seq, mut req) = CredsspSequence::init(
-        ironrdp_connector::Credentials::UsernamePassword {
-            username: account.username.clone(),
-            password: password.to_string(),
-        },
-        account.domain.as_deref(),
-        protocol,
-        ironrdp_connector::ServerName::new(host),
+    let username = sspi::Username::new(&account.username, account.domain.as_deref())
+        .map_err(|e| TargetError::CredentialRejected(format!("account name: {e}")))?;
+    let identity = sspi::AuthIdentity {
+        username,
+        password: secret.expose().to_string().into(),
+    };
+    let mut client = CredSspClient::new(
         key,
-        None,
+        sspi::Credentials::AuthIdentity(identity),
+        CredSspMode::WithCredentials,
+        ClientMode::Ntlm(sspi::ntlm::NtlmConfig::default()),
+        format!("TERMSRV/{host}"),
     )
     .map_err(|e| TargetError::CredentialRejected(format!("cannot start CredSSP: {e}")))?;
-    drop(password);
+    let mut req = TsRequest::default();
     // NTLM: negotiate, authenticate + key proof, delegated credentials (three client messages)
     for _ in 0..8 {
-        let state = seq
-            .process_ts_request(req)
+        let state = client
+            .process(req)
             .resolve_to_result()
             .map_err(|e| TargetError::CredentialRejected(e.to_string()))?;
-        let mut wb = WriteBuf::new();
-        let n = seq
-            .handle_process_result(state, &mut wb)
-            .map_err(|e| TargetError::Protocol(e.to_string()))?
-            .size()
-            .unwrap_or(0);
-        if n > 0 {
-            io.send(&wb.filled()[..n])
-                .await
-                .map_err(|e| TargetError::CredentialRejected(format!("connection lost: {e}")))?;
-        }
-        if seq.next_pdu_hint().is_none() {
+        let (out, last) = match state {
+            ClientState::ReplyNeeded(ts) => (ts, false),
+            ClientState::FinalMessage(ts) => (ts, true),
+        };
+        let bytes = super::credssp::encode(&out).map_err(TargetError::Protocol)?;
+        io.send(&bytes)
+            .await
+            .map_err(|e| TargetError::CredentialRejected(format!("connection lost: {e}")))?;
+        if last {
             return Ok(());
         }
         let bytes = match io.read_ts_request().await {
@@ -269,18 +267,14 @@ async fn nla(
             }
             Err(e) => return Err(read_err(e, "during NLA")),
         };
-        if let Ok(ts) = sspi::credssp::TsRequest::from_buffer(&bytes) {
-            if let Some(code) = ts.error_code {
-                return Err(TargetError::CredentialRejected(format!(
-                    "NLA error {code:?}"
-                )));
-            }
+        let ts = TsRequest::from_buffer(&bytes)
+            .map_err(|e| TargetError::Protocol(format!("malformed CredSSP message: {e}")))?;
+        if let Some(code) = ts.error_code {
+            return Err(TargetError::CredentialRejected(format!(
+                "NLA error {code:?}"
+            )));
         }
-        req = match seq.decode_server_message(&bytes) {
-            Ok(Some(r)) => r,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(TargetError::CredentialRejected(e.to_string())),
-        };
+        req = ts;
     }
     Err(TargetError::Protocol("NLA did not finish".into()))
 }
