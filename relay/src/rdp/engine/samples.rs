@@ -14,6 +14,7 @@ use ironrdp_pdu::gcc::{
     SupportedColorDepths,
 };
 use ironrdp_pdu::input::fast_path::{FastPathInput, FastPathInputEvent};
+use ironrdp_pdu::input::{InputEvent, InputEventPdu};
 use ironrdp_pdu::mcs::{
     AttachUserConfirm, ConnectInitial, ConnectResponse, DomainParameters, McsMessage,
     SendDataIndication, SendDataRequest,
@@ -26,7 +27,10 @@ use ironrdp_pdu::rdp::client_info::{
     AddressFamily, ClientInfo, ClientInfoFlags, CompressionType, Credentials, ExtendedClientInfo,
 };
 use ironrdp_pdu::rdp::headers::{BasicSecurityHeader, BasicSecurityHeaderFlags};
-use ironrdp_pdu::rdp::headers::{ShareControlHeader, ShareControlPdu};
+use ironrdp_pdu::rdp::headers::{
+    CompressionFlags, ShareControlHeader, ShareControlPdu, ShareDataHeader, ShareDataPdu,
+    StreamPriority,
+};
 use ironrdp_pdu::rdp::ClientInfoPdu;
 use ironrdp_pdu::x224::{X224Data, X224};
 use psm_control_api::{RdpChannels, Secret};
@@ -224,6 +228,21 @@ pub fn send_data_indication(channel: u16, user_data: Vec<u8>) -> Result<Vec<u8>>
 /// A fast-path input frame with these events.
 pub fn fast_path(events: Vec<FastPathInputEvent>) -> Result<Vec<u8>> {
     enc(&FastPathInput::new(events).map_err(|e| e.to_string())?)
+}
+
+/// A slow-path Input PDU with these events, on the I/O channel.
+pub fn slow_path(events: Vec<InputEvent>) -> Result<Vec<u8>> {
+    let pdu = ShareControlHeader {
+        share_control_pdu: ShareControlPdu::Data(ShareDataHeader {
+            share_data_pdu: ShareDataPdu::Input(InputEventPdu(events)),
+            stream_priority: StreamPriority::Medium,
+            compression_flags: CompressionFlags::empty(),
+            compression_type: CompressionType::K8,
+        }),
+        pdu_source: USER_CHANNEL,
+        share_id: 0x1_03ea,
+    };
+    send_data_request(IO_CHANNEL, enc(&pdu)?)
 }
 
 /// The target's Server Demand Active for a `width` × `height` desktop, on the I/O channel.

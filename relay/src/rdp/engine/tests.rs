@@ -258,6 +258,28 @@ fn keyboard_input_becomes_typed_text_and_activity() {
 }
 
 #[test]
+fn slow_path_keyboard_input_is_typed_text_too() {
+    use ironrdp_pdu::input::scan_code::KeyboardFlags as F;
+    use ironrdp_pdu::input::{InputEvent, ScanCodePdu};
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let key = |key_code, flags| InputEvent::ScanCode(ScanCodePdu { flags, key_code });
+    // Shift+a, then b.
+    let f = samples::slow_path(vec![
+        key(0x2a, F::empty()),
+        key(0x1e, F::empty()),
+        key(0x1e, F::RELEASE),
+        key(0x2a, F::RELEASE),
+        key(0x30, F::empty()),
+    ])
+    .expect("sample");
+    let mut out = Vec::new();
+    e.client_frame(X, &f, &mut out).expect("relayed");
+    assert_eq!(to_target(&out), [&f]);
+    assert_eq!(typed(&out), "Ab");
+    assert!(e.take_input_seen());
+}
+
+#[test]
 fn refused_channels_carry_nothing_either_way() {
     let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
     let mut out = Vec::new();
@@ -619,6 +641,16 @@ fn write_fuzz_corpora() {
         "client_info",
         &[vec![0x80], info, keys.clone()],
     );
+    {
+        use ironrdp_pdu::input::scan_code::KeyboardFlags as F;
+        use ironrdp_pdu::input::{InputEvent, ScanCodePdu};
+        let slow = samples::slow_path(vec![InputEvent::ScanCode(ScanCodePdu {
+            flags: F::empty(),
+            key_code: 0x1e,
+        })])
+        .expect("sample");
+        write("rdp_engine_client", "slow_path_input", &[vec![0x00], slow]);
+    }
     write(
         "rdp_engine_client",
         "clipboard_to_target",
