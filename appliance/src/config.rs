@@ -15,6 +15,8 @@ use toml::Spanned;
 pub const CONFIG_FILE: &str = "psm.toml";
 /// Where the relay listens when neither the file nor `--listen` says.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:2222";
+/// Where the relay accepts RDP when neither the file nor `--rdp-listen` says.
+pub const DEFAULT_RDP_LISTEN: &str = "0.0.0.0:3389";
 /// The most relay workers `psm up` accepts.
 pub const MAX_WORKERS: i64 = 1024;
 
@@ -22,7 +24,7 @@ pub const MAX_WORKERS: i64 = 1024;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// `[relay]`: the SSH listener that users connect to.
+    /// `[relay]`: the SSH and RDP listeners that users connect to.
     #[serde(default)]
     pub relay: RelayConfig,
     /// `[control]`: psm-control's settings.
@@ -120,6 +122,17 @@ pub struct RelayConfig {
     pub durable_window_bytes: Option<Spanned<i64>>,
     /// Milliseconds the oldest unconfirmed byte may wait (default 1000; 100 to 60000).
     pub durable_window_ms: Option<Spanned<i64>>,
+    /// Socket address the relay accepts RDP connections on, `host:port` (default
+    /// `0.0.0.0:3389`), or `"off"`.
+    pub rdp_listen: Option<Spanned<String>>,
+    /// Where users' RDP clients reach psm, `host` or `host:port`, when that is not the listen
+    /// address (NAT, a DNS name): `psmctl rdp-file` writes it into `.rdp` files.
+    pub rdp_public_address: Option<Spanned<String>>,
+    /// The relay's RDP TLS certificate (PEM), with `rdp_key`; relative to the config file's
+    /// directory. Default: `<data-dir>/rdp-cert.pem`, generated on first start.
+    pub rdp_cert: Option<Spanned<String>>,
+    /// The private key of `rdp_cert` (PEM).
+    pub rdp_key: Option<Spanned<String>>,
 }
 
 /// A config file as read from disk.
@@ -140,6 +153,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--workers`.
     pub workers: Option<i64>,
+    /// `--rdp-listen` (`ADDR` or `off`).
+    pub rdp_listen: Option<String>,
 }
 
 /// The validated settings `psm up` runs with.
@@ -149,6 +164,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// How many relay workers.
     pub workers: usize,
+    /// Where the relay accepts RDP; None: RDP is off.
+    pub rdp_listen: Option<SocketAddr>,
     /// Further psm-relay flags from the file (limits), validated.
     pub relay_args: Vec<String>,
     /// psm-control flags from the file, validated.
@@ -260,6 +277,17 @@ fn check_listen(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
+fn check_rdp_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        format!(
+            "rdp listen address {s:?} is not a socket address (want host:port, e.g. {DEFAULT_RDP_LISTEN}, or \"off\")"
+        )
+    })
+}
+
 fn check_workers(n: i64) -> Result<usize, String> {
     if (1..=MAX_WORKERS).contains(&n) {
         usize::try_from(n).map_err(|_| format!("workers {n} is out of range"))
@@ -300,6 +328,40 @@ pub fn resolve(
             message,
         })?,
     };
+
+    let rdp_listen = match (&cli.rdp_listen, relay.and_then(|r| r.rdp_listen.as_ref())) {
+        (Some(flag), _) => check_rdp_listen(flag).map_err(|message| ConfigError::Invalid {
+            origin: "--rdp-listen".into(),
+            message,
+        })?,
+        (None, Some(v)) => {
+            check_rdp_listen(v.get_ref()).map_err(|message| ConfigError::Invalid {
+                origin: from_file(v.span()),
+                message,
+            })?
+        }
+        (None, None) => {
+            check_rdp_listen(DEFAULT_RDP_LISTEN).map_err(|message| ConfigError::Invalid {
+                origin: "default".into(),
+                message,
+            })?
+        }
+    };
+    if rdp_listen.is_some_and(|r| r.port() == listen.port() && overlaps(r, listen)) {
+        return Err(ConfigError::Invalid {
+            origin: if cli.rdp_listen.is_some() {
+                "--rdp-listen".to_string()
+            } else {
+                match relay.and_then(|r| r.rdp_listen.as_ref()) {
+                    Some(v) => from_file(v.span()),
+                    None => "default".to_string(),
+                }
+            },
+            message: format!(
+                "the RDP listener cannot share the SSH listener's address {listen}: choose another rdp_listen port, or \"off\""
+            ),
+        });
+    }
 
     let workers = match (cli.workers, relay.and_then(|r| r.workers.as_ref())) {
         (Some(n), _) => check_workers(n).map_err(|message| ConfigError::Invalid {
@@ -487,6 +549,10 @@ pub fn resolve(
         relay_args.extend(["--max-startups".to_string(), m.to_string()]);
     }
 
+    if let Some(f) = file {
+        relay_args.extend(rdp_args(f, &from_file)?);
+    }
+
     let recorder_args = match file {
         Some(f) => recorder_args(f, from_file)?,
         None => Vec::new(),
@@ -495,10 +561,67 @@ pub fn resolve(
     Ok(Settings {
         listen,
         workers,
+        rdp_listen,
         relay_args,
         control_args,
         recorder_args,
     })
+}
+
+/// Whether two listen addresses would take the same port on some interface.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
+/// `[relay] rdp_cert`/`rdp_key` (both or neither, files readable) as psm-relay flags, and
+/// `rdp_public_address` checked (psmctl reads it from the file).
+fn rdp_args(
+    f: &LoadedConfig,
+    from_file: &impl Fn(Range<usize>) -> String,
+) -> Result<Vec<String>, ConfigError> {
+    let r = &f.config.relay;
+    if let Some(v) = &r.rdp_public_address {
+        let a = v.get_ref().trim();
+        let bad = a.is_empty()
+            || a.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '@'));
+        if bad {
+            return Err(ConfigError::Invalid {
+                origin: from_file(v.span()),
+                message: format!(
+                    "rdp_public_address {:?} is not a host or host:port",
+                    v.get_ref()
+                ),
+            });
+        }
+    }
+    let mut args = Vec::new();
+    match (&r.rdp_cert, &r.rdp_key) {
+        (None, None) => {}
+        (Some(c), Some(k)) => {
+            for (flag, key, v) in [("--rdp-cert", "rdp_cert", c), ("--rdp-key", "rdp_key", k)] {
+                let path = key_file_path(&f.path, v.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Invalid {
+                    origin: from_file(v.span()),
+                    message: format!("{key}: cannot read {}: {e}", path.display()),
+                })?;
+                if !text.contains("-----BEGIN ") {
+                    return Err(ConfigError::Invalid {
+                        origin: from_file(v.span()),
+                        message: format!("{key}: {} is not a PEM file", path.display()),
+                    });
+                }
+                args.extend([flag.to_string(), path.display().to_string()]);
+            }
+        }
+        (Some(v), None) | (None, Some(v)) => {
+            return Err(ConfigError::Invalid {
+                origin: from_file(v.span()),
+                message: "give rdp_cert and rdp_key together".into(),
+            })
+        }
+    }
+    Ok(args)
 }
 
 /// The `[recorder]` table as psm-recorder flags; the key file is read here, so that a missing,
@@ -764,6 +887,7 @@ mod tests {
         let cli = Overrides {
             listen: Some("[::1]:2200".into()),
             workers: None,
+            rdp_listen: None,
         };
         let s = resolve(Some(&f), &cli, 8).expect("resolve");
         assert_eq!(s.listen, "[::1]:2200".parse().expect("addr"));
@@ -771,6 +895,7 @@ mod tests {
         let cli = Overrides {
             listen: None,
             workers: Some(16),
+            rdp_listen: None,
         };
         let s = resolve(Some(&f), &cli, 8).expect("resolve");
         assert_eq!(s.listen, "127.0.0.1:2022".parse().expect("addr"));
@@ -780,6 +905,7 @@ mod tests {
         let cli = Overrides {
             listen: Some("0.0.0.0:22".into()),
             workers: None,
+            rdp_listen: None,
         };
         assert!(resolve(Some(&bad), &cli, 1).is_ok());
     }
@@ -821,6 +947,7 @@ mod tests {
         let cli = Overrides {
             listen: Some("1.2.3.4".into()),
             workers: None,
+            rdp_listen: None,
         };
         let e = err_text(resolve(None, &cli, 2));
         assert!(
@@ -840,12 +967,14 @@ mod tests {
         let cli = Overrides {
             listen: None,
             workers: Some(1025),
+            rdp_listen: None,
         };
         let e = err_text(resolve(None, &cli, 2));
         assert_eq!(e, "--workers: workers must be between 1 and 1024, not 1025");
         let cli = Overrides {
             listen: None,
             workers: Some(1024),
+            rdp_listen: None,
         };
         assert_eq!(resolve(None, &cli, 2).expect("max").workers, 1024);
     }
@@ -869,6 +998,107 @@ mod tests {
             e.starts_with(&format!("config {}: ", missing.display())),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rdp_listen_defaults_overrides_and_off() {
+        let s = resolve(None, &Overrides::default(), 2).expect("resolve");
+        assert_eq!(s.rdp_listen, Some("0.0.0.0:3389".parse().expect("addr")));
+        let f = loaded("[relay]\nrdp_listen = \"127.0.0.1:13389\"\n").expect("parse");
+        let s = resolve(Some(&f), &Overrides::default(), 2).expect("resolve");
+        assert_eq!(s.rdp_listen, Some("127.0.0.1:13389".parse().expect("addr")));
+        let off = Overrides {
+            rdp_listen: Some("off".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(resolve(Some(&f), &off, 2).expect("off").rdp_listen, None);
+        let f = loaded("[relay]\nrdp_listen = \"off\"\n").expect("parse");
+        assert_eq!(
+            resolve(Some(&f), &Overrides::default(), 2)
+                .expect("off")
+                .rdp_listen,
+            None
+        );
+        let f = loaded("[relay]\nrdp_listen = \"3389\"\n").expect("parse");
+        let e = err_text(resolve(Some(&f), &Overrides::default(), 2));
+        assert!(
+            e.starts_with("config /etc/psm/psm.toml: line 2, column 14: rdp listen address \"3389\" is not a socket address"),
+            "{e}"
+        );
+        let bad = Overrides {
+            rdp_listen: Some("nowhere".into()),
+            ..Overrides::default()
+        };
+        let e = err_text(resolve(None, &bad, 2));
+        assert!(e.starts_with("--rdp-listen: rdp listen address"), "{e}");
+        // not on the SSH listener's port
+        let same = Overrides {
+            listen: Some("0.0.0.0:3389".into()),
+            ..Overrides::default()
+        };
+        let e = err_text(resolve(None, &same, 2));
+        assert!(e.contains("cannot share the SSH listener's address"), "{e}");
+        let apart = Overrides {
+            listen: Some("127.0.0.1:2222".into()),
+            rdp_listen: Some("127.0.0.2:2222".into()),
+            ..Overrides::default()
+        };
+        assert!(resolve(None, &apart, 2).is_ok());
+    }
+
+    #[test]
+    fn rdp_certificate_files_are_checked_and_passed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cfg = dir.path().join("psm.toml");
+        let load = |text: &str| LoadedConfig {
+            path: cfg.clone(),
+            text: text.to_string(),
+            config: parse(&cfg, text).expect("parse"),
+        };
+        let e = err_text(resolve(
+            Some(&load("[relay]\nrdp_cert = \"c.pem\"\n")),
+            &Overrides::default(),
+            2,
+        ));
+        assert!(e.contains("give rdp_cert and rdp_key together"), "{e}");
+        let both = "[relay]\nrdp_cert = \"c.pem\"\nrdp_key = \"k.pem\"\n";
+        let e = err_text(resolve(Some(&load(both)), &Overrides::default(), 2));
+        assert!(
+            e.contains("line 2, column 12") && e.contains("rdp_cert: cannot read"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("c.pem"), "-----BEGIN CERTIFICATE-----\n").expect("c");
+        std::fs::write(dir.path().join("k.pem"), "not pem").expect("k");
+        let e = err_text(resolve(Some(&load(both)), &Overrides::default(), 2));
+        assert!(
+            e.contains("rdp_key:") && e.contains("is not a PEM file"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("k.pem"), "-----BEGIN PRIVATE KEY-----\n").expect("k");
+        let s = resolve(Some(&load(both)), &Overrides::default(), 2).expect("resolve");
+        let c = dir.path().join("c.pem").display().to_string();
+        let k = dir.path().join("k.pem").display().to_string();
+        assert!(
+            s.relay_args
+                .windows(4)
+                .any(|w| w == ["--rdp-cert", c.as_str(), "--rdp-key", k.as_str()]),
+            "{:?}",
+            s.relay_args
+        );
+        let e = err_text(resolve(
+            Some(&load("[relay]\nrdp_public_address = \"gw example\"\n")),
+            &Overrides::default(),
+            2,
+        ));
+        assert!(e.contains("rdp_public_address"), "{e}");
+        assert!(resolve(
+            Some(&load(
+                "[relay]\nrdp_public_address = \"gw.example.com:443\"\n"
+            )),
+            &Overrides::default(),
+            2
+        )
+        .is_ok());
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub struct UpArgs {
     /// Relay worker threads (overrides `[relay] workers`; default: one per CPU).
     #[arg(long)]
     pub workers: Option<i64>,
+    /// Address the relay accepts RDP on, or `off` (overrides `[relay] rdp_listen`; default
+    /// 0.0.0.0:3389).
+    #[arg(long, value_name = "ADDR|off")]
+    pub rdp_listen: Option<String>,
 }
 
 /// Arguments of the hidden `psm __exec-child`.
@@ -124,6 +128,14 @@ pub enum UpError {
         /// Why.
         source: std::io::Error,
     },
+    /// The relay's RDP address is taken (or cannot be bound) before anything started.
+    #[error("cannot listen for RDP on {addr}: {source} (is another psm or an RDP server listening there? choose another with --rdp-listen or [relay] rdp_listen, or turn RDP off with --rdp-listen off)")]
+    RdpPortTaken {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The data directory belongs to another user, whose daemons would refuse ours.
     #[error("data directory {} is owned by uid {owner}, but psm runs as uid {me}: run psm as its owner, or chown the directory", .path.display())]
     NotOwner {
@@ -146,6 +158,7 @@ impl UpError {
             | UpError::DataDir(_)
             | UpError::HostKey(_)
             | UpError::PortTaken { .. }
+            | UpError::RdpPortTaken { .. }
             | UpError::NotOwner { .. } => 2,
             UpError::Launch(_) => 1,
         }
@@ -181,6 +194,7 @@ pub fn settings(args: &UpArgs, data_dir: &Path) -> Result<Settings, ConfigError>
         &Overrides {
             listen: args.listen.clone(),
             workers: args.workers,
+            rdp_listen: args.rdp_listen.clone(),
         },
         config::default_workers(),
     )
@@ -249,6 +263,11 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
             addr: settings.listen,
             source,
         });
+    }
+    if let Some(addr) = settings.rdp_listen {
+        if let Err(source) = std::net::TcpListener::bind(addr) {
+            return Err(UpError::RdpPortTaken { addr, source });
+        }
     }
     for sock in [psm_control_api::POLICY_SOCKET, RECORDER_SOCKET] {
         let sock = data_dir.join(sock);
@@ -350,6 +369,11 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
                         settings.listen.to_string().into(),
                         "--workers".into(),
                         settings.workers.to_string().into(),
+                        "--rdp-listen".into(),
+                        settings
+                            .rdp_listen
+                            .map_or_else(|| "off".to_string(), |a| a.to_string())
+                            .into(),
                     ]);
                     a.extend(settings.relay_args.iter().map(OsString::from));
                     a
@@ -392,6 +416,13 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
         settings.listen.port(),
         connect_host(settings.listen)
     );
+    if let Some(rdp) = settings.rdp_listen {
+        println!(
+            "RDP on {rdp}: psmctl rdp-file <user> <account>@<target> writes a .rdp file for {}:{}",
+            connect_host(rdp),
+            rdp.port()
+        );
+    }
 
     while !stop.load(Ordering::SeqCst) {
         sup.tick();
@@ -441,6 +472,21 @@ mod tests {
             (s.listen.to_string().as_str(), s.workers),
             ("127.0.0.2:22", 3)
         );
+        let a = parse(&["psm", "up", "--data-dir", d, "--rdp-listen", "off"]).expect("args");
+        assert_eq!(settings(&a, dir.path()).expect("settings").rdp_listen, None);
+        let a = parse(&[
+            "psm",
+            "up",
+            "--data-dir",
+            d,
+            "--rdp-listen",
+            "127.0.0.1:13389",
+        ])
+        .expect("args");
+        assert_eq!(
+            settings(&a, dir.path()).expect("settings").rdp_listen,
+            Some("127.0.0.1:13389".parse().expect("addr"))
+        );
     }
 
     #[test]
@@ -454,6 +500,7 @@ mod tests {
             config: Some(other),
             listen: None,
             workers: None,
+            rdp_listen: None,
         };
         assert_eq!(settings(&a, dir.path()).expect("settings").workers, 9);
         let a = UpArgs { config: None, ..a };

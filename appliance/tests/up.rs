@@ -77,7 +77,7 @@ fn broken_config_exits_2_naming_file_and_place() {
     assert_eq!(
         err.trim_end(),
         format!(
-            "psm: config {}: line 3, column 1: unknown field `threads`, expected one of `listen`, `workers`, `login_grace_secs`, `max_startups`, `per_source_max_startups`, `target_keepalive_secs`, `target_keepalive_max`, `max_connections_per_user`, `max_connections`, `durable_window_bytes`, `durable_window_ms`",
+            "psm: config {}: line 3, column 1: unknown field `threads`, expected one of `listen`, `workers`, `login_grace_secs`, `max_startups`, `per_source_max_startups`, `target_keepalive_secs`, `target_keepalive_max`, `max_connections_per_user`, `max_connections`, `durable_window_bytes`, `durable_window_ms`, `rdp_listen`, `rdp_public_address`, `rdp_cert`, `rdp_key`",
             cfg.display()
         )
     );
@@ -188,6 +188,7 @@ fn up_restarts_a_dead_daemon_and_stops_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let listen = format!("127.0.0.1:{}", free_port());
+    let rdp_listen = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(PSM)
         .args([
             "up",
@@ -197,6 +198,8 @@ fn up_restarts_a_dead_daemon_and_stops_cleanly() {
             &listen,
             "--workers",
             "1",
+            "--rdp-listen",
+            &rdp_listen,
         ])
         .env_remove("PSM_DATA_DIR")
         .env("RUST_LOG", "warn")
@@ -320,6 +323,8 @@ fn a_taken_port_makes_psm_up_exit_non_zero_naming_it() {
         data.to_str().expect("utf-8"),
         "--listen",
         &addr.to_string(),
+        "--rdp-listen",
+        "off",
     ]);
     assert_ne!(code, 0, "{out}\n{err}");
     assert!(
@@ -328,6 +333,22 @@ fn a_taken_port_makes_psm_up_exit_non_zero_naming_it() {
     );
     assert!(!out.contains("psm is up"), "{out}");
     // nothing was started, and nothing is left behind listening
+    assert!(!data.join("policy.sock").exists());
+    // the same for the RDP listener
+    let (code, out, err) = run_up(&[
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--rdp-listen",
+        &addr.to_string(),
+    ]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains(&format!("cannot listen for RDP on {addr}"))
+            && err.contains("--rdp-listen off"),
+        "{err}"
+    );
     assert!(!data.join("policy.sock").exists());
 }
 
@@ -347,6 +368,8 @@ fn a_data_dir_of_another_user_makes_psm_up_exit_non_zero() {
         data.to_str().expect("utf-8"),
         "--listen",
         &format!("127.0.0.1:{}", free_port()),
+        "--rdp-listen",
+        "off",
     ]);
     assert_ne!(code, 0, "{out}\n{err}");
     assert!(err.contains(&format!("owned by uid {other}")), "{err}");

@@ -668,12 +668,17 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
                 let relays: Vec<&str> = s.relays.iter().map(|r| r.relay_id.as_str()).collect();
                 writeln!(
                     out,
-                    "psm-control is running: policy version {}, {} relay(s) connected{}{}, {} live session(s)",
+                    "psm-control is running: policy version {}, {} relay(s) connected{}{}, {} live session(s){}",
                     s.version,
                     relays.len(),
                     if relays.is_empty() { "" } else { ": " },
                     relays.join(", "),
-                    s.sessions
+                    s.sessions,
+                    if s.rdp_sessions > 0 {
+                        format!(" ({} RDP)", s.rdp_sessions)
+                    } else {
+                        String::new()
+                    }
                 )?;
                 for r in &s.relays {
                     let st = &r.stats;

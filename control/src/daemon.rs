@@ -509,13 +509,29 @@ impl Shared {
                     Ok(d) => (Some(d), None),
                     Err(e) => (None, Some(e)),
                 };
+                let rdp_targets: Vec<String> = lock(&self.store)
+                    .list_targets()
+                    .map(|ts| {
+                        ts.into_iter()
+                            .filter(|t| t.protocol == Protocol::Rdp)
+                            .map(|t| t.name)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let (sessions, rdp_sessions) = {
+                    let live = lock(&self.sessions);
+                    let live: Vec<_> = live.values().filter(|s| s.lost.is_none()).collect();
+                    let rdp = live
+                        .iter()
+                        .filter(|s| rdp_targets.contains(&s.info.session.target))
+                        .count();
+                    (live.len(), rdp)
+                };
                 Response::ok(&StatusInfo {
                     version,
                     relays: lock(&self.relays).values().cloned().collect(),
-                    sessions: lock(&self.sessions)
-                        .values()
-                        .filter(|s| s.lost.is_none())
-                        .count(),
+                    sessions,
+                    rdp_sessions,
                     recordings,
                     recordings_error,
                     siem: self.siem.status(),

@@ -536,6 +536,9 @@ pub struct StatusInfo {
     pub relays: Vec<RelayInfo>,
     /// Number of live sessions.
     pub sessions: usize,
+    /// How many of them are RDP sessions.
+    #[serde(default)]
+    pub rdp_sessions: usize,
     /// Space left where recordings are written (absent when it cannot be read).
     #[serde(default)]
     pub recordings: Option<DiskSpace>,
