@@ -45,9 +45,7 @@ pub struct PsmOpts {
 
 /// `--rdp-listen 127.0.0.1:PORT` for psm up and psm-relay.
 fn rdp_listen_args(port: u16) -> Vec<String> {
-    // until psm up and psm-relay take --rdp-listen (issue #8 in progress)
-    let _ = port;
-    Vec::new()
+    vec!["--rdp-listen".into(), format!("127.0.0.1:{port}")]
 }
 
 /// Relay worker runtimes every test psm gets.
