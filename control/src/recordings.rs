@@ -349,10 +349,12 @@ pub fn export(
     let is_rdp = rdp::is_rdp(reader.meta());
     match format {
         ExportFormat::Text if is_rdp => rdp::text(reader, &mut *out, false)?,
-        ExportFormat::Asciicast if is_rdp => return Err(RecordingError::Rdp(format!(
+        ExportFormat::Asciicast if is_rdp => {
+            return Err(RecordingError::Rdp(format!(
             "recording {} is an RDP session: asciicast is for SSH; use --format png, video or text",
             Escaped(id)
-        ))),
+        )))
+        }
         ExportFormat::Asciicast => export::asciicast(reader, &mut *out)?,
         ExportFormat::Text => export::text(reader, &mut *out)?,
         ExportFormat::Png | ExportFormat::Video => {

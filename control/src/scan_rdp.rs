@@ -393,8 +393,7 @@ pub(crate) mod tests {
     #[test]
     #[ignore = "needs a real RDP server: PSM_TEST_RDP_ADDR=host:port (xrdp or freerdp-shadow, docs/design/rdp-plan.md §5)"]
     fn against_a_real_rdp_server() {
-        let addr =
-            std::env::var("PSM_TEST_RDP_ADDR").unwrap_or_else(|_| "127.0.0.1:13389".into());
+        let addr = std::env::var("PSM_TEST_RDP_ADDR").unwrap_or_else(|_| "127.0.0.1:13389".into());
         let scan = scan_certificate(&addr, SCAN_TIMEOUT).expect("scan");
         assert!(
             crate::validate::cert_fingerprint(&scan.fingerprint).is_ok(),

@@ -184,7 +184,12 @@ pub fn decode_image(path: &Path) -> (u32, u32, Vec<u8>) {
         None,
         Duration::from_secs(30),
     );
-    assert!(probe.success(), "ffprobe {}: {}", path.display(), probe.describe());
+    assert!(
+        probe.success(),
+        "ffprobe {}: {}",
+        path.display(),
+        probe.describe()
+    );
     let dims = probe.stdout_str();
     let mut it = dims.trim().split(',');
     let w: u32 = it.next().and_then(|s| s.parse().ok()).expect("width");
@@ -197,17 +202,18 @@ pub fn decode_image(path: &Path) -> (u32, u32, Vec<u8>) {
         None,
         Duration::from_secs(30),
     );
-    assert!(out.success(), "decode {}: {}", path.display(), out.describe());
+    assert!(
+        out.success(),
+        "decode {}: {}",
+        path.display(),
+        out.describe()
+    );
     (w, h, out.stdout)
 }
 
 /// Share of pixels (0.0–1.0) whose RGB differ by more than `tolerance` in any channel, over
 /// the top-left `w`x`h` area both images have.
-pub fn pixel_difference(
-    a: (u32, u32, &[u8]),
-    b: (u32, u32, &[u8]),
-    tolerance: u8,
-) -> f64 {
+pub fn pixel_difference(a: (u32, u32, &[u8]), b: (u32, u32, &[u8]), tolerance: u8) -> f64 {
     let w = a.0.min(b.0) as usize;
     let h = a.1.min(b.1) as usize;
     let mut differ = 0usize;
@@ -256,7 +262,11 @@ pub fn ensure_xrdp_user() {
             None,
             Duration::from_secs(60),
         );
-        assert!(out.success(), "cannot set up {XRDP_USER}: {}", out.describe());
+        assert!(
+            out.success(),
+            "cannot set up {XRDP_USER}: {}",
+            out.describe()
+        );
     });
 }
 
@@ -311,7 +321,10 @@ impl Xrdp {
         let ini = fs::read_to_string("/etc/xrdp/xrdp.ini").expect("/etc/xrdp/xrdp.ini");
         // only the [Globals] port: the session sections keep port=-1
         let ini = ini.replacen("\nport=3389", &format!("\nport=tcp://127.0.0.1:{port}"), 1);
-        assert!(ini.contains(&format!("tcp://127.0.0.1:{port}")), "xrdp.ini has no port=3389");
+        assert!(
+            ini.contains(&format!("tcp://127.0.0.1:{port}")),
+            "xrdp.ini has no port=3389"
+        );
         let ini_path = dir.path().join("xrdp.ini");
         fs::write(&ini_path, ini).expect("xrdp.ini");
         let log_start = fs::metadata(XRDP_LOG).map(|m| m.len()).unwrap_or(0);
@@ -405,7 +418,14 @@ impl Shadow {
         );
         let sam = dir.path().join("shadow.sam");
         let out = run_cmd(
-            Command::new("winpr-hash").args(["-u", SHADOW_USER, "-p", SHADOW_PASSWORD, "-f", "sam"]),
+            Command::new("winpr-hash").args([
+                "-u",
+                SHADOW_USER,
+                "-p",
+                SHADOW_PASSWORD,
+                "-f",
+                "sam",
+            ]),
             None,
             Duration::from_secs(10),
         );

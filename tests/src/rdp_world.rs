@@ -41,12 +41,24 @@ impl RdpWorld {
         let (name, address, user, password) = world.target_facts();
         world.psm.psmctl_ok(
             &[
-                "target", "add", name, "--protocol", "rdp", "--address", &address, "--scan",
+                "target",
+                "add",
+                name,
+                "--protocol",
+                "rdp",
+                "--address",
+                &address,
+                "--scan",
             ],
             None,
         );
         world.psm.psmctl_ok(
-            &["account", "add", &format!("{user}@{name}"), "--password-stdin"],
+            &[
+                "account",
+                "add",
+                &format!("{user}@{name}"),
+                "--password-stdin",
+            ],
             Some(&format!("{password}\n")),
         );
         world

@@ -42,9 +42,10 @@ fn xrdp_session_with_the_vaulted_account_is_recorded_and_exported() {
         client.log()
     );
     // the clipboard is refused by default, and the refusal is audited
-    w.psm.wait_audit("cliprdr refused", Duration::from_secs(10), |e| {
-        jstr(e, "event") == "rdp_channel" && jstr(e, "channel") == "cliprdr"
-    });
+    w.psm
+        .wait_audit("cliprdr refused", Duration::from_secs(10), |e| {
+            jstr(e, "event") == "rdp_channel" && jstr(e, "channel") == "cliprdr"
+        });
     // what alice types is recorded as text
     let moved = run_cmd(
         std::process::Command::new("xdotool")
@@ -62,7 +63,10 @@ fn xrdp_session_with_the_vaulted_account_is_recorded_and_exported() {
     // the typed text reaches the recording while the session runs (export reads it live)
     let search_ok = wait_for(Duration::from_secs(20), || {
         w.psm
-            .psmctl(&["recordings", "export", &recording, "--format", "text"], None)
+            .psmctl(
+                &["recordings", "export", &recording, "--format", "text"],
+                None,
+            )
             .stdout_str()
             .contains(TYPED)
     });
@@ -102,7 +106,11 @@ fn xrdp_session_with_the_vaulted_account_is_recorded_and_exported() {
     let (fw, fh, pixels) = decode_image(last);
     assert_eq!((fw, fh), (cw, ch), "frame size vs the client's screen");
     let diff = pixel_difference((fw, fh, &pixels), (cw, ch, &shot), 24);
-    assert!(diff < 0.02, "last frame differs from the client's screen in {:.1}% of pixels", diff * 100.0);
+    assert!(
+        diff < 0.02,
+        "last frame differs from the client's screen in {:.1}% of pixels",
+        diff * 100.0
+    );
     // text: what was typed, with its time
     let text = w.psm.psmctl_ok(
         &["recordings", "export", &recording, "--format", "text"],
@@ -128,17 +136,25 @@ fn xrdp_session_with_the_vaulted_account_is_recorded_and_exported() {
     );
     let probe = run_cmd(
         std::process::Command::new("ffprobe")
-            .args(["-v", "error", "-show_entries", "stream=codec_name,width,height"])
+            .args([
+                "-v",
+                "error",
+                "-show_entries",
+                "stream=codec_name,width,height",
+            ])
             .args(["-of", "csv=p=0"])
             .arg(&video),
         None,
         CMD_TIMEOUT,
     );
     assert!(probe.success(), "{}", probe.describe());
-    assert!(probe.stdout_str().contains("vp9,1024,768"), "{}", probe.describe());
+    assert!(
+        probe.stdout_str().contains("vp9,1024,768"),
+        "{}",
+        probe.describe()
+    );
     // the recording verifies
-    w.psm
-        .psmctl_ok(&["recordings", "verify", &recording], None);
+    w.psm.psmctl_ok(&["recordings", "verify", &recording], None);
 }
 
 /// freerdp-shadow with NLA: CredSSP toward the target with the vaulted account works end to
@@ -162,7 +178,11 @@ fn shadow_session_injects_the_vaulted_account_through_credssp() {
     let target = shadow.display().screenshot();
     let shot = client.display().screenshot();
     let diff = pixel_difference((1024, 768, &shot), (1024, 768, &target), 24);
-    assert!(diff < 0.05, "client and target screens differ in {:.1}% of pixels", diff * 100.0);
+    assert!(
+        diff < 0.05,
+        "client and target screens differ in {:.1}% of pixels",
+        diff * 100.0
+    );
     assert!(client.running());
     drop(client);
     end_of(&w, jstr(&start, "session_id"), Duration::from_secs(15));
@@ -180,7 +200,11 @@ fn refusals_are_logon_failures_with_the_reason_audited() {
     let mark = w.psm.audit_mark();
     let mut c = w.client_as(&w.login(), "not-alices-password", &auth_only);
     let code = c.wait(Duration::from_secs(60));
-    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}\n{}", c.log());
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit {code:?}\n{}",
+        c.log()
+    );
     w.psm
         .wait_audit_after(mark, "auth_failure", Duration::from_secs(10), |e| {
             jstr(e, "event") == "auth_failure" && jstr(e, "login").starts_with("alice")
@@ -195,7 +219,11 @@ fn refusals_are_logon_failures_with_the_reason_audited() {
         let mark = w.psm.audit_mark();
         let mut c = w.client_as(login, password, &auth_only);
         let exit = c.wait(Duration::from_secs(60));
-        assert!(matches!(exit, Some(c) if c != 0), "{login}: exit {exit:?}\n{}", c.log());
+        assert!(
+            matches!(exit, Some(c) if c != 0),
+            "{login}: exit {exit:?}\n{}",
+            c.log()
+        );
         w.psm
             .wait_audit_after(mark, code, Duration::from_secs(10), |e| {
                 jstr(e, "event") == "session_denied" && jstr(e, "reason_code") == code
@@ -210,8 +238,7 @@ fn refusals_are_logon_failures_with_the_reason_audited() {
     w.regrant(&[]);
     // the target's certificate changed: pin another fingerprint
     let acct = w.account();
-    w.psm
-        .psmctl_ok(&["grant", "remove", "alice", &acct], None);
+    w.psm.psmctl_ok(&["grant", "remove", "alice", &acct], None);
     w.psm.psmctl_ok(&["target", "remove", "shadow01"], None);
     w.psm.psmctl_ok(
         &[
@@ -273,7 +300,16 @@ fn refusals_are_logon_failures_with_the_reason_audited() {
     w.psm.psmctl_ok(&["grant", "remove", "alice", &acct], None);
     w.psm.psmctl_ok(&["target", "remove", "shadow01"], None);
     w.psm.psmctl_ok(
-        &["target", "add", "shadow01", "--protocol", "rdp", "--address", &address, "--scan"],
+        &[
+            "target",
+            "add",
+            "shadow01",
+            "--protocol",
+            "rdp",
+            "--address",
+            &address,
+            "--scan",
+        ],
         None,
     );
     w.psm.psmctl_ok(
@@ -309,7 +345,10 @@ fn kill_and_maximum_duration_end_rdp_sessions() {
     w.psm
         .psmctl_ok(&["sessions", "kill", &id, "--reason", "incident 7"], None);
     let end = end_of(&w, &id, Duration::from_secs(10));
-    let took = end["end_ms"].as_u64().unwrap_or(u64::MAX).saturating_sub(before);
+    let took = end["end_ms"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+        .saturating_sub(before);
     assert!(took < 1000, "kill took {took} ms: {end}");
     assert_eq!(
         (jstr(&end, "reason_code"), jstr(&end, "side")),

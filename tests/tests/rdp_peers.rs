@@ -34,8 +34,17 @@ fn freerdp_reaches_shadow_with_nla_directly() {
         &["/sec:nla", "/auth-only"],
     );
     let code = bad.wait(Duration::from_secs(60));
-    assert!(matches!(code, Some(c) if c != 0), "wrong password: exit {code:?}\n{}", bad.log());
-    let mut client = FreeRdp::start(&shadow.address(), SHADOW_USER, SHADOW_PASSWORD, &["/sec:nla"]);
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "wrong password: exit {code:?}\n{}",
+        bad.log()
+    );
+    let mut client = FreeRdp::start(
+        &shadow.address(),
+        SHADOW_USER,
+        SHADOW_PASSWORD,
+        &["/sec:nla"],
+    );
     assert!(
         client.wait_screen(Duration::from_secs(30), shows_xlogo),
         "the client's screen never showed the shadowed xlogo; client:\n{}\nshadow:\n{}",
