@@ -86,12 +86,12 @@ pub struct RecordingMeta {
 
 /// RDP recordings: where their records go.
 ///
-/// An RDP recording keeps every PDU each way, one DATA record per PDU, on [`RDP_PDU_CHANNEL`]
+/// An RDP recording keeps every PDU each way, one DATA record per PDU, on [`RDP_PDU_CHANNEL`](rdp::RDP_PDU_CHANNEL)
 /// (direction `Input`: client to target, `Output`: target to client), exactly as relayed
 /// (after psm's rewrites, so never a credential). The relay also writes what it decoded on
-/// [`RDP_KEYS_CHANNEL`] (direction `Input`): the text typed, so search, text export and watch
+/// [`RDP_KEYS_CHANNEL`](rdp::RDP_KEYS_CHANNEL) (direction `Input`): the text typed, so search, text export and watch
 /// treat it like an SSH session's input; and session events (connect, channels refused,
-/// disconnect) as one line of text each on [`RDP_EVENTS_CHANNEL`] (direction `Output`).
+/// disconnect) as one line of text each on [`RDP_EVENTS_CHANNEL`](rdp::RDP_EVENTS_CHANNEL) (direction `Output`).
 pub mod rdp {
     /// `protocol` of an RDP recording's header.
     pub const PROTOCOL: &str = "rdp";
