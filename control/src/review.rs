@@ -253,6 +253,11 @@ pub fn play(
     out: &mut dyn Write,
 ) -> Result<(), RecordingError> {
     let mut reader = crate::recordings::open_reader(data_dir, id)?;
+    if reader.meta().protocol == psm_recorder_format::wire::rdp::PROTOCOL {
+        return Err(RecordingError::Rdp(format!(
+            "recording {id} is an RDP session: play replays terminals; use recordings export {id} --format png|video|text, or sessions watch while it runs"
+        )));
+    }
     let mut speed = opts.speed;
     let mut due = Instant::now();
     let mut last_ts: Option<u64> = None;

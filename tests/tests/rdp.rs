@@ -153,6 +153,13 @@ fn xrdp_session_with_the_vaulted_account_is_recorded_and_exported() {
         "{}",
         probe.describe()
     );
+    // play replays terminals and says what to use instead
+    let play = w.psm.psmctl(&["recordings", "play", &recording], None);
+    assert!(
+        !play.success() && play.stderr_str().contains("is an RDP session"),
+        "{}",
+        play.describe()
+    );
     // the recording verifies
     w.psm.psmctl_ok(&["recordings", "verify", &recording], None);
 }
