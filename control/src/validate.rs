@@ -227,7 +227,7 @@ fn der_fingerprint_of_digest(digest: &[u8]) -> String {
 /// The pin of an RDP target for a leaf certificate: `SHA256:` and the unpadded base64 of the
 /// SHA-256 digest of its DER.
 pub fn der_fingerprint(der: &[u8]) -> String {
-    der_fingerprint_of_digest(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+    psm_control_api::cert_fingerprint(der)
 }
 
 /// Checks a target's pin for its protocol: an OpenSSH host key for SSH, a certificate

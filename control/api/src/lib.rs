@@ -144,6 +144,17 @@ pub struct Target {
     pub protocol: Protocol,
 }
 
+/// The pin of an RDP target, and psm's own RDP certificate fingerprint: `SHA256:` and the
+/// unpadded base64 of the SHA-256 of the leaf certificate's DER. One function for psmctl's
+/// `--scan` and the relay's check, so the two always agree.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest.as_ref())
+    )
+}
+
 /// The protocol of a target.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]

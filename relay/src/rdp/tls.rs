@@ -10,7 +10,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine as _;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
@@ -66,11 +65,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// `SHA256:` + unpadded base64 of the SHA-256 of `der`.
 pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    format!(
-        "SHA256:{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest.as_ref())
-    )
+    psm_control_api::cert_fingerprint(der)
 }
 
 /// The contents of the leaf certificate's SubjectPublicKey bit string (for RSA the
