@@ -77,6 +77,10 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# One clean build, so incremental compilation only costs disk (gigabytes of session caches);
+# a developer who wants it back sets CARGO_INCREMENTAL=1.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 say "building the workspace"
 "${bounded[@]}" "$build_timeout" cargo build --workspace --bins
 
