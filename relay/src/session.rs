@@ -53,6 +53,7 @@ mod reverse;
 pub(crate) mod tap;
 
 pub use lifecycle::handle_connection;
+pub use login::MAX_REASON;
 
 /// What the user is told when recording is required and psm-recorder cannot take the session.
 pub const RECORDING_UNAVAILABLE: &str = "psm: session recording is unavailable; try again later";

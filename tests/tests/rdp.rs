@@ -361,9 +361,14 @@ fn kill_and_maximum_duration_end_rdp_sessions() {
         (jstr(&end, "reason_code"), jstr(&end, "side")),
         ("operator_kill", "operator")
     );
+    // the client was told why (Set Error Info: an administrative disconnect), and says so
+    // in its exit status (xfreerdp: 1, "disconnected by the server")
+    let exit = client.wait(Duration::from_secs(20));
+    assert_eq!(exit, Some(1), "{}", client.log());
     assert!(
-        client.wait(Duration::from_secs(20)).is_some(),
-        "the client still runs after the kill"
+        client.log().contains("ERRINFO_RPC_INITIATED_DISCONNECT"),
+        "{}",
+        client.log()
     );
     w.regrant(&["--max-duration", "3s"]);
     let mark = w.psm.audit_mark();
@@ -376,5 +381,131 @@ fn kill_and_maximum_duration_end_rdp_sessions() {
         ("max_duration", "policy")
     );
     assert!(t.elapsed() < Duration::from_secs(20));
-    assert!(client.wait(Duration::from_secs(20)).is_some());
+    // "the active session limit timer on the server has elapsed" (xfreerdp exits 4)
+    let exit = client.wait(Duration::from_secs(20));
+    assert_eq!(exit, Some(4), "{}", client.log());
+    assert!(
+        client.log().contains("ERRINFO_LOGON_TIMEOUT"),
+        "{}",
+        client.log()
+    );
+}
+
+/// A grant that needs a reason takes it from the domain field (refused without one); a grant
+/// that needs an approval holds the client's NLA until an approver decides over SSH.
+#[test]
+fn reason_and_approval_hold_the_rdp_login() {
+    let w = RdpWorld::shadow();
+    let auth_only = ["/auth-only"];
+    w.regrant(&["--reason-required"]);
+    // no reason: refused, the client's side at fault
+    let mark = w.psm.audit_mark();
+    let mut c = w.client(&auth_only);
+    let exit = c.wait(Duration::from_secs(60));
+    assert!(
+        matches!(exit, Some(c) if c != 0),
+        "exit {exit:?}\n{}",
+        c.log()
+    );
+    let e = w
+        .psm
+        .wait_audit_after(mark, "reason_missing", Duration::from_secs(10), |e| {
+            jstr(e, "event") == "session_denied"
+        });
+    assert_eq!(
+        (jstr(&e, "reason_code"), jstr(&e, "side")),
+        ("reason_missing", "client"),
+        "{e}"
+    );
+    assert!(jstr(&e, "client_message").contains("domain field"), "{e}");
+    // the reason in the domain field reaches session_start and session_end
+    let mark = w.psm.audit_mark();
+    let mut c = w.client(&["/d:CHG-42 disk full"]);
+    let start = w.wait_start(mark);
+    assert_eq!(jstr(&start, "justification"), "CHG-42 disk full", "{start}");
+    assert!(c.wait_screen(Duration::from_secs(30), shows_xlogo));
+    let id = jstr(&start, "session_id").to_string();
+    w.psm.psmctl_ok(&["sessions", "kill", &id], None);
+    let end = end_of(&w, &id, Duration::from_secs(10));
+    assert_eq!(jstr(&end, "justification"), "CHG-42 disk full", "{end}");
+    c.wait(Duration::from_secs(20));
+    // dual control: bob approves over SSH while alice's client waits in NLA
+    let bob = w.psm.work_dir().join("bob_ed25519");
+    gen_key(&bob);
+    w.psm.psmctl_ok(
+        &[
+            "user",
+            "add",
+            "bob",
+            "--ssh-key",
+            &pub_path(&bob).display().to_string(),
+        ],
+        None,
+    );
+    w.psm.psmctl_ok(&["group", "add", "secops"], None);
+    w.psm
+        .psmctl_ok(&["group", "member", "add", "secops", "bob"], None);
+    w.regrant(&[
+        "--approval",
+        "1",
+        "--approvers",
+        "@secops",
+        "--approval-timeout",
+        "60s",
+    ]);
+    let vote = |verb: &str, id: &str| {
+        let mut ssh = std::process::Command::new("ssh");
+        ssh.args(common_ssh_opts())
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(&bob)
+            .arg("-p")
+            .arg(w.psm.port().to_string())
+            .arg("bob@127.0.0.1")
+            .arg(format!("requests {verb} {id}"))
+            .env_remove("SSH_AUTH_SOCK");
+        let out = run_ssh(&mut ssh);
+        assert!(out.success(), "{}", out.describe());
+    };
+    let requested = |mark: usize| {
+        w.psm
+            .wait_audit_after(mark, "approval requested", Duration::from_secs(30), |e| {
+                jstr(e, "event") == "approval" && jstr(e, "action") == "requested"
+            })["request"]
+            .as_u64()
+            .expect("request id")
+            .to_string()
+    };
+    let mark = w.psm.audit_mark();
+    let mut c = w.client(&[]);
+    let id = requested(mark);
+    // held in NLA, not refused
+    assert!(c.running(), "{}", c.log());
+    vote("approve", &id);
+    let start = w.wait_start(mark);
+    assert!(c.wait_screen(Duration::from_secs(30), shows_xlogo));
+    let sid = jstr(&start, "session_id").to_string();
+    w.psm.psmctl_ok(&["sessions", "kill", &sid], None);
+    c.wait(Duration::from_secs(20));
+    // denied: a logon failure, audited with the approver
+    let mark = w.psm.audit_mark();
+    let mut c = w.client(&auth_only);
+    let id = requested(mark);
+    vote("deny", &id);
+    let exit = c.wait(Duration::from_secs(30));
+    assert!(
+        matches!(exit, Some(c) if c != 0),
+        "exit {exit:?}\n{}",
+        c.log()
+    );
+    let e = w
+        .psm
+        .wait_audit_after(mark, "approval_denied", Duration::from_secs(10), |e| {
+            jstr(e, "event") == "session_denied"
+        });
+    assert_eq!(
+        (jstr(&e, "reason_code"), jstr(&e, "side")),
+        ("approval_denied", "policy"),
+        "{e}"
+    );
+    assert!(jstr(&e, "client_message").contains("denied by bob"), "{e}");
 }

@@ -13,7 +13,7 @@ use super::session::{Fail, Phase, METHOD, METHOD_TOTP};
 use super::target::{self, TargetLeg};
 use crate::end::{Refusal, Side};
 use crate::recording::RecordingStream;
-use crate::session::{logged_login, RECORDING_UNAVAILABLE};
+use crate::session::{logged_login, MAX_REASON, RECORDING_UNAVAILABLE};
 use crate::startups::UserPermit;
 
 /// What an admitted login may use.
@@ -22,6 +22,8 @@ pub(super) struct Granted {
     pub(super) target: Target,
     pub(super) account: Account,
     pub(super) rules: psm_control_api::RdpChannels,
+    /// The reason the user gave (grants with `--reason-required`).
+    pub(super) justification: Option<String>,
     pub(super) recording: Option<RecordingStream>,
     pub(super) leg: TargetLeg,
     pub(super) user_permit: UserPermit,
@@ -142,27 +144,36 @@ impl Phase<'_> {
                 format!("psm: {} is not an RDP target", target.name),
             )));
         }
-        if conditions.approval.is_some() {
-            return Err(deny(Refusal::new(
-                Side::Policy,
-                "approval_unsupported",
-                format!(
-                    "the grant for {}@{} needs an approval, which RDP logins cannot ask for yet",
-                    account.username, target.name
-                ),
-                "psm: this account needs an approval; request it over SSH first".into(),
-            )));
-        }
-        if conditions.reason_required {
-            return Err(deny(Refusal::new(
-                Side::Policy,
-                "reason_unsupported",
-                format!(
-                    "the grant for {}@{} needs a reason, which RDP logins cannot give yet",
-                    account.username, target.name
-                ),
-                "psm: this account needs a reason, which RDP cannot give yet".into(),
-            )));
+        let justification = if conditions.reason_required {
+            match login.reason(need_code) {
+                Some(r) => {
+                    let (kept, _) = psm_control_api::escape::truncate(r, MAX_REASON);
+                    Some(kept.to_string())
+                }
+                None => {
+                    return Err(deny(Refusal::new(
+                        Side::Client,
+                        "reason_missing",
+                        format!(
+                            "the grant for {}@{} needs a reason and the domain field gave none",
+                            account.username, target.name
+                        ),
+                        format!(
+                            "psm: give a reason or ticket for {}@{} in the domain field (/d:\"CHG-42\"{})",
+                            account.username,
+                            target.name,
+                            if need_code { ", after the code: /d:\"123456 CHG-42\"" } else { "" }
+                        ),
+                    )))
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(rule) = conditions.approval.clone() {
+            self.approval(&user, &account, &target, justification.clone(), rule)
+                .await
+                .map_err(deny)?;
         }
         // the recording is confirmed open before the target sees the login
         let meta = RecordingMeta {
@@ -196,6 +207,7 @@ impl Phase<'_> {
                 target,
                 account,
                 rules: conditions.rdp,
+                justification,
                 recording,
                 leg,
                 user_permit,
@@ -211,6 +223,99 @@ impl Phase<'_> {
                     e.user_line(&target.name),
                 )))
             }
+        }
+    }
+}
+
+impl Phase<'_> {
+    /// Asks psm-control for an approval (or finds that an earlier one covers this login) and
+    /// waits for the decision, holding the client's NLA meanwhile: the login grace time is
+    /// suspended while the request is open, and its own timeout bounds the wait.
+    async fn approval(
+        &self,
+        user: &str,
+        account: &Account,
+        target: &Target,
+        justification: Option<String>,
+        rule: psm_control_api::conditions::ApprovalRule,
+    ) -> Result<(), Refusal> {
+        use psm_control_api::{ApprovalOp, ApprovalState};
+        let op = ApprovalOp::Request {
+            user: user.to_string(),
+            account: account.username.clone(),
+            target: target.name.clone(),
+            source: self.source(),
+            justification,
+            rule,
+        };
+        let reply = self
+            .ctx
+            .approvals
+            .call(&self.ctx.audit, op)
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    Side::Control,
+                    "approval_unavailable",
+                    format!("approval request failed: psm-control did not answer: {e}"),
+                    "psm: approvals are unavailable; try again later".into(),
+                )
+            })?;
+        let request = match reply.request {
+            Some(r) if matches!(r.state, ApprovalState::Approved { .. }) => return Ok(()),
+            Some(r) => r,
+            None => {
+                return Err(Refusal::new(
+                    Side::Policy,
+                    "approval_refused",
+                    format!("approval request refused: {}", reply.message),
+                    format!("psm: {}", crate::escape_short(&reply.message)),
+                ))
+            }
+        };
+        let id = request.id;
+        info!(peer = %self.peer, request = id, protocol = "rdp", "waiting for approval");
+        let mut watch = self.ctx.approvals.watch(id);
+        self.awaiting
+            .store(true, std::sync::atomic::Ordering::Release);
+        // psm-control expires the request; a little longer here in case it is gone
+        let wait =
+            std::time::Duration::from_millis(request.expires_ms.saturating_sub(now_ms()) + 5_000);
+        let decided = tokio::time::timeout(
+            wait,
+            watch.wait_for(|r| r.as_ref().is_some_and(|r| r.state.is_final())),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|r| r.clone()));
+        self.ctx.approvals.unwatch(id);
+        self.awaiting
+            .store(false, std::sync::atomic::Ordering::Release);
+        match decided.map(|r| r.state) {
+            Some(ApprovalState::Approved { by }) => {
+                info!(peer = %self.peer, request = id, by = %Escaped(&by.join(",")), protocol = "rdp", "access request approved");
+                Ok(())
+            }
+            Some(ApprovalState::Denied { by, reason }) => Err(Refusal::new(
+                Side::Policy,
+                "approval_denied",
+                format!("approval request {id} denied by {by}"),
+                format!(
+                    "psm: request {id} was denied by {}{}",
+                    crate::escape_short(&by),
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", crate::escape_short(&reason))
+                    }
+                ),
+            )),
+            _ => Err(Refusal::new(
+                Side::Policy,
+                "approval_timeout",
+                format!("approval request {id} timed out"),
+                format!("psm: request {id} was not approved in time"),
+            )),
         }
     }
 }

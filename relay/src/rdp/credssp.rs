@@ -9,8 +9,9 @@
 //! What clients send: xfreerdp `/u:alice@Administrator@win01` keeps the whole string as the
 //! NTLM user with an empty domain (sspi sees a UPN: account `alice@Administrator`, suffix
 //! `win01`); `/d:123456` or mstsc's `123456\alice@Administrator@win01` puts the TOTP code in
-//! the NTLM domain (a down-level name). [`NlaLogin::from_username`] rebuilds the login from
-//! either. The NTLMv2 response covers the domain, so the code cannot be changed in transit.
+//! the NTLM domain (a down-level name), and a reason may follow it there (`/d:"123456 CHG-42"`,
+//! or the reason alone where no code is asked for). [`NlaLogin::from_username`] rebuilds the
+//! login from either. The NTLMv2 response covers the domain, so the code cannot be changed in transit.
 
 use std::sync::{Arc, Mutex};
 
@@ -25,10 +26,15 @@ use zeroize::Zeroizing;
 pub struct NlaLogin {
     /// The PSMP login string (`user@account@target`, or whatever the client sent).
     pub login: String,
-    /// The TOTP code from the domain field, when it is six digits.
+    /// The TOTP code: the domain field's first six characters, when they are digits followed
+    /// by nothing or a space.
     pub code: Option<Zeroizing<String>>,
-    /// A domain that is not a code (ignored; for the logs).
-    pub other_domain: Option<String>,
+    /// What follows the code in the domain field (`/d:"123456 CHG-42"`), trimmed: the reason
+    /// where the grant asks for one and also for the code.
+    pub after_code: Option<String>,
+    /// The whole domain field, trimmed: the reason where the grant asks for one but not for a
+    /// code.
+    pub domain: Option<String>,
 }
 
 impl NlaLogin {
@@ -38,21 +44,45 @@ impl NlaLogin {
             sspi::UsernameParts::UserPrincipalName(p) => NlaLogin {
                 login: p.upn().to_string(),
                 code: None,
-                other_domain: None,
+                after_code: None,
+                domain: None,
             },
             sspi::UsernameParts::DownLevelLogonName(p) => {
-                let (code, other_domain) = match p.netbios_domain() {
-                    Some(d) if is_code(d) => (Some(Zeroizing::new(d.to_string())), None),
-                    Some(d) if !d.is_empty() => (None, Some(d.to_string())),
-                    _ => (None, None),
-                };
+                let d = p.netbios_domain().unwrap_or_default();
+                let (code, after_code) = split_code(d);
                 NlaLogin {
                     login: p.account_name().to_string(),
                     code,
-                    other_domain,
+                    after_code,
+                    domain: non_empty(d),
                 }
             }
         }
+    }
+
+    /// The reason the user gave, for a grant that asks for one: what follows the code when a
+    /// code was asked for too, else the whole domain field.
+    pub fn reason(&self, code_asked: bool) -> Option<&str> {
+        if code_asked {
+            self.after_code.as_deref()
+        } else {
+            self.domain.as_deref()
+        }
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    let t = s.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// Splits a domain field into the TOTP code it starts with and what follows.
+fn split_code(d: &str) -> (Option<Zeroizing<String>>, Option<String>) {
+    match d.get(..6) {
+        Some(head) if is_code(head) && d[6..].chars().next().is_none_or(char::is_whitespace) => {
+            (Some(Zeroizing::new(head.to_string())), non_empty(&d[6..]))
+        }
+        _ => (None, None),
     }
 }
 
@@ -395,7 +425,17 @@ mod tests {
         )
         .expect("verified with a domain");
         assert_eq!(l.code, None);
-        assert_eq!(l.other_domain.as_deref(), Some("WORKGROUP"));
+        assert_eq!(l.domain.as_deref(), Some("WORKGROUP"));
+        let l = run(
+            "psmshadow@a@t",
+            Some("123456 CHG-42 disk full"),
+            "Shad0w-Pass",
+            "psmshadow",
+        )
+        .expect("verified with a code and a reason");
+        assert_eq!(l.code.as_deref().map(|s| s.as_str()), Some("123456"));
+        assert_eq!(l.reason(true), Some("CHG-42 disk full"));
+        assert_eq!(l.reason(false), Some("123456 CHG-42 disk full"));
     }
 
     #[test]
@@ -427,5 +467,12 @@ mod tests {
         let u = Username::parse("alice").expect("plain");
         assert_eq!(NlaLogin::from_username(&u).login, "alice");
         assert!(!is_code("12345") && !is_code("12345a") && is_code("000000"));
+        let (code, rest) = split_code("1234567 ticket");
+        assert!(code.is_none() && rest.is_none(), "seven digits are no code");
+        let (code, rest) = split_code("654321");
+        assert_eq!(code.as_deref().map(|s| s.as_str()), Some("654321"));
+        assert_eq!(rest, None);
+        assert!(split_code("CHG-42").0.is_none());
+        assert!(split_code("ü").0.is_none(), "short multi-byte input");
     }
 }

@@ -8,6 +8,7 @@
 mod channels;
 mod clip;
 mod dvc;
+mod errinfo;
 mod info;
 mod input;
 mod mcs;
@@ -28,6 +29,7 @@ use psm_recorder_format::Direction;
 use self::channels::{Carrier, Rule};
 use self::clip::Clip;
 use self::dvc::Dvc;
+pub use self::errinfo::EndNotice;
 use self::input::Input;
 use self::rdpdr::Rdpdr;
 use self::svc::Step;
@@ -179,6 +181,7 @@ pub struct Engine {
     user_channel: Option<u16>,
     client_initiator: Option<u16>,
     server_initiator: Option<u16>,
+    share_id: Option<u32>,
     info_done: bool,
     input: Option<Input>,
     input_seen: bool,
@@ -195,6 +198,7 @@ impl Engine {
             user_channel: None,
             client_initiator: None,
             server_initiator: None,
+            share_id: None,
             info_done: false,
             input: None,
             input_seen: false,
@@ -255,6 +259,16 @@ impl Engine {
                 self.target_x224(frame, out).map_err(EngineError::Target)
             }
         }
+    }
+
+    /// The frame that tells the client why psm ends the session (a Set Error Info PDU), once
+    /// the target has set up the share; `None` before (the client then sees only the
+    /// disconnect).
+    pub fn end_notice(&self, notice: EndNotice) -> Option<Vec<u8>> {
+        let io = self.io_channel?;
+        let share_id = self.share_id?;
+        let server = self.server_initiator.unwrap_or(1002);
+        errinfo::frame(notice, io, server, share_id)
     }
 
     /// Whether the user gave input (keyboard or mouse) since the last call.
@@ -489,6 +503,10 @@ impl Engine {
                 if Some(sdi.channel_id) == self.io_channel {
                     match share_types(&sdi.user_data) {
                         Some((PDUTYPE_DEMAND_ACTIVE, _)) => {
+                            self.share_id = sdi
+                                .user_data
+                                .get(6..10)
+                                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                             if let Some(ev) = desktop(&sdi.user_data) {
                                 out.push(Out::Event(ev));
                             }

@@ -19,7 +19,7 @@ use psm_recorder_format::{CloseSummary, Direction};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tracing::{info, warn};
 
-use super::engine::{Engine, EngineConfig, EngineError, Out, RdpEvent, TargetLogin};
+use super::engine::{EndNotice, Engine, EngineConfig, EngineError, Out, RdpEvent, TargetLogin};
 use super::frame::next_frame;
 use super::session::{Admitted, SessionInfo};
 use super::wire::Framed;
@@ -327,7 +327,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         account: a.account.username.clone(),
         recording_id: a.session_id.clone(),
         start_ms: a.start_ms,
-        justification: None,
+        justification: a.justification.clone(),
         worker: Some(ctx.worker),
     };
     ctx.sessions
@@ -343,7 +343,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         account: live.account,
         recording_id: live.recording_id,
         start_ms: live.start_ms,
-        justification: None,
+        justification: live.justification,
         worker: live.worker,
     });
     let gov = Governor {
@@ -440,8 +440,21 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         }
     };
     if polite {
-        // the client shows "disconnected by the server"; the target sees the client go
+        // the client shows why (where it shows an error info) and "disconnected by the server";
+        // the target sees the client go
+        let notice = engine.end_notice(end_notice(&reason));
+        if let Some(frame) = &notice {
+            s.record(
+                RDP_PDU_CHANNEL,
+                Direction::Output,
+                Bytes::from(frame.clone()),
+            )
+            .await;
+        }
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            if let Some(frame) = notice {
+                let _ = client.io.write_all(&frame).await;
+            }
             let _ = client.io.write_all(&disconnect_ultimatum()).await;
             let _ = client.io.flush().await;
         })
@@ -462,6 +475,16 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
     }
     finish(ctx, &a, recording, &bytes, reason).await;
     drop(user_permit);
+}
+
+/// What the client is told when psm ends the session itself.
+fn end_notice(reason: &EndReason) -> EndNotice {
+    match reason {
+        EndReason::Policy(PolicyStop::IdleTimeout(_)) => EndNotice::IdleTimeout,
+        EndReason::Policy(PolicyStop::MaxDuration(_)) => EndNotice::MaxDuration,
+        EndReason::Shutdown => EndNotice::Shutdown,
+        _ => EndNotice::Administrative,
+    }
 }
 
 /// The ultimatum toward the target when the user's side goes (a user-requested disconnect).
@@ -514,7 +537,7 @@ async fn finish(
         reason: reason.to_string(),
         reason_code: reason.code().into(),
         side: reason.side().to_string(),
-        justification: None,
+        justification: a.justification.clone(),
         unconfirmed_bytes: unconfirmed,
     });
 }

@@ -8,9 +8,9 @@
 //! side at fault, exactly as for SSH.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use psm_control_api::{now_ms, Account, AuditKind, Denial, Escaped, Login, Target};
 use sspi::credssp::TsRequest;
@@ -84,6 +84,8 @@ pub(super) struct SessionInfo {
     pub(super) target: Target,
     pub(super) account: Account,
     pub(super) rules: psm_control_api::RdpChannels,
+    /// The reason the user gave, where the grant asks for one.
+    pub(super) justification: Option<String>,
 }
 
 /// What the connection phase hands to the running session.
@@ -119,21 +121,55 @@ pub async fn handle_rdp_connection(
         session_id: new_id(),
         start_ms: now_ms(),
         login: None,
+        awaiting: Arc::new(AtomicBool::new(false)),
     };
+    let awaiting = phase.awaiting.clone();
     let mut shutdown = ctx.shutdown.clone();
-    let admitted = tokio::select! {
-        r = tokio::time::timeout(ctx.limits.login_grace, phase.run(&cert, stream)) => match r {
-            Ok(Some(a)) => a,
-            Ok(None) => return,
-            Err(_) => {
-                phase.grace_exceeded();
-                return;
+    let outcome = {
+        let run = phase.run(&cert, stream);
+        tokio::pin!(run);
+        let grace = tokio::time::sleep(ctx.limits.login_grace);
+        tokio::pin!(grace);
+        let mut waited = false;
+        loop {
+            tokio::select! {
+                r = &mut run => break r.map_or(Outcome::Ended, |a| Outcome::Admitted(Box::new(a))),
+                _ = &mut grace => {
+                    let now = tokio::time::Instant::now();
+                    if awaiting.load(Ordering::Acquire) {
+                        // an access request is open: its own timeout bounds the wait
+                        waited = true;
+                        grace.as_mut().reset(now + Duration::from_secs(1));
+                    } else if waited {
+                        // approved: the rest of the login gets a whole grace time
+                        waited = false;
+                        grace.as_mut().reset(now + ctx.limits.login_grace);
+                    } else {
+                        break Outcome::GraceExceeded;
+                    }
+                }
+                _ = shutdown.wait_for(|s| *s) => break Outcome::Ended,
             }
-        },
-        _ = shutdown.wait_for(|s| *s) => return,
+        }
+    };
+    let admitted = match outcome {
+        Outcome::Admitted(a) => *a,
+        Outcome::Ended => return,
+        Outcome::GraceExceeded => {
+            phase.grace_exceeded();
+            return;
+        }
     };
     drop(permit);
     super::live::run(&ctx, admitted).await;
+}
+
+/// How the connection phase ended.
+enum Outcome {
+    Admitted(Box<Admitted>),
+    /// Refused or gone (audited already), or the relay is stopping.
+    Ended,
+    GraceExceeded,
 }
 
 /// The connection phase of one connection.
@@ -144,6 +180,8 @@ pub(super) struct Phase<'a> {
     pub(super) start_ms: u64,
     /// The login, once the client named it in NTLM.
     pub(super) login: Option<String>,
+    /// An access request is open: the login grace time is suspended.
+    pub(super) awaiting: Arc<AtomicBool>,
 }
 
 /// A refused login, audited already: the client gets a logon failure and the connection closes.
@@ -264,6 +302,7 @@ impl Phase<'_> {
                     target: g.target,
                     account: g.account,
                     rules: g.rules,
+                    justification: g.justification,
                 },
                 client,
                 leg: g.leg,

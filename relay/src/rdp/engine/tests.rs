@@ -781,3 +781,55 @@ fn filtered_channels_keep_message_boundaries() {
     let r = e.target_frame(X, &part(0x2, b), &mut Vec::new());
     assert!(matches!(r, Err(EngineError::Target(_))), "{r:?}");
 }
+
+#[test]
+fn end_notice_is_a_set_error_info_on_the_share_the_target_set_up() {
+    use ironrdp_pdu::rdp::headers::{ShareControlHeader, ShareControlPdu, ShareDataPdu};
+    use ironrdp_pdu::rdp::server_error_info::{ErrorInfo, ProtocolIndependentCode};
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    // no share yet: nothing the client could place
+    assert!(e.end_notice(super::EndNotice::MaxDuration).is_none());
+    let mut out = Vec::new();
+    e.target_frame(
+        X,
+        &samples::demand_active(1024, 768).expect("sample"),
+        &mut out,
+    )
+    .expect("demand active");
+    for (notice, code) in [
+        (
+            super::EndNotice::MaxDuration,
+            ProtocolIndependentCode::LogonTimeout,
+        ),
+        (
+            super::EndNotice::IdleTimeout,
+            ProtocolIndependentCode::IdleTimeout,
+        ),
+        (
+            super::EndNotice::Administrative,
+            ProtocolIndependentCode::RpcInitiatedDisconnect,
+        ),
+    ] {
+        let frame = e
+            .end_notice(notice)
+            .expect("a notice once the share is set up");
+        assert!(
+            matches!(crate::rdp::frame::next_frame(&frame), Ok(Some((X, n))) if n == frame.len())
+        );
+        let X224(McsMessage::SendDataIndication(sdi)) =
+            decode::<X224<McsMessage<'_>>>(&frame).expect("MCS")
+        else {
+            panic!("not a Send Data Indication");
+        };
+        assert_eq!(sdi.channel_id, samples::IO_CHANNEL);
+        let h: ShareControlHeader = decode(&sdi.user_data).expect("share control");
+        assert_eq!(h.share_id, 0x1_03ea);
+        let ShareControlPdu::Data(d) = h.share_control_pdu else {
+            panic!("not a data PDU");
+        };
+        let ShareDataPdu::ServerSetErrorInfo(info) = d.share_data_pdu else {
+            panic!("not a Set Error Info PDU");
+        };
+        assert_eq!(info.0, ErrorInfo::ProtocolIndependentCode(code));
+    }
+}
