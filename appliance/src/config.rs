@@ -122,6 +122,9 @@ pub struct RelayConfig {
     pub durable_window_bytes: Option<Spanned<i64>>,
     /// Milliseconds the oldest unconfirmed byte may wait (default 1000; 100 to 60000).
     pub durable_window_ms: Option<Spanned<i64>>,
+    /// Seconds a session may stay stopped on a full durable window before its recording counts
+    /// as failed and the session ends (default 30; 1 to 3600).
+    pub recorder_stall_secs: Option<Spanned<i64>>,
     /// Socket address the relay accepts RDP connections on, `host:port` (default
     /// `0.0.0.0:3389`), or `"off"`.
     pub rdp_listen: Option<Spanned<String>>,
@@ -133,6 +136,11 @@ pub struct RelayConfig {
     pub rdp_cert: Option<Spanned<String>>,
     /// The private key of `rdp_cert` (PEM).
     pub rdp_key: Option<Spanned<String>>,
+    /// Serve the relay's counters in the Prometheus text format on this `host:port` (off by
+    /// default; keep it on a local or management address).
+    pub metrics_listen: Option<Spanned<String>>,
+    /// Pin each relay worker to one CPU (default true).
+    pub pin_workers: Option<Spanned<bool>>,
 }
 
 /// A config file as read from disk.
@@ -447,6 +455,29 @@ pub fn resolve(
             100..=60_000,
             &mut relay_args,
         )?;
+        ranged(
+            "recorder-stall-secs",
+            r.recorder_stall_secs.as_ref(),
+            1..=3600,
+            &mut relay_args,
+        )?;
+        if let Some(v) = &r.metrics_listen {
+            let addr: SocketAddr =
+                v.get_ref()
+                    .trim()
+                    .parse()
+                    .map_err(|_| ConfigError::Invalid {
+                        origin: from_file(v.span()),
+                        message: format!(
+                            "metrics_listen {:?} is not an address and port (127.0.0.1:9464)",
+                            v.get_ref()
+                        ),
+                    })?;
+            relay_args.extend(["--metrics-listen".to_string(), addr.to_string()]);
+        }
+        if let Some(v) = &r.pin_workers {
+            relay_args.extend(["--pin-workers".to_string(), v.get_ref().to_string()]);
+        }
     }
     if let Some(c) = file.map(|f| &f.config.control) {
         ranged(
@@ -1099,6 +1130,39 @@ mod tests {
             2
         )
         .is_ok());
+    }
+
+    #[test]
+    fn metrics_listen_and_pinning_reach_the_relay() {
+        let s = resolve(
+            Some(
+                &loaded("[relay]\nmetrics_listen = \"127.0.0.1:9464\"\npin_workers = false\n")
+                    .expect("parse"),
+            ),
+            &Overrides::default(),
+            2,
+        )
+        .expect("resolve");
+        assert!(
+            s.relay_args
+                .windows(2)
+                .any(|w| w == ["--metrics-listen", "127.0.0.1:9464"]),
+            "{:?}",
+            s.relay_args
+        );
+        assert!(
+            s.relay_args
+                .windows(2)
+                .any(|w| w == ["--pin-workers", "false"]),
+            "{:?}",
+            s.relay_args
+        );
+        let e = err_text(resolve(
+            Some(&loaded("[relay]\nmetrics_listen = \"localhost\"\n").expect("parse")),
+            &Overrides::default(),
+            2,
+        ));
+        assert!(e.contains("metrics_listen") && e.contains("line 2"), "{e}");
     }
 
     #[test]

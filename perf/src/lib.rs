@@ -2,7 +2,8 @@
 //!
 //! This is the start of that tool. What it does now: `psm-perf check` reads the host's tuning
 //! (io_uring availability, the open-files limit, the listen backlog cap, the ephemeral port range,
-//! the number of CPUs, transparent hugepages, socket buffer caps) and prints one OK or WARN line
+//! the number of CPUs, transparent hugepages, socket buffer caps, TCP memory, the CPU frequency
+//! governor) and prints one OK or WARN line
 //! per item, with the fix for each warning, as text or JSON ([`run_checks`], [`render_text`],
 //! [`render_json`]).
 //!
@@ -26,6 +27,10 @@ pub const MIN_PORT_RANGE: u64 = 16_384;
 /// Below this `net.core.rmem_max` / `wmem_max` (4 MiB) socket buffers the relay asks for are capped.
 pub const MIN_SOCKET_BUFFER_MAX: u64 = 4 * 1024 * 1024;
 
+/// Below this `net.ipv4.tcp_mem` high mark (pages of 4 KiB: 1 GiB) the kernel squeezes socket
+/// buffers of thousands of sessions under memory pressure.
+pub const MIN_TCP_MEM_HIGH_PAGES: u64 = 262_144;
+
 /// Proc and sys files the checks read.
 pub mod paths {
     /// Resource limits of the running process.
@@ -40,6 +45,10 @@ pub mod paths {
     pub const RMEM_MAX: &str = "/proc/sys/net/core/rmem_max";
     /// Send buffer cap.
     pub const WMEM_MAX: &str = "/proc/sys/net/core/wmem_max";
+    /// TCP memory thresholds (pages): low, pressure, high.
+    pub const TCP_MEM: &str = "/proc/sys/net/ipv4/tcp_mem";
+    /// CPU frequency governor of the first CPU (absent on most virtual machines).
+    pub const GOVERNOR: &str = "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor";
     /// Whether io_uring is disabled system-wide (Linux 6.6 and later).
     pub const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
 }
@@ -359,7 +368,10 @@ pub fn check_cpus(host: &dyn Host) -> Check {
         Some(n) => Check::ok(
             NAME,
             json!(n),
-            format!("{n} CPUs: run one relay worker per core (psm up --workers {n}, the default)"),
+            format!(
+                "{n} CPUs: one relay worker per core, each pinned to its CPU (psm up --workers \
+                 {n} and psm-relay --pin-workers true, the defaults)"
+            ),
         ),
         None => Check::warn(
             NAME,
@@ -426,6 +438,68 @@ pub fn check_wmem_max(host: &dyn Host) -> Check {
     check_buffer_max(host, "wmem_max", "net.core.wmem_max", paths::WMEM_MAX)
 }
 
+/// `net.ipv4.tcp_mem`: above its third figure TCP refuses socket memory, so every session slows.
+pub fn check_tcp_mem(host: &dyn Host) -> Check {
+    const NAME: &str = "tcp_mem";
+    let text = match host.read(paths::TCP_MEM) {
+        Ok(t) => t,
+        Err(e) => return unreadable(NAME, paths::TCP_MEM, &e),
+    };
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [low, pressure, high] = v[..] else {
+        return unparsable(NAME, paths::TCP_MEM, &text);
+    };
+    let msg = format!(
+        "net.ipv4.tcp_mem = {low} {pressure} {high} pages ({} MiB at most for all sockets)",
+        high * 4 / 1024
+    );
+    if high >= MIN_TCP_MEM_HIGH_PAGES {
+        Check::ok(NAME, json!([low, pressure, high]), msg)
+    } else {
+        Check::warn(
+            NAME,
+            json!([low, pressure, high]),
+            format!("{msg}; thousands of sessions need more socket memory"),
+            Some(format!(
+                "sysctl -w net.ipv4.tcp_mem=\"{} {} {}\"",
+                MIN_TCP_MEM_HIGH_PAGES / 2,
+                MIN_TCP_MEM_HIGH_PAGES * 3 / 4,
+                MIN_TCP_MEM_HIGH_PAGES
+            )),
+        )
+    }
+}
+
+/// The CPU frequency governor: `powersave` clocks down between bursts and adds latency to
+/// every keystroke; no cpufreq at all (a VM) is fine.
+pub fn check_governor(host: &dyn Host) -> Check {
+    const NAME: &str = "cpu_governor";
+    let gov = match host.read(paths::GOVERNOR) {
+        Ok(t) => t.trim().to_string(),
+        Err(_) => {
+            return Check::ok(
+                NAME,
+                Value::Null,
+                "no CPU frequency scaling here (a virtual machine or a fixed clock)",
+            )
+        }
+    };
+    let msg = format!("CPU frequency governor: {gov}");
+    if gov == "performance" || gov == "schedutil" {
+        Check::ok(NAME, json!(gov), msg)
+    } else {
+        Check::warn(
+            NAME,
+            json!(gov),
+            format!("{msg}; the clock drops between bursts and keystroke latency suffers"),
+            Some("cpupower frequency-set -g performance".into()),
+        )
+    }
+}
+
 /// Every check, in the order `psm-perf check` prints them.
 pub fn run_checks(host: &dyn Host) -> Vec<Check> {
     vec![
@@ -437,6 +511,8 @@ pub fn run_checks(host: &dyn Host) -> Vec<Check> {
         check_thp(host),
         check_rmem_max(host),
         check_wmem_max(host),
+        check_tcp_mem(host),
+        check_governor(host),
     ]
 }
 
@@ -523,10 +599,36 @@ Max locked memory         8388608              8388608              bytes
                 (paths::THP, "always [madvise] never\n"),
                 (paths::RMEM_MAX, "16777216\n"),
                 (paths::WMEM_MAX, "16777216\n"),
+                (paths::TCP_MEM, "190000\t260000\t380000\n"),
+                (paths::GOVERNOR, "performance\n"),
             ]),
             uring: Ok(()),
             cpus: Some(8),
         }
+    }
+
+    #[test]
+    fn tcp_memory_and_governor() {
+        let mut host = tuned();
+        assert_eq!(check_tcp_mem(&host).status, Status::Ok);
+        assert_eq!(check_governor(&host).status, Status::Ok);
+        host.files.insert(paths::TCP_MEM, "4000 5000 6000\n");
+        host.files.insert(paths::GOVERNOR, "powersave\n");
+        let c = check_tcp_mem(&host);
+        assert_eq!(c.status, Status::Warn);
+        assert!(
+            c.fix.as_deref().is_some_and(|f| f.contains("262144")),
+            "{c:?}"
+        );
+        assert_eq!(check_governor(&host).status, Status::Warn);
+        host.files.insert(paths::TCP_MEM, "1 2\n");
+        assert_eq!(check_tcp_mem(&host).value, Value::Null);
+        host.files.remove(paths::GOVERNOR);
+        assert_eq!(
+            check_governor(&host).status,
+            Status::Ok,
+            "no cpufreq is fine"
+        );
     }
 
     #[test]
@@ -568,7 +670,7 @@ Max locked memory         8388608              8388608              bytes
     #[test]
     fn tuned_host_is_all_ok() {
         let checks = run_checks(&tuned());
-        assert_eq!(checks.len(), 8);
+        assert_eq!(checks.len(), 10);
         assert_eq!(warnings(&checks), 0, "{checks:#?}");
         let text = render_text(&checks);
         assert!(
@@ -576,7 +678,7 @@ Max locked memory         8388608              8388608              bytes
                 .all(|l| l.starts_with("OK") || l.starts_with("psm-perf")),
             "{text}"
         );
-        assert!(text.ends_with("psm-perf check: 8 OK, 0 WARN\n"), "{text}");
+        assert!(text.ends_with("psm-perf check: 10 OK, 0 WARN\n"), "{text}");
     }
 
     #[test]
@@ -621,7 +723,7 @@ Max locked memory         8388608              8388608              bytes
         );
         let j = render_json(&checks);
         assert_eq!(j["warn"], json!(6));
-        assert_eq!(j["ok"], json!(2));
+        assert_eq!(j["ok"], json!(4));
         assert_eq!(j["checks"][2]["status"], json!("warn"));
         assert_eq!(j["checks"][4]["fix"], Value::Null);
     }
@@ -634,7 +736,7 @@ Max locked memory         8388608              8388608              bytes
             cpus: None,
         };
         let checks = run_checks(&host);
-        assert_eq!(warnings(&checks), 7);
+        assert_eq!(warnings(&checks), 8, "all but io_uring and the governor");
         let nofile = &checks[1];
         assert!(nofile.message.contains(paths::LIMITS), "{nofile:?}");
         assert!(
@@ -648,7 +750,7 @@ Max locked memory         8388608              8388608              bytes
     #[test]
     fn real_host_checks_run() {
         let checks = run_checks(&RealHost);
-        assert_eq!(checks.len(), 8);
+        assert_eq!(checks.len(), 10);
         assert!(checks.iter().all(|c| !c.message.is_empty()));
     }
 }

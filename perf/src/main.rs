@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod search_bench;
+mod stats;
 
 /// Operator performance tool for psm.
 #[derive(Parser, Debug)]
@@ -22,6 +23,19 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// The running relay's counters per worker (sessions, accepts/s, bytes/s each way, failures),
+    /// refreshed like top; read from its Prometheus endpoint (`[relay] metrics_listen`).
+    Stats {
+        /// The relay's metrics address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        addr: std::net::SocketAddr,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one table (rates over one interval) and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Write N synthetic shell recordings into DIR (which must not exist), index them as
     /// psm-recorder does, and time searches over them (perf/BENCHMARKS.md).
@@ -46,6 +60,17 @@ fn main() -> anyhow::Result<()> {
             recordings,
             commands,
         } => search_bench::run(&dir, recordings, commands)?,
+        Command::Stats {
+            addr,
+            interval,
+            once,
+        } => {
+            anyhow::ensure!(
+                interval.is_finite() && (0.1..=3600.0).contains(&interval),
+                "--interval must be between 0.1 and 3600 seconds"
+            );
+            stats::run(addr, std::time::Duration::from_secs_f64(interval), once)?
+        }
         Command::Check { json } => {
             let checks = psm_perf::run_checks(&psm_perf::RealHost);
             let out = if json {

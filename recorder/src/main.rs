@@ -6,6 +6,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The psm session recorder: receives frames from relays on `recorder.sock` and writes
 /// `recordings/<id>.psmrec`.
 #[derive(Parser)]

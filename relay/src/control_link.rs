@@ -43,6 +43,12 @@ pub struct Counters {
     pub auth_failures: AtomicU64,
     /// Sessions started.
     pub sessions_started: AtomicU64,
+    /// Sessions ended (started minus ended: live now).
+    pub sessions_ended: AtomicU64,
+    /// Session bytes from users toward targets.
+    pub bytes_up: AtomicU64,
+    /// Session bytes from targets toward users.
+    pub bytes_down: AtomicU64,
 }
 
 impl Counters {
@@ -52,34 +58,51 @@ impl Counters {
     }
 }
 
+/// Each worker's counters: a worker writes only its own (no cache line shared between
+/// cores on the data path); readers sum them.
+#[derive(Clone)]
+pub struct WorkerCounters(pub Arc<Vec<Arc<Counters>>>);
+
+impl WorkerCounters {
+    /// `n` workers' counters, all zero.
+    pub fn new(n: usize) -> WorkerCounters {
+        WorkerCounters(Arc::new(
+            (0..n).map(|_| Arc::new(Counters::default())).collect(),
+        ))
+    }
+
+    /// One counter summed over the workers.
+    pub fn sum(&self, f: impl Fn(&Counters) -> &AtomicU64) -> u64 {
+        self.0.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// What the control link reports besides audit events.
 pub struct Reporter {
     /// The relay's counters.
-    pub counters: Arc<Counters>,
-    /// Unauthenticated connections held now.
-    pub unauthenticated: Box<dyn Fn() -> u64 + Send + Sync>,
-    /// Whether psm-recorder is connected.
-    pub recorder_connected: Box<dyn Fn() -> bool + Send + Sync>,
+    pub counters: WorkerCounters,
+    /// Unauthenticated connections and the recorder link.
+    pub levels: Arc<crate::metrics::Levels>,
 }
 
 impl Reporter {
     fn stats(&self) -> RelayStats {
         let c = &self.counters;
         RelayStats {
-            connections: c.connections.load(Ordering::Relaxed),
-            startups_refused: c.startups_refused.load(Ordering::Relaxed),
-            preauth_failures: c.preauth_failures.load(Ordering::Relaxed),
-            auth_failures: c.auth_failures.load(Ordering::Relaxed),
-            sessions_started: c.sessions_started.load(Ordering::Relaxed),
-            unauthenticated: (self.unauthenticated)(),
-            recorder_connected: (self.recorder_connected)(),
+            connections: c.sum(|c| &c.connections),
+            startups_refused: c.sum(|c| &c.startups_refused),
+            preauth_failures: c.sum(|c| &c.preauth_failures),
+            auth_failures: c.sum(|c| &c.auth_failures),
+            sessions_started: c.sum(|c| &c.sessions_started),
+            unauthenticated: (self.levels.unauthenticated)(),
+            recorder_connected: (self.levels.recorder_connected)(),
             policy_version: 0,
         }
     }
 }
 
-/// Bytes a session has moved each way, and when the user last sent anything.
-#[derive(Default)]
+/// Bytes a session has moved each way, and when the user last sent anything; the worker's
+/// counters follow.
 pub struct SessionBytes {
     /// User to target.
     pub up: AtomicU64,
@@ -87,13 +110,40 @@ pub struct SessionBytes {
     pub down: AtomicU64,
     /// Last input from the user, ms since the epoch (for the idle timeout).
     pub last_input_ms: AtomicU64,
+    worker: Arc<Counters>,
 }
 
 impl SessionBytes {
+    /// A session's counts, on the worker whose counters these are.
+    pub fn new(worker: Arc<Counters>) -> SessionBytes {
+        SessionBytes {
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            last_input_ms: AtomicU64::new(0),
+            worker,
+        }
+    }
+
     /// `n` bytes came from the user now.
     pub fn input(&self, n: usize) {
         self.up.fetch_add(n as u64, Ordering::Relaxed);
+        self.worker.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
         self.last_input_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// `n` bytes came from the user that may not be user input (protocol traffic: the idle
+    /// timer is left to the caller).
+    pub fn received(&self, n: usize) {
+        self.up.fetch_add(n as u64, Ordering::Relaxed);
+        self.worker.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// `n` bytes went to the user.
+    pub fn output(&self, n: usize) {
+        self.down.fetch_add(n as u64, Ordering::Relaxed);
+        self.worker
+            .bytes_down
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

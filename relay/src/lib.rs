@@ -19,6 +19,7 @@ pub mod end;
 pub mod flow;
 pub mod fuzz;
 pub mod host_key;
+pub mod metrics;
 pub mod mfa;
 pub mod notices;
 mod pipe;
@@ -40,7 +41,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use russh::{cipher, MethodKind, MethodSet, SshId};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use startups::MaxStartups;
 pub use upstream::TargetKeepalive;
@@ -110,6 +111,10 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Runtime back end of the workers.
     pub io: IoBackend,
+    /// Pin each worker thread to one CPU of the process's affinity mask (round robin).
+    pub pin_workers: bool,
+    /// Where to serve the counters in the Prometheus text format (none: not served).
+    pub metrics_listen: Option<SocketAddr>,
     /// Timeouts and caps.
     pub limits: Limits,
 }
@@ -192,9 +197,30 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         cfg.limits.durable_window,
     )
     .map_err(RelayError::Thread)?;
-    let counters = Arc::new(control_link::Counters::default());
+    let counters = control_link::WorkerCounters::new(cfg.workers);
     let startups =
         startups::Startups::new(cfg.limits.max_startups, cfg.limits.per_source_max_startups);
+    let levels = Arc::new(metrics::Levels {
+        unauthenticated: Box::new({
+            let s = startups.clone();
+            move || u64::from(s.held())
+        }),
+        recorder_connected: Box::new({
+            let r = recorder.worker_state();
+            move || r.borrow().connected
+        }),
+    });
+    let worker_recorders: Vec<recording::WorkerRecorder> =
+        (0..cfg.workers).map(|_| recorder.worker()).collect();
+    if let Some(addr) = cfg.metrics_listen {
+        let (workers, levels) = (counters.clone(), levels.clone());
+        let recorders = worker_recorders.clone();
+        let bound = psm_metrics::serve(addr, move || {
+            psm_metrics::render(&metrics::families(&workers, &recorders, &levels))
+        })
+        .map_err(|source| RelayError::Bind { addr, source })?;
+        info!(listen = %bound, "relay counters served (Prometheus text)");
+    }
     {
         let socket = cfg.data_dir.join(psm_control_api::POLICY_SOCKET);
         let store = store.clone();
@@ -202,14 +228,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         let relay_id = cfg.relay_id.clone();
         let reporter = control_link::Reporter {
             counters: counters.clone(),
-            unauthenticated: Box::new({
-                let s = startups.clone();
-                move || u64::from(s.held())
-            }),
-            recorder_connected: Box::new({
-                let r = recorder.worker_state();
-                move || r.borrow().connected
-            }),
+            levels,
         };
         std::thread::Builder::new()
             .name("psm-control-link".into())
@@ -291,7 +310,15 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         Duration::from_secs(1),
     )));
 
-    for i in 0..cfg.workers {
+    let allowed_cpus = worker::allowed_cpus();
+    if cfg.pin_workers && cfg.workers > allowed_cpus.len() && !allowed_cpus.is_empty() {
+        warn!(
+            workers = cfg.workers,
+            cpus = allowed_cpus.len(),
+            "more workers than cpus: some cpus run two workers"
+        );
+    }
+    for (i, worker_recorder) in worker_recorders.into_iter().enumerate() {
         let listener = worker::bind(cfg.listen).map_err(|source| RelayError::Bind {
             addr: cfg.listen,
             source,
@@ -310,14 +337,14 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             worker: i,
             policy: store.clone(),
             audit: audit.clone(),
-            recorder: recorder.worker(),
+            recorder: worker_recorder,
             server_config: server_config.clone(),
             shutdown: shutdown_rx.clone(),
             live: live.clone(),
             sessions: live_sessions.clone(),
             limits: limits.clone(),
             startups: startups.clone(),
-            counters: counters.clone(),
+            counters: counters.0[i].clone(),
             preauth_log: preauth_log.clone(),
             user_slots: user_slots.clone(),
             mfa: mfa.clone(),
@@ -325,9 +352,23 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             throttle: throttle.clone(),
         });
         let io = cfg.io;
+        let cpus = if cfg.pin_workers {
+            allowed_cpus.clone()
+        } else {
+            Vec::new()
+        };
         std::thread::Builder::new()
             .name(format!("psm-worker-{i}"))
             .spawn(move || {
+                if !cpus.is_empty() {
+                    match worker::pin_current_thread(i, &cpus) {
+                        Some(cpu) => info!(worker = i, cpu, "worker pinned"),
+                        None => warn!(
+                            worker = i,
+                            "could not pin the worker to a cpu; it runs unpinned"
+                        ),
+                    }
+                }
                 if let Err(e) = worker::run_worker(i, listener, rdp_listener, ctx, io) {
                     error!(worker = i, error = %e, "worker stopped");
                     std::process::exit(1);

@@ -39,6 +39,13 @@ struct Args {
     /// Worker runtime back end.
     #[arg(long, value_enum, default_value = "auto")]
     io: psm_relay::IoBackend,
+    /// Pin each worker thread to one CPU (round robin over the CPUs the process may use).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pin_workers: bool,
+    /// Serve the relay's counters in the Prometheus text format on this address (e.g.
+    /// 127.0.0.1:9464); off by default.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds a client has to authenticate, handshake included.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     login_grace_secs: u64,
@@ -68,6 +75,10 @@ struct Args {
     /// Milliseconds the oldest unconfirmed byte may wait before the session stops reading.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     durable_window_ms: u64,
+    /// Seconds a session may stay stopped on a full durable window (psm-recorder confirming
+    /// nothing) before its recording counts as failed and the session ends.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    recorder_stall_secs: u64,
 }
 
 /// `--rdp-listen`: an address, or `off`.
@@ -122,6 +133,8 @@ fn main() -> anyhow::Result<()> {
         workers,
         relay_id: args.relay_id.unwrap_or_else(default_relay_id),
         io: args.io,
+        pin_workers: args.pin_workers,
+        metrics_listen: args.metrics_listen,
         limits: psm_relay::Limits {
             login_grace: Duration::from_secs(args.login_grace_secs),
             max_startups: args.max_startups,
@@ -135,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             durable_window: psm_relay::recording::Window {
                 bytes: args.durable_window_bytes,
                 time: Duration::from_millis(args.durable_window_ms),
+                stall: Duration::from_secs(args.recorder_stall_secs),
             },
         },
     };

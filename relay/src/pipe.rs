@@ -2,7 +2,6 @@
 //! by queues whose memory [`Flow`] bounds. They record what passes ([`RecordingStream`]) and
 //! count it ([`SessionBytes`](crate::control_link::SessionBytes)); the target reader also tells how the target leg ended.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,10 +104,7 @@ pub(crate) async fn record_down(rec: Option<&RecordingStream>, ch: u32, item: &I
 pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
     match item {
         Item::Data(_) | Item::Ext(..) => {
-            shared
-                .bytes
-                .down
-                .fetch_add(item.len() as u64, Ordering::Relaxed);
+            shared.bytes.output(item.len());
             flow.count_down(item.len());
         }
         Item::ExitStatus(s) => shared.with(|st| st.exit_status = Some(*s)),

@@ -83,16 +83,31 @@ pub struct Window {
     pub bytes: u64,
     /// Age of the oldest unconfirmed byte at which the session stops reading.
     pub time: Duration,
+    /// How long a session may stay stopped (psm-recorder confirming nothing that would let it
+    /// go on) before its recording counts as failed and the session ends.
+    pub stall: Duration,
 }
 
 impl Default for Window {
-    /// 1 MiB or 1 s, whichever is reached first.
+    /// 1 MiB or 1 s, whichever is reached first; 30 s stopped at most.
     fn default() -> Self {
         Window {
             bytes: 1 << 20,
             time: Duration::from_secs(1),
+            stall: Duration::from_secs(30),
         }
     }
+}
+
+/// A worker's recording figures, for the metrics endpoint.
+#[derive(Default)]
+pub struct RecordStats {
+    /// Times a session stopped reading because its durable window was full.
+    pub pauses: AtomicU64,
+    /// Sessions stopped now.
+    pub paused_now: AtomicU64,
+    /// Recordings failed because psm-recorder confirmed nothing for the stall limit.
+    pub stalls: AtomicU64,
 }
 
 /// Marks closer together than this share one entry (a flood of tiny packets stays bounded).
@@ -162,6 +177,15 @@ impl Durable {
 
     fn unconfirmed(&self) -> u64 {
         self.with(|s| s.sent - s.acked)
+    }
+}
+
+/// Counts a paused session down again however its wait ends.
+struct Resume<'a>(&'a AtomicU64);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -246,6 +270,7 @@ pub struct RecorderLink {
 pub struct WorkerRecorder {
     queue: Arc<ArrayQueue<Frame>>,
     shared: Arc<LinkShared>,
+    stats: Arc<RecordStats>,
 }
 
 impl RecorderLink {
@@ -288,11 +313,22 @@ impl RecorderLink {
         WorkerRecorder {
             queue,
             shared: self.shared.clone(),
+            stats: Arc::new(RecordStats::default()),
         }
     }
 }
 
 impl WorkerRecorder {
+    /// This worker's pauses and stalls.
+    pub fn stats(&self) -> &Arc<RecordStats> {
+        &self.stats
+    }
+
+    /// Frames waiting in this worker's queue for the link thread.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
     /// The link state now.
     pub fn state(&self) -> LinkState {
         *self.shared.state_tx.borrow()
@@ -441,6 +477,11 @@ impl RecordingStream {
         if self.durable.try_admit(len, window, Instant::now()).is_ok() {
             return;
         }
+        let stats = &self.rec.stats;
+        stats.pauses.fetch_add(1, Ordering::Relaxed);
+        stats.paused_now.fetch_add(1, Ordering::Relaxed);
+        let _resume = Resume(&stats.paused_now);
+        let give_up = tokio::time::Instant::now() + window.stall;
         loop {
             // registered before the second look, so an ack in between is not missed
             let moved = self.durable.moved.notified();
@@ -455,9 +496,23 @@ impl RecordingStream {
                 self.durable.with(|s| s.sent += len);
                 return;
             }
+            if tokio::time::Instant::now() >= give_up {
+                stats.stalls.fetch_add(1, Ordering::Relaxed);
+                self.rec.shared.report(
+                    self.stream,
+                    StreamStatus::Failed(format!(
+                        "psm-recorder confirmed nothing for {} s while the session waited \
+                         (stalled recorder)",
+                        window.stall.as_secs_f64()
+                    )),
+                );
+                self.durable.with(|s| s.sent += len);
+                return;
+            }
             tokio::select! {
                 _ = &mut moved => {}
                 _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(give_up) => {}
             }
         }
     }
@@ -677,6 +732,7 @@ mod tests {
         let w = Window {
             bytes: 1000,
             time: Duration::from_secs(1),
+            stall: Duration::from_secs(30),
         };
         let d = Durable::default();
         let t0 = Instant::now();
@@ -708,6 +764,7 @@ mod tests {
         let w = Window {
             bytes: 1 << 20,
             time: Duration::from_secs(1),
+            stall: Duration::from_secs(30),
         };
         let d = Durable::default();
         let t0 = Instant::now();

@@ -34,6 +34,34 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// The CPUs this process may run on (its affinity mask, which cgroups and `taskset` narrow), in
+/// order; empty when the mask cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    match sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pins the calling thread (worker `index`) to one of `cpus`, round robin, so that a worker's
+/// sessions keep their caches; returns the CPU, or `None` when pinning failed.
+pub fn pin_current_thread(index: usize, cpus: &[usize]) -> Option<usize> {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    if cpus.is_empty() {
+        return None;
+    }
+    let cpu = cpus[index % cpus.len()];
+    let mut set = CpuSet::new();
+    set.set(cpu).ok()?;
+    sched_setaffinity(Pid::from_raw(0), &set).ok()?;
+    Some(cpu)
+}
+
 /// The RDP listener of a worker, with the certificate it serves.
 pub struct RdpListener {
     /// This worker's `SO_REUSEPORT` socket.

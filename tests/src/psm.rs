@@ -208,6 +208,14 @@ impl Psm {
         self.kill_daemon("psm-recorder");
     }
 
+    /// Sends `signal` to psm-recorder (separate mode only): SIGSTOP stalls it, SIGCONT resumes.
+    pub fn signal_recorder(&self, signal: Signal) {
+        assert_eq!(self.mode, PsmMode::Separate, "needs PsmMode::Separate");
+        for d in self.daemons.iter().filter(|d| d.name == "psm-recorder") {
+            let _ = nix::sys::signal::kill(Pid::from_raw(d.child.id() as i32), signal);
+        }
+    }
+
     /// Starts psm-control (separate mode only) and waits (10 s at most) for control.sock.
     pub fn start_control(&mut self) {
         self.start_daemon("psm-control", "control.sock");

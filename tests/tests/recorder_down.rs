@@ -201,3 +201,92 @@ fn a_recorder_killed_mid_stream_leaves_every_byte_the_user_saw_accounted_for() {
         "the session went on after its recorder died ({user_got} of about 6.9 MB)"
     );
 }
+
+/// A psm-recorder that stops answering (SIGSTOP, not dead: its socket stays open) pauses its
+/// sessions instead of letting the relay buffer: the user stops getting data within the
+/// durable window, the relay's counters show the pause, and once the stall limit has passed the
+/// session ends, blamed on the recorder.
+#[test]
+fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
+    let metrics = free_port();
+    let opts = PsmOpts {
+        relay_args: vec![
+            "--recorder-stall-secs".into(),
+            "4".into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics}"),
+        ],
+        ..PsmOpts::default()
+    };
+    let w = World::build_opts(PsmMode::Separate, Sshd::start(), opts);
+    let addr = format!("127.0.0.1:{metrics}").parse().expect("addr");
+    let gauge = |name: &str| -> f64 {
+        psm_metrics::parse(&psm_metrics::fetch(addr, Duration::from_secs(5)).unwrap_or_default())
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value)
+            .sum()
+    };
+    let mark = w.psm.audit_mark();
+    let mut child = w
+        .ssh()
+        .arg("yes psm-stalled-recorder-line | head -c 500000000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let received = Arc::new(AtomicU64::new(0));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let counter = received.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            counter.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    });
+    assert!(
+        wait_for(Duration::from_secs(20), || received.load(Ordering::SeqCst)
+            >= 1 << 20),
+        "the stream did not start"
+    );
+    w.psm.signal_recorder(Signal::SIGSTOP);
+    let stopped_at = std::time::Instant::now();
+    // paused: the counters say so, and the user gets at most about one window more
+    assert!(
+        wait_for(Duration::from_secs(3), || gauge(
+            "psm_relay_recording_paused"
+        ) >= 1.0),
+        "no paused session in the counters"
+    );
+    assert!(gauge("psm_relay_recording_pauses_total") >= 1.0);
+    let at_pause = received.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = received.load(Ordering::SeqCst);
+    assert!(
+        later - at_pause <= (1 << 20) + (256 << 10),
+        "{} bytes reached the user while the recorder was stalled",
+        later - at_pause
+    );
+    // then the stall limit ends the session, blamed on the recorder
+    let status = wait_child(&mut child, Duration::from_secs(20)).expect("ssh ends");
+    let took = stopped_at.elapsed();
+    w.psm.signal_recorder(Signal::SIGCONT);
+    let _ = reader.join();
+    assert!(!status.success(), "the session must end with its recording");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(15),
+        "ended {took:?} after the stall (limit 4 s)"
+    );
+    let end = w.psm.wait_audit_after(
+        mark,
+        "session_end of the stalled session",
+        Duration::from_secs(10),
+        |e| jstr(e, "event") == "session_end" && jstr(e, "side") == "recorder",
+    );
+    assert!(jstr(&end, "reason").contains("stalled recorder"), "{end}");
+    assert!(gauge("psm_relay_recording_stalls_total") >= 1.0);
+    assert_eq!(gauge("psm_relay_recording_paused"), 0.0);
+}

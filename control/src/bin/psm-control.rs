@@ -7,6 +7,9 @@ use clap::Parser;
 use psm_control::daemon::{Options, DEFAULT_MIN_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH_RANGE};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The psm policy daemon: serves relays on policy.sock and psmctl on control.sock.
 #[derive(Debug, Parser)]
 #[command(name = "psm-control", version)]

@@ -147,9 +147,7 @@ impl Running<'_> {
                     .await
                     .map_err(|e| EndReason::TargetClosed(e.to_string()))?,
                 Out::ToClient(b) => {
-                    self.bytes
-                        .down
-                        .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.bytes.output(b.len());
                     client
                         .write_all(&b)
                         .await
@@ -238,7 +236,7 @@ impl Running<'_> {
                 r = client.io.read(&mut cbuf) => match r {
                     Ok(0) => return EndReason::ClientClosed,
                     Ok(n) => {
-                        self.bytes.up.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        self.bytes.received(n);
                         client.buf.extend_from_slice(&cbuf[..n]);
                         (from_client, from_target) = (true, false);
                     }
@@ -313,7 +311,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         user_permit,
     } = a;
     let (mut target, target_protocol) = (leg.io, leg.protocol);
-    let bytes = Arc::new(SessionBytes::default());
+    let bytes = Arc::new(SessionBytes::new(ctx.counters.clone()));
     bytes
         .last_input_ms
         .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -504,6 +502,7 @@ async fn finish(
     reason: EndReason,
 ) {
     ctx.sessions.remove(&a.session_id);
+    Counters::bump(&ctx.counters.sessions_ended);
     let end_ms = now_ms().max(a.start_ms);
     let mut unconfirmed = None;
     if let Some(rec) = recording {

@@ -29,7 +29,7 @@ pub async fn handle_connection(
         session_id,
         peer,
         start_ms: now_ms(),
-        bytes: Arc::new(SessionBytes::default()),
+        bytes: Arc::new(SessionBytes::new(ctx.counters.clone())),
         authenticated: AtomicBool::new(false),
         recording_lost: Notify::new(),
         violation: Notify::new(),
@@ -282,6 +282,7 @@ pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndR
     }
     let Some(info) = info else { return };
     ctx.sessions.remove(&shared.session_id);
+    Counters::bump(&ctx.counters.sessions_ended);
     let end_ms = now_ms().max(shared.start_ms);
     let reason = reason.or(end).unwrap_or(EndReason::ClientClosed);
     // psm-recorder finishes the recording (its last chunk flushed, the trailer written) and

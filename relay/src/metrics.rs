@@ -1,0 +1,171 @@
+//! The relay's counters in the Prometheus text format, per worker (`[relay] metrics_listen`,
+//! off by default): what `psm-perf stats` shows and a scraper collects.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use psm_metrics::{Family, Kind};
+
+use crate::control_link::{Counters, WorkerCounters};
+use crate::recording::WorkerRecorder;
+
+/// Gauges that are not per worker.
+pub struct Levels {
+    /// Unauthenticated connections held now.
+    pub unauthenticated: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// Whether psm-recorder is connected.
+    pub recorder_connected: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+type Field = fn(&Counters) -> &AtomicU64;
+
+const PER_WORKER: [(&str, &str, Field); 8] = [
+    (
+        "psm_relay_connections_total",
+        "Connections accepted (SSH and RDP).",
+        |c| &c.connections,
+    ),
+    (
+        "psm_relay_startups_refused_total",
+        "Connections refused before their handshake (max_startups).",
+        |c| &c.startups_refused,
+    ),
+    (
+        "psm_relay_preauth_failures_total",
+        "Connections that failed before authenticating.",
+        |c| &c.preauth_failures,
+    ),
+    (
+        "psm_relay_auth_failures_total",
+        "Failed authentication attempts.",
+        |c| &c.auth_failures,
+    ),
+    (
+        "psm_relay_sessions_started_total",
+        "Sessions started.",
+        |c| &c.sessions_started,
+    ),
+    ("psm_relay_sessions_ended_total", "Sessions ended.", |c| {
+        &c.sessions_ended
+    }),
+    (
+        "psm_relay_bytes_up_total",
+        "Session bytes from users toward targets.",
+        |c| &c.bytes_up,
+    ),
+    (
+        "psm_relay_bytes_down_total",
+        "Session bytes from targets toward users.",
+        |c| &c.bytes_down,
+    ),
+];
+
+/// Every family, as of now.
+pub fn families(
+    workers: &WorkerCounters,
+    recorders: &[WorkerRecorder],
+    levels: &Levels,
+) -> Vec<Family> {
+    let mut out = Vec::new();
+    for (name, help, field) in PER_WORKER {
+        let mut f = Family::new(name, Kind::Counter, help);
+        for (i, c) in workers.0.iter().enumerate() {
+            f = f.sample(
+                vec![("worker", i.to_string())],
+                field(c).load(Ordering::Relaxed) as f64,
+            );
+        }
+        out.push(f);
+    }
+    let mut live = Family::new(
+        "psm_relay_sessions_live",
+        Kind::Gauge,
+        "Sessions running now.",
+    );
+    for (i, c) in workers.0.iter().enumerate() {
+        let started = c.sessions_started.load(Ordering::Relaxed);
+        let ended = c.sessions_ended.load(Ordering::Relaxed);
+        live = live.sample(
+            vec![("worker", i.to_string())],
+            started.saturating_sub(ended) as f64,
+        );
+    }
+    out.push(live);
+    let per_recorder = |name, kind, help, f: &dyn Fn(&WorkerRecorder) -> u64| {
+        let mut fam = Family::new(name, kind, help);
+        for (i, r) in recorders.iter().enumerate() {
+            fam = fam.sample(vec![("worker", i.to_string())], f(r) as f64);
+        }
+        fam
+    };
+    out.push(per_recorder(
+        "psm_relay_recording_queue_depth",
+        Kind::Gauge,
+        "Recording frames in the worker's queue to the recorder link.",
+        &|r| r.queue_depth() as u64,
+    ));
+    out.push(per_recorder(
+        "psm_relay_recording_pauses_total",
+        Kind::Counter,
+        "Times a session stopped reading on a full durable window (backpressure).",
+        &|r| r.stats().pauses.load(Ordering::Relaxed),
+    ));
+    out.push(per_recorder(
+        "psm_relay_recording_paused",
+        Kind::Gauge,
+        "Sessions stopped on a full durable window now.",
+        &|r| r.stats().paused_now.load(Ordering::Relaxed),
+    ));
+    out.push(per_recorder(
+        "psm_relay_recording_stalls_total",
+        Kind::Counter,
+        "Recordings failed because psm-recorder confirmed nothing for the stall limit.",
+        &|r| r.stats().stalls.load(Ordering::Relaxed),
+    ));
+    out.push(
+        Family::new(
+            "psm_relay_unauthenticated",
+            Kind::Gauge,
+            "Connections not yet authenticated.",
+        )
+        .sample(vec![], (levels.unauthenticated)() as f64),
+    );
+    out.push(
+        Family::new(
+            "psm_relay_recorder_connected",
+            Kind::Gauge,
+            "1 while psm-recorder is connected.",
+        )
+        .sample(vec![], f64::from(u8::from((levels.recorder_connected)()))),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_has_its_own_samples() {
+        let w = WorkerCounters::new(2);
+        Counters::bump(&w.0[1].sessions_started);
+        Counters::bump(&w.0[1].sessions_started);
+        Counters::bump(&w.0[1].sessions_ended);
+        w.0[0].bytes_up.fetch_add(10, Ordering::Relaxed);
+        let levels = Levels {
+            unauthenticated: Box::new(|| 3),
+            recorder_connected: Box::new(|| true),
+        };
+        let text = psm_metrics::render(&families(&w, &[], &levels));
+        let s = psm_metrics::parse(&text);
+        let get = |name: &str, worker: Option<&str>| {
+            s.iter()
+                .find(|x| x.name == name && x.label("worker") == worker)
+                .map(|x| x.value)
+        };
+        assert_eq!(get("psm_relay_sessions_live", Some("1")), Some(1.0));
+        assert_eq!(get("psm_relay_sessions_live", Some("0")), Some(0.0));
+        assert_eq!(get("psm_relay_bytes_up_total", Some("0")), Some(10.0));
+        assert_eq!(get("psm_relay_unauthenticated", None), Some(3.0));
+        assert_eq!(get("psm_relay_recorder_connected", None), Some(1.0));
+    }
+}
