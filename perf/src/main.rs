@@ -5,6 +5,7 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod record_bench;
 mod search_bench;
 mod stats;
 
@@ -36,6 +37,13 @@ enum Command {
         /// Print one table (rates over one interval) and exit.
         #[arg(long)]
         once: bool,
+    },
+    /// What recording costs per GiB (random and terminal-like data), the recorder's adaptive
+    /// zstd level beside a fixed one (perf/BENCHMARKS.md).
+    RecordBench {
+        /// MiB written per line of the table.
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
     },
     /// Write N synthetic shell recordings into DIR (which must not exist), index them as
     /// psm-recorder does, and time searches over them (perf/BENCHMARKS.md).
@@ -70,6 +78,13 @@ fn main() -> anyhow::Result<()> {
                 "--interval must be between 0.1 and 3600 seconds"
             );
             stats::run(addr, std::time::Duration::from_secs_f64(interval), once)?
+        }
+        Command::RecordBench { mib } => {
+            anyhow::ensure!(
+                (16..=65536).contains(&mib),
+                "--mib must be between 16 and 65536"
+            );
+            record_bench::run(mib)
         }
         Command::Check { json } => {
             let checks = psm_perf::run_checks(&psm_perf::RealHost);

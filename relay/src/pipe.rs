@@ -92,12 +92,14 @@ pub(crate) fn down_item(m: ChannelMsg) -> Option<Item> {
     })
 }
 
-pub(crate) async fn record_down(rec: Option<&RecordingStream>, ch: u32, item: &Item) {
-    let Some(rec) = rec else { return };
+/// Records what goes to the user; `false` when the recording is lost and it must not go.
+#[must_use = "bytes whose recording failed must not be relayed"]
+pub(crate) async fn record_down(rec: Option<&RecordingStream>, ch: u32, item: &Item) -> bool {
+    let Some(rec) = rec else { return true };
     match item {
         Item::Data(d) => rec.data(ch, Direction::Output, d.clone()).await,
         Item::Ext(_, d) => rec.data(ch, Direction::Error, d.clone()).await,
-        _ => {}
+        _ => true,
     }
 }
 
@@ -148,7 +150,9 @@ async fn send_up(
         return true;
     }
     if let Some(rec) = rec {
-        rec.data(ch, Direction::Input, data.clone()).await;
+        if !rec.data(ch, Direction::Input, data.clone()).await {
+            return false;
+        }
     }
     flow.up_queued(data.len());
     flow.count_up(data.len());
@@ -170,9 +174,10 @@ async fn tell_user(
     } else {
         Item::Data(data)
     };
-    record_down(rec, ch, &item).await;
-    flow.down_queued(item.cost());
-    let _ = down.send(item);
+    if record_down(rec, ch, &item).await {
+        flow.down_queued(item.cost());
+        let _ = down.send(item);
+    }
 }
 
 /// User input on a shell under command control: forwards what is not a submitted line at
@@ -337,7 +342,9 @@ pub(crate) async fn read_client(
                     continue;
                 }
                 if let Some(rec) = &rec {
-                    rec.data(ch, Direction::Input, data.clone()).await;
+                    if !rec.data(ch, Direction::Input, data.clone()).await {
+                        return;
+                    }
                 }
                 flow.up_queued(data.len());
                 flow.count_up(data.len());
@@ -476,7 +483,10 @@ pub(crate) async fn read_target(
         if let Some(t) = &tap {
             t.down(&shared, &item);
         }
-        record_down(rec.as_ref(), ch, &item).await;
+        if !record_down(rec.as_ref(), ch, &item).await {
+            // the recording is lost: nothing more reaches the user, the session is ending
+            return;
+        }
         account_down(&shared, &flow, &item);
         let close = matches!(item, Item::Close);
         if tx.send(item).is_err() || close {

@@ -457,10 +457,14 @@ impl RecordingStream {
 
     /// Records bytes seen on a channel; called before they are relayed. Waits while the
     /// session's durable window is full (psm-recorder has not confirmed enough of what was
-    /// relayed), so the caller stops relaying until it has; returns at once when the recording
-    /// is lost (the session is ending, and what it still relays counts as unconfirmed).
-    pub async fn data(&self, channel: u32, direction: Direction, data: Bytes) {
-        self.admit(data.len() as u64).await;
+    /// relayed), so the caller stops relaying until it has. Returns whether the bytes may be
+    /// relayed: `false` once the recording is lost (stalled, failed or its link gone), and
+    /// then the caller drops them and stops relaying; the session is ending.
+    #[must_use = "bytes whose recording failed must not be relayed"]
+    pub async fn data(&self, channel: u32, direction: Direction, data: Bytes) -> bool {
+        if !self.admit(data.len() as u64).await {
+            return false;
+        }
         let f = Frame::Data {
             stream: self.stream,
             ts_us: self.ts(),
@@ -469,13 +473,17 @@ impl RecordingStream {
             data,
         };
         self.rec.push(f).await;
+        true
     }
 
-    async fn admit(&self, len: u64) {
+    /// Takes `len` bytes into the durable window, waiting while it is full; `false` when the
+    /// recording is lost (or stalls past the limit) instead.
+    async fn admit(&self, len: u64) -> bool {
         let window = self.rec.shared.window;
         // the common case: room in the window, one short lock and nothing else
+        // (a lost recording is noticed once the window is full: at most one window more)
         if self.durable.try_admit(len, window, Instant::now()).is_ok() {
-            return;
+            return true;
         }
         let stats = &self.rec.stats;
         stats.pauses.fetch_add(1, Ordering::Relaxed);
@@ -488,13 +496,12 @@ impl RecordingStream {
             tokio::pin!(moved);
             moved.as_mut().enable();
             let wait = match self.durable.try_admit(len, window, Instant::now()) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(wait) => wait,
             };
             if self.status.borrow().is_lost() {
-                // no confirmation will come: count it and let the session end
-                self.durable.with(|s| s.sent += len);
-                return;
+                // no confirmation will come: the session ends without relaying these
+                return false;
             }
             if tokio::time::Instant::now() >= give_up {
                 stats.stalls.fetch_add(1, Ordering::Relaxed);
@@ -506,8 +513,7 @@ impl RecordingStream {
                         window.stall.as_secs_f64()
                     )),
                 );
-                self.durable.with(|s| s.sent += len);
-                return;
+                return false;
             }
             tokio::select! {
                 _ = &mut moved => {}
@@ -851,8 +857,10 @@ mod tests {
                 .await
                 .expect("the recorder confirmed the stream");
             assert_eq!(*s.status().borrow(), StreamStatus::Open);
-            s.data(0, Direction::Output, Bytes::from_static(b"hello"))
-                .await;
+            assert!(
+                s.data(0, Direction::Output, Bytes::from_static(b"hello"))
+                    .await
+            );
             s.close(CloseSummary::default()).await;
             s.status()
         });

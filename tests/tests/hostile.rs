@@ -657,3 +657,107 @@ fn one_user_cannot_hold_more_than_max_connections_per_user() {
     w.wait_session_works(&alice_login(), T);
     w.assert_all_sessions_ended();
 }
+
+/// Two channels on one connection: a channel whose reader stops (the user's client does not
+/// read its output, so its window closes) does not stall the other; once read again it
+/// delivers every byte.
+#[test]
+fn a_stalled_channel_does_not_stall_another_on_the_same_connection() {
+    let w = World::new();
+    let sock = w.psm.work_dir().join("stall.sock");
+    let mut master = w
+        .ssh()
+        .arg("-M")
+        .arg("-N")
+        .arg("-S")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh -M");
+    assert!(
+        wait_for(Duration::from_secs(15), || sock.exists()),
+        "the master is up"
+    );
+    const SIZE: u64 = 64 << 20;
+    // channel A: 64 MiB that nobody reads yet
+    let mut a = w.ssh();
+    a.arg("-S")
+        .arg(&sock)
+        .arg("-o")
+        .arg("ControlMaster=no")
+        .arg(format!("head -c {SIZE} /dev/zero"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut a = a.spawn().expect("ssh A");
+    // A fills every buffer on its way (pipe, mux, windows) and stops: its session's byte
+    // count, as the relay reports it, flows and then stands still
+    let down = || {
+        w.sessions()
+            .iter()
+            .filter_map(|s| s["bytes_down"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    // (the relay reports every 2 s: unchanged over two reports is standing still)
+    let (mut last, mut since) = (0, Instant::now());
+    let stalled = wait_for(Duration::from_secs(30), || {
+        let now = down();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        now > (1 << 20) && since.elapsed() > Duration::from_millis(4500)
+    });
+    assert!(stalled, "channel A did not stall (bytes down {last})");
+    assert!(
+        last < SIZE,
+        "channel A finished without a reader ({last} bytes)"
+    );
+    // channel B: commands answer promptly while A is stalled
+    for i in 0..5 {
+        let t = Instant::now();
+        let mut b = w.ssh();
+        b.arg("-S").arg(&sock).arg("-o").arg("ControlMaster=no");
+        let out = run_cmd(
+            b.arg(format!("echo channel-b-{i}")),
+            None,
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.success() && out.stdout_str().contains(&format!("channel-b-{i}")),
+            "command {i} beside the stalled channel:\n{}",
+            out.describe()
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "command {i} took {:?} beside the stalled channel",
+            t.elapsed()
+        );
+    }
+    assert!(
+        matches!(a.try_wait(), Ok(None)),
+        "channel A should still be waiting for its reader"
+    );
+    // A, read now, delivers all of it
+    let mut got = 0u64;
+    let mut out = a.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match std::io::Read::read(&mut out, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                assert!(buf[..n].iter().all(|&b| b == 0), "bytes changed");
+                got += n as u64;
+            }
+        }
+    }
+    let st = wait_child(&mut a, Duration::from_secs(60)).expect("A ends");
+    assert!(st.success(), "A: {st:?}");
+    assert_eq!(got, SIZE);
+    let mut stop = w.ssh();
+    stop.arg("-S").arg(&sock).arg("-O").arg("exit");
+    let _ = run_ssh(&mut stop);
+    let _ = wait_child(&mut master, Duration::from_secs(10));
+}

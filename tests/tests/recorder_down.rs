@@ -262,14 +262,10 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
         "no paused session in the counters"
     );
     assert!(gauge("psm_relay_recording_pauses_total") >= 1.0);
-    let at_pause = received.load(Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(1500));
-    let later = received.load(Ordering::SeqCst);
-    assert!(
-        later - at_pause <= (1 << 20) + (256 << 10),
-        "{} bytes reached the user while the recorder was stalled",
-        later - at_pause
-    );
+    // what the relay hands on toward the user from here to the end (bytes already in sockets
+    // and SSH windows on the way still arrive) stays within the durable window
+    let relayed = || gauge("psm_relay_bytes_down_total");
+    let at_pause = relayed();
     // then the stall limit ends the session, blamed on the recorder
     let status = wait_child(&mut child, Duration::from_secs(20)).expect("ssh ends");
     let took = stopped_at.elapsed();
@@ -287,6 +283,11 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
         |e| jstr(e, "event") == "session_end" && jstr(e, "side") == "recorder",
     );
     assert!(jstr(&end, "reason").contains("stalled recorder"), "{end}");
+    let after = relayed() - at_pause;
+    assert!(
+        after <= f64::from((1 << 20) + (256 << 10)),
+        "{after} bytes relayed after the session paused"
+    );
     assert!(gauge("psm_relay_recording_stalls_total") >= 1.0);
     assert_eq!(gauge("psm_relay_recording_paused"), 0.0);
 }

@@ -120,8 +120,33 @@ pub const FORMAT_VERSION_ENCRYPTED: u8 = 2;
 /// Largest record body written or accepted.
 pub const MAX_RECORD: usize = 16 * 1024 * 1024;
 
-/// zstd level: fast enough for hundreds of MB/s of incompressible data on one core.
+/// zstd level for data that compresses (terminal text, most sessions).
 const ZSTD_LEVEL: i32 = 3;
+/// zstd level once a chunk barely compressed (a transfer of compressed or encrypted files):
+/// negative levels spend a fraction of the CPU and still emit raw blocks where nothing is won.
+const ZSTD_FAST_LEVEL: i32 = -7;
+/// Chunks smaller than this do not change the level (too little to judge).
+const ADAPT_MIN_BYTES: u64 = 16 * 1024;
+/// A chunk whose output is above this share of its input switches to the fast level …
+const ADAPT_POOR: f64 = 0.9;
+/// … and one below this share switches back.
+const ADAPT_GOOD: f64 = 0.75;
+
+/// The level for the next chunk, from how the last one compressed; readers need no change
+/// (every chunk is a zstd frame of its own, whatever its level).
+fn next_level(level: i32, plain: u64, packed: u64) -> i32 {
+    if plain < ADAPT_MIN_BYTES {
+        return level;
+    }
+    let ratio = packed as f64 / plain as f64;
+    if ratio > ADAPT_POOR {
+        ZSTD_FAST_LEVEL
+    } else if ratio < ADAPT_GOOD {
+        ZSTD_LEVEL
+    } else {
+        level
+    }
+}
 
 const KIND_HEADER: u8 = 0x01;
 const KIND_DATA: u8 = 0x02;
@@ -239,6 +264,11 @@ pub struct RecordingWriter<W: Write> {
     in_frame: bool,
     /// Uncompressed bytes written since the last flush.
     pending: u64,
+    /// The zstd level in use, whether it adapts, and the current frame's bytes in and out.
+    level: i32,
+    adaptive: bool,
+    frame_in: u64,
+    frame_out: u64,
     /// An earlier write failed half-way: the stream is unusable.
     poisoned: bool,
     /// The running hash of the current chunk (starts with the previous seal's hash).
@@ -437,6 +467,10 @@ impl<W: Write> RecordingWriter<W> {
             scratch: Vec::with_capacity(256),
             in_frame: false,
             pending: 0,
+            level: ZSTD_LEVEL,
+            adaptive: true,
+            frame_in: 0,
+            frame_out: 0,
             poisoned: false,
             hasher: chunk_hasher(&[0u8; HASH_LEN]),
             chain: [0u8; HASH_LEN],
@@ -617,6 +651,7 @@ impl<W: Write> RecordingWriter<W> {
             enc.plain += data.len();
         }
         self.pending += data.len() as u64;
+        self.frame_in += data.len() as u64;
         self.guard(|w| {
             let mut rest = data;
             while !rest.is_empty() {
@@ -638,6 +673,7 @@ impl<W: Write> RecordingWriter<W> {
         if self.out.is_empty() {
             return Ok(());
         }
+        self.frame_out += self.out.len() as u64;
         match &mut self.enc {
             Some(enc) => {
                 enc.frame.extend_from_slice(&self.out);
@@ -692,8 +728,28 @@ impl<W: Write> RecordingWriter<W> {
             }
             w.cctx.reinit()?;
             w.in_frame = false;
+            let level = if w.adaptive {
+                next_level(w.level, w.frame_in, w.frame_out)
+            } else {
+                w.level
+            };
+            (w.frame_in, w.frame_out) = (0, 0);
+            if level != w.level {
+                w.cctx.set_parameter(CParameter::CompressionLevel(level))?;
+                w.level = level;
+            }
             Ok(())
         })
+    }
+
+    /// The zstd level the next chunk is compressed with.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Keeps the default level for every chunk (the baseline of `psm-perf record-bench`).
+    pub fn fixed_level(&mut self) {
+        self.adaptive = false;
     }
 }
 
@@ -1112,6 +1168,61 @@ mod tests {
         assert_eq!(a.duration_ms, 0);
         assert!(a.size_bytes > MAGIC.len() as u64);
         assert!(found[1].summary.is_none());
+    }
+
+    #[test]
+    fn the_level_follows_what_the_data_does_and_every_chunk_reads_back() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut random = vec![0u8; 256 * 1024];
+        for b in random.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        let text = b"total 48\ndrwxr-xr-x  2 root root 4096 Dec  4 09:00 bin\n".repeat(4096);
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        assert_eq!(w.level(), ZSTD_LEVEL);
+        let mut recs = Vec::new();
+        let mut levels = Vec::new();
+        for (i, data) in [&random[..], &random[..], &text[..], &random[..]]
+            .into_iter()
+            .enumerate()
+        {
+            let r = Record::Data {
+                ts_us: i as u64,
+                channel: 0,
+                direction: Direction::Output,
+                data: Bytes::copy_from_slice(data),
+            };
+            w.write(&r).expect("write");
+            w.flush().expect("flush");
+            recs.push(r);
+            levels.push(w.level());
+        }
+        assert_eq!(
+            levels,
+            [
+                ZSTD_FAST_LEVEL,
+                ZSTD_FAST_LEVEL,
+                ZSTD_LEVEL,
+                ZSTD_FAST_LEVEL
+            ],
+            "fast after random chunks, back after text"
+        );
+        let bytes = w.finish().expect("finish");
+        // (no CLOSE record: the reader calls it truncated, every record is there)
+        let (got, _) = read_all(&bytes);
+        assert_eq!(got, recs);
+        assert_eq!(
+            next_level(ZSTD_LEVEL, 100, 100),
+            ZSTD_LEVEL,
+            "too small to judge"
+        );
+        assert_eq!(
+            next_level(ZSTD_FAST_LEVEL, 1 << 20, 800 << 10),
+            ZSTD_FAST_LEVEL
+        );
     }
 
     #[test]

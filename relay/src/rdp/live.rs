@@ -78,9 +78,22 @@ struct Running<'a> {
 }
 
 impl Running<'_> {
-    async fn record(&self, channel: u32, direction: Direction, data: Bytes) {
-        if let Some(rec) = &self.recording {
-            rec.data(channel, direction, data).await;
+    /// Records bytes; `Err` once the recording is lost (nothing more may be relayed).
+    async fn record(
+        &self,
+        channel: u32,
+        direction: Direction,
+        data: Bytes,
+    ) -> Result<(), EndReason> {
+        match &self.recording {
+            Some(rec) if !rec.data(channel, direction, data).await => {
+                let why = match &*rec.status().borrow() {
+                    StreamStatus::Failed(w) | StreamStatus::Refused(w) => w.clone(),
+                    _ => String::new(),
+                };
+                Err(EndReason::RecordingFailed(why))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -106,12 +119,13 @@ impl Running<'_> {
         if matches!(e, RdpEvent::Disconnect { by_client: false }) {
             self.target_ended = true;
         }
-        self.record(
-            RDP_EVENTS_CHANNEL,
-            Direction::Output,
-            Bytes::from(event_line(&e)),
-        )
-        .await;
+        let _ = self
+            .record(
+                RDP_EVENTS_CHANNEL,
+                Direction::Output,
+                Bytes::from(event_line(&e)),
+            )
+            .await;
     }
 
     /// Carries out the engine's steps: what is recorded first, then the bytes.
@@ -130,11 +144,11 @@ impl Running<'_> {
             match o {
                 Out::Record { direction, pdu } => {
                     self.record(RDP_PDU_CHANNEL, direction, Bytes::from(pdu))
-                        .await
+                        .await?
                 }
                 Out::Typed(text) => {
                     self.record(RDP_KEYS_CHANNEL, Direction::Input, Bytes::from(text))
-                        .await
+                        .await?
                 }
                 Out::Event(e) => self.event(e).await,
                 other => sends.push(other),
@@ -376,18 +390,19 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         bytes: bytes.clone(),
         target_ended: false,
     };
-    s.record(
-        RDP_EVENTS_CHANNEL,
-        Direction::Output,
-        Bytes::from(format!(
-            "connect {} {}@{} from {}\n",
-            escape(&a.user),
-            escape(&a.account.username),
-            escape(&a.target.name),
-            a.peer
-        )),
-    )
-    .await;
+    let _ = s
+        .record(
+            RDP_EVENTS_CHANNEL,
+            Direction::Output,
+            Bytes::from(format!(
+                "connect {} {}@{} from {}\n",
+                escape(&a.user),
+                escape(&a.account.username),
+                escape(&a.target.name),
+                a.peer
+            )),
+        )
+        .await;
     let mut link = ctx.recorder.subscribe();
     let mut shutdown = ctx.shutdown.clone();
     let (reason, polite) = {
@@ -442,12 +457,13 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         // the target sees the client go
         let notice = engine.end_notice(end_notice(&reason));
         if let Some(frame) = &notice {
-            s.record(
-                RDP_PDU_CHANNEL,
-                Direction::Output,
-                Bytes::from(frame.clone()),
-            )
-            .await;
+            let _ = s
+                .record(
+                    RDP_PDU_CHANNEL,
+                    Direction::Output,
+                    Bytes::from(frame.clone()),
+                )
+                .await;
         }
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
             if let Some(frame) = notice {
@@ -468,7 +484,8 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
     let recording = s.recording.take();
     if let Some(rec) = &recording {
         let line = format!("end {}\n", reason.code());
-        rec.data(RDP_EVENTS_CHANNEL, Direction::Output, Bytes::from(line))
+        let _ = rec
+            .data(RDP_EVENTS_CHANNEL, Direction::Output, Bytes::from(line))
             .await;
     }
     finish(ctx, &a, recording, &bytes, reason).await;

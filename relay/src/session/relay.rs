@@ -64,7 +64,9 @@ pub(super) async fn spawn(
             if let Some(t) = &tap {
                 t.down(shared, &item);
             }
-            record_down(rec.as_ref(), ch, &item).await;
+            if !record_down(rec.as_ref(), ch, &item).await {
+                continue;
+            }
             account_down(shared, &flow, &item);
             let _ = down_tx.send(item);
         }
@@ -78,8 +80,12 @@ pub(super) async fn spawn(
                     t.up(shared, &data);
                 }
                 if let Some(rec) = &rec {
-                    rec.data(ch, psm_recorder_format::Direction::Input, data.clone())
-                        .await;
+                    if !rec
+                        .data(ch, psm_recorder_format::Direction::Input, data.clone())
+                        .await
+                    {
+                        continue;
+                    }
                 }
                 flow.up_queued(data.len());
                 crate::pipe::Item::Data(data)
