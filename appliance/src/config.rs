@@ -141,6 +141,9 @@ pub struct RelayConfig {
     pub metrics_listen: Option<Spanned<String>>,
     /// Pin each relay worker to one CPU (default true).
     pub pin_workers: Option<Spanned<bool>>,
+    /// Worker runtime back end: `auto` (io_uring where the kernel allows it, else epoll),
+    /// `uring` (fail without it) or `epoll`.
+    pub io: Option<Spanned<String>>,
 }
 
 /// A config file as read from disk.
@@ -474,6 +477,19 @@ pub fn resolve(
                         ),
                     })?;
             relay_args.extend(["--metrics-listen".to_string(), addr.to_string()]);
+        }
+        if let Some(v) = &r.io {
+            let io = v.get_ref().trim();
+            if !matches!(io, "auto" | "uring" | "epoll") {
+                return Err(ConfigError::Invalid {
+                    origin: from_file(v.span()),
+                    message: format!(
+                        "io {:?} is not \"auto\", \"uring\" or \"epoll\"",
+                        v.get_ref()
+                    ),
+                });
+            }
+            relay_args.extend(["--io".to_string(), io.to_string()]);
         }
         if let Some(v) = &r.pin_workers {
             relay_args.extend(["--pin-workers".to_string(), v.get_ref().to_string()]);
@@ -1136,7 +1152,7 @@ mod tests {
     fn metrics_listen_and_pinning_reach_the_relay() {
         let s = resolve(
             Some(
-                &loaded("[relay]\nmetrics_listen = \"127.0.0.1:9464\"\npin_workers = false\n")
+                &loaded("[relay]\nmetrics_listen = \"127.0.0.1:9464\"\npin_workers = false\nio = \"epoll\"\n")
                     .expect("parse"),
             ),
             &Overrides::default(),
@@ -1157,6 +1173,17 @@ mod tests {
             "{:?}",
             s.relay_args
         );
+        assert!(
+            s.relay_args.windows(2).any(|w| w == ["--io", "epoll"]),
+            "{:?}",
+            s.relay_args
+        );
+        let e = err_text(resolve(
+            Some(&loaded("[relay]\nio = \"kqueue\"\n").expect("parse")),
+            &Overrides::default(),
+            2,
+        ));
+        assert!(e.contains("io \"kqueue\""), "{e}");
         let e = err_text(resolve(
             Some(&loaded("[relay]\nmetrics_listen = \"localhost\"\n").expect("parse")),
             &Overrides::default(),

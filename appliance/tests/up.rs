@@ -77,7 +77,7 @@ fn broken_config_exits_2_naming_file_and_place() {
     assert_eq!(
         err.trim_end(),
         format!(
-            "psm: config {}: line 3, column 1: unknown field `threads`, expected one of `listen`, `workers`, `login_grace_secs`, `max_startups`, `per_source_max_startups`, `target_keepalive_secs`, `target_keepalive_max`, `max_connections_per_user`, `max_connections`, `durable_window_bytes`, `durable_window_ms`, `recorder_stall_secs`, `rdp_listen`, `rdp_public_address`, `rdp_cert`, `rdp_key`, `metrics_listen`, `pin_workers`",
+            "psm: config {}: line 3, column 1: unknown field `threads`, expected one of `listen`, `workers`, `login_grace_secs`, `max_startups`, `per_source_max_startups`, `target_keepalive_secs`, `target_keepalive_max`, `max_connections_per_user`, `max_connections`, `durable_window_bytes`, `durable_window_ms`, `recorder_stall_secs`, `rdp_listen`, `rdp_public_address`, `rdp_cert`, `rdp_key`, `metrics_listen`, `pin_workers`, `io`",
             cfg.display()
         )
     );

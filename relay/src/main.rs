@@ -36,8 +36,8 @@ struct Args {
     /// Relay id used in audit events (default: `HOSTNAME:PID`).
     #[arg(long)]
     relay_id: Option<String>,
-    /// Worker runtime back end.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Worker runtime back end: io_uring where the kernel allows it (auto), or epoll.
+    #[arg(long, value_enum, default_value = "auto", env = "PSM_RELAY_IO")]
     io: psm_relay::IoBackend,
     /// Pin each worker thread to one CPU (round robin over the CPUs the process may use).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

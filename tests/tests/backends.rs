@@ -1,0 +1,85 @@
+//! The relay's two worker back ends: io_uring (the default where the kernel allows it) and the
+//! epoll fallback. Each runs sessions the same way: bytes intact both ways, exit codes, the
+//! recording. `PSM_RELAY_IO=epoll` runs any other test on the fallback (scripts/test.sh runs the
+//! streaming and RDP tests that way too).
+
+use std::time::Duration;
+
+use psm_tests::*;
+
+fn io_uring_allowed() -> bool {
+    let out = run_cmd(
+        std::process::Command::new(bin("psm-perf")).args(["check", "--json"]),
+        None,
+        Duration::from_secs(30),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["name"] == "io_uring" && c["status"] == "ok")
+}
+
+fn sessions_work_on(backend: &str, log_line: &str) {
+    let opts = PsmOpts {
+        relay_args: vec!["--io".into(), backend.into()],
+        ..PsmOpts::default()
+    };
+    let w = World::build_opts(PsmMode::Separate, Sshd::start(), opts);
+    let logs = w.psm.logs();
+    assert!(logs.contains(log_line), "{backend}: {logs}");
+    // 8 MiB up, its hash back down, and an exit status
+    let payload: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let out = run_cmd(
+        w.ssh().arg("sha256sum; exit 7"),
+        Some(&payload),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(7), "{backend}: {}", out.describe());
+    let want = local_sha256(&payload);
+    assert!(
+        out.stdout_str().starts_with(&want),
+        "{backend}: {}",
+        out.describe()
+    );
+    // 16 MiB down, counted
+    let out = run_cmd(
+        w.ssh().arg("head -c 16777216 /dev/zero"),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(out.success(), "{backend}: {}", out.describe());
+    assert_eq!(out.stdout.len(), 16 << 20, "{backend}");
+    w.assert_all_sessions_ended();
+}
+
+/// The SHA-256 of `data` in hex, as `sha256sum` prints it here.
+fn local_sha256(data: &[u8]) -> String {
+    let out = run_cmd(
+        &mut std::process::Command::new("sha256sum"),
+        Some(data),
+        Duration::from_secs(30),
+    );
+    out.stdout_str()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn sessions_work_on_the_epoll_fallback() {
+    sessions_work_on("epoll", "worker running on tokio (epoll)");
+}
+
+#[test]
+fn sessions_work_on_io_uring() {
+    assert!(
+        io_uring_allowed(),
+        "io_uring is not allowed on this machine (psm-perf check says why); the relay falls back to epoll, which sessions_work_on_the_epoll_fallback covers"
+    );
+    sessions_work_on("uring", "worker running on tokio-uring");
+}
