@@ -78,6 +78,9 @@ pub struct ControlConfig {
     pub audit_retention_max_age: Option<Spanned<String>>,
     /// When the closed audit segments take more bytes than this, the oldest are deleted.
     pub audit_retention_max_bytes: Option<Spanned<i64>>,
+    /// Serve psm-control's counters in the Prometheus text format on this `host:port` (off by
+    /// default).
+    pub metrics_listen: Option<Spanned<String>>,
 }
 
 /// The `[recorder]` table of `psm.toml`.
@@ -91,6 +94,9 @@ pub struct RecorderConfig {
     /// Put the text of encrypted recordings into the search index anyway, where it is in the
     /// clear (default false: encrypted recordings are not searchable).
     pub index_encrypted: Option<Spanned<bool>>,
+    /// Serve psm-recorder's counters in the Prometheus text format on this `host:port` (off
+    /// by default).
+    pub metrics_listen: Option<Spanned<String>>,
 }
 
 /// The `[relay]` table of `psm.toml`.
@@ -464,20 +470,7 @@ pub fn resolve(
             1..=3600,
             &mut relay_args,
         )?;
-        if let Some(v) = &r.metrics_listen {
-            let addr: SocketAddr =
-                v.get_ref()
-                    .trim()
-                    .parse()
-                    .map_err(|_| ConfigError::Invalid {
-                        origin: from_file(v.span()),
-                        message: format!(
-                            "metrics_listen {:?} is not an address and port (127.0.0.1:9464)",
-                            v.get_ref()
-                        ),
-                    })?;
-            relay_args.extend(["--metrics-listen".to_string(), addr.to_string()]);
-        }
+        metrics_arg(r.metrics_listen.as_ref(), &from_file, &mut relay_args)?;
         if let Some(v) = &r.io {
             let io = v.get_ref().trim();
             if !matches!(io, "auto" | "uring" | "epoll") {
@@ -496,6 +489,7 @@ pub fn resolve(
         }
     }
     if let Some(c) = file.map(|f| &f.config.control) {
+        metrics_arg(c.metrics_listen.as_ref(), &from_file, &mut control_args)?;
         ranged(
             "min-password-length",
             c.min_password_length.as_ref(),
@@ -692,6 +686,7 @@ fn recorder_args(
             path.display().to_string(),
         ]);
     }
+    metrics_arg(r.metrics_listen.as_ref(), &from_file, &mut args)?;
     if let Some(v) = r.index_encrypted.as_ref().filter(|v| *v.get_ref()) {
         if r.encryption_key_file.is_none() {
             return Err(ConfigError::Invalid {
@@ -702,6 +697,28 @@ fn recorder_args(
         args.push("--index-encrypted".to_string());
     }
     Ok(args)
+}
+
+/// A `metrics_listen` value checked (an address and port) and passed as `--metrics-listen`.
+fn metrics_arg(
+    v: Option<&Spanned<String>>,
+    from_file: &impl Fn(Range<usize>) -> String,
+    out: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let Some(v) = v else { return Ok(()) };
+    let addr: SocketAddr = v
+        .get_ref()
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::Invalid {
+            origin: from_file(v.span()),
+            message: format!(
+                "metrics_listen {:?} is not an address and port (127.0.0.1:9464)",
+                v.get_ref()
+            ),
+        })?;
+    out.extend(["--metrics-listen".to_string(), addr.to_string()]);
+    Ok(())
 }
 
 /// `[recorder] encryption_key_file` as a path: relative ones are taken from the directory of

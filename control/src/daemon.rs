@@ -92,6 +92,8 @@ pub struct Options {
     pub audit_rotation: crate::audit::Rotation,
     /// What retention keeps of the closed audit segments.
     pub audit_retention: crate::retention::Retention,
+    /// Where to serve psm-control's counters (Prometheus text); `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -106,6 +108,7 @@ impl Default for Options {
             retention_interval: Duration::from_secs(60),
             audit_rotation: Default::default(),
             audit_retention: Default::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -497,6 +500,40 @@ impl Shared {
 
     /// Answers one request from `actor`. Blocking (store, password hashing): run it on the
     /// blocking pool.
+    /// psm-control's counters as Prometheus families.
+    fn metrics(&self) -> Vec<psm_metrics::Family> {
+        use psm_metrics::{Family, Kind};
+        let version = self.snapshot.borrow().version;
+        let relays = lock(&self.relays).len();
+        let sessions = lock(&self.sessions)
+            .values()
+            .filter(|s| s.lost.is_none())
+            .count();
+        let written = lock(&self.audit).next_seq().saturating_sub(1);
+        vec![
+            Family::new(
+                "psm_control_policy_version",
+                Kind::Gauge,
+                "Version of the policy snapshot pushed to relays.",
+            )
+            .sample(vec![], version as f64),
+            Family::new("psm_control_relays", Kind::Gauge, "Relays connected.")
+                .sample(vec![], relays as f64),
+            Family::new(
+                "psm_control_sessions_live",
+                Kind::Gauge,
+                "Sessions the relays report running.",
+            )
+            .sample(vec![], sessions as f64),
+            Family::new(
+                "psm_control_audit_events_total",
+                Kind::Counter,
+                "Audit events written (the last sequence number).",
+            )
+            .sample(vec![], written as f64),
+        ]
+    }
+
     fn handle(&self, req: Request, actor: &Actor) -> Response {
         let req = match self.handle_governance(req, actor) {
             Ok(resp) => return resp,
@@ -1273,6 +1310,19 @@ pub async fn run_until_with<F: Future<Output = ()>>(
         options,
         siem,
     });
+    if let Some(addr) = shared.options.metrics_listen {
+        let weak = Arc::downgrade(&shared);
+        let bound = psm_metrics::serve(addr, move || {
+            weak.upgrade()
+                .map(|s| psm_metrics::render(&s.metrics()))
+                .unwrap_or_default()
+        })
+        .map_err(|source| ControlError::Socket {
+            path: PathBuf::from(addr.to_string()),
+            source,
+        })?;
+        info!(listen = %bound, "psm-control counters served (Prometheus text)");
+    }
     let weak = Arc::downgrade(&shared);
     shared.siem.forward_notices(move |kind| {
         if let Some(Err(e)) = weak.upgrade().map(|s| lock(&s.audit).append_control(kind)) {

@@ -42,7 +42,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -110,6 +110,13 @@ pub enum RecorderError {
     Evidence(#[from] psm_evidence::KeyError),
 }
 
+fn setup_err_addr(addr: std::net::SocketAddr) -> impl FnOnce(io::Error) -> RecorderError {
+    move |source| RecorderError::Setup {
+        path: PathBuf::from(format!("metrics address {addr}")),
+        source,
+    }
+}
+
 fn setup_err(path: &Path) -> impl FnOnce(io::Error) -> RecorderError + '_ {
     move |source| RecorderError::Setup {
         path: path.to_path_buf(),
@@ -125,6 +132,70 @@ pub struct Encryption {
     /// Whether the text of encrypted recordings goes into the search index anyway (where it
     /// is in the clear); by default it does not, and search does not find them.
     pub index_encrypted: bool,
+    /// Where to serve the recorder's counters (Prometheus text); `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// The recorder's counters, served in the Prometheus text format where `--metrics-listen`
+/// asks for it.
+#[derive(Default)]
+pub struct Stats {
+    /// Relay links connected now.
+    pub links: AtomicU64,
+    /// Recordings created.
+    pub opened: AtomicU64,
+    /// Recordings that could not be created.
+    pub refused: AtomicU64,
+    /// Recordings that stopped being written (write or flush failures).
+    pub failed: AtomicU64,
+    /// Recordings finished, failed or discarded (opened minus ended: open now).
+    pub ended: AtomicU64,
+    /// Session bytes recorded (DATA payloads, before compression).
+    pub bytes: AtomicU64,
+}
+
+impl Stats {
+    /// The counters as Prometheus families.
+    pub fn families(&self) -> Vec<psm_metrics::Family> {
+        use psm_metrics::{Family, Kind};
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let opened = self.opened.load(Ordering::Relaxed);
+        let ended = self.ended.load(Ordering::Relaxed);
+        vec![
+            Family::new("psm_recorder_links", Kind::Gauge, "Relay links connected.")
+                .sample(vec![], v(&self.links)),
+            Family::new(
+                "psm_recorder_recordings_open",
+                Kind::Gauge,
+                "Recordings being written.",
+            )
+            .sample(vec![], opened.saturating_sub(ended) as f64),
+            Family::new(
+                "psm_recorder_recordings_opened_total",
+                Kind::Counter,
+                "Recordings created.",
+            )
+            .sample(vec![], opened as f64),
+            Family::new(
+                "psm_recorder_recordings_refused_total",
+                Kind::Counter,
+                "Recordings that could not be created.",
+            )
+            .sample(vec![], v(&self.refused)),
+            Family::new(
+                "psm_recorder_recordings_failed_total",
+                Kind::Counter,
+                "Recordings that stopped being written.",
+            )
+            .sample(vec![], v(&self.failed)),
+            Family::new(
+                "psm_recorder_bytes_total",
+                Kind::Counter,
+                "Session bytes recorded, before compression.",
+            )
+            .sample(vec![], v(&self.bytes)),
+        ]
+    }
 }
 
 /// Runs the recorder on `data_dir` until SIGTERM or SIGINT, then finishes every open recording
@@ -171,9 +242,17 @@ pub async fn run_until_with(
     }
     let (key, created) = EvidenceKey::load_or_create(&data_dir)?;
     info!(public_key = %key.public(), key_id = %key.public().key_id(), created, "evidence key");
+    let stats = Arc::new(Stats::default());
+    if let Some(addr) = encryption.metrics_listen {
+        let st = stats.clone();
+        let bound = psm_metrics::serve(addr, move || psm_metrics::render(&st.families()))
+            .map_err(setup_err_addr(addr))?;
+        info!(listen = %bound, "recorder counters served (Prometheus text)");
+    }
     let keys = Arc::new(Keys {
         evidence: key,
         encryption,
+        stats,
     });
     let owner_uid = fs::metadata(&data_dir).map_err(setup_err(&data_dir))?.uid();
     let socket_path = data_dir.join(RECORDER_SOCKET);
@@ -453,10 +532,11 @@ struct Link {
 }
 
 /// The keys of the recorder: the evidence key signs trailers, the recording key (if any)
-/// encrypts recordings.
+/// encrypts recordings; and the counters every link adds to.
 struct Keys {
     evidence: EvidenceKey,
     encryption: Encryption,
+    stats: Arc<Stats>,
 }
 
 impl Link {
@@ -489,6 +569,8 @@ impl Link {
         let Some(Stream::Recording(r)) = self.streams.insert(stream, Stream::Dropped) else {
             return;
         };
+        self.keys.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
         let id = r.recording_id.clone();
         let ts_us = r.last_ts_us;
         let summary = CloseSummary {
@@ -508,7 +590,14 @@ impl Link {
 
     /// Reads and handles frames until the connection ends or the recorder stops, then closes
     /// every stream still open.
-    fn serve(mut self, mut stream: UnixStream, stop: &AtomicBool) {
+    fn serve(self, stream: UnixStream, stop: &AtomicBool) {
+        let stats = self.keys.stats.clone();
+        stats.links.fetch_add(1, Ordering::Relaxed);
+        self.serve_link(stream, stop);
+        stats.links.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn serve_link(mut self, mut stream: UnixStream, stop: &AtomicBool) {
         let mut buf = vec![0u8; RECV_BUFFER];
         let (mut start, mut end) = (0usize, 0usize);
         let mut next_sweep = Instant::now() + TICK;
@@ -658,11 +747,13 @@ impl Link {
                 );
                 self.streams
                     .insert(stream, Stream::Recording(Box::new(rec)));
+                self.keys.stats.opened.fetch_add(1, Ordering::Relaxed);
                 self.reply(Reply::Opened { stream });
             }
             Err(e) => {
                 error!(link = self.id, stream, recording_id = %meta.recording_id, error = %e, "cannot create recording");
                 self.streams.insert(stream, Stream::Dropped);
+                self.keys.stats.refused.fetch_add(1, Ordering::Relaxed);
                 self.reply(Reply::Refused {
                     stream,
                     reason: format!("cannot create recording {}: {e}", meta.recording_id),
@@ -716,6 +807,12 @@ impl Link {
         match self.streams.get_mut(&stream) {
             Some(Stream::Recording(r)) => match r.write(&rec) {
                 Ok(()) => {
+                    if let Record::Data { data, .. } = &rec {
+                        self.keys
+                            .stats
+                            .bytes
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
                     if let Some(bytes) = r.take_ack() {
                         self.reply(Reply::Durable { stream, bytes });
                     }
@@ -740,6 +837,7 @@ impl Link {
     fn close(&mut self, stream: u64, ts_us: u64, summary: CloseSummary) {
         match self.streams.remove(&stream) {
             Some(Stream::Recording(r)) => {
+                self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
                 let id = r.recording_id.clone();
                 let bytes = r.data_bytes;
                 match r.finish(ts_us, summary, &self.keys.evidence, true) {
@@ -762,6 +860,7 @@ impl Link {
     fn discard(&mut self, stream: u64) {
         match self.streams.remove(&stream) {
             Some(Stream::Recording(r)) => {
+                self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
                 let Recording {
                     writer,
                     recording_id,
@@ -839,6 +938,7 @@ impl Link {
         let end_ms = now_ms();
         for (stream, s) in self.streams.drain() {
             let Stream::Recording(r) = s else { continue };
+            self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
             let ts_us = r
                 .last_ts_us
                 .max(end_ms.saturating_sub(r.start_ms).saturating_mul(1000));

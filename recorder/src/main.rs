@@ -24,6 +24,10 @@ struct Args {
     /// Index the text of encrypted recordings for search anyway (the index is not encrypted).
     #[arg(long, requires = "encryption_key_file")]
     index_encrypted: bool,
+    /// Serve the recorder's counters in the Prometheus text format on this address; off by
+    /// default.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     let encryption = psm_recorder::Encryption {
         key,
         index_encrypted: args.index_encrypted,
+        metrics_listen: args.metrics_listen,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

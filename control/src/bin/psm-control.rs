@@ -42,6 +42,10 @@ struct Args {
     /// Events between two signed audit checkpoints (one is also written at shutdown).
     #[arg(long, value_name = "N", default_value_t = psm_control::audit::DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     audit_checkpoint_every: u64,
+    /// Serve psm-control's counters in the Prometheus text format on this address; off by
+    /// default.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// psm.toml: psm-control reads its `[[siem.sink]]` tables (the audit stream's receivers).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -111,6 +115,7 @@ fn main() -> anyhow::Result<()> {
         },
         mfa_required: args.mfa_required,
         audit_checkpoint_every: args.audit_checkpoint_every,
+        metrics_listen: args.metrics_listen,
         siem,
         retention: psm_control::retention::Retention {
             max_age_ms: args.retention_max_age,
