@@ -92,6 +92,31 @@ pub struct IndexLine {
     pub line: Line,
 }
 
+/// Records shorter than this are always split (keystrokes, prompts); longer ones are checked.
+const BINARY_MIN: usize = 256;
+
+/// Whether a record's bytes are not text: a NUL byte, or bytes that are not UTF-8 (a sequence
+/// cut at either end of the record does not count). Such records are not indexed. Terminal
+/// output in a legacy 8-bit encoding counts as binary too, and is not searchable.
+fn looks_binary(data: &[u8]) -> bool {
+    if data.len() < BINARY_MIN {
+        return false;
+    }
+    if data.contains(&0) {
+        return true;
+    }
+    let cut = data
+        .iter()
+        .take(3)
+        .take_while(|b| (**b & 0xC0) == 0x80)
+        .count();
+    match std::str::from_utf8(&data[cut..]) {
+        Ok(_) => false,
+        // `None`: only the end is an unfinished sequence
+        Err(e) => e.error_len().is_some(),
+    }
+}
+
 /// Turns one recording's DATA records into lines, with bounded memory: one [`LineSplitter`]
 /// per stream (at most [`MAX_STREAMS`]) and at most [`MAX_PENDING`] lines between batches.
 ///
@@ -141,6 +166,11 @@ impl Collector {
     }
 
     fn feed_stream(&mut self, ts_us: u64, channel: u32, direction: Direction, data: &[u8]) {
+        if looks_binary(data) {
+            // a file going through scp, sftp or `cat`: no line a person would search for, and
+            // splitting it would cost the recorder far more than writing it
+            return;
+        }
         let typed = direction == Direction::Input;
         let key = (channel, typed);
         if !self.streams.contains_key(&key) && self.streams.len() >= MAX_STREAMS {
@@ -729,6 +759,34 @@ mod tests {
         assert_eq!(r.search(&q("connected")).expect("search").len(), 1);
         assert_eq!(r.search(&q("net user")).expect("search").len(), 1);
         assert!(r.search(&q("pdu-bytes")).expect("search").is_empty());
+    }
+
+    #[test]
+    fn binary_records_are_not_split_into_lines() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut random = vec![0u8; 32 * 1024];
+        for b in random.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        let mut c = Collector::new();
+        c.feed(0, 0, Direction::Output, &random);
+        assert_eq!(c.pending(), 0, "random bytes give no lines");
+        let mut nul_text = b"text\n".repeat(100);
+        nul_text[7] = 0;
+        c.feed(1, 0, Direction::Output, &nul_text);
+        assert_eq!(c.pending(), 0, "a NUL makes a record binary");
+        // text, UTF-8 cut at both ends of the record, and escape sequences: still lines
+        let mut text = "é".as_bytes()[1..].to_vec();
+        text.extend("\x1b[1mbold\x1b[0m ünïcode line\n".repeat(20).as_bytes());
+        text.extend(&"é".as_bytes()[..1]);
+        assert!(text.len() >= BINARY_MIN);
+        c.feed(2, 0, Direction::Output, &text);
+        assert_eq!(c.pending(), 20);
+        assert!(!looks_binary(b"short \x00 records are always split"));
+        assert!(!c.partial);
     }
 
     #[test]
