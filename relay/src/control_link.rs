@@ -239,6 +239,27 @@ impl ApprovalRpc {
         }
     }
 
+    /// Waits on `watch` until request `id` is decided, or until `expires_ms` and 5 s more
+    /// have passed (psm-control expires requests itself, and may be gone); then stops watching
+    /// it. `None`: no decision came.
+    pub async fn decided(
+        &self,
+        id: u64,
+        mut watch: tokio::sync::watch::Receiver<Option<psm_control_api::ApprovalRequest>>,
+        expires_ms: u64,
+    ) -> Option<psm_control_api::ApprovalRequest> {
+        let wait = Duration::from_millis(expires_ms.saturating_sub(now_ms()) + 5_000);
+        let decided = tokio::time::timeout(
+            wait,
+            watch.wait_for(|r| r.as_ref().is_some_and(|r| r.state.is_final())),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|r| r.clone()));
+        self.unwatch(id);
+        decided
+    }
+
     fn reply(&self, corr: u64, reply: psm_control_api::ApprovalReply) {
         let tx = self.replies.lock().ok().and_then(|mut m| m.remove(&corr));
         if let Some(tx) = tx {

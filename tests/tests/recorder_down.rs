@@ -123,6 +123,23 @@ fn recorded_output(w: &World, recording_id: &str) -> u64 {
     out
 }
 
+/// Reads a child's stdout on a thread, counting the bytes.
+fn count_output(child: &mut std::process::Child) -> (Arc<AtomicU64>, std::thread::JoinHandle<()>) {
+    let received = Arc::new(AtomicU64::new(0));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let counter = received.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            counter.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    });
+    (received, reader)
+}
+
 #[test]
 fn a_recorder_killed_mid_stream_leaves_every_byte_the_user_saw_accounted_for() {
     let mut w = World::with_mode(PsmMode::Separate);
@@ -154,18 +171,7 @@ fn a_recorder_killed_mid_stream_leaves_every_byte_the_user_saw_accounted_for() {
         .stderr(Stdio::null())
         .spawn()
         .expect("ssh");
-    let received = Arc::new(AtomicU64::new(0));
-    let mut stdout = child.stdout.take().expect("stdout");
-    let counter = received.clone();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            counter.fetch_add(n as u64, Ordering::SeqCst);
-        }
-    });
+    let (received, reader) = count_output(&mut child);
     assert!(
         wait_for(Duration::from_secs(20), || received.load(Ordering::SeqCst)
             >= 256 * 1024),
@@ -235,18 +241,7 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
         .stderr(Stdio::null())
         .spawn()
         .expect("ssh");
-    let received = Arc::new(AtomicU64::new(0));
-    let mut stdout = child.stdout.take().expect("stdout");
-    let counter = received.clone();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            counter.fetch_add(n as u64, Ordering::SeqCst);
-        }
-    });
+    let (received, reader) = count_output(&mut child);
     assert!(
         wait_for(Duration::from_secs(20), || received.load(Ordering::SeqCst)
             >= 1 << 20),

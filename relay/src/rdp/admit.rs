@@ -275,20 +275,14 @@ impl Phase<'_> {
         };
         let id = request.id;
         info!(peer = %self.peer, request = id, protocol = "rdp", "waiting for approval");
-        let mut watch = self.ctx.approvals.watch(id);
+        let watch = self.ctx.approvals.watch(id);
         self.awaiting
             .store(true, std::sync::atomic::Ordering::Release);
-        // psm-control expires the request; a little longer here in case it is gone
-        let wait =
-            std::time::Duration::from_millis(request.expires_ms.saturating_sub(now_ms()) + 5_000);
-        let decided = tokio::time::timeout(
-            wait,
-            watch.wait_for(|r| r.as_ref().is_some_and(|r| r.state.is_final())),
-        )
-        .await
-        .ok()
-        .and_then(|r| r.ok().and_then(|r| r.clone()));
-        self.ctx.approvals.unwatch(id);
+        let decided = self
+            .ctx
+            .approvals
+            .decided(id, watch, request.expires_ms)
+            .await;
         self.awaiting
             .store(false, std::sync::atomic::Ordering::Release);
         match decided.map(|r| r.state) {

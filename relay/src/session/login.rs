@@ -338,20 +338,11 @@ impl Conn {
     /// Waits for the request's decision (the client shows "waiting for approval …").
     async fn await_approval(&mut self, login: &str, id: u64) -> Auth {
         use psm_control_api::ApprovalState;
-        let (mut watch, expires_ms) = match self.approval_watch.take() {
+        let (watch, expires_ms) = match self.approval_watch.take() {
             Some((w, rx, exp)) if w == id => (rx, exp),
             _ => (self.ctx.approvals.watch(id), now_ms() + 600_000),
         };
-        // psm-control expires the request; a little longer here in case it is gone
-        let wait = std::time::Duration::from_millis(expires_ms.saturating_sub(now_ms()) + 5_000);
-        let decided = tokio::time::timeout(
-            wait,
-            watch.wait_for(|r| r.as_ref().is_some_and(|r| r.state.is_final())),
-        )
-        .await
-        .ok()
-        .and_then(|r| r.ok().and_then(|r| r.clone()));
-        self.ctx.approvals.unwatch(id);
+        let decided = self.ctx.approvals.decided(id, watch, expires_ms).await;
         self.shared
             .awaiting
             .store(false, std::sync::atomic::Ordering::Release);
