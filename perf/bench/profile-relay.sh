@@ -45,15 +45,18 @@ ssh_psm "cat /tmp/psm-prof-rand" >/dev/null
 relay=$(pgrep -f "psm-relay.*$data" | head -1)
 recorder=$(pgrep -f "psm-recorder.*$data" | head -1)
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'; }
 hz=$(getconf CLK_TCK)
 run() { # label, command...
   local label=$1; shift
-  local r0 c0 t0 r1 c1 t1
+  local r0 c0 t0 r1 c1 t1 s0 s1
   r0=$(ticks "$relay"); c0=$(ticks "$recorder"); t0=$(date +%s.%N)
+  s0=$(( $(switches "$relay") + $(switches "$recorder") ))
   "$@"
   r1=$(ticks "$relay"); c1=$(ticks "$recorder"); t1=$(date +%s.%N)
-  awk -v l="$label" -v r=$((r1-r0)) -v c=$((c1-c0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" -v mib="$mib" \
-    'BEGIN { g = mib / 1024; printf "%-6s %6.0f MB/s   relay %.2f + recorder %.2f CPU-s per GiB\n", l, mib*1.048576/(t1-t0), r/hz/g, c/hz/g }'
+  s1=$(( $(switches "$relay") + $(switches "$recorder") ))
+  awk -v l="$label" -v r=$((r1-r0)) -v c=$((c1-c0)) -v hz="$hz" -v t0="$t0" -v t1="$t1" -v mib="$mib" -v sw=$((s1-s0)) \
+    'BEGIN { g = mib / 1024; printf "%-6s %6.0f MB/s   relay %.2f + recorder %.2f CPU-s per GiB, %.0f context switches per MiB\n", l, mib*1.048576/(t1-t0), r/hz/g, c/hz/g, sw/mib }'
 }
 echo "# psm $(git -C "$root" rev-parse --short HEAD) release, $mib MiB of random bytes each way, $cipher"
 if [[ ${PERF:-1} == 1 ]]; then
@@ -63,8 +66,8 @@ if [[ ${PERF:-1} == 1 ]]; then
 fi
 down() { ssh_psm "cat /tmp/psm-prof-rand" >/dev/null; }
 up() { ssh_psm "cat > /dev/null" </tmp/psm-prof-rand; }
-run down down
-run up up
+[[ ${DIRS:-down up} == *down* ]] && run down down
+[[ ${DIRS:-down up} == *up* ]] && run up up
 t0=$(date +%s.%N); ssh_direct "cat /tmp/psm-prof-rand" >/dev/null; t1=$(date +%s.%N)
 awk -v t0="$t0" -v t1="$t1" -v mib="$mib" 'BEGIN { printf "direct down %6.0f MB/s (OpenSSH, no psm)\n", mib*1.048576/(t1-t0) }'
 [[ ${PERF:-1} == 1 ]] || exit 0
