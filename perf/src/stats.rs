@@ -40,6 +40,8 @@ pub struct Scrape {
     pub unauthenticated: f64,
     /// psm-recorder connected.
     pub recorder_connected: bool,
+    /// Age of the oldest relayed byte not yet confirmed durable, seconds.
+    pub recording_lag: f64,
 }
 
 impl Scrape {
@@ -50,6 +52,7 @@ impl Scrape {
             match x.name.as_str() {
                 "psm_relay_unauthenticated" => s.unauthenticated = x.value,
                 "psm_relay_recorder_connected" => s.recorder_connected = x.value > 0.0,
+                "psm_relay_recording_lag_seconds" => s.recording_lag = x.value,
                 _ => {}
             }
             let Some(w) = x.label("worker").and_then(|w| w.parse::<u32>().ok()) else {
@@ -118,13 +121,14 @@ pub fn table(before: &Scrape, now: &Scrape, secs: f64) -> String {
     let _ = writeln!(out, "{}", line("all", &total));
     let _ = writeln!(
         out,
-        "unauthenticated {}, recorder {}",
+        "unauthenticated {}, recorder {}, recording lag {:.2} s",
         now.unauthenticated,
         if now.recorder_connected {
             "connected"
         } else {
             "NOT CONNECTED"
-        }
+        },
+        now.recording_lag
     );
     out
 }

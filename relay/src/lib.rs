@@ -209,6 +209,10 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             let r = recorder.worker_state();
             move || r.borrow().connected
         }),
+        recording_lag: Box::new({
+            let link = recorder.clone();
+            move || link.lag().as_secs_f64()
+        }),
     });
     let worker_recorders: Vec<recording::WorkerRecorder> =
         (0..cfg.workers).map(|_| recorder.worker()).collect();

@@ -14,6 +14,8 @@ pub struct Levels {
     pub unauthenticated: Box<dyn Fn() -> u64 + Send + Sync>,
     /// Whether psm-recorder is connected.
     pub recorder_connected: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Age of the oldest relayed byte not yet confirmed durable, in seconds.
+    pub recording_lag: Box<dyn Fn() -> f64 + Send + Sync>,
 }
 
 type Field = fn(&Counters) -> &AtomicU64;
@@ -137,6 +139,14 @@ pub fn families(
         )
         .sample(vec![], f64::from(u8::from((levels.recorder_connected)()))),
     );
+    out.push(
+        Family::new(
+            "psm_relay_recording_lag_seconds",
+            Kind::Gauge,
+            "Age of the oldest relayed byte psm-recorder has not yet confirmed durable.",
+        )
+        .sample(vec![], (levels.recording_lag)()),
+    );
     out
 }
 
@@ -154,6 +164,7 @@ mod tests {
         let levels = Levels {
             unauthenticated: Box::new(|| 3),
             recorder_connected: Box::new(|| true),
+            recording_lag: Box::new(|| 0.25),
         };
         let text = psm_metrics::render(&families(&w, &[], &levels));
         let s = psm_metrics::parse(&text);
@@ -167,5 +178,6 @@ mod tests {
         assert_eq!(get("psm_relay_bytes_up_total", Some("0")), Some(10.0));
         assert_eq!(get("psm_relay_unauthenticated", None), Some(3.0));
         assert_eq!(get("psm_relay_recorder_connected", None), Some(1.0));
+        assert_eq!(get("psm_relay_recording_lag_seconds", None), Some(0.25));
     }
 }

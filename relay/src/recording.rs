@@ -304,6 +304,27 @@ impl RecorderLink {
         self.shared.state_tx.subscribe()
     }
 
+    /// The recording lag now: the age of the oldest relayed byte psm-recorder has not yet
+    /// confirmed durable, over every open recording (zero when all is confirmed).
+    pub fn lag(&self) -> Duration {
+        let durables: Vec<Arc<Durable>> = match self.shared.streams.lock() {
+            Ok(m) => m.values().map(|e| e.durable.clone()).collect(),
+            Err(_) => return Duration::ZERO,
+        };
+        let now = Instant::now();
+        durables
+            .iter()
+            .filter_map(|d| {
+                d.with(|s| {
+                    s.marks
+                        .front()
+                        .map(|(_, t)| now.saturating_duration_since(*t))
+                })
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// Registers a worker and returns its private queue handle.
     pub fn worker(&self) -> WorkerRecorder {
         let queue = Arc::new(ArrayQueue::new(QUEUE_FRAMES));

@@ -257,6 +257,13 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
         "no paused session in the counters"
     );
     assert!(gauge("psm_relay_recording_pauses_total") >= 1.0);
+    // and the recording lags: its oldest unconfirmed byte ages
+    assert!(
+        wait_for(Duration::from_secs(3), || gauge(
+            "psm_relay_recording_lag_seconds"
+        ) >= 1.0),
+        "no recording lag in the counters"
+    );
     // what the relay hands on toward the user from here to the end (bytes already in sockets
     // and SSH windows on the way still arrive) stays within the durable window
     let relayed = || gauge("psm_relay_bytes_down_total");
