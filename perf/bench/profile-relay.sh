@@ -19,22 +19,10 @@ mib="${MIB:-1024}"
 cipher="${CIPHER:-aes128-gcm@openssh.com}"
 export PERFBASE="${PERFBASE:-/tmp/perfbase}"
 command -v perf >/dev/null || { echo "perf is missing (apt-get install linux-perf)" >&2; exit 1; }
-"$shared/setup-sshd.sh" start >/dev/null
-data="$(mktemp -d /tmp/psm-prof.XXXXXX)"
-"$bin/psm" up --data-dir "$data" --listen "127.0.0.1:$port" --rdp-listen off >"$data.log" 2>&1 &
-up=$!
-cleanup() { kill -TERM "$up" 2>/dev/null || true; wait "$up" 2>/dev/null || true; [[ -n ${KEEP:-} ]] || rm -rf "$data" "$data.log" /tmp/psm-prof-rand; }
-trap cleanup EXIT
-for _ in $(seq 1 100); do
-  "$bin/psmctl" --data-dir "$data" user list >/dev/null 2>&1 && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
-ctl() { "$bin/psmctl" --data-dir "$data" "$@" >/dev/null; }
-ctl user add alice --ssh-key "$PERFBASE/keys/id_ed25519.pub"
-ctl target add bench --address 127.0.0.1:22022 --scan
-ctl account add sshbench@bench --private-key "$PERFBASE/keys/id_ed25519"
-ctl grant add alice sshbench@bench
-echo "[127.0.0.1]:$port $(cut -d' ' -f1,2 < <(ssh-keygen -y -f "$data/ssh_host_ed25519_key"))" >> "$PERFBASE/known_hosts"
+extra_cleanup='rm -f /tmp/psm-prof-rand'
+PSM_UP_FLAGS="--rdp-listen off ${PSM_UP_FLAGS:-}"
+# shellcheck source=psm-bench-up.sh
+source "$root/perf/bench/psm-bench-up.sh" /tmp/psm-prof.XXXXXX
 head -c $((mib << 20)) /dev/urandom > /tmp/psm-prof-rand
 chmod 644 /tmp/psm-prof-rand
 ssh_psm() { timeout 300 ssh -F "$PERFBASE/ssh_config" -c "$cipher" -p "$port" -o "User=alice@sshbench@bench" 127.0.0.1 "$@"; }

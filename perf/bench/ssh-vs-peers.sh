@@ -21,25 +21,8 @@ for b in psm psmctl psm-control psm-recorder psm-relay; do
 done
 [[ -x $shared/ssh-baselines.sh ]] || { echo "missing $shared/ssh-baselines.sh" >&2; exit 1; }
 
-"$shared/setup-sshd.sh" start >/dev/null
-data="$(mktemp -d /tmp/psm-bench.XXXXXX)"
-log="$data.log"
-"$bin/psm" up --data-dir "$data" --listen "127.0.0.1:$port" >"$log" 2>&1 &
-psm_pid=$!
-cleanup() { kill -TERM "$psm_pid" 2>/dev/null || true; wait "$psm_pid" 2>/dev/null || true; rm -rf "$data"; }
-trap cleanup EXIT
-
-for _ in $(seq 1 100); do
-  "$bin/psmctl" --data-dir "$data" user list >/dev/null 2>&1 && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
-ctl() { "$bin/psmctl" --data-dir "$data" "$@" >/dev/null; }
-ctl user add alice --ssh-key "$PERFBASE/keys/id_ed25519.pub"
-ctl target add bench --address 127.0.0.1:22022 --scan
-ctl account add sshbench@bench --private-key "$PERFBASE/keys/id_ed25519"
-ctl grant add alice sshbench@bench
-# trust psm's host key in the bench client config's known_hosts
-echo "[127.0.0.1]:$port $(cut -d' ' -f1,2 < <(ssh-keygen -y -f "$data/ssh_host_ed25519_key"))" >> "$PERFBASE/known_hosts"
+# shellcheck source=psm-bench-up.sh
+source "$root/perf/bench/psm-bench-up.sh" /tmp/psm-bench.XXXXXX
 ssh -F "$PERFBASE/ssh_config" -p "$port" -o "User=alice@sshbench@bench" 127.0.0.1 true
 
 pids="$(pgrep -d' ' -f "$data" || true)"

@@ -415,6 +415,36 @@ impl Psm {
             .collect()
     }
 
+    /// The id of the first access request (dual control) after audit line `mark`; waits for
+    /// its `approval … requested` event (30 s at most).
+    pub fn approval_requested(&self, mark: usize) -> String {
+        let e = self.wait_audit_after(mark, "approval requested", Duration::from_secs(30), |e| {
+            jstr(e, "event") == "approval" && jstr(e, "action") == "requested"
+        });
+        e["request"].as_u64().expect("request id").to_string()
+    }
+
+    /// `ssh -p PORT LOGIN@127.0.0.1` to this psm with public-key authentication by `key` only
+    /// (`first`: options placed before the common ones, so that they win).
+    pub fn ssh_with_key(&self, first: &[&str], login: &str, key: &Path) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(first)
+            .args(common_ssh_opts())
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "PreferredAuthentications=publickey",
+            ])
+            .arg("-i")
+            .arg(key)
+            .arg("-p")
+            .arg(self.port().to_string())
+            .arg(format!("{login}@127.0.0.1"));
+        c.env_remove("SSH_AUTH_SOCK");
+        c
+    }
+
     /// Pids of the psm-relay processes of this instance.
     pub fn relay_pids(&self) -> Vec<u32> {
         if self.mode == PsmMode::Separate {

@@ -173,22 +173,7 @@ impl World {
     /// Like [`World::ssh_as`] with `first` placed before the common options, so that its `-o`
     /// settings win (ssh keeps the first value it sees), e.g. `["-o", "LogLevel=INFO"]`.
     pub fn ssh_with(&self, first: &[&str], login: &str, key: &Path) -> Command {
-        let mut c = Command::new("ssh");
-        c.args(first)
-            .args(common_ssh_opts())
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "PreferredAuthentications=publickey",
-            ])
-            .arg("-i")
-            .arg(key)
-            .arg("-p")
-            .arg(self.psm.port().to_string())
-            .arg(format!("{login}@127.0.0.1"));
-        c.env_remove("SSH_AUTH_SOCK");
-        c
+        self.psm.ssh_with_key(first, login, key)
     }
 
     /// `ssh` with password authentication only, the password given through `SSH_ASKPASS`

@@ -602,15 +602,6 @@ fn waiting_login(w: &World) -> std::process::Child {
     c.spawn().expect("python3")
 }
 
-fn request_id(w: &World, mark: usize) -> String {
-    let e = w
-        .psm
-        .wait_audit_after(mark, "approval requested", Duration::from_secs(10), |e| {
-            jstr(e, "event") == "approval" && jstr(e, "action") == "requested"
-        });
-    e["request"].as_u64().expect("request id").to_string()
-}
-
 fn child_output(mut child: std::process::Child) -> (Option<i32>, String) {
     let st = wait_child(&mut child, Duration::from_secs(30)).and_then(|s| s.code());
     let mut out = String::new();
@@ -642,7 +633,7 @@ fn dual_control_approved_denied_and_timed_out() {
     // approved
     let mark = w.psm.audit_mark();
     let child = waiting_login(&w);
-    let id = request_id(&w, mark);
+    let id = w.psm.approval_requested(mark);
     let list = run_ssh(w.ssh_as("bob", &bob).arg("requests list"));
     assert!(list.success(), "{}", list.describe());
     assert!(
@@ -674,7 +665,7 @@ fn dual_control_approved_denied_and_timed_out() {
     // denied, with a reason the user sees
     let mark = w.psm.audit_mark();
     let child = waiting_login(&w);
-    let id = request_id(&w, mark);
+    let id = w.psm.approval_requested(mark);
     let out = run_ssh(
         w.ssh_as("carol", &carol)
             .arg(format!("requests deny {id} --reason not during the freeze")),
@@ -694,7 +685,7 @@ fn dual_control_approved_denied_and_timed_out() {
     // timed out
     let mark = w.psm.audit_mark();
     let child = waiting_login(&w);
-    let id = request_id(&w, mark);
+    let id = w.psm.approval_requested(mark);
     let (code, text) = child_output(child);
     assert_eq!(code, Some(3), "{text}");
     assert!(

@@ -44,27 +44,42 @@ fn result_field(out: &str, key: &str) -> String {
 // OpenSSH as automation uses it
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn control_master_runs_thirty_commands_on_one_connection() {
-    let w = World::new();
-    let sock = w.psm.work_dir().join("cm.sock");
-    let mark = w.psm.audit_mark();
-    // the master, as Ansible's ControlPersist keeps one: a long-lived `ssh -M -N`
-    let mut master = w
+/// An OpenSSH ControlMaster (`ssh -M -N -S SOCK`, as Ansible's ControlPersist keeps one),
+/// once its socket is there.
+fn control_master(w: &World, sock: &Path) -> Child {
+    let master = w
         .ssh()
         .arg("-M")
         .arg("-N")
         .arg("-S")
-        .arg(&sock)
+        .arg(sock)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("ssh -M");
     assert!(
         wait_for(Duration::from_secs(15), || sock.exists()),
         "the master is up"
     );
+    master
+}
+
+/// Ends a ControlMaster started by [`control_master`].
+fn stop_master(w: &World, sock: &Path, master: &mut Child) {
+    let mut stop = w.ssh();
+    stop.arg("-S").arg(sock).arg("-O").arg("exit");
+    let _ = run_ssh(&mut stop);
+    let _ = wait_child(master, Duration::from_secs(10));
+}
+
+#[test]
+fn control_master_runs_thirty_commands_on_one_connection() {
+    let w = World::new();
+    let sock = w.psm.work_dir().join("cm.sock");
+    let mark = w.psm.audit_mark();
+    // the master, as Ansible's ControlPersist keeps one: a long-lived `ssh -M -N`
+    let mut master = control_master(&w, &sock);
     for i in 0..30 {
         let mut c = w.ssh();
         c.arg("-S").arg(&sock).arg("-o").arg("ControlMaster=no");
@@ -87,10 +102,7 @@ fn control_master_runs_thirty_commands_on_one_connection() {
         .filter(|e| is(e, "auth_success"))
         .count();
     assert_eq!(auths, 1, "all 30 commands shared one connection");
-    let mut stop = w.ssh();
-    stop.arg("-S").arg(&sock).arg("-O").arg("exit");
-    let _ = run_ssh(&mut stop);
-    let _ = wait_child(&mut master, Duration::from_secs(10));
+    stop_master(&w, &sock, &mut master);
     w.assert_all_sessions_ended();
 }
 
@@ -665,21 +677,7 @@ fn one_user_cannot_hold_more_than_max_connections_per_user() {
 fn a_stalled_channel_does_not_stall_another_on_the_same_connection() {
     let w = World::new();
     let sock = w.psm.work_dir().join("stall.sock");
-    let mut master = w
-        .ssh()
-        .arg("-M")
-        .arg("-N")
-        .arg("-S")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh -M");
-    assert!(
-        wait_for(Duration::from_secs(15), || sock.exists()),
-        "the master is up"
-    );
+    let mut master = control_master(&w, &sock);
     const SIZE: u64 = 64 << 20;
     // channel A: 64 MiB that nobody reads yet
     let mut a = w.ssh();
@@ -756,8 +754,5 @@ fn a_stalled_channel_does_not_stall_another_on_the_same_connection() {
     let st = wait_child(&mut a, Duration::from_secs(60)).expect("A ends");
     assert!(st.success(), "A: {st:?}");
     assert_eq!(got, SIZE);
-    let mut stop = w.ssh();
-    stop.arg("-S").arg(&sock).arg("-O").arg("exit");
-    let _ = run_ssh(&mut stop);
-    let _ = wait_child(&mut master, Duration::from_secs(10));
+    stop_master(&w, &sock, &mut master);
 }

@@ -10,6 +10,24 @@ use psm_tests::*;
 
 const TYPED: &str = "psm-rdp-typed-4711";
 
+/// The client ends with a logon failure (a non-zero exit) and the audit log has the first
+/// `session_denied` after `mark`, with `code`; returns that event.
+fn logon_failure(w: &RdpWorld, mark: usize, c: &mut FreeRdp, code: &str) -> serde_json::Value {
+    let exit = c.wait(Duration::from_secs(60));
+    assert!(
+        matches!(exit, Some(c) if c != 0),
+        "exit {exit:?}\n{}",
+        c.log()
+    );
+    let e = w
+        .psm
+        .wait_audit_after(mark, code, Duration::from_secs(10), |e| {
+            jstr(e, "event") == "session_denied"
+        });
+    assert_eq!(jstr(&e, "reason_code"), code, "{e}");
+    e
+}
+
 fn end_of(w: &RdpWorld, id: &str, timeout: Duration) -> serde_json::Value {
     w.psm.wait_audit("session_end", timeout, |e| {
         jstr(e, "event") == "session_end" && jstr(e, "session_id") == id
@@ -225,16 +243,7 @@ fn refusals_are_logon_failures_with_the_reason_audited() {
     let denied = |login: &str, password: &str, code: &str| {
         let mark = w.psm.audit_mark();
         let mut c = w.client_as(login, password, &auth_only);
-        let exit = c.wait(Duration::from_secs(60));
-        assert!(
-            matches!(exit, Some(c) if c != 0),
-            "{login}: exit {exit:?}\n{}",
-            c.log()
-        );
-        w.psm
-            .wait_audit_after(mark, code, Duration::from_secs(10), |e| {
-                jstr(e, "event") == "session_denied" && jstr(e, "reason_code") == code
-            })
+        logon_failure(&w, mark, &mut c, code)
     };
     denied(&format!("bob@{}", w.account()), "bob-Secret-77", "no_grant");
     // a time window that is closed now (one hour, twelve hours away)
@@ -401,22 +410,8 @@ fn reason_and_approval_hold_the_rdp_login() {
     // no reason: refused, the client's side at fault
     let mark = w.psm.audit_mark();
     let mut c = w.client(&auth_only);
-    let exit = c.wait(Duration::from_secs(60));
-    assert!(
-        matches!(exit, Some(c) if c != 0),
-        "exit {exit:?}\n{}",
-        c.log()
-    );
-    let e = w
-        .psm
-        .wait_audit_after(mark, "reason_missing", Duration::from_secs(10), |e| {
-            jstr(e, "event") == "session_denied"
-        });
-    assert_eq!(
-        (jstr(&e, "reason_code"), jstr(&e, "side")),
-        ("reason_missing", "client"),
-        "{e}"
-    );
+    let e = logon_failure(&w, mark, &mut c, "reason_missing");
+    assert_eq!(jstr(&e, "side"), "client", "{e}");
     assert!(jstr(&e, "client_message").contains("domain field"), "{e}");
     // the reason in the domain field reaches session_start and session_end
     let mark = w.psm.audit_mark();
@@ -454,27 +449,14 @@ fn reason_and_approval_hold_the_rdp_login() {
         "60s",
     ]);
     let vote = |verb: &str, id: &str| {
-        let mut ssh = std::process::Command::new("ssh");
-        ssh.args(common_ssh_opts())
-            .args(["-o", "BatchMode=yes", "-i"])
-            .arg(&bob)
-            .arg("-p")
-            .arg(w.psm.port().to_string())
-            .arg("bob@127.0.0.1")
-            .arg(format!("requests {verb} {id}"))
-            .env_remove("SSH_AUTH_SOCK");
-        let out = run_ssh(&mut ssh);
+        let out = run_ssh(
+            w.psm
+                .ssh_with_key(&[], "bob", &bob)
+                .arg(format!("requests {verb} {id}")),
+        );
         assert!(out.success(), "{}", out.describe());
     };
-    let requested = |mark: usize| {
-        w.psm
-            .wait_audit_after(mark, "approval requested", Duration::from_secs(30), |e| {
-                jstr(e, "event") == "approval" && jstr(e, "action") == "requested"
-            })["request"]
-            .as_u64()
-            .expect("request id")
-            .to_string()
-    };
+    let requested = |mark: usize| w.psm.approval_requested(mark);
     let mark = w.psm.audit_mark();
     let mut c = w.client(&[]);
     let id = requested(mark);
@@ -491,21 +473,7 @@ fn reason_and_approval_hold_the_rdp_login() {
     let mut c = w.client(&auth_only);
     let id = requested(mark);
     vote("deny", &id);
-    let exit = c.wait(Duration::from_secs(30));
-    assert!(
-        matches!(exit, Some(c) if c != 0),
-        "exit {exit:?}\n{}",
-        c.log()
-    );
-    let e = w
-        .psm
-        .wait_audit_after(mark, "approval_denied", Duration::from_secs(10), |e| {
-            jstr(e, "event") == "session_denied"
-        });
-    assert_eq!(
-        (jstr(&e, "reason_code"), jstr(&e, "side")),
-        ("approval_denied", "policy"),
-        "{e}"
-    );
+    let e = logon_failure(&w, mark, &mut c, "approval_denied");
+    assert_eq!(jstr(&e, "side"), "policy", "{e}");
     assert!(jstr(&e, "client_message").contains("denied by bob"), "{e}");
 }

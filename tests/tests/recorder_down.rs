@@ -123,6 +123,26 @@ fn recorded_output(w: &World, recording_id: &str) -> u64 {
     out
 }
 
+/// `ssh … COMMAND` in the background, its output counted on a thread as it arrives.
+fn streaming(
+    w: &World,
+    command: &str,
+) -> (
+    std::process::Child,
+    Arc<AtomicU64>,
+    std::thread::JoinHandle<()>,
+) {
+    let mut child = w
+        .ssh()
+        .arg(command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let (received, reader) = count_output(&mut child);
+    (child, received, reader)
+}
+
 /// Reads a child's stdout on a thread, counting the bytes.
 fn count_output(child: &mut std::process::Child) -> (Arc<AtomicU64>, std::thread::JoinHandle<()>) {
     let received = Arc::new(AtomicU64::new(0));
@@ -164,14 +184,10 @@ fn a_recorder_killed_mid_stream_leaves_every_byte_the_user_saw_accounted_for() {
 
     // a stream of digits for several seconds; the recorder is killed once 256 KiB came through
     let mark = w.psm.audit_mark();
-    let mut child = w
-        .ssh()
-        .arg("for i in $(seq 0 999); do seq $((i*1000)) $((i*1000+999)); sleep 0.01; done")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh");
-    let (received, reader) = count_output(&mut child);
+    let (mut child, received, reader) = streaming(
+        &w,
+        "for i in $(seq 0 999); do seq $((i*1000)) $((i*1000+999)); sleep 0.01; done",
+    );
     assert!(
         wait_for(Duration::from_secs(20), || received.load(Ordering::SeqCst)
             >= 256 * 1024),
@@ -234,14 +250,8 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
             .sum()
     };
     let mark = w.psm.audit_mark();
-    let mut child = w
-        .ssh()
-        .arg("yes psm-stalled-recorder-line | head -c 500000000")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh");
-    let (received, reader) = count_output(&mut child);
+    let (mut child, received, reader) =
+        streaming(&w, "yes psm-stalled-recorder-line | head -c 500000000");
     assert!(
         wait_for(Duration::from_secs(20), || received.load(Ordering::SeqCst)
             >= 1 << 20),
