@@ -220,17 +220,22 @@ pub enum UserCmd {
 /// `psmctl target …`
 #[derive(Debug, Subcommand)]
 pub enum TargetCmd {
-    /// Add a target and pin its SSH host key (or, for RDP, its TLS certificate).
-    #[command(group(ArgGroup::new("pin").required(true).args(["host_key", "cert_fingerprint", "scan"])))]
+    /// Add a target and pin its SSH host key (or, for RDP, its TLS certificate); a `tcp`
+    /// target gets a psm port (`--listen`) instead, and no pin.
+    #[command(group(ArgGroup::new("pin").required(true).args(["host_key", "cert_fingerprint", "scan", "listen"])))]
     Add {
         /// Target name (used in logins: user@account@NAME).
         name: String,
         /// Where the target listens (for RDP the port defaults to 3389).
         #[arg(long, value_name = "HOST:PORT")]
         address: String,
-        /// How the relay talks to the target: ssh (default) or rdp.
-        #[arg(long, value_name = "ssh|rdp", default_value = "ssh")]
+        /// How the relay talks to the target: ssh (default), rdp, or tcp (passed through
+        /// unrecorded while the user holds a lease: `ssh USER@tcp@NAME@gateway`).
+        #[arg(long, value_name = "ssh|rdp|tcp", default_value = "ssh")]
         protocol: psm_control_api::Protocol,
+        /// For `--protocol tcp`: the IP:PORT psm listens on for this target.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: Option<String>,
         /// The host key to pin, OpenSSH form (`ssh-ed25519 AAAA…`); SSH targets.
         #[arg(long, value_name = "KEY")]
         host_key: Option<String>,
@@ -959,9 +964,39 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
             host_key,
             cert_fingerprint,
             scan,
+            listen,
         } => {
             validate::target_name(&name)?;
             let address = validate::address_for(protocol, &address)?;
+            match (protocol, listen) {
+                (psm_control_api::Protocol::Tcp, Some(listen)) => {
+                    let listen = validate::listen_address(&listen)?;
+                    let mut client = Client::connect(data_dir)?;
+                    return change(
+                        out,
+                        &mut client,
+                        &Request::TargetAdd {
+                            name,
+                            address,
+                            host_key: String::new(),
+                            protocol,
+                            listen: Some(listen),
+                        },
+                    );
+                }
+                (psm_control_api::Protocol::Tcp, None) => {
+                    return Err(CliError::Usage(
+                        "a tcp target needs --listen IP:PORT (the psm port users connect to)"
+                            .into(),
+                    ))
+                }
+                (_, Some(_)) => {
+                    return Err(CliError::Usage(
+                        "--listen is for tcp targets (--protocol tcp)".into(),
+                    ))
+                }
+                (_, None) => {}
+            }
             if protocol == psm_control_api::Protocol::Rdp || cert_fingerprint.is_some() {
                 return crate::cli_rdp::target_add(
                     data_dir,
@@ -1006,6 +1041,7 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
                     address,
                     host_key,
                     protocol,
+                    listen: None,
                 },
             )
         }
@@ -1076,10 +1112,7 @@ fn target(data_dir: &Path, cmd: TargetCmd, out: &mut dyn Write) -> Result<(), Cl
             if f.json {
                 return print_json(out, &list);
             }
-            if list
-                .iter()
-                .any(|t| t.protocol == psm_control_api::Protocol::Rdp)
-            {
+            if list.iter().any(|t| !t.protocol.is_ssh()) {
                 return crate::cli_rdp::print_targets(out, &list);
             }
             let rows: Vec<Vec<String>> = list

@@ -55,6 +55,9 @@ pub struct ConditionFlags {
     /// The user must give a reason before the session starts.
     #[arg(long)]
     pub reason_required: bool,
+    /// Allow a `tcp` target's payload to pass through unrecorded (required for `tcp` targets).
+    #[arg(long)]
+    pub unrecorded_tcp: bool,
     /// Require the TOTP second factor.
     #[arg(long)]
     pub mfa: bool,
@@ -179,6 +182,7 @@ impl ConditionFlags {
             c.forward_to.push(parse_forward_to(f).map_err(usage)?);
         }
         c.reason_required = self.reason_required;
+        c.unrecorded_tcp = self.unrecorded_tcp;
         c.command_default = match self.commands_default.as_deref() {
             None => None,
             Some("allow") => Some(CommandAction::Allow),
@@ -757,6 +761,7 @@ fn unknown_condition_key(text: &str) -> Option<String> {
         allow: Some(vec![ChannelKind::Shell]),
         forward_to: vec!["h:1".into()],
         reason_required: true,
+        unrecorded_tcp: true,
         mfa: true,
         mfa_cache_ms: Some(1),
         approval: Some(ApprovalRule {

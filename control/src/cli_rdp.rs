@@ -96,6 +96,7 @@ pub fn target_add(
             address,
             host_key,
             protocol,
+            listen: None,
         },
     )
 }
@@ -138,8 +139,8 @@ pub fn update_rdp(
     )
 }
 
-/// `target list` once an RDP target exists: with a PROTOCOL column (SSH-only lists keep their
-/// three columns).
+/// `target list` once an RDP or tcp target exists: with a PROTOCOL column (SSH-only lists keep
+/// their three columns).
 pub fn print_targets(out: &mut dyn Write, list: &[TargetInfo]) -> Result<(), CliError> {
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -148,7 +149,11 @@ pub fn print_targets(out: &mut dyn Write, list: &[TargetInfo]) -> Result<(), Cli
                 t.name.clone(),
                 t.protocol.to_string(),
                 t.address.clone(),
-                t.fingerprint.clone(),
+                match &t.listen {
+                    // nothing to pin on plain TCP: its column says where psm serves it
+                    Some(l) => format!("none (unpinned; psm port {l})"),
+                    None => t.fingerprint.clone(),
+                },
             ]
         })
         .collect();

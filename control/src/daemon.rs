@@ -630,7 +630,22 @@ impl Shared {
                 address,
                 host_key,
                 protocol,
+                listen,
             } => {
+                if let (Protocol::Tcp, Some(listen)) = (protocol, &listen) {
+                    let object = format!("{name} (tcp, {}, listen {listen})", address.trim());
+                    return self.change(actor, "target add", object, |s, _| {
+                        let v = s.add_tcp_target(&name, &address, listen)?;
+                        Ok((
+                            v,
+                            format!(
+                                "added tcp target {name} ({}), served on {listen}; grant its '{}' account with --unrecorded-tcp",
+                                address.trim(),
+                                psm_control_api::TCP_ACCOUNT
+                            ),
+                        ))
+                    });
+                }
                 let object = match protocol {
                     Protocol::Ssh => format!(
                         "{name} ({}, {})",
@@ -642,11 +657,14 @@ impl Shared {
                         address.trim(),
                         validate::fingerprint(&host_key)
                     ),
+                    Protocol::Tcp => format!("{name} (tcp, {}, no listen)", address.trim()),
                 };
                 self.change(actor, "target add", object, |s, _| {
                     let v = s.add_target_with(&name, &address, &host_key, protocol)?;
                     Ok(match protocol {
-                        Protocol::Ssh => (v, format!("added target {name} ({})", address.trim())),
+                        Protocol::Ssh | Protocol::Tcp => {
+                            (v, format!("added target {name} ({})", address.trim()))
+                        }
                         Protocol::Rdp => (
                             v,
                             format!(
@@ -676,6 +694,7 @@ impl Shared {
                     let pin = match before.protocol {
                         Protocol::Ssh => "host key",
                         Protocol::Rdp => "certificate",
+                        Protocol::Tcp => "pin",
                     };
                     what.push(format!(
                         "{pin} {} -> {fp}",

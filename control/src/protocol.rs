@@ -64,6 +64,9 @@ pub enum Request {
         /// How the relay talks to it (default SSH).
         #[serde(default, skip_serializing_if = "Protocol::is_ssh")]
         protocol: Protocol,
+        /// Where psm listens for a `tcp` target (`IP:PORT`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen: Option<String>,
     },
     /// Removes a target with its accounts and their grants. Result: [`Changed`].
     TargetRemove {
@@ -416,9 +419,12 @@ pub struct TargetInfo {
     /// Target groups.
     #[serde(default)]
     pub groups: Vec<String>,
-    /// `ssh` or `rdp`.
+    /// `ssh`, `rdp` or `tcp`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Where psm listens for a `tcp` target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
 }
 
 /// Which kind of credential an account holds.
@@ -429,6 +435,8 @@ pub enum CredentialKind {
     Password,
     /// An OpenSSH private key.
     PrivateKey,
+    /// None (the `tcp` account of a pass-through target).
+    None,
 }
 
 impl CredentialKind {
@@ -437,6 +445,7 @@ impl CredentialKind {
         match self {
             CredentialKind::Password => "password",
             CredentialKind::PrivateKey => "private_key",
+            CredentialKind::None => "none",
         }
     }
     /// Parses [`CredentialKind::as_str`].
@@ -444,6 +453,7 @@ impl CredentialKind {
         match s {
             "password" => Some(CredentialKind::Password),
             "private_key" => Some(CredentialKind::PrivateKey),
+            "none" => Some(CredentialKind::None),
             _ => None,
         }
     }
@@ -452,6 +462,7 @@ impl CredentialKind {
         match c {
             Credential::Password(_) => CredentialKind::Password,
             Credential::PrivateKey(_) => CredentialKind::PrivateKey,
+            Credential::None => CredentialKind::None,
         }
     }
 }

@@ -30,7 +30,7 @@ pub use governance::{GroupInfo, Lockout};
 pub use import::{ImportReport, PolicyDoc};
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -128,6 +128,36 @@ ALTER TABLE accounts ADD COLUMN domain TEXT;
 ALTER TABLE users ADD COLUMN nt_hash BLOB;
 ";
 
+/// Version 5 (TCP pass-through): a target may be `tcp`, with the address psm listens on for it,
+/// and an account may hold no credential (`none`: the `tcp` account of such a target). SQLite
+/// cannot change a CHECK, so both tables are rebuilt, with foreign keys off (see
+/// [`Store::open`]): `targets` is the parent of `accounts` and `target_group_members`.
+const SCHEMA_V5: &str = "
+CREATE TABLE targets_v5 (
+    name TEXT PRIMARY KEY NOT NULL,
+    address TEXT NOT NULL,
+    host_key TEXT NOT NULL,
+    protocol TEXT NOT NULL DEFAULT 'ssh' CHECK (protocol IN ('ssh', 'rdp', 'tcp')),
+    listen TEXT
+);
+INSERT INTO targets_v5 (name, address, host_key, protocol)
+    SELECT name, address, host_key, protocol FROM targets;
+DROP TABLE targets;
+ALTER TABLE targets_v5 RENAME TO targets;
+CREATE TABLE accounts_v5 (
+    target TEXT NOT NULL REFERENCES targets(name) ON DELETE CASCADE,
+    username TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('password', 'private_key', 'none')),
+    ciphertext BLOB NOT NULL,
+    domain TEXT,
+    PRIMARY KEY (target, username)
+);
+INSERT INTO accounts_v5 (target, username, kind, ciphertext, domain)
+    SELECT target, username, kind, ciphertext, domain FROM accounts;
+DROP TABLE accounts;
+ALTER TABLE accounts_v5 RENAME TO accounts;
+";
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -207,6 +237,29 @@ impl Store {
             tx.execute_batch(SCHEMA_V4)?;
             tx.pragma_update(None, "user_version", 4)?;
             tx.commit()?;
+        }
+        if version < 5 {
+            // A table rebuild under foreign keys would cascade the drop into the children, and
+            // the pragma is a no-op inside a transaction: off around it, checked before commit.
+            conn.pragma_update(None, "foreign_keys", false)?;
+            let rebuilt = (|| -> Result<(), StoreError> {
+                let tx = conn.transaction()?;
+                tx.execute_batch(SCHEMA_V5)?;
+                let orphans: i64 =
+                    tx.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| {
+                        r.get(0)
+                    })?;
+                if orphans > 0 {
+                    return Err(StoreError::Corrupt(format!(
+                        "{orphans} rows refer to missing targets; schema 5 not applied"
+                    )));
+                }
+                tx.pragma_update(None, "user_version", 5)?;
+                tx.commit()?;
+                Ok(())
+            })();
+            conn.pragma_update(None, "foreign_keys", true)?;
+            rebuilt?;
         }
         // Sanity read, so a damaged file fails at open rather than on first use.
         conn.query_row("SELECT policy_version FROM meta WHERE id = 1", [], |r| {
@@ -455,6 +508,9 @@ impl Store {
         protocol: Protocol,
     ) -> Result<u64, StoreError> {
         validate::target_name(name)?;
+        if protocol == Protocol::Tcp {
+            return Err(Invalid("a tcp target needs the address psm listens on for it".into()).into());
+        }
         let address = validate::address_for(protocol, address)?;
         let host_key = validate::pin(protocol, host_key)?;
         let tx = self.conn.transaction()?;
@@ -466,6 +522,49 @@ impl Store {
         tx.execute(
             "INSERT INTO targets (name, address, host_key, protocol) VALUES (?1, ?2, ?3, ?4)",
             params![name, address, host_key, protocol.as_str()],
+        )?;
+        let v = Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// Adds a `tcp` pass-through target, reached at `address` and served by psm on `listen`,
+    /// with its one account (`tcp`, no credential). Returns the new policy version.
+    pub fn add_tcp_target(
+        &mut self,
+        name: &str,
+        address: &str,
+        listen: &str,
+    ) -> Result<u64, StoreError> {
+        validate::target_name(name)?;
+        let address = validate::address(address)?;
+        let listen = validate::listen_address(listen)?;
+        let tx = self.conn.transaction()?;
+        if Self::exists(&tx, "SELECT 1 FROM targets WHERE name = ?1", [name])? {
+            return Err(StoreError::Conflict(format!(
+                "target '{name}' already exists"
+            )));
+        }
+        if let Some(other) = tx
+            .query_row(
+                "SELECT name FROM targets WHERE listen = ?1",
+                [&listen],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            return Err(StoreError::Conflict(format!(
+                "target '{other}' already listens on {listen}"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO targets (name, address, host_key, protocol, listen)
+             VALUES (?1, ?2, '', 'tcp', ?3)",
+            params![name, address, listen],
+        )?;
+        tx.execute(
+            "INSERT INTO accounts (target, username, kind, ciphertext) VALUES (?1, ?2, 'none', x'')",
+            params![name, psm_control_api::TCP_ACCOUNT],
         )?;
         let v = Self::bump(&tx)?;
         tx.commit()?;
@@ -490,7 +589,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let before = tx
             .query_row(
-                "SELECT name, address, host_key, protocol FROM targets WHERE name = ?1",
+                "SELECT name, address, host_key, protocol, listen FROM targets WHERE name = ?1",
                 [name],
                 |r| {
                     Ok(Target {
@@ -499,6 +598,7 @@ impl Store {
                         host_key: r.get(2)?,
                         groups: Vec::new(),
                         protocol: protocol_column(r, 3)?,
+                        listen: r.get(4)?,
                     })
                 },
             )
@@ -547,6 +647,7 @@ impl Store {
             .map(|t| TargetInfo {
                 fingerprint: validate::fingerprint(&t.host_key),
                 protocol: t.protocol,
+                listen: t.listen,
                 name: t.name,
                 address: t.address,
                 host_key: t.host_key,
@@ -594,6 +695,9 @@ impl Store {
                 validate::private_key(s.expose())?;
                 s
             }
+            Credential::None => {
+                return Err(Invalid("an account needs a password or a private key".into()).into())
+            }
         };
         let sealed = vault.seal(&account_aad(target, username), secret.expose().as_bytes())?;
         let tx = self.conn.transaction()?;
@@ -603,6 +707,13 @@ impl Store {
             (Protocol::Rdp, CredentialKind::PrivateKey, _) => {
                 return Err(Invalid(format!(
                     "target '{target}' is an RDP target: its accounts need a password, not a private key"
+                ))
+                .into())
+            }
+            (Protocol::Tcp, _, _) => {
+                return Err(Invalid(format!(
+                    "target '{target}' is a tcp target: its one account, '{}', came with it",
+                    psm_control_api::TCP_ACCOUNT
                 ))
                 .into())
             }
@@ -879,7 +990,7 @@ fn read_users(c: &Connection, vault: Option<&Vault>) -> Result<Vec<User>, StoreE
 
 fn read_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
     let mut stmt =
-        c.prepare("SELECT name, address, host_key, protocol FROM targets ORDER BY name")?;
+        c.prepare("SELECT name, address, host_key, protocol, listen FROM targets ORDER BY name")?;
     let rows = stmt.query_map([], |r| {
         Ok(Target {
             name: r.get(0)?,
@@ -887,6 +998,7 @@ fn read_targets(c: &Connection) -> Result<Vec<Target>, StoreError> {
             host_key: r.get(2)?,
             groups: Vec::new(),
             protocol: protocol_column(r, 3)?,
+            listen: r.get(4)?,
         })
     })?;
     let mut targets = rows.collect::<Result<Vec<_>, _>>()?;
@@ -917,6 +1029,15 @@ fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreErr
     let mut out = Vec::new();
     for row in rows {
         let (target, username, kind, sealed, domain) = row?;
+        if kind == "none" {
+            out.push(Account {
+                target,
+                username,
+                credential: Credential::None,
+                domain,
+            });
+            continue;
+        }
         let plain = vault.open(&account_aad(&target, &username), &sealed)?;
         let text = std::str::from_utf8(&plain).map_err(|_| {
             StoreError::Corrupt(format!("account '{username}@{target}': secret not utf-8"))
@@ -925,7 +1046,7 @@ fn read_accounts(c: &Connection, vault: &Vault) -> Result<Vec<Account>, StoreErr
         let credential = match CredentialKind::parse(&kind) {
             Some(CredentialKind::Password) => Credential::Password(secret),
             Some(CredentialKind::PrivateKey) => Credential::PrivateKey(secret),
-            None => {
+            Some(CredentialKind::None) | None => {
                 return Err(StoreError::Corrupt(format!(
                     "account '{username}@{target}': kind '{kind}'"
                 )))

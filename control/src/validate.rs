@@ -236,6 +236,25 @@ pub fn pin(protocol: psm_control_api::Protocol, s: &str) -> Result<String, Inval
     match protocol {
         psm_control_api::Protocol::Ssh => host_key(s),
         psm_control_api::Protocol::Rdp => cert_fingerprint(s),
+        // plain TCP carries no identity to pin
+        psm_control_api::Protocol::Tcp if s.trim().is_empty() => Ok(String::new()),
+        psm_control_api::Protocol::Tcp => Err(bad(
+            "a tcp target has no identity to pin: give no host key or certificate",
+        )),
+    }
+}
+
+/// The address psm listens on for a `tcp` target: `IP:PORT` (`0.0.0.0:15432`,
+/// `[::]:15432`), port 1-65535, no host name (psm binds it).
+pub fn listen_address(addr: &str) -> Result<String, Invalid> {
+    let a = addr.trim();
+    match a.parse::<std::net::SocketAddr>() {
+        Ok(s) if s.port() != 0 => Ok(s.to_string()),
+        Ok(_) => Err(bad(format!("invalid listen address '{a}': port must be 1-65535"))),
+        Err(_) => Err(bad(format!(
+            "invalid listen address '{}': expected IP:PORT (0.0.0.0:15432 or [::]:15432)",
+            a.escape_debug()
+        ))),
     }
 }
 

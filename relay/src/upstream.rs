@@ -569,6 +569,13 @@ async fn connect_inner(
         reason: e.to_string(),
     };
     let (result, kind) = match &account.credential {
+        Credential::None => {
+            return Err(UpstreamError::BadCredential {
+                target: target.name.clone(),
+                account: account.username.clone(),
+                reason: "the account holds no credential".into(),
+            })
+        }
         Credential::Password(pw) => (
             handle
                 .authenticate_password(account.username.clone(), pw.expose())

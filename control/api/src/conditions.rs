@@ -388,6 +388,10 @@ pub struct Conditions {
     /// Which RDP virtual channels an RDP session may use (ignored by SSH sessions).
     #[serde(skip_serializing_if = "RdpChannels::is_default")]
     pub rdp: RdpChannels,
+    /// The grant allows a `tcp` target's payload to pass unrecorded (pass-through); without it
+    /// a lease on a `tcp` target is refused.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unrecorded_tcp: bool,
 }
 
 /// Which way the clipboard may carry data in an RDP session.
@@ -679,6 +683,9 @@ impl Conditions {
         }
         if self.reason_required {
             out.push("reason required".into());
+        }
+        if self.unrecorded_tcp {
+            out.push("unrecorded tcp".into());
         }
         if let Some(a) = self.command_default {
             out.push(format!("commands default {a}"));

@@ -142,6 +142,10 @@ pub struct Target {
     /// How the relay talks to it.
     #[serde(default, skip_serializing_if = "Protocol::is_ssh")]
     pub protocol: Protocol,
+    /// For a `tcp` target: the address psm listens on for it (`0.0.0.0:15432`); connections
+    /// there are relayed, while a lease of their source address is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
 }
 
 /// The pin of an RDP target, and psm's own RDP certificate fingerprint: `SHA256:` and the
@@ -155,6 +159,10 @@ pub fn cert_fingerprint(der: &[u8]) -> String {
     )
 }
 
+/// The one account of a `tcp` target: grants name it (`alice tcp@db01`), and a login to it
+/// opens a lease instead of a shell.
+pub const TCP_ACCOUNT: &str = "tcp";
+
 /// The protocol of a target.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
@@ -164,6 +172,9 @@ pub enum Protocol {
     Ssh,
     /// RDP: TLS with a pinned certificate, then NLA (CredSSP/NTLM) when the target asks for it.
     Rdp,
+    /// Plain TCP, passed through unread and unrecorded (splice) on a psm port of its own while
+    /// the user holds a lease: an SSH login to the target's `tcp` account.
+    Tcp,
 }
 
 impl Protocol {
@@ -172,11 +183,12 @@ impl Protocol {
         *self == Protocol::Ssh
     }
 
-    /// `ssh` or `rdp`.
+    /// `ssh`, `rdp` or `tcp`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Protocol::Ssh => "ssh",
             Protocol::Rdp => "rdp",
+            Protocol::Tcp => "tcp",
         }
     }
 }
@@ -193,7 +205,8 @@ impl std::str::FromStr for Protocol {
         match s {
             "ssh" => Ok(Protocol::Ssh),
             "rdp" => Ok(Protocol::Rdp),
-            other => Err(format!("unknown protocol '{other}' (ssh or rdp)")),
+            "tcp" => Ok(Protocol::Tcp),
+            other => Err(format!("unknown protocol '{other}' (ssh, rdp or tcp)")),
         }
     }
 }
@@ -220,6 +233,8 @@ pub enum Credential {
     Password(Secret),
     /// Public-key authentication with an OpenSSH private key (PEM text).
     PrivateKey(Secret),
+    /// None: the `tcp` account of a pass-through target, which psm never logs in to.
+    None,
 }
 
 /// Permission for a user (or a group) to open sessions as an account on a target (or on every

@@ -161,6 +161,14 @@ pub enum Denial {
         /// The allowed networks, comma separated.
         allowed: String,
     },
+    /// A `tcp` target's payload is not recorded, and the grant does not say it may be.
+    #[error("the grant for {account}@{target} does not allow unrecorded TCP pass-through (--unrecorded-tcp)")]
+    UnrecordedNotAllowed {
+        /// Account name.
+        account: String,
+        /// Target name.
+        target: String,
+    },
 }
 
 impl Denial {
@@ -205,6 +213,9 @@ impl Denial {
                 source_ip,
                 ..
             } => format!("access denied: {account}@{target} may not be used from {source_ip}"),
+            Denial::UnrecordedNotAllowed { account, target } => format!(
+                "access denied: your grant for {account}@{target} does not allow unrecorded pass-through"
+            ),
         }
     }
 
@@ -221,6 +232,7 @@ impl Denial {
             Denial::NotYetValid { .. } => "not_yet_valid",
             Denial::Expired { .. } => "expired",
             Denial::SourceNotAllowed { .. } => "source_not_allowed",
+            Denial::UnrecordedNotAllowed { .. } => "unrecorded_not_allowed",
         }
     }
 }
@@ -346,7 +358,13 @@ pub fn decide<'s>(snap: &'s PolicySnapshot, a: &Attempt<'_>) -> Result<Permit<'s
         })?;
     let mut first_refusal = None;
     for (grant, via) in covering_grants(snap, user, a.account, target) {
-        match refusal(&grant.conditions, a) {
+        let unrecorded = (target.protocol == crate::Protocol::Tcp
+            && !grant.conditions.unrecorded_tcp)
+            .then(|| Denial::UnrecordedNotAllowed {
+                account: a.account.to_string(),
+                target: a.target.to_string(),
+            });
+        match unrecorded.or_else(|| refusal(&grant.conditions, a)) {
             None => {
                 return Ok(Permit {
                     mfa: snap.mfa_required || grant.conditions.mfa,

@@ -47,9 +47,12 @@ pub struct DocTarget {
     pub address: String,
     /// Pinned host key (SSH) or certificate fingerprint `SHA256:…` (RDP).
     pub host_key: String,
-    /// `ssh` (the default, left out) or `rdp`.
+    /// `ssh` (the default, left out), `rdp` or `tcp`.
     #[serde(default, skip_serializing_if = "Protocol::is_ssh")]
     pub protocol: Protocol,
+    /// Where psm listens for a `tcp` target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
 }
 
 /// An account (its credential stays in the vault).
@@ -161,6 +164,18 @@ impl PolicyDoc {
             validate::target_name(&t.name).map_err(|e| bad(format!("{f}.name"), e))?;
             validate::address(&t.address).map_err(|e| bad(format!("{f}.address"), e))?;
             validate::pin(t.protocol, &t.host_key).map_err(|e| bad(format!("{f}.host_key"), e))?;
+            match (t.protocol, &t.listen) {
+                (Protocol::Tcp, Some(l)) => {
+                    validate::listen_address(l).map_err(|e| bad(format!("{f}.listen"), e))?;
+                }
+                (Protocol::Tcp, None) => {
+                    return Err(bad(format!("{f}.listen"), "a tcp target needs one"));
+                }
+                (_, Some(_)) => {
+                    return Err(bad(format!("{f}.listen"), "only tcp targets have one"));
+                }
+                (_, None) => {}
+            }
             if !targets.insert(t.name.as_str()) {
                 return Err(bad(
                     format!("{f}.name"),
@@ -316,6 +331,7 @@ impl Store {
                     address: t.address.clone(),
                     host_key: t.host_key.clone(),
                     protocol: t.protocol,
+                    listen: t.listen.clone(),
                 })
                 .collect(),
             target_groups: tgroups
@@ -409,8 +425,16 @@ impl Store {
             .iter()
             .map(|a| (a.target.as_str(), a.username.as_str()))
             .collect();
+        let tcp_account = |a: &DocAccount| {
+            a.username == psm_control_api::TCP_ACCOUNT
+                && doc
+                    .targets
+                    .iter()
+                    .any(|t| t.name == a.target && t.protocol == Protocol::Tcp)
+        };
         for a in &doc.accounts {
-            if !cur_a.contains(&(a.target.as_str(), a.username.as_str())) {
+            // a tcp target's one account comes with the target
+            if !cur_a.contains(&(a.target.as_str(), a.username.as_str())) && !tcp_account(a) {
                 return Err(StoreError::Invalid(Invalid(format!(
                     "accounts: {}@{} is new: add it with psmctl account add (credentials are not imported)",
                     a.username, a.target
@@ -529,10 +553,18 @@ impl Store {
             let host_key = validate::pin(t.protocol, &t.host_key)?;
             let address = validate::address_for(t.protocol, &t.address)?;
             tx.execute(
-                "INSERT INTO targets (name, address, host_key, protocol) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(name) DO UPDATE SET address = ?2, host_key = ?3",
-                params![t.name, address, host_key, t.protocol.as_str()],
+                "INSERT INTO targets (name, address, host_key, protocol, listen)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(name) DO UPDATE SET address = ?2, host_key = ?3, listen = ?5",
+                params![t.name, address, host_key, t.protocol.as_str(), t.listen],
             )?;
+            if t.protocol == Protocol::Tcp {
+                tx.execute(
+                    "INSERT INTO accounts (target, username, kind, ciphertext)
+                     VALUES (?1, ?2, 'none', x'') ON CONFLICT DO NOTHING",
+                    params![t.name, psm_control_api::TCP_ACCOUNT],
+                )?;
+            }
         }
         for name in cur_t.keys().filter(|n| !new_t.contains_key(*n)) {
             tx.execute("DELETE FROM targets WHERE name = ?1", [name])?;

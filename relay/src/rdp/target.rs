@@ -104,7 +104,9 @@ pub struct TargetLeg {
 pub fn password(account: &Account) -> Result<Secret, TargetError> {
     match &account.credential {
         Credential::Password(p) => Ok(p.clone()),
-        Credential::PrivateKey(_) => Err(TargetError::NoPassword(account.username.clone())),
+        Credential::PrivateKey(_) | Credential::None => {
+            Err(TargetError::NoPassword(account.username.clone()))
+        }
     }
 }
 
