@@ -1636,6 +1636,7 @@ mod tests {
             address: "127.0.0.1:22".into(),
             host_key: USER_PUB.into(),
             protocol: Protocol::Ssh,
+            listen: None,
         })
         .await;
         relay.snapshot().await;
@@ -1951,6 +1952,7 @@ mod tests {
             address: "127.0.0.1:22".into(),
             host_key: USER_PUB.into(),
             protocol: Protocol::Ssh,
+            listen: None,
         })
         .await;
         d.change(Request::AccountAdd {

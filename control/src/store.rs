@@ -509,7 +509,9 @@ impl Store {
     ) -> Result<u64, StoreError> {
         validate::target_name(name)?;
         if protocol == Protocol::Tcp {
-            return Err(Invalid("a tcp target needs the address psm listens on for it".into()).into());
+            return Err(
+                Invalid("a tcp target needs the address psm listens on for it".into()).into(),
+            );
         }
         let address = validate::address_for(protocol, address)?;
         let host_key = validate::pin(protocol, host_key)?;
@@ -1138,6 +1140,8 @@ fn check_hash(h: &PasswordHash) -> Result<(), Invalid> {
 
 #[cfg(test)]
 mod rdp_tests;
+#[cfg(test)]
+mod tcp_tests;
 
 #[cfg(test)]
 mod tests {

@@ -250,7 +250,9 @@ pub fn listen_address(addr: &str) -> Result<String, Invalid> {
     let a = addr.trim();
     match a.parse::<std::net::SocketAddr>() {
         Ok(s) if s.port() != 0 => Ok(s.to_string()),
-        Ok(_) => Err(bad(format!("invalid listen address '{a}': port must be 1-65535"))),
+        Ok(_) => Err(bad(format!(
+            "invalid listen address '{a}': port must be 1-65535"
+        ))),
         Err(_) => Err(bad(format!(
             "invalid listen address '{}': expected IP:PORT (0.0.0.0:15432 or [::]:15432)",
             a.escape_debug()

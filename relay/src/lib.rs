@@ -22,6 +22,7 @@ pub mod host_key;
 pub mod metrics;
 pub mod mfa;
 pub mod notices;
+pub mod passthrough;
 mod pipe;
 pub mod prestart;
 pub mod rdp;
@@ -314,6 +315,10 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         Duration::from_secs(1),
     )));
 
+    let mut reserved = vec![cfg.listen];
+    reserved.extend(rdp_cert.as_ref().map(|(a, _)| *a));
+    let leases = passthrough::Leases::new(reserved);
+
     let allowed_cpus = worker::allowed_cpus();
     if cfg.pin_workers && cfg.workers > allowed_cpus.len() && !allowed_cpus.is_empty() {
         warn!(
@@ -354,6 +359,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             mfa: mfa.clone(),
             approvals: approvals.clone(),
             throttle: throttle.clone(),
+            leases: leases.clone(),
         });
         let io = cfg.io;
         let cpus = if cfg.pin_workers {

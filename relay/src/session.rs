@@ -46,6 +46,7 @@ use crate::upstream::{self, LossWatch, TargetHandle};
 use crate::Limits;
 
 mod broker;
+mod lease;
 mod lifecycle;
 mod login;
 mod relay;
@@ -117,6 +118,8 @@ pub struct WorkerCtx {
     pub approvals: Arc<crate::control_link::ApprovalRpc>,
     /// Failed logins per source and per user (relay-wide).
     pub throttle: Arc<Throttle>,
+    /// Open pass-through leases (relay-wide).
+    pub leases: Arc<crate::passthrough::Leases>,
 }
 
 impl WorkerCtx {
@@ -158,6 +161,8 @@ pub(crate) struct SharedState {
     governor: Option<Governor>,
     /// Channels relaying now (where an end-of-session line is written).
     running: Vec<ChannelId>,
+    /// The pass-through lease this session holds (a `tcp` target).
+    lease: Option<crate::passthrough::LeaseGuard>,
 }
 
 /// The user leg's receive windows: russh's bookkeeping replayed (to catch data beyond them) and
@@ -393,6 +398,8 @@ enum Chan {
         /// Command control of a shell.
         gate: Option<Arc<crate::commands::Gate>>,
     },
+    /// A lease of a `tcp` target: the line its shell or exec request answers with.
+    Lease(String),
     /// Finished or failed.
     Done,
 }
@@ -476,8 +483,9 @@ impl russh::server::Handler for Conn {
         &mut self,
         channel: ChannelId,
         data: &[u8],
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.lease_input(channel, data, session)?;
         if let Err(v) = self
             .shared
             .windows(|w| w.mirror.data(channel.into(), data.len()))
@@ -509,6 +517,7 @@ impl russh::server::Handler for Conn {
             w.flows.remove(&channel);
             w.mirror.closed(channel.into());
         });
+        self.lease_closed(channel);
         if let Some(Chan::Pending { target, .. }) = self.channels.remove(&channel) {
             // Opened but never started: its target connection has nothing left to do.
             tokio::spawn(async move { disconnect_target(&target).await });
@@ -623,6 +632,13 @@ impl russh::server::Handler for Conn {
             // a login without a target (nothing to choose from the menu, or an approver): its
             // first request says whether it is psm's own `requests` command or a refusal
             self.channels.insert(id, Chan::Plain);
+            self.opened(id);
+            reply.accept().await;
+            return Ok(());
+        }
+        if self.login_is_tcp() {
+            let state = self.lease(&user).await;
+            self.channels.insert(id, state);
             self.opened(id);
             reply.accept().await;
             return Ok(());
@@ -773,7 +789,9 @@ impl russh::server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         self.prestart_request(channel);
         match self.channels.get(&channel) {
-            Some(Chan::Denied(_) | Chan::Plain) => return session.channel_success(channel),
+            Some(Chan::Denied(_) | Chan::Plain | Chan::Lease(_)) => {
+                return session.channel_success(channel)
+            }
             Some(Chan::Pending { .. }) => {}
             _ => return session.channel_failure(channel),
         }

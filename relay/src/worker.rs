@@ -110,6 +110,8 @@ async fn accept_loop(
         Some(r) => Some((tokio::net::TcpListener::from_std(r.listener)?, r.cert)),
         None => None,
     };
+    // the psm ports of tcp targets follow the policy on their own
+    tokio::spawn(crate::passthrough::serve(ctx.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -1044,6 +1044,7 @@ mod tests {
                 address: "127.0.0.1:22".into(),
                 host_key: "ssh-ed25519 AAAA".into(),
                 groups: vec![],
+                listen: None,
             }],
             accounts: vec![Account {
                 domain: None,

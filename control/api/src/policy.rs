@@ -597,6 +597,7 @@ mod tests {
             address: "127.0.0.1:22".into(),
             host_key: "ssh-ed25519 AAAA".into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            listen: None,
         };
         let account = |t: &str, u: &str| Account {
             domain: None,
@@ -674,6 +675,46 @@ mod tests {
             source: ip.parse().expect("ip"),
             now_ms: now,
         }
+    }
+
+    #[test]
+    fn a_tcp_target_needs_a_grant_that_allows_it_unrecorded() {
+        let mut s = snap();
+        s.targets.push(Target {
+            name: "pg01".into(),
+            address: "127.0.0.1:5432".into(),
+            host_key: String::new(),
+            groups: vec![],
+            protocol: crate::Protocol::Tcp,
+            listen: Some("0.0.0.0:15432".into()),
+        });
+        s.accounts.push(Account {
+            target: "pg01".into(),
+            username: crate::TCP_ACCOUNT.into(),
+            credential: Credential::None,
+            domain: None,
+        });
+        let tcp_grant = |unrecorded_tcp| Grant {
+            user: "bob".into(),
+            target: "pg01".into(),
+            account: crate::TCP_ACCOUNT.into(),
+            conditions: Conditions {
+                unrecorded_tcp,
+                ..Conditions::default()
+            },
+        };
+        let now = at("2026-12-03T12:00:00Z");
+        s.grants.push(tcp_grant(false));
+        let d = decide(&s, &attempt("bob", "tcp", "pg01", "127.0.0.1", now)).expect_err("plain");
+        assert_eq!(d.code(), "unrecorded_not_allowed");
+        assert!(d.to_string().contains("--unrecorded-tcp"), "{d}");
+        // a later grant that says so decides
+        s.grants.push(tcp_grant(true));
+        let p = decide(&s, &attempt("bob", "tcp", "pg01", "127.0.0.1", now)).expect("allowed");
+        assert!(p.conditions().unrecorded_tcp);
+        // the flag means nothing on other targets, and is not needed there
+        let p = decide(&s, &attempt("bob", "root", "web01", "127.0.0.1", now)).expect("ssh");
+        assert!(!p.conditions().unrecorded_tcp);
     }
 
     #[test]

@@ -333,6 +333,7 @@ mod tests {
             host_key: "SHA256:x".into(),
             groups: vec![],
             protocol: psm_control_api::Protocol::Rdp,
+            listen: None,
         };
         let a = account(Credential::Password(Secret::new("pw".into())));
         let e = connect(&t, &a).await.err().expect("refused");

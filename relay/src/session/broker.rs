@@ -222,12 +222,21 @@ impl Conn {
     /// Decides a new channel or forward under the policy in force, starts the session (its
     /// recording confirmed open, `session_start`) when it is the first, and logs in to the
     /// target on a connection of its own. Denials are audited; the user's line is returned.
-    pub(super) async fn target_leg(
+    /// Decides a new channel or forward under the policy in force and, for the first one, opens
+    /// its recording (confirmed open before anything reaches the target: a user who cannot be
+    /// recorded is told so up front). Denials are audited; the user's line is returned.
+    pub(super) async fn admit_open(
         &mut self,
         user: &str,
         open: &Open,
-        handle: russh::server::Handle,
-    ) -> Result<TargetLeg, String> {
+    ) -> Result<
+        (
+            psm_control_api::Target,
+            psm_control_api::Account,
+            Option<RecordingStream>,
+        ),
+        String,
+    > {
         let login = match Login::parse(&self.login) {
             Ok(l) => l,
             Err(_) if !self.login.contains('@') => {
@@ -257,8 +266,20 @@ impl Conn {
             Ok(p) => p,
             Err(d) => return Err(self.deny(user, Refusal::policy(&d))),
         };
-        let (target, account) = (permit.target, permit.account);
+        let (target, account) = (permit.target.clone(), permit.account.clone());
         self.conditions = permit.conditions().clone();
+        if target.protocol == psm_control_api::Protocol::Tcp && !matches!(open, Open::Session) {
+            let t = &target.name;
+            return Err(self.deny(
+                user,
+                Refusal::new(
+                    Side::Client,
+                    "lease_only",
+                    format!("{t} is a tcp target: only a lease (a session channel) opens there"),
+                    format!("psm: {t} is a tcp target: hold a lease with ssh <user>@{}@{t}@<gateway> and connect to its psm port", psm_control_api::TCP_ACCOUNT),
+                ),
+            ));
+        }
         if let Open::DirectTcpip { host, port, .. } = open {
             if !self.conditions.forward_allowed(host, *port) {
                 let to = crate::escape_short(&format!("{host}:{port}"));
@@ -325,26 +346,22 @@ impl Conn {
                 Err(e) => debug!(error = %e, "recording not required; the session runs unrecorded"),
             }
         }
-        let (reverse_tx, reverse_rx) = mpsc::channel(upstream::REVERSE_QUEUE);
-        let route = Arc::new(upstream::Route::default());
-        let (target_handle, loss) = match upstream::connect(
-            target,
-            account,
-            self.ctx.limits.target_keepalive,
-            self.shared.notices.clone(),
-            Some((route.clone(), reverse_tx)),
-        )
-        .await
+        Ok((target, account, opened))
+    }
+
+    /// Starts the session on its first brokered channel: the governor, `session_start`, the
+    /// live-session entry.
+    pub(super) fn begin(
+        &mut self,
+        user: &str,
+        target: &psm_control_api::Target,
+        account: &psm_control_api::Account,
+        opened: Option<RecordingStream>,
+    ) {
+        if self.started {
+            return;
+        }
         {
-            Ok((h, loss)) => (Arc::new(h), loss),
-            Err(e) => {
-                if let Some(rec) = opened {
-                    rec.discard().await;
-                }
-                return Err(self.deny(user, Refusal::target(&e)));
-            }
-        };
-        if !self.started {
             let recording_id = self.shared.session_id.clone();
             if let Some(rec) = &opened {
                 let mut status = rec.status();
@@ -407,6 +424,36 @@ impl Conn {
             });
             self.started = true;
         }
+    }
+
+    pub(super) async fn target_leg(
+        &mut self,
+        user: &str,
+        open: &Open,
+        handle: russh::server::Handle,
+    ) -> Result<TargetLeg, String> {
+        let (target, account, opened) = self.admit_open(user, open).await?;
+        let (target, account) = (&target, &account);
+        let (reverse_tx, reverse_rx) = mpsc::channel(upstream::REVERSE_QUEUE);
+        let route = Arc::new(upstream::Route::default());
+        let (target_handle, loss) = match upstream::connect(
+            target,
+            account,
+            self.ctx.limits.target_keepalive,
+            self.shared.notices.clone(),
+            Some((route.clone(), reverse_tx)),
+        )
+        .await
+        {
+            Ok((h, loss)) => (Arc::new(h), loss),
+            Err(e) => {
+                if let Some(rec) = opened {
+                    rec.discard().await;
+                }
+                return Err(self.deny(user, Refusal::target(&e)));
+            }
+        };
+        self.begin(user, target, account, opened);
         self.shared.with(|s| s.targets.push(target_handle.clone()));
         reverse::spawn_router(self.shared.clone(), handle, reverse_rx, loss.clone());
         Ok(TargetLeg {
@@ -540,6 +587,7 @@ impl Conn {
                 return self.deliver_denial(channel, session);
             }
             Some(Chan::Denied(_)) => return self.deliver_denial(channel, session),
+            Some(Chan::Lease(_)) => return self.lease_started(channel, session),
             Some(Chan::Pending { .. }) => {}
             _ => return session.channel_failure(channel),
         }

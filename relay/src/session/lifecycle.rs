@@ -180,6 +180,9 @@ pub async fn handle_connection(
             }
         }
     };
+    // a lease ends with its session at once: its pass-through connections are cut now, not
+    // after the polite close below
+    drop(shared.with(|s| s.lease.take()));
     if let Some(message) = kick {
         // The line goes to every running channel's stderr (what an exec client or a terminal
         // shows) as well as into the disconnect message.

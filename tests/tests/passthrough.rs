@@ -1,0 +1,311 @@
+//! Zero-copy TCP pass-through: a `tcp` target served on a psm port of its own, reachable only
+//! from the source address of a user holding a lease (an SSH login to `tcp@TARGET`) under a
+//! grant that allows it unrecorded. Real OpenSSH for the lease; a plain TCP echo server as the
+//! target (a database port would be the same bytes).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use psm_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A lease held by `ssh LOGIN` with stdin kept open; killed on drop.
+struct Lease {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Lease {
+    fn open(w: &World, first: &[&str]) -> Lease {
+        let mut c = w.ssh_with(first, "alice@tcp@db01", &w.alice_key);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("ssh");
+        let (tx, lines) = mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Lease {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    /// The first line containing `needle`; panics with what came instead.
+    fn line(&self, needle: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(l) => seen.push(l),
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {needle:?} from the lease; got {seen:?}");
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bytes a transfer sends: xorshift64, so the receiver checks them without a copy.
+struct Pattern(u64, [u8; 8], usize);
+
+impl Pattern {
+    fn new(seed: u64) -> Pattern {
+        Pattern(seed | 1, [0; 8], 8)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.2 == 8 {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                self.1 = self.0.to_le_bytes();
+                self.2 = 0;
+            }
+            *b = self.1[self.2];
+            self.2 += 1;
+        }
+    }
+}
+
+/// A connection to psm's port from `source`.
+fn connect_from(source: &str, port: u16) -> TcpStream {
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let from: SocketAddr = format!("{source}:0").parse().expect("addr");
+    s.bind(&from.into()).expect("bind source");
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    s.connect(&to.into()).expect("connect");
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s
+}
+
+/// Whether psm closed the connection without relaying (EOF or reset, no byte echoed).
+fn closed_at_once(mut s: TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(b"hello?\n");
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+    }
+}
+
+/// Sends `len` bytes of `Pattern(seed)` and reads the echo back, checking every byte; returns
+/// how many came back intact before the end (all of them on success).
+fn echo_transfer(s: TcpStream, seed: u64, len: u64) -> u64 {
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let mut p = Pattern::new(seed);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < len {
+            let n = buf.len().min((len - sent) as usize);
+            p.fill(&mut buf[..n]);
+            if w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+        }
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    let mut r = s;
+    let mut expect = Pattern::new(seed);
+    let (mut buf, mut want) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+    let mut got = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        expect.fill(&mut want[..n]);
+        assert!(buf[..n] == want[..n], "byte mismatch after {got} bytes");
+        got += n as u64;
+    }
+    writer.join().expect("writer");
+    got
+}
+
+fn wait_event(
+    w: &World,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    w.psm.wait_audit(what, Duration::from_secs(10), pred)
+}
+
+#[test]
+fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed() {
+    let w = World::new();
+    let echo = echo_server(8);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let added = w.psm.psmctl_ok(
+        &[
+            "target",
+            "add",
+            "db01",
+            "--protocol",
+            "tcp",
+            "--address",
+            &format!("127.0.0.1:{echo}"),
+            "--listen",
+            &listen,
+        ],
+        None,
+    );
+    assert!(added.contains("added tcp target db01"), "{added}");
+    let list = w.psm.psmctl_ok(&["target", "list"], None);
+    assert!(list.contains(&format!("psm port {listen}")), "{list}");
+    w.psm.wait_policy_applied();
+    assert!(
+        wait_for(Duration::from_secs(10), || port_open(port)),
+        "psm serves the tcp target's port"
+    );
+
+    // no lease: the connection is closed before anything reaches the target, and audited
+    assert!(closed_at_once(connect_from("127.0.0.1", port)));
+    let e = wait_event(&w, "no_lease", |e| jstr(e, "reason_code") == "no_lease");
+    assert_eq!(jstr(&e, "event"), "session_denied");
+    assert!(jstr(&e, "source").starts_with("127.0.0.1:"), "{e}");
+    assert!(jstr(&e, "reason").contains("db01"), "{e}");
+
+    // a grant that does not allow the payload unrecorded opens no lease
+    w.psm
+        .psmctl_ok(&["grant", "add", "alice", "tcp@db01"], None);
+    let out = run_ssh(&mut w.ssh_as("alice@tcp@db01", &w.alice_key));
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    assert!(
+        out.stderr_str()
+            .contains("does not allow unrecorded pass-through"),
+        "{}",
+        out.describe()
+    );
+    wait_event(&w, "unrecorded_not_allowed", |e| {
+        jstr(e, "reason_code") == "unrecorded_not_allowed"
+    });
+
+    // with --unrecorded-tcp: the lease opens and says where
+    w.psm
+        .psmctl_ok(&["grant", "remove", "alice", "tcp@db01"], None);
+    w.psm.psmctl_ok(
+        &["grant", "add", "alice", "tcp@db01", "--unrecorded-tcp"],
+        None,
+    );
+    let lease = Lease::open(&w, &["-T"]);
+    let line = lease.line("is open to");
+    assert!(
+        line.contains(&format!("db01 is open to 127.0.0.1 on {listen}")),
+        "{line}"
+    );
+    let start = wait_event(&w, "lease session_start", |e| {
+        jstr(e, "event") == "session_start" && jstr(e, "target") == "db01"
+    });
+    let session = jstr(&start, "session_id").to_string();
+    assert_eq!(jstr(&start, "account"), "tcp");
+
+    // another source address has no lease
+    assert!(closed_at_once(connect_from("127.0.0.2", port)));
+    let e = wait_event(&w, "no_lease from 127.0.0.2", |e| {
+        jstr(e, "reason_code") == "no_lease" && jstr(e, "source").starts_with("127.0.0.2:")
+    });
+    assert_eq!(jstr(&e, "side"), "policy");
+
+    // 256 MiB each way through the lease's psm port, every byte checked, then audited exactly
+    let len = 256 * MIB;
+    let got = echo_transfer(connect_from("127.0.0.1", port), 1, len);
+    assert_eq!(got, len, "the whole echo came back");
+    let f = wait_event(&w, "tcp forward", |e| {
+        jstr(e, "event") == "forward" && jstr(e, "kind") == "tcp"
+    });
+    assert_eq!(jstr(&f, "session_id"), session);
+    assert_eq!(jstr(&f, "user"), "alice");
+    assert_eq!(
+        (f["bytes_up"].as_u64(), f["bytes_down"].as_u64()),
+        (Some(len), Some(len)),
+        "{f}"
+    );
+    assert!(
+        jstr(&f, "destination").starts_with(&format!("127.0.0.1:{echo} from 127.0.0.1:")),
+        "{f}"
+    );
+
+    // a kill of the lease cuts a transfer in flight within a second or two
+    let s = connect_from("127.0.0.1", port);
+    let probe = s.try_clone().expect("clone");
+    let transfer = std::thread::spawn(move || echo_transfer(s, 2, 4096 * MIB));
+    // the transfer is running once an echo comes back through psm
+    let mut one = [0u8; 1];
+    probe.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let _ = probe.peek(&mut one);
+    let killed = Instant::now();
+    w.psm.psmctl_ok(
+        &["sessions", "kill", &session, "--reason", "incident 9"],
+        None,
+    );
+    let moved = transfer.join().expect("transfer");
+    let took = killed.elapsed();
+    assert!(moved < 4096 * MIB, "the transfer was cut, not finished");
+    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+    let end = wait_event(&w, "lease session_end", |e| {
+        jstr(e, "event") == "session_end" && jstr(e, "session_id") == session
+    });
+    assert_eq!(jstr(&end, "side"), "operator", "{end}");
+    assert!(
+        end["bytes_up"].as_u64().unwrap_or(0) >= len,
+        "the lease's session counts its connections' bytes: {end}"
+    );
+    let cut = wait_event(&w, "cut forward", |e| {
+        jstr(e, "event") == "forward" && jstr(e, "kind") == "tcp" && e["channel"] == 2
+    });
+    assert_eq!(jstr(&cut, "session_id"), session);
+    drop(lease);
+    assert!(
+        closed_at_once(connect_from("127.0.0.1", port)),
+        "no lease after the kill"
+    );
+
+    // Ctrl-C in the lease's terminal ends it: ssh exits 0, the port is closed to us again
+    let mut lease = Lease::open(&w, &["-tt"]);
+    lease.line("is open to");
+    let s = connect_from("127.0.0.1", port);
+    assert_eq!(echo_transfer(s, 3, MIB), MIB);
+    let mut stdin = lease.stdin.take().expect("stdin");
+    stdin.write_all(b"\x03").expect("ctrl-c");
+    let status = wait_child(&mut lease.child, Duration::from_secs(10)).expect("ssh exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        closed_at_once(connect_from("127.0.0.1", port)),
+        "no lease after Ctrl-C"
+    );
+    w.assert_all_sessions_ended();
+}
