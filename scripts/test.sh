@@ -87,8 +87,8 @@ say "building the workspace"
 # The whole suite on the relay's default back end (io_uring where the kernel allows it), then
 # the sessions' data paths again on the epoll fallback (PSM_RELAY_IO reaches every psm-relay the
 # tests start). Arguments go to the first run only.
-epoll_tests=(--test exec --test files --test stream --test interactive --test forwarding)
-epoll_filter='binary_id(psm-tests::exec) | binary_id(psm-tests::files) | binary_id(psm-tests::stream) | binary_id(psm-tests::interactive) | binary_id(psm-tests::forwarding)'
+epoll_tests=(--test exec --test files --test stream --test interactive --test forwarding --test passthrough)
+epoll_filter='binary_id(psm-tests::exec) | binary_id(psm-tests::files) | binary_id(psm-tests::stream) | binary_id(psm-tests::interactive) | binary_id(psm-tests::forwarding) | binary_id(psm-tests::passthrough)'
 if cargo nextest --version >/dev/null 2>&1; then
   say "running the suite with cargo nextest"
   status=0
