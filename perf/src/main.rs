@@ -5,6 +5,7 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod record_bench;
 mod search_bench;
 mod stats;
@@ -45,6 +46,45 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         mib: usize,
     },
+    /// Measure psm beside a direct SSH session, an OpenSSH jump host and socat, on this machine
+    /// in one run: bulk throughput and CPU per GiB (two ciphers), sessions per second, echo
+    /// latency, idle sessions, TCP pass-through. One table of figures and ratios.
+    Bench {
+        /// Small sizes; checks only that every path works (CI).
+        #[arg(long)]
+        quick: bool,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Folder of psm, psmctl and the daemons (default: psm-perf's own).
+        #[arg(long, value_name = "DIR")]
+        bin: Option<std::path::PathBuf>,
+        /// MiB per bulk transfer (pass-through moves 4 times as much).
+        #[arg(long, default_value_t = 512)]
+        mib: u64,
+        /// Idle sessions held through psm at once.
+        #[arg(long, default_value_t = 1000)]
+        idle: usize,
+        /// Keep the work folder (logs, psm's data directory).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The light SSH target `bench` runs (one process; built-in sink, source, echo, true).
+    #[command(hide = true)]
+    BenchTarget {
+        /// SSH address.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Plain TCP sink address.
+        #[arg(long)]
+        tcp_sink: std::net::SocketAddr,
+        /// Host key (OpenSSH private key file).
+        #[arg(long)]
+        host_key: std::path::PathBuf,
+        /// The one user key accepted (OpenSSH public key file).
+        #[arg(long)]
+        user_key: std::path::PathBuf,
+    },
     /// Write N synthetic shell recordings into DIR (which must not exist), index them as
     /// psm-recorder does, and time searches over them (perf/BENCHMARKS.md).
     SearchBench {
@@ -63,6 +103,52 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench {
+            quick,
+            json,
+            bin,
+            mib,
+            idle,
+            keep,
+        } => {
+            anyhow::ensure!(
+                (1..=65536).contains(&mib),
+                "--mib must be between 1 and 65536"
+            );
+            anyhow::ensure!(
+                (1..=100_000).contains(&idle),
+                "--idle must be between 1 and 100000"
+            );
+            let mib = if quick { 8 } else { mib };
+            bench::run(
+                &bench::Opts {
+                    quick,
+                    bin,
+                    mib,
+                    idle,
+                    keep,
+                },
+                json,
+            )?
+        }
+        Command::BenchTarget {
+            listen,
+            tcp_sink,
+            host_key,
+            user_key,
+        } => {
+            let host = russh::keys::PrivateKey::from_openssh(
+                std::fs::read_to_string(&host_key).context("reading the host key")?,
+            )
+            .context("host key")?;
+            let user = russh::keys::PublicKey::from_openssh(
+                std::fs::read_to_string(&user_key)
+                    .context("reading the user key")?
+                    .trim(),
+            )
+            .context("user key")?;
+            bench::target::run(listen, tcp_sink, host, user)?
+        }
         Command::SearchBench {
             dir,
             recordings,

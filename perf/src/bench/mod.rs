@@ -1,0 +1,676 @@
+//! `psm-perf bench`: the same workloads, in one invocation on one machine, directly to a target,
+//! through psm (`psm up`, recording on) and through an OpenSSH jump host (ProxyJump), as one
+//! table of figures and ratios (`--json` for the raw figures). The target is psm-perf's own light
+//! SSH server (`bench-target`): a stock sshd's fork and shell per connection would be the
+//! bottleneck of session setup. The client is russh (in this process). `--quick` runs every
+//! path with small sizes and checks only that each works.
+
+mod client;
+mod procs;
+pub mod target;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::ssh_key::LineEnding;
+use russh::keys::PrivateKey;
+use serde_json::{json, Value};
+
+use client::Dest;
+use procs::{cpu_seconds, Proc};
+
+/// What `psm-perf bench` runs.
+#[derive(Clone, Debug)]
+pub struct Opts {
+    /// Small sizes; checks that every path works (CI).
+    pub quick: bool,
+    /// Where psm, psmctl and the daemons are (default: beside psm-perf).
+    pub bin: Option<PathBuf>,
+    /// MiB per bulk transfer.
+    pub mib: u64,
+    /// Idle sessions held through psm at once.
+    pub idle: usize,
+    /// Keep the work directory (logs, psm's data) at the end.
+    pub keep: bool,
+}
+
+/// One line of the table: a workload's figure on each route, or why it failed there.
+struct Row {
+    workload: String,
+    unit: &'static str,
+    /// Higher is better (throughput) or lower (latency, CPU).
+    higher_better: bool,
+    values: BTreeMap<&'static str, Result<f64, String>>,
+}
+
+impl Row {
+    fn new(workload: impl Into<String>, unit: &'static str, higher_better: bool) -> Row {
+        Row {
+            workload: workload.into(),
+            unit,
+            higher_better,
+            values: BTreeMap::new(),
+        }
+    }
+    fn set(&mut self, route: &'static str, v: anyhow::Result<f64>) {
+        self.values.insert(route, v.map_err(|e| format!("{e:#}")));
+    }
+    fn get(&self, route: &str) -> Option<f64> {
+        self.values
+            .get(route)
+            .and_then(|v| v.as_ref().ok().copied())
+    }
+}
+
+fn write_key(path: &Path, key: &PrivateKey) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let pem = key.to_openssh(LineEnding::LF)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(pem.as_bytes())?;
+    std::fs::write(
+        path.with_extension("pub"),
+        format!("{}\n", key.public_key().to_openssh()?),
+    )?;
+    Ok(())
+}
+
+fn new_key() -> anyhow::Result<PrivateKey> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| anyhow::anyhow!("system random source failed"))?;
+    Ok(PrivateKey::from(Ed25519Keypair::from_seed(&seed)))
+}
+
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e6
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// The bench's processes and addresses.
+struct World {
+    dir: PathBuf,
+    key: Arc<PrivateKey>,
+    direct: Dest,
+    psm: Dest,
+    jump: Option<Dest>,
+    psm_pids: Vec<(u32, String)>,
+    target_pid: u32,
+    jump_pid: Option<u32>,
+    tcp_sink: SocketAddr,
+    psm_tcp: SocketAddr,
+    _procs: Vec<Proc>,
+    notes: Vec<String>,
+}
+
+fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
+    let bin = match &o.bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("psm-perf's folder")?
+            .to_path_buf(),
+    };
+    for b in ["psm", "psmctl", "psm-relay", "psm-control", "psm-recorder"] {
+        if !bin.join(b).exists() {
+            bail!(
+                "{} missing (build the workspace's binaries, or give --bin DIR)",
+                bin.join(b).display()
+            );
+        }
+    }
+    let user_key = new_key()?;
+    let key_path = dir.join("bench_key");
+    write_key(&key_path, &user_key)?;
+    let host_path = dir.join("target_host_key");
+    let host_key = new_key()?;
+    write_key(&host_path, &host_key)?;
+    let pub_path = key_path.with_extension("pub");
+    let (target, ssh_addr, tcp_sink) = procs::start_target(dir, &host_path, &pub_path)?;
+    let mut procs_held = vec![target];
+    let target_pid = procs_held[0].0.id();
+
+    let data = dir.join("psm-data");
+    let psm_addr: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
+    procs_held.push(procs::start_psm(&bin, &data, psm_addr)?);
+    let ctl = |args: &[&str]| procs::psmctl(&bin, &data, args);
+    ctl(&[
+        "user",
+        "add",
+        "alice",
+        "--ssh-key",
+        &pub_path.display().to_string(),
+    ])?;
+    let host_pub = host_key.public_key().to_openssh()?;
+    ctl(&[
+        "target",
+        "add",
+        "bench",
+        "--address",
+        &ssh_addr.to_string(),
+        "--host-key",
+        &host_pub,
+    ])?;
+    ctl(&[
+        "account",
+        "add",
+        "bench@bench",
+        "--private-key",
+        &key_path.display().to_string(),
+    ])?;
+    ctl(&["grant", "add", "alice", "bench@bench"])?;
+    let psm_tcp: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
+    ctl(&[
+        "target",
+        "add",
+        "sink",
+        "--protocol",
+        "tcp",
+        "--address",
+        &tcp_sink.to_string(),
+        "--listen",
+        &psm_tcp.to_string(),
+    ])?;
+    ctl(&["grant", "add", "alice", "tcp@sink", "--unrecorded-tcp"])?;
+    procs::wait_until("psm's tcp port", Duration::from_secs(20), || {
+        std::net::TcpStream::connect_timeout(&psm_tcp, Duration::from_millis(300)).is_ok()
+    })?;
+    let psm_pids = procs::pids_mentioning(&data.display().to_string())
+        .into_iter()
+        .filter(|(_, n)| n.starts_with("psm"))
+        .collect();
+
+    let mut notes = vec![
+        "target: psm-perf's light SSH server (one process, no fork or shell per connection)".into(),
+        "client: russh in psm-perf; psm records every session (there is no recording-off mode, so recording off is not measured)".into(),
+    ];
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let (jump, jump_pid) = match procs::sshd() {
+        Some(sshd) => {
+            let jump_key = dir.join("jump_host_key");
+            write_key(&jump_key, &new_key()?)?;
+            let port = procs::free_port()?;
+            let p = procs::start_jump(&sshd, dir, port, &jump_key, &pub_path)?;
+            let pid = p.0.id();
+            procs_held.push(p);
+            (
+                Some(Dest {
+                    addr: ssh_addr,
+                    user: "bench".into(),
+                    jump: Some((format!("127.0.0.1:{port}").parse()?, user)),
+                }),
+                Some(pid),
+            )
+        }
+        None => {
+            notes.push("jump: no sshd on this machine; the ProxyJump route is skipped".into());
+            (None, None)
+        }
+    };
+    Ok(World {
+        dir: dir.to_path_buf(),
+        key: Arc::new(user_key),
+        direct: Dest {
+            addr: ssh_addr,
+            user: "bench".into(),
+            jump: None,
+        },
+        psm: Dest {
+            addr: psm_addr,
+            user: "alice@bench@bench".into(),
+            jump: None,
+        },
+        jump,
+        psm_pids,
+        target_pid,
+        jump_pid,
+        tcp_sink,
+        psm_tcp,
+        _procs: procs_held,
+        notes,
+    })
+}
+
+impl World {
+    fn routes(&self) -> Vec<(&'static str, &Dest)> {
+        let mut r = vec![("direct", &self.direct), ("psm", &self.psm)];
+        if let Some(j) = &self.jump {
+            r.push(("jump", j));
+        }
+        r
+    }
+
+    /// The CPU-seconds so far of the processes that do a route's work: the client and the
+    /// target for direct, psm's daemons, the jump host's sshd (with its reaped children).
+    fn cpu(&self, route: &str) -> f64 {
+        match route {
+            "direct" => cpu_seconds(std::process::id()) + cpu_seconds(self.target_pid),
+            "psm" => self.psm_pids.iter().map(|(p, _)| cpu_seconds(*p)).sum(),
+            "jump" => self.jump_pid.map(cpu_seconds).unwrap_or(0.0),
+            _ => 0.0,
+        }
+    }
+
+    fn relay_pid(&self) -> Option<u32> {
+        self.psm_pids
+            .iter()
+            .find(|(_, n)| n == "psm-relay")
+            .map(|(p, _)| *p)
+    }
+}
+
+async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
+    let n = o.mib << 20;
+    for (cipher, cname) in [
+        (russh::cipher::AES_128_GCM, "aes128-gcm"),
+        (russh::cipher::CHACHA20_POLY1305, "chacha20-poly1305"),
+    ] {
+        let cfg = client::config(cipher);
+        for what in ["up", "down", "both"] {
+            let mut tput = Row::new(format!("{what} {cname}"), "MB/s", true);
+            let mut cpu = Row::new(format!("{what} {cname} CPU"), "CPU-s/GiB", false);
+            for (route, d) in w.routes() {
+                eprintln!("bench: {what} {cname} via {route}");
+                let before = w.cpu(route);
+                let r = async {
+                    if what == "both" {
+                        return client::both(d, &w.key, &cfg, n).await;
+                    }
+                    let h = client::connect(d, &w.key, &cfg).await?;
+                    let secs = match what {
+                        "up" => client::upload(&h, n).await?,
+                        _ => client::download(&h, n).await?,
+                    };
+                    let _ = h
+                        .disconnect(russh::Disconnect::ByApplication, "", "en")
+                        .await;
+                    anyhow::Ok(secs)
+                };
+                let r = tokio::time::timeout(client::STEP, r)
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
+                // let the jump host reap its connection's process before its CPU is read
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let moved = if what == "both" { 2 * n } else { n };
+                let gib = moved as f64 / (1u64 << 30) as f64;
+                let spent = w.cpu(route) - before;
+                match r {
+                    Ok(secs) => {
+                        tput.set(route, Ok(mbps(moved, secs)));
+                        cpu.set(route, Ok(spent / gib));
+                    }
+                    Err(e) => {
+                        cpu.set(route, Err(anyhow::anyhow!("{e:#}")));
+                        tput.set(route, Err(e));
+                    }
+                }
+            }
+            rows.push(tput);
+            rows.push(cpu);
+        }
+    }
+}
+
+async fn sessions(w: &World, o: &Opts, rows: &mut Vec<Row>) {
+    let cfg = client::config(russh::cipher::AES_128_GCM);
+    let (seq_n, conc, span) = if o.quick {
+        (5usize, 4usize, Duration::from_millis(500))
+    } else {
+        (200, 10, Duration::from_secs(5))
+    };
+    let mut seq = Row::new("sessions sequential", "/s", true);
+    let mut par = Row::new(format!("sessions {conc} at once"), "/s", true);
+    for (route, d) in w.routes() {
+        eprintln!("bench: sessions via {route}");
+        let r = async {
+            let start = Instant::now();
+            for _ in 0..seq_n {
+                client::session(d, &w.key, &cfg).await?;
+            }
+            anyhow::Ok(seq_n as f64 / start.elapsed().as_secs_f64())
+        };
+        seq.set(
+            route,
+            tokio::time::timeout(client::STEP, r)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out"))),
+        );
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..conc)
+            .map(|_| {
+                let (d, key, cfg) = (d.clone(), w.key.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    // at least one each; then as many as fit in the span
+                    loop {
+                        client::session(&d, &key, &cfg).await?;
+                        n += 1;
+                        if start.elapsed() >= span {
+                            return anyhow::Ok(n);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut total = Ok(0u64);
+        for t in tasks {
+            let r = tokio::time::timeout(client::STEP, t).await;
+            total = match (total, r) {
+                (Ok(s), Ok(Ok(Ok(n)))) => Ok(s + n),
+                (Err(e), _) => Err(e),
+                (_, Ok(Ok(Err(e)))) => Err(e),
+                (_, Ok(Err(e))) => Err(anyhow::anyhow!("task: {e}")),
+                (_, Err(_)) => Err(anyhow::anyhow!("timed out")),
+            };
+        }
+        par.set(
+            route,
+            total.map(|n| n as f64 / start.elapsed().as_secs_f64()),
+        );
+    }
+    rows.push(seq);
+    rows.push(par);
+}
+
+async fn echo(w: &World, o: &Opts, rows: &mut Vec<Row>) {
+    let cfg = client::config(russh::cipher::AES_128_GCM);
+    let probes = if o.quick { 50 } else { 2000 };
+    let mut p = [
+        Row::new("echo p50", "µs", false),
+        Row::new("echo p99", "µs", false),
+        Row::new("echo p999", "µs", false),
+    ];
+    for (route, d) in w.routes() {
+        eprintln!("bench: echo via {route}");
+        let r = async {
+            let h = client::connect(d, &w.key, &cfg).await?;
+            let mut e = client::Echo::open(&h).await?;
+            for _ in 0..10 {
+                e.probe().await?;
+            }
+            let mut t = Vec::with_capacity(probes);
+            for _ in 0..probes {
+                t.push(e.probe().await?);
+            }
+            t.sort();
+            anyhow::Ok(t)
+        };
+        match tokio::time::timeout(client::STEP, r)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+        {
+            Ok(t) => {
+                for (row, q) in p.iter_mut().zip([0.5, 0.99, 0.999]) {
+                    row.set(route, Ok(percentile(&t, q)));
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                for row in &mut p {
+                    row.set(route, Err(anyhow::anyhow!("{msg}")));
+                }
+            }
+        }
+    }
+    rows.extend(p);
+}
+
+async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
+    let cfg = client::config(russh::cipher::AES_128_GCM);
+    let n = if o.quick { 20 } else { o.idle };
+    let mut mem = Row::new(format!("idle {n}: relay memory per session"), "KiB", false);
+    let mut worst = Row::new(format!("idle {n}: slowest echo"), "µs", false);
+    let relay = w.relay_pid();
+    eprintln!("bench: {n} idle sessions via psm");
+    let r = async {
+        let before = relay.map(procs::rss_kib).unwrap_or(0);
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let h = client::connect(&w.psm, &w.key, &cfg).await?;
+            let e = client::Echo::open(&h).await?;
+            held.push((h, e));
+        }
+        let after = relay.map(procs::rss_kib).unwrap_or(0);
+        let mut slowest = Duration::ZERO;
+        for (_, e) in &mut held {
+            slowest = slowest.max(e.probe().await?);
+        }
+        anyhow::Ok((
+            after.saturating_sub(before) as f64 / n as f64,
+            slowest.as_secs_f64() * 1e6,
+        ))
+    };
+    match tokio::time::timeout(client::STEP * 2, r)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+    {
+        Ok((kib, us)) => {
+            mem.set("psm", Ok(kib));
+            worst.set("psm", Ok(us));
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            mem.set("psm", Err(anyhow::anyhow!("{msg}")));
+            worst.set("psm", Err(e));
+        }
+    }
+    rows.push(mem);
+    rows.push(worst);
+}
+
+async fn tcp(w: &World, o: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    let cfg = client::config(russh::cipher::AES_128_GCM);
+    let n = if o.quick {
+        16u64 << 20
+    } else {
+        (o.mib * 4) << 20
+    };
+    let gib = n as f64 / (1u64 << 30) as f64;
+    let mut tput = Row::new("tcp pass-through", "MB/s", true);
+    let mut cpu = Row::new("tcp pass-through forwarder CPU", "CPU-s/GiB", false);
+    eprintln!("bench: tcp pass-through");
+    tput.set(
+        "direct",
+        client::tcp_upload(w.tcp_sink, n).await.map(|s| mbps(n, s)),
+    );
+    let lease_dest = Dest {
+        user: "alice@tcp@sink".into(),
+        ..w.psm.clone()
+    };
+    let lease = tokio::time::timeout(
+        Duration::from_secs(30),
+        client::lease(&lease_dest, &w.key, &cfg),
+    )
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("no lease within 30 s")));
+    match lease {
+        Ok(_held) => {
+            let before = w.cpu("psm");
+            let r = client::tcp_upload(w.psm_tcp, n).await;
+            let spent = w.cpu("psm") - before;
+            cpu.set(
+                "psm",
+                r.as_ref()
+                    .map(|_| spent / gib)
+                    .map_err(|e| anyhow::anyhow!("{e:#}")),
+            );
+            tput.set("psm", r.map(|s| mbps(n, s)));
+        }
+        Err(e) => {
+            cpu.set("psm", Err(anyhow::anyhow!("{e:#}")));
+            tput.set("psm", Err(e));
+        }
+    }
+    let port = match procs::free_port() {
+        Ok(p) => p,
+        Err(e) => {
+            tput.set("socat", Err(e));
+            rows.extend([tput, cpu]);
+            return;
+        }
+    };
+    match procs::start_socat(port, w.tcp_sink) {
+        Ok(Some(p)) => {
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let r = client::tcp_upload(addr, n).await;
+            // socat exits after its one connection: its CPU is read before it is reaped
+            let _ = procs::wait_until("socat to finish", Duration::from_secs(10), || {
+                std::fs::read_to_string(format!("/proc/{}/stat", p.0.id()))
+                    .map(|s| {
+                        s.rsplit_once(')')
+                            .map(|(_, r)| r.trim_start().starts_with('Z'))
+                            .unwrap_or(true)
+                    })
+                    .unwrap_or(true)
+            });
+            let spent = cpu_seconds(p.0.id());
+            cpu.set(
+                "socat",
+                r.as_ref()
+                    .map(|_| spent / gib)
+                    .map_err(|e| anyhow::anyhow!("{e:#}")),
+            );
+            tput.set("socat", r.map(|s| mbps(n, s)));
+        }
+        Ok(None) => {
+            notes.push("tcp: socat is not installed; pass-through is not compared with it".into())
+        }
+        Err(e) => tput.set("socat", Err(e)),
+    }
+    rows.extend([tput, cpu]);
+}
+
+fn fmt(v: Option<&Result<f64, String>>) -> String {
+    match v {
+        None => "-".into(),
+        Some(Err(_)) => "FAILED".into(),
+        Some(Ok(x)) if x.abs() >= 100.0 => format!("{x:.0}"),
+        Some(Ok(x)) => format!("{x:.3}"),
+    }
+}
+
+fn ratio(row: &Row, a: &str, b: &str) -> String {
+    match (row.get(a), row.get(b)) {
+        (Some(x), Some(y)) if y != 0.0 => format!("{:.2}x", x / y),
+        _ => "-".into(),
+    }
+}
+
+fn render(rows: &[Row], notes: &[String]) -> String {
+    let mut out = format!(
+        "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+        "workload", "direct", "psm", "jump", "socat", "psm/direct", "psm/other"
+    );
+    for r in rows {
+        let other = if r.values.contains_key("socat") {
+            "socat"
+        } else {
+            "jump"
+        };
+        out.push_str(&format!(
+            "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            format!("{} ({})", r.workload, r.unit),
+            fmt(r.values.get("direct")),
+            fmt(r.values.get("psm")),
+            fmt(r.values.get("jump")),
+            fmt(r.values.get("socat")),
+            ratio(r, "psm", "direct"),
+            ratio(r, "psm", other),
+        ));
+    }
+    for r in rows {
+        for (route, v) in &r.values {
+            if let Err(e) = v {
+                out.push_str(&format!("FAILED {} on {route}: {e}\n", r.workload));
+            }
+        }
+    }
+    for n in notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    out
+}
+
+fn to_json(rows: &[Row], notes: &[String], o: &Opts) -> Value {
+    json!({
+        "quick": o.quick,
+        "mib": o.mib,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "rows": rows.iter().map(|r| {
+            let mut m = serde_json::Map::new();
+            m.insert("workload".into(), json!(r.workload));
+            m.insert("unit".into(), json!(r.unit));
+            m.insert("higher_better".into(), json!(r.higher_better));
+            for (route, v) in &r.values {
+                m.insert((*route).into(), match v {
+                    Ok(x) => json!(x),
+                    Err(e) => json!({ "error": e }),
+                });
+            }
+            Value::Object(m)
+        }).collect::<Vec<_>>(),
+        "notes": notes,
+    })
+}
+
+/// Runs the bench; prints the table (or JSON) on stdout. Fails when any path failed.
+pub fn run(o: &Opts, json_out: bool) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("psm-perf-bench.{}", std::process::id()));
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = (|| {
+        let world = setup(o, &dir)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let mut rows = Vec::new();
+        let mut notes = world.notes.clone();
+        rt.block_on(async {
+            bulk(&world, o, &mut rows).await;
+            sessions(&world, o, &mut rows).await;
+            echo(&world, o, &mut rows).await;
+            idle(&world, o, &mut rows).await;
+            tcp(&world, o, &mut rows, &mut notes).await;
+        });
+        drop(rt);
+        let retries = client::JUMP_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+        if retries > 0 {
+            notes.push(format!("jump: {retries} stalled handshakes through the jump host were tried again (10 s each, not in the figures' sessions but in their time)"));
+        }
+        let failed = rows
+            .iter()
+            .flat_map(|r| r.values.values())
+            .filter(|v| v.is_err())
+            .count();
+        let text = if json_out {
+            serde_json::to_string_pretty(&to_json(&rows, &notes, o))? + "\n"
+        } else {
+            render(&rows, &notes)
+        };
+        print!("{text}");
+        if failed > 0 {
+            bail!("{failed} paths failed (logs in {})", world.dir.display());
+        }
+        anyhow::Ok(())
+    })();
+    if !(o.keep || result.is_err()) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}

@@ -1,0 +1,274 @@
+//! The processes `psm-perf bench` starts and measures: the light target, `psm up`, an OpenSSH
+//! jump host, socat; their CPU time and memory from /proc.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// A child process stopped (SIGTERM, so `psm up` stops its daemons; SIGKILL after 10 s) and
+/// reaped on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let _ = wait_until("a bench process to stop", Duration::from_secs(10), || {
+                matches!(self.0.try_wait(), Ok(Some(_)))
+            });
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU-seconds (user + system, the process's own and its reaped children's) of `pid`; 0 for a
+/// process that is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    // fields 14-17 of stat: utime, stime, cutime, cstime (rest starts at field 3)
+    rest.split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum::<f64>()
+        / TICKS
+}
+
+/// Resident memory of `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Pids whose command line mentions `needle` (like `pgrep -f`), with their executable's name.
+pub fn pids_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a.contains(needle)) {
+            let name = args
+                .first()
+                .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
+                .unwrap_or_default();
+            out.push((pid, name));
+        }
+    }
+    out
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits until `cond` holds, at most `timeout`.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+fn port_open(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
+/// The light target (`psm-perf bench-target`), with the addresses it serves.
+pub fn start_target(
+    dir: &Path,
+    host_key: &Path,
+    user_pub: &Path,
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    let exe = std::env::current_exe().context("psm-perf's own path")?;
+    let mut child = Command::new(exe)
+        .args([
+            "bench-target",
+            "--listen",
+            "127.0.0.1:0",
+            "--tcp-sink",
+            "127.0.0.1:0",
+        ])
+        .arg("--host-key")
+        .arg(host_key)
+        .arg("--user-key")
+        .arg(user_pub)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("target.log"))?)
+        .spawn()
+        .context("starting the light target")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let p = Proc(child);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["ssh", ssh, "tcp", tcp] => Ok((p, ssh.parse()?, tcp.parse()?)),
+        _ => bail!("the light target did not start: {line:?}"),
+    }
+}
+
+/// `psm up` on `listen` with its data in `data`; waits until psmctl and the relay answer.
+pub fn start_psm(bin: &Path, data: &Path, listen: SocketAddr) -> anyhow::Result<Proc> {
+    let log = std::fs::File::create(data.with_extension("log"))?;
+    let child = Command::new(bin.join("psm"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--listen", &listen.to_string(), "--rdp-listen", "off"])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.join("psm").display()))?;
+    let mut p = Proc(child);
+    let mut exited = None;
+    let up = wait_until("psm to start", Duration::from_secs(60), || {
+        if let Ok(Some(status)) = p.0.try_wait() {
+            exited = Some(status);
+            return true;
+        }
+        psmctl(bin, data, &["user", "list"]).is_ok() && port_open(listen)
+    });
+    if let Some(status) = exited {
+        let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        bail!(
+            "psm up exited ({status}): {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    up?;
+    Ok(p)
+}
+
+/// Runs psmctl; its stdout, or its stderr as the error.
+pub fn psmctl(bin: &Path, data: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin.join("psmctl"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .context("running psmctl")?;
+    if !out.status.success() {
+        bail!(
+            "psmctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The OpenSSH server, if this machine has one.
+pub fn sshd() -> Option<PathBuf> {
+    ["/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// An OpenSSH jump host on `port` accepting `user_pub` for the current user.
+pub fn start_jump(
+    sshd: &Path,
+    dir: &Path,
+    port: u16,
+    host_key: &Path,
+    user_pub: &Path,
+) -> anyhow::Result<Proc> {
+    let keys = dir.join("jump_authorized_keys");
+    std::fs::copy(user_pub, &keys)?;
+    let cfg = dir.join("jump_sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             AllowTcpForwarding yes\nPidFile {}\nMaxStartups 1000\nMaxSessions 1000\nLogLevel ERROR\n",
+            host_key.display(),
+            keys.display(),
+            dir.join("jump.pid").display()
+        ),
+    )?;
+    let child = Command::new(sshd)
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("jump.log"))?)
+        .spawn()
+        .context("starting the jump host's sshd")?;
+    let p = Proc(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_until("the jump host", Duration::from_secs(10), || port_open(addr))?;
+    Ok(p)
+}
+
+/// `socat` forwarding one connection on `port` to `to`, if socat is installed.
+pub fn start_socat(port: u16, to: SocketAddr) -> anyhow::Result<Option<Proc>> {
+    let child = match Command::new("socat")
+        .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"))
+        .arg(format!("TCP:{to}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let p = Proc(child);
+    // listening once /proc/net/tcp shows the port in LISTEN (state 0A), without connecting
+    let hex = format!(":{port:04X} ");
+    wait_until("socat to listen", Duration::from_secs(10), || {
+        std::fs::read_to_string("/proc/net/tcp")
+            .map(|t| {
+                t.lines()
+                    .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+            })
+            .unwrap_or(false)
+    })?;
+    Ok(Some(p))
+}
