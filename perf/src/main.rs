@@ -68,6 +68,16 @@ enum Command {
         /// Keep the work folder (logs, psm's data directory).
         #[arg(long)]
         keep: bool,
+        /// Relay workers of the psm under test (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Instead of the table: the scaling run, psm with each of these worker counts
+        /// (`1,2,4,8`), 2 uploads per worker at once, MiB each per --mib.
+        #[arg(long, value_delimiter = ',', value_name = "N,N,…")]
+        scaling: Vec<usize>,
+        /// Client runtime threads for the scaling run.
+        #[arg(long, default_value_t = 4)]
+        client_threads: usize,
     },
     /// The light SSH target `bench` runs (one process; built-in sink, source, echo, true).
     #[command(hide = true)]
@@ -110,6 +120,9 @@ fn main() -> anyhow::Result<()> {
             mib,
             idle,
             keep,
+            workers,
+            scaling,
+            client_threads,
         } => {
             anyhow::ensure!(
                 (1..=65536).contains(&mib),
@@ -119,17 +132,27 @@ fn main() -> anyhow::Result<()> {
                 (1..=100_000).contains(&idle),
                 "--idle must be between 1 and 100000"
             );
-            let mib = if quick { 8 } else { mib };
-            bench::run(
-                &bench::Opts {
-                    quick,
-                    bin,
-                    mib,
-                    idle,
-                    keep,
-                },
-                json,
-            )?
+            anyhow::ensure!(
+                scaling.iter().all(|n| (1..=256).contains(n)),
+                "--scaling: worker counts between 1 and 256"
+            );
+            anyhow::ensure!(
+                (1..=256).contains(&client_threads),
+                "--client-threads must be between 1 and 256"
+            );
+            let opts = bench::Opts {
+                quick,
+                bin,
+                mib: if quick { 8 } else { mib },
+                idle,
+                keep,
+                workers,
+            };
+            if scaling.is_empty() {
+                bench::run(&opts, json)?
+            } else {
+                bench::scaling(&opts, &scaling, client_threads)?
+            }
         }
         Command::BenchTarget {
             listen,

@@ -50,6 +50,26 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         / TICKS
 }
 
+/// CPU-seconds of `pid` and all its living descendants (a forking server's connections, counted
+/// while they run; once reaped they are in the parent's own figure).
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let mut total = cpu_seconds(pid);
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            // a child's own time only: its reaped children are in its cutime already
+            total += cpu_seconds(c);
+            frontier.push(c);
+        }
+    }
+    total
+}
+
 /// Resident memory of `pid`, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -151,10 +171,34 @@ pub fn start_target(
 }
 
 /// `psm up` on `listen` with its data in `data`; waits until psmctl and the relay answer.
-pub fn start_psm(bin: &Path, data: &Path, listen: SocketAddr) -> anyhow::Result<Proc> {
+pub fn start_psm(
+    bin: &Path,
+    data: &Path,
+    listen: SocketAddr,
+    workers: Option<usize>,
+) -> anyhow::Result<Proc> {
     let log = std::fs::File::create(data.with_extension("log"))?;
-    let child = Command::new(bin.join("psm"))
-        .arg("up")
+    // one bench user holds every idle session: lift the per-user and relay-wide caps
+    std::fs::create_dir_all(data)?;
+    std::fs::write(
+        data.join("psm.toml"),
+        "[relay]\nmax_connections_per_user = 100000\nmax_connections = 1000000\n",
+    )?;
+    // PSM_BENCH_PSM_CPUS (`0-7`): psm runs on those CPUs (taskset), apart from the client and
+    // the target, which stay on psm-perf's own (run psm-perf itself under taskset)
+    let mut cmd = match std::env::var("PSM_BENCH_PSM_CPUS") {
+        Ok(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpus]).arg(bin.join("psm"));
+            c
+        }
+        Err(_) => Command::new(bin.join("psm")),
+    };
+    cmd.arg("up");
+    if let Some(n) = workers {
+        cmd.args(["--workers", &n.to_string()]);
+    }
+    let child = cmd
         .arg("--data-dir")
         .arg(data)
         .args(["--listen", &listen.to_string(), "--rdp-listen", "off"])

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# device-scaling.sh - issue #9's multi-core scaling run, for a machine with many cores and none
+# of the tools (no cargo, sshd or socat): the release binaries travel stripped in
+# target/devbin.tar.xz, made here with
+#
+#   cargo build --release --workspace --bins
+#   mkdir -p target/devbin && for b in psm psmctl psm-relay psm-control psm-recorder psm-perf; do
+#     strip -o target/devbin/$b target/release/$b; done
+#   tar -C target -cJf target/devbin.tar.xz devbin
+#
+# and on the machine: psm on the first half of the CPUs (PSM_BENCH_PSM_CPUS), the client and the
+# light target on the other half; `psm-perf bench --scaling` with 1, 2, 4 and half-1 workers
+# (2 uploads per worker, MIB MiB each), then the whole bench table with WORKERS workers. Each
+# step is bounded; results go to $OUT (or ./device-out).
+set -euo pipefail
+out="${OUT:-$PWD/device-out}"
+mkdir -p "$out"
+tar -C /tmp -xJf target/devbin.tar.xz
+b=/tmp/devbin
+cpus=$(nproc)
+half=$((cpus / 2))
+{ echo "# $(uname -r), $cpus cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"; "$b/psm-perf" check || true; } > "$out/host.txt" 2>&1
+export PSM_BENCH_PSM_CPUS="0-$((half - 1))"
+ulimit -n "$(ulimit -Hn)" || true
+timeout 200 taskset -c "$half-$((cpus - 1))" "$b/psm-perf" bench --bin "$b" \
+  --scaling "1,2,4,$((half - 1))" --mib "${MIB:-256}" --client-threads "$half" \
+  > "$out/scaling.txt" 2> "$out/scaling.err" || echo "scaling rc=$?" >> "$out/scaling.txt"
+timeout 240 taskset -c "$half-$((cpus - 1))" "$b/psm-perf" bench --bin "$b" --workers "${WORKERS:-4}" \
+  --mib "${MIB:-256}" --idle "${IDLE:-2000}" > "$out/bench.txt" 2> "$out/bench.err" || echo "bench rc=$?" >> "$out/bench.txt"
+cat "$out/host.txt" "$out/scaling.txt" "$out/bench.txt"
