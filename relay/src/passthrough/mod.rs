@@ -321,31 +321,20 @@ async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, 
         return;
     }
     drop(snap);
-    let server = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let dialled = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
+    };
+    let server = match dialled {
+        Ok(s) => s,
+        Err(e) => {
             let why = format!("target '{target}' unreachable at {address}: {e}");
+            let user = lease.user.clone();
             refuse(
                 &ctx,
                 peer,
                 login,
-                &lease.user,
-                "target_unreachable",
-                "target",
-                why,
-            );
-            return;
-        }
-        Err(_) => {
-            let why = format!(
-                "target '{target}' unreachable at {address}: no answer within {}s",
-                CONNECT_TIMEOUT.as_secs()
-            );
-            refuse(
-                &ctx,
-                peer,
-                login,
-                &lease.user,
+                &user,
                 "target_unreachable",
                 "target",
                 why,
