@@ -163,6 +163,8 @@ pub(crate) struct SharedState {
     running: Vec<ChannelId>,
     /// The pass-through lease this session holds (a `tcp` target).
     lease: Option<crate::passthrough::LeaseGuard>,
+    /// The session's loop has ended: nothing new (a lease) may start.
+    closing: bool,
 }
 
 /// The user leg's receive windows: russh's bookkeeping replayed (to catch data beyond them) and

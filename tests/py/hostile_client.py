@@ -73,6 +73,7 @@ MODES = (
     "pty-extremes",
     "long-login",
     "pre-start-data",
+    "open-close-channels",
 )
 DEFAULT_COUNT = {
     "env-before-exec": 200,
@@ -476,6 +477,19 @@ async def mode_pre_start_data(cfg, budget) -> None:
         await wait_event(sess.closed, budget, 3)
     result(f"answered={int(answered)}", f"accepted={int(accepted)}", f"seconds={seconds:.3f}",
            f"echoed={len(sess.output())}", f"disconnected={int(tracker.lost.is_set())}")
+    conn.abort()
+
+
+async def mode_open_close_channels(cfg, budget) -> None:
+    """Opens COUNT session channels one after another and closes each before any request, then
+    holds the connection (until killed, or the budget ends) for the caller to count what the
+    relay keeps toward the target meanwhile."""
+    conn, tracker = await connect(cfg, budget)
+    for _ in range(cfg.count):
+        chan, _sess = await open_raw_session(conn, None)
+        chan.close()
+    result(f"opened={cfg.count}", f"disconnected={int(tracker.lost.is_set())}")
+    await asyncio.sleep(budget.cap(3600))
     conn.abort()
 
 

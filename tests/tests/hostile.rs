@@ -497,6 +497,56 @@ fn requests_before_exec_are_answered_or_refused_within_a_second() {
 }
 
 #[test]
+fn channels_closed_before_their_request_leave_no_target_connection() {
+    let w = World::new();
+    // the readiness sessions' target logins are gone first
+    let mut baseline = usize::MAX;
+    wait_for(Duration::from_secs(10), || {
+        let now = w.sshd.session_pids().len();
+        let settled = now == baseline;
+        baseline = now;
+        settled
+    });
+    // each session channel gets its own target login when it opens; closed before any
+    // request, the login must go with it, while the user's connection stays
+    let mut client = py("hostile_client.py")
+        .args(["--port", &w.psm.port().to_string()])
+        .args(["--user", &alice_login(), "--key"])
+        .arg(&w.alice_key)
+        .args([
+            "--mode",
+            "open-close-channels",
+            "--count",
+            "12",
+            "--max-seconds",
+            "60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("hostile client");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("result line");
+    assert!(line.contains("opened=12 disconnected=0"), "{line}");
+    let mut now = 0;
+    let released = wait_for(Duration::from_secs(10), || {
+        now = w.sshd.session_pids().len();
+        now <= baseline
+    });
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(
+        released,
+        "{now} sshd processes for target logins, {baseline} before 12 channels came and went"
+    );
+    w.assert_all_sessions_ended();
+}
+
+#[test]
 fn a_client_that_ignores_its_window_is_disconnected_and_memory_returns() {
     let w = World::new();
     let relay = w.psm.relay_pids()[0];

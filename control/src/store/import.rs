@@ -159,6 +159,7 @@ impl PolicyDoc {
             }
         }
         let mut targets = BTreeSet::new();
+        let mut listens = BTreeSet::new();
         for (i, t) in self.targets.iter().enumerate() {
             let f = format!("targets[{i}]");
             validate::target_name(&t.name).map_err(|e| bad(format!("{f}.name"), e))?;
@@ -166,7 +167,14 @@ impl PolicyDoc {
             validate::pin(t.protocol, &t.host_key).map_err(|e| bad(format!("{f}.host_key"), e))?;
             match (t.protocol, &t.listen) {
                 (Protocol::Tcp, Some(l)) => {
-                    validate::listen_address(l).map_err(|e| bad(format!("{f}.listen"), e))?;
+                    let l =
+                        validate::listen_address(l).map_err(|e| bad(format!("{f}.listen"), e))?;
+                    if !listens.insert(l.clone()) {
+                        return Err(bad(
+                            format!("{f}.listen"),
+                            format!("another target already listens on {l}"),
+                        ));
+                    }
                 }
                 (Protocol::Tcp, None) => {
                     return Err(bad(format!("{f}.listen"), "a tcp target needs one"));
@@ -556,7 +564,16 @@ impl Store {
                 "INSERT INTO targets (name, address, host_key, protocol, listen)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(name) DO UPDATE SET address = ?2, host_key = ?3, listen = ?5",
-                params![t.name, address, host_key, t.protocol.as_str(), t.listen],
+                params![
+                    t.name,
+                    address,
+                    host_key,
+                    t.protocol.as_str(),
+                    t.listen
+                        .as_deref()
+                        .map(validate::listen_address)
+                        .transpose()?
+                ],
             )?;
             if t.protocol == Protocol::Tcp {
                 tx.execute(

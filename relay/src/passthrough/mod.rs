@@ -67,8 +67,11 @@ impl Drop for LeaseGuard {
 pub struct Leases {
     table: Mutex<HashMap<(String, IpAddr), Vec<Lease>>>,
     next: AtomicU64,
-    /// Refusals audited: at most 20 a second for the whole relay.
+    /// Refusals logged and audited: at most 20 a second for the whole relay, connections
+    /// without a lease (anyone who reaches the port) apart from lease holders' refusals, so a
+    /// flood of the first cannot hide the second.
     refusals: Mutex<LogLimiter>,
+    no_lease: Mutex<LogLimiter>,
     /// psm's own SSH and RDP listeners: no `tcp` target may share their port.
     reserved: Vec<SocketAddr>,
     /// psm ports checked to be free of other listeners before the workers share them.
@@ -82,6 +85,7 @@ impl Leases {
             table: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             refusals: Mutex::new(LogLimiter::new(20, Duration::from_secs(1))),
+            no_lease: Mutex::new(LogLimiter::new(20, Duration::from_secs(1))),
             reserved,
             probed: Mutex::new(HashSet::new()),
         })
@@ -256,13 +260,18 @@ fn refuse(
     side: &str,
     reason: String,
 ) {
-    let allowed = ctx
-        .leases
-        .refusals
+    let limiter = if code == "no_lease" {
+        &ctx.leases.no_lease
+    } else {
+        &ctx.leases.refusals
+    };
+    let allowed = limiter
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .allow(Instant::now());
-    info!(%peer, code, reason = %Escaped(&reason), "pass-through connection refused");
+    if allowed.is_some() {
+        info!(%peer, code, reason = %Escaped(&reason), "pass-through connection refused");
+    }
     let Some(suppressed) = allowed else { return };
     let reason = if suppressed > 0 {
         format!("{reason} ({suppressed} earlier refusals not audited)")
@@ -342,6 +351,10 @@ async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, 
             return;
         }
     };
+    if lease.end.has_changed().is_err() {
+        // the lease ended while the target was dialled: nothing may pass
+        return;
+    }
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let number = lease.connections.fetch_add(1, Ordering::Relaxed) + 1;
@@ -361,12 +374,14 @@ async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, 
     let upward = splice::one_way(&client, &server, &count_up);
     let downward = splice::one_way(&server, &client, &count_down);
     let how = tokio::select! {
+        // the end of the lease and shutdown first: once either happened, no byte passes
+        biased;
+        _ = end.changed() => "cut: the lease ended".to_string(),
+        _ = shutdown.changed() => "cut: psm shut down".to_string(),
         r = async { tokio::try_join!(upward, downward) } => match r {
             Ok(_) => "closed".to_string(),
             Err(e) => format!("ended: {e}"),
         },
-        _ = end.changed() => "cut: the lease ended".to_string(),
-        _ = shutdown.changed() => "cut: psm shut down".to_string(),
     };
     drop((client, server));
     let (bytes_up, bytes_down) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));

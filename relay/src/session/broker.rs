@@ -219,9 +219,6 @@ impl Conn {
         }
     }
 
-    /// Decides a new channel or forward under the policy in force, starts the session (its
-    /// recording confirmed open, `session_start`) when it is the first, and logs in to the
-    /// target on a connection of its own. Denials are audited; the user's line is returned.
     /// Decides a new channel or forward under the policy in force and, for the first one, opens
     /// its recording (confirmed open before anything reaches the target: a user who cannot be
     /// recorded is told so up front). Denials are audited; the user's line is returned.
@@ -426,6 +423,9 @@ impl Conn {
         }
     }
 
+    /// Decides a new channel or forward under the policy in force, starts the session (its
+    /// recording confirmed open, `session_start`) when it is the first, and logs in to the
+    /// target on a connection of its own. Denials are audited; the user's line is returned.
     pub(super) async fn target_leg(
         &mut self,
         user: &str,

@@ -22,13 +22,17 @@ impl Conn {
 
     /// Starts the session and its lease (once per connection); returns the channel's state.
     pub(super) async fn lease(&mut self, user: &str) -> Chan {
+        if self.shared.with(|s| s.closing) {
+            // the session is ending: no lease may start after its own was dropped
+            return Chan::Denied("psm: the session is ending".into());
+        }
         let (target, account, opened) = match self.admit_open(user, &Open::Session).await {
             Ok(t) => t,
             Err(msg) => return Chan::Denied(msg),
         };
         self.begin(user, &target, &account, opened);
         let source = self.shared.peer.ip().to_canonical();
-        let opened_now = self.shared.with(|s| s.lease.is_none());
+        let opened_now = self.shared.with(|s| s.lease.is_none() && !s.closing);
         if opened_now {
             let guard = self.ctx.leases.open(
                 &target.name,
@@ -93,7 +97,8 @@ impl Conn {
 
     /// A lease channel is done: the lease ends with the last one.
     pub(super) fn lease_closed(&mut self, channel: ChannelId) {
-        if !matches!(self.channels.remove(&channel), Some(Chan::Lease(_))) {
+        // only a lease channel: any other stays for its own close handling
+        if !matches!(self.channels.get(&channel), Some(Chan::Lease(_))) {
             return;
         }
         self.channels.insert(channel, Chan::Done);

@@ -182,7 +182,10 @@ pub async fn handle_connection(
     };
     // a lease ends with its session at once: its pass-through connections are cut now, not
     // after the polite close below
-    drop(shared.with(|s| s.lease.take()));
+    drop(shared.with(|s| {
+        s.closing = true;
+        s.lease.take()
+    }));
     if let Some(message) = kick {
         // The line goes to every running channel's stderr (what an exec client or a terminal
         // shows) as well as into the disconnect message.
@@ -271,6 +274,8 @@ const SETTLE: Duration = Duration::from_secs(2);
 
 pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndReason>) {
     let (info, recording, targets, exit_status, exit_signal, end) = shared.with(|s| {
+        s.closing = true;
+        drop(s.lease.take());
         (
             s.info.take(),
             s.recording.take(),
