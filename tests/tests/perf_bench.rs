@@ -6,15 +6,26 @@ use std::time::Duration;
 
 use psm_tests::*;
 
+/// Whatever the bench started (its work folder is in their command lines) is stopped when the
+/// test ends, passed or not: a killed psm-perf cannot clean up after itself.
+struct Leftovers;
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        signal_matching("psm-perf-bench.", nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 #[test]
 fn psm_perf_bench_quick_runs_every_path() {
     require_psm_binaries();
+    let _cleanup = Leftovers;
     let out = run_cmd(
         Command::new(bin("psm-perf"))
             .args(["bench", "--quick", "--json", "--bin"])
             .arg(bin_dir()),
         None,
-        Duration::from_secs(120),
+        Duration::from_secs(300),
     );
     assert!(out.success(), "{}", out.describe());
     let report: serde_json::Value = serde_json::from_str(&out.stdout_str()).expect("json report");
@@ -51,6 +62,11 @@ fn psm_perf_bench_quick_runs_every_path() {
     }
     let idle = row("idle 20: slowest echo");
     assert!(idle["psm"].as_f64().is_some_and(|v| v > 0.0), "{idle}");
+    // the relay's memory was read (20 sessions may fit in what it already holds: >= 0)
+    let mem = row("idle 20: relay memory per session");
+    assert!(mem["psm"].as_f64().is_some(), "{mem}");
+    let cpu = row("up aes128-gcm CPU");
+    assert!(cpu["psm"].as_f64().is_some(), "{cpu}");
     // nothing it started is left behind
     let leftovers = pids_matching("psm-perf-bench.", None);
     assert!(leftovers.is_empty(), "processes left: {leftovers:?}");

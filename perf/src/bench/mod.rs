@@ -93,6 +93,13 @@ fn new_key() -> anyhow::Result<PrivateKey> {
     Ok(PrivateKey::from(Ed25519Keypair::from_seed(&seed)))
 }
 
+/// `f`, or an error once it has taken [`client::STEP`].
+async fn bounded<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(client::STEP, f)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {:?}", client::STEP)))
+}
+
 fn mbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / 1e6
 }
@@ -193,16 +200,23 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
     procs::wait_until("psm's tcp port", Duration::from_secs(20), || {
         std::net::TcpStream::connect_timeout(&psm_tcp, Duration::from_millis(300)).is_ok()
     })?;
-    let psm_pids = procs::pids_mentioning(&data.display().to_string())
+    // psm up hands its daemons the canonical path of the data directory
+    let data_path = std::fs::canonicalize(&data).unwrap_or(data.clone());
+    let psm_pids: Vec<(u32, String)> = procs::pids_mentioning(&data_path.display().to_string())
         .into_iter()
         .filter(|(_, n)| n.starts_with("psm"))
         .collect();
+    for d in ["psm-relay", "psm-control", "psm-recorder"] {
+        if !psm_pids.iter().any(|(_, n)| n == d) {
+            bail!("{d} of the psm under test not found among its processes: {psm_pids:?}");
+        }
+    }
 
     let mut notes = vec![
         "target: psm-perf's light SSH server (one process, no fork or shell per connection)".into(),
         "client: russh in psm-perf; psm records every session (there is no recording-off mode, so recording off is not measured)".into(),
     ];
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let user = procs::user_name()?;
     let (jump, jump_pid) = match procs::sshd() {
         Some(sshd) => {
             let jump_key = dir.join("jump_host_key");
@@ -370,9 +384,11 @@ async fn sessions(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                 })
             })
             .collect();
+        let deadline = tokio::time::Instant::now() + client::STEP;
         let mut total = Ok(0u64);
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         for t in tasks {
-            let r = tokio::time::timeout(client::STEP, t).await;
+            let r = tokio::time::timeout_at(deadline, t).await;
             total = match (total, r) {
                 (Ok(s), Ok(Ok(Ok(n)))) => Ok(s + n),
                 (Err(e), _) => Err(e),
@@ -381,6 +397,8 @@ async fn sessions(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                 (_, Err(_)) => Err(anyhow::anyhow!("timed out")),
             };
         }
+        // none keeps opening sessions past the step
+        aborts.iter().for_each(|a| a.abort());
         par.set(
             route,
             total.map(|n| n as f64 / start.elapsed().as_secs_f64()),
@@ -439,6 +457,14 @@ async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
     let mut mem = Row::new(format!("idle {n}: relay memory per session"), "KiB", false);
     let mut worst = Row::new(format!("idle {n}: slowest echo"), "µs", false);
     let relay = w.relay_pid();
+    if relay.is_none() {
+        let e = "psm-relay not found";
+        mem.set("psm", Err(anyhow::anyhow!(e)));
+        worst.set("psm", Err(anyhow::anyhow!(e)));
+        rows.push(mem);
+        rows.push(worst);
+        return;
+    }
     eprintln!("bench: {n} idle sessions via psm");
     let r = async {
         let before = relay.map(procs::rss_kib).unwrap_or(0);
@@ -489,7 +515,9 @@ async fn tcp(w: &World, o: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     eprintln!("bench: tcp pass-through");
     tput.set(
         "direct",
-        client::tcp_upload(w.tcp_sink, n).await.map(|s| mbps(n, s)),
+        bounded(client::tcp_upload(w.tcp_sink, n))
+            .await
+            .map(|s| mbps(n, s)),
     );
     let lease_dest = Dest {
         user: "alice@tcp@sink".into(),
@@ -504,7 +532,7 @@ async fn tcp(w: &World, o: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     match lease {
         Ok(_held) => {
             let before = w.cpu("psm");
-            let r = client::tcp_upload(w.psm_tcp, n).await;
+            let r = bounded(client::tcp_upload(w.psm_tcp, n)).await;
             let spent = w.cpu("psm") - before;
             cpu.set(
                 "psm",
@@ -530,7 +558,7 @@ async fn tcp(w: &World, o: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     match procs::start_socat(port, w.tcp_sink) {
         Ok(Some(p)) => {
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let r = client::tcp_upload(addr, n).await;
+            let r = bounded(client::tcp_upload(addr, n)).await;
             // socat exits after its one connection: its CPU is read before it is reaped
             let _ = procs::wait_until("socat to finish", Duration::from_secs(10), || {
                 std::fs::read_to_string(format!("/proc/{}/stat", p.0.id()))
@@ -654,8 +682,8 @@ async fn scaled(w: &World, o: &Opts, streams: usize) -> anyhow::Result<f64> {
 }
 
 /// The scaling run: for each worker count, psm started afresh with that many relay workers and
-/// `2 × N` uploads at once; prints MB/s, per worker, and the efficiency against N × one
-/// worker's figure.
+/// `2 × N` uploads at once; prints MB/s, per worker, and the efficiency: MB/s per worker against
+/// the first count's (give `1` first for the efficiency against one worker).
 pub fn scaling(o: &Opts, counts: &[usize], client_threads: usize) -> anyhow::Result<()> {
     let mut one = None;
     println!(

@@ -229,12 +229,9 @@ pub fn start_psm(
 
 /// Runs psmctl; its stdout, or its stderr as the error.
 pub fn psmctl(bin: &Path, data: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin.join("psmctl"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .output()
-        .context("running psmctl")?;
+    let mut cmd = Command::new(bin.join("psmctl"));
+    cmd.arg("--data-dir").arg(data).args(args);
+    let out = output_within(&mut cmd, Duration::from_secs(30)).context("running psmctl")?;
     if !out.status.success() {
         bail!(
             "psmctl {}: {}",
@@ -243,6 +240,39 @@ pub fn psmctl(bin: &Path, data: &Path, args: &[&str]) -> anyhow::Result<String> 
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` to its end, killing it after `limit`.
+fn output_within(cmd: &mut Command, limit: Duration) -> anyhow::Result<std::process::Output> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            bail!("no answer within {limit:?}")
+        }
+    }
+}
+
+/// The name of the user this runs as (the jump host's login).
+pub fn user_name() -> anyhow::Result<String> {
+    let out = output_within(Command::new("id").arg("-un"), Duration::from_secs(10))?;
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || name.is_empty() {
+        bail!("cannot tell this user's name (id -un)");
+    }
+    Ok(name)
 }
 
 /// The OpenSSH server, if this machine has one.
