@@ -130,16 +130,6 @@ impl Leases {
             .and_then(|v| v.last().cloned())
     }
 
-    /// Leases open now (all targets).
-    pub fn len(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
-    }
-
-    /// Whether no lease is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The relay listener `addr` would share a port with, if any.
     fn collides(&self, addr: SocketAddr) -> Option<SocketAddr> {
         self.reserved.iter().copied().find(|r| {
