@@ -2,6 +2,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use std::collections::BTreeSet;
 
 /// Folder with the workspace binaries: `$PSM_BIN_DIR`, else `target/<profile>` derived from the
 /// test executable (`target/<profile>/deps/<test>`).
@@ -44,10 +45,20 @@ pub fn require_psm_binaries() {
     );
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago and that this process has not been
+/// given before: the kernel may hand the same ephemeral port to two binds in a row once the
+/// first is released, and two listeners of one test on one port make a flaky failure.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no loopback port this test process has not used already");
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.

@@ -110,11 +110,21 @@ pub fn pids_mentioning(needle: &str) -> Vec<(u32, String)> {
     out
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released) that this process has not handed out before:
+/// two binds in a row may get the same ephemeral port once the first is released.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no loopback port this process has not used already")
 }
 
 /// Waits until `cond` holds, at most `timeout`.
