@@ -1,11 +1,12 @@
 //! `psm-perf record-bench`: what recording costs per GiB, by kind of data, with the recorder's
-//! adaptive zstd level beside a fixed level in the same run (perf/BENCHMARKS.md).
+//! adaptive zstd level beside a fixed level, and its BLAKE3 seals beside the SHA-256 seals of
+//! format versions 1 and 2, in the same run (perf/BENCHMARKS.md).
 
 use std::io;
 use std::time::Instant;
 
 use bytes::Bytes;
-use psm_recorder_format::file::{Record, RecordingWriter};
+use psm_recorder_format::file::{ChainHash, Record, RecordingWriter};
 use psm_recorder_format::{Direction, RecordingMeta};
 
 /// CPU seconds this thread has used (user + system).
@@ -52,7 +53,7 @@ fn text(len: usize) -> Vec<u8> {
 
 /// One line: MB/s, CPU-seconds per GiB and output share, writing `total` bytes of `data`
 /// (repeated) as the recorder does (32 KiB records, a chunk every 256 KiB).
-fn run_one(data: &Bytes, total: usize, adaptive: bool) -> (f64, f64, f64) {
+fn run_one(data: &Bytes, total: usize, adaptive: bool, hash: ChainHash) -> (f64, f64, f64) {
     let meta = RecordingMeta {
         protocol: String::new(),
         recording_id: "bench".into(),
@@ -63,7 +64,7 @@ fn run_one(data: &Bytes, total: usize, adaptive: bool) -> (f64, f64, f64) {
         source: "127.0.0.1:1".into(),
         start_ms: 0,
     };
-    let mut w = RecordingWriter::new(Counting::default(), &meta).expect("writer");
+    let mut w = RecordingWriter::with_hash(Counting::default(), &meta, None, hash).expect("writer");
     if !adaptive {
         w.fixed_level();
     }
@@ -111,18 +112,26 @@ impl io::Write for Counting {
 pub fn run(mib: usize) {
     let total = mib << 20;
     println!(
-        "{:<8} {:<9} {:>9} {:>12} {:>8}",
-        "data", "level", "MB/s", "CPU-s/GiB", "output"
+        "{:<8} {:<9} {:<8} {:>9} {:>12} {:>8}",
+        "data", "level", "seals", "MB/s", "CPU-s/GiB", "output"
     );
     for (name, data) in [
         ("random", Bytes::from(random(8 << 20))),
         ("text", Bytes::from(text(8 << 20))),
     ] {
-        for adaptive in [false, true] {
-            let (mbs, cpu, share) = run_one(&data, total, adaptive);
+        for (adaptive, hash) in [
+            (false, ChainHash::Sha256),
+            (true, ChainHash::Sha256),
+            (true, ChainHash::Blake3),
+        ] {
+            let (mbs, cpu, share) = run_one(&data, total, adaptive, hash);
             println!(
-                "{name:<8} {:<9} {mbs:>9.0} {cpu:>12.2} {:>7.1}%",
+                "{name:<8} {:<9} {:<8} {mbs:>9.0} {cpu:>12.2} {:>7.1}%",
                 if adaptive { "adaptive" } else { "fixed 3" },
+                match hash {
+                    ChainHash::Sha256 => "SHA-256",
+                    ChainHash::Blake3 => "BLAKE3",
+                },
                 share * 100.0
             );
         }

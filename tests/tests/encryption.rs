@@ -93,7 +93,7 @@ fn encrypted_recordings_verify_without_the_key_and_replay_only_with_it() {
         .join("recordings")
         .join(format!("{id}.psmrec"));
     let bytes = fs::read(&path).expect("recording");
-    assert!(bytes.starts_with(b"PSMREC2\n"));
+    assert!(bytes.starts_with(b"PSMREC4\n"));
     assert!(!has(&bytes, MARKER.as_bytes()));
     let zstd_magic = [0x28, 0xb5, 0x2f, 0xfd];
     for at in 0..bytes.len().saturating_sub(4) {

@@ -222,17 +222,26 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
             let jump_key = dir.join("jump_host_key");
             write_key(&jump_key, &new_key()?)?;
             let port = procs::free_port()?;
-            let p = procs::start_jump(&sshd, dir, port, &jump_key, &pub_path)?;
-            let pid = p.0.id();
-            procs_held.push(p);
-            (
-                Some(Dest {
-                    addr: ssh_addr,
-                    user: "bench".into(),
-                    jump: Some((format!("127.0.0.1:{port}").parse()?, user)),
-                }),
-                Some(pid),
-            )
+            match procs::start_jump(&sshd, dir, port, &jump_key, &pub_path) {
+                Ok(p) => {
+                    let pid = p.0.id();
+                    procs_held.push(p);
+                    (
+                        Some(Dest {
+                            addr: ssh_addr,
+                            user: "bench".into(),
+                            jump: Some((format!("127.0.0.1:{port}").parse()?, user)),
+                        }),
+                        Some(pid),
+                    )
+                }
+                Err(e) => {
+                    notes.push(format!(
+                        "jump: the jump host did not start ({e:#}); the ProxyJump route is skipped"
+                    ));
+                    (None, None)
+                }
+            }
         }
         None => {
             notes.push("jump: no sshd on this machine; the ProxyJump route is skipped".into());

@@ -124,7 +124,7 @@ pub fn free_port() -> anyhow::Result<u16> {
             return Ok(port);
         }
     }
-    anyhow::bail!("no loopback port this process has not used already")
+    bail!("no loopback port this process has not used already")
 }
 
 /// Waits until `cond` holds, at most `timeout`.
@@ -324,9 +324,23 @@ pub fn start_jump(
         .stderr(std::fs::File::create(dir.join("jump.log"))?)
         .spawn()
         .context("starting the jump host's sshd")?;
-    let p = Proc(child);
+    let mut p = Proc(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    wait_until("the jump host", Duration::from_secs(10), || port_open(addr))?;
+    let mut exited = None;
+    wait_until("the jump host", Duration::from_secs(10), || {
+        exited = p.0.try_wait().ok().flatten();
+        exited.is_some() || port_open(addr)
+    })?;
+    if let Some(status) = exited {
+        let log = std::fs::read_to_string(dir.join("jump.log")).unwrap_or_default();
+        let why = log
+            .lines()
+            .next()
+            .unwrap_or("no message")
+            .trim()
+            .to_string();
+        bail!("its sshd exited ({status}): {why}");
+    }
     Ok(p)
 }
 

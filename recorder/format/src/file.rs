@@ -1,9 +1,22 @@
 //! The on-disk recording: one file per session, `<recording_id>.psmrec`.
 //!
-//! # Layout (format version 1, unencrypted)
+//! # Format versions
+//!
+//! | magic | version | layout | seal hash |
+//! |---|---|---|---|
+//! | `PSMREC3\n` | 3 | unencrypted (below) | BLAKE3 |
+//! | `PSMREC4\n` | 4 | encrypted (below) | BLAKE3 |
+//! | `PSMREC1\n` | 1 | unencrypted | SHA-256 (written before version 3; read and verified) |
+//! | `PSMREC2\n` | 2 | encrypted | SHA-256 (written before version 4; read and verified) |
+//!
+//! The writer writes 3 and 4. The magic names the version, so a reader knows the seals' hash
+//! ([`ChainHash`]) before it hashes anything; the HEADER's version byte must agree with it.
+//! Versions 3 and 4 differ from 1 and 2 only in that hash.
+//!
+//! # Layout (unencrypted: format versions 3 and 1)
 //!
 //! ```text
-//! "PSMREC1\n"                      8-byte magic, uncompressed
+//! "PSMREC3\n"                      8-byte magic, uncompressed
 //! zstd frame | zstd frame | ...    one zstd stream made of concatenated frames
 //! ```
 //!
@@ -12,7 +25,7 @@
 //!
 //! | kind | name   | body |
 //! |------|--------|------|
-//! | 0x01 | HEADER | `u8 version (1), u8 flags` + JSON [`RecordingMeta`]; always the first record, exactly once |
+//! | 0x01 | HEADER | `u8 version (3 or 1), u8 flags` + JSON [`RecordingMeta`]; always the first record, exactly once |
 //! | 0x02 | DATA   | `u64 ts_us, u32 channel, u8 direction` + the bytes |
 //! | 0x03 | RESIZE | `u64 ts_us, u32 channel, u32 cols, u32 rows` |
 //! | 0x04 | CLOSE  | `u64 ts_us` + JSON [`CloseSummary`]; the last record of a recording that ended cleanly |
@@ -35,9 +48,10 @@
 //! HEADER `flags` bit 0 ([`FLAG_SEALED`]) says the recording is sealed: every zstd frame is a
 //! *chunk* that ends with a SEAL record. Chunks are numbered from 1 (the first holds the
 //! header); a seal carries its chunk's number, the largest `ts_us` written so far, and
-//! `SHA-256(previous seal's hash || every decompressed byte from the end of the previous seal
+//! `H(previous seal's hash || every decompressed byte from the end of the previous seal
 //! (the start of the stream for chunk 1) up to this seal's hash field)` — the seal's own head,
-//! number and time included. The seals form a hash chain from the header to the last chunk.
+//! number and time included, where `H` is the version's seal hash (BLAKE3 or SHA-256, 256-bit
+//! output). The seals form a hash chain from the header to the last chunk.
 //!
 //! A recording that ends cleanly then gets a TRAILER in a frame of its own, signed with the
 //! recorder's Ed25519 evidence key (`psm_evidence`):
@@ -51,14 +65,14 @@
 //!
 //! [`crate::verify`] checks all of it. Readers that only replay skip both kinds.
 //!
-//! # Encrypted recordings (format version 2)
+//! # Encrypted recordings (format versions 4 and 2)
 //!
 //! With a recording key ([`crate::crypt`]), [`RecordingWriter::new_encrypted`] writes records
 //! of the same shape, uncompressed and in the clear at the top level, around encrypted chunks:
 //!
 //! ```text
-//! "PSMREC2\n"
-//! HEADER   u8 version (2), u8 flags (FLAG_SEALED | FLAG_ENCRYPTED), [8] recording key id,
+//! "PSMREC4\n"
+//! HEADER   u8 version (4 or 2), u8 flags (FLAG_SEALED | FLAG_ENCRYPTED), [8] recording key id,
 //!          [32] salt, JSON RecordingMeta
 //! then per chunk:
 //! CHUNK    (0x05) AES-256-GCM(one zstd frame of DATA and RESIZE records) || [16] tag
@@ -69,7 +83,7 @@
 //!
 //! A seal's hash covers the bytes *as written in the file* since the previous seal (the clear
 //! header and the ciphertext included, up to its own hash field), so [`crate::verify`] checks
-//! the chain and the trailer without the key and finds the same changes as in version 1. What
+//! the chain and the trailer without the key and finds the same changes as unencrypted. What
 //! is in the clear: who, what target and when (the meta), the session's end (CLOSE), each
 //! chunk's time and size, and the key id; what is not: every byte of the session and its
 //! terminal sizes. The nonce and key derivation are described in [`crate::crypt`]. A chunk
@@ -90,14 +104,17 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use psm_evidence::{EvidenceKey, Hash, KeyId, PublicKey, HASH_LEN, SIG_LEN};
-use ring::digest;
 use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
 
 use crate::crypt::RecordingKey;
 use crate::{CloseSummary, Direction, FormatError, RecordingMeta};
 
+mod chain;
 mod reader;
 mod v2;
+
+pub use chain::ChainHash;
+use chain::ChunkHasher;
 
 pub use reader::RecordingReader;
 use reader::{Fill, Src};
@@ -105,17 +122,56 @@ use reader::{Fill, Src};
 /// File name extension of recordings (without the dot).
 pub const EXTENSION: &str = "psmrec";
 
-/// The first bytes of every recording file.
+/// The first bytes of an unencrypted recording with SHA-256 seals (format version 1; read,
+/// no longer written).
 pub const MAGIC: &[u8; 8] = b"PSMREC1\n";
 
-/// The first bytes of an encrypted recording (format version 2).
+/// The first bytes of an encrypted recording with SHA-256 seals (format version 2; read, no
+/// longer written).
 pub const MAGIC_ENCRYPTED: &[u8; 8] = b"PSMREC2\n";
 
-/// Version byte of the HEADER record of an unencrypted recording.
+/// The first bytes of an unencrypted recording with BLAKE3 seals (format version 3).
+pub const MAGIC_BLAKE3: &[u8; 8] = b"PSMREC3\n";
+
+/// The first bytes of an encrypted recording with BLAKE3 seals (format version 4).
+pub const MAGIC_ENCRYPTED_BLAKE3: &[u8; 8] = b"PSMREC4\n";
+
+/// Version byte of the HEADER record of an unencrypted recording with SHA-256 seals.
 pub const FORMAT_VERSION: u8 = 1;
 
-/// Version byte of the HEADER record of an encrypted recording.
+/// Version byte of the HEADER record of an encrypted recording with SHA-256 seals.
 pub const FORMAT_VERSION_ENCRYPTED: u8 = 2;
+
+/// Version byte of the HEADER record of an unencrypted recording with BLAKE3 seals.
+pub const FORMAT_VERSION_BLAKE3: u8 = 3;
+
+/// Version byte of the HEADER record of an encrypted recording with BLAKE3 seals.
+pub const FORMAT_VERSION_ENCRYPTED_BLAKE3: u8 = 4;
+
+/// What a magic says: the format version its HEADER must carry, whether the recording is
+/// encrypted, and its seals' hash. `None`: not a psm recording (or a version this build does
+/// not know).
+pub(crate) fn layout_of(magic: &[u8]) -> Option<(u8, bool, ChainHash)> {
+    match magic.get(..MAGIC.len())? {
+        m if m == MAGIC => Some((FORMAT_VERSION, false, ChainHash::Sha256)),
+        m if m == MAGIC_ENCRYPTED => Some((FORMAT_VERSION_ENCRYPTED, true, ChainHash::Sha256)),
+        m if m == MAGIC_BLAKE3 => Some((FORMAT_VERSION_BLAKE3, false, ChainHash::Blake3)),
+        m if m == MAGIC_ENCRYPTED_BLAKE3 => {
+            Some((FORMAT_VERSION_ENCRYPTED_BLAKE3, true, ChainHash::Blake3))
+        }
+        _ => None,
+    }
+}
+
+/// The magic and HEADER version a writer uses for a recording encrypted or not, with `hash`.
+fn layout_for(encrypted: bool, hash: ChainHash) -> (&'static [u8; 8], u8) {
+    match (encrypted, hash) {
+        (false, ChainHash::Sha256) => (MAGIC, FORMAT_VERSION),
+        (true, ChainHash::Sha256) => (MAGIC_ENCRYPTED, FORMAT_VERSION_ENCRYPTED),
+        (false, ChainHash::Blake3) => (MAGIC_BLAKE3, FORMAT_VERSION_BLAKE3),
+        (true, ChainHash::Blake3) => (MAGIC_ENCRYPTED_BLAKE3, FORMAT_VERSION_ENCRYPTED_BLAKE3),
+    }
+}
 
 /// Largest record body written or accepted.
 pub const MAX_RECORD: usize = 16 * 1024 * 1024;
@@ -157,7 +213,7 @@ const KIND_SEAL: u8 = 0x80;
 const KIND_TRAILER: u8 = 0x81;
 /// HEADER flag: every chunk ends with a SEAL record.
 pub const FLAG_SEALED: u8 = 0x01;
-/// HEADER flag: the chunks are encrypted (format version 2).
+/// HEADER flag: the chunks are encrypted (format versions 4 and 2).
 pub const FLAG_ENCRYPTED: u8 = 0x02;
 /// TRAILER flag: the recording ended with the session's own CLOSE.
 const TRAILER_COMPLETE: u8 = 0x01;
@@ -272,7 +328,7 @@ pub struct RecordingWriter<W: Write> {
     /// An earlier write failed half-way: the stream is unusable.
     poisoned: bool,
     /// The running hash of the current chunk (starts with the previous seal's hash).
-    hasher: digest::Context,
+    hasher: ChunkHasher,
     /// The last seal's hash (zeros before the first).
     chain: Hash,
     /// Chunks sealed so far.
@@ -282,14 +338,8 @@ pub struct RecordingWriter<W: Write> {
     /// Session and recording id, for the trailer.
     session_id: String,
     recording_id: String,
-    /// Encrypted recordings (format version 2): the chunk being compressed, the cipher.
+    /// Encrypted recordings (format versions 4 and 2): the chunk being compressed, the cipher.
     enc: Option<Box<v2::Encrypting>>,
-}
-
-fn chunk_hasher(chain: &Hash) -> digest::Context {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(chain);
-    ctx
 }
 
 /// One seal as the reader found it.
@@ -418,31 +468,19 @@ pub enum Item {
 }
 
 impl<W: Write> RecordingWriter<W> {
-    /// Starts a recording on `w`: writes the magic and the HEADER record.
-    pub fn new(mut w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
-        w.write_all(MAGIC)?;
-        let mut writer = Self::start(w, meta)?;
-        let json = json_body(meta)?;
-        let mut rec = Vec::with_capacity(RECORD_HEAD + 2 + json.len());
-        put_head(&mut rec, KIND_HEADER, 2 + json.len());
-        rec.push(FORMAT_VERSION);
-        rec.push(FLAG_SEALED);
-        rec.extend_from_slice(&json);
-        writer.compress(&rec)?;
-        Ok(writer)
+    /// Starts a recording on `w` (format version 3): writes the magic and the HEADER record.
+    pub fn new(w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
+        Self::with_hash(w, meta, None, ChainHash::Blake3)
     }
 
-    /// Starts an encrypted recording (format version 2) on `w`: writes the magic and the clear
+    /// Starts an encrypted recording (format version 4) on `w`: writes the magic and the clear
     /// HEADER record, which names `key` by its id; every chunk is then encrypted with it.
     pub fn new_encrypted(
-        mut w: W,
+        w: W,
         meta: &RecordingMeta,
         key: &RecordingKey,
     ) -> Result<Self, FormatError> {
-        w.write_all(MAGIC_ENCRYPTED)?;
-        let mut writer = Self::start(w, meta)?;
-        writer.begin_encrypted(meta, key)?;
-        Ok(writer)
+        Self::with_hash(w, meta, Some(key), ChainHash::Blake3)
     }
 
     /// Starts an encrypted recording when `key` is given, else an unencrypted one.
@@ -451,13 +489,36 @@ impl<W: Write> RecordingWriter<W> {
         meta: &RecordingMeta,
         key: Option<&RecordingKey>,
     ) -> Result<Self, FormatError> {
-        match key {
-            Some(key) => Self::new_encrypted(w, meta, key),
-            None => Self::new(w, meta),
-        }
+        Self::with_hash(w, meta, key, ChainHash::Blake3)
     }
 
-    fn start(w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
+    /// Like [`with_key`](Self::with_key), with the seals' hash chosen: [`ChainHash::Sha256`]
+    /// writes the older format versions 1 and 2 (for tests of readers and verifiers, and
+    /// `psm-perf record-bench`'s comparison).
+    pub fn with_hash(
+        mut w: W,
+        meta: &RecordingMeta,
+        key: Option<&RecordingKey>,
+        hash: ChainHash,
+    ) -> Result<Self, FormatError> {
+        let (magic, version) = layout_for(key.is_some(), hash);
+        w.write_all(magic)?;
+        let mut writer = Self::start(w, meta, hash)?;
+        if let Some(key) = key {
+            writer.begin_encrypted(meta, key, version)?;
+            return Ok(writer);
+        }
+        let json = json_body(meta)?;
+        let mut rec = Vec::with_capacity(RECORD_HEAD + 2 + json.len());
+        put_head(&mut rec, KIND_HEADER, 2 + json.len());
+        rec.push(version);
+        rec.push(FLAG_SEALED);
+        rec.extend_from_slice(&json);
+        writer.compress(&rec)?;
+        Ok(writer)
+    }
+
+    fn start(w: W, meta: &RecordingMeta, hash: ChainHash) -> Result<Self, FormatError> {
         let mut cctx = zstd::stream::raw::Encoder::new(ZSTD_LEVEL)?;
         cctx.set_parameter(CParameter::ChecksumFlag(true))?;
         Ok(RecordingWriter {
@@ -472,7 +533,7 @@ impl<W: Write> RecordingWriter<W> {
             frame_in: 0,
             frame_out: 0,
             poisoned: false,
-            hasher: chunk_hasher(&[0u8; HASH_LEN]),
+            hasher: ChunkHasher::new(hash, &[0u8; HASH_LEN]),
             chain: [0u8; HASH_LEN],
             chunks: 0,
             last_ts_us: 0,
@@ -698,14 +759,12 @@ impl<W: Write> RecordingWriter<W> {
         seal[5..13].copy_from_slice(&chunk.to_be_bytes());
         seal[13..21].copy_from_slice(&self.last_ts_us.to_be_bytes());
         self.compress_with(&seal, true)?;
-        let done = std::mem::replace(&mut self.hasher, digest::Context::new(&digest::SHA256));
-        let mut hash = [0u8; HASH_LEN];
-        hash.copy_from_slice(done.finish().as_ref());
+        let hash = self.hasher.finish();
         self.compress_with(&hash, false)?;
         self.close_frame()?;
         self.chunks = chunk;
         self.chain = hash;
-        self.hasher = chunk_hasher(&hash);
+        self.hasher.restart(&hash);
         Ok(())
     }
 
@@ -823,12 +882,11 @@ fn parse_record(kind: u8, body: &[u8]) -> Result<Option<Record>, FormatError> {
 /// For an encrypted recording: the clear header, then each chunk with its CLOSE and SEAL, then
 /// the trailer.
 pub fn frame_spans(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
-    if bytes.starts_with(MAGIC_ENCRYPTED) {
-        return v2::unit_spans(bytes);
-    }
     let mut out = Vec::new();
-    if !bytes.starts_with(MAGIC) {
-        return out;
+    match layout_of(bytes) {
+        Some((_, true, _)) => return v2::unit_spans(bytes),
+        Some((_, false, _)) => {}
+        None => return out,
     }
     let mut at = MAGIC.len();
     while at < bytes.len() {
@@ -1031,10 +1089,10 @@ mod tests {
     #[test]
     fn round_trip_all_record_kinds() {
         let bytes = write_all(&records());
-        assert!(bytes.starts_with(MAGIC));
+        assert!(bytes.starts_with(MAGIC_BLAKE3));
         let r = RecordingReader::open(&bytes[..]).expect("open");
         assert_eq!(r.meta(), &meta());
-        assert_eq!(r.version(), FORMAT_VERSION);
+        assert_eq!(r.version(), FORMAT_VERSION_BLAKE3);
         let (got, truncated) = read_all(&bytes);
         assert_eq!(got, records());
         assert!(!truncated);

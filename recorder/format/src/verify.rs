@@ -371,7 +371,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::file::{frame_spans, RecordingWriter};
+    use crate::file::{frame_spans, ChainHash, RecordingWriter};
     use crate::{CloseSummary, Direction};
     use bytes::Bytes;
     use psm_evidence::EvidenceKey;
@@ -412,7 +412,11 @@ mod tests {
 
     /// Header chunk, 5 data chunks, a chunk with CLOSE, then the trailer's frame.
     fn recording(key: &EvidenceKey, signed: Option<bool>) -> Vec<u8> {
-        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        recording_with(key, signed, ChainHash::Blake3)
+    }
+
+    fn recording_with(key: &EvidenceKey, signed: Option<bool>, hash: ChainHash) -> Vec<u8> {
+        let mut w = RecordingWriter::with_hash(Vec::new(), &meta(), None, hash).expect("new");
         w.flush().expect("flush");
         for i in 1..=5u64 {
             w.write(&data(i * 1_000_000, &format!("line {i}\r\n").repeat(50)))
@@ -454,6 +458,30 @@ mod tests {
         }
         assert_eq!(n, 6);
         assert!(!r.truncated());
+    }
+
+    #[test]
+    fn sha256_recordings_of_format_version_1_still_verify_and_show_tampering() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let old = recording_with(&key, Some(true), ChainHash::Sha256);
+        assert!(old.starts_with(crate::file::MAGIC));
+        let rep = check(&old, &key);
+        assert!(rep.ok(), "{rep}");
+        assert_eq!(rep.chunks, 7);
+        let spans = frame_spans(&old);
+        let mut b = old.clone();
+        b[(spans[3].start + spans[3].end) / 2] ^= 0x01;
+        let rep = check(&b, &key);
+        assert_eq!(rep.status, Status::Failed);
+        assert!(rep.to_string().contains("chunk 4"), "{rep}");
+        // the hash is the magic's: relabelling either version as the other fails
+        let new = recording(&key, Some(true));
+        let mut relabelled = new.clone();
+        relabelled[..8].copy_from_slice(crate::file::MAGIC);
+        assert_eq!(check(&relabelled, &key).status, Status::Failed);
+        let mut relabelled = old.clone();
+        relabelled[..8].copy_from_slice(crate::file::MAGIC_BLAKE3);
+        assert_eq!(check(&relabelled, &key).status, Status::Failed);
     }
 
     #[test]
@@ -640,12 +668,16 @@ mod tests {
         let (key, _) = EvidenceKey::generate().expect("key");
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../fuzz/corpus/recording_read");
-        let signed = recording(&key, Some(true));
-        let spans = frame_spans(&signed);
-        std::fs::write(dir.join("sealed-signed.psmrec"), &signed).expect("write");
-        let cut = &signed[..(spans[3].start + spans[3].end) / 2];
-        std::fs::write(dir.join("sealed-cut.psmrec"), cut).expect("write");
-        let closed = recording(&key, Some(false));
-        std::fs::write(dir.join("sealed-recorder-closed.psmrec"), closed).expect("write");
+        // version 1 (SHA-256 seals) under the older names, version 3 (BLAKE3) as `blake3-*`
+        for (hash, prefix) in [(ChainHash::Sha256, "sealed"), (ChainHash::Blake3, "blake3")] {
+            let signed = recording_with(&key, Some(true), hash);
+            let spans = frame_spans(&signed);
+            std::fs::write(dir.join(format!("{prefix}-signed.psmrec")), &signed).expect("write");
+            let cut = &signed[..(spans[3].start + spans[3].end) / 2];
+            std::fs::write(dir.join(format!("{prefix}-cut.psmrec")), cut).expect("write");
+            let closed = recording_with(&key, Some(false), hash);
+            let name = format!("{prefix}-recorder-closed.psmrec");
+            std::fs::write(dir.join(name), closed).expect("write");
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! The reader of recordings: format version 1 (one zstd stream) here, version 2 (encrypted)
-//! in [`super::v2`], one record at a time in bounded memory.
+//! The reader of recordings: unencrypted ones (format versions 3 and 1, one zstd stream) here,
+//! encrypted ones (versions 4 and 2) in [`super::v2`], one record at a time in bounded memory.
 
 use super::*;
 
@@ -27,9 +27,9 @@ pub(super) type Decompressed<R> =
 
 /// Where the records come from.
 pub(super) enum Src<R> {
-    /// Format version 1: one zstd stream over the whole file.
+    /// Unencrypted (format versions 3 and 1): one zstd stream over the whole file.
     Zstd(Decompressed<R>),
-    /// Format version 2: clear records around encrypted chunks.
+    /// Encrypted (format versions 4 and 2): clear records around encrypted chunks.
     Sealed(Box<v2::Envelope<R>>),
 }
 
@@ -56,7 +56,7 @@ pub struct RecordingReader<R: Read> {
     /// Whether decompressed bytes go into `hasher`.
     pub(super) hashing: bool,
     /// The running hash of the current chunk (starts with the previous seal's stored hash).
-    pub(super) hasher: digest::Context,
+    pub(super) hasher: ChunkHasher,
 }
 
 /// How much of a requested read could be served.
@@ -103,13 +103,13 @@ impl<R: Read> RecordingReader<R> {
                 Err(e) => return Err(e.into()),
             }
         }
-        if got == magic.len() && &magic == MAGIC_ENCRYPTED {
-            return Self::open_encrypted(r, key, need_key);
-        }
-        if got < magic.len() || &magic != MAGIC {
+        let Some((expected, encrypted, hash)) = layout_of(&magic[..got]) else {
             return Err(FormatError::Malformed(
                 "not a psm recording (bad magic)".into(),
             ));
+        };
+        if encrypted {
+            return Self::open_encrypted(r, key, need_key, expected, hash);
         }
         let source = BufReader::with_capacity(
             zstd::zstd_safe::DCtx::in_size(),
@@ -132,7 +132,7 @@ impl<R: Read> RecordingReader<R> {
             damage_is_cut: false,
             sealed: false,
             hashing: true,
-            hasher: chunk_hasher(&[0u8; HASH_LEN]),
+            hasher: ChunkHasher::new(hash, &[0u8; HASH_LEN]),
         };
         let (kind, len) = match reader.read_head()? {
             Some(head) => head,
@@ -148,7 +148,7 @@ impl<R: Read> RecordingReader<R> {
             return Err(reader.header_missing());
         }
         reader.version = body[0];
-        if reader.version != FORMAT_VERSION {
+        if reader.version != expected {
             return Err(FormatError::Malformed(format!(
                 "unsupported recording version {}",
                 reader.version
@@ -283,9 +283,7 @@ impl<R: Read> RecordingReader<R> {
             self.cut = true;
             return Ok(None);
         }
-        let done = std::mem::replace(&mut self.hasher, digest::Context::new(&digest::SHA256));
-        let mut computed = [0u8; HASH_LEN];
-        computed.copy_from_slice(done.finish().as_ref());
+        let computed = self.hasher.finish();
         let mut stored = [0u8; HASH_LEN];
         self.hashing = false;
         let got = self.fill(&mut stored);
@@ -295,7 +293,7 @@ impl<R: Read> RecordingReader<R> {
             self.cut = true;
             return Ok(None);
         }
-        self.hasher = chunk_hasher(&stored);
+        self.hasher.restart(&stored);
         Ok(Some(Item::Seal(Seal {
             chunk: be_u64(&prefix[0..8]),
             ts_us: be_u64(&prefix[8..16]),

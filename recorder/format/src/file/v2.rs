@@ -1,4 +1,4 @@
-//! Format version 2: encrypted recordings (the layout is in the parent module's docs).
+//! Format versions 4 and 2: encrypted recordings (the layout is in the parent module's docs).
 //!
 //! The writer compresses a chunk's records into one zstd frame in memory, encrypts it
 //! ([`crate::crypt`]) and writes it as a clear CHUNK record, then the CLOSE record (when the
@@ -10,6 +10,7 @@
 use super::*;
 use crate::crypt::{ChunkCipher, SALT_LEN};
 use psm_evidence::KeyId;
+use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// Record bytes a chunk holds before the writer ends it and starts another (a single longer
@@ -44,6 +45,7 @@ impl<W: Write> RecordingWriter<W> {
         &mut self,
         meta: &RecordingMeta,
         key: &RecordingKey,
+        version: u8,
     ) -> Result<(), FormatError> {
         let json = json_body(meta)?;
         let mut salt = [0u8; SALT_LEN];
@@ -53,7 +55,7 @@ impl<W: Write> RecordingWriter<W> {
         let body_len = HEADER_PREFIX + json.len();
         let mut rec = Vec::with_capacity(RECORD_HEAD + body_len);
         put_head(&mut rec, KIND_HEADER, body_len);
-        rec.push(FORMAT_VERSION_ENCRYPTED);
+        rec.push(version);
         rec.push(FLAG_SEALED | FLAG_ENCRYPTED);
         rec.extend_from_slice(&key.id().0);
         rec.extend_from_slice(&salt);
@@ -121,14 +123,12 @@ impl<W: Write> RecordingWriter<W> {
         out.extend_from_slice(&chunk.to_be_bytes());
         out.extend_from_slice(&self.last_ts_us.to_be_bytes());
         self.hasher.update(&out);
-        let done = std::mem::replace(&mut self.hasher, digest::Context::new(&digest::SHA256));
-        let mut hash = [0u8; HASH_LEN];
-        hash.copy_from_slice(done.finish().as_ref());
+        let hash = self.hasher.finish();
         out.extend_from_slice(&hash);
         self.guard(|w| w.inner.write_all(&out))?;
         self.chunks = chunk;
         self.chain = hash;
-        self.hasher = chunk_hasher(&hash);
+        self.hasher.restart(&hash);
         Ok(())
     }
 }
@@ -154,11 +154,14 @@ impl<R> Envelope<R> {
 }
 
 impl<R: Read> RecordingReader<R> {
-    /// Reads the clear header of an encrypted recording (the magic is read).
+    /// Reads the clear header of an encrypted recording (the magic is read; it named the
+    /// `expected` HEADER version and the seals' `hash`).
     pub(super) fn open_encrypted(
         r: R,
         key: Option<&RecordingKey>,
         need_key: bool,
+        expected: u8,
+        hash: ChainHash,
     ) -> Result<Self, FormatError> {
         let mut reader = RecordingReader {
             src: Src::Sealed(Box::new(Envelope {
@@ -179,7 +182,7 @@ impl<R: Read> RecordingReader<R> {
             damage_is_cut: false,
             sealed: true,
             hashing: true,
-            hasher: chunk_hasher(&[0u8; HASH_LEN]),
+            hasher: ChunkHasher::new(hash, &[0u8; HASH_LEN]),
         };
         let mut head = [0u8; RECORD_HEAD];
         if !matches!(reader.fill_raw(&mut head)?, Fill::Full) {
@@ -196,7 +199,7 @@ impl<R: Read> RecordingReader<R> {
             return Err(reader.header_missing());
         }
         reader.version = body[0];
-        if reader.version != FORMAT_VERSION_ENCRYPTED {
+        if reader.version != expected {
             return Err(FormatError::Malformed(format!(
                 "unsupported encrypted recording version {}",
                 reader.version
@@ -448,9 +451,7 @@ impl<R: Read> RecordingReader<R> {
         if !matches!(self.fill_raw(&mut prefix)?, Fill::Full) {
             return self.cut_short("the file ends inside a seal".into());
         }
-        let done = std::mem::replace(&mut self.hasher, digest::Context::new(&digest::SHA256));
-        let mut computed = [0u8; HASH_LEN];
-        computed.copy_from_slice(done.finish().as_ref());
+        let computed = self.hasher.finish();
         let mut stored = [0u8; HASH_LEN];
         self.hashing = false;
         let got = self.fill_raw(&mut stored);
@@ -458,7 +459,7 @@ impl<R: Read> RecordingReader<R> {
         if !matches!(got?, Fill::Full) {
             return self.cut_short("the file ends inside a seal".into());
         }
-        self.hasher = chunk_hasher(&stored);
+        self.hasher.restart(&stored);
         let chunk = be_u64(&prefix[0..8]);
         if let Some(env) = self.envelope() {
             env.next_chunk = chunk.saturating_add(1);
@@ -578,7 +579,7 @@ mod tests {
         let key = RecordingKey::generate().expect("key");
         let (ev, _) = EvidenceKey::generate().expect("evidence");
         let bytes = recording(&key, &ev);
-        assert!(bytes.starts_with(MAGIC_ENCRYPTED));
+        assert!(bytes.starts_with(MAGIC_ENCRYPTED_BLAKE3));
         assert_eq!(read_all(&bytes, &key).expect("read"), records());
         // neither the file nor any zstd frame found in it shows the marker
         assert!(!has(&bytes, MARKER));
@@ -592,6 +593,30 @@ mod tests {
         assert_eq!(r.encrypted_with(), Some(key.id()));
         let listed = frame_spans(&bytes);
         assert_eq!(listed.len(), 1 + 7 + 1, "header, 7 chunks, trailer");
+    }
+
+    #[test]
+    fn sha256_encrypted_recordings_of_format_version_2_still_read_and_verify() {
+        let key = RecordingKey::generate().expect("key");
+        let (ev, _) = EvidenceKey::generate().expect("evidence");
+        let mut w = RecordingWriter::with_hash(Vec::new(), &meta(), Some(&key), ChainHash::Sha256)
+            .expect("new");
+        for r in records() {
+            w.write(&r).expect("write");
+            if !matches!(r, Record::Close { .. }) {
+                w.flush().expect("flush");
+            }
+        }
+        let bytes = w.finish_signed(&ev, true).expect("finish");
+        assert!(bytes.starts_with(MAGIC_ENCRYPTED));
+        assert_eq!(read_all(&bytes, &key).expect("read"), records());
+        let rep = crate::verify::verify(&bytes[..], "rec-1", Some(ev.public()));
+        assert!(rep.ok(), "{rep}");
+        let mut b = bytes.clone();
+        let last = b.len() - 100;
+        b[last] ^= 0x01;
+        let rep = crate::verify::verify(&b[..], "rec-1", Some(ev.public()));
+        assert!(!rep.ok(), "{rep}");
     }
 
     #[test]
@@ -728,11 +753,12 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../fuzz/corpus/recording_read");
         let bytes = recording(&key, &ev);
-        // not `.psmrec`: the corpus test replays those, and these need their key
-        std::fs::write(dir.join("encrypted-signed.psmrec2"), &bytes).expect("write");
+        // not `.psmrec`: the corpus test replays those, and these need their key; `.psmrec4`:
+        // format version 4 (the `.psmrec2` seeds are version 2, SHA-256 seals)
+        std::fs::write(dir.join("encrypted-signed.psmrec4"), &bytes).expect("write");
         let spans = frame_spans(&bytes);
         let cut = &bytes[..(spans[3].start + spans[3].end) / 2];
-        std::fs::write(dir.join("encrypted-cut.psmrec2"), cut).expect("write");
+        std::fs::write(dir.join("encrypted-cut.psmrec4"), cut).expect("write");
     }
 
     #[test]
