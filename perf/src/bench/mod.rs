@@ -6,6 +6,7 @@
 //! path with small sizes and checks only that each works.
 
 mod client;
+mod openssh;
 mod procs;
 pub mod target;
 
@@ -122,6 +123,8 @@ struct World {
     psm_pids: Vec<(u32, String)>,
     target_pid: u32,
     jump_pid: Option<u32>,
+    /// The OpenSSH client straight to the jump host's sshd (bulk only).
+    openssh: Option<openssh::OpenSsh>,
     tcp_sink: SocketAddr,
     psm_tcp: SocketAddr,
     _procs: Vec<Proc>,
@@ -217,7 +220,7 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
         "client: russh in psm-perf; psm records every session (there is no recording-off mode, so recording off is not measured)".into(),
     ];
     let user = procs::user_name()?;
-    let (jump, jump_pid) = match procs::sshd() {
+    let (jump, jump_pid, openssh) = match procs::sshd() {
         Some(sshd) => {
             let jump_key = dir.join("jump_host_key");
             write_key(&jump_key, &new_key()?)?;
@@ -226,26 +229,36 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
                 Ok(p) => {
                     let pid = p.0.id();
                     procs_held.push(p);
+                    notes.push("openssh: the OpenSSH client and the jump host's sshd straight to each other, bulk up and down (`cat > /dev/null`, `head -c`; their CPU includes that command's)".into());
                     (
                         Some(Dest {
                             addr: ssh_addr,
                             user: "bench".into(),
-                            jump: Some((format!("127.0.0.1:{port}").parse()?, user)),
+                            jump: Some((format!("127.0.0.1:{port}").parse()?, user.clone())),
                         }),
                         Some(pid),
+                        Some(openssh::OpenSsh {
+                            port,
+                            user,
+                            key: key_path.clone(),
+                            sshd_pid: pid,
+                        }),
                     )
                 }
                 Err(e) => {
                     notes.push(format!(
-                        "jump: the jump host did not start ({e:#}); the ProxyJump route is skipped"
+                        "jump: the jump host did not start ({e:#}); the ProxyJump and OpenSSH routes are skipped"
                     ));
-                    (None, None)
+                    (None, None, None)
                 }
             }
         }
         None => {
-            notes.push("jump: no sshd on this machine; the ProxyJump route is skipped".into());
-            (None, None)
+            notes.push(
+                "jump: no sshd on this machine; the ProxyJump and OpenSSH routes are skipped"
+                    .into(),
+            );
+            (None, None, None)
         }
     };
     Ok(World {
@@ -265,6 +278,7 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
         psm_pids,
         target_pid,
         jump_pid,
+        openssh,
         tcp_sink,
         psm_tcp,
         _procs: procs_held,
@@ -302,9 +316,17 @@ impl World {
 
 async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
     let n = o.mib << 20;
-    for (cipher, cname) in [
-        (russh::cipher::AES_128_GCM, "aes128-gcm"),
-        (russh::cipher::CHACHA20_POLY1305, "chacha20-poly1305"),
+    for (cipher, cname, ossh_cipher) in [
+        (
+            russh::cipher::AES_128_GCM,
+            "aes128-gcm",
+            "aes128-gcm@openssh.com",
+        ),
+        (
+            russh::cipher::CHACHA20_POLY1305,
+            "chacha20-poly1305",
+            "chacha20-poly1305@openssh.com",
+        ),
     ] {
         let cfg = client::config(cipher);
         for what in ["up", "down", "both"] {
@@ -343,6 +365,27 @@ async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                     Err(e) => {
                         cpu.set(route, Err(anyhow::anyhow!("{e:#}")));
                         tput.set(route, Err(e));
+                    }
+                }
+            }
+            if let (Some(s), true) = (&w.openssh, what != "both") {
+                eprintln!("bench: {what} {cname} via openssh");
+                let (s, up) = (s.clone(), what == "up");
+                let r = tokio::task::spawn_blocking(move || {
+                    openssh::transfer(&s, ossh_cipher, up, n, client::STEP)
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r);
+                let gib = n as f64 / (1u64 << 30) as f64;
+                match r {
+                    Ok((secs, spent)) => {
+                        tput.set("openssh", Ok(mbps(n, secs)));
+                        cpu.set("openssh", Ok(spent / gib));
+                    }
+                    Err(e) => {
+                        cpu.set("openssh", Err(anyhow::anyhow!("{e:#}")));
+                        tput.set("openssh", Err(e));
                     }
                 }
             }
@@ -613,8 +656,16 @@ fn ratio(row: &Row, a: &str, b: &str) -> String {
 
 fn render(rows: &[Row], notes: &[String]) -> String {
     let mut out = format!(
-        "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
-        "workload", "direct", "psm", "jump", "socat", "psm/direct", "psm/other"
+        "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+        "workload",
+        "direct",
+        "psm",
+        "jump",
+        "openssh",
+        "socat",
+        "psm/direct",
+        "psm/other",
+        "psm/openssh"
     );
     for r in rows {
         let other = if r.values.contains_key("socat") {
@@ -623,14 +674,16 @@ fn render(rows: &[Row], notes: &[String]) -> String {
             "jump"
         };
         out.push_str(&format!(
-            "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
             format!("{} ({})", r.workload, r.unit),
             fmt(r.values.get("direct")),
             fmt(r.values.get("psm")),
             fmt(r.values.get("jump")),
+            fmt(r.values.get("openssh")),
             fmt(r.values.get("socat")),
             ratio(r, "psm", "direct"),
             ratio(r, "psm", other),
+            ratio(r, "psm", "openssh"),
         ));
     }
     for r in rows {

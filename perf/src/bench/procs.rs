@@ -70,6 +70,39 @@ pub fn tree_cpu_seconds(pid: u32) -> f64 {
     total
 }
 
+/// CPU-seconds of this process's children that were waited for (`cutime` + `cstime`).
+pub fn reaped_children_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    // fields 16-17 of stat: cutime, cstime (rest starts at field 3)
+    rest.split_whitespace()
+        .skip(13)
+        .take(2)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum::<f64>()
+        / TICKS
+}
+
+/// How many processes `pid`'s tree holds (itself included).
+pub fn tree_size(pid: u32) -> usize {
+    let mut n = 1;
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            n += 1;
+            frontier.push(c);
+        }
+    }
+    n
+}
+
 /// Resident memory of `pid`, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
