@@ -1639,6 +1639,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             target_address,
             account,
             recording_id,
+            recorded,
             ..
         } => (
             "session_start",
@@ -1648,7 +1649,11 @@ pub fn format_event(e: &AuditEvent) -> String {
                 ("account", format!("{account}@{target}")),
                 ("address", target_address.clone()),
                 ("source", source.clone()),
-                ("recording", recording_id.clone()),
+                if *recorded {
+                    ("recording", recording_id.clone())
+                } else {
+                    ("recording", "none (unrecorded)".to_string())
+                },
             ],
         ),
         AuditKind::SessionEnd {

@@ -58,6 +58,10 @@ pub struct ConditionFlags {
     /// Allow a `tcp` target's payload to pass through unrecorded (required for `tcp` targets).
     #[arg(long)]
     pub unrecorded_tcp: bool,
+    /// Relay this grant's SSH and RDP sessions without recording them (audited as
+    /// `recorded: false`; psm-recorder being down does not refuse them).
+    #[arg(long)]
+    pub unrecorded: bool,
     /// Require the TOTP second factor.
     #[arg(long)]
     pub mfa: bool,
@@ -183,6 +187,7 @@ impl ConditionFlags {
         }
         c.reason_required = self.reason_required;
         c.unrecorded_tcp = self.unrecorded_tcp;
+        c.unrecorded = self.unrecorded;
         c.command_default = match self.commands_default.as_deref() {
             None => None,
             Some("allow") => Some(CommandAction::Allow),
@@ -762,6 +767,7 @@ fn unknown_condition_key(text: &str) -> Option<String> {
         forward_to: vec!["h:1".into()],
         reason_required: true,
         unrecorded_tcp: true,
+        unrecorded: true,
         mfa: true,
         mfa_cache_ms: Some(1),
         approval: Some(ApprovalRule {

@@ -842,6 +842,7 @@ impl Shared {
                 start_ms,
                 justification,
                 worker,
+                ..
             } => {
                 lock(&self.sessions).insert(
                     session_id.clone(),
@@ -1586,6 +1587,7 @@ mod tests {
                 start_ms: 1000,
                 justification: None,
                 worker: None,
+                recorded: true,
             },
         }
     }

@@ -1,5 +1,6 @@
 //! Recording is mandatory: with psm-recorder gone, new sessions are refused with a clear message
-//! while the relay keeps serving, and they work again once the recorder is back. Under `psm up`
+//! while the relay keeps serving, and they work again once the recorder is back; only a grant
+//! that says `--unrecorded` runs without it. Under `psm up`
 //! the launcher brings a killed recorder back by itself.
 
 use nix::sys::signal::{kill, Signal};
@@ -73,6 +74,103 @@ fn sessions_fail_closed_while_the_recorder_is_down() {
             .any(|r| r.get("id").and_then(|v| v.as_str()) == Some(rec.as_str())),
         "recording {rec} not listed after the recorder restart:\n{out}"
     );
+}
+
+/// A grant that says `--unrecorded` is the one way around mandatory recording: its sessions run
+/// and are audited as unrecorded, leave no recording, and still run with the recorder gone,
+/// while everyone else's are refused.
+#[test]
+fn an_unrecorded_grant_runs_without_a_recording_even_with_the_recorder_down() {
+    let mut w = World::with_mode(PsmMode::Separate);
+    let bob_key = w.add_user_with_key("bob");
+    let acct = format!("{TARGET_USER}@web01");
+    w.psm
+        .psmctl_ok(&["grant", "add", "bob", &acct, "--unrecorded"], None);
+    let grants = w.psm.psmctl_ok(&["grant", "list"], None);
+    assert!(
+        grants
+            .lines()
+            .any(|l| l.contains("bob") && l.contains("unrecorded")),
+        "grant list does not show bob's grant as unrecorded:\n{grants}"
+    );
+    let bob = format!("bob@{TARGET_USER}@web01");
+    // the grant reaches the relay within a second; wait for it, and for its tries to end
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            run_ssh(w.ssh_as(&bob, &bob_key).arg("true")).code() == Some(0)
+        }),
+        "bob's grant did not reach the relay"
+    );
+    assert!(wait_for(Duration::from_secs(10), || {
+        w.psm.audit_of("session_end").len() >= w.psm.audit_of("session_start").len()
+    }));
+
+    let run_bob = |w: &World, word: &str| -> serde_json::Value {
+        let mark = w.psm.audit_mark();
+        let out = run_ssh(w.ssh_as(&bob, &bob_key).arg(format!("echo {word}")));
+        assert_eq!(out.code(), Some(0), "{}", out.describe());
+        assert_eq!(out.stdout_str(), format!("{word}\n"), "{}", out.describe());
+        let start =
+            w.psm
+                .wait_audit_after(mark, "bob's session_start", Duration::from_secs(5), |e| {
+                    jstr(e, "event") == "session_start" && jstr(e, "user") == "bob"
+                });
+        assert_eq!(
+            start.get("recorded"),
+            Some(&serde_json::Value::Bool(false)),
+            "session_start does not say unrecorded: {start}"
+        );
+        w.psm
+            .wait_audit_after(mark, "bob's session_end", Duration::from_secs(5), |e| {
+                jstr(e, "event") == "session_end" && jstr(e, "user") == "bob"
+            })
+    };
+
+    // recorder up: no recording for bob, one for alice
+    let end = run_bob(&w, "unrecorded-ok");
+    let bob_rec = jstr(&end, "recording_id").to_string();
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh().arg("echo recorded-ok"));
+    assert_eq!(out.stdout_str(), "recorded-ok\n", "{}", out.describe());
+    let alice_start =
+        w.psm
+            .wait_audit_after(mark, "alice's session_start", Duration::from_secs(5), |e| {
+                jstr(e, "event") == "session_start" && jstr(e, "user") == "alice"
+            });
+    assert!(
+        alice_start.get("recorded").is_none(),
+        "a recorded session_start carries no `recorded` field: {alice_start}"
+    );
+    let alice_rec = jstr(&alice_start, "recording_id").to_string();
+    let listed = |w: &World, id: &str| {
+        let out = w.psm.psmctl_ok(&["recordings", "list", "--json"], None);
+        json_objects(&out)
+            .iter()
+            .any(|r| r.get("id").and_then(|v| v.as_str()) == Some(id))
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || listed(&w, &alice_rec)),
+        "alice's recording {alice_rec} is not listed"
+    );
+    assert!(
+        !listed(&w, &bob_rec),
+        "bob's unrecorded session was recorded"
+    );
+    let file = w
+        .psm
+        .data_dir()
+        .join("recordings")
+        .join(format!("{bob_rec}.psmrec"));
+    assert!(!file.exists(), "{} exists", file.display());
+
+    // recorder down: bob's sessions still run, alice's are refused
+    w.psm.kill_recorder();
+    w.psm.wait_recorder_link(false);
+    run_bob(&w, "still-unrecorded-ok");
+    let out = run_ssh(w.ssh().arg("echo must-not-run"));
+    assert_eq!(assert_refused(&out, UNAVAILABLE), UNAVAILABLE);
+    assert!(out.stdout.is_empty(), "{}", out.describe());
+    w.assert_all_sessions_ended();
 }
 
 #[test]

@@ -392,6 +392,11 @@ pub struct Conditions {
     /// a lease on a `tcp` target is refused.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unrecorded_tcp: bool,
+    /// Sessions under this grant (SSH and RDP) are relayed without a recording: still decided,
+    /// governed and audited (`session_start` says `recorded: false`), never recorded, and not
+    /// refused while psm-recorder is down. Off unless a grant says so (`--unrecorded`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unrecorded: bool,
 }
 
 /// Which way the clipboard may carry data in an RDP session.
@@ -686,6 +691,9 @@ impl Conditions {
         }
         if self.unrecorded_tcp {
             out.push("unrecorded tcp".into());
+        }
+        if self.unrecorded {
+            out.push("unrecorded".into());
         }
         if let Some(a) = self.command_default {
             out.push(format!("commands default {a}"));

@@ -548,6 +548,11 @@ pub enum AuditKind {
         /// The relay worker (core) serving it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         worker: Option<usize>,
+        /// Whether the session is recorded (written only when it is not: under a grant that
+        /// says `--unrecorded`, or when recording is optional and psm-recorder was unavailable;
+        /// `recording_id` then names no recording).
+        #[serde(default = "recorded_default", skip_serializing_if = "Clone::clone")]
+        recorded: bool,
     },
     /// A session ended.
     SessionEnd {
@@ -1233,4 +1238,8 @@ mod tests {
         };
         assert!(!broken.verify("x") && !broken.well_formed());
     }
+}
+
+fn recorded_default() -> bool {
+    true
 }

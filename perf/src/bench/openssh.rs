@@ -41,7 +41,13 @@ pub fn transfer(
     let children_before = procs::reaped_children_cpu_seconds();
     let start = Instant::now();
     let mut child = Command::new("ssh")
-        .args(["-T", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
         .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
         .args(["-o", "IdentitiesOnly=yes", "-o", "Compression=no"])
         .arg("-c")

@@ -186,19 +186,25 @@ impl Phase<'_> {
             source: self.source(),
             start_ms: self.start_ms,
         };
-        let recording = match self.ctx.recorder.open(meta).await {
-            Ok(r) => Some(r),
-            Err(e) if snap.recording_required => {
-                return Err(deny(Refusal::new(
-                    Side::Recorder,
-                    "recording_unavailable",
-                    format!("session recording unavailable: {e}"),
-                    RECORDING_UNAVAILABLE.into(),
-                )));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "recording not required; the session runs unrecorded");
-                None
+        // a grant that says `--unrecorded` opens no recording (and is not refused while
+        // psm-recorder is down)
+        let recording = if conditions.unrecorded {
+            None
+        } else {
+            match self.ctx.recorder.open(meta).await {
+                Ok(r) => Some(r),
+                Err(e) if snap.recording_required => {
+                    return Err(deny(Refusal::new(
+                        Side::Recorder,
+                        "recording_unavailable",
+                        format!("session recording unavailable: {e}"),
+                        RECORDING_UNAVAILABLE.into(),
+                    )));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "recording not required; the session runs unrecorded");
+                    None
+                }
             }
         };
         match target::connect(&target, &account).await {

@@ -357,6 +357,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         start_ms: live.start_ms,
         justification: live.justification,
         worker: live.worker,
+        recorded: recording.is_some(),
     });
     let gov = Governor {
         user: a.user.clone(),

@@ -316,7 +316,7 @@ impl Conn {
         // The recording is confirmed open before the relay logs in to the target: a user who
         // cannot be recorded is told so up front, and the target never sees the login.
         let mut opened = None;
-        if !self.started {
+        if !self.started && !self.conditions.unrecorded {
             let meta = RecordingMeta {
                 protocol: String::new(),
                 recording_id: self.shared.session_id.clone(),
@@ -358,6 +358,7 @@ impl Conn {
         if self.started {
             return;
         }
+        let recorded = opened.is_some();
         {
             let recording_id = self.shared.session_id.clone();
             if let Some(rec) = &opened {
@@ -418,6 +419,7 @@ impl Conn {
                 start_ms: live.start_ms,
                 justification: live.justification,
                 worker: live.worker,
+                recorded,
             });
             self.started = true;
         }
