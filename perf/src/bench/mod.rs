@@ -119,6 +119,8 @@ struct World {
     key: Arc<PrivateKey>,
     direct: Dest,
     psm: Dest,
+    /// The same psm, under an `--unrecorded` grant.
+    psm_norec: Dest,
     jump: Option<Dest>,
     psm_pids: Vec<(u32, String)>,
     target_pid: u32,
@@ -187,6 +189,15 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
         &key_path.display().to_string(),
     ])?;
     ctl(&["grant", "add", "alice", "bench@bench"])?;
+    // the same psm with recording off: a second user under a grant that says so
+    ctl(&[
+        "user",
+        "add",
+        "bob",
+        "--ssh-key",
+        &pub_path.display().to_string(),
+    ])?;
+    ctl(&["grant", "add", "bob", "bench@bench", "--unrecorded"])?;
     let psm_tcp: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
     ctl(&[
         "target",
@@ -217,7 +228,7 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
 
     let mut notes = vec![
         "target: psm-perf's light SSH server (one process, no fork or shell per connection)".into(),
-        "client: russh in psm-perf; psm records every session (there is no recording-off mode, so recording off is not measured)".into(),
+        "client: russh in psm-perf; psm: recording on (as every grant is by default); psm-norec: the same psm under a grant with --unrecorded (bulk only)".into(),
     ];
     let user = procs::user_name()?;
     let (jump, jump_pid, openssh) = match procs::sshd() {
@@ -274,6 +285,11 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
             user: "alice@bench@bench".into(),
             jump: None,
         },
+        psm_norec: Dest {
+            addr: psm_addr,
+            user: "bob@bench@bench".into(),
+            jump: None,
+        },
         jump,
         psm_pids,
         target_pid,
@@ -295,12 +311,19 @@ impl World {
         r
     }
 
+    /// [`routes`](Self::routes) and psm with recording off.
+    fn bulk_routes(&self) -> Vec<(&'static str, &Dest)> {
+        let mut r = self.routes();
+        r.insert(2, ("psm-norec", &self.psm_norec));
+        r
+    }
+
     /// The CPU-seconds so far of the processes that do a route's work: the client and the
     /// target for direct, psm's daemons, the jump host's sshd (with its reaped children).
     fn cpu(&self, route: &str) -> f64 {
         match route {
             "direct" => cpu_seconds(std::process::id()) + cpu_seconds(self.target_pid),
-            "psm" => self.psm_pids.iter().map(|(p, _)| cpu_seconds(*p)).sum(),
+            "psm" | "psm-norec" => self.psm_pids.iter().map(|(p, _)| cpu_seconds(*p)).sum(),
             "jump" => self.jump_pid.map(procs::tree_cpu_seconds).unwrap_or(0.0),
             _ => 0.0,
         }
@@ -332,7 +355,7 @@ async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         for what in ["up", "down", "both"] {
             let mut tput = Row::new(format!("{what} {cname}"), "MB/s", true);
             let mut cpu = Row::new(format!("{what} {cname} CPU"), "CPU-s/GiB", false);
-            for (route, d) in w.routes() {
+            for (route, d) in w.bulk_routes() {
                 eprintln!("bench: {what} {cname} via {route}");
                 let before = w.cpu(route);
                 let r = async {
@@ -656,16 +679,18 @@ fn ratio(row: &Row, a: &str, b: &str) -> String {
 
 fn render(rows: &[Row], notes: &[String]) -> String {
     let mut out = format!(
-        "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+        "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}\n",
         "workload",
         "direct",
         "psm",
+        "psm-norec",
         "jump",
         "openssh",
         "socat",
         "psm/direct",
         "psm/other",
-        "psm/openssh"
+        "psm/openssh",
+        "psm/norec"
     );
     for r in rows {
         let other = if r.values.contains_key("socat") {
@@ -674,16 +699,18 @@ fn render(rows: &[Row], notes: &[String]) -> String {
             "jump"
         };
         out.push_str(&format!(
-            "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+            "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}\n",
             format!("{} ({})", r.workload, r.unit),
             fmt(r.values.get("direct")),
             fmt(r.values.get("psm")),
+            fmt(r.values.get("psm-norec")),
             fmt(r.values.get("jump")),
             fmt(r.values.get("openssh")),
             fmt(r.values.get("socat")),
             ratio(r, "psm", "direct"),
             ratio(r, "psm", other),
             ratio(r, "psm", "openssh"),
+            ratio(r, "psm", "psm-norec"),
         ));
     }
     for r in rows {
