@@ -1032,6 +1032,10 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn recorded_default() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1238,8 +1242,4 @@ mod tests {
         };
         assert!(!broken.verify("x") && !broken.well_formed());
     }
-}
-
-fn recorded_default() -> bool {
-    true
 }
