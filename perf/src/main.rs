@@ -78,6 +78,10 @@ enum Command {
         /// Client runtime threads for the scaling run.
         #[arg(long, default_value_t = 4)]
         client_threads: usize,
+        /// Only these workloads (default: all): bulk, sessions, echo, idle, tcp.
+        #[arg(long, value_delimiter = ',', value_name = "W,W,…",
+              value_parser = ["bulk", "sessions", "echo", "idle", "tcp"])]
+        only: Vec<String>,
     },
     /// The light SSH target `bench` runs (one process; built-in sink, source, echo, true).
     #[command(hide = true)]
@@ -123,6 +127,7 @@ fn main() -> anyhow::Result<()> {
             workers,
             scaling,
             client_threads,
+            only,
         } => {
             anyhow::ensure!(
                 (1..=65536).contains(&mib),
@@ -147,6 +152,7 @@ fn main() -> anyhow::Result<()> {
                 idle,
                 keep,
                 workers,
+                only,
             };
             if scaling.is_empty() {
                 bench::run(&opts, json)?

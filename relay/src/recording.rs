@@ -38,6 +38,15 @@ use tracing::{info, warn};
 pub const QUEUE_FRAMES: usize = 4096;
 /// Bytes the link writes to the socket in one go, at most.
 const BATCH_BYTES: usize = 1 << 20;
+/// Session bytes a worker queues before a push wakes the link thread. Smaller DATA and RESIZE
+/// frames (a keystroke, its echo) wait for the link's own round, at most [`LINK_IDLE`] later:
+/// waking another thread for each of them put a context switch on every keystroke's path (echo
+/// +35 µs p50, +120 µs p99 with recording on, perf/BENCHMARKS.md). Far below the durable window
+/// (1 MiB by default), so a bulk transfer never waits on the link's round; every other frame
+/// (open, close, discard) wakes it at once.
+const WAKE_BYTES: usize = 64 * 1024;
+/// How long the link thread sleeps when its queues are empty.
+const LINK_IDLE: Duration = Duration::from_millis(50);
 /// How long a session waits for psm-recorder to confirm that its recording is open.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -269,6 +278,8 @@ pub struct RecorderLink {
 #[derive(Clone)]
 pub struct WorkerRecorder {
     queue: Arc<ArrayQueue<Frame>>,
+    /// DATA bytes pushed since the last wake ([`WAKE_BYTES`]).
+    unwoken: Arc<AtomicU64>,
     shared: Arc<LinkShared>,
     stats: Arc<RecordStats>,
 }
@@ -333,6 +344,7 @@ impl RecorderLink {
         }
         WorkerRecorder {
             queue,
+            unwoken: Arc::new(AtomicU64::new(0)),
             shared: self.shared.clone(),
             stats: Arc::new(RecordStats::default()),
         }
@@ -416,6 +428,11 @@ impl WorkerRecorder {
     }
 
     async fn push(&self, mut frame: Frame) {
+        let lazy = match &frame {
+            Frame::Data { data, .. } => Some(data.len() as u64 + 16),
+            Frame::Resize { .. } => Some(16),
+            _ => None,
+        };
         loop {
             match self.queue.push(frame) {
                 Ok(()) => break,
@@ -426,6 +443,12 @@ impl WorkerRecorder {
                 }
             }
         }
+        if let Some(n) = lazy {
+            if self.unwoken.fetch_add(n, Ordering::Relaxed) + n < WAKE_BYTES as u64 {
+                return;
+            }
+        }
+        self.unwoken.store(0, Ordering::Relaxed);
         self.wake();
     }
 
@@ -743,7 +766,7 @@ fn pump(mut stream: UnixStream, shared: &LinkShared, dead: &AtomicBool) -> Strin
                 .map(|q| q.iter().any(|q| !q.is_empty()))
                 .unwrap_or(false);
             if !pending {
-                std::thread::park_timeout(Duration::from_millis(50));
+                std::thread::park_timeout(LINK_IDLE);
             }
             shared.sleeping.store(false, Ordering::Release);
         }

@@ -41,6 +41,14 @@ pub struct Opts {
     pub keep: bool,
     /// Relay workers (`psm up --workers`; default: one per CPU).
     pub workers: Option<usize>,
+    /// Only these workloads (`bulk`, `sessions`, `echo`, `idle`, `tcp`); empty: all.
+    pub only: Vec<String>,
+}
+
+impl Opts {
+    fn runs(&self, workload: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|w| w == workload)
+    }
 }
 
 /// One line of the table: a workload's figure on each route, or why it failed there.
@@ -228,7 +236,7 @@ fn setup(o: &Opts, dir: &Path) -> anyhow::Result<World> {
 
     let mut notes = vec![
         "target: psm-perf's light SSH server (one process, no fork or shell per connection)".into(),
-        "client: russh in psm-perf; psm: recording on (as every grant is by default); psm-norec: the same psm under a grant with --unrecorded (bulk only)".into(),
+        "client: russh in psm-perf; psm: recording on (as every grant is by default); psm-norec: the same psm under a grant with --unrecorded (bulk and echo)".into(),
     ];
     let user = procs::user_name()?;
     let (jump, jump_pid, openssh) = match procs::sshd() {
@@ -311,8 +319,8 @@ impl World {
         r
     }
 
-    /// [`routes`](Self::routes) and psm with recording off.
-    fn bulk_routes(&self) -> Vec<(&'static str, &Dest)> {
+    /// [`routes`](Self::routes) and psm with recording off (bulk and echo).
+    fn with_norec(&self) -> Vec<(&'static str, &Dest)> {
         let mut r = self.routes();
         r.insert(2, ("psm-norec", &self.psm_norec));
         r
@@ -355,7 +363,7 @@ async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         for what in ["up", "down", "both"] {
             let mut tput = Row::new(format!("{what} {cname}"), "MB/s", true);
             let mut cpu = Row::new(format!("{what} {cname} CPU"), "CPU-s/GiB", false);
-            for (route, d) in w.bulk_routes() {
+            for (route, d) in w.with_norec() {
                 eprintln!("bench: {what} {cname} via {route}");
                 let before = w.cpu(route);
                 let r = async {
@@ -491,7 +499,7 @@ async fn echo(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         Row::new("echo p99", "µs", false),
         Row::new("echo p999", "µs", false),
     ];
-    for (route, d) in w.routes() {
+    for (route, d) in w.with_norec() {
         eprintln!("bench: echo via {route}");
         let r = async {
             let h = client::connect(d, &w.key, &cfg).await?;
@@ -844,11 +852,21 @@ pub fn run(o: &Opts, json_out: bool) -> anyhow::Result<()> {
         let mut rows = Vec::new();
         let mut notes = world.notes.clone();
         rt.block_on(async {
-            bulk(&world, o, &mut rows).await;
-            sessions(&world, o, &mut rows).await;
-            echo(&world, o, &mut rows).await;
-            idle(&world, o, &mut rows).await;
-            tcp(&world, o, &mut rows, &mut notes).await;
+            if o.runs("bulk") {
+                bulk(&world, o, &mut rows).await;
+            }
+            if o.runs("sessions") {
+                sessions(&world, o, &mut rows).await;
+            }
+            if o.runs("echo") {
+                echo(&world, o, &mut rows).await;
+            }
+            if o.runs("idle") {
+                idle(&world, o, &mut rows).await;
+            }
+            if o.runs("tcp") {
+                tcp(&world, o, &mut rows, &mut notes).await;
+            }
         });
         drop(rt);
         let retries = client::JUMP_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
