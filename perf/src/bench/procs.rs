@@ -32,75 +32,64 @@ impl Drop for Proc {
     }
 }
 
-/// CPU-seconds (user + system, the process's own and its reaped children's) of `pid`; 0 for a
+/// CPU-seconds of `pid` (user + system, its own and its waited-for children's); 0 for a
 /// process that is gone.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    // fields 14-17 of stat: utime, stime, cutime, cstime
+    stat_seconds(&format!("/proc/{pid}/stat"), 14, 4)
+}
+
+/// CPU-seconds of this process's children that were waited for (`cutime` + `cstime`).
+pub fn reaped_children_cpu_seconds() -> f64 {
+    stat_seconds("/proc/self/stat", 16, 2)
+}
+
+/// The sum of `count` tick fields of a `stat` file from field `first` (numbered from 1), in
+/// seconds; 0 when it cannot be read.
+fn stat_seconds(path: &str, first: usize, count: usize) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     let Some((_, rest)) = stat.rsplit_once(')') else {
         return 0.0;
     };
-    // fields 14-17 of stat: utime, stime, cutime, cstime (rest starts at field 3)
+    // `rest` starts at field 3 (the name, field 2, may hold spaces)
     rest.split_whitespace()
-        .skip(11)
-        .take(4)
+        .skip(first - 3)
+        .take(count)
         .filter_map(|f| f.parse::<f64>().ok())
         .sum::<f64>()
         / TICKS
+}
+
+/// The living descendants of `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            out.push(c);
+            frontier.push(c);
+        }
+    }
+    out
 }
 
 /// CPU-seconds of `pid` and all its living descendants (a forking server's connections, counted
 /// while they run; once reaped they are in the parent's own figure).
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
-    let mut total = cpu_seconds(pid);
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        let children =
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        for c in children
-            .split_whitespace()
-            .filter_map(|c| c.parse::<u32>().ok())
-        {
-            // a child's own time only: its reaped children are in its cutime already
-            total += cpu_seconds(c);
-            frontier.push(c);
-        }
-    }
-    total
-}
-
-/// CPU-seconds of this process's children that were waited for (`cutime` + `cstime`).
-pub fn reaped_children_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    // fields 16-17 of stat: cutime, cstime (rest starts at field 3)
-    rest.split_whitespace()
-        .skip(13)
-        .take(2)
-        .filter_map(|f| f.parse::<f64>().ok())
-        .sum::<f64>()
-        / TICKS
+    // a child's own time only: its reaped children are in its cutime already
+    cpu_seconds(pid) + descendants(pid).into_iter().map(cpu_seconds).sum::<f64>()
 }
 
 /// How many processes `pid`'s tree holds (itself included).
 pub fn tree_size(pid: u32) -> usize {
-    let mut n = 1;
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        let children =
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        for c in children
-            .split_whitespace()
-            .filter_map(|c| c.parse::<u32>().ok())
-        {
-            n += 1;
-            frontier.push(c);
-        }
-    }
-    n
+    1 + descendants(pid).len()
 }
 
 /// Resident memory of `pid`, KiB.
