@@ -43,7 +43,8 @@ const BATCH_BYTES: usize = 1 << 20;
 /// waking another thread for each of them put a context switch on every keystroke's path (echo
 /// +35 µs p50, +120 µs p99 with recording on, perf/BENCHMARKS.md). Far below the durable window
 /// (1 MiB by default), so a bulk transfer never waits on the link's round; every other frame
-/// (open, close, discard) wakes it at once.
+/// (open, close, discard) wakes it at once, and so does a session that finds its durable window
+/// full (whatever size an operator gave the window).
 const WAKE_BYTES: usize = 64 * 1024;
 /// How long the link thread sleeps when its queues are empty.
 const LINK_IDLE: Duration = Duration::from_millis(50);
@@ -448,6 +449,11 @@ impl WorkerRecorder {
                 return;
             }
         }
+        self.wake_now();
+    }
+
+    /// Wakes the link thread (when it sleeps) to ship what this worker queued.
+    fn wake_now(&self) {
         self.unwoken.store(0, Ordering::Relaxed);
         self.wake();
     }
@@ -529,6 +535,9 @@ impl RecordingStream {
         if self.durable.try_admit(len, window, Instant::now()).is_ok() {
             return true;
         }
+        // what this session queued must reach psm-recorder for the window to move: frames of
+        // data do not wake the link one by one ([`WAKE_BYTES`]), so a full window does
+        self.rec.wake_now();
         let stats = &self.rec.stats;
         stats.pauses.fetch_add(1, Ordering::Relaxed);
         stats.paused_now.fetch_add(1, Ordering::Relaxed);
