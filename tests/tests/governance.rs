@@ -351,6 +351,73 @@ fn kill_revocation_and_disable_end_live_sessions_within_a_second() {
     );
 }
 
+/// An unrecorded session lasts only while the grant in force says `--unrecorded`: once a grant
+/// that records decides instead, the session ends (it cannot be recorded from the middle).
+#[test]
+fn an_unrecorded_session_ends_when_a_recording_grant_takes_over() {
+    let w = World::new();
+    w.regrant(&["--unrecorded"]);
+    w.wait_session_works(&alice_login(), Duration::from_secs(5));
+    let child = background(&w, "sleep 30");
+    let id = live_session(&w);
+    // a second, recording grant after it (through a group): the first still decides, and the
+    // session goes on
+    w.psm.psmctl_ok(&["group", "add", "ops"], None);
+    w.psm
+        .psmctl_ok(&["group", "member", "add", "ops", "alice"], None);
+    w.psm.psmctl_ok(&["grant", "add", "@ops", &account()], None);
+    let mark = w.psm.audit_mark();
+    let probe = run_ssh(w.ssh().arg("echo still-unrecorded"));
+    assert_eq!(
+        probe.stdout_str(),
+        "still-unrecorded\n",
+        "{}",
+        probe.describe()
+    );
+    let start = w.psm.wait_audit_after(
+        mark,
+        "the probe's session_start",
+        Duration::from_secs(5),
+        |e| jstr(e, "event") == "session_start",
+    );
+    assert_eq!(
+        start.get("recorded"),
+        Some(&serde_json::Value::Bool(false)),
+        "the first grant no longer decides: {start}"
+    );
+    assert!(
+        w.psm
+            .psmctl_ok(&["sessions", "list", "--json"], None)
+            .contains(&id),
+        "the session ended under its own grant"
+    );
+    // the unrecorded grant goes: the recording one decides, and the session ends
+    let t = Instant::now();
+    w.psm
+        .psmctl_ok(&["grant", "remove", "alice", &account()], None);
+    let (err, took) = ended(child, t);
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(
+        err.contains("psm: session ended: the session must now be recorded"),
+        "{err}"
+    );
+    let e = end_event(&w, &id);
+    assert_eq!(
+        (jstr(&e, "reason_code"), jstr(&e, "side")),
+        ("recording_required", "policy")
+    );
+    // and the next session is recorded
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh().arg("echo recorded-now"));
+    assert_eq!(out.stdout_str(), "recorded-now\n", "{}", out.describe());
+    let start = w
+        .psm
+        .wait_audit_after(mark, "session_start", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "session_start"
+        });
+    assert!(start.get("recorded").is_none(), "{start}");
+}
+
 #[test]
 fn maximum_duration_and_idle_timeout_end_sessions_with_a_message() {
     let w = World::new();

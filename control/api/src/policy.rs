@@ -429,6 +429,10 @@ pub enum PolicyStop {
         /// The rule.
         rule: Option<u64>,
     },
+    /// The session runs unrecorded under a grant that said `unrecorded`, and the grant in force
+    /// now records (that grant was revoked, expired or left its window, or another one comes
+    /// first): an unrecorded session cannot become recorded, so it ends.
+    RecordingRequired,
 }
 
 impl fmt::Display for PolicyStop {
@@ -452,6 +456,10 @@ impl fmt::Display for PolicyStop {
                 rule.map(|r| format!("command rule {r}"))
                     .unwrap_or_else(|| "the grant's default".into())
             ),
+            PolicyStop::RecordingRequired => write!(
+                f,
+                "policy: the session is unrecorded and the grant now in force does not allow that (no --unrecorded)"
+            ),
         }
     }
 }
@@ -472,6 +480,7 @@ impl PolicyStop {
             PolicyStop::MaxDuration(_) => "max_duration",
             PolicyStop::IdleTimeout(_) => "idle_timeout",
             PolicyStop::CommandTerminated { .. } => "command_terminated",
+            PolicyStop::RecordingRequired => "recording_required",
         }
     }
 
@@ -497,6 +506,9 @@ impl PolicyStop {
             PolicyStop::CommandTerminated { line, .. } => {
                 let (l, _) = crate::escape::truncate(line, 200);
                 format!("command not permitted: {}", crate::escape(l))
+            }
+            PolicyStop::RecordingRequired => {
+                "the session must now be recorded; connect again".into()
             }
         };
         format!("psm: session ended: {why}")
@@ -529,6 +541,9 @@ pub struct Governor {
     pub source: IpAddr,
     /// Start, ms since the epoch.
     pub start_ms: u64,
+    /// Whether the session is recorded. An unrecorded one goes on only while the grant in force
+    /// says `unrecorded` (or recording is optional).
+    pub recorded: bool,
 }
 
 impl Governor {
@@ -548,6 +563,9 @@ impl Governor {
             Err(d) => return Verdict::End(PolicyStop::Denied(d)),
         };
         let c = permit.conditions();
+        if !self.recorded && !c.unrecorded && snap.recording_required {
+            return Verdict::End(PolicyStop::RecordingRequired);
+        }
         let mut next: Option<u64> = None;
         let mut at = |t: u64| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(max) = c.max_duration_ms {
@@ -831,6 +849,7 @@ mod tests {
             target: "db01".into(),
             source: "10.1.1.1".parse().expect("ip"),
             start_ms: start,
+            recorded: true,
         };
         // idle deadline first (15 min), then the max duration (2 h)
         assert_eq!(
@@ -867,6 +886,7 @@ mod tests {
             target: "web01".into(),
             source: "127.0.0.1".parse().expect("ip"),
             start_ms: at("2026-12-03T17:58:30Z"),
+            recorded: true,
         };
         assert_eq!(
             a.check(&s, at("2026-12-03T17:58:30Z"), 0),
@@ -887,5 +907,40 @@ mod tests {
             matches!(&v, Verdict::End(p) if p.code() == "user_disabled"),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn an_unrecorded_session_ends_once_the_grant_in_force_records() {
+        let mut unrecorded = snap();
+        unrecorded.grants[2].conditions.unrecorded = true;
+        let start = at("2026-12-03T12:00:00Z");
+        let g = Governor {
+            user: "carol".into(),
+            account: "postgres".into(),
+            target: "db01".into(),
+            source: "10.1.1.1".parse().expect("ip"),
+            start_ms: start,
+            recorded: false,
+        };
+        let goes_on = |v: Verdict| matches!(v, Verdict::Continue { .. });
+        assert!(goes_on(g.check(&unrecorded, start + 1000, start)));
+        // the grant loses `unrecorded` (or a recording grant now decides): the session ends
+        let recorded = snap();
+        let v = g.check(&recorded, start + 1000, start);
+        assert_eq!(v, Verdict::End(PolicyStop::RecordingRequired));
+        assert_eq!(PolicyStop::RecordingRequired.code(), "recording_required");
+        assert_eq!(
+            PolicyStop::RecordingRequired.user_line(),
+            "psm: session ended: the session must now be recorded; connect again"
+        );
+        // a recorded session is not concerned, nor one where recording is optional
+        let r = Governor {
+            recorded: true,
+            ..g.clone()
+        };
+        assert!(goes_on(r.check(&recorded, start + 1000, start)));
+        let mut optional = snap();
+        optional.recording_required = false;
+        assert!(goes_on(g.check(&optional, start + 1000, start)));
     }
 }

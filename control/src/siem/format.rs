@@ -384,7 +384,10 @@ fn cef_of(hostname: &str, ev: &Ev) -> String {
     }
     let p = &mut put;
     labeled(p, "cs1", "sessionId", own("session_id"));
-    labeled(p, "cs2", "recordingId", own("recording_id"));
+    // an unrecorded session (`recorded: false`) names no recording
+    if ev.0.get("recorded").and_then(Value::as_bool) != Some(false) {
+        labeled(p, "cs2", "recordingId", own("recording_id"));
+    }
     labeled(p, "cs3", "justification", own("justification"));
     let (cs4_label, cs4) = match kind.as_str() {
         "auth_success" | "auth_failure" => ("method", own("method")),
@@ -849,6 +852,29 @@ mod tests {
         assert_eq!(o["actor"]["user"]["name"], "alice");
         assert_eq!(o["dst_endpoint"]["name"], "win01");
         assert_eq!(o["message"], "RDP channel cliprdr refused (from-target)");
+    }
+
+    #[test]
+    fn an_unrecorded_session_start_names_no_recording() {
+        let start = |recorded: bool| {
+            ev(AuditKind::SessionStart {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                source: "10.0.0.1:5000".into(),
+                target: "web01".into(),
+                target_address: "10.0.0.9:22".into(),
+                account: "root".into(),
+                recording_id: "s1".into(),
+                start_ms: 1,
+                justification: None,
+                worker: None,
+                recorded,
+            })
+        };
+        assert!(cef_line("gw1", &start(true)).contains("cs2Label=recordingId cs2=s1"));
+        let cef = cef_line("gw1", &start(false));
+        assert!(!cef.contains("recordingId"), "{cef}");
+        assert_eq!(ocsf("gw1", &start(false))["unmapped"]["recorded"], false);
     }
 
     fn header() -> Header {

@@ -41,7 +41,11 @@ pub fn transfer(
     let children_before = procs::reaped_children_cpu_seconds();
     let start = Instant::now();
     let mut child = Command::new("ssh")
+        // no configuration file: a ControlMaster, ProxyJump or Ciphers there would change the
+        // route measured (or leave a master process behind)
         .args([
+            "-F",
+            "/dev/null",
             "-T",
             "-o",
             "BatchMode=yes",

@@ -365,6 +365,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         target: a.target.name.clone(),
         source: a.peer.ip(),
         start_ms: a.start_ms,
+        recorded: recording.is_some(),
     };
     let nla_target = target_protocol == SecurityProtocol::HYBRID;
     let password = if nla_target {

@@ -265,6 +265,26 @@ impl Conn {
         };
         let (target, account) = (permit.target.clone(), permit.account.clone());
         self.conditions = permit.conditions().clone();
+        if self.started
+            && self.shared.recording().is_none()
+            && !self.conditions.unrecorded
+            && snap.recording_required
+        {
+            // the session began unrecorded under a grant that said so; the grant deciding now
+            // records, and a channel cannot join an unrecorded session under it
+            return Err(self.deny(
+                user,
+                Refusal::new(
+                    Side::Policy,
+                    "recording_required",
+                    format!(
+                        "the session is unrecorded and the grant now in force for {}@{} records",
+                        account.username, target.name
+                    ),
+                    "psm: this session is unrecorded and the grant now in force records it: connect again".into(),
+                ),
+            ));
+        }
         if target.protocol == psm_control_api::Protocol::Tcp && !matches!(open, Open::Session) {
             let t = &target.name;
             return Err(self.deny(
@@ -386,6 +406,7 @@ impl Conn {
                     target: target.name.clone(),
                     source: self.shared.peer.ip(),
                     start_ms: self.shared.start_ms,
+                    recorded,
                 });
             });
             self.shared.governed.notify_one();
