@@ -79,6 +79,27 @@ impl Row {
     }
 }
 
+/// Sets a transfer's two figures on `route`: MB/s in `tput` and CPU-seconds per GiB in `cpu`,
+/// from the seconds it took moving `bytes` and the CPU-seconds spent (or why it failed, in both).
+fn set_transfer(
+    tput: &mut Row,
+    cpu: &mut Row,
+    route: &'static str,
+    bytes: u64,
+    r: anyhow::Result<(f64, f64)>,
+) {
+    match r {
+        Ok((secs, spent)) => {
+            tput.set(route, Ok(mbps(bytes, secs)));
+            cpu.set(route, Ok(spent / (bytes as f64 / (1u64 << 30) as f64)));
+        }
+        Err(e) => {
+            cpu.set(route, Err(anyhow::anyhow!("{e:#}")));
+            tput.set(route, Err(e));
+        }
+    }
+}
+
 fn write_key(path: &Path, key: &PrivateKey) -> anyhow::Result<()> {
     use std::io::Write as _;
     let pem = key.to_openssh(LineEnding::LF)?;
@@ -386,18 +407,8 @@ async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                 // let the jump host reap its connection's process before its CPU is read
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let moved = if what == "both" { 2 * n } else { n };
-                let gib = moved as f64 / (1u64 << 30) as f64;
                 let spent = w.cpu(route) - before;
-                match r {
-                    Ok(secs) => {
-                        tput.set(route, Ok(mbps(moved, secs)));
-                        cpu.set(route, Ok(spent / gib));
-                    }
-                    Err(e) => {
-                        cpu.set(route, Err(anyhow::anyhow!("{e:#}")));
-                        tput.set(route, Err(e));
-                    }
-                }
+                set_transfer(&mut tput, &mut cpu, route, moved, r.map(|s| (s, spent)));
             }
             if let (Some(s), true) = (&w.openssh, what != "both") {
                 eprintln!("bench: {what} {cname} via openssh");
@@ -408,17 +419,7 @@ async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                 .await
                 .map_err(anyhow::Error::from)
                 .and_then(|r| r);
-                let gib = n as f64 / (1u64 << 30) as f64;
-                match r {
-                    Ok((secs, spent)) => {
-                        tput.set("openssh", Ok(mbps(n, secs)));
-                        cpu.set("openssh", Ok(spent / gib));
-                    }
-                    Err(e) => {
-                        cpu.set("openssh", Err(anyhow::anyhow!("{e:#}")));
-                        tput.set("openssh", Err(e));
-                    }
-                }
+                set_transfer(&mut tput, &mut cpu, "openssh", n, r);
             }
             rows.push(tput);
             rows.push(cpu);
@@ -592,7 +593,6 @@ async fn tcp(w: &World, o: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     } else {
         (o.mib * 4) << 20
     };
-    let gib = n as f64 / (1u64 << 30) as f64;
     let mut tput = Row::new("tcp pass-through", "MB/s", true);
     let mut cpu = Row::new("tcp pass-through forwarder CPU", "CPU-s/GiB", false);
     eprintln!("bench: tcp pass-through");
@@ -617,18 +617,9 @@ async fn tcp(w: &World, o: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
             let before = w.cpu("psm");
             let r = bounded(client::tcp_upload(w.psm_tcp, n)).await;
             let spent = w.cpu("psm") - before;
-            cpu.set(
-                "psm",
-                r.as_ref()
-                    .map(|_| spent / gib)
-                    .map_err(|e| anyhow::anyhow!("{e:#}")),
-            );
-            tput.set("psm", r.map(|s| mbps(n, s)));
+            set_transfer(&mut tput, &mut cpu, "psm", n, r.map(|s| (s, spent)));
         }
-        Err(e) => {
-            cpu.set("psm", Err(anyhow::anyhow!("{e:#}")));
-            tput.set("psm", Err(e));
-        }
+        Err(e) => set_transfer(&mut tput, &mut cpu, "psm", n, Err(e)),
     }
     let port = match procs::free_port() {
         Ok(p) => p,
@@ -653,13 +644,7 @@ async fn tcp(w: &World, o: &Opts, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
                     .unwrap_or(true)
             });
             let spent = cpu_seconds(p.0.id());
-            cpu.set(
-                "socat",
-                r.as_ref()
-                    .map(|_| spent / gib)
-                    .map_err(|e| anyhow::anyhow!("{e:#}")),
-            );
-            tput.set("socat", r.map(|s| mbps(n, s)));
+            set_transfer(&mut tput, &mut cpu, "socat", n, r.map(|s| (s, spent)));
         }
         Ok(None) => {
             notes.push("tcp: socat is not installed; pass-through is not compared with it".into())
