@@ -1,5 +1,6 @@
 //! `psm-perf bench --quick`: every path of the operators' bench works on this machine (direct,
-//! through psm, through an OpenSSH jump host, TCP pass-through): small sizes, no timing asserts.
+//! through psm with recording on and off, through an OpenSSH jump host, the OpenSSH client
+//! straight to sshd, TCP pass-through): small sizes, no timing asserts.
 
 use std::process::Command;
 use std::time::Duration;
@@ -54,6 +55,28 @@ fn psm_perf_bench_quick_runs_every_path() {
             let v = r[route].as_f64();
             assert!(v.is_some_and(|v| v > 0.0), "{w} on {route}: {r}");
         }
+    }
+    // psm with recording off (an --unrecorded grant) for bulk and echo, and the OpenSSH client
+    // straight to sshd for uploads and downloads
+    for w in [
+        "up aes128-gcm",
+        "down aes128-gcm",
+        "both aes128-gcm",
+        "up chacha20-poly1305",
+        "echo p50",
+    ] {
+        let r = row(w);
+        assert!(r["psm-norec"].as_f64().is_some_and(|v| v > 0.0), "{w}: {r}");
+    }
+    for w in [
+        "up aes128-gcm",
+        "down aes128-gcm",
+        "up chacha20-poly1305",
+        "down chacha20-poly1305",
+        "up aes128-gcm CPU",
+    ] {
+        let r = row(w);
+        assert!(r["openssh"].as_f64().is_some_and(|v| v > 0.0), "{w}: {r}");
     }
     // the pass-through moved its bytes to the sink, directly and through a lease on psm
     let tcp = row("tcp pass-through");

@@ -325,6 +325,9 @@ pub fn start_jump(
 ) -> anyhow::Result<Proc> {
     let keys = dir.join("jump_authorized_keys");
     std::fs::copy(user_pub, &keys)?;
+    // sshd refuses to start without its privilege separation directory, which only the
+    // system service creates (not there in a container or before the service ever ran)
+    let _ = std::fs::create_dir_all("/run/sshd");
     let cfg = dir.join("jump_sshd_config");
     std::fs::write(
         &cfg,
