@@ -58,6 +58,34 @@ pub use login::MAX_REASON;
 
 /// What the user is told when recording is required and psm-recorder cannot take the session.
 pub const RECORDING_UNAVAILABLE: &str = "psm: session recording is unavailable; try again later";
+
+/// Opens a new session's recording as policy says, for SSH and RDP alike: none under a grant
+/// that says `unrecorded`; otherwise confirmed open by psm-recorder, or, when it cannot take the
+/// session, a refusal if recording is required (`recording_unavailable`) and no recording if it
+/// is optional.
+pub(crate) async fn open_recording(
+    recorder: &WorkerRecorder,
+    unrecorded: bool,
+    required: bool,
+    meta: RecordingMeta,
+) -> Result<Option<RecordingStream>, Refusal> {
+    if unrecorded {
+        return Ok(None);
+    }
+    match recorder.open(meta).await {
+        Ok(rec) => Ok(Some(rec)),
+        Err(e) if required => Err(Refusal::new(
+            Side::Recorder,
+            "recording_unavailable",
+            format!("session recording unavailable: {e}"),
+            RECORDING_UNAVAILABLE.into(),
+        )),
+        Err(e) => {
+            debug!(error = %e, "recording not required; the session runs unrecorded");
+            Ok(None)
+        }
+    }
+}
 /// How long the relay waits for the target to answer a channel request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Session channels one connection may have open at once (as OpenSSH's `MaxSessions`).

@@ -13,7 +13,7 @@ use super::session::{Fail, Phase, METHOD, METHOD_TOTP};
 use super::target::{self, TargetLeg};
 use crate::end::{Refusal, Side};
 use crate::recording::RecordingStream;
-use crate::session::{logged_login, MAX_REASON, RECORDING_UNAVAILABLE};
+use crate::session::{logged_login, open_recording, MAX_REASON};
 use crate::startups::UserPermit;
 
 /// What an admitted login may use.
@@ -186,27 +186,14 @@ impl Phase<'_> {
             source: self.source(),
             start_ms: self.start_ms,
         };
-        // a grant that says `--unrecorded` opens no recording (and is not refused while
-        // psm-recorder is down)
-        let recording = if conditions.unrecorded {
-            None
-        } else {
-            match self.ctx.recorder.open(meta).await {
-                Ok(r) => Some(r),
-                Err(e) if snap.recording_required => {
-                    return Err(deny(Refusal::new(
-                        Side::Recorder,
-                        "recording_unavailable",
-                        format!("session recording unavailable: {e}"),
-                        RECORDING_UNAVAILABLE.into(),
-                    )));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "recording not required; the session runs unrecorded");
-                    None
-                }
-            }
-        };
+        let recording = open_recording(
+            &self.ctx.recorder,
+            conditions.unrecorded,
+            snap.recording_required,
+            meta,
+        )
+        .await
+        .map_err(deny)?;
         match target::connect(&target, &account).await {
             Ok(leg) => Ok(Granted {
                 user: user.clone(),

@@ -336,7 +336,7 @@ impl Conn {
         // The recording is confirmed open before the relay logs in to the target: a user who
         // cannot be recorded is told so up front, and the target never sees the login.
         let mut opened = None;
-        if !self.started && !self.conditions.unrecorded {
+        if !self.started {
             let meta = RecordingMeta {
                 protocol: String::new(),
                 recording_id: self.shared.session_id.clone(),
@@ -347,21 +347,15 @@ impl Conn {
                 source: self.source(),
                 start_ms: self.shared.start_ms,
             };
-            match self.ctx.recorder.open(meta).await {
-                Ok(rec) => opened = Some(rec),
-                Err(e) if snap.recording_required => {
-                    return Err(self.deny(
-                        user,
-                        Refusal::new(
-                            Side::Recorder,
-                            "recording_unavailable",
-                            format!("session recording unavailable: {e}"),
-                            RECORDING_UNAVAILABLE.into(),
-                        ),
-                    ));
-                }
-                Err(e) => debug!(error = %e, "recording not required; the session runs unrecorded"),
-            }
+            let unrecorded = self.conditions.unrecorded;
+            opened = open_recording(
+                &self.ctx.recorder,
+                unrecorded,
+                snap.recording_required,
+                meta,
+            )
+            .await
+            .map_err(|r| self.deny(user, r))?;
         }
         Ok((target, account, opened))
     }
