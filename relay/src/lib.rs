@@ -9,7 +9,8 @@
 //! What it does not do: store anything on disk besides its host key (credentials live in memory
 //! only, inside the current snapshot), or make policy: decisions come from
 //! [`psm_control_api::PolicySnapshot`].
-#![forbid(unsafe_code)]
+// `unsafe` only in `uring` (io_uring submissions), each block with its SAFETY comment
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod commands;
@@ -31,6 +32,7 @@ pub mod session;
 pub mod startups;
 pub mod transfer;
 pub mod upstream;
+pub mod uring;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -196,8 +198,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
     let recorder = recording::RecorderLink::start(
         cfg.data_dir.join("recorder.sock"),
         cfg.limits.durable_window,
-    )
-    .map_err(RelayError::Thread)?;
+    );
     let counters = control_link::WorkerCounters::new(cfg.workers);
     let startups =
         startups::Startups::new(cfg.limits.max_startups, cfg.limits.per_source_max_startups);
@@ -207,16 +208,18 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
             move || u64::from(s.held())
         }),
         recorder_connected: Box::new({
-            let r = recorder.worker_state();
-            move || r.borrow().connected
+            let link = recorder.clone();
+            move || link.connected()
         }),
         recording_lag: Box::new({
             let link = recorder.clone();
             move || link.lag().as_secs_f64()
         }),
     });
-    let worker_recorders: Vec<recording::WorkerRecorder> =
-        (0..cfg.workers).map(|_| recorder.worker()).collect();
+    let worker_recorders: Vec<recording::WorkerRecorder> = (0..cfg.workers)
+        .map(|_| recorder.worker())
+        .collect::<Result<_, _>>()
+        .map_err(RelayError::Thread)?;
     if let Some(addr) = cfg.metrics_listen {
         let (workers, levels) = (counters.clone(), levels.clone());
         let recorders = worker_recorders.clone();

@@ -2,7 +2,8 @@
 //!
 //! Each worker owns one bounded [`ArrayQueue`]; its sessions push [`Frame`]s there without locks
 //! and without blocking the core (a full queue makes only that session wait, asynchronously).
-//! One link thread drains every queue and writes the frames to `recorder.sock`.
+//! Each worker has its own link: a thread that drains the worker's queue and writes the frames
+//! to its own connection to `recorder.sock`.
 //!
 //! Fail closed: a session starts only once psm-recorder has answered that its recording file
 //! exists ([`Reply::Opened`]), before the relay logs in to the target. Every recorded session
@@ -269,10 +270,15 @@ impl LinkShared {
     }
 }
 
-/// The relay's side of the recorder link. Clone it into each worker with [`RecorderLink::worker`].
+/// The relay's side of the recorder links: one link (a thread and a connection to psm-recorder,
+/// which serves each connection on a thread of its own) per worker, so that recording scales
+/// with the workers instead of funnelling every worker's frames through one thread on each side.
+/// Clone it into each worker with [`RecorderLink::worker`].
 #[derive(Clone)]
 pub struct RecorderLink {
-    shared: Arc<LinkShared>,
+    socket: PathBuf,
+    window: Window,
+    links: Arc<Mutex<Vec<Arc<LinkShared>>>>,
 }
 
 /// One worker's handle: its own queue plus the shared link state.
@@ -286,43 +292,40 @@ pub struct WorkerRecorder {
 }
 
 impl RecorderLink {
-    /// Starts the link thread toward `socket`; each session it records keeps `window`.
-    pub fn start(socket: PathBuf, window: Window) -> std::io::Result<RecorderLink> {
-        let (state_tx, _) = watch::channel(LinkState {
-            connected: false,
-            generation: 0,
-        });
-        let shared = Arc::new(LinkShared {
-            queues: Mutex::new(Vec::new()),
-            state_tx,
-            sleeping: AtomicBool::new(false),
-            thread: Mutex::new(None),
-            next_stream: AtomicU64::new(1),
-            streams: Mutex::new(HashMap::new()),
+    /// The links toward `socket`; each session recorded keeps `window`. Each
+    /// [`RecorderLink::worker`] starts its worker's link.
+    pub fn start(socket: PathBuf, window: Window) -> RecorderLink {
+        RecorderLink {
+            socket,
             window,
-        });
-        let s2 = shared.clone();
-        let handle = std::thread::Builder::new()
-            .name("psm-recorder-link".into())
-            .spawn(move || link_thread(socket, s2))?;
-        if let Ok(mut t) = shared.thread.lock() {
-            *t = Some(handle.thread().clone());
+            links: Arc::new(Mutex::new(Vec::new())),
         }
-        Ok(RecorderLink { shared })
     }
 
-    /// A receiver of the link state (for reporting, not for recording).
-    pub fn worker_state(&self) -> watch::Receiver<LinkState> {
-        self.shared.state_tx.subscribe()
+    fn each<R>(&self, f: impl Fn(&LinkShared) -> R) -> Vec<R> {
+        match self.links.lock() {
+            Ok(l) => l.iter().map(|s| f(s)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Whether every worker's link reaches psm-recorder now (false before the first worker).
+    pub fn connected(&self) -> bool {
+        let states = self.each(|s| s.state_tx.borrow().connected);
+        !states.is_empty() && states.into_iter().all(|c| c)
     }
 
     /// The recording lag now: the age of the oldest relayed byte psm-recorder has not yet
     /// confirmed durable, over every open recording (zero when all is confirmed).
     pub fn lag(&self) -> Duration {
-        let durables: Vec<Arc<Durable>> = match self.shared.streams.lock() {
-            Ok(m) => m.values().map(|e| e.durable.clone()).collect(),
-            Err(_) => return Duration::ZERO,
-        };
+        let durables: Vec<Arc<Durable>> = self
+            .each(|s| match s.streams.lock() {
+                Ok(m) => m.values().map(|e| e.durable.clone()).collect::<Vec<_>>(),
+                Err(_) => Vec::new(),
+            })
+            .into_iter()
+            .flatten()
+            .collect();
         let now = Instant::now();
         durables
             .iter()
@@ -337,18 +340,40 @@ impl RecorderLink {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// Registers a worker and returns its private queue handle.
-    pub fn worker(&self) -> WorkerRecorder {
+    /// Starts a worker's link (its thread connects, and reconnects, to psm-recorder) and
+    /// returns the worker's private queue handle.
+    pub fn worker(&self) -> std::io::Result<WorkerRecorder> {
+        let (state_tx, _) = watch::channel(LinkState {
+            connected: false,
+            generation: 0,
+        });
         let queue = Arc::new(ArrayQueue::new(QUEUE_FRAMES));
-        if let Ok(mut q) = self.shared.queues.lock() {
-            q.push(queue.clone());
+        let shared = Arc::new(LinkShared {
+            queues: Mutex::new(vec![queue.clone()]),
+            state_tx,
+            sleeping: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            next_stream: AtomicU64::new(1),
+            streams: Mutex::new(HashMap::new()),
+            window: self.window,
+        });
+        let (socket, s2) = (self.socket.clone(), shared.clone());
+        let index = self.each(|_| ()).len();
+        let handle = std::thread::Builder::new()
+            .name(format!("psm-recorder-link-{index}"))
+            .spawn(move || link_thread(socket, s2))?;
+        if let Ok(mut t) = shared.thread.lock() {
+            *t = Some(handle.thread().clone());
         }
-        WorkerRecorder {
+        if let Ok(mut l) = self.links.lock() {
+            l.push(shared.clone());
+        }
+        Ok(WorkerRecorder {
             queue,
             unwoken: Arc::new(AtomicU64::new(0)),
-            shared: self.shared.clone(),
+            shared,
             stats: Arc::new(RecordStats::default()),
-        }
+        })
     }
 }
 
@@ -896,8 +921,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("r.sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let link = RecorderLink::start(path, Window::default()).expect("start");
-        let w = link.worker();
+        let link = RecorderLink::start(path, Window::default());
+        let w = link.worker().expect("start");
         let (conn, _) = listener.accept().expect("accept");
         let fake = fake_recorder(conn, |stream| vec![Reply::Opened { stream }]);
         let status = runtime().block_on(async {
@@ -938,8 +963,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("r.sock");
         let listener = UnixListener::bind(&path).expect("bind");
-        let link = RecorderLink::start(path, Window::default()).expect("start");
-        let w = link.worker();
+        let link = RecorderLink::start(path, Window::default());
+        let w = link.worker().expect("start");
         let (conn, _) = listener.accept().expect("accept");
         let fake = fake_recorder(conn, |stream| {
             vec![Reply::Refused {

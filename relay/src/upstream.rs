@@ -506,6 +506,7 @@ async fn connect_inner(
     .map_err(|_| unreachable("connection timed out".into()))?
     .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
+    let tcp = crate::uring::Leg::new(tcp).map_err(|e| unreachable(e.to_string()))?;
 
     let key_algs: Vec<Algorithm> = match pinned.algorithm() {
         Algorithm::Rsa { .. } => vec![

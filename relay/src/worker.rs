@@ -14,9 +14,9 @@ use crate::session::{handle_connection, WorkerCtx};
 /// Which runtime drives a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum IoBackend {
-    /// tokio-uring when the kernel allows io_uring, else epoll.
+    /// io_uring when the kernel allows it, else epoll.
     Auto,
-    /// tokio-uring (io_uring); fail if unavailable.
+    /// io_uring; fail if unavailable.
     Uring,
     /// Plain tokio current-thread runtime (epoll).
     Epoll,
@@ -79,24 +79,30 @@ pub fn run_worker(
     ctx: Arc<WorkerCtx>,
     backend: IoBackend,
 ) -> std::io::Result<()> {
-    if backend != IoBackend::Epoll {
-        match tokio_uring::Runtime::new(&tokio_uring::builder()) {
-            Ok(rt) => {
-                info!(worker = index, "worker running on tokio-uring");
-                return rt.block_on(accept_loop(index, listener, rdp, ctx));
-            }
-            Err(e) if backend == IoBackend::Uring => return Err(e),
-            Err(e) => {
-                warn!(worker = index, error = %e, "io_uring unavailable; worker falls back to epoll")
-            }
-        }
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    info!(worker = index, "worker running on tokio (epoll)");
-    local.block_on(&rt, accept_loop(index, listener, rdp, ctx))
+    local.block_on(&rt, async move {
+        if backend != IoBackend::Epoll {
+            // the ring registers with this runtime's reactor: made inside it
+            match crate::uring::Ring::new() {
+                Ok(ring) => {
+                    crate::uring::install(ring.clone());
+                    tokio::task::spawn_local(ring.drive());
+                    info!(worker = index, "worker running on io_uring");
+                }
+                Err(e) if backend == IoBackend::Uring => return Err(e),
+                Err(e) => {
+                    warn!(worker = index, error = %e, "io_uring unavailable; worker falls back to epoll")
+                }
+            }
+        }
+        if crate::uring::current().is_none() {
+            info!(worker = index, "worker running on tokio (epoll)");
+        }
+        accept_loop(index, listener, rdp, ctx).await
+    })
 }
 
 async fn accept_loop(

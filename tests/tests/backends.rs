@@ -81,5 +81,5 @@ fn sessions_work_on_io_uring() {
         io_uring_allowed(),
         "io_uring is not allowed on this machine (psm-perf check says why); the relay falls back to epoll, which sessions_work_on_the_epoll_fallback covers"
     );
-    sessions_work_on("uring", "worker running on tokio-uring");
+    sessions_work_on("uring", "worker running on io_uring");
 }

@@ -22,6 +22,13 @@ pub async fn handle_connection(
         }
     };
     let _ = stream.set_nodelay(true);
+    let stream = match crate::uring::Leg::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.preauth_failure(peer, &format_args!("cannot set the connection up: {e}"));
+            return;
+        }
+    };
     let (stream, cutter) = Cuttable::new(stream);
     let session_id = new_id();
     let shared = Arc::new(Shared {
