@@ -587,7 +587,9 @@ mod tests {
     }
 
     async fn pair(ring: &Arc<Ring>) -> (UringStream, tokio::net::TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr");
         let (c, a) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
         let c = c.expect("connect");
@@ -707,14 +709,13 @@ mod tests {
             let (mut s, mut peer) = pair(&ring).await;
             let big = vec![7u8; 8 << 20];
             let mut sink = vec![0u8; 1 << 20];
-            let (w, r) = tokio::join!(peer.write_all(&big), async {
+            let (w, ()) = tokio::join!(peer.write_all(&big), async {
                 let mut got = 0;
                 while got < big.len() {
                     got += s.read(&mut sink).await.expect("read");
                 }
             });
             w.expect("write");
-            let _ = r;
             assert!(s.rd.size > MIN_READ, "a bulk transfer grew the buffer");
             for _ in 0..10 {
                 peer.write_all(b"x").await.expect("write");

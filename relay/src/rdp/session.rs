@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use psm_control_api::{now_ms, Account, AuditKind, Denial, Escaped, Login, Target};
 use sspi::credssp::TsRequest;
 use tokio::net::TcpStream;
+
+use crate::uring::Leg;
 use tracing::info;
 
 use super::accept::{negotiate, Negotiation};
@@ -29,7 +31,7 @@ use crate::session::{logged_login, WorkerCtx};
 use crate::startups::UserPermit;
 
 /// The TLS stream toward the user.
-pub type ClientTls = tokio_rustls::server::TlsStream<TcpStream>;
+pub type ClientTls = tokio_rustls::server::TlsStream<Leg>;
 
 /// The authentication method names in the audit log.
 pub const METHOD: &str = "nla";
@@ -115,6 +117,13 @@ pub async fn handle_rdp_connection(
         }
     };
     let _ = stream.set_nodelay(true);
+    let stream = match Leg::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            preauth_failure(&ctx, peer, &format!("cannot set the connection up: {e}"));
+            return;
+        }
+    };
     let mut phase = Phase {
         ctx: &ctx,
         peer,
@@ -257,7 +266,7 @@ impl Phase<'_> {
         None
     }
 
-    async fn run(&mut self, cert: &GatewayCert, stream: TcpStream) -> Option<Admitted> {
+    async fn run(&mut self, cert: &GatewayCert, stream: Leg) -> Option<Admitted> {
         let mut io = Framed::new(stream);
         let cr = match io.read_pdu().await {
             Ok(f) => f,
