@@ -604,6 +604,12 @@ pub fn run(cli: Cli, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
                     psm_control_api::escape(&id)
                 )));
             };
+            if !s.session.recorded {
+                return Err(CliError::Usage(format!(
+                    "session '{}' is not recorded (its grant says --unrecorded): there is nothing to watch",
+                    psm_control_api::escape(&id)
+                )));
+            }
             let dir = data_dir.clone();
             let sid = id.clone();
             recordings::watch(
@@ -1298,7 +1304,11 @@ fn print_sessions(
                     Some(w) => format!("{}/{w}", i.relay),
                     None => i.relay.clone(),
                 },
-                s.recording_id.clone(),
+                if s.recorded {
+                    s.recording_id.clone()
+                } else {
+                    "(unrecorded)".into()
+                },
                 s.justification
                     .as_deref()
                     .map(psm_control_api::escape)
@@ -2381,6 +2391,7 @@ mod tests {
                 target_address: "10.0.0.1:22".into(),
                 account: "root".into(),
                 recording_id: "r1".into(),
+                recorded: true,
                 start_ms: 1_700_000_000_000,
                 justification: None,
                 worker: None,

@@ -842,6 +842,7 @@ impl Shared {
                 start_ms,
                 justification,
                 worker,
+                recorded,
                 ..
             } => {
                 lock(&self.sessions).insert(
@@ -857,6 +858,7 @@ impl Shared {
                                 target_address: target_address.clone(),
                                 account: account.clone(),
                                 recording_id: recording_id.clone(),
+                                recorded: *recorded,
                                 start_ms: *start_ms,
                                 justification: justification.clone(),
                                 worker: *worker,

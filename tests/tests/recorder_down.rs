@@ -163,6 +163,50 @@ fn an_unrecorded_grant_runs_without_a_recording_even_with_the_recorder_down() {
         .join(format!("{bob_rec}.psmrec"));
     assert!(!file.exists(), "{} exists", file.display());
 
+    // a live unrecorded session: listed as such, and there is nothing to watch
+    let mut held = w.ssh_as(&bob, &bob_key);
+    held.arg("sleep 60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut held = held.spawn().expect("ssh");
+    let mut row = serde_json::Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let list = w.psm.psmctl_ok(&["sessions", "list", "--json"], None);
+            let v: serde_json::Value = serde_json::from_str(&list).unwrap_or_default();
+            row = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| jstr(s, "user") == "bob")
+                .cloned()
+                .unwrap_or_default();
+            !row.is_null()
+        }),
+        "bob's live session is not listed"
+    );
+    assert_eq!(
+        row.get("recorded"),
+        Some(&serde_json::Value::Bool(false)),
+        "{row}"
+    );
+    let id = jstr(&row, "session_id").to_string();
+    let table = w.psm.psmctl_ok(&["sessions", "list"], None);
+    let line = table.lines().find(|l| l.contains(&id)).unwrap_or_default();
+    assert!(line.contains("(unrecorded)"), "{table}");
+    let watch = w.psm.psmctl(&["sessions", "watch", &id], None);
+    assert!(
+        !watch.success() && watch.stderr_str().contains("is not recorded"),
+        "{}",
+        watch.describe()
+    );
+    w.psm.psmctl_ok(&["sessions", "kill", &id], None);
+    assert!(
+        wait_child(&mut held, Duration::from_secs(10)).is_some(),
+        "the killed session's ssh did not end"
+    );
+
     // recorder down: bob's sessions still run, alice's are refused
     w.psm.kill_recorder();
     w.psm.wait_recorder_link(false);

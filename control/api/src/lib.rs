@@ -889,8 +889,12 @@ pub struct LiveSession {
     pub target_address: String,
     /// Account on the target.
     pub account: String,
-    /// Recording id.
+    /// Recording id (no recording has it when `recorded` is false).
     pub recording_id: String,
+    /// Whether the session is recorded: false only under a grant with `--unrecorded` (absent
+    /// on the wire when true, as relays before the field sent it).
+    #[serde(default = "recorded_default", skip_serializing_if = "Clone::clone")]
+    pub recorded: bool,
     /// Start, ms since the epoch.
     pub start_ms: u64,
     /// The reason or ticket the user gave.

@@ -338,6 +338,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         target_address: a.target.address.clone(),
         account: a.account.username.clone(),
         recording_id: a.session_id.clone(),
+        recorded: recording.is_some(),
         start_ms: a.start_ms,
         justification: a.justification.clone(),
         worker: Some(ctx.worker),

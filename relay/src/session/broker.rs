@@ -414,6 +414,7 @@ impl Conn {
                 target_address: target.address.clone(),
                 account: account.username.clone(),
                 recording_id,
+                recorded,
                 start_ms: self.shared.start_ms,
                 justification: self.reason.clone(),
                 worker: Some(self.ctx.worker),
