@@ -493,6 +493,10 @@ fn key_registered(snap: &PolicySnapshot, user: &str, key: &PublicKey) -> Result<
     }
 }
 
+// The heavy handlers (brokering, which dials the target and logs in; starting a channel; the
+// keyboard-interactive dialogue) run boxed: russh keeps its connection's future for the whole
+// session, and an unboxed handler future inside it would keep its largest state (the target's
+// whole handshake) in every idle session's memory.
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
@@ -645,7 +649,7 @@ impl russh::server::Handler for Conn {
         _submethods: &str,
         response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
-        Ok(self.keyboard_interactive(login, response).await)
+        Ok(Box::pin(self.keyboard_interactive(login, response)).await)
     }
 
     async fn channel_open_session(
@@ -667,13 +671,13 @@ impl russh::server::Handler for Conn {
             return Ok(());
         }
         if self.login_is_tcp() {
-            let state = self.lease(&user).await;
+            let state = Box::pin(self.lease(&user)).await;
             self.channels.insert(id, state);
             self.opened(id);
             reply.accept().await;
             return Ok(());
         }
-        let state = match self.broker(&user, &Open::Session, session.handle()).await {
+        let state = match Box::pin(self.broker(&user, &Open::Session, session.handle())).await {
             Ok(b) => self.pending_channel(channel, b),
             Err(msg) => Chan::Denied(msg),
         };
@@ -705,7 +709,7 @@ impl russh::server::Handler for Conn {
             orig_port: originator_port,
         };
         let destination = crate::escape_short(&format!("{host}:{port}"));
-        match self.broker(&user, &open, session.handle()).await {
+        match Box::pin(self.broker(&user, &open, session.handle())).await {
             Ok(b) => {
                 let id = channel.id();
                 let state = self.pending_channel(channel, b);
@@ -714,13 +718,13 @@ impl russh::server::Handler for Conn {
                 reply.accept().await;
                 self.shared
                     .audit_request(id.into(), "direct-tcpip", destination.clone(), true);
-                self.start(
+                Box::pin(self.start(
                     id,
                     session.handle(),
                     false,
                     Some((ForwardKind::Local, destination)),
                     None,
-                )
+                ))
                 .await;
             }
             Err(msg) => {
@@ -874,7 +878,7 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.start_request(channel, session, Req::Shell).await
+        Box::pin(self.start_request(channel, session, Req::Shell)).await
     }
 
     async fn exec_request(
@@ -883,8 +887,7 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.start_request(channel, session, Req::Exec(data.to_vec()))
-            .await
+        Box::pin(self.start_request(channel, session, Req::Exec(data.to_vec()))).await
     }
 
     async fn subsystem_request(
@@ -893,8 +896,7 @@ impl russh::server::Handler for Conn {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.start_request(channel, session, Req::Subsystem(name.to_string()))
-            .await
+        Box::pin(self.start_request(channel, session, Req::Subsystem(name.to_string()))).await
     }
 
     async fn window_change_request(

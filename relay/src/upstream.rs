@@ -626,6 +626,15 @@ async fn connect_inner(
 mod tests {
     use super::*;
 
+    /// The russh fork's patch 1 (vendor/russh/PSM-FORK.md) is in the build: every target leg
+    /// makes several channels of `client::Msg`, and tokio allocates 32 of them per channel up
+    /// front (18 KiB each at russh's own 552 bytes).
+    #[test]
+    fn a_target_legs_messages_stay_small() {
+        let size = std::mem::size_of::<russh::client::Msg>();
+        assert!(size <= 160, "russh::client::Msg is {size} bytes");
+    }
+
     #[test]
     fn losses_are_classified_by_what_russh_saw() {
         assert_eq!(
