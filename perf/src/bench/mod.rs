@@ -69,8 +69,18 @@ impl Row {
             values: BTreeMap::new(),
         }
     }
+    /// Sets the figure of `route`, and says it on stderr at once: a run stopped at its time
+    /// limit has still told what it measured.
     fn set(&mut self, route: &'static str, v: anyhow::Result<f64>) {
-        self.values.insert(route, v.map_err(|e| format!("{e:#}")));
+        let v = v.map_err(|e| format!("{e:#}"));
+        match &v {
+            Ok(x) => eprintln!(
+                "bench:   {} via {route}: {x:.3} {}",
+                self.workload, self.unit
+            ),
+            Err(e) => eprintln!("bench:   {} via {route}: FAILED {e}", self.workload),
+        }
+        self.values.insert(route, v);
     }
     fn get(&self, route: &str) -> Option<f64> {
         self.values
