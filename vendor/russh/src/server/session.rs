@@ -740,7 +740,11 @@ impl Session {
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
                             let kex_was_active = self.kex.active();
-                            match reply(&mut self, &mut handler, &mut pkt).await {
+                            // psm patch 2: boxed. This loop's future lives as long as the
+                            // connection; inline, it kept the largest state of any packet's
+                            // handling (the handler's own futures included) in every idle
+                            // session. One allocation per packet instead.
+                            match Box::pin(reply(&mut self, &mut handler, &mut pkt)).await {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
