@@ -212,9 +212,11 @@ pub fn start_psm(
     let log = std::fs::File::create(data.with_extension("log"))?;
     // one bench user holds every idle session: lift the per-user and relay-wide caps
     std::fs::create_dir_all(data)?;
+    // PSM_BENCH_RELAY_TOML: more `[relay]` settings for the run (`durable_window_bytes = 8388608`)
+    let extra = std::env::var("PSM_BENCH_RELAY_TOML").unwrap_or_default();
     std::fs::write(
         data.join("psm.toml"),
-        "[relay]\nmax_connections_per_user = 100000\nmax_connections = 1000000\n",
+        format!("[relay]\nmax_connections_per_user = 100000\nmax_connections = 1000000\n{extra}\n"),
     )?;
     // PSM_BENCH_PSM_CPUS (`0-7`): psm runs on those CPUs (taskset), apart from the client and
     // the target, which stay on psm-perf's own (run psm-perf itself under taskset)
