@@ -1,6 +1,6 @@
-//! The relay's two worker back ends: io_uring (the default where the kernel allows it) and the
-//! epoll fallback. Each runs sessions the same way: bytes intact both ways, exit codes, the
-//! recording. `PSM_RELAY_IO=epoll` runs any other test on the fallback (scripts/test.sh runs the
+//! The relay's two worker back ends: io_uring (`--io auto` where the kernel allows it, or
+//! `uring`) and epoll (the default). Each runs sessions the same way: bytes intact both ways, exit codes, the
+//! recording. `PSM_RELAY_IO=auto` runs any other test on io_uring (scripts/test.sh runs the
 //! streaming and RDP tests that way too).
 
 use std::time::Duration;
