@@ -239,7 +239,8 @@ fn unparsable(name: &'static str, path: &str, text: &str) -> Check {
     )
 }
 
-/// io_uring: the relay's per-core runtimes are built on it.
+/// io_uring: the relay's workers do their socket I/O through it with `--io auto|uring` (epoll,
+/// the default, runs without it).
 pub fn check_io_uring(host: &dyn Host) -> Check {
     const NAME: &str = "io_uring";
     match host.probe_io_uring() {
@@ -260,7 +261,10 @@ pub fn check_io_uring(host: &dyn Host) -> Check {
             Check::warn(
                 NAME,
                 json!(false),
-                format!("io_uring_setup failed: {e}{why}; psm-relay's runtimes need io_uring"),
+                format!(
+                    "io_uring_setup failed: {e}{why}; psm-relay's --io auto falls back to epoll \
+                     and --io uring does not start"
+                ),
                 Some(
                     "use Linux 5.11 or later, set sysctl kernel.io_uring_disabled=0, and allow \
                      io_uring in the container's seccomp profile"
