@@ -84,8 +84,9 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 say "building the workspace"
 "${bounded[@]}" "$build_timeout" cargo build --workspace --bins
 
-# The whole suite on the relay's default back end (epoll), then the sessions' data paths again on
-# io_uring where the kernel allows it (PSM_RELAY_IO reaches every psm-relay the tests start).
+# The whole suite on the relay's default back end (io_uring where the kernel allows it, else
+# epoll), then the sessions' data paths again on epoll (PSM_RELAY_IO reaches every psm-relay the
+# tests start).
 # Arguments go to the first run only.
 epoll_tests=(--test exec --test files --test stream --test interactive --test forwarding --test passthrough)
 epoll_filter='binary_id(psm-tests::exec) | binary_id(psm-tests::files) | binary_id(psm-tests::stream) | binary_id(psm-tests::interactive) | binary_id(psm-tests::forwarding) | binary_id(psm-tests::passthrough)'
@@ -94,9 +95,9 @@ if cargo nextest --version >/dev/null 2>&1; then
   status=0
   "${bounded[@]}" "$test_timeout" cargo nextest run --workspace --no-fail-fast "$@" || status=$?
   if ((status == 0 && $# == 0)); then
-    say "running the session tests again on the io_uring back end"
+    say "running the session tests again on the epoll back end"
     # the same build as the first run (a -p selection would unify features anew and rebuild)
-    PSM_RELAY_IO=auto "${bounded[@]}" "$test_timeout" \
+    PSM_RELAY_IO=epoll "${bounded[@]}" "$test_timeout" \
       cargo nextest run --workspace --no-fail-fast -E "$epoll_filter" || status=$?
   fi
   exit "$status"

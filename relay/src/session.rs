@@ -1055,9 +1055,5 @@ impl Req {
 }
 
 async fn disconnect_target(t: &TargetHandle) {
-    if !t.is_closed() {
-        let _ = t
-            .disconnect(russh::Disconnect::ByApplication, "", "en")
-            .await;
-    }
+    t.close().await;
 }

@@ -14,6 +14,7 @@ use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicK
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
+use crate::cut::{Cuttable, Cutter};
 use crate::end::TargetLoss;
 use crate::notices::Notices;
 
@@ -450,8 +451,66 @@ impl client::Handler for TargetHandler {
     }
 }
 
-/// A logged-in connection to a target.
-pub type TargetHandle = client::Handle<TargetHandler>;
+/// A logged-in connection to a target, with the means to cut its socket when its SSH task does
+/// not close it (a target that stopped reading never takes the DISCONNECT).
+pub struct TargetHandle {
+    handle: client::Handle<TargetHandler>,
+    cutter: Cutter,
+}
+
+impl std::ops::Deref for TargetHandle {
+    type Target = client::Handle<TargetHandler>;
+    fn deref(&self) -> &Self::Target {
+        &self.handle
+    }
+}
+
+impl std::ops::DerefMut for TargetHandle {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.handle
+    }
+}
+
+/// How long a target gets to take psm's DISCONNECT before its socket is cut.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+impl TargetHandle {
+    /// Ends the connection: a DISCONNECT when the SSH task gets it out within [`CLOSE_GRACE`],
+    /// and the socket cut after that whatever the task did, so that the target side of a session
+    /// never outlives it.
+    pub async fn close(&self) {
+        if !self.handle.is_closed() {
+            let _ = tokio::time::timeout(
+                CLOSE_GRACE,
+                self.handle
+                    .disconnect(russh::Disconnect::ByApplication, "", "en"),
+            )
+            .await;
+        }
+        let cutter = self.cutter.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_GRACE).await;
+            cutter.cut();
+        });
+    }
+
+    /// Cuts the socket now (no DISCONNECT).
+    pub fn cut(&self) {
+        self.cutter.cut();
+    }
+}
+
+/// Cuts a half-made connection when the login is given up (an error, a timeout), so that its
+/// SSH task does not live on.
+struct CutUnlessKept(Option<Cutter>);
+
+impl Drop for CutUnlessKept {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.cut();
+        }
+    }
+}
 
 /// How long connecting, verifying and logging in may take altogether.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -507,6 +566,8 @@ async fn connect_inner(
     .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let tcp = crate::uring::Leg::new(tcp).map_err(|e| unreachable(e.to_string()))?;
+    let (tcp, cutter) = Cuttable::new(tcp);
+    let mut half_made = CutUnlessKept(Some(cutter.clone()));
 
     let key_algs: Vec<Algorithm> = match pinned.algorithm() {
         Algorithm::Rsa { .. } => vec![
@@ -619,7 +680,8 @@ async fn connect_inner(
             kind,
         });
     }
-    Ok((handle, loss_rx))
+    half_made.0 = None;
+    Ok((TargetHandle { handle, cutter }, loss_rx))
 }
 
 #[cfg(test)]

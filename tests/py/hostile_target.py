@@ -73,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--window", type=int, default=2 * 1024 * 1024,
+                   help="the receive window the target offers on each channel")
     args = p.parse_args()
     if args.count is None:
         args.count = DEFAULT_COUNT.get(args.mode, 0)
@@ -334,6 +336,7 @@ async def main() -> None:
         rekey_seconds=0,  # rekey_seconds <= 0 disables time-based rekeying
         login_timeout=cfg.max_seconds,
         keepalive_interval=0,
+        window=cfg.window,
         allow_pty=True,
         x11_forwarding=False,
         agent_forwarding=False,

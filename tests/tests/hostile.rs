@@ -806,3 +806,102 @@ fn a_stalled_channel_does_not_stall_another_on_the_same_connection() {
     assert_eq!(got, SIZE);
     stop_master(&w, &sock, &mut master);
 }
+
+/// Sockets of process `pid` that are connected to 127.0.0.1:`port` (from /proc/net/tcp, by
+/// the inodes of the process's descriptors).
+fn connections_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let want = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 9 && f[2].ends_with(&want) && inodes.contains(f[9])
+        })
+        .count()
+}
+
+#[test]
+fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
+    let w = World::new();
+    // a window far larger than the socket buffers: psm fills them and its SSH task toward the
+    // target blocks writing, where no DISCONNECT can get out
+    let evil = HostileTarget::start(&work(&w), "stall", &["--window", "67108864"]);
+    evil.register(&w);
+    let relay = w.psm.relay_pids()[0];
+    let mark = w.psm.audit_mark();
+    let mut ssh = w
+        .ssh_as(&evil_login(), &w.alice_key)
+        .arg("stall")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let mut out = ssh.stdout.take().expect("stdout");
+    let mut line = [0u8; 8];
+    std::io::Read::read_exact(&mut out, &mut line).expect("the target's first line");
+    assert_eq!(&line, b"stalled\n");
+    // (ssh holds at most psm's window of 2 MiB, so 24 MiB written means psm took 22 of them,
+    // far more than the socket buffers between psm and the target hold: 4 MiB to send, and a
+    // receive buffer that does not grow while the target reads nothing)
+    let mut stdin = ssh.stdin.take().expect("stdin");
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = written.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let chunk = vec![b'x'; 64 * 1024];
+        while progress.load(std::sync::atomic::Ordering::Relaxed) < 40 << 20
+            && stdin.write_all(&chunk).is_ok()
+        {
+            progress.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let sid = w
+        .psm
+        .wait_audit_after(mark, "session_start toward evil", T, |e| {
+            is(e, "session_start") && jstr(e, "target") == "evil"
+        })["session_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        wait_for(T, || written.load(std::sync::atomic::Ordering::Relaxed)
+            >= 24 << 20),
+        "psm did not take 24 MiB from the user"
+    );
+    assert_eq!(connections_to(relay, evil.port), 1, "one leg to the target");
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    let _ = writer.join();
+    let end = w.psm.wait_audit("session_end toward evil", T, |e| {
+        is(e, "session_end") && jstr(e, "session_id") == sid
+    });
+    assert!(jstr(&end, "reason").contains("client"), "{end}");
+    let ended = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(10), || connections_to(relay, evil.port)
+            == 0),
+        "psm still holds its connection to the stalled target {:?} after the session ended",
+        ended.elapsed()
+    );
+    eprintln!(
+        "the connection was gone {:?} after the session's end",
+        ended.elapsed()
+    );
+    w.assert_all_sessions_ended();
+}

@@ -87,23 +87,35 @@ impl Inner {
     }
 
     /// Submits what the submission queue holds. A busy kernel (`EBUSY`: completions not yet
-    /// reaped) or an interrupted call leaves the entries queued; the next submission or the
-    /// driver's next round sends them.
+    /// reaped, `EAGAIN`: no memory for the requests just now) or an interrupted call gets the
+    /// completions reaped and a few more tries; entries still queued after that (or left by a
+    /// short submission) are sent by the driver, which retries while the queue holds any.
     fn submit(&mut self) -> io::Result<()> {
-        match self.ring.submit() {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
-                ) =>
-            {
-                Ok(())
+        for _ in 0..4 {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
+                    ) =>
+                {
+                    self.reap();
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        Ok(())
+    }
+
+    /// Entries queued and not yet taken by the kernel.
+    fn unsubmitted(&mut self) -> bool {
+        !self.ring.submission().is_empty()
     }
 }
+
+/// How soon the driver tries again to submit entries the kernel did not take.
+const RESUBMIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A descriptor of the ring (a duplicate of its own), which the worker's runtime watches.
 struct RingFd(OwnedFd);
@@ -117,6 +129,8 @@ impl AsRawFd for RingFd {
 /// A worker's io_uring instance. Made on the worker's thread, inside its runtime.
 pub struct Ring {
     fd: AsyncFd<RingFd>,
+    /// Wakes the driver when a submission left entries queued.
+    kick: tokio::sync::Notify,
     inner: Mutex<Inner>,
 }
 
@@ -134,6 +148,7 @@ impl Ring {
             .map_err(io::Error::from)?;
         Ok(Arc::new(Ring {
             fd,
+            kick: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 ring,
                 ops: Vec::new(),
@@ -152,17 +167,30 @@ impl Ring {
     /// hands them to their operations.
     pub async fn drive(self: Arc<Self>) {
         loop {
-            let mut ready = match self.fd.readable().await {
-                Ok(r) => r,
-                Err(e) => {
+            let queued = self.lock().unsubmitted();
+            let readable = async {
+                if queued {
+                    tokio::time::timeout(RESUBMIT, self.fd.readable())
+                        .await
+                        .ok()
+                } else {
+                    tokio::select! {
+                        r = self.fd.readable() => Some(r),
+                        () = self.kick.notified() => None,
+                    }
+                }
+            };
+            match readable.await {
+                Some(Ok(mut ready)) => ready.clear_ready(),
+                Some(Err(e)) => {
                     tracing::error!(error = %e, "io_uring completions can no longer be watched");
                     return;
                 }
-            };
-            ready.clear_ready();
+                None => {} // entries wait in the queue: try them again
+            }
             let mut g = self.lock();
             g.reap();
-            if !g.ring.submission().is_empty() {
+            if g.unsubmitted() {
                 let _ = g.submit();
             }
         }
@@ -190,6 +218,7 @@ impl Ring {
             orphan: false,
         });
         let sqe = entry(&mut op.buf).user_data(id as u64);
+        let mut tries = 0;
         loop {
             // SAFETY: the entry points into `op.buf` (or at nothing), which stays in `ops[id]`
             // until the completion of this entry is reaped (`reap` keeps the slot while the
@@ -201,7 +230,18 @@ impl Ring {
                 break;
             }
             // the submission queue is full: send what it holds, then queue again
-            if let Err(e) = g.ring.submit() {
+            let sent = g.submit();
+            tries += 1;
+            if let Err(e) = sent.and_then(|()| {
+                if tries < 4 {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "the io_uring submission queue stays full",
+                    ))
+                }
+            }) {
                 g.ops[id] = None;
                 g.free.push(id);
                 return Err(e);
@@ -210,6 +250,9 @@ impl Ring {
         g.submit()?;
         // a socket with data (or room) completes within the submission: take it now
         g.reap();
+        if g.unsubmitted() {
+            self.kick.notify_one();
+        }
         Ok(id)
     }
 
