@@ -210,13 +210,17 @@ pub fn start_psm(
     workers: Option<usize>,
 ) -> anyhow::Result<Proc> {
     let log = std::fs::File::create(data.with_extension("log"))?;
-    // one bench user holds every idle session: lift the per-user and relay-wide caps
+    // one bench user holds every idle session: lift the per-user and relay-wide caps; the
+    // sessions workload logs in 32 at once from one address: lift the pre-login caps over it
     std::fs::create_dir_all(data)?;
     // PSM_BENCH_RELAY_TOML: more `[relay]` settings for the run (`durable_window_bytes = 8388608`)
     let extra = std::env::var("PSM_BENCH_RELAY_TOML").unwrap_or_default();
     std::fs::write(
         data.join("psm.toml"),
-        format!("[relay]\nmax_connections_per_user = 100000\nmax_connections = 1000000\n{extra}\n"),
+        format!(
+            "[relay]\nmax_connections_per_user = 100000\nmax_connections = 1000000\n\
+             max_startups = \"256\"\nper_source_max_startups = 256\n{extra}\n"
+        ),
     )?;
     // PSM_BENCH_PSM_CPUS (`0-7`): psm runs on those CPUs (taskset), apart from the client and
     // the target, which stay on psm-perf's own (run psm-perf itself under taskset)
