@@ -106,6 +106,10 @@ fn default_relay_id() -> String {
 }
 
 fn main() -> anyhow::Result<()> {
+    // No transparent huge pages for the relay's heap: a 2 MiB page per arena region held about
+    // 25 KiB more per idle session (perf/BENCHMARKS.md). mimalloc is built without its own
+    // MADV_HUGEPAGE (`no_thp`); this also covers a system whose THP setting is `always`.
+    let _ = nix::sys::prctl::set_thp_disable(true);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -36,7 +36,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 /// A leg's receive buffer at its smallest (and at the start).
-pub const MIN_READ: usize = 4 * 1024;
+pub const MIN_READ: usize = 1024;
 /// A leg's receive buffer at its largest.
 pub const MAX_READ: usize = 256 * 1024;
 /// Bytes a stream accepts from its writer before it waits for the send in flight.
