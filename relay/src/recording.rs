@@ -21,7 +21,7 @@
 //! [`RecordingStream::unconfirmed`] says how many relayed bytes were never confirmed durable.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -739,8 +739,73 @@ fn read_replies(
     }
 }
 
-/// Pops every queued frame; encodes those of known streams into `out` when given.
-fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Vec<u8>, &mut HashSet<u64>)>) -> bool {
+/// DATA payloads this size or larger go to psm-recorder as they are (a slice of the vectored
+/// write); smaller ones (a keystroke, its echo) are copied in with their header.
+const INLINE_MAX: usize = 1024;
+/// Payloads one write carries at most (`writev` takes up to 1024 slices, two per payload).
+const BATCH_PAYLOADS: usize = 256;
+
+/// What one vectored write to psm-recorder carries: the frames encoded in `heads`, but for
+/// large DATA payloads, which stay where the worker put them (no copy on the link thread).
+#[derive(Default)]
+struct Batch {
+    heads: Vec<u8>,
+    /// Each payload, after the heads' bytes up to the offset given with it.
+    payloads: Vec<(usize, Bytes)>,
+    payload_bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, f: &Frame) {
+        match f.encode_split(&mut self.heads) {
+            Some(data) if data.len() >= INLINE_MAX => {
+                self.payload_bytes += data.len();
+                self.payloads.push((self.heads.len(), data.clone()));
+            }
+            Some(data) => self.heads.extend_from_slice(data),
+            None => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.heads.is_empty() && self.payloads.is_empty()
+    }
+
+    fn full(&self) -> bool {
+        self.heads.len() + self.payload_bytes >= BATCH_BYTES
+            || self.payloads.len() >= BATCH_PAYLOADS
+    }
+
+    fn clear(&mut self) {
+        self.heads.clear();
+        self.payloads.clear();
+        self.payload_bytes = 0;
+    }
+
+    fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut slices = Vec::with_capacity(2 * self.payloads.len() + 1);
+        let mut at = 0;
+        for (end, p) in &self.payloads {
+            slices.push(std::io::IoSlice::new(&self.heads[at..*end]));
+            slices.push(std::io::IoSlice::new(p));
+            at = *end;
+        }
+        slices.push(std::io::IoSlice::new(&self.heads[at..]));
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            match w.write_vectored(left) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pops every queued frame; adds those of known streams to `out` when given.
+fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Batch, &mut HashSet<u64>)>) -> bool {
     let queues: Vec<_> = match shared.queues.lock() {
         Ok(q) => q.clone(),
         Err(_) => return false,
@@ -749,7 +814,7 @@ fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Vec<u8>, &mut HashSet
     for q in &queues {
         while let Some(f) = q.pop() {
             any = true;
-            if let Some((buf, open)) = out.as_mut() {
+            if let Some((batch, open)) = out.as_mut() {
                 match &f {
                     Frame::Open { stream, .. } => {
                         open.insert(*stream);
@@ -758,7 +823,7 @@ fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Vec<u8>, &mut HashSet
                         if !open.remove(stream) {
                             continue;
                         }
-                        f.encode(buf);
+                        batch.push(&f);
                         continue;
                     }
                     other => {
@@ -767,8 +832,8 @@ fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Vec<u8>, &mut HashSet
                         }
                     }
                 }
-                f.encode(buf);
-                if buf.len() >= BATCH_BYTES {
+                batch.push(&f);
+                if batch.full() {
                     return true;
                 }
             }
@@ -778,16 +843,19 @@ fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Vec<u8>, &mut HashSet
 }
 
 fn pump(mut stream: UnixStream, shared: &LinkShared, dead: &AtomicBool) -> String {
-    let mut buf = Vec::with_capacity(BATCH_BYTES + 64 * 1024);
+    let mut batch = Batch {
+        heads: Vec::with_capacity(64 * 1024),
+        ..Batch::default()
+    };
     let mut open = HashSet::new();
     loop {
         if dead.load(Ordering::Acquire) {
             return "psm-recorder closed the connection".into();
         }
-        buf.clear();
-        let any = drain_queues(shared, Some((&mut buf, &mut open)));
-        if !buf.is_empty() {
-            if let Err(e) = stream.write_all(&buf) {
+        batch.clear();
+        let any = drain_queues(shared, Some((&mut batch, &mut open)));
+        if !batch.is_empty() {
+            if let Err(e) = batch.write_to(&mut stream) {
                 return format!("writing to psm-recorder: {e}");
             }
         }
@@ -810,6 +878,66 @@ fn pump(mut stream: UnixStream, shared: &LinkShared, dead: &AtomicBool) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
+
+    /// Takes at most 7 bytes per call, from the first non-empty slice only.
+    struct Trickle(Vec<u8>);
+
+    impl std::io::Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let n = b.len().min(7);
+            self.0.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+            match bufs.iter().find(|b| !b.is_empty()) {
+                Some(b) => self.write(b),
+                None => Ok(0),
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_sends_the_frames_bytes_in_order_with_large_payloads_uncopied() {
+        let data = |n: usize, ts_us: u64| Frame::Data {
+            stream: 1,
+            ts_us,
+            channel: 0,
+            direction: Direction::Output,
+            data: Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+        };
+        let frames = vec![
+            data(5, 1),
+            data(40_000, 2),
+            Frame::Resize {
+                stream: 1,
+                ts_us: 3,
+                channel: 0,
+                cols: 80,
+                rows: 24,
+            },
+            data(INLINE_MAX, 4),
+            data(INLINE_MAX - 1, 5),
+            data(70_000, 6),
+        ];
+        let mut batch = Batch::default();
+        let mut whole = Vec::new();
+        for f in &frames {
+            batch.push(f);
+            f.encode(&mut whole);
+        }
+        assert_eq!(
+            batch.payloads.len(),
+            3,
+            "the three payloads of INLINE_MAX or more"
+        );
+        let mut out = Trickle(Vec::new());
+        batch.write_to(&mut out).expect("written");
+        assert_eq!(out.0, whole);
+    }
 
     #[test]
     fn the_durable_window_fills_by_bytes_or_by_age_and_moves_on_acks() {

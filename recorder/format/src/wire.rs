@@ -360,6 +360,33 @@ impl Frame {
         out[start..start + 4].copy_from_slice(&body.to_be_bytes());
     }
 
+    /// Like [`Frame::encode`], but a DATA frame's payload is not copied: its header goes into
+    /// `out` and the payload is returned, to be sent right after it (a vectored write).
+    pub fn encode_split<'a>(&'a self, out: &mut Vec<u8>) -> Option<&'a Bytes> {
+        match self {
+            Frame::Data {
+                stream,
+                ts_us,
+                channel,
+                direction,
+                data,
+            } => {
+                let body = (1 + 8 + 8 + 4 + 1 + data.len()) as u32;
+                out.extend_from_slice(&body.to_be_bytes());
+                out.push(TAG_DATA);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&ts_us.to_be_bytes());
+                out.extend_from_slice(&channel.to_be_bytes());
+                out.push(*direction as u8);
+                Some(data)
+            }
+            _ => {
+                self.encode(out);
+                None
+            }
+        }
+    }
+
     /// Decodes one frame from the front of `buf`. Returns `Ok(None)` when more bytes are needed,
     /// or the frame and how many bytes it used.
     pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FormatError> {
@@ -464,6 +491,19 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_encoding_is_the_same_bytes_as_the_whole_one() {
+        for f in samples() {
+            let mut whole = Vec::new();
+            f.encode(&mut whole);
+            let mut split = Vec::new();
+            if let Some(data) = f.encode_split(&mut split) {
+                split.extend_from_slice(data);
+            }
+            assert_eq!(split, whole, "{f:?}");
+        }
+    }
 
     fn samples() -> Vec<Frame> {
         vec![
