@@ -151,7 +151,7 @@ impl<C> CommonSession<C> {
 
     pub fn newkeys(&mut self, newkeys: NewKeys) {
         if let Some(ref mut enc) = self.encrypted {
-            enc.exchange = Some(newkeys.exchange);
+            enc.exchange = Some(newkeys.exchange.without_ephemerals());
             enc.kex = newkeys.kex;
             enc.key = newkeys.key;
             enc.client_mac = newkeys.names.client_mac;
@@ -171,7 +171,7 @@ impl<C> CommonSession<C> {
     pub fn encrypted(&mut self, state: EncryptedState, newkeys: NewKeys) {
         let strict_kex = newkeys.names.strict_kex();
         self.encrypted = Some(Encrypted {
-            exchange: Some(newkeys.exchange),
+            exchange: Some(newkeys.exchange.without_ephemerals()),
             kex: newkeys.kex,
             key: newkeys.key,
             client_mac: newkeys.names.client_mac,
@@ -813,6 +813,16 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// psm patch 5: the exchange as kept after the key exchange. Only the identifiers and kex
+    /// init payloads are read again (extension negotiation, the next key exchange); the
+    /// ephemeral public keys (about 2.3 KiB with ML-KEM-768) are not, and were kept for the
+    /// connection's life.
+    pub(crate) fn without_ephemerals(mut self) -> Self {
+        self.client_ephemeral = Vec::new();
+        self.server_ephemeral = Vec::new();
+        self
+    }
+
     pub fn new(client_id: &[u8], server_id: &[u8]) -> Self {
         Exchange {
             client_id: client_id.into(),

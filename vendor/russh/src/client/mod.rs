@@ -1263,7 +1263,13 @@ where
     );
     session.begin_rekey()?;
     let (kex_done_signal, kex_done_signal_rx) = oneshot::channel();
-    let join = russh_util::runtime::spawn(session.run(stream, handler, Some(kex_done_signal)));
+    // psm patch 4: boxed. russh_util's `spawn` awaits the future inside an async block of its
+    // own, which keeps room for the future twice (as captured, and as awaited).
+    let join = russh_util::runtime::spawn(Box::pin(Box::new(session).run(
+        stream,
+        handler,
+        Some(kex_done_signal),
+    )));
 
     let agent_session_binding = match kex_done_signal_rx.await {
         Ok(binding) => binding,
@@ -1343,8 +1349,11 @@ impl Session {
         }
     }
 
+    // psm patch 4: `self` boxed. An async fn keeps its arguments twice in its future (where
+    // they came in and where the body uses them), so the session (3.3 KiB) was held twice for
+    // the connection's life.
     async fn run<H: Handler + Send, R: AsyncRead + AsyncWrite + Unpin + Send>(
-        mut self,
+        mut self: Box<Self>,
         stream: SshRead<R>,
         mut handler: H,
         mut kex_done_signal: Option<

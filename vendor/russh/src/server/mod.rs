@@ -1130,7 +1130,8 @@ where
 
     session.begin_rekey()?;
 
-    let join = russh_util::runtime::spawn(session.run(stream, handler));
+    // psm patch 4: boxed (see the client's `connect_stream`).
+    let join = russh_util::runtime::spawn(Box::pin(Box::new(session).run(stream, handler)));
 
     Ok(RunningSession { handle, join })
 }
