@@ -88,6 +88,11 @@ impl Sshd {
 
     /// Starts it with sshd's `LogLevel` (`INFO` logs each login: `Accepted password for …`).
     pub fn start_opts(allow_tcp_forwarding: bool, log_level: &str) -> Sshd {
+        Sshd::start_config(allow_tcp_forwarding, log_level, "")
+    }
+
+    /// Starts it with more lines of `sshd_config` (`RekeyLimit 256K`).
+    pub fn start_config(allow_tcp_forwarding: bool, log_level: &str, extra: &str) -> Sshd {
         ensure_target_user();
         let _ = fs::create_dir_all("/run/sshd");
         let sshd = sshd_path();
@@ -146,6 +151,7 @@ impl Sshd {
             if (major, minor) >= (9, 8) {
                 text.push_str("PerSourcePenalties no\n");
             }
+            text.push_str(extra);
             fs::write(&cfg, text).expect("write sshd_config");
             let (o, e) = log_file(&log);
             let mut child = Command::new(&sshd)

@@ -278,3 +278,44 @@ fn sftp_bytes_psm_cannot_follow_make_one_notice_and_still_pass() {
         "nothing is reported once psm stopped reading"
     );
 }
+
+#[test]
+fn rekeying_on_both_legs_loses_no_byte() {
+    // sshd renews the target leg's keys every 256 KiB and the OpenSSH client the user leg's:
+    // each leg rekeys about 30 times each way, started by either side (russh patch 5 changed
+    // what a session keeps from one key exchange to the next)
+    let w = World::build(
+        PsmMode::Up,
+        Sshd::start_config(false, "DEBUG", "RekeyLimit 256K\n"),
+    );
+    let up = w.psm.work_dir().join("rekey-up.bin");
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(&up, &data).expect("write the upload");
+    let out = run_cmd(
+        w.ssh().args(["-o", "RekeyLimit=256K", "sha256sum"]),
+        Some(&data),
+        Duration::from_secs(60),
+    );
+    assert!(out.success(), "{}", out.describe());
+    let remote = out.stdout_str();
+    assert_eq!(
+        remote.split_whitespace().next(),
+        Some(sha256_file(&up).as_str()),
+        "the target hashed what was sent: {remote}"
+    );
+    let out = run_ssh(w.ssh().args(["-o", "RekeyLimit=256K", "seq 1 1000000"]));
+    assert!(out.success(), "{}", out.describe());
+    let want: String = (1..=1_000_000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(out.stdout.len(), want.len(), "bytes down");
+    assert!(out.stdout == want.as_bytes(), "the download differs");
+    // the target leg's key exchanges (sshd's own count; the first of each connection aside)
+    let kexinits = w.sshd.full_log().matches("SSH2_MSG_KEXINIT sent").count();
+    assert!(
+        kexinits >= 20,
+        "sshd started {kexinits} key exchanges:\n{}",
+        w.sshd.log()
+    );
+    w.assert_all_sessions_ended();
+}
