@@ -313,19 +313,13 @@ impl Frame {
                 out.extend_from_slice(&stream.to_be_bytes());
                 out.extend_from_slice(&serde_json::to_vec(meta).unwrap_or_default());
             }
-            Frame::Data {
-                stream,
-                ts_us,
-                channel,
-                direction,
-                data,
-            } => {
-                out.push(TAG_DATA);
-                out.extend_from_slice(&stream.to_be_bytes());
-                out.extend_from_slice(&ts_us.to_be_bytes());
-                out.extend_from_slice(&channel.to_be_bytes());
-                out.push(*direction as u8);
-                out.extend_from_slice(data);
+            Frame::Data { .. } => {
+                // the header with its length as `encode_split` writes it, then the payload
+                out.truncate(start);
+                if let Some(data) = self.encode_split(out) {
+                    out.extend_from_slice(data);
+                }
+                return;
             }
             Frame::Resize {
                 stream,
