@@ -85,17 +85,23 @@ say "building the workspace"
 "${bounded[@]}" "$build_timeout" cargo build --workspace --bins
 
 # The whole suite on the relay's default back end (io_uring where the kernel allows it, else
-# epoll), then the sessions' data paths again on epoll (PSM_RELAY_IO reaches every psm-relay the
-# tests start).
+# epoll), then the tests of the relay's legs again on epoll: the sessions' data paths, their
+# ends and failures, hostile peers, RDP (PSM_RELAY_IO reaches every psm-relay the tests start).
 # Arguments go to the first run only.
-epoll_tests=(--test exec --test files --test stream --test interactive --test forwarding --test passthrough)
-epoll_filter='binary_id(psm-tests::exec) | binary_id(psm-tests::files) | binary_id(psm-tests::stream) | binary_id(psm-tests::interactive) | binary_id(psm-tests::forwarding) | binary_id(psm-tests::passthrough)'
+epoll_names=(exec files stream interactive forwarding passthrough transfers recording
+  recorder_down lifecycle hardening hostile rdp)
+epoll_tests=()
+epoll_filter=""
+for t in "${epoll_names[@]}"; do
+  epoll_tests+=(--test "$t")
+  epoll_filter+="${epoll_filter:+ | }binary_id(psm-tests::$t)"
+done
 if cargo nextest --version >/dev/null 2>&1; then
   say "running the suite with cargo nextest"
   status=0
   "${bounded[@]}" "$test_timeout" cargo nextest run --workspace --no-fail-fast "$@" || status=$?
   if ((status == 0 && $# == 0)); then
-    say "running the session tests again on the epoll back end"
+    say "running the relay's leg tests again on the epoll back end"
     # the same build as the first run (a -p selection would unify features anew and rebuild)
     PSM_RELAY_IO=epoll "${bounded[@]}" "$test_timeout" \
       cargo nextest run --workspace --no-fail-fast -E "$epoll_filter" || status=$?
@@ -106,8 +112,8 @@ else
   status=0
   "${bounded[@]}" "$test_timeout" cargo test --workspace --no-fail-fast "$@" || status=$?
   if ((status == 0 && $# == 0)); then
-    say "running the session tests again on the io_uring back end"
-    PSM_RELAY_IO=auto "${bounded[@]}" "$test_timeout" \
+    say "running the relay's leg tests again on the epoll back end"
+    PSM_RELAY_IO=epoll "${bounded[@]}" "$test_timeout" \
       cargo test -p psm-tests "${epoll_tests[@]}" --no-fail-fast || status=$?
   fi
   exit "$status"
