@@ -103,10 +103,35 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
     let _ = child.wait();
     let end = ended_session(&w, &sid);
     assert!(jstr(&end, "reason").contains("client"), "{end}");
-    assert!(
-        wait_for(T, || !sleeping()),
-        "the target-side command outlived the client by more than {T:?}"
-    );
+    if !wait_for(T, || !sleeping()) {
+        // what a failure leaves to look at: whether psm still holds its connection to sshd, and
+        // what sshd's processes are doing
+        let port = w.sshd.port();
+        let show = |cmd: &mut std::process::Command| {
+            let out = run_cmd(cmd, None, Duration::from_secs(10));
+            format!("{}{}", out.stdout_str(), out.stderr_str())
+        };
+        let sockets = show(std::process::Command::new("ss").args([
+            "-tnpoie",
+            "state",
+            "all",
+            &format!("( sport = :{port} or dport = :{port} )"),
+        ]));
+        let procs = show(std::process::Command::new("ps").args([
+            "-eo",
+            "pid,ppid,pgid,sid,tty,stat,wchan:24,args",
+            "--forest",
+        ]));
+        let procs: String = procs
+            .lines()
+            .filter(|l| l.contains("sshd") || l.contains("sleep 300") || l.contains("psm-relay"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        panic!(
+            "the target-side command outlived the client by more than {T:?}\n\
+             sockets on sshd's port {port}:\n{sockets}\nprocesses:\n{procs}"
+        );
+    }
 }
 
 #[test]
