@@ -465,12 +465,6 @@ impl std::ops::Deref for TargetHandle {
     }
 }
 
-impl std::ops::DerefMut for TargetHandle {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.handle
-    }
-}
-
 /// How long a target gets to take psm's DISCONNECT before its socket is cut.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -492,11 +486,6 @@ impl TargetHandle {
             tokio::time::sleep(CLOSE_GRACE).await;
             cutter.cut();
         });
-    }
-
-    /// Cuts the socket now (no DISCONNECT).
-    pub fn cut(&self) {
-        self.cutter.cut();
     }
 }
 

@@ -107,9 +107,15 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
         // what a failure leaves to look at: whether psm still holds its connection to sshd, and
         // what sshd's processes are doing
         let port = w.sshd.port();
-        let show = |cmd: &mut std::process::Command| {
-            let out = run_cmd(cmd, None, Duration::from_secs(10));
-            format!("{}{}", out.stdout_str(), out.stderr_str())
+        // (`ss` is iproute2's, which the suite does not install: a missing tool is said, not
+        // a panic that would hide the failure)
+        let show = |cmd: &mut std::process::Command| match cmd.stdin(Stdio::null()).output() {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("({cmd:?} did not run: {e})\n"),
         };
         let sockets = show(std::process::Command::new("ss").args([
             "-tnpoie",

@@ -166,8 +166,9 @@ impl Ring {
     /// Runs on the worker for as long as the worker: each time the kernel posts completions,
     /// hands them to their operations.
     pub async fn drive(self: Arc<Self>) {
+        // entries the kernel did not take in the last round
+        let mut queued = false;
         loop {
-            let queued = self.lock().unsubmitted();
             let readable = async {
                 if queued {
                     tokio::time::timeout(RESUBMIT, self.fd.readable())
@@ -193,6 +194,7 @@ impl Ring {
             if g.unsubmitted() {
                 let _ = g.submit();
             }
+            queued = g.unsubmitted();
         }
     }
 
@@ -230,18 +232,16 @@ impl Ring {
                 break;
             }
             // the submission queue is full: send what it holds, then queue again
-            let sent = g.submit();
             tries += 1;
-            if let Err(e) = sent.and_then(|()| {
-                if tries < 4 {
-                    Ok(())
-                } else {
-                    Err(io::Error::new(
-                        io::ErrorKind::WouldBlock,
-                        "the io_uring submission queue stays full",
-                    ))
-                }
-            }) {
+            let failed = match g.submit() {
+                Err(e) => Some(e),
+                Ok(()) if tries >= 4 => Some(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the io_uring submission queue stays full",
+                )),
+                Ok(()) => None,
+            };
+            if let Some(e) = failed {
                 g.ops[id] = None;
                 g.free.push(id);
                 return Err(e);
