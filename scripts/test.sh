@@ -84,31 +84,27 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 say "building the workspace"
 "${bounded[@]}" "$build_timeout" cargo build --workspace --bins
 
-# The whole suite on the relay's default back end (epoll), then the tests of the relay's legs
-# again on io_uring where the kernel allows it: the sessions' data paths, their failures,
-# hostile peers, RDP (PSM_RELAY_IO reaches every psm-relay the tests start). All but one test:
-# lifecycle's vanished-client test failed twice in clean-clone CI runs under io_uring (the
-# target-side command outlived the session) and never elsewhere; ARCHITECTURE.md, "Seams", has
-# the state of that. Arguments go to the first run only.
-uring_names=(exec files stream interactive forwarding passthrough transfers recording
+# The whole suite on the relay's default back end (io_uring where the kernel allows it, else
+# epoll), then the tests of the relay's legs again on epoll: the sessions' data paths, their
+# ends and failures, hostile peers, RDP (PSM_RELAY_IO reaches every psm-relay the tests start).
+# Arguments go to the first run only.
+epoll_names=(exec files stream interactive forwarding passthrough transfers recording
   recorder_down lifecycle hardening hostile rdp)
-uring_skip=a_vanished_client_ends_the_session_and_the_target_side
-uring_tests=()
-uring_filter=""
-for t in "${uring_names[@]}"; do
-  uring_tests+=(--test "$t")
-  uring_filter+="${uring_filter:+ | }binary_id(psm-tests::$t)"
+epoll_tests=()
+epoll_filter=""
+for t in "${epoll_names[@]}"; do
+  epoll_tests+=(--test "$t")
+  epoll_filter+="${epoll_filter:+ | }binary_id(psm-tests::$t)"
 done
-uring_filter="($uring_filter) - test(=$uring_skip)"
 if cargo nextest --version >/dev/null 2>&1; then
   say "running the suite with cargo nextest"
   status=0
   "${bounded[@]}" "$test_timeout" cargo nextest run --workspace --no-fail-fast "$@" || status=$?
   if ((status == 0 && $# == 0)); then
-    say "running the relay's leg tests again on the io_uring back end"
+    say "running the relay's leg tests again on the epoll back end"
     # the same build as the first run (a -p selection would unify features anew and rebuild)
-    PSM_RELAY_IO=auto "${bounded[@]}" "$test_timeout" \
-      cargo nextest run --workspace --no-fail-fast -E "$uring_filter" || status=$?
+    PSM_RELAY_IO=epoll "${bounded[@]}" "$test_timeout" \
+      cargo nextest run --workspace --no-fail-fast -E "$epoll_filter" || status=$?
   fi
   exit "$status"
 else
@@ -116,9 +112,9 @@ else
   status=0
   "${bounded[@]}" "$test_timeout" cargo test --workspace --no-fail-fast "$@" || status=$?
   if ((status == 0 && $# == 0)); then
-    say "running the relay's leg tests again on the io_uring back end"
-    PSM_RELAY_IO=auto "${bounded[@]}" "$test_timeout" \
-      cargo test -p psm-tests "${uring_tests[@]}" --no-fail-fast -- --skip "$uring_skip" || status=$?
+    say "running the relay's leg tests again on the epoll back end"
+    PSM_RELAY_IO=epoll "${bounded[@]}" "$test_timeout" \
+      cargo test -p psm-tests "${epoll_tests[@]}" --no-fail-fast || status=$?
   fi
   exit "$status"
 fi

@@ -147,8 +147,8 @@ pub struct RelayConfig {
     pub metrics_listen: Option<Spanned<String>>,
     /// Pin each relay worker to one CPU (default true).
     pub pin_workers: Option<Spanned<bool>>,
-    /// Worker socket back end: `epoll` (the default for now), `auto` (io_uring where the kernel
-    /// allows it, else epoll) or `uring` (fail without it).
+    /// Worker socket back end: `auto` (the default: io_uring where the kernel allows it, else
+    /// epoll), `uring` (fail without it) or `epoll`.
     pub io: Option<Spanned<String>>,
 }
 

@@ -239,8 +239,8 @@ fn unparsable(name: &'static str, path: &str, text: &str) -> Check {
     )
 }
 
-/// io_uring: the relay's workers do their socket I/O through it with `--io auto|uring` (epoll,
-/// the default for now, runs without it).
+/// io_uring: the relay's workers do their socket I/O through it (`--io auto`, the default, falls
+/// back to epoll without it).
 pub fn check_io_uring(host: &dyn Host) -> Check {
     const NAME: &str = "io_uring";
     match host.probe_io_uring() {
@@ -262,8 +262,8 @@ pub fn check_io_uring(host: &dyn Host) -> Check {
                 NAME,
                 json!(false),
                 format!(
-                    "io_uring_setup failed: {e}{why}; psm-relay's --io auto falls back to epoll \
-                     and --io uring does not start"
+                    "io_uring_setup failed: {e}{why}; psm-relay's --io auto (the default) falls \
+                     back to epoll and --io uring does not start"
                 ),
                 Some(
                     "use Linux 5.11 or later, set sysctl kernel.io_uring_disabled=0, and allow \

@@ -4,11 +4,16 @@
 //! never completes its handshake, or never reads, would keep the task, its buffers and its socket
 //! alive. [`Cuttable`] wraps the stream; once its [`Cutter`] fires, every read and write fails
 //! with `ConnectionAborted`, so russh's session loop ends at once and frees everything.
+//!
+//! A socket is also shut down at the cut, both ways: the peer learns at once that the
+//! connection is over (a target's sshd then hangs up the session's terminal), whether or not the
+//! task that owns the stream is polling it just then.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
@@ -19,6 +24,9 @@ struct CutState {
     cut: AtomicBool,
     reader: AtomicWaker,
     writer: AtomicWaker,
+    /// The socket's descriptor while its stream lives (the stream clears it, under the lock,
+    /// before the descriptor is closed: a cut never reaches a number reused since).
+    socket: Mutex<Option<RawFd>>,
 }
 
 /// Cuts the stream it was made with. Cheap to clone.
@@ -29,6 +37,12 @@ impl Cutter {
     /// From now on every read and write of the stream fails.
     pub fn cut(&self) {
         self.0.cut.store(true, Ordering::Release);
+        if let Ok(socket) = self.0.socket.lock() {
+            if let Some(fd) = *socket {
+                // (a socket already shut down or reset answers ENOTCONN: nothing left to do)
+                let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+            }
+        }
         self.0.reader.wake();
         self.0.writer.wake();
     }
@@ -58,8 +72,30 @@ impl<S> Cuttable<S> {
         )
     }
 
+    /// Wraps the socket stream `inner`, which the [`Cutter`] also shuts down.
+    pub fn socket(inner: S) -> (Cuttable<S>, Cutter)
+    where
+        S: AsRawFd,
+    {
+        let fd = inner.as_raw_fd();
+        let (me, cutter) = Cuttable::new(inner);
+        if let Ok(mut socket) = me.state.socket.lock() {
+            *socket = Some(fd);
+        }
+        (me, cutter)
+    }
+
     fn aborted() -> io::Error {
         io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut by psm")
+    }
+}
+
+impl<S> Drop for Cuttable<S> {
+    fn drop(&mut self) {
+        // before `inner` (and its descriptor) goes
+        if let Ok(mut socket) = self.state.socket.lock() {
+            *socket = None;
+        }
     }
 }
 
@@ -143,6 +179,35 @@ mod tests {
                 Err(io::ErrorKind::ConnectionAborted)
             );
             drop(b);
+        });
+    }
+
+    #[test]
+    fn a_cut_socket_ends_the_connection_even_when_no_one_polls_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let ours = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (mut peer, _) = l.accept().await.expect("accept");
+            // held, never polled: the stream of a task stuck elsewhere
+            let (held, cutter) = Cuttable::socket(ours);
+            cutter.cut();
+            let mut buf = [0u8; 8];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), peer.read(&mut buf))
+                .await
+                .expect("the peer learnt of the cut")
+                .expect("read");
+            assert_eq!(n, 0, "the peer reads the end of the stream");
+            drop(held);
+            // a cut after the stream is gone touches no descriptor
+            cutter.cut();
         });
     }
 }

@@ -36,9 +36,9 @@ struct Args {
     /// Relay id used in audit events (default: `HOSTNAME:PID`).
     #[arg(long)]
     relay_id: Option<String>,
-    /// Worker socket back end: `epoll` (the default for now), `auto` (io_uring where the kernel
-    /// allows it, else epoll, said in the log) or `uring` (fail without it).
-    #[arg(long, value_enum, default_value = "epoll", env = "PSM_RELAY_IO")]
+    /// Worker socket back end: `auto` (the default: io_uring where the kernel allows it, else
+    /// epoll, said in the log), `uring` (fail without it) or `epoll`.
+    #[arg(long, value_enum, default_value = "auto", env = "PSM_RELAY_IO")]
     io: psm_relay::IoBackend,
     /// Pin each worker thread to one CPU (round robin over the CPUs the process may use).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

@@ -555,7 +555,7 @@ async fn connect_inner(
     .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let tcp = crate::uring::Leg::new(tcp).map_err(|e| unreachable(e.to_string()))?;
-    let (tcp, cutter) = Cuttable::new(tcp);
+    let (tcp, cutter) = Cuttable::socket(tcp);
     let mut half_made = CutUnlessKept(Some(cutter.clone()));
 
     let key_algs: Vec<Algorithm> = match pinned.algorithm() {

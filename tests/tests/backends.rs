@@ -1,7 +1,7 @@
-//! The relay's two worker back ends: io_uring (`--io auto` where the kernel allows it, or
-//! `uring`) and epoll (the default for now). Each runs sessions the same way: bytes intact both
-//! ways, exit codes, the recording. `PSM_RELAY_IO=auto` runs any other test on io_uring
-//! (scripts/test.sh runs the tests of the relay's legs that way a second time).
+//! The relay's two worker back ends: io_uring (`--io auto`, the default, where the kernel allows
+//! it, or `uring`) and epoll. Each runs sessions the same way: bytes intact both ways, exit codes,
+//! the recording. `PSM_RELAY_IO=epoll` runs any other test on epoll (scripts/test.sh runs the
+//! tests of the relay's legs that way a second time).
 
 use std::time::Duration;
 

@@ -66,7 +66,8 @@ fn ctrl_d_ends_a_pty_session_and_it_is_audited() {
 
 #[test]
 fn a_vanished_client_ends_the_session_and_the_target_side() {
-    let w = World::new();
+    // sshd logs at DEBUG1: a failure shows whether it learnt that psm's connection ended
+    let w = World::build(PsmMode::Up, Sshd::start_opts(false, "DEBUG1"));
     let mark = w.psm.audit_mark();
     let mut child = w
         .ssh()
@@ -133,9 +134,11 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
             .filter(|l| l.contains("sshd") || l.contains("sleep 300") || l.contains("psm-relay"))
             .map(|l| format!("{l}\n"))
             .collect();
+        let sshd_log = w.sshd.log();
         panic!(
             "the target-side command outlived the client by more than {T:?}\n\
-             sockets on sshd's port {port}:\n{sockets}\nprocesses:\n{procs}"
+             sockets on sshd's port {port}:\n{sockets}\nprocesses:\n{procs}\n\
+             sshd's log (the end):\n{sshd_log}"
         );
     }
 }

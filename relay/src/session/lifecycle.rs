@@ -29,7 +29,7 @@ pub async fn handle_connection(
             return;
         }
     };
-    let (stream, cutter) = Cuttable::new(stream);
+    let (stream, cutter) = Cuttable::socket(stream);
     let session_id = new_id();
     let shared = Arc::new(Shared {
         notices: Arc::new(Notices::new(ctx.audit.clone(), session_id.clone())),

@@ -268,6 +268,15 @@ impl Leg {
     }
 }
 
+impl std::os::fd::AsRawFd for Leg {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Leg::Epoll(s) => s.as_raw_fd(),
+            Leg::Uring(s) => s.sock.as_raw_fd(),
+        }
+    }
+}
+
 impl AsyncRead for Leg {
     fn poll_read(
         self: Pin<&mut Self>,
