@@ -121,73 +121,147 @@ pub struct RecordStats {
     pub stalls: AtomicU64,
 }
 
-/// Marks closer together than this share one entry (a flood of tiny packets stays bounded).
+/// Marks closer together than this share one entry (a flood of tiny packets stays bounded, and
+/// a session's marks are touched at most about once per grain).
 const MARK_GRAIN: Duration = Duration::from_millis(10);
+/// No time yet (`Durable::last_mark` before the first mark).
+const NEVER: u64 = u64::MAX;
 
-#[derive(Default)]
-struct DurableState {
-    /// DATA bytes handed to the link (and so relayed, or about to be).
-    sent: u64,
-    /// DATA bytes psm-recorder confirmed durable.
-    acked: u64,
-    /// (cumulative end, when) of unconfirmed bytes, oldest first.
-    marks: VecDeque<(u64, Instant)>,
-}
-
-/// One stream's durable window: what was sent, what psm-recorder confirmed.
-#[derive(Default)]
+/// One stream's durable window: what was sent, what psm-recorder confirmed, and since when the
+/// oldest unconfirmed byte waits.
+///
+/// A frame's admission reads and adds atomics only. `sent` has one writer, the session's worker
+/// (every task of a session runs there); `acked` has one, the link's reply thread, which takes no
+/// lock of the session's. The age of the oldest unconfirmed byte comes from marks (where a grain
+/// of sent bytes starts, and when), kept by the worker alone: it adds one at most once per
+/// [`MARK_GRAIN`] and drops the confirmed ones when `acked` passes the next mark's start, so
+/// their lock is taken about once per grain, never per frame, and never by another thread.
 struct Durable {
-    state: Mutex<DurableState>,
+    /// DATA bytes handed to the link (and so relayed, or about to be).
+    sent: AtomicU64,
+    /// DATA bytes psm-recorder confirmed durable (never more than `sent`).
+    acked: AtomicU64,
+    /// (start offset, µs since `epoch`) of each grain of sent bytes not wholly confirmed, oldest
+    /// first; the first one holds offset `acked`.
+    marks: Mutex<VecDeque<(u64, u64)>>,
+    /// When the first mark's grain started (µs since `epoch`): the oldest unconfirmed byte was
+    /// sent then or after, within one grain.
+    oldest: AtomicU64,
+    /// The second mark's start ([`NEVER`] when there is one mark): `acked` past it means the
+    /// first mark is confirmed.
+    next_start: AtomicU64,
+    /// When the newest mark was made ([`NEVER`] before the first).
+    last_mark: AtomicU64,
+    epoch: Instant,
     moved: Notify,
 }
 
+impl Default for Durable {
+    fn default() -> Self {
+        Durable {
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            marks: Mutex::new(VecDeque::new()),
+            oldest: AtomicU64::new(0),
+            next_start: AtomicU64::new(NEVER),
+            last_mark: AtomicU64::new(NEVER),
+            epoch: Instant::now(),
+            moved: Notify::new(),
+        }
+    }
+}
+
 impl Durable {
-    fn with<R>(&self, f: impl FnOnce(&mut DurableState) -> R) -> R {
-        match self.state.lock() {
+    fn marks<R>(&self, f: impl FnOnce(&mut VecDeque<(u64, u64)>) -> R) -> R {
+        match self.marks.lock() {
             Ok(mut g) => f(&mut g),
             Err(p) => f(&mut p.into_inner()),
         }
     }
 
-    /// psm-recorder confirmed `bytes` (cumulative).
+    fn micros(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// psm-recorder confirmed `bytes` (cumulative). Called by the link's reply thread.
     fn ack(&self, bytes: u64) {
-        self.with(|s| {
-            s.acked = s.acked.max(bytes.min(s.sent));
-            while s.marks.front().is_some_and(|(end, _)| *end <= s.acked) {
-                s.marks.pop_front();
-            }
-        });
+        let sent = self.sent.load(Ordering::Acquire);
+        self.acked.fetch_max(bytes.min(sent), Ordering::AcqRel);
         self.moved.notify_waiters();
     }
 
+    /// Drops the marks `acked` has passed (the worker, when `acked` reached `next_start`).
+    fn advance(&self, acked: u64) {
+        self.marks(|m| {
+            while m.get(1).is_some_and(|(start, _)| *start <= acked) {
+                m.pop_front();
+            }
+            if let Some((_, t)) = m.front() {
+                self.oldest.store(*t, Ordering::Relaxed);
+            }
+            let next = m.get(1).map_or(NEVER, |(start, _)| *start);
+            self.next_start.store(next, Ordering::Relaxed);
+        });
+    }
+
     /// Takes `len` more bytes into the window if it has room now; otherwise how long to wait
-    /// at most before looking again.
+    /// at most before looking again. Called by the session's worker only.
     fn try_admit(&self, len: u64, w: Window, now: Instant) -> Result<(), Duration> {
-        self.with(|s| {
-            let unacked = s.sent - s.acked;
-            let oldest = s
-                .marks
-                .front()
-                .map(|(_, t)| now.saturating_duration_since(*t));
-            let full =
-                unacked > 0 && (unacked + len > w.bytes || oldest.is_some_and(|age| age >= w.time));
-            if full {
-                let left = oldest.map(|age| w.time.saturating_sub(age));
-                return Err(left
-                    .filter(|d| !d.is_zero())
-                    .unwrap_or(Duration::from_millis(50)));
+        let now_us = self.micros(now);
+        let acked = self.acked.load(Ordering::Acquire);
+        if acked >= self.next_start.load(Ordering::Relaxed) {
+            self.advance(acked);
+        }
+        let sent = self.sent.load(Ordering::Relaxed);
+        let unacked = sent.saturating_sub(acked);
+        if unacked > 0 {
+            let age =
+                Duration::from_micros(now_us.saturating_sub(self.oldest.load(Ordering::Relaxed)));
+            if unacked + len > w.bytes || age >= w.time {
+                let left = w.time.saturating_sub(age);
+                return Err(if left.is_zero() {
+                    Duration::from_millis(50)
+                } else {
+                    left
+                });
             }
-            s.sent += len;
-            match s.marks.back_mut() {
-                Some((end, t)) if now.saturating_duration_since(*t) < MARK_GRAIN => *end = s.sent,
-                _ => s.marks.push_back((s.sent, now)),
-            }
-            Ok(())
-        })
+        }
+        let last = self.last_mark.load(Ordering::Relaxed);
+        if last == NEVER || now_us.saturating_sub(last) >= MARK_GRAIN.as_micros() as u64 {
+            self.marks(|m| {
+                m.push_back((sent, now_us));
+                match m.len() {
+                    1 => self.oldest.store(now_us, Ordering::Relaxed),
+                    2 => self.next_start.store(sent, Ordering::Relaxed),
+                    _ => {}
+                }
+            });
+            self.last_mark.store(now_us, Ordering::Relaxed);
+        }
+        self.sent.fetch_add(len, Ordering::Release);
+        Ok(())
     }
 
     fn unconfirmed(&self) -> u64 {
-        self.with(|s| s.sent - s.acked)
+        let acked = self.acked.load(Ordering::Acquire);
+        self.sent.load(Ordering::Acquire).saturating_sub(acked)
+    }
+
+    /// How long the oldest unconfirmed byte has waited, when one does (for the metrics: the
+    /// worker drops confirmed marks on its next frame, so until then this can be up to that
+    /// long older than the truth).
+    fn lag(&self, now: Instant) -> Option<Duration> {
+        (self.unconfirmed() > 0).then(|| {
+            Duration::from_micros(
+                self.micros(now)
+                    .saturating_sub(self.oldest.load(Ordering::Relaxed)),
+            )
+        })
+    }
+
+    #[cfg(test)]
+    fn mark_count(&self) -> usize {
+        self.marks(|m| m.len())
     }
 }
 
@@ -329,13 +403,7 @@ impl RecorderLink {
         let now = Instant::now();
         durables
             .iter()
-            .filter_map(|d| {
-                d.with(|s| {
-                    s.marks
-                        .front()
-                        .map(|(_, t)| now.saturating_duration_since(*t))
-                })
-            })
+            .filter_map(|d| d.lag(now))
             .max()
             .unwrap_or(Duration::ZERO)
     }
@@ -555,7 +623,7 @@ impl RecordingStream {
     /// recording is lost (or stalls past the limit) instead.
     async fn admit(&self, len: u64) -> bool {
         let window = self.rec.shared.window;
-        // the common case: room in the window, one short lock and nothing else
+        // the common case: room in the window, a few atomics and nothing else
         // (a lost recording is noticed once the window is full: at most one window more)
         if self.durable.try_admit(len, window, Instant::now()).is_ok() {
             return true;
@@ -972,6 +1040,32 @@ mod tests {
     }
 
     #[test]
+    fn the_age_is_the_oldest_unconfirmed_grains_and_acks_take_no_lock_of_the_session() {
+        let w = Window {
+            bytes: 1 << 20,
+            time: Duration::from_secs(1),
+            stall: Duration::from_secs(30),
+        };
+        let d = Arc::new(Durable::default());
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert!(d.try_admit(100, w, ms(0)).is_ok());
+        assert!(d.try_admit(100, w, ms(5)).is_ok(), "the same grain");
+        assert!(d.try_admit(100, w, ms(20)).is_ok(), "a second grain");
+        // the reply thread acknowledges while the worker holds the marks: no wait on them
+        let other = d.clone();
+        let acker = d.marks(|_| std::thread::spawn(move || other.ack(200)).join());
+        acker.expect("the ack went through");
+        assert_eq!(d.unconfirmed(), 100);
+        // the first grain is confirmed: the age counts from the second one (20 ms)
+        assert!(d.try_admit(1, w, ms(1010)).is_ok(), "980 ms old");
+        assert!(d.try_admit(1, w, ms(1020)).is_err(), "1 s old");
+        assert_eq!(d.lag(ms(1020)), Some(Duration::from_secs(1)));
+        d.ack(302);
+        assert_eq!(d.lag(ms(1020)), None, "all confirmed");
+    }
+
+    #[test]
     fn marks_of_a_flood_of_tiny_writes_stay_few() {
         let w = Window {
             bytes: 1 << 20,
@@ -986,11 +1080,7 @@ mod tests {
                 .is_ok());
         }
         // 10 000 writes over half a second: one mark per 10 ms
-        assert!(
-            d.with(|s| s.marks.len()) <= 51,
-            "{}",
-            d.with(|s| s.marks.len())
-        );
+        assert!(d.mark_count() <= 51, "{}", d.mark_count());
     }
     use std::os::unix::net::UnixListener;
 
