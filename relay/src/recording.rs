@@ -2,8 +2,9 @@
 //!
 //! Each worker owns one bounded [`ArrayQueue`]; its sessions push [`Frame`]s there without locks
 //! and without blocking the core (a full queue makes only that session wait, asynchronously).
-//! Each worker has its own link: a thread that drains the worker's queue and writes the frames
-//! to its own connection to `recorder.sock`.
+//! Each worker has its own link: a thread that drains the worker's queue, writes the frames to
+//! its own connection to `recorder.sock` and reads psm-recorder's replies from it, sleeping in
+//! `poll` on that connection and on an eventfd the worker writes when it wakes the link.
 //!
 //! Fail closed: a session starts only once psm-recorder has answered that its recording file
 //! exists ([`Reply::Opened`]), before the relay logs in to the target. Every recorded session
@@ -22,15 +23,18 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read as _;
+use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use psm_recorder_format::{CloseSummary, Direction, Frame, RecordingMeta, Reply};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
@@ -131,8 +135,8 @@ const NEVER: u64 = u64::MAX;
 /// oldest unconfirmed byte waits.
 ///
 /// A frame's admission reads and adds atomics only. `sent` has one writer, the session's worker
-/// (every task of a session runs there); `acked` has one, the link's reply thread, which takes no
-/// lock of the session's. The age of the oldest unconfirmed byte comes from marks (where a grain
+/// (every task of a session runs there); `acked` has one, the link's thread as it reads
+/// psm-recorder's replies, which takes no lock of the session's. The age of the oldest unconfirmed byte comes from marks (where a grain
 /// of sent bytes starts, and when), kept by the worker alone: it adds one at most once per
 /// [`MARK_GRAIN`] and drops the confirmed ones when `acked` passes the next mark's start, so
 /// their lock is taken about once per grain, never per frame, and never by another thread.
@@ -183,7 +187,7 @@ impl Durable {
         t.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
-    /// psm-recorder confirmed `bytes` (cumulative). Called by the link's reply thread.
+    /// psm-recorder confirmed `bytes` (cumulative). Called by the link's thread.
     fn ack(&self, bytes: u64) {
         let sent = self.sent.load(Ordering::Acquire);
         self.acked.fetch_max(bytes.min(sent), Ordering::AcqRel);
@@ -293,7 +297,8 @@ struct LinkShared {
     queues: Mutex<Vec<Arc<ArrayQueue<Frame>>>>,
     state_tx: watch::Sender<LinkState>,
     sleeping: AtomicBool,
-    thread: Mutex<Option<Thread>>,
+    /// Wakes the link thread out of its `poll` (written by a worker when the link sleeps).
+    wake: EventFd,
     next_stream: AtomicU64,
     /// Open streams and what psm-recorder last said about each.
     streams: Mutex<HashMap<u64, StreamEntry>>,
@@ -420,19 +425,17 @@ impl RecorderLink {
             queues: Mutex::new(vec![queue.clone()]),
             state_tx,
             sleeping: AtomicBool::new(false),
-            thread: Mutex::new(None),
+            wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(std::io::Error::from)?,
             next_stream: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
             window: self.window,
         });
         let (socket, s2) = (self.socket.clone(), shared.clone());
         let index = self.each(|_| ()).len();
-        let handle = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("psm-recorder-link-{index}"))
             .spawn(move || link_thread(socket, s2))?;
-        if let Ok(mut t) = shared.thread.lock() {
-            *t = Some(handle.thread().clone());
-        }
         if let Ok(mut l) = self.links.lock() {
             l.push(shared.clone());
         }
@@ -553,11 +556,8 @@ impl WorkerRecorder {
 
     fn wake(&self) {
         if self.shared.sleeping.swap(false, Ordering::AcqRel) {
-            if let Ok(t) = self.shared.thread.lock() {
-                if let Some(t) = t.as_ref() {
-                    t.unpark();
-                }
-            }
+            // (the counter only grows: a failed write means it is already far from zero)
+            let _ = self.shared.wake.write(1);
         }
     }
 }
@@ -738,24 +738,9 @@ fn link_thread(socket: PathBuf, shared: Arc<LinkShared>) {
             Ok(stream) => {
                 warned = false;
                 info!(socket = %socket.display(), "connected to psm-recorder");
-                let dead = Arc::new(AtomicBool::new(false));
-                if let Ok(r) = stream.try_clone() {
-                    let dead2 = dead.clone();
-                    let shared2 = shared.clone();
-                    let t = std::thread::current();
-                    let _ = std::thread::Builder::new()
-                        .name("psm-recorder-replies".into())
-                        .spawn(move || {
-                            if let Err(e) = read_replies(r, &shared2) {
-                                warn!(error = %e, "bad reply from psm-recorder; dropping the link");
-                            }
-                            dead2.store(true, Ordering::Release);
-                            t.unpark();
-                        });
-                }
                 drain_queues(&shared, None);
                 set_state(&shared, true);
-                let err = pump(stream, &shared, &dead);
+                let err = pump(stream, &shared);
                 set_state(&shared, false);
                 shared.lose_all("the link to psm-recorder dropped");
                 warn!(error = %err, "link to psm-recorder lost; recorded sessions are being closed");
@@ -768,43 +753,90 @@ fn link_thread(socket: PathBuf, shared: Arc<LinkShared>) {
                 drain_queues(&shared, None);
             }
         }
-        std::thread::park_timeout(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// Reads psm-recorder's replies until the connection ends; hands each to its stream.
-fn read_replies(
-    mut r: UnixStream,
-    shared: &LinkShared,
-) -> Result<(), psm_recorder_format::FormatError> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut b = [0u8; 4096];
-    loop {
-        let n = match r.read(&mut b) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return Ok(()),
-        };
-        buf.extend_from_slice(&b[..n]);
-        let mut used = 0;
-        while let Some((reply, k)) = Reply::decode(&buf[used..])? {
-            used += k;
-            match reply {
-                Reply::Opened { stream } => shared.report(stream, StreamStatus::Open),
-                Reply::Refused { stream, reason } => {
-                    warn!(stream, reason = %reason, "psm-recorder refused a recording");
-                    shared.report(stream, StreamStatus::Refused(reason))
-                }
-                Reply::Failed { stream, reason } => {
-                    warn!(stream, reason = %reason, "psm-recorder lost a recording");
-                    shared.report(stream, StreamStatus::Failed(reason))
-                }
-                Reply::Durable { stream, bytes } => shared.ack(stream, bytes),
+/// psm-recorder's replies as they come in on the link's (non-blocking) connection.
+#[derive(Default)]
+struct Replies {
+    buf: Vec<u8>,
+}
+
+impl Replies {
+    /// Reads what arrived and hands each whole reply to its stream; `Err` says why the link is
+    /// over (psm-recorder closed it, or sent a reply that does not parse).
+    fn take(&mut self, r: &mut UnixStream, shared: &LinkShared) -> Result<(), String> {
+        let mut b = [0u8; 4096];
+        loop {
+            match r.read(&mut b) {
+                Ok(0) => return Err("psm-recorder closed the connection".into()),
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(format!("reading from psm-recorder: {e}")),
             }
         }
-        buf.drain(..used);
+        let mut used = 0;
+        let result = loop {
+            match Reply::decode(&self.buf[used..]) {
+                Ok(Some((reply, k))) => {
+                    used += k;
+                    handle_reply(shared, reply);
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("bad reply from psm-recorder: {e}")),
+            }
+        };
+        self.buf.drain(..used);
+        result
     }
+}
+
+fn handle_reply(shared: &LinkShared, reply: Reply) {
+    match reply {
+        Reply::Opened { stream } => shared.report(stream, StreamStatus::Open),
+        Reply::Refused { stream, reason } => {
+            warn!(stream, reason = %reason, "psm-recorder refused a recording");
+            shared.report(stream, StreamStatus::Refused(reason))
+        }
+        Reply::Failed { stream, reason } => {
+            warn!(stream, reason = %reason, "psm-recorder lost a recording");
+            shared.report(stream, StreamStatus::Failed(reason))
+        }
+        Reply::Durable { stream, bytes } => shared.ack(stream, bytes),
+    }
+}
+
+/// Sleeps until psm-recorder sends something (or, with `writable`, has room for more), a worker
+/// wakes the link, or `timeout` passes.
+fn wait(
+    stream: &UnixStream,
+    wake: &EventFd,
+    writable: bool,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut events = PollFlags::POLLIN;
+    if writable {
+        events |= PollFlags::POLLOUT;
+    }
+    let mut fds = [
+        PollFd::new(stream.as_fd(), events),
+        PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+    ];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        Ok(_) | Err(Errno::EINTR) => {}
+        Err(e) => return Err(format!("waiting on psm-recorder: {e}")),
+    }
+    if fds[1]
+        .revents()
+        .is_some_and(|r| r.contains(PollFlags::POLLIN))
+    {
+        // back to zero, so that the next wake is seen
+        let _ = wake.read();
+    }
+    Ok(())
 }
 
 /// DATA payloads this size or larger go to psm-recorder as they are (a slice of the vectored
@@ -821,6 +853,8 @@ struct Batch {
     /// Each payload, after the heads' bytes up to the offset given with it.
     payloads: Vec<(usize, Bytes)>,
     payload_bytes: usize,
+    /// Bytes of the batch already written (the socket took part of it and had no room left).
+    written: usize,
 }
 
 impl Batch {
@@ -848,9 +882,12 @@ impl Batch {
         self.heads.clear();
         self.payloads.clear();
         self.payload_bytes = 0;
+        self.written = 0;
     }
 
-    fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+    /// Writes what is left of the batch: `Ok(true)` once all of it is written, `Ok(false)` when
+    /// `w` has no room now (the rest goes on a later call).
+    fn write_some(&mut self, w: &mut impl std::io::Write) -> std::io::Result<bool> {
         let mut slices = Vec::with_capacity(2 * self.payloads.len() + 1);
         let mut at = 0;
         for (end, p) in &self.payloads {
@@ -860,15 +897,20 @@ impl Batch {
         }
         slices.push(std::io::IoSlice::new(&self.heads[at..]));
         let mut left = &mut slices[..];
+        std::io::IoSlice::advance_slices(&mut left, self.written);
         while !left.is_empty() {
             match w.write_vectored(left) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
+                Ok(n) => {
+                    self.written += n;
+                    std::io::IoSlice::advance_slices(&mut left, n);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -910,21 +952,41 @@ fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Batch, &mut HashSet<u
     any
 }
 
-fn pump(mut stream: UnixStream, shared: &LinkShared, dead: &AtomicBool) -> String {
+/// Ships the worker's frames to psm-recorder and takes its replies, on one thread: the
+/// connection is non-blocking and the thread sleeps in `poll` on it and on the workers' wake, so
+/// a reply (an acknowledgement a paused session waits for) is taken as it comes, even while the
+/// socket has no room for frames. Returns why the link ended.
+fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
+    if let Err(e) = stream.set_nonblocking(true) {
+        return format!("setting up the connection to psm-recorder: {e}");
+    }
     let mut batch = Batch {
         heads: Vec::with_capacity(64 * 1024),
         ..Batch::default()
     };
     let mut open = HashSet::new();
+    let mut replies = Replies::default();
     loop {
-        if dead.load(Ordering::Acquire) {
-            return "psm-recorder closed the connection".into();
+        if let Err(why) = replies.take(&mut stream, shared) {
+            return why;
         }
-        batch.clear();
-        let any = drain_queues(shared, Some((&mut batch, &mut open)));
+        // a batch the socket took only part of goes on before anything new
+        let any = if batch.is_empty() {
+            drain_queues(shared, Some((&mut batch, &mut open)))
+        } else {
+            true
+        };
         if !batch.is_empty() {
-            if let Err(e) = batch.write_to(&mut stream) {
-                return format!("writing to psm-recorder: {e}");
+            match batch.write_some(&mut stream) {
+                Ok(true) => batch.clear(),
+                Ok(false) => {
+                    // psm-recorder is behind: wait for room (or a reply, or a wake)
+                    if let Err(why) = wait(&stream, &shared.wake, true, LINK_IDLE) {
+                        return why;
+                    }
+                    continue;
+                }
+                Err(e) => return format!("writing to psm-recorder: {e}"),
             }
         }
         if !any {
@@ -935,10 +997,15 @@ fn pump(mut stream: UnixStream, shared: &LinkShared, dead: &AtomicBool) -> Strin
                 .lock()
                 .map(|q| q.iter().any(|q| !q.is_empty()))
                 .unwrap_or(false);
-            if !pending {
-                std::thread::park_timeout(LINK_IDLE);
-            }
+            let slept = if pending {
+                Ok(())
+            } else {
+                wait(&stream, &shared.wake, false, LINK_IDLE)
+            };
             shared.sleeping.store(false, Ordering::Release);
+            if let Err(why) = slept {
+                return why;
+            }
         }
     }
 }
@@ -1003,8 +1070,56 @@ mod tests {
             "the three payloads of INLINE_MAX or more"
         );
         let mut out = Trickle(Vec::new());
-        batch.write_to(&mut out).expect("written");
+        assert!(batch.write_some(&mut out).expect("written"), "all of it");
         assert_eq!(out.0, whole);
+
+        // a socket that runs out of room part-way: the batch goes on where it stopped
+        batch.written = 0;
+        let mut choked = Choke {
+            took: Vec::new(),
+            room: 50_000,
+        };
+        assert!(!batch.write_some(&mut choked).expect("no error"), "stopped");
+        assert_eq!(choked.took.len(), 50_000);
+        choked.room = 1_000;
+        assert!(
+            !batch.write_some(&mut choked).expect("no error"),
+            "stopped again"
+        );
+        choked.room = usize::MAX;
+        assert!(batch.write_some(&mut choked).expect("written"), "the rest");
+        assert_eq!(choked.took, whole);
+    }
+
+    /// Takes `room` bytes in all, then says it would block.
+    struct Choke {
+        took: Vec<u8>,
+        room: usize,
+    }
+
+    impl std::io::Write for Choke {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.write_vectored(&[std::io::IoSlice::new(b)])
+        }
+        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.room - n);
+                self.took.extend_from_slice(&b[..k]);
+                n += k;
+                if n == self.room {
+                    break;
+                }
+            }
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
@@ -1052,7 +1167,7 @@ mod tests {
         assert!(d.try_admit(100, w, ms(0)).is_ok());
         assert!(d.try_admit(100, w, ms(5)).is_ok(), "the same grain");
         assert!(d.try_admit(100, w, ms(20)).is_ok(), "a second grain");
-        // the reply thread acknowledges while the worker holds the marks: no wait on them
+        // the link acknowledges while the worker holds the marks: no wait on them
         let other = d.clone();
         let acker = d.marks(|_| std::thread::spawn(move || other.ack(200)).join());
         acker.expect("the ack went through");
