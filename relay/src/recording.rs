@@ -136,10 +136,11 @@ const NEVER: u64 = u64::MAX;
 ///
 /// A frame's admission reads and adds atomics only. `sent` has one writer, the session's worker
 /// (every task of a session runs there); `acked` has one, the link's thread as it reads
-/// psm-recorder's replies, which takes no lock of the session's. The age of the oldest unconfirmed byte comes from marks (where a grain
-/// of sent bytes starts, and when), kept by the worker alone: it adds one at most once per
-/// [`MARK_GRAIN`] and drops the confirmed ones when `acked` passes the next mark's start, so
-/// their lock is taken about once per grain, never per frame, and never by another thread.
+/// psm-recorder's replies, which takes no lock of the session's. The age of the oldest
+/// unconfirmed byte comes from marks (where a grain of sent bytes starts, and when), kept by the
+/// worker alone: it adds one at most once per [`MARK_GRAIN`] and drops the confirmed ones when
+/// `acked` passes the next mark's start, so their lock is taken about once per grain, never per
+/// frame, and never by another thread.
 struct Durable {
     /// DATA bytes handed to the link (and so relayed, or about to be).
     sent: AtomicU64,
