@@ -769,15 +769,17 @@ impl Replies {
     /// over (psm-recorder closed it, or sent a reply that does not parse).
     fn take(&mut self, r: &mut UnixStream, shared: &LinkShared) -> Result<(), String> {
         let mut b = [0u8; 4096];
-        loop {
+        // what ended the connection, once the replies that came before it are handled (the
+        // last acknowledgements psm-recorder sent before it closed still count)
+        let ended = loop {
             match r.read(&mut b) {
-                Ok(0) => return Err("psm-recorder closed the connection".into()),
+                Ok(0) => break Some("psm-recorder closed the connection".to_string()),
                 Ok(n) => self.buf.extend_from_slice(&b[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(format!("reading from psm-recorder: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) => break Some(format!("reading from psm-recorder: {e}")),
             }
-        }
+        };
         let mut used = 0;
         let result = loop {
             match Reply::decode(&self.buf[used..]) {
@@ -785,7 +787,7 @@ impl Replies {
                     used += k;
                     handle_reply(shared, reply);
                 }
-                Ok(None) => break Ok(()),
+                Ok(None) => break ended.map_or(Ok(()), Err),
                 Err(e) => break Err(format!("bad reply from psm-recorder: {e}")),
             }
         };
@@ -1290,6 +1292,40 @@ mod tests {
         }
         assert!(!w.state().connected);
         assert_ne!(w.state().generation, generation);
+    }
+
+    #[test]
+    fn acknowledgements_sent_just_before_psm_recorder_closes_still_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // no recorder listens: the link's own thread only retries; this test reads the replies
+        let link = RecorderLink::start(dir.path().join("absent.sock"), Window::default());
+        let w = link.worker().expect("start");
+        let durable = Arc::new(Durable::default());
+        let (status, _) = watch::channel(StreamStatus::Open);
+        w.shared.streams.lock().expect("lock").insert(
+            7,
+            StreamEntry {
+                status,
+                durable: durable.clone(),
+            },
+        );
+        assert!(durable
+            .try_admit(100, Window::default(), Instant::now())
+            .is_ok());
+        let (mut ours, mut theirs) = UnixStream::pair().expect("pair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let mut out = Vec::new();
+        Reply::Durable {
+            stream: 7,
+            bytes: 100,
+        }
+        .encode(&mut out);
+        theirs.write_all(&out).expect("reply");
+        drop(theirs);
+        let mut replies = Replies::default();
+        let ended = replies.take(&mut ours, &w.shared);
+        assert_eq!(ended, Err("psm-recorder closed the connection".to_string()));
+        assert_eq!(durable.unconfirmed(), 0, "the last acknowledgement counted");
     }
 
     #[test]
