@@ -105,40 +105,106 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
     let end = ended_session(&w, &sid);
     assert!(jstr(&end, "reason").contains("client"), "{end}");
     if !wait_for(T, || !sleeping()) {
-        // what a failure leaves to look at: whether psm still holds its connection to sshd, and
-        // what sshd's processes are doing
-        let port = w.sshd.port();
-        // (`ss` is iproute2's, which the suite does not install: a missing tool is said, not
-        // a panic that would hide the failure)
-        let show = |cmd: &mut std::process::Command| match cmd.stdin(Stdio::null()).output() {
-            Ok(o) => format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => format!("({cmd:?} did not run: {e})\n"),
-        };
-        let sockets = show(std::process::Command::new("ss").args([
-            "-tnpoie",
-            "state",
-            "all",
-            &format!("( sport = :{port} or dport = :{port} )"),
-        ]));
-        let procs = show(std::process::Command::new("ps").args([
-            "-eo",
-            "pid,ppid,pgid,sid,tty,stat,wchan:24,args",
-            "--forest",
-        ]));
-        let procs: String = procs
-            .lines()
-            .filter(|l| l.contains("sshd") || l.contains("sleep 300") || l.contains("psm-relay"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let sshd_log = w.sshd.log();
         panic!(
-            "the target-side command outlived the client by more than {T:?}\n\
-             sockets on sshd's port {port}:\n{sockets}\nprocesses:\n{procs}\n\
-             sshd's log (the end):\n{sshd_log}"
+            "the target-side command outlived the client by more than {T:?}\n{}",
+            target_side_report(&w)
+        );
+    }
+}
+
+/// What a target side that outlived its session leaves to look at: whether psm still holds its
+/// connection to sshd, what sshd's processes are doing, and sshd's own log.
+fn target_side_report(w: &World) -> String {
+    let port = w.sshd.port();
+    // (`ss` is iproute2's, which the suite does not install: a missing tool is said, not a
+    // panic that would hide the failure)
+    let show = |cmd: &mut std::process::Command| match cmd.stdin(Stdio::null()).output() {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => format!("({cmd:?} did not run: {e})\n"),
+    };
+    let sockets = show(std::process::Command::new("ss").args([
+        "-tnpoie",
+        "state",
+        "all",
+        &format!("( sport = :{port} or dport = :{port} )"),
+    ]));
+    let procs = show(std::process::Command::new("ps").args([
+        "-eo",
+        "pid,ppid,pgid,sid,tty,stat,wchan:24,args",
+        "--forest",
+    ]));
+    let procs: String = procs
+        .lines()
+        .filter(|l| {
+            l.contains("sshd")
+                || l.contains("sleep 300")
+                || l.contains("PSMFLOOD")
+                || l.contains("psm-relay")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!(
+        "sockets on sshd's port {port}:\n{sockets}\nprocesses:\n{procs}\n\
+         sshd's log (the end):\n{}",
+        w.sshd.log()
+    )
+}
+
+/// The state letter of process `pid` (`R`, `S`, `D`…), from /proc.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the state follows the command name, which is in parentheses and may hold spaces
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+#[test]
+fn a_vanished_client_ends_the_target_side_even_while_the_target_floods_it() {
+    // The user's client stops reading while the target floods a terminal, so psm stops reading
+    // the target (its windows are full), then the client dies. psm's side of the target
+    // connection may be parked inside its SSH task waiting for room; ending the session must
+    // still end the target's command.
+    let w = World::build(PsmMode::Up, Sshd::start_opts(false, "DEBUG1"));
+    let mark = w.psm.audit_mark();
+    let mut child = w
+        .ssh()
+        .args(["-tt", "exec yes PSMFLOOD"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped()) // never read
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let sid = started_session(&w, mark);
+    let flood = || pids_matching("yes PSMFLOOD", Some("yes"));
+    assert!(
+        wait_for(T, || !flood().is_empty()),
+        "the flood did not start"
+    );
+    // the flood is held back all the way to the target: `yes` sleeps in its write, each time
+    // it is looked at, for a while
+    let stalled = || {
+        flood().first().is_some_and(|pid| {
+            (0..5).all(|_| {
+                std::thread::sleep(Duration::from_millis(100));
+                proc_state(*pid) == Some('S')
+            })
+        })
+    };
+    assert!(
+        wait_for(T, stalled),
+        "the target's flood was never held back"
+    );
+    child.kill().expect("kill ssh");
+    let _ = child.wait();
+    let end = ended_session(&w, &sid);
+    assert!(jstr(&end, "reason").contains("client"), "{end}");
+    if !wait_for(T, || flood().is_empty()) {
+        panic!(
+            "the target-side command outlived the client by more than {T:?}\n{}",
+            target_side_report(&w)
         );
     }
 }
