@@ -27,7 +27,7 @@ use russh::{
     Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelWriteHalf, MethodKind, MethodSet,
     Pty, Sig,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::control_link::{AuditSink, Counters, KillSwitch, PolicyStore, SessionBytes};
@@ -235,6 +235,9 @@ pub(crate) struct Shared {
     windows: Mutex<Windows>,
     /// Channels psm opened toward the user that are relaying now.
     reverse_open: AtomicUsize,
+    /// True once the session is over: its channels' relaying tasks stop, whatever they were
+    /// waiting for (room in a window that will never open, a queue no one drains).
+    over: watch::Sender<bool>,
     state: Mutex<SharedState>,
 }
 

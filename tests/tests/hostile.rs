@@ -807,34 +807,6 @@ fn a_stalled_channel_does_not_stall_another_on_the_same_connection() {
     stop_master(&w, &sock, &mut master);
 }
 
-/// Sockets of process `pid` that are connected to 127.0.0.1:`port` (from /proc/net/tcp, by
-/// the inodes of the process's descriptors).
-fn connections_to(pid: u32, port: u16) -> usize {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|l| {
-                    let l = l.to_string_lossy().into_owned();
-                    l.strip_prefix("socket:[")
-                        .and_then(|r| r.strip_suffix(']'))
-                        .map(str::to_owned)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let want = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 9 && f[2].ends_with(&want) && inodes.contains(f[9])
-        })
-        .count()
-}
-
 #[test]
 fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
     let w = World::new();

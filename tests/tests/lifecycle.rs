@@ -207,6 +207,13 @@ fn a_vanished_client_ends_the_target_side_even_while_the_target_floods_it() {
             target_side_report(&w)
         );
     }
+    // and psm keeps nothing of it: its SSH task toward the target ended and let the socket go
+    let relay = w.psm.relay_pids()[0];
+    assert!(
+        wait_for(T, || connections_to(relay, w.sshd.port()) == 0),
+        "psm still holds its connection to the target {T:?} after the session ended\n{}",
+        target_side_report(&w)
+    );
 }
 
 #[test]

@@ -52,6 +52,7 @@ pub async fn handle_connection(
             flows: HashMap::new(),
         }),
         reverse_open: AtomicUsize::new(0),
+        over: watch::channel(false).0,
         state: Mutex::new(SharedState::default()),
     });
     let conn = Conn {
@@ -280,6 +281,10 @@ impl Drop for LiveGuard {
 const SETTLE: Duration = Duration::from_secs(2);
 
 pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndReason>) {
+    // The user's connection is over: the channels' tasks end now. One parked on a window of
+    // the user's that will never open again would otherwise hold its channel's queue, so the
+    // target leg's SSH task would wait on it for good, with its socket.
+    shared.over.send_replace(true);
     let (info, recording, targets, exit_status, exit_signal, end) = shared.with(|s| {
         s.closing = true;
         drop(s.lease.take());

@@ -96,28 +96,37 @@ pub(super) async fn spawn(
         let _ = up_tx.send(item);
     }
     shared.windows(|w| w.flows.insert(channel, flow.clone()));
-    tokio::spawn(read_client(
-        down_r,
-        up_tx,
-        flow.clone(),
-        shared.clone(),
-        rec.clone(),
-        ch,
-        gate.clone().map(|g| (g, down_tx.clone())),
-        tap.clone(),
+    tokio::spawn(until_over(
+        shared,
+        read_client(
+            down_r,
+            up_tx,
+            flow.clone(),
+            shared.clone(),
+            rec.clone(),
+            ch,
+            gate.clone().map(|g| (g, down_tx.clone())),
+            tap.clone(),
+        ),
     ));
-    tokio::spawn(write_target(up_rx, up_w.clone(), flow.clone()));
-    tokio::spawn(read_target(
-        up_r,
-        down_tx,
-        flow.clone(),
-        shared.clone(),
-        rec,
-        ch,
-        loss,
-        gate,
-        forward.is_none(),
-        tap.clone(),
+    tokio::spawn(until_over(
+        shared,
+        write_target(up_rx, up_w.clone(), flow.clone()),
+    ));
+    tokio::spawn(until_over(
+        shared,
+        read_target(
+            up_r,
+            down_tx,
+            flow.clone(),
+            shared.clone(),
+            rec,
+            ch,
+            loss,
+            gate,
+            forward.is_none(),
+            tap.clone(),
+        ),
     ));
     if tracing::enabled!(tracing::Level::DEBUG) {
         let flow = flow.clone();
@@ -137,10 +146,11 @@ pub(super) async fn spawn(
     if !reverse {
         shared.with(|s| s.running.push(channel));
     }
+    let relaying = until_over(shared, write_client(down_rx, down_w, handle, flow.clone()));
     let shared = shared.clone();
     let opened_ms = now_ms();
     tokio::spawn(async move {
-        write_client(down_rx, down_w, handle, flow.clone()).await;
+        relaying.await;
         if let Some(t) = tap {
             t.end(&shared, &flow);
         }
@@ -175,4 +185,19 @@ pub(super) async fn spawn(
         shared.with(|s| s.running.retain(|c| *c != channel));
     });
     up_w
+}
+
+/// Runs `task` until it ends or the session is over, whichever comes first.
+fn until_over(
+    shared: &Shared,
+    task: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
+    let mut over = shared.over.subscribe();
+    async move {
+        tokio::select! {
+            () = task => {}
+            // (an error: the session's state is gone, which is over too)
+            _ = over.wait_for(|o| *o) => {}
+        }
+    }
 }
