@@ -64,20 +64,27 @@ fn ctrl_d_ends_a_pty_session_and_it_is_audited() {
     assert_eq!(end["exit_status"], 0, "{end}");
 }
 
-#[test]
-fn a_vanished_client_ends_the_session_and_the_target_side() {
-    // sshd logs at DEBUG1: a failure shows whether it learnt that psm's connection ended
+/// A world whose sshd logs at DEBUG1 (a failure shows whether it learnt that psm's connection
+/// ended), and an `ssh -tt` session running `command` there, its stdin and stdout piped; returns
+/// them once psm has started the session.
+fn terminal_session(command: &str) -> (World, std::process::Child, String) {
     let w = World::build(PsmMode::Up, Sshd::start_opts(false, "DEBUG1"));
     let mark = w.psm.audit_mark();
-    let mut child = w
+    let child = w
         .ssh()
-        .args(["-tt", "echo START; exec sleep 300"])
+        .args(["-tt", command])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("ssh");
     let sid = started_session(&w, mark);
+    (w, child, sid)
+}
+
+#[test]
+fn a_vanished_client_ends_the_session_and_the_target_side() {
+    let (w, mut child, sid) = terminal_session("echo START; exec sleep 300");
     // the command's first output has come back through psm: the session is fully up on both
     // sides before the client vanishes
     let mut out = child.stdout.take().expect("stdout");
@@ -167,17 +174,8 @@ fn a_vanished_client_ends_the_target_side_even_while_the_target_floods_it() {
     // the target (its windows are full), then the client dies. psm's side of the target
     // connection may be parked inside its SSH task waiting for room; ending the session must
     // still end the target's command.
-    let w = World::build(PsmMode::Up, Sshd::start_opts(false, "DEBUG1"));
-    let mark = w.psm.audit_mark();
-    let mut child = w
-        .ssh()
-        .args(["-tt", "exec yes PSMFLOOD"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped()) // never read
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh");
-    let sid = started_session(&w, mark);
+    // (the client's stdout is never read)
+    let (w, mut child, sid) = terminal_session("exec yes PSMFLOOD");
     let flood = || pids_matching("yes PSMFLOOD", Some("yes"));
     assert!(
         wait_for(T, || !flood().is_empty()),
