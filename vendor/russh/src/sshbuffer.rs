@@ -387,8 +387,38 @@ impl PacketBytesWriter {
 /// Uses Vec<u8> (not CryptoVec/mlocked) because incoming network data is not secret.
 #[derive(Debug)]
 pub(crate) struct IncomingSshPacket {
-    pub buffer: Vec<u8>,
+    pub buffer: PacketBytes,
     pub seqn: Wrapping<u32>,
+}
+
+/// psm patch 7: a received packet's payload, in the very buffer it was read and decrypted in
+/// (from `start`, past the packet length and padding length), so that handing it to `reply`
+/// costs no copy and no allocation; [`PacketBytes::into_vec`] gives the buffer back to the
+/// reader afterwards. A decompressed payload is its own buffer (`start` 0).
+#[derive(Debug)]
+pub(crate) struct PacketBytes {
+    vec: Vec<u8>,
+    start: usize,
+}
+
+impl PacketBytes {
+    pub(crate) fn new(vec: Vec<u8>, start: usize) -> Self {
+        debug_assert!(start <= vec.len());
+        Self { vec, start }
+    }
+
+    /// The whole buffer, for the reader to fill with the next packet.
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        self.vec
+    }
+}
+
+impl std::ops::Deref for PacketBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.vec.get(self.start..).unwrap_or_default()
+    }
 }
 
 /// Packet writer for constructing and encrypting outgoing SSH packets.

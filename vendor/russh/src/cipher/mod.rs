@@ -298,9 +298,14 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     cipher: &mut (dyn OpeningKey + Send),
 ) -> Result<usize, Error> {
     if buffer.len == 0 {
-        let mut len = vec![0; cipher.packet_length_to_read_for_block_length()];
+        // psm patch 7: the length probe on the stack, not a new Vec per packet
+        let mut probe = [0u8; 64];
+        let len = probe
+            .get_mut(..cipher.packet_length_to_read_for_block_length())
+            .ok_or(Error::IndexOutOfBounds)?;
 
-        stream.read_exact(&mut len).await?;
+        stream.read_exact(len).await?;
+        let len = &*len;
         trace!("reading, len = {len:?}");
         {
             let seqn = buffer.seqn.0;
@@ -331,13 +336,21 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
         }
     }
 
-    buffer.buffer.resize(buffer.len + 4, 0);
     trace!("read_exact {:?}", buffer.len + 4);
 
-    let l = cipher.packet_length_to_read_for_block_length();
-
-    #[allow(clippy::indexing_slicing)] // length checked
-    stream.read_exact(&mut buffer.buffer[l..]).await?;
+    // psm patch 7: read into the buffer's spare capacity instead of zero-filling the packet
+    // first (`resize(…, 0)`) and reading over the zeros
+    let want = buffer.len + 4;
+    buffer
+        .buffer
+        .reserve(want.saturating_sub(buffer.buffer.len()));
+    while buffer.buffer.len() < want {
+        let room = want - buffer.buffer.len();
+        let mut limited = bytes::BufMut::limit(&mut buffer.buffer, room);
+        if stream.read_buf(&mut limited).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
 
     trace!("read_exact done");
     let seqn = buffer.seqn.0;

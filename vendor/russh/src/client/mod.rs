@@ -67,7 +67,7 @@ use crate::keys::PrivateKeyWithHashAlg;
 use crate::msg::{is_kex_msg, validate_server_msg_strict_kex};
 use crate::session::{CommonSession, EncryptedState, GlobalRequestResponse, NewKeys};
 use crate::ssh_read::SshRead;
-use crate::sshbuffer::{IncomingSshPacket, PacketWriter, SSHBuffer, SshId};
+use crate::sshbuffer::{IncomingSshPacket, PacketBytes, PacketWriter, SSHBuffer, SshId};
 use crate::{
     ChannelId, ChannelOpenFailure, CryptoVec, Disconnect, Error, Limits, MethodSet, Sig, auth,
     map_err, msg, negotiation,
@@ -1302,24 +1302,28 @@ async fn start_reading<R: AsyncRead + Unpin>(
 }
 
 impl Session {
-    fn maybe_decompress(&mut self, buffer: &SSHBuffer) -> Result<IncomingSshPacket, Error> {
+    /// psm patch 7: an uncompressed packet takes the read buffer itself (no copy, no
+    /// allocation); the caller gives it back with `PacketBytes::into_vec` once it is handled.
+    fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         if let Some(ref mut enc) = self.common.encrypted {
-            let mut decomp = Vec::new();
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: enc.decompress.decompress(
-                    &buffer.buffer[5..],
-                    &mut decomp,
-                )?.into(),
-                seqn: buffer.seqn,
-            })
-        } else {
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: buffer.buffer[5..].into(),
-                seqn: buffer.seqn,
-            })
+            if !matches!(enc.decompress, crate::compression::Decompress::None) {
+                let mut decomp = Vec::new();
+                return Ok(IncomingSshPacket {
+                    #[allow(clippy::indexing_slicing)] // length checked
+                    buffer: PacketBytes::new(
+                        enc.decompress
+                            .decompress(&buffer.buffer[5..], &mut decomp)?
+                            .to_vec(),
+                        0,
+                    ),
+                    seqn: buffer.seqn,
+                });
+            }
         }
+        Ok(IncomingSshPacket {
+            buffer: PacketBytes::new(std::mem::take(&mut buffer.buffer), 5),
+            seqn: buffer.seqn,
+        })
     }
 
     fn new(
@@ -1457,7 +1461,7 @@ impl Session {
                         break
                     }
 
-                    let mut pkt = self.maybe_decompress(&buffer)?;
+                    let mut pkt = self.maybe_decompress(&mut buffer)?;
                     if !pkt.buffer.is_empty() {
                         #[allow(clippy::indexing_slicing)] // length checked
                         if pkt.buffer[0] == crate::msg::DISCONNECT {
@@ -1469,6 +1473,8 @@ impl Session {
                             // psm patch 2 (client side): boxed, as in the server's loop.
                             Box::pin(reply(self, handler, kex_done_signal, &mut pkt)).await?;
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
+                            // psm patch 7: the read buffer goes back to the reader
+                            buffer.buffer = pkt.buffer.into_vec();
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
@@ -2573,8 +2579,8 @@ mod tests {
         let mut session = authenticated_session();
         let mut handler = TestHandler;
         let mut kex_done_signal = None;
-        let buffer = incoming_packet(compressed_debug_payload(200 * 1024));
-        let mut pkt: IncomingSshPacket = session.maybe_decompress(&buffer).unwrap();
+        let mut buffer = incoming_packet(compressed_debug_payload(200 * 1024));
+        let mut pkt: IncomingSshPacket = session.maybe_decompress(&mut buffer).unwrap();
 
         super::reply(&mut session, &mut handler, &mut kex_done_signal, &mut pkt)
             .await
@@ -2588,9 +2594,9 @@ mod tests {
     fn oversized_compressed_debug_is_rejected_before_client_ignores_it() {
         let mut session = authenticated_session();
         let oversized = crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN + 1024;
-        let buffer = incoming_packet(compressed_debug_payload(oversized));
+        let mut buffer = incoming_packet(compressed_debug_payload(oversized));
 
-        let err = session.maybe_decompress(&buffer).unwrap_err();
+        let err = session.maybe_decompress(&mut buffer).unwrap_err();
         assert!(
             matches!(err, crate::Error::PacketSize(len) if len > crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN)
         );

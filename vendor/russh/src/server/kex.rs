@@ -136,7 +136,7 @@ impl ServerKex {
                 }
 
                 let names = {
-                    self.exchange.client_kex_init = input.buffer.clone().into();
+                    self.exchange.client_kex_init = Bytes::copy_from_slice(&input.buffer);
                     negotiation::Server::read_kex(
                         &input.buffer,
                         &self.config.preferred,

@@ -473,24 +473,28 @@ impl Handle {
 }
 
 impl Session {
-    fn maybe_decompress(&mut self, buffer: &SSHBuffer) -> Result<IncomingSshPacket, Error> {
+    /// psm patch 7: an uncompressed packet takes the read buffer itself (no copy, no
+    /// allocation); the caller gives it back with `PacketBytes::into_vec` once it is handled.
+    fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         if let Some(ref mut enc) = self.common.encrypted {
-            let mut decomp = Vec::new();
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: enc.decompress.decompress(
-                    &buffer.buffer[5..],
-                    &mut decomp,
-                )?.into(),
-                seqn: buffer.seqn,
-            })
-        } else {
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: buffer.buffer[5..].into(),
-                seqn: buffer.seqn,
-            })
+            if !matches!(enc.decompress, crate::compression::Decompress::None) {
+                let mut decomp = Vec::new();
+                return Ok(IncomingSshPacket {
+                    #[allow(clippy::indexing_slicing)] // length checked
+                    buffer: PacketBytes::new(
+                        enc.decompress
+                            .decompress(&buffer.buffer[5..], &mut decomp)?
+                            .to_vec(),
+                        0,
+                    ),
+                    seqn: buffer.seqn,
+                });
+            }
         }
+        Ok(IncomingSshPacket {
+            buffer: PacketBytes::new(std::mem::take(&mut buffer.buffer), 5),
+            seqn: buffer.seqn,
+        })
     }
 
     /// Dispatch a single message received on the session's internal channel
@@ -727,12 +731,13 @@ impl Session {
                         break
                     }
 
-                    let mut pkt = self.maybe_decompress(&buffer)?;
+                    let mut pkt = self.maybe_decompress(&mut buffer)?;
 
                     match pkt.buffer.first() {
                         None => (),
                         Some(&crate::msg::DISCONNECT) => {
                             debug!("break");
+                            buffer.buffer = pkt.buffer.into_vec();
                             is_reading = Some((stream_read, buffer, opening_cipher));
                             break;
                         }
@@ -751,6 +756,8 @@ impl Session {
                                 Err(e) => return Err(e),
                             }
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
+                            // psm patch 7: the read buffer goes back to the reader
+                            buffer.buffer = pkt.buffer.into_vec();
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
@@ -1703,8 +1710,8 @@ mod tests {
     async fn compressed_debug_is_ignored_after_server_parses_it() {
         let mut session = authenticated_session();
         let mut handler = TestHandler;
-        let buffer = incoming_packet(compressed_debug_payload(200 * 1024));
-        let mut pkt: IncomingSshPacket = session.maybe_decompress(&buffer).unwrap();
+        let mut buffer = incoming_packet(compressed_debug_payload(200 * 1024));
+        let mut pkt: IncomingSshPacket = session.maybe_decompress(&mut buffer).unwrap();
 
         super::super::reply(&mut session, &mut handler, &mut pkt)
             .await
@@ -1716,11 +1723,11 @@ mod tests {
     #[test]
     fn oversized_compressed_debug_is_rejected_before_server_ignores_it() {
         let mut session = authenticated_session();
-        let buffer = incoming_packet(compressed_debug_payload(
+        let mut buffer = incoming_packet(compressed_debug_payload(
             crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN + 1024,
         ));
 
-        let err = session.maybe_decompress(&buffer).unwrap_err();
+        let err = session.maybe_decompress(&mut buffer).unwrap_err();
         assert!(
             matches!(err, crate::Error::PacketSize(len) if len > crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN)
         );
