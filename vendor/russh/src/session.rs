@@ -78,6 +78,8 @@ pub(crate) struct CommonSession<Config> {
     pub strict_kex: bool,
     pub alive_timeouts: usize,
     pub received_data: bool,
+    /// psm patch 8: the packet being handled, which channel data is sliced from
+    pub(crate) packet: Option<bytes::Bytes>,
 }
 
 impl<C> Debug for CommonSession<C> {

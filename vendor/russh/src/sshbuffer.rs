@@ -391,25 +391,25 @@ pub(crate) struct IncomingSshPacket {
     pub seqn: Wrapping<u32>,
 }
 
-/// psm patch 7: a received packet's payload, in the very buffer it was read and decrypted in
-/// (from `start`, past the packet length and padding length), so that handing it to `reply`
-/// costs no copy and no allocation; [`PacketBytes::into_vec`] gives the buffer back to the
-/// reader afterwards. A decompressed payload is its own buffer (`start` 0).
+/// psm patches 7 and 8: a received packet's payload, in the very buffer it was read and
+/// decrypted in (from `start`, past the packet length and padding length), so that handing it
+/// to `reply` costs no copy, and channel data can be taken from it as `Bytes` without a copy
+/// ([`crate::parsing::decode_payload`]). A decompressed payload is its own buffer (`start` 0).
 #[derive(Debug)]
 pub(crate) struct PacketBytes {
-    vec: Vec<u8>,
+    bytes: Bytes,
     start: usize,
 }
 
 impl PacketBytes {
-    pub(crate) fn new(vec: Vec<u8>, start: usize) -> Self {
-        debug_assert!(start <= vec.len());
-        Self { vec, start }
+    pub(crate) fn new(bytes: Bytes, start: usize) -> Self {
+        debug_assert!(start <= bytes.len());
+        Self { bytes, start }
     }
 
-    /// The whole buffer, for the reader to fill with the next packet.
-    pub(crate) fn into_vec(self) -> Vec<u8> {
-        self.vec
+    /// The buffer the packet is in, which channel data is sliced from.
+    pub(crate) fn bytes(&self) -> &Bytes {
+        &self.bytes
     }
 }
 
@@ -417,8 +417,22 @@ impl std::ops::Deref for PacketBytes {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        self.vec.get(self.start..).unwrap_or_default()
+        self.bytes.get(self.start..).unwrap_or_default()
     }
+}
+
+/// psm patch 8: the reading side's buffer. Each packet is read and decrypted at its end, then
+/// split off it as `Bytes` ([`PacketBytes`]); the rest of the allocation stays for the next
+/// packets, and once the packets split off it are all dropped the reader reuses it whole. A
+/// bulk transfer's packets thus share a few allocations instead of needing one each.
+#[derive(Debug, Default)]
+pub(crate) struct ReadBuffer {
+    pub buffer: BytesMut,
+    pub len: usize,   // next packet length.
+    pub bytes: usize, // total payload bytes read since the last rekey
+    // Sequence numbers are on 32 bits and wrap.
+    // https://tools.ietf.org/html/rfc4253#section-6.4
+    pub seqn: Wrapping<u32>,
 }
 
 /// Packet writer for constructing and encrypting outgoing SSH packets.

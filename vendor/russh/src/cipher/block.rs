@@ -306,7 +306,6 @@ mod tests {
 
     use super::{BlockStreamCipher, CtrWrapper, OpeningKey, PacketLengthProbe};
     use crate::mac::MacAlgorithm;
-    use crate::sshbuffer::SSHBuffer;
 
     #[test]
     fn stream_cipher_probe_does_not_advance_cipher_state() {
@@ -339,7 +338,7 @@ mod tests {
             mac: crate::mac::_NONE.make_mac(&[]),
         };
         let mut opening = opening;
-        let mut buffer = SSHBuffer::new();
+        let mut buffer = crate::sshbuffer::ReadBuffer::default();
         let bytes_read = runtime
             .block_on(async {
                 let (mut writer, mut reader) = tokio::io::duplex(64);

@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use self::cbc::CbcWrapper;
 use crate::Error;
 use crate::mac::MacAlgorithm;
-use crate::sshbuffer::SSHBuffer;
+use crate::sshbuffer::{ReadBuffer, SSHBuffer};
 
 pub(crate) mod block;
 pub(crate) mod cbc;
@@ -292,9 +292,13 @@ pub(crate) trait SealingKey {
     }
 }
 
+/// psm patch 8: the most a packet's read reserves ahead in the reader's buffer (packets of up
+/// to a quarter of it then share one allocation).
+const READ_AHEAD_MAX: usize = 128 * 1024;
+
 pub(crate) async fn read<R: AsyncRead + Unpin>(
     stream: &mut R,
-    buffer: &mut SSHBuffer,
+    buffer: &mut ReadBuffer,
     cipher: &mut (dyn OpeningKey + Send),
 ) -> Result<usize, Error> {
     if buffer.len == 0 {
@@ -341,9 +345,13 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     // psm patch 7: read into the buffer's spare capacity instead of zero-filling the packet
     // first (`resize(…, 0)`) and reading over the zeros
     let want = buffer.len + 4;
-    buffer
-        .buffer
-        .reserve(want.saturating_sub(buffer.buffer.len()));
+    let need = want.saturating_sub(buffer.buffer.len());
+    if buffer.buffer.capacity() - buffer.buffer.len() < need {
+        // psm patch 8: room for this packet and the next few of its size
+        buffer
+            .buffer
+            .reserve(need.saturating_mul(4).min(READ_AHEAD_MAX).max(need));
+    }
     while buffer.buffer.len() < want {
         let room = want - buffer.buffer.len();
         let mut limited = bytes::BufMut::limit(&mut buffer.buffer, room);
@@ -371,7 +379,7 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     buffer.len = 0;
 
     // Remove the padding
-    buffer.buffer.resize(plaintext_end + 4, 0);
+    buffer.buffer.truncate(plaintext_end + 4);
 
     Ok(plaintext_end + 4)
 }
@@ -418,7 +426,7 @@ mod tests {
         sealing_key.seal(0, &mut packet, &mut tag);
         packet.extend_from_slice(&tag);
 
-        let mut buffer = SSHBuffer::new();
+        let mut buffer = ReadBuffer::default();
         let n = read(&mut &packet[..], &mut buffer, opening_key.as_mut())
             .await
             .unwrap();

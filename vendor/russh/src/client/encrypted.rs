@@ -71,7 +71,11 @@ impl Session {
             pkt.buffer.len()
         );
 
-        self.process_packet(client, &pkt.buffer).await
+        // psm patch 8: channel data is sliced from the packet's buffer, not copied
+        self.common.packet = Some(pkt.buffer.bytes().clone());
+        let r = self.process_packet(client, &pkt.buffer).await;
+        self.common.packet = None;
+        r
     }
 
     pub(crate) async fn process_packet<H: Handler>(
@@ -591,7 +595,7 @@ impl Session {
                 trace!("channel_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 // psm patch 6: one copy, no zeroing
-                let data = map_err!(crate::parsing::decode_payload(&mut r))?;
+                let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), &mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
@@ -618,7 +622,7 @@ impl Session {
                 debug!("channel_extended_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 let extended_code = map_err!(u32::decode(&mut r))?;
-                let data = map_err!(crate::parsing::decode_payload(&mut r))?;
+                let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), &mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());

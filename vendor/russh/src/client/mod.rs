@@ -67,7 +67,7 @@ use crate::keys::PrivateKeyWithHashAlg;
 use crate::msg::{is_kex_msg, validate_server_msg_strict_kex};
 use crate::session::{CommonSession, EncryptedState, GlobalRequestResponse, NewKeys};
 use crate::ssh_read::SshRead;
-use crate::sshbuffer::{IncomingSshPacket, PacketBytes, PacketWriter, SSHBuffer, SshId};
+use crate::sshbuffer::{IncomingSshPacket, PacketBytes, PacketWriter, ReadBuffer, SSHBuffer, SshId};
 use crate::{
     ChannelId, ChannelOpenFailure, CryptoVec, Disconnect, Error, Limits, MethodSet, Sig, auth,
     map_err, msg, negotiation,
@@ -1256,6 +1256,7 @@ where
             strict_kex: false,
             alive_timeouts: 0,
             received_data: false,
+            packet: None,
             remote_sshid: sshid.into(),
         },
         session_receiver,
@@ -1293,27 +1294,28 @@ where
 
 async fn start_reading<R: AsyncRead + Unpin>(
     mut stream_read: R,
-    mut buffer: SSHBuffer,
+    mut buffer: ReadBuffer,
     mut cipher: Box<dyn OpeningKey + Send>,
-) -> Result<(usize, R, SSHBuffer, Box<dyn OpeningKey + Send>), crate::Error> {
+) -> Result<(usize, R, ReadBuffer, Box<dyn OpeningKey + Send>), crate::Error> {
     buffer.buffer.clear();
     let n = cipher::read(&mut stream_read, &mut buffer, &mut *cipher).await?;
     Ok((n, stream_read, buffer, cipher))
 }
 
 impl Session {
-    /// psm patch 7: an uncompressed packet takes the read buffer itself (no copy, no
-    /// allocation); the caller gives it back with `PacketBytes::into_vec` once it is handled.
-    fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
+    /// psm patches 7 and 8: an uncompressed packet is the read buffer itself, split off it (no
+    /// copy).
+    fn maybe_decompress(&mut self, buffer: &mut ReadBuffer) -> Result<IncomingSshPacket, Error> {
         if let Some(ref mut enc) = self.common.encrypted {
             if !matches!(enc.decompress, crate::compression::Decompress::None) {
                 let mut decomp = Vec::new();
                 return Ok(IncomingSshPacket {
                     #[allow(clippy::indexing_slicing)] // length checked
                     buffer: PacketBytes::new(
-                        enc.decompress
-                            .decompress(&buffer.buffer[5..], &mut decomp)?
-                            .to_vec(),
+                        bytes::Bytes::copy_from_slice(
+                            enc.decompress
+                                .decompress(&buffer.buffer[5..], &mut decomp)?,
+                        ),
                         0,
                     ),
                     seqn: buffer.seqn,
@@ -1321,7 +1323,8 @@ impl Session {
             }
         }
         Ok(IncomingSshPacket {
-            buffer: PacketBytes::new(std::mem::take(&mut buffer.buffer), 5),
+            // psm patch 8: split off the reader's buffer, which keeps the rest of its room
+            buffer: PacketBytes::new(buffer.buffer.split().freeze(), 5),
             seqn: buffer.seqn,
         })
     }
@@ -1418,7 +1421,7 @@ impl Session {
 
         map_err!(self.common.packet_writer.flush_into(stream_write).await)?;
 
-        let buffer = SSHBuffer::new();
+        let buffer = ReadBuffer::default();
 
         // Allow handing out references to the cipher
         let mut opening_cipher = Box::new(clear::Key) as Box<dyn OpeningKey + Send>;
@@ -1473,8 +1476,6 @@ impl Session {
                             // psm patch 2 (client side): boxed, as in the server's loop.
                             Box::pin(reply(self, handler, kex_done_signal, &mut pkt)).await?;
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
-                            // psm patch 7: the read buffer goes back to the reader
-                            buffer.buffer = pkt.buffer.into_vec();
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
@@ -2144,7 +2145,7 @@ mod tests {
     use crate::helpers::EncodedExt;
     use crate::kex::{KEXES, NONE};
     use crate::session::{CommonSession, Encrypted, EncryptedState, Exchange};
-    use crate::sshbuffer::{IncomingSshPacket, PacketWriter, SSHBuffer};
+    use crate::sshbuffer::{IncomingSshPacket, PacketWriter, ReadBuffer, SSHBuffer};
     use crate::{CryptoVec, cipher, mac};
 
     struct TestHandler;
@@ -2207,6 +2208,7 @@ mod tests {
                 strict_kex: false,
                 alive_timeouts: 0,
                 received_data: false,
+                packet: None,
                 remote_sshid: b"SSH-2.0-test".to_vec(),
                 packet_writer: PacketWriter::clear(),
             },
@@ -2428,7 +2430,7 @@ mod tests {
             &mut kex_done_signal,
         );
         tokio::pin!(event_loop);
-        let mut buffer = SSHBuffer::new();
+        let mut buffer = crate::sshbuffer::ReadBuffer::default();
         let mut opening_key = cipher::clear::Key;
         let packet = cipher::read(peer, &mut buffer, &mut opening_key);
         tokio::select! {
@@ -2514,6 +2516,7 @@ mod tests {
                 strict_kex: false,
                 alive_timeouts: 0,
                 received_data: false,
+                packet: None,
                 remote_sshid: b"SSH-2.0-test".to_vec(),
                 packet_writer: PacketWriter::clear(),
             },
@@ -2566,8 +2569,8 @@ mod tests {
     }
 
     #[cfg(feature = "flate2")]
-    fn incoming_packet(compressed: Vec<u8>) -> SSHBuffer {
-        let mut buffer = SSHBuffer::new();
+    fn incoming_packet(compressed: Vec<u8>) -> ReadBuffer {
+        let mut buffer = ReadBuffer::default();
         buffer.buffer.extend_from_slice(&[0; 5]);
         buffer.buffer.extend_from_slice(&compressed);
         buffer

@@ -39,7 +39,11 @@ impl Session {
         handler: &mut H,
         pkt: &mut IncomingSshPacket,
     ) -> Result<(), H::Error> {
-        self.process_packet(handler, &pkt.buffer).await
+        // psm patch 8: channel data is sliced from the packet's buffer, not copied
+        self.common.packet = Some(pkt.buffer.bytes().clone());
+        let r = self.process_packet(handler, &pkt.buffer).await;
+        self.common.packet = None;
+        r
     }
 
     pub(crate) async fn process_packet<H: Handler + Send>(
@@ -851,6 +855,7 @@ mod tests {
                 strict_kex: false,
                 alive_timeouts: 0,
                 received_data: false,
+                packet: None,
                 remote_sshid: Vec::new(),
             },
             priority_receiver,
@@ -1487,7 +1492,7 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(crate::parsing::decode_payload(r))?;
+                let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), r))?;
                 map_err!(ensure_end(r))?;
                 let target = self.target_window_size;
 

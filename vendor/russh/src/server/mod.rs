@@ -1052,9 +1052,9 @@ pub trait Server {
 
 async fn start_reading<R: AsyncRead + Unpin>(
     mut stream_read: R,
-    mut buffer: SSHBuffer,
+    mut buffer: ReadBuffer,
     mut cipher: Box<dyn OpeningKey + Send>,
-) -> Result<(usize, R, SSHBuffer, Box<dyn OpeningKey + Send>), Error> {
+) -> Result<(usize, R, ReadBuffer, Box<dyn OpeningKey + Send>), Error> {
     buffer.buffer.clear();
     let n = cipher::read(&mut stream_read, &mut buffer, &mut *cipher).await?;
     Ok((n, stream_read, buffer, cipher))
@@ -1161,6 +1161,7 @@ async fn read_ssh_id<R: AsyncRead + Unpin>(
         strict_kex: false,
         alive_timeouts: 0,
         received_data: false,
+        packet: None,
         remote_sshid: sshid.into(),
     };
     Ok(session)

@@ -473,18 +473,19 @@ impl Handle {
 }
 
 impl Session {
-    /// psm patch 7: an uncompressed packet takes the read buffer itself (no copy, no
-    /// allocation); the caller gives it back with `PacketBytes::into_vec` once it is handled.
-    fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
+    /// psm patches 7 and 8: an uncompressed packet is the read buffer itself, split off it (no
+    /// copy).
+    fn maybe_decompress(&mut self, buffer: &mut ReadBuffer) -> Result<IncomingSshPacket, Error> {
         if let Some(ref mut enc) = self.common.encrypted {
             if !matches!(enc.decompress, crate::compression::Decompress::None) {
                 let mut decomp = Vec::new();
                 return Ok(IncomingSshPacket {
                     #[allow(clippy::indexing_slicing)] // length checked
                     buffer: PacketBytes::new(
-                        enc.decompress
-                            .decompress(&buffer.buffer[5..], &mut decomp)?
-                            .to_vec(),
+                        bytes::Bytes::copy_from_slice(
+                            enc.decompress
+                                .decompress(&buffer.buffer[5..], &mut decomp)?,
+                        ),
                         0,
                     ),
                     seqn: buffer.seqn,
@@ -492,7 +493,8 @@ impl Session {
             }
         }
         Ok(IncomingSshPacket {
-            buffer: PacketBytes::new(std::mem::take(&mut buffer.buffer), 5),
+            // psm patch 8: split off the reader's buffer, which keeps the rest of its room
+            buffer: PacketBytes::new(buffer.buffer.split().freeze(), 5),
             seqn: buffer.seqn,
         })
     }
@@ -649,7 +651,7 @@ impl Session {
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
         let (stream_read, mut stream_write) = stream.split();
-        let buffer = SSHBuffer::new();
+        let buffer = ReadBuffer::default();
 
         // Allow handing out references to the cipher
         let mut opening_cipher = Box::new(clear::Key) as Box<dyn OpeningKey + Send>;
@@ -737,7 +739,6 @@ impl Session {
                         None => (),
                         Some(&crate::msg::DISCONNECT) => {
                             debug!("break");
-                            buffer.buffer = pkt.buffer.into_vec();
                             is_reading = Some((stream_read, buffer, opening_cipher));
                             break;
                         }
@@ -756,8 +757,6 @@ impl Session {
                                 Err(e) => return Err(e),
                             }
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
-                            // psm patch 7: the read buffer goes back to the reader
-                            buffer.buffer = pkt.buffer.into_vec();
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
@@ -1603,7 +1602,7 @@ mod tests {
     use crate::compression::{Compress, Compression, Decompress};
     use crate::kex::{KEXES, NONE, SessionKexState};
     use crate::session::{CommonSession, Encrypted, EncryptedState, Exchange};
-    use crate::sshbuffer::{IncomingSshPacket, PacketWriter, SSHBuffer};
+    use crate::sshbuffer::{IncomingSshPacket, PacketWriter, ReadBuffer, SSHBuffer};
     use crate::{CryptoVec, cipher, mac};
 
     struct TestHandler;
@@ -1675,6 +1674,7 @@ mod tests {
                 strict_kex: false,
                 alive_timeouts: 0,
                 received_data: false,
+                packet: None,
             },
             sender: handle,
             priority_receiver,
@@ -1699,8 +1699,8 @@ mod tests {
         compressed
     }
 
-    fn incoming_packet(compressed: Vec<u8>) -> SSHBuffer {
-        let mut buffer = SSHBuffer::new();
+    fn incoming_packet(compressed: Vec<u8>) -> ReadBuffer {
+        let mut buffer = ReadBuffer::default();
         buffer.buffer.extend_from_slice(&[0; 5]);
         buffer.buffer.extend_from_slice(&compressed);
         buffer
@@ -1836,7 +1836,7 @@ mod tests {
         stream: tokio::io::DuplexStream,
     ) -> Option<u8> {
         let event_loop = tokio::spawn(Box::new(session).run(SshRead::new(stream), TestHandler));
-        let mut buffer = SSHBuffer::new();
+        let mut buffer = crate::sshbuffer::ReadBuffer::default();
         let mut opening_key = cipher::clear::Key;
         let packet = cipher::read(peer, &mut buffer, &mut opening_key);
         let result = tokio::time::timeout(Duration::from_secs(5), packet).await;
