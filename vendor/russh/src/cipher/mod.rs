@@ -292,9 +292,13 @@ pub(crate) trait SealingKey {
     }
 }
 
-/// psm patch 8: the most a packet's read reserves ahead in the reader's buffer (packets of up
-/// to a quarter of it then share one allocation).
+/// psm patch 8: packets from this size on are bulk: their read reserves room for four of them
+/// (up to [`READ_AHEAD_MAX`]), so that they share an allocation.
+const READ_AHEAD_FROM: usize = 8 * 1024;
+/// psm patch 8: the most a packet's read reserves ahead in the reader's buffer.
 const READ_AHEAD_MAX: usize = 128 * 1024;
+/// psm patch 8: the least a smaller packet's read reserves (a few keystrokes' packets).
+const READ_SMALL: usize = 256;
 
 pub(crate) async fn read<R: AsyncRead + Unpin>(
     stream: &mut R,
@@ -346,11 +350,21 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     // first (`resize(…, 0)`) and reading over the zeros
     let want = buffer.len + 4;
     let need = want.saturating_sub(buffer.buffer.len());
-    if buffer.buffer.capacity() - buffer.buffer.len() < need {
-        // psm patch 8: room for this packet and the next few of its size
-        buffer
-            .buffer
-            .reserve(need.saturating_mul(4).min(READ_AHEAD_MAX).max(need));
+    let spare = buffer.buffer.capacity() - buffer.buffer.len();
+    if need < READ_AHEAD_FROM && spare > 2 * READ_AHEAD_FROM {
+        // psm patch 8: packets are small again: the room a bulk transfer reserved is let go
+        // (once the packets split off it are dropped), so an idle connection does not keep it
+        let mut small = bytes::BytesMut::with_capacity(buffer.buffer.len() + need.max(READ_SMALL));
+        small.extend_from_slice(&buffer.buffer);
+        buffer.buffer = small;
+    } else if spare < need {
+        // psm patch 8: room for this packet and, for bulk, the next few of its size
+        let room = if need >= READ_AHEAD_FROM {
+            need.saturating_mul(4).min(READ_AHEAD_MAX).max(need)
+        } else {
+            need.max(READ_SMALL)
+        };
+        buffer.buffer.reserve(room);
     }
     while buffer.buffer.len() < want {
         let room = want - buffer.buffer.len();
