@@ -11,7 +11,7 @@ use std::task::{ready, Context, Poll};
 use io_uring::{opcode, types};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{current, Ring, MAX_READ, MIN_READ, WRITE_CAP};
+use super::{current, Ring, MAX_READ, MIN_READ, SPARE_MIN, WRITE_CAP};
 
 /// The receive side: `buf[pos..filled]` is received and not yet read.
 struct ReadSide {
@@ -126,10 +126,11 @@ impl UringStream {
                 self.submit_send(buf)?;
                 continue;
             }
-            // keep the buffer for the next send unless it is far larger than sends are now
+            // keep the buffer for the next send unless it is far larger than sends are now (an
+            // idle leg then keeps only a small one: its last sends were keystrokes' packets)
             let sent = buf.len();
             buf.clear();
-            if buf.capacity() <= 4 * sent.max(MIN_READ) {
+            if buf.capacity() <= 4 * sent.max(SPARE_MIN) {
                 self.wr.spare = buf;
             }
             self.wr.off = 0;
