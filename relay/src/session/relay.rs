@@ -206,7 +206,7 @@ fn until_over<F: Future<Output = ()>>(shared: &Shared, task: F) -> UntilOver<F> 
 pin_project_lite::pin_project! {
     /// [`until_over`]'s future. A struct, not an `async` block around `task`: a block that
     /// captures a future and then awaits it keeps room for it twice (where it was captured and
-    /// where it is awaited), which made every idle session's relaying tasks about 10 KiB larger.
+    /// where it is awaited), about 7 KiB of every idle session (perf/BENCHMARKS.md).
     struct UntilOver<F> {
         #[pin]
         task: F,
