@@ -271,6 +271,7 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 3,
         window_size: flow::WINDOW,
+        maximum_packet_size: flow::MAX_PACKET,
         preferred: russh::Preferred {
             cipher: std::borrow::Cow::Borrowed(CIPHERS),
             ..Default::default()

@@ -577,6 +577,7 @@ async fn connect_inner(
         },
         inactivity_timeout: None,
         window_size: crate::flow::WINDOW,
+        maximum_packet_size: crate::flow::MAX_PACKET,
         keepalive_interval: Some(keepalive.interval),
         keepalive_max: keepalive.max,
         nodelay: true,
