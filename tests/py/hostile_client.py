@@ -42,6 +42,11 @@ Modes (COUNT default in brackets):
   long-login        password (or key) login with a user name of COUNT [200000] 'a' bytes.
                     Prints denied=1|0 answered=1|0 seconds=X error=Class reason=...
                     (denied=1: permission denied or the connection was dropped).
+  large-packets     not an abuse: the largest packets the peer allows. Opens a session
+                    running "sha256sum" and writes COUNT [4] MiB of random bytes in one write
+                    (asyncssh cuts it into packets of the peer's maximum packet size), then
+                    EOF, and reads the digest. Prints send_pktsize=N sent_digest=HEX
+                    remote_digest=HEX.
   pre-start-data    opens a session and, before any exec, sends COUNT [200] one-byte data
                     messages interleaved with COUNT window-change requests, then
                     "exec cat" (want_reply) and waits up to 2 s for the reply; then sends
@@ -53,6 +58,7 @@ forged_login.py so the name goes on the wire as given.
 """
 import argparse
 import asyncio
+import hashlib
 import os
 import sys
 import threading
@@ -74,6 +80,7 @@ MODES = (
     "long-login",
     "pre-start-data",
     "open-close-channels",
+    "large-packets",
 )
 DEFAULT_COUNT = {
     "env-before-exec": 200,
@@ -82,6 +89,7 @@ DEFAULT_COUNT = {
     "pty-extremes": 0,
     "long-login": 200000,
     "pre-start-data": 200,
+    "large-packets": 4,
 }
 PTY_SIZES = ((65535, 65535), (0, 0), (4294967295, 4294967295))
 STREAMLOCAL_COUNT = 10
@@ -490,6 +498,27 @@ async def mode_open_close_channels(cfg, budget) -> None:
         chan.close()
     result(f"opened={cfg.count}", f"disconnected={int(tracker.lost.is_set())}")
     await asyncio.sleep(budget.cap(3600))
+    conn.abort()
+
+
+async def mode_large_packets(cfg, budget) -> None:
+    conn, _tracker = await connect(cfg, budget)
+    chan = RawChannel(conn, None, window=8 * MIB)
+    (await chan._open(b"session")).check_end()
+    sess = Collector()
+    chan._session = sess
+    sess.connection_made(chan)
+    _, accepted, _ = await request(chan, budget, 10, b"exec", String("sha256sum"))
+    payload = os.urandom(cfg.count * MIB)
+    if accepted:
+        start_reading(conn, chan)
+        chan.write(payload)
+        chan.write_eof()
+        await wait_event(sess.closed, budget, 30)
+    remote = bytes(sess.output()).decode("ascii", "replace").split(" ")[0]
+    result(f"send_pktsize={chan._send_pktsize}",
+           f"sent_digest={hashlib.sha256(payload).hexdigest()}",
+           f"remote_digest={token(remote)}")
     conn.abort()
 
 

@@ -19,6 +19,9 @@ session channel that requests exec or shell, misbehaves as MODE says:
   oversized-packet    writes "before-big\\n", then sends a properly encrypted packet header
                       whose length field is 0x7fffffff, followed by a few bytes of garbage,
                       and then nothing more.
+  large-packets       not an abuse: writes COUNT (default 4) MiB of "0123456789abcdef" repeated
+                      in one write, which asyncssh cuts into packets of the largest size the
+                      gateway allows, then exits with status 0.
   stall               writes "stalled\\n", then stops reading from the socket and never
                       answers anything again.
 
@@ -51,8 +54,9 @@ MODES = (
     "rst-after-output",
     "oversized-packet",
     "stall",
+    "large-packets",
 )
-DEFAULT_COUNT = {"exit-signal-flood": 8000, "unasked-channels": 200}
+DEFAULT_COUNT = {"exit-signal-flood": 8000, "unasked-channels": 200, "large-packets": 4}
 CHANNEL_KINDS = ("forwarded-tcpip", "x11", "auth-agent@openssh.com", "session", "direct-tcpip")
 # Most bytes queued in the kernel-side transport buffer before the flood waits for the peer.
 FLOOD_BUFFER_LIMIT = 8 * 1024 * 1024
@@ -283,6 +287,12 @@ class HostileSession(asyncssh.SSHServerSession):
         conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
         conn._transport.write(data)
         log(f"sent a packet header claiming 0x7fffffff bytes ({len(data)} bytes on the wire)")
+
+    async def mode_large_packets(self) -> None:
+        chan = self.chan
+        log(f"writing {self.cfg.count} MiB; the gateway's maximum packet is {chan._send_pktsize}")
+        chan.write("0123456789abcdef" * (self.cfg.count * 65536))  # the session's encoding is UTF-8
+        chan.exit(0)
 
     async def mode_stall(self) -> None:
         self.chan.write("stalled\n")

@@ -565,6 +565,81 @@ fn a_client_that_ignores_its_window_is_disconnected_and_memory_returns() {
     w.assert_all_sessions_ended();
 }
 
+/// The largest data message of each direction in a session's recording.
+fn largest_recorded(w: &World, recording_id: &str) -> (usize, usize) {
+    let path = w
+        .psm
+        .data_dir()
+        .join("recordings")
+        .join(format!("{recording_id}.psmrec"));
+    let file = std::fs::File::open(&path).expect("recording file");
+    let mut r = psm_recorder_format::file::RecordingReader::open(std::io::BufReader::new(file))
+        .expect("recording header");
+    let (mut input, mut output) = (0, 0);
+    while let Some(rec) = r.next_record().expect("recording reads") {
+        if let psm_recorder_format::file::Record::Data {
+            direction, data, ..
+        } = rec
+        {
+            match direction {
+                psm_recorder_format::Direction::Input => input = input.max(data.len()),
+                _ => output = output.max(data.len()),
+            }
+        }
+    }
+    (input, output)
+}
+
+/// psm takes channel data in packets of up to 65535 bytes from the user (twice russh's
+/// default): fewer packets to decrypt, relay and record per byte. They reach sshd, whose own
+/// maximum is 32 KiB, intact, and each is recorded whole.
+#[test]
+fn a_client_may_send_packets_of_64_kib() {
+    let w = World::new();
+    let mark = w.psm.audit_mark();
+    let out = hostile_client(&w, "large-packets", &["--count", "4"]);
+    assert_eq!(result_field(&out, "send_pktsize"), "65535", "{out}");
+    assert_eq!(
+        result_field(&out, "remote_digest"),
+        result_field(&out, "sent_digest"),
+        "{out}"
+    );
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end of the large-packet session", T, |e| {
+            is(e, "session_end")
+        });
+    let (input, _) = largest_recorded(&w, jstr(&end, "recording_id"));
+    assert_eq!(input, 65535, "the largest upload message recorded");
+    w.assert_all_sessions_ended();
+}
+
+/// The same toward the target: psm allows it 65535-byte packets too, relays them to an OpenSSH
+/// client (32 KiB at most) intact, and records each whole.
+#[test]
+fn a_target_may_send_packets_of_64_kib() {
+    let w = World::new();
+    let evil = HostileTarget::start(&work(&w), "large-packets", &["--count", "4"]);
+    evil.register(&w);
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh_as(&evil_login(), &w.alice_key).arg("go"));
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let expected = b"0123456789abcdef".repeat(1 << 18);
+    assert!(
+        out.stdout == expected,
+        "{} bytes, not the 4 MiB the target sent",
+        out.stdout.len()
+    );
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end of the large-packet session", T, |e| {
+            is(e, "session_end")
+        });
+    let (_, output) = largest_recorded(&w, jstr(&end, "recording_id"));
+    assert_eq!(output, 65535, "the largest download message recorded");
+    w.assert_all_sessions_ended();
+}
+
 #[test]
 fn pty_sizes_are_clamped_in_the_recording() {
     let w = World::new();
