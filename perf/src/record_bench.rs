@@ -1,6 +1,7 @@
 //! `psm-perf record-bench`: what recording costs per GiB, by kind of data, with the recorder's
-//! adaptive zstd level beside a fixed level, and its BLAKE3 seals beside the SHA-256 seals of
-//! format versions 1 and 2, in the same run (perf/BENCHMARKS.md).
+//! adaptive zstd level beside a fixed level, and the seals of each format version written
+//! (SHA-256 over the decompressed bytes in version 1, BLAKE3 over them in version 3, BLAKE3
+//! over the bytes as written in version 5), in the same run (perf/BENCHMARKS.md).
 
 use std::io;
 use std::time::Instant;
@@ -51,9 +52,30 @@ fn text(len: usize) -> Vec<u8> {
     v
 }
 
+/// The seals of a format version.
+#[derive(Clone, Copy)]
+enum Seals {
+    /// Version 1: SHA-256 over the decompressed bytes.
+    Sha256,
+    /// Version 3: BLAKE3 over the decompressed bytes.
+    Blake3Stream,
+    /// Version 5 (what psm-recorder writes): BLAKE3 over the bytes as written.
+    Blake3Chunks,
+}
+
+impl Seals {
+    fn name(self) -> &'static str {
+        match self {
+            Seals::Sha256 => "v1 SHA-256",
+            Seals::Blake3Stream => "v3 BLAKE3",
+            Seals::Blake3Chunks => "v5 BLAKE3",
+        }
+    }
+}
+
 /// One line: MB/s, CPU-seconds per GiB and output share, writing `total` bytes of `data`
 /// (repeated) as the recorder does (32 KiB records, a chunk every 256 KiB).
-fn run_one(data: &Bytes, total: usize, adaptive: bool, hash: ChainHash) -> (f64, f64, f64) {
+fn run_one(data: &Bytes, total: usize, adaptive: bool, seals: Seals) -> (f64, f64, f64) {
     let meta = RecordingMeta {
         protocol: String::new(),
         recording_id: "bench".into(),
@@ -64,7 +86,14 @@ fn run_one(data: &Bytes, total: usize, adaptive: bool, hash: ChainHash) -> (f64,
         source: "127.0.0.1:1".into(),
         start_ms: 0,
     };
-    let mut w = RecordingWriter::with_hash(Counting::default(), &meta, None, hash).expect("writer");
+    let mut w = match seals {
+        Seals::Sha256 => {
+            RecordingWriter::with_hash(Counting::default(), &meta, None, ChainHash::Sha256)
+        }
+        Seals::Blake3Stream => RecordingWriter::new_stream(Counting::default(), &meta),
+        Seals::Blake3Chunks => RecordingWriter::new(Counting::default(), &meta),
+    }
+    .expect("writer");
     if !adaptive {
         w.fixed_level();
     }
@@ -112,26 +141,25 @@ impl io::Write for Counting {
 pub fn run(mib: usize) {
     let total = mib << 20;
     println!(
-        "{:<8} {:<9} {:<8} {:>9} {:>12} {:>8}",
+        "{:<8} {:<9} {:<10} {:>9} {:>12} {:>8}",
         "data", "level", "seals", "MB/s", "CPU-s/GiB", "output"
     );
     for (name, data) in [
         ("random", Bytes::from(random(8 << 20))),
         ("text", Bytes::from(text(8 << 20))),
+        ("zeros", Bytes::from(vec![0u8; 8 << 20])),
     ] {
-        for (adaptive, hash) in [
-            (false, ChainHash::Sha256),
-            (true, ChainHash::Sha256),
-            (true, ChainHash::Blake3),
+        for (adaptive, seals) in [
+            (false, Seals::Sha256),
+            (true, Seals::Sha256),
+            (true, Seals::Blake3Stream),
+            (true, Seals::Blake3Chunks),
         ] {
-            let (mbs, cpu, share) = run_one(&data, total, adaptive, hash);
+            let (mbs, cpu, share) = run_one(&data, total, adaptive, seals);
             println!(
-                "{name:<8} {:<9} {:<8} {mbs:>9.0} {cpu:>12.2} {:>7.1}%",
-                if adaptive { "adaptive" } else { "fixed 3" },
-                match hash {
-                    ChainHash::Sha256 => "SHA-256",
-                    ChainHash::Blake3 => "BLAKE3",
-                },
+                "{name:<8} {:<9} {:<10} {mbs:>9.0} {cpu:>12.2} {:>7.1}%",
+                if adaptive { "adaptive" } else { "fixed 1" },
+                seals.name(),
                 share * 100.0
             );
         }

@@ -22,8 +22,9 @@
 //! verify as truncated, signed up to where the recorder got.
 //!
 //! With a recording key ([`Encryption`], `[recorder] encryption_key_file` in `psm.toml`),
-//! every new recording is encrypted at rest (format version 2, see
-//! [`psm_recorder_format::crypt`]): its seals and trailer still verify without the key. The
+//! every new recording is encrypted at rest (format version 4, see
+//! [`psm_recorder_format::crypt`]): its seals and trailer still verify without the key.
+//! Without one it is written in format version 5 (chunks in the clear, sealed as written). The
 //! text of encrypted recordings stays out of the search index (which is not encrypted) unless
 //! [`Encryption::index_encrypted`] says otherwise.
 //!

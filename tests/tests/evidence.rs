@@ -192,8 +192,9 @@ fn recording_tampering_is_detected_and_located() {
 
     let original = fs::read(&path).expect("recording");
     let spans = frame_spans(&original);
-    // header chunk, at least 4 more chunks, the trailer's frame
-    assert!(spans.len() >= 6, "only {} frames", spans.len());
+    // format version 5: the header, then chunk n at spans[n] (at least 5), the trailer
+    assert!(original.starts_with(psm_recorder_format::file::MAGIC_CHUNKED));
+    assert!(spans.len() >= 7, "only {} spans", spans.len());
     let splice = |order: &[usize]| {
         let mut b = original[..spans[0].start].to_vec();
         for &i in order {
@@ -210,13 +211,13 @@ fn recording_tampering_is_detected_and_located() {
         outs
     };
 
-    // one byte flipped inside chunk 3
+    // one byte flipped inside chunk 3's compressed records (after the CHUNK record's head)
     let mut flipped = original.clone();
-    flipped[(spans[2].start + spans[2].end) / 2] ^= 0x01;
+    flipped[spans[3].start + 8] ^= 0x01;
     tamper(&flipped, &["FAILED|TRUNCATED", "chunk 3|after chunk 2"]);
 
     // chunk 3 dropped
-    let dropped: Vec<usize> = every.iter().copied().filter(|&i| i != 2).collect();
+    let dropped: Vec<usize> = every.iter().copied().filter(|&i| i != 3).collect();
     tamper(
         &splice(&dropped),
         &[
@@ -228,11 +229,11 @@ fn recording_tampering_is_detected_and_located() {
 
     // chunks 2 and 3 swapped
     let mut swapped = every.clone();
-    swapped.swap(1, 2);
+    swapped.swap(2, 3);
     tamper(&splice(&swapped), &["FAILED", "chunk 2 is out of order"]);
 
     // cut inside chunk 4: truncated, and it still replays up to there
-    let cut = &original[..(spans[3].start + spans[3].end) / 2];
+    let cut = &original[..(spans[4].start + spans[4].end) / 2];
     fs::write(&path, cut).expect("write");
     let outs = verify_recording(&w, &id, false);
     both_say(

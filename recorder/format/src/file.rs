@@ -4,16 +4,23 @@
 //!
 //! | magic | version | layout | seal hash |
 //! |---|---|---|---|
-//! | `PSMREC3\n` | 3 | unencrypted (below) | BLAKE3 |
-//! | `PSMREC4\n` | 4 | encrypted (below) | BLAKE3 |
-//! | `PSMREC1\n` | 1 | unencrypted | SHA-256 (written before version 3; read and verified) |
-//! | `PSMREC2\n` | 2 | encrypted | SHA-256 (written before version 4; read and verified) |
+//! | `PSMREC5\n` | 5 | chunked, unencrypted (below) | BLAKE3 over the bytes as written |
+//! | `PSMREC4\n` | 4 | chunked, encrypted (below) | BLAKE3 over the bytes as written |
+//! | `PSMREC3\n` | 3 | one zstd stream (below) | BLAKE3 over the decompressed bytes (written before version 5; read and verified) |
+//! | `PSMREC1\n` | 1 | one zstd stream | SHA-256 (written before version 3; read and verified) |
+//! | `PSMREC2\n` | 2 | chunked, encrypted | SHA-256 (written before version 4; read and verified) |
 //!
-//! The writer writes 3 and 4. The magic names the version, so a reader knows the seals' hash
-//! ([`ChainHash`]) before it hashes anything; the HEADER's version byte must agree with it.
-//! Versions 3 and 4 differ from 1 and 2 only in that hash.
+//! The writer writes 5 and 4 (and the others for tests). The magic names the version, so a
+//! reader knows the layout and the seals' hash ([`ChainHash`]) before it hashes anything; the
+//! HEADER's version byte must agree with it. Versions 3 and 4 differ from 1 and 2 only in that
+//! hash; version 5 is version 4's layout with its chunks in the clear.
 //!
-//! # Layout (unencrypted: format versions 3 and 1)
+//! Why version 5: a seal that covers the bytes as written costs the recorder a hash of the
+//! compressed chunk, not of everything recorded (a chunk of terminal output is a fraction of
+//! its records' size, one of zeros a few bytes), and a verifier checks the chain without
+//! decompressing anything ([`RecordingReader::seals_only`]).
+//!
+//! # Layout (one zstd stream: format versions 3 and 1)
 //!
 //! ```text
 //! "PSMREC3\n"                      8-byte magic, uncompressed
@@ -65,26 +72,29 @@
 //!
 //! [`crate::verify`] checks all of it. Readers that only replay skip both kinds.
 //!
-//! # Encrypted recordings (format versions 4 and 2)
+//! # Chunked recordings (format version 5; encrypted: versions 4 and 2)
 //!
-//! With a recording key ([`crate::crypt`]), [`RecordingWriter::new_encrypted`] writes records
-//! of the same shape, uncompressed and in the clear at the top level, around encrypted chunks:
+//! [`RecordingWriter::new`] writes records of the same shape, uncompressed and in the clear at
+//! the top level, around chunks; with a recording key ([`crate::crypt`]),
+//! [`RecordingWriter::new_encrypted`] encrypts each chunk:
 //!
 //! ```text
-//! "PSMREC4\n"
-//! HEADER   u8 version (4 or 2), u8 flags (FLAG_SEALED | FLAG_ENCRYPTED), [8] recording key id,
-//!          [32] salt, JSON RecordingMeta
+//! "PSMREC5\n" (or "PSMREC4\n")
+//! HEADER   u8 version (5), u8 flags (FLAG_SEALED), JSON RecordingMeta
+//!          encrypted: u8 version (4 or 2), u8 flags (FLAG_SEALED | FLAG_ENCRYPTED),
+//!          [8] recording key id, [32] salt, JSON RecordingMeta
 //! then per chunk:
-//! CHUNK    (0x05) AES-256-GCM(one zstd frame of DATA and RESIZE records) || [16] tag
+//! CHUNK    (0x05) one zstd frame of DATA and RESIZE records
+//!          encrypted: AES-256-GCM(that frame) || [16] tag
 //! CLOSE    as above, in the clear, in the last chunk only
 //! SEAL     as above
 //! and at the end: TRAILER as above
 //! ```
 //!
 //! A seal's hash covers the bytes *as written in the file* since the previous seal (the clear
-//! header and the ciphertext included, up to its own hash field), so [`crate::verify`] checks
-//! the chain and the trailer without the key and finds the same changes as unencrypted. What
-//! is in the clear: who, what target and when (the meta), the session's end (CLOSE), each
+//! header and the chunk as written included, up to its own hash field), so [`crate::verify`]
+//! checks the chain and the trailer without opening a chunk, and without the key of an
+//! encrypted one. What is in the clear of an encrypted recording: who, what target and when (the meta), the session's end (CLOSE), each
 //! chunk's time and size, and the key id; what is not: every byte of the session and its
 //! terminal sizes. The nonce and key derivation are described in [`crate::crypt`]. A chunk
 //! holds whole records, at most 1 MiB of them unless one record is larger, so a reader holds
@@ -148,28 +158,70 @@ pub const FORMAT_VERSION_BLAKE3: u8 = 3;
 /// Version byte of the HEADER record of an encrypted recording with BLAKE3 seals.
 pub const FORMAT_VERSION_ENCRYPTED_BLAKE3: u8 = 4;
 
-/// What a magic says: the format version its HEADER must carry, whether the recording is
-/// encrypted, and its seals' hash. `None`: not a psm recording (or a version this build does
-/// not know).
-pub(crate) fn layout_of(magic: &[u8]) -> Option<(u8, bool, ChainHash)> {
+/// The first bytes of an unencrypted recording whose seals cover its chunks as written
+/// (format version 5, what psm-recorder writes without a recording key).
+pub const MAGIC_CHUNKED: &[u8; 8] = b"PSMREC5\n";
+
+/// Version byte of the HEADER record of format version 5.
+pub const FORMAT_VERSION_CHUNKED: u8 = 5;
+
+/// How a recording's bytes are laid out, as its magic says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Format versions 3 and 1: one zstd stream; the seals sit inside it and cover the
+    /// decompressed bytes.
+    Stream,
+    /// Format version 5: clear records around CHUNK records that each hold one zstd frame;
+    /// the seals cover the bytes as written.
+    Chunks,
+    /// Format versions 4 and 2: as [`Layout::Chunks`], each chunk encrypted.
+    Encrypted,
+}
+
+/// What a magic says: the format version its HEADER must carry, the layout, and the seals'
+/// hash. `None`: not a psm recording (or a version this build does not know).
+pub(crate) fn layout_of(magic: &[u8]) -> Option<(u8, Layout, ChainHash)> {
     match magic.get(..MAGIC.len())? {
-        m if m == MAGIC => Some((FORMAT_VERSION, false, ChainHash::Sha256)),
-        m if m == MAGIC_ENCRYPTED => Some((FORMAT_VERSION_ENCRYPTED, true, ChainHash::Sha256)),
-        m if m == MAGIC_BLAKE3 => Some((FORMAT_VERSION_BLAKE3, false, ChainHash::Blake3)),
-        m if m == MAGIC_ENCRYPTED_BLAKE3 => {
-            Some((FORMAT_VERSION_ENCRYPTED_BLAKE3, true, ChainHash::Blake3))
+        m if m == MAGIC => Some((FORMAT_VERSION, Layout::Stream, ChainHash::Sha256)),
+        m if m == MAGIC_ENCRYPTED => Some((
+            FORMAT_VERSION_ENCRYPTED,
+            Layout::Encrypted,
+            ChainHash::Sha256,
+        )),
+        m if m == MAGIC_BLAKE3 => Some((FORMAT_VERSION_BLAKE3, Layout::Stream, ChainHash::Blake3)),
+        m if m == MAGIC_ENCRYPTED_BLAKE3 => Some((
+            FORMAT_VERSION_ENCRYPTED_BLAKE3,
+            Layout::Encrypted,
+            ChainHash::Blake3,
+        )),
+        m if m == MAGIC_CHUNKED => {
+            Some((FORMAT_VERSION_CHUNKED, Layout::Chunks, ChainHash::Blake3))
         }
         _ => None,
     }
 }
 
-/// The magic and HEADER version a writer uses for a recording encrypted or not, with `hash`.
-fn layout_for(encrypted: bool, hash: ChainHash) -> (&'static [u8; 8], u8) {
-    match (encrypted, hash) {
-        (false, ChainHash::Sha256) => (MAGIC, FORMAT_VERSION),
-        (true, ChainHash::Sha256) => (MAGIC_ENCRYPTED, FORMAT_VERSION_ENCRYPTED),
-        (false, ChainHash::Blake3) => (MAGIC_BLAKE3, FORMAT_VERSION_BLAKE3),
-        (true, ChainHash::Blake3) => (MAGIC_ENCRYPTED_BLAKE3, FORMAT_VERSION_ENCRYPTED_BLAKE3),
+/// The magic and HEADER version a writer uses for `layout` with `hash` (format version 5 has
+/// BLAKE3 seals only: a chunked layout asked with SHA-256 seals is version 1's stream).
+fn layout_for(layout: Layout, hash: ChainHash) -> (&'static [u8; 8], u8, Layout) {
+    match (layout, hash) {
+        (Layout::Stream | Layout::Chunks, ChainHash::Sha256) => {
+            (MAGIC, FORMAT_VERSION, Layout::Stream)
+        }
+        (Layout::Encrypted, ChainHash::Sha256) => {
+            (MAGIC_ENCRYPTED, FORMAT_VERSION_ENCRYPTED, Layout::Encrypted)
+        }
+        (Layout::Stream, ChainHash::Blake3) => {
+            (MAGIC_BLAKE3, FORMAT_VERSION_BLAKE3, Layout::Stream)
+        }
+        (Layout::Chunks, ChainHash::Blake3) => {
+            (MAGIC_CHUNKED, FORMAT_VERSION_CHUNKED, Layout::Chunks)
+        }
+        (Layout::Encrypted, ChainHash::Blake3) => (
+            MAGIC_ENCRYPTED_BLAKE3,
+            FORMAT_VERSION_ENCRYPTED_BLAKE3,
+            Layout::Encrypted,
+        ),
     }
 }
 
@@ -464,15 +516,23 @@ pub enum Item {
     Trailer(Trailer),
     /// A SEAL or TRAILER that does not parse (`kind`, why).
     Bad(u8, String),
-    /// An encrypted chunk, read without the key: its records cannot be seen (the number it
-    /// should be, counting from the last seal).
+    /// A chunk whose records are not read: an encrypted one read without the key, or any chunk
+    /// of a reader told to check seals only ([`RecordingReader::seals_only`]). The number it
+    /// should be, counting from the last seal.
     Encrypted(u64),
 }
 
 impl<W: Write> RecordingWriter<W> {
-    /// Starts a recording on `w` (format version 3): writes the magic and the HEADER record.
+    /// Starts a recording on `w` (format version 5): writes the magic and the HEADER record.
     pub fn new(w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
         Self::with_hash(w, meta, None, ChainHash::Blake3)
+    }
+
+    /// Starts a recording in format version 3 (one zstd stream, seals over the decompressed
+    /// bytes): read and verified, no longer written by psm-recorder; for tests of readers and
+    /// verifiers, and `psm-perf record-bench`'s comparison.
+    pub fn new_stream(w: W, meta: &RecordingMeta) -> Result<Self, FormatError> {
+        Self::with_layout(w, meta, None, ChainHash::Blake3, Layout::Stream)
     }
 
     /// Starts an encrypted recording (format version 4) on `w`: writes the magic and the clear
@@ -498,17 +558,39 @@ impl<W: Write> RecordingWriter<W> {
     /// writes the older format versions 1 and 2 (for tests of readers and verifiers, and
     /// `psm-perf record-bench`'s comparison).
     pub fn with_hash(
-        mut w: W,
+        w: W,
         meta: &RecordingMeta,
         key: Option<&RecordingKey>,
         hash: ChainHash,
     ) -> Result<Self, FormatError> {
-        let (magic, version) = layout_for(key.is_some(), hash);
+        let layout = if key.is_some() {
+            Layout::Encrypted
+        } else {
+            Layout::Chunks
+        };
+        Self::with_layout(w, meta, key, hash, layout)
+    }
+
+    fn with_layout(
+        mut w: W,
+        meta: &RecordingMeta,
+        key: Option<&RecordingKey>,
+        hash: ChainHash,
+        layout: Layout,
+    ) -> Result<Self, FormatError> {
+        let (magic, version, layout) = layout_for(layout, hash);
         w.write_all(magic)?;
         let mut writer = Self::start(w, meta, hash)?;
-        if let Some(key) = key {
-            writer.begin_encrypted(meta, key, version)?;
-            return Ok(writer);
+        match (layout, key) {
+            (Layout::Encrypted, Some(key)) => {
+                writer.begin_chunks(meta, Some(key), version)?;
+                return Ok(writer);
+            }
+            (Layout::Chunks, _) => {
+                writer.begin_chunks(meta, None, version)?;
+                return Ok(writer);
+            }
+            _ => {}
         }
         let json = json_body(meta)?;
         let mut rec = Vec::with_capacity(RECORD_HEAD + 2 + json.len());
@@ -886,8 +968,8 @@ fn parse_record(kind: u8, body: &[u8]) -> Result<Option<Record>, FormatError> {
 pub fn frame_spans(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     match layout_of(bytes) {
-        Some((_, true, _)) => return v2::unit_spans(bytes),
-        Some((_, false, _)) => {}
+        Some((_, Layout::Stream, _)) => {}
+        Some(_) => return v2::unit_spans(bytes),
         None => return out,
     }
     let mut at = MAGIC.len();
@@ -1072,7 +1154,20 @@ mod tests {
     }
 
     fn write_all(recs: &[Record]) -> Vec<u8> {
-        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        write_all_as(recs, Layout::Chunks)
+    }
+
+    /// A writer of format version 5 (`Chunks`) or 3 (`Stream`).
+    fn writer(layout: Layout) -> RecordingWriter<Vec<u8>> {
+        match layout {
+            Layout::Stream => RecordingWriter::new_stream(Vec::new(), &meta()),
+            _ => RecordingWriter::new(Vec::new(), &meta()),
+        }
+        .expect("new")
+    }
+
+    fn write_all_as(recs: &[Record], layout: Layout) -> Vec<u8> {
+        let mut w = writer(layout);
         for r in recs {
             w.write(r).expect("write");
         }
@@ -1090,14 +1185,41 @@ mod tests {
 
     #[test]
     fn round_trip_all_record_kinds() {
-        let bytes = write_all(&records());
-        assert!(bytes.starts_with(MAGIC_BLAKE3));
-        let r = RecordingReader::open(&bytes[..]).expect("open");
-        assert_eq!(r.meta(), &meta());
-        assert_eq!(r.version(), FORMAT_VERSION_BLAKE3);
+        for (layout, magic, version) in [
+            (Layout::Chunks, MAGIC_CHUNKED, FORMAT_VERSION_CHUNKED),
+            (Layout::Stream, MAGIC_BLAKE3, FORMAT_VERSION_BLAKE3),
+        ] {
+            let bytes = write_all_as(&records(), layout);
+            assert!(bytes.starts_with(magic));
+            let r = RecordingReader::open(&bytes[..]).expect("open");
+            assert_eq!(r.meta(), &meta());
+            assert_eq!(r.version(), version);
+            assert_eq!(r.encrypted_with(), None);
+            let (got, truncated) = read_all(&bytes);
+            assert_eq!(got, records());
+            assert!(!truncated);
+        }
+    }
+
+    /// Format version 5 seals the bytes as written: a chunk of zeros costs its seal a hash of
+    /// its few compressed bytes, not of the megabyte it holds.
+    #[test]
+    fn chunked_seals_cover_the_compressed_bytes() {
+        let zeros = Record::Data {
+            ts_us: 1,
+            channel: 0,
+            direction: Direction::Output,
+            data: Bytes::from(vec![0u8; 1 << 20]),
+        };
+        let bytes = write_all(std::slice::from_ref(&zeros));
+        assert!(bytes.len() < 4096, "{} bytes", bytes.len());
+        let spans = frame_spans(&bytes);
+        // the header, the chunk with its seal
+        assert_eq!(spans.len(), 2);
+        assert_eq!(bytes[spans[1].start], KIND_CHUNK);
         let (got, truncated) = read_all(&bytes);
-        assert_eq!(got, records());
-        assert!(!truncated);
+        assert_eq!(got, vec![zeros]);
+        assert!(truncated, "no CLOSE was written");
     }
 
     #[test]
@@ -1110,28 +1232,31 @@ mod tests {
 
     #[test]
     fn cut_after_flush_keeps_what_was_flushed() {
-        let recs = records();
-        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
-        for r in &recs[..3] {
-            w.write(r).expect("write");
-        }
-        w.flush().expect("flush");
-        let flushed = w.get_ref().len();
-        assert_eq!(w.pending_bytes(), 0);
-        for r in &recs[3..] {
-            w.write(r).expect("write");
-        }
-        let full = w.finish().expect("finish");
-        // exactly at the flush point
-        let (got, truncated) = read_all(&full[..flushed]);
-        assert_eq!(got, &recs[..3]);
-        assert!(truncated);
-        // anywhere after it: a prefix of the records at least as long, never an error
-        for cut in (flushed..full.len()).step_by(97) {
-            let (got, truncated) = read_all(&full[..cut]);
-            assert!(got.len() >= 3 && got.len() < recs.len(), "cut {cut}");
-            assert_eq!(got, &recs[..got.len()]);
+        for layout in [Layout::Chunks, Layout::Stream] {
+            let recs = records();
+            let mut w = writer(layout);
+            for r in &recs[..3] {
+                w.write(r).expect("write");
+            }
+            w.flush().expect("flush");
+            let flushed = w.get_ref().len();
+            assert_eq!(w.pending_bytes(), 0);
+            for r in &recs[3..] {
+                w.write(r).expect("write");
+            }
+            let full = w.finish().expect("finish");
+            // exactly at the flush point
+            let (got, truncated) = read_all(&full[..flushed]);
+            assert_eq!(got, &recs[..3]);
             assert!(truncated);
+            // anywhere after it: a prefix of the records at least as long, never an error (in
+            // format version 5 every record, the clear CLOSE too, may precede a cut seal)
+            for cut in (flushed..full.len()).step_by(97) {
+                let (got, truncated) = read_all(&full[..cut]);
+                assert!(got.len() >= 3, "{layout:?} cut {cut}");
+                assert_eq!(got, &recs[..got.len()]);
+                assert!(truncated, "{layout:?} cut {cut}");
+            }
         }
     }
 

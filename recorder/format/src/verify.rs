@@ -118,6 +118,8 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
             return report;
         }
     };
+    // chunked recordings: the seals cover the bytes as written, no chunk needs opening
+    reader.seals_only();
     let meta = reader.meta().clone();
     let start_ms = meta.start_ms;
     let when = |ts_us: u64| {
@@ -226,7 +228,8 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
                 prev_chunk = n;
                 last_stored = seal.stored;
             }
-            // an encrypted chunk (no key needed here): like records, its seal must follow
+            // a chunk not opened (encrypted, or any chunk of format version 5): like records,
+            // its seal must follow
             Item::Encrypted(_) => records_since_seal += 1,
             Item::Trailer(t) => trailer = Some(t),
             Item::Bad(kind, why) => st.problem(format!(
@@ -410,13 +413,29 @@ mod tests {
         }
     }
 
-    /// Header chunk, 5 data chunks, a chunk with CLOSE, then the trailer's frame.
+    /// Format version 5: the header, 5 data chunks, a chunk with CLOSE, then the trailer.
     fn recording(key: &EvidenceKey, signed: Option<bool>) -> Vec<u8> {
         recording_with(key, signed, ChainHash::Blake3)
     }
 
+    /// Format version 5 with BLAKE3 seals, version 1 with SHA-256 ones.
     fn recording_with(key: &EvidenceKey, signed: Option<bool>, hash: ChainHash) -> Vec<u8> {
-        let mut w = RecordingWriter::with_hash(Vec::new(), &meta(), None, hash).expect("new");
+        let w = RecordingWriter::with_hash(Vec::new(), &meta(), None, hash).expect("new");
+        write_recording(w, key, signed)
+    }
+
+    /// Format version 3: a header chunk, 5 data chunks, a chunk with CLOSE, then the
+    /// trailer's frame.
+    fn recording_v3(key: &EvidenceKey, signed: Option<bool>) -> Vec<u8> {
+        let w = RecordingWriter::new_stream(Vec::new(), &meta()).expect("new");
+        write_recording(w, key, signed)
+    }
+
+    fn write_recording(
+        mut w: RecordingWriter<Vec<u8>>,
+        key: &EvidenceKey,
+        signed: Option<bool>,
+    ) -> Vec<u8> {
         w.flush().expect("flush");
         for i in 1..=5u64 {
             w.write(&data(i * 1_000_000, &format!("line {i}\r\n").repeat(50)))
@@ -428,6 +447,22 @@ mod tests {
             Some(complete) => w.finish_signed(key, complete).expect("finish"),
             None => w.finish().expect("finish"),
         }
+    }
+
+    /// Both layouts written today and read: (name, the recording, the index in its
+    /// `frame_spans` of chunk 1). Version 3's first chunk holds the header; version 5's header
+    /// is a span of its own before chunk 1, and its first flush (nothing recorded yet) makes no
+    /// chunk.
+    fn both(key: &EvidenceKey, signed: Option<bool>) -> [(&'static str, Vec<u8>, usize); 2] {
+        [
+            ("v5", recording(key, signed), 1),
+            ("v3", recording_v3(key, signed), 0),
+        ]
+    }
+
+    /// The span of chunk `n` (from 1) of a recording whose chunk 1 is at span `first`.
+    fn chunk_of(first: usize, n: usize) -> usize {
+        first + n - 1
     }
 
     fn check(bytes: &[u8], key: &EvidenceKey) -> Report {
@@ -445,19 +480,26 @@ mod tests {
     #[test]
     fn untouched_is_ok_and_replays() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let rep = check(&bytes, &key);
-        assert!(rep.ok(), "{rep}");
-        assert_eq!(rep.chunks, 7);
-        assert!(rep.to_string().starts_with("rec-1: OK: 7 chunks"), "{rep}");
-        assert_eq!(frame_spans(&bytes).len(), 8);
-        let mut r = RecordingReader::open(&bytes[..]).expect("open");
-        let mut n = 0;
-        while r.next_record().expect("record").is_some() {
-            n += 1;
+        for (name, bytes, first) in both(&key, Some(true)) {
+            let rep = check(&bytes, &key);
+            assert!(rep.ok(), "{name}: {rep}");
+            // version 3: the header's chunk and 6 more; version 5: 6
+            let chunks = 7 - first as u64;
+            assert_eq!(rep.chunks, chunks, "{name}");
+            assert!(
+                rep.to_string()
+                    .starts_with(&format!("rec-1: OK: {chunks} chunks")),
+                "{name}: {rep}"
+            );
+            assert_eq!(frame_spans(&bytes).len(), 8, "{name}");
+            let mut r = RecordingReader::open(&bytes[..]).expect("open");
+            let mut n = 0;
+            while r.next_record().expect("record").is_some() {
+                n += 1;
+            }
+            assert_eq!(n, 6, "{name}");
+            assert!(!r.truncated(), "{name}");
         }
-        assert_eq!(n, 6);
-        assert!(!r.truncated());
     }
 
     #[test]
@@ -474,12 +516,18 @@ mod tests {
         let rep = check(&b, &key);
         assert_eq!(rep.status, Status::Failed);
         assert!(rep.to_string().contains("chunk 4"), "{rep}");
-        // the hash is the magic's: relabelling either version as the other fails
-        let new = recording(&key, Some(true));
-        let mut relabelled = new.clone();
-        relabelled[..8].copy_from_slice(crate::file::MAGIC);
-        assert_eq!(check(&relabelled, &key).status, Status::Failed);
-        let mut relabelled = old.clone();
+        // the hash and the layout are the magic's: relabelling a version as another fails
+        for new in [recording(&key, Some(true)), recording_v3(&key, Some(true))] {
+            let mut relabelled = new.clone();
+            relabelled[..8].copy_from_slice(crate::file::MAGIC);
+            assert_eq!(check(&relabelled, &key).status, Status::Failed);
+        }
+        for magic in [crate::file::MAGIC_BLAKE3, crate::file::MAGIC_CHUNKED] {
+            let mut relabelled = old.clone();
+            relabelled[..8].copy_from_slice(magic);
+            assert_eq!(check(&relabelled, &key).status, Status::Failed);
+        }
+        let mut relabelled = recording(&key, Some(true));
         relabelled[..8].copy_from_slice(crate::file::MAGIC_BLAKE3);
         assert_eq!(check(&relabelled, &key).status, Status::Failed);
     }
@@ -488,14 +536,21 @@ mod tests {
     fn another_key_or_no_key_is_not_ok() {
         let (key, _) = EvidenceKey::generate().expect("key");
         let (other, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let rep = check(&bytes, &other);
-        assert_eq!(rep.status, Status::Failed);
-        assert!(rep.to_string().contains("not by the given key"), "{rep}");
-        let rep = verify(&bytes[..], "rec-1", None);
-        assert_eq!(rep.status, Status::Failed, "{rep}");
-        let rep = verify(&bytes[..], "rec-2", Some(key.public()));
-        assert!(rep.to_string().contains("renamed or swapped"), "{rep}");
+        for (name, bytes, _) in both(&key, Some(true)) {
+            let rep = check(&bytes, &other);
+            assert_eq!(rep.status, Status::Failed, "{name}");
+            assert!(
+                rep.to_string().contains("not by the given key"),
+                "{name}: {rep}"
+            );
+            let rep = verify(&bytes[..], "rec-1", None);
+            assert_eq!(rep.status, Status::Failed, "{name}: {rep}");
+            let rep = verify(&bytes[..], "rec-2", Some(key.public()));
+            assert!(
+                rep.to_string().contains("renamed or swapped"),
+                "{name}: {rep}"
+            );
+        }
     }
 
     fn records(bytes: &[u8]) -> Vec<Record> {
@@ -511,22 +566,25 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_caught_or_harmless() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let original = records(&bytes);
-        for at in 0..bytes.len() {
-            let mut b = bytes.clone();
-            b[at] ^= 0x20;
-            let rep = check(&b, &key);
-            // A few bits of zstd's framing (the window size, say) do not change what decodes:
-            // the evidence is the decompressed content, and that must be unchanged then. A
-            // flipped block size can make the rest of the file look like a frame cut short: that
-            // reads as truncated, never as OK.
-            if rep.status == Status::Ok {
-                assert_eq!(
-                    records(&b),
-                    original,
-                    "byte {at}: content changed unnoticed"
-                );
+        for (name, bytes, _) in both(&key, Some(true)) {
+            let original = records(&bytes);
+            for at in 0..bytes.len() {
+                let mut b = bytes.clone();
+                b[at] ^= 0x20;
+                let rep = check(&b, &key);
+                // Version 3: a few bits of zstd's framing (the window size, say) do not change
+                // what decodes: the evidence is the decompressed content, and that must be
+                // unchanged then. A flipped block size can make the rest of the file look like
+                // a frame cut short: that reads as truncated, never as OK. Version 5 seals the
+                // bytes as written: no flipped byte may read as OK.
+                if rep.status == Status::Ok {
+                    assert_eq!(name, "v3", "byte {at} flipped unnoticed");
+                    assert_eq!(
+                        records(&b),
+                        original,
+                        "{name} byte {at}: content changed unnoticed"
+                    );
+                }
             }
         }
     }
@@ -534,52 +592,72 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_a_chunk_names_it() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let spans = frame_spans(&bytes);
-        let mut b = bytes.clone();
-        let mid = (spans[3].start + spans[3].end) / 2;
-        b[mid] ^= 0x01;
-        let rep = check(&b, &key);
-        assert_eq!(rep.status, Status::Failed);
-        assert!(rep.to_string().contains("chunk 4"), "{rep}");
+        for (name, bytes, first) in both(&key, Some(true)) {
+            let spans = frame_spans(&bytes);
+            let mut b = bytes.clone();
+            // version 3: inside the frame; version 5: inside the CHUNK record's frame (the
+            // middle of the span may be the seal's head, whose damage reads as a cut)
+            let span = &spans[chunk_of(first, 4)];
+            let at = if first == 0 {
+                (span.start + span.end) / 2
+            } else {
+                span.start + 8
+            };
+            b[at] ^= 0x01;
+            let rep = check(&b, &key);
+            assert_eq!(rep.status, Status::Failed, "{name}");
+            assert!(rep.to_string().contains("chunk 4"), "{name}: {rep}");
+        }
     }
 
     #[test]
     fn dropped_chunk_is_missing() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let spans = frame_spans(&bytes);
-        let b = splice(&bytes, &spans, &[0, 1, 2, 4, 5, 6, 7]);
-        let rep = check(&b, &key);
-        let text = rep.to_string();
-        assert_eq!(rep.status, Status::Failed, "{text}");
-        assert!(
-            text.contains("chunk 5 found where chunk 4 was expected"),
-            "{text}"
-        );
-        assert!(text.contains("chunk 4 is missing"), "{text}");
-        assert!(text.contains("the trailer names 7 chunks"), "{text}");
+        for (name, bytes, first) in both(&key, Some(true)) {
+            let spans = frame_spans(&bytes);
+            let order: Vec<usize> = (0..spans.len())
+                .filter(|&i| i != chunk_of(first, 4))
+                .collect();
+            let b = splice(&bytes, &spans, &order);
+            let rep = check(&b, &key);
+            let text = rep.to_string();
+            assert_eq!(rep.status, Status::Failed, "{name}: {text}");
+            assert!(
+                text.contains("chunk 5 found where chunk 4 was expected"),
+                "{name}: {text}"
+            );
+            assert!(text.contains("chunk 4 is missing"), "{name}: {text}");
+            let chunks = 7 - first;
+            assert!(
+                text.contains(&format!("the trailer names {chunks} chunks")),
+                "{name}: {text}"
+            );
+        }
     }
 
     #[test]
     fn swapped_chunks_are_reordered() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let spans = frame_spans(&bytes);
-        let b = splice(&bytes, &spans, &[0, 1, 3, 2, 4, 5, 6, 7]);
-        let rep = check(&b, &key);
-        let text = rep.to_string();
-        assert_eq!(rep.status, Status::Failed, "{text}");
-        assert!(text.contains("chunk 3 is out of order"), "{text}");
-        assert!(!text.contains("missing"), "{text}");
+        for (name, bytes, first) in both(&key, Some(true)) {
+            let spans = frame_spans(&bytes);
+            let mut order: Vec<usize> = (0..spans.len()).collect();
+            order.swap(chunk_of(first, 3), chunk_of(first, 4));
+            let b = splice(&bytes, &spans, &order);
+            let rep = check(&b, &key);
+            let text = rep.to_string();
+            assert_eq!(rep.status, Status::Failed, "{name}: {text}");
+            assert!(text.contains("chunk 3 is out of order"), "{name}: {text}");
+            assert!(!text.contains("missing"), "{name}: {text}");
+        }
     }
 
     #[test]
     fn a_modified_chunk_with_a_fresh_frame_is_caught_by_its_seal() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
+        // version 3: chunk 3 holds "line 2"; recompress it with one byte of its content
+        // changed (what a forger would do)
+        let bytes = recording_v3(&key, Some(true));
         let spans = frame_spans(&bytes);
-        // recompress chunk 3 with one byte of its content changed (what a forger would do)
         let plain = zstd::decode_all(&bytes[spans[2].clone()]).expect("decode");
         let mut changed = plain.clone();
         let at = plain.windows(6).position(|w| w == b"line 2").expect("text");
@@ -595,61 +673,99 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("was modified"), "{text}");
+        // version 5: chunk 2 holds "line 2" in its CHUNK record (5-byte head, then the frame),
+        // followed by its SEAL; the forger rewrites the record with a frame of its own
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        let unit = &bytes[spans[2].clone()];
+        assert_eq!(unit[0], 0x05, "a CHUNK record");
+        let len = u32::from_be_bytes(unit[1..5].try_into().expect("4 bytes")) as usize;
+        let plain = zstd::decode_all(&unit[5..5 + len]).expect("decode");
+        let mut changed = plain.clone();
+        let at = plain.windows(6).position(|w| w == b"line 2").expect("text");
+        changed[at + 5] = b'9';
+        let forged = zstd::encode_all(&changed[..], 3).expect("encode");
+        let mut b = bytes[..spans[2].start].to_vec();
+        b.push(0x05);
+        b.extend_from_slice(&(forged.len() as u32).to_be_bytes());
+        b.extend_from_slice(&forged);
+        b.extend_from_slice(&unit[5 + len..]);
+        b.extend_from_slice(&bytes[spans[2].end..]);
+        let rep = check(&b, &key);
+        let text = rep.to_string();
+        assert!(
+            text.contains("chunk 2 (up to 0:00:02.000 into the session"),
+            "{text}"
+        );
+        assert!(text.contains("was modified"), "{text}");
+        let replayed = records(&b);
+        assert!(
+            replayed
+                .iter()
+                .any(|r| matches!(r, Record::Data { data, .. } if data.starts_with(b"line 9"))),
+            "the forged chunk still replays (verification is what tells)"
+        );
     }
 
     #[test]
     fn cut_anywhere_is_truncated_and_replays_to_there() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let spans = frame_spans(&bytes);
-        // at a frame boundary
-        let rep = check(&bytes[..spans[4].end], &key);
-        assert_eq!(rep.status, Status::Truncated, "{rep}");
-        assert!(
-            rep.summary.starts_with(
-                "truncated after chunk 5 (0:00:04.000 into the session, 2026-12-03T00:00:04.000Z), signature missing"
-            ),
-            "{rep}"
-        );
-        // inside a frame
-        for cut in (spans[1].start + 1..spans[6].end).step_by(7) {
-            let rep = check(&bytes[..cut], &key);
-            assert_eq!(rep.status, Status::Truncated, "cut {cut}: {rep}");
-            assert!(rep.summary.contains("signature missing"), "{rep}");
+        for (name, bytes, first) in both(&key, Some(true)) {
+            let spans = frame_spans(&bytes);
+            // at a chunk's end: the chunk that holds "line 4" (4 s into the session)
+            let n = 5 - first;
+            let rep = check(&bytes[..spans[chunk_of(first, n)].end], &key);
+            assert_eq!(rep.status, Status::Truncated, "{name}: {rep}");
+            let want = format!(
+                "truncated after chunk {n} (0:00:04.000 into the session, 2026-12-03T00:00:04.000Z), signature missing"
+            );
+            assert!(rep.summary.starts_with(&want), "{name}: {rep}");
+            // inside one
+            for cut in (spans[1].start + 1..spans[6].end).step_by(7) {
+                let rep = check(&bytes[..cut], &key);
+                assert_eq!(rep.status, Status::Truncated, "{name} cut {cut}: {rep}");
+                assert!(rep.summary.contains("signature missing"), "{name}: {rep}");
+            }
         }
     }
 
     #[test]
     fn removed_trailer_is_missing_not_truncated() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let bytes = recording(&key, Some(true));
-        let spans = frame_spans(&bytes);
-        let rep = check(&bytes[..spans[6].end], &key);
-        assert_eq!(rep.status, Status::Failed, "{rep}");
-        assert!(rep.to_string().contains("trailer missing"), "{rep}");
+        for (name, bytes, _) in both(&key, Some(true)) {
+            let spans = frame_spans(&bytes);
+            let rep = check(&bytes[..spans[6].end], &key);
+            assert_eq!(rep.status, Status::Failed, "{name}: {rep}");
+            assert!(rep.to_string().contains("trailer missing"), "{name}: {rep}");
+        }
         // an unsigned writer's output reads the same way
-        let rep = check(&recording(&key, None), &key);
-        assert!(rep.to_string().contains("trailer missing"), "{rep}");
+        for (name, bytes, _) in both(&key, None) {
+            let rep = check(&bytes, &key);
+            assert!(rep.to_string().contains("trailer missing"), "{name}: {rep}");
+        }
     }
 
     #[test]
     fn recorder_closed_is_truncated_but_signed() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        let rep = check(&recording(&key, Some(false)), &key);
-        assert_eq!(rep.status, Status::Truncated, "{rep}");
-        assert!(
-            rep.summary.contains(
-                "the recorder closed it (client closed), the chunks up to there are signed"
-            ),
-            "{rep}"
-        );
+        for (name, bytes, _) in both(&key, Some(false)) {
+            let rep = check(&bytes, &key);
+            assert_eq!(rep.status, Status::Truncated, "{name}: {rep}");
+            assert!(
+                rep.summary.contains(
+                    "the recorder closed it (client closed), the chunks up to there are signed"
+                ),
+                "{name}: {rep}"
+            );
+        }
     }
 
     #[test]
     fn unsealed_recordings_are_said_so() {
+        // version 3 says in its header whether it is sealed; clear the flag by rewriting the
+        // first frame (version 5 is always sealed: the flag is not consulted)
         let (key, _) = EvidenceKey::generate().expect("key");
-        let mut bytes = recording(&key, Some(true));
-        // clear the header flag by rewriting the first frame unsealed
+        let mut bytes = recording_v3(&key, Some(true));
         let spans = frame_spans(&bytes);
         let mut plain = zstd::decode_all(&bytes[spans[0].clone()]).expect("decode");
         plain[6] = 0;
@@ -668,14 +784,21 @@ mod tests {
         let (key, _) = EvidenceKey::generate().expect("key");
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../fuzz/corpus/recording_read");
-        // version 1 (SHA-256 seals) under the older names, version 3 (BLAKE3) as `blake3-*`
-        for (hash, prefix) in [(ChainHash::Sha256, "sealed"), (ChainHash::Blake3, "blake3")] {
-            let signed = recording_with(&key, Some(true), hash);
+        // version 1 (SHA-256 seals) under the older names, version 3 (BLAKE3) as `blake3-*`,
+        // version 5 as `chunked-*`
+        type Make = fn(&EvidenceKey, Option<bool>) -> Vec<u8>;
+        let versions: [(Make, &str); 3] = [
+            (|k, s| recording_with(k, s, ChainHash::Sha256), "sealed"),
+            (recording_v3, "blake3"),
+            (recording, "chunked"),
+        ];
+        for (make, prefix) in versions {
+            let signed = make(&key, Some(true));
             let spans = frame_spans(&signed);
             std::fs::write(dir.join(format!("{prefix}-signed.psmrec")), &signed).expect("write");
             let cut = &signed[..(spans[3].start + spans[3].end) / 2];
             std::fs::write(dir.join(format!("{prefix}-cut.psmrec")), cut).expect("write");
-            let closed = recording_with(&key, Some(false), hash);
+            let closed = make(&key, Some(false));
             let name = format!("{prefix}-recorder-closed.psmrec");
             std::fs::write(dir.join(name), closed).expect("write");
         }

@@ -1,5 +1,6 @@
-//! The reader of recordings: unencrypted ones (format versions 3 and 1, one zstd stream) here,
-//! encrypted ones (versions 4 and 2) in [`super::v2`], one record at a time in bounded memory.
+//! The reader of recordings: one zstd stream (format versions 3 and 1) here, clear records
+//! around chunks (version 5, and the encrypted versions 4 and 2) in [`super::v2`], one record
+//! at a time in bounded memory.
 
 use super::*;
 
@@ -29,7 +30,7 @@ pub(super) type Decompressed<R> =
 pub(super) enum Src<R> {
     /// Unencrypted (format versions 3 and 1): one zstd stream over the whole file.
     Zstd(Decompressed<R>),
-    /// Encrypted (format versions 4 and 2): clear records around encrypted chunks.
+    /// Format version 5, and the encrypted versions 4 and 2: clear records around chunks.
     Sealed(Box<v2::Envelope<R>>),
 }
 
@@ -103,13 +104,15 @@ impl<R: Read> RecordingReader<R> {
                 Err(e) => return Err(e.into()),
             }
         }
-        let Some((expected, encrypted, hash)) = layout_of(&magic[..got]) else {
+        let Some((expected, layout, hash)) = layout_of(&magic[..got]) else {
             return Err(FormatError::Malformed(
                 "not a psm recording (bad magic)".into(),
             ));
         };
-        if encrypted {
-            return Self::open_encrypted(r, key, need_key, expected, hash);
+        match layout {
+            Layout::Encrypted => return Self::open_chunks(r, key, need_key, expected, hash),
+            Layout::Chunks => return Self::open_chunks(r, None, false, expected, hash),
+            Layout::Stream => {}
         }
         let source = BufReader::with_capacity(
             zstd::zstd_safe::DCtx::in_size(),
@@ -212,7 +215,7 @@ impl<R: Read> RecordingReader<R> {
     /// The id of the key an encrypted recording needs; `None` when it is not encrypted.
     pub fn encrypted_with(&self) -> Option<psm_evidence::KeyId> {
         match &self.src {
-            Src::Sealed(env) => Some(env.key_id()),
+            Src::Sealed(env) => env.key_id(),
             Src::Zstd(_) => None,
         }
     }

@@ -1,11 +1,12 @@
-//! Format versions 4 and 2: encrypted recordings (the layout is in the parent module's docs).
+//! Format version 5, and the encrypted versions 4 and 2: clear records around chunks (the
+//! layout is in the parent module's docs).
 //!
-//! The writer compresses a chunk's records into one zstd frame in memory, encrypts it
-//! ([`crate::crypt`]) and writes it as a clear CHUNK record, then the CLOSE record (when the
-//! session ended in it) and the SEAL, whose hash covers those bytes as written. The reader
-//! hashes the same bytes, so the seal chain and the trailer check without the key; with the
-//! key it also decrypts each chunk (the nonce is the number after the last seal read) and
-//! reads its records.
+//! The writer compresses a chunk's records into one zstd frame in memory, encrypts it when the
+//! recording is encrypted ([`crate::crypt`]) and writes it as a clear CHUNK record, then the
+//! CLOSE record (when the session ended in it) and the SEAL, whose hash covers those bytes as
+//! written. The reader hashes the same bytes, so the seal chain and the trailer check without
+//! decompressing anything, and without the key; with the key it also decrypts each chunk (the
+//! nonce is the number after the last seal read) and reads its records.
 
 use super::*;
 use crate::crypt::{ChunkCipher, SALT_LEN};
@@ -19,12 +20,15 @@ const CHUNK_TARGET: usize = 1 << 20;
 /// Largest clear record: a CHUNK of one [`MAX_RECORD`] record that did not compress (zstd adds
 /// less than 1/256), and its tag.
 const MAX_OUTER: usize = MAX_RECORD + (MAX_RECORD >> 6) + (1 << 16);
+/// Largest chunk buffer kept for the next chunk.
+const REUSE_FRAME: usize = 64 * 1024;
 /// `u8 version, u8 flags, [8] key id, [32] salt` before the header's JSON.
 const HEADER_PREFIX: usize = 2 + 8 + SALT_LEN;
 
-/// The writer's state for an encrypted recording.
+/// The writer's state for a chunked recording (format version 5, or encrypted).
 pub(super) struct Encrypting {
-    cipher: ChunkCipher,
+    /// `None`: format version 5, chunks in the clear.
+    cipher: Option<ChunkCipher>,
     /// The compressed bytes of the chunk being written.
     pub(super) frame: Vec<u8>,
     /// Record bytes in it.
@@ -40,30 +44,40 @@ fn sha256(bytes: &[u8]) -> Hash {
 }
 
 impl<W: Write> RecordingWriter<W> {
-    /// Writes the clear HEADER record (after the magic) and sets up the chunks' cipher.
-    pub(super) fn begin_encrypted(
+    /// Writes the clear HEADER record (after the magic) and, with `key`, sets up the chunks'
+    /// cipher.
+    pub(super) fn begin_chunks(
         &mut self,
         meta: &RecordingMeta,
-        key: &RecordingKey,
+        key: Option<&RecordingKey>,
         version: u8,
     ) -> Result<(), FormatError> {
         let json = json_body(meta)?;
         let mut salt = [0u8; SALT_LEN];
-        SystemRandom::new()
-            .fill(&mut salt)
-            .map_err(|_| FormatError::Io(io::Error::other("the system random source failed")))?;
-        let body_len = HEADER_PREFIX + json.len();
+        let prefix = if key.is_some() {
+            SystemRandom::new().fill(&mut salt).map_err(|_| {
+                FormatError::Io(io::Error::other("the system random source failed"))
+            })?;
+            HEADER_PREFIX
+        } else {
+            2
+        };
+        let body_len = prefix + json.len();
         let mut rec = Vec::with_capacity(RECORD_HEAD + body_len);
         put_head(&mut rec, KIND_HEADER, body_len);
         rec.push(version);
-        rec.push(FLAG_SEALED | FLAG_ENCRYPTED);
-        rec.extend_from_slice(&key.id().0);
-        rec.extend_from_slice(&salt);
+        if let Some(key) = key {
+            rec.push(FLAG_SEALED | FLAG_ENCRYPTED);
+            rec.extend_from_slice(&key.id().0);
+            rec.extend_from_slice(&salt);
+        } else {
+            rec.push(FLAG_SEALED);
+        }
         rec.extend_from_slice(&json);
         self.hasher.update(&rec);
         self.guard(|w| w.inner.write_all(&rec))?;
         self.enc = Some(Box::new(Encrypting {
-            cipher: key.chunk_cipher(&salt, sha256(&rec)),
+            cipher: key.map(|k| k.chunk_cipher(&salt, sha256(&rec))),
             frame: Vec::new(),
             plain: 0,
             close: None,
@@ -71,7 +85,7 @@ impl<W: Write> RecordingWriter<W> {
         Ok(())
     }
 
-    /// Encrypted recordings: ends the chunk before a record of `len` bytes that would take it
+    /// Chunked recordings: ends the chunk before a record of `len` bytes that would take it
     /// past [`CHUNK_TARGET`], so that a reader holds one chunk of bounded size at a time.
     pub(super) fn room(&mut self, len: usize) -> Result<(), FormatError> {
         match &self.enc {
@@ -90,15 +104,14 @@ impl<W: Write> RecordingWriter<W> {
         }
     }
 
-    /// Writes the chunk (encrypted), the CLOSE when there is one, and their SEAL; nothing when
-    /// neither was written since the last seal.
+    /// Writes the chunk (encrypted when the recording is), the CLOSE when there is one, and
+    /// their SEAL; nothing when neither was written since the last seal.
     pub(super) fn end_chunk_encrypted(&mut self) -> Result<(), FormatError> {
         let has_close = self.enc.as_ref().is_some_and(|e| e.close.is_some());
         if !self.in_frame && !has_close {
             return Ok(());
         }
         let chunk = self.chunks + 1;
-        let mut out = Vec::new();
         if self.in_frame {
             self.close_frame()?;
             let Some(enc) = self.enc.as_mut() else {
@@ -106,16 +119,32 @@ impl<W: Write> RecordingWriter<W> {
             };
             let mut body = std::mem::take(&mut enc.frame);
             enc.plain = 0;
-            if enc.cipher.seal(chunk, &mut body).is_err() {
-                self.poisoned = true;
-                return Err(FormatError::Malformed(format!(
-                    "chunk {chunk} too large to encrypt"
-                )));
+            if let Some(cipher) = &enc.cipher {
+                if cipher.seal(chunk, &mut body).is_err() {
+                    self.poisoned = true;
+                    return Err(FormatError::Malformed(format!(
+                        "chunk {chunk} too large to encrypt"
+                    )));
+                }
             }
-            out.reserve(RECORD_HEAD + body.len() + 64);
-            put_head(&mut out, KIND_CHUNK, body.len());
-            out.extend_from_slice(&body);
+            let mut head = Vec::with_capacity(RECORD_HEAD);
+            put_head(&mut head, KIND_CHUNK, body.len());
+            self.hasher.update(&head);
+            self.hasher.update(&body);
+            self.guard(|w| {
+                w.inner.write_all(&head)?;
+                w.inner.write_all(&body)
+            })?;
+            // a small frame's buffer serves the next chunk; a large one is let go, so that a
+            // recording that turns quiet after a transfer does not keep it
+            if body.capacity() <= REUSE_FRAME {
+                body.clear();
+                if let Some(enc) = self.enc.as_mut() {
+                    enc.frame = body;
+                }
+            }
         }
+        let mut out = Vec::with_capacity(RECORD_HEAD + SEAL_BODY);
         if let Some(close) = self.enc.as_mut().and_then(|e| e.close.take()) {
             out.extend_from_slice(&close);
         }
@@ -133,10 +162,11 @@ impl<W: Write> RecordingWriter<W> {
     }
 }
 
-/// The reader's state for an encrypted recording.
+/// The reader's state for a chunked recording (format version 5, or encrypted).
 pub(super) struct Envelope<R> {
     file: BufReader<R>,
-    key_id: KeyId,
+    /// `None`: format version 5, chunks in the clear.
+    key_id: Option<KeyId>,
     /// Present when the reader has the key.
     cipher: Option<ChunkCipher>,
     /// The records of the chunk being read, decrypted and decompressed as they are read.
@@ -145,18 +175,21 @@ pub(super) struct Envelope<R> {
     next_chunk: u64,
     /// Bytes were read since the last seal.
     unsealed: bool,
+    /// Chunks are hashed but not opened ([`RecordingReader::seals_only`]).
+    skip_chunks: bool,
 }
 
 impl<R> Envelope<R> {
-    pub(super) fn key_id(&self) -> KeyId {
+    pub(super) fn key_id(&self) -> Option<KeyId> {
         self.key_id
     }
 }
 
 impl<R: Read> RecordingReader<R> {
-    /// Reads the clear header of an encrypted recording (the magic is read; it named the
-    /// `expected` HEADER version and the seals' `hash`).
-    pub(super) fn open_encrypted(
+    /// Reads the clear header of a chunked recording (the magic is read; it named the
+    /// `expected` HEADER version and the seals' `hash`). The recording is encrypted unless
+    /// `expected` is [`FORMAT_VERSION_CHUNKED`].
+    pub(super) fn open_chunks(
         r: R,
         key: Option<&RecordingKey>,
         need_key: bool,
@@ -166,11 +199,12 @@ impl<R: Read> RecordingReader<R> {
         let mut reader = RecordingReader {
             src: Src::Sealed(Box::new(Envelope {
                 file: BufReader::with_capacity(READ_BUFFER, r),
-                key_id: KeyId([0; 8]),
+                key_id: None,
                 cipher: None,
                 chunk: None,
                 next_chunk: 1,
                 unsealed: false,
+                skip_chunks: false,
             })),
             meta: RecordingMeta::default(),
             version: 0,
@@ -188,10 +222,12 @@ impl<R: Read> RecordingReader<R> {
         if !matches!(reader.fill_raw(&mut head)?, Fill::Full) {
             return Err(reader.header_missing());
         }
+        let encrypted = expected != FORMAT_VERSION_CHUNKED;
+        let prefix = if encrypted { HEADER_PREFIX } else { 2 };
         let len = be_u32(&head[1..5]) as usize;
-        if head[0] != KIND_HEADER || !(HEADER_PREFIX..=MAX_RECORD).contains(&len) {
+        if head[0] != KIND_HEADER || !(prefix..=MAX_RECORD).contains(&len) {
             return Err(FormatError::Malformed(
-                "encrypted recording without a valid header".into(),
+                "chunked recording without a valid header".into(),
             ));
         }
         let mut body = vec![0u8; len];
@@ -201,9 +237,14 @@ impl<R: Read> RecordingReader<R> {
         reader.version = body[0];
         if reader.version != expected {
             return Err(FormatError::Malformed(format!(
-                "unsupported encrypted recording version {}",
+                "unsupported chunked recording version {}",
                 reader.version
             )));
+        }
+        if !encrypted {
+            reader.meta = serde_json::from_slice(&body[prefix..])
+                .map_err(|e| FormatError::Malformed(format!("recording header: {e}")))?;
+            return Ok(reader);
         }
         let mut id = [0u8; 8];
         id.copy_from_slice(&body[2..10]);
@@ -232,7 +273,7 @@ impl<R: Read> RecordingReader<R> {
             None => None,
         };
         if let Src::Sealed(env) = &mut reader.src {
-            env.key_id = key_id;
+            env.key_id = Some(key_id);
             env.cipher = cipher;
         }
         Ok(reader)
@@ -243,6 +284,16 @@ impl<R: Read> RecordingReader<R> {
         FormatError::Encrypted {
             recording: self.meta.recording_id.clone(),
             key_id: self.encrypted_with().unwrap_or(KeyId([0; 8])),
+        }
+    }
+
+    /// Makes a chunked recording (format version 5, or encrypted) yield each chunk as
+    /// [`Item::Encrypted`] without decrypting or decompressing it: its seals cover the bytes
+    /// as written, so a verifier checks them without opening a chunk. No effect on format
+    /// versions 3 and 1, whose seals cover the decompressed bytes.
+    pub fn seals_only(&mut self) {
+        if let Some(env) = self.envelope() {
+            env.skip_chunks = true;
         }
     }
 
@@ -292,7 +343,7 @@ impl<R: Read> RecordingReader<R> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(FormatError::Malformed(format!(
-                        "a chunk decrypts but does not decompress: {e}"
+                        "a chunk does not decompress: {e}"
                     )))
                 }
             }
@@ -406,17 +457,19 @@ impl<R: Read> RecordingReader<R> {
                     let Some(env) = self.envelope() else {
                         return Ok(None);
                     };
-                    let Some(cipher) = &env.cipher else {
+                    if env.skip_chunks {
                         return Ok(Some(Item::Encrypted(n)));
-                    };
-                    let Ok(plain) = cipher.open(n, &mut body) else {
-                        let e = FormatError::Decrypt {
-                            chunk: n,
-                            key_id: env.key_id,
+                    }
+                    if let Some(key_id) = env.key_id {
+                        let Some(cipher) = &env.cipher else {
+                            return Ok(Some(Item::Encrypted(n)));
                         };
-                        return Err(self.fail(e));
-                    };
-                    body.truncate(plain);
+                        let Ok(plain) = cipher.open(n, &mut body) else {
+                            let e = FormatError::Decrypt { chunk: n, key_id };
+                            return Err(self.fail(e));
+                        };
+                        body.truncate(plain);
+                    }
                     let mut decoder =
                         zstd::stream::read::Decoder::with_buffer(io::Cursor::new(body))?;
                     decoder.window_log_max(WINDOW_LOG_MAX)?;
@@ -474,8 +527,8 @@ impl<R: Read> RecordingReader<R> {
     }
 }
 
-/// [`frame_spans`] of an encrypted recording: the header, each chunk up to the end of its
-/// seal, the trailer.
+/// [`frame_spans`] of a chunked recording: the header, each chunk up to the end of its seal,
+/// the trailer.
 pub(super) fn unit_spans(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut at = MAGIC_ENCRYPTED.len();
