@@ -52,7 +52,9 @@ use psm_evidence::EvidenceKey;
 use psm_recorder_format::crypt::RecordingKey;
 use psm_recorder_format::file::{self, Record, RecordingWriter};
 use psm_recorder_format::wire::MAX_FRAME;
-use psm_recorder_format::{CloseSummary, FormatError, Frame, RecordingMeta, Reply};
+use psm_recorder_format::{
+    CloseSummary, Direction, FormatError, Frame, FrameRef, RecordingMeta, Reply,
+};
 use tracing::{debug, error, info, warn};
 
 mod index;
@@ -430,15 +432,51 @@ struct Recording {
     indexer: Option<Indexer>,
 }
 
-impl Recording {
-    fn write(&mut self, rec: &Record) -> Result<(), FormatError> {
-        self.last_ts_us = self.last_ts_us.max(rec.ts_us());
-        self.writer.write(rec)?;
-        if let Record::Data { data, .. } = rec {
-            self.data_bytes += data.len() as u64;
+/// A record to append: DATA borrowed from the link's receive buffer (written without a copy),
+/// or any other record.
+enum Entry<'a> {
+    Data {
+        ts_us: u64,
+        channel: u32,
+        direction: Direction,
+        data: &'a [u8],
+    },
+    Other(Record),
+}
+
+impl Entry<'_> {
+    /// DATA bytes it carries.
+    fn data_len(&self) -> usize {
+        match self {
+            Entry::Data { data, .. } => data.len(),
+            Entry::Other(_) => 0,
         }
-        if self.indexer.is_some() {
-            self.lines.record(rec);
+    }
+}
+
+impl Recording {
+    fn write(&mut self, entry: &Entry<'_>) -> Result<(), FormatError> {
+        match *entry {
+            Entry::Data {
+                ts_us,
+                channel,
+                direction,
+                data,
+            } => {
+                self.last_ts_us = self.last_ts_us.max(ts_us);
+                self.writer.write_data(ts_us, channel, direction, data)?;
+                self.data_bytes += data.len() as u64;
+                if self.indexer.is_some() {
+                    self.lines.feed(ts_us, channel, direction, data);
+                }
+            }
+            Entry::Other(ref rec) => {
+                self.last_ts_us = self.last_ts_us.max(rec.ts_us());
+                self.writer.write(rec)?;
+                if self.indexer.is_some() {
+                    self.lines.record(rec);
+                }
+            }
         }
         if self.writer.pending_bytes() >= FLUSH_BYTES {
             self.flush()?;
@@ -676,9 +714,26 @@ impl Link {
     /// Handles every complete frame at the front of `buf`; returns how many bytes they used.
     fn handle_frames(&mut self, buf: &[u8]) -> Result<usize, FormatError> {
         let mut used = 0;
-        while let Some((frame, n)) = Frame::decode(&buf[used..])? {
+        while let Some((frame, n)) = Frame::decode_ref(&buf[used..])? {
             used += n;
-            self.handle(frame);
+            match frame {
+                FrameRef::Data {
+                    stream,
+                    ts_us,
+                    channel,
+                    direction,
+                    data,
+                } => self.append(
+                    stream,
+                    Entry::Data {
+                        ts_us,
+                        channel,
+                        direction,
+                        data,
+                    },
+                ),
+                FrameRef::Other(frame) => self.handle(frame),
+            }
         }
         Ok(used)
     }
@@ -694,11 +749,11 @@ impl Link {
                 data,
             } => self.append(
                 stream,
-                Record::Data {
+                Entry::Data {
                     ts_us,
                     channel,
                     direction,
-                    data,
+                    data: &data,
                 },
             ),
             Frame::Resize {
@@ -710,12 +765,12 @@ impl Link {
             } => {
                 self.append(
                     stream,
-                    Record::Resize {
+                    Entry::Other(Record::Resize {
                         ts_us,
                         channel,
                         cols,
                         rows,
-                    },
+                    }),
                 );
                 // a session event: seal the chunk now
                 self.flush_stream(stream);
@@ -804,15 +859,13 @@ impl Link {
         })
     }
 
-    fn append(&mut self, stream: u64, rec: Record) {
+    fn append(&mut self, stream: u64, entry: Entry<'_>) {
         match self.streams.get_mut(&stream) {
-            Some(Stream::Recording(r)) => match r.write(&rec) {
+            Some(Stream::Recording(r)) => match r.write(&entry) {
                 Ok(()) => {
-                    if let Record::Data { data, .. } = &rec {
-                        self.keys
-                            .stats
-                            .bytes
-                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let n = entry.data_len();
+                    if n > 0 {
+                        self.keys.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     if let Some(bytes) = r.take_ack() {
                         self.reply(Reply::Durable { stream, bytes });

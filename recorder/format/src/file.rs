@@ -629,6 +629,15 @@ impl<W: Write> RecordingWriter<W> {
 
     /// Appends one record. DATA longer than [`MAX_RECORD`] is cut into several records.
     pub fn write(&mut self, rec: &Record) -> Result<(), FormatError> {
+        if let Record::Data {
+            ts_us,
+            channel,
+            direction,
+            data,
+        } = rec
+        {
+            return self.write_data(*ts_us, *channel, *direction, data);
+        }
         self.check()?;
         self.last_ts_us = self.last_ts_us.max(rec.ts_us());
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -638,6 +647,38 @@ impl<W: Write> RecordingWriter<W> {
         result
     }
 
+    /// Appends a DATA record of `data` (what [`write`](Self::write) does with
+    /// [`Record::Data`], from a borrowed slice).
+    pub fn write_data(
+        &mut self,
+        ts_us: u64,
+        channel: u32,
+        direction: Direction,
+        data: &[u8],
+    ) -> Result<(), FormatError> {
+        self.check()?;
+        self.last_ts_us = self.last_ts_us.max(ts_us);
+        let max = MAX_RECORD - DATA_PREFIX;
+        let mut rest = data;
+        loop {
+            let (piece, next) = rest.split_at(rest.len().min(max));
+            self.room(RECORD_HEAD + DATA_PREFIX + piece.len())?;
+            let mut head = [0u8; RECORD_HEAD + DATA_PREFIX];
+            head[0] = KIND_DATA;
+            // a piece is below MAX_RECORD, which fits a u32
+            head[1..5].copy_from_slice(&((DATA_PREFIX + piece.len()) as u32).to_be_bytes());
+            head[5..13].copy_from_slice(&ts_us.to_be_bytes());
+            head[13..17].copy_from_slice(&channel.to_be_bytes());
+            head[17] = direction as u8;
+            self.compress(&head)?;
+            self.compress(piece)?;
+            rest = next;
+            if rest.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
     fn write_with(&mut self, rec: &Record, scratch: &mut Vec<u8>) -> Result<(), FormatError> {
         match rec {
             Record::Data {
@@ -645,25 +686,7 @@ impl<W: Write> RecordingWriter<W> {
                 channel,
                 direction,
                 data,
-            } => {
-                let max = MAX_RECORD - DATA_PREFIX;
-                let mut rest: &[u8] = data;
-                loop {
-                    let (piece, next) = rest.split_at(rest.len().min(max));
-                    self.room(RECORD_HEAD + DATA_PREFIX + piece.len())?;
-                    scratch.clear();
-                    put_head(scratch, KIND_DATA, DATA_PREFIX + piece.len());
-                    scratch.extend_from_slice(&ts_us.to_be_bytes());
-                    scratch.extend_from_slice(&channel.to_be_bytes());
-                    scratch.push(*direction as u8);
-                    self.compress(scratch)?;
-                    self.compress(piece)?;
-                    rest = next;
-                    if rest.is_empty() {
-                        break;
-                    }
-                }
-            }
+            } => self.write_data(*ts_us, *channel, *direction, data)?,
             Record::Resize {
                 ts_us,
                 channel,

@@ -21,7 +21,7 @@ pub mod sanitize;
 pub mod verify;
 pub mod wire;
 
-pub use wire::{CloseSummary, Direction, Frame, RecordingMeta, Reply};
+pub use wire::{CloseSummary, Direction, Frame, FrameRef, RecordingMeta, Reply};
 
 /// Errors of the frame codec and the file format.
 #[derive(Debug, thiserror::Error)]

@@ -384,6 +384,12 @@ impl Frame {
     /// Decodes one frame from the front of `buf`. Returns `Ok(None)` when more bytes are needed,
     /// or the frame and how many bytes it used.
     pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FormatError> {
+        Ok(Frame::decode_ref(buf)?.map(|(f, n)| (f.into_owned(), n)))
+    }
+
+    /// Like [`decode`](Self::decode), with a DATA frame's bytes borrowed from `buf` rather than
+    /// copied (psm-recorder compresses them straight from its receive buffer).
+    pub fn decode_ref(buf: &[u8]) -> Result<Option<(FrameRef<'_>, usize)>, FormatError> {
         if buf.len() < 4 {
             return Ok(None);
         }
@@ -406,13 +412,16 @@ impl Frame {
                     .map_err(|e| FormatError::Malformed(format!("open metadata: {e}")))?;
                 Frame::Open { stream, meta }
             }
-            TAG_DATA => Frame::Data {
-                stream: r.u64()?,
-                ts_us: r.u64()?,
-                channel: r.u32()?,
-                direction: Direction::from_u8(r.u8()?)?,
-                data: Bytes::copy_from_slice(r.rest()),
-            },
+            TAG_DATA => {
+                let data = FrameRef::Data {
+                    stream: r.u64()?,
+                    ts_us: r.u64()?,
+                    channel: r.u32()?,
+                    direction: Direction::from_u8(r.u8()?)?,
+                    data: r.rest(),
+                };
+                return Ok(Some((data, 4 + len)));
+            }
             TAG_RESIZE => {
                 let f = Frame::Resize {
                     stream: r.u64()?,
@@ -442,7 +451,50 @@ impl Frame {
             }
             other => return Err(FormatError::Malformed(format!("unknown frame tag {other}"))),
         };
-        Ok(Some((frame, 4 + len)))
+        Ok(Some((FrameRef::Other(frame), 4 + len)))
+    }
+}
+
+/// A frame decoded in place ([`Frame::decode_ref`]): a DATA frame's bytes borrowed from the
+/// buffer it was decoded from, any other frame owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    /// As [`Frame::Data`].
+    Data {
+        /// Recording stream id.
+        stream: u64,
+        /// Microseconds since the session started.
+        ts_us: u64,
+        /// SSH channel number on the user side.
+        channel: u32,
+        /// Which way the bytes went.
+        direction: Direction,
+        /// The bytes.
+        data: &'a [u8],
+    },
+    /// Any other frame.
+    Other(Frame),
+}
+
+impl FrameRef<'_> {
+    /// The frame, owning its bytes (a DATA frame's are copied).
+    pub fn into_owned(self) -> Frame {
+        match self {
+            FrameRef::Data {
+                stream,
+                ts_us,
+                channel,
+                direction,
+                data,
+            } => Frame::Data {
+                stream,
+                ts_us,
+                channel,
+                direction,
+                data: Bytes::copy_from_slice(data),
+            },
+            FrameRef::Other(frame) => frame,
+        }
     }
 }
 
@@ -504,6 +556,25 @@ mod tests {
                 .expect("whole frame");
             assert_eq!(used, split.len());
             assert_eq!(back, f);
+        }
+    }
+
+    #[test]
+    fn decoded_in_place_data_borrows_its_bytes_and_owns_the_same_frame() {
+        for f in samples() {
+            let mut buf = Vec::new();
+            f.encode(&mut buf);
+            let (r, used) = Frame::decode_ref(&buf)
+                .expect("decodes")
+                .expect("whole frame");
+            assert_eq!(used, buf.len());
+            if let FrameRef::Data { data, .. } = &r {
+                let inside = buf.as_ptr_range();
+                assert!(inside.contains(&data.as_ptr()) || data.is_empty(), "not copied");
+            } else {
+                assert!(!matches!(f, Frame::Data { .. }), "DATA decodes in place");
+            }
+            assert_eq!(r.into_owned(), f);
         }
     }
 
