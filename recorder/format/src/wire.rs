@@ -570,7 +570,10 @@ mod tests {
             assert_eq!(used, buf.len());
             if let FrameRef::Data { data, .. } = &r {
                 let inside = buf.as_ptr_range();
-                assert!(inside.contains(&data.as_ptr()) || data.is_empty(), "not copied");
+                assert!(
+                    inside.contains(&data.as_ptr()) || data.is_empty(),
+                    "not copied"
+                );
             } else {
                 assert!(!matches!(f, Frame::Data { .. }), "DATA decodes in place");
             }
