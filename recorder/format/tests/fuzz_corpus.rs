@@ -66,7 +66,7 @@ fn mutated_seed_recordings_pass_the_fuzz_checks() {
     };
     let mut seeds = 0;
     for (p, d) in corpus("recording_read") {
-        if !p.extension().is_some_and(|e| e == "psmrec") || d.len() < 16 {
+        if p.extension().is_none_or(|e| e != "psmrec") || d.len() < 16 {
             continue;
         }
         seeds += 1;
