@@ -54,7 +54,7 @@
 //!
 //! HEADER `flags` bit 0 ([`FLAG_SEALED`]) says the recording is sealed: every zstd frame is a
 //! *chunk* that ends with a SEAL record. Chunks are numbered from 1 (the first holds the
-//! header); a seal carries its chunk's number, the largest `ts_us` written so far, and
+//! header; in a chunked recording, below, chunk 1 is the clear header and its seal); a seal carries its chunk's number, the largest `ts_us` written so far, and
 //! `H(previous seal's hash || every decompressed byte from the end of the previous seal
 //! (the start of the stream for chunk 1) up to this seal's hash field)` — the seal's own head,
 //! number and time included, where `H` is the version's seal hash (BLAKE3 or SHA-256, 256-bit
@@ -584,10 +584,12 @@ impl<W: Write> RecordingWriter<W> {
         match (layout, key) {
             (Layout::Encrypted, Some(key)) => {
                 writer.begin_chunks(meta, Some(key), version)?;
+                writer.prime()?;
                 return Ok(writer);
             }
             (Layout::Chunks, _) => {
                 writer.begin_chunks(meta, None, version)?;
+                writer.prime()?;
                 return Ok(writer);
             }
             _ => {}
@@ -625,6 +627,30 @@ impl<W: Write> RecordingWriter<W> {
             recording_id: meta.recording_id.clone(),
             enc: None,
         })
+    }
+
+    /// Sets up the zstd context's tables now, when the recording opens, rather than at its
+    /// first record (the stream layout does so by compressing its header). A session's set-up
+    /// already takes milliseconds; its first output is a keystroke's echo, and when many
+    /// sessions print at once (1000 idle sessions answering together: 0.7 ms for the slowest
+    /// echo with the set-up at open, 4–7.5 ms with it at the first record, perf/BENCHMARKS.md)
+    /// the recorder's set-up work competes with the relay for the same cores.
+    fn prime(&mut self) -> Result<(), FormatError> {
+        self.guard(|w| {
+            w.out.clear();
+            let mut input = InBuffer::around(&[]);
+            let mut output = OutBuffer::around(&mut w.out);
+            w.cctx.run(&mut input, &mut output)?;
+            Ok(())
+        })?;
+        // nothing is written before the first record: an empty input makes no output
+        debug_assert!(
+            self.out.is_empty(),
+            "priming wrote {} bytes",
+            self.out.len()
+        );
+        self.out.clear();
+        Ok(())
     }
 
     /// Appends one record. DATA longer than [`MAX_RECORD`] is cut into several records.
@@ -986,8 +1012,8 @@ fn parse_record(kind: u8, body: &[u8]) -> Result<Option<Record>, FormatError> {
 /// order; stops at the first bytes that are not a whole frame. For tools and tests that look at
 /// a recording's chunks one by one (the trailer's frame is the last one of a signed recording).
 ///
-/// For an encrypted recording: the clear header, then each chunk with its CLOSE and SEAL, then
-/// the trailer.
+/// For a chunked recording (format version 5, or encrypted): the clear header, then each chunk
+/// with its CLOSE and SEAL (the first is the header's seal alone), then the trailer.
 pub fn frame_spans(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     match layout_of(bytes) {
@@ -1054,8 +1080,11 @@ pub fn info(path: &Path) -> Result<RecordingInfo, FormatError> {
         .and_then(|s| s.to_str())
         .unwrap_or_default()
         .to_string();
-    // an encrypted recording shows its header, seals and CLOSE without the key: enough here
+    // a chunked recording shows its header, seals and CLOSE without opening a chunk (or
+    // needing the key of an encrypted one): enough here, and a damaged chunk does not hide
+    // the recording from listings
     let mut reader = RecordingReader::open(file)?;
+    reader.seals_only();
     let mut summary = None;
     let mut last_ts = 0u64;
     while let Some(item) = reader.next_any(false)? {

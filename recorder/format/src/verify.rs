@@ -258,7 +258,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
             truncated = true;
         } else {
             st.problem(format!(
-                "chunk {} is damaged or modified: it cannot be decompressed ({d}); nothing after {last} can be checked",
+                "chunk {} is damaged or modified: it cannot be read ({d}); nothing after {last} can be checked",
                 max_chunk + 1
             ));
         }
@@ -451,8 +451,7 @@ mod tests {
 
     /// Both layouts written today and read: (name, the recording, the index in its
     /// `frame_spans` of chunk 1). Version 3's first chunk holds the header; version 5's header
-    /// is a span of its own before chunk 1, and its first flush (nothing recorded yet) makes no
-    /// chunk.
+    /// is a span of its own before chunk 1, which is the header's seal alone.
     fn both(key: &EvidenceKey, signed: Option<bool>) -> [(&'static str, Vec<u8>, usize); 2] {
         [
             ("v5", recording(key, signed), 1),
@@ -483,15 +482,13 @@ mod tests {
         for (name, bytes, first) in both(&key, Some(true)) {
             let rep = check(&bytes, &key);
             assert!(rep.ok(), "{name}: {rep}");
-            // version 3: the header's chunk and 6 more; version 5: 6
-            let chunks = 7 - first as u64;
-            assert_eq!(rep.chunks, chunks, "{name}");
+            // the header's chunk and 6 more
+            assert_eq!(rep.chunks, 7, "{name}");
             assert!(
-                rep.to_string()
-                    .starts_with(&format!("rec-1: OK: {chunks} chunks")),
+                rep.to_string().starts_with("rec-1: OK: 7 chunks"),
                 "{name}: {rep}"
             );
-            assert_eq!(frame_spans(&bytes).len(), 8, "{name}");
+            assert_eq!(frame_spans(&bytes).len(), 8 + first, "{name}");
             let mut r = RecordingReader::open(&bytes[..]).expect("open");
             let mut n = 0;
             while r.next_record().expect("record").is_some() {
@@ -627,9 +624,8 @@ mod tests {
                 "{name}: {text}"
             );
             assert!(text.contains("chunk 4 is missing"), "{name}: {text}");
-            let chunks = 7 - first;
             assert!(
-                text.contains(&format!("the trailer names {chunks} chunks")),
+                text.contains("the trailer names 7 chunks"),
                 "{name}: {text}"
             );
         }
@@ -673,11 +669,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("was modified"), "{text}");
-        // version 5: chunk 2 holds "line 2" in its CHUNK record (5-byte head, then the frame),
+        // version 5: chunk 3 holds "line 2" in its CHUNK record (5-byte head, then the frame),
         // followed by its SEAL; the forger rewrites the record with a frame of its own
         let bytes = recording(&key, Some(true));
         let spans = frame_spans(&bytes);
-        let unit = &bytes[spans[2].clone()];
+        let unit = &bytes[spans[3].clone()];
         assert_eq!(unit[0], 0x05, "a CHUNK record");
         let len = u32::from_be_bytes(unit[1..5].try_into().expect("4 bytes")) as usize;
         let plain = zstd::decode_all(&unit[5..5 + len]).expect("decode");
@@ -685,16 +681,16 @@ mod tests {
         let at = plain.windows(6).position(|w| w == b"line 2").expect("text");
         changed[at + 5] = b'9';
         let forged = zstd::encode_all(&changed[..], 3).expect("encode");
-        let mut b = bytes[..spans[2].start].to_vec();
+        let mut b = bytes[..spans[3].start].to_vec();
         b.push(0x05);
         b.extend_from_slice(&(forged.len() as u32).to_be_bytes());
         b.extend_from_slice(&forged);
         b.extend_from_slice(&unit[5 + len..]);
-        b.extend_from_slice(&bytes[spans[2].end..]);
+        b.extend_from_slice(&bytes[spans[3].end..]);
         let rep = check(&b, &key);
         let text = rep.to_string();
         assert!(
-            text.contains("chunk 2 (up to 0:00:02.000 into the session"),
+            text.contains("chunk 3 (up to 0:00:02.000 into the session"),
             "{text}"
         );
         assert!(text.contains("was modified"), "{text}");
@@ -712,14 +708,11 @@ mod tests {
         let (key, _) = EvidenceKey::generate().expect("key");
         for (name, bytes, first) in both(&key, Some(true)) {
             let spans = frame_spans(&bytes);
-            // at a chunk's end: the chunk that holds "line 4" (4 s into the session)
-            let n = 5 - first;
-            let rep = check(&bytes[..spans[chunk_of(first, n)].end], &key);
+            // at a chunk's end: chunk 5 holds "line 4" (4 s into the session)
+            let rep = check(&bytes[..spans[chunk_of(first, 5)].end], &key);
             assert_eq!(rep.status, Status::Truncated, "{name}: {rep}");
-            let want = format!(
-                "truncated after chunk {n} (0:00:04.000 into the session, 2026-12-03T00:00:04.000Z), signature missing"
-            );
-            assert!(rep.summary.starts_with(&want), "{name}: {rep}");
+            let want = "truncated after chunk 5 (0:00:04.000 into the session, 2026-12-03T00:00:04.000Z), signature missing";
+            assert!(rep.summary.starts_with(want), "{name}: {rep}");
             // inside one
             for cut in (spans[1].start + 1..spans[6].end).step_by(7) {
                 let rep = check(&bytes[..cut], &key);
@@ -732,9 +725,9 @@ mod tests {
     #[test]
     fn removed_trailer_is_missing_not_truncated() {
         let (key, _) = EvidenceKey::generate().expect("key");
-        for (name, bytes, _) in both(&key, Some(true)) {
+        for (name, bytes, first) in both(&key, Some(true)) {
             let spans = frame_spans(&bytes);
-            let rep = check(&bytes[..spans[6].end], &key);
+            let rep = check(&bytes[..spans[chunk_of(first, 7)].end], &key);
             assert_eq!(rep.status, Status::Failed, "{name}: {rep}");
             assert!(rep.to_string().contains("trailer missing"), "{name}: {rep}");
         }
@@ -758,6 +751,26 @@ mod tests {
                 "{name}: {rep}"
             );
         }
+    }
+
+    /// A chunked recording's clear header is sealed by the first flush (the recorder flushes
+    /// when the session starts), before anything is recorded.
+    #[test]
+    fn a_chunked_header_is_sealed_at_the_first_flush() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        w.flush().expect("flush");
+        let bytes = w.get_ref().clone();
+        let rep = check(&bytes, &key);
+        assert_eq!(rep.status, Status::Truncated, "{rep}");
+        assert!(rep.summary.starts_with("truncated after chunk 1"), "{rep}");
+        // the user's name changed in the clear header: chunk 1's seal no longer matches
+        let at = bytes.windows(5).position(|w| w == b"alice").expect("user");
+        let mut b = bytes.clone();
+        b[at] = b'A';
+        let rep = check(&b, &key);
+        assert_eq!(rep.status, Status::Failed, "{rep}");
+        assert!(rep.to_string().contains("chunk 1"), "{rep}");
     }
 
     #[test]

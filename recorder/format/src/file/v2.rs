@@ -105,10 +105,13 @@ impl<W: Write> RecordingWriter<W> {
     }
 
     /// Writes the chunk (encrypted when the recording is), the CLOSE when there is one, and
-    /// their SEAL; nothing when neither was written since the last seal.
+    /// their SEAL; nothing when neither was written since the last seal. The first call seals
+    /// the header even when nothing else was written (chunk 1 is then the header's seal
+    /// alone), so that a recording's meta is sealed from its first flush, as in the stream
+    /// layout, where the header is in chunk 1's frame.
     pub(super) fn end_chunk_encrypted(&mut self) -> Result<(), FormatError> {
         let has_close = self.enc.as_ref().is_some_and(|e| e.close.is_some());
-        if !self.in_frame && !has_close {
+        if !self.in_frame && !has_close && self.chunks > 0 {
             return Ok(());
         }
         let chunk = self.chunks + 1;
@@ -279,11 +282,17 @@ impl<R: Read> RecordingReader<R> {
         Ok(reader)
     }
 
-    /// The error of a record read from an encrypted recording opened without its key.
+    /// The error of a record read from an encrypted recording opened without its key, or from
+    /// a chunked one told to check seals only.
     pub(super) fn key_needed(&self) -> FormatError {
-        FormatError::Encrypted {
-            recording: self.meta.recording_id.clone(),
-            key_id: self.encrypted_with().unwrap_or(KeyId([0; 8])),
+        match self.encrypted_with() {
+            Some(key_id) => FormatError::Encrypted {
+                recording: self.meta.recording_id.clone(),
+                key_id,
+            },
+            None => FormatError::Malformed(
+                "this reader checks seals only: it opens no chunk (seals_only)".into(),
+            ),
         }
     }
 
