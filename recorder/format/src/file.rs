@@ -584,12 +584,12 @@ impl<W: Write> RecordingWriter<W> {
         match (layout, key) {
             (Layout::Encrypted, Some(key)) => {
                 writer.begin_chunks(meta, Some(key), version)?;
-                writer.prime()?;
+                writer.prime(&json_body(meta)?)?;
                 return Ok(writer);
             }
             (Layout::Chunks, _) => {
                 writer.begin_chunks(meta, None, version)?;
-                writer.prime()?;
+                writer.prime(&json_body(meta)?)?;
                 return Ok(writer);
             }
             _ => {}
@@ -629,28 +629,39 @@ impl<W: Write> RecordingWriter<W> {
         })
     }
 
-    /// Sets up the zstd context's tables now, when the recording opens, rather than at its
-    /// first record (the stream layout does so by compressing its header). A session's set-up
-    /// already takes milliseconds; its first output is a keystroke's echo, and when many
-    /// sessions print at once (1000 idle sessions answering together: 0.7 ms for the slowest
-    /// echo with the set-up at open, 4–7.5 ms with it at the first record, perf/BENCHMARKS.md)
-    /// the recorder's set-up work competes with the relay for the same cores.
-    fn prime(&mut self) -> Result<(), FormatError> {
+    /// Sets up the zstd context now, when the recording opens, rather than at its first record
+    /// and first flush (the stream layout does so by compressing its header into chunk 1). It
+    /// compresses `sample` (the header's JSON) into a frame that is thrown away: that allocates
+    /// the context and touches the memory a frame uses (match tables, sequence and literal
+    /// buffers, entropy tables, the output buffer), so the page faults come now. A session's set-up already takes milliseconds;
+    /// its first output is a keystroke's echo, and when many sessions print at once (1000 idle
+    /// sessions answering together) that set-up work would compete with the relay for the same
+    /// cores (perf/BENCHMARKS.md: the slowest of 1000 echoes went from 0.7 to 4–7.5 ms without
+    /// it).
+    fn prime(&mut self, sample: &[u8]) -> Result<(), FormatError> {
         self.guard(|w| {
+            let mut input = InBuffer::around(sample);
+            loop {
+                w.out.clear();
+                let mut output = OutBuffer::around(&mut w.out);
+                w.cctx.run(&mut input, &mut output)?;
+                if input.pos() == input.src.len() {
+                    break;
+                }
+            }
+            loop {
+                w.out.clear();
+                let remaining = {
+                    let mut output = OutBuffer::around(&mut w.out);
+                    w.cctx.finish(&mut output, false)?
+                };
+                if remaining == 0 {
+                    break;
+                }
+            }
             w.out.clear();
-            let mut input = InBuffer::around(&[]);
-            let mut output = OutBuffer::around(&mut w.out);
-            w.cctx.run(&mut input, &mut output)?;
-            Ok(())
-        })?;
-        // nothing is written before the first record: an empty input makes no output
-        debug_assert!(
-            self.out.is_empty(),
-            "priming wrote {} bytes",
-            self.out.len()
-        );
-        self.out.clear();
-        Ok(())
+            w.cctx.reinit()
+        })
     }
 
     /// Appends one record. DATA longer than [`MAX_RECORD`] is cut into several records.
