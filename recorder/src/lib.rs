@@ -9,9 +9,9 @@
 //! append, CLOSE ends and fsyncs it, DISCARD removes a recording whose session never started.
 //! When a recording cannot be written any more (disk full, I/O error) the recorder answers
 //! [`Reply::Failed`] for that stream and drops its frames: the relay ends that one session, the
-//! link and its other sessions go on. Open files are flushed (a sealed chunk: a zstd frame
-//! ended with its SEAL, written out) at least every second, every 4 MiB and at every RESIZE,
-//! so a crash loses at most the last second. A stream still open when its relay's connection
+//! link and its other sessions go on. Open files are flushed (a sealed chunk: a zstd frame and
+//! its SEAL, written out) at least every 250 ms, every 256 KiB and at every RESIZE, so a crash
+//! loses at most the last quarter of a second. A stream still open when its relay's connection
 //! drops is closed with the reason `"relay link lost"`; on SIGTERM/SIGINT, with `"recorder
 //! shutdown"`.
 //!
