@@ -39,8 +39,9 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// What recording costs per GiB (random and terminal-like data), the recorder's adaptive
-    /// zstd level beside a fixed one (perf/BENCHMARKS.md).
+    /// What recording costs per GiB (random, terminal-like and zero bytes), the recorder's
+    /// adaptive zstd level beside a fixed one, and the seals of format versions 1, 3 and 5
+    /// (perf/BENCHMARKS.md).
     RecordBench {
         /// MiB written per line of the table.
         #[arg(long, default_value_t = 1024)]
