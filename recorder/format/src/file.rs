@@ -1383,6 +1383,33 @@ mod tests {
         assert!(path_for(dir, &"x".repeat(64)).is_ok());
     }
 
+    /// A chunk that no longer decompresses (one flipped byte) does not hide a version 5
+    /// recording from listings: `info` reads the clear header, seals and CLOSE only.
+    #[test]
+    fn info_of_a_damaged_chunked_recording_still_lists_it() {
+        let tmp = std::env::temp_dir().join(format!("psmrec-info-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).expect("mkdir");
+        let mut bytes = write_all(&records());
+        let spans = frame_spans(&bytes);
+        let chunk = spans
+            .iter()
+            .find(|r| bytes[r.start] == KIND_CHUNK)
+            .expect("a CHUNK record")
+            .clone();
+        bytes[chunk.start + RECORD_HEAD + 6] ^= 0xff;
+        let path = tmp.join("rec-1.psmrec");
+        fs::write(&path, &bytes).expect("write");
+        let got = info(&path);
+        let _ = fs::remove_dir_all(&tmp);
+        let got = got.expect("listed");
+        assert_eq!(
+            got.summary.as_ref().map(|s| s.reason.as_str()),
+            Some("client closed")
+        );
+        assert_eq!(got.meta, meta());
+    }
+
     #[test]
     fn list_sorts_skips_and_tolerates_missing_dir() {
         let tmp = std::env::temp_dir().join(format!("psmrec-list-{}", std::process::id()));
