@@ -269,6 +269,36 @@ impl Psm {
     pub fn data_dir(&self) -> &Path {
         &self.data
     }
+
+    /// The direction and size of every DATA record in recording `recording_id`, read up to
+    /// where the file ends or stops reading (a recording cut by a killed recorder ends early),
+    /// and the error it stopped on, if any.
+    pub fn recorded_data(
+        &self,
+        recording_id: &str,
+    ) -> (
+        Vec<(psm_recorder_format::Direction, usize)>,
+        Option<psm_recorder_format::FormatError>,
+    ) {
+        let path = self
+            .data
+            .join("recordings")
+            .join(format!("{recording_id}.psmrec"));
+        let file = fs::File::open(&path).expect("recording file");
+        let mut r = psm_recorder_format::file::RecordingReader::open(std::io::BufReader::new(file))
+            .expect("recording header");
+        let mut out = Vec::new();
+        loop {
+            match r.next_record() {
+                Ok(Some(psm_recorder_format::file::Record::Data {
+                    direction, data, ..
+                })) => out.push((direction, data.len())),
+                Ok(Some(_)) => {}
+                Ok(None) => return (out, None),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
     /// A scratch directory for the test (keys, downloads), inside the temp dir.
     pub fn work_dir(&self) -> PathBuf {
         let w = self.dir.path().join("w");

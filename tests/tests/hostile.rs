@@ -567,27 +567,16 @@ fn a_client_that_ignores_its_window_is_disconnected_and_memory_returns() {
 
 /// The largest data message of each direction in a session's recording.
 fn largest_recorded(w: &World, recording_id: &str) -> (usize, usize) {
-    let path = w
-        .psm
-        .data_dir()
-        .join("recordings")
-        .join(format!("{recording_id}.psmrec"));
-    let file = std::fs::File::open(&path).expect("recording file");
-    let mut r = psm_recorder_format::file::RecordingReader::open(std::io::BufReader::new(file))
-        .expect("recording header");
-    let (mut input, mut output) = (0, 0);
-    while let Some(rec) = r.next_record().expect("recording reads") {
-        if let psm_recorder_format::file::Record::Data {
-            direction, data, ..
-        } = rec
-        {
-            match direction {
-                psm_recorder_format::Direction::Input => input = input.max(data.len()),
-                _ => output = output.max(data.len()),
-            }
-        }
-    }
-    (input, output)
+    let (data, error) = w.psm.recorded_data(recording_id);
+    assert!(error.is_none(), "the recording reads: {error:?}");
+    let largest = |input: bool| {
+        data.iter()
+            .filter(|(d, _)| (*d == psm_recorder_format::Direction::Input) == input)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
+    };
+    (largest(true), largest(false))
 }
 
 /// psm takes channel data in packets of up to 65535 bytes from the user (twice russh's

@@ -243,26 +243,11 @@ fn psm_up_restarts_a_killed_recorder() {
 /// Output bytes recorded for a session (every DATA record toward the user), read up to where
 /// the file ends (a recording cut by a killed recorder ends early).
 fn recorded_output(w: &World, recording_id: &str) -> u64 {
-    let path = w
-        .psm
-        .data_dir()
-        .join("recordings")
-        .join(format!("{recording_id}.psmrec"));
-    let file = std::fs::File::open(&path).expect("recording file");
-    let mut r = psm_recorder_format::file::RecordingReader::open(std::io::BufReader::new(file))
-        .expect("recording header");
-    let mut out = 0;
-    while let Ok(Some(rec)) = r.next_record() {
-        if let psm_recorder_format::file::Record::Data {
-            direction, data, ..
-        } = rec
-        {
-            if direction != psm_recorder_format::Direction::Input {
-                out += data.len() as u64;
-            }
-        }
-    }
-    out
+    let (data, _) = w.psm.recorded_data(recording_id);
+    data.iter()
+        .filter(|(d, _)| *d != psm_recorder_format::Direction::Input)
+        .map(|(_, n)| *n as u64)
+        .sum()
 }
 
 /// `ssh … COMMAND` in the background, its output counted on a thread as it arrives.

@@ -584,12 +584,10 @@ impl<W: Write> RecordingWriter<W> {
         match (layout, key) {
             (Layout::Encrypted, Some(key)) => {
                 writer.begin_chunks(meta, Some(key), version)?;
-                writer.prime(&json_body(meta)?)?;
                 return Ok(writer);
             }
             (Layout::Chunks, _) => {
                 writer.begin_chunks(meta, None, version)?;
-                writer.prime(&json_body(meta)?)?;
                 return Ok(writer);
             }
             _ => {}

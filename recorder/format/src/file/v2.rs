@@ -44,8 +44,8 @@ fn sha256(bytes: &[u8]) -> Hash {
 }
 
 impl<W: Write> RecordingWriter<W> {
-    /// Writes the clear HEADER record (after the magic) and, with `key`, sets up the chunks'
-    /// cipher.
+    /// Writes the clear HEADER record (after the magic), with `key` sets up the chunks' cipher,
+    /// and primes the zstd context with the header's JSON ([`RecordingWriter::prime`]).
     pub(super) fn begin_chunks(
         &mut self,
         meta: &RecordingMeta,
@@ -82,7 +82,7 @@ impl<W: Write> RecordingWriter<W> {
             plain: 0,
             close: None,
         }));
-        Ok(())
+        self.prime(&json)
     }
 
     /// Chunked recordings: ends the chunk before a record of `len` bytes that would take it
