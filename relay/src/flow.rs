@@ -33,8 +33,8 @@ use tokio::sync::Notify;
 /// Receive window psm offers on a channel when its queue is empty (russh's default).
 pub const WINDOW: u32 = 2 << 20;
 
-/// The largest channel packet psm accepts, on both legs: the most russh allows (a TCP packet's
-/// 65535). A peer that allows it then sends half as many packets as at russh's default 32 KiB,
+/// The largest channel packet psm accepts, on both legs: the most russh's configuration allows
+/// (it refuses a `maximum_packet_size` above 65535). A peer that allows it then sends half as many packets as at russh's default 32 KiB,
 /// and each costs psm a decryption, an encryption, a handler call and a recording frame: a bulk
 /// transfer took about 13 % less of psm's CPU per GiB (perf/BENCHMARKS.md).
 pub const MAX_PACKET: u32 = 65535;
