@@ -1,0 +1,493 @@
+//! A worker's link to psm-recorder: the thread that ships the worker's frames over its own
+//! connection to `recorder.sock` and hands psm-recorder's replies to the streams they name.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read as _;
+use std::os::fd::AsFd as _;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam::queue::ArrayQueue;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EventFd;
+use psm_recorder_format::{Frame, Reply};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::durable::{Durable, Window};
+use super::{LinkState, StreamStatus};
+
+/// Bytes the link writes to the socket in one go, at most.
+const BATCH_BYTES: usize = 1 << 20;
+/// How long the link thread sleeps when its queues are empty.
+pub(super) const LINK_IDLE: Duration = Duration::from_millis(50);
+
+/// What the link keeps about one open stream.
+pub(super) struct StreamEntry {
+    pub(super) status: watch::Sender<StreamStatus>,
+    pub(super) durable: Arc<Durable>,
+}
+
+pub(super) struct LinkShared {
+    pub(super) queues: Mutex<Vec<Arc<ArrayQueue<Frame>>>>,
+    pub(super) state_tx: watch::Sender<LinkState>,
+    pub(super) sleeping: AtomicBool,
+    /// Wakes the link thread out of its `poll` (written by a worker when the link sleeps).
+    pub(super) wake: EventFd,
+    pub(super) next_stream: AtomicU64,
+    /// Open streams and what psm-recorder last said about each.
+    pub(super) streams: Mutex<HashMap<u64, StreamEntry>>,
+    /// Each session's durable window.
+    pub(super) window: Window,
+}
+
+impl LinkShared {
+    pub(super) fn report(&self, stream: u64, status: StreamStatus) {
+        let Ok(mut m) = self.streams.lock() else {
+            return;
+        };
+        let done = status.is_lost();
+        if let Some(e) = m.get(&stream) {
+            e.status.send_replace(status);
+            e.durable.moved.notify_waiters();
+        }
+        if done {
+            m.remove(&stream);
+        }
+    }
+
+    /// The link dropped: every stream on it is lost.
+    fn lose_all(&self, why: &str) {
+        if let Ok(mut m) = self.streams.lock() {
+            for (_, e) in m.drain() {
+                e.status.send_replace(StreamStatus::Failed(why.to_string()));
+                e.durable.moved.notify_waiters();
+            }
+        }
+    }
+
+    /// psm-recorder confirmed `bytes` of `stream` durable.
+    fn ack(&self, stream: u64, bytes: u64) {
+        let durable = match self.streams.lock() {
+            Ok(m) => m.get(&stream).map(|e| e.durable.clone()),
+            Err(_) => None,
+        };
+        if let Some(d) = durable {
+            d.ack(bytes);
+        }
+    }
+
+    pub(super) fn forget(&self, stream: u64) {
+        if let Ok(mut m) = self.streams.lock() {
+            m.remove(&stream);
+        }
+    }
+}
+
+fn set_state(shared: &LinkShared, connected: bool) {
+    shared.state_tx.send_modify(|s| {
+        if s.connected != connected {
+            s.connected = connected;
+            s.generation += 1;
+        }
+    });
+}
+
+pub(super) fn link_thread(socket: PathBuf, shared: Arc<LinkShared>) {
+    let mut warned = false;
+    loop {
+        match UnixStream::connect(&socket) {
+            Ok(stream) => {
+                warned = false;
+                info!(socket = %socket.display(), "connected to psm-recorder");
+                drain_queues(&shared, None);
+                set_state(&shared, true);
+                let err = pump(stream, &shared);
+                set_state(&shared, false);
+                shared.lose_all("the link to psm-recorder dropped");
+                warn!(error = %err, "link to psm-recorder lost; recorded sessions are being closed");
+            }
+            Err(e) => {
+                if !warned {
+                    warn!(socket = %socket.display(), error = %e, "psm-recorder unreachable; new sessions are refused until it is back");
+                    warned = true;
+                }
+                drain_queues(&shared, None);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// psm-recorder's replies as they come in on the link's (non-blocking) connection.
+#[derive(Default)]
+pub(super) struct Replies {
+    buf: Vec<u8>,
+}
+
+impl Replies {
+    /// Reads what arrived and hands each whole reply to its stream; `Err` says why the link is
+    /// over (psm-recorder closed it, or sent a reply that does not parse).
+    pub(super) fn take(&mut self, r: &mut UnixStream, shared: &LinkShared) -> Result<(), String> {
+        let mut b = [0u8; 4096];
+        // what ended the connection, once the replies that came before it are handled (the
+        // last acknowledgements psm-recorder sent before it closed still count)
+        let ended = loop {
+            match r.read(&mut b) {
+                Ok(0) => break Some("psm-recorder closed the connection".to_string()),
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) => break Some(format!("reading from psm-recorder: {e}")),
+            }
+        };
+        let mut used = 0;
+        let result = loop {
+            match Reply::decode(&self.buf[used..]) {
+                Ok(Some((reply, k))) => {
+                    used += k;
+                    handle_reply(shared, reply);
+                }
+                Ok(None) => break ended.map_or(Ok(()), Err),
+                Err(e) => break Err(format!("bad reply from psm-recorder: {e}")),
+            }
+        };
+        self.buf.drain(..used);
+        result
+    }
+}
+
+fn handle_reply(shared: &LinkShared, reply: Reply) {
+    match reply {
+        Reply::Opened { stream } => shared.report(stream, StreamStatus::Open),
+        Reply::Refused { stream, reason } => {
+            warn!(stream, reason = %reason, "psm-recorder refused a recording");
+            shared.report(stream, StreamStatus::Refused(reason))
+        }
+        Reply::Failed { stream, reason } => {
+            warn!(stream, reason = %reason, "psm-recorder lost a recording");
+            shared.report(stream, StreamStatus::Failed(reason))
+        }
+        Reply::Durable { stream, bytes } => shared.ack(stream, bytes),
+    }
+}
+
+/// Sleeps until psm-recorder sends something (or, with `writable`, has room for more), a worker
+/// wakes the link, or `timeout` passes.
+fn wait(
+    stream: &UnixStream,
+    wake: &EventFd,
+    writable: bool,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut events = PollFlags::POLLIN;
+    if writable {
+        events |= PollFlags::POLLOUT;
+    }
+    let mut fds = [
+        PollFd::new(stream.as_fd(), events),
+        PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+    ];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        Ok(_) | Err(Errno::EINTR) => {}
+        Err(e) => return Err(format!("waiting on psm-recorder: {e}")),
+    }
+    if fds[1]
+        .revents()
+        .is_some_and(|r| r.contains(PollFlags::POLLIN))
+    {
+        // back to zero, so that the next wake is seen
+        let _ = wake.read();
+    }
+    Ok(())
+}
+
+/// DATA payloads this size or larger go to psm-recorder as they are (a slice of the vectored
+/// write); smaller ones (a keystroke, its echo) are copied in with their header.
+const INLINE_MAX: usize = 1024;
+/// Payloads one write carries at most (`writev` takes up to 1024 slices, two per payload).
+const BATCH_PAYLOADS: usize = 256;
+
+/// What one vectored write to psm-recorder carries: the frames encoded in `heads`, but for
+/// large DATA payloads, which stay where the worker put them (no copy on the link thread).
+#[derive(Default)]
+struct Batch {
+    heads: Vec<u8>,
+    /// Each payload, after the heads' bytes up to the offset given with it.
+    payloads: Vec<(usize, Bytes)>,
+    payload_bytes: usize,
+    /// Bytes of the batch already written (the socket took part of it and had no room left).
+    written: usize,
+}
+
+impl Batch {
+    fn push(&mut self, f: &Frame) {
+        match f.encode_split(&mut self.heads) {
+            Some(data) if data.len() >= INLINE_MAX => {
+                self.payload_bytes += data.len();
+                self.payloads.push((self.heads.len(), data.clone()));
+            }
+            Some(data) => self.heads.extend_from_slice(data),
+            None => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.heads.is_empty() && self.payloads.is_empty()
+    }
+
+    fn full(&self) -> bool {
+        self.heads.len() + self.payload_bytes >= BATCH_BYTES
+            || self.payloads.len() >= BATCH_PAYLOADS
+    }
+
+    fn clear(&mut self) {
+        self.heads.clear();
+        self.payloads.clear();
+        self.payload_bytes = 0;
+        self.written = 0;
+    }
+
+    /// Writes what is left of the batch: `Ok(true)` once all of it is written, `Ok(false)` when
+    /// `w` has no room now (the rest goes on a later call).
+    fn write_some(&mut self, w: &mut impl std::io::Write) -> std::io::Result<bool> {
+        let mut slices = Vec::with_capacity(2 * self.payloads.len() + 1);
+        let mut at = 0;
+        for (end, p) in &self.payloads {
+            slices.push(std::io::IoSlice::new(&self.heads[at..*end]));
+            slices.push(std::io::IoSlice::new(p));
+            at = *end;
+        }
+        slices.push(std::io::IoSlice::new(&self.heads[at..]));
+        let mut left = &mut slices[..];
+        std::io::IoSlice::advance_slices(&mut left, self.written);
+        while !left.is_empty() {
+            match w.write_vectored(left) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.written += n;
+                    std::io::IoSlice::advance_slices(&mut left, n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Pops every queued frame; adds those of known streams to `out` when given.
+fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Batch, &mut HashSet<u64>)>) -> bool {
+    let queues: Vec<_> = match shared.queues.lock() {
+        Ok(q) => q.clone(),
+        Err(_) => return false,
+    };
+    let mut any = false;
+    for q in &queues {
+        while let Some(f) = q.pop() {
+            any = true;
+            if let Some((batch, open)) = out.as_mut() {
+                match &f {
+                    Frame::Open { stream, .. } => {
+                        open.insert(*stream);
+                    }
+                    Frame::Close { stream, .. } | Frame::Discard { stream } => {
+                        if !open.remove(stream) {
+                            continue;
+                        }
+                        batch.push(&f);
+                        continue;
+                    }
+                    other => {
+                        if !open.contains(&other.stream()) {
+                            continue;
+                        }
+                    }
+                }
+                batch.push(&f);
+                if batch.full() {
+                    return true;
+                }
+            }
+        }
+    }
+    any
+}
+
+/// Ships the worker's frames to psm-recorder and takes its replies, on one thread: the
+/// connection is non-blocking and the thread sleeps in `poll` on it and on the workers' wake, so
+/// a reply (an acknowledgement a paused session waits for) is taken as it comes, even while the
+/// socket has no room for frames. Returns why the link ended.
+fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
+    if let Err(e) = stream.set_nonblocking(true) {
+        return format!("setting up the connection to psm-recorder: {e}");
+    }
+    let mut batch = Batch {
+        heads: Vec::with_capacity(64 * 1024),
+        ..Batch::default()
+    };
+    let mut open = HashSet::new();
+    let mut replies = Replies::default();
+    loop {
+        if let Err(why) = replies.take(&mut stream, shared) {
+            return why;
+        }
+        // a batch the socket took only part of goes on before anything new
+        let any = if batch.is_empty() {
+            drain_queues(shared, Some((&mut batch, &mut open)))
+        } else {
+            true
+        };
+        if !batch.is_empty() {
+            match batch.write_some(&mut stream) {
+                Ok(true) => batch.clear(),
+                Ok(false) => {
+                    // psm-recorder is behind: wait for room (or a reply, or a wake)
+                    if let Err(why) = wait(&stream, &shared.wake, true, LINK_IDLE) {
+                        return why;
+                    }
+                    continue;
+                }
+                Err(e) => return format!("writing to psm-recorder: {e}"),
+            }
+        }
+        if !any {
+            shared.sleeping.store(true, Ordering::Release);
+            // Re-check after announcing sleep so a push between the drain and here is not missed.
+            let pending = shared
+                .queues
+                .lock()
+                .map(|q| q.iter().any(|q| !q.is_empty()))
+                .unwrap_or(false);
+            let slept = if pending {
+                Ok(())
+            } else {
+                wait(&stream, &shared.wake, false, LINK_IDLE)
+            };
+            shared.sleeping.store(false, Ordering::Release);
+            if let Err(why) = slept {
+                return why;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use psm_recorder_format::Direction;
+
+    /// Takes at most 7 bytes per call, from the first non-empty slice only.
+    struct Trickle(Vec<u8>);
+
+    impl std::io::Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let n = b.len().min(7);
+            self.0.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+            match bufs.iter().find(|b| !b.is_empty()) {
+                Some(b) => self.write(b),
+                None => Ok(0),
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_sends_the_frames_bytes_in_order_with_large_payloads_uncopied() {
+        let data = |n: usize, ts_us: u64| Frame::Data {
+            stream: 1,
+            ts_us,
+            channel: 0,
+            direction: Direction::Output,
+            data: Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+        };
+        let frames = vec![
+            data(5, 1),
+            data(40_000, 2),
+            Frame::Resize {
+                stream: 1,
+                ts_us: 3,
+                channel: 0,
+                cols: 80,
+                rows: 24,
+            },
+            data(INLINE_MAX, 4),
+            data(INLINE_MAX - 1, 5),
+            data(70_000, 6),
+        ];
+        let mut batch = Batch::default();
+        let mut whole = Vec::new();
+        for f in &frames {
+            batch.push(f);
+            f.encode(&mut whole);
+        }
+        assert_eq!(
+            batch.payloads.len(),
+            3,
+            "the three payloads of INLINE_MAX or more"
+        );
+        let mut out = Trickle(Vec::new());
+        assert!(batch.write_some(&mut out).expect("written"), "all of it");
+        assert_eq!(out.0, whole);
+
+        // a socket that runs out of room part-way: the batch goes on where it stopped
+        batch.written = 0;
+        let mut choked = Choke {
+            took: Vec::new(),
+            room: 50_000,
+        };
+        assert!(!batch.write_some(&mut choked).expect("no error"), "stopped");
+        assert_eq!(choked.took.len(), 50_000);
+        choked.room = 1_000;
+        assert!(
+            !batch.write_some(&mut choked).expect("no error"),
+            "stopped again"
+        );
+        choked.room = usize::MAX;
+        assert!(batch.write_some(&mut choked).expect("written"), "the rest");
+        assert_eq!(choked.took, whole);
+    }
+
+    /// Takes `room` bytes in all, then says it would block.
+    struct Choke {
+        took: Vec<u8>,
+        room: usize,
+    }
+
+    impl std::io::Write for Choke {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.write_vectored(&[std::io::IoSlice::new(b)])
+        }
+        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.room - n);
+                self.took.extend_from_slice(&b[..k]);
+                n += k;
+                if n == self.room {
+                    break;
+                }
+            }
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
