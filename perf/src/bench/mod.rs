@@ -561,6 +561,23 @@ async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         rows.push(worst);
         return;
     }
+    // each session holds two descriptors in the relay (its user's connection and its
+    // target's): past its limit, accept fails and the sessions would only time out
+    let need = 2 * n as u64;
+    if let Some(left) = relay
+        .and_then(procs::descriptors_left)
+        .filter(|l| *l < need)
+    {
+        let e = format!(
+            "{n} idle sessions need {need} descriptors in psm-relay and it may open {left} more \
+             (its `ulimit -n`; `psm-perf check` says how to raise it)"
+        );
+        mem.set("psm", Err(anyhow::anyhow!("{e}")));
+        worst.set("psm", Err(anyhow::anyhow!(e)));
+        rows.push(mem);
+        rows.push(worst);
+        return;
+    }
     eprintln!("bench: {n} idle sessions via psm");
     let r = async {
         let before = relay.map(procs::rss_kib).unwrap_or(0);

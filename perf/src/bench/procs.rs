@@ -104,6 +104,17 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Descriptors `pid` may still open: its soft `RLIMIT_NOFILE` less those open now (`None` when
+/// /proc does not say, or the limit is `unlimited`).
+pub fn descriptors_left(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let psm_perf::Limit::Value(soft) = psm_perf::parse_nofile(&limits)?.0 else {
+        return None;
+    };
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some(soft.saturating_sub(open))
+}
+
 /// Pids whose command line mentions `needle` (like `pgrep -f`), with their executable's name.
 pub fn pids_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut out = Vec::new();
@@ -400,4 +411,18 @@ pub fn start_socat(port: u16, to: SocketAddr) -> anyhow::Result<Option<Proc>> {
             .unwrap_or(false)
     })?;
     Ok(Some(p))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn descriptors_left_goes_down_as_descriptors_open() {
+        let pid = std::process::id();
+        let before = super::descriptors_left(pid).expect("a finite limit in /proc/self/limits");
+        let held: Vec<_> = (0..3)
+            .map(|_| std::fs::File::open("/proc/self/limits").expect("open"))
+            .collect();
+        let after = super::descriptors_left(pid).expect("the limit");
+        assert_eq!(before - after, held.len() as u64);
+    }
 }
