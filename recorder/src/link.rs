@@ -1,0 +1,492 @@
+//! One relay connection: its streams, the frames that come in on it and the replies that go back.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use psm_evidence::EvidenceKey;
+use psm_recorder_format::file::{self, Record, RecordingWriter};
+use psm_recorder_format::{CloseSummary, FormatError, Frame, FrameRef, RecordingMeta, Reply};
+use tracing::{debug, error, info, warn};
+
+use crate::index::{Collector, Indexer};
+use crate::recording::{Entry, Recording};
+use crate::{
+    now_ms, Encryption, Stats, FILE_BUFFER, FLUSH_INTERVAL, MIN_READ, REASON_LINK_LOST,
+    REASON_SHUTDOWN, REASON_WRITE_FAILED, RECV_BUFFER, TICK,
+};
+
+/// What a link knows about one of its streams.
+pub(crate) enum Stream {
+    Recording(Box<Recording>),
+    /// Its frames are dropped (the recording could not be created or written).
+    Dropped,
+}
+
+/// The streams of one relay connection.
+pub(crate) struct Link {
+    pub(crate) id: u64,
+    pub(crate) dir: PathBuf,
+    pub(crate) streams: HashMap<u64, Stream>,
+    /// Where [`Reply`]s go (the same socket, written by this thread only).
+    pub(crate) replies: UnixStream,
+    /// Set when a reply could not be sent: the relay no longer hears about its streams, so the
+    /// link is closed and the relay ends every session recorded on it (fail closed).
+    pub(crate) deaf: Option<String>,
+    /// Signs the trailers, encrypts the recordings when there is a recording key, counts.
+    pub(crate) keys: Arc<Keys>,
+    /// Where the recordings' text goes, for the search index.
+    pub(crate) indexer: Indexer,
+}
+
+/// The keys of the recorder: the evidence key signs trailers, the recording key (if any)
+/// encrypts recordings; and the counters every link adds to.
+pub(crate) struct Keys {
+    pub(crate) evidence: EvidenceKey,
+    pub(crate) encryption: Encryption,
+    pub(crate) stats: Arc<Stats>,
+}
+
+impl Link {
+    pub(crate) fn new(
+        id: u64,
+        dir: PathBuf,
+        replies: UnixStream,
+        keys: Arc<Keys>,
+        indexer: Indexer,
+    ) -> Self {
+        Link {
+            id,
+            dir,
+            streams: HashMap::new(),
+            replies,
+            deaf: None,
+            keys,
+            indexer,
+        }
+    }
+
+    pub(crate) fn reply(&mut self, reply: Reply) {
+        if self.deaf.is_some() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(64);
+        reply.encode(&mut buf);
+        if let Err(e) = self.replies.write_all(&buf) {
+            self.deaf = Some(format!("cannot answer the relay: {e}"));
+        }
+    }
+
+    /// A recording stops being written: its frames are dropped from now on, the relay is told
+    /// so that it ends that session, and the file is finished if it still can be.
+    pub(crate) fn fail(&mut self, stream: u64, why: String) {
+        let Some(Stream::Recording(r)) = self.streams.insert(stream, Stream::Dropped) else {
+            return;
+        };
+        self.keys.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
+        let id = r.recording_id.clone();
+        let ts_us = r.last_ts_us;
+        let summary = CloseSummary {
+            end_ms: now_ms(),
+            exit_status: None,
+            exit_signal: None,
+            reason: format!("{REASON_WRITE_FAILED}: {why}"),
+        };
+        if let Err(e) = r.finish(ts_us, summary, &self.keys.evidence, false) {
+            debug!(link = self.id, stream, recording_id = %id, error = %e, "failed recording cannot be finished either");
+        }
+        self.reply(Reply::Failed {
+            stream,
+            reason: why,
+        });
+    }
+
+    /// Reads and handles frames until the connection ends or the recorder stops, then closes
+    /// every stream still open.
+    pub(crate) fn serve(self, stream: UnixStream, stop: &AtomicBool) {
+        let stats = self.keys.stats.clone();
+        stats.links.fetch_add(1, Ordering::Relaxed);
+        self.serve_link(stream, stop);
+        stats.links.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn serve_link(mut self, mut stream: UnixStream, stop: &AtomicBool) {
+        let mut buf = vec![0u8; RECV_BUFFER];
+        let (mut start, mut end) = (0usize, 0usize);
+        let mut next_sweep = Instant::now() + TICK;
+        let reason = loop {
+            if stop.load(Ordering::SeqCst) {
+                break REASON_SHUTDOWN;
+            }
+            match stream.read(&mut buf[end..]) {
+                Ok(0) => {
+                    if stop.load(Ordering::SeqCst) {
+                        break REASON_SHUTDOWN;
+                    }
+                    info!(
+                        link = self.id,
+                        open = self.open_count(),
+                        "relay disconnected"
+                    );
+                    break REASON_LINK_LOST;
+                }
+                Ok(n) => {
+                    end += n;
+                    match self.handle_frames(&buf[start..end]) {
+                        Ok(used) => start += used,
+                        Err(e) => {
+                            error!(link = self.id, error = %e, "malformed frame, dropping relay connection");
+                            break REASON_LINK_LOST;
+                        }
+                    }
+                    if let Some(why) = self.deaf.take() {
+                        error!(link = self.id, error = %why, "dropping the relay connection");
+                        break REASON_LINK_LOST;
+                    }
+                    if start == end {
+                        start = 0;
+                        end = 0;
+                    } else if buf.len() - end < MIN_READ {
+                        buf.copy_within(start..end, 0);
+                        end -= start;
+                        start = 0;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    warn!(link = self.id, error = %e, "relay connection failed");
+                    break REASON_LINK_LOST;
+                }
+            }
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.flush_due(now);
+                next_sweep = now + TICK;
+                if let Some(why) = self.deaf.take() {
+                    error!(link = self.id, error = %why, "dropping the relay connection");
+                    break REASON_LINK_LOST;
+                }
+            }
+        };
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        self.close_all(reason);
+    }
+
+    pub(crate) fn open_count(&self) -> usize {
+        self.streams
+            .values()
+            .filter(|s| matches!(s, Stream::Recording(_)))
+            .count()
+    }
+
+    /// Handles every complete frame at the front of `buf`; returns how many bytes they used.
+    pub(crate) fn handle_frames(&mut self, buf: &[u8]) -> Result<usize, FormatError> {
+        let mut used = 0;
+        while let Some((frame, n)) = Frame::decode_ref(&buf[used..])? {
+            used += n;
+            match frame {
+                FrameRef::Data {
+                    stream,
+                    ts_us,
+                    channel,
+                    direction,
+                    data,
+                } => self.append(
+                    stream,
+                    Entry::Data {
+                        ts_us,
+                        channel,
+                        direction,
+                        data,
+                    },
+                ),
+                FrameRef::Other(frame) => self.handle(frame),
+            }
+        }
+        Ok(used)
+    }
+
+    pub(crate) fn handle(&mut self, frame: Frame) {
+        match frame {
+            Frame::Open { stream, meta } => self.open(stream, meta),
+            Frame::Data {
+                stream,
+                ts_us,
+                channel,
+                direction,
+                data,
+            } => self.append(
+                stream,
+                Entry::Data {
+                    ts_us,
+                    channel,
+                    direction,
+                    data: &data,
+                },
+            ),
+            Frame::Resize {
+                stream,
+                ts_us,
+                channel,
+                cols,
+                rows,
+            } => {
+                self.append(
+                    stream,
+                    Entry::Other(Record::Resize {
+                        ts_us,
+                        channel,
+                        cols,
+                        rows,
+                    }),
+                );
+                // a session event: seal the chunk now
+                self.flush_stream(stream);
+            }
+            Frame::Close {
+                stream,
+                ts_us,
+                summary,
+            } => self.close(stream, ts_us, summary),
+            Frame::Discard { stream } => self.discard(stream),
+        }
+    }
+
+    pub(crate) fn open(&mut self, stream: u64, meta: RecordingMeta) {
+        if self.streams.contains_key(&stream) {
+            error!(link = self.id, stream, recording_id = %meta.recording_id, "stream opened twice, ignoring the second open");
+            return;
+        }
+        match self.create(&meta) {
+            Ok(rec) => {
+                info!(
+                    link = self.id,
+                    stream,
+                    recording_id = %meta.recording_id,
+                    session_id = %meta.session_id,
+                    user = %meta.user,
+                    target = %meta.target,
+                    account = %meta.account,
+                    "recording started"
+                );
+                self.streams
+                    .insert(stream, Stream::Recording(Box::new(rec)));
+                self.keys.stats.opened.fetch_add(1, Ordering::Relaxed);
+                self.reply(Reply::Opened { stream });
+            }
+            Err(e) => {
+                error!(link = self.id, stream, recording_id = %meta.recording_id, error = %e, "cannot create recording");
+                self.streams.insert(stream, Stream::Dropped);
+                self.keys.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.reply(Reply::Refused {
+                    stream,
+                    reason: format!("cannot create recording {}: {e}", meta.recording_id),
+                });
+            }
+        }
+    }
+
+    pub(crate) fn create(&self, meta: &RecordingMeta) -> Result<Recording, FormatError> {
+        let path = file::path_for(&self.dir, &meta.recording_id)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    FormatError::Malformed(format!(
+                        "{} already exists, not overwriting it",
+                        path.display()
+                    ))
+                } else {
+                    e.into()
+                }
+            })?;
+        let key = self.keys.encryption.key.as_ref();
+        let mut writer =
+            RecordingWriter::with_key(BufWriter::with_capacity(FILE_BUFFER, file), meta, key)?;
+        // the header is on disk from the start: the recording is listed while it runs
+        writer.flush()?;
+        let mut lines = Collector::for_meta(meta);
+        let indexed = key.is_none() || self.keys.encryption.index_encrypted;
+        if indexed && !self.indexer.begin(meta) {
+            lines.partial = true;
+        }
+        Ok(Recording {
+            writer,
+            recording_id: meta.recording_id.clone(),
+            path,
+            start_ms: meta.start_ms,
+            last_ts_us: 0,
+            dirty_since: None,
+            data_bytes: 0,
+            acked: 0,
+            lines,
+            indexer: indexed.then(|| self.indexer.clone()),
+        })
+    }
+
+    pub(crate) fn append(&mut self, stream: u64, entry: Entry<'_>) {
+        match self.streams.get_mut(&stream) {
+            Some(Stream::Recording(r)) => match r.write(&entry) {
+                Ok(()) => {
+                    let n = entry.data_len();
+                    if n > 0 {
+                        self.keys.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    if let Some(bytes) = r.take_ack() {
+                        self.reply(Reply::Durable { stream, bytes });
+                    }
+                }
+                Err(e) => {
+                    error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot write recording");
+                    let why = format!("cannot write recording {}: {e}", r.recording_id);
+                    self.fail(stream, why);
+                }
+            },
+            Some(Stream::Dropped) => {}
+            None => {
+                warn!(
+                    link = self.id,
+                    stream, "frame for a stream that was never opened, dropping its frames"
+                );
+                self.streams.insert(stream, Stream::Dropped);
+            }
+        }
+    }
+
+    pub(crate) fn close(&mut self, stream: u64, ts_us: u64, summary: CloseSummary) {
+        match self.streams.remove(&stream) {
+            Some(Stream::Recording(r)) => {
+                self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
+                let id = r.recording_id.clone();
+                let bytes = r.data_bytes;
+                match r.finish(ts_us, summary, &self.keys.evidence, true) {
+                    // the session's last bytes are in the finished file
+                    Ok(()) => self.reply(Reply::Durable { stream, bytes }),
+                    Err(e) => {
+                        error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording")
+                    }
+                }
+            }
+            Some(Stream::Dropped) => debug!(link = self.id, stream, "dropped stream closed"),
+            None => warn!(
+                link = self.id,
+                stream, "close for a stream that was never opened"
+            ),
+        }
+    }
+
+    /// Removes the recording of a session that never started (it holds only its header).
+    pub(crate) fn discard(&mut self, stream: u64) {
+        match self.streams.remove(&stream) {
+            Some(Stream::Recording(r)) => {
+                self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
+                let Recording {
+                    writer,
+                    recording_id,
+                    path,
+                    ..
+                } = *r;
+                drop(writer);
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        info!(link = self.id, stream, %recording_id, "recording discarded: the session never started")
+                    }
+                    Err(e) => {
+                        warn!(link = self.id, stream, %recording_id, error = %e, "cannot remove discarded recording")
+                    }
+                }
+            }
+            Some(Stream::Dropped) => {}
+            None => warn!(
+                link = self.id,
+                stream, "discard for a stream that was never opened"
+            ),
+        }
+    }
+
+    /// Flushes one recording now (after a session event).
+    pub(crate) fn flush_stream(&mut self, stream: u64) {
+        let Some(Stream::Recording(r)) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        match r.flush() {
+            Ok(()) => {
+                if let Some(bytes) = r.take_ack() {
+                    self.reply(Reply::Durable { stream, bytes });
+                }
+            }
+            Err(e) => {
+                error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
+                let why = format!("cannot flush recording {}: {e}", r.recording_id);
+                self.fail(stream, why);
+            }
+        }
+    }
+
+    /// Flushes the recordings whose oldest unflushed data is about to be a second old.
+    pub(crate) fn flush_due(&mut self, now: Instant) {
+        let due = FLUSH_INTERVAL.saturating_sub(TICK);
+        let mut failed = Vec::new();
+        let mut acks = Vec::new();
+        for (stream, s) in &mut self.streams {
+            if let Stream::Recording(r) = s {
+                if r.dirty_since.is_some_and(|t| now.duration_since(t) >= due) {
+                    match r.flush() {
+                        Ok(()) => acks.extend(r.take_ack().map(|bytes| (*stream, bytes))),
+                        Err(e) => {
+                            error!(link = self.id, stream, recording_id = %r.recording_id, error = %e, "cannot flush recording");
+                            failed.push((
+                                *stream,
+                                format!("cannot flush recording {}: {e}", r.recording_id),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (stream, bytes) in acks {
+            self.reply(Reply::Durable { stream, bytes });
+        }
+        for (stream, why) in failed {
+            self.fail(stream, why);
+        }
+    }
+
+    /// Closes every recording still open, with `reason`.
+    pub(crate) fn close_all(&mut self, reason: &str) {
+        let end_ms = now_ms();
+        for (stream, s) in self.streams.drain() {
+            let Stream::Recording(r) = s else { continue };
+            self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
+            let ts_us = r
+                .last_ts_us
+                .max(end_ms.saturating_sub(r.start_ms).saturating_mul(1000));
+            let id = r.recording_id.clone();
+            let summary = CloseSummary {
+                end_ms,
+                exit_status: None,
+                exit_signal: None,
+                reason: reason.to_string(),
+            };
+            if let Err(e) = r.finish(ts_us, summary, &self.keys.evidence, false) {
+                error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
+            }
+        }
+    }
+}
