@@ -8,7 +8,8 @@ use psm_control_api::policy::{self, covering_grants, user_usable, Attempt};
 use psm_control_api::{encode_line, now_ms, AuditKind, ControlToRelay, Login, PolicySnapshot};
 use tracing::{error, info, warn};
 
-use super::{lock, removed_suffix, Actor, Shared};
+use super::requests::removed_suffix;
+use super::{lock, Actor, Shared};
 use crate::protocol::{Changed, MfaEnrolment, PolicyAnswer, Reach, Request, Response};
 use crate::store::StoreError;
 
