@@ -166,7 +166,7 @@ fn evidence_public_key(data_dir: &Path) -> Result<psm_evidence::PublicKey, CliEr
 
 /// Quotes a field value when it holds spaces, quotes or nothing; escapes what a peer could use
 /// to forge a line or drive the terminal (controls, bidi overrides; see
-/// [`psm_control_api::escape`]).
+/// [`psm_control_api::escape()`]).
 fn field(v: &str) -> String {
     if v.is_empty()
         || v.chars()

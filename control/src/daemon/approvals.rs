@@ -1,5 +1,5 @@
 //! Dual control in psm-control: the open access requests, the votes, the approvals that cover
-//! later sessions, and expiry. Relays ask over `policy.sock` ([`RelayToControl::Approval`]);
+//! later sessions, and expiry. Relays ask over `policy.sock` ([`RelayToControl::Approval`](psm_control_api::RelayToControl::Approval));
 //! every change is audited and broadcast to the relays ([`ControlToRelay::ApprovalUpdate`]).
 
 use std::collections::{BTreeMap, HashSet};
