@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::{BufRead as _, BufReader, Read as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -358,6 +359,7 @@ fn a_data_dir_of_another_user_makes_psm_up_exit_non_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("d");
     fs::create_dir(&data).expect("mkdir");
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("chmod");
     let me = fs::metadata(dir.path()).expect("meta").uid();
     let other = if me == 4242 { 4343 } else { 4242 };
     if std::os::unix::fs::chown(&data, Some(other), None).is_err() {
@@ -374,4 +376,28 @@ fn a_data_dir_of_another_user_makes_psm_up_exit_non_zero() {
     assert_ne!(code, 0, "{out}\n{err}");
     assert!(err.contains(&format!("owned by uid {other}")), "{err}");
     assert!(!out.contains("psm is up"), "{out}");
+}
+
+#[test]
+fn a_data_dir_that_others_may_read_makes_psm_up_exit_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    fs::create_dir(&data).expect("mkdir");
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (code, out, err) = run_up(&[
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--rdp-listen",
+        "off",
+    ]);
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("accessible by group or others (mode 0755); run chmod 700 on it"),
+        "{err}"
+    );
+    assert!(!out.contains("psm is up"), "{out}");
+    // nothing was created in it
+    assert_eq!(fs::read_dir(&data).expect("read_dir").count(), 0);
 }

@@ -88,6 +88,18 @@ pub enum InitError {
         /// The data directory.
         path: PathBuf,
     },
+    /// Group or others may access the directory: it holds the users' password hashes, the
+    /// vault and the recordings, so psm refuses it as OpenSSH and PostgreSQL refuse theirs.
+    #[error(
+        "data directory {} is accessible by group or others (mode {mode:04o}); run chmod 700 on it",
+        .path.display()
+    )]
+    Exposed {
+        /// The data directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The directory cannot be written to.
     #[error("data directory {} is not writable: {source}", .path.display())]
     NotWritable {
@@ -124,7 +136,8 @@ pub enum InitError {
 
 /// Prepares a data directory for psm-control.
 ///
-/// Creates `dir` (mode 0700) when missing and checks that it is a writable directory; creates
+/// Creates `dir` (mode 0700) when missing; checks that it is a writable directory that neither
+/// group nor others may access (an existing one is refused otherwise, never changed); creates
 /// `master.key` (32 random bytes, mode 0600) when missing, or checks the existing one (exactly 32
 /// bytes, not readable by group or others); opens `psm.db` and brings its schema up to date.
 /// Every error names the path it is about.
@@ -135,7 +148,15 @@ pub fn init_data_dir(dir: &Path) -> Result<(), InitError> {
                 path: dir.to_path_buf(),
             })
         }
-        Ok(_) => {}
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(InitError::Exposed {
+                    path: dir.to_path_buf(),
+                    mode,
+                });
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             DirBuilder::new()
                 .recursive(true)
@@ -306,9 +327,33 @@ mod tests {
     }
 
     #[test]
+    fn refuses_a_directory_group_or_others_may_access_and_leaves_it_as_it_was() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("psm-data");
+        for mode in [0o755, 0o750, 0o701] {
+            fs::create_dir_all(&dir).expect("mkdir");
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).expect("chmod");
+            let e = init_data_dir(&dir).expect_err("an exposed directory");
+            let text = e.to_string();
+            assert!(text.contains("accessible by group or others"), "{text}");
+            assert!(text.contains(&format!("{mode:04o}")), "{text}");
+            assert!(text.contains("chmod 700"), "{text}");
+            assert!(text.contains(&dir.display().to_string()), "{text}");
+            // nothing was created in it, and its mode is the operator's to change
+            assert!(!dir.join(MASTER_KEY).exists() && !dir.join(DATABASE).exists());
+            let now = fs::metadata(&dir).expect("dir").permissions().mode() & 0o777;
+            assert_eq!(now, mode);
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        init_data_dir(&dir).expect("a private directory");
+    }
+
+    #[test]
     fn rejects_bad_master_keys() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path();
+        // (a temporary directory is created 0755; psm wants its data directory private)
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).expect("chmod");
         let key = dir.join(MASTER_KEY);
         fs::write(&key, [0u8; 31]).expect("write");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -329,6 +374,8 @@ mod tests {
     fn rejects_a_corrupt_database() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path();
+        // (a temporary directory is created 0755; psm wants its data directory private)
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).expect("chmod");
         fs::write(dir.join(DATABASE), vec![0x42u8; 4096]).expect("write");
         let e = init_data_dir(dir).expect_err("corrupt db");
         assert!(e.to_string().contains("psm.db"), "{e}");

@@ -614,7 +614,8 @@ pub enum AuditKind {
         /// Channel name as the client offered it (escaped), e.g. `cliprdr`, `rdpdr`.
         channel: String,
         /// What was refused: `channel` (the whole channel), `to-target` or `from-target` (a
-        /// clipboard transfer that way), `drive`, `printer`, `smartcard`.
+        /// clipboard transfer that way), or a redirected device's kind: `drive`, `printer`,
+        /// `smartcard`, `serial`, `parallel`, `device`.
         what: String,
         /// Why, for auditors (`grant allows clipboard none`).
         reason: String,

@@ -577,7 +577,7 @@ async fn target_update_keeps_accounts_and_pushes() {
 #[tokio::test]
 async fn bad_requests_and_a_second_daemon_are_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_path_buf();
+    let dir = tmp.path().join("data");
     let d = Daemon::start(&dir).await;
     let e = run_until(dir.clone(), async {})
         .await
@@ -625,7 +625,7 @@ async fn bad_requests_and_a_second_daemon_are_refused() {
 #[tokio::test]
 async fn a_data_directory_of_another_user_is_refused_at_start() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_path_buf();
+    let dir = tmp.path().join("data");
     init_data_dir(&dir).expect("init");
     let me = nix::unistd::geteuid().as_raw();
     let other = if me == 4242 { 4343 } else { 4242 };
@@ -649,7 +649,7 @@ async fn a_data_directory_of_another_user_is_refused_at_start() {
 #[tokio::test]
 async fn only_the_data_directory_owner_may_connect() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_path_buf();
+    let dir = tmp.path().join("data");
     init_data_dir(&dir).expect("init");
     let d = Daemon::start(&dir).await;
     // Open the directory and both sockets to everybody, as a careless operator might: the

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -223,7 +224,11 @@ pub fn start_psm(
     let log = std::fs::File::create(data.with_extension("log"))?;
     // one bench user holds every idle session: lift the per-user and relay-wide caps; the
     // sessions workload logs in 32 at once from one address: lift the pre-login caps over it
-    std::fs::create_dir_all(data)?;
+    // psm refuses a data directory that group or others may access
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data)?;
     // PSM_BENCH_RELAY_TOML: more `[relay]` settings for the run (`durable_window_bytes = 8388608`)
     let extra = std::env::var("PSM_BENCH_RELAY_TOML").unwrap_or_default();
     std::fs::write(
