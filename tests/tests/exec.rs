@@ -108,6 +108,8 @@ fn exec_separates_stdout_and_stderr_and_returns_exit_codes() {
                 "{start_ev}"
             );
             assert_eq!(jstr(&start_ev, "user"), "alice", "{start_ev}");
+            assert_eq!(jstr(&start_ev, "protocol"), "ssh", "{start_ev}");
+            assert_eq!(jstr(&end, "protocol"), "ssh", "{end}");
         }
     }
 }

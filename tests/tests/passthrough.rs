@@ -196,6 +196,7 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
     assert!(closed_at_once(connect_from("127.0.0.1", port)));
     let e = wait_event(&w, "no_lease", |e| jstr(e, "reason_code") == "no_lease");
     assert_eq!(jstr(&e, "event"), "session_denied");
+    assert_eq!(jstr(&e, "protocol"), "tcp", "{e}");
     assert!(jstr(&e, "source").starts_with("127.0.0.1:"), "{e}");
     assert!(jstr(&e, "reason").contains("db01"), "{e}");
 

@@ -412,17 +412,20 @@ fn reason_and_approval_hold_the_rdp_login() {
     let mut c = w.client(&auth_only);
     let e = logon_failure(&w, mark, &mut c, "reason_missing");
     assert_eq!(jstr(&e, "side"), "client", "{e}");
+    assert_eq!(jstr(&e, "protocol"), "rdp", "{e}");
     assert!(jstr(&e, "client_message").contains("domain field"), "{e}");
     // the reason in the domain field reaches session_start and session_end
     let mark = w.psm.audit_mark();
     let mut c = w.client(&["/d:CHG-42 disk full"]);
     let start = w.wait_start(mark);
     assert_eq!(jstr(&start, "justification"), "CHG-42 disk full", "{start}");
+    assert_eq!(jstr(&start, "protocol"), "rdp", "{start}");
     assert!(c.wait_screen(Duration::from_secs(30), shows_xlogo));
     let id = jstr(&start, "session_id").to_string();
     w.psm.psmctl_ok(&["sessions", "kill", &id], None);
     let end = end_of(&w, &id, Duration::from_secs(10));
     assert_eq!(jstr(&end, "justification"), "CHG-42 disk full", "{end}");
+    assert_eq!(jstr(&end, "protocol"), "rdp", "{end}");
     c.wait(Duration::from_secs(20));
     // dual control: bob approves over SSH while alice's client waits in NLA
     let bob = w.psm.work_dir().join("bob_ed25519");

@@ -489,6 +489,10 @@ pub enum AuditKind {
         method: String,
         /// Client `ip:port`.
         source: String,
+        /// The protocol the user connected with (`ssh` in lines written before the field
+        /// existed; `tcp`: a connection to a pass-through target's psm port).
+        #[serde(default)]
+        protocol: Protocol,
     },
     /// An authentication attempt failed.
     AuthFailure {
@@ -504,6 +508,10 @@ pub enum AuditKind {
         /// psm-control did not answer an approval call, `policy` when dual control refused.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         side: String,
+        /// The protocol the user connected with (`ssh` in lines written before the field
+        /// existed; `tcp`: a connection to a pass-through target's psm port).
+        #[serde(default)]
+        protocol: Protocol,
     },
     /// An authenticated user was refused a session.
     SessionDenied {
@@ -523,6 +531,10 @@ pub enum AuditKind {
         side: String,
         /// What the client was told.
         client_message: String,
+        /// The protocol the user connected with (`ssh` in lines written before the field
+        /// existed; `tcp`: a connection to a pass-through target's psm port).
+        #[serde(default)]
+        protocol: Protocol,
     },
     /// A session to a target started.
     SessionStart {
@@ -553,6 +565,10 @@ pub enum AuditKind {
         /// `recording_id` then names no recording).
         #[serde(default = "recorded_default", skip_serializing_if = "Clone::clone")]
         recorded: bool,
+        /// The protocol the user connected with (`ssh` in lines written before the field
+        /// existed; `tcp`: a connection to a pass-through target's psm port).
+        #[serde(default)]
+        protocol: Protocol,
     },
     /// A session ended.
     SessionEnd {
@@ -599,6 +615,10 @@ pub enum AuditKind {
         /// its relay vanished.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unconfirmed_bytes: Option<u64>,
+        /// The protocol the user connected with (`ssh` in lines written before the field
+        /// existed; `tcp`: a connection to a pass-through target's psm port).
+        #[serde(default)]
+        protocol: Protocol,
     },
     /// An RDP session's virtual channel was refused (removed or answered by the relay), or a
     /// refused use of an allowed one (a clipboard transfer the wrong way) was stopped.
@@ -1123,6 +1143,7 @@ mod tests {
             ts_ms: 1,
             origin: "relay-1".into(),
             kind: AuditKind::AuthFailure {
+                protocol: Protocol::Ssh,
                 login: "alice@root@web01".into(),
                 method: "password".into(),
                 source: "127.0.0.1:5000".into(),

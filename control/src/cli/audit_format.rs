@@ -13,6 +13,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             user,
             method,
             source,
+            ..
         } => (
             "auth_success",
             vec![
@@ -28,6 +29,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             source,
             reason,
             side,
+            ..
         } => {
             let mut f = vec![
                 ("login", login.clone()),
@@ -72,10 +74,10 @@ pub fn format_event(e: &AuditEvent) -> String {
             account,
             recording_id,
             recorded,
+            protocol,
             ..
-        } => (
-            "session_start",
-            vec![
+        } => {
+            let mut f = vec![
                 ("session", session_id.clone()),
                 ("user", user.clone()),
                 ("account", format!("{account}@{target}")),
@@ -86,8 +88,12 @@ pub fn format_event(e: &AuditEvent) -> String {
                 } else {
                     ("recording", "none (unrecorded)".to_string())
                 },
-            ],
-        ),
+            ];
+            if !protocol.is_ssh() {
+                f.push(("protocol", protocol.to_string()));
+            }
+            ("session_start", f)
+        }
         AuditKind::SessionEnd {
             session_id,
             user,
@@ -401,6 +407,7 @@ mod tests {
             ts_ms: 1_700_000_000_150,
             origin: "relay-r1".into(),
             kind: AuditKind::SessionEnd {
+                protocol: psm_control_api::Protocol::Ssh,
                 session_id: "s1".into(),
                 user: "alice".into(),
                 source: "127.0.0.1:5000".into(),
@@ -474,6 +481,7 @@ mod tests {
             ts_ms: 1_700_000_000_000,
             origin: "relay-r1".into(),
             kind: AuditKind::AuthFailure {
+                protocol: psm_control_api::Protocol::Ssh,
                 login: "x\n2023-11-14 22:13:21  #9  control  auth_success  user=root\u{1b}]0;t\u{7}\u{202e}abc".into(),
                 method: "password".into(),
                 source: "127.0.0.1:4000".into(),

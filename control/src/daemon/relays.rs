@@ -54,6 +54,7 @@ impl Shared {
                 justification,
                 worker,
                 recorded,
+                protocol,
                 ..
             } => {
                 lock(&self.sessions).insert(
@@ -77,7 +78,7 @@ impl Shared {
                             relay: relay_id.to_string(),
                             bytes_up: 0,
                             bytes_down: 0,
-                            protocol: Protocol::Ssh,
+                            protocol: *protocol,
                         },
                     ),
                 );
@@ -166,6 +167,7 @@ impl Shared {
                 side: "relay".into(),
                 justification: info.justification,
                 unconfirmed_bytes: None,
+                protocol: s.info.protocol,
             });
             if let Err(e) = ended {
                 error!(error = %e, "cannot write session_end for a lost relay's session");

@@ -138,6 +138,7 @@ fn session_start(id: &str) -> AuditEvent {
         ts_ms: 1000,
         origin: "relay-r1".into(),
         kind: AuditKind::SessionStart {
+            protocol: psm_control_api::Protocol::Ssh,
             session_id: id.into(),
             user: "alice".into(),
             source: "127.0.0.1:5555".into(),
@@ -295,6 +296,7 @@ async fn relays_get_snapshots_and_send_audit_events() {
             ts_ms: 2000,
             origin: "relay-r1".into(),
             kind: AuditKind::SessionEnd {
+                protocol: psm_control_api::Protocol::Ssh,
                 session_id: "s1".into(),
                 user: "alice".into(),
                 source: "127.0.0.1:5555".into(),

@@ -317,8 +317,14 @@ fn cef_of(hostname: &str, ev: &Ev) -> String {
         }
     }
     match kind.as_str() {
-        "auth_success" => put("outcome", "success".into()),
-        "auth_failure" | "session_denied" => put("outcome", "failure".into()),
+        "auth_success" => {
+            put("outcome", "success".into());
+            put("app", protocol(ev).into());
+        }
+        "auth_failure" | "session_denied" => {
+            put("outcome", "failure".into());
+            put("app", protocol(ev).into());
+        }
         "channel_request" => {
             put("act", ev.s("request").to_string());
             put(
@@ -353,7 +359,7 @@ fn cef_of(hostname: &str, ev: &Ev) -> String {
                 put("fileHash", h);
             }
         }
-        "session_start" | "session_end" => put("app", "ssh".into()),
+        "session_start" | "session_end" => put("app", protocol(ev).into()),
         _ => {}
     }
     if let Some(r) = own("reason") {
@@ -465,6 +471,24 @@ const SSH_ACTIVITY: Class = (4007, "SSH Activity", 4, "Network Activity");
 const PROCESS_ACTIVITY: Class = (1007, "Process Activity", 1, "System Activity");
 const BASE_EVENT: Class = (0, "Base Event", 0, "Uncategorized");
 
+/// The protocol a session or login event names (`ssh` for lines written before events named
+/// it).
+fn protocol(ev: &Ev) -> &str {
+    match ev.s("protocol") {
+        "" => "ssh",
+        p => p,
+    }
+}
+
+/// The OCSF class of a session's events: SSH Activity for SSH; Network Activity for RDP and
+/// pass-through connections (their Open, Close and Refuse activities are the same ids).
+fn session_class(ev: &Ev) -> Class {
+    match protocol(ev) {
+        "ssh" => SSH_ACTIVITY,
+        _ => NETWORK_ACTIVITY,
+    }
+}
+
 /// The OCSF object for `event` (docs/siem.md, "OCSF").
 pub fn ocsf(hostname: &str, event: &AuditEvent) -> Value {
     ocsf_of(hostname, &Ev::new(event))
@@ -513,7 +537,10 @@ fn ocsf_of(hostname: &str, ev: &Ev) -> Value {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
             f.insert("auth_protocol_id".into(), 99.into());
-            f.insert("auth_protocol".into(), format!("ssh {method}").into());
+            f.insert(
+                "auth_protocol".into(),
+                format!("{} {method}", protocol(ev)).into(),
+            );
             f.insert("is_mfa".into(), method.contains("totp").into());
             f.insert("is_remote".into(), true.into());
             if let Some(r) = take("reason") {
@@ -533,7 +560,7 @@ fn ocsf_of(hostname: &str, ev: &Ev) -> Value {
             }
             message = take("client_message").and_then(|v| v.as_str().map(str::to_string));
             status = Some(false);
-            (SSH_ACTIVITY, 5, "Refuse".into())
+            (session_class(ev), 5, "Refuse".into())
         }
         "session_start" | "session_end" => {
             let start = kind == "session_start";
@@ -576,9 +603,9 @@ fn ocsf_of(hostname: &str, ev: &Ev) -> Value {
                 status = Some(true);
             }
             if start {
-                (SSH_ACTIVITY, 1, "Open".into())
+                (session_class(ev), 1, "Open".into())
             } else {
-                (SSH_ACTIVITY, 2, "Close".into())
+                (session_class(ev), 2, "Close".into())
             }
         }
         "channel_request" => {
@@ -858,6 +885,7 @@ mod tests {
     fn an_unrecorded_session_start_names_no_recording() {
         let start = |recorded: bool| {
             ev(AuditKind::SessionStart {
+                protocol: psm_control_api::Protocol::Ssh,
                 session_id: "s1".into(),
                 user: "alice".into(),
                 source: "10.0.0.1:5000".into(),
@@ -938,6 +966,7 @@ mod tests {
         let end = cef_line(
             "gw1",
             &ev(AuditKind::AuthFailure {
+                protocol: psm_control_api::Protocol::Ssh,
                 login: "bob@root@web01".into(),
                 method: "password".into(),
                 source: "[::1]:5022".into(),
@@ -950,7 +979,9 @@ mod tests {
             "{end}"
         );
         assert!(
-            end.contains(" suser=bob src=::1 spt=5022 outcome=failure reason=wrong password "),
+            end.contains(
+                " suser=bob src=::1 spt=5022 outcome=failure app=ssh reason=wrong password "
+            ),
             "{end}"
         );
     }
@@ -960,6 +991,7 @@ mod tests {
         let auth = ocsf(
             "gw1",
             &ev(AuditKind::AuthSuccess {
+                protocol: psm_control_api::Protocol::Ssh,
                 login: "alice@root@web01".into(),
                 user: "alice".into(),
                 method: "publickey+totp".into(),
@@ -987,6 +1019,7 @@ mod tests {
         let end = ocsf(
             "gw1",
             &ev(AuditKind::SessionEnd {
+                protocol: psm_control_api::Protocol::Ssh,
                 session_id: "s1".into(),
                 user: "alice".into(),
                 source: "127.0.0.1:1".into(),
@@ -1025,6 +1058,62 @@ mod tests {
         assert_eq!(admin["activity_id"], 1);
         assert_eq!(admin["entity"]["type"], "user");
         assert_eq!(admin["actor"]["user"]["name"], "root");
+    }
+
+    #[test]
+    fn rdp_sessions_and_logins_are_named_rdp_and_old_lines_ssh() {
+        let start = ev(AuditKind::SessionStart {
+            protocol: psm_control_api::Protocol::Rdp,
+            session_id: "s2".into(),
+            user: "alice".into(),
+            source: "10.0.0.1:5000".into(),
+            target: "win01".into(),
+            target_address: "10.0.0.7:3389".into(),
+            account: "Administrator".into(),
+            recording_id: "s2".into(),
+            start_ms: 1,
+            justification: None,
+            worker: None,
+            recorded: true,
+        });
+        let cef = cef_line("gw1", &start);
+        assert!(cef.contains(" app=rdp "), "{cef}");
+        assert!(!cef.contains("app=ssh"), "{cef}");
+        let o = ocsf("gw1", &start);
+        assert_eq!(o["class_uid"], 4001, "{o}");
+        assert_eq!(o["activity_name"], "Open");
+        assert_eq!(o["dst_endpoint"]["name"], "win01");
+
+        let login = ev(AuditKind::AuthSuccess {
+            protocol: psm_control_api::Protocol::Rdp,
+            login: "alice@Administrator@win01".into(),
+            user: "alice".into(),
+            method: "nla+totp".into(),
+            source: "10.0.0.1:5000".into(),
+        });
+        assert!(cef_line("gw1", &login).contains(" app=rdp "));
+        let o = ocsf("gw1", &login);
+        assert_eq!(o["auth_protocol"], "rdp nla+totp");
+        assert_eq!(o["is_mfa"], true);
+
+        // a line written before events named their protocol reads as SSH
+        let old = raw(json!({
+            "seq": 3, "ts_ms": 5, "origin": "relay-r", "event": "session_start",
+            "session_id": "s1", "user": "alice", "source": "10.0.0.1:5000", "target": "web01",
+            "target_address": "10.0.0.9:22", "account": "root", "recording_id": "s1",
+            "start_ms": 1
+        }));
+        assert!(cef_of("gw1", &old).contains(" app=ssh "));
+        assert_eq!(ocsf_of("gw1", &old)["class_uid"], 4007);
+        let parsed: AuditEvent = serde_json::from_value(Value::Object(old.0.clone()))
+            .expect("an older session_start parses");
+        assert!(matches!(
+            parsed.kind,
+            AuditKind::SessionStart {
+                protocol: psm_control_api::Protocol::Ssh,
+                ..
+            }
+        ));
     }
 
     fn raw(v: Value) -> Ev {

@@ -269,6 +269,7 @@ fn refuse(
         reason
     };
     ctx.audit.emit(AuditKind::SessionDenied {
+        protocol: psm_control_api::Protocol::Tcp,
         login,
         user: user.to_string(),
         source: peer.to_string(),

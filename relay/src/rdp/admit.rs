@@ -106,6 +106,7 @@ impl Phase<'_> {
         };
         info!(peer = %self.peer, login = %Escaped(text), user = %Escaped(&user), method, protocol = "rdp", "authenticated");
         self.ctx.audit.emit(AuditKind::AuthSuccess {
+            protocol: psm_control_api::Protocol::Rdp,
             login: logged_login(text),
             user: user.clone(),
             method: method.to_string(),

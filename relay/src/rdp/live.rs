@@ -348,6 +348,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
     Counters::bump(&ctx.counters.sessions_started);
     info!(session = %a.session_id, user = %a.user, target = %a.target.name, account = %a.account.username, protocol = "rdp", "session started");
     ctx.audit.emit(AuditKind::SessionStart {
+        protocol: psm_control_api::Protocol::Rdp,
         session_id: live.session_id,
         user: live.user,
         source: live.source,
@@ -540,6 +541,7 @@ async fn finish(
     let bytes_down = bytes.down.load(std::sync::atomic::Ordering::Relaxed);
     info!(session = %a.session_id, user = %a.user, target = %a.target.name, bytes_up, bytes_down, %reason, side = %reason.side(), protocol = "rdp", "session ended");
     ctx.audit.emit(AuditKind::SessionEnd {
+        protocol: psm_control_api::Protocol::Rdp,
         session_id: a.session_id.clone(),
         user: a.user.clone(),
         source: a.peer.to_string(),

@@ -220,6 +220,7 @@ impl Phase<'_> {
         Counters::bump(&self.ctx.counters.auth_failures);
         info!(peer = %self.peer, login = %Escaped(&login), method, reason = %Escaped(reason), protocol = "rdp", "authentication failed");
         self.ctx.audit.emit(AuditKind::AuthFailure {
+            protocol: psm_control_api::Protocol::Rdp,
             login,
             method: method.to_string(),
             source: self.source(),
@@ -232,6 +233,7 @@ impl Phase<'_> {
     pub(super) fn denied(&self, login: &str, user: &str, r: &Refusal) {
         info!(peer = %self.peer, login = %Escaped(login), reason = %Escaped(&r.reason), code = r.code, side = %r.side, protocol = "rdp", "session denied");
         self.ctx.audit.emit(AuditKind::SessionDenied {
+            protocol: psm_control_api::Protocol::Rdp,
             login: logged_login(login),
             user: user.to_string(),
             source: self.source(),
@@ -257,6 +259,7 @@ impl Phase<'_> {
     fn early_failure(&self, why: &str) -> Option<Admitted> {
         preauth_failure(self.ctx, self.peer, why);
         self.ctx.audit.emit(AuditKind::AuthFailure {
+            protocol: psm_control_api::Protocol::Rdp,
             login: String::new(),
             method: METHOD.to_string(),
             source: self.source(),

@@ -102,6 +102,7 @@ impl Conn {
         Counters::bump(&self.ctx.counters.auth_failures);
         info!(peer = %self.shared.peer, login = %Escaped(&login), method, reason, "authentication failed");
         self.ctx.audit.emit(AuditKind::AuthFailure {
+            protocol: psm_control_api::Protocol::Ssh,
             login,
             method: method.to_string(),
             source: self.source(),
@@ -126,6 +127,7 @@ impl Conn {
         // Authenticated: no longer counted against max_startups.
         self.permit = None;
         self.ctx.audit.emit(AuditKind::AuthSuccess {
+            protocol: psm_control_api::Protocol::Ssh,
             login: logged_login(login),
             user: user.to_string(),
             method: method.to_string(),
@@ -151,6 +153,7 @@ impl Conn {
     pub(super) fn deny(&self, user: &str, r: Refusal) -> String {
         info!(peer = %self.shared.peer, login = %Escaped(&self.login), reason = %Escaped(&r.reason), code = r.code, side = %r.side, "session denied");
         self.ctx.audit.emit(AuditKind::SessionDenied {
+            protocol: psm_control_api::Protocol::Ssh,
             login: logged_login(&self.login),
             user: user.to_string(),
             source: self.source(),
@@ -425,6 +428,7 @@ impl Conn {
                 self.shared.kill.clone(),
             );
             self.ctx.audit.emit(AuditKind::SessionStart {
+                protocol: psm_control_api::Protocol::Ssh,
                 session_id: live.session_id,
                 user: live.user,
                 source: live.source,

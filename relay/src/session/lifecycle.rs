@@ -323,6 +323,7 @@ pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndR
     let bytes_down = shared.bytes.down.load(Ordering::Relaxed);
     info!(session = %shared.session_id, user = %info.user, target = %info.target, bytes_up, bytes_down, %reason, side = %reason.side(), "session ended");
     ctx.audit.emit(AuditKind::SessionEnd {
+        protocol: psm_control_api::Protocol::Ssh,
         session_id: shared.session_id.clone(),
         user: info.user,
         source: shared.peer.to_string(),

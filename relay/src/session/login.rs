@@ -65,6 +65,7 @@ impl Conn {
             Counters::bump(&self.ctx.counters.auth_failures);
             info!(peer = %self.shared.peer, login = %Escaped(&logged_login(login)), method, "authentication rate limited");
             self.ctx.audit.emit(AuditKind::AuthFailure {
+                protocol: psm_control_api::Protocol::Ssh,
                 login: logged_login(login),
                 method: method.to_string(),
                 source: self.source(),
