@@ -9,7 +9,8 @@ use psm_control_api::{CommandAction, CommandRule, Grant, Protocol, RuleScope};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
-use super::{governance, read_grants, read_targets, read_users, Store, StoreError};
+use super::snapshot::{read_grants, read_targets, read_users};
+use super::{governance, Store, StoreError};
 use crate::validate::{self, Invalid};
 
 /// A user in the document.

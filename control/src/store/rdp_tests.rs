@@ -2,9 +2,13 @@
 //! domains, users' NT hashes (sealed at rest, opened in the snapshot, gone with a password
 //! change that does not bring one), and policy documents carrying them.
 
+use psm_control_api::{Conditions, Credential, PasswordHash, Secret};
+
 use super::*;
 use crate::ntlm::nt_hash;
 use crate::testkeys::USER_PUB;
+use crate::validate;
+use crate::vault::Vault;
 
 fn setup() -> (tempfile::TempDir, Store, Vault) {
     let tmp = tempfile::tempdir().expect("tempdir");

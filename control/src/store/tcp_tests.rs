@@ -2,8 +2,12 @@
 //! lost, foreign keys intact), `tcp` targets with their psm port and credential-less account,
 //! and policy documents carrying them.
 
+use psm_control_api::{Conditions, Credential, Secret};
+
 use super::*;
 use crate::testkeys::USER_PUB;
+use crate::validate;
+use crate::vault::{account_aad, Vault};
 
 fn vault() -> Vault {
     Vault::new(&[7u8; 32]).expect("vault")
