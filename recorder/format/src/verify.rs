@@ -154,6 +154,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
         problems: Vec::new(),
         more: 0,
     };
+    // chunk numbers come from the file, so a forged one can be u64::MAX: sums on them saturate
     let mut max_chunk = 0u64; // largest chunk number seen
     let mut prev_chunk = 0u64; // the chunk number of the seal before, in file order
     let mut last_stored = [0u8; 32];
@@ -182,14 +183,14 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
                 records_since_seal += 1;
                 if let Record::Close { summary, .. } = rec {
                     close = Some(summary.reason);
-                    close_chunk = max_chunk + 1;
+                    close_chunk = max_chunk.saturating_add(1);
                 }
             }
             Item::Seal(seal) => {
                 records_since_seal = 0;
                 let n = seal.chunk;
-                if n == max_chunk + 1 {
-                    if prev_chunk + 1 == n && seal.computed != seal.stored {
+                if n == max_chunk.saturating_add(1) {
+                    if prev_chunk.saturating_add(1) == n && seal.computed != seal.stored {
                         st.problem(format!(
                             "chunk {n} (up to {}) was modified: its content does not match its seal",
                             when(seal.ts_us)
@@ -198,8 +199,8 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
                     max_chunk = n;
                     report.chunks += 1;
                     report.last_ts_us = seal.ts_us;
-                } else if n > max_chunk + 1 {
-                    let (a, b) = (max_chunk + 1, n - 1);
+                } else if n > max_chunk.saturating_add(1) {
+                    let (a, b) = (max_chunk.saturating_add(1), n - 1);
                     st.problem(format!(
                         "chunk {n} found where chunk {a} was expected (after {})",
                         when(report.last_ts_us)
@@ -251,7 +252,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
     if let Some(e) = read_error {
         st.problem(format!(
             "chunk {} is damaged or modified ({e}); nothing after {last} can be checked",
-            max_chunk + 1
+            max_chunk.saturating_add(1)
         ));
     } else if let Some(d) = reader.damage() {
         if reader.damage_is_cut() && trailer.is_none() {
@@ -259,7 +260,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
         } else {
             st.problem(format!(
                 "chunk {} is damaged or modified: it cannot be read ({d}); nothing after {last} can be checked",
-                max_chunk + 1
+                max_chunk.saturating_add(1)
             ));
         }
     }
