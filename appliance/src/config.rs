@@ -331,39 +331,20 @@ pub fn resolve(
     };
     let relay = file.map(|f| &f.config.relay);
 
-    let listen = match (&cli.listen, relay.and_then(|r| r.listen.as_ref())) {
-        (Some(flag), _) => check_listen(flag).map_err(|message| ConfigError::Invalid {
-            origin: "--listen".into(),
-            message,
-        })?,
-        (None, Some(v)) => check_listen(v.get_ref()).map_err(|message| ConfigError::Invalid {
-            origin: from_file(v.span()),
-            message,
-        })?,
-        (None, None) => check_listen(DEFAULT_LISTEN).map_err(|message| ConfigError::Invalid {
-            origin: "default".into(),
-            message,
-        })?,
-    };
-
-    let rdp_listen = match (&cli.rdp_listen, relay.and_then(|r| r.rdp_listen.as_ref())) {
-        (Some(flag), _) => check_rdp_listen(flag).map_err(|message| ConfigError::Invalid {
-            origin: "--rdp-listen".into(),
-            message,
-        })?,
-        (None, Some(v)) => {
-            check_rdp_listen(v.get_ref()).map_err(|message| ConfigError::Invalid {
-                origin: from_file(v.span()),
-                message,
-            })?
-        }
-        (None, None) => {
-            check_rdp_listen(DEFAULT_RDP_LISTEN).map_err(|message| ConfigError::Invalid {
-                origin: "default".into(),
-                message,
-            })?
-        }
-    };
+    let listen = pick(
+        ("--listen", cli.listen.as_ref()),
+        relay.and_then(|r| r.listen.as_ref()),
+        DEFAULT_LISTEN,
+        check_listen,
+        &from_file,
+    )?;
+    let rdp_listen = pick(
+        ("--rdp-listen", cli.rdp_listen.as_ref()),
+        relay.and_then(|r| r.rdp_listen.as_ref()),
+        DEFAULT_RDP_LISTEN,
+        check_rdp_listen,
+        &from_file,
+    )?;
     if rdp_listen.is_some_and(|r| r.port() == listen.port() && overlaps(r, listen)) {
         return Err(ConfigError::Invalid {
             origin: if cli.rdp_listen.is_some() {
@@ -392,182 +373,16 @@ pub fn resolve(
         (None, None) => default_workers.clamp(1, MAX_WORKERS as usize),
     };
 
-    let mut relay_args = Vec::new();
-    let mut control_args = Vec::new();
-    let ranged = |flag: &str,
-                  v: Option<&Spanned<i64>>,
-                  range: std::ops::RangeInclusive<i64>,
-                  out: &mut Vec<String>|
-     -> Result<(), ConfigError> {
-        let Some(v) = v else { return Ok(()) };
-        let n = *v.get_ref();
-        if !range.contains(&n) {
-            return Err(ConfigError::Invalid {
-                origin: from_file(v.span()),
-                message: format!(
-                    "{} must be between {} and {}, not {n}",
-                    flag.replace('-', "_"),
-                    range.start(),
-                    range.end()
-                ),
-            });
-        }
-        out.extend([format!("--{flag}"), n.to_string()]);
-        Ok(())
+    let mut relay_args = match relay {
+        Some(r) => relay_table_args(r, &from_file)?,
+        None => Vec::new(),
     };
-    if let Some(r) = relay {
-        ranged(
-            "login-grace-secs",
-            r.login_grace_secs.as_ref(),
-            1..=3600,
-            &mut relay_args,
-        )?;
-        ranged(
-            "per-source-max-startups",
-            r.per_source_max_startups.as_ref(),
-            1..=100_000,
-            &mut relay_args,
-        )?;
-        ranged(
-            "target-keepalive-secs",
-            r.target_keepalive_secs.as_ref(),
-            1..=3600,
-            &mut relay_args,
-        )?;
-        ranged(
-            "target-keepalive-max",
-            r.target_keepalive_max.as_ref(),
-            1..=100,
-            &mut relay_args,
-        )?;
-        ranged(
-            "max-connections-per-user",
-            r.max_connections_per_user.as_ref(),
-            1..=100_000,
-            &mut relay_args,
-        )?;
-        ranged(
-            "max-connections",
-            r.max_connections.as_ref(),
-            1..=1_000_000,
-            &mut relay_args,
-        )?;
-        ranged(
-            "durable-window-bytes",
-            r.durable_window_bytes.as_ref(),
-            4096..=(1 << 30),
-            &mut relay_args,
-        )?;
-        ranged(
-            "durable-window-ms",
-            r.durable_window_ms.as_ref(),
-            100..=60_000,
-            &mut relay_args,
-        )?;
-        ranged(
-            "recorder-stall-secs",
-            r.recorder_stall_secs.as_ref(),
-            1..=3600,
-            &mut relay_args,
-        )?;
-        metrics_arg(r.metrics_listen.as_ref(), &from_file, &mut relay_args)?;
-        if let Some(v) = &r.io {
-            let io = v.get_ref().trim();
-            if !matches!(io, "auto" | "uring" | "epoll") {
-                return Err(ConfigError::Invalid {
-                    origin: from_file(v.span()),
-                    message: format!(
-                        "io {:?} is not \"auto\", \"uring\" or \"epoll\"",
-                        v.get_ref()
-                    ),
-                });
-            }
-            relay_args.extend(["--io".to_string(), io.to_string()]);
-        }
-        if let Some(v) = &r.pin_workers {
-            relay_args.extend(["--pin-workers".to_string(), v.get_ref().to_string()]);
-        }
-    }
+    let mut control_args = Vec::new();
     if let Some(c) = file.map(|f| &f.config.control) {
-        metrics_arg(c.metrics_listen.as_ref(), &from_file, &mut control_args)?;
-        ranged(
-            "min-password-length",
-            c.min_password_length.as_ref(),
-            8..=1024,
-            &mut control_args,
-        )?;
-        ranged(
-            "audit-checkpoint-every",
-            c.audit_checkpoint_every.as_ref(),
-            1..=1_000_000,
-            &mut control_args,
-        )?;
-        ranged(
-            "retention-max-bytes",
-            c.retention_max_bytes.as_ref(),
-            1..=i64::MAX,
-            &mut control_args,
-        )?;
-        ranged(
-            "audit-rotate-bytes",
-            c.audit_rotate_bytes.as_ref(),
-            1024..=i64::MAX,
-            &mut control_args,
-        )?;
-        ranged(
-            "audit-retention-max-bytes",
-            c.audit_retention_max_bytes.as_ref(),
-            1..=i64::MAX,
-            &mut control_args,
-        )?;
-        for (key, v) in [
-            ("retention_max_age", &c.retention_max_age),
-            ("retention_interval", &c.retention_interval),
-            ("audit_rotate_interval", &c.audit_rotate_interval),
-            ("audit_retention_max_age", &c.audit_retention_max_age),
-        ] {
-            if let Some(v) = v {
-                psm_control_api::conditions::parse_duration(v.get_ref()).map_err(|message| {
-                    ConfigError::Invalid {
-                        origin: from_file(v.span()),
-                        message: format!("{key}: {message}"),
-                    }
-                })?;
-                control_args.extend([format!("--{}", key.replace('_', "-")), v.get_ref().clone()]);
-            }
-        }
+        control_table_args(c, &from_file, &mut control_args)?;
     }
     if let Some(p) = file.map(|f| &f.config.policy) {
-        ranged(
-            "lockout-failures",
-            p.lockout_failures.as_ref(),
-            1..=1000,
-            &mut control_args,
-        )?;
-        if let Some(v) = &p.lockout_window {
-            psm_control_api::conditions::parse_duration(v.get_ref()).map_err(|message| {
-                ConfigError::Invalid {
-                    origin: from_file(v.span()),
-                    message: format!("lockout_window: {message}"),
-                }
-            })?;
-            control_args.extend(["--lockout-window".to_string(), v.get_ref().clone()]);
-        }
-        if let Some(v) = &p.mfa {
-            match v.get_ref().as_str() {
-                "required" => control_args.push("--mfa-required".to_string()),
-                "per-grant" => {}
-                other => {
-                    return Err(ConfigError::Invalid {
-                        origin: from_file(v.span()),
-                        message: format!(
-                            "mfa = \"{}\": expected \"required\" or \"per-grant\"",
-                            other.escape_debug()
-                        ),
-                    })
-                }
-            }
-        }
+        policy_table_args(p, &from_file, &mut control_args)?;
     }
     if let Some(f) = file.filter(|f| !f.config.siem.sink.is_empty()) {
         // Checked here (TLS files included) so that a bad sink stops `psm up` before anything
@@ -607,6 +422,184 @@ pub fn resolve(
         control_args,
         recorder_args,
     })
+}
+
+/// One listen setting: the flag's value, else the file's, else the default, checked by `check`;
+/// an error names where the value came from.
+fn pick<T>(
+    (flag, given): (&str, Option<&String>),
+    in_file: Option<&Spanned<String>>,
+    default: &str,
+    check: fn(&str) -> Result<T, String>,
+    from_file: &impl Fn(Range<usize>) -> String,
+) -> Result<T, ConfigError> {
+    let (value, origin) = match (given, in_file) {
+        (Some(v), _) => (v.as_str(), flag.to_string()),
+        (None, Some(v)) => (v.get_ref().as_str(), from_file(v.span())),
+        (None, None) => (default, "default".to_string()),
+    };
+    check(value).map_err(|message| ConfigError::Invalid { origin, message })
+}
+
+/// A whole-number key of the file within `range`, passed on as `--FLAG N`.
+fn ranged(
+    flag: &str,
+    v: Option<&Spanned<i64>>,
+    range: std::ops::RangeInclusive<i64>,
+    from_file: &impl Fn(Range<usize>) -> String,
+    out: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let Some(v) = v else { return Ok(()) };
+    let n = *v.get_ref();
+    if !range.contains(&n) {
+        return Err(ConfigError::Invalid {
+            origin: from_file(v.span()),
+            message: format!(
+                "{} must be between {} and {}, not {n}",
+                flag.replace('-', "_"),
+                range.start(),
+                range.end()
+            ),
+        });
+    }
+    out.extend([format!("--{flag}"), n.to_string()]);
+    Ok(())
+}
+
+/// A duration key of the file (`15m`, `30d`), checked and passed on as `--FLAG D`.
+fn duration_arg(
+    key: &str,
+    v: Option<&Spanned<String>>,
+    from_file: &impl Fn(Range<usize>) -> String,
+    out: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let Some(v) = v else { return Ok(()) };
+    psm_control_api::conditions::parse_duration(v.get_ref()).map_err(|message| {
+        ConfigError::Invalid {
+            origin: from_file(v.span()),
+            message: format!("{key}: {message}"),
+        }
+    })?;
+    out.extend([format!("--{}", key.replace('_', "-")), v.get_ref().clone()]);
+    Ok(())
+}
+
+/// The `[relay]` table's limits, metrics address, back end and pinning as psm-relay flags.
+fn relay_table_args(
+    r: &RelayConfig,
+    from_file: &impl Fn(Range<usize>) -> String,
+) -> Result<Vec<String>, ConfigError> {
+    let mut args = Vec::new();
+    for (flag, v, range) in [
+        ("login-grace-secs", &r.login_grace_secs, 1..=3600),
+        (
+            "per-source-max-startups",
+            &r.per_source_max_startups,
+            1..=100_000,
+        ),
+        ("target-keepalive-secs", &r.target_keepalive_secs, 1..=3600),
+        ("target-keepalive-max", &r.target_keepalive_max, 1..=100),
+        (
+            "max-connections-per-user",
+            &r.max_connections_per_user,
+            1..=100_000,
+        ),
+        ("max-connections", &r.max_connections, 1..=1_000_000),
+        (
+            "durable-window-bytes",
+            &r.durable_window_bytes,
+            4096..=(1 << 30),
+        ),
+        ("durable-window-ms", &r.durable_window_ms, 100..=60_000),
+        ("recorder-stall-secs", &r.recorder_stall_secs, 1..=3600),
+    ] {
+        ranged(flag, v.as_ref(), range, from_file, &mut args)?;
+    }
+    metrics_arg(r.metrics_listen.as_ref(), from_file, &mut args)?;
+    if let Some(v) = &r.io {
+        let io = v.get_ref().trim();
+        if !matches!(io, "auto" | "uring" | "epoll") {
+            return Err(ConfigError::Invalid {
+                origin: from_file(v.span()),
+                message: format!(
+                    "io {:?} is not \"auto\", \"uring\" or \"epoll\"",
+                    v.get_ref()
+                ),
+            });
+        }
+        args.extend(["--io".to_string(), io.to_string()]);
+    }
+    if let Some(v) = &r.pin_workers {
+        args.extend(["--pin-workers".to_string(), v.get_ref().to_string()]);
+    }
+    Ok(args)
+}
+
+/// The `[control]` table as psm-control flags.
+fn control_table_args(
+    c: &ControlConfig,
+    from_file: &impl Fn(Range<usize>) -> String,
+    out: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    metrics_arg(c.metrics_listen.as_ref(), from_file, out)?;
+    for (flag, v, range) in [
+        ("min-password-length", &c.min_password_length, 8..=1024),
+        (
+            "audit-checkpoint-every",
+            &c.audit_checkpoint_every,
+            1..=1_000_000,
+        ),
+        ("retention-max-bytes", &c.retention_max_bytes, 1..=i64::MAX),
+        ("audit-rotate-bytes", &c.audit_rotate_bytes, 1024..=i64::MAX),
+        (
+            "audit-retention-max-bytes",
+            &c.audit_retention_max_bytes,
+            1..=i64::MAX,
+        ),
+    ] {
+        ranged(flag, v.as_ref(), range, from_file, out)?;
+    }
+    for (key, v) in [
+        ("retention_max_age", &c.retention_max_age),
+        ("retention_interval", &c.retention_interval),
+        ("audit_rotate_interval", &c.audit_rotate_interval),
+        ("audit_retention_max_age", &c.audit_retention_max_age),
+    ] {
+        duration_arg(key, v.as_ref(), from_file, out)?;
+    }
+    Ok(())
+}
+
+/// The `[policy]` table as psm-control flags.
+fn policy_table_args(
+    p: &PolicyConfig,
+    from_file: &impl Fn(Range<usize>) -> String,
+    out: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    ranged(
+        "lockout-failures",
+        p.lockout_failures.as_ref(),
+        1..=1000,
+        from_file,
+        out,
+    )?;
+    duration_arg("lockout_window", p.lockout_window.as_ref(), from_file, out)?;
+    if let Some(v) = &p.mfa {
+        match v.get_ref().as_str() {
+            "required" => out.push("--mfa-required".to_string()),
+            "per-grant" => {}
+            other => {
+                return Err(ConfigError::Invalid {
+                    origin: from_file(v.span()),
+                    message: format!(
+                        "mfa = \"{}\": expected \"required\" or \"per-grant\"",
+                        other.escape_debug()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether two listen addresses would take the same port on some interface.
