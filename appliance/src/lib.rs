@@ -279,6 +279,20 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
         }
     }
 
+    // another user's directory is refused before anything is written into it
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let me = nix::unistd::geteuid().as_raw();
+        if let Ok(m) = std::fs::metadata(&data_dir) {
+            if m.is_dir() && m.uid() != me {
+                return Err(UpError::NotOwner {
+                    path: data_dir,
+                    owner: m.uid(),
+                    me,
+                });
+            }
+        }
+    }
     psm_control::init_data_dir(&data_dir)?;
     let data_dir = std::fs::canonicalize(&data_dir).map_err(|source| UpError::DataDirPath {
         path: data_dir.clone(),

@@ -376,6 +376,8 @@ fn a_data_dir_of_another_user_makes_psm_up_exit_non_zero() {
     assert_ne!(code, 0, "{out}\n{err}");
     assert!(err.contains(&format!("owned by uid {other}")), "{err}");
     assert!(!out.contains("psm is up"), "{out}");
+    // nothing was written into the other user's directory
+    assert_eq!(fs::read_dir(&data).expect("read_dir").count(), 0);
 }
 
 #[test]

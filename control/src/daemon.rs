@@ -96,6 +96,9 @@ pub struct Options {
     pub audit_retention: crate::retention::Retention,
     /// Where to serve psm-control's counters (Prometheus text); `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long the sessions of a relay whose link dropped wait for it to announce them again
+    /// before control ends them ([`RELAY_LOST_GRACE`]).
+    pub relay_lost_grace: Duration,
 }
 
 impl Default for Options {
@@ -111,6 +114,7 @@ impl Default for Options {
             audit_rotation: Default::default(),
             audit_retention: Default::default(),
             metrics_listen: None,
+            relay_lost_grace: RELAY_LOST_GRACE,
         }
     }
 }
@@ -366,10 +370,22 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     options: Options,
     shutdown: F,
 ) -> Result<(), ControlError> {
+    let relay_lost_grace = options.relay_lost_grace;
+    let me = nix::unistd::geteuid().as_raw();
+    // another user's directory is refused before anything is written into it
+    if let Ok(m) = std::fs::metadata(&data_dir) {
+        use std::os::unix::fs::MetadataExt as _;
+        if m.is_dir() && m.uid() != me {
+            return Err(ControlError::NotOwner {
+                path: data_dir.clone(),
+                owner: m.uid(),
+                me,
+            });
+        }
+    }
     init_data_dir(&data_dir)?;
     let paths = DataDir::new(&data_dir);
     let owner_uid = paths.owner_uid()?;
-    let me = nix::unistd::geteuid().as_raw();
     if owner_uid != me {
         // Relays and psmctl run as the same user as psm-control; they would all be refused.
         return Err(ControlError::NotOwner {
@@ -459,7 +475,7 @@ pub async fn run_until_with<F: Future<Output = ()>>(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = sweep.tick() => {
-                shared.sweep(RELAY_LOST_GRACE);
+                shared.sweep(relay_lost_grace);
                 shared.approvals_sweep();
                 if let Err(e) = lock(&shared.audit).rotate_if_due(psm_control_api::now_ms()) {
                     error!(error = %e, "cannot rotate the audit log");

@@ -116,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         mfa_required: args.mfa_required,
         audit_checkpoint_every: args.audit_checkpoint_every,
         metrics_listen: args.metrics_listen,
+        relay_lost_grace: psm_control::daemon::RELAY_LOST_GRACE,
         siem,
         retention: psm_control::retention::Retention {
             max_age_ms: args.retention_max_age,

@@ -236,23 +236,41 @@ pub(super) async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: 
         },
     );
     {
+        // The protocol of a session control did not know (its session_start went to a control
+        // that restarted since): RDP for an RDP target, SSH otherwise, from the store (read
+        // before the sessions' lock is taken, as the sessions list does).
+        let protocols: std::collections::HashMap<String, Protocol> = if live.is_empty() {
+            Default::default()
+        } else {
+            lock(&shared.store)
+                .list_targets()
+                .map(|ts| ts.into_iter().map(|t| (t.name, t.protocol)).collect())
+                .unwrap_or_default()
+        };
         // The relay's running sessions: what a restarted control would otherwise not know.
         let mut sessions = lock(&shared.sessions);
         for session in live {
             // A session of a relay that came back: it is this connection's now, no longer lost,
             // and keeps the byte counts seen so far.
             let id = session.session_id.clone();
+            // (a session to a `tcp` target is its SSH login that holds the lease)
+            let protocol = match protocols.get(&session.target) {
+                Some(Protocol::Rdp) => Protocol::Rdp,
+                _ => Protocol::Ssh,
+            };
             let info = SessionInfo {
                 session,
                 relay: relay_id.clone(),
                 bytes_up: 0,
                 bytes_down: 0,
-                protocol: Protocol::Ssh,
+                protocol,
             };
             match sessions.get_mut(&id) {
                 Some(s) => {
+                    // the protocol its session_start named stays
+                    let protocol = s.info.protocol;
                     s.conn = conn;
-                    s.info = info;
+                    s.info = SessionInfo { protocol, ..info };
                     s.lost = None;
                 }
                 None => {

@@ -624,6 +624,114 @@ async fn bad_requests_and_a_second_daemon_are_refused() {
     d.stop().await;
 }
 
+/// A session control learnt of from its session_start, announced again by its relay after a
+/// reconnection, then lost with the relay: the session_end control writes names the protocol
+/// the session_start did (RDP here), not SSH.
+#[tokio::test]
+async fn a_lost_rdp_session_ends_as_rdp_after_its_relay_reconnected() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    let d = Daemon::start_with(
+        &dir,
+        Options {
+            relay_lost_grace: Duration::from_millis(200),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut start = session_start("r1");
+    // stamped now (the fixture's 1970 stamp would make the audit log rotate it away at once)
+    start.ts_ms = 0;
+    if let AuditKind::SessionStart { protocol, .. } = &mut start.kind {
+        *protocol = Protocol::Rdp;
+    }
+    let live = match &start.kind {
+        AuditKind::SessionStart {
+            session_id,
+            user,
+            source,
+            target,
+            target_address,
+            account,
+            recording_id,
+            start_ms,
+            ..
+        } => psm_control_api::LiveSession {
+            session_id: session_id.clone(),
+            user: user.clone(),
+            source: source.clone(),
+            target: target.clone(),
+            target_address: target_address.clone(),
+            account: account.clone(),
+            recording_id: recording_id.clone(),
+            recorded: true,
+            start_ms: *start_ms,
+            justification: None,
+            worker: None,
+        },
+        _ => unreachable!(),
+    };
+    let mut relay = FakeRelay::connect(&dir, "relay-a").await;
+    relay.snapshot().await;
+    relay.send(&RelayToControl::Audit(start)).await;
+    let logged = |dir: &Path, end: bool| {
+        audit_lines(dir).into_iter().find(|e| match e.kind {
+            AuditKind::SessionStart { .. } => !end,
+            AuditKind::SessionEnd { .. } => end,
+            _ => false,
+        })
+    };
+    let mut seen = None;
+    for _ in 0..500 {
+        seen = logged(&dir, false);
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    seen.expect("the session_start is logged within 5 s");
+    drop(relay);
+    // the relay comes back and announces the session again
+    let s = UnixStream::connect(dir.join("policy.sock"))
+        .await
+        .expect("connect policy.sock");
+    let (r, w) = s.into_split();
+    let mut back = FakeRelay {
+        reader: BufReader::new(r),
+        writer: w,
+    };
+    back.send(&RelayToControl::Hello {
+        live: vec![live],
+        relay_id: "relay-a".into(),
+        have_version: None,
+    })
+    .await;
+    back.snapshot().await;
+    drop(back);
+    let mut end = None;
+    for _ in 0..500 {
+        end = logged(&dir, true);
+        if end.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let end = end.expect("control ends the lost session within 5 s");
+    let AuditKind::SessionEnd {
+        protocol,
+        reason_code,
+        session_id,
+        ..
+    } = &end.kind
+    else {
+        unreachable!()
+    };
+    assert_eq!(session_id, "r1");
+    assert_eq!(reason_code, "relay_lost");
+    assert_eq!(*protocol, Protocol::Rdp, "{end:?}");
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn a_data_directory_of_another_user_is_refused_at_start() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -646,6 +754,19 @@ async fn a_data_directory_of_another_user_is_refused_at_start() {
         "{e}"
     );
     assert!(!dir.join("control.sock").exists(), "no socket left behind");
+    // an empty directory of another user: refused before anything is written into it
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).expect("mkdir");
+    fs::set_permissions(&empty, fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::os::unix::fs::chown(&empty, Some(other), None).expect("chown");
+    let e = run_until(empty.clone(), std::future::pending())
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(e, ControlError::NotOwner { owner, .. } if owner == other),
+        "{e}"
+    );
+    assert_eq!(fs::read_dir(&empty).expect("read_dir").count(), 0);
 }
 
 #[tokio::test]

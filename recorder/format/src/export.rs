@@ -232,8 +232,12 @@ pub fn asciicast<R: Read>(
         };
         match &rec {
             Record::Resize { cols, rows, .. } => size = Some(usable_size(*cols, *rows)),
-            Record::Data { data, .. } => held_bytes += data.len(),
-            Record::Close { .. } => {}
+            // each record counts its size in memory too: a file of empty records ends the
+            // lookahead as one of large ones does
+            Record::Data { data, .. } => {
+                held_bytes += data.len() + std::mem::size_of::<Record>();
+            }
+            Record::Close { .. } => held_bytes += std::mem::size_of::<Record>(),
         }
         held.push(rec);
     }
@@ -727,6 +731,22 @@ mod tests {
         assert_eq!(lines[0]["width"], 80);
         assert_eq!(lines[0]["height"], 24);
         assert_eq!(lines[1][2], "\x1b[1mhi\x1b[0m\r\n\"q\"");
+    }
+
+    #[test]
+    fn asciicast_lookahead_is_bounded_by_records_not_only_bytes() {
+        // empty DATA records carry no bytes, but each one held costs memory: the lookahead
+        // for the terminal size stops within its bound (the default size, not the late resize)
+        let mut recs: Vec<Record> = (0..100_000)
+            .map(|i| data(i, Direction::Output, b""))
+            .collect();
+        recs.push(resize(100_000, 132, 50));
+        let lines = cast(&recs);
+        assert_eq!(
+            (&lines[0]["width"], &lines[0]["height"]),
+            (&80.into(), &24.into())
+        );
+        assert_eq!(lines.last().expect("events")[2], "132x50");
     }
 
     #[test]

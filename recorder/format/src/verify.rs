@@ -189,7 +189,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
             Item::Seal(seal) => {
                 records_since_seal = 0;
                 let n = seal.chunk;
-                if n == max_chunk.saturating_add(1) {
+                if max_chunk.checked_add(1) == Some(n) {
                     if prev_chunk.saturating_add(1) == n && seal.computed != seal.stored {
                         st.problem(format!(
                             "chunk {n} (up to {}) was modified: its content does not match its seal",
@@ -199,7 +199,7 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
                     max_chunk = n;
                     report.chunks += 1;
                     report.last_ts_us = seal.ts_us;
-                } else if n > max_chunk.saturating_add(1) {
+                } else if max_chunk.checked_add(1).is_some_and(|next| n > next) {
                     let (a, b) = (max_chunk.saturating_add(1), n - 1);
                     st.problem(format!(
                         "chunk {n} found where chunk {a} was expected (after {})",
