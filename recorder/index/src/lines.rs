@@ -116,9 +116,11 @@ impl LineSplitter {
                 self.utf8[self.utf8_len] = b;
                 self.utf8_len += 1;
                 if self.utf8_len == self.utf8_need {
+                    // (C1 controls, U+0080 to U+009F, are two-byte sequences: dropped like C0)
                     if let Some(c) = std::str::from_utf8(&self.utf8[..self.utf8_len])
                         .ok()
                         .and_then(|s| s.chars().next())
+                        .filter(|c| !c.is_control())
                     {
                         self.put(ts_us, c);
                     }
@@ -257,6 +259,15 @@ mod tests {
             &[b"\x1b[1;32muser@host\x1b[0m:~$ ls\r\n\x1b]0;title\x07file\x1b(B.txt\r\n"],
         );
         assert_eq!(got, ["user@host:~$ ls", "file.txt"]);
+    }
+
+    #[test]
+    fn c1_controls_are_dropped_like_c0_ones() {
+        // U+0082 and U+009B (a C1 CSI) in UTF-8, in both directions; é and € stay
+        for kind in [Kind::Output, Kind::Input] {
+            let got = lines(kind, &[b"x\xc2\x82y \xc3\xa9\xc2", b"\x9bz \xe2\x82\xac\n"]);
+            assert_eq!(got, ["xy \u{e9}z \u{20ac}"], "{kind:?}");
+        }
     }
 
     #[test]
