@@ -298,23 +298,6 @@ pub fn up(args: &UpArgs) -> Result<(), UpError> {
         path: data_dir.clone(),
         source,
     })?;
-    {
-        use std::os::unix::fs::MetadataExt as _;
-        let owner = std::fs::metadata(&data_dir)
-            .map_err(|source| UpError::DataDirPath {
-                path: data_dir.clone(),
-                source,
-            })?
-            .uid();
-        let me = nix::unistd::geteuid().as_raw();
-        if owner != me {
-            return Err(UpError::NotOwner {
-                path: data_dir,
-                owner,
-                me,
-            });
-        }
-    }
     let (key, created) = psm_relay::host_key::load_or_create(&data_dir)?;
     println!(
         "gateway host key: {} {} ({})",

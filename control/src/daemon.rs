@@ -238,6 +238,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Each target's protocol, from the store (read without holding any other lock).
+    fn target_protocols(&self) -> HashMap<String, psm_control_api::Protocol> {
+        lock(&self.store)
+            .list_targets()
+            .map(|ts| ts.into_iter().map(|t| (t.name, t.protocol)).collect())
+            .unwrap_or_default()
+    }
+
     /// Builds and publishes the snapshot of the store's current state.
     fn publish(&self, store: &mut Store) -> Result<u64, StoreError> {
         let mut snap = store.snapshot(&self.vault)?;
@@ -372,7 +380,8 @@ pub async fn run_until_with<F: Future<Output = ()>>(
 ) -> Result<(), ControlError> {
     let relay_lost_grace = options.relay_lost_grace;
     let me = nix::unistd::geteuid().as_raw();
-    // another user's directory is refused before anything is written into it
+    // another user's directory is refused before anything is written into it (relays and
+    // psmctl run as the same user as psm-control; they would all be refused)
     if let Ok(m) = std::fs::metadata(&data_dir) {
         use std::os::unix::fs::MetadataExt as _;
         if m.is_dir() && m.uid() != me {
@@ -385,15 +394,8 @@ pub async fn run_until_with<F: Future<Output = ()>>(
     }
     init_data_dir(&data_dir)?;
     let paths = DataDir::new(&data_dir);
+    // (its owner was checked above: an existing directory, or one init_data_dir made for `me`)
     let owner_uid = paths.owner_uid()?;
-    if owner_uid != me {
-        // Relays and psmctl run as the same user as psm-control; they would all be refused.
-        return Err(ControlError::NotOwner {
-            path: data_dir.clone(),
-            owner: owner_uid,
-            me,
-        });
-    }
     let vault = Vault::new(&*load_master_key(&paths.master_key())?)?;
     let mut store = Store::open(&paths.database()).map_err(|source| InitError::Database {
         path: paths.database(),

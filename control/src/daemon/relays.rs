@@ -239,13 +239,10 @@ pub(super) async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: 
         // The protocol of a session control did not know (its session_start went to a control
         // that restarted since): RDP for an RDP target, SSH otherwise, from the store (read
         // before the sessions' lock is taken, as the sessions list does).
-        let protocols: std::collections::HashMap<String, Protocol> = if live.is_empty() {
+        let protocols = if live.is_empty() {
             Default::default()
         } else {
-            lock(&shared.store)
-                .list_targets()
-                .map(|ts| ts.into_iter().map(|t| (t.name, t.protocol)).collect())
-                .unwrap_or_default()
+            shared.target_protocols()
         };
         // The relay's running sessions: what a restarted control would otherwise not know.
         let mut sessions = lock(&shared.sessions);

@@ -1,7 +1,6 @@
 //! psmctl on `control.sock`: the connection, and the answer to every request that
 //! [`Shared::handle_governance`] leaves.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -368,10 +367,7 @@ impl Shared {
             Request::GrantList => self.read(|s| s.list_grants()),
             Request::SessionsList => {
                 // the protocol of each session's target, from the store (a sessions list is rare)
-                let protocols: HashMap<String, Protocol> = lock(&self.store)
-                    .list_targets()
-                    .map(|ts| ts.into_iter().map(|t| (t.name, t.protocol)).collect())
-                    .unwrap_or_default();
+                let protocols = self.target_protocols();
                 let mut list: Vec<SessionInfo> = lock(&self.sessions)
                     .values()
                     .filter(|s| s.lost.is_none())
