@@ -44,8 +44,9 @@
 //! [`MAX_RECORD`] bytes; the writer cuts longer data into several DATA records with the same
 //! timestamp.
 //!
-//! Each call to [`RecordingWriter::flush`] ends the current zstd frame (with its content
-//! checksum), so everything written before it decodes even when the process dies right after.
+//! Each call to [`RecordingWriter::flush`] ends the current zstd frame, so everything written
+//! before it decodes even when the process dies right after. Frames carry no zstd content
+//! checksum (the seals cover every byte; recordings written with one still read).
 //! A reader that meets the end of the file inside a frame or a record keeps what was complete
 //! and reports [`RecordingReader::truncated`]. The reader holds at most one record and fixed
 //! buffers, whatever the size of the recording (see [`RecordingReader`]).

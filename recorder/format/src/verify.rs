@@ -500,6 +500,59 @@ mod tests {
         }
     }
 
+    /// The content-checksum bit of each zstd frame in `bytes` (found by its magic number).
+    fn zstd_checksum_bits(bytes: &[u8]) -> Vec<bool> {
+        const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+        bytes
+            .windows(5)
+            .filter(|w| w[..4] == ZSTD_MAGIC)
+            .map(|w| w[4] & 0x04 != 0)
+            .collect()
+    }
+
+    /// The writer leaves zstd's content checksum out (the seals cover every byte); recordings
+    /// written with it, as psm-recorder wrote them before, still read, verify and show
+    /// tampering.
+    #[test]
+    fn frames_with_or_without_a_zstd_checksum_read_and_verify() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let today = recording(&key, Some(true));
+        let bits = zstd_checksum_bits(&today);
+        assert_eq!(
+            bits.len(),
+            5,
+            "a zstd frame in each of the 5 chunks of data"
+        );
+        assert!(bits.iter().all(|b| !b), "{bits:?}");
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        w.with_zstd_checksum();
+        let before = write_recording(w, &key, Some(true));
+        let bits = zstd_checksum_bits(&before);
+        assert_eq!(bits.len(), 5);
+        assert!(bits.iter().all(|b| *b), "{bits:?}");
+        for (name, bytes) in [("without", &today), ("with", &before)] {
+            let rep = check(bytes, &key);
+            assert!(rep.ok(), "{name}: {rep}");
+            assert_eq!(rep.chunks, 7, "{name}");
+            let mut r = RecordingReader::open(&bytes[..]).expect("open");
+            let mut texts = Vec::new();
+            while let Some(rec) = r.next_record().expect("record") {
+                if let Record::Data { data, .. } = rec {
+                    texts.push(String::from_utf8(data.to_vec()).expect("utf-8"));
+                }
+            }
+            assert_eq!(texts.len(), 5, "{name}");
+            assert_eq!(texts[2], "line 3\r\n".repeat(50), "{name}");
+            assert!(!r.truncated(), "{name}");
+            let spans = frame_spans(bytes);
+            let mut b = bytes.clone();
+            // a byte of chunk 3's zstd frame (after its record head and the frame's magic)
+            b[spans[3].start + 12] ^= 0x01;
+            let rep = check(&b, &key);
+            assert_eq!(rep.status, Status::Failed, "{name}: {rep}");
+        }
+    }
+
     #[test]
     fn sha256_recordings_of_format_version_1_still_verify_and_show_tampering() {
         let (key, _) = EvidenceKey::generate().expect("key");
