@@ -13,23 +13,25 @@ pub fn format_event(e: &AuditEvent) -> String {
             user,
             method,
             source,
+            protocol,
             ..
-        } => (
-            "auth_success",
-            vec![
+        } => {
+            let mut f = vec![
                 ("user", user.clone()),
                 ("login", login.clone()),
                 ("method", method.clone()),
                 ("source", source.clone()),
-            ],
-        ),
+            ];
+            push_protocol(&mut f, protocol);
+            ("auth_success", f)
+        }
         AuditKind::AuthFailure {
             login,
             method,
             source,
             reason,
             side,
-            ..
+            protocol,
         } => {
             let mut f = vec![
                 ("login", login.clone()),
@@ -40,6 +42,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             if !side.is_empty() {
                 f.push(("side", side.clone()));
             }
+            push_protocol(&mut f, protocol);
             ("auth_failure", f)
         }
         AuditKind::SessionDenied {
@@ -49,6 +52,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             reason,
             reason_code,
             side,
+            protocol,
             ..
         } => {
             let mut f = vec![
@@ -63,6 +67,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             if !side.is_empty() {
                 f.push(("side", side.clone()));
             }
+            push_protocol(&mut f, protocol);
             ("session_denied", f)
         }
         AuditKind::SessionStart {
@@ -89,9 +94,7 @@ pub fn format_event(e: &AuditEvent) -> String {
                     ("recording", "none (unrecorded)".to_string())
                 },
             ];
-            if !protocol.is_ssh() {
-                f.push(("protocol", protocol.to_string()));
-            }
+            push_protocol(&mut f, protocol);
             ("session_start", f)
         }
         AuditKind::SessionEnd {
@@ -106,6 +109,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             exit_signal,
             reason,
             unconfirmed_bytes,
+            protocol,
             ..
         } => {
             let mut f = vec![
@@ -126,6 +130,7 @@ pub fn format_event(e: &AuditEvent) -> String {
             if let Some(n) = unconfirmed_bytes.filter(|n| *n > 0) {
                 f.push(("unconfirmed", n.to_string()));
             }
+            push_protocol(&mut f, protocol);
             ("session_end", f)
         }
         AuditKind::RdpChannel {
@@ -387,6 +392,14 @@ pub fn format_event(e: &AuditEvent) -> String {
     line
 }
 
+/// Names the protocol of a login or session line unless it is SSH (most lines; a line written
+/// before the field existed reads as SSH).
+fn push_protocol(f: &mut Vec<(&str, String)>, protocol: &psm_control_api::Protocol) {
+    if !protocol.is_ssh() {
+        f.push(("protocol", protocol.to_string()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,6 +452,96 @@ mod tests {
         // and the shared formatting truncates to 0.1 s below a minute
         for (ms, text) in [(0, "0.0s"), (99, "0.0s"), (150, "0.1s"), (59_999, "59.9s")] {
             assert_eq!(timefmt::duration(ms), text);
+        }
+    }
+
+    /// Every login and session line of an RDP session names its protocol; an SSH one's lines
+    /// (most, and those written before the field existed) do not.
+    #[test]
+    fn login_and_session_lines_name_a_protocol_other_than_ssh() {
+        use psm_control_api::Protocol;
+        let kinds = |protocol: Protocol| {
+            vec![
+                AuditKind::AuthSuccess {
+                    protocol,
+                    login: "alice@Administrator@win1".into(),
+                    user: "alice".into(),
+                    method: "nla".into(),
+                    source: "127.0.0.1:5000".into(),
+                },
+                AuditKind::AuthFailure {
+                    protocol,
+                    login: "alice@Administrator@win1".into(),
+                    method: "nla".into(),
+                    source: "127.0.0.1:5000".into(),
+                    reason: "wrong password".into(),
+                    side: String::new(),
+                },
+                AuditKind::SessionDenied {
+                    protocol,
+                    login: "alice@Administrator@win1".into(),
+                    user: "alice".into(),
+                    source: "127.0.0.1:5000".into(),
+                    reason: "no grant".into(),
+                    reason_code: "no_grant".into(),
+                    side: "policy".into(),
+                    client_message: String::new(),
+                },
+                AuditKind::SessionStart {
+                    protocol,
+                    session_id: "s1".into(),
+                    user: "alice".into(),
+                    source: "127.0.0.1:5000".into(),
+                    target: "win1".into(),
+                    target_address: "127.0.0.1:3389".into(),
+                    account: "Administrator".into(),
+                    recording_id: "rec-1".into(),
+                    start_ms: 1_700_000_000_000,
+                    justification: None,
+                    worker: None,
+                    recorded: true,
+                },
+                AuditKind::SessionEnd {
+                    protocol,
+                    session_id: "s1".into(),
+                    user: "alice".into(),
+                    source: "127.0.0.1:5000".into(),
+                    target: "win1".into(),
+                    account: "Administrator".into(),
+                    start_ms: 1_700_000_000_000,
+                    end_ms: 1_700_000_000_150,
+                    duration_ms: 150,
+                    bytes_up: 10,
+                    bytes_down: 20,
+                    exit_status: None,
+                    exit_signal: None,
+                    recording_id: "rec-1".into(),
+                    reason: "client closed".into(),
+                    reason_code: "client_closed".into(),
+                    side: "client".into(),
+                    justification: None,
+                    unconfirmed_bytes: None,
+                },
+            ]
+        };
+        let line = |kind| {
+            format_event(&AuditEvent {
+                seq: 1,
+                ts_ms: 1_700_000_000_000,
+                origin: "relay-r1".into(),
+                kind,
+            })
+        };
+        for kind in kinds(Protocol::Rdp) {
+            let l = line(kind);
+            assert!(
+                l.ends_with("  protocol=rdp") || l.contains("  protocol=rdp  "),
+                "{l}"
+            );
+        }
+        for kind in kinds(Protocol::Ssh) {
+            let l = line(kind);
+            assert!(!l.contains("protocol="), "{l}");
         }
     }
 
