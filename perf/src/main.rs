@@ -79,6 +79,10 @@ enum Command {
         /// Client runtime threads for the scaling run.
         #[arg(long, default_value_t = 4)]
         client_threads: usize,
+        /// Bulk transfers: every route this many times, in rounds (each route once, then
+        /// again); each figure is the median of its rounds.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        repeat: usize,
         /// Only these workloads (default: all): bulk, sessions, echo, idle, tcp.
         #[arg(long, value_delimiter = ',', value_name = "W,W,…",
               value_parser = ["bulk", "sessions", "echo", "idle", "tcp"])]
@@ -128,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             workers,
             scaling,
             client_threads,
+            repeat,
             only,
         } => {
             anyhow::ensure!(
@@ -143,6 +148,10 @@ fn main() -> anyhow::Result<()> {
                 "--scaling: worker counts between 1 and 256"
             );
             anyhow::ensure!(
+                (1..=15).contains(&repeat),
+                "--repeat must be between 1 and 15"
+            );
+            anyhow::ensure!(
                 (1..=256).contains(&client_threads),
                 "--client-threads must be between 1 and 256"
             );
@@ -154,6 +163,7 @@ fn main() -> anyhow::Result<()> {
                 keep,
                 workers,
                 only,
+                repeat: if quick { 1 } else { repeat },
             };
             if scaling.is_empty() {
                 bench::run(&opts, json)?

@@ -43,6 +43,8 @@ pub struct Opts {
     pub workers: Option<usize>,
     /// Only these workloads (`bulk`, `sessions`, `echo`, `idle`, `tcp`); empty: all.
     pub only: Vec<String>,
+    /// Bulk transfers: rounds of every route, each figure the median of its rounds.
+    pub repeat: usize,
 }
 
 impl Opts {
@@ -98,15 +100,47 @@ fn set_transfer(
     bytes: u64,
     r: anyhow::Result<(f64, f64)>,
 ) {
-    match r {
-        Ok((secs, spent)) => {
-            tput.set(route, Ok(mbps(bytes, secs)));
-            cpu.set(route, Ok(spent / (bytes as f64 / (1u64 << 30) as f64)));
+    set_medians(tput, cpu, route, vec![transfer_figures(bytes, r)]);
+}
+
+/// A transfer's MB/s and CPU-seconds per GiB, from the seconds it took moving `bytes` and the
+/// CPU-seconds spent.
+fn transfer_figures(bytes: u64, r: anyhow::Result<(f64, f64)>) -> anyhow::Result<(f64, f64)> {
+    r.map(|(secs, spent)| {
+        (
+            mbps(bytes, secs),
+            spent / (bytes as f64 / (1u64 << 30) as f64),
+        )
+    })
+}
+
+/// Sets `route`'s MB/s in `tput` and CPU-seconds per GiB in `cpu`: each the median of the
+/// rounds' figures (`rounds`: one per round), or the first round's failure when one failed.
+fn set_medians(
+    tput: &mut Row,
+    cpu: &mut Row,
+    route: &'static str,
+    rounds: Vec<anyhow::Result<(f64, f64)>>,
+) {
+    match rounds.into_iter().collect::<anyhow::Result<Vec<_>>>() {
+        Ok(figures) => {
+            tput.set(route, Ok(median(figures.iter().map(|f| f.0).collect())));
+            cpu.set(route, Ok(median(figures.iter().map(|f| f.1).collect())));
         }
         Err(e) => {
             cpu.set(route, Err(anyhow::anyhow!("{e:#}")));
             tput.set(route, Err(e));
         }
+    }
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
@@ -394,42 +428,63 @@ async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         for what in ["up", "down", "both"] {
             let mut tput = Row::new(format!("{what} {cname}"), "MB/s", true);
             let mut cpu = Row::new(format!("{what} {cname} CPU"), "CPU-s/GiB", false);
-            for (route, d) in w.with_norec() {
-                eprintln!("bench: {what} {cname} via {route}");
-                let before = w.cpu(route);
-                let r = async {
-                    if what == "both" {
-                        return client::both(d, &w.key, &cfg, n).await;
-                    }
-                    let h = client::connect(d, &w.key, &cfg).await?;
-                    let secs = match what {
-                        "up" => client::upload(&h, n).await?,
-                        _ => client::download(&h, n).await?,
-                    };
-                    let _ = h
-                        .disconnect(russh::Disconnect::ByApplication, "", "en")
-                        .await;
-                    anyhow::Ok(secs)
+            // every route once a round, so that each route's rounds spread over the same span
+            // of the machine's load
+            let mut rounds: BTreeMap<&'static str, Vec<anyhow::Result<(f64, f64)>>> =
+                BTreeMap::new();
+            for round in 1..=o.repeat {
+                let of = if o.repeat > 1 {
+                    format!(" (round {round} of {})", o.repeat)
+                } else {
+                    String::new()
                 };
-                let r = tokio::time::timeout(client::STEP, r)
+                for (route, d) in w.with_norec() {
+                    eprintln!("bench: {what} {cname} via {route}{of}");
+                    let before = w.cpu(route);
+                    let r = async {
+                        if what == "both" {
+                            return client::both(d, &w.key, &cfg, n).await;
+                        }
+                        let h = client::connect(d, &w.key, &cfg).await?;
+                        let secs = match what {
+                            "up" => client::upload(&h, n).await?,
+                            _ => client::download(&h, n).await?,
+                        };
+                        let _ = h
+                            .disconnect(russh::Disconnect::ByApplication, "", "en")
+                            .await;
+                        anyhow::Ok(secs)
+                    };
+                    let r = tokio::time::timeout(client::STEP, r)
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
+                    // let the jump host reap its connection's process before its CPU is read
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let moved = if what == "both" { 2 * n } else { n };
+                    let spent = w.cpu(route) - before;
+                    let figures = transfer_figures(moved, r.map(|s| (s, spent)));
+                    if let (Ok((mbs, cpu)), true) = (&figures, o.repeat > 1) {
+                        eprintln!("bench:   {what} {cname} via {route}{of}: {mbs:.0} MB/s, {cpu:.3} CPU-s/GiB");
+                    }
+                    rounds.entry(route).or_default().push(figures);
+                }
+                if let (Some(s), true) = (&w.openssh, what != "both") {
+                    eprintln!("bench: {what} {cname} via openssh{of}");
+                    let (s, up) = (s.clone(), what == "up");
+                    let r = tokio::task::spawn_blocking(move || {
+                        openssh::transfer(&s, ossh_cipher, up, n, client::STEP)
+                    })
                     .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
-                // let the jump host reap its connection's process before its CPU is read
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let moved = if what == "both" { 2 * n } else { n };
-                let spent = w.cpu(route) - before;
-                set_transfer(&mut tput, &mut cpu, route, moved, r.map(|s| (s, spent)));
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r);
+                    rounds
+                        .entry("openssh")
+                        .or_default()
+                        .push(transfer_figures(n, r));
+                }
             }
-            if let (Some(s), true) = (&w.openssh, what != "both") {
-                eprintln!("bench: {what} {cname} via openssh");
-                let (s, up) = (s.clone(), what == "up");
-                let r = tokio::task::spawn_blocking(move || {
-                    openssh::transfer(&s, ossh_cipher, up, n, client::STEP)
-                })
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
-                set_transfer(&mut tput, &mut cpu, "openssh", n, r);
+            for (route, figures) in rounds {
+                set_medians(&mut tput, &mut cpu, route, figures);
             }
             rows.push(tput);
             rows.push(cpu);
@@ -865,6 +920,12 @@ pub fn run(o: &Opts, json_out: bool) -> anyhow::Result<()> {
             .build()?;
         let mut rows = Vec::new();
         let mut notes = world.notes.clone();
+        if o.repeat > 1 && o.runs("bulk") {
+            notes.push(format!(
+                "bulk: each figure is the median of {} rounds (every route once a round)",
+                o.repeat
+            ));
+        }
         rt.block_on(async {
             if o.runs("bulk") {
                 bulk(&world, o, &mut rows).await;
@@ -907,4 +968,50 @@ pub fn run(o: &Opts, json_out: bool) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![900.0, 500.0, 700.0]), 700.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![605.0]), 605.0);
+        assert!(median(Vec::new()).is_nan());
+    }
+
+    /// The rounds of one route: the median of each figure, taken apart (the fastest round need
+    /// not be the cheapest), or the failure when a round failed.
+    #[test]
+    fn a_route_gets_each_figures_median_or_its_failure() {
+        let mut tput = Row::new("up aes128-gcm", "MB/s", true);
+        let mut cpu = Row::new("up aes128-gcm CPU", "CPU-s/GiB", false);
+        set_medians(
+            &mut tput,
+            &mut cpu,
+            "psm",
+            vec![Ok((1000.0, 0.9)), Ok((1200.0, 0.8)), Ok((1100.0, 1.0))],
+        );
+        assert_eq!(tput.values["psm"].as_ref().ok(), Some(&1100.0));
+        assert_eq!(cpu.values["psm"].as_ref().ok(), Some(&0.9));
+        set_medians(
+            &mut tput,
+            &mut cpu,
+            "jump",
+            vec![Ok((600.0, 0.5)), Err(anyhow::anyhow!("timed out"))],
+        );
+        assert!(tput.values["jump"]
+            .as_ref()
+            .is_err_and(|e| e.contains("timed out")));
+        assert!(cpu.values["jump"].is_err());
+        // one transfer: the figures of that transfer
+        set_transfer(&mut tput, &mut cpu, "direct", 1 << 30, Ok((1.0, 0.5)));
+        assert_eq!(
+            tput.values["direct"].as_ref().ok(),
+            Some(&mbps(1 << 30, 1.0))
+        );
+        assert_eq!(cpu.values["direct"].as_ref().ok(), Some(&0.5));
+    }
 }
