@@ -22,6 +22,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction};
 use crate::validate::Invalid;
 use crate::vault::VaultError;
 
+mod command_rules;
 mod governance;
 mod grants;
 mod import;
