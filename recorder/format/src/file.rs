@@ -46,7 +46,8 @@
 //!
 //! Each call to [`RecordingWriter::flush`] ends the current zstd frame, so everything written
 //! before it decodes even when the process dies right after. Frames carry no zstd content
-//! checksum (the seals cover every byte; recordings written with one still read).
+//! checksum: the seals cover every byte, and the reader compares each seal with what it read
+//! (recordings written with one still read).
 //! A reader that meets the end of the file inside a frame or a record keeps what was complete
 //! and reports [`RecordingReader::truncated`]. The reader holds at most one record and fixed
 //! buffers, whatever the size of the recording (see [`RecordingReader`]).
@@ -886,8 +887,8 @@ mod tests {
         assert!(path_for(dir, &"x".repeat(64)).is_ok());
     }
 
-    /// A chunk that no longer decompresses (one flipped byte) does not hide a version 5
-    /// recording from listings: `info` reads the clear header, seals and CLOSE only.
+    /// A damaged chunk (one flipped byte) does not hide a version 5 recording from listings:
+    /// `info` reads the clear header, seals and CLOSE only.
     #[test]
     fn info_of_a_damaged_chunked_recording_still_lists_it() {
         let tmp = std::env::temp_dir().join(format!("psmrec-info-{}", std::process::id()));

@@ -544,12 +544,42 @@ mod tests {
             assert_eq!(texts.len(), 5, "{name}");
             assert_eq!(texts[2], "line 3\r\n".repeat(50), "{name}");
             assert!(!r.truncated(), "{name}");
-            let spans = frame_spans(bytes);
             let mut b = bytes.clone();
-            // a byte of chunk 3's zstd frame (after its record head and the frame's magic)
-            b[spans[3].start + 12] ^= 0x01;
+            // one character of the text in the third data chunk's zstd frame (a literal: "line 3"
+            // becomes "line 2", and the frame still decodes)
+            let at = b
+                .windows(6)
+                .position(|w| w == b"line 3")
+                .expect("the literal in its frame")
+                + 5;
+            b[at] ^= 0x01;
             let rep = check(&b, &key);
             assert_eq!(rep.status, Status::Failed, "{name}: {rep}");
+            // and replay, export and the search index (the reader) stop there with an error:
+            // the chunks before it come out intact
+            let mut r = RecordingReader::open(&b[..]).expect("open");
+            let mut got = Vec::new();
+            let err = loop {
+                match r.next_record() {
+                    Ok(Some(Record::Data { data, .. })) => got.push(data),
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("{name}: read to the end: {got:?}"),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            assert!(got.len() < 5, "{name}: {got:?}");
+            for (i, data) in got.iter().enumerate().take(got.len().saturating_sub(1)) {
+                assert_eq!(data[..], *texts[i].as_bytes(), "{name}: record {i}");
+            }
+            if name == "without" {
+                // the altered chunk decodes (its record came out changed), its seal does not match
+                assert_eq!(got.len(), 3, "{name}: {got:?}");
+                assert_ne!(got[2][..], *texts[2].as_bytes());
+                assert!(
+                    err.contains("chunk 4 does not match its seal"),
+                    "{name}: {err}"
+                );
+            }
         }
     }
 

@@ -227,12 +227,24 @@ impl<R: Read> RecordingReader<R> {
     }
 
     /// Like `next_record`; with `want_data == false`, DATA bytes are not handed out (empty).
+    ///
+    /// Each seal is compared with what was read since the one before it: a chunk that does not
+    /// match its seal (damaged or modified bytes) ends reading with an error when its seal is
+    /// reached. Its records were handed out already (a chunk is read as it decompresses); the
+    /// error says they cannot be trusted, and `psmctl recordings verify` says more.
     pub(super) fn next_inner(&mut self, want_data: bool) -> Result<Option<Record>, FormatError> {
         loop {
             match self.next_any(want_data)? {
                 None => return Ok(None),
                 Some(Item::Record(rec)) => return Ok(Some(rec)),
                 Some(Item::Encrypted(_)) => return Err(self.key_needed()),
+                Some(Item::Seal(seal)) if seal.computed != seal.stored => {
+                    let e = FormatError::Malformed(format!(
+                        "chunk {} does not match its seal: the recording was damaged or modified",
+                        seal.chunk
+                    ));
+                    return Err(self.fail(e));
+                }
                 Some(_) => continue,
             }
         }

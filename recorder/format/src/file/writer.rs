@@ -152,10 +152,11 @@ impl<W: Write> RecordingWriter<W> {
     pub(super) fn start(w: W, meta: &RecordingMeta, hash: ChainHash) -> Result<Self, FormatError> {
         let mut cctx = zstd::stream::raw::Encoder::new(ZSTD_LEVEL)?;
         // No zstd content checksum (XXH64 over every recorded byte): the seals already cover
-        // every byte (as written in versions 5 and 4, decompressed in 3 and 1), and a
-        // cryptographic hash catches what a checksum would, tampering included. It was a third
-        // of the writer's CPU on data that compresses well (`psm-perf record-bench`, zeros:
-        // 0.14 → 0.09 CPU-s/GiB; perf/BENCHMARKS.md). Frames written with one still read.
+        // every byte (as written in versions 5, 4 and 2, decompressed in 3 and 1), and every
+        // reader compares each seal with what it read (`RecordingReader::next_record`,
+        // `verify`), so a damaged or modified chunk is caught, tampering included. It was a
+        // third of the writer's CPU on zeros (`psm-perf record-bench`: 0.14 → 0.09 CPU-s/GiB;
+        // perf/BENCHMARKS.md). Frames written with one still read.
         cctx.set_parameter(CParameter::ChecksumFlag(false))?;
         Ok(RecordingWriter {
             inner: w,
