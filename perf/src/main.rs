@@ -152,6 +152,10 @@ fn main() -> anyhow::Result<()> {
                 "--repeat must be between 1 and 15"
             );
             anyhow::ensure!(
+                repeat == 1 || (!quick && scaling.is_empty()),
+                "--repeat is for the table's bulk transfers, not with --quick or --scaling"
+            );
+            anyhow::ensure!(
                 (1..=256).contains(&client_threads),
                 "--client-threads must be between 1 and 256"
             );
@@ -163,7 +167,7 @@ fn main() -> anyhow::Result<()> {
                 keep,
                 workers,
                 only,
-                repeat: if quick { 1 } else { repeat },
+                repeat,
             };
             if scaling.is_empty() {
                 bench::run(&opts, json)?

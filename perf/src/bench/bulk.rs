@@ -29,8 +29,7 @@ pub(super) async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
             let mut cpu = Row::new(format!("{what} {cname} CPU"), "CPU-s/GiB", false);
             // every route once a round, so that each route's rounds spread over the same span
             // of the machine's load
-            let mut rounds: BTreeMap<&'static str, Vec<anyhow::Result<(f64, f64)>>> =
-                BTreeMap::new();
+            let mut rounds = Rounds::new(o.repeat);
             for round in 1..=o.repeat {
                 let of = if o.repeat > 1 {
                     format!(" (round {round} of {})", o.repeat)
@@ -38,6 +37,9 @@ pub(super) async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                     String::new()
                 };
                 for (route, d) in w.with_norec() {
+                    if rounds.failed(route) {
+                        continue;
+                    }
                     eprintln!("bench: {what} {cname} via {route}{of}");
                     let before = w.cpu(route);
                     let r = async {
@@ -62,12 +64,12 @@ pub(super) async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                     let moved = if what == "both" { 2 * n } else { n };
                     let spent = w.cpu(route) - before;
                     let figures = transfer_figures(moved, r.map(|s| (s, spent)));
-                    if let (Ok((mbs, cpu)), true) = (&figures, o.repeat > 1) {
-                        eprintln!("bench:   {what} {cname} via {route}{of}: {mbs:.0} MB/s, {cpu:.3} CPU-s/GiB");
-                    }
-                    rounds.entry(route).or_default().push(figures);
+                    rounds.add(&mut tput, &mut cpu, route, &of, figures);
                 }
                 if let (Some(s), true) = (&w.openssh, what != "both") {
+                    if rounds.failed("openssh") {
+                        continue;
+                    }
                     eprintln!("bench: {what} {cname} via openssh{of}");
                     let (s, up) = (s.clone(), what == "up");
                     let r = tokio::task::spawn_blocking(move || {
@@ -76,17 +78,105 @@ pub(super) async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r);
-                    rounds
-                        .entry("openssh")
-                        .or_default()
-                        .push(transfer_figures(n, r));
+                    rounds.add(&mut tput, &mut cpu, "openssh", &of, transfer_figures(n, r));
                 }
-            }
-            for (route, figures) in rounds {
-                set_medians(&mut tput, &mut cpu, route, figures);
             }
             rows.push(tput);
             rows.push(cpu);
         }
+    }
+}
+
+/// One row's rounds: each route's figures so far. A route's figures go into the rows as soon as
+/// its last round is in (a run stopped at its time limit has still told what it measured), or
+/// its failure as soon as it fails: a failed route is not tried again in later rounds.
+struct Rounds {
+    repeat: usize,
+    of: BTreeMap<&'static str, Vec<anyhow::Result<(f64, f64)>>>,
+}
+
+impl Rounds {
+    fn new(repeat: usize) -> Rounds {
+        Rounds {
+            repeat,
+            of: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `route` failed in an earlier round.
+    fn failed(&self, route: &str) -> bool {
+        self.of
+            .get(route)
+            .is_some_and(|f| f.iter().any(|r| r.is_err()))
+    }
+
+    /// Adds one round of `route` (`of`: which round, for the log).
+    fn add(
+        &mut self,
+        tput: &mut Row,
+        cpu: &mut Row,
+        route: &'static str,
+        of: &str,
+        figures: anyhow::Result<(f64, f64)>,
+    ) {
+        if self.repeat > 1 {
+            match &figures {
+                Ok((mbs, c)) => {
+                    eprintln!(
+                        "bench:   {} via {route}{of}: {mbs:.0} MB/s, {c:.3} CPU-s/GiB",
+                        tput.workload
+                    )
+                }
+                Err(e) => eprintln!("bench:   {} via {route}{of}: FAILED {e:#}", tput.workload),
+            }
+        }
+        let failed = figures.is_err();
+        let all = self.of.entry(route).or_default();
+        all.push(figures);
+        if failed || all.len() == self.repeat {
+            set_medians(tput, cpu, route, std::mem::take(all));
+            if failed {
+                // remembered as failed: no later round tries it
+                all.push(Err(anyhow::anyhow!("failed")));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route's median goes into the row with its last round; a failure at once, and the
+    /// route is not tried again.
+    #[test]
+    fn rounds_set_each_route_at_its_last_round_or_its_failure() {
+        let mut tput = Row::new("up aes128-gcm", "MB/s", true);
+        let mut cpu = Row::new("up aes128-gcm CPU", "CPU-s/GiB", false);
+        let mut rounds = Rounds::new(3);
+        rounds.add(&mut tput, &mut cpu, "psm", "", Ok((1000.0, 0.9)));
+        rounds.add(
+            &mut tput,
+            &mut cpu,
+            "jump",
+            "",
+            Err(anyhow::anyhow!("timed out")),
+        );
+        assert!(
+            !tput.values.contains_key("psm"),
+            "not before its last round"
+        );
+        assert!(tput.values["jump"]
+            .as_ref()
+            .is_err_and(|e| e.contains("timed out")));
+        assert!(rounds.failed("jump") && !rounds.failed("psm"));
+        rounds.add(&mut tput, &mut cpu, "psm", "", Ok((1200.0, 0.8)));
+        rounds.add(&mut tput, &mut cpu, "psm", "", Ok((1100.0, 1.0)));
+        assert_eq!(tput.values["psm"].as_ref().ok(), Some(&1100.0));
+        assert_eq!(cpu.values["psm"].as_ref().ok(), Some(&0.9));
+        // one round: set with it
+        let mut once = Rounds::new(1);
+        once.add(&mut tput, &mut cpu, "direct", "", Ok((2000.0, 0.7)));
+        assert_eq!(tput.values["direct"].as_ref().ok(), Some(&2000.0));
     }
 }

@@ -10,7 +10,7 @@ use super::Opts;
 
 /// One line of the table: a workload's figure on each route, or why it failed there.
 pub(super) struct Row {
-    workload: String,
+    pub(super) workload: String,
     unit: &'static str,
     /// Higher is better (throughput) or lower (latency, CPU).
     higher_better: bool,
@@ -175,6 +175,7 @@ pub(super) fn to_json(rows: &[Row], notes: &[String], o: &Opts) -> Value {
     json!({
         "quick": o.quick,
         "mib": o.mib,
+        "repeat": o.repeat,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "rows": rows.iter().map(|r| {
             let mut m = serde_json::Map::new();
