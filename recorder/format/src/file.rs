@@ -72,7 +72,8 @@
 //! [64] Ed25519 signature of TRAILER_DOMAIN || all the bytes above
 //! ```
 //!
-//! [`crate::verify`] checks all of it. Readers that only replay skip both kinds.
+//! [`crate::verify`] checks all of it. Readers that only replay compare each seal with what they
+//! read (a chunk that does not match ends reading with an error) and skip the trailer.
 //!
 //! # Chunked recordings (format version 5; encrypted: versions 4 and 2)
 //!
