@@ -84,7 +84,10 @@ fn terminal_session(command: &str) -> (World, std::process::Child, String) {
 
 #[test]
 fn a_vanished_client_ends_the_session_and_the_target_side() {
-    let (w, mut child, sid) = terminal_session("echo START; exec sleep 300");
+    // a command line of this test's own: another `sleep 300` on the machine (a concurrent
+    // test, an operator's shell waiting on the suite) must not count as the target side
+    let marker = format!("sleep 300.{:07}", std::process::id());
+    let (w, mut child, sid) = terminal_session(&format!("echo START; exec {marker}"));
     // the command's first output has come back through psm: the session is fully up on both
     // sides before the client vanishes
     let mut out = child.stdout.take().expect("stdout");
@@ -105,7 +108,7 @@ fn a_vanished_client_ends_the_session_and_the_target_side() {
             .contains("START")),
         "no START from the target"
     );
-    let sleeping = || !pids_matching("sleep 300", Some("sleep")).is_empty();
+    let sleeping = || !pids_matching(&marker, Some("sleep")).is_empty();
     assert!(wait_for(T, sleeping), "the remote command did not start");
     child.kill().expect("kill ssh");
     let _ = child.wait();
