@@ -7,24 +7,32 @@ use std::time::Duration;
 
 use psm_tests::*;
 
-/// Whatever the bench started (its work folder is in their command lines) is stopped when the
-/// test ends, passed or not: a killed psm-perf cannot clean up after itself.
-struct Leftovers;
+/// Whatever the bench started (its work folder, under this test's own temporary folder, is in
+/// their command lines) is stopped when the test ends, passed or not: a killed psm-perf cannot
+/// clean up after itself. Only this test's: a bench someone runs beside the suite is left alone.
+struct Leftovers(String);
 
 impl Drop for Leftovers {
     fn drop(&mut self) {
-        signal_matching("psm-perf-bench.", nix::sys::signal::Signal::SIGKILL);
+        signal_matching(&self.0, nix::sys::signal::Signal::SIGKILL);
     }
 }
 
 #[test]
 fn psm_perf_bench_quick_runs_every_path() {
     require_psm_binaries();
-    let _cleanup = Leftovers;
+    // the bench's work folder goes under TMPDIR: a folder of this test's own
+    let tmp = tempfile::Builder::new()
+        .prefix("perfb")
+        .tempdir_in("/tmp")
+        .expect("temp dir");
+    let work = format!("{}/psm-perf-bench.", tmp.path().display());
+    let _cleanup = Leftovers(work.clone());
     let out = run_cmd(
         Command::new(bin("psm-perf"))
             .args(["bench", "--quick", "--json", "--bin"])
-            .arg(bin_dir()),
+            .arg(bin_dir())
+            .env("TMPDIR", tmp.path()),
         None,
         Duration::from_secs(300),
     );
@@ -91,6 +99,6 @@ fn psm_perf_bench_quick_runs_every_path() {
     let cpu = row("up aes128-gcm CPU");
     assert!(cpu["psm"].as_f64().is_some(), "{cpu}");
     // nothing it started is left behind
-    let leftovers = pids_matching("psm-perf-bench.", None);
+    let leftovers = pids_matching(&work, None);
     assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
 }
