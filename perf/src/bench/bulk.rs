@@ -2,7 +2,7 @@
 //! (and the OpenSSH client straight to sshd), as MB/s and CPU-seconds per GiB, each figure the
 //! median of its rounds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::report::{set_medians, transfer_figures, Row};
@@ -92,7 +92,10 @@ pub(super) async fn bulk(w: &World, o: &Opts, rows: &mut Vec<Row>) {
 /// its failure as soon as it fails: a failed route is not tried again in later rounds.
 struct Rounds {
     repeat: usize,
-    of: BTreeMap<&'static str, Vec<anyhow::Result<(f64, f64)>>>,
+    /// Each route's figures of the rounds so far.
+    of: BTreeMap<&'static str, Vec<(f64, f64)>>,
+    /// The routes that failed (their failure is in the rows).
+    failed: BTreeSet<&'static str>,
 }
 
 impl Rounds {
@@ -100,14 +103,13 @@ impl Rounds {
         Rounds {
             repeat,
             of: BTreeMap::new(),
+            failed: BTreeSet::new(),
         }
     }
 
     /// Whether `route` failed in an earlier round.
     fn failed(&self, route: &str) -> bool {
-        self.of
-            .get(route)
-            .is_some_and(|f| f.iter().any(|r| r.is_err()))
+        self.failed.contains(route)
     }
 
     /// Adds one round of `route` (`of`: which round, for the log).
@@ -130,14 +132,17 @@ impl Rounds {
                 Err(e) => eprintln!("bench:   {} via {route}{of}: FAILED {e:#}", tput.workload),
             }
         }
-        let failed = figures.is_err();
-        let all = self.of.entry(route).or_default();
-        all.push(figures);
-        if failed || all.len() == self.repeat {
-            set_medians(tput, cpu, route, std::mem::take(all));
-            if failed {
-                // remembered as failed: no later round tries it
-                all.push(Err(anyhow::anyhow!("failed")));
+        match figures {
+            Err(e) => {
+                self.failed.insert(route);
+                set_medians(tput, cpu, route, vec![Err(e)]);
+            }
+            Ok(f) => {
+                let all = self.of.entry(route).or_default();
+                all.push(f);
+                if all.len() == self.repeat {
+                    set_medians(tput, cpu, route, all.drain(..).map(Ok).collect());
+                }
             }
         }
     }
