@@ -213,6 +213,21 @@ impl Link {
                         data,
                     },
                 ),
+                FrameRef::Packed {
+                    stream,
+                    ts_us,
+                    plain_len,
+                    data_len,
+                    frame,
+                } => self.append(
+                    stream,
+                    Entry::Packed {
+                        ts_us,
+                        plain_len,
+                        data_len,
+                        frame,
+                    },
+                ),
                 FrameRef::Other(frame) => self.handle(frame),
             }
         }
@@ -235,6 +250,21 @@ impl Link {
                     channel,
                     direction,
                     data: &data,
+                },
+            ),
+            Frame::Packed {
+                stream,
+                ts_us,
+                plain_len,
+                data_len,
+                frame,
+            } => self.append(
+                stream,
+                Entry::Packed {
+                    ts_us,
+                    plain_len,
+                    data_len,
+                    frame: &frame,
                 },
             ),
             Frame::Resize {

@@ -34,13 +34,19 @@ pub(crate) struct Recording {
 }
 
 /// A record to append: DATA borrowed from the link's receive buffer (written without a copy),
-/// or any other record.
+/// DATA records the relay packed (their zstd frame, borrowed likewise), or any other record.
 pub(crate) enum Entry<'a> {
     Data {
         ts_us: u64,
         channel: u32,
         direction: Direction,
         data: &'a [u8],
+    },
+    Packed {
+        ts_us: u64,
+        plain_len: u32,
+        data_len: u64,
+        frame: &'a [u8],
     },
     Other(Record),
 }
@@ -50,6 +56,7 @@ impl Entry<'_> {
     pub(crate) fn data_len(&self) -> usize {
         match self {
             Entry::Data { data, .. } => data.len(),
+            Entry::Packed { data_len, .. } => usize::try_from(*data_len).unwrap_or(usize::MAX),
             Entry::Other(_) => 0,
         }
     }
@@ -70,6 +77,18 @@ impl Recording {
                 if self.indexer.is_some() {
                     self.lines.feed(ts_us, channel, direction, data);
                 }
+            }
+            Entry::Packed {
+                ts_us,
+                plain_len,
+                data_len,
+                frame,
+            } => {
+                // binary payloads only (the relay packs what the index would skip): nothing for
+                // the search index
+                self.writer.append_packed(plain_len, ts_us, frame)?;
+                self.last_ts_us = self.last_ts_us.max(ts_us);
+                self.data_bytes += data_len;
             }
             Entry::Other(ref rec) => {
                 self.last_ts_us = self.last_ts_us.max(rec.ts_us());

@@ -741,3 +741,112 @@ fn a_recording_that_cannot_be_written_fails_alone_and_the_link_stays_up() {
     drop(conn);
     daemon.stop();
 }
+
+/// `Frame::Packed` of `payloads` (one stream's DATA, packed as the relay's link does).
+fn packed(stream: u64, payloads: &[(u64, &[u8])]) -> Frame {
+    let mut packer = file::pack::Packer::new().expect("packer");
+    let list: Vec<file::pack::Payload<'_>> = payloads
+        .iter()
+        .map(|(ts_us, data)| file::pack::Payload {
+            ts_us: *ts_us,
+            channel: 0,
+            direction: Direction::Output,
+            data,
+        })
+        .collect();
+    let p = packer.pack(stream, &list).expect("pack");
+    Frame::Packed {
+        stream,
+        ts_us: p.last_ts_us,
+        plain_len: p.plain_len,
+        data_len: p.data_len,
+        frame: Bytes::from(p.frame),
+    }
+}
+
+#[test]
+fn packed_frames_are_recorded_as_their_data_and_a_bad_one_fails_its_stream_alone() {
+    let mut daemon = Daemon::start();
+    let mut conn = daemon.connect();
+    let zeros = vec![0u8; 64 * 1024];
+    let random = noise(7, 100_000);
+    send(
+        &mut conn,
+        &[
+            Frame::Open {
+                stream: 1,
+                meta: meta("packed"),
+            },
+            Frame::Open {
+                stream: 2,
+                meta: meta("forged"),
+            },
+        ],
+    );
+    assert_eq!(
+        replies(&mut conn, 2),
+        [Reply::Opened { stream: 1 }, Reply::Opened { stream: 2 }]
+    );
+    let good = packed(1, &[(2, &zeros), (3, &random)]);
+    // a frame that claims one byte more than it holds
+    let Frame::Packed {
+        ts_us,
+        plain_len,
+        data_len,
+        frame,
+        ..
+    } = packed(2, &[(2, &zeros)])
+    else {
+        unreachable!()
+    };
+    let forged = Frame::Packed {
+        stream: 2,
+        ts_us,
+        plain_len: plain_len + 1,
+        data_len,
+        frame,
+    };
+    send(
+        &mut conn,
+        &[
+            data(1, 1, b"$ cat file\r\n"),
+            good,
+            forged,
+            data(1, 4, b"$ "),
+            Frame::Close {
+                stream: 1,
+                ts_us: 5,
+                summary: CloseSummary {
+                    reason: "client closed".into(),
+                    ..Default::default()
+                },
+            },
+        ],
+    );
+    // stream 2 fails on its forged frame; every payload byte of stream 1 is counted durable
+    // at its close (replies come as they come: read until both are in)
+    let total = (12 + zeros.len() + random.len() + 2) as u64;
+    let failed =
+        |r: &Reply| matches!(r, Reply::Failed { stream: 2, reason } if reason.contains("packed"));
+    let mut got = Vec::new();
+    while !(got.iter().any(failed)
+        && got.contains(&Reply::Durable {
+            stream: 1,
+            bytes: total,
+        }))
+    {
+        assert!(got.len() < 20, "{got:?}");
+        got.extend(replies(&mut conn, 1));
+    }
+    let back = closed(&daemon, "packed");
+    let mut want = b"$ cat file\r\n".to_vec();
+    want.extend_from_slice(&zeros);
+    want.extend_from_slice(&random);
+    want.extend_from_slice(b"$ ");
+    assert_eq!(back.output(), want);
+    assert!(!back.truncated);
+    let report = verified(&daemon, "packed");
+    assert_eq!(report.status, Status::Ok, "{report}");
+    drop(conn);
+    daemon.stop();
+}

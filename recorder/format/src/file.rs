@@ -87,7 +87,8 @@
 //!          encrypted: u8 version (4 or 2), u8 flags (FLAG_SEALED | FLAG_ENCRYPTED),
 //!          [8] recording key id, [32] salt, JSON RecordingMeta
 //! then per chunk:
-//! CHUNK    (0x05) one zstd frame of DATA and RESIZE records
+//! CHUNK    (0x05) one or more concatenated zstd frames of DATA and RESIZE records (the
+//!          writer's own, and runs of DATA records the relay packed: [`pack`])
 //!          encrypted: AES-256-GCM(that frame) || [16] tag
 //! CLOSE    as above, in the clear, in the last chunk only
 //! SEAL     as above
@@ -123,6 +124,7 @@ use crate::crypt::RecordingKey;
 use crate::{CloseSummary, Direction, FormatError, RecordingMeta};
 
 mod chain;
+pub mod pack;
 mod reader;
 mod v2;
 mod writer;
@@ -176,8 +178,8 @@ pub(crate) enum Layout {
     /// Format versions 3 and 1: one zstd stream; the seals sit inside it and cover the
     /// decompressed bytes.
     Stream,
-    /// Format version 5: clear records around CHUNK records that each hold one zstd frame;
-    /// the seals cover the bytes as written.
+    /// Format version 5: clear records around CHUNK records that each hold zstd frames of
+    /// records; the seals cover the bytes as written.
     Chunks,
     /// Format versions 4 and 2: as [`Layout::Chunks`], each chunk encrypted.
     Encrypted,

@@ -6,6 +6,9 @@
 //! - `RESIZE` : `u64 stream, u64 ts_us, u32 channel, u32 cols, u32 rows`
 //! - `CLOSE`  : `u64 stream, u64 ts_us` + JSON [`CloseSummary`]
 //! - `DISCARD`: `u64 stream` (the session never started: nothing of it is kept)
+//! - `PACKED` : `u64 stream, u64 ts_us (the largest in it), u32 record bytes, u64 DATA payload
+//!   bytes` + one zstd frame of DATA records, packed by the relay's link
+//!   ([`crate::file::pack`]); psm-recorder puts the frame into the recording as it is
 //!
 //! `stream` is chosen by the relay and unique on one link; `ts_us` counts microseconds since the
 //! session started.
@@ -32,6 +35,7 @@ const TAG_DATA: u8 = 2;
 const TAG_RESIZE: u8 = 3;
 const TAG_CLOSE: u8 = 4;
 const TAG_DISCARD: u8 = 5;
+const TAG_PACKED: u8 = 6;
 const TAG_OPENED: u8 = 0x41;
 const TAG_REFUSED: u8 = 0x42;
 const TAG_FAILED: u8 = 0x43;
@@ -167,6 +171,19 @@ pub enum Frame {
         /// Link-local stream number.
         stream: u64,
     },
+    /// DATA records packed into one zstd frame by the relay's link ([`crate::file::pack`]).
+    Packed {
+        /// Link-local stream number.
+        stream: u64,
+        /// The largest timestamp of its records.
+        ts_us: u64,
+        /// Record bytes the frame decompresses to.
+        plain_len: u32,
+        /// DATA payload bytes in those records (what the durable count moves by).
+        data_len: u64,
+        /// The zstd frame.
+        frame: Bytes,
+    },
 }
 
 /// psm-recorder's answer about one stream.
@@ -299,6 +316,7 @@ impl Frame {
             | Frame::Data { stream, .. }
             | Frame::Resize { stream, .. }
             | Frame::Close { stream, .. }
+            | Frame::Packed { stream, .. }
             | Frame::Discard { stream } => *stream,
         }
     }
@@ -313,7 +331,7 @@ impl Frame {
                 out.extend_from_slice(&stream.to_be_bytes());
                 out.extend_from_slice(&serde_json::to_vec(meta).unwrap_or_default());
             }
-            Frame::Data { .. } => {
+            Frame::Data { .. } | Frame::Packed { .. } => {
                 // the header with its length as `encode_split` writes it, then the payload
                 out.truncate(start);
                 if let Some(data) = self.encode_split(out) {
@@ -354,8 +372,9 @@ impl Frame {
         out[start..start + 4].copy_from_slice(&body.to_be_bytes());
     }
 
-    /// Like [`Frame::encode`], but a DATA frame's payload is not copied: its header goes into
-    /// `out` and the payload is returned, to be sent right after it (a vectored write).
+    /// Like [`Frame::encode`], but a DATA frame's payload (a PACKED frame's zstd frame) is not
+    /// copied: its header goes into `out` and the payload is returned, to be sent right after
+    /// it (a vectored write).
     pub fn encode_split<'a>(&'a self, out: &mut Vec<u8>) -> Option<&'a Bytes> {
         match self {
             Frame::Data {
@@ -373,6 +392,22 @@ impl Frame {
                 out.extend_from_slice(&channel.to_be_bytes());
                 out.push(*direction as u8);
                 Some(data)
+            }
+            Frame::Packed {
+                stream,
+                ts_us,
+                plain_len,
+                data_len,
+                frame,
+            } => {
+                let body = (1 + 8 + 8 + 4 + 8 + frame.len()) as u32;
+                out.extend_from_slice(&body.to_be_bytes());
+                out.push(TAG_PACKED);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(&ts_us.to_be_bytes());
+                out.extend_from_slice(&plain_len.to_be_bytes());
+                out.extend_from_slice(&data_len.to_be_bytes());
+                Some(frame)
             }
             _ => {
                 self.encode(out);
@@ -449,6 +484,16 @@ impl Frame {
                 r.end()?;
                 f
             }
+            TAG_PACKED => {
+                let packed = FrameRef::Packed {
+                    stream: r.u64()?,
+                    ts_us: r.u64()?,
+                    plain_len: r.u32()?,
+                    data_len: r.u64()?,
+                    frame: r.rest(),
+                };
+                return Ok(Some((packed, 4 + len)));
+            }
             other => return Err(FormatError::Malformed(format!("unknown frame tag {other}"))),
         };
         Ok(Some((FrameRef::Other(frame), 4 + len)))
@@ -472,12 +517,25 @@ pub enum FrameRef<'a> {
         /// The bytes.
         data: &'a [u8],
     },
+    /// As [`Frame::Packed`].
+    Packed {
+        /// Recording stream id.
+        stream: u64,
+        /// The largest timestamp of its records.
+        ts_us: u64,
+        /// Record bytes the frame decompresses to.
+        plain_len: u32,
+        /// DATA payload bytes in those records.
+        data_len: u64,
+        /// The zstd frame.
+        frame: &'a [u8],
+    },
     /// Any other frame.
     Other(Frame),
 }
 
 impl FrameRef<'_> {
-    /// The frame, owning its bytes (a DATA frame's are copied).
+    /// The frame, owning its bytes (a DATA or PACKED frame's are copied).
     pub fn into_owned(self) -> Frame {
         match self {
             FrameRef::Data {
@@ -492,6 +550,19 @@ impl FrameRef<'_> {
                 channel,
                 direction,
                 data: Bytes::copy_from_slice(data),
+            },
+            FrameRef::Packed {
+                stream,
+                ts_us,
+                plain_len,
+                data_len,
+                frame,
+            } => Frame::Packed {
+                stream,
+                ts_us,
+                plain_len,
+                data_len,
+                frame: Bytes::copy_from_slice(frame),
             },
             FrameRef::Other(frame) => frame,
         }
@@ -545,8 +616,8 @@ mod tests {
             let payload = f.encode_split(&mut split).cloned();
             assert_eq!(
                 payload.is_some(),
-                matches!(f, Frame::Data { .. }),
-                "only DATA payloads are left out: {f:?}"
+                matches!(f, Frame::Data { .. } | Frame::Packed { .. }),
+                "only DATA payloads and packed frames are left out: {f:?}"
             );
             if let Some(data) = payload {
                 split.extend_from_slice(&data);
@@ -568,14 +639,18 @@ mod tests {
                 .expect("decodes")
                 .expect("whole frame");
             assert_eq!(used, buf.len());
-            if let FrameRef::Data { data, .. } = &r {
-                let inside = buf.as_ptr_range();
-                assert!(
-                    inside.contains(&data.as_ptr()) || data.is_empty(),
-                    "not copied"
-                );
-            } else {
-                assert!(!matches!(f, Frame::Data { .. }), "DATA decodes in place");
+            match &r {
+                FrameRef::Data { data, .. } | FrameRef::Packed { frame: data, .. } => {
+                    let inside = buf.as_ptr_range();
+                    assert!(
+                        inside.contains(&data.as_ptr()) || data.is_empty(),
+                        "not copied"
+                    );
+                }
+                FrameRef::Other(_) => assert!(
+                    !matches!(f, Frame::Data { .. } | Frame::Packed { .. }),
+                    "DATA and PACKED decode in place"
+                ),
             }
             assert_eq!(r.into_owned(), f);
         }
@@ -622,6 +697,13 @@ mod tests {
                 },
             },
             Frame::Discard { stream: 8 },
+            Frame::Packed {
+                stream: 7,
+                ts_us: 15,
+                plain_len: 4114,
+                data_len: 4096,
+                frame: Bytes::from_static(b"\x28\xb5\x2f\xfd not checked here"),
+            },
         ]
     }
 

@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
+use psm_recorder_format::file::pack::looks_binary;
 use psm_recorder_format::file::{Record, RecordingReader};
 use psm_recorder_format::{wire, Direction, FormatError, RecordingMeta};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -92,30 +93,10 @@ pub struct IndexLine {
     pub line: Line,
 }
 
-/// Records shorter than this are always split (keystrokes, prompts); longer ones are checked.
+/// Records shorter than this are always split (keystrokes, prompts); longer ones are checked
+/// ([`looks_binary`], shared with the relay, which packs what it calls binary).
+#[cfg(test)]
 const BINARY_MIN: usize = 256;
-
-/// Whether a record's bytes are not text: a NUL byte, or bytes that are not UTF-8 (a sequence
-/// cut at either end of the record does not count). Such records are not indexed. Terminal
-/// output in a legacy 8-bit encoding counts as binary too, and is not searchable.
-fn looks_binary(data: &[u8]) -> bool {
-    if data.len() < BINARY_MIN {
-        return false;
-    }
-    if data.contains(&0) {
-        return true;
-    }
-    let cut = data
-        .iter()
-        .take(3)
-        .take_while(|b| (**b & 0xC0) == 0x80)
-        .count();
-    match std::str::from_utf8(&data[cut..]) {
-        Ok(_) => false,
-        // `None`: only the end is an unfinished sequence
-        Err(e) => e.error_len().is_some(),
-    }
-}
 
 /// Turns one recording's DATA records into lines, with bounded memory: one [`LineSplitter`]
 /// per stream (at most [`MAX_STREAMS`]) and at most [`MAX_PENDING`] lines between batches.

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -19,11 +18,10 @@ use psm_recorder_format::{Frame, Reply};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::batch::Batch;
 use super::durable::{Durable, Window};
 use super::{LinkState, StreamStatus};
 
-/// Bytes the link writes to the socket in one go, at most.
-const BATCH_BYTES: usize = 1 << 20;
 /// How long the link thread sleeps when its queues are empty.
 pub(super) const LINK_IDLE: Duration = Duration::from_millis(50);
 
@@ -208,81 +206,6 @@ fn wait(
     Ok(())
 }
 
-/// DATA payloads this size or larger go to psm-recorder as they are (a slice of the vectored
-/// write); smaller ones (a keystroke, its echo) are copied in with their header.
-const INLINE_MAX: usize = 1024;
-/// Payloads one write carries at most (`writev` takes up to 1024 slices, two per payload).
-const BATCH_PAYLOADS: usize = 256;
-
-/// What one vectored write to psm-recorder carries: the frames encoded in `heads`, but for
-/// large DATA payloads, which stay where the worker put them (no copy on the link thread).
-#[derive(Default)]
-struct Batch {
-    heads: Vec<u8>,
-    /// Each payload, after the heads' bytes up to the offset given with it.
-    payloads: Vec<(usize, Bytes)>,
-    payload_bytes: usize,
-    /// Bytes of the batch already written (the socket took part of it and had no room left).
-    written: usize,
-}
-
-impl Batch {
-    fn push(&mut self, f: &Frame) {
-        match f.encode_split(&mut self.heads) {
-            Some(data) if data.len() >= INLINE_MAX => {
-                self.payload_bytes += data.len();
-                self.payloads.push((self.heads.len(), data.clone()));
-            }
-            Some(data) => self.heads.extend_from_slice(data),
-            None => {}
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.heads.is_empty() && self.payloads.is_empty()
-    }
-
-    fn full(&self) -> bool {
-        self.heads.len() + self.payload_bytes >= BATCH_BYTES
-            || self.payloads.len() >= BATCH_PAYLOADS
-    }
-
-    fn clear(&mut self) {
-        self.heads.clear();
-        self.payloads.clear();
-        self.payload_bytes = 0;
-        self.written = 0;
-    }
-
-    /// Writes what is left of the batch: `Ok(true)` once all of it is written, `Ok(false)` when
-    /// `w` has no room now (the rest goes on a later call).
-    fn write_some(&mut self, w: &mut impl std::io::Write) -> std::io::Result<bool> {
-        let mut slices = Vec::with_capacity(2 * self.payloads.len() + 1);
-        let mut at = 0;
-        for (end, p) in &self.payloads {
-            slices.push(std::io::IoSlice::new(&self.heads[at..*end]));
-            slices.push(std::io::IoSlice::new(p));
-            at = *end;
-        }
-        slices.push(std::io::IoSlice::new(&self.heads[at..]));
-        let mut left = &mut slices[..];
-        std::io::IoSlice::advance_slices(&mut left, self.written);
-        while !left.is_empty() {
-            match w.write_vectored(left) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.written += n;
-                    std::io::IoSlice::advance_slices(&mut left, n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
-    }
-}
-
 /// Pops every queued frame; adds those of known streams to `out` when given.
 fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Batch, &mut HashSet<u64>)>) -> bool {
     let queues: Vec<_> = match shared.queues.lock() {
@@ -329,10 +252,7 @@ fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
     if let Err(e) = stream.set_nonblocking(true) {
         return format!("setting up the connection to psm-recorder: {e}");
     }
-    let mut batch = Batch {
-        heads: Vec::with_capacity(64 * 1024),
-        ..Batch::default()
-    };
+    let mut batch = Batch::new(true);
     let mut open = HashSet::new();
     let mut replies = Replies::default();
     loop {
@@ -341,7 +261,9 @@ fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
         }
         // a batch the socket took only part of goes on before anything new
         let any = if batch.is_empty() {
-            drain_queues(shared, Some((&mut batch, &mut open)))
+            let any = drain_queues(shared, Some((&mut batch, &mut open)));
+            batch.end_run();
+            any
         } else {
             true
         };
@@ -375,119 +297,6 @@ fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
             if let Err(why) = slept {
                 return why;
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use psm_recorder_format::Direction;
-
-    /// Takes at most 7 bytes per call, from the first non-empty slice only.
-    struct Trickle(Vec<u8>);
-
-    impl std::io::Write for Trickle {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            let n = b.len().min(7);
-            self.0.extend_from_slice(&b[..n]);
-            Ok(n)
-        }
-        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-            match bufs.iter().find(|b| !b.is_empty()) {
-                Some(b) => self.write(b),
-                None => Ok(0),
-            }
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_batch_sends_the_frames_bytes_in_order_with_large_payloads_uncopied() {
-        let data = |n: usize, ts_us: u64| Frame::Data {
-            stream: 1,
-            ts_us,
-            channel: 0,
-            direction: Direction::Output,
-            data: Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
-        };
-        let frames = vec![
-            data(5, 1),
-            data(40_000, 2),
-            Frame::Resize {
-                stream: 1,
-                ts_us: 3,
-                channel: 0,
-                cols: 80,
-                rows: 24,
-            },
-            data(INLINE_MAX, 4),
-            data(INLINE_MAX - 1, 5),
-            data(70_000, 6),
-        ];
-        let mut batch = Batch::default();
-        let mut whole = Vec::new();
-        for f in &frames {
-            batch.push(f);
-            f.encode(&mut whole);
-        }
-        assert_eq!(
-            batch.payloads.len(),
-            3,
-            "the three payloads of INLINE_MAX or more"
-        );
-        let mut out = Trickle(Vec::new());
-        assert!(batch.write_some(&mut out).expect("written"), "all of it");
-        assert_eq!(out.0, whole);
-
-        // a socket that runs out of room part-way: the batch goes on where it stopped
-        batch.written = 0;
-        let mut choked = Choke {
-            took: Vec::new(),
-            room: 50_000,
-        };
-        assert!(!batch.write_some(&mut choked).expect("no error"), "stopped");
-        assert_eq!(choked.took.len(), 50_000);
-        choked.room = 1_000;
-        assert!(
-            !batch.write_some(&mut choked).expect("no error"),
-            "stopped again"
-        );
-        choked.room = usize::MAX;
-        assert!(batch.write_some(&mut choked).expect("written"), "the rest");
-        assert_eq!(choked.took, whole);
-    }
-
-    /// Takes `room` bytes in all, then says it would block.
-    struct Choke {
-        took: Vec<u8>,
-        room: usize,
-    }
-
-    impl std::io::Write for Choke {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.write_vectored(&[std::io::IoSlice::new(b)])
-        }
-        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-            if self.room == 0 {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            let mut n = 0;
-            for b in bufs {
-                let k = b.len().min(self.room - n);
-                self.took.extend_from_slice(&b[..k]);
-                n += k;
-                if n == self.room {
-                    break;
-                }
-            }
-            self.room -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
         }
     }
 }

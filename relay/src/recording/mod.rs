@@ -25,6 +25,7 @@
 //! thread that carries one worker's frames to psm-recorder and its replies back. This module
 //! holds what the sessions use: [`RecorderLink`], [`WorkerRecorder`] and [`RecordingStream`].
 
+mod batch;
 mod durable;
 mod link;
 

@@ -1,8 +1,8 @@
 //! Format version 5, and the encrypted versions 4 and 2: clear records around chunks (the
 //! layout is in the parent module's docs).
 //!
-//! The writer compresses a chunk's records into one zstd frame in memory, encrypts it when the
-//! recording is encrypted ([`crate::crypt`]) and writes it as a clear CHUNK record, then the
+//! The writer compresses a chunk's records into a zstd frame in memory (followed by any frame
+//! the relay packed, [`super::pack`]), encrypts the chunk when the recording is encrypted ([`crate::crypt`]) and writes it as a clear CHUNK record, then the
 //! CLOSE record (when the session ended in it) and the SEAL, whose hash covers those bytes as
 //! written. The reader hashes the same bytes, so the seal chain and the trailer check without
 //! decompressing anything, and without the key; with the key it also decrypts each chunk (the
@@ -111,11 +111,14 @@ impl<W: Write> RecordingWriter<W> {
     /// layout, where the header is in chunk 1's frame.
     pub(super) fn end_chunk_encrypted(&mut self) -> Result<(), FormatError> {
         let has_close = self.enc.as_ref().is_some_and(|e| e.close.is_some());
-        if !self.in_frame && !has_close && self.chunks > 0 {
+        // records in the chunk: a frame of the writer's still open, or frames ended in it
+        // (the writer's before a packed frame, packed frames: `append_packed`)
+        let has_body = self.in_frame || self.enc.as_ref().is_some_and(|e| !e.frame.is_empty());
+        if !has_body && !has_close && self.chunks > 0 {
             return Ok(());
         }
         let chunk = self.chunks + 1;
-        if self.in_frame {
+        if has_body {
             self.close_frame()?;
             let Some(enc) = self.enc.as_mut() else {
                 return Ok(());

@@ -251,13 +251,7 @@ impl<W: Write> RecordingWriter<W> {
         loop {
             let (piece, next) = rest.split_at(rest.len().min(max));
             self.room(RECORD_HEAD + DATA_PREFIX + piece.len())?;
-            let mut head = [0u8; RECORD_HEAD + DATA_PREFIX];
-            head[0] = KIND_DATA;
-            // a piece is below MAX_RECORD, which fits a u32
-            head[1..5].copy_from_slice(&((DATA_PREFIX + piece.len()) as u32).to_be_bytes());
-            head[5..13].copy_from_slice(&ts_us.to_be_bytes());
-            head[13..17].copy_from_slice(&channel.to_be_bytes());
-            head[17] = direction as u8;
+            let head = super::pack::data_head(ts_us, channel, direction, piece.len());
             self.compress(&head)?;
             self.compress(piece)?;
             rest = next;
@@ -265,6 +259,35 @@ impl<W: Write> RecordingWriter<W> {
                 return Ok(());
             }
         }
+    }
+
+    /// Appends DATA records packed by the relay ([`super::pack`]): `frame` is one zstd frame of
+    /// `plain_len` record bytes, whose largest timestamp is `last_ts_us`. It goes into the chunk
+    /// as it is, after the writer's own frame (ended first), and counts towards the chunk's size
+    /// like the records it holds. Only the chunked layouts (format versions 5 and 4) take it.
+    pub fn append_packed(
+        &mut self,
+        plain_len: u32,
+        last_ts_us: u64,
+        frame: &[u8],
+    ) -> Result<(), FormatError> {
+        self.check()?;
+        if self.enc.is_none() {
+            return Err(FormatError::Malformed(
+                "packed records need a chunked recording".into(),
+            ));
+        }
+        super::pack::check_packed(plain_len, frame)?;
+        self.room(plain_len as usize)?;
+        // the writer's open frame ends here, so that the packed one follows it whole
+        self.close_frame()?;
+        self.last_ts_us = self.last_ts_us.max(last_ts_us);
+        self.pending += u64::from(plain_len);
+        if let Some(enc) = &mut self.enc {
+            enc.plain += plain_len as usize;
+            enc.frame.extend_from_slice(frame);
+        }
+        Ok(())
     }
 
     pub(super) fn write_with(
