@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use psm_evidence::EvidenceKey;
+use psm_recorder_format::file::pack::Unpacker;
 use psm_recorder_format::file::{self, Record, RecordingWriter};
 use psm_recorder_format::{CloseSummary, FormatError, Frame, FrameRef, RecordingMeta, Reply};
 use tracing::{debug, error, info, warn};
@@ -43,6 +44,8 @@ pub(crate) struct Link {
     pub(crate) keys: Arc<Keys>,
     /// Where the recordings' text goes, for the search index.
     pub(crate) indexer: Indexer,
+    /// Checks the relay's packed frames before they go into a recording.
+    pub(crate) unpacker: Unpacker,
 }
 
 /// The keys of the recorder: the evidence key signs trailers, the recording key (if any)
@@ -69,6 +72,7 @@ impl Link {
             deaf: None,
             keys,
             indexer,
+            unpacker: Unpacker::new(),
         }
     }
 
@@ -372,7 +376,7 @@ impl Link {
 
     pub(crate) fn append(&mut self, stream: u64, entry: Entry<'_>) {
         match self.streams.get_mut(&stream) {
-            Some(Stream::Recording(r)) => match r.write(&entry) {
+            Some(Stream::Recording(r)) => match r.write(&entry, &mut self.unpacker) {
                 Ok(()) => {
                     let n = entry.data_len();
                     if n > 0 {

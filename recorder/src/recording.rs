@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use psm_evidence::EvidenceKey;
+use psm_recorder_format::file::pack::Unpacker;
 use psm_recorder_format::file::{Record, RecordingWriter};
 use psm_recorder_format::{CloseSummary, Direction, FormatError};
 use tracing::info;
@@ -63,7 +64,13 @@ impl Entry<'_> {
 }
 
 impl Recording {
-    pub(crate) fn write(&mut self, entry: &Entry<'_>) -> Result<(), FormatError> {
+    /// Appends `entry`; a packed one is checked with `unpacker` first (refused whole when it is
+    /// not what it claims, nothing of it written).
+    pub(crate) fn write(
+        &mut self,
+        entry: &Entry<'_>,
+        unpacker: &mut Unpacker,
+    ) -> Result<(), FormatError> {
         match *entry {
             Entry::Data {
                 ts_us,
@@ -86,9 +93,11 @@ impl Recording {
             } => {
                 // binary payloads only (the relay packs what the index would skip): nothing for
                 // the search index
-                self.writer.append_packed(plain_len, ts_us, frame)?;
+                let checked = unpacker.check(plain_len, data_len, ts_us, frame)?;
+                self.writer.append_packed(checked)?;
                 self.last_ts_us = self.last_ts_us.max(ts_us);
-                self.data_bytes += data_len;
+                // (at most PACK_MAX a frame: checked)
+                self.data_bytes = self.data_bytes.saturating_add(data_len);
             }
             Entry::Other(ref rec) => {
                 self.last_ts_us = self.last_ts_us.max(rec.ts_us());

@@ -781,11 +781,19 @@ fn packed_frames_are_recorded_as_their_data_and_a_bad_one_fails_its_stream_alone
                 stream: 2,
                 meta: meta("forged"),
             },
+            Frame::Open {
+                stream: 3,
+                meta: meta("inflated"),
+            },
         ],
     );
     assert_eq!(
-        replies(&mut conn, 2),
-        [Reply::Opened { stream: 1 }, Reply::Opened { stream: 2 }]
+        replies(&mut conn, 3),
+        [
+            Reply::Opened { stream: 1 },
+            Reply::Opened { stream: 2 },
+            Reply::Opened { stream: 3 }
+        ]
     );
     let good = packed(1, &[(2, &zeros), (3, &random)]);
     // a frame that claims one byte more than it holds
@@ -804,6 +812,15 @@ fn packed_frames_are_recorded_as_their_data_and_a_bad_one_fails_its_stream_alone
         ts_us,
         plain_len: plain_len + 1,
         data_len,
+        frame: frame.clone(),
+    };
+    // one that claims more payload than it holds (it would move the durable count past what
+    // was sent)
+    let inflated = Frame::Packed {
+        stream: 3,
+        ts_us,
+        plain_len,
+        data_len: data_len + 1,
         frame,
     };
     send(
@@ -812,6 +829,7 @@ fn packed_frames_are_recorded_as_their_data_and_a_bad_one_fails_its_stream_alone
             data(1, 1, b"$ cat file\r\n"),
             good,
             forged,
+            inflated,
             data(1, 4, b"$ "),
             Frame::Close {
                 stream: 1,
@@ -823,13 +841,13 @@ fn packed_frames_are_recorded_as_their_data_and_a_bad_one_fails_its_stream_alone
             },
         ],
     );
-    // stream 2 fails on its forged frame; every payload byte of stream 1 is counted durable
+    // streams 2 and 3 fail on their forged frames; every payload byte of stream 1 is counted durable
     // at its close (replies come as they come: read until both are in)
     let total = (12 + zeros.len() + random.len() + 2) as u64;
-    let failed =
-        |r: &Reply| matches!(r, Reply::Failed { stream: 2, reason } if reason.contains("packed"));
+    let failed = |r: &Reply, s: u64| matches!(r, Reply::Failed { stream, reason } if *stream == s && reason.contains("packed"));
     let mut got = Vec::new();
-    while !(got.iter().any(failed)
+    while !(got.iter().any(|r| failed(r, 2))
+        && got.iter().any(|r| failed(r, 3))
         && got.contains(&Reply::Durable {
             stream: 1,
             bytes: total,

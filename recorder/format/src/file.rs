@@ -89,7 +89,7 @@
 //! then per chunk:
 //! CHUNK    (0x05) one or more concatenated zstd frames of DATA and RESIZE records (the
 //!          writer's own, and runs of DATA records the relay packed: [`pack`])
-//!          encrypted: AES-256-GCM(that frame) || [16] tag
+//!          encrypted: AES-256-GCM(those frames) || [16] tag
 //! CLOSE    as above, in the clear, in the last chunk only
 //! SEAL     as above
 //! and at the end: TRAILER as above

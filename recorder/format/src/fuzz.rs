@@ -4,17 +4,30 @@
 
 use std::io::Cursor;
 
-use crate::file::RecordingReader;
+use crate::file::pack::Unpacker;
+use crate::file::{RecordingReader, RecordingWriter};
 use crate::sanitize::Sanitizer;
-use crate::{export, Frame, Reply};
+use crate::{export, Frame, RecordingMeta, Reply};
 
 /// Records read from one fuzzed recording at most (keeps each run short).
 const MAX_RECORDS: usize = 10_000;
 
-/// Relay -> recorder frames: whatever decodes re-encodes to the same bytes' meaning.
+/// Relay -> recorder frames: whatever decodes re-encodes to the same bytes' meaning; a PACKED
+/// frame goes into a recording as psm-recorder puts it (checked, then appended to a chunk), and
+/// one that passes the check reads back whole, with the payload bytes it claimed.
 pub fn frames(data: &[u8]) {
     let mut at = 0;
     while let Ok(Some((f, n))) = Frame::decode(&data[at..]) {
+        if let Frame::Packed {
+            ts_us,
+            plain_len,
+            data_len,
+            frame,
+            ..
+        } = &f
+        {
+            packed(*ts_us, *plain_len, *data_len, frame);
+        }
         assert!(
             n > 0 && n <= data.len() - at,
             "a frame uses what it decoded"
@@ -30,6 +43,27 @@ pub fn frames(data: &[u8]) {
         }
         at += n;
     }
+}
+
+fn packed(ts_us: u64, plain_len: u32, data_len: u64, frame: &[u8]) {
+    let Ok(checked) = Unpacker::new().check(plain_len, data_len, ts_us, frame) else {
+        return;
+    };
+    let Ok(mut w) = RecordingWriter::new(Vec::new(), &RecordingMeta::default()) else {
+        return;
+    };
+    w.append_packed(checked)
+        .expect("a checked frame goes into a recording");
+    let bytes = w.finish().expect("finished");
+    // what was checked reads back, to its last record
+    let mut r = RecordingReader::open(Cursor::new(bytes)).expect("opens");
+    let mut payload = 0;
+    while let Some(rec) = r.next_record().expect("a checked frame reads back") {
+        if let crate::file::Record::Data { data, .. } = rec {
+            payload += data.len() as u64;
+        }
+    }
+    assert_eq!(payload, data_len);
 }
 
 /// Recorder -> relay replies: the same.

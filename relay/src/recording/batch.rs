@@ -306,6 +306,7 @@ mod tests {
     fn recorded(frames: &[Frame], stream: u64) -> Vec<Record> {
         let meta = psm_recorder_format::RecordingMeta::default();
         let mut w = RecordingWriter::new(Vec::new(), &meta).expect("writer");
+        let mut unpacker = psm_recorder_format::file::pack::Unpacker::new();
         for f in frames.iter().filter(|f| f.stream() == stream) {
             match f {
                 Frame::Data {
@@ -318,9 +319,12 @@ mod tests {
                 Frame::Packed {
                     ts_us,
                     plain_len,
+                    data_len,
                     frame,
                     ..
-                } => w.append_packed(*plain_len, *ts_us, frame),
+                } => unpacker
+                    .check(*plain_len, *data_len, *ts_us, frame)
+                    .and_then(|c| w.append_packed(c)),
                 Frame::Resize {
                     ts_us,
                     channel,

@@ -1,7 +1,8 @@
 //! DATA records compressed before they reach psm-recorder: the relay's recorder link packs a
 //! run of one stream's binary payloads (a file going through scp or sftp, RDP's PDUs) into one
-//! zstd frame of the DATA records the writer would have made of them, and psm-recorder puts
-//! that frame into the chunk as it is ([`RecordingWriter::append_packed`]).
+//! zstd frame of the DATA records the writer would have made of them ([`Packer`]), and
+//! psm-recorder checks that frame ([`Unpacker`]) and puts it into the chunk as it is
+//! ([`RecordingWriter::append_packed`]).
 //!
 //! Why: psm-recorder otherwise receives every recorded byte through its socket (a copy into
 //! the kernel on the relay's side, one out of it on the recorder's, and the wakes of both) only
@@ -87,7 +88,7 @@ pub struct Packed {
 }
 
 /// Packs runs of DATA records into zstd frames, each stream at the level its data calls for
-/// (as the writer adapts its own; [`next_level`]). One per relay link: one zstd context.
+/// (as the writer adapts its own). One per relay link: one zstd context.
 pub struct Packer {
     cctx: zstd::stream::raw::Encoder<'static>,
     level: i32,
@@ -111,6 +112,16 @@ impl Packer {
     /// as [`RecordingWriter::write_data`] writes them. Each payload must be [`packable`]'s size
     /// and all of them together at most [`PACK_MAX`] record bytes.
     pub fn pack(&mut self, stream: u64, payloads: &[Payload<'_>]) -> io::Result<Packed> {
+        let packed = self.pack_run(stream, payloads);
+        if packed.is_err() {
+            // a frame left half-made would refuse every later one (zstd takes no new size or
+            // level mid-frame)
+            let _ = self.cctx.reinit();
+        }
+        packed
+    }
+
+    fn pack_run(&mut self, stream: u64, payloads: &[Payload<'_>]) -> io::Result<Packed> {
         let data_len: usize = payloads.iter().map(|p| p.data.len()).sum();
         let plain = packed_len(data_len, payloads.len());
         if payloads.is_empty() || plain > PACK_MAX {
@@ -201,21 +212,112 @@ pub(super) fn data_head(
     head
 }
 
-/// Checks that `frame` is exactly one zstd frame whose header says it decompresses to
-/// `plain_len` bytes (at most [`PACK_MAX`]).
-pub(super) fn check_packed(plain_len: u32, frame: &[u8]) -> Result<(), FormatError> {
-    let bad = |why: &str| Err(FormatError::Malformed(format!("packed records: {why}")));
-    if plain_len as usize > PACK_MAX || plain_len == 0 {
-        return bad("size out of range");
+/// A packed frame psm-recorder checked ([`Unpacker::check`]): the only way to hand one to
+/// [`RecordingWriter::append_packed`].
+pub struct Checked<'a> {
+    pub(super) plain_len: u32,
+    pub(super) last_ts_us: u64,
+    pub(super) frame: &'a [u8],
+}
+
+/// Checks packed frames as they come from the relay: each one is decompressed (into one reused
+/// buffer of [`PACK_MAX`]) and must hold nothing but whole DATA records that end where the
+/// frame says, with the payload bytes and the last time the frame claims. What does not is
+/// refused before any of it reaches a recording, so a bad frame cannot make a chunk unreadable
+/// or swallow the records after it. One per relay link.
+pub struct Unpacker {
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    buf: Vec<u8>,
+}
+
+impl Default for Unpacker {
+    fn default() -> Self {
+        Self::new()
     }
-    match zstd::zstd_safe::find_frame_compressed_size(frame) {
-        Ok(n) if n == frame.len() => {}
-        _ => return bad("not exactly one zstd frame"),
+}
+
+impl Unpacker {
+    /// An unpacker; its zstd context and buffer are made at the first frame.
+    pub fn new() -> Self {
+        Unpacker {
+            dctx: None,
+            buf: Vec::new(),
+        }
     }
-    match zstd::zstd_safe::get_frame_content_size(frame) {
-        Ok(Some(n)) if n == u64::from(plain_len) => Ok(()),
-        _ => bad("the frame does not say it holds the size given"),
+
+    /// Checks `frame`, which the relay says holds `plain_len` record bytes of `data_len`
+    /// payload bytes, the last at `last_ts_us`.
+    pub fn check<'a>(
+        &mut self,
+        plain_len: u32,
+        data_len: u64,
+        last_ts_us: u64,
+        frame: &'a [u8],
+    ) -> Result<Checked<'a>, FormatError> {
+        let bad = |why: &str| FormatError::Malformed(format!("packed records: {why}"));
+        let plain = plain_len as usize;
+        if plain > PACK_MAX || plain == 0 {
+            return Err(bad("size out of range"));
+        }
+        match zstd::zstd_safe::find_frame_compressed_size(frame) {
+            Ok(n) if n == frame.len() => {}
+            _ => return Err(bad("not exactly one zstd frame")),
+        }
+        match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(n)) if n == u64::from(plain_len) => {}
+            _ => return Err(bad("the frame does not say it holds the size given")),
+        }
+        let dctx = match &mut self.dctx {
+            Some(d) => d,
+            None => {
+                let mut d = zstd::bulk::Decompressor::new()?;
+                d.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
+                self.buf = Vec::with_capacity(PACK_MAX);
+                self.dctx.insert(d)
+            }
+        };
+        self.buf.clear();
+        match dctx.decompress_to_buffer(frame, &mut self.buf) {
+            Ok(n) if n == plain => {}
+            _ => return Err(bad("the frame does not decompress to the size given")),
+        }
+        let (payload, ts) = walk(&self.buf).map_err(bad)?;
+        if payload != data_len {
+            return Err(bad("the payload bytes are not those given"));
+        }
+        if ts != last_ts_us {
+            return Err(bad("the last time is not the one given"));
+        }
+        Ok(Checked {
+            plain_len,
+            last_ts_us,
+            frame,
+        })
     }
+}
+
+/// Walks decompressed records: DATA only, whole, with a known direction; returns their payload
+/// bytes and largest timestamp.
+fn walk(mut rest: &[u8]) -> Result<(u64, u64), &'static str> {
+    let (mut payload, mut ts) = (0u64, 0u64);
+    while !rest.is_empty() {
+        if rest.len() < RECORD_HEAD + DATA_PREFIX {
+            return Err("a record is cut short");
+        }
+        if rest[0] != KIND_DATA {
+            return Err("a record that is not DATA");
+        }
+        let len = be_u32(&rest[1..5]) as usize;
+        if len < DATA_PREFIX || len > rest.len() - RECORD_HEAD {
+            return Err("a record's length does not fit");
+        }
+        let (t, _, _) = data_prefix(&rest[RECORD_HEAD..RECORD_HEAD + len])
+            .map_err(|_| "a record with an unknown direction")?;
+        ts = ts.max(t);
+        payload += (len - DATA_PREFIX) as u64;
+        rest = &rest[RECORD_HEAD + len..];
+    }
+    Ok((payload, ts))
 }
 
 #[cfg(test)]
@@ -288,11 +390,23 @@ mod tests {
     /// Writes `recs` as psm-recorder does with what the relay's link sends: runs of packable
     /// payloads of one channel packed, everything else written as it is.
     fn write_packed(
-        mut w: RecordingWriter<Vec<u8>>,
+        w: RecordingWriter<Vec<u8>>,
         recs: &[Record],
         ev: &EvidenceKey,
     ) -> (Vec<u8>, usize) {
+        write_packed_flushing(w, recs, ev, &[])
+    }
+
+    /// As [`write_packed`], with a flush (a chunk's end, as psm-recorder's timer makes one)
+    /// before each record whose index is in `flush_before`.
+    fn write_packed_flushing(
+        mut w: RecordingWriter<Vec<u8>>,
+        recs: &[Record],
+        ev: &EvidenceKey,
+        flush_before: &[usize],
+    ) -> (Vec<u8>, usize) {
         let mut packer = Packer::new().expect("packer");
+        let mut unpacker = Unpacker::new();
         let mut run: Vec<&Record> = Vec::new();
         let mut packed = 0;
         let mut end_run = |w: &mut RecordingWriter<Vec<u8>>, run: &mut Vec<&Record>| {
@@ -317,12 +431,18 @@ mod tests {
                 })
                 .collect();
             let p = packer.pack(1, &payloads).expect("pack");
-            w.append_packed(p.plain_len, p.last_ts_us, &p.frame)
-                .expect("append");
+            let checked = unpacker
+                .check(p.plain_len, p.data_len, p.last_ts_us, &p.frame)
+                .expect("checked");
+            w.append_packed(checked).expect("append");
             packed += 1;
             run.clear();
         };
-        for r in recs {
+        for (i, r) in recs.iter().enumerate() {
+            if flush_before.contains(&i) {
+                end_run(&mut w, &mut run);
+                w.flush().expect("flush");
+            }
             match r {
                 Record::Data { data, .. } if packable(data) => {
                     let plain: usize = run
@@ -407,7 +527,44 @@ mod tests {
     }
 
     #[test]
-    fn a_packed_frame_must_be_one_frame_of_the_size_it_claims() {
+    fn packed_frames_across_many_chunks_and_flushes_read_back_in_both_formats() {
+        let (ev, _) = EvidenceKey::generate().expect("evidence key");
+        let key = crate::crypt::RecordingKey::generate().expect("recording key");
+        // 3.5 MiB: zeros, text, random bytes, more zeros on another channel, keystrokes
+        // between them; chunks end on size (1 MiB of records) and on flushes
+        let mut recs = session();
+        let close = recs.pop().expect("close");
+        for i in 0..40u64 {
+            recs.push(data(100 + i, 0, vec![0u8; 64 * 1024]));
+            if i % 9 == 0 {
+                recs.push(data(100 + i, 0, b"typed\r".to_vec()));
+            }
+        }
+        for i in 0..12u64 {
+            recs.push(data(200 + i, 2, vec![(i % 3) as u8; 70_000 + i as usize]));
+        }
+        recs.push(close);
+        let flushes = [7, 8, 30, 41];
+        for k in [None, Some(&key)] {
+            let w = RecordingWriter::with_key(Vec::new(), &meta(), k).expect("writer");
+            let (bytes, packed) = write_packed_flushing(w, &recs, &ev, &flushes);
+            assert!(packed >= 8, "{packed} packed frames");
+            assert_eq!(read_all(&bytes, k), recs, "encrypted: {}", k.is_some());
+            let rep = verify(&bytes[..], "rec-1", Some(ev.public()));
+            assert!(rep.ok(), "{rep}");
+            assert!(rep.chunks >= 6, "{rep}");
+        }
+    }
+
+    /// A zstd frame of `records`, with its size in its header.
+    fn frame_of(records: &[u8]) -> Vec<u8> {
+        let mut c = zstd::bulk::Compressor::new(1).expect("compressor");
+        c.include_contentsize(true).expect("content size");
+        c.compress(records).expect("compress")
+    }
+
+    #[test]
+    fn a_packed_frame_must_hold_whole_data_records_as_it_claims() {
         let mut packer = Packer::new().expect("packer");
         let zeros = vec![0u8; 8192];
         let p = packer
@@ -424,22 +581,61 @@ mod tests {
         assert_eq!(p.plain_len as usize, packed_len(8192, 1));
         assert_eq!(p.data_len, 8192);
         assert!(p.frame.len() < 100, "zeros pack small: {}", p.frame.len());
-        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("writer");
-        let refused = |w: &mut RecordingWriter<Vec<u8>>, len: u32, frame: &[u8]| match w
-            .append_packed(len, 5, frame)
+        let mut un = Unpacker::new();
+        let mut refused = |len: u32, data_len: u64, ts_us: u64, frame: &[u8], why: &str| match un
+            .check(len, data_len, ts_us, frame)
         {
-            Err(FormatError::Malformed(m)) => assert!(m.contains("packed"), "{m}"),
-            other => panic!("not refused: {other:?}"),
+            Err(FormatError::Malformed(m)) => assert!(m.contains(why), "{m}"),
+            Err(e) => panic!("refused otherwise: {e}"),
+            Ok(_) => panic!("not refused: {why}"),
         };
-        refused(&mut w, p.plain_len + 1, &p.frame);
-        refused(&mut w, p.plain_len, &p.frame[..p.frame.len() - 1]);
+        let (len, dl) = (p.plain_len, p.data_len);
+        // what the header says
+        refused(len + 1, dl, 5, &p.frame, "does not say");
+        refused(len, dl, 5, &p.frame[..p.frame.len() - 1], "not exactly one");
         let mut two = p.frame.clone();
         two.extend_from_slice(&p.frame);
-        refused(&mut w, p.plain_len, &two);
-        refused(&mut w, p.plain_len, b"not zstd at all");
-        refused(&mut w, PACK_MAX as u32 + 1, &p.frame);
-        // nothing was written by the refusals: the good frame still goes in and reads back
-        w.append_packed(p.plain_len, p.last_ts_us, &p.frame)
+        refused(len, dl, 5, &two, "not exactly one");
+        refused(len, dl, 5, b"not zstd at all", "not exactly one");
+        refused(PACK_MAX as u32 + 1, dl, 5, &p.frame, "out of range");
+        // what the frame holds against what the relay says of it
+        refused(len, dl + 1, 5, &p.frame, "payload bytes");
+        refused(len, dl, 6, &p.frame, "last time");
+        // records that are not whole DATA records, in frames whose headers are right
+        let head = data_head(5, 0, Direction::Input, 100);
+        let mut rec = head.to_vec();
+        rec.extend_from_slice(&[0u8; 100]);
+        let whole = rec.len() as u32;
+        let mut long = rec.clone();
+        long[1..5].copy_from_slice(&(DATA_PREFIX as u32 + 101).to_be_bytes());
+        refused(whole, 100, 5, &frame_of(&long), "length does not fit");
+        let mut resize = rec.clone();
+        resize[0] = KIND_RESIZE;
+        refused(whole, 100, 5, &frame_of(&resize), "not DATA");
+        let mut way = rec.clone();
+        way[RECORD_HEAD + 12] = 9;
+        refused(whole, 100, 5, &frame_of(&way), "direction");
+        let mut cut = rec.clone();
+        cut.extend_from_slice(&head[..10]);
+        refused(cut.len() as u32, 100, 5, &frame_of(&cut), "cut short");
+        // a frame whose blocks are damaged (its header intact) does not decompress
+        let noise: Vec<u8> = (0..8192u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut damaged = frame_of(&[head.to_vec(), noise].concat());
+        let mid = damaged.len() / 2;
+        damaged[mid] ^= 0xff;
+        assert!(un
+            .check(
+                RECORD_HEAD as u32 + DATA_PREFIX as u32 + 8192,
+                8192,
+                5,
+                &damaged
+            )
+            .is_err());
+        // the good frame goes in and reads back
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("writer");
+        w.append_packed(un.check(len, dl, 5, &p.frame).expect("checked"))
             .expect("append");
         let bytes = w.finish().expect("finish");
         assert_eq!(
@@ -453,7 +649,9 @@ mod tests {
         );
         // the one-stream layout (format version 3) has no chunks to put a frame into
         let mut s = RecordingWriter::new_stream(Vec::new(), &meta()).expect("writer");
-        assert!(s.append_packed(p.plain_len, 5, &p.frame).is_err());
+        assert!(s
+            .append_packed(un.check(len, dl, 5, &p.frame).expect("checked"))
+            .is_err());
     }
 
     #[test]

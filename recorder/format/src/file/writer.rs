@@ -16,8 +16,8 @@ pub(super) const ADAPT_POOR: f64 = 0.9;
 /// … and one below this share switches back.
 pub(super) const ADAPT_GOOD: f64 = 0.75;
 
-/// The level for the next chunk, from how the last one compressed; readers need no change
-/// (every chunk is a zstd frame of its own, whatever its level).
+/// The level for the next zstd frame, from how the last one compressed; readers need no
+/// change (each frame says what it needs, whatever its level).
 pub(super) fn next_level(level: i32, plain: u64, packed: u64) -> i32 {
     if plain < ADAPT_MIN_BYTES {
         return level;
@@ -261,31 +261,26 @@ impl<W: Write> RecordingWriter<W> {
         }
     }
 
-    /// Appends DATA records packed by the relay ([`super::pack`]): `frame` is one zstd frame of
-    /// `plain_len` record bytes, whose largest timestamp is `last_ts_us`. It goes into the chunk
-    /// as it is, after the writer's own frame (ended first), and counts towards the chunk's size
-    /// like the records it holds. Only the chunked layouts (format versions 5 and 4) take it.
-    pub fn append_packed(
-        &mut self,
-        plain_len: u32,
-        last_ts_us: u64,
-        frame: &[u8],
-    ) -> Result<(), FormatError> {
+    /// Appends DATA records packed by the relay ([`super::pack`]), once checked
+    /// ([`Unpacker::check`](super::pack::Unpacker::check)): one zstd frame that goes into the
+    /// chunk as it is, after the writer's own frame (ended first), and counts towards the
+    /// chunk's size like the records it holds. Only the chunked layouts (format versions 5 and
+    /// 4) take it.
+    pub fn append_packed(&mut self, packed: super::pack::Checked<'_>) -> Result<(), FormatError> {
         self.check()?;
         if self.enc.is_none() {
             return Err(FormatError::Malformed(
                 "packed records need a chunked recording".into(),
             ));
         }
-        super::pack::check_packed(plain_len, frame)?;
-        self.room(plain_len as usize)?;
+        self.last_ts_us = self.last_ts_us.max(packed.last_ts_us);
+        self.room(packed.plain_len as usize)?;
         // the writer's open frame ends here, so that the packed one follows it whole
         self.close_frame()?;
-        self.last_ts_us = self.last_ts_us.max(last_ts_us);
-        self.pending += u64::from(plain_len);
+        self.pending += u64::from(packed.plain_len);
         if let Some(enc) = &mut self.enc {
-            enc.plain += plain_len as usize;
-            enc.frame.extend_from_slice(frame);
+            enc.plain += packed.plain_len as usize;
+            enc.frame.extend_from_slice(packed.frame);
         }
         Ok(())
     }
