@@ -241,36 +241,15 @@ impl Link {
     pub(crate) fn handle(&mut self, frame: Frame) {
         match frame {
             Frame::Open { stream, meta } => self.open(stream, meta),
-            Frame::Data {
-                stream,
-                ts_us,
-                channel,
-                direction,
-                data,
-            } => self.append(
-                stream,
-                Entry::Data {
-                    ts_us,
-                    channel,
-                    direction,
-                    data: &data,
-                },
-            ),
-            Frame::Packed {
-                stream,
-                ts_us,
-                plain_len,
-                data_len,
-                frame,
-            } => self.append(
-                stream,
-                Entry::Packed {
-                    ts_us,
-                    plain_len,
-                    data_len,
-                    frame: &frame,
-                },
-            ),
+            f @ (Frame::Data { .. } | Frame::Packed { .. }) => {
+                // (`handle_frames` takes these borrowed from the receive buffer; an owned one
+                // goes the same way)
+                let mut buf = Vec::new();
+                f.encode(&mut buf);
+                if let Err(e) = self.handle_frames(&buf) {
+                    error!(link = self.id, error = %e, "frame does not re-encode");
+                }
+            }
             Frame::Resize {
                 stream,
                 ts_us,
