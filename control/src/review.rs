@@ -17,10 +17,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use psm_control_api::escape;
-use psm_recorder_format::export::Replay;
-use psm_recorder_format::file::{self, Record, RecordingReader};
-use psm_recorder_format::sanitize::Sanitizer;
-use psm_recorder_format::{Direction, FormatError};
+use psm_recorder_format::export::{replay_with, Replay, ReplayError, Step};
+use psm_recorder_format::file::{self, RecordingReader};
+use psm_recorder_format::FormatError;
 use psm_recorder_index::{Hit, IndexError, IndexReader, IndexWriter, Query, INDEX_FILE};
 
 use crate::recordings::RecordingError;
@@ -261,53 +260,26 @@ pub fn play(
     let mut speed = opts.speed;
     let mut due = Instant::now();
     let mut last_ts: Option<u64> = None;
-    let mut sanitizer = Sanitizer::new();
-    let mut safe = Vec::new();
-    while let Some(rec) = reader.next_record().map_err(RecordingError::Format)? {
-        let Record::Data {
-            ts_us,
-            direction,
-            data,
-            ..
-        } = rec
-        else {
-            continue;
-        };
-        if direction == Direction::Input {
-            continue;
+    let pace = |ts_us: u64| {
+        if ts_us < opts.from_us {
+            // before the starting point: written at once, shown when the replay gets there
+            return Step::Write { flush: false };
         }
-        if ts_us >= opts.from_us {
-            let prev = last_ts.unwrap_or(opts.from_us).max(opts.from_us);
-            let gap = ts_us.saturating_sub(prev).min(opts.idle_limit_us);
-            let secs = gap as f64 / 1e6 / speed;
-            let step = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
-            due = due.checked_add(step).unwrap_or(due);
-            last_ts = Some(ts_us);
-            if let Pace::Quit = wait_until(&mut due, &mut speed, keys) {
-                break;
-            }
+        let prev = last_ts.unwrap_or(opts.from_us).max(opts.from_us);
+        let gap = ts_us.saturating_sub(prev).min(opts.idle_limit_us);
+        let secs = gap as f64 / 1e6 / speed;
+        let step = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
+        due = due.checked_add(step).unwrap_or(due);
+        last_ts = Some(ts_us);
+        match wait_until(&mut due, &mut speed, keys) {
+            Pace::Quit => Step::Stop,
+            Pace::Go => Step::Write { flush: true },
         }
-        match opts.mode {
-            Replay::Raw => out.write_all(&data)?,
-            Replay::Safe => {
-                for piece in data.chunks(64 * 1024) {
-                    safe.clear();
-                    sanitizer.feed(piece, &mut safe);
-                    out.write_all(&safe)?;
-                }
-            }
-        }
-        if ts_us >= opts.from_us {
-            out.flush()?;
-        }
-    }
-    if opts.mode == Replay::Safe {
-        safe.clear();
-        sanitizer.finish(&mut safe);
-        out.write_all(&safe)?;
-    }
-    out.flush()?;
-    Ok(())
+    };
+    replay_with(&mut reader, opts.mode, out, pace).map_err(|e| match e {
+        ReplayError::Read(e) => RecordingError::Format(e),
+        ReplayError::Write(e) => RecordingError::Output(e),
+    })
 }
 
 /// The terminal in raw input mode (no line editing, no echo, no signals: Ctrl-C is a key)
@@ -385,6 +357,8 @@ pub fn parse_offset(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use psm_recorder_format::file::Record;
+    use psm_recorder_format::Direction;
 
     #[test]
     fn offsets() {

@@ -49,7 +49,7 @@ mod replay;
 
 pub use cast::asciicast;
 pub use plain_text::{text, MAX_COLUMNS};
-pub use replay::{play, Replay};
+pub use replay::{play, replay_with, Replay, ReplayError, Step};
 
 /// How many DATA bytes are decoded (or sanitized) and written at once.
 const PIECE: usize = 64 * 1024;

@@ -23,6 +23,86 @@ pub enum Replay {
     Raw,
 }
 
+/// What a replay's pacing says before each screen record is written ([`replay_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Write the record; with `flush`, flush the output after it.
+    Write {
+        /// Flush after this record (the replay is showing it now, not catching up).
+        flush: bool,
+    },
+    /// End the replay before this record (the screen is still put back in [`Replay::Safe`]).
+    Stop,
+}
+
+/// Why a replay ended early.
+#[derive(Debug)]
+pub enum ReplayError {
+    /// The recording could not be read.
+    Read(FormatError),
+    /// The output could not be written.
+    Write(std::io::Error),
+}
+
+impl From<ReplayError> for FormatError {
+    fn from(e: ReplayError) -> FormatError {
+        match e {
+            ReplayError::Read(e) => e,
+            ReplayError::Write(e) => FormatError::Io(e),
+        }
+    }
+}
+
+/// The loop every replay shares (psmctl's timed, interactive player and [`play`]): writes the
+/// terminal output of `reader` (output and error bytes) to `out` in `mode`, record by record,
+/// asking `pace` with each record's time first; then, in [`Replay::Safe`], what puts back what
+/// the replay changed on the screen, and flushes.
+pub fn replay_with<R: Read>(
+    reader: &mut RecordingReader<R>,
+    mode: Replay,
+    out: &mut dyn Write,
+    mut pace: impl FnMut(u64) -> Step,
+) -> Result<(), ReplayError> {
+    let mut sanitizer = Sanitizer::new();
+    let mut safe = Vec::new();
+    while let Some(rec) = reader.next_record().map_err(ReplayError::Read)? {
+        let Record::Data {
+            ts_us,
+            direction,
+            data,
+            ..
+        } = rec
+        else {
+            continue;
+        };
+        if !is_screen(direction) {
+            continue;
+        }
+        let Step::Write { flush } = pace(ts_us) else {
+            break;
+        };
+        match mode {
+            Replay::Raw => out.write_all(&data).map_err(ReplayError::Write)?,
+            Replay::Safe => {
+                for piece in data.chunks(PIECE) {
+                    safe.clear();
+                    sanitizer.feed(piece, &mut safe);
+                    out.write_all(&safe).map_err(ReplayError::Write)?;
+                }
+            }
+        }
+        if flush {
+            out.flush().map_err(ReplayError::Write)?;
+        }
+    }
+    if mode == Replay::Safe {
+        safe.clear();
+        sanitizer.finish(&mut safe);
+        out.write_all(&safe).map_err(ReplayError::Write)?;
+    }
+    out.flush().map_err(ReplayError::Write)
+}
+
 /// Replays the terminal output (output and error bytes) to `out`, flushing after each record,
 /// with the original delays between records divided by `speed`. A single idle gap lasts at
 /// most 2 s / `speed`. `speed` must be positive; `f64::INFINITY` replays without delay.
@@ -41,21 +121,7 @@ pub fn play<R: Read>(
     let started = Instant::now();
     let mut offset = Duration::ZERO;
     let mut last_ts = None;
-    let mut sanitizer = Sanitizer::new();
-    let mut safe = Vec::new();
-    while let Some(rec) = reader.next_record()? {
-        let Record::Data {
-            ts_us,
-            direction,
-            data,
-            ..
-        } = rec
-        else {
-            continue;
-        };
-        if !is_screen(direction) {
-            continue;
-        }
+    let pace = |ts_us: u64| {
         if let Some(prev) = last_ts {
             let gap_us = ts_us.saturating_sub(prev).min(MAX_GAP_US);
             let secs = gap_us as f64 / 1e6 / speed;
@@ -69,23 +135,7 @@ pub fn play<R: Read>(
                 std::thread::sleep(due - now);
             }
         }
-        match mode {
-            Replay::Raw => out.write_all(&data)?,
-            Replay::Safe => {
-                for piece in data.chunks(PIECE) {
-                    safe.clear();
-                    sanitizer.feed(piece, &mut safe);
-                    out.write_all(&safe)?;
-                }
-            }
-        }
-        out.flush()?;
-    }
-    if mode == Replay::Safe {
-        safe.clear();
-        sanitizer.finish(&mut safe);
-        out.write_all(&safe)?;
-        out.flush()?;
-    }
-    Ok(())
+        Step::Write { flush: true }
+    };
+    Ok(replay_with(&mut reader, mode, &mut out, pace)?)
 }
