@@ -10,7 +10,9 @@
 //! The kernel writes into (and reads from) memory it owns until the completion, so the buffers
 //! live in the ring's table of operations, not in the stream: a stream dropped with an operation
 //! in flight leaves its buffer there until the completion comes, and shuts its socket down so that
-//! the completion does come.
+//! the completion does come. Each operation also holds the socket it names, so the descriptor
+//! stays open until its completion is reaped: an entry the kernel has not taken yet (the driver
+//! submits it later) can never name a number the process has since given to another connection.
 //!
 //! Buffers follow the traffic: a leg's receive buffer starts at [`MIN_READ`], doubles each time a
 //! receive fills it (up to [`MAX_READ`]: one submission then carries several SSH packets), and
@@ -27,6 +29,7 @@ pub use stream::{Leg, UringStream};
 
 use std::cell::RefCell;
 use std::io;
+use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -59,6 +62,9 @@ struct Op {
     buf: Vec<u8>,
     /// The stream is gone: drop the operation at its completion.
     orphan: bool,
+    /// The socket the operation names, kept open until the completion is reaped (dropping the
+    /// stream does not close it while this lives).
+    _sock: Arc<TcpStream>,
 }
 
 struct Inner {
@@ -201,10 +207,11 @@ impl Ring {
         }
     }
 
-    /// Queues one operation over `buf` and submits it; returns its id. `entry` builds the
-    /// submission from the buffer's final place.
+    /// Queues one operation on `sock` over `buf` and submits it; returns its id. `entry` builds
+    /// the submission from the buffer's final place.
     fn start(
         &self,
+        sock: &Arc<TcpStream>,
         buf: Vec<u8>,
         entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
     ) -> io::Result<usize> {
@@ -221,6 +228,7 @@ impl Ring {
             waker: None,
             buf,
             orphan: false,
+            _sock: sock.clone(),
         });
         let sqe = entry(&mut op.buf).user_data(id as u64);
         let mut tries = 0;
@@ -228,8 +236,9 @@ impl Ring {
             // SAFETY: the entry points into `op.buf` (or at nothing), which stays in `ops[id]`
             // until the completion of this entry is reaped (`reap` keeps the slot while the
             // operation is in flight, `forget` only marks it orphan); the descriptor it names is
-            // kept open by the stream until then, or shut down and kept by the kernel's own
-            // reference once submitted (`UringStream`'s `Drop` submits nothing new).
+            // kept open by `ops[id]._sock` until then too, so the number names this socket
+            // whenever the kernel takes the entry (`UringStream`'s `Drop` submits nothing new,
+            // and shuts the socket down so that what is in flight completes).
             let pushed = unsafe { g.ring.submission().push(&sqe) };
             if pushed.is_ok() {
                 break;
@@ -250,7 +259,16 @@ impl Ring {
                 return Err(e);
             }
         }
-        g.submit()?;
+        if let Err(e) = g.submit() {
+            // the entry stays queued (the driver submits it later) with its buffer and socket;
+            // nobody waits for its completion now
+            if let Some(op) = g.ops[id].as_mut() {
+                op.orphan = true;
+            }
+            drop(g);
+            self.kick.notify_one();
+            return Err(e);
+        }
         // a socket with data (or room) completes within the submission: take it now
         g.reap();
         if g.unsubmitted() {

@@ -35,7 +35,8 @@ struct WriteSide {
 
 /// A TCP stream whose reads and writes go through the worker's io_uring.
 pub struct UringStream {
-    sock: std::net::TcpStream,
+    /// Shared with each operation in flight, which keeps it open until its completion.
+    sock: Arc<std::net::TcpStream>,
     ring: Arc<Ring>,
     rd: ReadSide,
     wr: WriteSide,
@@ -47,7 +48,7 @@ impl UringStream {
     pub fn new(sock: std::net::TcpStream, ring: Arc<Ring>) -> io::Result<UringStream> {
         sock.set_nonblocking(false)?;
         Ok(UringStream {
-            sock,
+            sock: Arc::new(sock),
             ring,
             rd: ReadSide {
                 buf: Vec::new(),
@@ -77,7 +78,7 @@ impl UringStream {
             buf = vec![0; self.rd.size];
         }
         let fd = self.fd();
-        let id = self.ring.start(buf, |b| {
+        let id = self.ring.start(&self.sock, buf, |b| {
             opcode::Recv::new(fd, b.as_mut_ptr(), b.len() as u32).build()
         })?;
         self.rd.op = Some(id);
@@ -96,7 +97,7 @@ impl UringStream {
 
     fn submit_send(&mut self, buf: Vec<u8>) -> io::Result<()> {
         let (fd, off) = (self.fd(), self.wr.off);
-        let id = self.ring.start(buf, |b| {
+        let id = self.ring.start(&self.sock, buf, |b| {
             let rest = &b[off..];
             opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
                 .flags(nix::libc::MSG_NOSIGNAL)
@@ -240,8 +241,8 @@ impl AsyncWrite for UringStream {
 impl Drop for UringStream {
     fn drop(&mut self) {
         if self.rd.op.is_some() || self.wr.op.is_some() {
-            // the kernel holds the socket while an operation is in flight: end them, or the
-            // connection would outlive its stream
+            // the operations in flight hold the socket (and the kernel, once it took them): end
+            // them, or the connection would outlive its stream
             let _ = self.sock.shutdown(Shutdown::Both);
         }
         for id in [self.rd.op, self.wr.op].into_iter().flatten() {
@@ -450,6 +451,52 @@ mod tests {
             })
             .await
             .expect("the orphaned receive completed and was freed");
+        });
+    }
+
+    /// A dropped stream's socket stays open until every operation that names it is reaped, so
+    /// an entry still waiting in the submission queue can never reach a connection that was
+    /// given the same descriptor number since.
+    #[test]
+    fn a_dropped_streams_socket_lives_until_its_operations_are_reaped() {
+        runtime().block_on(async {
+            // no driver: completions are reaped only when this test says
+            let ring = Ring::new().expect("io_uring is not allowed on this machine");
+            let (mut s, _peer) = pair(&ring).await;
+            let fd = s.sock.as_raw_fd();
+            // `socket:[inode]`
+            let link = format!("/proc/self/fd/{fd}");
+            let socket = std::fs::read_link(&link).expect("fd link");
+            let sock = Arc::downgrade(&s.sock);
+            let mut b = [0u8; 16];
+            assert!(
+                tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut b))
+                    .await
+                    .is_err()
+            );
+            assert_eq!(ring.in_flight(), 1);
+            drop(s);
+            assert!(
+                sock.upgrade().is_some(),
+                "the receive in flight keeps the socket"
+            );
+            assert_eq!(
+                std::fs::read_link(&link).expect("the descriptor is still open"),
+                socket,
+                "the descriptor still names this socket"
+            );
+            tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                loop {
+                    ring.lock().reap();
+                    if ring.in_flight() == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the shut-down receive completed");
+            assert_eq!(sock.strong_count(), 0, "reaped: the socket is closed");
         });
     }
 
