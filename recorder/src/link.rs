@@ -452,7 +452,7 @@ impl Link {
         }
     }
 
-    /// Flushes the recordings whose oldest unflushed data is about to be a second old.
+    /// Flushes the recordings whose oldest unflushed data is about to be `FLUSH_INTERVAL` old.
     pub(crate) fn flush_due(&mut self, now: Instant) {
         let due = FLUSH_INTERVAL.saturating_sub(TICK);
         let mut failed = Vec::new();
