@@ -351,6 +351,57 @@ fn a_recorder_killed_mid_stream_leaves_every_byte_the_user_saw_accounted_for() {
     );
 }
 
+/// A psm-recorder stuck with its connection open (SIGSTOP) under a flood of tiny packets, with a
+/// durable window so large that no session pauses on it: the worker's recording queue fills
+/// first, and the sessions waiting for room in it still end, blamed on the recorder, when the
+/// link gives up on a psm-recorder that takes nothing (twice the stall limit), instead of
+/// hanging.
+#[test]
+fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
+    let opts = PsmOpts {
+        relay_args: vec![
+            "--recorder-stall-secs".into(),
+            "3".into(),
+            "--durable-window-bytes".into(),
+            (1u64 << 30).to_string(),
+            "--durable-window-ms".into(),
+            "60000".into(),
+        ],
+        ..PsmOpts::default()
+    };
+    let w = World::build_opts(PsmMode::Separate, Sshd::start(), opts);
+    let mark = w.psm.audit_mark();
+    // one byte per write, as fast as perl goes: sshd sends small packets, each a frame
+    let (mut child, received, reader) = streaming(&w, "perl -e '$|=1; print \"x\" while 1'");
+    assert!(
+        wait_for(Duration::from_secs(20), || received.load(Ordering::SeqCst)
+            >= 64 << 10),
+        "the stream did not start"
+    );
+    w.psm.signal_recorder(Signal::SIGSTOP);
+    let stopped_at = std::time::Instant::now();
+    let status = wait_child(&mut child, Duration::from_secs(30));
+    let took = stopped_at.elapsed();
+    w.psm.signal_recorder(Signal::SIGCONT);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let status = status.expect("the session must end while psm-recorder is stuck");
+    let _ = reader.join();
+    assert!(!status.success(), "the session must end with its recording");
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(20),
+        "ended {took:?} after the stall (the link's limit 6 s)"
+    );
+    let end = w.psm.wait_audit_after(
+        mark,
+        "session_end of the flooded session",
+        Duration::from_secs(10),
+        |e| jstr(e, "event") == "session_end" && jstr(e, "side") == "recorder",
+    );
+    assert!(jstr(&end, "reason").contains("recording"), "{end}");
+}
+
 /// A psm-recorder that stops answering (SIGSTOP, not dead: its socket stays open) pauses its
 /// sessions instead of letting the relay buffer: the user stops getting data within the
 /// durable window, the relay's counters show the pause, and once the stall limit has passed the

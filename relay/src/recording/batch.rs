@@ -141,6 +141,11 @@ impl Batch {
         }
     }
 
+    /// Bytes of the batch the socket has taken so far.
+    pub(super) fn written(&self) -> usize {
+        self.written
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.heads.is_empty() && self.payloads.is_empty() && self.run.is_empty()
     }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::queue::ArrayQueue;
 use nix::errno::Errno;
@@ -107,7 +107,7 @@ pub(super) fn link_thread(socket: PathBuf, shared: Arc<LinkShared>) {
                 set_state(&shared, true);
                 let err = pump(stream, &shared);
                 set_state(&shared, false);
-                shared.lose_all("the link to psm-recorder dropped");
+                shared.lose_all(&format!("the link to psm-recorder dropped: {err}"));
                 warn!(error = %err, "link to psm-recorder lost; recorded sessions are being closed");
             }
             Err(e) => {
@@ -247,7 +247,13 @@ fn drain_queues(shared: &LinkShared, mut out: Option<(&mut Batch, &mut HashSet<u
 /// Ships the worker's frames to psm-recorder and takes its replies, on one thread: the
 /// connection is non-blocking and the thread sleeps in `poll` on it and on the workers' wake, so
 /// a reply (an acknowledgement a paused session waits for) is taken as it comes, even while the
-/// socket has no room for frames. Returns why the link ended.
+/// socket has no room for frames. Returns why the link ended: also when psm-recorder takes
+/// nothing of a batch for twice the stall limit (its thread stuck with the connection open;
+/// twice, so that a session paused on its durable window meets its own limit first and ends
+/// with that reason), which
+/// would otherwise leave the worker's queue full, and every recorded session of the worker
+/// waiting to queue a frame, for as long as psm-recorder stays stuck: dropping the link fails
+/// their recordings, and the reconnect empties the queue.
 fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
     if let Err(e) = stream.set_nonblocking(true) {
         return format!("setting up the connection to psm-recorder: {e}");
@@ -255,6 +261,8 @@ fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
     let mut batch = Batch::new(true);
     let mut open = HashSet::new();
     let mut replies = Replies::default();
+    // since when the socket has taken nothing of the batch, and how much of it was written then
+    let mut stuck: Option<(Instant, usize)> = None;
     loop {
         if let Err(why) = replies.take(&mut stream, shared) {
             return why;
@@ -269,8 +277,24 @@ fn pump(mut stream: UnixStream, shared: &LinkShared) -> String {
         };
         if !batch.is_empty() {
             match batch.write_some(&mut stream) {
-                Ok(true) => batch.clear(),
+                Ok(true) => {
+                    batch.clear();
+                    stuck = None;
+                }
                 Ok(false) => {
+                    let now = Instant::now();
+                    match stuck {
+                        Some((since, at)) if at == batch.written() => {
+                            let limit = shared.window.stall * 2;
+                            if now.duration_since(since) >= limit {
+                                return format!(
+                                    "psm-recorder took nothing for {} s (stalled recorder)",
+                                    limit.as_secs_f64()
+                                );
+                            }
+                        }
+                        _ => stuck = Some((now, batch.written())),
+                    }
                     // psm-recorder is behind: wait for room (or a reply, or a wake)
                     if let Err(why) = wait(&stream, &shared.wake, true, LINK_IDLE) {
                         return why;

@@ -369,7 +369,9 @@ impl RecordingStream {
             data,
         };
         self.rec.push(f).await;
-        true
+        // a frame queued after its recording was lost (its link dropped while the frame
+        // waited for room in the queue) is thrown away by the link: not relayed either
+        !self.status.borrow().is_lost()
     }
 
     /// Takes `len` bytes into the durable window, waiting while it is full; `false` when the

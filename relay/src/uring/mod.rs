@@ -74,23 +74,36 @@ struct Inner {
 }
 
 impl Inner {
-    /// Hands every completion to its operation and wakes whoever waits on it.
+    /// Hands every completion to its operation and wakes whoever waits on it, also those the
+    /// completion queue had no room for: the kernel keeps them aside (its overflow list) until a
+    /// system call asks for them, and the ring's descriptor does not say they are there.
     fn reap(&mut self) {
         let Inner { ring, ops, free } = self;
-        for cqe in ring.completion() {
-            let id = cqe.user_data() as usize;
-            let Some(slot) = ops.get_mut(id) else {
-                continue;
-            };
-            let Some(op) = slot.as_mut() else { continue };
-            if op.orphan {
-                *slot = None;
-                free.push(id);
-                continue;
+        for _ in 0..8 {
+            for cqe in ring.completion() {
+                let id = cqe.user_data() as usize;
+                let Some(slot) = ops.get_mut(id) else {
+                    continue;
+                };
+                let Some(op) = slot.as_mut() else { continue };
+                if op.orphan {
+                    *slot = None;
+                    free.push(id);
+                    continue;
+                }
+                op.result = Some(cqe.result());
+                if let Some(w) = op.waker.take() {
+                    w.wake();
+                }
             }
-            op.result = Some(cqe.result());
-            if let Some(w) = op.waker.take() {
-                w.wake();
+            if !ring.submission().cq_overflow() {
+                return;
+            }
+            // entering the kernel with the overflow flag set brings them into the queue (the
+            // crate asks for completions then); what the queue still cannot take waits for the
+            // next round of the driver
+            if ring.submit().is_err() {
+                return;
             }
         }
     }
@@ -147,9 +160,12 @@ impl Ring {
     /// Sets up a ring; fails where io_uring is not allowed (`kernel.io_uring_disabled`, a
     /// seccomp filter) or outside a tokio runtime.
     pub fn new() -> io::Result<Arc<Ring>> {
-        let ring = IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
-            .build(SQ_ENTRIES)?;
+        Ring::with_queues(SQ_ENTRIES, CQ_ENTRIES)
+    }
+
+    /// A ring with `sq` submission and `cq` completion queue entries.
+    fn with_queues(sq: u32, cq: u32) -> io::Result<Arc<Ring>> {
+        let ring = IoUring::builder().setup_cqsize(cq).build(sq)?;
         // SAFETY: the registered descriptor is owned by the `RingFd` the `AsyncFd` owns, so it
         // stays open, on the same ring, and the same number, until the `AsyncFd` drops.
         let dup = ring.as_fd().try_clone_to_owned()?;
@@ -203,7 +219,8 @@ impl Ring {
             if g.unsubmitted() {
                 let _ = g.submit();
             }
-            queued = g.unsubmitted();
+            // (completions still aside in the kernel are fetched on the same timer)
+            queued = g.unsubmitted() || g.ring.submission().cq_overflow();
         }
     }
 
@@ -261,10 +278,12 @@ impl Ring {
         }
         if let Err(e) = g.submit() {
             // the entry stays queued (the driver submits it later) with its buffer and socket;
-            // nobody waits for its completion now
+            // nobody waits for its completion now, and the socket is shut down so that it does
+            // complete (the stream has no operation to end when it drops)
             if let Some(op) = g.ops[id].as_mut() {
                 op.orphan = true;
             }
+            let _ = sock.shutdown(std::net::Shutdown::Both);
             drop(g);
             self.kick.notify_one();
             return Err(e);

@@ -500,6 +500,42 @@ mod tests {
         });
     }
 
+    /// Completions the completion queue had no room for (the kernel keeps them aside) are
+    /// reaped too, without a new submission to bring them in: a worker whose legs all complete
+    /// at once wakes every one of them.
+    #[test]
+    fn completions_beyond_the_queue_are_reaped() {
+        runtime().block_on(async {
+            // no driver, and a completion queue of 8 for 20 receives
+            let ring = Ring::with_queues(4, 8).expect("io_uring is not allowed on this machine");
+            let mut legs = Vec::new();
+            for _ in 0..20 {
+                let (mut s, peer) = pair(&ring).await;
+                s.start_recv().expect("receive");
+                legs.push((s, peer));
+            }
+            for (_, peer) in &mut legs {
+                peer.write_all(b"x").await.expect("peer write");
+            }
+            let done = |ring: &Ring| {
+                let mut g = ring.lock();
+                g.reap();
+                g.ops
+                    .iter()
+                    .flatten()
+                    .filter(|op| op.result.is_some())
+                    .count()
+            };
+            let all = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while done(&ring) < 20 {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            })
+            .await;
+            assert!(all.is_ok(), "{} of 20 completions reaped", done(&ring));
+        });
+    }
+
     /// An idle stream's receive buffer comes back to its smallest after a bulk transfer.
     #[test]
     fn the_receive_buffer_grows_with_bulk_and_shrinks_when_idle() {
