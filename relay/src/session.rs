@@ -249,6 +249,10 @@ pub struct Conn {
     )>,
     /// Verification codes refused on this connection.
     mfa_tries: u32,
+    /// What the login gave beyond the first factor: every channel's grant, and the running
+    /// session's, is held to it (a grant that asks for more refuses the channel or ends the
+    /// session).
+    satisfied: psm_control_api::Satisfied,
     /// Remote forwards in place: (address, port as the user knows it) → their target connection.
     remote_forwards: HashMap<(String, u32), Arc<TargetHandle>>,
     /// The conditions of the grant the latest channel was brokered under.

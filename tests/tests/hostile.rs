@@ -106,6 +106,46 @@ fn control_master_runs_thirty_commands_on_one_connection() {
     w.assert_all_sessions_ended();
 }
 
+/// A connection held open while its login was refused (alice had no grant) gets no step of the
+/// login for free once a grant covers her: the grant that applies later wants a reason, so a
+/// channel on the held connection is refused, naming the step, and audited; a new login is
+/// asked for the reason.
+#[test]
+fn a_held_connection_gets_no_login_step_of_a_later_grant_for_free() {
+    let w = World::new();
+    let acct = format!("{TARGET_USER}@web01");
+    w.psm.psmctl_ok(&["grant", "remove", "alice", &acct], None);
+    w.psm.wait_policy_applied();
+    let sock = w.psm.work_dir().join("held.sock");
+    // accepted without a grant: told why on the first channel
+    let mut master = control_master(&w, &sock);
+    let mark = w.psm.audit_mark();
+    w.psm
+        .psmctl_ok(&["grant", "add", "alice", &acct, "--reason-required"], None);
+    w.psm.wait_policy_applied();
+    let mut c = w.ssh();
+    c.arg("-S").arg(&sock).arg("-o").arg("ControlMaster=no");
+    let out = run_ssh(c.arg("echo must-not-run"));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        !out.stdout_str().contains("must-not-run"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr_str().contains("needs a reason at login"),
+        "{}",
+        out.describe()
+    );
+    let denied = w
+        .psm
+        .wait_audit_after(mark, "the channel refused", Duration::from_secs(5), |e| {
+            is(e, "session_denied") && jstr(e, "reason_code") == "login_step_missing"
+        });
+    assert_eq!(jstr(&denied, "side"), "policy", "{denied}");
+    stop_master(&w, &sock, &mut master);
+}
+
 #[test]
 fn environment_variables_beyond_lang_and_lc_are_refused_and_their_names_audited() {
     let w = World::new();

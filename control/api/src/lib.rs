@@ -28,7 +28,7 @@ pub use commands::{CommandAction, CommandPolicy, CommandRule, CommandVerdict, Ru
 pub use conditions::{ChannelKind, ClipboardRule, Conditions, RdpChannels, TimeWindow};
 pub use escape::{escape, Escaped};
 pub use password::{PasswordHash, PASSWORD_ITERATIONS};
-pub use policy::{decide, Attempt, Denial, Governor, Permit, PolicyStop, Verdict};
+pub use policy::{decide, Attempt, Denial, Governor, Permit, PolicyStop, Satisfied, Step, Verdict};
 pub use secret::Secret;
 pub use snapshot::{
     cert_fingerprint, Account, Credential, Grant, Login, PolicySnapshot, Protocol, Target, Totp,

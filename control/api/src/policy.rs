@@ -68,6 +68,59 @@ impl Permit<'_> {
     }
 }
 
+/// What a login gave beyond its first factor. The grant that decides a later channel of the
+/// connection, or that covers a running session after the policy changed, may ask for more
+/// than the one that decided the login did; what it asks is checked against this
+/// ([`Satisfied::missing`]), so that no step of the login is skipped by waiting for another
+/// grant to apply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Satisfied {
+    /// A second factor was given at login (or one given shortly before was accepted from the
+    /// MFA cache).
+    pub mfa: bool,
+    /// A reason was given.
+    pub reason: bool,
+    /// An approval covers the login.
+    pub approval: bool,
+}
+
+impl Satisfied {
+    /// What `permit` asks that the login did not give, if anything.
+    pub fn missing(&self, permit: &Permit<'_>) -> Option<Step> {
+        let c = permit.conditions();
+        if permit.mfa && !self.mfa {
+            Some(Step::SecondFactor)
+        } else if c.reason_required && !self.reason {
+            Some(Step::Reason)
+        } else if c.approval.is_some() && !self.approval {
+            Some(Step::Approval)
+        } else {
+            None
+        }
+    }
+}
+
+/// A step of the login beyond the first factor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A verification code.
+    SecondFactor,
+    /// A reason or ticket.
+    Reason,
+    /// Another person's approval.
+    Approval,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::SecondFactor => "a second factor",
+            Step::Reason => "a reason",
+            Step::Approval => "an approval",
+        })
+    }
+}
+
 /// Why a session was refused by policy. The `Display` text is the full reason for the audit log;
 /// [`Denial::client_message`] is what the user is told; [`Denial::code`] is stable for SIEM
 /// rules.
@@ -433,6 +486,9 @@ pub enum PolicyStop {
     /// now records (that grant was revoked, expired or left its window, or another one comes
     /// first): an unrecorded session cannot become recorded, so it ends.
     RecordingRequired,
+    /// The grant in force now asks for a step of the login that this session's login did not
+    /// give (another grant decided it, or the grant changed).
+    Unsatisfied(Step),
 }
 
 impl fmt::Display for PolicyStop {
@@ -460,6 +516,10 @@ impl fmt::Display for PolicyStop {
                 f,
                 "policy: the session is unrecorded and the grant now in force does not allow that (no --unrecorded)"
             ),
+            PolicyStop::Unsatisfied(step) => write!(
+                f,
+                "policy: the grant now in force asks for {step} at login, which this session's login did not give"
+            ),
         }
     }
 }
@@ -481,6 +541,7 @@ impl PolicyStop {
             PolicyStop::IdleTimeout(_) => "idle_timeout",
             PolicyStop::CommandTerminated { .. } => "command_terminated",
             PolicyStop::RecordingRequired => "recording_required",
+            PolicyStop::Unsatisfied(_) => "login_step_missing",
         }
     }
 
@@ -509,6 +570,9 @@ impl PolicyStop {
             }
             PolicyStop::RecordingRequired => {
                 "the session must now be recorded; connect again".into()
+            }
+            PolicyStop::Unsatisfied(step) => {
+                format!("the grant now in force asks for {step} at login; connect again")
             }
         };
         format!("psm: session ended: {why}")
@@ -544,6 +608,9 @@ pub struct Governor {
     /// Whether the session is recorded. An unrecorded one goes on only while the grant in force
     /// says `unrecorded` (or recording is optional).
     pub recorded: bool,
+    /// What the login gave beyond the first factor: a grant in force that asks for more ends
+    /// the session.
+    pub satisfied: Satisfied,
 }
 
 impl Governor {
@@ -562,6 +629,9 @@ impl Governor {
             Ok(p) => p,
             Err(d) => return Verdict::End(PolicyStop::Denied(d)),
         };
+        if let Some(step) = self.satisfied.missing(&permit) {
+            return Verdict::End(PolicyStop::Unsatisfied(step));
+        }
         let c = permit.conditions();
         if !self.recorded && !c.unrecorded && snap.recording_required {
             return Verdict::End(PolicyStop::RecordingRequired);
@@ -850,6 +920,10 @@ mod tests {
             source: "10.1.1.1".parse().expect("ip"),
             start_ms: start,
             recorded: true,
+            satisfied: Satisfied {
+                mfa: true,
+                ..Satisfied::default()
+            },
         };
         // idle deadline first (15 min), then the max duration (2 h)
         assert_eq!(
@@ -887,6 +961,7 @@ mod tests {
             source: "127.0.0.1".parse().expect("ip"),
             start_ms: at("2026-12-03T17:58:30Z"),
             recorded: true,
+            satisfied: Satisfied::default(),
         };
         assert_eq!(
             a.check(&s, at("2026-12-03T17:58:30Z"), 0),
@@ -910,6 +985,79 @@ mod tests {
     }
 
     #[test]
+    fn a_session_ends_when_the_grant_in_force_asks_for_a_login_step_it_did_not_give() {
+        // alice's grant (ops, web01, office hours) asks for nothing beyond the first factor
+        let start = at("2026-12-03T12:00:00Z");
+        let g = Governor {
+            user: "alice".into(),
+            account: "root".into(),
+            target: "web01".into(),
+            source: "127.0.0.1".parse().expect("ip"),
+            start_ms: start,
+            recorded: true,
+            satisfied: Satisfied::default(),
+        };
+        let goes_on = |v: Verdict| matches!(v, Verdict::Continue { .. });
+        assert!(goes_on(g.check(&snap(), start + 1000, 0)));
+        // the grant in force now asks for a second factor (or MFA becomes required for all)
+        let mut mfa = snap();
+        mfa.grants[1].conditions.mfa = true;
+        assert_eq!(
+            g.check(&mfa, start + 1000, 0),
+            Verdict::End(PolicyStop::Unsatisfied(Step::SecondFactor))
+        );
+        let mut global = snap();
+        global.mfa_required = true;
+        assert_eq!(
+            g.check(&global, start + 1000, 0),
+            Verdict::End(PolicyStop::Unsatisfied(Step::SecondFactor))
+        );
+        let with_code = Governor {
+            satisfied: Satisfied {
+                mfa: true,
+                ..Satisfied::default()
+            },
+            ..g.clone()
+        };
+        assert!(goes_on(with_code.check(&mfa, start + 1000, 0)));
+        // a reason, an approval
+        let mut reason = snap();
+        reason.grants[1].conditions.reason_required = true;
+        assert_eq!(
+            g.check(&reason, start + 1000, 0),
+            Verdict::End(PolicyStop::Unsatisfied(Step::Reason))
+        );
+        let mut approval = snap();
+        approval.grants[1].conditions.approval = Some(crate::conditions::ApprovalRule {
+            count: 1,
+            approvers: "dba".into(),
+            timeout_ms: 60_000,
+            covers_ms: 0,
+        });
+        let v = g.check(&approval, start + 1000, 0);
+        assert_eq!(v, Verdict::End(PolicyStop::Unsatisfied(Step::Approval)));
+        let Verdict::End(stop) = v else {
+            unreachable!()
+        };
+        assert_eq!(stop.code(), "login_step_missing");
+        assert_eq!(
+            stop.user_line(),
+            "psm: session ended: the grant now in force asks for an approval at login; connect again"
+        );
+        let all = Governor {
+            satisfied: Satisfied {
+                mfa: true,
+                reason: true,
+                approval: true,
+            },
+            ..g
+        };
+        for s in [&mfa, &global, &reason, &approval] {
+            assert!(goes_on(all.check(s, start + 1000, 0)));
+        }
+    }
+
+    #[test]
     fn an_unrecorded_session_ends_once_the_grant_in_force_records() {
         let mut unrecorded = snap();
         unrecorded.grants[2].conditions.unrecorded = true;
@@ -921,6 +1069,10 @@ mod tests {
             source: "10.1.1.1".parse().expect("ip"),
             start_ms: start,
             recorded: false,
+            satisfied: Satisfied {
+                mfa: true,
+                ..Satisfied::default()
+            },
         };
         let goes_on = |v: Verdict| matches!(v, Verdict::Continue { .. });
         assert!(goes_on(g.check(&unrecorded, start + 1000, start)));

@@ -24,6 +24,8 @@ pub(super) struct Granted {
     pub(super) rules: psm_control_api::RdpChannels,
     /// The reason the user gave (grants with `--reason-required`).
     pub(super) justification: Option<String>,
+    /// What the login gave beyond the first factor.
+    pub(super) satisfied: psm_control_api::Satisfied,
     pub(super) recording: Option<RecordingStream>,
     pub(super) leg: TargetLeg,
     pub(super) user_permit: UserPermit,
@@ -60,6 +62,8 @@ impl Phase<'_> {
             }
             _ => snap.mfa_required,
         };
+        // a second factor given now, or one the cache stands in for
+        let mfa_given = need_code || matches!(&decision, Some(Ok(p)) if p.mfa);
         let mut method = METHOD;
         if need_code {
             method = METHOD_TOTP;
@@ -201,6 +205,11 @@ impl Phase<'_> {
                 target,
                 account,
                 rules: conditions.rdp,
+                satisfied: psm_control_api::Satisfied {
+                    mfa: mfa_given,
+                    reason: justification.is_some(),
+                    approval: conditions.approval.is_some(),
+                },
                 justification,
                 recording,
                 leg,

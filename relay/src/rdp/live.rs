@@ -368,6 +368,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         source: a.peer.ip(),
         start_ms: a.start_ms,
         recorded: recording.is_some(),
+        satisfied: a.satisfied,
     };
     let nla_target = target_protocol == SecurityProtocol::HYBRID;
     let password = if nla_target {

@@ -88,6 +88,8 @@ pub(super) struct SessionInfo {
     pub(super) rules: psm_control_api::RdpChannels,
     /// The reason the user gave, where the grant asks for one.
     pub(super) justification: Option<String>,
+    /// What the login gave beyond the first factor (the governor holds the grant in force to it).
+    pub(super) satisfied: psm_control_api::Satisfied,
 }
 
 /// What the connection phase hands to the running session.
@@ -315,6 +317,7 @@ impl Phase<'_> {
                     account: g.account,
                     rules: g.rules,
                     justification: g.justification,
+                    satisfied: g.satisfied,
                 },
                 client,
                 leg: g.leg,

@@ -166,6 +166,26 @@ impl Conn {
     }
 
     /// The refusal of a login without a target when nothing is available to it.
+    /// Whether the grant in force now for this connection's login allows channels of `kind`
+    /// (decided again: a policy push since the channel opened counts), and asks for no step
+    /// the login did not give.
+    pub(super) fn allows_now(&self, kind: ChannelKind) -> bool {
+        let (Some(user), Ok(login)) = (&self.user, Login::parse(&self.login)) else {
+            return false;
+        };
+        let snap = self.ctx.policy.get();
+        let attempt = Attempt {
+            user,
+            account: &login.account,
+            target: &login.target,
+            source: self.shared.peer.ip(),
+            now_ms: now_ms(),
+        };
+        decide(&snap, &attempt).is_ok_and(|permit| {
+            permit.conditions().allows(kind) && self.satisfied.missing(&permit).is_none()
+        })
+    }
+
     pub(super) fn no_account() -> Refusal {
         Refusal::new(
             Side::Policy,
@@ -267,6 +287,33 @@ impl Conn {
             Err(d) => return Err(self.deny(user, Refusal::policy(&d))),
         };
         let (target, account) = (permit.target.clone(), permit.account.clone());
+        // the grant deciding now may not be the one that decided the login (it was refused
+        // then, or another grant applies now): it gets no step of the login for free
+        if permit.mfa && !self.satisfied.mfa {
+            let ip = self.shared.peer.ip();
+            let now = now_ms();
+            self.satisfied.mfa = permit
+                .conditions()
+                .mfa_cache_ms
+                .is_some_and(|ms| self.ctx.mfa.cached(user, ip, ms, now));
+        }
+        if let Some(step) = self.satisfied.missing(&permit) {
+            return Err(self.deny(
+                user,
+                Refusal::new(
+                    Side::Policy,
+                    "login_step_missing",
+                    format!(
+                        "the grant in force for {}@{} asks for {step} at login, which this connection's login did not give",
+                        account.username, target.name
+                    ),
+                    format!(
+                        "psm: {}@{} needs {step} at login: connect again",
+                        account.username, target.name
+                    ),
+                ),
+            ));
+        }
         self.conditions = permit.conditions().clone();
         if self.started
             && self.shared.recording().is_none()
@@ -319,7 +366,7 @@ impl Conn {
             }
         }
         if let Open::RemoteForward { address, port } = open {
-            if !self.conditions.allows(ChannelKind::ForwardRemote) {
+            if !self.allows_now(ChannelKind::ForwardRemote) {
                 let at = crate::escape_short(&format!("{address}:{port}"));
                 self.notice("remote port forwarding", &at, format!(" of {at}"));
                 return Err(self.deny(
@@ -404,6 +451,7 @@ impl Conn {
                     source: self.shared.peer.ip(),
                     start_ms: self.shared.start_ms,
                     recorded,
+                    satisfied: self.satisfied,
                 });
             });
             self.shared.governed.notify_one();
@@ -617,7 +665,7 @@ impl Conn {
         let kind = req.kind();
         let shell = matches!(req, Req::Shell);
         let permitted = match kind {
-            Some(k) => self.conditions.allows(k),
+            Some(k) => self.allows_now(k),
             None => false,
         };
         if permitted && matches!(req, Req::Exec(_)) {

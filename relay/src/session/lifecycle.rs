@@ -67,6 +67,7 @@ pub async fn handle_connection(
         reason: None,
         approval_watch: None,
         mfa_tries: 0,
+        satisfied: psm_control_api::Satisfied::default(),
         remote_forwards: HashMap::new(),
         conditions: Default::default(),
         channels: HashMap::new(),

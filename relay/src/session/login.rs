@@ -139,7 +139,13 @@ impl Conn {
             });
             let menu = psm_control_api::policy::reachable(&snap, &p.user, ip, now);
             if menu.is_empty() || approver {
-                // nothing to choose: accepted, and told on the first channel
+                // nothing to choose: accepted, and told on the first channel. An approver's
+                // vote opens sessions for others: it takes a second factor whenever MFA is
+                // required, or the approver has enrolled one
+                let enrolled = snap.user(&p.user).is_some_and(|u| u.totp.is_some());
+                if !p.mfa_done && (snap.mfa_required || (approver && enrolled)) {
+                    return Some(Stage::Code);
+                }
                 return None;
             }
             return Some(Stage::Menu(menu));
@@ -190,7 +196,33 @@ impl Conn {
             (_, true) => "publickey+totp",
             (m, false) => m,
         };
+        self.satisfied = psm_control_api::Satisfied {
+            mfa: p.mfa_done || self.mfa_cached(&p),
+            reason: self.reason.is_some(),
+            approval: p.approved,
+        };
         self.auth_ok(&login, &p.user, method)
+    }
+
+    /// Whether the MFA cache stands in for a second factor for the account `p` chose, now.
+    fn mfa_cached(&self, p: &Pending) -> bool {
+        let Some((account, target)) = &p.chosen else {
+            return false;
+        };
+        let snap = self.ctx.policy.get();
+        let now = now_ms();
+        let ip = self.shared.peer.ip();
+        let attempt = Attempt {
+            user: &p.user,
+            account,
+            target,
+            source: ip,
+            now_ms: now,
+        };
+        decide(&snap, &attempt)
+            .ok()
+            .and_then(|permit| permit.conditions().mfa_cache_ms)
+            .is_some_and(|ms| self.ctx.mfa.cached(&p.user, ip, ms, now))
     }
 
     fn prompt(&self, stage: &Stage) -> Auth {

@@ -295,7 +295,7 @@ impl Conn {
         session: &mut Session,
     ) -> bool {
         let pending = matches!(self.channels.get(&channel), Some(Chan::Pending { .. }));
-        let allowed = pending && self.conditions.allows(ChannelKind::Agent);
+        let allowed = pending && self.allows_now(ChannelKind::Agent);
         let accepted = allowed && self.forward_request(channel, Req::Agent).await == Some(true);
         if accepted {
             if let Some(Chan::Pending { route, .. }) = self.channels.get(&channel) {
