@@ -74,6 +74,9 @@ pub const REASON_WRITE_FAILED: &str = "recording failed";
 /// relay as durable). Well under the relay's durable window (1 s by default), so that a
 /// session's window moves on before it fills with time.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a reply to the relay may wait for room in the link's socket before the link stops
+/// answering (the relay's own stall limit then ends its sessions).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Uncompressed bytes after which a stream is flushed at once: a quarter of the relay's
 /// default durable window (1 MiB), so that a busy session is acknowledged several times per
 /// window and keeps moving.
@@ -388,6 +391,9 @@ fn start_link(
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(TICK))?;
+    // a relay that stops reading replies makes this link deaf (it drops its replies) instead of
+    // holding its thread, and with it the recordings and the shutdown, in a blocked send
+    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
     let waker = stream.try_clone()?;
     let replies = stream.try_clone()?;
     let dir = recordings.to_path_buf();

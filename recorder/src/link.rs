@@ -314,6 +314,14 @@ impl Link {
 
     pub(crate) fn create(&self, meta: &RecordingMeta) -> Result<Recording, FormatError> {
         let path = file::path_for(&self.dir, &meta.recording_id)?;
+        // the trailer names the session: an id it cannot hold whole would make a genuine
+        // recording fail verification
+        if !file::valid_id(&meta.session_id) {
+            return Err(FormatError::Malformed(format!(
+                "invalid session id {:?} (expected 1 to 64 of A-Z a-z 0-9 _ -)",
+                meta.session_id.chars().take(80).collect::<String>()
+            )));
+        }
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -330,10 +338,22 @@ impl Link {
                 }
             })?;
         let key = self.keys.encryption.key.as_ref();
-        let mut writer =
-            RecordingWriter::with_key(BufWriter::with_capacity(FILE_BUFFER, file), meta, key)?;
-        // the header is on disk from the start: the recording is listed while it runs
-        writer.flush()?;
+        let started =
+            RecordingWriter::with_key(BufWriter::with_capacity(FILE_BUFFER, file), meta, key)
+                .and_then(|mut writer| {
+                    // the header is on disk from the start: the recording is listed while it runs
+                    writer.flush()?;
+                    Ok(writer)
+                });
+        let writer = match started {
+            Ok(w) => w,
+            Err(e) => {
+                // a file without its whole header (a full disk) would only ever verify as
+                // damaged: it goes, and the relay is refused
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let mut lines = Collector::for_meta(meta);
         let indexed = key.is_none() || self.keys.encryption.index_encrypted;
         if indexed && !self.indexer.begin(meta) {
@@ -392,7 +412,13 @@ impl Link {
                     // the session's last bytes are in the finished file
                     Ok(()) => self.reply(Reply::Durable { stream, bytes }),
                     Err(e) => {
-                        error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording")
+                        error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
+                        // the relay's end-of-session record must not look clean
+                        self.keys.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        self.reply(Reply::Failed {
+                            stream,
+                            reason: format!("cannot finish recording {id}: {e}"),
+                        });
                     }
                 }
             }

@@ -452,7 +452,13 @@ fn a_recording_that_cannot_be_created_is_refused_alone_and_overwrites_nothing() 
     let path = file::path_for(&daemon.recordings(), "taken").expect("path");
     std::fs::write(&path, b"precious").expect("write");
     let mut conn = daemon.connect();
-    for (i, bad) in ["taken", "../escape"].into_iter().enumerate() {
+    // a session id the trailer could not hold whole (it would fail verification for ever)
+    let long_session = RecordingMeta {
+        session_id: "s".repeat(70_000),
+        ..meta("longsession")
+    };
+    let bad_metas = [meta("taken"), meta("../escape"), long_session];
+    for (i, bad) in bad_metas.iter().enumerate() {
         let ok = 10 + 2 * i as u64;
         let refused = ok + 1;
         send(
@@ -464,7 +470,7 @@ fn a_recording_that_cannot_be_created_is_refused_alone_and_overwrites_nothing() 
                 },
                 Frame::Open {
                     stream: refused,
-                    meta: meta(bad),
+                    meta: bad.clone(),
                 },
                 data(refused, 1, b"x"),
                 data(ok, 1, b"still here"),
@@ -474,11 +480,12 @@ fn a_recording_that_cannot_be_created_is_refused_alone_and_overwrites_nothing() 
         assert_eq!(got[0], Reply::Opened { stream: ok });
         assert!(
             matches!(&got[1], Reply::Refused { stream, reason } if *stream == refused && !reason.is_empty()),
-            "{bad}: {got:?}"
+            "{}: {got:?}",
+            bad.recording_id
         );
     }
     // the link stayed up: the bystanders are recorded to their normal end
-    for (i, stream) in [10u64, 12].into_iter().enumerate() {
+    for (i, stream) in [10u64, 12, 14].into_iter().enumerate() {
         send(
             &mut conn,
             &[Frame::Close {
@@ -499,6 +506,7 @@ fn a_recording_that_cannot_be_created_is_refused_alone_and_overwrites_nothing() 
     }
     assert_eq!(std::fs::read(&path).expect("read"), b"precious");
     assert!(!daemon.dir.path().join("escape.psmrec").exists());
+    assert!(!daemon.recordings().join("longsession.psmrec").exists());
     drop(conn);
     daemon.stop();
 }

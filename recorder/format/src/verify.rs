@@ -285,6 +285,11 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
             }
         }
         Some(t) => {
+            if records_since_seal > 0 {
+                st.problem(format!(
+                    "{records_since_seal} record(s) after {last} carry no seal before the trailer: inserted after the recording was signed"
+                ));
+            }
             if t.chunks != max_chunk || t.chunks != report.chunks {
                 st.problem(format!(
                     "the trailer names {} chunks, the recording has {} (up to chunk {max_chunk}): chunks are missing or were added",
@@ -785,6 +790,43 @@ mod tests {
                 .any(|r| matches!(r, Record::Data { data, .. } if data.starts_with(b"line 9"))),
             "the forged chunk still replays (verification is what tells)"
         );
+    }
+
+    #[test]
+    fn a_record_inserted_before_the_trailer_is_caught() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        // a DATA record of its own, in a zstd frame slipped in before the trailer's frame
+        let mut plain = vec![0x02];
+        let text = b"rm -rf / # never typed\r\n";
+        plain.extend_from_slice(&((13 + text.len()) as u32).to_be_bytes());
+        plain.extend_from_slice(&6_500_000u64.to_be_bytes());
+        plain.extend_from_slice(&0u32.to_be_bytes());
+        plain.push(1);
+        plain.extend_from_slice(text);
+        let frame = zstd::encode_all(&plain[..], 3).expect("encode");
+        for (name, bytes) in [
+            ("v3", recording_v3(&key, Some(true))),
+            ("v1", recording_with(&key, Some(true), ChainHash::Sha256)),
+        ] {
+            let spans = frame_spans(&bytes);
+            let trailer = spans.last().expect("spans").clone();
+            let mut b = bytes[..trailer.start].to_vec();
+            b.extend_from_slice(&frame);
+            b.extend_from_slice(&bytes[trailer]);
+            assert!(
+                records(&b)
+                    .iter()
+                    .any(|r| matches!(r, Record::Data { data, .. } if data.starts_with(b"rm -rf"))),
+                "{name}: the inserted record replays (verification is what tells)"
+            );
+            let rep = check(&b, &key);
+            assert_eq!(rep.status, Status::Failed, "{name}: {rep}");
+            assert!(
+                rep.to_string()
+                    .contains("inserted after the recording was signed"),
+                "{name}: {rep}"
+            );
+        }
     }
 
     #[test]

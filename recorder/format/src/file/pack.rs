@@ -263,6 +263,11 @@ impl Unpacker {
             Ok(n) if n == frame.len() => {}
             _ => return Err(bad("not exactly one zstd frame")),
         }
+        // a chunk counts a packed frame by what it holds: a frame padded far beyond what its
+        // content could need (empty blocks) would grow the chunk past what readers take
+        if frame.len() > zstd::zstd_safe::compress_bound(plain) {
+            return Err(bad("the frame is larger than its content could need"));
+        }
         match zstd::zstd_safe::get_frame_content_size(frame) {
             Ok(Some(n)) if n == u64::from(plain_len) => {}
             _ => return Err(bad("the frame does not say it holds the size given")),
@@ -618,6 +623,14 @@ mod tests {
         let mut cut = rec.clone();
         cut.extend_from_slice(&head[..10]);
         refused(cut.len() as u32, 100, 5, &frame_of(&cut), "cut short");
+        // a frame padded with empty raw blocks: right size, right records, far too long
+        let mut padded = vec![0x28, 0xb5, 0x2f, 0xfd, 0x20, whole as u8];
+        for _ in 0..10_000 {
+            padded.extend_from_slice(&[0, 0, 0]); // an empty raw block, not the last
+        }
+        padded.extend_from_slice(&((whole << 3) | 1).to_le_bytes()[..3]);
+        padded.extend_from_slice(&rec);
+        refused(whole, 100, 5, &padded, "larger than its content");
         // a frame whose blocks are damaged (its header intact) does not decompress
         let noise: Vec<u8> = (0..8192u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
