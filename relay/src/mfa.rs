@@ -172,25 +172,29 @@ impl Throttle {
 
     /// Counts a failure.
     pub fn failed(&self, ip: IpAddr, user: &str, now_ms: u64) {
-        let mut s = lock(&self.by_source);
-        if s.len() >= MAX_ENTRIES {
-            s.clear();
+        count(&mut lock(&self.by_source), ip, now_ms);
+        count(&mut lock(&self.by_user), user.to_string(), now_ms);
+    }
+}
+
+/// Counts a failure of `key` in `table`. A full table makes room without wiping the counts
+/// that matter: keys with no failure left in the window go first, then keys with a single one
+/// (what a flood of made-up names or addresses leaves behind); a table still full of repeated
+/// failures does not count the new key (the other table, and psm-control's lockout, still do).
+fn count<K: Eq + std::hash::Hash>(table: &mut HashMap<K, VecDeque<u64>>, key: K, now_ms: u64) {
+    if table.len() >= MAX_ENTRIES && !table.contains_key(&key) {
+        table.retain(|_, q| recent(q, now_ms) > 0);
+        if table.len() >= MAX_ENTRIES {
+            table.retain(|_, q| q.len() > 1);
         }
-        let q = s.entry(ip).or_default();
-        recent(q, now_ms);
-        if q.len() < THROTTLE_FAILURES * 2 {
-            q.push_back(now_ms);
+        if table.len() >= MAX_ENTRIES {
+            return;
         }
-        drop(s);
-        let mut u = lock(&self.by_user);
-        if u.len() >= MAX_ENTRIES {
-            u.clear();
-        }
-        let q = u.entry(user.to_string()).or_default();
-        recent(q, now_ms);
-        if q.len() < THROTTLE_FAILURES * 2 {
-            q.push_back(now_ms);
-        }
+    }
+    let q = table.entry(key).or_default();
+    recent(q, now_ms);
+    if q.len() < THROTTLE_FAILURES * 2 {
+        q.push_back(now_ms);
     }
 }
 
@@ -244,6 +248,32 @@ mod tests {
             m.verify(&User::default(), "123456", now),
             Err(MfaFailure::NotEnrolled)
         );
+    }
+
+    #[test]
+    fn a_flood_of_made_up_names_does_not_wipe_a_users_failures() {
+        let t = Throttle::default();
+        let now = 1_000_000;
+        for i in 0..THROTTLE_FAILURES as u64 {
+            t.failed(
+                format!("10.0.0.{i}").parse().expect("ip"),
+                "victim",
+                now + i,
+            );
+        }
+        let fresh: IpAddr = "10.9.9.9".parse().expect("ip");
+        assert!(t.limited(fresh, "victim", now + 100));
+        // one failure each for more names than the table holds, from addresses of their own
+        for i in 0..MAX_ENTRIES as u64 + 10 {
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(u128::from(i) + 1));
+            t.failed(ip, &format!("made-up-{i}"), now + 200);
+        }
+        assert!(
+            t.limited(fresh, "victim", now + 300),
+            "the user's failures survive the flood"
+        );
+        assert!(lock(&t.by_user).len() <= MAX_ENTRIES);
+        assert!(lock(&t.by_source).len() <= MAX_ENTRIES);
     }
 
     #[test]
