@@ -248,6 +248,15 @@ impl ApprovalRpc {
         mut watch: tokio::sync::watch::Receiver<Option<psm_control_api::ApprovalRequest>>,
         expires_ms: u64,
     ) -> Option<psm_control_api::ApprovalRequest> {
+        // stops watching however this ends, also when the waiting connection goes away and
+        // this future is dropped
+        struct Unwatch<'a>(&'a ApprovalRpc, u64);
+        impl Drop for Unwatch<'_> {
+            fn drop(&mut self) {
+                self.0.unwatch(self.1);
+            }
+        }
+        let _unwatch = Unwatch(self, id);
         let wait = Duration::from_millis(expires_ms.saturating_sub(now_ms()) + 5_000);
         let decided = tokio::time::timeout(
             wait,
@@ -256,7 +265,6 @@ impl ApprovalRpc {
         .await
         .ok()
         .and_then(|r| r.ok().and_then(|r| r.clone()));
-        self.unwatch(id);
         decided
     }
 
@@ -592,6 +600,19 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A login that stops waiting on its access request (its connection went away, and the
+    /// wait was dropped) stops watching it: the table of watched requests does not grow.
+    #[tokio::test]
+    async fn a_dropped_wait_on_a_request_stops_watching_it() {
+        let rpc = ApprovalRpc::default();
+        let watch = rpc.watch(7);
+        let far = now_ms() + 600_000;
+        let waited =
+            tokio::time::timeout(Duration::from_millis(20), rpc.decided(7, watch, far)).await;
+        assert!(waited.is_err(), "no decision came");
+        assert!(rpc.updates.lock().expect("lock").is_empty());
+    }
 
     #[test]
     fn store_keeps_newest() {

@@ -260,6 +260,15 @@ pub struct Conn {
     channels: HashMap<ChannelId, Chan>,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // an access request this connection watched and never waited on: nobody else will
+        if let Some((id, _, _)) = self.approval_watch.take() {
+            self.ctx.approvals.unwatch(id);
+        }
+    }
+}
+
 fn methods() -> MethodSet {
     MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
 }
