@@ -135,6 +135,9 @@ pub struct Flow {
     moved_up: std::sync::atomic::AtomicU64,
     moved_down: std::sync::atomic::AtomicU64,
     notify: Notify,
+    /// The user closed the channel ([`Flow::user_closed`]).
+    user_gone: std::sync::atomic::AtomicBool,
+    gone: Notify,
 }
 
 impl Flow {
@@ -208,6 +211,28 @@ impl Flow {
             tokio::pin!(n);
             n.as_mut().enable();
             if counter.load(Ordering::Acquire) < limit {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// The user closed the channel: nothing more can reach them, so the target side of the
+    /// channel ends too. (russh does not hand the target's reply to psm's own close to the
+    /// channel's reader, which would otherwise wait for it, with the channel's target
+    /// connection, until the session ends.)
+    pub fn user_closed(&self) {
+        self.user_gone.store(true, Ordering::Release);
+        self.gone.notify_waiters();
+    }
+
+    /// Waits until [`Flow::user_closed`].
+    pub async fn until_user_closed(&self) {
+        loop {
+            let n = self.gone.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.user_gone.load(Ordering::Acquire) {
                 return;
             }
             n.await;

@@ -103,7 +103,9 @@ pub(crate) async fn record_down(rec: Option<&RecordingStream>, ch: u32, item: &I
     }
 }
 
-pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
+/// `session`: the channel is a session channel, whose close is the session's end reason (a
+/// forward's close is only that forward's: its own `forward` event says so).
+pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item, session: bool) {
     match item {
         Item::Data(_) | Item::Ext(..) => {
             shared.bytes.output(item.len());
@@ -114,7 +116,8 @@ pub(crate) fn account_down(shared: &Shared, flow: &Flow, item: &Item) {
             let name = sig_name(signal);
             shared.with(|st| st.exit_signal = Some(name));
         }
-        Item::Close => shared.ended(EndReason::TargetEnded),
+        Item::Close if session => shared.ended(EndReason::TargetEnded),
+        Item::Close => {}
         Item::Eof => {}
     }
     flow.down_queued(item.cost());
@@ -321,6 +324,7 @@ pub(crate) async fn read_client(
     ch: u32,
     gate: Option<(Arc<Gate>, mpsc::UnboundedSender<Item>)>,
     tap: Option<Arc<Tap>>,
+    session: bool,
 ) {
     loop {
         // Only a user who multiplexes channels and keeps one of them congested can get here;
@@ -376,8 +380,11 @@ pub(crate) async fn read_client(
                 Item::Eof
             }
             Some(ChannelMsg::Close) | None => {
-                shared.ended(EndReason::ClientClosed);
+                if session {
+                    shared.ended(EndReason::ClientClosed);
+                }
                 let _ = tx.send(Item::Close);
+                flow.user_closed();
                 return;
             }
             // Requests are handled by the handler callbacks; nothing else matters here.
@@ -449,7 +456,15 @@ pub(crate) async fn read_target(
             // The user side is gone: nothing will drain the queue any more.
             _ = tx.closed() => return,
         }
-        let Some(msg) = r.wait().await else {
+        let next = tokio::select! {
+            m = r.wait() => m,
+            () = flow.until_user_closed() => {
+                // the user closed the channel: its writer closes and ends, and so does this
+                let _ = tx.send(Item::Close);
+                return;
+            }
+        };
+        let Some(msg) = next else {
             let mut last = Vec::with_capacity(2);
             if session {
                 let why = target_loss(&mut loss).await;
@@ -487,7 +502,7 @@ pub(crate) async fn read_target(
             // the recording is lost: nothing more reaches the user, the session is ending
             return;
         }
-        account_down(&shared, &flow, &item);
+        account_down(&shared, &flow, &item, session);
         let close = matches!(item, Item::Close);
         if tx.send(item).is_err() || close {
             return;

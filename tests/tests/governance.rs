@@ -971,6 +971,62 @@ fn policy_export_import_round_trip_and_bad_imports_change_nothing() {
     );
 }
 
+/// A forwarded connection the user closes ends at once, while its session goes on: its
+/// `forward` event comes then (before, russh never handed psm the target's answer to the
+/// close, so the forward, its tasks and its own target connection stayed until the session
+/// ended); and a forward's end is that forward's, not the session's: the user leaving later
+/// ends the session as the user's doing.
+#[test]
+fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end() {
+    let w = World::build(PsmMode::Up, Sshd::start_with(true));
+    // a destination that says one line and closes
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = l.accept() {
+            let _ = std::io::Write::write_all(&mut s, b"bye\n");
+        }
+    });
+    let dest = format!("127.0.0.1:{port}");
+    w.regrant(&["--allow", "shell,exec,forward-local", "--forward-to", &dest]);
+    w.psm.wait_policy_applied();
+    let local = free_port();
+    let mark = w.psm.audit_mark();
+    let mut ssh = w
+        .ssh()
+        .args(["-L", &format!("{local}:{dest}")])
+        .arg("sleep 60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let mut said = String::new();
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", local)) else {
+                return false;
+            };
+            said.clear();
+            std::io::Read::read_to_string(&mut c, &mut said).is_ok() && said == "bye\n"
+        }),
+        "the forward carried the line: {said:?}"
+    );
+    let fwd = w
+        .psm
+        .wait_audit_after(mark, "the forward's end", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "forward" && jstr(e, "destination") == dest
+        });
+    assert_eq!(fwd["bytes_down"].as_u64(), Some(4), "{fwd}");
+    assert!(matches!(ssh.try_wait(), Ok(None)), "the session still runs");
+    let id = jstr(&fwd, "session_id").to_string();
+    // the user leaves
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    let end = end_event(&w, &id);
+    assert_eq!(jstr(&end, "side"), "client", "{end}");
+}
+
 #[test]
 fn local_forwards_follow_the_grant_and_are_audited() {
     let w = World::build(PsmMode::Up, Sshd::start_with(true));

@@ -523,8 +523,24 @@ impl Conn {
                 return Err(self.deny(user, Refusal::target(&e)));
             }
         };
+        // the session may have ended while the target was dialled (a kill, a policy stop, the
+        // user gone): then this connection goes at once instead of outliving the session
+        let closing = self.shared.with(|s| {
+            if !s.closing {
+                // connections of channels that are over are closed: the list keeps live ones
+                s.targets.retain(|t| !t.is_closed());
+                s.targets.push(target_handle.clone());
+            }
+            s.closing
+        });
+        if closing {
+            disconnect_target(&target_handle).await;
+            if let Some(rec) = opened {
+                rec.discard().await;
+            }
+            return Err("psm: the session is ending".into());
+        }
         self.begin(user, target, account, opened);
-        self.shared.with(|s| s.targets.push(target_handle.clone()));
         reverse::spawn_router(self.shared.clone(), handle, reverse_rx, loss.clone());
         Ok(TargetLeg {
             target: target_handle,

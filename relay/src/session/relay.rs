@@ -70,7 +70,7 @@ pub(super) async fn spawn(
             if !record_down(rec.as_ref(), ch, &item).await {
                 continue;
             }
-            account_down(shared, &flow, &item);
+            account_down(shared, &flow, &item, forward.is_none());
             let _ = down_tx.send(item);
         }
     }
@@ -110,6 +110,7 @@ pub(super) async fn spawn(
             ch,
             gate.clone().map(|g| (g, down_tx.clone())),
             tap.clone(),
+            forward.is_none(),
         ),
     ));
     tokio::spawn(until_over(
