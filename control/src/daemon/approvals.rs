@@ -195,42 +195,14 @@ impl Shared {
                 "you are not in @{approvers}, who decide request {id}"
             ));
         }
-        let now = now_ms();
-        let mut a = lock(&self.approvals);
-        let Some((r, voted)) = a.requests.get_mut(&id) else {
-            return refuse(format!("no request {id}"));
-        };
-        voted.insert(user.to_string());
         let reason = reason
             .map(|r| r.trim().to_string())
             .filter(|r| !r.is_empty());
-        if approve {
-            if let ApprovalState::Pending { approvals } = &mut r.state {
-                approvals.push(user.to_string());
-                if approvals.len() as u32 >= r.needed {
-                    r.state = ApprovalState::Approved {
-                        by: approvals.clone(),
-                    };
-                }
-            }
-        } else {
-            r.state = ApprovalState::Denied {
-                by: user.to_string(),
-                reason: reason.clone().unwrap_or_default(),
-            };
-        }
-        let r = r.clone();
-        if let ApprovalState::Approved { .. } = r.state {
-            let covers = a.covers_ms.get(&id).copied().unwrap_or(0);
-            if covers > 0 {
-                a.covers.push((
-                    r.user.clone(),
-                    r.account.clone(),
-                    r.target.clone(),
-                    now.saturating_add(covers),
-                ));
-            }
-        }
+        let mut a = lock(&self.approvals);
+        let r = match record_vote(&mut a, user, id, approve, reason.clone(), now_ms()) {
+            Ok(r) => r,
+            Err(m) => return refuse(m),
+        };
         prune(&mut a);
         drop(a);
         self.audit_approval(
@@ -298,6 +270,60 @@ impl Shared {
 }
 
 /// Forgets the oldest decided requests beyond [`KEEP_DECIDED`].
+/// Records `user`'s vote on request `id` under the approvals' lock, checking again what the
+/// caller checked before it let the lock go (the request is open; this approver has not voted:
+/// two votes of one approver racing on two connections count once); returns the request as
+/// it now stands. Approval reaches the count: approved, and any covering approval starts.
+fn record_vote(
+    a: &mut Approvals,
+    user: &str,
+    id: u64,
+    approve: bool,
+    reason: Option<String>,
+    now: u64,
+) -> Result<ApprovalRequest, String> {
+    let Some((r, voted)) = a.requests.get_mut(&id) else {
+        return Err(format!("no request {id}"));
+    };
+    if r.state.is_final() {
+        return Err(format!("request {id} is already decided"));
+    }
+    if r.user == user {
+        return Err("you cannot decide your own request".into());
+    }
+    if !voted.insert(user.to_string()) {
+        return Err(format!("you already voted on request {id} ({})", r.user));
+    }
+    if approve {
+        if let ApprovalState::Pending { approvals } = &mut r.state {
+            approvals.push(user.to_string());
+            if approvals.len() as u32 >= r.needed {
+                r.state = ApprovalState::Approved {
+                    by: approvals.clone(),
+                };
+            }
+        }
+    } else {
+        r.state = ApprovalState::Denied {
+            by: user.to_string(),
+            reason: reason.unwrap_or_default(),
+        };
+    }
+    let r = r.clone();
+    if let ApprovalState::Approved { .. } = r.state {
+        let covers = a.covers_ms.get(&id).copied().unwrap_or(0);
+        if covers > 0 {
+            a.covers.push((
+                r.user.clone(),
+                r.account.clone(),
+                r.target.clone(),
+                now.saturating_add(covers),
+            ));
+        }
+    }
+    Ok(r)
+}
+
 fn prune(a: &mut Approvals) {
     let decided: Vec<u64> = a
         .requests
@@ -310,5 +336,72 @@ fn prune(a: &mut Approvals) {
             a.requests.remove(id);
             a.covers_ms.remove(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn approvals(needed: u32, covers_ms: u64) -> Approvals {
+        let mut a = Approvals::default();
+        a.requests.insert(
+            7,
+            (
+                ApprovalRequest {
+                    id: 7,
+                    user: "alice".into(),
+                    account: "root".into(),
+                    target: "db01".into(),
+                    source: "192.0.2.1:40000".into(),
+                    justification: None,
+                    approvers: "ops".into(),
+                    needed,
+                    created_ms: 1_000,
+                    expires_ms: 601_000,
+                    state: ApprovalState::Pending { approvals: vec![] },
+                },
+                HashSet::new(),
+            ),
+        );
+        a.covers_ms.insert(7, covers_ms);
+        a
+    }
+
+    #[test]
+    fn one_approver_counts_once_and_a_decided_request_stays_decided() {
+        // bob's two votes, as two connections racing past the first check would cast them
+        let mut a = approvals(2, 60_000);
+        let r = record_vote(&mut a, "bob", 7, true, None, 2_000).expect("first vote");
+        assert_eq!(
+            r.state,
+            ApprovalState::Pending {
+                approvals: vec!["bob".into()]
+            }
+        );
+        let again = record_vote(&mut a, "bob", 7, true, None, 2_000);
+        assert!(
+            again.as_ref().is_err_and(|m| m.contains("already voted")),
+            "{again:?}"
+        );
+        assert!(a.covers.is_empty(), "no covering approval from one vote");
+        let r = record_vote(&mut a, "carol", 7, true, None, 3_000).expect("second approver");
+        assert_eq!(
+            r.state,
+            ApprovalState::Approved {
+                by: vec!["bob".into(), "carol".into()]
+            }
+        );
+        assert_eq!(a.covers.len(), 1);
+        // a late deny does not overturn it, nor does the requester decide
+        let late = record_vote(&mut a, "dave", 7, false, Some("no".into()), 4_000);
+        assert!(
+            late.as_ref().is_err_and(|m| m.contains("already decided")),
+            "{late:?}"
+        );
+        let mut b = approvals(1, 0);
+        let own = record_vote(&mut b, "alice", 7, true, None, 2_000);
+        assert!(own.is_err(), "{own:?}");
+        assert!(record_vote(&mut b, "bob", 8, true, None, 2_000).is_err());
     }
 }
