@@ -12,7 +12,7 @@ use super::credssp::NlaLogin;
 use super::session::{Fail, Phase, METHOD, METHOD_TOTP};
 use super::target::{self, TargetLeg};
 use crate::end::{Refusal, Side};
-use crate::recording::RecordingStream;
+use crate::recording::Unstarted;
 use crate::session::{logged_login, open_recording, MAX_REASON};
 use crate::startups::UserPermit;
 
@@ -26,7 +26,7 @@ pub(super) struct Granted {
     pub(super) justification: Option<String>,
     /// What the login gave beyond the first factor.
     pub(super) satisfied: psm_control_api::Satisfied,
-    pub(super) recording: Option<RecordingStream>,
+    pub(super) recording: Unstarted,
     pub(super) leg: TargetLeg,
     pub(super) user_permit: UserPermit,
 }
@@ -191,14 +191,18 @@ impl Phase<'_> {
             source: self.source(),
             start_ms: self.start_ms,
         };
-        let recording = open_recording(
-            &self.ctx.recorder,
-            conditions.unrecorded,
-            snap.recording_required,
-            meta,
-        )
-        .await
-        .map_err(deny)?;
+        // discarded if this is dropped before the session starts (the connection phase
+        // abandoned while the target is dialled, or later)
+        let recording = Unstarted::new(
+            open_recording(
+                &self.ctx.recorder,
+                conditions.unrecorded,
+                snap.recording_required,
+                meta,
+            )
+            .await
+            .map_err(deny)?,
+        );
         match target::connect(&target, &account).await {
             Ok(leg) => Ok(Granted {
                 user: user.clone(),
@@ -216,9 +220,7 @@ impl Phase<'_> {
                 user_permit,
             }),
             Err(e) => {
-                if let Some(rec) = recording {
-                    rec.discard().await;
-                }
+                recording.discard().await;
                 Err(deny(Refusal::new(
                     Side::Target,
                     e.code(),

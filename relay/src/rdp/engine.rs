@@ -164,6 +164,9 @@ enum Filter {
 const PDUTYPE_DEMAND_ACTIVE: u16 = 0x1;
 const PDUTYPE_DATA: u16 = 0x7;
 const PDUTYPE_SERVER_REDIRECT: u16 = 0xa;
+/// The channel clients take as the I/O channel (MCS_GLOBAL_CHANNEL_ID), whatever the target
+/// declared.
+const MCS_GLOBAL_CHANNEL: u16 = 1003;
 /// Share Data PDU types psm looks at (`pduType2`).
 const PDUTYPE2_INPUT: u8 = 0x1c;
 const PDUTYPE2_SHUTDOWN_REQUEST: u8 = 0x24;
@@ -500,22 +503,22 @@ impl Engine {
             McsMessage::AttachUserConfirm(c) => self.user_channel = Some(c.initiator_id),
             McsMessage::SendDataIndication(sdi) => {
                 self.server_initiator = Some(sdi.initiator_id);
-                if Some(sdi.channel_id) == self.io_channel {
-                    match share_types(&sdi.user_data) {
-                        Some((PDUTYPE_DEMAND_ACTIVE, _)) => {
-                            self.share_id = sdi
-                                .user_data
-                                .get(6..10)
-                                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                            if let Some(ev) = desktop(&sdi.user_data) {
-                                out.push(Out::Event(ev));
-                            }
+                // The client would reconnect elsewhere, around psm. Every Share Control PDU of
+                // the frame counts (clients read them all), on the I/O channel the target
+                // declared and on the one clients take as it whatever was declared.
+                let io = Some(sdi.channel_id) == self.io_channel;
+                if (io || sdi.channel_id == MCS_GLOBAL_CHANNEL) && redirects(&sdi.user_data) {
+                    return Err("server redirection (psm does not follow it)".into());
+                }
+                if io {
+                    if let Some((PDUTYPE_DEMAND_ACTIVE, _)) = share_types(&sdi.user_data) {
+                        self.share_id = sdi
+                            .user_data
+                            .get(6..10)
+                            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                        if let Some(ev) = desktop(&sdi.user_data) {
+                            out.push(Out::Event(ev));
                         }
-                        // The client would reconnect elsewhere, around psm.
-                        Some((PDUTYPE_SERVER_REDIRECT, _)) => {
-                            return Err("server redirection (psm does not follow it)".into());
-                        }
-                        _ => {}
                     }
                 } else {
                     return self.target_channel(sdi.channel_id, &sdi.user_data, frame, out);
@@ -640,6 +643,27 @@ fn clip_refused(what: &'static str, did: &'static str, to_target: bool) -> RdpEv
 fn is_data_tpdu(frame: &[u8]) -> bool {
     // TPKT (4) + X.224 length indicator (1) + TPDU code.
     frame.get(5).map(|c| c & 0xf0) == Some(TPDU_DATA)
+}
+
+/// Whether any Share Control PDU of `user_data` is a Server Redirection PDU: the PDUs are
+/// walked by their `totalLength` (a flow PDU, marked 0x8000, is 8 bytes), as clients read them.
+fn redirects(user_data: &[u8]) -> bool {
+    let mut at = 0usize;
+    while let Some(head) = user_data.get(at..at + 4) {
+        let total = u16::from_le_bytes([head[0], head[1]]);
+        if total == 0x8000 {
+            at += 8;
+            continue;
+        }
+        if u16::from_le_bytes([head[2], head[3]]) & 0x0f == PDUTYPE_SERVER_REDIRECT {
+            return true;
+        }
+        if total < 4 {
+            return false;
+        }
+        at += usize::from(total);
+    }
+    false
 }
 
 /// The Share Control `pduType` and, for Data PDUs, the Share Data `pduType2`, read in place.

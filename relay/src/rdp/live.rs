@@ -324,6 +324,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         recording,
         user_permit,
     } = a;
+    let recording = recording.start();
     let (mut target, target_protocol) = (leg.io, leg.protocol);
     let bytes = Arc::new(SessionBytes::new(ctx.counters.clone()));
     bytes

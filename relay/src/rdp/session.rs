@@ -26,7 +26,7 @@ use super::tls::GatewayCert;
 use super::wire::{Framed, ReadError};
 use crate::control_link::Counters;
 use crate::end::{Refusal, Side};
-use crate::recording::RecordingStream;
+use crate::recording::Unstarted;
 use crate::session::{logged_login, WorkerCtx};
 use crate::startups::UserPermit;
 
@@ -97,7 +97,8 @@ pub(super) struct Admitted {
     pub(super) info: SessionInfo,
     pub(super) client: Framed<ClientTls>,
     pub(super) leg: TargetLeg,
-    pub(super) recording: Option<RecordingStream>,
+    /// Discarded if the session does not start.
+    pub(super) recording: Unstarted,
     pub(super) user_permit: UserPermit,
 }
 
@@ -452,9 +453,7 @@ impl Phase<'_> {
             Ok(()) => Some(admitted),
             Err(why) => {
                 fail(why);
-                if let Some(rec) = admitted.recording.take() {
-                    rec.discard().await;
-                }
+                admitted.recording.discard().await;
                 None
             }
         }

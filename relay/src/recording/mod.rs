@@ -315,6 +315,40 @@ impl WorkerRecorder {
     }
 }
 
+/// A recording opened for a session that has not started yet. Dropped before
+/// [`Unstarted::start`] takes it (a connection phase abandoned, timed out or shut down), it is
+/// discarded, so that psm-recorder does not keep the stream and its open file for good.
+pub struct Unstarted(Option<RecordingStream>);
+
+impl Unstarted {
+    /// Holds `rec` (none: the session is unrecorded).
+    pub fn new(rec: Option<RecordingStream>) -> Unstarted {
+        Unstarted(rec)
+    }
+
+    /// The session starts: the recording is its own from here.
+    pub fn start(mut self) -> Option<RecordingStream> {
+        self.0.take()
+    }
+
+    /// The session will not start: the recording is discarded now.
+    pub async fn discard(mut self) {
+        if let Some(rec) = self.0.take() {
+            rec.discard().await;
+        }
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some(rec) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { rec.discard().await });
+            }
+        }
+    }
+}
+
 /// One session's recording.
 #[derive(Clone)]
 pub struct RecordingStream {
@@ -533,6 +567,38 @@ mod tests {
         while !w.state().connected && Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
         }
+    }
+
+    /// A recording held for a session that never starts (its connection phase dropped) is
+    /// discarded when its holder goes, so psm-recorder does not keep the stream open for good.
+    #[test]
+    fn an_unstarted_recording_dropped_is_discarded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let link = RecorderLink::start(path, Window::default());
+        let w = link.worker().expect("start");
+        let (conn, _) = listener.accept().expect("accept");
+        let fake = fake_recorder(conn, |stream| vec![Reply::Opened { stream }]);
+        let frames = runtime().block_on(async {
+            until_connected(&w).await;
+            let s = w
+                .open(RecordingMeta {
+                    recording_id: "x2".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("opened");
+            drop(Unstarted::new(Some(s)));
+            // the discard runs on this runtime while the fake recorder waits for it
+            tokio::task::spawn_blocking(move || fake.join().expect("fake recorder").0)
+                .await
+                .expect("join")
+        });
+        assert!(
+            matches!(frames.last(), Some(Frame::Discard { .. })),
+            "{frames:?}"
+        );
     }
 
     #[test]

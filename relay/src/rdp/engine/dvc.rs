@@ -14,16 +14,18 @@ const CMD_CREATE: u8 = 0x01;
 /// `STATUS_UNSUCCESSFUL`, the creation status psm answers refused channels with.
 const CREATION_FAILED: u32 = 0xC000_0001;
 
-/// Dynamic channels that carry no data off either machine, always allowed.
+/// Dynamic channels of the display and input, always allowed. A name does not bound what a
+/// channel carries (any process in the session may open a channel under any name, and a
+/// patched client may listen on it), so only the names the session's display needs are here;
+/// `ECHO` and `Telemetry`, which it does not need, were a way to move files past the channel
+/// rules and go only where the grant lists them.
 const HARMLESS: &[&str] = &[
     "Microsoft::Windows::RDS::DisplayControl",
     "Microsoft::Windows::RDS::Geometry::v08.01",
     "Microsoft::Windows::RDS::Input",
-    "Microsoft::Windows::RDS::Telemetry",
     "Microsoft::Windows::RDS::MouseCursor",
     "Microsoft::Windows::RDS::Video::Control::v08.01",
     "Microsoft::Windows::RDS::Video::Data::v08.01",
-    "ECHO",
 ];
 /// Audio channels, allowed with the grant's audio rule.
 const AUDIO: &[&str] = &[

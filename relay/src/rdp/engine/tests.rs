@@ -485,7 +485,16 @@ fn a_server_redirection_ends_the_session_at_the_target() {
     let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
     let mut pdu = vec![0x10, 0x00, 0x1a, 0x00, 0xef, 0x03];
     pdu.extend_from_slice(&[0; 10]);
-    let f = samples::send_data_indication(samples::IO_CHANNEL, pdu).expect("sample");
+    let f = samples::send_data_indication(samples::IO_CHANNEL, pdu.clone()).expect("sample");
+    let mut out = Vec::new();
+    let r = e.target_frame(X, &f, &mut out);
+    assert!(matches!(r, Err(EngineError::Target(_))), "{r:?}");
+    assert!(to_client(&out).is_empty());
+    // behind another PDU in the same frame (clients read every PDU of a frame)
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let mut two = vec![0x08, 0x00, 0x17, 0x00, 0xef, 0x03, 0x00, 0x00];
+    two.extend_from_slice(&pdu);
+    let f = samples::send_data_indication(samples::IO_CHANNEL, two).expect("sample");
     let mut out = Vec::new();
     let r = e.target_frame(X, &f, &mut out);
     assert!(matches!(r, Err(EngineError::Target(_))), "{r:?}");
@@ -733,6 +742,11 @@ fn dynamic_channels_open_by_name() {
         events(&out)[..],
         [RdpEvent::Refused { channel, what: "channel", .. }] if channel == "URBDRC"
     ));
+    // ECHO carries whatever its two ends put in it: not without the grant
+    let mut out = Vec::new();
+    let f = samples::send_data_indication(id, dvc_create(5, "ECHO")).expect("sample");
+    e.target_frame(X, &f, &mut out).expect("filtered");
+    assert!(to_client(&out).is_empty(), "ECHO is not opened by default");
     // Data on open channels passes unchanged, both ways.
     let mut out = Vec::new();
     let data = samples::send_data_indication(id, channel_pdu(&[0x30, 3, 1, 2, 3])).expect("sample");
