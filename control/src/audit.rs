@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use psm_control_api::{AuditEvent, AuditKind};
 use psm_evidence::audit as chain;
 use psm_evidence::{EvidenceKey, Hash};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[cfg(test)]
 mod rotation_tests;
@@ -244,23 +244,33 @@ impl AuditLog {
             });
         }
         fs::rename(&self.path, &closed).map_err(io_err(&closed))?;
-        let file = OpenOptions::new()
+        let file = match OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
             .mode(0o600)
             .open(&self.path)
-            .map_err(io_err(&self.path))?;
-        for d in [dir.as_path(), self.path.parent().unwrap_or(Path::new("."))] {
-            File::open(d)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(d))?;
-        }
+        {
+            Ok(f) => f,
+            Err(e) => {
+                // no new live file: the closed one goes back to being the live one, so that
+                // nothing is appended to a closed segment
+                let _ = fs::rename(&closed, &self.path);
+                return Err(io_err(&self.path)(e));
+            }
+        };
         info!(segment = %closed.display(), first_seq, last_seq = self.next_seq - 1, "audit log rotated");
         self.file = file;
         self.live_bytes = 0;
         self.live_first = None;
         self.rotate_failed_ms = None;
+        for d in [dir.as_path(), self.path.parent().unwrap_or(Path::new("."))] {
+            if let Err(e) = File::open(d).and_then(|d| d.sync_all()) {
+                // the rotation stands (the new live file is in use): failing here would leave
+                // events going on into the renamed segment
+                warn!(dir = %d.display(), error = %e, "cannot sync the audit folder after rotating");
+            }
+        }
         Ok(())
     }
 
@@ -309,13 +319,15 @@ impl AuditLog {
             .ok_or_else(|| bad(&self.path, "an event is not a JSON object".into()))?;
         let hash = chain::line_hash(&line);
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .and_then(|()| self.file.flush())
-            .map_err(|source| AuditError::Io {
+        if let Err(source) = self.file.write_all(&line).and_then(|()| self.file.flush()) {
+            // a line written in part (a full disk) is cut off again, so that the next one
+            // starts on a line of its own and the chain goes on from the last whole line
+            let _ = self.file.set_len(self.live_bytes);
+            return Err(AuditError::Io {
                 path: self.path.clone(),
                 source,
-            })?;
+            });
+        }
         self.next_seq += 1;
         self.prev_hash = hash;
         self.live_bytes += line.len() as u64;

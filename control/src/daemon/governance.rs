@@ -437,8 +437,10 @@ impl Shared {
                     });
                 }
             }
-            AuditKind::AuthSuccess { user, .. } => {
-                if let Err(e) = lock(&self.store).auth_succeeded(user) {
+            AuditKind::AuthSuccess { user, method, .. } => {
+                // `password+totp`, `publickey+totp`, and RDP's method with a code
+                let second = method.contains("totp");
+                if let Err(e) = lock(&self.store).auth_succeeded(user, second) {
                     warn!(error = %e, "cannot clear failed logins");
                 }
             }

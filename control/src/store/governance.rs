@@ -381,9 +381,17 @@ impl Store {
     }
 
     /// A successful login: the failures counted so far are forgotten.
-    pub fn auth_succeeded(&mut self, name: &str) -> Result<(), StoreError> {
-        self.conn
-            .execute("DELETE FROM auth_failures WHERE user = ?1", [name])?;
+    ///
+    /// `second_factor`: the login gave a verification code. A user enrolled in TOTP whose login
+    /// gave none (a login the relay accepted on the first factor alone, refused later) proved
+    /// only the password: the failures stay and age out of the window, so that guessed codes
+    /// count toward the lockout however the guesser interleaves such logins.
+    pub fn auth_succeeded(&mut self, name: &str, second_factor: bool) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM auth_failures WHERE user = ?1
+               AND (?2 OR NOT EXISTS (SELECT 1 FROM users WHERE name = ?1 AND totp IS NOT NULL))",
+            params![name, second_factor],
+        )?;
         Ok(())
     }
 
@@ -461,6 +469,23 @@ mod tests {
             (t.last_step, t.secret.expose()),
             (5, "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")
         );
+        // enrolled in TOTP: a login on the password alone clears no failure (guessed codes
+        // still count), one with a code does
+        let long = Lockout {
+            max_failures: 3,
+            window_ms: 60_000,
+        };
+        s.unlock("alice").expect("unlock");
+        assert_eq!(s.auth_failed("alice", 10_000, long).expect("f"), None);
+        assert_eq!(s.auth_failed("alice", 10_001, long).expect("f"), None);
+        s.auth_succeeded("alice", false).expect("success");
+        assert!(
+            s.auth_failed("alice", 10_002, long).expect("f").is_some(),
+            "the third failure locks: the password-only login cleared nothing"
+        );
+        s.unlock("alice").expect("unlock");
+        s.auth_succeeded("alice", true).expect("success");
+        assert_eq!(s.auth_failed("alice", 10_003, long).expect("f"), None);
         // a group's rules go with the group
         s.add_group("ops").expect("group");
         s.add_command_rule(
