@@ -38,8 +38,11 @@ impl LiveSession {
 impl Shared {
     /// Records an audit event from a relay: live-session table, then the log.
     fn relay_event(&self, conn: u64, relay_id: &str, mut event: AuditEvent) {
-        if event.origin.is_empty() {
-            event.origin = format!("relay-{relay_id}");
+        // a relay's events carry its own name: it cannot pass them off as psm-control's
+        // (`control`) or another relay's
+        let prefix = format!("relay-{relay_id}");
+        if event.origin != prefix {
+            event.origin = prefix;
         }
         match &event.kind {
             AuditKind::SessionStart {

@@ -376,6 +376,29 @@ async fn relays_get_snapshots_and_send_audit_events() {
         events.iter().any(|e| matches!(&e.kind, AuditKind::Notice { kind: Some(k), .. } if k == "audit checkpoint")),
         "no shutdown checkpoint: {events:?}"
     );
+    let before = audit_lines(&dir).len();
+    // a relay cannot pass its events off as control's or another relay's
+    for forged in ["control", "relay-r2"] {
+        let e = AuditEvent {
+            seq: 0,
+            ts_ms: 1500,
+            origin: forged.into(),
+            kind: AuditKind::Notice {
+                message: "forged origin".into(),
+                session_id: None,
+                kind: None,
+                count: None,
+            },
+        };
+        relay.send(&RelayToControl::Audit(e)).await;
+    }
+    wait_for("the forged events in the audit log", || {
+        audit_lines(&dir).len() == before + 2
+    })
+    .await;
+    let events = audit_lines(&dir);
+    assert_eq!(events[before].origin, "relay-r1");
+    assert_eq!(events[before + 1].origin, "relay-r1");
     d.stop().await;
 }
 

@@ -5,9 +5,13 @@ use serde_json::Value;
 
 use super::{protocol, severity, split_addr, Ev, PRODUCT_VERSION};
 
-/// A CEF header field: `\` and `|` escaped.
+/// A CEF header field: first shown as psm shows peer strings (controls, a line break
+/// included, and bidi characters escaped: the header ends at the line's end), then `\` and
+/// `|` escaped as CEF wants.
 fn cef_header(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('|', "\\|")
+    psm_control_api::escape(s)
+        .replace('\\', "\\\\")
+        .replace('|', "\\|")
 }
 
 /// A CEF extension value: first shown as psm shows peer strings (controls and bidi characters
@@ -252,4 +256,16 @@ pub(super) fn cef_of(hostname: &str, ev: &Ev) -> String {
         severity(ev),
         ext.join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_field_stays_on_its_line() {
+        let h = cef_header("deny|x\nCEF:0|forged");
+        assert!(!h.contains('\n'), "{h}");
+        assert!(!h.contains("x|") && h.contains("deny\\|x"), "{h}");
+    }
 }
