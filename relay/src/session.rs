@@ -665,7 +665,7 @@ impl russh::server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.prestart_request(channel);
-        if !self.conditions.env_allowed(name) {
+        if !self.conditions_now(|c| c.env_allowed(name)) {
             // Only LANG and LC_* reach targets: LD_PRELOAD, BASH_ENV and the like could change
             // what runs there. The names are audited (aggregated), never the values.
             let shown = crate::escape_short(name);

@@ -170,6 +170,15 @@ impl Conn {
     /// (decided again: a policy push since the channel opened counts), and asks for no step
     /// the login did not give.
     pub(super) fn allows_now(&self, kind: ChannelKind) -> bool {
+        self.conditions_now(|c| c.allows(kind))
+    }
+
+    /// `f` of the conditions of the grant in force now for this connection's login; false
+    /// when nothing allows the login now, or the grant asks for a step the login did not give.
+    pub(super) fn conditions_now(
+        &self,
+        f: impl FnOnce(&psm_control_api::Conditions) -> bool,
+    ) -> bool {
         let (Some(user), Ok(login)) = (&self.user, Login::parse(&self.login)) else {
             return false;
         };
@@ -181,9 +190,8 @@ impl Conn {
             source: self.shared.peer.ip(),
             now_ms: now_ms(),
         };
-        decide(&snap, &attempt).is_ok_and(|permit| {
-            permit.conditions().allows(kind) && self.satisfied.missing(&permit).is_none()
-        })
+        decide(&snap, &attempt)
+            .is_ok_and(|permit| self.satisfied.missing(&permit).is_none() && f(permit.conditions()))
     }
 
     pub(super) fn no_account() -> Refusal {
