@@ -450,6 +450,9 @@ pub(crate) async fn read_target(
     tap: Option<Arc<Tap>>,
 ) {
     let mut exited = false;
+    // one wait for the whole channel, not one registration per packet
+    let user_closed = flow.until_user_closed();
+    tokio::pin!(user_closed);
     loop {
         tokio::select! {
             _ = flow.down_ready() => {}
@@ -458,7 +461,7 @@ pub(crate) async fn read_target(
         }
         let next = tokio::select! {
             m = r.wait() => m,
-            () = flow.until_user_closed() => {
+            () = &mut user_closed => {
                 // the user closed the channel: its writer closes and ends, and so does this
                 let _ = tx.send(Item::Close);
                 return;

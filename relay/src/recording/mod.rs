@@ -554,6 +554,29 @@ mod tests {
         })
     }
 
+    /// A link to a fake psm-recorder that answers each OPEN with `answer(stream)`: the
+    /// folder, the listener and the link (kept alive by the caller), the worker's recorder,
+    /// the fake.
+    #[allow(clippy::type_complexity)]
+    fn linked(
+        answer: impl Fn(u64) -> Vec<Reply> + Send + 'static,
+    ) -> (
+        tempfile::TempDir,
+        UnixListener,
+        RecorderLink,
+        WorkerRecorder,
+        std::thread::JoinHandle<(Vec<Frame>, UnixStream)>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let link = RecorderLink::start(path, Window::default());
+        let w = link.worker().expect("start");
+        let (conn, _) = listener.accept().expect("accept");
+        let fake = fake_recorder(conn, answer);
+        (dir, listener, link, w, fake)
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -573,13 +596,7 @@ mod tests {
     /// discarded when its holder goes, so psm-recorder does not keep the stream open for good.
     #[test]
     fn an_unstarted_recording_dropped_is_discarded() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("r.sock");
-        let listener = UnixListener::bind(&path).expect("bind");
-        let link = RecorderLink::start(path, Window::default());
-        let w = link.worker().expect("start");
-        let (conn, _) = listener.accept().expect("accept");
-        let fake = fake_recorder(conn, |stream| vec![Reply::Opened { stream }]);
+        let (_dir, _listener, _link, w, fake) = linked(|stream| vec![Reply::Opened { stream }]);
         let frames = runtime().block_on(async {
             until_connected(&w).await;
             let s = w
@@ -603,13 +620,7 @@ mod tests {
 
     #[test]
     fn frames_reach_the_socket_and_loss_is_signalled() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("r.sock");
-        let listener = UnixListener::bind(&path).expect("bind");
-        let link = RecorderLink::start(path, Window::default());
-        let w = link.worker().expect("start");
-        let (conn, _) = listener.accept().expect("accept");
-        let fake = fake_recorder(conn, |stream| vec![Reply::Opened { stream }]);
+        let (_dir, listener, _link, w, fake) = linked(|stream| vec![Reply::Opened { stream }]);
         let status = runtime().block_on(async {
             until_connected(&w).await;
             let s = w
@@ -679,13 +690,7 @@ mod tests {
 
     #[test]
     fn a_refused_stream_is_discarded_and_a_failed_one_is_reported_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("r.sock");
-        let listener = UnixListener::bind(&path).expect("bind");
-        let link = RecorderLink::start(path, Window::default());
-        let w = link.worker().expect("start");
-        let (conn, _) = listener.accept().expect("accept");
-        let fake = fake_recorder(conn, |stream| {
+        let (_dir, _listener, _link, w, fake) = linked(|stream| {
             vec![Reply::Refused {
                 stream,
                 reason: "no space left on device".into(),

@@ -165,7 +165,31 @@ impl Conn {
         r.user_line
     }
 
-    /// The refusal of a login without a target when nothing is available to it.
+    /// `user`'s attempt on `account@target` from this connection's address, now.
+    pub(super) fn attempt<'a>(
+        &self,
+        user: &'a str,
+        account: &'a str,
+        target: &'a str,
+    ) -> Attempt<'a> {
+        Attempt {
+            user,
+            account,
+            target,
+            source: self.shared.peer.ip(),
+            now_ms: now_ms(),
+        }
+    }
+
+    /// Whether the MFA cache stands in for the second factor `permit` asks of `user` now.
+    pub(super) fn mfa_cached(&self, user: &str, permit: &psm_control_api::Permit<'_>) -> bool {
+        let ip = self.shared.peer.ip();
+        permit
+            .conditions()
+            .mfa_cache_ms
+            .is_some_and(|ms| self.ctx.mfa.cached(user, ip, ms, now_ms()))
+    }
+
     /// Whether the grant in force now for this connection's login allows channels of `kind`
     /// (decided again: a policy push since the channel opened counts), and asks for no step
     /// the login did not give.
@@ -183,17 +207,11 @@ impl Conn {
             return false;
         };
         let snap = self.ctx.policy.get();
-        let attempt = Attempt {
-            user,
-            account: &login.account,
-            target: &login.target,
-            source: self.shared.peer.ip(),
-            now_ms: now_ms(),
-        };
-        decide(&snap, &attempt)
+        decide(&snap, &self.attempt(user, &login.account, &login.target))
             .is_ok_and(|permit| self.satisfied.missing(&permit).is_none() && f(permit.conditions()))
     }
 
+    /// The refusal of a login without a target when nothing is available to it.
     pub(super) fn no_account() -> Refusal {
         Refusal::new(
             Side::Policy,
@@ -283,14 +301,7 @@ impl Conn {
             }
         };
         let snap = self.ctx.policy.get();
-        let attempt = Attempt {
-            user,
-            account: &login.account,
-            target: &login.target,
-            source: self.shared.peer.ip(),
-            now_ms: now_ms(),
-        };
-        let permit = match decide(&snap, &attempt) {
+        let permit = match decide(&snap, &self.attempt(user, &login.account, &login.target)) {
             Ok(p) => p,
             Err(d) => return Err(self.deny(user, Refusal::policy(&d))),
         };
@@ -298,12 +309,7 @@ impl Conn {
         // the grant deciding now may not be the one that decided the login (it was refused
         // then, or another grant applies now): it gets no step of the login for free
         if permit.mfa && !self.satisfied.mfa {
-            let ip = self.shared.peer.ip();
-            let now = now_ms();
-            self.satisfied.mfa = permit
-                .conditions()
-                .mfa_cache_ms
-                .is_some_and(|ms| self.ctx.mfa.cached(user, ip, ms, now));
+            self.satisfied.mfa = self.mfa_cached(user, &permit);
         }
         if let Some(step) = self.satisfied.missing(&permit) {
             return Err(self.deny(

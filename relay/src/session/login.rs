@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use psm_control_api::{decide, now_ms, Attempt, AuditKind, Escaped, Login, RelayToControl};
+use psm_control_api::{decide, now_ms, AuditKind, Escaped, Login, RelayToControl};
 use russh::server::Auth;
 
 use crate::end::Side;
@@ -150,21 +150,9 @@ impl Conn {
             }
             return Some(Stage::Menu(menu));
         };
-        let permit = decide(
-            &snap,
-            &Attempt {
-                user: &p.user,
-                account,
-                target,
-                source: ip,
-                now_ms: now,
-            },
-        );
-        match permit {
+        match decide(&snap, &self.attempt(&p.user, account, target)) {
             Ok(permit) => {
-                let cache = permit.conditions().mfa_cache_ms;
-                let cached = cache.is_some_and(|ms| self.ctx.mfa.cached(&p.user, ip, ms, now));
-                if permit.mfa && !cached && !p.mfa_done {
+                if permit.mfa && !p.mfa_done && !self.mfa_cached(&p.user, &permit) {
                     return Some(Stage::Code);
                 }
                 if permit.conditions().reason_required && self.reason.is_none() {
@@ -197,7 +185,7 @@ impl Conn {
             (m, false) => m,
         };
         self.satisfied = psm_control_api::Satisfied {
-            mfa: p.mfa_done || self.mfa_cached(&p),
+            mfa: p.mfa_done || self.chosen_mfa_cached(&p),
             reason: self.reason.is_some(),
             approval: p.approved,
         };
@@ -205,24 +193,13 @@ impl Conn {
     }
 
     /// Whether the MFA cache stands in for a second factor for the account `p` chose, now.
-    fn mfa_cached(&self, p: &Pending) -> bool {
+    fn chosen_mfa_cached(&self, p: &Pending) -> bool {
         let Some((account, target)) = &p.chosen else {
             return false;
         };
         let snap = self.ctx.policy.get();
-        let now = now_ms();
-        let ip = self.shared.peer.ip();
-        let attempt = Attempt {
-            user: &p.user,
-            account,
-            target,
-            source: ip,
-            now_ms: now,
-        };
-        decide(&snap, &attempt)
-            .ok()
-            .and_then(|permit| permit.conditions().mfa_cache_ms)
-            .is_some_and(|ms| self.ctx.mfa.cached(&p.user, ip, ms, now))
+        decide(&snap, &self.attempt(&p.user, account, target))
+            .is_ok_and(|permit| self.mfa_cached(&p.user, &permit))
     }
 
     fn prompt(&self, stage: &Stage) -> Auth {
@@ -307,18 +284,9 @@ impl Conn {
             return reject();
         };
         let snap = self.ctx.policy.get();
-        let rule = decide(
-            &snap,
-            &Attempt {
-                user: &p.user,
-                account: &account,
-                target: &target,
-                source: self.shared.peer.ip(),
-                now_ms: now_ms(),
-            },
-        )
-        .ok()
-        .and_then(|permit| permit.conditions().approval.clone());
+        let rule = decide(&snap, &self.attempt(&p.user, &account, &target))
+            .ok()
+            .and_then(|permit| permit.conditions().approval.clone());
         let Some(rule) = rule else {
             return self.advance();
         };
