@@ -369,12 +369,16 @@ impl Shared {
             .map(|r| r.trim().to_string())
             .filter(|r| !r.is_empty())
             .unwrap_or_else(|| "ended by an operator".into());
-        let line = encode_line(&ControlToRelay::Kill {
+        let line = std::sync::Arc::new(encode_line(&ControlToRelay::Kill {
             session_id: session_id.clone(),
             reason: reason.clone(),
             actor: who,
-        });
-        let _ = self.kills.send(std::sync::Arc::new(line));
+        }));
+        // kept until the session ends, for a relay that misses the broadcast
+        if let Some(s) = lock(&self.sessions).get_mut(&session_id) {
+            s.kill = Some(line.clone());
+        }
+        let _ = self.kills.send(line);
         if let Err(e) = lock(&self.audit).append_control(AuditKind::AdminChange {
             action: "session kill".into(),
             object: format!("{session_id} ({reason})"),

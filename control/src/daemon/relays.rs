@@ -5,7 +5,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use psm_control_api::{decode_line, AuditEvent, AuditKind, Protocol, RelayToControl, MAX_LINE};
+use psm_control_api::{
+    decode_line, encode_line, AuditEvent, AuditKind, ControlToRelay, Protocol, RelayToControl,
+    MAX_LINE,
+};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tracing::{debug, error, info, warn};
@@ -21,6 +24,9 @@ pub(super) struct LiveSession {
     pub(super) bytes_down: u64,
     /// When its relay's link dropped (ms since the epoch, and for the grace period).
     pub(super) lost: Option<(u64, std::time::Instant)>,
+    /// The kill an operator asked for, encoded, until the session ends: sent again to a relay
+    /// that may have missed it (one that lagged behind the broadcast, or reconnected).
+    pub(super) kill: Option<Arc<Vec<u8>>>,
 }
 
 impl LiveSession {
@@ -31,6 +37,7 @@ impl LiveSession {
             bytes_up: 0,
             bytes_down: 0,
             lost: None,
+            kill: None,
         }
     }
 }
@@ -118,6 +125,23 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// What relay connection `conn` may have missed of the broadcast, to send it again: the
+    /// kills still pending for its sessions, then the state of every request it may be waiting
+    /// on. Each is safe to receive twice (a kill ends a session once; an update replaces).
+    pub(super) fn catch_up(&self, conn: u64) -> Vec<Arc<Vec<u8>>> {
+        let mut lines: Vec<_> = lock(&self.sessions)
+            .values()
+            .filter(|s| s.conn == conn)
+            .filter_map(|s| s.kill.clone())
+            .collect();
+        lines.extend(
+            self.approvals_list()
+                .into_iter()
+                .map(|r| Arc::new(encode_line(&ControlToRelay::ApprovalUpdate(r)))),
+        );
+        lines
     }
 
     /// A relay's link dropped: its sessions wait for it to come back (see [`Shared::sweep`]).
@@ -280,11 +304,16 @@ pub(super) async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: 
         }
     }
     let mut rx = shared.snapshot.subscribe();
+    // subscribed before the catch-up below is read, so nothing falls between the two
     let mut kills = shared.kills.subscribe();
     let writer = async {
         let line = rx.borrow_and_update().clone();
         w.write_all(&line.line).await?;
         drop(line);
+        // what a relay that comes back may have missed while away
+        for line in shared.catch_up(conn) {
+            w.write_all(&line).await?;
+        }
         loop {
             tokio::select! {
                 changed = rx.changed() => {
@@ -298,7 +327,13 @@ pub(super) async fn serve_policy(shared: Arc<Shared>, stream: UnixStream, conn: 
                 kill = kills.recv() => match kill {
                     Ok(line) => w.write_all(&line).await?,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        warn!(%relay_id, missed = n, "kill requests dropped for a slow relay");
+                        // The missed messages are gone from the channel: the kills still
+                        // pending and every request's state are sent again instead (a missed
+                        // approval reply fails closed at the relay: its call times out).
+                        warn!(%relay_id, missed = n, "relay fell behind the broadcast; sending its pending kills and the requests' state again");
+                        for line in shared.catch_up(conn) {
+                            w.write_all(&line).await?;
+                        }
                     }
                     Err(_) => return Ok(()),
                 },

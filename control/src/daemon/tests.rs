@@ -647,6 +647,93 @@ async fn bad_requests_and_a_second_daemon_are_refused() {
     d.stop().await;
 }
 
+/// Sends `n` approval-list calls from `relay` and waits for the answer to the last: each answer
+/// was broadcast to every relay by then.
+async fn flood(relay: &mut FakeRelay, corr: &mut u64, n: u64) {
+    for _ in 0..n {
+        *corr += 1;
+        relay
+            .send(&RelayToControl::Approval {
+                corr: *corr,
+                op: psm_control_api::ApprovalOp::List {
+                    user: "nobody".into(),
+                },
+            })
+            .await;
+    }
+    let last = *corr;
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), relay.reader.read_line(&mut line))
+            .await
+            .expect("answers within 10 s")
+            .expect("read");
+        assert!(n > 0, "policy socket closed");
+        if let Ok(ControlToRelay::ApprovalReply { corr, .. }) = decode_line(line.as_bytes()) {
+            if corr == last {
+                return;
+            }
+        }
+    }
+}
+
+/// A relay that stops reading falls behind the broadcast of kills and approval replies; the
+/// messages it missed are gone from the channel, but a kill of one of its sessions is not lost:
+/// it is sent again once the relay reads again.
+#[tokio::test]
+async fn a_relay_that_falls_behind_the_broadcast_still_gets_its_sessions_kill() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    let d = Daemon::start(&dir).await;
+    let mut slow = FakeRelay::connect(&dir, "r1").await;
+    slow.snapshot().await;
+    slow.send(&RelayToControl::Audit(session_start("s1"))).await;
+    let mut busy = FakeRelay::connect(&dir, "r2").await;
+    busy.snapshot().await;
+    // `busy` asks for approval lists: every answer is broadcast to both relays, and `slow`
+    // reads nothing, so its socket fills and the broadcast channel (1,024) laps it
+    let mut corr = 0u64;
+    let mut listed = false;
+    for _ in 0..100 {
+        let v = d.call(Request::SessionsList).await.expect("sessions");
+        if v.as_array().is_some_and(|a| !a.is_empty()) {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(listed, "s1 is a live session");
+    flood(&mut busy, &mut corr, 6000).await;
+    d.call(Request::SessionKill {
+        session_id: "s1".into(),
+        reason: Some("the kill that matters".into()),
+    })
+    .await
+    .expect("kill accepted");
+    flood(&mut busy, &mut corr, 3000).await;
+
+    // `slow` reads again: the kill of s1 reaches it
+    let killed = async {
+        loop {
+            let mut line = String::new();
+            let n = slow.reader.read_line(&mut line).await.expect("read");
+            assert!(n > 0, "policy socket closed");
+            if let Ok(ControlToRelay::Kill {
+                session_id, reason, ..
+            }) = decode_line(line.as_bytes())
+            {
+                assert_eq!(session_id, "s1");
+                assert_eq!(reason, "the kill that matters");
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), killed)
+        .await
+        .expect("the kill of s1 reaches the relay that fell behind");
+    d.stop().await;
+}
+
 /// A session control learnt of from its session_start, announced again by its relay after a
 /// reconnection, then lost with the relay: the session_end control writes names the protocol
 /// the session_start did (RDP here), not SSH.
