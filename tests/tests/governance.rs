@@ -21,9 +21,14 @@ fn account() -> String {
 
 /// Enrols alice for TOTP; returns her secret (base32) from the printed URI.
 fn enroll(w: &World) -> String {
-    let out = w.psm.psmctl_ok(&["user", "mfa", "enroll", "alice"], None);
+    enroll_user(w, "alice")
+}
+
+/// Enrols `user` for TOTP; returns the secret (base32) from the printed URI.
+fn enroll_user(w: &World, user: &str) -> String {
+    let out = w.psm.psmctl_ok(&["user", "mfa", "enroll", user], None);
     assert!(
-        out.contains("otpauth://totp/psm:alice?secret=") && out.contains("issuer=psm"),
+        out.contains(&format!("otpauth://totp/psm:{user}?secret=")) && out.contains("issuer=psm"),
         "{out}"
     );
     assert!(
@@ -769,6 +774,52 @@ fn dual_control_approved_denied_and_timed_out() {
             && all.contains("expired"),
         "{all}"
     );
+}
+
+/// An approver's vote opens a session for someone else: one who has enrolled a second factor
+/// gives it before voting, even where the grant they vote on asks alice for none.
+#[test]
+fn an_enrolled_approver_votes_only_with_a_verification_code() {
+    let w = World::new();
+    let bob = w.add_user_with_key("bob");
+    w.psm.psmctl_ok(&["group", "add", "secops"], None);
+    w.psm
+        .psmctl_ok(&["group", "member", "add", "secops", "bob"], None);
+    let secret = enroll_user(&w, "bob");
+    w.regrant(&[
+        "--approval",
+        "1",
+        "--approvers",
+        "@secops",
+        "--approval-timeout",
+        "60s",
+    ]);
+    let mark = w.psm.audit_mark();
+    let child = waiting_login(&w);
+    let id = w.psm.approval_requested(mark);
+    // bob's key alone does not log him in: no vote
+    let out = run_ssh(w.ssh_as("bob", &bob).arg(format!("requests approve {id}")));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(!out.stdout_str().contains("approved"), "{}", out.describe());
+    let list = w.psm.psmctl_ok(&["requests", "list"], None);
+    assert!(list.contains("pending (0 of 1)"), "{list}");
+    // with his code he votes, and alice's session opens
+    let mut c = py("mfa_login.py");
+    c.arg(w.psm.port().to_string())
+        .arg("bob")
+        .arg(&bob)
+        .arg(code(&secret, 0))
+        .arg(format!("requests approve {id}"));
+    let out = run_cmd(&mut c, None, CMD_TIMEOUT);
+    assert!(
+        out.success() && out.stdout_str().contains("prompt: psm verification code: "),
+        "{}",
+        out.describe()
+    );
+    assert!(out.stdout_str().contains("approved"), "{}", out.describe());
+    let (code, text) = child_output(child);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("approved-ok"), "{text}");
 }
 
 #[test]
