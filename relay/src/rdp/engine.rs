@@ -173,6 +173,9 @@ const PDUTYPE2_SHUTDOWN_REQUEST: u8 = 0x24;
 /// X.224 TPDU codes.
 const TPDU_DATA: u8 = 0xf0;
 const TPDU_DISCONNECT_REQUEST: u8 = 0x80;
+const TPDU_ERROR: u8 = 0x70;
+/// A Data TPDU's second byte: end of transmission (class 0 never segments).
+const TPDU_EOT: u8 = 0x80;
 
 /// The per-connection RDP state machine.
 #[derive(Debug)]
@@ -280,6 +283,9 @@ impl Engine {
     }
 
     fn connect_initial(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
+        if tpdu(frame)? != Tpdu::Data {
+            return Err("X.224 TPDU other than Data before the MCS Connect Initial".into());
+        }
         let initial = mcs::rewrite_connect_initial(frame, self.cfg.target_protocol)?;
         self.input = Some(Input::new(initial.keyboard_layout));
         out.push(Out::Event(RdpEvent::Keyboard {
@@ -323,6 +329,9 @@ impl Engine {
     }
 
     fn connect_response(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
+        if tpdu(frame)? != Tpdu::Data {
+            return Err("X.224 TPDU other than Data before the MCS Connect Response".into());
+        }
         let resp = mcs::connect_response(frame)?;
         if resp.channel_ids.len() != self.channels.len() {
             return Err(format!(
@@ -341,12 +350,15 @@ impl Engine {
     }
 
     fn client_x224(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
-        if !is_data_tpdu(frame) {
-            if frame.get(5) == Some(&TPDU_DISCONNECT_REQUEST) {
-                out.push(Out::Event(RdpEvent::Disconnect { by_client: true }));
+        match tpdu(frame)? {
+            Tpdu::Data => {}
+            other => {
+                if other == Tpdu::Disconnect {
+                    out.push(Out::Event(RdpEvent::Disconnect { by_client: true }));
+                }
+                to_target(out, frame.to_vec());
+                return Ok(());
             }
-            to_target(out, frame.to_vec());
-            return Ok(());
         }
         let X224(msg) = decode::<X224<McsMessage<'_>>>(frame).map_err(|e| format!("MCS: {e}"))?;
         match msg {
@@ -491,12 +503,15 @@ impl Engine {
     }
 
     fn target_x224(&mut self, frame: &[u8], out: &mut Vec<Out>) -> Result<(), String> {
-        if !is_data_tpdu(frame) {
-            if frame.get(5) == Some(&TPDU_DISCONNECT_REQUEST) {
-                out.push(Out::Event(RdpEvent::Disconnect { by_client: false }));
+        match tpdu(frame)? {
+            Tpdu::Data => {}
+            other => {
+                if other == Tpdu::Disconnect {
+                    out.push(Out::Event(RdpEvent::Disconnect { by_client: false }));
+                }
+                to_client(out, frame.to_vec());
+                return Ok(());
             }
-            to_client(out, frame.to_vec());
-            return Ok(());
         }
         let X224(msg) = decode::<X224<McsMessage<'_>>>(frame).map_err(|e| format!("MCS: {e}"))?;
         match msg {
@@ -639,10 +654,41 @@ fn clip_refused(what: &'static str, did: &'static str, to_target: bool) -> RdpEv
     }
 }
 
-/// Whether an X.224 frame is a Data TPDU (the MCS carrier); other TPDUs pass through.
-fn is_data_tpdu(frame: &[u8]) -> bool {
+/// The X.224 (class 0) TPDUs of a connection once it is set up.
+#[derive(Debug, PartialEq, Eq)]
+enum Tpdu {
+    /// Data (DT): the MCS carrier, decoded.
+    Data,
+    /// Disconnect Request (DR): passed on, an event.
+    Disconnect,
+    /// Error (ER): passed on.
+    Error,
+}
+
+/// What X.224 TPDU `frame` (TPKT, then the TPDU) is. A Data TPDU must have the header every
+/// client parses (length indicator 2, end of transmission set): one read differently by psm
+/// and by the peer behind it could carry what psm never saw (a redirection) past its checks.
+/// Any other TPDU has no place after the connection and is refused.
+fn tpdu(frame: &[u8]) -> Result<Tpdu, String> {
     // TPKT (4) + X.224 length indicator (1) + TPDU code.
-    frame.get(5).map(|c| c & 0xf0) == Some(TPDU_DATA)
+    let (Some(&li), Some(&code)) = (frame.get(4), frame.get(5)) else {
+        return Err("X.224 TPDU cut short".into());
+    };
+    if 5 + usize::from(li) > frame.len() {
+        return Err(format!(
+            "X.224 length indicator {li} runs past its {}-byte frame",
+            frame.len()
+        ));
+    }
+    match code {
+        TPDU_DATA if li == 2 && frame.get(6) == Some(&TPDU_EOT) => Ok(Tpdu::Data),
+        TPDU_DATA => Err(format!(
+            "X.224 Data TPDU with length indicator {li} or without end of transmission"
+        )),
+        TPDU_DISCONNECT_REQUEST => Ok(Tpdu::Disconnect),
+        TPDU_ERROR => Ok(Tpdu::Error),
+        other => Err(format!("X.224 TPDU {other:#04x} after the connection")),
+    }
 }
 
 /// Whether any Share Control PDU of `user_data` is a Server Redirection PDU: the PDUs are

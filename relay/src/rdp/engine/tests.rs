@@ -502,6 +502,59 @@ fn a_server_redirection_ends_the_session_at_the_target() {
 }
 
 #[test]
+fn x224_headers_other_than_the_one_clients_parse_are_refused() {
+    let f = samples::send_data_indication(
+        samples::IO_CHANNEL,
+        vec![0x08, 0x00, 0x17, 0x00, 0xef, 0x03, 0, 0],
+    )
+    .expect("sample");
+    let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+    let mut out = Vec::new();
+    e.target_frame(X, &f, &mut out)
+        .expect("the usual header passes");
+    assert_eq!(to_client(&out), [&f]);
+    // a length indicator of 4 (two bytes a client skips and psm would not), no end of
+    // transmission, an unknown TPDU, a length indicator past the frame: each refused either way
+    let mut longer = f[..7].to_vec();
+    longer[4] = 4;
+    longer.extend_from_slice(&[0x12, 0x34]);
+    longer.extend_from_slice(&f[7..]);
+    let len = u16::try_from(longer.len()).expect("short");
+    longer[2..4].copy_from_slice(&len.to_be_bytes());
+    let mut no_eot = f.clone();
+    no_eot[6] = 0;
+    let mut unknown = f.clone();
+    unknown[5] = 0x50;
+    let mut past = f[..7].to_vec();
+    past[4] = 200;
+    past[2..4].copy_from_slice(&7u16.to_be_bytes());
+    for bad in [&longer, &no_eot, &unknown, &past] {
+        let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
+        let mut out = Vec::new();
+        let r = e.target_frame(X, bad, &mut out);
+        assert!(
+            matches!(r, Err(EngineError::Target(_))),
+            "{bad:02x?}: {r:?}"
+        );
+        assert!(to_client(&out).is_empty());
+        let r = e.client_frame(X, bad, &mut out);
+        assert!(
+            matches!(r, Err(EngineError::Client(_))),
+            "{bad:02x?}: {r:?}"
+        );
+        assert!(to_target(&out).is_empty());
+    }
+    // before the connection too
+    let mut ci = samples::connect_initial(&CHANNELS, 0x409).expect("sample");
+    ci[6] = 0;
+    let mut e = Engine::new(samples::config(RdpChannels::default()));
+    assert!(matches!(
+        e.client_frame(X, &ci, &mut Vec::new()),
+        Err(EngineError::Client(_))
+    ));
+}
+
+#[test]
 fn graphics_pass_untouched_and_recorded_once() {
     let (mut e, _) = samples::connected(RdpChannels::default()).expect("connected");
     let frame = vec![0x00, 0x08, 0x00, 0x01, 0x02, 0x03, 0x04, 0x05];
