@@ -498,6 +498,24 @@ fn channel_kinds_are_allowed_or_refused_with_a_reason() {
         None,
     );
     assert!(!bad.success() && bad.stderr_str().contains("needs --allow forward-local"));
+    // a grant for legacy scp alone: an exec that runs scp and then more is an exec, refused
+    w.regrant(&["--allow", "scp"]);
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh().arg("scp -t /tmp/psm-scp-only; echo ran-more"));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(!out.stdout_str().contains("ran-more"), "{}", out.describe());
+    assert!(
+        out.stderr_str()
+            .contains("psm: exec sessions are not permitted by policy"),
+        "{}",
+        out.describe()
+    );
+    w.psm
+        .wait_audit_after(mark, "refused exec", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "channel_request"
+                && jstr(e, "request") == "exec"
+                && e["accepted"] == false
+        });
 }
 
 #[test]

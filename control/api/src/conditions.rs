@@ -82,14 +82,11 @@ impl ChannelKind {
             })
     }
 
-    /// The kind of an `exec` request: legacy scp when the command runs `scp` in server mode.
+    /// The kind of an `exec` request: legacy scp when the command runs `scp` in server mode
+    /// ([`ScpCommand::parse`](crate::scp::ScpCommand::parse), which the relay's transfer tap
+    /// reads too).
     pub fn of_exec(command: &str) -> ChannelKind {
-        let mut words = command.split_ascii_whitespace();
-        let prog = words.next().unwrap_or_default();
-        let prog = prog.rsplit('/').next().unwrap_or(prog);
-        if prog == "scp"
-            && words.any(|w| w.starts_with('-') && (w.contains('t') || w.contains('f')))
-        {
+        if crate::scp::ScpCommand::parse(command).is_some() {
             ChannelKind::Scp
         } else {
             ChannelKind::Exec
@@ -309,6 +306,7 @@ mod tests {
         assert_eq!(ChannelKind::of_exec("/usr/bin/scp -f x"), ChannelKind::Scp);
         assert_eq!(ChannelKind::of_exec("scpx -t"), ChannelKind::Exec);
         assert_eq!(ChannelKind::of_exec("ls -t"), ChannelKind::Exec);
+        assert_eq!(ChannelKind::of_exec("'scp' -t /tmp/x"), ChannelKind::Scp);
     }
 
     #[test]

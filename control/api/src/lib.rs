@@ -18,6 +18,7 @@ pub mod escape;
 pub mod fuzz;
 mod password;
 pub mod policy;
+pub mod scp;
 mod secret;
 mod snapshot;
 mod wire;

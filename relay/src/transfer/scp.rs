@@ -10,20 +10,14 @@
 //! through the hash; lines are held up to [`MAX_LINE`] bytes, and directories up to
 //! [`MAX_DEPTH`] deep.
 
+use psm_control_api::scp::{ScpCommand, ScpMode as Mode};
+
 use super::{text, Content, Event, MAX_MESSAGE, MAX_PATH};
 
 /// Longest record or error line psm reads (OpenSSH's scp reads 2 KiB lines, plus the name).
 pub const MAX_LINE: usize = 8 * 1024;
 /// Deepest directory nesting followed.
 pub const MAX_DEPTH: usize = 64;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// `scp -t`: the user sends.
-    Upload,
-    /// `scp -f`: the target sends.
-    Download,
-}
 
 /// The sending side's stream.
 enum Src {
@@ -78,62 +72,6 @@ pub struct Scp {
     expect: Expect,
     dirs: Vec<String>,
     file: Option<File>,
-}
-
-/// Words of a command line as a POSIX shell splits them (quotes and backslashes; nothing
-/// expanded).
-fn words(cmd: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut any = false;
-    let mut it = cmd.chars();
-    while let Some(c) = it.next() {
-        match c {
-            '\'' => {
-                any = true;
-                for c in it.by_ref() {
-                    if c == '\'' {
-                        break;
-                    }
-                    cur.push(c);
-                }
-            }
-            '"' => {
-                any = true;
-                while let Some(c) = it.next() {
-                    match c {
-                        '"' => break,
-                        '\\' => match it.next() {
-                            Some(n @ ('"' | '\\' | '$' | '`')) => cur.push(n),
-                            Some(n) => {
-                                cur.push('\\');
-                                cur.push(n);
-                            }
-                            None => cur.push('\\'),
-                        },
-                        _ => cur.push(c),
-                    }
-                }
-            }
-            '\\' => {
-                any = true;
-                if let Some(n) = it.next() {
-                    cur.push(n);
-                }
-            }
-            c if c.is_ascii_whitespace() => {
-                if any || !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                    any = false;
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if any || !cur.is_empty() {
-        out.push(cur);
-    }
-    out
 }
 
 /// `a/b` + `c` without doubled slashes.
@@ -210,36 +148,11 @@ fn record(line: &[u8]) -> Result<(u64, String), String> {
 impl Scp {
     /// The reader for an exec of `command`, when it is `scp -t` or `scp -f`.
     pub fn from_command(command: &str) -> Option<Scp> {
-        let w = words(command);
-        let (prog, args) = w.split_first()?;
-        if prog.rsplit('/').next() != Some("scp") {
-            return None;
-        }
-        let (mut to, mut from, mut into_dir) = (false, false, false);
-        let mut rest = args;
-        while let Some((a, more)) = rest.split_first() {
-            if a == "--" {
-                rest = more;
-                break;
-            }
-            if !a.starts_with('-') || a.len() < 2 {
-                break;
-            }
-            to |= a.contains('t');
-            from |= a.contains('f');
-            into_dir |= a.contains('d');
-            rest = more;
-        }
-        let mode = match (to, from) {
-            (true, false) => Mode::Upload,
-            (false, true) => Mode::Download,
-            _ => return None,
-        };
-        let base = rest.join(" ");
+        let c = ScpCommand::parse(command)?;
         Some(Scp {
-            mode,
-            base: text(base.as_bytes(), MAX_PATH),
-            into_dir,
+            mode: c.mode,
+            base: text(c.path.as_bytes(), MAX_PATH),
+            into_dir: c.into_dir,
             src: Src::Line(Vec::new()),
             ack: Ack::Byte,
             expect: Expect::Start,
@@ -512,7 +425,10 @@ mod tests {
     #[test]
     fn command_lines() {
         assert!(Scp::from_command("ls -t").is_none());
-        assert!(Scp::from_command("scp -t -f x").is_none());
+        assert_eq!(
+            Scp::from_command("scp -t -f x").map(|s| s.mode),
+            Some(Mode::Download)
+        );
         assert!(Scp::from_command("scp x").is_none());
         let s = Scp::from_command("scp -v -d -t -- '/tmp/a b'").expect("scp");
         assert_eq!(
@@ -521,7 +437,6 @@ mod tests {
         );
         let s = Scp::from_command("/usr/bin/scp -r -f \"/srv/x\\\"y\" ").expect("scp");
         assert_eq!((s.mode, s.base.as_str()), (Mode::Download, "/srv/x\"y"));
-        assert_eq!(words("a\\ b 'c'd \"\""), vec!["a b", "cd", ""]);
         assert_eq!(
             (parent("/a/b"), parent("b"), parent("/b"), parent("/a/d/")),
             ("/a", "", "/", "/a")
