@@ -192,6 +192,10 @@ pub struct ApprovalRpc {
         Mutex<HashMap<u64, tokio::sync::watch::Sender<Option<psm_control_api::ApprovalRequest>>>>,
 }
 
+/// How long past a request's expiry a login still waits for its decision (psm-control expires
+/// requests itself, and its word may be on the way), ms.
+pub const APPROVAL_DECIDED_SLACK_MS: u64 = 5_000;
+
 /// How long a relay waits for psm-control to answer an approval call.
 pub const APPROVAL_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -239,7 +243,8 @@ impl ApprovalRpc {
         }
     }
 
-    /// Waits on `watch` until request `id` is decided, or until `expires_ms` and 5 s more
+    /// Waits on `watch` until request `id` is decided, or until `expires_ms` and
+    /// [`APPROVAL_DECIDED_SLACK_MS`] more
     /// have passed (psm-control expires requests itself, and may be gone); then stops watching
     /// it. `None`: no decision came.
     pub async fn decided(
@@ -257,7 +262,8 @@ impl ApprovalRpc {
             }
         }
         let _unwatch = Unwatch(self, id);
-        let wait = Duration::from_millis(expires_ms.saturating_sub(now_ms()) + 5_000);
+        let wait =
+            Duration::from_millis(expires_ms.saturating_sub(now_ms()) + APPROVAL_DECIDED_SLACK_MS);
         let decided = tokio::time::timeout(
             wait,
             watch.wait_for(|r| r.as_ref().is_some_and(|r| r.state.is_final())),

@@ -794,6 +794,80 @@ fn dual_control_approved_denied_and_timed_out() {
     );
 }
 
+/// A client that never answers the "waiting for approval" step: asyncssh, holding that
+/// challenge unanswered; prints how long the gateway kept the connection.
+const SILENT_AT_APPROVAL: &str = r#"
+import asyncio, sys, time
+import asyncssh
+
+class Client(asyncssh.SSHClient):
+    def kbdint_auth_requested(self):
+        return ""
+    async def kbdint_challenge_received(self, name, instructions, lang, prompts):
+        if "waiting for approval" in instructions:
+            print("waiting", flush=True)
+            await asyncio.sleep(3600)
+        return []
+
+async def main():
+    start = time.time()
+    try:
+        conn, _ = await asyncssh.create_connection(
+            Client, "127.0.0.1", int(sys.argv[1]), username=sys.argv[2],
+            client_keys=[sys.argv[3]], known_hosts=None, agent_path=None,
+            preferred_auth="publickey,keyboard-interactive")
+        print("logged-in", flush=True)
+        conn.close()
+    except Exception as e:
+        print(f"closed after {time.time() - start:.1f} s: {type(e).__name__}", flush=True)
+
+asyncio.run(asyncio.wait_for(main(), 40))
+"#;
+
+#[test]
+fn a_login_that_never_answers_the_approval_step_is_cut_when_its_request_expires() {
+    let w = World::build_opts(
+        PsmMode::Up,
+        Sshd::start(),
+        PsmOpts {
+            config: Some("[relay]\nlogin_grace_secs = 2\n".into()),
+            ..Default::default()
+        },
+    );
+    w.psm.psmctl_ok(&["group", "add", "secops"], None);
+    w.regrant(&[
+        "--approval",
+        "1",
+        "--approvers",
+        "@secops",
+        "--approval-timeout",
+        "2s",
+    ]);
+    let mark = w.psm.audit_mark();
+    let mut c = Command::new(python3());
+    c.arg("-c")
+        .arg(SILENT_AT_APPROVAL)
+        .arg(w.psm.port().to_string())
+        .arg(alice_login())
+        .arg(&w.alice_key);
+    let out = run_cmd(&mut c, None, Duration::from_secs(60));
+    let text = out.stdout_str();
+    assert!(text.contains("waiting"), "{}", out.describe());
+    assert!(!text.contains("logged-in"), "{}", out.describe());
+    // the request expires after 2 s and a login waits 5 s more for its word: cut by then
+    let secs: f64 = text
+        .split("closed after ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("the gateway closed the connection: {}", out.describe()));
+    assert!(secs < 15.0, "{}", out.describe());
+    w.psm
+        .wait_audit_after(mark, "expired", Duration::from_secs(5), |e| {
+            jstr(e, "event") == "approval" && jstr(e, "action") == "expired"
+        });
+}
+
 /// An approver's vote opens a session for someone else: one who has enrolled a second factor
 /// gives it before voting, even where the grant they vote on asks alice for none.
 #[test]

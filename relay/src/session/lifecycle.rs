@@ -43,7 +43,7 @@ pub async fn handle_connection(
         finished: Mutex::new(Vec::new()),
         kill: Arc::new(KillSwitch::default()),
         stopped: Notify::new(),
-        awaiting: AtomicBool::new(false),
+        awaiting_until: AtomicU64::new(0),
         policy: ctx.policy.clone(),
         audit: ctx.audit.clone(),
         governed: Notify::new(),
@@ -129,7 +129,7 @@ pub async fn handle_connection(
                 break None;
             }
             _ = &mut grace, if !grace_over => {
-                if shared.awaiting.load(Ordering::Acquire) {
+                if shared.awaiting_until.load(Ordering::Acquire) > psm_control_api::now_ms() {
                     // an access request is open: its own timeout bounds the wait
                     grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
                     continue;

@@ -310,9 +310,10 @@ impl Conn {
                     // watch from now on, so no decision is missed
                     self.approval_watch =
                         Some((r.id, self.ctx.approvals.watch(r.id), r.expires_ms));
-                    self.shared
-                        .awaiting
-                        .store(true, std::sync::atomic::Ordering::Release);
+                    self.shared.awaiting_until.store(
+                        r.expires_ms + crate::control_link::APPROVAL_DECIDED_SLACK_MS,
+                        std::sync::atomic::Ordering::Release,
+                    );
                     let stage = Stage::Approval(Some(r.id));
                     let ask = self.prompt(&stage);
                     if let Some(p) = &mut self.pending {
@@ -345,8 +346,8 @@ impl Conn {
         };
         let decided = self.ctx.approvals.decided(id, watch, expires_ms).await;
         self.shared
-            .awaiting
-            .store(false, std::sync::atomic::Ordering::Release);
+            .awaiting_until
+            .store(0, std::sync::atomic::Ordering::Release);
         match decided.map(|r| r.state) {
             Some(ApprovalState::Approved { by }) => {
                 info!(peer = %self.shared.peer, request = id, by = %by.join(","), "access request approved");

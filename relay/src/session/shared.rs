@@ -58,8 +58,11 @@ pub(crate) struct Shared {
     pub(super) kill: Arc<KillSwitch>,
     /// Notified when the relay itself ends the session (a command rule that terminates).
     pub(super) stopped: Notify,
-    /// The login waits for an approval: the login grace time does not run meanwhile.
-    pub(crate) awaiting: AtomicBool,
+    /// Until when (ms since the epoch; 0: not) the login waits for an approval: the login
+    /// grace time does not run meanwhile. Set when the "waiting for approval" step is sent,
+    /// to the request's expiry and the time `ApprovalRpc::decided` waits beyond it, so a
+    /// client that never answers that step is cut once the request could no longer be decided.
+    pub(crate) awaiting_until: AtomicU64,
     /// The policy in force (for command decisions on the relay tasks).
     pub(super) policy: Arc<PolicyStore>,
     /// Audit events.
