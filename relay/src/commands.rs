@@ -46,11 +46,19 @@ pub struct Gate {
     output: Notify,
 }
 
+/// The most cells the terminal model holds (each about 32 bytes in vt100, twice over with the
+/// alternate screen): a user's pty-req of 1000 x 1000 would otherwise cost 64 MB a shell.
+const MAX_CELLS: u32 = 64 * 1024;
+
 /// The terminal model's size: at least 2 columns and 2 rows (vt100 0.16 overflows on a
-/// 1-row terminal, which the fuzzer found), at most 1000 each way. Should it still fail on
-/// some output, [`Gate::output`] resets the model.
+/// 1-row terminal, which the fuzzer found), at most 1000 columns, and no more rows than
+/// [`MAX_CELLS`] allow at that width (a taller terminal scrolls sooner in the model, which
+/// reads the line at the cursor). Should it still fail on some output, [`Gate::output`]
+/// resets the model.
 fn model_size(cols: u32, rows: u32) -> (u16, u16) {
-    (cols.clamp(2, 1000) as u16, rows.clamp(2, 1000) as u16)
+    let cols = cols.clamp(2, 1000);
+    let rows = rows.clamp(2, (MAX_CELLS / cols).min(1000));
+    (cols as u16, rows as u16)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,7 +179,6 @@ impl Gate {
         }
         let (crow, _) = screen.cursor_position();
         let (rows, cols) = screen.size();
-        let text_of = |r: u16| screen.rows(0, cols).nth(usize::from(r)).unwrap_or_default();
         // the logical line: up through wrapped rows from the cursor, and down through the rows
         // it continues on
         let mut first = crow;
@@ -183,11 +190,19 @@ impl Gate {
             last += 1;
         }
         // where the prompt ends: the row of this logical line that starts with the prompt
+        // (each row's text built once: a line wrapped over the whole screen stays linear)
         let start = match &s.prompt {
-            Some((prompt, col)) => (first..=crow)
-                .rev()
-                .find(|r| text_of(*r).starts_with(prompt.as_str()))
-                .map(|r| (r, *col)),
+            Some((prompt, col)) => {
+                let texts: Vec<String> = screen
+                    .rows(0, cols)
+                    .skip(usize::from(first))
+                    .take(usize::from(crow - first) + 1)
+                    .collect();
+                texts
+                    .iter()
+                    .rposition(|t| t.starts_with(prompt.as_str()))
+                    .map(|i| (first + i as u16, *col))
+            }
             None => None,
         };
         let line = match start {
@@ -269,6 +284,33 @@ mod tests {
         // a full-screen program: not a prompt
         g.output(b"\x1b[?1049h");
         assert_eq!(g.screen_line(), None);
+    }
+
+    #[test]
+    fn the_model_stays_small_whatever_size_the_user_asks_for() {
+        for (cols, rows) in [
+            (1000, 1000),
+            (u32::MAX, u32::MAX),
+            (2, 1000),
+            (300, 80),
+            (0, 0),
+        ] {
+            let (c, r) = model_size(cols, rows);
+            assert!(u32::from(c) * u32::from(r) <= MAX_CELLS, "{cols}x{rows}");
+            assert!(c >= 2 && r >= 2, "{cols}x{rows}");
+        }
+        assert_eq!(model_size(300, 80), (300, 80));
+        // a prompt and a line wrapped over every row of the tallest model: still read
+        let g = Gate::new(Some((2, 1000)));
+        g.output(b"$ ");
+        let cmd = format!("echo {}", "b".repeat(3000));
+        typed(&g, b"", cmd.as_bytes());
+        let line = g.screen_line().expect("line");
+        assert!(
+            line.ends_with("bbb") && cmd.ends_with(&line),
+            "{}",
+            line.len()
+        );
     }
 
     #[test]
