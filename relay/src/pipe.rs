@@ -326,14 +326,27 @@ pub(crate) async fn read_client(
     tap: Option<Arc<Tap>>,
     session: bool,
 ) {
+    // The up queue is bounded by its bytes: a message that carries none (empty data, an EOF
+    // repeated) is not queued, or a flood of them would grow it without a bound.
+    let mut eof = false;
     loop {
         // Only a user who multiplexes channels and keeps one of them congested can get here;
         // the window hook keeps a single channel far below this.
+        // Under command control psm also answers input itself (a denied line's notice): that
+        // waits on the user's side too, so a user who reads nothing cannot grow it.
+        let ready = async {
+            flow.up_ready().await;
+            if gate.is_some() {
+                flow.down_ready().await;
+            }
+        };
         tokio::select! {
-            _ = flow.up_ready() => {}
+            _ = ready => {}
             _ = tx.closed() => return,
         }
         let item = match r.wait().await {
+            Some(ChannelMsg::Data { data }) if data.is_empty() => continue,
+            Some(ChannelMsg::Eof) if eof => continue,
             Some(ChannelMsg::Data { data }) => {
                 shared.bytes.input(data.len());
                 if let Some(t) = &tap {
@@ -355,6 +368,7 @@ pub(crate) async fn read_client(
                 Item::Data(data)
             }
             Some(ChannelMsg::Eof) => {
+                eof = true;
                 if let Some((g, down)) = &gate {
                     // a last line without its newline is decided too
                     let rest = g.stdin_rest();

@@ -14,6 +14,9 @@ use tokio::sync::oneshot;
 /// Bytes a client may send on a channel before it starts (more than one window is a protocol
 /// violation anyway).
 pub const MAX_PRESTART_DATA: usize = 4 << 20;
+/// What a kept data message counts toward [`MAX_PRESTART_DATA`] at least: an empty one still
+/// holds its place in the list, so a flood of them is bounded too.
+const EARLY_ITEM_COST: usize = 64;
 /// Requests a client may send on a channel before it starts (env, pty-req, window-change,
 /// signal, …). OpenSSH sends a handful.
 pub const MAX_PRESTART_REQUESTS: u32 = 64;
@@ -50,7 +53,8 @@ impl PreStart {
                     _ = &mut stopped => return (r, kept),
                     m = r.wait() => match m {
                         Some(ChannelMsg::Data { data }) => {
-                            bytes += data.len();
+                            // an empty message still costs its place in the list
+                            bytes += data.len().max(EARLY_ITEM_COST);
                             if bytes > MAX_PRESTART_DATA {
                                 if let Some(f) = too_much.take() {
                                     f(bytes);
@@ -59,7 +63,12 @@ impl PreStart {
                                 kept.push(Early::Data(data));
                             }
                         }
-                        Some(ChannelMsg::Eof) => kept.push(Early::Eof),
+                        // one EOF is all a channel can say: repeats are not kept
+                        Some(ChannelMsg::Eof) => {
+                            if !kept.iter().any(|e| matches!(e, Early::Eof)) {
+                                kept.push(Early::Eof);
+                            }
+                        }
                         Some(ChannelMsg::Close) | None => {
                             kept.push(Early::Closed);
                             let _ = (&mut stopped).await;

@@ -9,7 +9,7 @@
 //! connection's life, with the policy checks while it runs, is in `lifecycle`. Every task stays
 //! on the worker thread that accepted the connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -258,6 +258,9 @@ pub struct Conn {
     /// The conditions of the grant the latest channel was brokered under.
     conditions: psm_control_api::Conditions,
     channels: HashMap<ChannelId, Chan>,
+    /// The kinds of request whose refusal the user was told of (once each: repeats are only
+    /// refused, or a flood of them would queue notices the user never reads).
+    told: HashSet<&'static str>,
 }
 
 impl Drop for Conn {

@@ -780,17 +780,20 @@ impl Conn {
     }
 
     pub(super) fn refuse_notice(
-        &self,
+        &mut self,
         channel: ChannelId,
         session: &mut Session,
         what: &'static str,
     ) {
+        self.notice(what, "", String::new());
+        if !self.told.insert(what) {
+            return;
+        }
         let _ = session.extended_data(
             channel,
             1,
             Bytes::from(format!("psm: {what} is not permitted\r\n")),
         );
-        self.notice(what, "", String::new());
     }
 
     /// An aggregated notice of kind `what refused` (see [`Notices`]).

@@ -68,6 +68,10 @@ impl Conn {
         let Some(Chan::Lease(line)) = self.channels.get(&channel) else {
             return Ok(());
         };
+        if self.shared.with(|s| s.running.contains(&channel)) {
+            // a channel starts once
+            return session.channel_failure(channel);
+        }
         let line = Bytes::from(line.clone());
         session.channel_success(channel)?;
         session.data(channel, line)?;

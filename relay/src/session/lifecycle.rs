@@ -66,6 +66,7 @@ pub async fn handle_connection(
         pending: None,
         reason: None,
         approval_watch: None,
+        told: Default::default(),
         mfa_tries: 0,
         satisfied: psm_control_api::Satisfied::default(),
         remote_forwards: HashMap::new(),
