@@ -8,7 +8,7 @@
 //! so that control can account for the sessions of a relay that dies.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -414,26 +414,89 @@ impl LiveSessions {
     }
 }
 
+/// Command events in the audit queue at most: a session that submits lines faster than
+/// psm-control takes their events waits for room ([`AuditSink::command_room`]), so the rest of
+/// the queue stays for every other event (session starts and ends, reports), never dropped for
+/// one user's flood.
+pub const COMMAND_EVENTS_QUEUED: usize = AUDIT_BUFFER * 3 / 4;
+
 /// Where relay code sends audit events. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::Sender<RelayToControl>,
     origin: Arc<str>,
     dropped: Arc<AtomicU64>,
+    commands: Arc<CommandRoom>,
+}
+
+/// The receiving end of an [`AuditSink`], which the control link drains.
+pub struct AuditQueue {
+    rx: mpsc::Receiver<RelayToControl>,
+    commands: Arc<CommandRoom>,
+}
+
+impl AuditQueue {
+    /// The next message to send to psm-control.
+    pub async fn recv(&mut self) -> Option<RelayToControl> {
+        let msg = self.rx.recv().await;
+        self.taken(msg.as_ref());
+        msg
+    }
+
+    /// The next message if one is queued.
+    pub fn try_recv(&mut self) -> Option<RelayToControl> {
+        let msg = self.rx.try_recv().ok();
+        self.taken(msg.as_ref());
+        msg
+    }
+
+    fn taken(&self, msg: Option<&RelayToControl>) {
+        if let Some(RelayToControl::Audit(AuditEvent {
+            kind: AuditKind::Command { .. },
+            ..
+        })) = msg
+        {
+            self.commands.queued.fetch_sub(1, Ordering::AcqRel);
+            self.commands.freed.notify_waiters();
+        }
+    }
+}
+
+/// Command events queued and not yet sent, and the wake of those waiting for room.
+#[derive(Default)]
+struct CommandRoom {
+    queued: AtomicUsize,
+    freed: tokio::sync::Notify,
 }
 
 impl AuditSink {
     /// A sink and the receiving end the control link drains.
-    pub fn new(origin: &str) -> (AuditSink, mpsc::Receiver<RelayToControl>) {
+    pub fn new(origin: &str) -> (AuditSink, AuditQueue) {
         let (tx, rx) = mpsc::channel(AUDIT_BUFFER);
+        let commands = Arc::new(CommandRoom::default());
         (
             AuditSink {
                 tx,
                 origin: Arc::from(origin),
                 dropped: Arc::new(AtomicU64::new(0)),
+                commands: commands.clone(),
             },
-            rx,
+            AuditQueue { rx, commands },
         )
+    }
+
+    /// Waits until a command event fits under [`COMMAND_EVENTS_QUEUED`] (at once, but under a
+    /// flood of command lines or while psm-control is away).
+    pub async fn command_room(&self) {
+        loop {
+            let freed = self.commands.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.commands.queued.load(Ordering::Acquire) < COMMAND_EVENTS_QUEUED {
+                return;
+            }
+            freed.await;
+        }
     }
 
     /// Events not yet handed to psm-control.
@@ -450,7 +513,14 @@ impl AuditSink {
             origin: self.origin.to_string(),
             kind,
         };
+        let command = matches!(ev.kind, AuditKind::Command { .. });
+        if command {
+            self.commands.queued.fetch_add(1, Ordering::AcqRel);
+        }
         if let Err(e) = self.tx.try_send(RelayToControl::Audit(ev)) {
+            if command {
+                self.commands.queued.fetch_sub(1, Ordering::AcqRel);
+            }
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             warn!(dropped = n, error = %e, "audit buffer full; event dropped");
         }
@@ -472,7 +542,7 @@ pub async fn run(
     store: Arc<PolicyStore>,
     live: Arc<LiveSessions>,
     reporter: Reporter,
-    mut audit_rx: mpsc::Receiver<RelayToControl>,
+    mut audit_rx: AuditQueue,
     approvals: Arc<ApprovalRpc>,
 ) {
     let mut pending: Option<Vec<u8>> = None;
@@ -513,7 +583,7 @@ async fn serve(
     store: &PolicyStore,
     live: &LiveSessions,
     reporter: &Reporter,
-    audit_rx: &mut mpsc::Receiver<RelayToControl>,
+    audit_rx: &mut AuditQueue,
     pending: &mut Option<Vec<u8>>,
     approvals: &ApprovalRpc,
 ) -> String {
@@ -618,6 +688,46 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(20), rpc.decided(7, watch, far)).await;
         assert!(waited.is_err(), "no decision came");
         assert!(rpc.updates.lock().expect("lock").is_empty());
+    }
+
+    /// A flood of command lines fills its share of the audit queue and then waits for room,
+    /// while every other event still fits: none is dropped for it.
+    #[tokio::test]
+    async fn command_events_wait_for_room_and_leave_the_rest_of_the_queue() {
+        use futures_util::FutureExt as _;
+        let (sink, mut queue) = AuditSink::new("relay-test");
+        let command = || AuditKind::Command {
+            session_id: "s1".into(),
+            user: "alice".into(),
+            target: "web01".into(),
+            account: "root".into(),
+            channel: 0,
+            line: "true".into(),
+            decision: "allow".into(),
+            rule: None,
+            source: "stdin".into(),
+        };
+        for _ in 0..COMMAND_EVENTS_QUEUED {
+            assert!(sink.command_room().now_or_never().is_some());
+            sink.emit(command());
+        }
+        let mut waiting = Box::pin(sink.command_room());
+        assert!(waiting.as_mut().now_or_never().is_none(), "the share is full");
+        // the other events still go in
+        for _ in 0..AUDIT_BUFFER - COMMAND_EVENTS_QUEUED {
+            sink.emit(AuditKind::Notice {
+                message: "another event".into(),
+                session_id: None,
+                kind: None,
+                count: None,
+            });
+        }
+        assert_eq!(sink.dropped.load(Ordering::Relaxed), 0);
+        // the link takes one: the wait ends
+        assert!(queue.recv().await.is_some());
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("room once the link took a command event");
     }
 
     #[test]

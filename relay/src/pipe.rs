@@ -213,7 +213,7 @@ async fn gated_input(
                 }
                 continue;
             }
-            let v = shared.decide_command(ch, text, "stdin");
+            let v = shared.decide_command(ch, text, "stdin").await;
             match v.action {
                 CommandAction::Allow | CommandAction::Alert => {
                     if !send_up(tx, flow, rec, ch, Bytes::from(line)).await {
@@ -269,7 +269,7 @@ async fn gated_input(
             }
             continue;
         };
-        let v = shared.decide_command(ch, &line, "shell");
+        let v = shared.decide_command(ch, &line, "shell").await;
         gate.line_done();
         match v.action {
             CommandAction::Allow | CommandAction::Alert => {

@@ -700,7 +700,10 @@ impl Conn {
         };
         if permitted && matches!(req, Req::Exec(_)) {
             // command control: the command line is decided before it is sent
-            let v = self.shared.decide_command(channel.into(), &command, "exec");
+            let v = self
+                .shared
+                .decide_command(channel.into(), &command, "exec")
+                .await;
             match v.action {
                 psm_control_api::CommandAction::Allow | psm_control_api::CommandAction::Alert => {}
                 psm_control_api::CommandAction::Deny => {

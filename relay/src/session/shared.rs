@@ -149,13 +149,15 @@ impl Shared {
     }
 
     /// Decides one command line on channel `channel` under the policy in force now, and audits
-    /// it (`source`: `exec`, `shell` or `stdin`).
-    pub(crate) fn decide_command(
+    /// it (`source`: `exec`, `shell` or `stdin`); waits first while the audit queue holds its
+    /// share of command events (`AuditSink::command_room`): a line is never decided unaudited.
+    pub(crate) async fn decide_command(
         &self,
         channel: u32,
         line: &str,
         source: &str,
     ) -> psm_control_api::CommandVerdict {
+        self.audit.command_room().await;
         let info = self.with(|s| s.info.as_ref().map(SessionInfo::who));
         let verdict = self
             .permit_now(|snap, permit, user| {
