@@ -310,3 +310,58 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
     );
     w.assert_all_sessions_ended();
 }
+
+#[test]
+fn a_lease_relays_at_most_its_cap_of_connections_at_once() {
+    let w = World::new();
+    let echo = echo_server(400);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    w.psm.psmctl_ok(
+        &[
+            "target",
+            "add",
+            "db01",
+            "--protocol",
+            "tcp",
+            "--address",
+            &format!("127.0.0.1:{echo}"),
+            "--listen",
+            &listen,
+        ],
+        None,
+    );
+    w.psm.psmctl_ok(
+        &["grant", "add", "alice", "tcp@db01", "--unrecorded-tcp"],
+        None,
+    );
+    w.psm.wait_policy_applied();
+    assert!(
+        wait_for(Duration::from_secs(10), || port_open(port)),
+        "psm serves the tcp target's port"
+    );
+    let lease = Lease::open(&w, &["-T"]);
+    lease.line("is open to");
+    let relay = w.psm.relay_pids()[0];
+    // 300 connections from the lease's address at once: 256 reach the target, the rest are
+    // refused and audited
+    let held: Vec<TcpStream> = (0..300).map(|_| connect_from("127.0.0.1", port)).collect();
+    let e = wait_event(&w, "lease_connections", |e| {
+        jstr(e, "reason_code") == "lease_connections"
+    });
+    assert_eq!(jstr(&e, "event"), "session_denied");
+    assert!(
+        wait_for(Duration::from_secs(10), || connections_to(relay, echo) == 256),
+        "the relay holds {} connections to the target",
+        connections_to(relay, echo)
+    );
+    // closed, they give their places back
+    drop(held);
+    assert!(
+        wait_for(Duration::from_secs(10), || connections_to(relay, echo) == 0),
+        "the relay still holds {} connections to the target",
+        connections_to(relay, echo)
+    );
+    assert_eq!(echo_transfer(connect_from("127.0.0.1", port), 7, MIB), MIB);
+    drop(lease);
+}

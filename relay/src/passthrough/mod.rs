@@ -25,6 +25,9 @@ use crate::startups::LogLimiter;
 
 /// How long dialling a `tcp` target may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one lease relays at once: each holds two sockets and two pipes, so anyone at
+/// the lease's address could otherwise run the relay out of descriptors.
+pub const MAX_LEASE_CONNECTIONS: u32 = 256;
 
 /// An open lease, as a pass-through connection sees it.
 #[derive(Clone)]
@@ -38,6 +41,8 @@ pub struct Lease {
     pub bytes: Arc<SessionBytes>,
     /// Connections relayed under it so far (numbers them in the audit log).
     connections: Arc<AtomicU32>,
+    /// Connections it relays now (at most [`MAX_LEASE_CONNECTIONS`]).
+    open: Arc<AtomicU32>,
     /// Changes (errors) when the lease ends.
     end: watch::Receiver<()>,
 }
@@ -113,6 +118,7 @@ impl Leases {
             user: user.to_string(),
             bytes,
             connections: Arc::new(AtomicU32::new(0)),
+            open: Arc::new(AtomicU32::new(0)),
             end: rx,
         });
         LeaseGuard {
@@ -321,6 +327,27 @@ async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, 
         return;
     }
     drop(snap);
+    // its place among the lease's connections, given back however this ends
+    struct Open(Arc<AtomicU32>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _open = Open(lease.open.clone());
+    if lease.open.fetch_add(1, Ordering::AcqRel) >= MAX_LEASE_CONNECTIONS {
+        let user = lease.user.clone();
+        refuse(
+            &ctx,
+            peer,
+            login,
+            &user,
+            "lease_connections",
+            "client",
+            format!("the lease already relays {MAX_LEASE_CONNECTIONS} connections"),
+        );
+        return;
+    }
     let dialled = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
