@@ -712,7 +712,10 @@ mod tests {
             sink.emit(command());
         }
         let mut waiting = Box::pin(sink.command_room());
-        assert!(waiting.as_mut().now_or_never().is_none(), "the share is full");
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "the share is full"
+        );
         // the other events still go in
         for _ in 0..AUDIT_BUFFER - COMMAND_EVENTS_QUEUED {
             sink.emit(AuditKind::Notice {

@@ -12,9 +12,10 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,6 +23,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[derive(Default)]
 struct CutState {
     cut: AtomicBool,
+    /// Cut because the peer took nothing for too long ([`Cutter::cut_stalled`]).
+    stalled: AtomicBool,
+    /// Since when (ms on [`clock_ms`], 0: not) a write or flush has waited on the peer.
+    write_waiting_since: AtomicU64,
+    /// The stream was dropped.
+    gone: AtomicBool,
     reader: AtomicWaker,
     writer: AtomicWaker,
     /// The socket's descriptor while its stream lives (the stream clears it, under the lock,
@@ -51,6 +58,52 @@ impl Cutter {
     pub fn is_cut(&self) -> bool {
         self.0.cut.load(Ordering::Acquire)
     }
+
+    /// How long the stream's writer has waited for the peer to take bytes (zero when it is
+    /// not waiting).
+    pub fn write_waiting(&self) -> Duration {
+        match self.0.write_waiting_since.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(clock_ms().saturating_sub(since)),
+        }
+    }
+
+    /// Cuts the stream because its peer took nothing for too long: reads and writes then fail
+    /// with `TimedOut`, which tells the owner the peer was unresponsive.
+    pub fn cut_stalled(&self) {
+        self.0.stalled.store(true, Ordering::Release);
+        self.cut();
+    }
+
+    /// Whether the stream was dropped (nothing is left to cut).
+    pub fn is_gone(&self) -> bool {
+        self.0.gone.load(Ordering::Acquire)
+    }
+
+    /// Cuts the stream once its writer has waited `limit` on a peer that takes nothing: a
+    /// task whose peer stopped reading its socket blocks in that write, where its own timers
+    /// (keepalives) never run. Checks four times per `limit`; ends with the stream.
+    pub async fn cut_when_writes_stall(self, limit: Duration) {
+        let mut tick = tokio::time::interval(limit / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.is_cut() || self.is_gone() {
+                return;
+            }
+            if self.write_waiting() >= limit {
+                self.cut_stalled();
+                return;
+            }
+        }
+    }
+}
+
+/// Milliseconds on a monotonic clock (never 0), for how long a write has waited.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
 }
 
 /// A stream that fails once its [`Cutter`] fires.
@@ -85,8 +138,28 @@ impl<S> Cuttable<S> {
         (me, cutter)
     }
 
-    fn aborted() -> io::Error {
-        io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut by psm")
+    fn aborted(&self) -> io::Error {
+        if self.state.stalled.load(Ordering::Acquire) {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer took no data for too long; connection cut by psm",
+            )
+        } else {
+            io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut by psm")
+        }
+    }
+
+    /// Notes whether a write or flush now waits on the peer.
+    fn waiting<T>(&self, poll: Poll<T>) -> Poll<T> {
+        let since = &self.state.write_waiting_since;
+        if poll.is_pending() {
+            if since.load(Ordering::Relaxed) == 0 {
+                since.store(clock_ms(), Ordering::Release);
+            }
+        } else if since.load(Ordering::Relaxed) != 0 {
+            since.store(0, Ordering::Release);
+        }
+        poll
     }
 }
 
@@ -96,6 +169,7 @@ impl<S> Drop for Cuttable<S> {
         if let Ok(mut socket) = self.state.socket.lock() {
             *socket = None;
         }
+        self.state.gone.store(true, Ordering::Release);
     }
 }
 
@@ -108,7 +182,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Cuttable<S> {
         // Register first, so that a cut between the check and the inner poll still wakes us.
         self.state.reader.register(cx.waker());
         if self.state.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Err(Self::aborted()));
+            return Poll::Ready(Err(self.aborted()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
@@ -122,17 +196,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Cuttable<S> {
     ) -> Poll<io::Result<usize>> {
         self.state.writer.register(cx.waker());
         if self.state.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Err(Self::aborted()));
+            return Poll::Ready(Err(self.aborted()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.waiting(poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.state.writer.register(cx.waker());
         if self.state.cut.load(Ordering::Acquire) {
-            return Poll::Ready(Err(Self::aborted()));
+            return Poll::Ready(Err(self.aborted()));
         }
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.waiting(poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -178,6 +254,46 @@ mod tests {
                 a.write_all(b"x").await.map_err(|e| e.kind()),
                 Err(io::ErrorKind::ConnectionAborted)
             );
+            drop(b);
+        });
+    }
+
+    #[test]
+    fn a_write_the_peer_never_takes_is_cut_as_timed_out() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let (a, b) = tokio::io::duplex(64);
+            let (mut a, cutter) = Cuttable::new(a);
+            assert_eq!(cutter.write_waiting(), Duration::ZERO);
+            let watch = tokio::spawn(
+                cutter
+                    .clone()
+                    .cut_when_writes_stall(Duration::from_millis(200)),
+            );
+            // the peer (b) reads nothing: the write waits until the watch cuts it
+            let r = tokio::time::timeout(Duration::from_secs(5), a.write_all(&[0u8; 4096]))
+                .await
+                .expect("the stalled write was cut");
+            assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::TimedOut));
+            assert!(cutter.is_cut());
+            watch.await.expect("the watch ended");
+            // a stream that is gone ends its watch too
+            let (c, _d) = tokio::io::duplex(64);
+            let (c, cutter) = Cuttable::new(c);
+            let watch = tokio::spawn(
+                cutter
+                    .clone()
+                    .cut_when_writes_stall(Duration::from_millis(40)),
+            );
+            drop(c);
+            tokio::time::timeout(Duration::from_secs(5), watch)
+                .await
+                .expect("the watch ended with its stream")
+                .expect("task");
+            assert!(!cutter.is_cut());
             drop(b);
         });
     }

@@ -50,6 +50,15 @@ pub use startups::MaxStartups;
 pub use upstream::TargetKeepalive;
 pub use worker::IoBackend;
 
+/// Silence after which psm sends a user's client a keepalive.
+const USER_KEEPALIVE: Duration = Duration::from_secs(30);
+/// Unanswered keepalives after which a user's client is given up.
+const USER_KEEPALIVE_MAX: usize = 3;
+/// How long a write to a user's client may wait on a client that takes nothing before its
+/// connection is cut (the keepalives' own time, and one interval more).
+pub(crate) const USER_WRITE_STALL: Duration =
+    Duration::from_secs(USER_KEEPALIVE.as_secs() * (USER_KEEPALIVE_MAX as u64 + 1));
+
 /// Timeouts and caps of the relay, each with an OpenSSH-like default.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -268,8 +277,8 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         // Idle shells stay as long as the client answers keepalives; a vanished client is
         // noticed within about a minute and a half.
         inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_max: 3,
+        keepalive_interval: Some(USER_KEEPALIVE),
+        keepalive_max: USER_KEEPALIVE_MAX,
         window_size: flow::WINDOW,
         maximum_packet_size: flow::MAX_PACKET,
         preferred: russh::Preferred {

@@ -48,6 +48,8 @@ pub fn classify(e: &russh::Error) -> TargetLoss {
             TargetLoss::Unresponsive
         }
         russh::Error::IO(io) => match io.kind() {
+            // cut by psm when its writes stalled (`Cutter::cut_stalled`)
+            ErrorKind::TimedOut => TargetLoss::Unresponsive,
             ErrorKind::ConnectionReset => TargetLoss::Closed("connection reset".into()),
             ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe => TargetLoss::Closed(String::new()),
             _ => TargetLoss::Closed(io.to_string()),
@@ -556,6 +558,16 @@ async fn connect_inner(
     let _ = tcp.set_nodelay(true);
     let tcp = crate::uring::Leg::new(tcp).map_err(|e| unreachable(e.to_string()))?;
     let (tcp, cutter) = Cuttable::socket(tcp);
+    // a target that stops reading its socket blocks the SSH task in a write, where its
+    // keepalives never run: cut it after as long as they would have taken
+    let keepalives = u32::try_from(keepalive.max)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
+    tokio::spawn(
+        cutter
+            .clone()
+            .cut_when_writes_stall(keepalive.interval.saturating_mul(keepalives)),
+    );
     let mut half_made = CutUnlessKept(Some(cutter.clone()));
 
     let key_algs: Vec<Algorithm> = match pinned.algorithm() {

@@ -981,3 +981,63 @@ fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
     );
     w.assert_all_sessions_ended();
 }
+
+/// A target that stops reading its socket while the user still sends: psm's SSH task toward it
+/// blocks in a write, where its keepalives never run. The write's stall is watched instead: at
+/// the keepalives' own time (here 1 s, one miss: 2 s) the leg is cut and the session ends,
+/// blamed on the target, with the user still connected.
+#[test]
+fn a_target_that_stops_reading_mid_session_ends_it_as_unresponsive() {
+    let w = World::build_opts(
+        PsmMode::Up,
+        Sshd::start(),
+        PsmOpts {
+            config: Some("[relay]\ntarget_keepalive_secs = 1\ntarget_keepalive_max = 1\n".into()),
+            ..Default::default()
+        },
+    );
+    let evil = HostileTarget::start(&work(&w), "stall", &["--window", "67108864"]);
+    evil.register(&w);
+    let relay = w.psm.relay_pids()[0];
+    let mark = w.psm.audit_mark();
+    let mut ssh = w
+        .ssh_as(&evil_login(), &w.alice_key)
+        .arg("stall")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let mut out = ssh.stdout.take().expect("stdout");
+    let mut line = [0u8; 8];
+    std::io::Read::read_exact(&mut out, &mut line).expect("the target's first line");
+    assert_eq!(&line, b"stalled\n");
+    let mut stdin = ssh.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < 40 << 20 && stdin.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+        // stdin stays open: the user does not leave
+        stdin
+    });
+    let end = w.psm.wait_audit_after(
+        mark,
+        "session_end toward evil",
+        Duration::from_secs(30),
+        |e| is(e, "session_end") && jstr(e, "target") == "evil",
+    );
+    assert_eq!(jstr(&end, "reason_code"), "target_unresponsive", "{end}");
+    assert_eq!(jstr(&end, "side"), "target", "{end}");
+    assert!(
+        wait_for(Duration::from_secs(10), || connections_to(relay, evil.port)
+            == 0),
+        "psm still holds its connection to the stalled target"
+    );
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    drop(writer.join());
+    w.assert_all_sessions_ended();
+}

@@ -351,7 +351,8 @@ fn a_lease_relays_at_most_its_cap_of_connections_at_once() {
     });
     assert_eq!(jstr(&e, "event"), "session_denied");
     assert!(
-        wait_for(Duration::from_secs(10), || connections_to(relay, echo) == 256),
+        wait_for(Duration::from_secs(10), || connections_to(relay, echo)
+            == 256),
         "the relay holds {} connections to the target",
         connections_to(relay, echo)
     );
