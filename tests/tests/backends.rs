@@ -40,6 +40,7 @@ fn sessions_work_on(backend: &str, log_line: &str) {
     );
     assert_eq!(out.code(), Some(7), "{backend}: {}", out.describe());
     let want = local_sha256(&payload);
+    assert_eq!(want.len(), 64, "sha256sum printed {want:?}");
     assert!(
         out.stdout_str().starts_with(&want),
         "{backend}: {}",

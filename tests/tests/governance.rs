@@ -647,6 +647,7 @@ fn a_login_without_a_target_gets_a_menu_of_what_it_may_use_now() {
     );
     let now_min = (psm_control_api_now_secs() / 60 + 14 * 60) % (24 * 60);
     let offered_nobody = now_min == 0;
+    let mark = w.psm.audit_mark();
     let out = kbdint(&w, "alice", "1", "echo from-menu; id -un");
     assert!(out.success(), "{}", out.describe());
     let text = out.stdout_str();
@@ -659,13 +660,14 @@ fn a_login_without_a_target_gets_a_menu_of_what_it_may_use_now() {
         text.contains("prompt: psm: choose an account (number): "),
         "{text}"
     );
+    // the command ran as the account: its output lines, not the menu's
     assert!(
-        text.contains("from-menu") && text.contains(TARGET_USER),
+        text.lines().any(|l| l == "from-menu") && text.lines().any(|l| l == TARGET_USER),
         "{text}"
     );
     // the session is recorded and audited as if alice had named the account
     w.psm
-        .wait_audit("menu session", Duration::from_secs(5), |e| {
+        .wait_audit_after(mark, "menu session", Duration::from_secs(5), |e| {
             jstr(e, "event") == "session_start"
                 && jstr(e, "account") == TARGET_USER
                 && jstr(e, "user") == "alice"

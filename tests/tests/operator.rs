@@ -250,7 +250,12 @@ fn operator_answers_are_not_misleading() {
         .unwrap_or_else(|| panic!("no row for {rec_id}:\n{table}"));
     // The relay's duration_ms is end_ms - start_ms (the same instants as the recording); where
     // it still measured on its own clock, it may differ by a millisecond.
-    if end["duration_ms"].as_u64() == Some(span) {
+    let duration = end["duration_ms"].as_u64().expect("duration_ms");
+    assert!(
+        duration.abs_diff(span) <= 1,
+        "session_end says {duration} ms, its own start and end {span} ms apart: {end}"
+    );
+    if duration == span {
         assert!(
             row.split_whitespace().any(|c| c == audit_duration),
             "recordings list shows another duration than audit tail ({audit_duration}):\n{row}\n{line}"

@@ -267,7 +267,11 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
     // the transfer is running once an echo comes back through psm
     let mut one = [0u8; 1];
     probe.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let _ = probe.peek(&mut one);
+    assert_eq!(
+        probe.peek(&mut one).map_err(|e| e.kind()),
+        Ok(1),
+        "an echo came back"
+    );
     let killed = Instant::now();
     w.psm.psmctl_ok(
         &["sessions", "kill", &session, "--reason", "incident 9"],
@@ -275,7 +279,10 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
     );
     let moved = transfer.join().expect("transfer");
     let took = killed.elapsed();
-    assert!(moved < 4096 * MIB, "the transfer was cut, not finished");
+    assert!(
+        moved > 0 && moved < 4096 * MIB,
+        "the transfer ran ({moved} bytes) and was cut, not finished"
+    );
     assert!(took < Duration::from_secs(3), "cut after {took:?}");
     let end = wait_event(&w, "lease session_end", |e| {
         jstr(e, "event") == "session_end" && jstr(e, "session_id") == session

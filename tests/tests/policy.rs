@@ -61,6 +61,7 @@ fn grant_remove_and_add_reach_the_relay_within_a_second() {
         "grant list --json should show alice's grant"
     );
 
+    let mark = w.psm.audit_mark();
     w.psm.psmctl_ok(
         &["grant", "remove", "alice", &format!("{TARGET_USER}@web01")],
         None,
@@ -81,10 +82,11 @@ fn grant_remove_and_add_reach_the_relay_within_a_second() {
         &out,
         &format!("psm: access denied: you have no grant for {TARGET_USER}@web01"),
     );
-    w.psm.wait_audit(
+    w.psm.wait_audit_after(
+        mark,
         "admin_change for grant remove",
         Duration::from_secs(5),
-        |e| jstr(e, "event") == "admin_change" && jstr(e, "action").contains("grant"),
+        |e| jstr(e, "event") == "admin_change" && jstr(e, "action") == "grant remove",
     );
 
     w.psm.psmctl_ok(

@@ -38,8 +38,8 @@ fn old_recordings_are_deleted_audited_and_verify_says_so() {
     let hits = |w: &World| {
         let out = w
             .psm
-            .psmctl(&["recordings", "search", "recorded-then-expired"], None);
-        out.stdout_str().lines().filter(|l| l.contains(&id)).count()
+            .psmctl_ok(&["recordings", "search", "recorded-then-expired"], None);
+        out.lines().filter(|l| l.contains(&id)).count()
     };
     assert!(
         wait_for(Duration::from_secs(3), || hits(&w) > 0),

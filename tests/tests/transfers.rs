@@ -5,7 +5,7 @@
 use psm_tests::*;
 use serde_json::Value;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -243,7 +243,32 @@ fn sftp_bytes_psm_cannot_follow_make_one_notice_and_still_pass() {
         .expect("ssh");
     let mut stdin = child.stdin.take().expect("stdin");
     stdin.write_all(&input).expect("write");
-    std::thread::sleep(Duration::from_secs(2));
+    // the three answers (or the end of the output), read before stdin is closed
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let answers = |got: &[u8]| {
+            let (mut n, mut rest) = (0, got);
+            while rest.len() >= 4 {
+                let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                if rest.len() < 4 + len {
+                    break;
+                }
+                n += 1;
+                rest = &rest[4 + len..];
+            }
+            n
+        };
+        while answers(&got) < 3 {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+    let got = reader.join().expect("reader");
     drop(stdin);
     if wait_child(&mut child, CMD_TIMEOUT).is_none() {
         let _ = child.kill();
@@ -253,7 +278,7 @@ fn sftp_bytes_psm_cannot_follow_make_one_notice_and_still_pass() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // the target's answers all came back: VERSION, then a status for each request
     let mut types = Vec::new();
-    let mut rest = out.stdout.as_slice();
+    let mut rest = got.as_slice();
     while rest.len() >= 5 {
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         types.push(rest[4]);
