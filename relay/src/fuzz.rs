@@ -60,11 +60,31 @@ pub fn sftp(data: &[u8]) {
 }
 
 /// Legacy SCP bytes both ways (chunks as in [`sftp`]); the first byte picks the command line
-/// (upload or download, recursive, into a directory).
+/// (upload or download, recursive, into a directory), or with its top bit set, the command
+/// line is the data's first line: the channel's kind and the transfer reader agree on whether
+/// it is scp.
 pub fn scp(data: &[u8]) {
     let Some((&pick, rest)) = data.split_first() else {
         return;
     };
+    if pick & 0x80 != 0 {
+        let (line, rest) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &[][..]),
+        };
+        let cmd = String::from_utf8_lossy(line);
+        let kind = psm_control_api::ChannelKind::of_exec(&cmd);
+        let t = Transfer::scp(&cmd);
+        assert_eq!(
+            kind == psm_control_api::ChannelKind::Scp,
+            t.is_some(),
+            "kind and reader agree on {cmd:?}"
+        );
+        if let Some(t) = t {
+            transfer(t, rest);
+        }
+        return;
+    }
     let cmd = [
         "scp -t /tmp/x",
         "scp -f /srv/f",
@@ -165,17 +185,29 @@ pub fn rdp_engine_target(data: &[u8]) {
 }
 
 fn rdp_engine(data: &[u8], from_client: bool) {
-    use crate::rdp::engine::{samples, Out};
-    use crate::rdp::frame::next_frame;
+    use crate::rdp::engine::{samples, Engine, Out};
+    use crate::rdp::frame::{next_frame, FrameKind};
     let Some((&pick, mut rest)) = data.split_first() else {
         return;
     };
-    let set_up = if from_client && pick & 0x80 != 0 {
-        samples::before_client_info(rdp_rules(pick))
+    // 0x40: from the start of the MCS phase (the client's Connect Initial, or the target's
+    // Connect Response, fuzzed); else 0x80 (client): before the Client Info; else connected
+    let mut engine = if pick & 0x40 != 0 {
+        let mut e = Engine::new(samples::config(rdp_rules(pick)));
+        if !from_client {
+            let ci = samples::connect_initial(&samples::CHANNELS, 0x409).expect("sample");
+            e.client_frame(FrameKind::X224, &ci, &mut Vec::new())
+                .expect("the sample Connect Initial");
+        }
+        e
     } else {
-        samples::connected(rdp_rules(pick))
+        let set_up = if from_client && pick & 0x80 != 0 {
+            samples::before_client_info(rdp_rules(pick))
+        } else {
+            samples::connected(rdp_rules(pick))
+        };
+        set_up.expect("the samples set a connection up").0
     };
-    let (mut engine, _) = set_up.expect("the samples set a connection up");
     let vault: Vec<u8> = samples::VAULT_PASSWORD
         .encode_utf16()
         .flat_map(u16::to_le_bytes)
@@ -205,4 +237,35 @@ fn rdp_engine(data: &[u8], from_client: bool) {
         }
     }
     let _ = engine.take_input_seen();
+}
+
+/// What an RDP client sends before it is authenticated, as psm reads it: the X.224 Connection
+/// Request (the first byte even), or (odd) a CredSSP user name and domain, where a TOTP code
+/// and a reason may ride: never panics, and a code psm finds is six digits.
+pub fn rdp_accept(data: &[u8]) {
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    if pick & 1 == 0 {
+        let _ = crate::rdp::accept::negotiate(rest);
+        return;
+    }
+    let text = String::from_utf8_lossy(rest);
+    let (user, domain) = text.split_once('\n').unwrap_or((&text, ""));
+    let name = if domain.is_empty() {
+        user.to_string()
+    } else {
+        format!("{domain}\\{user}")
+    };
+    if let Ok(u) = sspi::Username::parse(&name) {
+        let login = crate::rdp::credssp::NlaLogin::from_username(&u);
+        if let Some(code) = &login.code {
+            assert!(
+                code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()),
+                "code {:?}",
+                code.as_str()
+            );
+        }
+        let _ = login.reason(true);
+    }
 }

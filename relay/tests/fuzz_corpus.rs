@@ -45,3 +45,8 @@ fn rdp_engine_client_corpus() {
 fn rdp_engine_target_corpus() {
     replay("rdp_engine_target", psm_relay::fuzz::rdp_engine_target);
 }
+
+#[test]
+fn rdp_accept_corpus() {
+    replay("rdp_accept", psm_relay::fuzz::rdp_accept);
+}

@@ -689,6 +689,21 @@ fn write_fuzz_corpora() {
         &[keys.clone(), info.clone()],
     );
     write("rdp_frame", "ts_request", &[ts]);
+    // from the start of the MCS phase (pick 0x40): the Connect Initial, the Connect Response
+    write(
+        "rdp_engine_client",
+        "connect_initial",
+        &[vec![0x40], ci.clone(), info.clone()],
+    );
+    write(
+        "rdp_engine_target",
+        "connect_response",
+        &[
+            vec![0x40],
+            samples::connect_response(4).expect("sample"),
+            samples::attach_user_confirm().expect("sample"),
+        ],
+    );
 
     let mut devices = vec![0x72, 0x44, 0x41, 0x44, 2, 0, 0, 0];
     devices.extend(device(8, 1, b"HOME\0\0\0\0", b"home\0"));
