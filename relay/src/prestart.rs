@@ -47,6 +47,7 @@ impl PreStart {
             let mut kept = Vec::new();
             let mut bytes = 0usize;
             let mut too_much = Some(too_much);
+            let mut eof = false;
             loop {
                 tokio::select! {
                     biased;
@@ -65,7 +66,8 @@ impl PreStart {
                         }
                         // one EOF is all a channel can say: repeats are not kept
                         Some(ChannelMsg::Eof) => {
-                            if !kept.iter().any(|e| matches!(e, Early::Eof)) {
+                            if !eof {
+                                eof = true;
                                 kept.push(Early::Eof);
                             }
                         }
