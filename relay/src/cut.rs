@@ -99,6 +99,22 @@ impl Cutter {
     }
 }
 
+/// Tells a [`Cuttable`] that the write it waits on moved bytes: for a stream that finishes one
+/// write in several sends (the io_uring leg), which the stall clock would otherwise count as
+/// no progress until the whole write is out.
+#[derive(Clone)]
+pub struct Progress(Arc<CutState>);
+
+impl Progress {
+    /// Bytes moved just now: a waiting write's stall clock starts again.
+    pub fn moved(&self) {
+        let since = &self.0.write_waiting_since;
+        if since.load(Ordering::Relaxed) != 0 {
+            since.store(clock_ms(), Ordering::Release);
+        }
+    }
+}
+
 /// Milliseconds on a monotonic clock (never 0), for how long a write has waited.
 fn clock_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -123,6 +139,16 @@ impl<S> Cuttable<S> {
             },
             Cutter(state),
         )
+    }
+
+    /// The handle through which the wrapped stream reports bytes moved within one write.
+    pub fn progress(&self) -> Progress {
+        Progress(self.state.clone())
+    }
+
+    /// The wrapped stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
     }
 
     /// Wraps the socket stream `inner`, which the [`Cutter`] also shuts down.
@@ -295,6 +321,45 @@ mod tests {
                 .expect("task");
             assert!(!cutter.is_cut());
             drop(b);
+        });
+    }
+
+    #[test]
+    fn a_slow_peer_that_keeps_reading_is_not_cut() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let (a, mut b) = tokio::io::duplex(64);
+            let (mut a, cutter) = Cuttable::new(a);
+            let watch = tokio::spawn(
+                cutter
+                    .clone()
+                    .cut_when_writes_stall(Duration::from_millis(400)),
+            );
+            // 16 bytes every 10 ms: each of the writer's waits is far shorter than the limit,
+            // though the whole write takes longer than it
+            let reader = tokio::spawn(async move {
+                let mut got = 0;
+                let mut buf = [0u8; 16];
+                while got < 1024 {
+                    let n = b.read(&mut buf).await.expect("read");
+                    assert!(n > 0);
+                    got += n;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                b
+            });
+            a.write_all(&[7u8; 1024]).await.expect("written, not cut");
+            let _b = reader.await.expect("reader");
+            assert!(!cutter.is_cut());
+            // a moved byte reported from inside the stream restarts a waiting write's clock
+            cutter.0.write_waiting_since.store(1, Ordering::Release);
+            a.progress().moved();
+            assert!(cutter.write_waiting() < Duration::from_millis(100));
+            drop(a);
+            watch.await.expect("the watch ended with its stream");
         });
     }
 

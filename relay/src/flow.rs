@@ -200,6 +200,12 @@ impl Flow {
         self.notify.notify_waiters();
     }
 
+    /// Whether the download queue is at its limit (psm's own notices to the user are not
+    /// queued then).
+    pub fn down_full(&self) -> bool {
+        self.down.load(Ordering::Acquire) >= DOWN_LIMIT
+    }
+
     /// Waits until the download queue has room.
     pub async fn down_ready(&self) {
         self.wait_below(&self.down, DOWN_LIMIT).await

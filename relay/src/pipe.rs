@@ -171,6 +171,11 @@ async fn tell_user(
     text: String,
     stderr: bool,
 ) {
+    if flow.down_full() {
+        // a user who reads nothing is told nothing more: this reader must keep draining the
+        // channel (it cannot wait on the download queue), so psm's own lines are what gives
+        return;
+    }
     let data = Bytes::from(text);
     let item = if stderr {
         Item::Ext(1, data)
@@ -332,16 +337,8 @@ pub(crate) async fn read_client(
     loop {
         // Only a user who multiplexes channels and keeps one of them congested can get here;
         // the window hook keeps a single channel far below this.
-        // Under command control psm also answers input itself (a denied line's notice): that
-        // waits on the user's side too, so a user who reads nothing cannot grow it.
-        let ready = async {
-            flow.up_ready().await;
-            if gate.is_some() {
-                flow.down_ready().await;
-            }
-        };
         tokio::select! {
-            _ = ready => {}
+            _ = flow.up_ready() => {}
             _ = tx.closed() => return,
         }
         let item = match r.wait().await {

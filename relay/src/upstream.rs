@@ -557,7 +557,9 @@ async fn connect_inner(
     .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let tcp = crate::uring::Leg::new(tcp).map_err(|e| unreachable(e.to_string()))?;
-    let (tcp, cutter) = Cuttable::socket(tcp);
+    let (mut tcp, cutter) = Cuttable::socket(tcp);
+    let progress = tcp.progress();
+    tcp.get_mut().report_progress(progress);
     // a target that stops reading its socket blocks the SSH task in a write, where its
     // keepalives never run: cut it after as long as they would have taken
     let keepalives = u32::try_from(keepalive.max)

@@ -28,38 +28,50 @@ pub struct ScpCommand {
 const WITH_ARGUMENT: &str = "DFJMPSXcilo";
 
 impl ScpCommand {
-    /// The scp exec `command` is, when it runs `scp` (any path) with `-t` or `-f`. Options are
-    /// looked for among every word, as a `getopt` that permutes its arguments would, so a flag
-    /// after an operand still counts; `-f` wins over `-t`, as in scp.
+    /// The scp exec `command` is, when it runs `scp` with `-t` or `-f`, read as the target's
+    /// scp reads its arguments: OpenSSH's own (BSD) `getopt`, whose options end at the first
+    /// word that is not one (or at `--`), an option's argument being the rest of its word or
+    /// the next word; `-f` wins over `-t`.
     ///
     /// Only a line the shell runs as that one scp counts: the program is `scp` as scp clients
     /// send it (or scp's system path), and nothing in the line makes the shell run anything
-    /// else (no `;`, `|`, `&`, redirection, subshell, substitution or line break). Any other
-    /// line is an exec, decided and audited as one: `scp -t x; sh` under a grant for scp alone
-    /// would otherwise run a shell.
+    /// else (no `;`, `|`, `&`, redirection, subshell, substitution or line break), nor turns
+    /// the options into other words (an unquoted `*`, `?`, `[` or `{` in the program, an
+    /// option or an option's argument, or at the start of the first operand, where a file
+    /// named like an option would become one). Any other line is an exec, decided and
+    /// audited as one: `scp -t x; sh`, or `scp -o 'ProxyCommand=…' x:y -t` (a client copy
+    /// that starts ssh), under a grant for scp alone would otherwise run what it likes.
     pub fn parse(command: &str) -> Option<ScpCommand> {
         let words = plain_words(command)?;
-        let (prog, args) = words.split_first()?;
-        if !matches!(prog.as_str(), "scp" | "/usr/bin/scp" | "/bin/scp") {
+        let ((prog, prog_glob), args) = words.split_first()?;
+        if *prog_glob || !matches!(prog.as_str(), "scp" | "/usr/bin/scp" | "/bin/scp") {
             return None;
         }
         let (mut to, mut from, mut into_dir) = (false, false, false);
-        let mut operands = Vec::new();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
+        let mut i = 0;
+        let mut dashes = false;
+        while let Some((a, glob)) = args.get(i) {
             if a == "--" {
-                operands.extend(it.by_ref().cloned());
+                i += 1;
+                dashes = true;
                 break;
             }
             let Some(flags) = a.strip_prefix('-').filter(|f| !f.is_empty()) else {
-                operands.push(a.clone());
-                continue;
+                break; // the first operand
             };
-            for (i, c) in flags.char_indices() {
+            if *glob {
+                return None;
+            }
+            i += 1;
+            for (at, c) in flags.char_indices() {
                 if WITH_ARGUMENT.contains(c) {
                     // its argument: the rest of this word, or the next one
-                    if i + c.len_utf8() == flags.len() {
-                        it.next();
+                    if at + c.len_utf8() == flags.len() {
+                        let (_, glob) = args.get(i)?;
+                        if *glob {
+                            return None;
+                        }
+                        i += 1;
                     }
                     break;
                 }
@@ -67,6 +79,15 @@ impl ScpCommand {
                 from |= c == 'f';
                 into_dir |= c == 'd';
             }
+        }
+        let operands = &args[i.min(args.len())..];
+        // (after `--` every word is a file name, whatever it expands to)
+        if !dashes
+            && operands
+                .first()
+                .is_some_and(|(w, glob)| *glob && w.starts_with(['*', '?', '[', '{']))
+        {
+            return None;
         }
         let mode = if from {
             ScpMode::Download
@@ -78,7 +99,11 @@ impl ScpCommand {
         Some(ScpCommand {
             mode,
             into_dir,
-            path: operands.join(" "),
+            path: operands
+                .iter()
+                .map(|(w, _)| w.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
         })
     }
 }
@@ -86,19 +111,25 @@ impl ScpCommand {
 /// Characters that, unquoted, make a POSIX shell do more than run one program with words.
 const UNQUOTED_SPECIAL: &[char] = &[';', '|', '&', '<', '>', '(', ')', '$', '`', '\n', '\r'];
 
+/// Characters that, unquoted, the shell expands into other words (globs, bash's braces).
+const UNQUOTED_EXPANDS: &[char] = &['*', '?', '[', '{'];
+
 /// The words of a line that runs one program and nothing else: `None` where the shell
 /// would also run, expand or redirect something (an unquoted [`UNQUOTED_SPECIAL`], or `$` or a
-/// backquote inside double quotes).
-fn plain_words(cmd: &str) -> Option<Vec<String>> {
+/// backquote inside double quotes); each word says whether it holds an unquoted
+/// [`UNQUOTED_EXPANDS`].
+fn plain_words(cmd: &str) -> Option<Vec<(String, bool)>> {
     words(cmd, true)
 }
 
 /// Words of a command line as a POSIX shell splits them (quotes and backslashes; nothing
-/// expanded); with `plain`, `None` for a line that is more than one program and its words.
-fn words(cmd: &str, plain: bool) -> Option<Vec<String>> {
+/// expanded), each with whether it holds an unquoted [`UNQUOTED_EXPANDS`]; with `plain`,
+/// `None` for a line that is more than one program and its words.
+fn words(cmd: &str, plain: bool) -> Option<Vec<(String, bool)>> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut any = false;
+    let mut glob = false;
     let mut it = cmd.chars();
     while let Some(c) = it.next() {
         match c {
@@ -138,15 +169,19 @@ fn words(cmd: &str, plain: bool) -> Option<Vec<String>> {
             }
             c if c.is_ascii_whitespace() => {
                 if any || !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
+                    out.push((std::mem::take(&mut cur), glob));
                     any = false;
+                    glob = false;
                 }
             }
-            c => cur.push(c),
+            c => {
+                glob |= UNQUOTED_EXPANDS.contains(&c);
+                cur.push(c);
+            }
         }
     }
     if any || !cur.is_empty() {
-        out.push(cur);
+        out.push((cur, glob));
     }
     Some(out)
 }
@@ -162,8 +197,14 @@ mod tests {
     #[test]
     fn scp_execs_are_read_as_the_shell_and_scp_read_them() {
         assert_eq!(
-            words("a\\ b 'c'd \"\"", false),
-            Some(vec!["a b".into(), "cd".into(), String::new()])
+            words("a\\ b 'c'd \"\" x* '*'", false),
+            Some(vec![
+                ("a b".into(), false),
+                ("cd".into(), false),
+                (String::new(), false),
+                ("x*".into(), true),
+                ("*".into(), false)
+            ])
         );
         assert_eq!(mode("scp -t /tmp"), Some(ScpMode::Upload));
         assert_eq!(mode("/usr/bin/scp -f x"), Some(ScpMode::Download));
@@ -174,10 +215,30 @@ mod tests {
         // what a shell makes of quotes and backslashes
         assert_eq!(mode("'scp' -t /tmp/x"), Some(ScpMode::Upload));
         assert_eq!(mode("s\\cp \"-t\" /tmp/x"), Some(ScpMode::Upload));
-        // an option's argument is no flag, and a flag after it or after an operand still is
+        // an option's argument is no flag; options end at the first operand, as in scp's
+        // getopt: a -t after it is a file name, and that scp is a client copy
         assert_eq!(mode("scp -l t -t /x"), Some(ScpMode::Upload));
         assert_eq!(mode("scp -lt /x"), None);
-        assert_eq!(mode("scp -o f=1 /x -t"), Some(ScpMode::Upload));
+        assert_eq!(mode("scp -o f=1 /x -t"), None);
+        assert_eq!(
+            mode("scp -o 'ProxyCommand=sh -c \"id>/tmp/p\"' x:y -t"),
+            None
+        );
+        assert_eq!(mode("scp -t"), Some(ScpMode::Upload));
+        assert_eq!(mode("scp -l"), None);
+        // words the shell would expand into other options are not read as options
+        for line in [
+            "scp -*t h:y z",
+            "scp -t -l * x",
+            "scp -{t,o} x",
+            "scp -t *",
+            "sc? -t x",
+        ] {
+            assert_eq!(mode(line), None, "{line}");
+        }
+        // a glob later in a path is the target's to expand
+        assert_eq!(mode("scp -f /var/log/*.log"), Some(ScpMode::Download));
+        assert_eq!(mode("scp -f -- *.txt"), Some(ScpMode::Download));
         // a line that runs more than that one scp is an exec
         for line in [
             "scp -t x; sh -c id",
@@ -197,7 +258,7 @@ mod tests {
         // quoted, those characters are words like any other
         let s = ScpCommand::parse("scp -t '/tmp/a;b$(c)'").expect("scp");
         assert_eq!(s.path, "/tmp/a;b$(c)");
-        assert_eq!(words("a;b", false), Some(vec!["a;b".into()]));
+        assert_eq!(words("a;b", false), Some(vec![("a;b".into(), false)]));
         // -f wins, as in scp
         assert_eq!(mode("scp -t -f x"), Some(ScpMode::Download));
         let s = ScpCommand::parse("scp -v -d -t -- '/tmp/a b'").expect("scp");

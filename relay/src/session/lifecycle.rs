@@ -29,7 +29,9 @@ pub async fn handle_connection(
             return;
         }
     };
-    let (stream, cutter) = Cuttable::socket(stream);
+    let (mut stream, cutter) = Cuttable::socket(stream);
+    let progress = stream.progress();
+    stream.get_mut().report_progress(progress);
     // a client that takes no bytes at all blocks the connection's task in a write, where the
     // keepalives that would notice it never run: cut it after as long as they would take
     tokio::spawn(

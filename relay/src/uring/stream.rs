@@ -40,6 +40,8 @@ pub struct UringStream {
     ring: Arc<Ring>,
     rd: ReadSide,
     wr: WriteSide,
+    /// Told each time a send moves bytes (one write can take several sends).
+    progress: Option<crate::cut::Progress>,
 }
 
 impl UringStream {
@@ -63,6 +65,7 @@ impl UringStream {
                 op: None,
                 off: 0,
             },
+            progress: None,
         })
     }
 
@@ -123,6 +126,9 @@ impl UringStream {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.wr.off += res as usize;
+            if let Some(p) = &self.progress {
+                p.moved();
+            }
             if self.wr.off < buf.len() {
                 self.submit_send(buf)?;
                 continue;
@@ -261,6 +267,15 @@ pub enum Leg {
 }
 
 impl Leg {
+    /// Tells `progress` whenever a send moves bytes, also in the middle of a write: io_uring
+    /// sends a write's buffer in as many sends as the peer's window takes. (On epoll each
+    /// write returns what it moved, which its [`Cuttable`](crate::cut::Cuttable) sees.)
+    pub fn report_progress(&mut self, progress: crate::cut::Progress) {
+        if let Leg::Uring(s) = self {
+            s.progress = Some(progress);
+        }
+    }
+
     /// `tcp` on this thread's back end.
     pub fn new(tcp: tokio::net::TcpStream) -> io::Result<Leg> {
         match current() {
