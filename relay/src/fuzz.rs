@@ -269,3 +269,63 @@ pub fn rdp_accept(data: &[u8]) {
         let _ = login.reason(true);
     }
 }
+
+/// What an SSH client sends before the key exchange ends, as psm's russh (with psm's patches
+/// to its packet reader) reads it: the data follows a client identification line, as packets
+/// in the clear (the length probe, padding cut, KEXINIT and what may come before it). psm's
+/// server configuration, one fixed host key; never panics, and ends on its own (the input
+/// runs out: end of stream).
+pub fn ssh_preauth(data: &[u8]) {
+    use std::sync::{Arc, OnceLock};
+    use tokio::io::AsyncWriteExt as _;
+    struct Refuse;
+    impl russh::server::Handler for Refuse {
+        type Error = russh::Error;
+    }
+    static CONFIG: OnceLock<Arc<russh::server::Config>> = OnceLock::new();
+    let config = CONFIG
+        .get_or_init(|| {
+            let key = russh::keys::PrivateKey::from(
+                russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7u8; 32]),
+            );
+            Arc::new(russh::server::Config {
+                keys: vec![key],
+                auth_rejection_time: std::time::Duration::ZERO,
+                auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+                inactivity_timeout: Some(std::time::Duration::from_secs(2)),
+                window_size: crate::flow::WINDOW,
+                maximum_packet_size: crate::flow::MAX_PACKET,
+                preferred: russh::Preferred {
+                    cipher: std::borrow::Cow::Borrowed(crate::CIPHERS),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+        })
+        .clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let session = async {
+            if let Ok(running) = russh::server::run_stream(config, server, Refuse).await {
+                let _ = running.await;
+            }
+        };
+        let feed = async {
+            let _ = client.write_all(b"SSH-2.0-fuzz\r\n").await;
+            let _ = client.write_all(data).await;
+            let _ = client.shutdown().await;
+            client
+        };
+        // the session ends at the end of the input; 10 s is a hang
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let (_, client) = tokio::join!(session, feed);
+            drop(client);
+        })
+        .await;
+        assert!(ended.is_ok(), "the session did not end with its input");
+    });
+}

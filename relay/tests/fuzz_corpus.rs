@@ -50,3 +50,8 @@ fn rdp_engine_target_corpus() {
 fn rdp_accept_corpus() {
     replay("rdp_accept", psm_relay::fuzz::rdp_accept);
 }
+
+#[test]
+fn ssh_preauth_corpus() {
+    replay("ssh_preauth", psm_relay::fuzz::ssh_preauth);
+}
