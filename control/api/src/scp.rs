@@ -81,8 +81,10 @@ impl ScpCommand {
             }
         }
         let operands = &args[i.min(args.len())..];
-        // (after `--` every word is a file name, whatever it expands to)
+        // (after `--` every word is a file name, whatever it expands to; and once `-f` is
+        // among the options, it wins over whatever a glob could add)
         if !dashes
+            && !from
             && operands
                 .first()
                 .is_some_and(|(w, glob)| *glob && w.starts_with(['*', '?', '[', '{']))
@@ -134,6 +136,12 @@ fn words(cmd: &str, plain: bool) -> Option<Vec<(String, bool)>> {
     while let Some(c) = it.next() {
         match c {
             c if plain && UNQUOTED_SPECIAL.contains(&c) => return None,
+            // a comment: the shell ignores the rest of the line (up to a line break, where a
+            // backslash does not join it), which psm would read as words
+            '#' if plain && !any && cur.is_empty() => return None,
+            // the shell splits words on spaces and tabs only: any other control character
+            // would be one word to it and a separator (or a character) to psm
+            c if plain && c.is_control() && c != ' ' && c != '\t' => return None,
             '\'' => {
                 any = true;
                 for c in it.by_ref() {
@@ -149,6 +157,7 @@ fn words(cmd: &str, plain: bool) -> Option<Vec<(String, bool)>> {
                     match c {
                         '"' => break,
                         '\\' => match it.next() {
+                            Some('\n' | '\r') if plain => return None,
                             Some(n @ ('"' | '\\' | '$' | '`')) => cur.push(n),
                             Some(n) => {
                                 cur.push('\\');
@@ -163,11 +172,14 @@ fn words(cmd: &str, plain: bool) -> Option<Vec<(String, bool)>> {
             }
             '\\' => {
                 any = true;
-                if let Some(n) = it.next() {
-                    cur.push(n);
+                match it.next() {
+                    // backslash and line break: the shell joins the lines
+                    Some('\n' | '\r') if plain => return None,
+                    Some(n) => cur.push(n),
+                    None => {}
                 }
             }
-            c if c.is_ascii_whitespace() => {
+            ' ' | '\t' => {
                 if any || !cur.is_empty() {
                     out.push((std::mem::take(&mut cur), glob));
                     any = false;
@@ -259,6 +271,25 @@ mod tests {
         let s = ScpCommand::parse("scp -t '/tmp/a;b$(c)'").expect("scp");
         assert_eq!(s.path, "/tmp/a;b$(c)");
         assert_eq!(words("a;b", false), Some(vec![("a;b".into(), false)]));
+        // what the shell reads otherwise than psm would: comments, joined lines, separators
+        for line in [
+            "scp -t x #\\\nsh -c id",
+            "scp -i\\\n -t '-oProxyCommand=id' h:x /tmp/y",
+            "scp -t \"x\\\n\"",
+            "scp '-oProxyCommand=id;'\x0c-t h:x /tmp/y",
+            "scp\x0b-t x",
+            "scp -t x\r",
+        ] {
+            assert_eq!(mode(line), None, "{line:?}");
+        }
+        // a '#' inside a word is a character, and tabs separate words
+        assert_eq!(
+            ScpCommand::parse("scp\t-t\t/tmp/a#b").map(|s| s.path),
+            Some("/tmp/a#b".into())
+        );
+        // a download's leading glob: -f wins whatever it expands to (OpenSSH's scp -O sends
+        // `scp -f *.log` for 'host:*.log')
+        assert_eq!(mode("scp -f *.log"), Some(ScpMode::Download));
         // -f wins, as in scp
         assert_eq!(mode("scp -t -f x"), Some(ScpMode::Download));
         let s = ScpCommand::parse("scp -v -d -t -- '/tmp/a b'").expect("scp");
