@@ -585,6 +585,24 @@ impl Engine {
                     out.push(Out::Event(clip_refused(what, did, rule)));
                 }
             }
+            (Filter::Rdpdr(rdpdr), _) => {
+                let chunk = channels::chunk(user_data)?;
+                let r = rdpdr.feed_down(frame, &chunk)?;
+                for s in r.steps {
+                    if let Step::Forward(f) = s {
+                        to_client(out, f);
+                    }
+                }
+                if let Some(device) = r.dropped {
+                    out.push(Out::Event(RdpEvent::Refused {
+                        channel: ch.name.clone(),
+                        what: "device",
+                        reason: format!(
+                            "the target's I/O request for device {device}, which psm did not pass on"
+                        ),
+                    }));
+                }
+            }
             (Filter::Dvc(dvc), _) => {
                 let chunk = channels::chunk(user_data)?;
                 let r = dvc.feed(frame, &chunk)?;

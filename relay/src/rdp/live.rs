@@ -75,7 +75,14 @@ struct Running<'a> {
     bytes: Arc<SessionBytes>,
     /// The target said it disconnects (so its EOF is a normal end).
     target_ended: bool,
+    /// Refusals seen per channel and kind: the first [`REFUSALS_AUDITED`] of each are audited,
+    /// the rest counted in one event at the end (a peer that repeats one refused thing cannot
+    /// fill the relay's audit queue).
+    refusals: std::collections::BTreeMap<(String, &'static str), u64>,
 }
+
+/// Refusal events audited per channel and kind of a session before the rest are only counted.
+const REFUSALS_AUDITED: u64 = 8;
 
 impl Running<'_> {
     /// Records bytes; `Err` once the recording is lost (nothing more may be relayed).
@@ -97,6 +104,35 @@ impl Running<'_> {
         }
     }
 
+    fn refused(&self, channel: String, what: &str, reason: String) {
+        self.ctx.audit.emit(AuditKind::RdpChannel {
+            session_id: self.a.session_id.clone(),
+            user: self.a.user.clone(),
+            target: self.a.target.name.clone(),
+            account: self.a.account.username.clone(),
+            channel,
+            what: what.to_string(),
+            reason,
+        });
+    }
+
+    /// One event per channel and kind whose refusals went past [`REFUSALS_AUDITED`], with
+    /// how many were not audited one by one.
+    fn refusals_summary(&mut self) {
+        for ((channel, what), n) in std::mem::take(&mut self.refusals) {
+            if n > REFUSALS_AUDITED {
+                let more = n - REFUSALS_AUDITED;
+                self.refused(
+                    channel,
+                    what,
+                    format!(
+                        "{more} more refusals of this kind in the session, not audited one by one"
+                    ),
+                );
+            }
+        }
+    }
+
     async fn event(&mut self, e: RdpEvent) {
         if let RdpEvent::Refused {
             channel,
@@ -105,16 +141,12 @@ impl Running<'_> {
         } = &e
         {
             let channel = crate::escape_short(channel);
-            info!(session = %self.a.session_id, %channel, what, reason = %Escaped(reason), "rdp channel refused");
-            self.ctx.audit.emit(AuditKind::RdpChannel {
-                session_id: self.a.session_id.clone(),
-                user: self.a.user.clone(),
-                target: self.a.target.name.clone(),
-                account: self.a.account.username.clone(),
-                channel,
-                what: what.to_string(),
-                reason: reason.clone(),
-            });
+            let seen = self.refusals.entry((channel.clone(), *what)).or_default();
+            *seen += 1;
+            if *seen <= REFUSALS_AUDITED {
+                info!(session = %self.a.session_id, %channel, what, reason = %Escaped(reason), "rdp channel refused");
+                self.refused(channel, what, reason.clone());
+            }
         }
         if matches!(e, RdpEvent::Disconnect { by_client: false }) {
             self.target_ended = true;
@@ -395,6 +427,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
         recording,
         bytes: bytes.clone(),
         target_ended: false,
+        refusals: Default::default(),
     };
     let _ = s
         .record(
@@ -487,6 +520,7 @@ pub(super) async fn run(ctx: &WorkerCtx, a: Admitted) {
     .await;
     let _ = tokio::time::timeout(CLOSE_GRACE, client.io.shutdown()).await;
     drop((client, target));
+    s.refusals_summary();
     let recording = s.recording.take();
     if let Some(rec) = &recording {
         let line = format!("end {}\n", reason.code());

@@ -23,3 +23,27 @@ pub mod tls;
 pub mod wire;
 
 pub use session::handle_rdp_connection;
+
+/// An RDP leg: the connection on its worker's back end, cut when its peer stops taking bytes.
+pub type RdpLeg = crate::cut::Cuttable<crate::uring::Leg>;
+
+/// How long a write to an RDP peer may wait on a peer that takes nothing before its leg is cut
+/// (the time psm gives an SSH client, whose keepalives would have noticed by then).
+const RDP_WRITE_STALL: std::time::Duration = crate::USER_WRITE_STALL;
+
+/// `tcp` as an RDP leg: on the worker's back end, with TCP keepalives (RDP has none of its
+/// own that psm sees, so a peer that vanished while the screen was still is noticed), and
+/// watched for writes its peer never takes ([`crate::cut::Cutter::cut_when_writes_stall`]):
+/// either would otherwise hold the session, its user's slot and its recording for good.
+pub(crate) fn leg(tcp: tokio::net::TcpStream) -> std::io::Result<RdpLeg> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    let (mut leg, cutter) = crate::cut::Cuttable::socket(crate::uring::Leg::new(tcp)?);
+    let progress = leg.progress();
+    leg.get_mut().report_progress(progress);
+    tokio::spawn(cutter.cut_when_writes_stall(RDP_WRITE_STALL));
+    Ok(leg)
+}

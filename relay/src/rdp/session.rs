@@ -16,7 +16,6 @@ use psm_control_api::{now_ms, Account, AuditKind, Denial, Escaped, Login, Target
 use sspi::credssp::TsRequest;
 use tokio::net::TcpStream;
 
-use crate::uring::Leg;
 use tracing::info;
 
 use super::accept::{negotiate, Negotiation};
@@ -31,7 +30,7 @@ use crate::session::{logged_login, WorkerCtx};
 use crate::startups::UserPermit;
 
 /// The TLS stream toward the user.
-pub type ClientTls = tokio_rustls::server::TlsStream<Leg>;
+pub type ClientTls = tokio_rustls::server::TlsStream<super::RdpLeg>;
 
 /// The authentication method names in the audit log.
 pub const METHOD: &str = "nla";
@@ -66,7 +65,9 @@ pub(super) fn new_id() -> String {
 }
 
 /// Counts a connection that failed before authenticating and logs it, rate-limited.
-pub(super) fn preauth_failure(ctx: &WorkerCtx, peer: SocketAddr, why: &str) {
+/// Counts a failure before authentication and logs it at a limited rate (relay-wide); `Some`
+/// (the failures held back since the last one logged) when this one was logged.
+pub(super) fn preauth_failure(ctx: &WorkerCtx, peer: SocketAddr, why: &str) -> Option<u64> {
     Counters::bump(&ctx.counters.preauth_failures);
     let allowed = match ctx.preauth_log.lock() {
         Ok(mut l) => l.allow(Instant::now()),
@@ -75,6 +76,7 @@ pub(super) fn preauth_failure(ctx: &WorkerCtx, peer: SocketAddr, why: &str) {
     if let Some(suppressed) = allowed {
         info!(%peer, reason = %Escaped(why), suppressed, protocol = "rdp", "connection failed before authentication");
     }
+    allowed
 }
 
 /// Who a session is for, once admitted.
@@ -120,7 +122,7 @@ pub async fn handle_rdp_connection(
         }
     };
     let _ = stream.set_nodelay(true);
-    let stream = match Leg::new(stream) {
+    let stream = match super::leg(stream) {
         Ok(s) => s,
         Err(e) => {
             preauth_failure(&ctx, peer, &format!("cannot set the connection up: {e}"));
@@ -257,22 +259,29 @@ impl Phase<'_> {
         }
     }
 
-    /// A failure before the client named a user: counted and logged (rate-limited) as a
-    /// pre-authentication failure, and audited as an `auth_failure` without a login.
+    /// A failure before the client named a user: counted and logged as a pre-authentication
+    /// failure, and audited as an `auth_failure` without a login, both at the same limited
+    /// rate (anyone can open connections that fail here: they do not get to fill the audit
+    /// queue), the events held back counted in the next one.
     fn early_failure(&self, why: &str) -> Option<Admitted> {
-        preauth_failure(self.ctx, self.peer, why);
+        let suppressed = preauth_failure(self.ctx, self.peer, why)?;
+        let reason = if suppressed > 0 {
+            format!("{why} ({suppressed} earlier failures before a login not audited)")
+        } else {
+            why.to_string()
+        };
         self.ctx.audit.emit(AuditKind::AuthFailure {
             protocol: psm_control_api::Protocol::Rdp,
             login: String::new(),
             method: METHOD.to_string(),
             source: self.source(),
-            reason: why.to_string(),
+            reason,
             side: Side::Client.to_string(),
         });
         None
     }
 
-    async fn run(&mut self, cert: &GatewayCert, stream: Leg) -> Option<Admitted> {
+    async fn run(&mut self, cert: &GatewayCert, stream: super::RdpLeg) -> Option<Admitted> {
         let mut io = Framed::new(stream);
         let cr = match io.read_pdu().await {
             Ok(f) => f,

@@ -12,7 +12,6 @@ use ironrdp_pdu::x224::X224;
 use psm_control_api::{Account, Credential, Secret, Target};
 use tokio::net::TcpStream;
 
-use crate::uring::Leg;
 use tokio_rustls::client::TlsStream;
 
 use super::tls::{pinned_client, subject_public_key, PIN_MISMATCH};
@@ -97,7 +96,7 @@ impl TargetError {
 /// A target leg ready for the MCS phase.
 pub struct TargetLeg {
     /// The TLS stream, with what was read past CredSSP.
-    pub io: Framed<TlsStream<Leg>>,
+    pub io: Framed<TlsStream<super::RdpLeg>>,
     /// What the target selected (HYBRID: logged in by CredSSP; SSL: the Client Info logs in).
     pub protocol: SecurityProtocol,
 }
@@ -136,7 +135,7 @@ async fn connect_inner(target: &Target, account: &Account) -> Result<TargetLeg, 
             why: e.to_string(),
         })?;
     let _ = tcp.set_nodelay(true);
-    let tcp = Leg::new(tcp).map_err(|e| TargetError::Unreachable {
+    let tcp = super::leg(tcp).map_err(|e| TargetError::Unreachable {
         address: target.address.clone(),
         why: e.to_string(),
     })?;
@@ -219,7 +218,7 @@ fn cookie(user: &str) -> String {
 /// zeroizing secret). psm offered SSL|HYBRID, so the target cannot pick HYBRID_EX and no Early
 /// User Authorization Result follows.
 async fn nla(
-    io: &mut Framed<TlsStream<Leg>>,
+    io: &mut Framed<TlsStream<super::RdpLeg>>,
     target: &Target,
     account: &Account,
     secret: &Secret,

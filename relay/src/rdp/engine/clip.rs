@@ -13,11 +13,17 @@ use ironrdp_core::encode_vec;
 use super::channels::Chunk;
 use super::svc::{Decision, Messages, Step};
 
+const MONITOR_READY: u16 = 0x0001;
 const FORMAT_LIST: u16 = 0x0002;
+const FORMAT_LIST_RESPONSE: u16 = 0x0003;
 const FORMAT_DATA_REQUEST: u16 = 0x0004;
 const FORMAT_DATA_RESPONSE: u16 = 0x0005;
+const TEMP_DIRECTORY: u16 = 0x0006;
+const CLIP_CAPS: u16 = 0x0007;
 const FILE_CONTENTS_REQUEST: u16 = 0x0008;
 const FILE_CONTENTS_RESPONSE: u16 = 0x0009;
+const LOCK_CLIPDATA: u16 = 0x000a;
+const UNLOCK_CLIPDATA: u16 = 0x000b;
 
 /// Bytes of a message's start psm reads: the header (8) and a File Contents Request's stream id.
 const NEED: usize = 12;
@@ -99,7 +105,14 @@ impl Clip {
                         (other, "file paste requested"),
                     )
                 }
-                _ => (true, None, (own, "")),
+                // the protocol's own small messages, either way
+                MONITOR_READY | FORMAT_LIST_RESPONSE | CLIP_CAPS | LOCK_CLIPDATA
+                | UNLOCK_CLIPDATA => (true, None, (own, "")),
+                // a path of the client's: data too
+                TEMP_DIRECTORY => (sender_out, None, (own, "temporary directory")),
+                // a type the protocol does not have carries what a patched peer likes: never
+                // past a one-way rule
+                _ => (false, None, (own, "unknown clipboard message")),
             };
             if allowed {
                 return Ok(Decision::Pass);

@@ -1,12 +1,15 @@
 //! Device redirection (`rdpdr`) when the grant allows some device kinds: the client's Device
 //! List Announce is rewritten without the devices the grant refuses, so the target never learns
-//! of them (and never sends them I/O requests).
+//! of them; and an I/O request from the target reaches the client only for a device psm passed
+//! on (a client looks a request's device up among all it loaded, so a target that guessed a
+//! refused drive's number would otherwise reach it).
 
 use super::channels::Chunk;
 use super::svc::{Decision, Messages, Step};
 
 const RDPDR_CTYP_CORE: u16 = 0x4472;
 const PAKID_CORE_DEVICELIST_ANNOUNCE: u16 = 0x4441;
+const PAKID_CORE_DEVICE_IOREQUEST: u16 = 0x4952;
 
 const DTYP_SERIAL: u32 = 0x01;
 const DTYP_PARALLEL: u32 = 0x02;
@@ -23,13 +26,25 @@ pub(super) struct Removed {
     pub name: String,
 }
 
-/// The device filter of one session's `rdpdr` channel (client to target only).
+/// The device filter of one session's `rdpdr` channel.
 #[derive(Debug)]
 pub(super) struct Rdpdr {
     drive: bool,
     printer: bool,
     smartcard: bool,
     up: Messages,
+    down: Messages,
+    /// The ids of the devices psm passed on to the target.
+    announced: std::collections::HashSet<u32>,
+}
+
+/// What became of one chunk from the target.
+#[derive(Debug, Default)]
+pub(super) struct RdpdrDown {
+    /// Frames to relay unchanged.
+    pub steps: Vec<Step>,
+    /// The device id of an I/O request dropped because psm never passed that device on.
+    pub dropped: Option<u32>,
 }
 
 /// What became of one chunk.
@@ -49,7 +64,33 @@ impl Rdpdr {
             printer,
             smartcard,
             up: Messages::default(),
+            down: Messages::default(),
+            announced: Default::default(),
         }
+    }
+
+    /// One chunk from the target: an I/O request for a device psm did not pass on is dropped.
+    pub fn feed_down(&mut self, frame: &[u8], chunk: &Chunk<'_>) -> Result<RdpdrDown, String> {
+        let announced = &self.announced;
+        let mut dropped = None;
+        let mut decide = |head: &[u8]| -> Result<Decision, String> {
+            let request = head.len() >= 8
+                && u16::from_le_bytes([head[0], head[1]]) == RDPDR_CTYP_CORE
+                && u16::from_le_bytes([head[2], head[3]]) == PAKID_CORE_DEVICE_IOREQUEST;
+            if !request {
+                return Ok(Decision::Pass);
+            }
+            let device = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            Ok(if announced.contains(&device) {
+                Decision::Pass
+            } else {
+                dropped = Some(device);
+                Decision::Drop
+            })
+        };
+        let mut steps = Vec::new();
+        self.down.feed(frame, chunk, 8, &mut decide, &mut steps)?;
+        Ok(RdpdrDown { steps, dropped })
     }
 
     /// One chunk from the client.
@@ -86,7 +127,7 @@ impl Rdpdr {
     }
 
     /// The Device List Announce without the refused devices.
-    fn filter(&self, msg: &[u8]) -> Result<(Vec<u8>, Vec<Removed>), String> {
+    fn filter(&mut self, msg: &[u8]) -> Result<(Vec<u8>, Vec<Removed>), String> {
         let short = || "rdpdr Device List Announce truncated".to_string();
         let count = msg.get(4..8).ok_or_else(short)?;
         let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
@@ -108,6 +149,8 @@ impl Rdpdr {
             if self.allowed(ty) {
                 out.extend_from_slice(&msg[at..end]);
                 kept += 1;
+                self.announced
+                    .insert(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
             } else {
                 removed.push(Removed {
                     kind: kind(ty),

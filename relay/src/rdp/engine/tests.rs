@@ -398,6 +398,39 @@ fn clipboard_from_target_only_drops_the_clients_copies() {
     let f = samples::send_data_indication(id, format_list()).expect("sample");
     e.target_frame(X, &f, &mut out).expect("relayed");
     assert_eq!(to_client(&out), [&f]);
+    // the protocol's capabilities pass either way; a message type it does not have carries
+    // nothing past the rule, either way
+    let caps = samples::send_data_request(id, channel_pdu(&[7, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]))
+        .expect("sample");
+    let mut out = Vec::new();
+    e.client_frame(X, &caps, &mut out).expect("relayed");
+    assert_eq!(to_target(&out), [&caps]);
+    for (from_client, frame) in [
+        (
+            true,
+            samples::send_data_request(id, channel_pdu(&[0x42, 0, 0, 0, 4, 0, 0, 0, 1, 2, 3, 4]))
+                .expect("sample"),
+        ),
+        (
+            false,
+            samples::send_data_indication(
+                id,
+                channel_pdu(&[0x42, 0, 0, 0, 4, 0, 0, 0, 1, 2, 3, 4]),
+            )
+            .expect("sample"),
+        ),
+    ] {
+        let mut out = Vec::new();
+        if from_client {
+            e.client_frame(X, &frame, &mut out).expect("dropped");
+        } else {
+            e.target_frame(X, &frame, &mut out).expect("dropped");
+        }
+        assert!(
+            to_target(&out).is_empty() && to_client(&out).is_empty(),
+            "{from_client}"
+        );
+    }
 }
 
 fn device(ty: u32, id: u32, name: &[u8; 8], data: &[u8]) -> Vec<u8> {
@@ -448,6 +481,26 @@ fn rdpdr_announces_only_allowed_devices() {
     .expect("sample");
     e.client_frame(X, &f, &mut out).expect("relayed");
     assert_eq!(to_target(&out), [&f]);
+    // the target's I/O requests reach the client for the printer (2) only: not for the
+    // drive (1) psm left out, which the client still has loaded
+    let io_request = |device: u32| {
+        let mut m = vec![0x72, 0x44, 0x52, 0x49];
+        m.extend(device.to_le_bytes());
+        m.extend([0; 16]);
+        samples::send_data_indication(channel_id("rdpdr"), channel_pdu(&m)).expect("sample")
+    };
+    let mut out = Vec::new();
+    e.target_frame(X, &io_request(2), &mut out)
+        .expect("relayed");
+    assert_eq!(to_client(&out), [&io_request(2)]);
+    let mut out = Vec::new();
+    e.target_frame(X, &io_request(1), &mut out)
+        .expect("dropped");
+    assert!(to_client(&out).is_empty());
+    assert!(matches!(
+        events(&out)[..],
+        [RdpEvent::Refused { what: "device", .. }]
+    ));
 }
 
 #[test]
