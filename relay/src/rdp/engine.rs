@@ -594,12 +594,17 @@ impl Engine {
                     }
                 }
                 if let Some(device) = r.dropped {
+                    let reason = if device == 0 {
+                        "the target's printer message, where psm passed no printer on".to_string()
+                    } else {
+                        format!(
+                            "the target's I/O request for device {device}, which psm did not pass on"
+                        )
+                    };
                     out.push(Out::Event(RdpEvent::Refused {
                         channel: ch.name.clone(),
                         what: "device",
-                        reason: format!(
-                            "the target's I/O request for device {device}, which psm did not pass on"
-                        ),
+                        reason,
                     }));
                 }
             }

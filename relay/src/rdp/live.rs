@@ -83,6 +83,8 @@ struct Running<'a> {
 
 /// Refusal events audited per channel and kind of a session before the rest are only counted.
 const REFUSALS_AUDITED: u64 = 8;
+/// Channel and kind pairs counted apart in a session; later ones share one count.
+const REFUSAL_KEYS: usize = 16;
 
 impl Running<'_> {
     /// Records bytes; `Err` once the recording is lost (nothing more may be relayed).
@@ -140,7 +142,14 @@ impl Running<'_> {
             reason,
         } = &e
         {
-            let channel = crate::escape_short(channel);
+            let mut channel = crate::escape_short(channel);
+            // a dynamic channel's name is the peer's to choose: past a handful of names, the
+            // rest share one count
+            if self.refusals.len() >= REFUSAL_KEYS
+                && !self.refusals.contains_key(&(channel.clone(), *what))
+            {
+                channel = "(other channels)".into();
+            }
             let seen = self.refusals.entry((channel.clone(), *what)).or_default();
             *seen += 1;
             if *seen <= REFUSALS_AUDITED {

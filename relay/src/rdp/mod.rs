@@ -40,7 +40,11 @@ pub(crate) fn leg(tcp: tokio::net::TcpStream) -> std::io::Result<RdpLeg> {
         .with_time(std::time::Duration::from_secs(30))
         .with_interval(std::time::Duration::from_secs(10))
         .with_retries(6);
-    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    let sock = socket2::SockRef::from(&tcp);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    // keepalives do not run while sent bytes wait for their acknowledgement: a peer that
+    // vanished with bytes in flight is given up after this, not after the kernel's 15 minutes
+    let _ = sock.set_tcp_user_timeout(Some(RDP_WRITE_STALL));
     let (mut leg, cutter) = crate::cut::Cuttable::socket(crate::uring::Leg::new(tcp)?);
     let progress = leg.progress();
     leg.get_mut().report_progress(progress);

@@ -65,9 +65,8 @@ pub(super) fn new_id() -> String {
 }
 
 /// Counts a connection that failed before authenticating and logs it, rate-limited.
-/// Counts a failure before authentication and logs it at a limited rate (relay-wide); `Some`
-/// (the failures held back since the last one logged) when this one was logged.
-pub(super) fn preauth_failure(ctx: &WorkerCtx, peer: SocketAddr, why: &str) -> Option<u64> {
+/// Counts a failure before authentication and logs it at a limited rate (relay-wide).
+pub(super) fn preauth_failure(ctx: &WorkerCtx, peer: SocketAddr, why: &str) {
     Counters::bump(&ctx.counters.preauth_failures);
     let allowed = match ctx.preauth_log.lock() {
         Ok(mut l) => l.allow(Instant::now()),
@@ -76,7 +75,6 @@ pub(super) fn preauth_failure(ctx: &WorkerCtx, peer: SocketAddr, why: &str) -> O
     if let Some(suppressed) = allowed {
         info!(%peer, reason = %Escaped(why), suppressed, protocol = "rdp", "connection failed before authentication");
     }
-    allowed
 }
 
 /// Who a session is for, once admitted.
@@ -259,12 +257,22 @@ impl Phase<'_> {
         }
     }
 
-    /// A failure before the client named a user: counted and logged as a pre-authentication
-    /// failure, and audited as an `auth_failure` without a login, both at the same limited
-    /// rate (anyone can open connections that fail here: they do not get to fill the audit
-    /// queue), the events held back counted in the next one.
+    /// A failure before the client named a user: counted and logged (rate-limited) as a
+    /// pre-authentication failure, and audited as an `auth_failure` without a login at most 20
+    /// times a second for the whole relay (anyone can open connections that fail here: they do
+    /// not get to fill the audit queue), the events held back counted in the next one.
     fn early_failure(&self, why: &str) -> Option<Admitted> {
-        let suppressed = preauth_failure(self.ctx, self.peer, why)?;
+        preauth_failure(self.ctx, self.peer, why);
+        // its own limiter: the log's is shared with SSH's pre-authentication failures
+        static AUDITED: std::sync::Mutex<Option<crate::startups::LogLimiter>> =
+            std::sync::Mutex::new(None);
+        let suppressed = {
+            let mut l = AUDITED.lock().unwrap_or_else(|p| p.into_inner());
+            l.get_or_insert_with(|| {
+                crate::startups::LogLimiter::new(20, std::time::Duration::from_secs(1))
+            })
+            .allow(Instant::now())
+        }?;
         let reason = if suppressed > 0 {
             format!("{why} ({suppressed} earlier failures before a login not audited)")
         } else {

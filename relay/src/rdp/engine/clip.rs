@@ -105,11 +105,10 @@ impl Clip {
                         (other, "file paste requested"),
                     )
                 }
-                // the protocol's own small messages, either way
-                MONITOR_READY | FORMAT_LIST_RESPONSE | CLIP_CAPS | LOCK_CLIPDATA
-                | UNLOCK_CLIPDATA => (true, None, (own, "")),
-                // a path of the client's: data too
-                TEMP_DIRECTORY => (sender_out, None, (own, "temporary directory")),
+                // the protocol's own small messages, either way (the client's temporary
+                // directory tells the target where files copied to the client go)
+                MONITOR_READY | FORMAT_LIST_RESPONSE | TEMP_DIRECTORY | CLIP_CAPS
+                | LOCK_CLIPDATA | UNLOCK_CLIPDATA => (true, None, (own, "")),
                 // a type the protocol does not have carries what a patched peer likes: never
                 // past a one-way rule
                 _ => (false, None, (own, "unknown clipboard message")),

@@ -8,7 +8,11 @@ use super::channels::Chunk;
 use super::svc::{Decision, Messages, Step};
 
 const RDPDR_CTYP_CORE: u16 = 0x4472;
+/// The printer component: a client hands its messages to the printer it loaded, whatever psm
+/// passed on.
+const RDPDR_CTYP_PRN: u16 = 0x5052;
 const PAKID_CORE_DEVICELIST_ANNOUNCE: u16 = 0x4441;
+const PAKID_CORE_DEVICELIST_REMOVE: u16 = 0x444d;
 const PAKID_CORE_DEVICE_IOREQUEST: u16 = 0x4952;
 
 const DTYP_SERIAL: u32 = 0x01;
@@ -34,8 +38,10 @@ pub(super) struct Rdpdr {
     smartcard: bool,
     up: Messages,
     down: Messages,
-    /// The ids of the devices psm passed on to the target.
+    /// The ids of the devices psm passed on to the target (and the client did not remove).
     announced: std::collections::HashSet<u32>,
+    /// A printer was passed on.
+    printer_passed: bool,
 }
 
 /// What became of one chunk from the target.
@@ -66,16 +72,24 @@ impl Rdpdr {
             up: Messages::default(),
             down: Messages::default(),
             announced: Default::default(),
+            printer_passed: false,
         }
     }
 
     /// One chunk from the target: an I/O request for a device psm did not pass on is dropped.
     pub fn feed_down(&mut self, frame: &[u8], chunk: &Chunk<'_>) -> Result<RdpdrDown, String> {
         let announced = &self.announced;
+        let printer_passed = self.printer_passed;
         let mut dropped = None;
         let mut decide = |head: &[u8]| -> Result<Decision, String> {
+            let component = head.get(..2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+            if component == Some(RDPDR_CTYP_PRN) && !printer_passed {
+                // printer cache data for a printer psm never passed on
+                dropped = Some(0);
+                return Ok(Decision::Drop);
+            }
             let request = head.len() >= 8
-                && u16::from_le_bytes([head[0], head[1]]) == RDPDR_CTYP_CORE
+                && component == Some(RDPDR_CTYP_CORE)
                 && u16::from_le_bytes([head[2], head[3]]) == PAKID_CORE_DEVICE_IOREQUEST;
             if !request {
                 return Ok(Decision::Pass);
@@ -98,7 +112,10 @@ impl Rdpdr {
         let mut decide = |head: &[u8]| -> Result<Decision, String> {
             let announce = head.len() >= 4
                 && u16::from_le_bytes([head[0], head[1]]) == RDPDR_CTYP_CORE
-                && u16::from_le_bytes([head[2], head[3]]) == PAKID_CORE_DEVICELIST_ANNOUNCE;
+                && matches!(
+                    u16::from_le_bytes([head[2], head[3]]),
+                    PAKID_CORE_DEVICELIST_ANNOUNCE | PAKID_CORE_DEVICELIST_REMOVE
+                );
             Ok(if announce {
                 Decision::Collect
             } else {
@@ -110,6 +127,11 @@ impl Rdpdr {
         let mut out = RdpdrOut::default();
         for s in steps {
             match s {
+                Step::Message(m)
+                    if u16::from_le_bytes([m[2], m[3]]) == PAKID_CORE_DEVICELIST_REMOVE =>
+                {
+                    out.rewritten = Some((self.remove(&m)?, Vec::new()))
+                }
                 Step::Message(m) => out.rewritten = Some(self.filter(&m)?),
                 forward => out.steps.push(forward),
             }
@@ -124,6 +146,30 @@ impl Rdpdr {
             DTYP_SMARTCARD => self.smartcard,
             _ => false,
         }
+    }
+
+    /// A Device List Remove: its devices are no longer passed on, and the target hears only of
+    /// the ones it knew.
+    fn remove(&mut self, msg: &[u8]) -> Result<Vec<u8>, String> {
+        let short = || "rdpdr Device List Remove truncated".to_string();
+        let count = msg.get(4..8).ok_or_else(short)?;
+        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+        let mut out = Vec::with_capacity(msg.len());
+        out.extend_from_slice(&msg[..4]);
+        out.extend_from_slice(&[0; 4]);
+        let mut kept = 0u32;
+        let mut at = 8usize;
+        for _ in 0..count {
+            let id = msg.get(at..at + 4).ok_or_else(short)?;
+            let id = u32::from_le_bytes([id[0], id[1], id[2], id[3]]);
+            if self.announced.remove(&id) {
+                out.extend_from_slice(&id.to_le_bytes());
+                kept += 1;
+            }
+            at += 4;
+        }
+        out[4..8].copy_from_slice(&kept.to_le_bytes());
+        Ok(out)
     }
 
     /// The Device List Announce without the refused devices.
@@ -146,12 +192,15 @@ impl Rdpdr {
                 .and_then(|l| (at + 20).checked_add(l))
                 .filter(|&e| e <= msg.len())
                 .ok_or_else(short)?;
+            let id = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
             if self.allowed(ty) {
                 out.extend_from_slice(&msg[at..end]);
                 kept += 1;
-                self.announced
-                    .insert(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
+                self.announced.insert(id);
+                self.printer_passed |= ty == DTYP_PRINT;
             } else {
+                // an id reused for a refused device is no longer passed on
+                self.announced.remove(&id);
                 removed.push(Removed {
                     kind: kind(ty),
                     name: super::mcs::channel_name(&head[8..16]),

@@ -501,6 +501,45 @@ fn rdpdr_announces_only_allowed_devices() {
         events(&out)[..],
         [RdpEvent::Refused { what: "device", .. }]
     ));
+    // printer messages pass where a printer was passed on
+    let prn = samples::send_data_indication(
+        channel_id("rdpdr"),
+        channel_pdu(&[0x52, 0x50, 0x43, 0x50, 1, 0, 0, 0]),
+    )
+    .expect("sample");
+    let mut out = Vec::new();
+    e.target_frame(X, &prn, &mut out).expect("relayed");
+    assert_eq!(to_client(&out), [&prn]);
+    // the client removes its printer and a drive psm never passed on: the target hears of the
+    // printer only, and its requests to it stop
+    let mut remove = vec![0x72, 0x44, 0x4d, 0x44, 2, 0, 0, 0];
+    remove.extend(2u32.to_le_bytes());
+    remove.extend(1u32.to_le_bytes());
+    let f = samples::send_data_request(channel_id("rdpdr"), channel_pdu(&remove)).expect("sample");
+    let mut out = Vec::new();
+    e.client_frame(X, &f, &mut out).expect("filtered");
+    let sent = to_target(&out);
+    assert_eq!(sent.len(), 1);
+    let m = channel_message(sent[0]);
+    assert_eq!(&m[4..], &[1, 0, 0, 0, 2, 0, 0, 0], "{m:02x?}");
+    let mut out = Vec::new();
+    e.target_frame(X, &io_request(2), &mut out)
+        .expect("dropped");
+    assert!(to_client(&out).is_empty());
+
+    // where no printer was passed on, the target's printer messages do not reach the client
+    let rules = RdpChannels {
+        drive: true,
+        ..RdpChannels::default()
+    };
+    let (mut e, _) = samples::connected(rules).expect("connected");
+    let mut msg = vec![0x72, 0x44, 0x41, 0x44, 1, 0, 0, 0];
+    msg.extend(device(4, 2, b"PRN1\0\0\0\0", &[0; 24]));
+    let f = samples::send_data_request(channel_id("rdpdr"), channel_pdu(&msg)).expect("sample");
+    e.client_frame(X, &f, &mut Vec::new()).expect("filtered");
+    let mut out = Vec::new();
+    e.target_frame(X, &prn, &mut out).expect("dropped");
+    assert!(to_client(&out).is_empty());
 }
 
 #[test]
