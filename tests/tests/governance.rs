@@ -681,6 +681,23 @@ fn a_login_without_a_target_gets_a_menu_of_what_it_may_use_now() {
     );
 }
 
+/// alice's grant asks one approval from the group secops (`members`), within `timeout`.
+fn dual_control(w: &World, members: &[&str], timeout: &str) {
+    w.psm.psmctl_ok(&["group", "add", "secops"], None);
+    for u in members {
+        w.psm
+            .psmctl_ok(&["group", "member", "add", "secops", u], None);
+    }
+    w.regrant(&[
+        "--approval",
+        "1",
+        "--approvers",
+        "@secops",
+        "--approval-timeout",
+        timeout,
+    ]);
+}
+
 /// alice's login waiting for approval, in the background (asyncssh answers the dialogue).
 fn waiting_login(w: &World) -> std::process::Child {
     let mut c = py("mfa_login.py");
@@ -709,19 +726,7 @@ fn dual_control_approved_denied_and_timed_out() {
     let w = World::new();
     let bob = w.add_user_with_key("bob");
     let carol = w.add_user_with_key("carol");
-    w.psm.psmctl_ok(&["group", "add", "secops"], None);
-    for u in ["bob", "carol"] {
-        w.psm
-            .psmctl_ok(&["group", "member", "add", "secops", u], None);
-    }
-    w.regrant(&[
-        "--approval",
-        "1",
-        "--approvers",
-        "@secops",
-        "--approval-timeout",
-        "3s",
-    ]);
+    dual_control(&w, &["bob", "carol"], "3s");
     // approved
     let mark = w.psm.audit_mark();
     let child = waiting_login(&w);
@@ -836,15 +841,7 @@ fn a_login_that_never_answers_the_approval_step_is_cut_when_its_request_expires(
             ..Default::default()
         },
     );
-    w.psm.psmctl_ok(&["group", "add", "secops"], None);
-    w.regrant(&[
-        "--approval",
-        "1",
-        "--approvers",
-        "@secops",
-        "--approval-timeout",
-        "2s",
-    ]);
+    dual_control(&w, &[], "2s");
     let mark = w.psm.audit_mark();
     let mut c = Command::new(python3());
     c.arg("-c")
@@ -876,18 +873,8 @@ fn a_login_that_never_answers_the_approval_step_is_cut_when_its_request_expires(
 fn an_enrolled_approver_votes_only_with_a_verification_code() {
     let w = World::new();
     let bob = w.add_user_with_key("bob");
-    w.psm.psmctl_ok(&["group", "add", "secops"], None);
-    w.psm
-        .psmctl_ok(&["group", "member", "add", "secops", "bob"], None);
     let secret = enroll_user(&w, "bob");
-    w.regrant(&[
-        "--approval",
-        "1",
-        "--approvers",
-        "@secops",
-        "--approval-timeout",
-        "60s",
-    ]);
+    dual_control(&w, &["bob"], "60s");
     let mark = w.psm.audit_mark();
     let child = waiting_login(&w);
     let id = w.psm.approval_requested(mark);

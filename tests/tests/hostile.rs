@@ -917,14 +917,13 @@ fn a_stalled_channel_does_not_stall_another_on_the_same_connection() {
     stop_master(&w, &sock, &mut master);
 }
 
-#[test]
-fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
-    let w = World::new();
-    // a window far larger than the socket buffers: psm fills them and its SSH task toward the
-    // target blocks writing, where no DISCONNECT can get out
-    let evil = HostileTarget::start(&work(&w), "stall", &["--window", "67108864"]);
-    evil.register(&w);
-    let relay = w.psm.relay_pids()[0];
+/// A session toward a hostile target that writes "stalled" and then reads nothing, with a
+/// window far larger than the socket buffers (psm fills them, and its SSH task toward the
+/// target blocks writing): the target, the user's ssh (stdin piped, the first line read) and
+/// the audit mark before it.
+fn stalled_session(w: &World) -> (HostileTarget, Child, usize) {
+    let evil = HostileTarget::start(&work(w), "stall", &["--window", "67108864"]);
+    evil.register(w);
     let mark = w.psm.audit_mark();
     let mut ssh = w
         .ssh_as(&evil_login(), &w.alice_key)
@@ -938,6 +937,15 @@ fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
     let mut line = [0u8; 8];
     std::io::Read::read_exact(&mut out, &mut line).expect("the target's first line");
     assert_eq!(&line, b"stalled\n");
+    (evil, ssh, mark)
+}
+
+#[test]
+fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
+    let w = World::new();
+    // psm's SSH task toward the target blocks writing, where no DISCONNECT can get out
+    let (evil, mut ssh, mark) = stalled_session(&w);
+    let relay = w.psm.relay_pids()[0];
     // (ssh holds at most psm's window of 2 MiB, so 24 MiB written means psm took 22 of them,
     // far more than the socket buffers between psm and the target hold: 4 MiB to send, and a
     // receive buffer that does not grow while the target reads nothing)
@@ -1002,22 +1010,8 @@ fn a_target_that_stops_reading_mid_session_ends_it_as_unresponsive() {
             ..Default::default()
         },
     );
-    let evil = HostileTarget::start(&work(&w), "stall", &["--window", "67108864"]);
-    evil.register(&w);
+    let (evil, mut ssh, mark) = stalled_session(&w);
     let relay = w.psm.relay_pids()[0];
-    let mark = w.psm.audit_mark();
-    let mut ssh = w
-        .ssh_as(&evil_login(), &w.alice_key)
-        .arg("stall")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh");
-    let mut out = ssh.stdout.take().expect("stdout");
-    let mut line = [0u8; 8];
-    std::io::Read::read_exact(&mut out, &mut line).expect("the target's first line");
-    assert_eq!(&line, b"stalled\n");
     let mut stdin = ssh.stdin.take().expect("stdin");
     let writer = std::thread::spawn(move || {
         use std::io::Write as _;

@@ -163,10 +163,9 @@ fn wait_event(
     w.psm.wait_audit(what, Duration::from_secs(10), pred)
 }
 
-#[test]
-fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed() {
-    let w = World::new();
-    let echo = echo_server(8);
+/// Adds the `tcp` target db01 in front of the echo server on `echo`, served on a psm port of
+/// its own; waits until psm serves it. Returns the port and its `127.0.0.1:PORT`.
+fn tcp_target(w: &World, echo: u16) -> (u16, String) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let added = w.psm.psmctl_ok(
@@ -191,6 +190,14 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
         wait_for(Duration::from_secs(10), || port_open(port)),
         "psm serves the tcp target's port"
     );
+    (port, listen)
+}
+
+#[test]
+fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed() {
+    let w = World::new();
+    let echo = echo_server(8);
+    let (port, listen) = tcp_target(&w, echo);
 
     // no lease: the connection is closed before anything reaches the target, and audited
     assert!(closed_at_once(connect_from("127.0.0.1", port)));
@@ -322,31 +329,12 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
 fn a_lease_relays_at_most_its_cap_of_connections_at_once() {
     let w = World::new();
     let echo = echo_server(400);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    w.psm.psmctl_ok(
-        &[
-            "target",
-            "add",
-            "db01",
-            "--protocol",
-            "tcp",
-            "--address",
-            &format!("127.0.0.1:{echo}"),
-            "--listen",
-            &listen,
-        ],
-        None,
-    );
+    let (port, _) = tcp_target(&w, echo);
     w.psm.psmctl_ok(
         &["grant", "add", "alice", "tcp@db01", "--unrecorded-tcp"],
         None,
     );
     w.psm.wait_policy_applied();
-    assert!(
-        wait_for(Duration::from_secs(10), || port_open(port)),
-        "psm serves the tcp target's port"
-    );
     let lease = Lease::open(&w, &["-T"]);
     lease.line("is open to");
     let relay = w.psm.relay_pids()[0];

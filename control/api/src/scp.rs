@@ -35,10 +35,11 @@ impl ScpCommand {
     ///
     /// Only a line the shell runs as that one scp counts: the program is `scp` as scp clients
     /// send it (or scp's system path), and nothing in the line makes the shell run anything
-    /// else (no `;`, `|`, `&`, redirection, subshell, substitution or line break), nor turns
-    /// the options into other words (an unquoted `*`, `?`, `[` or `{` in the program, an
-    /// option or an option's argument, or at the start of the first operand, where a file
-    /// named like an option would become one). Any other line is an exec, decided and
+    /// else or read it otherwise than psm (no `;`, `|`, `&`, redirection, subshell,
+    /// substitution, comment, line break, backslash-joined line or control character), nor
+    /// turns the options into other words (an unquoted `*`, `?`, `[` or `{` in the program, an
+    /// option or an option's argument, or, for an upload without `--`, at the start of the
+    /// first operand, where a file named like an option would become one). Any other line is an exec, decided and
     /// audited as one: `scp -t x; sh`, or `scp -o 'ProxyCommand=…' x:y -t` (a client copy
     /// that starts ssh), under a grant for scp alone would otherwise run what it likes.
     pub fn parse(command: &str) -> Option<ScpCommand> {

@@ -152,11 +152,7 @@ impl Rdpdr {
     /// the ones it knew.
     fn remove(&mut self, msg: &[u8]) -> Result<Vec<u8>, String> {
         let short = || "rdpdr Device List Remove truncated".to_string();
-        let count = msg.get(4..8).ok_or_else(short)?;
-        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
-        let mut out = Vec::with_capacity(msg.len());
-        out.extend_from_slice(&msg[..4]);
-        out.extend_from_slice(&[0; 4]);
+        let (count, mut out) = list_start(msg).ok_or_else(short)?;
         let mut kept = 0u32;
         let mut at = 8usize;
         for _ in 0..count {
@@ -175,11 +171,7 @@ impl Rdpdr {
     /// The Device List Announce without the refused devices.
     fn filter(&mut self, msg: &[u8]) -> Result<(Vec<u8>, Vec<Removed>), String> {
         let short = || "rdpdr Device List Announce truncated".to_string();
-        let count = msg.get(4..8).ok_or_else(short)?;
-        let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
-        let mut out = Vec::with_capacity(msg.len());
-        out.extend_from_slice(&msg[..4]);
-        out.extend_from_slice(&[0; 4]);
+        let (count, mut out) = list_start(msg).ok_or_else(short)?;
         let mut kept = 0u32;
         let mut removed = Vec::new();
         let mut at = 8usize;
@@ -213,6 +205,17 @@ impl Rdpdr {
         out[4..8].copy_from_slice(&kept.to_le_bytes());
         Ok((out, removed))
     }
+}
+
+/// A device list message's count, and its copy so far: the header, and a count that the
+/// caller fills in once it knows how many entries it kept.
+fn list_start(msg: &[u8]) -> Option<(u32, Vec<u8>)> {
+    let count = msg.get(4..8)?;
+    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+    let mut out = Vec::with_capacity(msg.len());
+    out.extend_from_slice(&msg[..4]);
+    out.extend_from_slice(&[0; 4]);
+    Some((count, out))
 }
 
 fn kind(ty: u32) -> &'static str {
