@@ -10,7 +10,7 @@
 //! task that owns the stream is polling it just then.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::uring::Shutter;
 
 #[derive(Default)]
 struct CutState {
@@ -31,9 +33,21 @@ struct CutState {
     gone: AtomicBool,
     reader: AtomicWaker,
     writer: AtomicWaker,
-    /// The socket's descriptor while its stream lives (the stream clears it, under the lock,
-    /// before the descriptor is closed: a cut never reaches a number reused since).
-    socket: Mutex<Option<RawFd>>,
+    /// Shuts the socket down while its stream lives (the stream clears it, under the lock,
+    /// before its descriptor is closed: a cut never reaches a number reused since).
+    socket: Mutex<Option<Shutter>>,
+}
+
+/// A socket stream whose socket can be shut down from outside the task that owns it.
+pub trait Socket {
+    /// What shuts the socket down; valid while the stream lives.
+    fn shutter(&self) -> Shutter;
+}
+
+impl Socket for tokio::net::TcpStream {
+    fn shutter(&self) -> Shutter {
+        Shutter::fd(self.as_raw_fd())
+    }
 }
 
 /// Cuts the stream it was made with. Cheap to clone.
@@ -45,9 +59,8 @@ impl Cutter {
     pub fn cut(&self) {
         self.0.cut.store(true, Ordering::Release);
         if let Ok(socket) = self.0.socket.lock() {
-            if let Some(fd) = *socket {
-                // (a socket already shut down or reset answers ENOTCONN: nothing left to do)
-                let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+            if let Some(shutter) = &*socket {
+                shutter.shut();
             }
         }
         self.0.reader.wake();
@@ -154,12 +167,12 @@ impl<S> Cuttable<S> {
     /// Wraps the socket stream `inner`, which the [`Cutter`] also shuts down.
     pub fn socket(inner: S) -> (Cuttable<S>, Cutter)
     where
-        S: AsRawFd,
+        S: Socket,
     {
-        let fd = inner.as_raw_fd();
+        let shutter = inner.shutter();
         let (me, cutter) = Cuttable::new(inner);
         if let Ok(mut socket) = me.state.socket.lock() {
-            *socket = Some(fd);
+            *socket = Some(shutter);
         }
         (me, cutter)
     }

@@ -89,8 +89,14 @@ pub fn run_worker(
             match crate::uring::Ring::new() {
                 Ok(ring) => {
                     crate::uring::install(ring.clone());
+                    // a session's sockets live in the ring's table, not among the process's
+                    // descriptors, up to this many per worker
+                    info!(
+                        worker = index,
+                        registered_sockets = ring.slots(),
+                        "worker running on io_uring"
+                    );
                     tokio::task::spawn_local(ring.drive());
-                    info!(worker = index, "worker running on io_uring");
                 }
                 Err(e) if backend == IoBackend::Uring => return Err(e),
                 Err(e) => {

@@ -369,10 +369,9 @@ pub fn echo_server(n: usize) -> u16 {
     port
 }
 
-/// Sockets of process `pid` that are connected to 127.0.0.1:`port` (from /proc/net/tcp, by
-/// the inodes of the process's descriptors).
-pub fn connections_to(pid: u32, port: u16) -> usize {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+/// The socket inodes among the descriptors of process `pid`.
+fn socket_inodes(pid: &str) -> std::collections::HashSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.flatten()
                 .filter_map(|e| std::fs::read_link(e.path()).ok())
@@ -384,7 +383,41 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
                 })
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Sockets of process `pid` that are connected to 127.0.0.1:`port` (from /proc/net/tcp): those
+/// among its descriptors, and those no process has a descriptor of but that are still open (not
+/// orphaned, inode 0, as a closed socket is): psm-relay's legs live in its io_uring tables with
+/// no descriptor. (Only psm-relay dials the ports the tests ask about.)
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let (own, others) = (socket_inodes(&pid.to_string()), sockets_of_others(pid));
+    tcp_to(port, |inode| {
+        own.contains(inode) || (inode != "0" && !others.contains(inode))
+    })
+}
+
+/// Sockets connected to 127.0.0.1:`port` that process `pid` holds by a descriptor.
+pub fn descriptor_connections_to(pid: u32, port: u16) -> usize {
+    let inodes = socket_inodes(&pid.to_string());
+    tcp_to(port, |inode| inodes.contains(inode))
+}
+
+/// The socket inodes among the descriptors of every process but `pid`.
+fn sockets_of_others(pid: u32) -> std::collections::HashSet<String> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()) && *n != pid.to_string())
+                .flat_map(|n| socket_inodes(&n))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sockets in /proc/net/tcp connected to 127.0.0.1:`port` whose inode `held` accepts.
+fn tcp_to(port: u16, held: impl Fn(&str) -> bool) -> usize {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let want = format!(":{port:04X}");
     table
@@ -392,7 +425,7 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
         .skip(1)
         .filter(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 9 && f[2].ends_with(&want) && inodes.contains(f[9])
+            f.len() > 9 && f[2].ends_with(&want) && held(f[9])
         })
         .count()
 }

@@ -54,6 +54,32 @@ fn sessions_work_on(backend: &str, log_line: &str) {
     );
     assert!(out.success(), "{backend}: {}", out.describe());
     assert_eq!(out.stdout.len(), 16 << 20, "{backend}");
+    // a held session's target leg: a descriptor of the relay on epoll; on io_uring a place in
+    // the worker's table, the relay holding no descriptor for it
+    let relay = w.psm.relay_pids()[0];
+    let mut held = w
+        .ssh()
+        .arg("sleep 60")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let open = wait_for(Duration::from_secs(20), || {
+        connections_to(relay, w.sshd.port()) == 1
+    });
+    let by_descriptor = descriptor_connections_to(relay, w.sshd.port());
+    let _ = held.kill();
+    let _ = held.wait();
+    assert!(
+        open,
+        "{backend}: the held session's target leg never showed"
+    );
+    let want = if backend == "epoll" { 1 } else { 0 };
+    assert_eq!(
+        by_descriptor, want,
+        "{backend}: the relay's descriptors toward the target"
+    );
     w.assert_all_sessions_ended();
 }
 

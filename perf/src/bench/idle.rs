@@ -7,6 +7,29 @@ use super::report::Row;
 use super::world::World;
 use super::{client, procs, Opts};
 
+/// Sessions after which the workload measures what a session costs the relay in descriptors.
+const PROBE: usize = 16;
+
+/// Whether `n` sessions fit within psm-relay's descriptors, measured over the `held` held now
+/// (`left`: the descriptors it could open before them). On epoll each session holds two (its
+/// user's connection and its target's); on io_uring none, the sockets living in the rings'
+/// tables. Past the limit, accept fails and the sessions would only time out.
+fn fits(relay: Option<u32>, left: Option<u64>, held: usize, n: usize) -> anyhow::Result<()> {
+    let (Some(before), Some(now)) = (left, relay.and_then(procs::descriptors_left)) else {
+        return Ok(());
+    };
+    let per = before.saturating_sub(now) as f64 / held as f64;
+    let need = (per * (n - held) as f64).ceil() as u64;
+    if need > now {
+        anyhow::bail!(
+            "{n} idle sessions need about {need} more descriptors in psm-relay ({per:.1} per \
+             session) and it may open {now} more (its `ulimit -n`; `psm-perf check` says how to \
+             raise it)"
+        );
+    }
+    Ok(())
+}
+
 pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
     let cfg = client::config(russh::cipher::AES_128_GCM);
     let n = if o.quick { 20 } else { o.idle };
@@ -21,28 +44,15 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         rows.push(worst);
         return;
     }
-    // each session holds two descriptors in the relay (its user's connection and its
-    // target's): past its limit, accept fails and the sessions would only time out
-    let need = 2 * n as u64;
-    if let Some(left) = relay
-        .and_then(procs::descriptors_left)
-        .filter(|l| *l < need)
-    {
-        let e = format!(
-            "{n} idle sessions need {need} descriptors in psm-relay and it may open {left} more \
-             (its `ulimit -n`; `psm-perf check` says how to raise it)"
-        );
-        mem.set("psm", Err(anyhow::anyhow!("{e}")));
-        worst.set("psm", Err(anyhow::anyhow!(e)));
-        rows.push(mem);
-        rows.push(worst);
-        return;
-    }
     eprintln!("bench: {n} idle sessions via psm");
     let r = async {
         let before = relay.map(procs::rss_kib).unwrap_or(0);
         let mut held = Vec::with_capacity(n);
-        for _ in 0..n {
+        let left = relay.and_then(procs::descriptors_left);
+        for i in 0..n {
+            if i == PROBE {
+                fits(relay, left, i, n)?;
+            }
             let h = client::connect(&w.psm, &w.key, &cfg).await?;
             let e = client::Echo::open(&h).await?;
             held.push((h, e));

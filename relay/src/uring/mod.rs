@@ -14,6 +14,16 @@
 //! stays open until its completion is reaped: an entry the kernel has not taken yet (the driver
 //! submits it later) can never name a number the process has since given to another connection.
 //!
+//! A leg's socket moves into the ring's table of registered files ([`Ring::adopt`]) and its
+//! descriptor is closed: the operations name the socket by its place in the table
+//! (`IOSQE_FIXED_FILE`), the kernel looks nothing up in the process's descriptor table for
+//! them, and a session holds no descriptor in the relay. So the relay's `RLIMIT_NOFILE` bounds
+//! the sessions it holds no longer (each ring's table may hold as many sockets as that limit, so
+//! a relay of N workers holds N times as many legs). A table that is full, or a kernel that has
+//! none, leaves the socket on its descriptor, which works the same. A place in the table is
+//! given to another socket only once every operation that named it was reaped, as a
+//! descriptor is closed only then.
+//!
 //! Buffers follow the traffic: a leg's receive buffer starts at [`MIN_READ`], doubles each time a
 //! receive fills it (up to [`MAX_READ`]: one submission then carries several SSH packets), and
 //! shrinks back when receives come small, so an idle session holds [`MIN_READ`] per leg in
@@ -29,12 +39,12 @@ pub use stream::{Leg, UringStream};
 
 use std::cell::RefCell;
 use std::io;
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
-use io_uring::{squeue, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -51,6 +61,82 @@ pub(crate) const WRITE_CAP: usize = 256 * 1024;
 /// receive in flight, and the kernel keeps completions that overflow the queue).
 const SQ_ENTRIES: u32 = 256;
 const CQ_ENTRIES: u32 = 4096;
+/// A ring's table of registered sockets holds at most this many (and no more than the process's
+/// soft `RLIMIT_NOFILE`, the kernel's own bound): 512 KiB of kernel memory per worker.
+const MAX_SLOTS: u32 = 65_536;
+
+/// The socket an operation names.
+#[derive(Clone)]
+pub(crate) enum Sock {
+    /// By its descriptor.
+    Fd(Arc<TcpStream>),
+    /// By its place in the ring's table of registered files; the process holds no descriptor.
+    Fixed(Arc<Slot>),
+}
+
+impl Sock {
+    /// What a submission names the socket by, and the flag that says which kind it is.
+    fn target(&self) -> (types::Fd, squeue::Flags) {
+        match self {
+            Sock::Fd(s) => (types::Fd(s.as_raw_fd()), squeue::Flags::empty()),
+            // a fixed file's index travels in the descriptor's field, as the crate's
+            // `types::Fixed` puts it
+            Sock::Fixed(s) => (types::Fd(s.index as RawFd), squeue::Flags::FIXED_FILE),
+        }
+    }
+}
+
+/// A socket's place in a ring's table. The socket stays there (open) while anything holds the
+/// `Slot`: its stream, each operation in flight that names it, and a [`Shutter`]; the last one
+/// gives the place back, and the ring then takes the socket out of the table (closing it)
+/// before the place names another.
+pub(crate) struct Slot {
+    index: u32,
+    ring: Weak<Ring>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // may run under the ring's lock (an operation dropped in `reap`): the place is only
+        // noted here, on a lock of its own, and emptied by the driver
+        if let Some(ring) = self.ring.upgrade() {
+            ring.released
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(self.index);
+            ring.kick.notify_one();
+        }
+    }
+}
+
+/// Shuts a leg's socket down both ways from outside the task that owns it (a
+/// [`Cutter`](crate::cut::Cutter)), whichever way the leg names its socket.
+pub struct Shutter(ShutterKind);
+
+enum ShutterKind {
+    /// A descriptor, which the owner keeps open while the shutter may be used.
+    Fd(RawFd),
+    /// A socket in a ring's table, kept there while the shutter lives.
+    Ring(Arc<Ring>, Sock),
+}
+
+impl Shutter {
+    /// The socket of descriptor `fd`, which its owner keeps open while this lives.
+    pub fn fd(fd: RawFd) -> Shutter {
+        Shutter(ShutterKind::Fd(fd))
+    }
+
+    /// Shuts the socket down both ways (a socket already shut down or reset has nothing left
+    /// to do).
+    pub fn shut(&self) {
+        match &self.0 {
+            ShutterKind::Fd(fd) => {
+                let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
+            }
+            ShutterKind::Ring(ring, sock) => ring.shut(sock, Shutdown::Both),
+        }
+    }
+}
 
 /// One operation the kernel has not finished with, or whose result its stream has not read.
 struct Op {
@@ -62,15 +148,20 @@ struct Op {
     buf: Vec<u8>,
     /// The stream is gone: drop the operation at its completion.
     orphan: bool,
-    /// The socket the operation names, kept open until the completion is reaped (dropping the
-    /// stream does not close it while this lives).
-    _sock: Arc<TcpStream>,
+    /// The socket the operation names, kept open (and in its place in the table) until the
+    /// completion is reaped: dropping the stream does not close it while this lives.
+    _sock: Sock,
 }
 
 struct Inner {
     ring: IoUring,
     ops: Vec<Option<Op>>,
     free: Vec<usize>,
+    /// Places in the table of registered files: `slots` in all, `next_slot` and above never
+    /// used yet, `free_slots` empty again.
+    slots: u32,
+    next_slot: u32,
+    free_slots: Vec<u32>,
 }
 
 impl Inner {
@@ -78,7 +169,9 @@ impl Inner {
     /// completion queue had no room for: the kernel keeps them aside (its overflow list) until a
     /// system call asks for them, and the ring's descriptor does not say they are there.
     fn reap(&mut self) {
-        let Inner { ring, ops, free } = self;
+        let Inner {
+            ring, ops, free, ..
+        } = self;
         for _ in 0..8 {
             for cqe in ring.completion() {
                 let id = cqe.user_data() as usize;
@@ -134,6 +227,32 @@ impl Inner {
     fn unsubmitted(&mut self) -> bool {
         !self.ring.submission().is_empty()
     }
+
+    /// Takes the sockets of the places in `released` out of the table (which closes them, as
+    /// dropping a descriptor would), and makes the places free for other sockets. Nothing
+    /// names them any more: each operation held its place until its completion was reaped.
+    fn release(&mut self, released: &Mutex<Vec<u32>>) {
+        let places = std::mem::take(&mut *released.lock().unwrap_or_else(|p| p.into_inner()));
+        for index in places {
+            match self.ring.submitter().register_files_update(index, &[-1]) {
+                Ok(_) => self.free_slots.push(index),
+                // not reused: the place may still hold its socket
+                Err(e) => {
+                    tracing::error!(index, error = %e, "io_uring: a registered socket could not be taken out of the table")
+                }
+            }
+        }
+    }
+
+    /// A free place in the table, if any is left.
+    fn free_slot(&mut self) -> Option<u32> {
+        self.free_slots.pop().or_else(|| {
+            (self.next_slot < self.slots).then(|| {
+                self.next_slot += 1;
+                self.next_slot - 1
+            })
+        })
+    }
 }
 
 /// How soon the driver tries again to submit entries the kernel did not take.
@@ -151,8 +270,12 @@ impl AsRawFd for RingFd {
 /// A worker's io_uring instance. Made on the worker's thread, inside its runtime.
 pub struct Ring {
     fd: AsyncFd<RingFd>,
-    /// Wakes the driver when a submission left entries queued.
+    /// Wakes the driver when a submission left entries queued, or a place in the table was
+    /// given back.
     kick: tokio::sync::Notify,
+    /// Places in the table whose last holder went, for the driver to empty ([`Slot`]'s `Drop`
+    /// may run under `inner`'s lock, so they wait here).
+    released: Mutex<Vec<u32>>,
     inner: Mutex<Inner>,
 }
 
@@ -160,12 +283,23 @@ impl Ring {
     /// Sets up a ring; fails where io_uring is not allowed (`kernel.io_uring_disabled`, a
     /// seccomp filter) or outside a tokio runtime.
     pub fn new() -> io::Result<Arc<Ring>> {
-        Ring::with_queues(SQ_ENTRIES, CQ_ENTRIES)
+        // the kernel takes a table no larger than the soft limit on descriptors
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(0);
+        let slots = u32::try_from(soft).unwrap_or(u32::MAX).min(MAX_SLOTS);
+        Ring::with_queues(SQ_ENTRIES, CQ_ENTRIES, slots)
     }
 
-    /// A ring with `sq` submission and `cq` completion queue entries.
-    fn with_queues(sq: u32, cq: u32) -> io::Result<Arc<Ring>> {
+    /// A ring with `sq` submission and `cq` completion queue entries, and a table for up to
+    /// `slots` registered sockets (none where the kernel refuses one).
+    fn with_queues(sq: u32, cq: u32, slots: u32) -> io::Result<Arc<Ring>> {
         let ring = IoUring::builder().setup_cqsize(cq).build(sq)?;
+        let slots = if slots > 0 && ring.submitter().register_files_sparse(slots).is_ok() {
+            slots
+        } else {
+            0
+        };
         // SAFETY: the registered descriptor is owned by the `RingFd` the `AsyncFd` owns, so it
         // stays open, on the same ring, and the same number, until the `AsyncFd` drops.
         let dup = ring.as_fd().try_clone_to_owned()?;
@@ -174,12 +308,72 @@ impl Ring {
         Ok(Arc::new(Ring {
             fd,
             kick: tokio::sync::Notify::new(),
+            released: Mutex::new(Vec::new()),
             inner: Mutex::new(Inner {
                 ring,
                 ops: Vec::new(),
                 free: Vec::new(),
+                slots,
+                next_slot: 0,
+                free_slots: Vec::new(),
             }),
         }))
+    }
+
+    /// How many sockets the ring's table may hold (0: none, every socket keeps its descriptor).
+    pub fn slots(&self) -> u32 {
+        self.lock().slots
+    }
+
+    /// Takes `sock` over for a stream on this ring: into a free place in the table, closing its
+    /// descriptor, or (the table full, or none) on its descriptor.
+    pub(crate) fn adopt(self: &Arc<Self>, sock: TcpStream) -> Sock {
+        let mut g = self.lock();
+        g.release(&self.released);
+        let Some(index) = g.free_slot() else {
+            return Sock::Fd(Arc::new(sock));
+        };
+        match g
+            .ring
+            .submitter()
+            .register_files_update(index, &[sock.as_raw_fd()])
+        {
+            Ok(1) => {
+                // the table holds the socket now; the descriptor goes
+                drop(sock);
+                Sock::Fixed(Arc::new(Slot {
+                    index,
+                    ring: Arc::downgrade(self),
+                }))
+            }
+            _ => {
+                g.free_slots.push(index);
+                Sock::Fd(Arc::new(sock))
+            }
+        }
+    }
+
+    /// Shuts `sock` down (`how`): at once on a descriptor, through the ring for a socket in
+    /// the table (whatever happens to the stream, the entry holds the socket until it is done).
+    pub(crate) fn shut(&self, sock: &Sock, how: Shutdown) {
+        match sock {
+            Sock::Fd(s) => {
+                let _ = s.shutdown(how);
+            }
+            Sock::Fixed(_) => {
+                if let Ok(id) = self.start(sock, Vec::new(), |_| shutdown_entry(sock, how)) {
+                    self.forget(id);
+                }
+            }
+        }
+    }
+
+    /// A [`Shutter`] for `sock`, which keeps it in the table while it lives.
+    pub(crate) fn shutter(self: &Arc<Self>, sock: &Sock) -> Shutter {
+        match sock {
+            Sock::Fd(s) => Shutter::fd(s.as_raw_fd()),
+            Sock::Fixed(_) => Shutter(ShutterKind::Ring(self.clone(), sock.clone())),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -215,6 +409,7 @@ impl Ring {
                 None => {} // entries wait in the queue: try them again
             }
             let mut g = self.lock();
+            g.release(&self.released);
             g.reap();
             if g.unsubmitted() {
                 let _ = g.submit();
@@ -228,7 +423,7 @@ impl Ring {
     /// the submission from the buffer's final place.
     fn start(
         &self,
-        sock: &Arc<TcpStream>,
+        sock: &Sock,
         buf: Vec<u8>,
         entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
     ) -> io::Result<usize> {
@@ -252,9 +447,9 @@ impl Ring {
         loop {
             // SAFETY: the entry points into `op.buf` (or at nothing), which stays in `ops[id]`
             // until the completion of this entry is reaped (`reap` keeps the slot while the
-            // operation is in flight, `forget` only marks it orphan); the descriptor it names is
-            // kept open by `ops[id]._sock` until then too, so the number names this socket
-            // whenever the kernel takes the entry (`UringStream`'s `Drop` submits nothing new,
+            // operation is in flight, `forget` only marks it orphan); the descriptor or place in
+            // the table it names is kept by `ops[id]._sock` until then too, so the number names
+            // this socket whenever the kernel takes the entry (`UringStream`'s `Drop` submits nothing new,
             // and shuts the socket down so that what is in flight completes).
             let pushed = unsafe { g.ring.submission().push(&sqe) };
             if pushed.is_ok() {
@@ -279,11 +474,36 @@ impl Ring {
         if let Err(e) = g.submit() {
             // the entry stays queued (the driver submits it later) with its buffer and socket;
             // nobody waits for its completion now, and the socket is shut down so that it does
-            // complete (the stream has no operation to end when it drops)
+            // complete (the stream has no operation to end when it drops): a socket in the
+            // table through an entry queued behind it, if the queue has room
             if let Some(op) = g.ops[id].as_mut() {
                 op.orphan = true;
             }
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            match sock {
+                Sock::Fd(s) => {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                Sock::Fixed(_) => {
+                    let shut = g.free.pop().unwrap_or_else(|| {
+                        g.ops.push(None);
+                        g.ops.len() - 1
+                    });
+                    g.ops[shut] = Some(Op {
+                        result: None,
+                        waker: None,
+                        buf: Vec::new(),
+                        orphan: true,
+                        _sock: sock.clone(),
+                    });
+                    let sqe = shutdown_entry(sock, Shutdown::Both).user_data(shut as u64);
+                    // SAFETY: the entry points at no memory; the place it names is held by
+                    // `ops[shut]._sock` until its completion is reaped
+                    if unsafe { g.ring.submission().push(&sqe) }.is_err() {
+                        g.ops[shut] = None;
+                        g.free.push(shut);
+                    }
+                }
+            }
             drop(g);
             self.kick.notify_one();
             return Err(e);
@@ -339,6 +559,17 @@ impl Ring {
         let g = self.lock();
         g.ops.len() - g.free.len()
     }
+}
+
+/// The entry that shuts `sock` down (`how`).
+fn shutdown_entry(sock: &Sock, how: Shutdown) -> squeue::Entry {
+    let how = match how {
+        Shutdown::Read => nix::libc::SHUT_RD,
+        Shutdown::Write => nix::libc::SHUT_WR,
+        Shutdown::Both => nix::libc::SHUT_RDWR,
+    };
+    let (fd, flags) = sock.target();
+    opcode::Shutdown::new(fd, how).build().flags(flags)
 }
 
 thread_local! {

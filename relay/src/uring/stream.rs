@@ -3,15 +3,14 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use io_uring::{opcode, types};
+use io_uring::opcode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{current, Ring, MAX_READ, MIN_READ, SPARE_MIN, WRITE_CAP};
+use super::{current, Ring, Shutter, Sock, MAX_READ, MIN_READ, SPARE_MIN, WRITE_CAP};
 
 /// The receive side: `buf[pos..filled]` is received and not yet read.
 struct ReadSide {
@@ -31,12 +30,16 @@ struct WriteSide {
     spare: Vec<u8>,
     op: Option<usize>,
     off: usize,
+    /// The shutdown of the sending side in flight (a socket in the ring's table), and whether
+    /// it was done.
+    shut: Option<usize>,
+    shut_done: bool,
 }
 
 /// A TCP stream whose reads and writes go through the worker's io_uring.
 pub struct UringStream {
     /// Shared with each operation in flight, which keeps it open until its completion.
-    sock: Arc<std::net::TcpStream>,
+    sock: Sock,
     ring: Arc<Ring>,
     rd: ReadSide,
     wr: WriteSide,
@@ -45,12 +48,13 @@ pub struct UringStream {
 }
 
 impl UringStream {
-    /// Moves `sock` onto `ring` (the socket goes back to blocking mode: io_uring tries each
-    /// operation without blocking first and waits on its own).
+    /// Moves `sock` onto `ring`, into its table of registered sockets where it has room (the
+    /// socket goes back to blocking mode: io_uring tries each operation without blocking first
+    /// and waits on its own).
     pub fn new(sock: std::net::TcpStream, ring: Arc<Ring>) -> io::Result<UringStream> {
         sock.set_nonblocking(false)?;
         Ok(UringStream {
-            sock: Arc::new(sock),
+            sock: ring.adopt(sock),
             ring,
             rd: ReadSide {
                 buf: Vec::new(),
@@ -64,13 +68,11 @@ impl UringStream {
                 spare: Vec::new(),
                 op: None,
                 off: 0,
+                shut: None,
+                shut_done: false,
             },
             progress: None,
         })
-    }
-
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.sock.as_raw_fd())
     }
 
     fn start_recv(&mut self) -> io::Result<()> {
@@ -80,9 +82,11 @@ impl UringStream {
             // and no `set_len` is needed
             buf = vec![0; self.rd.size];
         }
-        let fd = self.fd();
+        let (fd, flags) = self.sock.target();
         let id = self.ring.start(&self.sock, buf, |b| {
-            opcode::Recv::new(fd, b.as_mut_ptr(), b.len() as u32).build()
+            opcode::Recv::new(fd, b.as_mut_ptr(), b.len() as u32)
+                .build()
+                .flags(flags)
         })?;
         self.rd.op = Some(id);
         Ok(())
@@ -99,12 +103,13 @@ impl UringStream {
     }
 
     fn submit_send(&mut self, buf: Vec<u8>) -> io::Result<()> {
-        let (fd, off) = (self.fd(), self.wr.off);
+        let ((fd, flags), off) = (self.sock.target(), self.wr.off);
         let id = self.ring.start(&self.sock, buf, |b| {
             let rest = &b[off..];
             opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
                 .flags(nix::libc::MSG_NOSIGNAL)
                 .build()
+                .flags(flags)
         })?;
         self.wr.op = Some(id);
         Ok(())
@@ -240,18 +245,42 @@ impl AsyncWrite for UringStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.as_mut().poll_flush(cx))?;
-        Poll::Ready(self.sock.shutdown(Shutdown::Write))
+        let me = self.get_mut();
+        if let Sock::Fd(s) = &me.sock {
+            return Poll::Ready(s.shutdown(Shutdown::Write));
+        }
+        // a socket in the table is shut down through the ring
+        if me.wr.shut_done {
+            return Poll::Ready(Ok(()));
+        }
+        let id = match me.wr.shut {
+            Some(id) => id,
+            None => {
+                let entry = super::shutdown_entry(&me.sock, Shutdown::Write);
+                let id = me.ring.start(&me.sock, Vec::new(), |_| entry)?;
+                me.wr.shut = Some(id);
+                id
+            }
+        };
+        let (res, _) = ready!(me.ring.poll_op(id, cx));
+        me.wr.shut = None;
+        me.wr.shut_done = true;
+        if res < 0 {
+            return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for UringStream {
     fn drop(&mut self) {
-        if self.rd.op.is_some() || self.wr.op.is_some() {
+        let ops = [self.rd.op, self.wr.op, self.wr.shut];
+        if ops.iter().any(Option::is_some) {
             // the operations in flight hold the socket (and the kernel, once it took them): end
             // them, or the connection would outlive its stream
-            let _ = self.sock.shutdown(Shutdown::Both);
+            self.ring.shut(&self.sock, Shutdown::Both);
         }
-        for id in [self.rd.op, self.wr.op].into_iter().flatten() {
+        for id in ops.into_iter().flatten() {
             self.ring.forget(id);
         }
     }
@@ -285,11 +314,11 @@ impl Leg {
     }
 }
 
-impl std::os::fd::AsRawFd for Leg {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+impl crate::cut::Socket for Leg {
+    fn shutter(&self) -> Shutter {
         match self {
-            Leg::Epoll(s) => s.as_raw_fd(),
-            Leg::Uring(s) => s.sock.as_raw_fd(),
+            Leg::Epoll(s) => s.shutter(),
+            Leg::Uring(s) => s.ring.shutter(&s.sock),
         }
     }
 }
@@ -350,8 +379,43 @@ mod tests {
     /// integration tests require; `psm-perf check` says why when it is not).
     fn ring() -> Arc<Ring> {
         let r = Ring::new().expect("io_uring is not allowed on this machine");
+        assert!(r.slots() > 0, "this kernel gives rings a table of sockets");
         tokio::spawn(r.clone().drive());
         r
+    }
+
+    /// A driven ring whose table holds `slots` sockets (0: none).
+    fn ring_with_slots(slots: u32) -> Arc<Ring> {
+        let r = Ring::with_queues(super::super::SQ_ENTRIES, super::super::CQ_ENTRIES, slots)
+            .expect("io_uring is not allowed on this machine");
+        assert_eq!(r.slots(), slots);
+        tokio::spawn(r.clone().drive());
+        r
+    }
+
+    /// The inode of a socket, as `/proc/self/fd` links name it (`socket:[inode]`).
+    fn socket_link(fd: &impl std::os::fd::AsRawFd) -> String {
+        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        std::fs::read_link(link)
+            .expect("fd link")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Whether any descriptor of this process is `link`.
+    fn has_descriptor(link: &str) -> bool {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == link))
+    }
+
+    /// The place in the table of a stream's socket, if it is there.
+    fn index(s: &UringStream) -> Option<u32> {
+        match &s.sock {
+            Sock::Fixed(slot) => Some(slot.index),
+            Sock::Fd(_) => None,
+        }
     }
 
     async fn pair(ring: &Arc<Ring>) -> (UringStream, tokio::net::TcpStream) {
@@ -369,72 +433,190 @@ mod tests {
     }
 
     /// 64 MiB each way at once through one stream, every byte checked, with receive and send
-    /// sizes that do not line up with the stream's buffers.
+    /// sizes that do not line up with the stream's buffers: a socket in the ring's table.
     #[test]
     fn bytes_cross_intact_both_ways_at_once() {
         runtime().block_on(async {
             let ring = ring();
-            let (s, mut peer) = pair(&ring).await;
-            let (mut sr, mut sw) = tokio::io::split(s);
-            const N: usize = 64 << 20;
-            let pattern = |i: usize| (i.wrapping_mul(7919) >> 3) as u8;
-            let send = async move {
+            let (s, peer) = pair(&ring).await;
+            assert!(index(&s).is_some(), "the socket went into the table");
+            both_ways(s, peer).await;
+        });
+    }
+
+    /// The same on a socket that kept its descriptor (a ring without a table).
+    #[test]
+    fn bytes_cross_intact_both_ways_at_once_on_a_descriptor() {
+        runtime().block_on(async {
+            let ring = ring_with_slots(0);
+            let (s, peer) = pair(&ring).await;
+            assert!(
+                index(&s).is_none(),
+                "no table: the socket keeps its descriptor"
+            );
+            both_ways(s, peer).await;
+        });
+    }
+
+    async fn both_ways(s: UringStream, mut peer: tokio::net::TcpStream) {
+        let (mut sr, mut sw) = tokio::io::split(s);
+        const N: usize = 64 << 20;
+        let pattern = |i: usize| (i.wrapping_mul(7919) >> 3) as u8;
+        let send = async move {
+            let mut i = 0;
+            while i < N {
+                let n = (i % 70_001 + 1).min(N - i);
+                let chunk: Vec<u8> = (i..i + n).map(pattern).collect();
+                sw.write_all(&chunk).await.expect("write");
+                i += n;
+            }
+            sw.flush().await.expect("flush");
+            sw.shutdown().await.expect("shutdown");
+        };
+        let (mut pr, mut pw) = peer.split();
+        let echo = async {
+            // the peer sends its own N bytes and checks what it receives
+            let send = async {
                 let mut i = 0;
                 while i < N {
-                    let n = (i % 70_001 + 1).min(N - i);
+                    let n = (i % 33_333 + 1).min(N - i);
                     let chunk: Vec<u8> = (i..i + n).map(pattern).collect();
-                    sw.write_all(&chunk).await.expect("write");
+                    pw.write_all(&chunk).await.expect("peer write");
                     i += n;
                 }
-                sw.flush().await.expect("flush");
-                sw.shutdown().await.expect("shutdown");
+                pw.shutdown().await.expect("peer shutdown");
             };
-            let (mut pr, mut pw) = peer.split();
-            let echo = async {
-                // the peer sends its own N bytes and checks what it receives
-                let send = async {
-                    let mut i = 0;
-                    while i < N {
-                        let n = (i % 33_333 + 1).min(N - i);
-                        let chunk: Vec<u8> = (i..i + n).map(pattern).collect();
-                        pw.write_all(&chunk).await.expect("peer write");
-                        i += n;
-                    }
-                    pw.shutdown().await.expect("peer shutdown");
-                };
-                let recv = async {
-                    let mut got = 0usize;
-                    let mut b = vec![0u8; 50_000];
-                    loop {
-                        let n = pr.read(&mut b).await.expect("peer read");
-                        if n == 0 {
-                            break;
-                        }
-                        for (k, byte) in b[..n].iter().enumerate() {
-                            assert_eq!(*byte, pattern(got + k), "byte {} to the peer", got + k);
-                        }
-                        got += n;
-                    }
-                    assert_eq!(got, N);
-                };
-                tokio::join!(send, recv);
-            };
-            let recv = async move {
+            let recv = async {
                 let mut got = 0usize;
-                let mut b = vec![0u8; 9_000];
+                let mut b = vec![0u8; 50_000];
                 loop {
-                    let n = sr.read(&mut b).await.expect("read");
+                    let n = pr.read(&mut b).await.expect("peer read");
                     if n == 0 {
                         break;
                     }
                     for (k, byte) in b[..n].iter().enumerate() {
-                        assert_eq!(*byte, pattern(got + k), "byte {} from the peer", got + k);
+                        assert_eq!(*byte, pattern(got + k), "byte {} to the peer", got + k);
                     }
                     got += n;
                 }
                 assert_eq!(got, N);
             };
-            tokio::join!(send, echo, recv);
+            tokio::join!(send, recv);
+        };
+        let recv = async move {
+            let mut got = 0usize;
+            let mut b = vec![0u8; 9_000];
+            loop {
+                let n = sr.read(&mut b).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                for (k, byte) in b[..n].iter().enumerate() {
+                    assert_eq!(*byte, pattern(got + k), "byte {} from the peer", got + k);
+                }
+                got += n;
+            }
+            assert_eq!(got, N);
+        };
+        tokio::join!(send, echo, recv);
+    }
+
+    /// A socket in the table holds no descriptor of the process, and the connection still
+    /// ends when its stream drops (with nothing in flight: the place is given back, which
+    /// closes it); a shutdown of the sending side reaches the peer while the stream still
+    /// reads.
+    #[test]
+    fn a_socket_in_the_table_holds_no_descriptor_and_closes_with_its_stream() {
+        runtime().block_on(async {
+            let ring = ring();
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let (c, a) = tokio::join!(
+                tokio::net::TcpStream::connect(l.local_addr().expect("addr")),
+                l.accept()
+            );
+            let c = c.expect("connect").into_std().expect("std");
+            let (mut peer, _) = a.expect("accept");
+            let link = socket_link(&c);
+            let mut s = UringStream::new(c, ring.clone()).expect("stream");
+            assert!(index(&s).is_some());
+            assert!(!has_descriptor(&link), "the descriptor was closed");
+            s.write_all(b"hello").await.expect("write");
+            s.shutdown().await.expect("shutdown");
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.expect("peer read");
+            assert_eq!(got, b"hello", "the peer read the bytes and the end");
+            peer.write_all(b"back").await.expect("peer write");
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b)
+                .await
+                .expect("read after shutting the write side");
+            assert_eq!(&b, b"back");
+            drop(s);
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                peer.write_all(b"x").await?;
+                peer.read(&mut b).await
+            })
+            .await
+            .expect("the connection ended");
+            assert!(
+                matches!(n, Ok(0) | Err(_)),
+                "the peer sees the end or a reset: {n:?}"
+            );
+        });
+    }
+
+    /// A full table leaves further sockets on their descriptors, which work the same; a
+    /// place given back is used again.
+    #[test]
+    fn a_full_table_leaves_sockets_on_their_descriptors() {
+        runtime().block_on(async {
+            let ring = ring_with_slots(1);
+            let (mut first, mut p1) = pair(&ring).await;
+            let (mut second, mut p2) = pair(&ring).await;
+            assert_eq!(index(&first), Some(0));
+            assert_eq!(index(&second), None);
+            for (s, p) in [(&mut first, &mut p1), (&mut second, &mut p2)] {
+                s.write_all(b"ping").await.expect("write");
+                s.flush().await.expect("flush");
+                let mut b = [0u8; 4];
+                p.read_exact(&mut b).await.expect("peer read");
+                p.write_all(&b).await.expect("peer write");
+                s.read_exact(&mut b).await.expect("read");
+                assert_eq!(&b, b"ping");
+            }
+            drop(first);
+            // the driver takes the socket out of the table once the place is given back
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), p1.read(&mut b))
+                .await
+                .expect("the first connection closed")
+                .expect("read");
+            assert_eq!(n, 0);
+            let (third, _p3) = pair(&ring).await;
+            assert_eq!(index(&third), Some(0), "the place was used again");
+        });
+    }
+
+    /// A cut reaches a socket in the table through the ring, from another thread, while the
+    /// stream is held and never polled.
+    #[test]
+    fn a_cut_reaches_a_socket_in_the_table() {
+        runtime().block_on(async {
+            let ring = ring();
+            let (s, mut peer) = pair(&ring).await;
+            let (held, cutter) = crate::cut::Cuttable::socket(Leg::Uring(s));
+            std::thread::spawn(move || cutter.cut())
+                .join()
+                .expect("cut");
+            let mut b = [0u8; 8];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), peer.read(&mut b))
+                .await
+                .expect("the peer learnt of the cut")
+                .expect("read");
+            assert_eq!(n, 0);
+            drop(held);
         });
     }
 
@@ -469,20 +651,16 @@ mod tests {
         });
     }
 
-    /// A dropped stream's socket stays open until every operation that names it is reaped, so
-    /// an entry still waiting in the submission queue can never reach a connection that was
-    /// given the same descriptor number since.
+    /// A dropped stream's socket stays in its place in the table until every operation that
+    /// names it is reaped, so an entry still waiting in the submission queue can never reach a
+    /// connection that was given the same place since; then the place is used again.
     #[test]
     fn a_dropped_streams_socket_lives_until_its_operations_are_reaped() {
         runtime().block_on(async {
             // no driver: completions are reaped only when this test says
             let ring = Ring::new().expect("io_uring is not allowed on this machine");
             let (mut s, _peer) = pair(&ring).await;
-            let fd = s.sock.as_raw_fd();
-            // `socket:[inode]`
-            let link = format!("/proc/self/fd/{fd}");
-            let socket = std::fs::read_link(&link).expect("fd link");
-            let sock = Arc::downgrade(&s.sock);
+            let place = index(&s).expect("in the table");
             let mut b = [0u8; 16];
             assert!(
                 tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut b))
@@ -491,14 +669,11 @@ mod tests {
             );
             assert_eq!(ring.in_flight(), 1);
             drop(s);
-            assert!(
-                sock.upgrade().is_some(),
-                "the receive in flight keeps the socket"
-            );
-            assert_eq!(
-                std::fs::read_link(&link).expect("the descriptor is still open"),
-                socket,
-                "the descriptor still names this socket"
+            let (other, _p) = pair(&ring).await;
+            assert_ne!(
+                index(&other),
+                Some(place),
+                "the receive in flight keeps the place"
             );
             tokio::time::timeout(std::time::Duration::from_secs(5), async {
                 loop {
@@ -510,8 +685,13 @@ mod tests {
                 }
             })
             .await
-            .expect("the shut-down receive completed");
-            assert_eq!(sock.strong_count(), 0, "reaped: the socket is closed");
+            .expect("the shut-down receive and the shutdown completed");
+            let (again, _p) = pair(&ring).await;
+            assert_eq!(
+                index(&again),
+                Some(place),
+                "reaped: the place is free again"
+            );
         });
     }
 
@@ -522,7 +702,8 @@ mod tests {
     fn completions_beyond_the_queue_are_reaped() {
         runtime().block_on(async {
             // no driver, and a completion queue of 8 for 20 receives
-            let ring = Ring::with_queues(4, 8).expect("io_uring is not allowed on this machine");
+            let ring =
+                Ring::with_queues(4, 8, 64).expect("io_uring is not allowed on this machine");
             let mut legs = Vec::new();
             for _ in 0..20 {
                 let (mut s, peer) = pair(&ring).await;
