@@ -75,7 +75,12 @@ fn sessions_work_on(backend: &str, log_line: &str) {
         open,
         "{backend}: the held session's target leg never showed"
     );
-    let want = if backend == "epoll" { 1 } else { 0 };
+    // (kernels before 6.13 give the rings no table: `registered_sockets=0`)
+    let want = if backend == "epoll" || logs.contains("registered_sockets=0") {
+        1
+    } else {
+        0
+    };
     assert_eq!(
         by_descriptor, want,
         "{backend}: the relay's descriptors toward the target"

@@ -20,7 +20,8 @@
 //! them, and a session holds no descriptor in the relay. So the relay's `RLIMIT_NOFILE` bounds
 //! the sessions it holds no longer (each ring's table may hold as many sockets as that limit, so
 //! a relay of N workers holds N times as many legs). A table that is full, or a kernel that has
-//! none, leaves the socket on its descriptor, which works the same. A place in the table is
+//! none or closes what leaves it late (before Linux 6.13, [`table_closes_at_once`]), leaves the
+//! socket on its descriptor, which works the same. A place in the table is
 //! given to another socket only once every operation that named it was reaped, as a
 //! descriptor is closed only then.
 //!
@@ -61,8 +62,8 @@ pub(crate) const WRITE_CAP: usize = 256 * 1024;
 /// receive in flight, and the kernel keeps completions that overflow the queue).
 const SQ_ENTRIES: u32 = 256;
 const CQ_ENTRIES: u32 = 4096;
-/// A ring's table of registered sockets holds at most this many (and no more than the process's
-/// soft `RLIMIT_NOFILE`, the kernel's own bound): 512 KiB of kernel memory per worker.
+/// psm gives a ring's table at most this many places (and no more than the process's soft
+/// `RLIMIT_NOFILE`, the kernel's own bound): 512 KiB of kernel memory per worker.
 const MAX_SLOTS: u32 = 65_536;
 
 /// The socket an operation names.
@@ -276,6 +277,9 @@ pub struct Ring {
     /// Places in the table whose last holder went, for the driver to empty ([`Slot`]'s `Drop`
     /// may run under `inner`'s lock, so they wait here).
     released: Mutex<Vec<u32>>,
+    /// Shutdowns of sockets in the table that the ring could not take when asked (its queue
+    /// full, or the kernel busy); the driver sends them. Taken without `inner`'s lock held.
+    deferred: Mutex<Vec<(Sock, Shutdown)>>,
     inner: Mutex<Inner>,
 }
 
@@ -287,7 +291,11 @@ impl Ring {
         let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| soft)
             .unwrap_or(0);
-        let slots = u32::try_from(soft).unwrap_or(u32::MAX).min(MAX_SLOTS);
+        let slots = if table_closes_at_once() {
+            u32::try_from(soft).unwrap_or(u32::MAX).min(MAX_SLOTS)
+        } else {
+            0
+        };
         Ring::with_queues(SQ_ENTRIES, CQ_ENTRIES, slots)
     }
 
@@ -309,6 +317,7 @@ impl Ring {
             fd,
             kick: tokio::sync::Notify::new(),
             released: Mutex::new(Vec::new()),
+            deferred: Mutex::new(Vec::new()),
             inner: Mutex::new(Inner {
                 ring,
                 ops: Vec::new(),
@@ -360,12 +369,34 @@ impl Ring {
             Sock::Fd(s) => {
                 let _ = s.shutdown(how);
             }
-            Sock::Fixed(_) => {
-                if let Ok(id) = self.start(sock, Vec::new(), |_| shutdown_entry(sock, how)) {
-                    self.forget(id);
-                }
-            }
+            Sock::Fixed(_) => match self.start(sock, Vec::new(), |_| shutdown_entry(sock, how)) {
+                Ok(id) => self.forget(id),
+                // the ring takes no entry just now: the driver tries again until it does
+                Err(_) => self.defer_shut(sock, how),
+            },
         }
+    }
+
+    /// Leaves the shutdown of `sock` to the driver, which sends it on its next round.
+    fn defer_shut(&self, sock: &Sock, how: Shutdown) {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((sock.clone(), how));
+        self.kick.notify_one();
+    }
+
+    /// Sends the shutdowns left to the driver; whether any is still left.
+    fn send_deferred(&self) -> bool {
+        let pending = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+        for (sock, how) in pending {
+            self.shut(&sock, how);
+        }
+        !self
+            .deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// A [`Shutter`] for `sock`, which keeps it in the table while it lives.
@@ -408,14 +439,16 @@ impl Ring {
                 }
                 None => {} // entries wait in the queue: try them again
             }
+            let deferred = self.send_deferred();
             let mut g = self.lock();
             g.release(&self.released);
             g.reap();
             if g.unsubmitted() {
                 let _ = g.submit();
             }
-            // (completions still aside in the kernel are fetched on the same timer)
-            queued = g.unsubmitted() || g.ring.submission().cq_overflow();
+            // (completions still aside in the kernel, and shutdowns the ring could not take,
+            // are tried again on the same timer)
+            queued = deferred || g.unsubmitted() || g.ring.submission().cq_overflow();
         }
     }
 
@@ -474,8 +507,7 @@ impl Ring {
         if let Err(e) = g.submit() {
             // the entry stays queued (the driver submits it later) with its buffer and socket;
             // nobody waits for its completion now, and the socket is shut down so that it does
-            // complete (the stream has no operation to end when it drops): a socket in the
-            // table through an entry queued behind it, if the queue has room
+            // complete (the stream has no operation to end when it drops)
             if let Some(op) = g.ops[id].as_mut() {
                 op.orphan = true;
             }
@@ -483,26 +515,8 @@ impl Ring {
                 Sock::Fd(s) => {
                     let _ = s.shutdown(Shutdown::Both);
                 }
-                Sock::Fixed(_) => {
-                    let shut = g.free.pop().unwrap_or_else(|| {
-                        g.ops.push(None);
-                        g.ops.len() - 1
-                    });
-                    g.ops[shut] = Some(Op {
-                        result: None,
-                        waker: None,
-                        buf: Vec::new(),
-                        orphan: true,
-                        _sock: sock.clone(),
-                    });
-                    let sqe = shutdown_entry(sock, Shutdown::Both).user_data(shut as u64);
-                    // SAFETY: the entry points at no memory; the place it names is held by
-                    // `ops[shut]._sock` until its completion is reaped
-                    if unsafe { g.ring.submission().push(&sqe) }.is_err() {
-                        g.ops[shut] = None;
-                        g.free.push(shut);
-                    }
-                }
+                // the driver sends the shutdown when the ring takes entries again
+                Sock::Fixed(_) => self.defer_shut(sock, Shutdown::Both),
             }
             drop(g);
             self.kick.notify_one();
@@ -559,6 +573,21 @@ impl Ring {
         let g = self.lock();
         g.ops.len() - g.free.len()
     }
+}
+
+/// Whether this kernel closes a socket as soon as it leaves a ring's table and no operation
+/// uses it: from Linux 6.13 each registered file has its own reference. Before, a socket taken
+/// out waited until every operation issued before on the ring had completed (the table's
+/// references were retired in order), so one idle leg's receive could hold every later socket
+/// open: the relay gives such kernels no table.
+pub fn table_closes_at_once() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 13)
 }
 
 /// The entry that shuts `sock` down (`how`).
