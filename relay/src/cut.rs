@@ -95,19 +95,109 @@ impl Cutter {
 
     /// Cuts the stream once its writer has waited `limit` on a peer that takes nothing: a
     /// task whose peer stopped reading its socket blocks in that write, where its own timers
-    /// (keepalives) never run. Checks four times per `limit`; ends with the stream.
-    pub async fn cut_when_writes_stall(self, limit: Duration) {
-        let mut tick = tokio::time::interval(limit / 4);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if self.is_cut() || self.is_gone() {
-                return;
+    /// (keepalives) never run. One task per thread checks every stream watched on it, at a
+    /// quarter of the shortest limit among them (at most each second), so a cut comes between
+    /// `limit` and `limit` and a quarter (or a second) later; a stream that is gone, or cut, is
+    /// dropped from the watch. Needs a tokio runtime (outside one, nothing is watched).
+    pub fn watch_writes(&self, limit: Duration) {
+        WATCHES.with(|w| {
+            let mut w = w.borrow_mut();
+            if !matches!(&*w, Some((_, task)) if !task.is_finished()) {
+                // (a thread's runtime may be gone, in tests: a new one gets a watcher of its own)
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let watches = Arc::new(Watches::default());
+                let task = rt.spawn(watch(watches.clone()));
+                *w = Some((watches, task));
             }
-            if self.write_waiting() >= limit {
-                self.cut_stalled();
-                return;
+            let Some((watches, _)) = &*w else { return };
+            lock(&watches.legs).push((Arc::downgrade(&self.0), limit));
+            let tick = tick_for(limit).as_millis() as u64;
+            if watches.tick_ms.fetch_min(tick, Ordering::AcqRel) > tick {
+                // the watcher sleeps for a longer tick: it starts the shorter one now
+                watches.shorter.notify_one();
             }
+        });
+    }
+}
+
+/// The streams whose writes one thread's watcher checks, each with its limit.
+struct Watches {
+    legs: Mutex<Vec<(std::sync::Weak<CutState>, Duration)>>,
+    /// How often the watcher checks: a quarter of the shortest limit, in ms.
+    tick_ms: AtomicU64,
+    /// A stream with a shorter tick than the watcher sleeps for came.
+    shorter: tokio::sync::Notify,
+}
+
+impl Default for Watches {
+    fn default() -> Self {
+        Watches {
+            legs: Mutex::new(Vec::new()),
+            tick_ms: AtomicU64::new(MAX_TICK.as_millis() as u64),
+            shorter: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// The watcher checks at least this often.
+const MAX_TICK: Duration = Duration::from_secs(1);
+
+/// How often a stream with `limit` is to be checked.
+fn tick_for(limit: Duration) -> Duration {
+    (limit / 4).clamp(Duration::from_millis(5), MAX_TICK)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+thread_local! {
+    /// This thread's watcher, and the task that runs it on the thread's runtime. A worker's
+    /// legs stay on its thread, so one task watches them all (a task per leg cost a timer and
+    /// about half a KiB each).
+    static WATCHES: std::cell::RefCell<Option<(Arc<Watches>, tokio::task::JoinHandle<()>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// How many streams this thread's watcher checks now (for tests).
+#[cfg(test)]
+fn watched_here() -> usize {
+    WATCHES.with(|w| w.borrow().as_ref().map_or(0, |(w, _)| lock(&w.legs).len()))
+}
+
+/// Checks `w`'s streams each tick: cuts those whose writer has waited past its limit, and
+/// forgets those cut or gone.
+async fn watch(w: Arc<Watches>) {
+    loop {
+        let tick = Duration::from_millis(w.tick_ms.load(Ordering::Acquire));
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = w.shorter.notified() => continue,
+        }
+        let mut stalled = Vec::new();
+        let mut shortest = MAX_TICK;
+        lock(&w.legs).retain(|(state, limit)| {
+            let Some(state) = state.upgrade() else {
+                return false;
+            };
+            let cutter = Cutter(state);
+            if cutter.is_cut() || cutter.is_gone() {
+                return false;
+            }
+            if cutter.write_waiting() >= *limit {
+                stalled.push(cutter);
+                return false;
+            }
+            shortest = shortest.min(tick_for(*limit));
+            true
+        });
+        // (a later, shorter limit lowers it again between two rounds)
+        w.tick_ms
+            .store(shortest.as_millis() as u64, Ordering::Release);
+        for cutter in stalled {
+            cutter.cut_stalled();
         }
     }
 }
@@ -307,31 +397,28 @@ mod tests {
             let (a, b) = tokio::io::duplex(64);
             let (mut a, cutter) = Cuttable::new(a);
             assert_eq!(cutter.write_waiting(), Duration::ZERO);
-            let watch = tokio::spawn(
-                cutter
-                    .clone()
-                    .cut_when_writes_stall(Duration::from_millis(200)),
-            );
+            cutter.watch_writes(Duration::from_millis(200));
+            assert_eq!(watched_here(), 1);
             // the peer (b) reads nothing: the write waits until the watch cuts it
             let r = tokio::time::timeout(Duration::from_secs(5), a.write_all(&[0u8; 4096]))
                 .await
                 .expect("the stalled write was cut");
             assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::TimedOut));
             assert!(cutter.is_cut());
-            watch.await.expect("the watch ended");
-            // a stream that is gone ends its watch too
+            assert_eq!(watched_here(), 0, "a cut stream is no longer watched");
+            // a stream that is gone leaves the watch too, uncut
             let (c, _d) = tokio::io::duplex(64);
             let (c, cutter) = Cuttable::new(c);
-            let watch = tokio::spawn(
-                cutter
-                    .clone()
-                    .cut_when_writes_stall(Duration::from_millis(40)),
-            );
+            cutter.watch_writes(Duration::from_millis(40));
+            assert_eq!(watched_here(), 1);
             drop(c);
-            tokio::time::timeout(Duration::from_secs(5), watch)
-                .await
-                .expect("the watch ended with its stream")
-                .expect("task");
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while watched_here() > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the gone stream left the watch");
             assert!(!cutter.is_cut());
             drop(b);
         });
@@ -346,11 +433,7 @@ mod tests {
         rt.block_on(async {
             let (a, mut b) = tokio::io::duplex(64);
             let (mut a, cutter) = Cuttable::new(a);
-            let watch = tokio::spawn(
-                cutter
-                    .clone()
-                    .cut_when_writes_stall(Duration::from_millis(400)),
-            );
+            cutter.watch_writes(Duration::from_millis(400));
             // 16 bytes every 10 ms: each of the writer's waits is far shorter than the limit,
             // though the whole write takes longer than it
             let reader = tokio::spawn(async move {
@@ -372,7 +455,13 @@ mod tests {
             a.progress().moved();
             assert!(cutter.write_waiting() < Duration::from_millis(100));
             drop(a);
-            watch.await.expect("the watch ended with its stream");
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while watched_here() > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the watch ended with its stream");
         });
     }
 

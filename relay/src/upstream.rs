@@ -565,11 +565,7 @@ async fn connect_inner(
     let keepalives = u32::try_from(keepalive.max)
         .unwrap_or(u32::MAX)
         .saturating_add(1);
-    tokio::spawn(
-        cutter
-            .clone()
-            .cut_when_writes_stall(keepalive.interval.saturating_mul(keepalives)),
-    );
+    cutter.watch_writes(keepalive.interval.saturating_mul(keepalives));
     let mut half_made = CutUnlessKept(Some(cutter.clone()));
 
     let key_algs: Vec<Algorithm> = match pinned.algorithm() {

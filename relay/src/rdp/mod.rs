@@ -33,7 +33,7 @@ const RDP_WRITE_STALL: std::time::Duration = crate::USER_WRITE_STALL;
 
 /// `tcp` as an RDP leg: on the worker's back end, with TCP keepalives (RDP has none of its
 /// own that psm sees, so a peer that vanished while the screen was still is noticed), and
-/// watched for writes its peer never takes ([`crate::cut::Cutter::cut_when_writes_stall`]):
+/// watched for writes its peer never takes ([`crate::cut::Cutter::watch_writes`]):
 /// either would otherwise hold the session, its user's slot and its recording for good.
 pub(crate) fn leg(tcp: tokio::net::TcpStream) -> std::io::Result<RdpLeg> {
     let keepalive = socket2::TcpKeepalive::new()
@@ -48,6 +48,6 @@ pub(crate) fn leg(tcp: tokio::net::TcpStream) -> std::io::Result<RdpLeg> {
     let (mut leg, cutter) = crate::cut::Cuttable::socket(crate::uring::Leg::new(tcp)?);
     let progress = leg.progress();
     leg.get_mut().report_progress(progress);
-    tokio::spawn(cutter.cut_when_writes_stall(RDP_WRITE_STALL));
+    cutter.watch_writes(RDP_WRITE_STALL);
     Ok(leg)
 }

@@ -34,11 +34,7 @@ pub async fn handle_connection(
     stream.get_mut().report_progress(progress);
     // a client that takes no bytes at all blocks the connection's task in a write, where the
     // keepalives that would notice it never run: cut it after as long as they would take
-    tokio::spawn(
-        cutter
-            .clone()
-            .cut_when_writes_stall(crate::USER_WRITE_STALL),
-    );
+    cutter.watch_writes(crate::USER_WRITE_STALL);
     let session_id = new_id();
     let shared = Arc::new(Shared {
         notices: Arc::new(Notices::new(ctx.audit.clone(), session_id.clone())),
