@@ -50,12 +50,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 /// A leg's receive buffer at its smallest (and at the start).
-pub const MIN_READ: usize = 1024;
+pub const MIN_READ: usize = 256;
 /// A leg's receive buffer at its largest.
 pub const MAX_READ: usize = 256 * 1024;
 /// The send buffer a stream keeps for its next send is at most four times the last send, or
 /// four times this (so a few keystrokes' packets reuse one buffer).
-pub(crate) const SPARE_MIN: usize = 256;
+pub(crate) const SPARE_MIN: usize = 64;
 /// Bytes a stream accepts from its writer before it waits for the send in flight.
 pub(crate) const WRITE_CAP: usize = 256 * 1024;
 /// Submission queue entries; the completion queue gets [`CQ_ENTRIES`] (each idle leg keeps one
