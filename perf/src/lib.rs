@@ -17,9 +17,10 @@ use std::io;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-/// Below this soft `RLIMIT_NOFILE` a busy gateway runs out of descriptors: on epoll each
-/// session holds a client socket and a target socket; on io_uring they live in each worker's
-/// ring, whose table the kernel caps at the same limit.
+/// Below this soft `RLIMIT_NOFILE` a busy gateway runs out of descriptors: on epoll (and on
+/// io_uring before Linux 6.13) each session holds a client socket and a target socket; on
+/// io_uring from 6.13 they live in each worker's ring, whose table the kernel caps at the same
+/// limit.
 pub const MIN_NOFILE: u64 = 65_536;
 /// Below this `net.core.somaxconn` the relay's listen backlog is cut short during connection bursts.
 pub const MIN_SOMAXCONN: u64 = 4_096;
@@ -306,8 +307,8 @@ pub fn check_nofile(host: &dyn Host) -> Check {
             value,
             format!(
                 "open files: soft {soft}, hard {hard}; below {MIN_NOFILE}, sessions run out of \
-                 descriptors (on epoll, two each) or of room in a worker's io_uring table (as \
-                 many sockets as this limit)"
+                 descriptors (two each on epoll, and on io_uring before Linux 6.13) or of room \
+                 in a worker's io_uring table (as many sockets as this limit)"
             ),
             Some(fix),
         )

@@ -103,11 +103,12 @@ impl Cutter {
         WATCHES.with(|w| {
             let mut w = w.borrow_mut();
             if !matches!(&*w, Some((_, task)) if !task.is_finished()) {
-                // (a thread's runtime may be gone, in tests: a new one gets a watcher of its own)
+                // a watcher that ended (its runtime gone, in tests) is started again on this
+                // thread's runtime, with the streams it watched
                 let Ok(rt) = tokio::runtime::Handle::try_current() else {
                     return;
                 };
-                let watches = Arc::new(Watches::default());
+                let watches = w.take().map(|(w, _)| w).unwrap_or_default();
                 let task = rt.spawn(watch(watches.clone()));
                 *w = Some((watches, task));
             }
@@ -170,12 +171,15 @@ fn watched_here() -> usize {
 /// Checks `w`'s streams each tick: cuts those whose writer has waited past its limit, and
 /// forgets those cut or gone.
 async fn watch(w: Arc<Watches>) {
+    let mut last = tokio::time::Instant::now();
     loop {
+        // counted from the last round, also when a shorter tick came meanwhile
         let tick = Duration::from_millis(w.tick_ms.load(Ordering::Acquire));
         tokio::select! {
-            () = tokio::time::sleep(tick) => {}
+            () = tokio::time::sleep_until(last + tick) => {}
             () = w.shorter.notified() => continue,
         }
+        last = tokio::time::Instant::now();
         let mut stalled = Vec::new();
         let mut shortest = MAX_TICK;
         lock(&w.legs).retain(|(state, limit)| {

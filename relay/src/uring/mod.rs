@@ -369,11 +369,15 @@ impl Ring {
             Sock::Fd(s) => {
                 let _ = s.shutdown(how);
             }
-            Sock::Fixed(_) => match self.start(sock, Vec::new(), |_| shutdown_entry(sock, how)) {
-                Ok(id) => self.forget(id),
-                // the ring takes no entry just now: the driver tries again until it does
-                Err(_) => self.defer_shut(sock, how),
-            },
+            Sock::Fixed(_) => {
+                match self.try_start(sock, Vec::new(), |_| shutdown_entry(sock, how)) {
+                    Ok(id) => self.forget(id),
+                    // queued, orphaned: the driver submits it
+                    Err((_, true)) => {}
+                    // the ring takes no entry just now: the driver tries again until it does
+                    Err((_, false)) => self.defer_shut(sock, how),
+                }
+            }
         }
     }
 
@@ -460,6 +464,17 @@ impl Ring {
         buf: Vec<u8>,
         entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
     ) -> io::Result<usize> {
+        self.try_start(sock, buf, entry).map_err(|(e, _)| e)
+    }
+
+    /// [`Ring::start`], whose error also says whether the entry stayed queued (orphaned: the
+    /// driver submits it later) or was not queued at all.
+    fn try_start(
+        &self,
+        sock: &Sock,
+        buf: Vec<u8>,
+        entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
+    ) -> Result<usize, (io::Error, bool)> {
         let mut g = self.lock();
         let id = match g.free.pop() {
             Some(id) => id,
@@ -501,7 +516,7 @@ impl Ring {
             if let Some(e) = failed {
                 g.ops[id] = None;
                 g.free.push(id);
-                return Err(e);
+                return Err((e, false));
             }
         }
         if let Err(e) = g.submit() {
@@ -520,7 +535,7 @@ impl Ring {
             }
             drop(g);
             self.kick.notify_one();
-            return Err(e);
+            return Err((e, true));
         }
         // a socket with data (or room) completes within the submission: take it now
         g.reap();
