@@ -142,6 +142,9 @@ impl Default for Watches {
     }
 }
 
+/// Streams the watcher checks before it lets the worker's other tasks run.
+const SCAN_CHUNK: usize = 512;
+
 /// The watcher checks at least this often (with nothing to watch, or only long limits).
 const MAX_TICK: Duration = Duration::from_secs(30);
 
@@ -182,21 +185,41 @@ async fn watch(w: Arc<Watches>) {
         last = tokio::time::Instant::now();
         let mut stalled = Vec::new();
         let mut shortest = MAX_TICK;
-        lock(&w.legs).retain(|(state, limit)| {
-            let Some(state) = state.upgrade() else {
-                return false;
+        // a chunk at a time, giving the worker back between chunks: ten thousand sessions'
+        // legs in one go would hold their echoes for milliseconds (streams watched meanwhile
+        // join at the end, and are checked in this round)
+        let mut i = 0;
+        loop {
+            let done = {
+                let mut legs = lock(&w.legs);
+                let mut left = SCAN_CHUNK;
+                while i < legs.len() && left > 0 {
+                    left -= 1;
+                    let (state, limit) = &legs[i];
+                    let limit = *limit;
+                    let keep = match state.upgrade().map(Cutter) {
+                        Some(c) if c.is_cut() || c.is_gone() => false,
+                        Some(c) if c.write_waiting() >= limit => {
+                            stalled.push(c);
+                            false
+                        }
+                        Some(_) => true,
+                        None => false,
+                    };
+                    if keep {
+                        shortest = shortest.min(tick_for(limit));
+                        i += 1;
+                    } else {
+                        legs.swap_remove(i);
+                    }
+                }
+                i >= legs.len()
             };
-            let cutter = Cutter(state);
-            if cutter.is_cut() || cutter.is_gone() {
-                return false;
+            if done {
+                break;
             }
-            if cutter.write_waiting() >= *limit {
-                stalled.push(cutter);
-                return false;
-            }
-            shortest = shortest.min(tick_for(*limit));
-            true
-        });
+            tokio::task::yield_now().await;
+        }
         // (a later, shorter limit lowers it again between two rounds)
         w.tick_ms
             .store(shortest.as_millis() as u64, Ordering::Release);
@@ -425,6 +448,40 @@ mod tests {
             .expect("the gone stream left the watch");
             assert!(!cutter.is_cut());
             drop(b);
+        });
+    }
+
+    /// More streams than one chunk of the watcher's round: the gone ones leave, the rest stay,
+    /// and a stalled one past the first chunks is cut.
+    #[test]
+    fn the_watcher_goes_through_every_chunk() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            let mut kept = Vec::new();
+            for i in 0..3 * SCAN_CHUNK {
+                let (a, b) = tokio::io::duplex(64);
+                let (a, cutter) = Cuttable::new(a);
+                cutter.watch_writes(Duration::from_secs(3600));
+                if i % 2 == 0 {
+                    kept.push((a, b, cutter));
+                }
+            }
+            let (stalled, _peer) = tokio::io::duplex(64);
+            let (mut stalled, cutter) = Cuttable::new(stalled);
+            cutter.watch_writes(Duration::from_millis(100));
+            let r = tokio::time::timeout(Duration::from_secs(5), stalled.write_all(&[0u8; 4096]))
+                .await
+                .expect("the stalled write was cut");
+            assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::TimedOut));
+            assert_eq!(
+                watched_here(),
+                kept.len(),
+                "the gone and the cut left the watch, the rest stayed"
+            );
+            assert!(kept.iter().all(|(_, _, c)| !c.is_cut()));
         });
     }
 

@@ -12,11 +12,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{current, Ring, Shutter, Sock, MAX_READ, MIN_READ, SPARE_MIN, WRITE_CAP};
 
-/// Small receives in a row after which a receive buffer of [`SHRINK_AT_ONCE`] or less halves.
-const SMALL_IN_A_ROW: u8 = 4;
-/// A receive buffer larger than this halves at each small receive.
-const SHRINK_AT_ONCE: usize = 16 * 1024;
-
 /// The receive side: `buf[pos..filled]` is received and not yet read.
 struct ReadSide {
     buf: Vec<u8>,
@@ -26,8 +21,6 @@ struct ReadSide {
     op: Option<usize>,
     /// The size of the next receive.
     size: usize,
-    /// Small receives in a row.
-    small: u8,
 }
 
 /// The send side: `pending` waits for the send in flight (`op`), which has sent `off` bytes of
@@ -69,7 +62,6 @@ impl UringStream {
                 filled: 0,
                 op: None,
                 size: MIN_READ,
-                small: 0,
             },
             wr: WriteSide {
                 pending: Vec::new(),
@@ -195,21 +187,14 @@ impl AsyncRead for UringStream {
                     return Poll::Ready(Ok(())); // end of stream
                 }
                 rd.filled = n;
-                // follow the traffic: a full receive doubles the next; small ones halve it, a
-                // large buffer at once (a bulk transfer ended), a small one after a few in a
-                // row (so that messages a little larger than it, among small ones, do not make
-                // it grow and shrink at each)
+                // follow the traffic: a full receive doubles the next, a small one halves it (at
+                // once: an idle leg's handshake leaves few receives to bring it down; messages
+                // a little larger than the buffer among small ones make it grow and shrink,
+                // which costs an allocation and a receive more per message)
                 if n == rd.buf.len() {
                     rd.size = (rd.size * 2).min(MAX_READ);
-                    rd.small = 0;
                 } else if n < rd.size / 8 {
-                    rd.small = rd.small.saturating_add(1);
-                    if rd.small >= SMALL_IN_A_ROW || rd.size > SHRINK_AT_ONCE {
-                        rd.size = (rd.size / 2).max(MIN_READ);
-                        rd.small = 0;
-                    }
-                } else {
-                    rd.small = 0;
+                    rd.size = (rd.size / 2).max(MIN_READ);
                 }
                 continue;
             }
@@ -781,30 +766,12 @@ mod tests {
             });
             w.expect("write");
             assert!(s.rd.size > MIN_READ, "a bulk transfer grew the buffer");
-            // 256 KiB to 16 KiB a halving per small receive, then four in a row per halving
-            let rounds = 4 + 4 * (SHRINK_AT_ONCE / MIN_READ).ilog2() as usize;
-            for _ in 0..rounds {
+            // a halving per small receive, from 256 KiB
+            for _ in 0..(MAX_READ / MIN_READ).ilog2() {
                 peer.write_all(b"x").await.expect("write");
                 assert_eq!(s.read(&mut sink).await.expect("read"), 1);
             }
             assert_eq!(s.rd.size, MIN_READ);
-            // a message a little larger than the buffer among small ones: it grows once and
-            // stays, rather than growing and shrinking at each
-            let mut sizes = Vec::new();
-            for _ in 0..8 {
-                for m in [&[9u8; 300][..], b"y", b"z"] {
-                    peer.write_all(m).await.expect("write");
-                    let mut got = 0;
-                    while got < m.len() {
-                        got += s.read(&mut sink).await.expect("read");
-                    }
-                }
-                sizes.push(s.rd.size);
-            }
-            assert!(
-                sizes.iter().all(|&z| z == 2 * MIN_READ),
-                "the buffer flapped: {sizes:?}"
-            );
         });
     }
 }
