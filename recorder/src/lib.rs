@@ -6,7 +6,8 @@
 //! Each stream a relay opens becomes one file `recordings/<recording_id>.psmrec`
 //! ([`psm_recorder_format::file`]): OPEN creates it (never over an existing one) and is answered
 //! with [`Reply::Opened`](psm_recorder_format::Reply::Opened), or [`Reply::Refused`](psm_recorder_format::Reply::Refused) when the file cannot be created; DATA and RESIZE
-//! append, CLOSE ends and fsyncs it, DISCARD removes a recording whose session never started.
+//! append, CLOSE ends and fsyncs it, DISCARD removes a recording whose session never started
+//! (one that holds session data is finished instead: it is evidence).
 //! When a recording cannot be written any more (disk full, I/O error) the recorder answers
 //! [`Reply::Failed`](psm_recorder_format::Reply::Failed) for that stream and drops its frames: the relay ends that one session, the
 //! link and its other sessions go on. Open files are flushed (a sealed chunk: a zstd frame and
@@ -69,6 +70,9 @@ pub const REASON_SHUTDOWN: &str = "recorder shutdown";
 /// Close reason written for a recording that could not be written any more (disk full, I/O
 /// error), when its file can still be finished.
 pub const REASON_WRITE_FAILED: &str = "recording failed";
+/// Close reason written for a recording the relay asked to discard (its session never
+/// started) that holds session data nonetheless: evidence is kept, whatever the relay says.
+pub const REASON_DISCARDED_WITH_DATA: &str = "discard refused: the recording holds session data";
 
 /// Longest time written data waits before it is flushed to the file (and acknowledged to the
 /// relay as durable). Well under the relay's durable window (1 s by default), so that a

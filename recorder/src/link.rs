@@ -19,8 +19,8 @@ use tracing::{debug, error, info, warn};
 use crate::index::{Collector, Indexer};
 use crate::recording::{Entry, Recording};
 use crate::{
-    now_ms, Encryption, Stats, FILE_BUFFER, FLUSH_INTERVAL, MIN_READ, REASON_LINK_LOST,
-    REASON_SHUTDOWN, REASON_WRITE_FAILED, RECV_BUFFER, TICK,
+    now_ms, Encryption, Stats, FILE_BUFFER, FLUSH_INTERVAL, MIN_READ, REASON_DISCARDED_WITH_DATA,
+    REASON_LINK_LOST, REASON_SHUTDOWN, REASON_WRITE_FAILED, RECV_BUFFER, TICK,
 };
 
 /// What a link knows about one of its streams.
@@ -430,9 +430,25 @@ impl Link {
         }
     }
 
-    /// Removes the recording of a session that never started (it holds only its header).
+    /// Removes the recording of a session that never started (it holds only its header). One
+    /// that holds session data is evidence, whatever the relay says: it is finished instead,
+    /// marked as closed by the recorder.
     pub(crate) fn discard(&mut self, stream: u64) {
         match self.streams.remove(&stream) {
+            Some(Stream::Recording(r)) if r.data_bytes > 0 => {
+                self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
+                let (id, bytes, ts_us) = (r.recording_id.clone(), r.data_bytes, r.last_ts_us);
+                warn!(link = self.id, stream, recording_id = %id, bytes, "discard for a recording that holds session data: kept and finished");
+                let summary = CloseSummary {
+                    end_ms: now_ms(),
+                    exit_status: None,
+                    exit_signal: None,
+                    reason: REASON_DISCARDED_WITH_DATA.to_string(),
+                };
+                if let Err(e) = r.finish(ts_us, summary, &self.keys.evidence, false) {
+                    error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
+                }
+            }
             Some(Stream::Recording(r)) => {
                 self.keys.stats.ended.fetch_add(1, Ordering::Relaxed);
                 let Recording {

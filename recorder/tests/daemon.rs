@@ -531,6 +531,36 @@ fn a_discarded_recording_leaves_no_file() {
     daemon.stop();
 }
 
+/// A discard for a recording that holds session data (a relay that is wrong, or worse) keeps
+/// it: it is finished, signed and said to be closed by the recorder.
+#[test]
+fn a_discard_keeps_a_recording_that_holds_data() {
+    let mut daemon = Daemon::start();
+    let mut conn = daemon.connect();
+    send(
+        &mut conn,
+        &[
+            Frame::Open {
+                stream: 1,
+                meta: meta("had-data"),
+            },
+            data(1, 10, b"rm -rf /srv"),
+            Frame::Discard { stream: 1 },
+        ],
+    );
+    assert_eq!(replies(&mut conn, 1), vec![Reply::Opened { stream: 1 }]);
+    let r = closed(&daemon, "had-data");
+    assert_eq!(r.output(), b"rm -rf /srv");
+    assert_eq!(
+        r.summary().map(|s| s.reason.as_str()),
+        Some(psm_recorder::REASON_DISCARDED_WITH_DATA)
+    );
+    let rep = verified(&daemon, "had-data");
+    assert_eq!(rep.status, Status::Truncated, "{rep}");
+    drop(conn);
+    daemon.stop();
+}
+
 #[test]
 fn a_peer_that_does_not_own_the_data_directory_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -30,6 +30,10 @@ fn fits(relay: Option<u32>, left: Option<u64>, held: usize, n: usize) -> anyhow:
     Ok(())
 }
 
+/// How long every session is probed, round after round (one round with `--quick`): longer than
+/// the write-stall watcher's round at psm's default limits (15 s) and the keepalives' interval.
+const PROBE_FOR: Duration = Duration::from_secs(40);
+
 /// psm's processes using under this share of one CPU count as quiet.
 const QUIET: f64 = 0.05;
 /// The longest [`settle`] waits.
@@ -83,11 +87,27 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         // what opening them left to do (their audit records, recordings' starts) is done
         // before the probes: idle sessions are what is measured
         let waited = settle(w).await;
-        eprintln!("bench: psm went quiet {waited:?} after the last session opened");
-        let mut slowest = Duration::ZERO;
-        for (_, e) in &mut held {
-            slowest = slowest.max(e.probe().await?);
+        if waited >= SETTLE_MAX {
+            anyhow::bail!(
+                "psm did not go quiet within {SETTLE_MAX:?} of opening {n} idle sessions"
+            );
         }
+        eprintln!("bench: psm went quiet {waited:?} after the last session opened");
+        // every session, round after round, for longer than psm's periodic work takes to come
+        // round (keepalives, the write-stall watcher's rounds): the slowest of them all
+        let probing = std::time::Instant::now();
+        let mut slowest = Duration::ZERO;
+        let mut rounds = 0;
+        while rounds == 0 || (!o.quick && probing.elapsed() < PROBE_FOR) {
+            for (_, e) in &mut held {
+                slowest = slowest.max(e.probe().await?);
+            }
+            rounds += 1;
+        }
+        eprintln!(
+            "bench: {rounds} rounds of echoes through every session in {:?}",
+            probing.elapsed()
+        );
         anyhow::Ok((
             after.saturating_sub(before) as f64 / n as f64,
             slowest.as_secs_f64() * 1e6,

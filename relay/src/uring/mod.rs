@@ -18,12 +18,12 @@
 //! descriptor is closed: the operations name the socket by its place in the table
 //! (`IOSQE_FIXED_FILE`), the kernel looks nothing up in the process's descriptor table for
 //! them, and a session holds no descriptor in the relay. So the relay's `RLIMIT_NOFILE` bounds
-//! the sessions it holds no longer (each ring's table may hold as many sockets as that limit, so
-//! a relay of N workers holds N times as many legs). A table that is full, or a kernel that has
-//! none or closes what leaves it late (before Linux 6.13, [`table_closes_at_once`]), leaves the
-//! socket on its descriptor, which works the same. A place in the table is
-//! given to another socket only once every operation that named it was reaped, as a
-//! descriptor is closed only then.
+//! each worker's table, not the relay's descriptors: a relay of N workers holds N times that
+//! many legs in its tables, and more on descriptors once a table is full. A full table, or a
+//! kernel that has none or closes what leaves it late (before Linux 6.13,
+//! [`table_closes_at_once`]), leaves the socket on its descriptor, which works the same. A place
+//! in the table is given to another socket only once every operation that named it was reaped,
+//! as a descriptor is closed only then.
 //!
 //! Buffers follow the traffic: a leg's receive buffer starts at [`MIN_READ`], doubles each time a
 //! receive fills it (up to [`MAX_READ`]: one submission then carries several SSH packets), and
@@ -370,7 +370,7 @@ impl Ring {
                 let _ = s.shutdown(how);
             }
             Sock::Fixed(_) => {
-                match self.try_start(sock, Vec::new(), |_| shutdown_entry(sock, how)) {
+                match self.try_start(sock, Vec::new(), |_| shutdown_entry(sock, how), true) {
                     Ok(id) => self.forget(id),
                     // queued, orphaned: the driver submits it
                     Err((_, true)) => {}
@@ -464,16 +464,18 @@ impl Ring {
         buf: Vec<u8>,
         entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
     ) -> io::Result<usize> {
-        self.try_start(sock, buf, entry).map_err(|(e, _)| e)
+        self.try_start(sock, buf, entry, false).map_err(|(e, _)| e)
     }
 
     /// [`Ring::start`], whose error also says whether the entry stayed queued (orphaned: the
-    /// driver submits it later) or was not queued at all.
+    /// driver submits it later) or was not queued at all. `shutdown`: the entry is itself the
+    /// socket's shutdown (an orphaned one needs no other to end it).
     fn try_start(
         &self,
         sock: &Sock,
         buf: Vec<u8>,
         entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
+        shutdown: bool,
     ) -> Result<usize, (io::Error, bool)> {
         let mut g = self.lock();
         let id = match g.free.pop() {
@@ -531,7 +533,8 @@ impl Ring {
                     let _ = s.shutdown(Shutdown::Both);
                 }
                 // the driver sends the shutdown when the ring takes entries again
-                Sock::Fixed(_) => self.defer_shut(sock, Shutdown::Both),
+                Sock::Fixed(_) if !shutdown => self.defer_shut(sock, Shutdown::Both),
+                Sock::Fixed(_) => {}
             }
             drop(g);
             self.kick.notify_one();
