@@ -110,6 +110,8 @@ pub struct SessionBytes {
     pub down: AtomicU64,
     /// Last input from the user, ms since the epoch (for the idle timeout).
     pub last_input_ms: AtomicU64,
+    /// `up + down` when control was last told of this session's progress.
+    reported: AtomicU64,
     worker: Arc<Counters>,
 }
 
@@ -120,6 +122,7 @@ impl SessionBytes {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             last_input_ms: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
             worker,
         }
     }
@@ -372,16 +375,24 @@ impl LiveSessions {
         }
     }
 
-    /// How far each running session has got.
-    pub fn progress(&self) -> Vec<SessionProgress> {
+    /// How far each running session has got: every one when `all`, else those that moved
+    /// bytes since the last report (control keeps the last figures of the rest, so ten thousand
+    /// idle sessions cost nothing every [`STATS_INTERVAL`]).
+    pub fn progress(&self, all: bool) -> Vec<SessionProgress> {
         self.0
             .lock()
             .map(|m| {
                 m.values()
-                    .map(|(s, b, _)| SessionProgress {
-                        session_id: s.session_id.clone(),
-                        bytes_up: b.up.load(Ordering::Relaxed),
-                        bytes_down: b.down.load(Ordering::Relaxed),
+                    .filter_map(|(s, b, _)| {
+                        let (up, down) =
+                            (b.up.load(Ordering::Relaxed), b.down.load(Ordering::Relaxed));
+                        let moved = b.reported.swap(up.wrapping_add(down), Ordering::Relaxed)
+                            != up.wrapping_add(down);
+                        (all || moved).then(|| SessionProgress {
+                            session_id: s.session_id.clone(),
+                            bytes_up: up,
+                            bytes_down: down,
+                        })
                     })
                     .collect()
             })
@@ -606,15 +617,17 @@ async fn serve(
     let mut line = Vec::with_capacity(1 << 20);
     let mut first = true;
     let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
+    let mut all_progress = true;
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stats_tick.tick() => {
                 let mut stats = reporter.stats();
                 stats.policy_version = store.get().version;
+                // every session in a connection's first report, then those that moved
                 let msg = RelayToControl::Stats {
                     stats,
-                    sessions: live.progress(),
+                    sessions: live.progress(std::mem::take(&mut all_progress)),
                 };
                 if let Err(e) = w.write_all(&encode_line(&msg)).await {
                     return format!("sending stats: {e}");
@@ -676,6 +689,45 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a connection's first report, which holds every session, a report holds only the
+    /// sessions that moved bytes since the last one.
+    #[test]
+    fn progress_reports_only_the_sessions_that_moved() {
+        let live = LiveSessions::default();
+        let worker = Arc::new(Counters::default());
+        let mut bytes = Vec::new();
+        for id in ["a", "b", "c"] {
+            let s: LiveSession = serde_json::from_value(serde_json::json!({
+                "session_id": id, "user": "u", "source": "127.0.0.1:1", "target": "t",
+                "target_address": "127.0.0.1:22", "account": "x", "recording_id": id,
+                "start_ms": 1,
+            }))
+            .expect("session");
+            let b = Arc::new(SessionBytes::new(worker.clone()));
+            live.insert(s, b.clone(), Arc::new(KillSwitch::default()));
+            bytes.push(b);
+        }
+        let ids = |p: Vec<SessionProgress>| {
+            let mut v: Vec<String> = p.into_iter().map(|p| p.session_id).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(live.progress(true)), ["a", "b", "c"]);
+        assert!(live.progress(false).is_empty(), "nothing moved");
+        bytes[1].input(5);
+        bytes[2].output(7);
+        let p = live.progress(false);
+        assert_eq!(ids(p.clone()), ["b", "c"]);
+        assert!(p.iter().any(|p| p.session_id == "b" && p.bytes_up == 5));
+        assert!(p.iter().any(|p| p.session_id == "c" && p.bytes_down == 7));
+        assert!(live.progress(false).is_empty());
+        assert_eq!(
+            ids(live.progress(true)),
+            ["a", "b", "c"],
+            "a new connection gets all"
+        );
+    }
 
     /// A login that stops waiting on its access request (its connection went away, and the
     /// wait was dropped) stops watching it: the table of watched requests does not grow.

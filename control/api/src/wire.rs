@@ -146,7 +146,8 @@ pub enum RelayToControl {
     Stats {
         /// Counters.
         stats: RelayStats,
-        /// One entry per running session.
+        /// The running sessions that moved bytes since the relay's last report on this
+        /// connection (all of them in its first): the others' figures stand.
         #[serde(default)]
         sessions: Vec<SessionProgress>,
     },
