@@ -14,7 +14,7 @@
 //! stays open until its completion is reaped: an entry the kernel has not taken yet (the driver
 //! submits it later) can never name a number the process has since given to another connection.
 //!
-//! A leg's socket moves into the ring's table of registered files ([`Ring::adopt`]) and its
+//! A leg's socket moves into the ring's table of registered files (`Ring::adopt`) and its
 //! descriptor is closed: the operations name the socket by its place in the table
 //! (`IOSQE_FIXED_FILE`), the kernel looks nothing up in the process's descriptor table for
 //! them, and a session holds no descriptor in the relay. So the relay's `RLIMIT_NOFILE` bounds
