@@ -29,6 +29,11 @@ use zeroize::Zeroize as _;
 pub const AUDIT_BUFFER: usize = 65_536;
 /// How often the relay reports its counters and session progress to control.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
+/// The most sessions one report carries the progress of (about 100 KB of JSON).
+pub const PROGRESS_MAX: usize = 1024;
+/// `SessionBytes::reported` of a session not yet reported on this connection (no session moves
+/// 2^64 bytes).
+const UNREPORTED: u64 = u64::MAX;
 
 /// The relay's counters (see [`RelayStats`] for what each counts).
 #[derive(Default)]
@@ -110,7 +115,8 @@ pub struct SessionBytes {
     pub down: AtomicU64,
     /// Last input from the user, ms since the epoch (for the idle timeout).
     pub last_input_ms: AtomicU64,
-    /// `up + down` when control was last told of this session's progress.
+    /// `up + down` when control was last told of this session's progress ([`UNREPORTED`] when
+    /// it is due whether or not it moved).
     reported: AtomicU64,
     worker: Arc<Counters>,
 }
@@ -122,7 +128,7 @@ impl SessionBytes {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             last_input_ms: AtomicU64::new(0),
-            reported: AtomicU64::new(0),
+            reported: AtomicU64::new(UNREPORTED),
             worker,
         }
     }
@@ -375,28 +381,51 @@ impl LiveSessions {
         }
     }
 
-    /// How far each running session has got: every one when `all`, else those that moved
-    /// bytes since the last report (control keeps the last figures of the rest, so ten thousand
-    /// idle sessions cost nothing every [`STATS_INTERVAL`]).
-    pub fn progress(&self, all: bool) -> Vec<SessionProgress> {
-        self.0
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter_map(|(s, b, _)| {
-                        let (up, down) =
-                            (b.up.load(Ordering::Relaxed), b.down.load(Ordering::Relaxed));
-                        let moved = b.reported.swap(up.wrapping_add(down), Ordering::Relaxed)
-                            != up.wrapping_add(down);
-                        (all || moved).then(|| SessionProgress {
-                            session_id: s.session_id.clone(),
-                            bytes_up: up,
-                            bytes_down: down,
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// How far the running sessions have got, for one report: those that moved bytes since
+    /// they were last reported, at most [`PROGRESS_MAX`], taken round from where the last report
+    /// stopped (`from`) so that none waits behind sessions that keep moving. `all` (a
+    /// connection's first report) makes every session due again. Control keeps the last figures
+    /// of the rest, so ten thousand idle sessions cost nothing every [`STATS_INTERVAL`], and ten
+    /// thousand busy ones cost a bounded report (each reported at least every
+    /// `sessions / PROGRESS_MAX` intervals) instead of a line of a megabyte.
+    pub fn progress(&self, all: bool, from: &mut usize) -> Vec<SessionProgress> {
+        self.progress_at_most(all, from, PROGRESS_MAX)
+    }
+
+    fn progress_at_most(&self, all: bool, from: &mut usize, max: usize) -> Vec<SessionProgress> {
+        let Ok(m) = self.0.lock() else {
+            return Vec::new();
+        };
+        if all {
+            for (_, b, _) in m.values() {
+                b.reported.store(UNREPORTED, Ordering::Relaxed);
+            }
+        }
+        let n = m.len();
+        if n == 0 {
+            *from = 0;
+            return Vec::new();
+        }
+        let start = *from % n;
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        for (s, b, _) in m.values().skip(start).chain(m.values().take(start)) {
+            if out.len() == max {
+                break;
+            }
+            scanned += 1;
+            let (up, down) = (b.up.load(Ordering::Relaxed), b.down.load(Ordering::Relaxed));
+            let total = up.wrapping_add(down);
+            if b.reported.swap(total, Ordering::Relaxed) != total {
+                out.push(SessionProgress {
+                    session_id: s.session_id.clone(),
+                    bytes_up: up,
+                    bytes_down: down,
+                });
+            }
+        }
+        *from = (start + scanned) % n;
+        out
     }
 
     /// A session ended.
@@ -618,16 +647,18 @@ async fn serve(
     let mut first = true;
     let mut stats_tick = tokio::time::interval(STATS_INTERVAL);
     let mut all_progress = true;
+    let mut progress_from = 0;
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stats_tick.tick() => {
                 let mut stats = reporter.stats();
                 stats.policy_version = store.get().version;
-                // every session in a connection's first report, then those that moved
+                // every session is due on a new connection, then those that moved; at most
+                // PROGRESS_MAX a report, round the table
                 let msg = RelayToControl::Stats {
                     stats,
-                    sessions: live.progress(std::mem::take(&mut all_progress)),
+                    sessions: live.progress(std::mem::take(&mut all_progress), &mut progress_from),
                 };
                 if let Err(e) = w.write_all(&encode_line(&msg)).await {
                     return format!("sending stats: {e}");
@@ -690,14 +721,11 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 mod tests {
     use super::*;
 
-    /// After a connection's first report, which holds every session, a report holds only the
-    /// sessions that moved bytes since the last one.
-    #[test]
-    fn progress_reports_only_the_sessions_that_moved() {
+    fn live_sessions(ids: &[&str]) -> (LiveSessions, Vec<Arc<SessionBytes>>) {
         let live = LiveSessions::default();
         let worker = Arc::new(Counters::default());
         let mut bytes = Vec::new();
-        for id in ["a", "b", "c"] {
+        for id in ids {
             let s: LiveSession = serde_json::from_value(serde_json::json!({
                 "session_id": id, "user": "u", "source": "127.0.0.1:1", "target": "t",
                 "target_address": "127.0.0.1:22", "account": "x", "recording_id": id,
@@ -708,25 +736,80 @@ mod tests {
             live.insert(s, b.clone(), Arc::new(KillSwitch::default()));
             bytes.push(b);
         }
-        let ids = |p: Vec<SessionProgress>| {
-            let mut v: Vec<String> = p.into_iter().map(|p| p.session_id).collect();
-            v.sort();
-            v
-        };
-        assert_eq!(ids(live.progress(true)), ["a", "b", "c"]);
-        assert!(live.progress(false).is_empty(), "nothing moved");
+        (live, bytes)
+    }
+
+    fn ids(p: Vec<SessionProgress>) -> Vec<String> {
+        let mut v: Vec<String> = p.into_iter().map(|p| p.session_id).collect();
+        v.sort();
+        v
+    }
+
+    /// After a connection's first report, which holds every session, a report holds only the
+    /// sessions that moved bytes since the last one.
+    #[test]
+    fn progress_reports_only_the_sessions_that_moved() {
+        let (live, bytes) = live_sessions(&["a", "b", "c"]);
+        let from = &mut 0;
+        assert_eq!(ids(live.progress(true, from)), ["a", "b", "c"]);
+        assert!(live.progress(false, from).is_empty(), "nothing moved");
         bytes[1].input(5);
         bytes[2].output(7);
-        let p = live.progress(false);
+        let p = live.progress(false, from);
         assert_eq!(ids(p.clone()), ["b", "c"]);
         assert!(p.iter().any(|p| p.session_id == "b" && p.bytes_up == 5));
         assert!(p.iter().any(|p| p.session_id == "c" && p.bytes_down == 7));
-        assert!(live.progress(false).is_empty());
+        assert!(live.progress(false, from).is_empty());
         assert_eq!(
-            ids(live.progress(true)),
+            ids(live.progress(true, from)),
             ["a", "b", "c"],
             "a new connection gets all"
         );
+    }
+
+    /// A report carries at most its bound of sessions; the rest come in the next reports, and
+    /// sessions that move all the time do not keep the others out.
+    #[test]
+    fn progress_is_bounded_and_reaches_every_session() {
+        let names = ["a", "b", "c", "d", "e", "f", "g"];
+        let (live, bytes) = live_sessions(&names);
+        let from = &mut 0;
+        // a new connection: every session is due, three a report
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            let p = live.progress_at_most(i == 0, from, 3);
+            assert!(p.len() <= 3, "{} in one report", p.len());
+            seen.extend(ids(p));
+        }
+        seen.sort();
+        assert_eq!(seen, names, "every session within three reports of three");
+        assert!(live.progress_at_most(false, from, 3).is_empty());
+        // every session moves before every report: each is still reported at least every
+        // third report (seven sessions, three a report)
+        let mut last = vec![0; names.len()];
+        for report in 1..=12 {
+            for b in &bytes {
+                b.input(1);
+            }
+            let p = live.progress_at_most(false, from, 3);
+            assert_eq!(p.len(), 3);
+            for s in p {
+                let i = names
+                    .iter()
+                    .position(|n| *n == s.session_id)
+                    .expect("known");
+                last[i] = report;
+            }
+            if report >= 3 {
+                for (i, l) in last.iter().enumerate() {
+                    assert!(
+                        report - l <= 3,
+                        "{} last reported in report {l}, now {report}",
+                        names[i]
+                    );
+                }
+            }
+        }
     }
 
     /// A login that stops waiting on its access request (its connection went away, and the

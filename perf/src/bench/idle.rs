@@ -1,5 +1,7 @@
 //! The `idle` workload: many sessions held open through psm at once, the relay's memory per
-//! session and the slowest echo among them.
+//! session and the slowest echo among them; beside it, the slowest echo of sessions held
+//! straight to the target and probed in between, in the same rounds: what this machine itself
+//! (its scheduler, its other processes, the bench's client and target) adds to an echo.
 
 use std::time::Duration;
 
@@ -33,6 +35,10 @@ fn fits(relay: Option<u32>, left: Option<u64>, held: usize, n: usize) -> anyhow:
 /// How long every session is probed, round after round (one round with `--quick`): longer than
 /// the write-stall watcher's round at psm's default limits (15 s) and the keepalives' interval.
 const PROBE_FOR: Duration = Duration::from_secs(40);
+
+/// Sessions held straight to the target beside psm's, at most; one is probed after each
+/// psm session's probe, in turn, so that both meet the same moments of the machine.
+const DIRECT_MAX: usize = 1000;
 
 /// psm's processes using under this share of one CPU count as quiet.
 const QUIET: f64 = 0.05;
@@ -84,6 +90,12 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
             held.push((h, e));
         }
         let after = relay.map(procs::rss_kib).unwrap_or(0);
+        let mut direct = Vec::new();
+        for _ in 0..(n / 10).clamp(1, DIRECT_MAX) {
+            let h = client::connect(&w.direct, &w.key, &cfg).await?;
+            let e = client::Echo::open(&h).await?;
+            direct.push((h, e));
+        }
         // what opening them left to do (their audit records, recordings' starts) is done
         // before the probes: idle sessions are what is measured
         let waited = settle(w).await;
@@ -96,11 +108,15 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         // every session, round after round, for longer than psm's periodic work takes to come
         // round (keepalives, the write-stall watcher's rounds): the slowest of them all
         let probing = std::time::Instant::now();
-        let mut slowest = Duration::ZERO;
+        let (mut slowest, mut slowest_direct) = (Duration::ZERO, Duration::ZERO);
         let mut rounds = 0;
+        let mut next_direct = 0;
         while rounds == 0 || (!o.quick && probing.elapsed() < PROBE_FOR) {
             for (_, e) in &mut held {
                 slowest = slowest.max(e.probe().await?);
+                let d = next_direct % direct.len();
+                slowest_direct = slowest_direct.max(direct[d].1.probe().await?);
+                next_direct += 1;
             }
             rounds += 1;
         }
@@ -111,15 +127,18 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         anyhow::Ok((
             after.saturating_sub(before) as f64 / n as f64,
             slowest.as_secs_f64() * 1e6,
+            (direct.len(), slowest_direct.as_secs_f64() * 1e6),
         ))
     };
     match tokio::time::timeout(client::STEP * 2, r)
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
     {
-        Ok((kib, us)) => {
+        Ok((kib, us, (held_direct, us_direct))) => {
             mem.set("psm", Ok(kib));
             worst.set("psm", Ok(us));
+            worst.set("direct", Ok(us_direct));
+            eprintln!("bench: direct's slowest echo: {held_direct} sessions, one probed after each of psm's");
         }
         Err(e) => {
             let msg = format!("{e:#}");

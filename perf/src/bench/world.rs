@@ -44,7 +44,7 @@ fn new_key() -> anyhow::Result<PrivateKey> {
 pub(super) struct World {
     pub(super) dir: PathBuf,
     pub(super) key: Arc<PrivateKey>,
-    direct: Dest,
+    pub(super) direct: Dest,
     pub(super) psm: Dest,
     /// The same psm, under an `--unrecorded` grant.
     psm_norec: Dest,
