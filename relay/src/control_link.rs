@@ -381,15 +381,17 @@ impl LiveSessions {
         }
     }
 
-    /// How far the running sessions have got, for one report: those that moved bytes since
-    /// they were last reported, at most [`PROGRESS_MAX`], taken round from where the last report
-    /// stopped (`from`) so that none waits behind sessions that keep moving. `all` (a
-    /// connection's first report) makes every session due again. Control keeps the last figures
-    /// of the rest, so ten thousand idle sessions cost nothing every [`STATS_INTERVAL`], and ten
-    /// thousand busy ones cost a bounded report (each reported at least every
-    /// `sessions / PROGRESS_MAX` intervals) instead of a line of a megabyte.
+    /// How far the running sessions have got, for one report: every session when `all` (a
+    /// connection's first report: a restarted control learns every figure at once), else those
+    /// that moved bytes since they were last reported, at most [`PROGRESS_MAX`], taken round the
+    /// table from where the last report stopped (`from`) so that none waits behind sessions
+    /// that keep moving. Control keeps the last figures of the rest, so ten thousand idle
+    /// sessions cost nothing every [`STATS_INTERVAL`], and ten thousand busy ones a bounded
+    /// report (each reported about every `⌈sessions / PROGRESS_MAX⌉` reports; a session
+    /// removed ahead of the cursor can make one it passes wait a round more) instead of a line
+    /// of a megabyte.
     pub fn progress(&self, all: bool, from: &mut usize) -> Vec<SessionProgress> {
-        self.progress_at_most(all, from, PROGRESS_MAX)
+        self.progress_at_most(all, from, if all { usize::MAX } else { PROGRESS_MAX })
     }
 
     fn progress_at_most(&self, all: bool, from: &mut usize, max: usize) -> Vec<SessionProgress> {
@@ -397,6 +399,7 @@ impl LiveSessions {
             return Vec::new();
         };
         if all {
+            // due whether or not they moved; what the cap leaves out goes in the next reports
             for (_, b, _) in m.values() {
                 b.reported.store(UNREPORTED, Ordering::Relaxed);
             }
@@ -654,8 +657,8 @@ async fn serve(
             _ = stats_tick.tick() => {
                 let mut stats = reporter.stats();
                 stats.policy_version = store.get().version;
-                // every session is due on a new connection, then those that moved; at most
-                // PROGRESS_MAX a report, round the table
+                // every session in a connection's first report, then those that moved, at
+                // most PROGRESS_MAX a report, round the table
                 let msg = RelayToControl::Stats {
                     stats,
                     sessions: live.progress(std::mem::take(&mut all_progress), &mut progress_from),
@@ -765,6 +768,22 @@ mod tests {
             ["a", "b", "c"],
             "a new connection gets all"
         );
+    }
+
+    /// A connection's first report carries every session however many (a restarted control
+    /// learns every figure at once); later ones at most [`PROGRESS_MAX`].
+    #[test]
+    fn the_first_report_carries_every_session_and_later_ones_their_bound() {
+        let names: Vec<String> = (0..PROGRESS_MAX + 6).map(|i| format!("s{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (live, bytes) = live_sessions(&refs);
+        let from = &mut 0;
+        assert_eq!(live.progress(true, from).len(), PROGRESS_MAX + 6);
+        for b in &bytes {
+            b.output(1);
+        }
+        assert_eq!(live.progress(false, from).len(), PROGRESS_MAX);
+        assert_eq!(live.progress(false, from).len(), 6, "the rest in the next");
     }
 
     /// A report carries at most its bound of sessions; the rest come in the next reports, and

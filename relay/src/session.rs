@@ -18,15 +18,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use psm_control_api::{
     decide, now_ms, Attempt, AuditKind, ChannelKind, Escaped, Governor, LiveSession, Login,
-    PolicySnapshot, RelayToControl, Verdict,
+    PolicySnapshot, Verdict,
 };
 use psm_recorder_format::{CloseSummary, RecordingMeta};
-use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{
-    Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelWriteHalf, MethodKind, MethodSet,
-    Pty, Sig,
-};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelWriteHalf, Pty, Sig};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
@@ -45,11 +41,13 @@ use crate::startups::{LogLimiter, Permit, Startups, UserPermit, UserSlots};
 use crate::upstream::{self, LossWatch, TargetHandle};
 use crate::Limits;
 
+mod auth;
 mod broker;
 mod lease;
 mod lifecycle;
 mod login;
 mod relay;
+mod requests;
 mod reverse;
 mod shared;
 pub(crate) mod tap;
@@ -58,6 +56,10 @@ pub use lifecycle::handle_connection;
 pub use login::MAX_REASON;
 use shared::SessionInfo;
 pub(crate) use shared::{Shared, SharedState, Windows};
+
+use auth::{check_password, key_registered, reject, second_factor};
+use requests::{disconnect_target, Req};
+pub(crate) use requests::{ForwardKind, Open};
 
 /// What the user is told when recording is required and psm-recorder cannot take the session.
 pub const RECORDING_UNAVAILABLE: &str = "psm: session recording is unavailable; try again later";
@@ -272,35 +274,6 @@ impl Drop for Conn {
     }
 }
 
-fn methods() -> MethodSet {
-    MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
-}
-
-fn second_factor() -> MethodSet {
-    MethodSet::from(&[MethodKind::KeyboardInteractive][..])
-}
-
-fn reject() -> Auth {
-    Auth::Reject {
-        proceed_with_methods: Some(methods()),
-        partial_success: false,
-    }
-}
-
-fn key_registered(snap: &PolicySnapshot, user: &str, key: &PublicKey) -> Result<(), &'static str> {
-    let u = snap.user(user).ok_or("unknown user")?;
-    let found = u.ssh_keys.iter().any(|line| {
-        PublicKey::from_openssh(line)
-            .map(|k| k.key_data() == key.key_data())
-            .unwrap_or(false)
-    });
-    if found {
-        Ok(())
-    } else {
-        Err("public key not registered for this user")
-    }
-}
-
 // The heavy handlers (brokering, which dials the target and logs in; starting a channel; the
 // keyboard-interactive dialogue) run boxed: russh keeps its connection's future for the whole
 // session, and an unboxed handler future inside it would keep its largest state (the target's
@@ -410,38 +383,7 @@ impl russh::server::Handler for Conn {
             return Ok(r);
         }
         let user = Login::user_part(login).to_string();
-        let snap = self.ctx.policy.get();
-        let verdict = match snap.user(&user).map(|u| u.password.clone()) {
-            None => Err("unknown user"),
-            Some(None) => Err("password login not enabled for this user"),
-            Some(Some(hash)) => {
-                let pw = zeroize::Zeroizing::new(password.to_string());
-                // argon2id and PBKDF2 take tens of milliseconds: keep them off the worker's
-                // event loop. A legacy PBKDF2 verifier is replaced by an argon2id one.
-                let audit = self.ctx.audit.clone();
-                let name = user.clone();
-                let ok = tokio::task::spawn_blocking(move || {
-                    let ok = hash.verify(&pw);
-                    if ok && hash.needs_rehash() {
-                        if let Ok(new) = psm_control_api::PasswordHash::new(&pw) {
-                            audit.report(RelayToControl::Rehash {
-                                user: name,
-                                old: hash,
-                                new,
-                            });
-                        }
-                    }
-                    ok
-                })
-                .await
-                .unwrap_or(false);
-                if ok {
-                    Ok(())
-                } else {
-                    Err("wrong password")
-                }
-            }
-        };
+        let verdict = check_password(&self.ctx, &user, password).await;
         match verdict {
             Ok(()) => Ok(self.first_factor(login, &user, "password")),
             Err(reason) => {
@@ -763,105 +705,4 @@ impl russh::server::Handler for Conn {
         }
         Ok(())
     }
-}
-
-/// What the target leg of a new user channel opens.
-pub(crate) enum Open {
-    /// A session channel (shell, exec, subsystem follow).
-    Session,
-    /// A local forward (`direct-tcpip`).
-    DirectTcpip {
-        host: String,
-        port: u32,
-        orig_addr: String,
-        orig_port: u32,
-    },
-    /// A remote forward (`tcpip-forward`, `ssh -R`): the target listens for psm.
-    RemoteForward { address: String, port: u32 },
-}
-
-/// What a forwarded channel carries, for its `forward` audit event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ForwardKind {
-    /// `ssh -L` / `-W`: from the user toward a destination the target reaches.
-    Local,
-    /// `ssh -R`: from a port the target listens on toward the user's side.
-    Remote,
-    /// `ssh -A`: a program on the target asking the user's agent.
-    Agent,
-}
-
-impl ForwardKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            ForwardKind::Local => "local",
-            ForwardKind::Remote => "remote",
-            ForwardKind::Agent => "agent",
-        }
-    }
-}
-
-/// A channel request forwarded to the target, answered before the relay goes on.
-enum Req {
-    Pty {
-        term: String,
-        cols: u32,
-        rows: u32,
-        pix_width: u32,
-        pix_height: u32,
-        modes: Vec<(Pty, u32)>,
-    },
-    Shell,
-    Exec(Vec<u8>),
-    Subsystem(String),
-    /// `auth-agent-req@openssh.com`.
-    Agent,
-}
-
-impl Req {
-    /// The channel kind a start request opens (None: a subsystem psm does not know).
-    fn kind(&self) -> Option<ChannelKind> {
-        match self {
-            Req::Pty { .. } | Req::Shell => Some(ChannelKind::Shell),
-            Req::Exec(cmd) => Some(ChannelKind::of_exec(&String::from_utf8_lossy(cmd))),
-            Req::Subsystem(name) if name == "sftp" => Some(ChannelKind::Sftp),
-            Req::Subsystem(_) => None,
-            Req::Agent => Some(ChannelKind::Agent),
-        }
-    }
-
-    /// The request's name and its command line / subsystem name, for the audit log.
-    fn describe(&self) -> (&'static str, String) {
-        match self {
-            Req::Pty { .. } => ("pty-req", String::new()),
-            Req::Shell => ("shell", String::new()),
-            Req::Exec(cmd) => ("exec", String::from_utf8_lossy(cmd).into_owned()),
-            Req::Subsystem(name) => ("subsystem", name.clone()),
-            Req::Agent => ("auth-agent-req@openssh.com", String::new()),
-        }
-    }
-
-    async fn send(self, up: &Channel<russh::client::Msg>) -> Result<(), russh::Error> {
-        match self {
-            Req::Pty {
-                term,
-                cols,
-                rows,
-                pix_width,
-                pix_height,
-                modes,
-            } => {
-                up.request_pty(true, &term, cols, rows, pix_width, pix_height, &modes)
-                    .await
-            }
-            Req::Shell => up.request_shell(true).await,
-            Req::Exec(cmd) => up.exec(true, cmd).await,
-            Req::Subsystem(name) => up.request_subsystem(true, name).await,
-            Req::Agent => up.agent_forward(true).await,
-        }
-    }
-}
-
-async fn disconnect_target(t: &TargetHandle) {
-    t.close().await;
 }

@@ -90,11 +90,23 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
             held.push((h, e));
         }
         let after = relay.map(procs::rss_kib).unwrap_or(0);
+        // the baseline is the run's second concern: when it cannot be held, psm is probed alone
         let mut direct = Vec::new();
+        let mut direct_failed = None;
         for _ in 0..(n / 10).clamp(1, DIRECT_MAX) {
-            let h = client::connect(&w.direct, &w.key, &cfg).await?;
-            let e = client::Echo::open(&h).await?;
-            direct.push((h, e));
+            let opened = async {
+                let h = client::connect(&w.direct, &w.key, &cfg).await?;
+                let e = client::Echo::open(&h).await?;
+                anyhow::Ok((h, e))
+            };
+            match opened.await {
+                Ok(d) => direct.push(d),
+                Err(e) => {
+                    direct.clear();
+                    direct_failed = Some(format!("{e:#}"));
+                    break;
+                }
+            }
         }
         // what opening them left to do (their audit records, recordings' starts) is done
         // before the probes: idle sessions are what is measured
@@ -114,9 +126,17 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         while rounds == 0 || (!o.quick && probing.elapsed() < PROBE_FOR) {
             for (_, e) in &mut held {
                 slowest = slowest.max(e.probe().await?);
-                let d = next_direct % direct.len();
-                slowest_direct = slowest_direct.max(direct[d].1.probe().await?);
-                next_direct += 1;
+                if !direct.is_empty() {
+                    let d = next_direct % direct.len();
+                    match direct[d].1.probe().await {
+                        Ok(t) => slowest_direct = slowest_direct.max(t),
+                        Err(e) => {
+                            direct.clear();
+                            direct_failed = Some(format!("{e:#}"));
+                        }
+                    }
+                    next_direct += 1;
+                }
             }
             rounds += 1;
         }
@@ -127,18 +147,28 @@ pub(super) async fn idle(w: &World, o: &Opts, rows: &mut Vec<Row>) {
         anyhow::Ok((
             after.saturating_sub(before) as f64 / n as f64,
             slowest.as_secs_f64() * 1e6,
-            (direct.len(), slowest_direct.as_secs_f64() * 1e6),
+            match direct_failed {
+                None => Ok((direct.len(), slowest_direct.as_secs_f64() * 1e6)),
+                Some(e) => Err(e),
+            },
         ))
     };
     match tokio::time::timeout(client::STEP * 2, r)
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
     {
-        Ok((kib, us, (held_direct, us_direct))) => {
+        Ok((kib, us, direct)) => {
             mem.set("psm", Ok(kib));
             worst.set("psm", Ok(us));
-            worst.set("direct", Ok(us_direct));
-            eprintln!("bench: direct's slowest echo: {held_direct} sessions, one probed after each of psm's");
+            match direct {
+                Ok((held, us)) => {
+                    worst.set("direct", Ok(us));
+                    eprintln!(
+                        "bench: direct's slowest echo: {held} sessions, one probed after each of psm's"
+                    );
+                }
+                Err(e) => worst.set("direct", Err(anyhow::anyhow!("{e}"))),
+            }
         }
         Err(e) => {
             let msg = format!("{e:#}");
