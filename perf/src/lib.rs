@@ -379,7 +379,7 @@ pub fn check_cpus(host: &dyn Host) -> Check {
                 "{n} CPUs: one relay worker per core, each pinned to its CPU (psm up --workers \
                  {n} and psm-relay --pin-workers true, the defaults); where other busy processes \
                  share these CPUs, --pin-workers false lets the kernel move a worker off a CPU \
-                 another process holds (shorter worst-case echoes, perf/BENCHMARKS.md)"
+                 another process holds (perf/BENCHMARKS.md)"
             ),
         ),
         None => Check::warn(
