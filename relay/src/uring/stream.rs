@@ -631,6 +631,32 @@ mod tests {
         });
     }
 
+    /// A shutdown the ring could not take at once, left to its driver, reaches the socket on
+    /// the driver's next round: the peer sees the write side end, and the other way still
+    /// carries bytes (the socket stayed in the table).
+    #[test]
+    fn a_shutdown_left_to_the_driver_reaches_the_socket() {
+        runtime().block_on(async {
+            let ring = ring();
+            let (mut s, mut peer) = pair(&ring).await;
+            assert!(index(&s).is_some(), "the socket went into the table");
+            ring.defer_shut(&s.sock, std::net::Shutdown::Write);
+            let mut b = [0u8; 8];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), peer.read(&mut b))
+                .await
+                .expect("the driver sent the shutdown")
+                .expect("read");
+            assert_eq!(n, 0, "the peer saw the write side end");
+            peer.write_all(b"still").await.expect("write");
+            let mut got = [0u8; 5];
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut got))
+                .await
+                .expect("the other way still carries bytes")
+                .expect("read");
+            assert_eq!(&got, b"still");
+        });
+    }
+
     /// Dropping a stream that waits on a receive ends the connection (the peer sees the end)
     /// and leaves nothing in flight once the completion came.
     #[test]
