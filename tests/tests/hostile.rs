@@ -946,9 +946,11 @@ fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
     // psm's SSH task toward the target blocks writing, where no DISCONNECT can get out
     let (evil, mut ssh, mark) = stalled_session(&w);
     let relay = w.psm.relay_pids()[0];
-    // (ssh holds at most psm's window of 2 MiB, so 24 MiB written means psm took 22 of them,
-    // far more than the socket buffers between psm and the target hold: 4 MiB to send, and a
-    // receive buffer that does not grow while the target reads nothing)
+    // (ssh holds at most psm's window of 2 MiB, so 16 MiB written means psm took 14 of them:
+    // at most 4 in its up queue (`UP_LIMIT`), and the socket toward the target holds at most 4
+    // to send and a receive buffer that does not grow while the target reads nothing, so about
+    // 6 wait in psm's SSH writer, which the full socket blocks. How much more psm's buffers take
+    // varies from run to run, 23 to 33 MiB: a bound of 24 failed now and then)
     let mut stdin = ssh.stdin.take().expect("stdin");
     let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let progress = written.clone();
@@ -971,8 +973,8 @@ fn a_target_that_stops_reading_loses_its_connection_when_the_session_ends() {
         .to_string();
     assert!(
         wait_for(T, || written.load(std::sync::atomic::Ordering::Relaxed)
-            >= 24 << 20),
-        "psm did not take 24 MiB from the user"
+            >= 16 << 20),
+        "psm did not take 16 MiB from the user"
     );
     assert_eq!(connections_to(relay, evil.port), 1, "one leg to the target");
     let _ = ssh.kill();
