@@ -1,14 +1,13 @@
 //! psm-perf: the operator's performance tool for a psm gateway.
 //!
-//! This is the start of that tool. What it does now: `psm-perf check` reads the host's tuning
-//! (io_uring availability, the open-files limit, the listen backlog cap, the ephemeral port range,
-//! the number of CPUs, transparent hugepages, socket buffer caps, TCP memory, the CPU frequency
-//! governor) and prints one OK or WARN line
-//! per item, with the fix for each warning, as text or JSON ([`run_checks`], [`render_text`],
-//! [`render_json`]).
-//!
-//! What it does not do (yet): generate load against a running gateway or show live relay
-//! statistics; those come later. It never changes a setting: it only reads and advises.
+//! This library is `psm-perf check`: it reads the host's tuning (io_uring availability, the
+//! open-files limit against the sessions the box must hold, the listen backlog cap, the ephemeral
+//! port range, the relay's workers against the CPUs and their pinning, transparent hugepages,
+//! socket buffer caps, TCP memory, the CPU frequency governor) and prints one OK or WARN line per
+//! item, with the fix for each warning, as text or JSON ([`run_checks`], [`render_text`],
+//! [`render_json`]). Where a `psm-relay` runs, the open-files limit and the workers are that
+//! process's own. It never changes a setting: it only reads and advises. The binary's other
+//! commands (`bench`, `stats`, `record-bench`) live beside `main.rs`.
 #![warn(missing_docs)]
 
 use std::fmt::Write as _;
@@ -20,8 +19,37 @@ use serde_json::{json, Value};
 /// Below this soft `RLIMIT_NOFILE` a busy gateway runs out of descriptors: on epoll (and on
 /// io_uring before Linux 6.13) each session holds a client socket and a target socket; on
 /// io_uring from 6.13 they live in each worker's ring, whose table the kernel caps at the same
-/// limit.
+/// limit. A box that must hold more sessions needs [`nofile_needed`].
 pub const MIN_NOFILE: u64 = 65_536;
+/// Sessions `psm-perf check` sizes the open-files limit for unless told (`--sessions`).
+pub const DEFAULT_SESSIONS: u64 = 10_000;
+/// Descriptors a relay holds besides its sessions' sockets (listeners, rings, the control and
+/// recorder links, logs), with room to spare.
+pub const NOFILE_SPARE: u64 = 1_024;
+
+/// The soft open-files limit a relay holding `sessions` sessions needs: two sockets each (client
+/// and target) and [`NOFILE_SPARE`], and never under [`MIN_NOFILE`].
+pub fn nofile_needed(sessions: u64) -> u64 {
+    sessions
+        .saturating_mul(2)
+        .saturating_add(NOFILE_SPARE)
+        .max(MIN_NOFILE)
+}
+
+/// What the checks are asked to size for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Concurrent sessions the gateway must hold.
+    pub sessions: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sessions: DEFAULT_SESSIONS,
+        }
+    }
+}
 /// Below this `net.core.somaxconn` the relay's listen backlog is cut short during connection bursts.
 pub const MIN_SOMAXCONN: u64 = 4_096;
 /// Below this many ephemeral ports, connections from the relay to one target run out early.
@@ -37,6 +65,8 @@ pub const MIN_TCP_MEM_HIGH_PAGES: u64 = 262_144;
 pub mod paths {
     /// Resource limits of the running process.
     pub const LIMITS: &str = "/proc/self/limits";
+    /// Where the running processes are listed.
+    pub const PROC: &str = "/proc";
     /// Listen backlog cap.
     pub const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
     /// Ephemeral port range.
@@ -126,6 +156,10 @@ pub trait Host {
     fn probe_io_uring(&self) -> Result<(), String>;
     /// CPUs this process may run on.
     fn cpus(&self) -> Option<usize>;
+    /// The names in a directory (`/proc`, `/proc/PID/task`).
+    fn list(&self, dir: &str) -> io::Result<Vec<String>>;
+    /// Where a symbolic link points (`/proc/PID/fd/N`).
+    fn link(&self, path: &str) -> io::Result<String>;
 }
 
 /// The machine psm-perf runs on.
@@ -146,6 +180,84 @@ impl Host for RealHost {
     fn cpus(&self) -> Option<usize> {
         std::thread::available_parallelism().ok().map(|n| n.get())
     }
+
+    fn list(&self, dir: &str) -> io::Result<Vec<String>> {
+        std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    fn link(&self, path: &str) -> io::Result<String> {
+        std::fs::read_link(path).map(|p| p.to_string_lossy().into_owned())
+    }
+}
+
+/// A running `psm-relay` as `/proc` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relay {
+    /// Its process id.
+    pub pid: u32,
+    /// Other `psm-relay` processes found beside it.
+    pub others: usize,
+    /// Its workers (`psm-worker-N` threads) in the order of N: the CPUs each may run on.
+    pub workers: Vec<Vec<usize>>,
+}
+
+/// The first `psm-relay` process on the host (lowest pid), with its workers' CPU sets; `None`
+/// when none runs (or `/proc` cannot be listed).
+pub fn find_relay(host: &dyn Host) -> Option<Relay> {
+    let mut pids: Vec<u32> = host
+        .list(paths::PROC)
+        .ok()?
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .filter(|pid| {
+            host.read(&format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end() == "psm-relay")
+        })
+        .collect();
+    pids.sort_unstable();
+    let pid = *pids.first()?;
+    let mut workers: Vec<(usize, Vec<usize>)> = host
+        .list(&format!("/proc/{pid}/task"))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|tid| {
+            let comm = host.read(&format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let n: usize = comm.trim_end().strip_prefix("psm-worker-")?.parse().ok()?;
+            let status = host.read(&format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .and_then(parse_cpu_list)?;
+            Some((n, cpus))
+        })
+        .collect();
+    workers.sort_unstable_by_key(|w| w.0);
+    Some(Relay {
+        pid,
+        others: pids.len() - 1,
+        workers: workers.into_iter().map(|w| w.1).collect(),
+    })
+}
+
+/// A kernel CPU list (`0-3,8,10-11`) as the CPUs it names, in order.
+pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',') {
+        let (lo, hi): (usize, usize) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => {
+                let n = part.parse().ok()?;
+                (n, n)
+            }
+        };
+        if lo > hi || hi - lo > 65_536 {
+            return None;
+        }
+        cpus.extend(lo..=hi);
+    }
+    Some(cpus)
 }
 
 /// A resource limit value from `/proc/self/limits`.
@@ -243,15 +355,40 @@ fn unparsable(name: &'static str, path: &str, text: &str) -> Check {
 
 /// io_uring: the relay's workers do their socket I/O through it (`--io auto`, the default, falls
 /// back to epoll without it).
-pub fn check_io_uring(host: &dyn Host) -> Check {
+pub fn check_io_uring(host: &dyn Host, relay: Option<&Relay>) -> Check {
     const NAME: &str = "io_uring";
-    match host.probe_io_uring() {
-        Ok(()) => Check::ok(
+    let rings = relay.map(|r| relay_rings(host, r.pid));
+    let value = |available: bool| json!({ "available": available, "relay_rings": rings });
+    match (host.probe_io_uring(), relay, rings) {
+        (Ok(()), Some(r), Some(0)) => Check::warn(
             NAME,
-            json!(true),
+            value(true),
+            format!(
+                "available here, but psm-relay (pid {}) holds no io_uring: its workers run on \
+                 epoll (--io epoll, or io_uring refused to the relay's user)",
+                r.pid
+            ),
+            Some(
+                "read the relay's log (\"io_uring unavailable; worker falls back to epoll\"); start it with --io uring to \
+                 make that an error; with kernel.io_uring_disabled = 1, add the relay's user to \
+                 the group in kernel.io_uring_group"
+                    .into(),
+            ),
+        ),
+        (Ok(()), Some(r), Some(n)) => Check::ok(
+            NAME,
+            value(true),
+            format!(
+                "available; psm-relay (pid {}) holds {n} io_uring instance(s): its workers run on io_uring",
+                r.pid
+            ),
+        ),
+        (Ok(()), _, _) => Check::ok(
+            NAME,
+            value(true),
             "available (io_uring_setup with 8 entries succeeded)",
         ),
-        Err(e) => {
+        (Err(e), _, _) => {
             let disabled = host
                 .read(paths::IO_URING_DISABLED)
                 .ok()
@@ -262,7 +399,7 @@ pub fn check_io_uring(host: &dyn Host) -> Check {
             };
             Check::warn(
                 NAME,
-                json!(false),
+                value(false),
                 format!(
                     "io_uring_setup failed: {e}{why}; psm-relay's --io auto (the default) falls \
                      back to epoll and --io uring does not start"
@@ -277,38 +414,74 @@ pub fn check_io_uring(host: &dyn Host) -> Check {
     }
 }
 
-/// `RLIMIT_NOFILE` of this process, as the shell that runs `psm up` would pass it on.
-pub fn check_nofile(host: &dyn Host) -> Check {
+/// The io_uring instances process `pid` holds (its descriptors that name `[io_uring]`).
+fn relay_rings(host: &dyn Host, pid: u32) -> usize {
+    let dir = format!("/proc/{pid}/fd");
+    host.list(&dir)
+        .unwrap_or_default()
+        .iter()
+        .filter(|fd| {
+            host.link(&format!("{dir}/{fd}"))
+                .is_ok_and(|l| l == "anon_inode:[io_uring]")
+        })
+        .count()
+}
+
+/// `RLIMIT_NOFILE` against the sessions the gateway must hold: the running relay's own where one
+/// runs, else this process's, as the shell that runs `psm up` would pass it on.
+pub fn check_nofile(host: &dyn Host, relay: Option<&Relay>, sessions: u64) -> Check {
     const NAME: &str = "nofile";
-    let text = match host.read(paths::LIMITS) {
+    let (path, whose) = match relay {
+        Some(r) => (
+            format!("/proc/{}/limits", r.pid),
+            format!("psm-relay (pid {})", r.pid),
+        ),
+        None => (
+            paths::LIMITS.to_string(),
+            "this shell (no psm-relay runs; psm up passes it on)".to_string(),
+        ),
+    };
+    let text = match host.read(&path) {
         Ok(t) => t,
-        Err(e) => return unreadable(NAME, paths::LIMITS, &e),
+        Err(e) => return unreadable(NAME, &path, &e),
     };
     let Some((soft, hard)) = parse_nofile(&text) else {
-        return unparsable(NAME, paths::LIMITS, "no \"Max open files\" line");
+        return unparsable(NAME, &path, "no \"Max open files\" line");
     };
-    let value = json!({ "soft": soft.to_json(), "hard": hard.to_json() });
-    if soft.at_least(MIN_NOFILE) {
-        Check::ok(NAME, value, format!("open files: soft {soft}, hard {hard}"))
-    } else {
-        let fix = if hard.at_least(MIN_NOFILE) {
+    let need = nofile_needed(sessions);
+    let value = json!({
+        "soft": soft.to_json(),
+        "hard": hard.to_json(),
+        "needed": need,
+        "sessions": sessions,
+        "relay_pid": relay.map(|r| r.pid),
+    });
+    if soft.at_least(need) {
+        Check::ok(
+            NAME,
+            value,
             format!(
-                "run `ulimit -n {MIN_NOFILE}` before psm up (or LimitNOFILE={MIN_NOFILE} in its \
-                 systemd unit)"
+                "open files of {whose}: soft {soft}, hard {hard}; {sessions} sessions need {need}"
+            ),
+        )
+    } else {
+        let fix = if hard.at_least(need) {
+            format!(
+                "run `ulimit -n {need}` before psm up (or LimitNOFILE={need} in its systemd unit)"
             )
         } else {
             format!(
-                "raise the hard limit too: `nofile {MIN_NOFILE}` in /etc/security/limits.conf \
-                 or LimitNOFILE={MIN_NOFILE} in the systemd unit"
+                "raise the hard limit too: `nofile {need}` in /etc/security/limits.conf or \
+                 LimitNOFILE={need} in the systemd unit"
             )
         };
         Check::warn(
             NAME,
             value,
             format!(
-                "open files: soft {soft}, hard {hard}; below {MIN_NOFILE}, sessions run out of \
-                 descriptors (two each on epoll, and on io_uring before Linux 6.13) or of room \
-                 in a worker's io_uring table (as many sockets as this limit)"
+                "open files of {whose}: soft {soft}, hard {hard}; {sessions} sessions need {need} \
+                 (two sockets each, on epoll and on io_uring before Linux 6.13, or as many slots \
+                 in a worker's io_uring table, which this limit caps), or sessions are refused"
             ),
             Some(fix),
         )
@@ -368,26 +541,115 @@ pub fn check_port_range(host: &dyn Host) -> Check {
     }
 }
 
-/// CPUs: the relay runs one worker per core.
-pub fn check_cpus(host: &dyn Host) -> Check {
-    const NAME: &str = "cpus";
-    match host.cpus() {
-        Some(n) => Check::ok(
-            NAME,
-            json!(n),
-            format!(
-                "{n} CPUs: one relay worker per core, each pinned to its CPU (psm up --workers \
-                 {n} and psm-relay --pin-workers true, the defaults); where other busy processes \
-                 share these CPUs, --pin-workers false lets the kernel move a worker off a CPU \
-                 another process holds (perf/BENCHMARKS.md)"
+/// The relay's workers against the CPUs, and their pinning: those of the running relay where one
+/// runs, else the defaults `psm up` would use on this host.
+pub fn check_workers(host: &dyn Host, relay: Option<&Relay>) -> Check {
+    const NAME: &str = "workers";
+    let cpus = host.cpus();
+    let Some(r) = relay else {
+        return match cpus {
+            Some(n) => Check::ok(
+                NAME,
+                json!({ "cpus": n, "workers": Value::Null, "pinned": Value::Null }),
+                format!(
+                    "{n} CPUs; no psm-relay runs: psm up starts one worker per CPU, each pinned to \
+                     its own (psm up --workers {n} and `[relay] pin_workers = true`, the defaults); \
+                     where other busy processes share these CPUs, `pin_workers = false` lets the \
+                     kernel move a worker off a CPU another process holds (perf/BENCHMARKS.md); run this check beside \
+                     a running relay to see its own"
+                ),
             ),
-        ),
-        None => Check::warn(
+            None => Check::warn(
+                NAME,
+                Value::Null,
+                "cannot tell how many CPUs this process may use; pass psm up --workers explicitly",
+                None,
+            ),
+        };
+    };
+    let w = r.workers.len();
+    let pinned: Vec<Option<usize>> = r
+        .workers
+        .iter()
+        .map(|c| (c.len() == 1).then(|| c[0]))
+        .collect();
+    let all_pinned = w > 0 && pinned.iter().all(Option::is_some);
+    let none_pinned = pinned.iter().all(Option::is_none);
+    let mut shared: Vec<usize> = pinned.iter().flatten().copied().collect();
+    shared.sort_unstable();
+    let distinct = {
+        let mut d = shared.clone();
+        d.dedup();
+        d.len()
+    };
+    let value = json!({
+        "cpus": cpus,
+        "workers": w,
+        "relay_pid": r.pid,
+        "pinned": pinned,
+    });
+    let pins = if all_pinned {
+        let list: Vec<String> = pinned
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{i}→{}", c.unwrap_or_default()))
+            .collect();
+        format!("pinned (worker→CPU {})", list.join(" "))
+    } else if none_pinned {
+        "not pinned (`[relay] pin_workers = false`): the kernel places them".to_string()
+    } else {
+        "partly pinned: pinning failed for some workers (see the relay's log)".to_string()
+    };
+    let head = format!(
+        "psm-relay (pid {}{}): {w} workers on {} CPUs, {pins}",
+        r.pid,
+        if r.others > 0 {
+            format!(", and {} more relays", r.others)
+        } else {
+            String::new()
+        },
+        cpus.map_or("?".to_string(), |n| n.to_string())
+    );
+    let n = cpus.unwrap_or(w);
+    if w == 0 {
+        Check::warn(
             NAME,
-            Value::Null,
-            "cannot tell how many CPUs this process may use; pass psm up --workers explicitly",
-            None,
-        ),
+            value,
+            format!("{head}: no worker threads found"),
+            Some("check the relay's log; restart it with psm up".into()),
+        )
+    } else if w > n {
+        Check::warn(
+            NAME,
+            value,
+            format!("{head}: more workers than CPUs, so workers take turns on a core"),
+            Some(format!("psm up --workers {n}")),
+        )
+    } else if distinct < shared.len() {
+        Check::warn(
+            NAME,
+            value,
+            format!("{head}: two workers are pinned to one CPU"),
+            Some("restart the relay with psm up (it pins worker i to the i-th allowed CPU)".into()),
+        )
+    } else if !all_pinned && !none_pinned {
+        Check::warn(
+            NAME,
+            value,
+            head,
+            Some("give the relay's user CAP_SYS_NICE or an unrestricted CPU set, or set `[relay] pin_workers = false` in psm.toml".into()),
+        )
+    } else if w < n {
+        Check::warn(
+            NAME,
+            value,
+            format!("{head}: {} CPUs carry no worker", n - w),
+            Some(format!(
+                "psm up --workers {n}, unless those CPUs are kept for other work"
+            )),
+        )
+    } else {
+        Check::ok(NAME, value, head)
     }
 }
 
@@ -510,13 +772,14 @@ pub fn check_governor(host: &dyn Host) -> Check {
 }
 
 /// Every check, in the order `psm-perf check` prints them.
-pub fn run_checks(host: &dyn Host) -> Vec<Check> {
+pub fn run_checks(host: &dyn Host, opts: &Options) -> Vec<Check> {
+    let relay = find_relay(host);
     vec![
-        check_io_uring(host),
-        check_nofile(host),
+        check_io_uring(host, relay.as_ref()),
+        check_nofile(host, relay.as_ref(), opts.sessions),
         check_somaxconn(host),
         check_port_range(host),
-        check_cpus(host),
+        check_workers(host, relay.as_ref()),
         check_thp(host),
         check_rmem_max(host),
         check_wmem_max(host),
@@ -580,8 +843,43 @@ Max locked memory         8388608              8388608              bytes
 
     struct Fake {
         files: HashMap<&'static str, &'static str>,
+        /// Files under /proc/PID (a running relay), by path.
+        procs: HashMap<String, String>,
         uring: Result<(), String>,
         cpus: Option<usize>,
+    }
+
+    impl Fake {
+        /// A psm-relay with pid 4242 and one worker thread per CPU list in `workers`, its open
+        /// files `limits`, and `rings` io_uring descriptors.
+        fn with_relay(mut self, workers: &[&str], limits: &str, rings: usize) -> Self {
+            let p = |s: &str| s.to_string();
+            self.procs.insert(p("/proc/1/comm"), p("init\n"));
+            self.procs.insert(p("/proc/4242/comm"), p("psm-relay\n"));
+            self.procs.insert(p("/proc/4242/limits"), p(limits));
+            self.procs
+                .insert(p("/proc/4242/task/4242/comm"), p("psm-relay\n"));
+            for (i, cpus) in workers.iter().enumerate() {
+                let tid = 5000 + i;
+                self.procs.insert(
+                    format!("/proc/4242/task/{tid}/comm"),
+                    format!("psm-worker-{i}\n"),
+                );
+                self.procs.insert(
+                    format!("/proc/4242/task/{tid}/status"),
+                    format!("Name:\tpsm-worker-{i}\nCpus_allowed_list:\t{cpus}\n"),
+                );
+            }
+            for fd in 0..3 + rings {
+                let to = if fd < 3 {
+                    "/dev/null"
+                } else {
+                    "anon_inode:[io_uring]"
+                };
+                self.procs.insert(format!("/proc/4242/fd/{fd}"), p(to));
+            }
+            self
+        }
     }
 
     impl Host for Fake {
@@ -589,6 +887,7 @@ Max locked memory         8388608              8388608              bytes
             self.files
                 .get(path)
                 .map(|s| s.to_string())
+                .or_else(|| self.procs.get(path).cloned())
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         }
         fn probe_io_uring(&self) -> Result<(), String> {
@@ -596,6 +895,27 @@ Max locked memory         8388608              8388608              bytes
         }
         fn cpus(&self) -> Option<usize> {
             self.cpus
+        }
+        fn list(&self, dir: &str) -> io::Result<Vec<String>> {
+            let prefix = format!("{dir}/");
+            let mut names: Vec<String> = self
+                .procs
+                .keys()
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .map(|rest| rest.split('/').next().unwrap_or(rest).to_string())
+                .collect();
+            names.sort();
+            names.dedup();
+            if names.is_empty() {
+                return Err(io::Error::from(io::ErrorKind::NotFound));
+            }
+            Ok(names)
+        }
+        fn link(&self, path: &str) -> io::Result<String> {
+            self.procs
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         }
     }
 
@@ -611,6 +931,7 @@ Max locked memory         8388608              8388608              bytes
                 (paths::TCP_MEM, "190000\t260000\t380000\n"),
                 (paths::GOVERNOR, "performance\n"),
             ]),
+            procs: HashMap::new(),
             uring: Ok(()),
             cpus: Some(8),
         }
@@ -678,7 +999,7 @@ Max locked memory         8388608              8388608              bytes
 
     #[test]
     fn tuned_host_is_all_ok() {
-        let checks = run_checks(&tuned());
+        let checks = run_checks(&tuned(), &Options::default());
         assert_eq!(checks.len(), 10);
         assert_eq!(warnings(&checks), 0, "{checks:#?}");
         let text = render_text(&checks);
@@ -700,7 +1021,7 @@ Max locked memory         8388608              8388608              bytes
         host.files.insert(paths::RMEM_MAX, "212992\n");
         host.files.insert(paths::IO_URING_DISABLED, "2\n");
         host.uring = Err("Operation not permitted (os error 1)".into());
-        let checks = run_checks(&host);
+        let checks = run_checks(&host, &Options::default());
         let by = |n: &str| checks.iter().find(|c| c.name == n).cloned().expect(n);
         for name in [
             "io_uring",
@@ -722,7 +1043,8 @@ Max locked memory         8388608              8388608              bytes
             .fix
             .unwrap_or_default()
             .contains("ulimit -n 65536"));
-        assert_eq!(by("nofile").value, json!({"soft": 1024, "hard": 1048576}));
+        assert_eq!(by("nofile").value["soft"], json!(1024));
+        assert_eq!(by("nofile").value["needed"], json!(65536));
         assert_eq!(by("ip_local_port_range").value["width"], json!(1001));
         let text = render_text(&checks);
         assert!(text.contains("WARN  somaxconn"), "{text}");
@@ -741,10 +1063,11 @@ Max locked memory         8388608              8388608              bytes
     fn unreadable_files_warn_without_failing() {
         let host = Fake {
             files: HashMap::from([(paths::SOMAXCONN, "many\n")]),
+            procs: HashMap::new(),
             uring: Ok(()),
             cpus: None,
         };
-        let checks = run_checks(&host);
+        let checks = run_checks(&host, &Options::default());
         assert_eq!(warnings(&checks), 8, "all but io_uring and the governor");
         let nofile = &checks[1];
         assert!(nofile.message.contains(paths::LIMITS), "{nofile:?}");
@@ -757,8 +1080,113 @@ Max locked memory         8388608              8388608              bytes
     }
 
     #[test]
+    fn open_files_are_sized_for_the_sessions_asked() {
+        assert_eq!(nofile_needed(0), MIN_NOFILE);
+        assert_eq!(nofile_needed(10_000), MIN_NOFILE);
+        assert_eq!(nofile_needed(50_000), 101_024);
+        let host = tuned();
+        let c = check_nofile(&host, None, 50_000);
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        let c = check_nofile(&host, None, 600_000);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.message.contains("600000 sessions need 1201024"), "{c:?}");
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("nofile 1201024")),
+            "the hard limit is below too: {c:?}"
+        );
+    }
+
+    #[test]
+    fn a_running_relay_is_checked_itself() {
+        // the shell is tuned, the relay was started with 1024 open files
+        let host = tuned().with_relay(&["0", "1"], "Max open files  1024  524288  files\n", 2);
+        let relay = find_relay(&host).expect("relay");
+        assert_eq!(relay.pid, 4242);
+        assert_eq!(relay.workers, vec![vec![0], vec![1]]);
+        let c = check_nofile(&host, Some(&relay), 10_000);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.message.contains("psm-relay (pid 4242)"), "{c:?}");
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("ulimit -n 65536")),
+            "{c:?}"
+        );
+        let u = check_io_uring(&host, Some(&relay));
+        assert_eq!(u.status, Status::Ok, "{u:?}");
+        assert_eq!(u.value["relay_rings"], json!(2));
+        // 8 CPUs, 2 workers: 6 idle
+        let w = check_workers(&host, Some(&relay));
+        assert_eq!(w.status, Status::Warn, "{w:?}");
+        assert!(w.message.contains("worker→CPU 0→0 1→1"), "{w:?}");
+        assert!(w.message.contains("6 CPUs carry no worker"), "{w:?}");
+        assert_eq!(
+            w.fix.as_deref(),
+            Some("psm up --workers 8, unless those CPUs are kept for other work")
+        );
+    }
+
+    #[test]
+    fn workers_against_cpus_and_their_pinning() {
+        let check = |workers: &[&str], cpus: usize, rings: usize| {
+            let mut host = tuned().with_relay(workers, "Max open files 65536 65536 files\n", rings);
+            host.cpus = Some(cpus);
+            let relay = find_relay(&host).expect("relay");
+            (
+                check_workers(&host, Some(&relay)),
+                check_io_uring(&host, Some(&relay)),
+            )
+        };
+        let (w, u) = check(&["0", "1"], 2, 2);
+        assert_eq!(
+            (w.status, u.status),
+            (Status::Ok, Status::Ok),
+            "{w:?} {u:?}"
+        );
+        let (w, _) = check(&["0-1", "0-1"], 2, 2);
+        assert_eq!(w.status, Status::Ok, "unpinned is a choice: {w:?}");
+        assert!(w.message.contains("not pinned"), "{w:?}");
+        let (w, _) = check(&["0", "1", "0", "1"], 2, 4);
+        assert_eq!(w.status, Status::Warn, "{w:?}");
+        assert!(w.message.contains("more workers than CPUs"), "{w:?}");
+        assert_eq!(w.fix.as_deref(), Some("psm up --workers 2"));
+        let (w, _) = check(&["3", "3", "1", "2"], 4, 4);
+        assert!(
+            w.message.contains("two workers are pinned to one CPU"),
+            "{w:?}"
+        );
+        let (w, _) = check(&["0", "0-3", "2", "3"], 4, 4);
+        assert!(w.message.contains("partly pinned"), "{w:?}");
+        assert_eq!(w.status, Status::Warn);
+        let (_, u) = check(&["0", "1"], 2, 0);
+        assert_eq!(u.status, Status::Warn, "{u:?}");
+        assert!(u.message.contains("run on epoll"), "{u:?}");
+        assert_eq!(u.value["relay_rings"], json!(0));
+        // no relay: the defaults, OK
+        let host = tuned();
+        assert_eq!(find_relay(&host), None);
+        let w = check_workers(&host, None);
+        assert_eq!(w.status, Status::Ok);
+        assert!(w.message.contains("no psm-relay runs"), "{w:?}");
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11\n"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+        assert_eq!(parse_cpu_list(""), None);
+    }
+
+    #[test]
     fn real_host_checks_run() {
-        let checks = run_checks(&RealHost);
+        let checks = run_checks(&RealHost, &Options::default());
         assert_eq!(checks.len(), 10);
         assert!(checks.iter().all(|c| !c.message.is_empty()));
     }

@@ -5,6 +5,11 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+/// mimalloc, as in every psm process (ARCHITECTURE.md): the bench's light target and clients
+/// allocate per packet like the relay does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod record_bench;
 mod search_bench;
@@ -25,6 +30,9 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Concurrent sessions the gateway must hold (sizes the open-files check).
+        #[arg(long, default_value_t = psm_perf::DEFAULT_SESSIONS)]
+        sessions: u64,
     },
     /// The running relay's counters per worker (sessions, accepts/s, bytes/s each way, failures),
     /// refreshed like top; read from its Prometheus endpoint (`[relay] metrics_listen`).
@@ -216,8 +224,8 @@ fn main() -> anyhow::Result<()> {
             );
             record_bench::run(mib)
         }
-        Command::Check { json } => {
-            let checks = psm_perf::run_checks(&psm_perf::RealHost);
+        Command::Check { json, sessions } => {
+            let checks = psm_perf::run_checks(&psm_perf::RealHost, &psm_perf::Options { sessions });
             let out = if json {
                 let mut s = serde_json::to_string_pretty(&psm_perf::render_json(&checks))
                     .context("encoding the report")?;

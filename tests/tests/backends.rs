@@ -18,7 +18,7 @@ fn io_uring_allowed() -> bool {
         .as_array()
         .into_iter()
         .flatten()
-        .any(|c| c["name"] == "io_uring" && c["status"] == "ok")
+        .any(|c| c["name"] == "io_uring" && c["value"]["available"] == true)
 }
 
 fn sessions_work_on(backend: &str, log_line: &str) {

@@ -24,6 +24,10 @@ use std::process::ExitCode;
 
 use psm_evidence::audit::{ChainVerifier, DeletedRecording};
 use psm_evidence::PublicKey;
+
+/// mimalloc, as in every psm process (ARCHITECTURE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use psm_recorder_format::file::EXTENSION;
 
 const USAGE: &str =
