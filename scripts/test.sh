@@ -5,11 +5,11 @@
 #   scripts/test.sh [ARGS...]    ARGS go to `cargo nextest run` (or `cargo test` without nextest)
 #
 # Needs: /usr/sbin/sshd, ssh, scp, sftp, asciinema, /usr/bin/python3 with asyncssh (the hostile
-# peers of tests/py), setpriv and mount, plink (PuTTY answering the TOTP prompt),
+# peers of tests/py) and seccomp (a relay where io_uring is refused), setpriv and mount, plink (PuTTY answering the TOTP prompt),
 # /usr/sbin/rsyslogd with its gtls driver (the SIEM tests' syslog receiver; the tests run it
 # themselves, no system service), the RDP peers (xrdp with xorgxrdp, the FreeRDP 2 client and
 # shadow server, winpr-hash, Xvfb, xdotool, xlogo, ffmpeg: the RDP tests start them themselves)
-# (Debian: openssh-server openssh-client asciinema procps python3 python3-asyncssh util-linux
+# (Debian: openssh-server openssh-client asciinema procps python3 python3-asyncssh python3-seccomp util-linux
 # mount putty-tools rsyslog rsyslog-gnutls xrdp xorgxrdp freerdp2-x11 freerdp2-shadow-x11
 # winpr-utils xvfb xdotool x11-apps ffmpeg). As root they are
 # installed with apt when missing; otherwise the script says what to install and exits 1. Some tests mount a tmpfs and switch
@@ -24,7 +24,7 @@ cd "$root"
 apt_timeout="${PSM_APT_TIMEOUT:-600}"
 build_timeout="${PSM_BUILD_TIMEOUT:-2700}"
 test_timeout="${PSM_TEST_TIMEOUT:-2700}"
-packages=(openssh-server openssh-client asciinema procps python3 python3-asyncssh util-linux mount
+packages=(openssh-server openssh-client asciinema procps python3 python3-asyncssh python3-seccomp util-linux mount
   putty-tools rsyslog rsyslog-gnutls xrdp xorgxrdp freerdp2-x11 freerdp2-shadow-x11 winpr-utils xvfb
   xdotool x11-apps ffmpeg)
 
@@ -50,6 +50,9 @@ missing_tools() {
   done
   if [[ -x /usr/bin/python3 ]] && ! /usr/bin/python3 -c 'import asyncssh' >/dev/null 2>&1; then
     printf '%s\n' "python3 asyncssh"
+  fi
+  if [[ -x /usr/bin/python3 ]] && ! /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1; then
+    printf '%s\n' "python3 seccomp (python3-seccomp)"
   fi
   if [[ ! -e /usr/lib/xorg/modules/drivers/xrdpdev_drv.so ]]; then
     printf '%s\n' "xorgxrdp"

@@ -98,7 +98,12 @@ pub fn run_worker(
                     );
                     tokio::task::spawn_local(ring.drive());
                 }
-                Err(e) if backend == IoBackend::Uring => return Err(e),
+                Err(e) if backend == IoBackend::Uring => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("io_uring unavailable ({e}), and --io uring allows no fallback"),
+                    ))
+                }
                 Err(e) => {
                     warn!(worker = index, error = %e, "io_uring unavailable; worker falls back to epoll")
                 }

@@ -28,6 +28,7 @@ pub struct Psm {
     up: Option<Daemon>,
     daemons: Vec<Daemon>,
     relay_args: Vec<String>,
+    relay_wrapper: Vec<String>,
     control_args: Vec<String>,
 }
 
@@ -38,6 +39,9 @@ pub struct PsmOpts {
     pub config: Option<String>,
     /// Extra psm-relay flags ([`PsmMode::Separate`]).
     pub relay_args: Vec<String>,
+    /// A command psm-relay is started through, its path appended ([`PsmMode::Separate`]; e.g.
+    /// tests/py/no_io_uring.py, which execs it under a seccomp filter).
+    pub relay_wrapper: Vec<String>,
     /// Extra psm-control flags ([`PsmMode::Separate`]; [`Psm::set_control_args`] changes them
     /// for the next [`Psm::start_control`]).
     pub control_args: Vec<String>,
@@ -89,6 +93,7 @@ impl Psm {
             up: None,
             daemons: Vec::new(),
             relay_args: opts.relay_args,
+            relay_wrapper: opts.relay_wrapper,
             control_args: opts.control_args,
         };
         match mode {
@@ -146,6 +151,7 @@ impl Psm {
                 }
             }
             if port_ok && ctl_ok {
+                psm.assert_backend_asked();
                 return psm;
             }
             thread::sleep(Duration::from_millis(100));
@@ -159,7 +165,14 @@ impl Psm {
     fn spawn_daemon(&mut self, name: &'static str) {
         let log = self.dir.path().join(format!("{name}.log"));
         let (o, e) = log_file(&log);
-        let mut c = Command::new(bin(name));
+        let mut c = match self.relay_wrapper.split_first() {
+            Some((wrapper, args)) if name == "psm-relay" => {
+                let mut c = Command::new(wrapper);
+                c.args(args).arg(bin(name));
+                c
+            }
+            _ => Command::new(bin(name)),
+        };
         c.arg("--data-dir").arg(&self.data);
         if name == "psm-relay" {
             c.arg("--listen")
@@ -184,6 +197,28 @@ impl Psm {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         self.daemons.push(Daemon { name, child, log });
+    }
+
+    /// Where the environment asks for a back end (`PSM_RELAY_IO`, scripts/test.sh's epoll run)
+    /// and the test passes no `--io` of its own: the relay's log shows it runs on that one
+    /// (within 10 s), so a rerun on epoll cannot quietly run on io_uring.
+    fn assert_backend_asked(&mut self) {
+        let Ok(io) = std::env::var("PSM_RELAY_IO") else {
+            return;
+        };
+        if self.relay_args.iter().any(|a| a == "--io") {
+            return;
+        }
+        let line = match io.as_str() {
+            "epoll" => "worker running on tokio (epoll)",
+            "uring" => "worker running on io_uring",
+            _ => return,
+        };
+        let ok = wait_for(Duration::from_secs(10), || self.logs().contains(line));
+        self.assert_alive(
+            ok,
+            &format!("PSM_RELAY_IO={io}, but the relay's log never said {line:?} within 10 s"),
+        );
     }
 
     fn assert_alive(&mut self, cond: bool, what: &str) {

@@ -26,6 +26,19 @@ fn sessions_work_on(backend: &str, log_line: &str) {
         relay_args: vec!["--io".into(), backend.into()],
         ..PsmOpts::default()
     };
+    sessions_work_with(backend, log_line, backend == "epoll", opts)
+}
+
+/// tests/py/no_io_uring.py: runs what follows where io_uring's system calls fail with EPERM.
+fn no_io_uring() -> Vec<String> {
+    vec![
+        python3().display().to_string(),
+        format!("{}/py/no_io_uring.py", env!("CARGO_MANIFEST_DIR")),
+    ]
+}
+
+/// `epoll`: the relay is expected to run on epoll (it holds a descriptor per socket).
+fn sessions_work_with(backend: &str, log_line: &str, epoll: bool, opts: PsmOpts) {
     let w = World::build_opts(PsmMode::Separate, Sshd::start(), opts);
     let logs = w.psm.logs();
     assert!(logs.contains(log_line), "{backend}: {logs}");
@@ -76,7 +89,7 @@ fn sessions_work_on(backend: &str, log_line: &str) {
         "{backend}: the held session's target leg never showed"
     );
     // (kernels before 6.13 give the rings no table: `registered_sockets=0`)
-    let want = if backend == "epoll" || logs.contains("registered_sockets=0") {
+    let want = if epoll || logs.contains("registered_sockets=0") {
         1
     } else {
         0
@@ -105,6 +118,75 @@ fn local_sha256(data: &[u8]) -> String {
 #[test]
 fn sessions_work_on_the_epoll_fallback() {
     sessions_work_on("epoll", "worker running on tokio (epoll)");
+}
+
+/// Where a seccomp filter refuses io_uring (as a container's default profile does), the relay's
+/// default `--io auto` falls back to epoll at start, says so in its log, and works the same;
+/// `psm-perf check` under the same filter says io_uring is unavailable, with its fix; and
+/// `--io uring` refuses to start rather than fall back.
+#[test]
+fn where_seccomp_refuses_io_uring_the_relay_falls_back_to_epoll_and_says_so() {
+    let opts = PsmOpts {
+        // `--io auto` named, so that PSM_RELAY_IO (the epoll rerun) does not decide it
+        relay_args: vec!["--io".into(), "auto".into()],
+        relay_wrapper: no_io_uring(),
+        ..PsmOpts::default()
+    };
+    sessions_work_with(
+        "auto under seccomp",
+        "io_uring unavailable; worker falls back to epoll",
+        true,
+        opts,
+    );
+    let wrapped = no_io_uring();
+    let out = run_cmd(
+        std::process::Command::new(&wrapped[0])
+            .arg(&wrapped[1])
+            .arg(bin("psm-perf"))
+            .args(["check", "--json"]),
+        None,
+        Duration::from_secs(30),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("psm-perf check --json: {e}: {}", out.describe()));
+    let c = v["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "io_uring")
+        .cloned()
+        .unwrap_or_else(|| panic!("no io_uring line: {v}"));
+    assert_eq!(c["status"], "warn", "{c}");
+    assert_eq!(c["value"]["available"], false, "{c}");
+    let msg = c["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("Operation not permitted") && msg.contains("falls back to epoll"),
+        "{c}"
+    );
+    assert!(
+        c["fix"].as_str().unwrap_or_default().contains("seccomp"),
+        "{c}"
+    );
+    // `--io uring` asks for io_uring or nothing: the relay exits, naming why
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run_cmd(
+        std::process::Command::new(&wrapped[0])
+            .arg(&wrapped[1])
+            .arg(bin("psm-relay"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--rdp-listen", "off", "--io", "uring", "--workers", "1"]),
+        None,
+        Duration::from_secs(30),
+    );
+    let said = out.describe();
+    assert!(!out.success(), "{said}");
+    assert!(
+        said.contains("io_uring unavailable (Operation not permitted")
+            && said.contains("--io uring allows no fallback"),
+        "{said}"
+    );
 }
 
 #[test]
