@@ -27,7 +27,7 @@ pub struct Worker {
     pub errors: f64,
     /// Recording frames queued toward the recorder link now.
     pub rec_queue: f64,
-    /// Sessions stopped on a full durable window now.
+    /// Sessions stopped on a full durable window or a full recording queue now.
     pub paused: f64,
 }
 

@@ -358,6 +358,7 @@ fn a_recorder_killed_mid_stream_leaves_every_byte_the_user_saw_accounted_for() {
 /// hanging.
 #[test]
 fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
+    let metrics = free_port();
     let opts = PsmOpts {
         relay_args: vec![
             "--recorder-stall-secs".into(),
@@ -366,10 +367,13 @@ fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
             (1u64 << 30).to_string(),
             "--durable-window-ms".into(),
             "60000".into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics}"),
         ],
         ..PsmOpts::default()
     };
     let w = World::build_opts(PsmMode::Separate, Sshd::start(), opts);
+    let gauge = counters(metrics);
     let mark = w.psm.audit_mark();
     // one byte per write, as fast as perl goes: sshd sends small packets, each a frame
     let (mut child, received, reader) = streaming(&w, "perl -e '$|=1; print \"x\" while 1'");
@@ -400,6 +404,24 @@ fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
         |e| jstr(e, "event") == "session_end" && jstr(e, "side") == "recorder",
     );
     assert!(jstr(&end, "reason").contains("recording"), "{end}");
+    // the wait for room in the full queue was a pause, and it is over
+    assert!(
+        gauge("psm_relay_recording_pauses_total") >= 1.0,
+        "the full queue's wait is not counted as a pause"
+    );
+    assert_eq!(gauge("psm_relay_recording_paused"), 0.0);
+}
+
+/// The relay's counters named `name`, summed over workers, read from its metrics port.
+fn counters(port: u16) -> impl Fn(&str) -> f64 {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    move |name: &str| -> f64 {
+        psm_metrics::parse(&psm_metrics::fetch(addr, Duration::from_secs(5)).unwrap_or_default())
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value)
+            .sum()
+    }
 }
 
 /// A psm-recorder that stops answering (SIGSTOP, not dead: its socket stays open) pauses its
@@ -419,14 +441,7 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
         ..PsmOpts::default()
     };
     let w = World::build_opts(PsmMode::Separate, Sshd::start(), opts);
-    let addr = format!("127.0.0.1:{metrics}").parse().expect("addr");
-    let gauge = |name: &str| -> f64 {
-        psm_metrics::parse(&psm_metrics::fetch(addr, Duration::from_secs(5)).unwrap_or_default())
-            .iter()
-            .filter(|s| s.name == name)
-            .map(|s| s.value)
-            .sum()
-    };
+    let gauge = counters(metrics);
     let mark = w.psm.audit_mark();
     let (mut child, received, reader) =
         streaming(&w, "yes psm-stalled-recorder-line | head -c 500000000");
@@ -456,9 +471,31 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
     // and SSH windows on the way still arrive) stays within the durable window
     let relayed = || gauge("psm_relay_bytes_down_total");
     let at_pause = relayed();
+    // and the relay does not take in what it cannot relay: its memory stays put while the
+    // target keeps offering data (`yes` writes hundreds of MB a second) until the session ends
+    let relay = w.psm.relay_pids()[0];
+    let rss_at_pause = vm_rss_kib(relay);
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !ended.load(Ordering::SeqCst) {
+                most = most.max(vm_rss_kib(relay));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            most
+        })
+    };
     // then the stall limit ends the session, blamed on the recorder
     let status = wait_child(&mut child, Duration::from_secs(20)).expect("ssh ends");
     let took = stopped_at.elapsed();
+    ended.store(true, Ordering::SeqCst);
+    let rss_most = sampler.join().expect("sampler");
+    assert!(
+        rss_most <= rss_at_pause + 16 * 1024,
+        "the relay grew from {rss_at_pause} to {rss_most} KiB while its session was paused"
+    );
     w.psm.signal_recorder(Signal::SIGCONT);
     let _ = reader.join();
     assert!(!status.success(), "the session must end with its recording");

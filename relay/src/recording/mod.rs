@@ -283,13 +283,19 @@ impl WorkerRecorder {
             Frame::Resize { .. } => Some(16),
             _ => None,
         };
-        loop {
-            match self.queue.push(frame) {
-                Ok(()) => break,
-                Err(back) => {
-                    frame = back;
-                    self.wake();
-                    tokio::time::sleep(Duration::from_micros(250)).await;
+        if let Err(back) = self.queue.push(frame) {
+            // the worker's queue is full: this session pauses (its reader waits here) until
+            // the link makes room, counted as a pause like a full durable window
+            frame = back;
+            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+            self.stats.paused_now.fetch_add(1, Ordering::Relaxed);
+            let _resume = Resume(&self.stats.paused_now);
+            loop {
+                self.wake();
+                tokio::time::sleep(Duration::from_micros(250)).await;
+                match self.queue.push(frame) {
+                    Ok(()) => break,
+                    Err(back) => frame = back,
                 }
             }
         }
