@@ -8,10 +8,11 @@
 # peers of tests/py) and seccomp (a relay where io_uring is refused), setpriv and mount, plink (PuTTY answering the TOTP prompt),
 # /usr/sbin/rsyslogd with its gtls driver (the SIEM tests' syslog receiver; the tests run it
 # themselves, no system service), the RDP peers (xrdp with xorgxrdp, the FreeRDP 2 client and
-# shadow server, winpr-hash, Xvfb, xdotool, xlogo, ffmpeg: the RDP tests start them themselves)
+# shadow server, winpr-hash, Xvfb, xdotool, xlogo, ffmpeg: the RDP tests start them themselves),
+# socat (psm-perf bench's pass-through baseline)
 # (Debian: openssh-server openssh-client asciinema procps python3 python3-asyncssh python3-seccomp util-linux
 # mount putty-tools rsyslog rsyslog-gnutls xrdp xorgxrdp freerdp2-x11 freerdp2-shadow-x11
-# winpr-utils xvfb xdotool x11-apps ffmpeg). As root they are
+# winpr-utils xvfb xdotool x11-apps ffmpeg socat). As root they are
 # installed with apt when missing; otherwise the script says what to install and exits 1. Some tests mount a tmpfs and switch
 # uids: run the suite as root.
 # Every step is bounded (timeouts, overridable: PSM_APT_TIMEOUT, PSM_BUILD_TIMEOUT,
@@ -26,7 +27,7 @@ build_timeout="${PSM_BUILD_TIMEOUT:-2700}"
 test_timeout="${PSM_TEST_TIMEOUT:-2700}"
 packages=(openssh-server openssh-client asciinema procps python3 python3-asyncssh python3-seccomp util-linux mount
   putty-tools rsyslog rsyslog-gnutls xrdp xorgxrdp freerdp2-x11 freerdp2-shadow-x11 winpr-utils xvfb
-  xdotool x11-apps ffmpeg)
+  xdotool x11-apps ffmpeg socat)
 
 say() { printf 'scripts/test.sh: %s\n' "$*" >&2; }
 
@@ -41,7 +42,7 @@ missing_tools() {
   local tool
   for tool in /usr/sbin/sshd ssh scp sftp asciinema /usr/bin/python3 setpriv mount plink /usr/sbin/rsyslogd \
     /usr/sbin/xrdp /usr/sbin/xrdp-sesman /usr/bin/xfreerdp /usr/bin/freerdp-shadow-cli /usr/bin/winpr-hash \
-    /usr/bin/Xvfb /usr/bin/xdotool /usr/bin/xlogo /usr/bin/ffmpeg /usr/bin/ffprobe; do
+    /usr/bin/Xvfb /usr/bin/xdotool /usr/bin/xlogo /usr/bin/ffmpeg /usr/bin/ffprobe socat; do
     if [[ $tool == /* ]]; then
       [[ -x $tool ]] || printf '%s\n' "$tool"
     else
