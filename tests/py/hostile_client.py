@@ -47,6 +47,14 @@ Modes (COUNT default in brackets):
                     (asyncssh cuts it into packets of the peer's maximum packet size), then
                     EOF, and reads the digest. Prints send_pktsize=N sent_digest=HEX
                     remote_digest=HEX.
+  stalled-rekey     not an abuse, a slow peer: opens a session running
+                    "echo start; head -c COUNT [8] MiB /dev/zero; echo; then six lines
+                    'tick N' a second apart", and once "start" has come, starts a key
+                    exchange (KEXINIT) and holds it open for --hold seconds [5] before
+                    sending its key exchange message (so the gateway's leg toward this client
+                    can carry nothing but the key exchange meanwhile), then completes it and
+                    reads to the end. Prints held=K (key exchanges held: 1) hold_seconds=X
+                    bytes=B zeros_ok=1|0 ticks=T exit=STATUS disconnected=1|0.
   pre-start-data    opens a session and, before any exec, sends COUNT [200] one-byte data
                     messages interleaved with COUNT window-change requests, then
                     "exec cat" (want_reply) and waits up to 2 s for the reply; then sends
@@ -81,6 +89,7 @@ MODES = (
     "pre-start-data",
     "open-close-channels",
     "large-packets",
+    "stalled-rekey",
 )
 DEFAULT_COUNT = {
     "env-before-exec": 200,
@@ -90,6 +99,7 @@ DEFAULT_COUNT = {
     "long-login": 200000,
     "pre-start-data": 200,
     "large-packets": 4,
+    "stalled-rekey": 8,
 }
 PTY_SIZES = ((65535, 65535), (0, 0), (4294967295, 4294967295))
 STREAMLOCAL_COUNT = 10
@@ -133,6 +143,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--hold", type=float, default=5.0)
     args = p.parse_args()
     if args.count is None:
         args.count = DEFAULT_COUNT[args.mode]
@@ -519,6 +530,76 @@ async def mode_large_packets(cfg, budget) -> None:
     result(f"send_pktsize={chan._send_pktsize}",
            f"sent_digest={hashlib.sha256(payload).hexdigest()}",
            f"remote_digest={token(remote)}")
+    conn.abort()
+
+
+async def mode_stalled_rekey(cfg, budget) -> None:
+    import asyncssh.kex_dh as kex_dh
+
+    conn, tracker = await connect(cfg, budget)
+    chan = RawChannel(conn, None)
+    (await chan._open(b"session")).check_end()
+    sess = Collector()
+    chan._session = sess
+    sess.connection_made(chan)
+    size = cfg.count * MIB
+    command = (f"echo start; head -c {size} /dev/zero; echo; "
+               "for i in 1 2 3 4 5 6; do sleep 1; echo tick $i; done")
+    _, accepted, _ = await request(chan, budget, 10, b"exec", String(command))
+    if not accepted:
+        result("failed=1", "error=exec", "reason=exec refused")
+        conn.abort()
+        return
+    start_reading(conn, chan)
+    got_start = asyncio.Event()
+    received = sess.data_received
+
+    def watch(data, datatype) -> None:
+        received(data, datatype)
+        if b"start\n" in bytes(sess.output()):
+            got_start.set()
+
+    sess.data_received = watch
+    await wait_event(got_start, budget, 10)
+    # Hold the key exchange: each DH/ECDH exchange's start (the client's first key exchange
+    # message) is kept back until the hold ends. asyncssh defers every other packet meanwhile.
+    held = []
+    holding = True
+    for cls in (kex_dh._KexDHBase, kex_dh._KexDHGex, kex_dh._KexECDH):
+        original = cls.__dict__.get("start")
+        if original is None:
+            continue
+
+        def start(self, original=original):
+            if holding:
+                held.append((self, original))
+                log("key exchange held")
+                return
+            original(self)
+
+        cls.start = start
+    log("sending KEXINIT")
+    conn._send_kexinit()
+    conn._kexinit_sent = True
+    t0 = time.monotonic()
+    await asyncio.sleep(budget.cap(cfg.hold))
+    holding = False
+    hold_seconds = time.monotonic() - t0
+    for kex, original in held:
+        original(kex)
+    log(f"key exchange released after {hold_seconds:.1f} s")
+    await wait_event(sess.closed, budget, 30)
+    out = bytes(sess.output())
+    head = b"start\n"
+    zeros = out[len(head):len(head) + size]
+    ticks = [l for l in out[len(head) + size:].split(b"\n") if l.startswith(b"tick ")]
+    want_ticks = [f"tick {i}".encode() for i in range(1, 7)]
+    status = chan.get_exit_status()
+    result(f"held={len(held)}", f"hold_seconds={hold_seconds:.1f}", f"bytes={len(out)}",
+           f"zeros_ok={int(out.startswith(head) and zeros == bytes(size))}",
+           f"ticks={len(ticks) if ticks == want_ticks else -1}",
+           f"exit={status if status is not None else 'none'}",
+           f"disconnected={int(tracker.lost.is_set())}")
     conn.abort()
 
 

@@ -619,6 +619,53 @@ fn largest_recorded(w: &World, recording_id: &str) -> (usize, usize) {
     (largest(true), largest(false))
 }
 
+/// A key exchange on one leg never stalls the other: a user whose client holds a rekey open for
+/// 5 s (its KEXINIT sent, its key exchange message kept back, so psm can send that leg nothing
+/// but the key exchange) while the target streams 8 MiB. sshd drops a client that leaves 2
+/// keepalives a second apart unanswered (`ClientAliveCountMax 2`): psm's target leg goes on
+/// answering them through the hold, then every byte reaches the user, in order, with the exit
+/// status.
+#[test]
+fn a_key_exchange_held_open_on_the_user_leg_does_not_stall_the_target_leg() {
+    let w = World::build(
+        PsmMode::Up,
+        Sshd::start_config(
+            false,
+            "DEBUG",
+            "ClientAliveInterval 1\nClientAliveCountMax 2\n",
+        ),
+    );
+    let mark = w.psm.audit_mark();
+    let out = hostile_client(&w, "stalled-rekey", &["--count", "8", "--hold", "5"]);
+    assert_eq!(result_field(&out, "held"), "1", "{out}");
+    let held: f64 = result_field(&out, "hold_seconds").parse().unwrap_or(0.0);
+    assert!(
+        held >= 4.5,
+        "the rekey was held {held} s, not past sshd's 3 s: {out}"
+    );
+    assert_eq!(result_field(&out, "zeros_ok"), "1", "{out}");
+    assert_eq!(result_field(&out, "ticks"), "6", "{out}");
+    assert_eq!(result_field(&out, "exit"), "0", "{out}");
+    assert_eq!(result_field(&out, "disconnected"), "0", "{out}");
+    let log = w.sshd.full_log();
+    assert!(
+        !log.contains("Timeout, client not responding"),
+        "sshd gave up on psm's target leg while the user leg rekeyed:\n{log}"
+    );
+    // sshd did ask (it asks after a second without a packet from psm), and psm answered
+    assert!(
+        log.matches("for keepalive").count() >= 2,
+        "sshd's keepalives were not asked and answered during the hold:\n{log}"
+    );
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end of the held-rekey session", T, |e| {
+            is(e, "session_end")
+        });
+    assert_eq!(end["exit_status"], 0, "{end}");
+    w.assert_all_sessions_ended();
+}
+
 /// psm takes channel data in packets of up to 65535 bytes from the user (twice russh's
 /// default): fewer packets to decrypt, relay and record per byte. They reach sshd, whose own
 /// maximum is 32 KiB, intact, and each is recorded whole.

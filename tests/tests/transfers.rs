@@ -307,8 +307,8 @@ fn sftp_bytes_psm_cannot_follow_make_one_notice_and_still_pass() {
 #[test]
 fn rekeying_on_both_legs_loses_no_byte() {
     // sshd renews the target leg's keys every 256 KiB and the OpenSSH client the user leg's:
-    // each leg rekeys about 30 times each way, started by either side (russh patch 5 changed
-    // what a session keeps from one key exchange to the next)
+    // each leg rekeys many times, started by either side (russh patch 5 changed what a session
+    // keeps from one key exchange to the next); both legs' counts are checked below
     let w = World::build(
         PsmMode::Up,
         Sshd::start_config(false, "DEBUG", "RekeyLimit 256K\n"),
@@ -319,11 +319,18 @@ fn rekeying_on_both_legs_loses_no_byte() {
         .collect();
     fs::write(&up, &data).expect("write the upload");
     let out = run_cmd(
-        w.ssh().args(["-o", "RekeyLimit=256K", "sha256sum"]),
+        w.ssh().args(["-v", "-o", "RekeyLimit=256K", "sha256sum"]),
         Some(&data),
         Duration::from_secs(60),
     );
     assert!(out.success(), "{}", out.describe());
+    // the user leg's key exchanges, as the OpenSSH client logs them (the first one aside)
+    let user_kex = out.stderr_str().matches("SSH2_MSG_KEXINIT sent").count();
+    assert!(
+        user_kex >= 20,
+        "the client started {user_kex} key exchanges over 8 MiB at 256 KiB: {}",
+        out.describe()
+    );
     let remote = out.stdout_str();
     assert_eq!(
         remote.split_whitespace().next(),
