@@ -34,8 +34,9 @@ enum Command {
         #[arg(long, default_value_t = psm_perf::DEFAULT_SESSIONS)]
         sessions: u64,
     },
-    /// The running relay's counters per worker (sessions, accepts/s, bytes/s each way, failures),
-    /// refreshed like top; read from its Prometheus endpoint (`[relay] metrics_listen`).
+    /// The running relay's counters per worker (sessions, accepts/s, bytes/s each way, failures,
+    /// recording queue depth, pauses, stalls and lag), refreshed like top; read from its
+    /// Prometheus endpoint (`[relay] metrics_listen`).
     Stats {
         /// The relay's metrics address.
         #[arg(long, default_value = "127.0.0.1:9464")]

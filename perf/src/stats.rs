@@ -29,6 +29,12 @@ pub struct Worker {
     pub rec_queue: f64,
     /// Sessions stopped on a full durable window or a full recording queue now.
     pub paused: f64,
+    /// Such pauses so far.
+    pub pauses: f64,
+    /// Recordings failed on a stalled psm-recorder so far.
+    pub stalls: f64,
+    /// Age of the oldest of its sessions' relayed bytes not yet confirmed durable, seconds.
+    pub lag: f64,
 }
 
 /// A scrape: per worker, and the relay-wide levels.
@@ -70,6 +76,9 @@ impl Scrape {
                 }
                 "psm_relay_recording_queue_depth" => e.rec_queue = x.value,
                 "psm_relay_recording_paused" => e.paused = x.value,
+                "psm_relay_recording_pauses_total" => e.pauses = x.value,
+                "psm_relay_recording_stalls_total" => e.stalls = x.value,
+                "psm_relay_recording_worker_lag_seconds" => e.lag = x.value,
                 _ => {}
             }
         }
@@ -82,7 +91,7 @@ pub fn table(before: &Scrape, now: &Scrape, secs: f64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6} {:>9} {:>10} {:>11} {:>11} {:>10} {:>8} {:>9} {:>7}",
+        "{:>6} {:>9} {:>10} {:>11} {:>11} {:>10} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8}",
         "worker",
         "sessions",
         "accepts/s",
@@ -91,7 +100,10 @@ pub fn table(before: &Scrape, now: &Scrape, secs: f64) -> String {
         "auth-fail",
         "errors",
         "rec-queue",
-        "paused"
+        "paused",
+        "pauses",
+        "stalls",
+        "rec-lag"
     );
     let rate = |a: f64, b: f64| {
         if secs > 0.0 {
@@ -100,7 +112,7 @@ pub fn table(before: &Scrape, now: &Scrape, secs: f64) -> String {
             0.0
         }
     };
-    let mut total = [0.0f64; 8];
+    let mut total = [0.0f64; COLUMNS];
     for (i, w) in &now.workers {
         let b = before.workers.get(i).cloned().unwrap_or_default();
         let row = [
@@ -112,11 +124,16 @@ pub fn table(before: &Scrape, now: &Scrape, secs: f64) -> String {
             w.errors,
             w.rec_queue,
             w.paused,
+            w.pauses,
+            w.stalls,
+            w.lag,
         ];
         let _ = writeln!(out, "{}", line(&i.to_string(), &row));
-        for (t, r) in total.iter_mut().zip(row) {
+        for (t, r) in total.iter_mut().zip(row).take(COLUMNS - 1) {
             *t += r;
         }
+        // the relay's lag is its oldest worker's, not their sum
+        total[COLUMNS - 1] = total[COLUMNS - 1].max(w.lag);
     }
     let _ = writeln!(out, "{}", line("all", &total));
     let _ = writeln!(
@@ -133,10 +150,13 @@ pub fn table(before: &Scrape, now: &Scrape, secs: f64) -> String {
     out
 }
 
-fn line(label: &str, r: &[f64; 8]) -> String {
+/// Columns of a worker's row after its label.
+const COLUMNS: usize = 11;
+
+fn line(label: &str, r: &[f64; COLUMNS]) -> String {
     format!(
-        "{label:>6} {:>9} {:>10.1} {:>11.2} {:>11.2} {:>10} {:>8} {:>9} {:>7}",
-        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]
+        "{label:>6} {:>9} {:>10.1} {:>11.2} {:>11.2} {:>10} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7.2}s",
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10]
     )
 }
 
@@ -185,7 +205,11 @@ mod tests {
         let b = psm_metrics::parse(
             "psm_relay_connections_total{worker=\"0\"} 30\npsm_relay_bytes_up_total{worker=\"0\"} 4000000\n\
              psm_relay_sessions_live{worker=\"1\"} 3\npsm_relay_preauth_failures_total{worker=\"1\"} 1\n\
-             psm_relay_startups_refused_total{worker=\"1\"} 2\npsm_relay_recorder_connected 1\n",
+             psm_relay_startups_refused_total{worker=\"1\"} 2\npsm_relay_recorder_connected 1\n\
+             psm_relay_recording_pauses_total{worker=\"1\"} 4\npsm_relay_recording_paused{worker=\"1\"} 1\n\
+             psm_relay_recording_stalls_total{worker=\"1\"} 1\n\
+             psm_relay_recording_worker_lag_seconds{worker=\"0\"} 0.5\n\
+             psm_relay_recording_worker_lag_seconds{worker=\"1\"} 2.25\n",
         );
         let (a, b) = (Scrape::from_samples(&a), Scrape::from_samples(&b));
         assert_eq!(b.workers[&1].errors, 3.0);
@@ -194,10 +218,21 @@ mod tests {
         assert!(
             lines[1]
                 .split_whitespace()
-                .eq(["0", "0", "10.0", "2.00", "0.00", "0", "0", "0", "0"]),
+                .eq(["0", "0", "10.0", "2.00", "0.00", "0", "0", "0", "0", "0", "0", "0.50s"]),
             "{t}"
         );
+        assert!(
+            lines[2]
+                .split_whitespace()
+                .skip(8)
+                .eq(["1", "4", "1", "2.25s"]),
+            "paused, pauses, stalls, lag: {t}"
+        );
         assert!(lines[3].split_whitespace().take(2).eq(["all", "3"]), "{t}");
+        assert!(
+            lines[3].ends_with("2.25s"),
+            "the relay's lag is its oldest worker's: {t}"
+        );
         assert!(t.contains("recorder connected"), "{t}");
     }
 }

@@ -117,6 +117,15 @@ pub fn families(
         "Sessions stopped on a full durable window or a full recording queue now.",
         &|r| r.stats().paused_now.load(Ordering::Relaxed),
     ));
+    let mut lag = Family::new(
+        "psm_relay_recording_worker_lag_seconds",
+        Kind::Gauge,
+        "Age of the oldest relayed byte of the worker's sessions not yet confirmed durable.",
+    );
+    for (i, r) in recorders.iter().enumerate() {
+        lag = lag.sample(vec![("worker", i.to_string())], r.lag().as_secs_f64());
+    }
+    out.push(lag);
     out.push(per_recorder(
         "psm_relay_recording_stalls_total",
         Kind::Counter,

@@ -467,6 +467,10 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
         ) >= 1.0),
         "no recording lag in the counters"
     );
+    assert!(
+        gauge("psm_relay_recording_worker_lag_seconds") >= 1.0,
+        "no recording lag in the session's worker's counters"
+    );
     // what the relay hands on toward the user from here to the end (bytes already in sockets
     // and SSH windows on the way still arrive) stays within the durable window
     let relayed = || gauge("psm_relay_bytes_down_total");

@@ -45,6 +45,20 @@ pub(super) struct LinkShared {
 }
 
 impl LinkShared {
+    /// The age of the oldest relayed byte of this link's open recordings psm-recorder has not
+    /// confirmed durable (zero when all is confirmed). The windows are read outside the lock.
+    pub(super) fn lag(&self, now: Instant) -> Duration {
+        let durables: Vec<Arc<Durable>> = match self.streams.lock() {
+            Ok(m) => m.values().map(|e| e.durable.clone()).collect(),
+            Err(_) => Vec::new(),
+        };
+        durables
+            .iter()
+            .filter_map(|d| d.lag(now))
+            .max()
+            .unwrap_or_default()
+    }
+
     pub(super) fn report(&self, stream: u64, status: StreamStatus) {
         let Ok(mut m) = self.streams.lock() else {
             return;

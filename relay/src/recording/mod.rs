@@ -150,18 +150,9 @@ impl RecorderLink {
     /// The recording lag now: the age of the oldest relayed byte psm-recorder has not yet
     /// confirmed durable, over every open recording (zero when all is confirmed).
     pub fn lag(&self) -> Duration {
-        let durables: Vec<Arc<Durable>> = self
-            .each(|s| match s.streams.lock() {
-                Ok(m) => m.values().map(|e| e.durable.clone()).collect::<Vec<_>>(),
-                Err(_) => Vec::new(),
-            })
-            .into_iter()
-            .flatten()
-            .collect();
         let now = Instant::now();
-        durables
-            .iter()
-            .filter_map(|d| d.lag(now))
+        self.each(|s| s.lag(now))
+            .into_iter()
             .max()
             .unwrap_or(Duration::ZERO)
     }
@@ -205,6 +196,11 @@ impl WorkerRecorder {
     /// This worker's pauses and stalls.
     pub fn stats(&self) -> &Arc<RecordStats> {
         &self.stats
+    }
+
+    /// This worker's recording lag now ([`RecorderLink::lag`], over its own sessions).
+    pub fn lag(&self) -> Duration {
+        self.shared.lag(Instant::now())
     }
 
     /// Frames waiting in this worker's queue for the link thread.
