@@ -1111,11 +1111,12 @@ fn policy_export_import_round_trip_and_bad_imports_change_nothing() {
 #[test]
 fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end() {
     let w = World::build(PsmMode::Up, Sshd::start_with(true));
-    // a destination that says one line and closes
+    // a destination that says one line to each connection and closes it (every connection: a
+    // retry below, or a stray connect from another test, must not use it up)
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
     std::thread::spawn(move || {
-        if let Ok((mut s, _)) = l.accept() {
+        for mut s in l.incoming().flatten() {
             let _ = std::io::Write::write_all(&mut s, b"bye\n");
         }
     });
@@ -1144,18 +1145,25 @@ fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end()
         }),
         "the forward carried the line: {said:?}"
     );
+    // at once: well before the session's end (its command sleeps 60 s); 15 s leaves room for a
+    // busy machine (the forward's event once failed to come within 5 s here, cause not found)
     let fwd = w
         .psm
-        .wait_audit_after(mark, "the forward's end", Duration::from_secs(5), |e| {
-            jstr(e, "event") == "forward" && jstr(e, "destination") == dest
+        .wait_audit_after(mark, "the forward's end", Duration::from_secs(15), |e| {
+            jstr(e, "event") == "forward"
+                && jstr(e, "destination") == dest
+                && e["bytes_down"].as_u64() == Some(4)
         });
-    assert_eq!(fwd["bytes_down"].as_u64(), Some(4), "{fwd}");
     assert!(matches!(ssh.try_wait(), Ok(None)), "the session still runs");
     let id = jstr(&fwd, "session_id").to_string();
     // the user leaves
     let _ = ssh.kill();
     let _ = ssh.wait();
-    let end = end_event(&w, &id);
+    let end = w
+        .psm
+        .wait_audit("session_end", Duration::from_secs(15), |e| {
+            jstr(e, "event") == "session_end" && jstr(e, "session_id") == id
+        });
     assert_eq!(jstr(&end, "side"), "client", "{end}");
 }
 
