@@ -341,7 +341,15 @@ pub fn parse_bracketed_choice(text: &str) -> Option<&str> {
 }
 
 fn unreadable(name: &'static str, path: &str, e: &io::Error) -> Check {
-    Check::warn(name, Value::Null, format!("cannot read {path}: {e}"), None)
+    Check::warn(
+        name,
+        Value::Null,
+        format!("cannot read {path}: {e}"),
+        Some(format!(
+            "run psm-perf check on the gateway host itself, as root or the relay's user (a \
+             container or a restricted /proc may hide {path}), or read it there by hand"
+        )),
+    )
 }
 
 fn unparsable(name: &'static str, path: &str, text: &str) -> Check {
@@ -349,7 +357,9 @@ fn unparsable(name: &'static str, path: &str, text: &str) -> Check {
         name,
         Value::Null,
         format!("cannot make sense of {path}: {:?}", text.trim()),
-        None,
+        Some(format!(
+            "read {path} by hand and compare it with this check's bound (perf/src/lib.rs)"
+        )),
     )
 }
 
@@ -562,8 +572,8 @@ pub fn check_workers(host: &dyn Host, relay: Option<&Relay>) -> Check {
             None => Check::warn(
                 NAME,
                 Value::Null,
-                "cannot tell how many CPUs this process may use; pass psm up --workers explicitly",
-                None,
+                "cannot tell how many CPUs this process may use",
+                Some("pass psm up --workers N, N the CPUs the relay may use".into()),
             ),
         };
     };
@@ -1056,7 +1066,7 @@ Max locked memory         8388608              8388608              bytes
         assert_eq!(j["warn"], json!(6));
         assert_eq!(j["ok"], json!(4));
         assert_eq!(j["checks"][2]["status"], json!("warn"));
-        assert_eq!(j["checks"][4]["fix"], Value::Null);
+        assert_eq!(j["checks"][4]["fix"], Value::Null, "an OK line has no fix");
     }
 
     #[test]
@@ -1071,6 +1081,13 @@ Max locked memory         8388608              8388608              bytes
         assert_eq!(warnings(&checks), 8, "all but io_uring and the governor");
         let nofile = &checks[1];
         assert!(nofile.message.contains(paths::LIMITS), "{nofile:?}");
+        assert!(
+            checks
+                .iter()
+                .filter(|c| c.status == Status::Warn)
+                .all(|c| c.fix.is_some()),
+            "every warning has its fix: {checks:#?}"
+        );
         assert!(
             checks[2].message.contains("cannot make sense"),
             "{:?}",

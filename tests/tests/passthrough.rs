@@ -266,6 +266,15 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
         jstr(&f, "destination").starts_with(&format!("127.0.0.1:{echo} from 127.0.0.1:")),
         "{f}"
     );
+    // from where, who, when and for how long
+    let source = jstr(&f, "source");
+    assert!(
+        source.starts_with("127.0.0.1:") && jstr(&f, "destination").ends_with(source),
+        "{f}"
+    );
+    let duration = f["duration_ms"].as_u64().expect("duration_ms");
+    assert!(duration > 0, "{f}");
+    assert!(f["ts_ms"].as_u64().is_some_and(|t| t > duration), "{f}");
 
     // a kill of the lease cuts a transfer in flight within a second or two
     let s = connect_from("127.0.0.1", port);

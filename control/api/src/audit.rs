@@ -258,12 +258,18 @@ pub enum AuditKind {
         account: String,
         /// User-side channel number.
         channel: u32,
-        /// `local` (`ssh -L`/`-W`), `remote` (`ssh -R`) or `agent` (`ssh -A`).
+        /// `local` (`ssh -L`/`-W`), `remote` (`ssh -R`), `agent` (`ssh -A`) or `tcp` (a
+        /// connection to a tcp target's psm port, under the session's lease).
         #[serde(default = "local_forward")]
         kind: String,
-        /// `host:port` (local), `address:port from originator:port` (remote), or
-        /// `auth-agent@openssh.com`.
+        /// `host:port` (local), `address:port from originator:port` (remote),
+        /// `auth-agent@openssh.com`, or `address:port from client:port` (tcp).
         destination: String,
+        /// Where the connection came from, `address:port` (tcp: the user's end of it, which
+        /// need not be the lease session's own address and port); absent for SSH forwards,
+        /// which come over the session's connection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
         /// Bytes from the user.
         bytes_up: u64,
         /// Bytes to the user.

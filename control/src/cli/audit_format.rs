@@ -233,23 +233,29 @@ pub fn format_event(e: &AuditEvent) -> String {
             channel,
             kind,
             destination,
+            source,
             bytes_up,
             bytes_down,
             duration_ms,
-        } => (
-            "forward",
-            vec![
+        } => ("forward", {
+            let mut f = vec![
                 ("session", session_id.clone()),
                 ("user", user.clone()),
                 ("account", format!("{account}@{target}")),
                 ("channel", channel.to_string()),
                 ("kind", kind.clone()),
                 ("to", destination.clone()),
+            ];
+            if let Some(s) = source {
+                f.push(("from", s.clone()));
+            }
+            f.extend([
                 ("up", bytes_up.to_string()),
                 ("down", bytes_down.to_string()),
                 ("duration_ms", duration_ms.to_string()),
-            ],
-        ),
+            ]);
+            f
+        }),
         AuditKind::CommandEnd {
             session_id,
             user,
@@ -575,6 +581,29 @@ mod tests {
             format_event(&e),
             "2023-11-14 22:13:20  #7  control  admin_change  action=\"user add\"  object=bob  actor=\"ops admin\"  actor_uid=1000"
         );
+        let forward = |source: Option<&str>| AuditEvent {
+            kind: AuditKind::Forward {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                target: "db01".into(),
+                account: "psm-tcp".into(),
+                channel: 2,
+                kind: "tcp".into(),
+                destination: "10.1.2.3:5432 from 10.0.0.9:40001".into(),
+                source: source.map(str::to_string),
+                bytes_up: 1,
+                bytes_down: 2,
+                duration_ms: 3,
+            },
+            ..e.clone()
+        };
+        assert!(
+            format_event(&forward(Some("10.0.0.9:40001")))
+                .contains("  to=\"10.1.2.3:5432 from 10.0.0.9:40001\"  from=10.0.0.9:40001  up=1  down=2  duration_ms=3"),
+            "{}",
+            format_event(&forward(Some("10.0.0.9:40001")))
+        );
+        assert!(!format_event(&forward(None)).contains("from="));
     }
 
     #[test]

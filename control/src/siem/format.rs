@@ -437,6 +437,47 @@ mod tests {
     }
 
     #[test]
+    fn forwards_name_where_they_came_from_and_went() {
+        let forward = |kind: &str, destination: &str, source: Option<&str>| {
+            ev(AuditKind::Forward {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                target: "db01".into(),
+                account: "psm-tcp".into(),
+                channel: 3,
+                kind: kind.into(),
+                destination: destination.into(),
+                source: source.map(str::to_string),
+                bytes_up: 10,
+                bytes_down: 20,
+                duration_ms: 1500,
+            })
+        };
+        // a tcp pass-through connection: from the user's end to the target's address
+        let tcp = forward(
+            "tcp",
+            "10.1.2.3:5432 from 10.0.0.9:40001",
+            Some("10.0.0.9:40001"),
+        );
+        let o = ocsf("gw1", &tcp);
+        assert_eq!(o["class_uid"], 4001);
+        assert_eq!(o["src_endpoint"]["ip"], "10.0.0.9");
+        assert_eq!(o["src_endpoint"]["port"], 40001);
+        assert_eq!(o["dst_endpoint"]["ip"], "10.1.2.3");
+        assert_eq!(o["dst_endpoint"]["port"], 5432);
+        assert_eq!(o["dst_endpoint"]["name"], "db01");
+        assert_eq!(o["traffic"]["bytes"], 30);
+        let c = cef_line("gw1", &tcp);
+        assert!(c.contains(" src=10.0.0.9 spt=40001 "), "{c}");
+        // an SSH forward leaves from the target and names no source
+        let o = ocsf("gw1", &forward("local", "10.1.2.3:5432", None));
+        assert_eq!(o["src_endpoint"]["name"], "db01");
+        assert_eq!(o["dst_endpoint"]["ip"], "10.1.2.3");
+        let c = cef_line("gw1", &forward("local", "10.1.2.3:5432", None));
+        assert!(!c.contains(" src="), "{c}");
+    }
+
+    #[test]
     fn rdp_sessions_and_logins_are_named_rdp_and_old_lines_ssh() {
         let start = ev(AuditKind::SessionStart {
             protocol: psm_control_api::Protocol::Rdp,

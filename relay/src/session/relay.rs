@@ -171,6 +171,7 @@ pub(super) async fn spawn(
                 channel: ch,
                 kind: kind.as_str().to_string(),
                 destination,
+                source: None,
                 bytes_up: flow.moved_up(),
                 bytes_down: flow.moved_down(),
                 duration_ms: end_ms - opened_ms,

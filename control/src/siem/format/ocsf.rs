@@ -272,11 +272,30 @@ pub(super) fn ocsf_of(hostname: &str, ev: &Ev) -> Value {
         }
         "forward" => {
             f.insert("actor".into(), actor(&mut take));
-            if let Some(t) = take("target") {
-                f.insert("src_endpoint".into(), json!({ "name": t }));
-            }
-            if let Some(Value::String(d)) = take("destination") {
-                f.insert("dst_endpoint".into(), endpoint(&d));
+            let target = take("target");
+            match take("source") {
+                // a tcp pass-through connection: from the user's end to the target's address
+                // (`destination` is "ADDR:PORT from CLIENT:PORT")
+                Some(Value::String(src)) => {
+                    f.insert("src_endpoint".into(), endpoint(&src));
+                    if let Some(Value::String(d)) = take("destination") {
+                        let to = d.split(" from ").next().unwrap_or(&d);
+                        let mut dst = endpoint(to);
+                        if let (Value::Object(m), Some(t)) = (&mut dst, target) {
+                            m.insert("name".into(), t);
+                        }
+                        f.insert("dst_endpoint".into(), dst);
+                    }
+                }
+                // an SSH forward leaves from the target
+                _ => {
+                    if let Some(t) = target {
+                        f.insert("src_endpoint".into(), json!({ "name": t }));
+                    }
+                    if let Some(Value::String(d)) = take("destination") {
+                        f.insert("dst_endpoint".into(), endpoint(&d));
+                    }
+                }
             }
             if let Some(d) = take("duration_ms") {
                 f.insert("duration".into(), d);
