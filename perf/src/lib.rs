@@ -36,17 +36,20 @@ pub fn nofile_needed(sessions: u64) -> u64 {
         .max(MIN_NOFILE)
 }
 
-/// What the checks are asked to size for.
+/// What the checks are asked to size for, and which relay they look at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
     /// Concurrent sessions the gateway must hold.
     pub sessions: u64,
+    /// The psm-relay to look at (`--pid`); by default the first one running.
+    pub relay_pid: Option<u32>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             sessions: DEFAULT_SESSIONS,
+            relay_pid: None,
         }
     }
 }
@@ -201,23 +204,36 @@ pub struct Relay {
     pub others: usize,
     /// Its workers (`psm-worker-N` threads) in the order of N: the CPUs each may run on.
     pub workers: Vec<Vec<usize>>,
+    /// The CPUs the process may run on (its `Cpus_allowed_list`), when readable.
+    pub cpus: Option<usize>,
 }
 
 /// The first `psm-relay` process on the host (lowest pid), with its workers' CPU sets; `None`
 /// when none runs (or `/proc` cannot be listed).
 pub fn find_relay(host: &dyn Host) -> Option<Relay> {
+    find_relay_pid(host, None)
+}
+
+/// Like [`find_relay`], or the `psm-relay` with pid `only` when given (`None` when that process
+/// is not a psm-relay).
+pub fn find_relay_pid(host: &dyn Host, only: Option<u32>) -> Option<Relay> {
+    let is_relay = |pid: &u32| {
+        host.read(&format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim_end() == "psm-relay")
+    };
     let mut pids: Vec<u32> = host
         .list(paths::PROC)
         .ok()?
         .iter()
         .filter_map(|n| n.parse().ok())
-        .filter(|pid| {
-            host.read(&format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim_end() == "psm-relay")
-        })
+        .filter(is_relay)
         .collect();
     pids.sort_unstable();
-    let pid = *pids.first()?;
+    let pid = match only {
+        Some(p) if is_relay(&p) => p,
+        Some(_) => return None,
+        None => *pids.first()?,
+    };
     let mut workers: Vec<(usize, Vec<usize>)> = host
         .list(&format!("/proc/{pid}/task"))
         .unwrap_or_default()
@@ -234,10 +250,20 @@ pub fn find_relay(host: &dyn Host) -> Option<Relay> {
         })
         .collect();
     workers.sort_unstable_by_key(|w| w.0);
+    let cpus = host
+        .read(&format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .and_then(parse_cpu_list)
+        })
+        .map(|c| c.len());
     Some(Relay {
         pid,
-        others: pids.len() - 1,
+        others: pids.len().saturating_sub(1),
         workers: workers.into_iter().map(|w| w.1).collect(),
+        cpus,
     })
 }
 
@@ -367,38 +393,60 @@ fn unparsable(name: &'static str, path: &str, text: &str) -> Check {
 /// back to epoll without it).
 pub fn check_io_uring(host: &dyn Host, relay: Option<&Relay>) -> Check {
     const NAME: &str = "io_uring";
-    let rings = relay.map(|r| relay_rings(host, r.pid));
-    let value = |available: bool| json!({ "available": available, "relay_rings": rings });
-    match (host.probe_io_uring(), relay, rings) {
-        (Ok(()), Some(r), Some(0)) => Check::warn(
+    let probe = host.probe_io_uring();
+    let rings = relay.map(|r| (r, relay_rings(host, r.pid)));
+    let value = json!({
+        "available": probe.is_ok(),
+        "relay_rings": rings.and_then(|(_, n)| n),
+    });
+    match (probe, rings) {
+        // what the relay holds says more than this process's own probe
+        (probe, Some((r, Some(n)))) if n > 0 => {
+            let here = match probe {
+                Ok(()) => String::new(),
+                Err(e) => format!(" (this shell cannot set one up: {e})"),
+            };
+            Check::ok(
+                NAME,
+                value,
+                format!(
+                    "psm-relay (pid {}) holds io_uring instances ({n} descriptors): its workers \
+                     use io_uring{here}; a worker that could not set one up says so in the \
+                     relay's log",
+                    r.pid
+                ),
+            )
+        }
+        (Ok(()), Some((r, Some(_)))) => Check::warn(
             NAME,
-            value(true),
+            value,
             format!(
                 "available here, but psm-relay (pid {}) holds no io_uring: its workers run on \
                  epoll (--io epoll, or io_uring refused to the relay's user)",
                 r.pid
             ),
             Some(
-                "read the relay's log (\"io_uring unavailable; worker falls back to epoll\"); start it with --io uring to \
-                 make that an error; with kernel.io_uring_disabled = 1, add the relay's user to \
-                 the group in kernel.io_uring_group"
+                "read the relay's log (\"io_uring unavailable; worker falls back to epoll\"); \
+                 start it with --io uring to make that an error; with kernel.io_uring_disabled \
+                 = 1, add the relay's user to the group in kernel.io_uring_group"
                     .into(),
             ),
         ),
-        (Ok(()), Some(r), Some(n)) => Check::ok(
+        (Ok(()), Some((r, None))) => Check::warn(
             NAME,
-            value(true),
+            value,
             format!(
-                "available; psm-relay (pid {}) holds {n} io_uring instance(s): its workers run on io_uring",
+                "available here; cannot list /proc/{}/fd to see whether psm-relay uses it",
                 r.pid
             ),
+            Some("run psm-perf check as root or as the relay's user".into()),
         ),
-        (Ok(()), _, _) => Check::ok(
+        (Ok(()), None) => Check::ok(
             NAME,
-            value(true),
+            value,
             "available (io_uring_setup with 8 entries succeeded)",
         ),
-        (Err(e), _, _) => {
+        (Err(e), _) => {
             let disabled = host
                 .read(paths::IO_URING_DISABLED)
                 .ok()
@@ -409,7 +457,7 @@ pub fn check_io_uring(host: &dyn Host, relay: Option<&Relay>) -> Check {
             };
             Check::warn(
                 NAME,
-                value(false),
+                value,
                 format!(
                     "io_uring_setup failed: {e}{why}; psm-relay's --io auto (the default) falls \
                      back to epoll and --io uring does not start"
@@ -424,17 +472,19 @@ pub fn check_io_uring(host: &dyn Host, relay: Option<&Relay>) -> Check {
     }
 }
 
-/// The io_uring instances process `pid` holds (its descriptors that name `[io_uring]`).
-fn relay_rings(host: &dyn Host, pid: u32) -> usize {
+/// The io_uring descriptors process `pid` holds (those that name `[io_uring]`); `None` when its
+/// descriptors cannot be listed (another user's process, without root).
+fn relay_rings(host: &dyn Host, pid: u32) -> Option<usize> {
     let dir = format!("/proc/{pid}/fd");
-    host.list(&dir)
-        .unwrap_or_default()
-        .iter()
-        .filter(|fd| {
-            host.link(&format!("{dir}/{fd}"))
-                .is_ok_and(|l| l == "anon_inode:[io_uring]")
-        })
-        .count()
+    let fds = host.list(&dir).ok()?;
+    Some(
+        fds.iter()
+            .filter(|fd| {
+                host.link(&format!("{dir}/{fd}"))
+                    .is_ok_and(|l| l == "anon_inode:[io_uring]")
+            })
+            .count(),
+    )
 }
 
 /// `RLIMIT_NOFILE` against the sessions the gateway must hold: the running relay's own where one
@@ -577,6 +627,9 @@ pub fn check_workers(host: &dyn Host, relay: Option<&Relay>) -> Check {
             ),
         };
     };
+    // the relay's own CPUs (its affinity, as its own systemd unit or taskset set it), not this
+    // shell's
+    let cpus = r.cpus.or(cpus);
     let w = r.workers.len();
     let pinned: Vec<Option<usize>> = r
         .workers
@@ -783,7 +836,7 @@ pub fn check_governor(host: &dyn Host) -> Check {
 
 /// Every check, in the order `psm-perf check` prints them.
 pub fn run_checks(host: &dyn Host, opts: &Options) -> Vec<Check> {
-    let relay = find_relay(host);
+    let relay = find_relay_pid(host, opts.relay_pid);
     vec![
         check_io_uring(host, relay.as_ref()),
         check_nofile(host, relay.as_ref(), opts.sessions),
@@ -867,6 +920,12 @@ Max locked memory         8388608              8388608              bytes
             self.procs.insert(p("/proc/1/comm"), p("init\n"));
             self.procs.insert(p("/proc/4242/comm"), p("psm-relay\n"));
             self.procs.insert(p("/proc/4242/limits"), p(limits));
+            if let Some(n) = self.cpus {
+                self.procs.insert(
+                    p("/proc/4242/status"),
+                    format!("Name:\tpsm-relay\nCpus_allowed_list:\t0-{}\n", n - 1),
+                );
+            }
             self.procs
                 .insert(p("/proc/4242/task/4242/comm"), p("psm-relay\n"));
             for (i, cpus) in workers.iter().enumerate() {
@@ -1121,6 +1180,12 @@ Max locked memory         8388608              8388608              bytes
         let host = tuned().with_relay(&["0", "1"], "Max open files  1024  524288  files\n", 2);
         let relay = find_relay(&host).expect("relay");
         assert_eq!(relay.pid, 4242);
+        assert_eq!(find_relay_pid(&host, Some(4242)), Some(relay.clone()));
+        assert_eq!(
+            find_relay_pid(&host, Some(1)),
+            None,
+            "pid 1 is no psm-relay"
+        );
         assert_eq!(relay.workers, vec![vec![0], vec![1]]);
         let c = check_nofile(&host, Some(&relay), 10_000);
         assert_eq!(c.status, Status::Warn, "{c:?}");
@@ -1148,8 +1213,9 @@ Max locked memory         8388608              8388608              bytes
     #[test]
     fn workers_against_cpus_and_their_pinning() {
         let check = |workers: &[&str], cpus: usize, rings: usize| {
-            let mut host = tuned().with_relay(workers, "Max open files 65536 65536 files\n", rings);
+            let mut host = tuned();
             host.cpus = Some(cpus);
+            let host = host.with_relay(workers, "Max open files 65536 65536 files\n", rings);
             let relay = find_relay(&host).expect("relay");
             (
                 check_workers(&host, Some(&relay)),
@@ -1187,6 +1253,33 @@ Max locked memory         8388608              8388608              bytes
         let w = check_workers(&host, None);
         assert_eq!(w.status, Status::Ok);
         assert!(w.message.contains("no psm-relay runs"), "{w:?}");
+    }
+
+    #[test]
+    fn the_relays_own_cpus_and_descriptors_decide() {
+        // a relay confined to 2 CPUs (its unit's AllowedCPUs), checked from a shell that sees 8
+        let mut host = tuned();
+        host.cpus = Some(2);
+        let mut host = host.with_relay(&["0", "1"], "Max open files 65536 65536 files\n", 4);
+        host.cpus = Some(8);
+        let relay = find_relay(&host).expect("relay");
+        assert_eq!(relay.cpus, Some(2));
+        let w = check_workers(&host, Some(&relay));
+        assert_eq!(w.status, Status::Ok, "{w:?}");
+        assert!(w.message.contains("2 workers on 2 CPUs"), "{w:?}");
+        // this shell cannot set up a ring, the relay holds its own: OK, said
+        host.uring = Err("Operation not permitted (os error 1)".into());
+        let u = check_io_uring(&host, Some(&relay));
+        assert_eq!(u.status, Status::Ok, "{u:?}");
+        assert!(u.message.contains("this shell cannot set one up"), "{u:?}");
+        assert_eq!(u.value["available"], json!(false));
+        // its descriptors cannot be listed (another user's process): said, not guessed
+        host.uring = Ok(());
+        host.procs.retain(|k, _| !k.starts_with("/proc/4242/fd/"));
+        let u = check_io_uring(&host, Some(&relay));
+        assert_eq!(u.status, Status::Warn, "{u:?}");
+        assert!(u.message.contains("cannot list /proc/4242/fd"), "{u:?}");
+        assert_eq!(u.value["relay_rings"], Value::Null);
     }
 
     #[test]

@@ -33,6 +33,9 @@ enum Command {
         /// Concurrent sessions the gateway must hold (sizes the open-files check).
         #[arg(long, default_value_t = psm_perf::DEFAULT_SESSIONS)]
         sessions: u64,
+        /// The psm-relay to look at, where several run (default: the one with the lowest pid).
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// The running relay's counters per worker (sessions, accepts/s, bytes/s each way, failures,
     /// recording queue depth, pauses, stalls and lag), refreshed like top; read from its
@@ -225,8 +228,22 @@ fn main() -> anyhow::Result<()> {
             );
             record_bench::run(mib)
         }
-        Command::Check { json, sessions } => {
-            let checks = psm_perf::run_checks(&psm_perf::RealHost, &psm_perf::Options { sessions });
+        Command::Check {
+            json,
+            sessions,
+            pid,
+        } => {
+            if let Some(p) = pid {
+                anyhow::ensure!(
+                    psm_perf::find_relay_pid(&psm_perf::RealHost, Some(p)).is_some(),
+                    "no psm-relay with pid {p} (or its /proc entries cannot be read)"
+                );
+            }
+            let opts = psm_perf::Options {
+                sessions,
+                relay_pid: pid,
+            };
+            let checks = psm_perf::run_checks(&psm_perf::RealHost, &opts);
             let out = if json {
                 let mut s = serde_json::to_string_pretty(&psm_perf::render_json(&checks))
                     .context("encoding the report")?;

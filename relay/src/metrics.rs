@@ -108,13 +108,13 @@ pub fn families(
     out.push(per_recorder(
         "psm_relay_recording_pauses_total",
         Kind::Counter,
-        "Times a session stopped reading on a full durable window or a full recording queue (backpressure).",
+        "Times a session's reader stopped on a full durable window or a full recording queue (backpressure; each direction counts).",
         &|r| r.stats().pauses.load(Ordering::Relaxed),
     ));
     out.push(per_recorder(
         "psm_relay_recording_paused",
         Kind::Gauge,
-        "Sessions stopped on a full durable window or a full recording queue now.",
+        "Session readers stopped on a full durable window or a full recording queue now (each direction counts).",
         &|r| r.stats().paused_now.load(Ordering::Relaxed),
     ));
     let mut lag = Family::new(

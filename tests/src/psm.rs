@@ -214,7 +214,15 @@ impl Psm {
             "uring" => "worker running on io_uring",
             _ => return,
         };
-        let ok = wait_for(Duration::from_secs(10), || self.logs().contains(line));
+        // the whole files: a chatty start (PSM_TEST_LOG=debug) can push the line out of the
+        // tails `logs` shows
+        let said = || {
+            self.up
+                .iter()
+                .chain(self.daemons.iter())
+                .any(|d| fs::read_to_string(&d.log).is_ok_and(|t| t.contains(line)))
+        };
+        let ok = wait_for(Duration::from_secs(10), said);
         self.assert_alive(
             ok,
             &format!("PSM_RELAY_IO={io}, but the relay's log never said {line:?} within 10 s"),

@@ -26,7 +26,12 @@ fn sessions_work_on(backend: &str, log_line: &str) {
         relay_args: vec!["--io".into(), backend.into()],
         ..PsmOpts::default()
     };
-    sessions_work_with(backend, log_line, backend == "epoll", opts)
+    drop(sessions_work_with(
+        backend,
+        log_line,
+        backend == "epoll",
+        opts,
+    ));
 }
 
 /// tests/py/no_io_uring.py: runs what follows where io_uring's system calls fail with EPERM.
@@ -37,8 +42,9 @@ fn no_io_uring() -> Vec<String> {
     ]
 }
 
-/// `epoll`: the relay is expected to run on epoll (it holds a descriptor per socket).
-fn sessions_work_with(backend: &str, log_line: &str, epoll: bool, opts: PsmOpts) {
+/// `epoll`: the relay is expected to run on epoll (it holds a descriptor per socket). Returns
+/// the world, still running.
+fn sessions_work_with(backend: &str, log_line: &str, epoll: bool, opts: PsmOpts) -> World {
     let w = World::build_opts(PsmMode::Separate, Sshd::start(), opts);
     let logs = w.psm.logs();
     assert!(logs.contains(log_line), "{backend}: {logs}");
@@ -99,6 +105,7 @@ fn sessions_work_with(backend: &str, log_line: &str, epoll: bool, opts: PsmOpts)
         "{backend}: the relay's descriptors toward the target"
     );
     w.assert_all_sessions_ended();
+    w
 }
 
 /// The SHA-256 of `data` in hex, as `sha256sum` prints it here.
@@ -132,18 +139,20 @@ fn where_seccomp_refuses_io_uring_the_relay_falls_back_to_epoll_and_says_so() {
         relay_wrapper: no_io_uring(),
         ..PsmOpts::default()
     };
-    sessions_work_with(
+    let w = sessions_work_with(
         "auto under seccomp",
         "io_uring unavailable; worker falls back to epoll",
         true,
         opts,
     );
+    // this test's relay (others may run beside it)
+    let relay = w.psm.relay_pids()[0].to_string();
     let wrapped = no_io_uring();
     let out = run_cmd(
         std::process::Command::new(&wrapped[0])
             .arg(&wrapped[1])
             .arg(bin("psm-perf"))
-            .args(["check", "--json"]),
+            .args(["check", "--json", "--pid", &relay]),
         None,
         Duration::from_secs(30),
     );
@@ -158,6 +167,7 @@ fn where_seccomp_refuses_io_uring_the_relay_falls_back_to_epoll_and_says_so() {
         .unwrap_or_else(|| panic!("no io_uring line: {v}"));
     assert_eq!(c["status"], "warn", "{c}");
     assert_eq!(c["value"]["available"], false, "{c}");
+    assert_eq!(c["value"]["relay_rings"], 0, "the relay holds no ring: {c}");
     let msg = c["message"].as_str().unwrap_or_default();
     assert!(
         msg.contains("Operation not permitted") && msg.contains("falls back to epoll"),

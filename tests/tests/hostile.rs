@@ -621,10 +621,10 @@ fn largest_recorded(w: &World, recording_id: &str) -> (usize, usize) {
 
 /// A key exchange on one leg never stalls the other: a user whose client holds a rekey open for
 /// 5 s (its KEXINIT sent, its key exchange message kept back, so psm can send that leg nothing
-/// but the key exchange) while the target streams 8 MiB. sshd drops a client that leaves 2
-/// keepalives a second apart unanswered (`ClientAliveCountMax 2`): psm's target leg goes on
-/// answering them through the hold, then every byte reaches the user, in order, with the exit
-/// status.
+/// but the key exchange) while the target streams 8 MiB. sshd drops a client that leaves its
+/// keepalives, a second apart, unanswered past `ClientAliveCountMax 2`: psm's target leg stays
+/// live through the hold (sshd never gives up on it), then every byte reaches the user, in
+/// order, with the exit status.
 #[test]
 fn a_key_exchange_held_open_on_the_user_leg_does_not_stall_the_target_leg() {
     let w = World::build(
@@ -652,10 +652,12 @@ fn a_key_exchange_held_open_on_the_user_leg_does_not_stall_the_target_leg() {
         !log.contains("Timeout, client not responding"),
         "sshd gave up on psm's target leg while the user leg rekeyed:\n{log}"
     );
-    // sshd did ask (it asks after a second without a packet from psm), and psm answered
+    // sshd's keepalives were on in this session (it asks after a second without a packet from
+    // psm) and answered; whether one fell in the hold depends on what psm sent sshd meanwhile
+    // (a target leg that stalled would send nothing, and be dropped after three)
     assert!(
         log.matches("for keepalive").count() >= 2,
-        "sshd's keepalives were not asked and answered during the hold:\n{log}"
+        "sshd's keepalives were not asked and answered:\n{log}"
     );
     let end = w
         .psm

@@ -475,6 +475,21 @@ mod tests {
         assert_eq!(o["dst_endpoint"]["ip"], "10.1.2.3");
         let c = cef_line("gw1", &forward("local", "10.1.2.3:5432", None));
         assert!(!c.contains(" src="), "{c}");
+        // a remote forward's destination names its originator after " from "
+        let o = ocsf(
+            "gw1",
+            &forward("remote", "127.0.0.1:8080 from 10.1.2.9:51000", None),
+        );
+        assert_eq!(o["dst_endpoint"]["ip"], "127.0.0.1");
+        assert_eq!(o["dst_endpoint"]["port"], 8080);
+        assert_eq!(o["src_endpoint"]["name"], "db01");
+        // a tcp connection logged before `source` existed
+        let o = ocsf(
+            "gw1",
+            &forward("tcp", "10.1.2.3:5432 from 10.0.0.9:40001", None),
+        );
+        assert_eq!(o["src_endpoint"]["ip"], "10.0.0.9");
+        assert_eq!(o["dst_endpoint"]["ip"], "10.1.2.3");
     }
 
     #[test]

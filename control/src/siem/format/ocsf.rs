@@ -287,13 +287,29 @@ pub(super) fn ocsf_of(hostname: &str, ev: &Ev) -> Value {
                         f.insert("dst_endpoint".into(), dst);
                     }
                 }
-                // an SSH forward leaves from the target
+                // an SSH forward leaves from the target; a remote forward's destination, and a
+                // tcp connection's logged before `source` existed, say "ADDR:PORT from ORIG:PORT"
                 _ => {
-                    if let Some(t) = target {
-                        f.insert("src_endpoint".into(), json!({ "name": t }));
+                    let d = match take("destination") {
+                        Some(Value::String(d)) => Some(d),
+                        _ => None,
+                    };
+                    let (to, from) = match d.as_deref().and_then(|d| d.split_once(" from ")) {
+                        Some((to, from)) => (Some(to.to_string()), Some(from.to_string())),
+                        None => (d, None),
+                    };
+                    match (ev.s("kind"), from) {
+                        ("tcp", Some(from)) => {
+                            f.insert("src_endpoint".into(), endpoint(&from));
+                        }
+                        _ => {
+                            if let Some(t) = target {
+                                f.insert("src_endpoint".into(), json!({ "name": t }));
+                            }
+                        }
                     }
-                    if let Some(Value::String(d)) = take("destination") {
-                        f.insert("dst_endpoint".into(), endpoint(&d));
+                    if let Some(to) = to {
+                        f.insert("dst_endpoint".into(), endpoint(&to));
                     }
                 }
             }
