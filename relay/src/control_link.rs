@@ -54,6 +54,10 @@ pub struct Counters {
     pub bytes_up: AtomicU64,
     /// Session bytes from targets toward users.
     pub bytes_down: AtomicU64,
+    /// Relayed channels started (a session's shell or command, a forward, the agent).
+    pub channels_opened: AtomicU64,
+    /// Relayed channels whose tasks have all ended (opened minus closed: live now).
+    pub channels_closed: AtomicU64,
 }
 
 impl Counters {
@@ -122,6 +126,11 @@ pub struct SessionBytes {
 }
 
 impl SessionBytes {
+    /// The counters of the worker the session runs on.
+    pub fn worker(&self) -> &Arc<Counters> {
+        &self.worker
+    }
+
     /// A session's counts, on the worker whose counters these are.
     pub fn new(worker: Arc<Counters>) -> SessionBytes {
         SessionBytes {

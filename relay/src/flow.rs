@@ -138,12 +138,34 @@ pub struct Flow {
     /// The user closed the channel ([`Flow::user_closed`]).
     user_gone: std::sync::atomic::AtomicBool,
     gone: Notify,
+    /// Counts the channel live on its worker while any of its tasks holds the flow (held for
+    /// its `Drop`).
+    _live: Option<Live>,
+}
+
+/// A relayed channel counted live on its worker ([`crate::control_link::Counters`]) from its
+/// start until the last of its tasks lets go of its [`Flow`].
+struct Live(Arc<crate::control_link::Counters>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.channels_closed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Flow {
     /// A new, empty channel.
     pub fn new() -> Arc<Flow> {
         Arc::new(Flow::default())
+    }
+
+    /// A new channel, counted live on `worker` until the flow is dropped.
+    pub fn counted(worker: Arc<crate::control_link::Counters>) -> Arc<Flow> {
+        worker.channels_opened.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Flow {
+            _live: Some(Live(worker)),
+            ..Flow::default()
+        })
     }
 
     /// The window to offer the user next, given the upload queue.

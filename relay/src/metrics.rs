@@ -92,6 +92,20 @@ pub fn families(
         );
     }
     out.push(live);
+    let mut channels = Family::new(
+        "psm_relay_channels_live",
+        Kind::Gauge,
+        "Relayed channels (shells, commands, forwards, the agent) whose tasks still run.",
+    );
+    for (i, c) in workers.0.iter().enumerate() {
+        let opened = c.channels_opened.load(Ordering::Relaxed);
+        let closed = c.channels_closed.load(Ordering::Relaxed);
+        channels = channels.sample(
+            vec![("worker", i.to_string())],
+            opened.saturating_sub(closed) as f64,
+        );
+    }
+    out.push(channels);
     let per_recorder = |name, kind, help, f: &dyn Fn(&WorkerRecorder) -> u64| {
         let mut fam = Family::new(name, kind, help);
         for (i, r) in recorders.iter().enumerate() {

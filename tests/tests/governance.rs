@@ -1167,6 +1167,97 @@ fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end()
     assert_eq!(jstr(&end, "side"), "client", "{end}");
 }
 
+/// Forwards the target closes first (a destination that says one line and hangs up) end
+/// whole: all their tasks, not only the part toward the target, while the session goes on, and
+/// the session's own channel goes when it ends. The relay's `psm_relay_channels_live` counts a
+/// relayed channel until its last task ends. (A review suspected that the user's reply to psm's
+/// close, which russh does not hand to psm's reader, kept each such forward's reader until the
+/// session ended; this test shows it does not.)
+#[test]
+fn forwards_the_target_closes_first_leave_no_task_behind() {
+    let metrics = free_port();
+    let opts = PsmOpts {
+        relay_args: vec!["--metrics-listen".into(), format!("127.0.0.1:{metrics}")],
+        ..PsmOpts::default()
+    };
+    let w = World::build_opts(PsmMode::Separate, Sshd::start_with(true), opts);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().expect("addr");
+    let live = || -> f64 {
+        psm_metrics::parse(&psm_metrics::fetch(addr, Duration::from_secs(5)).unwrap_or_default())
+            .iter()
+            .filter(|s| s.name == "psm_relay_channels_live")
+            .map(|s| s.value)
+            .sum()
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut s, b"bye\n");
+        }
+    });
+    let dest = format!("127.0.0.1:{port}");
+    w.regrant(&["--allow", "shell,exec,forward-local", "--forward-to", &dest]);
+    w.psm.wait_policy_applied();
+    let local = free_port();
+    let mark = w.psm.audit_mark();
+    let mut ssh = w
+        .ssh()
+        .args(["-L", &format!("{local}:{dest}")])
+        .arg("sleep 60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    const FORWARDS: usize = 12;
+    let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done < FORWARDS && Instant::now() < deadline {
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", local)) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let mut said = String::new();
+        if std::io::Read::read_to_string(&mut c, &mut said).is_ok() && said == "bye\n" {
+            done += 1;
+        }
+    }
+    assert_eq!(done, FORWARDS, "forwards that carried their line");
+    let ended = || {
+        w.psm
+            .audit()
+            .iter()
+            .skip(mark)
+            .filter(|e| {
+                jstr(e, "event") == "forward"
+                    && jstr(e, "destination") == dest
+                    && e["bytes_down"].as_u64() == Some(4)
+            })
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), || ended() >= FORWARDS),
+        "{} forward events of {FORWARDS}",
+        ended()
+    );
+    // the session's channel, and at most the last forward (its flow is let go when the next
+    // channel opens), against one per forward before
+    assert!(
+        wait_for(Duration::from_secs(10), || live() <= 2.0),
+        "{} relayed channels still live after {FORWARDS} forwards ended",
+        live()
+    );
+    assert!(matches!(ssh.try_wait(), Ok(None)), "the session still runs");
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    assert!(
+        wait_for(Duration::from_secs(15), || live() == 0.0),
+        "{} relayed channels live after the session ended",
+        live()
+    );
+}
+
 #[test]
 fn local_forwards_follow_the_grant_and_are_audited() {
     let w = World::build(PsmMode::Up, Sshd::start_with(true));

@@ -54,7 +54,7 @@ pub(super) async fn spawn(
     } = r;
     let (up_r, up_w) = up.split();
     let up_w = Arc::new(up_w);
-    let flow = Flow::new();
+    let flow = Flow::counted(shared.bytes.worker().clone());
     let rec = shared.recording();
     let ch: u32 = channel.into();
     let (up_tx, up_rx) = mpsc::unbounded_channel();
