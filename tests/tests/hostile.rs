@@ -652,13 +652,9 @@ fn a_key_exchange_held_open_on_the_user_leg_does_not_stall_the_target_leg() {
         !log.contains("Timeout, client not responding"),
         "sshd gave up on psm's target leg while the user leg rekeyed:\n{log}"
     );
-    // sshd's keepalives were on in this session (it asks after a second without a packet from
-    // psm) and answered; whether one fell in the hold depends on what psm sent sshd meanwhile
-    // (a target leg that stalled would send nothing, and be dropped after three)
-    assert!(
-        log.matches("for keepalive").count() >= 2,
-        "sshd's keepalives were not asked and answered:\n{log}"
-    );
+    // (how many keepalives sshd asked depends on what psm sent it during the hold: one in a
+    // clean-clone run on epoll, two here; a target leg that stalled would send nothing at all,
+    // and be dropped after three unanswered)
     let end = w
         .psm
         .wait_audit_after(mark, "session_end of the held-rekey session", T, |e| {
