@@ -78,34 +78,29 @@ pub fn families(
         }
         out.push(f);
     }
-    let mut live = Family::new(
+    // levels kept as two counters (started, ended), so that neither end ever decrements
+    let live = |name, help, started: Field, ended: Field| {
+        let mut f = Family::new(name, Kind::Gauge, help);
+        for (i, c) in workers.0.iter().enumerate() {
+            let n = started(c)
+                .load(Ordering::Relaxed)
+                .saturating_sub(ended(c).load(Ordering::Relaxed));
+            f = f.sample(vec![("worker", i.to_string())], n as f64);
+        }
+        f
+    };
+    out.push(live(
         "psm_relay_sessions_live",
-        Kind::Gauge,
         "Sessions running now.",
-    );
-    for (i, c) in workers.0.iter().enumerate() {
-        let started = c.sessions_started.load(Ordering::Relaxed);
-        let ended = c.sessions_ended.load(Ordering::Relaxed);
-        live = live.sample(
-            vec![("worker", i.to_string())],
-            started.saturating_sub(ended) as f64,
-        );
-    }
-    out.push(live);
-    let mut channels = Family::new(
+        |c| &c.sessions_started,
+        |c| &c.sessions_ended,
+    ));
+    out.push(live(
         "psm_relay_channels_live",
-        Kind::Gauge,
         "Relayed channels (shells, commands, forwards, the agent) whose tasks still run.",
-    );
-    for (i, c) in workers.0.iter().enumerate() {
-        let opened = c.channels_opened.load(Ordering::Relaxed);
-        let closed = c.channels_closed.load(Ordering::Relaxed);
-        channels = channels.sample(
-            vec![("worker", i.to_string())],
-            opened.saturating_sub(closed) as f64,
-        );
-    }
-    out.push(channels);
+        |c| &c.channels_opened,
+        |c| &c.channels_closed,
+    ));
     let per_recorder = |name, kind, help, f: &dyn Fn(&WorkerRecorder) -> u64| {
         let mut fam = Family::new(name, kind, help);
         for (i, r) in recorders.iter().enumerate() {

@@ -263,6 +263,17 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     found
 }
 
+/// The relay's counter `name`, summed over its workers, read from its metrics port on
+/// 127.0.0.1 (`--metrics-listen`); 0 when it cannot be read.
+pub fn relay_counter(port: u16, name: &str) -> f64 {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    psm_metrics::parse(&psm_metrics::fetch(addr, Duration::from_secs(5)).unwrap_or_default())
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.value)
+        .sum()
+}
+
 /// Resident set size now (`VmRSS`) of a process, in KiB; 0 when it is gone.
 pub fn vm_rss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))

@@ -1103,16 +1103,11 @@ fn policy_export_import_round_trip_and_bad_imports_change_nothing() {
     );
 }
 
-/// A forwarded connection the user closes ends at once, while its session goes on: its
-/// `forward` event comes then (before, russh never handed psm the target's answer to the
-/// close, so the forward, its tasks and its own target connection stayed until the session
-/// ended); and a forward's end is that forward's, not the session's: the user leaving later
-/// ends the session as the user's doing.
-#[test]
-fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end() {
-    let w = World::build(PsmMode::Up, Sshd::start_with(true));
-    // a destination that says one line to each connection and closes it (every connection: a
-    // retry below, or a stray connect from another test, must not use it up)
+/// A destination that says "bye\n" to each connection and closes it (every connection: a retry,
+/// or a stray connect from another test, must not use it up), granted to alice as a local
+/// forward, and her `ssh -L LOCAL:DEST` session running `sleep 60`: (DEST, LOCAL, the audit
+/// mark before the session, the ssh).
+fn forward_to_bye(w: &World) -> (String, u16, usize, Child) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
     std::thread::spawn(move || {
@@ -1125,7 +1120,7 @@ fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end()
     w.psm.wait_policy_applied();
     let local = free_port();
     let mark = w.psm.audit_mark();
-    let mut ssh = w
+    let ssh = w
         .ssh()
         .args(["-L", &format!("{local}:{dest}")])
         .arg("sleep 60")
@@ -1134,6 +1129,18 @@ fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end()
         .stderr(Stdio::null())
         .spawn()
         .expect("ssh");
+    (dest, local, mark, ssh)
+}
+
+/// A forwarded connection the user closes ends at once, while its session goes on: its
+/// `forward` event comes then (before, russh never handed psm the target's answer to the
+/// close, so the forward, its tasks and its own target connection stayed until the session
+/// ended); and a forward's end is that forward's, not the session's: the user leaving later
+/// ends the session as the user's doing.
+#[test]
+fn a_forward_the_user_closes_ends_at_once_and_does_not_decide_the_sessions_end() {
+    let w = World::build(PsmMode::Up, Sshd::start_with(true));
+    let (dest, local, mark, mut ssh) = forward_to_bye(&w);
     let mut said = String::new();
     assert!(
         wait_for(Duration::from_secs(15), || {
@@ -1181,35 +1188,8 @@ fn forwards_the_target_closes_first_leave_no_task_behind() {
         ..PsmOpts::default()
     };
     let w = World::build_opts(PsmMode::Separate, Sshd::start_with(true), opts);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().expect("addr");
-    let live = || -> f64 {
-        psm_metrics::parse(&psm_metrics::fetch(addr, Duration::from_secs(5)).unwrap_or_default())
-            .iter()
-            .filter(|s| s.name == "psm_relay_channels_live")
-            .map(|s| s.value)
-            .sum()
-    };
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let _ = std::io::Write::write_all(&mut s, b"bye\n");
-        }
-    });
-    let dest = format!("127.0.0.1:{port}");
-    w.regrant(&["--allow", "shell,exec,forward-local", "--forward-to", &dest]);
-    w.psm.wait_policy_applied();
-    let local = free_port();
-    let mark = w.psm.audit_mark();
-    let mut ssh = w
-        .ssh()
-        .args(["-L", &format!("{local}:{dest}")])
-        .arg("sleep 60")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ssh");
+    let live = || relay_counter(metrics, "psm_relay_channels_live");
+    let (dest, local, mark, mut ssh) = forward_to_bye(&w);
     const FORWARDS: usize = 12;
     let mut done = 0;
     let deadline = Instant::now() + Duration::from_secs(60);

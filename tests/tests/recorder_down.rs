@@ -414,14 +414,7 @@ fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
 
 /// The relay's counters named `name`, summed over workers, read from its metrics port.
 fn counters(port: u16) -> impl Fn(&str) -> f64 {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    move |name: &str| -> f64 {
-        psm_metrics::parse(&psm_metrics::fetch(addr, Duration::from_secs(5)).unwrap_or_default())
-            .iter()
-            .filter(|s| s.name == name)
-            .map(|s| s.value)
-            .sum()
-    }
+    move |name: &str| relay_counter(port, name)
 }
 
 /// A psm-recorder that stops answering (SIGSTOP, not dead: its socket stays open) pauses its
