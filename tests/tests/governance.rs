@@ -262,6 +262,14 @@ fn live_session(w: &World) -> String {
         }),
         "no live session"
     );
+    // the session is live once its command runs, not when it is listed
+    w.psm
+        .wait_audit("the exec accepted", Duration::from_secs(10), |e| {
+            jstr(e, "event") == "channel_request"
+                && jstr(e, "session_id") == id
+                && jstr(e, "request") == "exec"
+                && e["accepted"] == true
+        });
     id
 }
 

@@ -211,6 +211,22 @@ impl Conn {
             .is_ok_and(|permit| self.satisfied.missing(&permit).is_none() && f(permit.conditions()))
     }
 
+    /// Why this connection's login may no longer run at all under the policy in force now (no
+    /// grant allows it, or the grant asks for a step the login did not give); None while it may.
+    pub(super) fn stop_now(&self) -> Option<psm_control_api::PolicyStop> {
+        let (Some(user), Ok(login)) = (&self.user, Login::parse(&self.login)) else {
+            return None;
+        };
+        let snap = self.ctx.policy.get();
+        match decide(&snap, &self.attempt(user, &login.account, &login.target)) {
+            Err(d) => Some(psm_control_api::PolicyStop::Denied(d)),
+            Ok(permit) => self
+                .satisfied
+                .missing(&permit)
+                .map(psm_control_api::PolicyStop::Unsatisfied),
+        }
+    }
+
     /// The refusal of a login without a target when nothing is available to it.
     pub(super) fn no_account() -> Refusal {
         Refusal::new(
@@ -742,6 +758,12 @@ impl Conn {
         };
         let accepted = if permitted {
             self.forward_request(channel, req).await == Some(true)
+        } else if let Some(stop) = self.stop_now() {
+            // the policy changed under a request in flight: the session itself ends, and the
+            // user is told why rather than that the channel kind is refused
+            self.refuse_started(channel, stop.user_line());
+            self.shared.stop(EndReason::Policy(stop));
+            false
         } else {
             let what = match kind {
                 Some(k) => format!("{k} sessions are"),
