@@ -28,9 +28,11 @@
 //! Buffers follow the traffic: a leg's receive buffer starts at [`MIN_READ`], doubles each time a
 //! receive fills it (up to [`MAX_READ`]: one submission then carries several SSH packets), and
 //! shrinks back when receives come small, so an idle session holds [`MIN_READ`] per leg in
-//! flight rather than a bulk-sized buffer. Writes are copied into a buffer of the stream's own
-//! and sent while the caller goes on; `poll_flush` waits for the send, which on a socket with room
-//! completes within the submitting system call.
+//! flight rather than a bulk-sized buffer. A write to a socket with room is sent straight from the
+//! caller's buffer: the entry carries `MSG_DONTWAIT`, so the kernel completes it within the
+//! submission and holds no pointer into that buffer afterwards (`Ring::now`). What the socket
+//! has no room for is copied into a buffer of the stream's own and sent while the caller goes
+//! on; `poll_flush` waits for that send.
 
 // io_uring hands the kernel pointers into our buffers: the one module of the relay with `unsafe`
 #![allow(unsafe_code)]
@@ -546,6 +548,75 @@ impl Ring {
             self.kick.notify_one();
         }
         Ok(id)
+    }
+
+    /// Runs one operation over memory its caller holds only for this call, and returns its
+    /// result (`-EAGAIN`: it would have waited); None, with nothing submitted, when entries of
+    /// other operations wait in the submission queue (the caller then goes through a buffer of
+    /// its own). The entry carries `MSG_DONTWAIT`, so the kernel completes it while it is
+    /// submitted, with the bytes moved or `EAGAIN`, instead of keeping it to try again: once
+    /// this returns the kernel holds no pointer into the caller's memory. This saves the copy
+    /// through the stream's own buffer when the socket has data (or room) already.
+    ///
+    /// # Safety
+    /// `sqe` must read or write only memory that stays valid until this returns, and carry
+    /// `MSG_DONTWAIT`.
+    pub(crate) unsafe fn now(&self, sock: &Sock, sqe: squeue::Entry) -> Option<i32> {
+        let mut g = self.lock();
+        if g.unsubmitted() {
+            return None;
+        }
+        let id = match g.free.pop() {
+            Some(id) => id,
+            None => {
+                g.ops.push(None);
+                g.ops.len() - 1
+            }
+        };
+        g.ops[id] = Some(Op {
+            result: None,
+            waker: None,
+            buf: Vec::new(),
+            orphan: false,
+            _sock: sock.clone(),
+        });
+        // SAFETY: the caller keeps the memory the entry names valid until this returns, and
+        // this returns only once the entry's completion is reaped (below); the socket is held
+        // by `ops[id]._sock` until then, as for every operation.
+        if unsafe { g.ring.submission().push(&sqe.user_data(id as u64)) }.is_err() {
+            g.ops[id] = None;
+            g.free.push(id);
+            return None;
+        }
+        let mut failures = 0u32;
+        loop {
+            // the entry first; once the kernel took it, its completion (posted within the
+            // submission for a non-waiting operation; waited for should it not be)
+            let entered = if g.unsubmitted() {
+                g.ring.submit()
+            } else {
+                g.ring.submit_and_wait(1)
+            };
+            g.reap();
+            if let Some(res) = g.ops[id].as_ref().and_then(|op| op.result) {
+                g.ops[id] = None;
+                g.free.push(id);
+                return Some(res);
+            }
+            if let Err(e) = entered {
+                let transient = matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
+                );
+                failures += 1;
+                if !transient && failures > 100 {
+                    // the kernel may still read or write the caller's memory: going on would
+                    // risk it; the process ends instead
+                    tracing::error!(error = %e, "io_uring: an operation over a caller's memory cannot be completed; aborting");
+                    std::process::abort();
+                }
+            }
+        }
     }
 
     /// The result of operation `id` and its buffer, once it completed; until then the task is

@@ -219,6 +219,30 @@ impl AsyncWrite for UringStream {
                 Poll::Ready(Ok(())) => true,
                 Poll::Pending => false,
             };
+            if idle && me.wr.pending.is_empty() {
+                // nothing queued before these bytes: they go from the caller's buffer to the
+                // socket as far as it has room, and only the rest through `pending`
+                let (fd, flags) = me.sock.target();
+                let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                let sqe = opcode::Send::new(fd, data.as_ptr(), len)
+                    .flags(nix::libc::MSG_NOSIGNAL | nix::libc::MSG_DONTWAIT)
+                    .build()
+                    .flags(flags);
+                // SAFETY: the entry reads only `data`, borrowed for this whole call, and
+                // carries MSG_DONTWAIT
+                match unsafe { me.ring.now(&me.sock, sqe) } {
+                    Some(n) if n > 0 => {
+                        if let Some(p) = &me.progress {
+                            p.moved();
+                        }
+                        return Poll::Ready(Ok(n as usize));
+                    }
+                    Some(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Some(e) if matches!(-e, nix::libc::EAGAIN | nix::libc::EINTR) => {}
+                    Some(e) => return Poll::Ready(Err(io::Error::from_raw_os_error(-e))),
+                    None => {}
+                }
+            }
             let room = WRITE_CAP.saturating_sub(me.wr.pending.len());
             if room > 0 {
                 let n = room.min(data.len());
@@ -773,6 +797,47 @@ mod tests {
             })
             .await;
             assert!(all.is_ok(), "{} of 20 completions reaped", done(&ring));
+        });
+    }
+
+    /// A write to a socket with room goes from the caller's buffer, not through the stream's;
+    /// once the socket is full, the rest waits in the stream's buffer, and every byte arrives in
+    /// order.
+    #[test]
+    fn writes_skip_the_streams_buffer_while_the_socket_has_room() {
+        runtime().block_on(async {
+            let ring = ring();
+            let (mut s, mut peer) = pair(&ring).await;
+            assert_eq!(s.write(b"hello").await.expect("write"), 5);
+            assert!(
+                s.wr.op.is_none() && s.wr.pending.is_empty() && s.wr.spare.capacity() == 0,
+                "sent without the stream's buffer"
+            );
+            let mut got = [0u8; 5];
+            peer.read_exact(&mut got).await.expect("read");
+            assert_eq!(&got, b"hello");
+            // the peer reads nothing yet: the socket fills and the stream's buffer takes over
+            let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+            let mut sent = 0;
+            while s.wr.pending.is_empty() && s.wr.op.is_none() {
+                assert!(
+                    sent < big.len(),
+                    "32 MiB went out without filling the socket"
+                );
+                sent += s.write(&big[sent..]).await.expect("write");
+            }
+            let (w, r) = tokio::join!(
+                async {
+                    s.write_all(&big[sent..]).await?;
+                    s.flush().await
+                },
+                async {
+                    let mut all = vec![0u8; big.len()];
+                    peer.read_exact(&mut all).await.map(|_| all)
+                }
+            );
+            w.expect("write the rest");
+            assert!(r.expect("read") == big, "every byte in order");
         });
     }
 
