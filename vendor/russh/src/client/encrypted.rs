@@ -481,6 +481,106 @@ impl Session {
         Ok(())
     }
 
+    /// psm patch 9: a `CHANNEL_DATA` or `CHANNEL_EXTENDED_DATA` message, on its own (the
+    /// session loop handles channel data through it without boxing: see `client/mod.rs`).
+    pub(crate) async fn client_read_channel_data<H: Handler>(
+        &mut self,
+        client: &mut H,
+        buf: &[u8],
+    ) -> Result<(), H::Error> {
+        match buf.split_first() {
+        Some((&msg::CHANNEL_DATA, mut r)) => {
+            trace!("channel_data");
+            let channel_num = map_err!(ChannelId::decode(&mut r))?;
+            // psm patch 6: one copy, no zeroing
+            let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), &mut r))?;
+            map_err!(ensure_end(&r))?;
+            if !self.common.is_established_channel(channel_num) {
+                return Ok(());
+            }
+            let target = self.common.config.window_size;
+            #[allow(clippy::collapsible_if)]
+            if let Some(ref mut enc) = self.common.encrypted {
+                if enc.adjust_window_size(channel_num, &data, target)? {
+                    let next_window =
+                        client.adjust_window(channel_num, self.target_window_size);
+                    if next_window > 0 {
+                        self.target_window_size = next_window
+                    }
+                }
+            }
+
+            if let Some(chan) = self.channels.get(&channel_num) {
+                let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
+            }
+
+            client.data(channel_num, &data, self).await
+        }
+        Some((&msg::CHANNEL_EXTENDED_DATA, mut r)) => {
+            debug!("channel_extended_data");
+            let channel_num = map_err!(ChannelId::decode(&mut r))?;
+            let extended_code = map_err!(u32::decode(&mut r))?;
+            let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), &mut r))?;
+            map_err!(ensure_end(&r))?;
+            if !self.common.is_established_channel(channel_num) {
+                return Ok(());
+            }
+            let target = self.common.config.window_size;
+            #[allow(clippy::collapsible_if)]
+            if let Some(ref mut enc) = self.common.encrypted {
+                if enc.adjust_window_size(channel_num, &data, target)? {
+                    let next_window =
+                        client.adjust_window(channel_num, self.target_window_size);
+                    if next_window > 0 {
+                        self.target_window_size = next_window
+                    }
+                }
+            }
+
+            if let Some(chan) = self.channels.get(&channel_num) {
+                let _ = chan
+                    .send(ChannelMsg::ExtendedData {
+                        ext: extended_code,
+                        data: data.clone(),
+                    })
+                    .await;
+            }
+
+            client
+                .extended_data(channel_num, extended_code, &data, self)
+                .await
+        }
+            _ => Ok(()),
+        }
+    }
+
+    /// psm patch 9: channel data on an authenticated connection outside a key exchange, the
+    /// bulk of a connection's packets, handled as [`Session::client_read_encrypted`] would,
+    /// without the rest of its state: the session loop awaits this inline, with no allocation
+    /// per packet (patch 2 boxes every other packet's handling).
+    pub(crate) async fn client_read_data_inline<H: Handler>(
+        &mut self,
+        client: &mut H,
+        pkt: &mut IncomingSshPacket,
+    ) -> Result<(), H::Error> {
+        self.common.packet = Some(pkt.buffer.bytes().clone());
+        let r = self.client_read_channel_data(client, &pkt.buffer).await;
+        self.common.packet = None;
+        r
+    }
+
+    /// psm patch 9: whether `pkt` can go through [`Session::client_read_data_inline`].
+    pub(crate) fn is_plain_channel_data(&self, pkt: &IncomingSshPacket) -> bool {
+        matches!(
+            pkt.buffer.first(),
+            Some(&(msg::CHANNEL_DATA | msg::CHANNEL_EXTENDED_DATA))
+        ) && matches!(self.kex, crate::kex::SessionKexState::Idle)
+            && matches!(
+                self.common.encrypted.as_ref().map(|e| &e.state),
+                Some(EncryptedState::Authenticated)
+            )
+    }
+
     async fn client_read_authenticated<H: Handler>(
         &mut self,
         client: &mut H,
@@ -591,66 +691,8 @@ impl Session {
                     .channel_open_failure(channel_num, reason_code, &descr, &language, self)
                     .await
             }
-            Some((&msg::CHANNEL_DATA, mut r)) => {
-                trace!("channel_data");
-                let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                // psm patch 6: one copy, no zeroing
-                let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), &mut r))?;
-                map_err!(ensure_end(&r))?;
-                if !self.common.is_established_channel(channel_num) {
-                    return Ok(());
-                }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
-                }
-
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
-                }
-
-                client.data(channel_num, &data, self).await
-            }
-            Some((&msg::CHANNEL_EXTENDED_DATA, mut r)) => {
-                debug!("channel_extended_data");
-                let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                let extended_code = map_err!(u32::decode(&mut r))?;
-                let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), &mut r))?;
-                map_err!(ensure_end(&r))?;
-                if !self.common.is_established_channel(channel_num) {
-                    return Ok(());
-                }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
-                }
-
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan
-                        .send(ChannelMsg::ExtendedData {
-                            ext: extended_code,
-                            data: data.clone(),
-                        })
-                        .await;
-                }
-
-                client
-                    .extended_data(channel_num, extended_code, &data, self)
-                    .await
+            Some((&(msg::CHANNEL_DATA | msg::CHANNEL_EXTENDED_DATA), _)) => {
+                self.client_read_channel_data(client, buf).await
             }
             Some((&msg::CHANNEL_REQUEST, mut r)) => {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;

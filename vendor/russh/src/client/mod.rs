@@ -1473,8 +1473,13 @@ impl Session {
                         } else {
                             self.common.received_data = true;
                             let kex_was_active = self.kex.active();
-                            // psm patch 2 (client side): boxed, as in the server's loop.
-                            Box::pin(reply(self, handler, kex_done_signal, &mut pkt)).await?;
+                            // psm patch 2 (client side): boxed, as in the server's loop;
+                            // psm patch 9: channel data inline, as there
+                            if self.is_plain_channel_data(&pkt) {
+                                self.client_read_data_inline(handler, &mut pkt).await?;
+                            } else {
+                                Box::pin(reply(self, handler, kex_done_signal, &mut pkt)).await?;
+                            }
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
 
                             if kex_was_active && !self.kex.active() {

@@ -1440,6 +1440,90 @@ async fn reply_userauth_info_response(
 impl Session {
     // psm patch 6: the packet's reader is a slice (it always was), so that channel data can be
     // taken from it with one copy (`decode_payload`).
+    /// psm patch 9: a `CHANNEL_DATA` or `CHANNEL_EXTENDED_DATA` message, on its own (the
+    /// session loop handles channel data through it without boxing: see `server/session.rs`).
+    pub(crate) async fn server_read_channel_data<H: Handler + Send>(
+        &mut self,
+        handler: &mut H,
+        msg: u8,
+        r: &mut &[u8],
+    ) -> Result<(), H::Error> {
+        let channel_num = map_err!(ChannelId::decode(r))?;
+        if !self.common.is_established_channel(channel_num) {
+            return Ok(());
+        }
+
+        let ext = if msg == msg::CHANNEL_DATA {
+            None
+        } else {
+            Some(map_err!(u32::decode(r))?)
+        };
+        trace!("handler.data {ext:?} {channel_num:?}");
+        let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), r))?;
+        map_err!(ensure_end(r))?;
+        let target = self.target_window_size;
+
+        #[allow(clippy::collapsible_if)]
+        if let Some(ref mut enc) = self.common.encrypted {
+            if enc.adjust_window_size(channel_num, &data, target)? {
+                let window = handler.adjust_window(channel_num, self.target_window_size);
+                if window > 0 {
+                    self.target_window_size = window
+                }
+            }
+        }
+        self.flush()?;
+        if let Some(ext) = ext {
+            if let Some(chan) = self.channels.get(&channel_num) {
+                chan.send(ChannelMsg::ExtendedData {
+                    ext,
+                    data: data.clone(),
+                })
+                .await
+                .unwrap_or(())
+            }
+            handler.extended_data(channel_num, ext, &data, self).await
+        } else {
+            if let Some(chan) = self.channels.get(&channel_num) {
+                chan.send(ChannelMsg::Data { data: data.clone() })
+                    .await
+                    .unwrap_or(())
+            }
+            handler.data(channel_num, &data, self).await
+        }
+    }
+
+    /// psm patch 9: channel data on an authenticated connection outside a key exchange, the
+    /// bulk of a connection's packets, handled as [`Session::server_read_encrypted`] would,
+    /// without the rest of its state: the session loop awaits this inline, with no allocation
+    /// per packet (patch 2 boxes every other packet's handling).
+    pub(crate) async fn server_read_data_inline<H: Handler + Send>(
+        &mut self,
+        handler: &mut H,
+        pkt: &mut IncomingSshPacket,
+    ) -> Result<(), H::Error> {
+        self.common.packet = Some(pkt.buffer.bytes().clone());
+        let buf: &[u8] = &pkt.buffer;
+        let r = match buf.split_first() {
+            Some((&msg, mut r)) => self.server_read_channel_data(handler, msg, &mut r).await,
+            None => Ok(()),
+        };
+        self.common.packet = None;
+        r
+    }
+
+    /// psm patch 9: whether `pkt` can go through [`Session::server_read_data_inline`].
+    pub(crate) fn is_plain_channel_data(&self, pkt: &IncomingSshPacket) -> bool {
+        matches!(
+            pkt.buffer.first(),
+            Some(&(msg::CHANNEL_DATA | msg::CHANNEL_EXTENDED_DATA))
+        ) && matches!(self.kex, SessionKexState::Idle)
+            && matches!(
+                self.common.encrypted.as_ref().map(|e| &e.state),
+                Some(EncryptedState::Authenticated)
+            )
+    }
+
     async fn server_read_authenticated<H: Handler + Send>(
         &mut self,
         handler: &mut H,
@@ -1481,51 +1565,8 @@ impl Session {
                 handler.channel_eof(channel_num, self).await
             }
             msg::CHANNEL_EXTENDED_DATA | msg::CHANNEL_DATA => {
-                let channel_num = map_err!(ChannelId::decode(r))?;
-                if !self.common.is_established_channel(channel_num) {
-                    return Ok(());
-                }
-
-                let ext = if msg == msg::CHANNEL_DATA {
-                    None
-                } else {
-                    Some(map_err!(u32::decode(r))?)
-                };
-                trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(crate::parsing::decode_payload(self.common.packet.as_ref(), r))?;
-                map_err!(ensure_end(r))?;
-                let target = self.target_window_size;
-
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let window = handler.adjust_window(channel_num, self.target_window_size);
-                        if window > 0 {
-                            self.target_window_size = window
-                        }
-                    }
-                }
-                self.flush()?;
-                if let Some(ext) = ext {
-                    if let Some(chan) = self.channels.get(&channel_num) {
-                        chan.send(ChannelMsg::ExtendedData {
-                            ext,
-                            data: data.clone(),
-                        })
-                        .await
-                        .unwrap_or(())
-                    }
-                    handler.extended_data(channel_num, ext, &data, self).await
-                } else {
-                    if let Some(chan) = self.channels.get(&channel_num) {
-                        chan.send(ChannelMsg::Data { data: data.clone() })
-                            .await
-                            .unwrap_or(())
-                    }
-                    handler.data(channel_num, &data, self).await
-                }
+                self.server_read_channel_data(handler, msg, r).await
             }
-
             msg::CHANNEL_WINDOW_ADJUST => {
                 let channel_num = map_err!(ChannelId::decode(r))?;
                 let amount = map_err!(u32::decode(r))?;

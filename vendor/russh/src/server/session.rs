@@ -752,7 +752,14 @@ impl Session {
                             // connection; inline, it kept the largest state of any packet's
                             // handling (the handler's own futures included) in every idle
                             // session. One allocation per packet instead.
-                            match Box::pin(reply(&mut self, &mut handler, &mut pkt)).await {
+                            // psm patch 9: channel data, the bulk of the packets, is handled
+                            // inline: its state is small, and it needs no allocation
+                            let handled = if self.is_plain_channel_data(&pkt) {
+                                self.server_read_data_inline(&mut handler, &mut pkt).await
+                            } else {
+                                Box::pin(reply(&mut self, &mut handler, &mut pkt)).await
+                            };
+                            match handled {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
