@@ -28,11 +28,12 @@
 //! Buffers follow the traffic: a leg's receive buffer starts at [`MIN_READ`], doubles each time a
 //! receive fills it (up to [`MAX_READ`]: one submission then carries several SSH packets), and
 //! shrinks back when receives come small, so an idle session holds [`MIN_READ`] per leg in
-//! flight rather than a bulk-sized buffer. A write to a socket with room is sent straight from the
-//! caller's buffer: the entry carries `MSG_DONTWAIT`, so the kernel completes it within the
-//! submission and holds no pointer into that buffer afterwards (`Ring::now`). What the socket
-//! has no room for is copied into a buffer of the stream's own and sent while the caller goes
-//! on; `poll_flush` waits for that send.
+//! flight rather than a bulk-sized buffer. A write that finds no send of the stream's in flight or queued
+//! goes straight from the caller's buffer: the entry carries `MSG_DONTWAIT`, so the kernel
+//! completes it within the submission and holds no pointer into that buffer afterwards
+//! (`Ring::send_now`). What the socket has no room for is copied into a buffer of the stream's
+//! own and sent while the caller goes on (and later writes join it until that send completes);
+//! `poll_flush` waits for that send.
 
 // io_uring hands the kernel pointers into our buffers: the one module of the relay with `unsafe`
 #![allow(unsafe_code)]
@@ -138,6 +139,16 @@ impl Shutter {
             }
             ShutterKind::Ring(ring, sock) => ring.shut(sock, Shutdown::Both),
         }
+    }
+}
+
+/// Armed while the kernel may read memory that `Ring::send_now` only borrows: dropped by an
+/// unwind, it ends the process, since returning would free memory the kernel may still read.
+struct Pinned;
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        std::process::abort();
     }
 }
 
@@ -550,18 +561,15 @@ impl Ring {
         Ok(id)
     }
 
-    /// Runs one operation over memory its caller holds only for this call, and returns its
-    /// result (`-EAGAIN`: it would have waited); None, with nothing submitted, when entries of
-    /// other operations wait in the submission queue (the caller then goes through a buffer of
-    /// its own). The entry carries `MSG_DONTWAIT`, so the kernel completes it while it is
-    /// submitted, with the bytes moved or `EAGAIN`, instead of keeping it to try again: once
-    /// this returns the kernel holds no pointer into the caller's memory. This saves the copy
-    /// through the stream's own buffer when the socket has data (or room) already.
-    ///
-    /// # Safety
-    /// `sqe` must read or write only memory that stays valid until this returns, and carry
-    /// `MSG_DONTWAIT`.
-    pub(crate) unsafe fn now(&self, sock: &Sock, sqe: squeue::Entry) -> Option<i32> {
+    /// Sends what of `data` the socket has room for now, straight from `data`, and returns the
+    /// completion's result: the bytes sent, or `-EAGAIN` where the socket had no room. None,
+    /// with nothing submitted, when entries of other operations wait in the submission queue
+    /// (the caller then goes through a buffer of its own). The entry carries `MSG_DONTWAIT`,
+    /// so the kernel completes it within the submission (`REQ_F_NOWAIT`: `EAGAIN` instead of
+    /// waiting for room) rather than keeping it to try again, and this returns only once that
+    /// completion is reaped: the kernel holds no pointer into `data` afterwards. This saves the
+    /// copy through the stream's own buffer when the socket has room.
+    pub(crate) fn send_now(&self, sock: &Sock, data: &[u8]) -> Option<i32> {
         let mut g = self.lock();
         if g.unsubmitted() {
             return None;
@@ -580,18 +588,29 @@ impl Ring {
             orphan: false,
             _sock: sock.clone(),
         });
-        // SAFETY: the caller keeps the memory the entry names valid until this returns, and
-        // this returns only once the entry's completion is reaped (below); the socket is held
-        // by `ops[id]._sock` until then, as for every operation.
-        if unsafe { g.ring.submission().push(&sqe.user_data(id as u64)) }.is_err() {
+        let (fd, flags) = sock.target();
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let sqe = opcode::Send::new(fd, data.as_ptr(), len)
+            .flags(nix::libc::MSG_NOSIGNAL | nix::libc::MSG_DONTWAIT)
+            .build()
+            .flags(flags)
+            .user_data(id as u64);
+        // SAFETY: the entry reads `data`, which is borrowed for this whole call, and this
+        // returns only once the entry's completion is reaped (below); should anything between
+        // the push and that point unwind, `Pinned` ends the process rather than let `data` go
+        // while the kernel may still read it. The socket is held by `ops[id]._sock` until the
+        // completion, as for every operation.
+        if unsafe { g.ring.submission().push(&sqe) }.is_err() {
             g.ops[id] = None;
             g.free.push(id);
             return None;
         }
-        let mut failures = 0u32;
-        loop {
+        let pinned = Pinned;
+        let mut hard_failures = 0u32;
+        let mut busy = 0u32;
+        let res = loop {
             // the entry first; once the kernel took it, its completion (posted within the
-            // submission for a non-waiting operation; waited for should it not be)
+            // submission for a non-waiting send; waited for should it not be)
             let entered = if g.unsubmitted() {
                 g.ring.submit()
             } else {
@@ -599,24 +618,36 @@ impl Ring {
             };
             g.reap();
             if let Some(res) = g.ops[id].as_ref().and_then(|op| op.result) {
-                g.ops[id] = None;
-                g.free.push(id);
-                return Some(res);
+                break res;
             }
-            if let Err(e) = entered {
-                let transient = matches!(
-                    e.raw_os_error(),
-                    Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
-                );
-                failures += 1;
-                if !transient && failures > 100 {
-                    // the kernel may still read or write the caller's memory: going on would
-                    // risk it; the process ends instead
-                    tracing::error!(error = %e, "io_uring: an operation over a caller's memory cannot be completed; aborting");
-                    std::process::abort();
+            match entered {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
+                    ) =>
+                {
+                    // the kernel is short of memory or completions just now
+                    busy += 1;
+                    if busy.is_multiple_of(16) {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(e) => {
+                    hard_failures += 1;
+                    if hard_failures > 100 {
+                        // the kernel may still read `data`: going on would risk it
+                        tracing::error!(error = %e, "io_uring: a send from a caller's buffer cannot be completed; aborting");
+                        std::process::abort();
+                    }
                 }
             }
-        }
+        };
+        std::mem::forget(pinned);
+        g.ops[id] = None;
+        g.free.push(id);
+        Some(res)
     }
 
     /// The result of operation `id` and its buffer, once it completed; until then the task is

@@ -222,15 +222,7 @@ impl AsyncWrite for UringStream {
             if idle && me.wr.pending.is_empty() {
                 // nothing queued before these bytes: they go from the caller's buffer to the
                 // socket as far as it has room, and only the rest through `pending`
-                let (fd, flags) = me.sock.target();
-                let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                let sqe = opcode::Send::new(fd, data.as_ptr(), len)
-                    .flags(nix::libc::MSG_NOSIGNAL | nix::libc::MSG_DONTWAIT)
-                    .build()
-                    .flags(flags);
-                // SAFETY: the entry reads only `data`, borrowed for this whole call, and
-                // carries MSG_DONTWAIT
-                match unsafe { me.ring.now(&me.sock, sqe) } {
+                match me.ring.send_now(&me.sock, data) {
                     Some(n) if n > 0 => {
                         if let Some(p) = &me.progress {
                             p.moved();

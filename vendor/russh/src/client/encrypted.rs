@@ -563,6 +563,12 @@ impl Session {
         client: &mut H,
         pkt: &mut IncomingSshPacket,
     ) -> Result<(), H::Error> {
+        debug!(
+            "< msg type {:?}, seqn {:?}, len {}",
+            pkt.buffer.first(),
+            pkt.seqn.0,
+            pkt.buffer.len()
+        );
         self.common.packet = Some(pkt.buffer.bytes().clone());
         let r = self.client_read_channel_data(client, &pkt.buffer).await;
         self.common.packet = None;

@@ -1438,8 +1438,6 @@ async fn reply_userauth_info_response(
 }
 
 impl Session {
-    // psm patch 6: the packet's reader is a slice (it always was), so that channel data can be
-    // taken from it with one copy (`decode_payload`).
     /// psm patch 9: a `CHANNEL_DATA` or `CHANNEL_EXTENDED_DATA` message, on its own (the
     /// session loop handles channel data through it without boxing: see `server/session.rs`).
     pub(crate) async fn server_read_channel_data<H: Handler + Send>(
@@ -1502,6 +1500,12 @@ impl Session {
         handler: &mut H,
         pkt: &mut IncomingSshPacket,
     ) -> Result<(), H::Error> {
+        debug!(
+            "< msg type {:?}, seqn {:?}, len {}",
+            pkt.buffer.first(),
+            pkt.seqn.0,
+            pkt.buffer.len()
+        );
         self.common.packet = Some(pkt.buffer.bytes().clone());
         let buf: &[u8] = &pkt.buffer;
         let r = match buf.split_first() {
@@ -1524,6 +1528,8 @@ impl Session {
             )
     }
 
+    // psm patch 6: the packet's reader is a slice (it always was), so that channel data can be
+    // taken from it with one copy (`decode_payload`).
     async fn server_read_authenticated<H: Handler + Send>(
         &mut self,
         handler: &mut H,
