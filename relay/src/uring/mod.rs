@@ -28,9 +28,9 @@
 //! Buffers follow the traffic: a leg's receive buffer starts at [`MIN_READ`], doubles each time a
 //! receive fills it (up to [`MAX_READ`]: one submission then carries several SSH packets), and
 //! shrinks back when receives come small, so an idle session holds [`MIN_READ`] per leg in
-//! flight rather than a bulk-sized buffer. A write that finds no send of the stream's in flight or queued
-//! goes straight from the caller's buffer: the entry carries `MSG_DONTWAIT`, so the kernel
-//! completes it within the submission and holds no pointer into that buffer afterwards
+//! flight rather than a bulk-sized buffer. A write that finds no send of the stream's in flight
+//! or queued goes straight from the caller's buffer: the entry carries `MSG_DONTWAIT`, so the
+//! kernel completes it within the submission and holds no pointer into that buffer afterwards
 //! (`Ring::send_now`). What the socket has no room for is copied into a buffer of the stream's
 //! own and sent while the caller goes on (and later writes join it until that send completes);
 //! `poll_flush` waits for that send.
@@ -223,18 +223,32 @@ impl Inner {
         for _ in 0..4 {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
-                    ) =>
-                {
-                    self.reap();
-                }
+                Err(e) if busy(&e) => self.reap(),
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    /// A new operation on `sock` over `buf`, in a free slot of the table; returns its id.
+    fn new_op(&mut self, sock: &Sock, buf: Vec<u8>) -> usize {
+        let op = Op {
+            result: None,
+            waker: None,
+            buf,
+            orphan: false,
+            _sock: sock.clone(),
+        };
+        match self.free.pop() {
+            Some(id) => {
+                self.ops[id] = Some(op);
+                id
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        }
     }
 
     /// Entries queued and not yet taken by the kernel.
@@ -267,6 +281,15 @@ impl Inner {
             })
         })
     }
+}
+
+/// Whether `io_uring_enter` failed for now only (`EBUSY`: completions not yet reaped, `EAGAIN`:
+/// no memory for the requests just now, `EINTR`): the same call may succeed a moment later.
+fn busy(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
+    )
 }
 
 /// How soon the driver tries again to submit entries the kernel did not take.
@@ -491,20 +514,8 @@ impl Ring {
         shutdown: bool,
     ) -> Result<usize, (io::Error, bool)> {
         let mut g = self.lock();
-        let id = match g.free.pop() {
-            Some(id) => id,
-            None => {
-                g.ops.push(None);
-                g.ops.len() - 1
-            }
-        };
-        let op = g.ops[id].insert(Op {
-            result: None,
-            waker: None,
-            buf,
-            orphan: false,
-            _sock: sock.clone(),
-        });
+        let id = g.new_op(sock, buf);
+        let op = g.ops[id].as_mut().expect("the slot was just filled");
         let sqe = entry(&mut op.buf).user_data(id as u64);
         let mut tries = 0;
         loop {
@@ -574,20 +585,7 @@ impl Ring {
         if g.unsubmitted() {
             return None;
         }
-        let id = match g.free.pop() {
-            Some(id) => id,
-            None => {
-                g.ops.push(None);
-                g.ops.len() - 1
-            }
-        };
-        g.ops[id] = Some(Op {
-            result: None,
-            waker: None,
-            buf: Vec::new(),
-            orphan: false,
-            _sock: sock.clone(),
-        });
+        let id = g.new_op(sock, Vec::new());
         let (fd, flags) = sock.target();
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let sqe = opcode::Send::new(fd, data.as_ptr(), len)
@@ -607,7 +605,7 @@ impl Ring {
         }
         let pinned = Pinned;
         let mut hard_failures = 0u32;
-        let mut busy = 0u32;
+        let mut tries = 0u32;
         let res = loop {
             // the entry first; once the kernel took it, its completion (posted within the
             // submission for a non-waiting send; waited for should it not be)
@@ -622,15 +620,10 @@ impl Ring {
             }
             match entered {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(nix::libc::EBUSY | nix::libc::EAGAIN | nix::libc::EINTR)
-                    ) =>
-                {
+                Err(e) if busy(&e) => {
                     // the kernel is short of memory or completions just now
-                    busy += 1;
-                    if busy.is_multiple_of(16) {
+                    tries += 1;
+                    if tries.is_multiple_of(16) {
                         std::thread::yield_now();
                     }
                 }
