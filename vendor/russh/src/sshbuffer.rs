@@ -213,7 +213,8 @@ async fn automatic_rekey_read_counter_tracks_payload_bytes() {
     sender.write_all(&encoded).await.unwrap();
     drop(sender);
 
-    let mut buffer = SSHBuffer::new();
+    // psm patch 7: the reader reads into a `ReadBuffer`
+    let mut buffer = ReadBuffer::default();
     let mut opening_key = cipher::clear::Key {};
     cipher::read(&mut reader, &mut buffer, &mut opening_key)
         .await

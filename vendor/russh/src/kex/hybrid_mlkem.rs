@@ -1,14 +1,11 @@
 use byteorder::{BigEndian, ByteOrder};
-use curve25519_dalek::montgomery::MontgomeryPoint;
+// psm patch 11: ML-KEM from libcrux-ml-kem (AVX2 where the CPU has it) instead of ml-kem
+use libcrux_ml_kem::mlkem768;
 use log::debug;
-use ml_kem::Kem;
-use ml_kem::{
-    kem::{Decapsulate, DecapsulationKey, Encapsulate, EncapsulationKey},
-    KeyExport, MlKem768, TryKeyInit,
-};
 use sha2::Digest;
 use ssh_encoding::{Encode, Writer};
 
+use super::x25519::{self, EphemeralKey};
 use super::{compute_keys, KexAlgorithm, KexAlgorithmImplementor, KexType, SharedSecret};
 use crate::mac;
 use crate::session::Exchange;
@@ -16,11 +13,16 @@ use crate::{cipher, msg, CryptoVec, Error};
 
 const MLKEM768_PUBLIC_KEY_SIZE: usize = 1184;
 const MLKEM768_CIPHERTEXT_SIZE: usize = 1088;
+const MLKEM768_PRIVATE_KEY_SIZE: usize = 2400;
 const X25519_PUBLIC_KEY_SIZE: usize = 32;
 
-type MlKem768PublicKey = EncapsulationKey<MlKem768>;
-type MlKem768PrivateKey = DecapsulationKey<MlKem768>;
-type MlKem768Ciphertext = ml_kem::Ciphertext<MlKem768>;
+type MlKem768PublicKey = mlkem768::MlKem768PublicKey;
+type MlKem768PrivateKey = mlkem768::MlKem768PrivateKey;
+/// An ML-KEM-768 private key's bytes, zeroed when dropped.
+type MlKem768PrivateBytes = zeroize::Zeroizing<[u8; MLKEM768_PRIVATE_KEY_SIZE]>;
+type MlKem768Ciphertext = mlkem768::MlKem768Ciphertext;
+/// An ML-KEM shared secret.
+type MlKemSharedKey = [u8; 32];
 
 pub struct MlKem768X25519KexType {}
 
@@ -38,10 +40,11 @@ impl KexType for MlKem768X25519KexType {
 
 #[doc(hidden)]
 pub struct MlKem768X25519Kex {
-    mlkem_secret: Option<Box<MlKem768PrivateKey>>,
-    x25519_secret: Option<[u8; 32]>,
-    k_pq: Option<ml_kem::SharedKey>,
-    k_cl: Option<MontgomeryPoint>,
+    mlkem_secret: Option<Box<MlKem768PrivateBytes>>,
+    // psm patch 10: the backend's X25519 (`super::x25519`)
+    x25519_secret: Option<EphemeralKey>,
+    k_pq: Option<MlKemSharedKey>,
+    k_cl: Option<x25519::Shared>,
 }
 
 impl std::fmt::Debug for MlKem768X25519Kex {
@@ -84,27 +87,26 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
         #[allow(clippy::indexing_slicing)]
         let c_pk1_bytes = &c_init[MLKEM768_PUBLIC_KEY_SIZE..];
 
-        let c_pk2 = MlKem768PublicKey::new_from_slice(c_pk2_bytes).map_err(|_| Error::Kex)?;
-
-        let mut c_pk1 = MontgomeryPoint([0; 32]);
-        c_pk1.0.copy_from_slice(c_pk1_bytes);
-
-        let (s_ct2, k_pq_shared_secret) = c_pk2.encapsulate_with_rng(&mut rand::rng());
-
-        let s_secret = rand::random::<[u8; 32]>();
-        let s_pk1 = MontgomeryPoint::mul_base_clamped(s_secret);
-
-        let k_cl = c_pk1.mul_clamped(s_secret);
-        if k_cl.0 == [0u8; 32] {
-            debug!("client sent a low-order curve25519 pubkey");
+        let c_pk2 = MlKem768PublicKey::try_from(c_pk2_bytes).map_err(|_| Error::Kex)?;
+        // FIPS 203's check of an encapsulation key (its coefficients reduced mod q)
+        if !mlkem768::validate_public_key(&c_pk2) {
             return Err(Error::Kex);
         }
+
+        let (s_ct2, k_pq_shared_secret) =
+            mlkem768::encapsulate(&c_pk2, rand::random::<[u8; 32]>());
+
+        let (s_secret, s_pk1) = EphemeralKey::generate()?;
+
+        let k_cl = s_secret.agree(c_pk1_bytes).inspect_err(|_| {
+            debug!("client sent a low-order curve25519 pubkey");
+        })?;
 
         exchange.server_ephemeral.clear();
         exchange
             .server_ephemeral
             .extend_from_slice(s_ct2.as_slice());
-        exchange.server_ephemeral.extend_from_slice(&s_pk1.0);
+        exchange.server_ephemeral.extend_from_slice(&s_pk1);
 
         self.k_pq = Some(k_pq_shared_secret);
         self.k_cl = Some(k_cl);
@@ -117,22 +119,22 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
         client_ephemeral: &mut Vec<u8>,
         writer: &mut impl Writer,
     ) -> Result<(), Error> {
-        let (mlkem_sk, mlkem_pk) = MlKem768::generate_keypair_from_rng(&mut rand::rng());
+        let (mlkem_sk, mlkem_pk) =
+            mlkem768::generate_key_pair(rand::random::<[u8; 64]>()).into_parts();
 
-        let x25519_secret = rand::random::<[u8; 32]>();
-        let x25519_pk = MontgomeryPoint::mul_base_clamped(x25519_secret);
+        let (x25519_secret, x25519_pk) = EphemeralKey::generate()?;
 
         client_ephemeral.clear();
-        client_ephemeral.extend(&mlkem_pk.to_bytes());
-        client_ephemeral.extend(&x25519_pk.0);
+        client_ephemeral.extend(mlkem_pk.as_slice());
+        client_ephemeral.extend(&x25519_pk);
 
         msg::KEX_HYBRID_INIT.encode(writer)?;
-        let mut c_init = Vec::<u8>::new();
-        c_init.extend(mlkem_pk.to_bytes());
-        c_init.extend(&x25519_pk.0);
-        c_init.as_slice().encode(writer)?;
+        client_ephemeral.as_slice().encode(writer)?;
 
-        self.mlkem_secret = Some(Box::new(mlkem_sk));
+        let mut secret = Box::new(MlKem768PrivateBytes::new([0; MLKEM768_PRIVATE_KEY_SIZE]));
+        secret.copy_from_slice(mlkem_sk.as_slice());
+        zeroize::Zeroize::zeroize(&mut <[u8; MLKEM768_PRIVATE_KEY_SIZE]>::from(mlkem_sk));
+        self.mlkem_secret = Some(secret);
         self.x25519_secret = Some(x25519_secret);
 
         Ok(())
@@ -151,16 +153,14 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
         let s_ct2 = MlKem768Ciphertext::try_from(s_ct2_bytes).map_err(|_| Error::KexInit)?;
 
         let mlkem_secret = self.mlkem_secret.take().ok_or(Error::KexInit)?;
-        let k_pq_shared_secret = mlkem_secret.decapsulate(&s_ct2);
-        let mut s_pk1 = MontgomeryPoint([0; 32]);
-        s_pk1.0.copy_from_slice(s_pk1_bytes);
+        let mlkem_secret = MlKem768PrivateKey::from(&**mlkem_secret);
+        let k_pq_shared_secret = mlkem768::decapsulate(&mlkem_secret, &s_ct2);
+        zeroize::Zeroize::zeroize(&mut <[u8; MLKEM768_PRIVATE_KEY_SIZE]>::from(mlkem_secret));
 
         let x25519_secret = self.x25519_secret.take().ok_or(Error::KexInit)?;
-        let k_cl = s_pk1.mul_clamped(x25519_secret);
-        if k_cl.0 == [0u8; 32] {
+        let k_cl = x25519_secret.agree(s_pk1_bytes).inspect_err(|_| {
             debug!("server sent a low-order curve25519 pubkey");
-            return Err(Error::Kex);
-        }
+        })?;
 
         self.k_pq = Some(k_pq_shared_secret);
         self.k_cl = Some(k_cl);
@@ -173,7 +173,7 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
         // The actual combined secret is computed during compute_keys.
         // We return the X25519 portion as that's what's directly available.
         // Users needing the full hybrid secret should use compute_keys.
-        self.k_cl.as_ref().map(|k| k.0.as_slice())
+        self.k_cl.as_ref().map(|k| k.as_slice())
     }
 
     fn compute_exchange_hash(
@@ -198,7 +198,7 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
 
         let mut combined = Vec::new();
         combined.extend_from_slice(k_pq);
-        combined.extend_from_slice(&k_cl.0);
+        combined.extend_from_slice(k_cl);
 
         let mut hasher = sha2::Sha256::new();
         hasher.update(&combined);
@@ -226,7 +226,7 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
 
         let mut combined = Vec::new();
         combined.extend_from_slice(k_pq);
-        combined.extend_from_slice(&k_cl.0);
+        combined.extend_from_slice(k_cl);
 
         let mut hasher = sha2::Sha256::new();
         hasher.update(&combined);
@@ -310,7 +310,7 @@ mod tests {
         let client_k_cl = client_kex.k_cl.unwrap();
         let server_k_cl = server_kex.k_cl.unwrap();
         assert_eq!(
-            client_k_cl.0, server_k_cl.0,
+            client_k_cl, server_k_cl,
             "X25519 shared secrets should match"
         );
     }

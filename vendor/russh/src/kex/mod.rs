@@ -20,6 +20,8 @@ pub mod dh;
 mod ecdh_nistp;
 mod hybrid_mlkem;
 mod none;
+// psm patch 10: X25519 through the crypto backend
+mod x25519;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::TryFrom;
