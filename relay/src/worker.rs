@@ -1,5 +1,6 @@
 //! Worker threads: one per core, each with its own current-thread runtime and its own
-//! `SO_REUSEPORT` listener. A connection, both of its legs and its recording queue stay on the
+//! `SO_REUSEPORT` listener, whose connections come through the worker's io_uring where it runs
+//! one (`uring::Listener`). A connection, both of its legs and its recording queue stay on the
 //! worker that accepted it.
 
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::rdp::tls::GatewayCert;
 use crate::session::{handle_connection, WorkerCtx};
+use crate::uring::{Incoming, Listener};
 
 /// Which runtime drives a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -122,9 +124,10 @@ async fn accept_loop(
     rdp: Option<RdpListener>,
     ctx: Arc<WorkerCtx>,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let rdp = match rdp {
-        Some(r) => Some((tokio::net::TcpListener::from_std(r.listener)?, r.cert)),
+    // on io_uring the listeners' accepts go through the ring too
+    let mut listener = Listener::new(listener)?;
+    let mut rdp = match rdp {
+        Some(r) => Some((Listener::new(r.listener)?, r.cert)),
         None => None,
     };
     // the psm ports of tcp targets follow the policy on their own
@@ -141,7 +144,7 @@ async fn accept_loop(
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            (accepted, cert) = accept_rdp(&rdp) => {
+            (accepted, cert) = accept_rdp(&mut rdp) => {
                 match accepted {
                     Ok((stream, peer)) => {
                         tokio::task::spawn_local(crate::rdp::handle_rdp_connection(
@@ -161,13 +164,11 @@ async fn accept_loop(
     }
 }
 
-/// The next connection on the RDP listener (never, without one).
+/// The next connection on the RDP listener (never, without one). Cancel-safe, as
+/// [`Listener::accept`] is.
 async fn accept_rdp(
-    rdp: &Option<(tokio::net::TcpListener, Arc<GatewayCert>)>,
-) -> (
-    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-    Arc<GatewayCert>,
-) {
+    rdp: &mut Option<(Listener, Arc<GatewayCert>)>,
+) -> (std::io::Result<(Incoming, SocketAddr)>, Arc<GatewayCert>) {
     match rdp {
         Some((l, cert)) => (l.accept().await, cert.clone()),
         None => std::future::pending().await,

@@ -35,7 +35,7 @@ const RDP_WRITE_STALL: std::time::Duration = crate::USER_WRITE_STALL;
 /// own that psm sees, so a peer that vanished while the screen was still is noticed), and
 /// watched for writes its peer never takes ([`crate::cut::Cutter::watch_writes`]):
 /// either would otherwise hold the session, its user's slot and its recording for good.
-pub(crate) fn leg(tcp: tokio::net::TcpStream) -> std::io::Result<RdpLeg> {
+pub(crate) fn leg(tcp: crate::uring::Incoming) -> std::io::Result<RdpLeg> {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(std::time::Duration::from_secs(30))
         .with_interval(std::time::Duration::from_secs(10))
@@ -45,7 +45,7 @@ pub(crate) fn leg(tcp: tokio::net::TcpStream) -> std::io::Result<RdpLeg> {
     // keepalives do not run while sent bytes wait for their acknowledgement: a peer that
     // vanished with bytes in flight is given up after this, not after the kernel's 15 minutes
     let _ = sock.set_tcp_user_timeout(Some(RDP_WRITE_STALL));
-    let (mut leg, cutter) = crate::cut::Cuttable::socket(crate::uring::Leg::new(tcp)?);
+    let (mut leg, cutter) = crate::cut::Cuttable::socket(crate::uring::Leg::accepted(tcp)?);
     let progress = leg.progress();
     leg.get_mut().report_progress(progress);
     cutter.watch_writes(RDP_WRITE_STALL);

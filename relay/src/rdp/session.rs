@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use psm_control_api::{now_ms, Account, AuditKind, Denial, Escaped, Login, Target};
 use sspi::credssp::TsRequest;
-use tokio::net::TcpStream;
 
 use tracing::info;
 
@@ -106,7 +105,7 @@ pub(super) struct Admitted {
 pub async fn handle_rdp_connection(
     ctx: Arc<WorkerCtx>,
     cert: Arc<GatewayCert>,
-    stream: TcpStream,
+    stream: crate::uring::Incoming,
     peer: SocketAddr,
 ) {
     let _live = LiveGuard::new(&ctx.live);
@@ -119,7 +118,7 @@ pub async fn handle_rdp_connection(
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
+    let _ = stream.set_nodelay();
     let stream = match super::leg(stream) {
         Ok(s) => s,
         Err(e) => {

@@ -135,10 +135,11 @@ async fn connect_inner(target: &Target, account: &Account) -> Result<TargetLeg, 
             why: e.to_string(),
         })?;
     let _ = tcp.set_nodelay(true);
-    let tcp = super::leg(tcp).map_err(|e| TargetError::Unreachable {
-        address: target.address.clone(),
-        why: e.to_string(),
-    })?;
+    let tcp =
+        super::leg(crate::uring::Incoming::Tokio(tcp)).map_err(|e| TargetError::Unreachable {
+            address: target.address.clone(),
+            why: e.to_string(),
+        })?;
     let mut io = Framed::new(tcp);
     let cr = encode_vec(&X224(ConnectionRequest {
         nego_data: Some(NegoRequestData::cookie(cookie(&account.username))),

@@ -7,7 +7,7 @@ use super::*;
 /// Serves one accepted TCP connection to its end, then writes the end-of-session records.
 pub async fn handle_connection(
     ctx: Arc<WorkerCtx>,
-    stream: tokio::net::TcpStream,
+    stream: crate::uring::Incoming,
     peer: SocketAddr,
 ) {
     let _live = LiveGuard::new(&ctx.live);
@@ -21,8 +21,8 @@ pub async fn handle_connection(
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let stream = match crate::uring::Leg::new(stream) {
+    let _ = stream.set_nodelay();
+    let stream = match crate::uring::Leg::accepted(stream) {
         Ok(s) => s,
         Err(e) => {
             ctx.preauth_failure(peer, &format_args!("cannot set the connection up: {e}"));

@@ -38,13 +38,15 @@
 // io_uring hands the kernel pointers into our buffers: the one module of the relay with `unsafe`
 #![allow(unsafe_code)]
 
+mod accept;
 mod stream;
+pub use accept::{Incoming, Listener};
 pub use stream::{Leg, UringStream};
 
 use std::cell::RefCell;
 use std::io;
-use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -76,6 +78,9 @@ pub(crate) enum Sock {
     Fd(Arc<TcpStream>),
     /// By its place in the ring's table of registered files; the process holds no descriptor.
     Fixed(Arc<Slot>),
+    /// A listening socket, by its descriptor: its operations are accepts, whose result is a
+    /// new descriptor.
+    Listener(Arc<TcpListener>),
 }
 
 impl Sock {
@@ -86,7 +91,18 @@ impl Sock {
             // a fixed file's index travels in the descriptor's field, as the crate's
             // `types::Fixed` puts it
             Sock::Fixed(s) => (types::Fd(s.index as RawFd), squeue::Flags::FIXED_FILE),
+            Sock::Listener(l) => (types::Fd(l.as_raw_fd()), squeue::Flags::empty()),
         }
+    }
+}
+
+/// Closes what an operation nobody waits for any more leaves behind: the connection an accept
+/// took (its result is then the new descriptor, which nobody else knows of).
+fn drop_result(sock: &Sock, result: i32) {
+    if matches!(sock, Sock::Listener(_)) && result >= 0 {
+        // SAFETY: the kernel made this descriptor for the accept's completion and handed it to
+        // nobody else: the process owns it, and this is its only use
+        drop(unsafe { OwnedFd::from_raw_fd(result) });
     }
 }
 
@@ -194,6 +210,7 @@ impl Inner {
                 };
                 let Some(op) = slot.as_mut() else { continue };
                 if op.orphan {
+                    drop_result(&op._sock, cqe.result());
                     *slot = None;
                     free.push(id);
                     continue;
@@ -405,6 +422,8 @@ impl Ring {
             Sock::Fd(s) => {
                 let _ = s.shutdown(how);
             }
+            // a listener is not shut down: its accepts end with the ring
+            Sock::Listener(_) => {}
             Sock::Fixed(_) => {
                 match self.try_start(sock, Vec::new(), |_| shutdown_entry(sock, how), true) {
                     Ok(id) => self.forget(id),
@@ -443,6 +462,7 @@ impl Ring {
     pub(crate) fn shutter(self: &Arc<Self>, sock: &Sock) -> Shutter {
         match sock {
             Sock::Fd(s) => Shutter::fd(s.as_raw_fd()),
+            Sock::Listener(l) => Shutter::fd(l.as_raw_fd()),
             Sock::Fixed(_) => Shutter(ShutterKind::Ring(self.clone(), sock.clone())),
         }
     }
@@ -556,6 +576,9 @@ impl Ring {
                 Sock::Fd(s) => {
                     let _ = s.shutdown(Shutdown::Both);
                 }
+                // an accept left queued completes when a connection comes, and its connection
+                // is closed then (`drop_result`)
+                Sock::Listener(_) => {}
                 // the driver sends the shutdown when the ring takes entries again
                 Sock::Fixed(_) if !shutdown => self.defer_shut(sock, Shutdown::Both),
                 Sock::Fixed(_) => {}
@@ -667,7 +690,10 @@ impl Ring {
     fn forget(&self, id: usize) {
         let mut g = self.lock();
         let done = match g.ops.get_mut(id).and_then(Option::as_mut) {
-            Some(op) if op.result.is_some() => true,
+            Some(op) if op.result.is_some() => {
+                drop_result(&op._sock, op.result.unwrap_or(-1));
+                true
+            }
             Some(op) => {
                 op.orphan = true;
                 op.waker = None;

@@ -77,14 +77,18 @@ impl UringStream {
 
     fn start_recv(&mut self) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.rd.buf);
-        if buf.len() != self.rd.size {
-            // zeroed once per size change, so that the kernel writes into initialised memory
-            // and no `set_len` is needed
-            buf = vec![0; self.rd.size];
+        buf.clear();
+        if buf.capacity() != self.rd.size {
+            // not zero-filled: the kernel writes into the spare room, and the completion says
+            // how much of it is written (the size follows the traffic, and a bulk transfer
+            // whose receives come now full, now short changed it often enough for zeroing
+            // each new buffer to be 4 % of a worker's samples: perf/BENCHMARKS.md)
+            buf = Vec::with_capacity(self.rd.size);
         }
         let (fd, flags) = self.sock.target();
         let id = self.ring.start(&self.sock, buf, |b| {
-            opcode::Recv::new(fd, b.as_mut_ptr(), b.len() as u32)
+            let room = b.spare_capacity_mut();
+            opcode::Recv::new(fd, room.as_mut_ptr().cast(), room.len() as u32)
                 .build()
                 .flags(flags)
         })?;
@@ -170,7 +174,14 @@ impl AsyncRead for UringStream {
                 return Poll::Ready(Ok(()));
             }
             if let Some(id) = rd.op {
-                let (res, buf) = ready!(me.ring.poll_op(id, cx));
+                let (res, mut buf) = ready!(me.ring.poll_op(id, cx));
+                if res > 0 && buf.is_empty() {
+                    let n = (res as usize).min(buf.capacity());
+                    // SAFETY: the receive wrote its first `res` bytes into the buffer's spare
+                    // room (the kernel writes no more than it was given, `capacity`): they
+                    // are initialised
+                    unsafe { buf.set_len(n) };
+                }
                 let rd = &mut me.rd;
                 rd.op = None;
                 rd.buf = buf;
@@ -191,7 +202,7 @@ impl AsyncRead for UringStream {
                 // once: an idle leg's handshake leaves few receives to bring it down; messages
                 // a little larger than the buffer among small ones make it grow and shrink,
                 // which costs an allocation and a receive more per message)
-                if n == rd.buf.len() {
+                if n == rd.buf.capacity() {
                     rd.size = (rd.size * 2).min(MAX_READ);
                 } else if n < rd.size / 8 {
                     rd.size = (rd.size / 2).max(MIN_READ);
@@ -324,6 +335,15 @@ impl Leg {
         }
     }
 
+    /// A connection as the worker got it, on this thread's back end: one the ring accepted
+    /// goes straight onto it, never registered with the runtime's epoll.
+    pub fn accepted(incoming: super::Incoming) -> io::Result<Leg> {
+        match incoming {
+            super::Incoming::Tokio(tcp) => Leg::new(tcp),
+            super::Incoming::Ring(tcp, ring) => Ok(Leg::Uring(UringStream::new(tcp, ring)?)),
+        }
+    }
+
     /// `tcp` on this thread's back end.
     pub fn new(tcp: tokio::net::TcpStream) -> io::Result<Leg> {
         match current() {
@@ -441,7 +461,7 @@ mod tests {
     fn index(s: &UringStream) -> Option<u32> {
         match &s.sock {
             Sock::Fixed(slot) => Some(slot.index),
-            Sock::Fd(_) => None,
+            Sock::Fd(_) | Sock::Listener(_) => None,
         }
     }
 
