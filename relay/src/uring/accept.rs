@@ -1,12 +1,15 @@
-//! Accepting connections through the ring: a worker's listening sockets take their connections
-//! with `IORING_OP_ACCEPT`, so a worker on io_uring makes no `accept` call of its own and
-//! registers no listener or connection with its runtime's epoll: the accepted descriptor goes
-//! straight onto the ring ([`Leg::accepted`](super::Leg::accepted)), into its table.
+//! Accepting connections through the ring: a worker's SSH and RDP listeners take their
+//! connections with `IORING_OP_ACCEPT`, so a worker on io_uring makes no `accept` call of its
+//! own for them and registers neither them nor their connections with its runtime's epoll: an
+//! accepted descriptor goes straight onto the ring ([`Leg::accepted`](super::Leg::accepted)),
+//! into its table where the table has room (pass-through's listeners stay on readiness).
 //!
 //! A [`Listener`] keeps one accept in flight at most, which outlives the future waiting on it
 //! (`accept` can be dropped in a `select!` and called again: the connection the kernel took in
-//! the meantime is the next one returned). A listener dropped with an accept in flight leaves it
-//! to the ring, which closes the connection it brings, if any (`drop_result`).
+//! the meantime is the next one returned), and stays the listener's even when the ring could
+//! not take it at once (the driver submits it). A listener dropped with an accept in flight is
+//! shut down, which ends the accept and takes the socket out of its `SO_REUSEPORT` group at
+//! once; a connection the accept took just before is closed by the ring (`drop_result`).
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
@@ -147,8 +150,9 @@ impl UringListener {
 impl Drop for UringListener {
     fn drop(&mut self) {
         if let Some(id) = self.op.take() {
-            // the ring keeps the listener open until the accept completes, and closes the
-            // connection it brings
+            // the accept holds the socket open until it completes: shut it down so that it
+            // completes now and no connection goes to a listener nobody serves
+            self.ring.shut(&self.sock, std::net::Shutdown::Read);
             self.ring.forget(id);
         }
     }
@@ -166,7 +170,8 @@ fn peer_addr(buf: &[u8]) -> Option<SocketAddr> {
             Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
         }
         nix::libc::AF_INET6 => {
-            let flow = u32::from_be_bytes(a.get(4..8)?.try_into().ok()?);
+            // as std and mio read `sin6_flowinfo`: the field's bytes as they are
+            let flow = u32::from_ne_bytes(a.get(4..8)?.try_into().ok()?);
             let ip: [u8; 16] = a.get(8..24)?.try_into().ok()?;
             let scope = u32::from_ne_bytes(a.get(24..28)?.try_into().ok()?);
             Some(SocketAddr::V6(SocketAddrV6::new(
@@ -183,21 +188,21 @@ fn peer_addr(buf: &[u8]) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uring::{Leg, Ring};
+    use crate::uring::stream::tests::{ring, runtime};
+    use crate::uring::Leg;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-    }
-
-    fn ring() -> Arc<Ring> {
-        let r = Ring::with_queues(super::super::SQ_ENTRIES, super::super::CQ_ENTRIES, 64)
-            .expect("io_uring is not allowed on this machine");
-        tokio::spawn(r.clone().drive());
-        r
+    /// A listener on the ring on a loopback port, with an accept in flight that found no
+    /// connection yet (the call that started it gave up waiting), and its address.
+    async fn listener_with_an_accept_waiting(ring: &Arc<Ring>) -> (Listener, SocketAddr) {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = std_listener.local_addr().expect("addr");
+        let mut l =
+            Listener::Uring(UringListener::new(std_listener, ring.clone()).expect("listener"));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), l.accept()).await;
+        assert!(waited.is_err(), "no connection yet");
+        assert_eq!(ring.in_flight(), 1, "the accept stays in flight");
+        (l, addr)
     }
 
     /// Connections to a listener on the ring come with their peer's address (IPv4 and IPv6),
@@ -243,14 +248,7 @@ mod tests {
     fn a_dropped_accept_loses_no_connection() {
         runtime().block_on(async {
             let ring = ring();
-            let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = std_listener.local_addr().expect("addr");
-            let mut l =
-                Listener::Uring(UringListener::new(std_listener, ring.clone()).expect("listener"));
-            let waited =
-                tokio::time::timeout(std::time::Duration::from_millis(50), l.accept()).await;
-            assert!(waited.is_err(), "no connection yet");
-            assert_eq!(ring.in_flight(), 1, "the accept stays in flight");
+            let (mut l, addr) = listener_with_an_accept_waiting(&ring).await;
             let c = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let (_, peer) = tokio::time::timeout(std::time::Duration::from_secs(5), l.accept())
                 .await
@@ -261,35 +259,27 @@ mod tests {
         });
     }
 
-    /// A listener dropped with an accept in flight: the connection that accept takes is closed
-    /// (its client sees the end), and the operation is freed.
+    /// A listener dropped with an accept in flight stops listening at once: its accept ends
+    /// and is freed, and a client is refused rather than taken by a listener nobody serves.
     #[test]
-    fn a_dropped_listener_closes_what_its_last_accept_takes() {
+    fn a_dropped_listener_stops_listening_at_once() {
         runtime().block_on(async {
             let ring = ring();
-            let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = std_listener.local_addr().expect("addr");
-            let mut l =
-                Listener::Uring(UringListener::new(std_listener, ring.clone()).expect("listener"));
-            let waited =
-                tokio::time::timeout(std::time::Duration::from_millis(50), l.accept()).await;
-            assert!(waited.is_err());
+            let (l, addr) = listener_with_an_accept_waiting(&ring).await;
             drop(l);
-            // the listening socket lives on with the accept: the connection is taken, then closed
-            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let mut b = [0u8; 1];
-            let n = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut b))
-                .await
-                .expect("the client sees the end")
-                .unwrap_or(0);
-            assert_eq!(n, 0);
             tokio::time::timeout(std::time::Duration::from_secs(5), async {
                 while ring.in_flight() > 0 {
                     tokio::task::yield_now().await;
                 }
             })
             .await
-            .expect("the orphaned accept was freed");
+            .expect("the accept ended and was freed");
+            let refused = tokio::net::TcpStream::connect(addr).await;
+            assert_eq!(
+                refused.map(|_| ()).map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionRefused),
+                "nobody listens any more"
+            );
         });
     }
 

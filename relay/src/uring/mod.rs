@@ -422,8 +422,11 @@ impl Ring {
             Sock::Fd(s) => {
                 let _ = s.shutdown(how);
             }
-            // a listener is not shut down: its accepts end with the ring
-            Sock::Listener(_) => {}
+            // a listener leaves the `SO_REUSEPORT` group and its accept in flight ends
+            // (`-EINVAL`); only a dropped `UringListener` asks for this
+            Sock::Listener(l) => {
+                let _ = socket2::SockRef::from(&**l).shutdown(how);
+            }
             Sock::Fixed(_) => {
                 match self.try_start(sock, Vec::new(), |_| shutdown_entry(sock, how), true) {
                     Ok(id) => self.forget(id),
@@ -566,6 +569,14 @@ impl Ring {
             }
         }
         if let Err(e) = g.submit() {
+            if matches!(sock, Sock::Listener(_)) {
+                // an accept stays its listener's: the driver submits it, and the connection it
+                // takes is the listener's next (an orphan would take one and close it)
+                tracing::warn!(error = %e, "io_uring: an accept waits for the ring to take it");
+                drop(g);
+                self.kick.notify_one();
+                return Ok(id);
+            }
             // the entry stays queued (the driver submits it later) with its buffer and socket;
             // nobody waits for its completion now, and the socket is shut down so that it does
             // complete (the stream has no operation to end when it drops)
@@ -576,8 +587,7 @@ impl Ring {
                 Sock::Fd(s) => {
                     let _ = s.shutdown(Shutdown::Both);
                 }
-                // an accept left queued completes when a connection comes, and its connection
-                // is closed then (`drop_result`)
+                // (an accept is not orphaned: returned above)
                 Sock::Listener(_) => {}
                 // the driver sends the shutdown when the ring takes entries again
                 Sock::Fixed(_) if !shutdown => self.defer_shut(sock, Shutdown::Both),

@@ -403,11 +403,12 @@ impl AsyncWrite for Leg {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn runtime() -> tokio::runtime::Runtime {
+    /// A current-thread runtime, as a worker's.
+    pub(in crate::uring) fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -418,7 +419,7 @@ mod tests {
     /// integration tests require; `psm-perf check` says why when it is not).
     /// (With a table whatever the kernel: before 6.13 the relay gives its rings none, but the
     /// kernel has them from 5.19.)
-    fn ring() -> Arc<Ring> {
+    pub(in crate::uring) fn ring() -> Arc<Ring> {
         ring_with_slots(1024)
     }
 

@@ -56,6 +56,10 @@ impl KexAlgorithmImplementor for Curve25519Kex {
                 return Err(crate::Error::Inconsistent);
             }
 
+            // psm patch 12: a payload too short for its length field is refused, not a panic
+            if payload.len() < 5 {
+                return Err(crate::Error::Inconsistent);
+            }
             #[allow(clippy::indexing_slicing)] // length checked
             let pubkey_len = BigEndian::read_u32(&payload[1..]) as usize;
 
@@ -207,6 +211,21 @@ mod tests {
                 kex.server_dh(&mut exchange, &kex_ecdh_init(pubkey)).is_err(),
                 "accepted low-order point {pubkey:02x?}"
             );
+        }
+    }
+
+    /// psm patch 12: a KEX_ECDH_INIT too short to hold its length field is an error.
+    #[test]
+    fn server_dh_refuses_a_short_payload() {
+        for len in 1..5 {
+            let mut kex = Curve25519Kex {
+                local_secret: None,
+                shared_secret: None,
+            };
+            let mut exchange = Exchange::new(b"client", b"server");
+            let mut payload = vec![msg::KEX_ECDH_INIT];
+            payload.resize(len, 0);
+            assert!(kex.server_dh(&mut exchange, &payload).is_err());
         }
     }
 

@@ -68,6 +68,10 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
             return Err(Error::Inconsistent);
         }
 
+        // psm patch 12: a payload too short for its length field is refused, not a panic
+        if payload.len() < 5 {
+            return Err(crate::Error::Inconsistent);
+        }
         #[allow(clippy::indexing_slicing)]
         let c_init_len = BigEndian::read_u32(&payload[1..]) as usize;
 
@@ -131,9 +135,11 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
         msg::KEX_HYBRID_INIT.encode(writer)?;
         client_ephemeral.as_slice().encode(writer)?;
 
+        let mut mlkem_sk = mlkem_sk;
         let mut secret = Box::new(MlKem768PrivateBytes::new([0; MLKEM768_PRIVATE_KEY_SIZE]));
         secret.copy_from_slice(mlkem_sk.as_slice());
-        zeroize::Zeroize::zeroize(&mut <[u8; MLKEM768_PRIVATE_KEY_SIZE]>::from(mlkem_sk));
+        // the key's own bytes, wiped where they are (libcrux's types do not zero themselves)
+        zeroize::Zeroize::zeroize(&mut mlkem_sk[0..]);
         self.mlkem_secret = Some(secret);
         self.x25519_secret = Some(x25519_secret);
 
@@ -153,9 +159,9 @@ impl KexAlgorithmImplementor for MlKem768X25519Kex {
         let s_ct2 = MlKem768Ciphertext::try_from(s_ct2_bytes).map_err(|_| Error::KexInit)?;
 
         let mlkem_secret = self.mlkem_secret.take().ok_or(Error::KexInit)?;
-        let mlkem_secret = MlKem768PrivateKey::from(&**mlkem_secret);
+        let mut mlkem_secret = MlKem768PrivateKey::from(&**mlkem_secret);
         let k_pq_shared_secret = mlkem768::decapsulate(&mlkem_secret, &s_ct2);
-        zeroize::Zeroize::zeroize(&mut <[u8; MLKEM768_PRIVATE_KEY_SIZE]>::from(mlkem_secret));
+        zeroize::Zeroize::zeroize(&mut mlkem_secret[0..]);
 
         let x25519_secret = self.x25519_secret.take().ok_or(Error::KexInit)?;
         let k_cl = x25519_secret.agree(s_pk1_bytes).inspect_err(|_| {
@@ -411,6 +417,23 @@ mod tests {
         let result = server_kex.server_dh(&mut exchange, &invalid_init);
 
         assert!(result.is_err(), "Should reject invalid C_INIT length");
+    }
+
+    /// psm patch 12: a KEX_HYBRID_INIT too short to hold its length field is an error.
+    #[test]
+    fn test_mlkem768x25519_short_init() {
+        for len in 1..5 {
+            let mut server_kex = MlKem768X25519Kex {
+                mlkem_secret: None,
+                x25519_secret: None,
+                k_pq: None,
+                k_cl: None,
+            };
+            let mut init = vec![msg::KEX_HYBRID_INIT];
+            init.resize(len, 0);
+            let mut exchange = Exchange::default();
+            assert!(server_kex.server_dh(&mut exchange, &init).is_err());
+        }
     }
 
     #[test]

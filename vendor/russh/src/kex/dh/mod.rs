@@ -171,6 +171,10 @@ impl<D: Digest> KexAlgorithmImplementor for DhGroupKex<D> {
                 return Err(Error::Inconsistent);
             }
 
+            // psm patch 12: a payload too short for its length field is refused, not a panic
+            if payload.len() < 5 {
+                return Err(crate::Error::Inconsistent);
+            }
             #[allow(clippy::indexing_slicing)] // length checked
             let pubkey_len = BigEndian::read_u32(&payload[1..]) as usize;
 
