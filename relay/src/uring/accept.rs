@@ -226,6 +226,11 @@ mod tests {
                     let (incoming, peer) = a.expect("accept");
                     assert_eq!(peer, c.local_addr().expect("client addr"), "{bind}");
                     assert!(matches!(incoming, Incoming::Ring(..)));
+                    // the leg takes it as it is: in blocking mode, as the ring's operations
+                    // need (the accept asks for no `SOCK_NONBLOCK`)
+                    let flags = nix::fcntl::fcntl(&incoming, nix::fcntl::FcntlArg::F_GETFL)
+                        .expect("F_GETFL");
+                    assert_eq!(flags & nix::libc::O_NONBLOCK, 0, "{bind}");
                     let mut leg = Leg::accepted(incoming).expect("leg");
                     assert!(matches!(leg, Leg::Uring(_)));
                     c.write_all(&[round; 3]).await.expect("write");

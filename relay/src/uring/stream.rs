@@ -53,7 +53,13 @@ impl UringStream {
     /// and waits on its own).
     pub fn new(sock: std::net::TcpStream, ring: Arc<Ring>) -> io::Result<UringStream> {
         sock.set_nonblocking(false)?;
-        Ok(UringStream {
+        Ok(UringStream::blocking(sock, ring))
+    }
+
+    /// [`UringStream::new`] for a socket already in blocking mode (one the ring accepted:
+    /// its accept asks for no `SOCK_NONBLOCK`), without the system call that would set it so.
+    fn blocking(sock: std::net::TcpStream, ring: Arc<Ring>) -> UringStream {
+        UringStream {
             sock: ring.adopt(sock),
             ring,
             rd: ReadSide {
@@ -72,7 +78,7 @@ impl UringStream {
                 shut_done: false,
             },
             progress: None,
-        })
+        }
     }
 
     fn start_recv(&mut self) -> io::Result<()> {
@@ -340,7 +346,7 @@ impl Leg {
     pub fn accepted(incoming: super::Incoming) -> io::Result<Leg> {
         match incoming {
             super::Incoming::Tokio(tcp) => Leg::new(tcp),
-            super::Incoming::Ring(tcp, ring) => Ok(Leg::Uring(UringStream::new(tcp, ring)?)),
+            super::Incoming::Ring(tcp, ring) => Ok(Leg::Uring(UringStream::blocking(tcp, ring))),
         }
     }
 
