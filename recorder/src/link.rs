@@ -38,7 +38,8 @@ pub(crate) struct Link {
     /// Where [`Reply`]s go (the same socket, written by this thread only).
     pub(crate) replies: UnixStream,
     /// Set when a reply could not be sent: the relay no longer hears about its streams, so the
-    /// link is closed and the relay ends every session recorded on it (fail closed).
+    /// link is closed (once what the relay already sent is recorded, [`Link::hang_up`]) and
+    /// the relay ends every session recorded on it (fail closed).
     pub(crate) deaf: Option<String>,
     /// Signs the trailers, encrypts the recordings when there is a recording key, counts.
     pub(crate) keys: Arc<Keys>,
@@ -122,14 +123,13 @@ impl Link {
     }
 
     pub(crate) fn serve_link(mut self, mut stream: UnixStream, stop: &AtomicBool) {
-        let mut buf = vec![0u8; RECV_BUFFER];
-        let (mut start, mut end) = (0usize, 0usize);
+        let mut rx = Received::new();
         let mut next_sweep = Instant::now() + TICK;
         let reason = loop {
             if stop.load(Ordering::SeqCst) {
                 break REASON_SHUTDOWN;
             }
-            match stream.read(&mut buf[end..]) {
+            match rx.read(&mut stream) {
                 Ok(0) => {
                     if stop.load(Ordering::SeqCst) {
                         break REASON_SHUTDOWN;
@@ -141,26 +141,14 @@ impl Link {
                     );
                     break REASON_LINK_LOST;
                 }
-                Ok(n) => {
-                    end += n;
-                    match self.handle_frames(&buf[start..end]) {
-                        Ok(used) => start += used,
-                        Err(e) => {
-                            error!(link = self.id, error = %e, "malformed frame, dropping relay connection");
-                            break REASON_LINK_LOST;
-                        }
-                    }
-                    if let Some(why) = self.deaf.take() {
-                        error!(link = self.id, error = %why, "dropping the relay connection");
+                Ok(_) => {
+                    if let Err(e) = self.take_frames(&mut rx) {
+                        error!(link = self.id, error = %e, "malformed frame, dropping relay connection");
                         break REASON_LINK_LOST;
                     }
-                    if start == end {
-                        start = 0;
-                        end = 0;
-                    } else if buf.len() - end < MIN_READ {
-                        buf.copy_within(start..end, 0);
-                        end -= start;
-                        start = 0;
+                    if self.deaf.is_some() {
+                        self.hang_up(&mut stream, &mut rx);
+                        break REASON_LINK_LOST;
                     }
                 }
                 Err(e)
@@ -179,14 +167,46 @@ impl Link {
             if now >= next_sweep {
                 self.flush_due(now);
                 next_sweep = now + TICK;
-                if let Some(why) = self.deaf.take() {
-                    error!(link = self.id, error = %why, "dropping the relay connection");
+                if self.deaf.is_some() {
+                    self.hang_up(&mut stream, &mut rx);
                     break REASON_LINK_LOST;
                 }
             }
         };
         let _ = stream.shutdown(std::net::Shutdown::Both);
         self.close_all(reason);
+    }
+
+    /// Handles the complete frames `rx` holds and takes them out of it.
+    fn take_frames(&mut self, rx: &mut Received) -> Result<(), FormatError> {
+        let used = self.handle_frames(rx.pending())?;
+        rx.consume(used);
+        Ok(())
+    }
+
+    /// A reply could not be sent ([`Link::deaf`]): the link ends. What the relay sent before is
+    /// recorded first, as far as it is already on the socket: a relay that died (its end
+    /// closed, the usual reason a reply cannot go) sent every frame it wrote, and a read that
+    /// would wait finds nothing more of it. Bounded by [`DRAIN_MAX`] bytes, against a relay
+    /// that still writes but no longer reads.
+    fn hang_up(&mut self, stream: &mut UnixStream, rx: &mut Received) {
+        // (kept: replies to what is drained are not tried)
+        let why = self.deaf.clone().unwrap_or_default();
+        error!(link = self.id, error = %why, "dropping the relay connection");
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let mut left = DRAIN_MAX;
+        while left > 0 {
+            match rx.read(stream) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+            if let Err(e) = self.take_frames(rx) {
+                error!(link = self.id, error = %e, "malformed frame after the link went deaf");
+                return;
+            }
+        }
     }
 
     pub(crate) fn open_count(&self) -> usize {
@@ -543,5 +563,179 @@ impl Link {
                 error!(link = self.id, stream, recording_id = %id, error = %e, "cannot finish recording");
             }
         }
+    }
+}
+
+/// Bytes a link reads after a reply failed, at most ([`Link::hang_up`]): more than a relay
+/// can have queued on the socket (its send and the recorder's receive buffers).
+const DRAIN_MAX: usize = RECV_BUFFER;
+
+/// A link's receive buffer: `buf[start..end]` is read and not yet handled (the front of a
+/// frame still coming).
+struct Received {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Received {
+    fn new() -> Self {
+        Received {
+            buf: vec![0u8; RECV_BUFFER],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// One read from `stream` behind what is pending; the bytes read (0: end of stream).
+    fn read(&mut self, stream: &mut impl Read) -> io::Result<usize> {
+        let n = stream.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// `used` bytes at the front were handled. The rest (a frame cut short) moves to the front
+    /// when the room behind it is short of [`MIN_READ`], so a read always has room: the buffer
+    /// holds a largest frame twice.
+    fn consume(&mut self, used: usize) {
+        self.start += used;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.buf.len() - self.end < MIN_READ {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use psm_recorder_format::file::RecordingReader;
+    use psm_recorder_format::Direction;
+
+    fn link(dir: &std::path::Path, replies: UnixStream) -> Link {
+        let keys = Arc::new(Keys {
+            evidence: EvidenceKey::generate().expect("evidence key").0,
+            encryption: Encryption::default(),
+            stats: Arc::new(Stats::default()),
+        });
+        let indexer = Indexer::start(dir).expect("indexer");
+        Link::new(1, dir.to_path_buf(), replies, keys, indexer)
+    }
+
+    fn meta(id: &str) -> RecordingMeta {
+        RecordingMeta {
+            protocol: String::new(),
+            recording_id: id.into(),
+            session_id: format!("session-{id}"),
+            user: "alice".into(),
+            target: "db1".into(),
+            account: "root".into(),
+            source: "192.0.2.7:40000".into(),
+            start_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn output(path: &std::path::Path) -> (Vec<u8>, String) {
+        let f = fs::File::open(path).expect("recording");
+        let mut reader = RecordingReader::open(f).expect("open");
+        let (mut out, mut reason) = (Vec::new(), String::new());
+        while let Some(r) = reader.next_record().expect("record") {
+            match r {
+                Record::Data { data, .. } => out.extend_from_slice(&data),
+                Record::Close { summary, .. } => reason = summary.reason,
+                _ => {}
+            }
+        }
+        (out, reason)
+    }
+
+    /// The relay sent a session's opening and its bytes, then died; the recorder read the
+    /// opening and only the front of the bytes before its answer to the opening found the
+    /// relay gone. The rest, already on the socket, is still recorded (a flake of
+    /// `dropped_connection_closes_its_streams` in CI: the recording held no output).
+    #[test]
+    fn a_relay_gone_before_its_answer_keeps_what_it_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (replies, gone) = UnixStream::pair().expect("pair");
+        drop(gone);
+        let mut link = link(dir.path(), replies);
+        let (mut relay, mut recorder) = UnixStream::pair().expect("pair");
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut wire = Vec::new();
+        Frame::Open {
+            stream: 9,
+            meta: meta("gone"),
+        }
+        .encode(&mut wire);
+        let opened = wire.len();
+        Frame::Data {
+            stream: 9,
+            ts_us: 1_000,
+            channel: 0,
+            direction: Direction::Output,
+            data: Bytes::from(bytes.clone()),
+        }
+        .encode(&mut wire);
+
+        // the loop's first read: the opening and the front of the bytes
+        let cut = opened + 5_000;
+        relay.write_all(&wire[..cut]).expect("front");
+        let mut rx = Received::new();
+        assert_eq!(rx.read(&mut recorder).expect("read"), cut);
+        link.take_frames(&mut rx).expect("frames");
+        assert!(link.deaf.is_some(), "the answer to the opening failed");
+        // the rest was sent before the relay died
+        relay.write_all(&wire[cut..]).expect("rest");
+        drop(relay);
+
+        link.hang_up(&mut recorder, &mut rx);
+        link.close_all(REASON_LINK_LOST);
+        let (out, reason) = output(&file::path_for(dir.path(), "gone").expect("path"));
+        assert_eq!(out, bytes);
+        assert_eq!(reason, REASON_LINK_LOST);
+    }
+
+    /// A relay that still writes but no longer reads is not read on: the drain stops at the
+    /// first read that would wait.
+    #[test]
+    fn a_deaf_link_reads_only_what_is_queued() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (replies, gone) = UnixStream::pair().expect("pair");
+        drop(gone);
+        let mut link = link(dir.path(), replies);
+        let (mut relay, mut recorder) = UnixStream::pair().expect("pair");
+        let mut wire = Vec::new();
+        Frame::Open {
+            stream: 3,
+            meta: meta("deaf"),
+        }
+        .encode(&mut wire);
+        relay.write_all(&wire).expect("open");
+        let mut rx = Received::new();
+        rx.read(&mut recorder).expect("read");
+        link.take_frames(&mut rx).expect("frames");
+        assert!(link.deaf.is_some());
+        // the relay is alive and sends nothing more: the drain returns at once (a read that
+        // waited would take the 30 s the socket allows it)
+        recorder
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("timeout");
+        let started = Instant::now();
+        link.hang_up(&mut recorder, &mut rx);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        link.close_all(REASON_LINK_LOST);
+        let (out, reason) = output(&file::path_for(dir.path(), "deaf").expect("path"));
+        assert!(out.is_empty());
+        assert_eq!(reason, REASON_LINK_LOST);
+        drop(relay);
     }
 }
