@@ -1,6 +1,6 @@
 //! `psm-perf bench --quick`: every path of the operators' bench works on this machine (direct,
 //! through psm with recording on and off, through an OpenSSH jump host, the OpenSSH client
-//! straight to sshd, TCP pass-through): small sizes, no timing asserts.
+//! straight to sshd, TCP pass-through, echo through socat): small sizes, no timing asserts.
 
 use std::process::Command;
 use std::time::Duration;
@@ -98,6 +98,9 @@ fn psm_perf_bench_quick_runs_every_path() {
     for route in ["direct", "psm", "socat"] {
         assert!(tcp[route].as_f64().is_some_and(|v| v > 0.0), "{tcp}");
     }
+    // echo through socat in front of the target: the hop of a bare forwarder
+    let echo = row("echo p50");
+    assert!(echo["socat"].as_f64().is_some_and(|v| v > 0.0), "{echo}");
     let idle = row("idle 20: slowest echo");
     assert!(idle["psm"].as_f64().is_some_and(|v| v > 0.0), "{idle}");
     // the relay's memory was read (20 sessions may fit in what it already holds: >= 0)

@@ -85,7 +85,7 @@ pub fn run(o: &Opts, json_out: bool) -> anyhow::Result<()> {
                 sessions(&world, o, &mut rows).await;
             }
             if o.runs("echo") {
-                echo(&world, o, &mut rows).await;
+                echo(&world, o, &mut rows, &mut notes).await;
             }
             if o.runs("idle") {
                 idle(&world, o, &mut rows).await;

@@ -39,7 +39,7 @@ impl Row {
         }
         self.values.insert(route, v);
     }
-    fn get(&self, route: &str) -> Option<f64> {
+    pub(super) fn get(&self, route: &str) -> Option<f64> {
         self.values
             .get(route)
             .and_then(|v| v.as_ref().ok().copied())
