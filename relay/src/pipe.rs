@@ -431,6 +431,79 @@ pub(crate) async fn write_target(
     }
 }
 
+/// Bytes one read from a `tcp` target's connection takes at most.
+const TCP_READ: usize = 64 * 1024;
+
+/// Relay -> a `tcp` target's connection (a local forward on its login): writes the up queue
+/// to the socket; the user's EOF shuts its sending side, the close ends it.
+pub(crate) async fn write_tcp(
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    flow: Arc<Flow>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    while let Some(item) = rx.recv().await {
+        let n = item.len();
+        let r = match item {
+            Item::Data(d) => w.write_all(&d).await,
+            Item::Eof => w.shutdown().await,
+            Item::Close => return,
+            _ => Ok(()),
+        };
+        flow.up_written(n);
+        if r.is_err() {
+            return;
+        }
+    }
+}
+
+/// A `tcp` target's connection -> relay: its bytes into the down queue, recorded as output
+/// like any channel's; its end becomes the channel's EOF and close (a reset: the close).
+pub(crate) async fn read_tcp(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    tx: mpsc::UnboundedSender<Item>,
+    flow: Arc<Flow>,
+    shared: Arc<Shared>,
+    rec: Option<RecordingStream>,
+    ch: u32,
+) {
+    use tokio::io::AsyncReadExt as _;
+    let user_closed = flow.until_user_closed();
+    tokio::pin!(user_closed);
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        tokio::select! {
+            _ = flow.down_ready() => {}
+            _ = tx.closed() => return,
+        }
+        if buf.capacity() < TCP_READ / 4 {
+            buf = bytes::BytesMut::with_capacity(TCP_READ);
+        }
+        let read = tokio::select! {
+            r = r.read_buf(&mut buf) => r,
+            () = &mut user_closed => {
+                let _ = tx.send(Item::Close);
+                return;
+            }
+        };
+        let items = match read {
+            Ok(0) => vec![Item::Eof, Item::Close],
+            Ok(_) => vec![Item::Data(buf.split().freeze())],
+            Err(_) => vec![Item::Close],
+        };
+        for item in items {
+            if !record_down(rec.as_ref(), ch, &item).await {
+                return;
+            }
+            account_down(&shared, &flow, &item, false);
+            let close = matches!(item, Item::Close);
+            if tx.send(item).is_err() || close {
+                return;
+            }
+        }
+    }
+}
+
 /// How long the target reader waits for russh to say how a connection that vanished was lost.
 const LOSS_WAIT: Duration = Duration::from_secs(2);
 

@@ -51,6 +51,7 @@ mod requests;
 mod reverse;
 mod shared;
 pub(crate) mod tap;
+mod tcp_forward;
 
 pub use lifecycle::handle_connection;
 pub use login::MAX_REASON;
@@ -224,6 +225,8 @@ enum Chan {
     },
     /// A lease of a `tcp` target: the line its shell or exec request answers with.
     Lease(String),
+    /// A local forward relayed to a `tcp` target's own connection.
+    Forwarding,
     /// Finished or failed.
     Done,
 }
@@ -459,6 +462,11 @@ impl russh::server::Handler for Conn {
             orig_port: originator_port,
         };
         let destination = crate::escape_short(&format!("{host}:{port}"));
+        if self.login_is_tcp() {
+            Box::pin(self.tcp_forward(&user, channel, &open, destination, reply, session.handle()))
+                .await;
+            return Ok(());
+        }
         match Box::pin(self.broker(&user, &open, session.handle())).await {
             Ok(b) => {
                 let id = channel.id();

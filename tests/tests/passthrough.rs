@@ -370,3 +370,154 @@ fn a_lease_relays_at_most_its_cap_of_connections_at_once() {
     assert_eq!(echo_transfer(connect_from("127.0.0.1", port), 7, MIB), MIB);
     drop(lease);
 }
+
+/// A `tcp` target through an SSH local forward on its login (`ssh -N -L LOCAL:db01:PORT
+/// alice@tcp@db01`): the grant allows `forward-local` (and, as every grant of a tcp target,
+/// `--unrecorded-tcp`); psm dials the target itself. The bytes come back intact, the forward is
+/// one `forward` event with them, the session's recording holds them (they crossed psm inside
+/// SSH), a forward to anything but the target is refused, and a kill cuts the forward.
+#[test]
+fn a_tcp_target_through_an_ssh_local_forward_is_relayed_recorded_audited_and_killed() {
+    let w = World::new();
+    let echo = echo_server(8);
+    let (_port, _listen) = tcp_target(&w, echo);
+    w.psm.psmctl_ok(
+        &[
+            "grant",
+            "add",
+            "alice",
+            "tcp@db01",
+            "--unrecorded-tcp",
+            "--allow",
+            "forward-local",
+        ],
+        None,
+    );
+    w.psm.wait_policy_applied();
+    // the other forward names a port on the relay's host that is not the target
+    let elsewhere = echo_server(1);
+    let (local, stray) = (free_port(), free_port());
+    let mark = w.psm.audit_mark();
+    let mut ssh = w.ssh_with(
+        &[
+            "-N",
+            "-L",
+            &format!("{local}:db01:{echo}"),
+            "-L",
+            &format!("{stray}:127.0.0.1:{elsewhere}"),
+        ],
+        "alice@tcp@db01",
+        &w.alice_key,
+    );
+    let mut ssh = ssh
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    assert!(
+        wait_for(Duration::from_secs(15), || port_open(local)),
+        "ssh listens on its forward's port"
+    );
+
+    // 32 MiB each way, every byte checked
+    let len = 32 * MIB;
+    let s = TcpStream::connect(("127.0.0.1", local)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    assert_eq!(echo_transfer(s, 4, len), len, "the whole echo came back");
+    let f = w
+        .psm
+        .wait_audit_after(mark, "the forward", Duration::from_secs(15), |e| {
+            // (ssh's port was probed first: that forward moved nothing)
+            jstr(e, "event") == "forward"
+                && jstr(e, "kind") == "local"
+                && e["bytes_up"].as_u64() == Some(len)
+        });
+    assert_eq!(jstr(&f, "destination"), format!("db01:{echo}"), "{f}");
+    assert_eq!(jstr(&f, "user"), "alice");
+    assert_eq!(jstr(&f, "target"), "db01");
+    assert_eq!(
+        (f["bytes_up"].as_u64(), f["bytes_down"].as_u64()),
+        (Some(len), Some(len)),
+        "{f}"
+    );
+    let session = jstr(&f, "session_id").to_string();
+    let start = w
+        .psm
+        .wait_audit_after(mark, "session_start", Duration::from_secs(10), |e| {
+            jstr(e, "event") == "session_start" && jstr(e, "session_id") == session
+        });
+    assert_eq!(jstr(&start, "account"), "tcp");
+    let recording = jstr(&start, "recording_id").to_string();
+    assert!(!recording.is_empty(), "the session is recorded: {start}");
+
+    // a forward to anything but the target is refused, and audited
+    let mut s = TcpStream::connect(("127.0.0.1", stray)).expect("connect to ssh's port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let _ = s.write_all(b"hello?\n");
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(s.read(&mut buf), Ok(0) | Err(_)),
+        "the refused forward carried nothing"
+    );
+    let d = w
+        .psm
+        .wait_audit_after(mark, "forward refused", Duration::from_secs(10), |e| {
+            jstr(e, "reason_code") == "forward_not_allowed"
+        });
+    assert_eq!(jstr(&d, "side"), "policy", "{d}");
+    assert!(jstr(&d, "reason").contains("db01"), "{d}");
+
+    // a kill cuts a forward in flight within a second or two
+    let s = TcpStream::connect(("127.0.0.1", local)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let probe = s.try_clone().expect("clone");
+    let transfer = std::thread::spawn(move || echo_transfer(s, 5, 4096 * MIB));
+    let mut one = [0u8; 1];
+    probe.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    assert_eq!(
+        probe.peek(&mut one).map_err(|e| e.kind()),
+        Ok(1),
+        "an echo came back"
+    );
+    let killed = Instant::now();
+    w.psm.psmctl_ok(
+        &["sessions", "kill", &session, "--reason", "incident 10"],
+        None,
+    );
+    let moved = transfer.join().expect("transfer");
+    let took = killed.elapsed();
+    assert!(
+        moved > 0 && moved < 4096 * MIB,
+        "the transfer ran ({moved} bytes) and was cut, not finished"
+    );
+    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end", Duration::from_secs(15), |e| {
+            jstr(e, "event") == "session_end" && jstr(e, "session_id") == session
+        });
+    assert_eq!(jstr(&end, "side"), "operator", "{end}");
+    assert!(
+        wait_child(&mut ssh, Duration::from_secs(10)).is_some(),
+        "ssh ends with its session"
+    );
+
+    // the recording holds the first transfer both ways (and the start of the cut one)
+    let (data, err) = w.psm.recorded_data(&recording);
+    assert!(err.is_none(), "{err:?}");
+    let sum = |d: psm_recorder_format::Direction| -> u64 {
+        data.iter()
+            .filter(|(x, _)| *x == d)
+            .map(|(_, n)| *n as u64)
+            .sum()
+    };
+    assert!(
+        sum(psm_recorder_format::Direction::Input) >= len
+            && sum(psm_recorder_format::Direction::Output) >= len,
+        "recorded {} in, {} out",
+        sum(psm_recorder_format::Direction::Input),
+        sum(psm_recorder_format::Direction::Output)
+    );
+    w.assert_all_sessions_ended();
+}

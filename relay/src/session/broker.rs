@@ -365,17 +365,36 @@ impl Conn {
                 ),
             ));
         }
-        if target.protocol == psm_control_api::Protocol::Tcp && !matches!(open, Open::Session) {
+        if target.protocol == psm_control_api::Protocol::Tcp {
             let t = &target.name;
-            return Err(self.deny(
-                user,
-                Refusal::new(
-                    Side::Client,
-                    "lease_only",
-                    format!("{t} is a tcp target: only a lease (a session channel) opens there"),
-                    format!("psm: {t} is a tcp target: hold a lease with ssh <user>@{}@{t}@<gateway> and connect to its psm port", psm_control_api::TCP_ACCOUNT),
-                ),
-            ));
+            match open {
+                Open::Session => {}
+                Open::DirectTcpip { host, port, .. } => {
+                    if !tcp_forward::names_target(&target, host, *port) {
+                        let to = crate::escape_short(&format!("{host}:{port}"));
+                        return Err(self.deny(
+                            user,
+                            Refusal::new(
+                                Side::Policy,
+                                "forward_not_allowed",
+                                format!("local forward to {to} on tcp target {t}, which forwards reach only at itself ({})", target.address),
+                                format!("psm: {t} is a tcp target: a local forward reaches only {t} at its port"),
+                            ),
+                        ));
+                    }
+                }
+                Open::RemoteForward { .. } => {
+                    return Err(self.deny(
+                        user,
+                        Refusal::new(
+                            Side::Client,
+                            "lease_only",
+                            format!("{t} is a tcp target: only a lease (a session channel) or a local forward to it opens there"),
+                            format!("psm: {t} is a tcp target: hold a lease with ssh <user>@{}@{t}@<gateway> and connect to its psm port, or forward to it with ssh -L", psm_control_api::TCP_ACCOUNT),
+                        ),
+                    ));
+                }
+            }
         }
         if let Open::DirectTcpip { host, port, .. } = open {
             if !self.conditions.forward_allowed(host, *port) {
@@ -643,9 +662,7 @@ impl Conn {
                 down_r,
                 down_w,
                 before,
-                up,
-                early,
-                loss,
+                up: relay::Up::Channel { up, early, loss },
                 gate: gate.clone(),
                 forward,
                 dedicated: Some(target),
@@ -653,7 +670,9 @@ impl Conn {
             },
         )
         .await;
-        self.channels.insert(channel, Chan::Running { up_w, gate });
+        if let Some(up_w) = up_w {
+            self.channels.insert(channel, Chan::Running { up_w, gate });
+        }
     }
 
     /// Delivers a denial on a channel: the message on stderr, exit status 255, close.

@@ -1,7 +1,9 @@
 //! Relaying one channel between the two legs: the four tasks of `pipe` joined by a [`Flow`],
 //! what arrived before the start replayed first, and the channel's end (its `forward` audit
 //! event, its dedicated target connection closed, the handler told to forget it). Used for the
-//! channels the user opens and for those psm opens toward the user (remote forwards, the agent).
+//! channels the user opens and for those psm opens toward the user (remote forwards, the agent);
+//! the target's side is a channel on its SSH connection, or a `tcp` target's own TCP connection
+//! (a local forward on its login, `session::tcp_forward`).
 
 use super::*;
 use futures_util::FutureExt;
@@ -17,11 +19,8 @@ pub(super) struct Relaying {
     pub(super) down_w: ChannelWriteHalf<Msg>,
     /// What the user sent before the start.
     pub(super) before: Vec<Early>,
-    /// The target-side channel.
-    pub(super) up: Channel<russh::client::Msg>,
-    /// What the target sent while psm waited for its answer to a request.
-    pub(super) early: Vec<ChannelMsg>,
-    pub(super) loss: LossWatch,
+    /// The target's side.
+    pub(super) up: Up,
     /// Command control of a shell.
     pub(super) gate: Option<Arc<crate::commands::Gate>>,
     /// A forward: audited as one `forward` event when it ends.
@@ -33,11 +32,25 @@ pub(super) struct Relaying {
     pub(super) tap: Option<Arc<tap::Tap>>,
 }
 
-/// Starts relaying; returns the target channel's write half (for window changes and signals).
+/// The target's side of a relayed channel.
+pub(super) enum Up {
+    /// A channel on the target's SSH connection.
+    Channel {
+        up: Channel<russh::client::Msg>,
+        /// What the target sent while psm waited for its answer to a request.
+        early: Vec<ChannelMsg>,
+        loss: LossWatch,
+    },
+    /// A `tcp` target's own connection, which the channel's end closes.
+    Tcp(tokio::net::TcpStream),
+}
+
+/// Starts relaying; returns the target channel's write half (for window changes and signals),
+/// None for a `tcp` target's connection.
 pub(super) async fn spawn(
     shared: &Arc<Shared>,
     r: Relaying,
-) -> Arc<ChannelWriteHalf<russh::client::Msg>> {
+) -> Option<Arc<ChannelWriteHalf<russh::client::Msg>>> {
     let Relaying {
         channel,
         handle,
@@ -45,15 +58,25 @@ pub(super) async fn spawn(
         down_w,
         before,
         up,
-        early,
-        loss,
         gate,
         forward,
         dedicated,
         tap,
     } = r;
-    let (up_r, up_w) = up.split();
-    let up_w = Arc::new(up_w);
+    // a channel psm opened toward the user (a remote forward's connection, the agent) has
+    // neither a target connection of its own nor a `tcp` target's
+    let reverse = dedicated.is_none() && matches!(up, Up::Channel { .. });
+    let (early, up) = match up {
+        Up::Channel { up, early, loss } => (
+            early,
+            Up::Channel {
+                up,
+                early: Vec::new(),
+                loss,
+            },
+        ),
+        tcp @ Up::Tcp(_) => (Vec::new(), tcp),
+    };
     let flow = Flow::counted(shared.bytes.worker().clone());
     let rec = shared.recording();
     let ch: u32 = channel.into();
@@ -113,25 +136,44 @@ pub(super) async fn spawn(
             forward.is_none(),
         ),
     ));
-    tokio::spawn(until_over(
-        shared,
-        write_target(up_rx, up_w.clone(), flow.clone()),
-    ));
-    tokio::spawn(until_over(
-        shared,
-        read_target(
-            up_r,
-            down_tx,
-            flow.clone(),
-            shared.clone(),
-            rec,
-            ch,
-            loss,
-            gate,
-            forward.is_none(),
-            tap.clone(),
-        ),
-    ));
+    let up_w = match up {
+        Up::Channel { up, loss, .. } => {
+            let (up_r, up_w) = up.split();
+            let up_w = Arc::new(up_w);
+            tokio::spawn(until_over(
+                shared,
+                write_target(up_rx, up_w.clone(), flow.clone()),
+            ));
+            tokio::spawn(until_over(
+                shared,
+                read_target(
+                    up_r,
+                    down_tx,
+                    flow.clone(),
+                    shared.clone(),
+                    rec,
+                    ch,
+                    loss,
+                    gate,
+                    forward.is_none(),
+                    tap.clone(),
+                ),
+            ));
+            Some(up_w)
+        }
+        Up::Tcp(stream) => {
+            let (tcp_r, tcp_w) = stream.into_split();
+            tokio::spawn(until_over(
+                shared,
+                crate::pipe::write_tcp(up_rx, tcp_w, flow.clone()),
+            ));
+            tokio::spawn(until_over(
+                shared,
+                crate::pipe::read_tcp(tcp_r, down_tx, flow.clone(), shared.clone(), rec, ch),
+            ));
+            None
+        }
+    };
     if tracing::enabled!(tracing::Level::DEBUG) {
         let flow = flow.clone();
         let sid = shared.session_id.clone();
@@ -145,7 +187,6 @@ pub(super) async fn spawn(
             }
         });
     }
-    let reverse = dedicated.is_none();
     // a channel the user opened gets the end-of-session line on its stderr
     if !reverse {
         shared.with(|s| s.running.push(channel));
