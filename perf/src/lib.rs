@@ -400,6 +400,24 @@ pub fn check_io_uring(host: &dyn Host, relay: Option<&Relay>) -> Check {
         "relay_rings": rings.and_then(|(_, n)| n),
     });
     match (probe, rings) {
+        // a worker on io_uring holds one ring, one descriptor: fewer rings than workers is a
+        // worker that fell back to epoll (its ring refused: a limit, memory, a filter)
+        (_, Some((r, Some(n)))) if n > 0 && n < r.workers.len() => Check::warn(
+            NAME,
+            value,
+            format!(
+                "psm-relay (pid {}) holds {n} io_uring instances for {} workers: {} of its \
+                 workers fell back to epoll",
+                r.pid,
+                r.workers.len(),
+                r.workers.len() - n
+            ),
+            Some(
+                "read the relay's log (\"io_uring unavailable; worker falls back to epoll\", \
+                 with its worker and the error); start it with --io uring to make that an error"
+                    .into(),
+            ),
+        ),
         // what the relay holds says more than this process's own probe
         (probe, Some((r, Some(n)))) if n > 0 => {
             let here = match probe {
@@ -410,9 +428,8 @@ pub fn check_io_uring(host: &dyn Host, relay: Option<&Relay>) -> Check {
                 NAME,
                 value,
                 format!(
-                    "psm-relay (pid {}) holds io_uring instances ({n} descriptors): its workers \
-                     use io_uring{here}; a worker that could not set one up says so in the \
-                     relay's log",
+                    "psm-relay (pid {}) holds {n} io_uring instances: its workers use \
+                     io_uring{here}, one ring each",
                     r.pid
                 ),
             )
@@ -1243,6 +1260,16 @@ Max locked memory         8388608              8388608              bytes
         let (w, _) = check(&["0", "0-3", "2", "3"], 4, 4);
         assert!(w.message.contains("partly pinned"), "{w:?}");
         assert_eq!(w.status, Status::Warn);
+        // one worker of four fell back to epoll (three rings)
+        let (_, u) = check(&["0", "1", "2", "3"], 4, 3);
+        assert_eq!(u.status, Status::Warn, "{u:?}");
+        assert!(
+            u.message
+                .contains("3 io_uring instances for 4 workers: 1 of its workers fell back"),
+            "{u:?}"
+        );
+        let (_, u) = check(&["0", "1", "2", "3"], 4, 4);
+        assert_eq!(u.status, Status::Ok, "{u:?}");
         let (_, u) = check(&["0", "1"], 2, 0);
         assert_eq!(u.status, Status::Warn, "{u:?}");
         assert!(u.message.contains("run on epoll"), "{u:?}");

@@ -196,9 +196,15 @@ impl Link {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
+        self.drain(stream, rx);
+    }
+
+    /// Reads and handles frames from `src` until a read would wait, the end, an error, or
+    /// [`DRAIN_MAX`] bytes.
+    fn drain(&mut self, src: &mut impl Read, rx: &mut Received) {
         let mut left = DRAIN_MAX;
         while left > 0 {
-            match rx.read(stream) {
+            match rx.read(src) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => left = left.saturating_sub(n),
             }
@@ -669,6 +675,9 @@ mod tests {
         drop(gone);
         let mut link = link(dir.path(), replies);
         let (mut relay, mut recorder) = UnixStream::pair().expect("pair");
+        relay
+            .set_write_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
         let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let mut wire = Vec::new();
         Frame::Open {
@@ -704,8 +713,9 @@ mod tests {
         assert_eq!(reason, REASON_LINK_LOST);
     }
 
-    /// A relay that still writes but no longer reads is not read on: the drain stops at the
-    /// first read that would wait.
+    /// A relay alive but no longer reading is not waited for: the drain stops at the first
+    /// read that would wait (and, [`a_drain_is_bounded`], after [`DRAIN_MAX`] bytes of one
+    /// that never stops writing).
     #[test]
     fn a_deaf_link_reads_only_what_is_queued() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -713,6 +723,9 @@ mod tests {
         drop(gone);
         let mut link = link(dir.path(), replies);
         let (mut relay, mut recorder) = UnixStream::pair().expect("pair");
+        relay
+            .set_write_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
         let mut wire = Vec::new();
         Frame::Open {
             stream: 3,
@@ -732,10 +745,68 @@ mod tests {
         let started = Instant::now();
         link.hang_up(&mut recorder, &mut rx);
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
         link.close_all(REASON_LINK_LOST);
         let (out, reason) = output(&file::path_for(dir.path(), "deaf").expect("path"));
         assert!(out.is_empty());
         assert_eq!(reason, REASON_LINK_LOST);
-        drop(relay);
+    }
+
+    /// Frames of stream 3 without end, as a relay that never stops writing would send them.
+    struct Endless {
+        frame: Vec<u8>,
+        at: usize,
+        served: usize,
+    }
+
+    impl Read for Endless {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = out.len().min(self.frame.len() - self.at);
+            out[..n].copy_from_slice(&self.frame[self.at..self.at + n]);
+            self.at = (self.at + n) % self.frame.len();
+            self.served += n;
+            Ok(n)
+        }
+    }
+
+    /// The drain of a deaf link stops after [`DRAIN_MAX`] bytes of a relay that writes on.
+    #[test]
+    fn a_drain_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (replies, gone) = UnixStream::pair().expect("pair");
+        drop(gone);
+        let mut link = link(dir.path(), replies);
+        let mut wire = Vec::new();
+        Frame::Open {
+            stream: 3,
+            meta: meta("endless"),
+        }
+        .encode(&mut wire);
+        let mut rx = Received::new();
+        link.handle_frames(&wire).expect("open");
+        assert!(link.deaf.is_some());
+        let mut frame = Vec::new();
+        Frame::Data {
+            stream: 3,
+            ts_us: 5,
+            channel: 0,
+            direction: Direction::Output,
+            data: Bytes::from(vec![b'x'; 64 * 1024]),
+        }
+        .encode(&mut frame);
+        let mut endless = Endless {
+            frame,
+            at: 0,
+            served: 0,
+        };
+        link.drain(&mut endless, &mut rx);
+        assert!(
+            endless.served >= DRAIN_MAX && endless.served < DRAIN_MAX + RECV_BUFFER,
+            "read {} bytes",
+            endless.served
+        );
+        link.close_all(REASON_LINK_LOST);
+        let (out, _) = output(&file::path_for(dir.path(), "endless").expect("path"));
+        assert!(!out.is_empty() && out.len() <= DRAIN_MAX, "{}", out.len());
     }
 }

@@ -435,30 +435,41 @@ pub(crate) async fn write_target(
 const TCP_READ: usize = 64 * 1024;
 
 /// Relay -> a `tcp` target's connection (a local forward on its login): writes the up queue
-/// to the socket; the user's EOF shuts its sending side, the close ends it.
+/// to the socket; the user's EOF shuts its sending side, the close ends it. `done` is set once
+/// nothing more goes to the target (the EOF sent, the close, or the socket failed).
 pub(crate) async fn write_tcp(
     mut rx: mpsc::UnboundedReceiver<Item>,
     mut w: tokio::net::tcp::OwnedWriteHalf,
     flow: Arc<Flow>,
+    done: tokio::sync::watch::Sender<bool>,
 ) {
     use tokio::io::AsyncWriteExt as _;
     while let Some(item) = rx.recv().await {
         let n = item.len();
-        let r = match item {
-            Item::Data(d) => w.write_all(&d).await,
-            Item::Eof => w.shutdown().await,
-            Item::Close => return,
-            _ => Ok(()),
+        let (r, last) = match item {
+            Item::Data(d) => (w.write_all(&d).await, false),
+            Item::Eof => (w.shutdown().await, true),
+            Item::Close => break,
+            _ => (Ok(()), false),
         };
         flow.up_written(n);
-        if r.is_err() {
-            return;
+        if r.is_err() || last {
+            break;
         }
+    }
+    done.send_replace(true);
+    // what the user still sends is dropped, and this waits for the channel's end: the write
+    // half stays open until then (dropping it would shut the socket's sending side down where
+    // the user sent no EOF), and the user's side goes on being read, so its close is seen
+    while let Some(item) = rx.recv().await {
+        flow.up_written(item.len());
     }
 }
 
 /// A `tcp` target's connection -> relay: its bytes into the down queue, recorded as output
-/// like any channel's; its end becomes the channel's EOF and close (a reset: the close).
+/// like any channel's. The target's end of stream is the channel's EOF, and the channel closes
+/// once the user's side is done too (`up_done`: a target that half-closes still gets what the
+/// user sends, as over OpenSSH's own forwards); a reset closes it at once.
 pub(crate) async fn read_tcp(
     mut r: tokio::net::tcp::OwnedReadHalf,
     tx: mpsc::UnboundedSender<Item>,
@@ -466,6 +477,7 @@ pub(crate) async fn read_tcp(
     shared: Arc<Shared>,
     rec: Option<RecordingStream>,
     ch: u32,
+    mut up_done: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio::io::AsyncReadExt as _;
     let user_closed = flow.until_user_closed();
@@ -486,22 +498,31 @@ pub(crate) async fn read_tcp(
                 return;
             }
         };
-        let items = match read {
-            Ok(0) => vec![Item::Eof, Item::Close],
-            Ok(_) => vec![Item::Data(buf.split().freeze())],
-            Err(_) => vec![Item::Close],
+        let item = match read {
+            Ok(0) => Item::Eof,
+            Ok(_) => Item::Data(buf.split().freeze()),
+            Err(_) => Item::Close,
         };
-        for item in items {
-            if !record_down(rec.as_ref(), ch, &item).await {
-                return;
-            }
-            account_down(&shared, &flow, &item, false);
-            let close = matches!(item, Item::Close);
-            if tx.send(item).is_err() || close {
-                return;
-            }
+        let end = !matches!(item, Item::Data(_));
+        if !record_down(rec.as_ref(), ch, &item).await {
+            return;
+        }
+        account_down(&shared, &flow, &item, false);
+        if tx.send(item).is_err() {
+            return;
+        }
+        if end {
+            break;
         }
     }
+    // the target sent its EOF (or reset): the channel closes once the user's side is done
+    tokio::select! {
+        _ = up_done.wait_for(|d| *d) => {}
+        () = &mut user_closed => {}
+        _ = tx.closed() => return,
+    }
+    flow.down_queued(Item::Close.cost());
+    let _ = tx.send(Item::Close);
 }
 
 /// How long the target reader waits for russh to say how a connection that vanished was lost.

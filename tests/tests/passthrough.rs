@@ -448,8 +448,8 @@ fn a_tcp_target_through_an_ssh_local_forward_is_relayed_recorded_audited_and_kil
             jstr(e, "event") == "session_start" && jstr(e, "session_id") == session
         });
     assert_eq!(jstr(&start, "account"), "tcp");
+    assert_ne!(start["recorded"], false, "the session is recorded: {start}");
     let recording = jstr(&start, "recording_id").to_string();
-    assert!(!recording.is_empty(), "the session is recorded: {start}");
 
     // a forward to anything but the target is refused, and audited
     let mut s = TcpStream::connect(("127.0.0.1", stray)).expect("connect to ssh's port");
@@ -520,4 +520,135 @@ fn a_tcp_target_through_an_ssh_local_forward_is_relayed_recorded_audited_and_kil
         sum(psm_recorder_format::Direction::Output)
     );
     w.assert_all_sessions_ended();
+}
+
+/// A target that says its piece and half-closes (as a server may before it reads a request to
+/// its end) still gets everything the user sends through the forward: the target's EOF reaches
+/// the user as EOF, and the channel closes only once the user is done too. A grant that allows
+/// only the forward opens no lease.
+#[test]
+fn a_forward_to_a_tcp_target_that_half_closes_still_carries_the_users_bytes() {
+    let w = World::new();
+    // says "ready\n", shuts its sending side, then counts what it reads to the end
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (got_tx, got) = mpsc::channel();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(b"ready\n");
+            let _ = s.shutdown(Shutdown::Write);
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+            }
+            let _ = got_tx.send(n);
+        }
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    w.psm.psmctl_ok(
+        &[
+            "target",
+            "add",
+            "hsm",
+            "--protocol",
+            "tcp",
+            "--address",
+            &format!("127.0.0.1:{port}"),
+            "--listen",
+            &listen,
+        ],
+        None,
+    );
+    w.psm.psmctl_ok(
+        &[
+            "grant",
+            "add",
+            "alice",
+            "tcp@hsm",
+            "--unrecorded-tcp",
+            "--allow",
+            "forward-local",
+        ],
+        None,
+    );
+    w.psm.wait_policy_applied();
+
+    // the grant allows the forward only: no lease
+    let out = run_ssh(&mut w.ssh_as("alice@tcp@hsm", &w.alice_key));
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    assert!(
+        out.stderr_str()
+            .contains("shell sessions are not permitted by policy, and a lease of hsm is one"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        closed_at_once(connect_from("127.0.0.1", listen_port(&listen))),
+        "no lease"
+    );
+
+    let local = free_port();
+    let mut ssh = w
+        .ssh_with(
+            &["-N", "-L", &format!("{local}:hsm:{port}")],
+            "alice@tcp@hsm",
+            &w.alice_key,
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let mut s = None;
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            s = TcpStream::connect(("127.0.0.1", local)).ok();
+            s.is_some()
+        }),
+        "ssh listens on its forward's port"
+    );
+    let mut s = s.expect("connected");
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    // the target's piece, then its EOF
+    let mut said = Vec::new();
+    s.read_to_end(&mut said).expect("read to the target's EOF");
+    assert_eq!(said, b"ready\n");
+    // the user's bytes still reach it, all of them
+    let len = 4 * MIB;
+    let mut p = Pattern::new(7);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        p.fill(&mut buf);
+        s.write_all(&buf).expect("send after the target's EOF");
+        sent += buf.len() as u64;
+    }
+    s.shutdown(Shutdown::Write).expect("eof");
+    assert_eq!(
+        got.recv_timeout(Duration::from_secs(30)),
+        Ok(len),
+        "the target read every byte the user sent after its EOF"
+    );
+    // and the channel closes once both are done
+    assert_eq!(s.read(&mut buf).map_err(|e| e.kind()), Ok(0));
+    let f = w
+        .psm
+        .wait_audit("the forward", Duration::from_secs(15), |e| {
+            jstr(e, "event") == "forward" && e["bytes_up"].as_u64() == Some(len)
+        });
+    assert_eq!(f["bytes_down"].as_u64(), Some(6), "{f}");
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    w.assert_all_sessions_ended();
+}
+
+fn listen_port(listen: &str) -> u16 {
+    listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("port")
 }

@@ -552,6 +552,23 @@ impl Conn {
         handle: russh::server::Handle,
     ) -> Result<TargetLeg, String> {
         let (target, account, opened) = self.admit_open(user, open).await?;
+        if target.protocol == psm_control_api::Protocol::Tcp {
+            // the policy made the target `tcp` after this connection's channel was routed here:
+            // no SSH login toward it (a lease or a forward on a new connection reaches it)
+            if let Some(rec) = opened {
+                rec.discard().await;
+            }
+            let t = &target.name;
+            return Err(self.deny(
+                user,
+                Refusal::new(
+                    Side::Policy,
+                    "lease_only",
+                    format!("{t} became a tcp target while the channel was decided"),
+                    format!("psm: {t} is a tcp target: connect again"),
+                ),
+            ));
+        }
         let (target, account) = (&target, &account);
         let (reverse_tx, reverse_rx) = mpsc::channel(upstream::REVERSE_QUEUE);
         let route = Arc::new(upstream::Route::default());

@@ -30,6 +30,18 @@ impl Conn {
             Ok(t) => t,
             Err(msg) => return Chan::Denied(msg),
         };
+        // a lease is held by a session channel: the grant must allow a shell or a command (one
+        // that allows only `forward-local` reaches the target through the forward, recorded)
+        if !(self.allows_now(ChannelKind::Shell) || self.allows_now(ChannelKind::Exec)) {
+            if let Some(rec) = opened {
+                rec.discard().await;
+            }
+            let t = target.name.clone();
+            self.notice("channel kind", "shell", format!(" (a lease of {t})"));
+            return Chan::Denied(format!(
+                "psm: shell sessions are not permitted by policy, and a lease of {t} is one"
+            ));
+        }
         self.begin(user, &target, &account, opened);
         let source = self.shared.peer.ip().to_canonical();
         let opened_now = self.shared.with(|s| s.lease.is_none() && !s.closing);

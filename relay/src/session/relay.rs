@@ -163,13 +163,22 @@ pub(super) async fn spawn(
         }
         Up::Tcp(stream) => {
             let (tcp_r, tcp_w) = stream.into_split();
+            let (up_done, up_done_rx) = watch::channel(false);
             tokio::spawn(until_over(
                 shared,
-                crate::pipe::write_tcp(up_rx, tcp_w, flow.clone()),
+                crate::pipe::write_tcp(up_rx, tcp_w, flow.clone(), up_done),
             ));
             tokio::spawn(until_over(
                 shared,
-                crate::pipe::read_tcp(tcp_r, down_tx, flow.clone(), shared.clone(), rec, ch),
+                crate::pipe::read_tcp(
+                    tcp_r,
+                    down_tx,
+                    flow.clone(),
+                    shared.clone(),
+                    rec,
+                    ch,
+                    up_done_rx,
+                ),
             ));
             None
         }

@@ -53,6 +53,24 @@ impl Conn {
             Ok(t) => t,
             Err(msg) => return refuse(reply, msg).await,
         };
+        if target.protocol != psm_control_api::Protocol::Tcp {
+            // the policy changed between the login's routing and this decision: the forward
+            // is not dialled toward whatever the target is now
+            if let Some(rec) = opened {
+                rec.discard().await;
+            }
+            let t = &target.name;
+            let msg = self.deny(
+                user,
+                Refusal::new(
+                    Side::Policy,
+                    "forward_not_allowed",
+                    format!("{t} is no longer a tcp target: its login's forward is not relayed"),
+                    format!("psm: {t} is no longer a tcp target: connect again"),
+                ),
+            );
+            return refuse(reply, msg).await;
+        }
         let dialled = tokio::time::timeout(
             CONNECT_TIMEOUT,
             tokio::net::TcpStream::connect(&target.address),

@@ -46,7 +46,7 @@ pub use stream::{Leg, UringStream};
 use std::cell::RefCell;
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -312,17 +312,20 @@ fn busy(e: &io::Error) -> bool {
 /// How soon the driver tries again to submit entries the kernel did not take.
 const RESUBMIT: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// A descriptor of the ring (a duplicate of its own), which the worker's runtime watches.
-struct RingFd(OwnedFd);
+/// The ring's own descriptor, which the worker's runtime watches. Not a duplicate: each ring is
+/// one descriptor of the relay, so `psm-perf check` counts the workers on io_uring by the
+/// relay's `[io_uring]` descriptors.
+struct RingFd(RawFd);
 
 impl AsRawFd for RingFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.0
     }
 }
 
 /// A worker's io_uring instance. Made on the worker's thread, inside its runtime.
 pub struct Ring {
+    /// Watches `inner`'s ring: declared first, so it drops first (see `with_queues`).
     fd: AsyncFd<RingFd>,
     /// Wakes the driver when a submission left entries queued, or a place in the table was
     /// given back.
@@ -361,11 +364,14 @@ impl Ring {
         } else {
             0
         };
-        // SAFETY: the registered descriptor is owned by the `RingFd` the `AsyncFd` owns, so it
-        // stays open, on the same ring, and the same number, until the `AsyncFd` drops.
-        let dup = ring.as_fd().try_clone_to_owned()?;
-        let fd = unsafe { AsyncFd::register_with_interest(RingFd(dup), Interest::READABLE) }
-            .map_err(io::Error::from)?;
+        // SAFETY: the registered descriptor is the ring's own, which `inner` (the `IoUring`)
+        // owns and closes when it drops; `fd` is declared before `inner` in `Ring`, so it drops
+        // (and deregisters) first: the descriptor stays open, on the same ring and the same
+        // number, for the whole life of the `AsyncFd`.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
         Ok(Arc::new(Ring {
             fd,
             kick: tokio::sync::Notify::new(),

@@ -438,6 +438,32 @@ pub(super) mod tests {
         });
     }
 
+    /// The `[io_uring]` descriptors this process holds.
+    fn ring_descriptors() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[io_uring]")
+            })
+            .count()
+    }
+
+    /// A ring is one descriptor of the relay, closed with the ring: `psm-perf check` counts
+    /// the workers on io_uring by them. (nextest runs each test in a process of its own.)
+    #[test]
+    fn a_ring_is_one_descriptor() {
+        runtime().block_on(async {
+            let before = ring_descriptors();
+            let r = Ring::new().expect("io_uring is not allowed on this machine");
+            assert_eq!(ring_descriptors(), before + 1);
+            let (a, b) = (r.clone(), Ring::new().expect("a second ring"));
+            assert_eq!(ring_descriptors(), before + 2);
+            drop((r, a, b));
+            assert_eq!(ring_descriptors(), before);
+        });
+    }
+
     /// A driven ring whose table holds `slots` sockets (0: none).
     fn ring_with_slots(slots: u32) -> Arc<Ring> {
         let r = Ring::with_queues(super::super::SQ_ENTRIES, super::super::CQ_ENTRIES, slots)
