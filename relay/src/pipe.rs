@@ -439,7 +439,7 @@ const TCP_READ: usize = 64 * 1024;
 /// nothing more goes to the target (the EOF sent, the close, or the socket failed).
 pub(crate) async fn write_tcp(
     mut rx: mpsc::UnboundedReceiver<Item>,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut w: tokio::io::WriteHalf<crate::uring::Leg>,
     flow: Arc<Flow>,
     done: tokio::sync::watch::Sender<bool>,
 ) {
@@ -447,7 +447,16 @@ pub(crate) async fn write_tcp(
     while let Some(item) = rx.recv().await {
         let n = item.len();
         let (r, last) = match item {
-            Item::Data(d) => (w.write_all(&d).await, false),
+            // (flushed: on io_uring what the socket had no room for waits in the leg's own
+            // buffer until a flush sends it on)
+            Item::Data(d) => (
+                async {
+                    w.write_all(&d).await?;
+                    w.flush().await
+                }
+                .await,
+                false,
+            ),
             Item::Eof => (w.shutdown().await, true),
             Item::Close => break,
             _ => (Ok(()), false),
@@ -471,7 +480,7 @@ pub(crate) async fn write_tcp(
 /// once the user's side is done too (`up_done`: a target that half-closes still gets what the
 /// user sends, as over OpenSSH's own forwards); a reset closes it at once.
 pub(crate) async fn read_tcp(
-    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut r: tokio::io::ReadHalf<crate::uring::Leg>,
     tx: mpsc::UnboundedSender<Item>,
     flow: Arc<Flow>,
     shared: Arc<Shared>,

@@ -525,7 +525,7 @@ fn a_tcp_target_through_an_ssh_local_forward_is_relayed_recorded_audited_and_kil
 /// A target that says its piece and half-closes (as a server may before it reads a request to
 /// its end) still gets everything the user sends through the forward: the target's EOF reaches
 /// the user as EOF, and the channel closes only once the user is done too. A grant that allows
-/// only the forward opens no lease.
+/// only the forward opens no lease; a target nobody answers at refuses the forward.
 #[test]
 fn a_forward_to_a_tcp_target_that_half_closes_still_carries_the_users_bytes() {
     let w = World::new();
@@ -641,6 +641,66 @@ fn a_forward_to_a_tcp_target_that_half_closes_still_carries_the_users_bytes() {
             jstr(e, "event") == "forward" && e["bytes_up"].as_u64() == Some(len)
         });
     assert_eq!(f["bytes_down"].as_u64(), Some(6), "{f}");
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+
+    // a tcp target nobody answers at: the forward is refused, and audited as the target's doing
+    let nobody = free_port();
+    w.psm.psmctl_ok(
+        &[
+            "target",
+            "add",
+            "gone",
+            "--protocol",
+            "tcp",
+            "--address",
+            &format!("127.0.0.1:{nobody}"),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        None,
+    );
+    w.psm.psmctl_ok(
+        &[
+            "grant",
+            "add",
+            "alice",
+            "tcp@gone",
+            "--unrecorded-tcp",
+            "--allow",
+            "forward-local",
+        ],
+        None,
+    );
+    w.psm.wait_policy_applied();
+    let local = free_port();
+    let mut ssh = w
+        .ssh_with(
+            &["-N", "-L", &format!("{local}:gone:{nobody}")],
+            "alice@tcp@gone",
+            &w.alice_key,
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    let mut s = None;
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            s = TcpStream::connect(("127.0.0.1", local)).ok();
+            s.is_some()
+        }),
+        "ssh listens on its forward's port"
+    );
+    assert!(closed_at_once(s.expect("connected")), "nothing relayed");
+    let d = w
+        .psm
+        .wait_audit("unreachable", Duration::from_secs(15), |e| {
+            jstr(e, "reason_code") == "target_unreachable"
+        });
+    assert_eq!(jstr(&d, "side"), "target", "{d}");
+    assert!(jstr(&d, "reason").contains("gone"), "{d}");
     let _ = ssh.kill();
     let _ = ssh.wait();
     w.assert_all_sessions_ended();

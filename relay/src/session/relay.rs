@@ -41,8 +41,9 @@ pub(super) enum Up {
         early: Vec<ChannelMsg>,
         loss: LossWatch,
     },
-    /// A `tcp` target's own connection, which the channel's end closes.
-    Tcp(tokio::net::TcpStream),
+    /// A `tcp` target's own connection (on the worker's back end), which the channel's end
+    /// closes.
+    Tcp(crate::uring::Leg),
 }
 
 /// Starts relaying; returns the target channel's write half (for window changes and signals),
@@ -161,8 +162,8 @@ pub(super) async fn spawn(
             ));
             Some(up_w)
         }
-        Up::Tcp(stream) => {
-            let (tcp_r, tcp_w) = stream.into_split();
+        Up::Tcp(leg) => {
+            let (tcp_r, tcp_w) = tokio::io::split(leg);
             let (up_done, up_done_rx) = watch::channel(false);
             tokio::spawn(until_over(
                 shared,

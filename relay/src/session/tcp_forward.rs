@@ -82,8 +82,13 @@ impl Conn {
                 format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
             ))
         });
-        let stream = match dialled {
-            Ok(s) => s,
+        // onto the worker's back end (its ring, where it runs one)
+        let leg = dialled.and_then(|s| {
+            let _ = s.set_nodelay(true);
+            crate::uring::Leg::new(s)
+        });
+        let leg = match leg {
+            Ok(l) => l,
             Err(e) => {
                 if let Some(rec) = opened {
                     rec.discard().await;
@@ -104,7 +109,6 @@ impl Conn {
             }
             return refuse(reply, "psm: the session is ending".into()).await;
         }
-        let _ = stream.set_nodelay(true);
         self.begin(user, &target, &account, opened);
         let id = channel.id();
         self.channels.insert(id, Chan::Forwarding);
@@ -122,7 +126,7 @@ impl Conn {
                 down_r,
                 down_w,
                 before: Vec::new(),
-                up: relay::Up::Tcp(stream),
+                up: relay::Up::Tcp(leg),
                 gate: None,
                 forward: Some((ForwardKind::Local, destination)),
                 dedicated: None,
