@@ -83,6 +83,9 @@ pub fn run_worker(
 ) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // receives armed again wait in the ring's queue for a send to take them along; what
+        // none took goes into the kernel before the thread sleeps
+        .on_thread_park(crate::uring::before_park)
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {

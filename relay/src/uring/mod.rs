@@ -34,6 +34,13 @@
 //! (`Ring::send_now`). What the socket has no room for is copied into a buffer of the stream's
 //! own and sent while the caller goes on (and later writes join it until that send completes);
 //! `poll_flush` waits for that send.
+//!
+//! A receive armed again once its data was read is queued without a system call of its own
+//! (`Ring::start_lazy`): the bytes just read are about to be relayed, and that send's
+//! `io_uring_enter` takes the receive into the kernel with it; what no send took is submitted
+//! as the worker's thread goes idle ([`before_park`], its runtime's `on_thread_park`). A
+//! keystroke's echo through psm took four `io_uring_enter` on the relay, two sends and two
+//! receives; it takes two (perf/BENCHMARKS.md).
 
 // io_uring hands the kernel pointers into our buffers: the one module of the relay with `unsafe`
 #![allow(unsafe_code)]
@@ -192,6 +199,10 @@ struct Inner {
     slots: u32,
     next_slot: u32,
     free_slots: Vec<u32>,
+    /// The last submission left entries the kernel did not take (busy, or an error): until
+    /// one empties the queue, `send_now` leaves the socket to a buffered send rather than wait
+    /// behind them.
+    backlog: bool,
 }
 
 impl Inner {
@@ -237,6 +248,12 @@ impl Inner {
     /// completions reaped and a few more tries; entries still queued after that (or left by a
     /// short submission) are sent by the driver, which retries while the queue holds any.
     fn submit(&mut self) -> io::Result<()> {
+        let r = self.try_submit();
+        self.backlog = self.unsubmitted();
+        r
+    }
+
+    fn try_submit(&mut self) -> io::Result<()> {
         for _ in 0..4 {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
@@ -264,6 +281,49 @@ impl Inner {
             None => {
                 self.ops.push(Some(op));
                 self.ops.len() - 1
+            }
+        }
+    }
+
+    /// A new operation on `sock` over `buf`, its entry (built by `entry` from the buffer's final
+    /// place) in the submission queue, not yet submitted; returns its id. A full queue is
+    /// submitted first (a few tries); an error leaves nothing behind.
+    fn queue_op(
+        &mut self,
+        sock: &Sock,
+        buf: Vec<u8>,
+        entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
+    ) -> io::Result<usize> {
+        let id = self.new_op(sock, buf);
+        let op = self.ops[id].as_mut().expect("the slot was just filled");
+        let sqe = entry(&mut op.buf).user_data(id as u64);
+        let mut tries = 0;
+        loop {
+            // SAFETY: the entry points into `op.buf` (or at nothing), which stays in `ops[id]`
+            // until the completion of this entry is reaped (`reap` keeps the slot while the
+            // operation is in flight, `forget` only marks it orphan); the descriptor or place in
+            // the table it names is kept by `ops[id]._sock` until then too, so the number names
+            // this socket whenever the kernel takes the entry, however late (`UringStream`'s
+            // `Drop` submits nothing new, and shuts the socket down so that what is in flight
+            // completes).
+            let pushed = unsafe { self.ring.submission().push(&sqe) };
+            if pushed.is_ok() {
+                return Ok(id);
+            }
+            // the submission queue is full: send what it holds, then queue again
+            tries += 1;
+            let failed = match self.submit() {
+                Err(e) => Some(e),
+                Ok(()) if tries >= 4 => Some(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the io_uring submission queue stays full",
+                )),
+                Ok(()) => None,
+            };
+            if let Some(e) = failed {
+                self.ops[id] = None;
+                self.free.push(id);
+                return Err(e);
             }
         }
     }
@@ -372,7 +432,7 @@ impl Ring {
             AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), Interest::READABLE)
         }
         .map_err(io::Error::from)?;
-        Ok(Arc::new(Ring {
+        let made = Arc::new(Ring {
             fd,
             kick: tokio::sync::Notify::new(),
             released: Mutex::new(Vec::new()),
@@ -384,8 +444,11 @@ impl Ring {
                 slots,
                 next_slot: 0,
                 free_slots: Vec::new(),
+                backlog: false,
             }),
-        }))
+        });
+        MADE.with(|m| m.borrow_mut().push(Arc::downgrade(&made)));
+        Ok(made)
     }
 
     /// How many sockets the ring's table may hold (0: none, every socket keeps its descriptor).
@@ -532,6 +595,36 @@ impl Ring {
         self.try_start(sock, buf, entry, false).map_err(|(e, _)| e)
     }
 
+    /// Queues one operation on `sock` over `buf` without entering the kernel for it: the next
+    /// submission on this worker takes it along (a send's, `send_now`, which then costs one
+    /// `io_uring_enter` for both), or the driver's, once the tasks woken with it have run. For a
+    /// receive armed again after its data was read: where its data is already there it
+    /// completes at that submission, where not it waits in the kernel as it would have. Returns
+    /// its id.
+    fn start_lazy(
+        &self,
+        sock: &Sock,
+        buf: Vec<u8>,
+        entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
+    ) -> io::Result<usize> {
+        self.lock().queue_op(sock, buf, entry)
+    }
+
+    /// Submits what [`Ring::start_lazy`] left queued: [`before_park`] calls this as the
+    /// worker's thread is about to wait for events, so an entry no send took along reaches the
+    /// kernel before the thread sleeps. Entries the kernel would not take are left
+    /// to the driver's retries.
+    pub fn flush_lazy(&self) {
+        let mut g = self.lock();
+        if g.unsubmitted() && !g.backlog {
+            let _ = g.submit();
+            if g.backlog {
+                drop(g);
+                self.kick.notify_one();
+            }
+        }
+    }
+
     /// [`Ring::start`], whose error also says whether the entry stayed queued (orphaned: the
     /// driver submits it later) or was not queued at all. `shutdown`: the entry is itself the
     /// socket's shutdown (an orphaned one needs no other to end it).
@@ -543,37 +636,7 @@ impl Ring {
         shutdown: bool,
     ) -> Result<usize, (io::Error, bool)> {
         let mut g = self.lock();
-        let id = g.new_op(sock, buf);
-        let op = g.ops[id].as_mut().expect("the slot was just filled");
-        let sqe = entry(&mut op.buf).user_data(id as u64);
-        let mut tries = 0;
-        loop {
-            // SAFETY: the entry points into `op.buf` (or at nothing), which stays in `ops[id]`
-            // until the completion of this entry is reaped (`reap` keeps the slot while the
-            // operation is in flight, `forget` only marks it orphan); the descriptor or place in
-            // the table it names is kept by `ops[id]._sock` until then too, so the number names
-            // this socket whenever the kernel takes the entry (`UringStream`'s `Drop` submits nothing new,
-            // and shuts the socket down so that what is in flight completes).
-            let pushed = unsafe { g.ring.submission().push(&sqe) };
-            if pushed.is_ok() {
-                break;
-            }
-            // the submission queue is full: send what it holds, then queue again
-            tries += 1;
-            let failed = match g.submit() {
-                Err(e) => Some(e),
-                Ok(()) if tries >= 4 => Some(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "the io_uring submission queue stays full",
-                )),
-                Ok(()) => None,
-            };
-            if let Some(e) = failed {
-                g.ops[id] = None;
-                g.free.push(id);
-                return Err((e, false));
-            }
-        }
+        let id = g.queue_op(sock, buf, entry).map_err(|e| (e, false))?;
         if let Err(e) = g.submit() {
             if matches!(sock, Sock::Listener(_)) {
                 // an accept stays its listener's: the driver submits it, and the connection it
@@ -612,16 +675,17 @@ impl Ring {
     }
 
     /// Sends what of `data` the socket has room for now, straight from `data`, and returns the
-    /// completion's result: the bytes sent, or `-EAGAIN` where the socket had no room. None,
-    /// with nothing submitted, when entries of other operations wait in the submission queue
-    /// (the caller then goes through a buffer of its own). The entry carries `MSG_DONTWAIT`,
+    /// completion's result: the bytes sent, or `-EAGAIN` where the socket had no room. Entries
+    /// queued before it ([`Ring::start_lazy`]'s receives) go into the kernel with it, in the same
+    /// `io_uring_enter`. None, with nothing submitted, when the queue holds entries the kernel
+    /// would not take (the caller then goes through a buffer of its own). The entry carries `MSG_DONTWAIT`,
     /// so the kernel completes it within the submission (`REQ_F_NOWAIT`: `EAGAIN` instead of
     /// waiting for room) rather than keeping it to try again, and this returns only once that
     /// completion is reaped: the kernel holds no pointer into `data` afterwards. This saves the
     /// copy through the stream's own buffer when the socket has room.
     pub(crate) fn send_now(&self, sock: &Sock, data: &[u8]) -> Option<i32> {
         let mut g = self.lock();
-        if g.unsubmitted() {
+        if g.backlog && g.unsubmitted() {
             return None;
         }
         let id = g.new_op(sock, Vec::new());
@@ -758,6 +822,22 @@ fn shutdown_entry(sock: &Sock, how: Shutdown) -> squeue::Entry {
 
 thread_local! {
     static RING: RefCell<Option<Arc<Ring>>> = const { RefCell::new(None) };
+    /// Every ring made on this thread (a worker makes one), for [`before_park`].
+    static MADE: RefCell<Vec<Weak<Ring>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// For `on_thread_park` of a runtime whose tasks use rings (each worker's): as the thread is
+/// about to wait for events, every ring made on it submits what [`Ring::start_lazy`] left
+/// queued (receives armed again that no send took into the kernel).
+pub fn before_park() {
+    let rings: Vec<Arc<Ring>> = MADE.with(|m| {
+        let mut m = m.borrow_mut();
+        m.retain(|w| w.strong_count() > 0);
+        m.iter().filter_map(Weak::upgrade).collect()
+    });
+    for ring in &rings {
+        ring.flush_lazy();
+    }
 }
 
 /// Makes `ring` the one this thread's streams use ([`Leg::new`]).

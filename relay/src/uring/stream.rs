@@ -92,7 +92,9 @@ impl UringStream {
             buf = Vec::with_capacity(self.rd.size);
         }
         let (fd, flags) = self.sock.target();
-        let id = self.ring.start(&self.sock, buf, |b| {
+        // queued, not submitted: the worker's next send (the bytes just read, relayed, are
+        // about to be one) or its runtime going idle takes it into the kernel
+        let id = self.ring.start_lazy(&self.sock, buf, |b| {
             let room = b.spare_capacity_mut();
             opcode::Recv::new(fd, room.as_mut_ptr().cast(), room.len() as u32)
                 .build()
@@ -417,6 +419,7 @@ pub(super) mod tests {
     pub(in crate::uring) fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(crate::uring::before_park)
             .build()
             .expect("runtime")
     }
@@ -510,6 +513,41 @@ pub(super) mod tests {
             UringStream::new(c.into_std().expect("std"), ring.clone()).expect("stream"),
             a,
         )
+    }
+
+    /// A receive armed again waits in the queue for the next send, which takes it into the
+    /// kernel in its own `io_uring_enter`; one that no send takes goes in as the thread is about
+    /// to sleep (`before_park`), so a reader with nothing to send still gets its bytes.
+    #[test]
+    fn a_receive_armed_again_goes_in_with_the_next_send_or_before_the_thread_sleeps() {
+        runtime().block_on(async {
+            let ring = ring();
+            let (mut a, mut a_peer) = pair(&ring).await;
+            let (mut b, mut b_peer) = pair(&ring).await;
+            let mut buf = [0u8; 16];
+            // a's receive, queued: nothing entered the kernel for it
+            let mut read = std::pin::pin!(a.read(&mut buf));
+            assert!(futures_util::poll!(read.as_mut()).is_pending());
+            assert!(ring.lock().unsubmitted(), "queued, not submitted");
+            // b's send takes it along
+            b.write_all(b"x").await.expect("send");
+            assert!(!ring.lock().unsubmitted(), "submitted with the send");
+            let mut one = [0u8; 1];
+            b_peer.read_exact(&mut one).await.expect("b's byte");
+            a_peer.write_all(b"hello").await.expect("to a");
+            assert_eq!(read.await.expect("read"), 5);
+            assert_eq!(&buf[..5], b"hello");
+            // no send this time: the receive goes in when the thread would sleep
+            let mut read = std::pin::pin!(a.read(&mut buf));
+            assert!(futures_util::poll!(read.as_mut()).is_pending());
+            assert!(ring.lock().unsubmitted());
+            a_peer.write_all(b"again").await.expect("to a");
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+                .await
+                .expect("the receive reached the kernel")
+                .expect("read");
+            assert_eq!(&buf[..n], b"again");
+        });
     }
 
     /// 64 MiB each way at once through one stream, every byte checked, with receive and send
