@@ -712,3 +712,66 @@ fn listen_port(listen: &str) -> u16 {
         .and_then(|(_, p)| p.parse().ok())
         .expect("port")
 }
+
+/// A psm port that was closed (its target removed) and is served again is checked again for
+/// another holder: a process that took the port in between, even with `SO_REUSEPORT` as psm's
+/// workers bind it, is not silently shared with; the relay says it cannot serve the port.
+#[test]
+fn a_psm_port_served_again_is_checked_again_for_another_holder() {
+    let w = World::new();
+    let echo = echo_server(4);
+    let (port, listen) = tcp_target(&w, echo);
+    let opened = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("psm port open for a tcp target") && l.contains(&listen))
+            .count()
+    };
+    let served = opened(&w.psm.logs());
+    assert!(served > 0, "{}", w.psm.logs());
+    w.psm.psmctl_ok(&["target", "remove", "db01"], None);
+    w.psm.wait_policy_applied();
+    assert!(
+        wait_for(Duration::from_secs(10), || !port_open(port)),
+        "the port closed with its target"
+    );
+    // another process takes the port, the way psm's workers would share it
+    let other =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    other.set_reuse_address(true).expect("SO_REUSEADDR");
+    other.set_reuse_port(true).expect("SO_REUSEPORT");
+    let addr: SocketAddr = listen.parse().expect("addr");
+    other.bind(&addr.into()).expect("bind the freed port");
+    other.listen(16).expect("listen");
+    // the target comes back on the same port
+    w.psm.psmctl_ok(
+        &[
+            "target",
+            "add",
+            "db01",
+            "--protocol",
+            "tcp",
+            "--address",
+            &format!("127.0.0.1:{echo}"),
+            "--listen",
+            &listen,
+        ],
+        None,
+    );
+    w.psm.wait_policy_applied();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            w.psm
+                .logs()
+                .lines()
+                .any(|l| l.contains("cannot serve a tcp target's psm port") && l.contains(&listen))
+        }),
+        "the relay says it cannot serve the port: {}",
+        w.psm.logs()
+    );
+    assert_eq!(
+        opened(&w.psm.logs()),
+        served,
+        "no worker joined the other process's port"
+    );
+    drop(other);
+}

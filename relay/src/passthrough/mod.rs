@@ -79,8 +79,9 @@ pub struct Leases {
     no_lease: Mutex<LogLimiter>,
     /// psm's own SSH and RDP listeners: no `tcp` target may share their port.
     reserved: Vec<SocketAddr>,
-    /// psm ports checked to be free of other listeners before the workers share them.
-    probed: Mutex<HashSet<SocketAddr>>,
+    /// psm ports the workers listen on now, with how many of them do: a port none holds is
+    /// checked again to be free of other listeners before they share it.
+    held: Mutex<HashMap<SocketAddr, usize>>,
 }
 
 impl Leases {
@@ -92,7 +93,7 @@ impl Leases {
             refusals: Mutex::new(LogLimiter::new(20, Duration::from_secs(1))),
             no_lease: Mutex::new(LogLimiter::new(20, Duration::from_secs(1))),
             reserved,
-            probed: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashMap::new()),
         })
     }
 
@@ -144,19 +145,50 @@ impl Leases {
         })
     }
 
-    /// Whether the psm port `addr` may be bound by the workers: not one of psm's own, and (on
-    /// first use) not held by another process — `SO_REUSEPORT` would otherwise share it silently.
-    fn may_bind(&self, addr: SocketAddr) -> Result<(), String> {
+    /// Binds the psm port `addr` for one worker: not one of psm's own, and, where no worker
+    /// holds it now, not held by another process (checked with a plain bind:
+    /// `SO_REUSEPORT` would otherwise share it silently with whoever holds it). Also after a
+    /// target's port was closed and served again, which another process may have taken in
+    /// between.
+    fn bind(self: &Arc<Self>, addr: SocketAddr) -> Result<PortHold, String> {
         if let Some(r) = self.collides(addr) {
             return Err(format!("it shares its port with psm's own listener {r}"));
         }
-        let mut probed = self.probed.lock().unwrap_or_else(|p| p.into_inner());
-        if probed.contains(&addr) {
-            return Ok(());
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let holders = held.get(&addr).copied().unwrap_or(0);
+        if holders == 0 {
+            std::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
         }
-        std::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
-        probed.insert(addr);
-        Ok(())
+        let listener = crate::worker::bind(addr)
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| e.to_string())?;
+        held.insert(addr, holders + 1);
+        Ok(PortHold {
+            listener: Some(listener),
+            leases: self.clone(),
+            addr,
+        })
+    }
+}
+
+/// One worker's listener on a psm port; dropped, it closes the listener and then counts the
+/// port as no longer held by that worker.
+struct PortHold {
+    listener: Option<tokio::net::TcpListener>,
+    leases: Arc<Leases>,
+    addr: SocketAddr,
+}
+
+impl Drop for PortHold {
+    fn drop(&mut self) {
+        drop(self.listener.take());
+        let mut held = self.leases.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.addr);
+            }
+        }
     }
 }
 
@@ -205,15 +237,10 @@ pub async fn serve(ctx: Arc<WorkerCtx>) {
             if bound.contains_key(&addr) {
                 continue;
             }
-            let listener = ctx
-                .leases
-                .may_bind(addr)
-                .and_then(|()| crate::worker::bind(addr).map_err(|e| e.to_string()))
-                .and_then(|l| tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string()));
-            match listener {
-                Ok(l) => {
+            match ctx.leases.bind(addr) {
+                Ok(hold) => {
                     info!(worker = ctx.worker, %addr, "psm port open for a tcp target");
-                    bound.insert(addr, tokio::spawn(accept(ctx.clone(), addr, l)));
+                    bound.insert(addr, tokio::spawn(accept(ctx.clone(), addr, hold)));
                 }
                 Err(e) => {
                     if told.insert(addr) {
@@ -232,7 +259,10 @@ pub async fn serve(ctx: Arc<WorkerCtx>) {
     }
 }
 
-async fn accept(ctx: Arc<WorkerCtx>, listen: SocketAddr, l: tokio::net::TcpListener) {
+async fn accept(ctx: Arc<WorkerCtx>, listen: SocketAddr, hold: PortHold) {
+    let Some(l) = hold.listener.as_ref() else {
+        return;
+    };
     loop {
         match l.accept().await {
             Ok((stream, peer)) => {
