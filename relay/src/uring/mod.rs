@@ -211,7 +211,11 @@ impl Inner {
     /// system call asks for them, and the ring's descriptor does not say they are there.
     fn reap(&mut self) {
         let Inner {
-            ring, ops, free, ..
+            ring,
+            ops,
+            free,
+            backlog,
+            ..
         } = self;
         for _ in 0..8 {
             for cqe in ring.completion() {
@@ -237,7 +241,10 @@ impl Inner {
             // entering the kernel with the overflow flag set brings them into the queue (the
             // crate asks for completions then); what the queue still cannot take waits for the
             // next round of the driver
-            if ring.submit().is_err() {
+            let entered = ring.submit();
+            // (that enter also took whatever the submission queue held)
+            *backlog = !ring.submission().is_empty();
+            if entered.is_err() {
                 return;
             }
         }
@@ -390,6 +397,13 @@ pub struct Ring {
     /// Wakes the driver when a submission left entries queued, or a place in the table was
     /// given back.
     kick: tokio::sync::Notify,
+    /// Told by [`Ring::start_lazy`]: the driver submits what is still queued after
+    /// [`RESUBMIT`], should neither a send nor the thread going idle have taken it (a worker
+    /// its tasks keep busy, whose runtime then polls for events without parking).
+    lazy: tokio::sync::Notify,
+    /// The worker's thread: only it submits (a request completes through the thread that
+    /// submitted it, and is cancelled should that thread exit).
+    owner: std::thread::ThreadId,
     /// Places in the table whose last holder went, for the driver to empty ([`Slot`]'s `Drop`
     /// may run under `inner`'s lock, so they wait here).
     released: Mutex<Vec<u32>>,
@@ -435,6 +449,8 @@ impl Ring {
         let made = Arc::new(Ring {
             fd,
             kick: tokio::sync::Notify::new(),
+            lazy: tokio::sync::Notify::new(),
+            owner: std::thread::current().id(),
             released: Mutex::new(Vec::new()),
             deferred: Mutex::new(Vec::new()),
             inner: Mutex::new(Inner {
@@ -495,6 +511,11 @@ impl Ring {
             // (`-EINVAL`); only a dropped `UringListener` asks for this
             Sock::Listener(l) => {
                 let _ = socket2::SockRef::from(&**l).shutdown(how);
+            }
+            // from another thread (a cut): the worker's driver submits it, so that nothing
+            // queued on the ring is submitted by a thread that may exit before it completes
+            Sock::Fixed(_) if std::thread::current().id() != self.owner => {
+                self.defer_shut(sock, how)
             }
             Sock::Fixed(_) => {
                 match self.try_start(sock, Vec::new(), |_| shutdown_entry(sock, how), true) {
@@ -560,6 +581,17 @@ impl Ring {
                     tokio::select! {
                         r = self.fd.readable() => Some(r),
                         () = self.kick.notified() => None,
+                        () = self.lazy.notified() => {
+                            // a send usually takes a lazy entry in before this runs; one still
+                            // queued goes in at the next completion or after RESUBMIT
+                            if self.lock().unsubmitted() {
+                                tokio::time::timeout(RESUBMIT, self.fd.readable())
+                                    .await
+                                    .ok()
+                            } else {
+                                None
+                            }
+                        }
                     }
                 }
             };
@@ -597,7 +629,8 @@ impl Ring {
 
     /// Queues one operation on `sock` over `buf` without entering the kernel for it: the next
     /// submission on this worker takes it along (a send's, `send_now`, which then costs one
-    /// `io_uring_enter` for both), or the driver's, once the tasks woken with it have run. For a
+    /// `io_uring_enter` for both), or [`before_park`] as the thread goes idle, or, where the
+    /// worker never parks, the driver after [`RESUBMIT`]. For a
     /// receive armed again after its data was read: where its data is already there it
     /// completes at that submission, where not it waits in the kernel as it would have. Returns
     /// its id.
@@ -607,7 +640,9 @@ impl Ring {
         buf: Vec<u8>,
         entry: impl FnOnce(&mut Vec<u8>) -> squeue::Entry,
     ) -> io::Result<usize> {
-        self.lock().queue_op(sock, buf, entry)
+        let id = self.lock().queue_op(sock, buf, entry)?;
+        self.lazy.notify_one();
+        Ok(id)
     }
 
     /// Submits what [`Ring::start_lazy`] left queued: [`before_park`] calls this as the
@@ -616,12 +651,15 @@ impl Ring {
     /// to the driver's retries.
     pub fn flush_lazy(&self) {
         let mut g = self.lock();
-        if g.unsubmitted() && !g.backlog {
-            let _ = g.submit();
-            if g.backlog {
-                drop(g);
-                self.kick.notify_one();
-            }
+        if !g.unsubmitted() {
+            g.backlog = false;
+            return;
+        }
+        let _ = g.submit();
+        if g.backlog {
+            // the driver tries again on its timer
+            drop(g);
+            self.kick.notify_one();
         }
     }
 
@@ -685,7 +723,9 @@ impl Ring {
     /// copy through the stream's own buffer when the socket has room.
     pub(crate) fn send_now(&self, sock: &Sock, data: &[u8]) -> Option<i32> {
         let mut g = self.lock();
-        if g.backlog && g.unsubmitted() {
+        if !g.unsubmitted() {
+            g.backlog = false;
+        } else if g.backlog {
             return None;
         }
         let id = g.new_op(sock, Vec::new());

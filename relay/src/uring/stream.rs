@@ -516,10 +516,9 @@ pub(super) mod tests {
     }
 
     /// A receive armed again waits in the queue for the next send, which takes it into the
-    /// kernel in its own `io_uring_enter`; one that no send takes goes in as the thread is about
-    /// to sleep (`before_park`), so a reader with nothing to send still gets its bytes.
+    /// kernel in its own `io_uring_enter` (the send going straight from the caller's buffer).
     #[test]
-    fn a_receive_armed_again_goes_in_with_the_next_send_or_before_the_thread_sleeps() {
+    fn a_receive_armed_again_goes_in_with_the_next_send() {
         runtime().block_on(async {
             let ring = ring();
             let (mut a, mut a_peer) = pair(&ring).await;
@@ -529,24 +528,64 @@ pub(super) mod tests {
             let mut read = std::pin::pin!(a.read(&mut buf));
             assert!(futures_util::poll!(read.as_mut()).is_pending());
             assert!(ring.lock().unsubmitted(), "queued, not submitted");
-            // b's send takes it along
+            // b's send takes it along, and goes the direct way, not through b's own buffer
             b.write_all(b"x").await.expect("send");
+            assert!(
+                b.wr.op.is_none() && b.wr.pending.is_empty(),
+                "sent directly"
+            );
             assert!(!ring.lock().unsubmitted(), "submitted with the send");
             let mut one = [0u8; 1];
             b_peer.read_exact(&mut one).await.expect("b's byte");
             a_peer.write_all(b"hello").await.expect("to a");
             assert_eq!(read.await.expect("read"), 5);
             assert_eq!(&buf[..5], b"hello");
-            // no send this time: the receive goes in when the thread would sleep
+        });
+    }
+
+    /// A receive no send took goes into the kernel as the thread is about to sleep
+    /// (`before_park`): here on a ring with no driver, so nothing else would submit it.
+    #[test]
+    fn a_receive_no_send_took_goes_in_before_the_thread_sleeps() {
+        runtime().block_on(async {
+            let ring = Ring::with_queues(super::super::SQ_ENTRIES, super::super::CQ_ENTRIES, 0)
+                .expect("io_uring is not allowed on this machine");
+            let (mut a, _a_peer) = pair(&ring).await;
+            let mut buf = [0u8; 16];
             let mut read = std::pin::pin!(a.read(&mut buf));
             assert!(futures_util::poll!(read.as_mut()).is_pending());
-            assert!(ring.lock().unsubmitted());
-            a_peer.write_all(b"again").await.expect("to a");
+            assert!(ring.lock().unsubmitted(), "queued, not submitted");
+            // the thread parks (a timer, nothing else to run)
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            assert!(
+                !ring.lock().unsubmitted(),
+                "submitted as the thread went idle"
+            );
+        });
+    }
+
+    /// Where the runtime never calls `before_park` (a worker kept busy polls for events
+    /// without parking; here a runtime without the hook), the driver submits a queued receive
+    /// after `RESUBMIT`: the reader still gets its bytes.
+    #[test]
+    fn a_receive_queued_on_a_busy_worker_goes_in_after_a_short_wait() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime without the hook");
+        rt.block_on(async {
+            let ring = ring();
+            let (mut a, mut a_peer) = pair(&ring).await;
+            let mut buf = [0u8; 16];
+            let mut read = std::pin::pin!(a.read(&mut buf));
+            assert!(futures_util::poll!(read.as_mut()).is_pending());
+            assert!(ring.lock().unsubmitted(), "queued, not submitted");
+            a_peer.write_all(b"late").await.expect("to a");
             let n = tokio::time::timeout(std::time::Duration::from_secs(10), read)
                 .await
-                .expect("the receive reached the kernel")
+                .expect("the driver submitted the receive")
                 .expect("read");
-            assert_eq!(&buf[..n], b"again");
+            assert_eq!(&buf[..n], b"late");
         });
     }
 
