@@ -101,7 +101,11 @@ pub fn run_worker(
                         registered_sockets = ring.slots(),
                         "worker running on io_uring"
                     );
-                    tokio::task::spawn_local(ring.drive());
+                    // a task of the runtime, not of the `LocalSet`: waking a `LocalSet` task
+                    // wakes the `block_on` future, which costs the thread one more
+                    // `epoll_wait` before it parks (the driver is woken for each receive
+                    // `start_lazy` queues: about two per echo, perf/BENCHMARKS.md)
+                    tokio::spawn(ring.drive());
                 }
                 Err(e) if backend == IoBackend::Uring => {
                     return Err(std::io::Error::new(

@@ -378,6 +378,11 @@ fn busy(e: &io::Error) -> bool {
 
 /// How soon the driver tries again to submit entries the kernel did not take.
 const RESUBMIT: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long a receive `Ring::start_lazy` queued may wait for a send or the thread going idle
+/// to take it into the kernel before the driver does (a worker its tasks keep busy without
+/// parking, a saturated pass-through splice say, where `before_park` does not run). While a
+/// worker relays, a send takes the receive in long before this.
+const LAZY_BACKSTOP: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The ring's own descriptor, which the worker's runtime watches. Not a duplicate: each ring is
 /// one descriptor of the relay, so `psm-perf check` counts the workers on io_uring by the
@@ -398,7 +403,7 @@ pub struct Ring {
     /// given back.
     kick: tokio::sync::Notify,
     /// Told by [`Ring::start_lazy`]: the driver submits what is still queued after
-    /// [`RESUBMIT`], should neither a send nor the thread going idle have taken it (a worker
+    /// [`LAZY_BACKSTOP`], should neither a send nor the thread going idle have taken it (a worker
     /// its tasks keep busy, whose runtime then polls for events without parking).
     lazy: tokio::sync::Notify,
     /// The worker's thread: only it submits (a request completes through the thread that
@@ -583,9 +588,9 @@ impl Ring {
                         () = self.kick.notified() => None,
                         () = self.lazy.notified() => {
                             // a send usually takes a lazy entry in before this runs; one still
-                            // queued goes in at the next completion or after RESUBMIT
+                            // queued goes in at the next completion or after LAZY_BACKSTOP
                             if self.lock().unsubmitted() {
-                                tokio::time::timeout(RESUBMIT, self.fd.readable())
+                                tokio::time::timeout(LAZY_BACKSTOP, self.fd.readable())
                                     .await
                                     .ok()
                             } else {
@@ -630,7 +635,7 @@ impl Ring {
     /// Queues one operation on `sock` over `buf` without entering the kernel for it: the next
     /// submission on this worker takes it along (a send's, `send_now`, which then costs one
     /// `io_uring_enter` for both), or [`before_park`] as the thread goes idle, or, where the
-    /// worker never parks, the driver after [`RESUBMIT`]. For a
+    /// worker never parks, the driver after [`LAZY_BACKSTOP`]. For a
     /// receive armed again after its data was read: where its data is already there it
     /// completes at that submission, where not it waits in the kernel as it would have. Returns
     /// its id.

@@ -566,7 +566,7 @@ pub(super) mod tests {
 
     /// Where the runtime never calls `before_park` (a worker kept busy polls for events
     /// without parking; here a runtime without the hook), the driver submits a queued receive
-    /// after `RESUBMIT`: the reader still gets its bytes.
+    /// after `LAZY_BACKSTOP`: the reader still gets its bytes.
     #[test]
     fn a_receive_queued_on_a_busy_worker_goes_in_after_a_short_wait() {
         let rt = tokio::runtime::Builder::new_current_thread()
