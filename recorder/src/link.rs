@@ -637,6 +637,13 @@ mod tests {
         Link::new(1, dir.to_path_buf(), replies, keys, indexer)
     }
 
+    /// A link in `dir` whose replies go to a relay that is gone: its first reply fails.
+    fn deaf_link(dir: &std::path::Path) -> Link {
+        let (replies, gone) = UnixStream::pair().expect("pair");
+        drop(gone);
+        link(dir, replies)
+    }
+
     fn meta(id: &str) -> RecordingMeta {
         RecordingMeta {
             protocol: String::new(),
@@ -671,9 +678,7 @@ mod tests {
     #[test]
     fn a_relay_gone_before_its_answer_keeps_what_it_sent() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (replies, gone) = UnixStream::pair().expect("pair");
-        drop(gone);
-        let mut link = link(dir.path(), replies);
+        let mut link = deaf_link(dir.path());
         let (mut relay, mut recorder) = UnixStream::pair().expect("pair");
         relay
             .set_write_timeout(Some(std::time::Duration::from_secs(10)))
@@ -719,9 +724,7 @@ mod tests {
     #[test]
     fn a_deaf_link_reads_only_what_is_queued() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (replies, gone) = UnixStream::pair().expect("pair");
-        drop(gone);
-        let mut link = link(dir.path(), replies);
+        let mut link = deaf_link(dir.path());
         let (mut relay, mut recorder) = UnixStream::pair().expect("pair");
         relay
             .set_write_timeout(Some(std::time::Duration::from_secs(10)))
@@ -773,9 +776,7 @@ mod tests {
     #[test]
     fn a_drain_is_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (replies, gone) = UnixStream::pair().expect("pair");
-        drop(gone);
-        let mut link = link(dir.path(), replies);
+        let mut link = deaf_link(dir.path());
         let mut wire = Vec::new();
         Frame::Open {
             stream: 3,

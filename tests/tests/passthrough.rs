@@ -155,6 +155,33 @@ fn echo_transfer(s: TcpStream, seed: u64, len: u64) -> u64 {
     got
 }
 
+/// An echo transfer of 4 GiB (`seed`'s pattern) on `s` runs, then `session` is killed: the
+/// transfer is cut within 3 s, having moved some of its bytes and not all.
+fn kill_cuts_a_transfer(w: &World, s: TcpStream, seed: u64, session: &str) {
+    let probe = s.try_clone().expect("clone");
+    let transfer = std::thread::spawn(move || echo_transfer(s, seed, 4096 * MIB));
+    // the transfer is running once an echo comes back through psm
+    let mut one = [0u8; 1];
+    probe.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    assert_eq!(
+        probe.peek(&mut one).map_err(|e| e.kind()),
+        Ok(1),
+        "an echo came back"
+    );
+    let killed = Instant::now();
+    w.psm.psmctl_ok(
+        &["sessions", "kill", session, "--reason", "incident 9"],
+        None,
+    );
+    let moved = transfer.join().expect("transfer");
+    let took = killed.elapsed();
+    assert!(
+        moved > 0 && moved < 4096 * MIB,
+        "the transfer ran ({moved} bytes) and was cut, not finished"
+    );
+    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+}
+
 fn wait_event(
     w: &World,
     what: &str,
@@ -277,29 +304,7 @@ fn tcp_pass_through_needs_a_lease_moves_256_mib_intact_and_is_audited_and_killed
     assert!(f["ts_ms"].as_u64().is_some_and(|t| t > duration), "{f}");
 
     // a kill of the lease cuts a transfer in flight within a second or two
-    let s = connect_from("127.0.0.1", port);
-    let probe = s.try_clone().expect("clone");
-    let transfer = std::thread::spawn(move || echo_transfer(s, 2, 4096 * MIB));
-    // the transfer is running once an echo comes back through psm
-    let mut one = [0u8; 1];
-    probe.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    assert_eq!(
-        probe.peek(&mut one).map_err(|e| e.kind()),
-        Ok(1),
-        "an echo came back"
-    );
-    let killed = Instant::now();
-    w.psm.psmctl_ok(
-        &["sessions", "kill", &session, "--reason", "incident 9"],
-        None,
-    );
-    let moved = transfer.join().expect("transfer");
-    let took = killed.elapsed();
-    assert!(
-        moved > 0 && moved < 4096 * MIB,
-        "the transfer ran ({moved} bytes) and was cut, not finished"
-    );
-    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+    kill_cuts_a_transfer(&w, connect_from("127.0.0.1", port), 2, &session);
     let end = wait_event(&w, "lease session_end", |e| {
         jstr(e, "event") == "session_end" && jstr(e, "session_id") == session
     });
@@ -471,27 +476,7 @@ fn a_tcp_target_through_an_ssh_local_forward_is_relayed_recorded_audited_and_kil
     // a kill cuts a forward in flight within a second or two
     let s = TcpStream::connect(("127.0.0.1", local)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let probe = s.try_clone().expect("clone");
-    let transfer = std::thread::spawn(move || echo_transfer(s, 5, 4096 * MIB));
-    let mut one = [0u8; 1];
-    probe.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    assert_eq!(
-        probe.peek(&mut one).map_err(|e| e.kind()),
-        Ok(1),
-        "an echo came back"
-    );
-    let killed = Instant::now();
-    w.psm.psmctl_ok(
-        &["sessions", "kill", &session, "--reason", "incident 10"],
-        None,
-    );
-    let moved = transfer.join().expect("transfer");
-    let took = killed.elapsed();
-    assert!(
-        moved > 0 && moved < 4096 * MIB,
-        "the transfer ran ({moved} bytes) and was cut, not finished"
-    );
-    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+    kill_cuts_a_transfer(&w, s, 5, &session);
     let end = w
         .psm
         .wait_audit_after(mark, "session_end", Duration::from_secs(15), |e| {

@@ -316,6 +316,14 @@ fn refuse(
     });
 }
 
+/// Dials a `tcp` target's `address`, for at most [`CONNECT_TIMEOUT`]; the error in words.
+pub(crate) async fn dial(address: &str) -> Result<TcpStream, String> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
+    }
+}
+
 /// One connection on a psm port: the lease of its source address, the decision again, the
 /// target dialled, both ways spliced until either side ends or the lease does.
 async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, peer: SocketAddr) {
@@ -378,11 +386,7 @@ async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, 
         );
         return;
     }
-    let dialled = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs())),
-    };
-    let server = match dialled {
+    let server = match dial(&address).await {
         Ok(s) => s,
         Err(e) => {
             let why = format!("target '{target}' unreachable at {address}: {e}");

@@ -11,9 +11,6 @@
 
 use super::*;
 
-/// How long dialling a `tcp` target for a forward may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Whether a local forward to `host:port` names `target`: its name or its address's host,
 /// and its address's port.
 pub(super) fn names_target(target: &psm_control_api::Target, host: &str, port: u32) -> bool {
@@ -38,77 +35,30 @@ impl Conn {
         reply: ChannelOpenHandle,
         handle: russh::server::Handle,
     ) {
-        let refuse = |reply: ChannelOpenHandle, reason: String| async move {
-            reply
-                .reject(ChannelOpenFailure::Other {
-                    code: 1, // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
-                    reason,
-                })
-                .await;
+        let ending = || "psm: the session is ending".to_string();
+        let admitted = if self.shared.with(|s| s.closing) {
+            Err(ending())
+        } else {
+            self.admit_open(user, open).await
         };
-        if self.shared.with(|s| s.closing) {
-            return refuse(reply, "psm: the session is ending".into()).await;
-        }
-        let (target, account, opened) = match self.admit_open(user, open).await {
+        let (target, account, opened) = match admitted {
             Ok(t) => t,
             Err(msg) => return refuse(reply, msg).await,
         };
-        if target.protocol != psm_control_api::Protocol::Tcp {
-            // the policy changed between the login's routing and this decision: the forward
-            // is not dialled toward whatever the target is now
-            if let Some(rec) = opened {
-                rec.discard().await;
-            }
-            let t = &target.name;
-            let msg = self.deny(
-                user,
-                Refusal::new(
-                    Side::Policy,
-                    "forward_not_allowed",
-                    format!("{t} is no longer a tcp target: its login's forward is not relayed"),
-                    format!("psm: {t} is no longer a tcp target: connect again"),
-                ),
-            );
-            return refuse(reply, msg).await;
-        }
-        let dialled = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(&target.address),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
-            ))
-        });
-        // onto the worker's back end (its ring, where it runs one)
-        let leg = dialled.and_then(|s| {
-            let _ = s.set_nodelay(true);
-            crate::uring::Leg::new(s)
-        });
+        let leg = match self.dial_tcp_target(user, &target).await {
+            // the session may have ended while the target was dialled: the connection goes
+            Ok(_) if self.shared.with(|s| s.closing) => Err(ending()),
+            dialled => dialled,
+        };
         let leg = match leg {
-            Ok(l) => l,
-            Err(e) => {
+            Ok(leg) => leg,
+            Err(msg) => {
                 if let Some(rec) = opened {
                     rec.discard().await;
                 }
-                let err = upstream::UpstreamError::Unreachable {
-                    target: target.name.clone(),
-                    address: target.address.clone(),
-                    reason: e.to_string(),
-                };
-                let msg = self.deny(user, Refusal::target(&err));
                 return refuse(reply, msg).await;
             }
         };
-        if self.shared.with(|s| s.closing) {
-            // the session ended while the target was dialled: the connection goes at once
-            if let Some(rec) = opened {
-                rec.discard().await;
-            }
-            return refuse(reply, "psm: the session is ending".into()).await;
-        }
         self.begin(user, &target, &account, opened);
         let id = channel.id();
         self.channels.insert(id, Chan::Forwarding);
@@ -135,6 +85,54 @@ impl Conn {
         )
         .await;
     }
+
+    /// The connection to `target` (a `tcp` target still, in the decision's own snapshot),
+    /// on the worker's back end; a refusal, audited, with the user's line otherwise.
+    async fn dial_tcp_target(
+        &self,
+        user: &str,
+        target: &psm_control_api::Target,
+    ) -> Result<crate::uring::Leg, String> {
+        let t = &target.name;
+        if target.protocol != psm_control_api::Protocol::Tcp {
+            // the policy changed between the login's routing and this decision: the forward
+            // is not dialled toward whatever the target is now
+            return Err(self.deny(
+                user,
+                Refusal::new(
+                    Side::Policy,
+                    "forward_not_allowed",
+                    format!("{t} is no longer a tcp target: its login's forward is not relayed"),
+                    format!("psm: {t} is no longer a tcp target: connect again"),
+                ),
+            ));
+        }
+        // onto the worker's back end (its ring, where it runs one)
+        let leg = crate::passthrough::dial(&target.address)
+            .await
+            .and_then(|s| {
+                let _ = s.set_nodelay(true);
+                crate::uring::Leg::new(s).map_err(|e| e.to_string())
+            });
+        leg.map_err(|reason| {
+            let err = upstream::UpstreamError::Unreachable {
+                target: t.clone(),
+                address: target.address.clone(),
+                reason,
+            };
+            self.deny(user, Refusal::target(&err))
+        })
+    }
+}
+
+/// Refuses a forward's channel with the user's line.
+async fn refuse(reply: ChannelOpenHandle, reason: String) {
+    reply
+        .reject(ChannelOpenFailure::Other {
+            code: 1, // SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+            reason,
+        })
+        .await;
 }
 
 #[cfg(test)]

@@ -38,7 +38,8 @@
 //! A receive armed again once its data was read is queued without a system call of its own
 //! (`Ring::start_lazy`): the bytes just read are about to be relayed, and that send's
 //! `io_uring_enter` takes the receive into the kernel with it; what no send took is submitted
-//! as the worker's thread goes idle ([`before_park`], its runtime's `on_thread_park`). A
+//! as the worker's thread goes idle ([`before_park`], its runtime's `on_thread_park`), or by
+//! the driver after `LAZY_BACKSTOP` where the thread never parks. A
 //! keystroke's echo through psm took four `io_uring_enter` on the relay, two sends and two
 //! receives; it takes two (perf/BENCHMARKS.md).
 
