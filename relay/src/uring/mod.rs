@@ -403,7 +403,7 @@ pub struct Ring {
     /// Wakes the driver when a submission left entries queued, or a place in the table was
     /// given back.
     kick: tokio::sync::Notify,
-    /// Told by [`Ring::start_lazy`]: the driver submits what is still queued after
+    /// Told by `Ring::start_lazy`: the driver submits what is still queued after
     /// [`LAZY_BACKSTOP`], should neither a send nor the thread going idle have taken it (a worker
     /// its tasks keep busy, whose runtime then polls for events without parking).
     lazy: tokio::sync::Notify,
@@ -651,7 +651,7 @@ impl Ring {
         Ok(id)
     }
 
-    /// Submits what [`Ring::start_lazy`] left queued: [`before_park`] calls this as the
+    /// Submits what `Ring::start_lazy` left queued: [`before_park`] calls this as the
     /// worker's thread is about to wait for events, so an entry no send took along reaches the
     /// kernel before the thread sleeps. Entries the kernel would not take are left
     /// to the driver's retries.
@@ -720,7 +720,7 @@ impl Ring {
 
     /// Sends what of `data` the socket has room for now, straight from `data`, and returns the
     /// completion's result: the bytes sent, or `-EAGAIN` where the socket had no room. Entries
-    /// queued before it ([`Ring::start_lazy`]'s receives) go into the kernel with it, in the same
+    /// queued before it (`Ring::start_lazy`'s receives) go into the kernel with it, in the same
     /// `io_uring_enter`. None, with nothing submitted, when the queue holds entries the kernel
     /// would not take (the caller then goes through a buffer of its own). The entry carries `MSG_DONTWAIT`,
     /// so the kernel completes it within the submission (`REQ_F_NOWAIT`: `EAGAIN` instead of
@@ -873,7 +873,7 @@ thread_local! {
 }
 
 /// For `on_thread_park` of a runtime whose tasks use rings (each worker's): as the thread is
-/// about to wait for events, every ring made on it submits what [`Ring::start_lazy`] left
+/// about to wait for events, every ring made on it submits what `Ring::start_lazy` left
 /// queued (receives armed again that no send took into the kernel).
 pub fn before_park() {
     let rings: Vec<Arc<Ring>> = MADE.with(|m| {
