@@ -414,6 +414,41 @@ pub fn descriptor_connections_to(pid: u32, port: u16) -> usize {
     tcp_to(port, |inode| inodes.contains(inode))
 }
 
+/// Sockets of process `pid` connected to 127.0.0.1:`port` that one of its epoll instances
+/// watches (each epoll descriptor's `tfd:` lines in /proc/PID/fdinfo): a worker on io_uring
+/// registers none of its connections with its runtime's epoll.
+pub fn epoll_watched_connections_to(pid: u32, port: u16) -> usize {
+    let dir = format!("/proc/{pid}/fd");
+    let link = |fd: &str| {
+        std::fs::read_link(format!("{dir}/{fd}"))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let mut watched = std::collections::HashSet::new();
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let fd = e.file_name().to_string_lossy().into_owned();
+        if link(&fd) != "anon_inode:[eventpoll]" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        for l in info.lines() {
+            let Some(target) = l
+                .strip_prefix("tfd:")
+                .and_then(|r| r.split_whitespace().next())
+            else {
+                continue;
+            };
+            if let Some(inode) = link(target)
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+            {
+                watched.insert(inode.to_owned());
+            }
+        }
+    }
+    tcp_to(port, |inode| watched.contains(inode))
+}
+
 /// The socket inodes among the descriptors of every process but `pid`.
 fn sockets_of_others(pid: u32) -> std::collections::HashSet<String> {
     std::fs::read_dir("/proc")

@@ -365,6 +365,18 @@ fn a_lease_relays_at_most_its_cap_of_connections_at_once() {
         "the relay holds {} connections to the target",
         connections_to(relay, echo)
     );
+    // a worker on io_uring waits for them on its ring, the epoll fallback on its epoll
+    // (once each is set up: a dial is on the runtime's epoll until it connects)
+    let on_epoll = std::env::var("PSM_RELAY_IO").is_ok_and(|io| io == "epoll");
+    let want = if on_epoll { 256 } else { 0 };
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            epoll_watched_connections_to(relay, echo) == want
+        }),
+        "{} pass-through sockets in the relay's epoll, not {want} (relay on {})",
+        epoll_watched_connections_to(relay, echo),
+        if on_epoll { "epoll" } else { "io_uring" }
+    );
     // closed, they give their places back
     drop(held);
     assert!(

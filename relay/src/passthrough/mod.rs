@@ -159,8 +159,9 @@ impl Leases {
         if holders == 0 {
             std::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
         }
+        // on the worker's back end: the ring's accepts where it runs one
         let listener = crate::worker::bind(addr)
-            .and_then(tokio::net::TcpListener::from_std)
+            .and_then(crate::uring::Listener::new)
             .map_err(|e| e.to_string())?;
         held.insert(addr, holders + 1);
         Ok(PortHold {
@@ -174,7 +175,7 @@ impl Leases {
 /// One worker's listener on a psm port; dropped, it closes the listener and then counts the
 /// port as no longer held by that worker.
 struct PortHold {
-    listener: Option<tokio::net::TcpListener>,
+    listener: Option<crate::uring::Listener>,
     leases: Arc<Leases>,
     addr: SocketAddr,
 }
@@ -259,8 +260,8 @@ pub async fn serve(ctx: Arc<WorkerCtx>) {
     }
 }
 
-async fn accept(ctx: Arc<WorkerCtx>, listen: SocketAddr, hold: PortHold) {
-    let Some(l) = hold.listener.as_ref() else {
+async fn accept(ctx: Arc<WorkerCtx>, listen: SocketAddr, mut hold: PortHold) {
+    let Some(l) = hold.listener.as_mut() else {
         return;
     };
     loop {
@@ -326,7 +327,12 @@ pub(crate) async fn dial(address: &str) -> Result<TcpStream, String> {
 
 /// One connection on a psm port: the lease of its source address, the decision again, the
 /// target dialled, both ways spliced until either side ends or the lease does.
-async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, peer: SocketAddr) {
+async fn connection(
+    ctx: Arc<WorkerCtx>,
+    listen: SocketAddr,
+    client: crate::uring::Incoming,
+    peer: SocketAddr,
+) {
     let snap = ctx.policy.get();
     let Some((target, address)) = target_on(&snap, listen) else {
         return; // the target went away between accept and now
@@ -407,8 +413,28 @@ async fn connection(ctx: Arc<WorkerCtx>, listen: SocketAddr, client: TcpStream, 
         // the lease ended while the target was dialled: nothing may pass
         return;
     }
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
+    // both sockets on the worker's back end: their waits go through its ring where it runs one
+    let (client, server) = match (
+        splice::Socket::accepted(client),
+        splice::Socket::dialled(server),
+    ) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => {
+            let user = lease.user.clone();
+            refuse(
+                &ctx,
+                peer,
+                login,
+                &user,
+                "relay_error",
+                "internal",
+                format!("the connection could not be put on the worker's back end: {e}"),
+            );
+            return;
+        }
+    };
+    let _ = client.set_nodelay();
+    let _ = server.set_nodelay();
     let number = lease.connections.fetch_add(1, Ordering::Relaxed) + 1;
     let start = now_ms();
     info!(session = %lease.session_id, user = %lease.user, %target, %peer, number, "pass-through connection opened");

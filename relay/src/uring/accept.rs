@@ -2,7 +2,9 @@
 //! connections with `IORING_OP_ACCEPT`, so a worker on io_uring makes no `accept` call of its
 //! own for them and registers neither them nor their connections with its runtime's epoll: an
 //! accepted descriptor goes straight onto the ring ([`Leg::accepted`](super::Leg::accepted)),
-//! into its table where the table has room (pass-through's listeners stay on readiness).
+//! into its table where the table has room. A pass-through port's listener takes its
+//! connections the same way; they stay on their descriptors, which splice(2) needs, and wait on
+//! the ring ([`Polled`](super::Polled)).
 //!
 //! A [`Listener`] keeps one accept in flight at most, which outlives the future waiting on it
 //! (`accept` can be dropped in a `select!` and called again: the connection the kernel took in

@@ -43,12 +43,18 @@
 //! keystroke's echo through psm took four `io_uring_enter` on the relay, two sends and two
 //! receives; it takes two (perf/BENCHMARKS.md).
 
+//! A pass-through connection moves its bytes with splice(2) of its own and waits for its
+//! sockets on the ring instead ([`Polled`]: one `IORING_OP_POLL_ADD` per wait, cancelled when
+//! the waiter goes).
+
 // io_uring hands the kernel pointers into our buffers: the one module of the relay with `unsafe`
 #![allow(unsafe_code)]
 
 mod accept;
+mod ready;
 mod stream;
 pub use accept::{Incoming, Listener};
+pub use ready::{Polled, Wait};
 pub use stream::{Leg, UringStream};
 
 use std::cell::RefCell;
