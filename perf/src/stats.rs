@@ -23,7 +23,8 @@ pub struct Worker {
     pub down: f64,
     /// Failed authentications so far.
     pub auth_failures: f64,
-    /// Pre-authentication failures and refused startups so far.
+    /// Pre-authentication failures, refused startups, and sessions ended or refused on a fault
+    /// of the target, psm-recorder, psm-control or psm itself, so far.
     pub errors: f64,
     /// Recording frames queued toward the recorder link now.
     pub rec_queue: f64,
@@ -71,9 +72,9 @@ impl Scrape {
                 "psm_relay_bytes_up_total" => e.up = x.value,
                 "psm_relay_bytes_down_total" => e.down = x.value,
                 "psm_relay_auth_failures_total" => e.auth_failures = x.value,
-                "psm_relay_preauth_failures_total" | "psm_relay_startups_refused_total" => {
-                    e.errors += x.value
-                }
+                "psm_relay_preauth_failures_total"
+                | "psm_relay_startups_refused_total"
+                | "psm_relay_errors_total" => e.errors += x.value,
                 "psm_relay_recording_queue_depth" => e.rec_queue = x.value,
                 "psm_relay_recording_paused" => e.paused = x.value,
                 "psm_relay_recording_pauses_total" => e.pauses = x.value,
@@ -208,11 +209,14 @@ mod tests {
              psm_relay_startups_refused_total{worker=\"1\"} 2\npsm_relay_recorder_connected 1\n\
              psm_relay_recording_pauses_total{worker=\"1\"} 4\npsm_relay_recording_paused{worker=\"1\"} 1\n\
              psm_relay_recording_stalls_total{worker=\"1\"} 1\n\
+             psm_relay_errors_total{worker=\"1\",side=\"target\"} 2\n\
+             psm_relay_errors_total{worker=\"1\",side=\"recorder\"} 1\n\
              psm_relay_recording_worker_lag_seconds{worker=\"0\"} 0.5\n\
              psm_relay_recording_worker_lag_seconds{worker=\"1\"} 2.25\n",
         );
         let (a, b) = (Scrape::from_samples(&a), Scrape::from_samples(&b));
-        assert_eq!(b.workers[&1].errors, 3.0);
+        // pre-authentication failures, refused startups and faults of every side
+        assert_eq!(b.workers[&1].errors, 6.0);
         let t = table(&a, &b, 2.0);
         let lines: Vec<&str> = t.lines().collect();
         assert!(

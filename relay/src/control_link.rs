@@ -35,8 +35,11 @@ pub const PROGRESS_MAX: usize = 1024;
 /// 2^64 bytes).
 const UNREPORTED: u64 = u64::MAX;
 
-/// The relay's counters (see [`RelayStats`] for what each counts).
+/// The relay's counters (see [`RelayStats`] for what each counts). Aligned to 128 bytes (two
+/// cache lines: Intel's prefetcher pulls lines in pairs), so one worker's counters never share
+/// a line with another's, however the allocator places them.
 #[derive(Default)]
+#[repr(align(128))]
 pub struct Counters {
     /// Connections accepted.
     pub connections: AtomicU64,
@@ -58,6 +61,15 @@ pub struct Counters {
     pub channels_opened: AtomicU64,
     /// Relayed channels whose tasks have all ended (opened minus closed: live now).
     pub channels_closed: AtomicU64,
+    /// Sessions ended, and logins, channels or connections refused, on the target's fault
+    /// ([`Counters::fault`]).
+    pub errors_target: AtomicU64,
+    /// The same on psm-recorder's fault.
+    pub errors_recorder: AtomicU64,
+    /// The same on psm-control's fault.
+    pub errors_control: AtomicU64,
+    /// The same on psm's own fault.
+    pub errors_internal: AtomicU64,
 }
 
 impl Counters {
@@ -65,10 +77,26 @@ impl Counters {
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// A session ended on `side`'s failure ([`EndReason::fault`](crate::end::EndReason::fault)),
+    /// or something was refused on `side`'s account: counted as an error where that side is
+    /// the target, psm-recorder, psm-control or psm itself (the user's, the policy's and an
+    /// operator's refusals are what they asked for, not errors).
+    pub fn fault(&self, side: crate::end::Side) {
+        use crate::end::Side;
+        match side {
+            Side::Target => Counters::bump(&self.errors_target),
+            Side::Recorder => Counters::bump(&self.errors_recorder),
+            Side::Control => Counters::bump(&self.errors_control),
+            Side::Internal => Counters::bump(&self.errors_internal),
+            Side::Client | Side::Policy | Side::Operator => {}
+        }
+    }
 }
 
-/// Each worker's counters: a worker writes only its own (no cache line shared between
-/// cores on the data path); readers sum them.
+/// Each worker's counters: a worker writes only its own, on cache lines of their own
+/// ([`Counters`] is aligned to 128 bytes), so no line moves between cores on the data path;
+/// readers sum them.
 #[derive(Clone)]
 pub struct WorkerCounters(pub Arc<Vec<Arc<Counters>>>);
 
@@ -749,6 +777,25 @@ mod tests {
             bytes.push(b);
         }
         (live, bytes)
+    }
+
+    /// No two workers' counters share a 128-byte block, wherever the allocator puts them.
+    #[test]
+    fn workers_counters_share_no_cache_line() {
+        let w = WorkerCounters::new(4);
+        let mut blocks: Vec<usize> =
+            w.0.iter()
+                .flat_map(|c| {
+                    let start = Arc::as_ptr(c) as usize;
+                    let end = start + std::mem::size_of::<Counters>() - 1;
+                    assert_eq!(start % 128, 0, "a worker's counters start a block");
+                    start / 128..=end / 128
+                })
+                .collect();
+        let n = blocks.len();
+        blocks.sort_unstable();
+        blocks.dedup();
+        assert_eq!(blocks.len(), n, "two workers' counters share a block");
     }
 
     fn ids(p: Vec<SessionProgress>) -> Vec<String> {

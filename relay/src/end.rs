@@ -149,6 +149,25 @@ impl EndReason {
         }
     }
 
+    /// The side whose failure ended the session, where one did: a target lost, closed or
+    /// broken, a recording lost. None for a session that ended as someone meant it to (the
+    /// user or the target closing it, the policy, an operator, psm shutting down).
+    pub fn fault(&self) -> Option<Side> {
+        match self {
+            EndReason::TargetUnresponsive
+            | EndReason::TargetClosed(_)
+            | EndReason::TargetViolation(_) => Some(Side::Target),
+            EndReason::RecordingLost | EndReason::RecordingFailed(_) => Some(Side::Recorder),
+            EndReason::ClientClosed
+            | EndReason::ClientError(_)
+            | EndReason::ClientViolation(_)
+            | EndReason::TargetEnded
+            | EndReason::Shutdown
+            | EndReason::Policy(_)
+            | EndReason::Operator { .. } => None,
+        }
+    }
+
     /// A stable short code for the reason.
     pub fn code(&self) -> &'static str {
         match self {
@@ -250,6 +269,12 @@ mod tests {
         let r = EndReason::from(TargetLoss::Unresponsive);
         assert_eq!(r.to_string(), "target stopped responding");
         assert_eq!(r.side(), Side::Target);
+        assert_eq!(r.fault(), Some(Side::Target));
+        // a target that ends the session as asked is its side, and no failure
+        assert_eq!(EndReason::TargetEnded.side(), Side::Target);
+        assert_eq!(EndReason::TargetEnded.fault(), None);
+        assert_eq!(EndReason::RecordingLost.fault(), Some(Side::Recorder));
+        assert_eq!(EndReason::Shutdown.fault(), None);
         assert_eq!(r.code(), "target_unresponsive");
         assert!(r
             .user_line()

@@ -89,6 +89,26 @@ pub fn families(
         }
         f
     };
+    let mut errors = Family::new(
+        "psm_relay_errors_total",
+        Kind::Counter,
+        "Sessions ended, and logins, channels or connections refused, on a fault of the target, psm-recorder, psm-control or psm itself (side); the user's, the policy's and operators' ends and refusals are not counted.",
+    );
+    let sides: [(&str, Field); 4] = [
+        ("target", |c| &c.errors_target),
+        ("recorder", |c| &c.errors_recorder),
+        ("control", |c| &c.errors_control),
+        ("internal", |c| &c.errors_internal),
+    ];
+    for (i, c) in workers.0.iter().enumerate() {
+        for (side, field) in sides {
+            errors = errors.sample(
+                vec![("worker", i.to_string()), ("side", side.to_string())],
+                field(c).load(Ordering::Relaxed) as f64,
+            );
+        }
+    }
+    out.push(errors);
     out.push(live(
         "psm_relay_sessions_live",
         "Sessions running now.",
@@ -179,6 +199,11 @@ mod tests {
         Counters::bump(&w.0[1].sessions_started);
         Counters::bump(&w.0[1].sessions_ended);
         w.0[0].bytes_up.fetch_add(10, Ordering::Relaxed);
+        // a target's fault counts; a policy's refusal and the user's own end do not
+        w.0[1].fault(crate::end::Side::Target);
+        w.0[1].fault(crate::end::Side::Policy);
+        w.0[1].fault(crate::end::Side::Client);
+        w.0[0].fault(crate::end::Side::Recorder);
         let levels = Levels {
             unauthenticated: Box::new(|| 3),
             recorder_connected: Box::new(|| true),
@@ -197,5 +222,27 @@ mod tests {
         assert_eq!(get("psm_relay_unauthenticated", None), Some(3.0));
         assert_eq!(get("psm_relay_recorder_connected", None), Some(1.0));
         assert_eq!(get("psm_relay_recording_lag_seconds", None), Some(0.25));
+        let error = |worker: &str, side: &str| {
+            s.iter()
+                .find(|x| {
+                    x.name == "psm_relay_errors_total"
+                        && x.label("worker") == Some(worker)
+                        && x.label("side") == Some(side)
+                })
+                .map(|x| x.value)
+        };
+        assert_eq!(error("1", "target"), Some(1.0));
+        assert_eq!(error("1", "recorder"), Some(0.0));
+        assert_eq!(error("0", "recorder"), Some(1.0));
+        assert_eq!(error("0", "internal"), Some(0.0));
+        let all: f64 = s
+            .iter()
+            .filter(|x| x.name == "psm_relay_errors_total")
+            .map(|x| x.value)
+            .sum();
+        assert_eq!(
+            all, 2.0,
+            "only the target's and the recorder's faults count"
+        );
     }
 }

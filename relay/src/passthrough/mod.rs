@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::control_link::SessionBytes;
+use crate::end::Side;
 use crate::session::WorkerCtx;
 use crate::startups::LogLimiter;
 
@@ -284,9 +285,10 @@ fn refuse(
     login: String,
     user: &str,
     code: &str,
-    side: &str,
+    side: Side,
     reason: String,
 ) {
+    ctx.counters.fault(side);
     let limiter = if code == "no_lease" {
         &ctx.leases.no_lease
     } else {
@@ -346,7 +348,7 @@ async fn connection(
             login,
             "",
             "no_lease",
-            "policy",
+            Side::Policy,
             format!("no lease of tcp target '{target}' is open from {source}: open one with ssh USER@{TCP_ACCOUNT}@{target}@gateway"),
         );
         return;
@@ -365,7 +367,7 @@ async fn connection(
             login,
             &lease.user,
             d.code(),
-            "policy",
+            Side::Policy,
             d.to_string(),
         );
         return;
@@ -387,7 +389,7 @@ async fn connection(
             login,
             &user,
             "lease_connections",
-            "client",
+            Side::Client,
             format!("the lease already relays {MAX_LEASE_CONNECTIONS} connections"),
         );
         return;
@@ -403,7 +405,7 @@ async fn connection(
                 login,
                 &user,
                 "target_unreachable",
-                "target",
+                Side::Target,
                 why,
             );
             return;
@@ -427,7 +429,7 @@ async fn connection(
                 login,
                 &user,
                 "relay_error",
-                "internal",
+                Side::Internal,
                 format!("the connection could not be put on the worker's back end: {e}"),
             );
             return;

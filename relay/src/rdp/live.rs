@@ -569,6 +569,9 @@ async fn finish(
 ) {
     ctx.sessions.remove(&a.session_id);
     Counters::bump(&ctx.counters.sessions_ended);
+    if let Some(side) = reason.fault() {
+        ctx.counters.fault(side);
+    }
     let end_ms = now_ms().max(a.start_ms);
     let mut unconfirmed = None;
     if let Some(rec) = recording {

@@ -220,6 +220,9 @@ impl Phase<'_> {
                 .failed(self.peer.ip(), Login::user_part(&login), now_ms());
         }
         Counters::bump(&self.ctx.counters.auth_failures);
+        if let Some(side) = side {
+            self.ctx.counters.fault(side);
+        }
         info!(peer = %self.peer, login = %Escaped(&login), method, reason = %Escaped(reason), protocol = "rdp", "authentication failed");
         self.ctx.audit.emit(AuditKind::AuthFailure {
             protocol: psm_control_api::Protocol::Rdp,
@@ -234,6 +237,7 @@ impl Phase<'_> {
     /// A `session_denied` audit event.
     pub(super) fn denied(&self, login: &str, user: &str, r: &Refusal) {
         info!(peer = %self.peer, login = %Escaped(login), reason = %Escaped(&r.reason), code = r.code, side = %r.side, protocol = "rdp", "session denied");
+        self.ctx.counters.fault(r.side);
         self.ctx.audit.emit(AuditKind::SessionDenied {
             protocol: psm_control_api::Protocol::Rdp,
             login: logged_login(login),

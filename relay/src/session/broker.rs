@@ -100,6 +100,9 @@ impl Conn {
     ) {
         let login = logged_login(login);
         Counters::bump(&self.ctx.counters.auth_failures);
+        if let Some(side) = side {
+            self.ctx.counters.fault(side);
+        }
         info!(peer = %self.shared.peer, login = %Escaped(&login), method, reason, "authentication failed");
         self.ctx.audit.emit(AuditKind::AuthFailure {
             protocol: psm_control_api::Protocol::Ssh,
@@ -152,6 +155,7 @@ impl Conn {
     /// Audits a refused session, channel or forward; returns the user's line.
     pub(super) fn deny(&self, user: &str, r: Refusal) -> String {
         info!(peer = %self.shared.peer, login = %Escaped(&self.login), reason = %Escaped(&r.reason), code = r.code, side = %r.side, "session denied");
+        self.ctx.counters.fault(r.side);
         self.ctx.audit.emit(AuditKind::SessionDenied {
             protocol: psm_control_api::Protocol::Ssh,
             login: logged_login(&self.login),

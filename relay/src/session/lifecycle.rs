@@ -312,6 +312,9 @@ pub(super) async fn finish(ctx: &WorkerCtx, shared: &Shared, reason: Option<EndR
     Counters::bump(&ctx.counters.sessions_ended);
     let end_ms = now_ms().max(shared.start_ms);
     let reason = reason.or(end).unwrap_or(EndReason::ClientClosed);
+    if let Some(side) = reason.fault() {
+        ctx.counters.fault(side);
+    }
     // psm-recorder finishes the recording (its last chunk flushed, the trailer written) and
     // confirms what it holds; a lost recorder never does, and that count is kept
     let mut unconfirmed = None;
