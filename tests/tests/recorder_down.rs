@@ -384,9 +384,33 @@ fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
     );
     w.psm.signal_recorder(Signal::SIGSTOP);
     let stopped_at = std::time::Instant::now();
+    // the relay's memory while its queue is full and the flood goes on: the queue is bounded
+    // and the session waits for room in it, so the relay takes in no more than it holds
+    let relay = w.psm.relay_pids()[0];
+    let rss_at_stop = vm_rss_kib(relay);
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !ended.load(Ordering::SeqCst) {
+                most = most.max(vm_rss_kib(relay));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            most
+        })
+    };
     let status = wait_child(&mut child, Duration::from_secs(30));
     let took = stopped_at.elapsed();
+    ended.store(true, Ordering::SeqCst);
+    let rss_most = sampler.join().expect("sampler");
     w.psm.signal_recorder(Signal::SIGCONT);
+    // (0.04–0.6 MiB here; this flood brings about 2 MB/s of payload, so a relay that kept
+    // taking it in through the 6 s stall would hold over 11 MB more, frames not counted)
+    assert!(
+        rss_most <= rss_at_stop + 4 * 1024,
+        "the relay grew from {rss_at_stop} to {rss_most} KiB while its queue was full"
+    );
     if status.is_none() {
         let _ = child.kill();
     }
