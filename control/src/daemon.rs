@@ -440,6 +440,9 @@ pub async fn run_until_with<F: Future<Output = ()>>(
             source,
         })?;
         info!(listen = %bound, "psm-control counters served (Prometheus text)");
+        if let Some(why) = psm_metrics::exposure(bound) {
+            tracing::warn!(listen = %bound, "{why}");
+        }
     }
     let weak = Arc::downgrade(&shared);
     shared.siem.forward_notices(move |kind| {

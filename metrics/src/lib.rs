@@ -214,6 +214,14 @@ where
     Ok(bound)
 }
 
+/// What an operator is told when counters are served on `addr` beyond this host (any address
+/// but a loopback one): the endpoint has no authentication. None for a loopback address.
+pub fn exposure(addr: SocketAddr) -> Option<&'static str> {
+    (!addr.ip().is_loopback()).then_some(
+        "counters are served beyond this host, without authentication, to whoever reaches the address: firewall it or serve them on a loopback address",
+    )
+}
+
 /// Fetches a text exposition from `addr` (`GET /metrics`), for `psm-perf stats` and tests.
 pub fn fetch(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let mut c = std::net::TcpStream::connect_timeout(&addr, timeout)?;
@@ -238,6 +246,16 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_loopback_address_is_quiet() {
+        for quiet in ["127.0.0.1:9464", "127.0.0.2:1", "[::1]:9464"] {
+            assert_eq!(exposure(quiet.parse().expect("addr")), None, "{quiet}");
+        }
+        for loud in ["0.0.0.0:9464", "10.1.2.3:9464", "[::]:9464"] {
+            assert!(exposure(loud.parse().expect("addr")).is_some(), "{loud}");
+        }
+    }
 
     fn families() -> Vec<Family> {
         vec![

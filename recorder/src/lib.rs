@@ -256,6 +256,9 @@ pub async fn run_until_with(
         let bound = psm_metrics::serve(addr, move || psm_metrics::render(&st.families()))
             .map_err(setup_err_addr(addr))?;
         info!(listen = %bound, "recorder counters served (Prometheus text)");
+        if let Some(why) = psm_metrics::exposure(bound) {
+            tracing::warn!(listen = %bound, "{why}");
+        }
     }
     let keys = Arc::new(Keys {
         evidence: key,

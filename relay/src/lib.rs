@@ -237,6 +237,9 @@ pub fn start(cfg: &RelayConfig) -> Result<Relay, RelayError> {
         })
         .map_err(|source| RelayError::Bind { addr, source })?;
         info!(listen = %bound, "relay counters served (Prometheus text)");
+        if let Some(why) = psm_metrics::exposure(bound) {
+            warn!(listen = %bound, "{why}");
+        }
     }
     {
         let socket = cfg.data_dir.join(psm_control_api::POLICY_SOCKET);
