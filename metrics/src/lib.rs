@@ -217,7 +217,7 @@ where
 /// What an operator is told when counters are served on `addr` beyond this host (any address
 /// but a loopback one): the endpoint has no authentication. None for a loopback address.
 pub fn exposure(addr: SocketAddr) -> Option<&'static str> {
-    (!addr.ip().is_loopback()).then_some(
+    (!addr.ip().to_canonical().is_loopback()).then_some(
         "counters are served beyond this host, without authentication, to whoever reaches the address: firewall it or serve them on a loopback address",
     )
 }
@@ -249,7 +249,12 @@ mod tests {
 
     #[test]
     fn only_a_loopback_address_is_quiet() {
-        for quiet in ["127.0.0.1:9464", "127.0.0.2:1", "[::1]:9464"] {
+        for quiet in [
+            "127.0.0.1:9464",
+            "127.0.0.2:1",
+            "[::1]:9464",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert_eq!(exposure(quiet.parse().expect("addr")), None, "{quiet}");
         }
         for loud in ["0.0.0.0:9464", "10.1.2.3:9464", "[::]:9464"] {

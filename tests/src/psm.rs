@@ -229,6 +229,24 @@ impl Psm {
         );
     }
 
+    /// Whether the relay's workers run on io_uring, as its log says (within 10 s): `--io auto`
+    /// falls back to epoll where io_uring is refused.
+    pub fn relay_on_io_uring(&self) -> bool {
+        let said = |line: &str| {
+            self.up
+                .iter()
+                .chain(self.daemons.iter())
+                .any(|d| fs::read_to_string(&d.log).is_ok_and(|t| t.contains(line)))
+        };
+        let mut uring = false;
+        let told = wait_for(Duration::from_secs(10), || {
+            uring = said("worker running on io_uring");
+            uring || said("worker running on tokio (epoll)")
+        });
+        assert!(told, "the relay's log never said which back end it runs on");
+        uring
+    }
+
     fn assert_alive(&mut self, cond: bool, what: &str) {
         let mut dead = Vec::new();
         for d in self.up.iter_mut().chain(self.daemons.iter_mut()) {

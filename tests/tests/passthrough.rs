@@ -367,7 +367,7 @@ fn a_lease_relays_at_most_its_cap_of_connections_at_once() {
     );
     // a worker on io_uring waits for them on its ring, the epoll fallback on its epoll
     // (once each is set up: a dial is on the runtime's epoll until it connects)
-    let on_epoll = std::env::var("PSM_RELAY_IO").is_ok_and(|io| io == "epoll");
+    let on_epoll = !w.psm.relay_on_io_uring();
     let want = if on_epoll { 256 } else { 0 };
     assert!(
         wait_for(Duration::from_secs(10), || {

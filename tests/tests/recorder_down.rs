@@ -405,15 +405,15 @@ fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
     ended.store(true, Ordering::SeqCst);
     let rss_most = sampler.join().expect("sampler");
     w.psm.signal_recorder(Signal::SIGCONT);
+    if status.is_none() {
+        let _ = child.kill();
+    }
     // (0.04–0.6 MiB here; this flood brings about 2 MB/s of payload, so a relay that kept
     // taking it in through the 6 s stall would hold over 11 MB more, frames not counted)
     assert!(
         rss_most <= rss_at_stop + 4 * 1024,
         "the relay grew from {rss_at_stop} to {rss_most} KiB while its queue was full"
     );
-    if status.is_none() {
-        let _ = child.kill();
-    }
     let status = status.expect("the session must end while psm-recorder is stuck");
     let _ = reader.join();
     assert!(!status.success(), "the session must end with its recording");

@@ -102,7 +102,8 @@ impl Phase<'_> {
                     text,
                     method,
                     &format!("connection refused: {refusal}"),
-                    Some(Side::Internal),
+                    // a configured cap on connections: the policy's, not a failure
+                    Some(Side::Policy),
                     false,
                 );
                 return Err(Fail);
