@@ -68,8 +68,14 @@ fn cut(s: &str, max: usize) -> String {
     psm_control_api::escape::truncate(s, max).0.to_string()
 }
 
+/// What the target's message `m` is for the user's channel; None for one psm does not relay,
+/// and for an empty data message, which carries nothing (a target can send them without end:
+/// they take no window, so relaying and recording each would cost psm for no byte).
 pub(crate) fn down_item(m: ChannelMsg) -> Option<Item> {
     Some(match m {
+        ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } if data.is_empty() => {
+            return None
+        }
         ChannelMsg::Data { data } => Item::Data(data),
         ChannelMsg::ExtendedData { data, ext } => Item::Ext(ext, data),
         ChannelMsg::Eof => Item::Eof,

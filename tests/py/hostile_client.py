@@ -47,6 +47,10 @@ Modes (COUNT default in brackets):
                     (asyncssh cuts it into packets of the peer's maximum packet size), then
                     EOF, and reads the digest. Prints send_pktsize=N sent_digest=HEX
                     remote_digest=HEX.
+  empty-data        opens a session running "sha256sum" and sends 64 KiB of random bytes in
+                    64 pieces with COUNT [100000] empty data messages spread among them
+                    (they take no window), then EOF, and reads the digest. Prints
+                    empties=N sent_digest=HEX remote_digest=HEX.
   stalled-rekey     not an abuse, a slow peer: opens a session running
                     "echo start; head -c COUNT [8] MiB /dev/zero; echo; then six lines
                     'tick N' a second apart", and once "start" has come, starts a key
@@ -75,7 +79,8 @@ import time
 import asyncssh
 import asyncssh.connection
 from asyncssh.channel import SSHClientChannel
-from asyncssh.constants import MSG_CHANNEL_FAILURE, MSG_CHANNEL_SUCCESS, MSG_REQUEST_SUCCESS
+from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_FAILURE, MSG_CHANNEL_SUCCESS,
+                                MSG_REQUEST_SUCCESS)
 from asyncssh.packet import String, UInt32
 
 asyncssh.connection.saslprep = lambda s: s
@@ -90,6 +95,7 @@ MODES = (
     "open-close-channels",
     "large-packets",
     "stalled-rekey",
+    "empty-data",
 )
 DEFAULT_COUNT = {
     "env-before-exec": 200,
@@ -100,6 +106,7 @@ DEFAULT_COUNT = {
     "pre-start-data": 200,
     "large-packets": 4,
     "stalled-rekey": 8,
+    "empty-data": 100000,
 }
 PTY_SIZES = ((65535, 65535), (0, 0), (4294967295, 4294967295))
 STREAMLOCAL_COUNT = 10
@@ -528,6 +535,39 @@ async def mode_large_packets(cfg, budget) -> None:
         await wait_event(sess.closed, budget, 30)
     remote = bytes(sess.output()).decode("ascii", "replace").split(" ")[0]
     result(f"send_pktsize={chan._send_pktsize}",
+           f"sent_digest={hashlib.sha256(payload).hexdigest()}",
+           f"remote_digest={token(remote)}")
+    conn.abort()
+
+
+async def mode_empty_data(cfg, budget) -> None:
+    conn, _tracker = await connect(cfg, budget)
+    chan = RawChannel(conn, None)
+    (await chan._open(b"session")).check_end()
+    sess = Collector()
+    chan._session = sess
+    sess.connection_made(chan)
+    _, accepted, _ = await request(chan, budget, 10, b"exec", String("sha256sum"))
+    payload = os.urandom(64 * 1024)
+    piece = len(payload) // 64
+    sent = 0
+    if accepted:
+        start_reading(conn, chan)
+        transport = conn._transport
+        for k in range(64):
+            chan.write(payload[k * piece:(k + 1) * piece])
+            for _ in range(cfg.count // 64 + (1 if k < cfg.count % 64 else 0)):
+                chan.send_packet(MSG_CHANNEL_DATA, String(b""))
+                sent += 1
+            # the empty messages take no window: wait on the socket instead
+            while transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+                if budget.cap(3600) < 2 or transport.is_closing():
+                    break
+                await asyncio.sleep(0.002)
+        chan.write_eof()
+        await wait_event(sess.closed, budget, 30)
+    remote = bytes(sess.output()).decode("ascii", "replace").split(" ")[0]
+    result(f"empties={sent}",
            f"sent_digest={hashlib.sha256(payload).hexdigest()}",
            f"remote_digest={token(remote)}")
     conn.abort()

@@ -24,6 +24,10 @@ session channel that requests exec or shell, misbehaves as MODE says:
                       gateway allows, then exits with status 0.
   stall               writes "stalled\\n", then stops reading from the socket and never
                       answers anything again.
+  empty-data          sends COUNT (default 100000) empty data messages on stdout and as many
+                      on stderr (SSH_MSG_CHANNEL_DATA and _EXTENDED_DATA carrying no byte,
+                      which take no window), writing "line I\\n" on stdout every 1000th, then
+                      "done\\n", and exits with status 0.
 
 usage: hostile_target.py --port-file PATH --host-key PATH --user U --password P
                          --mode MODE [--count N] [--max-seconds S]
@@ -45,6 +49,7 @@ import threading
 import time
 
 import asyncssh
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA
 from asyncssh.packet import Boolean, String, UInt32
 
 MODES = (
@@ -55,8 +60,14 @@ MODES = (
     "oversized-packet",
     "stall",
     "large-packets",
+    "empty-data",
 )
-DEFAULT_COUNT = {"exit-signal-flood": 8000, "unasked-channels": 200, "large-packets": 4}
+DEFAULT_COUNT = {
+    "exit-signal-flood": 8000,
+    "unasked-channels": 200,
+    "large-packets": 4,
+    "empty-data": 100000,
+}
 CHANNEL_KINDS = ("forwarded-tcpip", "x11", "auth-agent@openssh.com", "session", "direct-tcpip")
 # Most bytes queued in the kernel-side transport buffer before the flood waits for the peer.
 FLOOD_BUFFER_LIMIT = 8 * 1024 * 1024
@@ -292,6 +303,23 @@ class HostileSession(asyncssh.SSHServerSession):
         chan = self.chan
         log(f"writing {self.cfg.count} MiB; the gateway's maximum packet is {chan._send_pktsize}")
         chan.write("0123456789abcdef" * (self.cfg.count * 65536))  # the session's encoding is UTF-8
+        chan.exit(0)
+
+    async def mode_empty_data(self) -> None:
+        chan = self.chan
+        transport = chan.get_extra_info("connection")._transport
+        for i in range(self.cfg.count):
+            if i % 1000 == 0:
+                chan.write(f"line {i}\n")
+                # the empty messages take no window: wait on the socket instead
+                while transport.get_write_buffer_size() > FLOOD_BUFFER_LIMIT:
+                    if self.deadline.left() < 2 or transport.is_closing():
+                        return
+                    await asyncio.sleep(0.002)
+            chan.send_packet(MSG_CHANNEL_DATA, String(b""))
+            chan.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(1), String(b""))
+        log(f"sent {self.cfg.count} empty data messages on stdout and on stderr")
+        chan.write("done\n")
         chan.exit(0)
 
     async def mode_stall(self) -> None:

@@ -714,6 +714,76 @@ fn a_target_may_send_packets_of_64_kib() {
     w.assert_all_sessions_ended();
 }
 
+/// A user who sends empty data messages, 100,000 among 64 KiB of real bytes: the target gets
+/// the bytes intact (its digest matches), and the recording holds them and no empty message.
+#[test]
+fn empty_data_messages_from_a_user_carry_nothing_and_are_not_recorded() {
+    let w = World::new();
+    let mark = w.psm.audit_mark();
+    let out = hostile_client(&w, "empty-data", &["--count", "100000"]);
+    assert_eq!(result_field(&out, "empties"), "100000", "{out}");
+    assert_eq!(
+        result_field(&out, "remote_digest"),
+        result_field(&out, "sent_digest"),
+        "{out}"
+    );
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end of the empty-data session", T, |e| {
+            is(e, "session_end")
+        });
+    let (data, error) = w.psm.recorded_data(jstr(&end, "recording_id"));
+    assert!(error.is_none(), "the recording reads: {error:?}");
+    assert_eq!(
+        data.iter().filter(|(_, n)| *n == 0).count(),
+        0,
+        "empty messages in the recording"
+    );
+    let input: usize = data
+        .iter()
+        .filter(|(d, _)| *d == psm_recorder_format::Direction::Input)
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(input, 64 * 1024, "recorded input bytes");
+    w.assert_all_sessions_ended();
+}
+
+/// A target that sends empty data messages, 100,000 on stdout and as many on stderr among its
+/// lines (they carry no byte and take no window, so nothing in SSH slows them): the user gets
+/// every line intact with the exit status, and the recording holds the lines and no empty
+/// message.
+#[test]
+fn empty_data_messages_from_a_target_carry_nothing_and_are_not_recorded() {
+    let w = World::new();
+    let evil = HostileTarget::start(&work(&w), "empty-data", &["--count", "100000"]);
+    evil.register(&w);
+    let mark = w.psm.audit_mark();
+    let out = run_ssh(w.ssh_as(&evil_login(), &w.alice_key).arg("go"));
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let mut expected: String = (0..100_000)
+        .step_by(1000)
+        .map(|i| format!("line {i}\n"))
+        .collect();
+    expected.push_str("done\n");
+    assert_eq!(out.stdout_str(), expected, "{}", out.describe());
+    let end = w
+        .psm
+        .wait_audit_after(mark, "session_end of the empty-data session", T, |e| {
+            is(e, "session_end")
+        });
+    let (data, error) = w.psm.recorded_data(jstr(&end, "recording_id"));
+    assert!(error.is_none(), "the recording reads: {error:?}");
+    let empty = data.iter().filter(|(_, n)| *n == 0).count();
+    assert_eq!(empty, 0, "empty messages in the recording");
+    let output: usize = data
+        .iter()
+        .filter(|(d, _)| *d != psm_recorder_format::Direction::Input)
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(output, expected.len(), "recorded output bytes");
+    w.assert_all_sessions_ended();
+}
+
 #[test]
 fn pty_sizes_are_clamped_in_the_recording() {
     let w = World::new();
