@@ -381,7 +381,7 @@ pub fn echo_server(n: usize) -> u16 {
 }
 
 /// The socket inodes among the descriptors of process `pid`.
-fn socket_inodes(pid: &str) -> std::collections::HashSet<String> {
+pub fn socket_inodes(pid: &str) -> std::collections::HashSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.flatten()

@@ -606,9 +606,7 @@ fn a_client_that_ignores_its_window_is_disconnected_and_memory_returns() {
 }
 
 /// The largest data message of each direction in a session's recording.
-fn largest_recorded(w: &World, recording_id: &str) -> (usize, usize) {
-    let (data, error) = w.psm.recorded_data(recording_id);
-    assert!(error.is_none(), "the recording reads: {error:?}");
+fn largest_recorded(data: &[(psm_recorder_format::Direction, usize)]) -> (usize, usize) {
     let largest = |input: bool| {
         data.iter()
             .filter(|(d, _)| (*d == psm_recorder_format::Direction::Input) == input)
@@ -617,6 +615,21 @@ fn largest_recorded(w: &World, recording_id: &str) -> (usize, usize) {
             .unwrap_or(0)
     };
     (largest(true), largest(false))
+}
+
+/// The DATA records (direction, length) of the recording of the session that ended after
+/// `mark`, which must read to its end.
+fn recorded_after(
+    w: &World,
+    mark: usize,
+    what: &str,
+) -> Vec<(psm_recorder_format::Direction, usize)> {
+    let end = w
+        .psm
+        .wait_audit_after(mark, what, T, |e| is(e, "session_end"));
+    let (data, error) = w.psm.recorded_data(jstr(&end, "recording_id"));
+    assert!(error.is_none(), "the recording reads: {error:?}");
+    data
 }
 
 /// A key exchange on one leg never stalls the other: a user whose client holds a rekey open for
@@ -678,12 +691,8 @@ fn a_client_may_send_packets_of_64_kib() {
         result_field(&out, "sent_digest"),
         "{out}"
     );
-    let end = w
-        .psm
-        .wait_audit_after(mark, "session_end of the large-packet session", T, |e| {
-            is(e, "session_end")
-        });
-    let (input, _) = largest_recorded(&w, jstr(&end, "recording_id"));
+    let data = recorded_after(&w, mark, "session_end of the large-packet session");
+    let (input, _) = largest_recorded(&data);
     assert_eq!(input, 65535, "the largest upload message recorded");
     w.assert_all_sessions_ended();
 }
@@ -704,12 +713,8 @@ fn a_target_may_send_packets_of_64_kib() {
         "{} bytes, not the 4 MiB the target sent",
         out.stdout.len()
     );
-    let end = w
-        .psm
-        .wait_audit_after(mark, "session_end of the large-packet session", T, |e| {
-            is(e, "session_end")
-        });
-    let (_, output) = largest_recorded(&w, jstr(&end, "recording_id"));
+    let data = recorded_after(&w, mark, "session_end of the large-packet session");
+    let (_, output) = largest_recorded(&data);
     assert_eq!(output, 65535, "the largest download message recorded");
     w.assert_all_sessions_ended();
 }
@@ -727,13 +732,7 @@ fn empty_data_messages_from_a_user_carry_nothing_and_are_not_recorded() {
         result_field(&out, "sent_digest"),
         "{out}"
     );
-    let end = w
-        .psm
-        .wait_audit_after(mark, "session_end of the empty-data session", T, |e| {
-            is(e, "session_end")
-        });
-    let (data, error) = w.psm.recorded_data(jstr(&end, "recording_id"));
-    assert!(error.is_none(), "the recording reads: {error:?}");
+    let data = recorded_after(&w, mark, "session_end of the empty-data session");
     assert_eq!(
         data.iter().filter(|(_, n)| *n == 0).count(),
         0,
@@ -766,13 +765,7 @@ fn empty_data_messages_from_a_target_carry_nothing_and_are_not_recorded() {
         .collect();
     expected.push_str("done\n");
     assert_eq!(out.stdout_str(), expected, "{}", out.describe());
-    let end = w
-        .psm
-        .wait_audit_after(mark, "session_end of the empty-data session", T, |e| {
-            is(e, "session_end")
-        });
-    let (data, error) = w.psm.recorded_data(jstr(&end, "recording_id"));
-    assert!(error.is_none(), "the recording reads: {error:?}");
+    let data = recorded_after(&w, mark, "session_end of the empty-data session");
     let empty = data.iter().filter(|(_, n)| *n == 0).count();
     assert_eq!(empty, 0, "empty messages in the recording");
     let output: usize = data

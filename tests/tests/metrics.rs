@@ -253,24 +253,13 @@ fn cpus_allowed(status: &str) -> Vec<usize> {
 /// The TCP ports process `pid` listens on (one entry per listening socket: each worker of a
 /// relay has its own), from /proc/net/tcp and tcp6.
 fn tcp_listening(pid: u32) -> Vec<u16> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_string_lossy().into_owned();
-            l.strip_prefix("socket:[")
-                .and_then(|r| r.strip_suffix(']'))
-                .map(str::to_owned)
-        })
-        .collect();
+    let inodes = socket_inodes(&pid.to_string());
     let mut ports = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
         for l in text.lines().skip(1) {
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
                 let port = f[1].rsplit(':').next().unwrap_or("0");
                 ports.push(u16::from_str_radix(port, 16).expect("port"));
             }

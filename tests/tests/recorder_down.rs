@@ -388,22 +388,10 @@ fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
     // and the session waits for room in it, so the relay takes in no more than it holds
     let relay = w.psm.relay_pids()[0];
     let rss_at_stop = vm_rss_kib(relay);
-    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let ended = ended.clone();
-        std::thread::spawn(move || {
-            let mut most = 0;
-            while !ended.load(Ordering::SeqCst) {
-                most = most.max(vm_rss_kib(relay));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            most
-        })
-    };
+    let sampler = RssSampler::start(relay);
     let status = wait_child(&mut child, Duration::from_secs(30));
     let took = stopped_at.elapsed();
-    ended.store(true, Ordering::SeqCst);
-    let rss_most = sampler.join().expect("sampler");
+    let rss_most = sampler.most();
     w.psm.signal_recorder(Signal::SIGCONT);
     if status.is_none() {
         let _ = child.kill();
@@ -434,6 +422,34 @@ fn a_stalled_recorder_under_a_flood_of_tiny_packets_still_ends_its_session() {
         "the full queue's wait is not counted as a pause"
     );
     assert_eq!(gauge("psm_relay_recording_paused"), 0.0);
+}
+
+/// The largest resident size of a process, sampled every 50 ms from `start` to `most`.
+struct RssSampler {
+    ended: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = ended.clone();
+        let thread = std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::SeqCst) {
+                most = most.max(vm_rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            most
+        });
+        RssSampler { ended, thread }
+    }
+
+    /// Stops sampling; the largest size seen, in KiB.
+    fn most(self) -> u64 {
+        self.ended.store(true, Ordering::SeqCst);
+        self.thread.join().expect("sampler")
+    }
 }
 
 /// The relay's counters named `name`, summed over workers, read from its metrics port.
@@ -496,23 +512,11 @@ fn a_stalled_recorder_pauses_its_sessions_then_ends_them() {
     // target keeps offering data (`yes` writes hundreds of MB a second) until the session ends
     let relay = w.psm.relay_pids()[0];
     let rss_at_pause = vm_rss_kib(relay);
-    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let ended = ended.clone();
-        std::thread::spawn(move || {
-            let mut most = 0;
-            while !ended.load(Ordering::SeqCst) {
-                most = most.max(vm_rss_kib(relay));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            most
-        })
-    };
+    let sampler = RssSampler::start(relay);
     // then the stall limit ends the session, blamed on the recorder
     let status = wait_child(&mut child, Duration::from_secs(20)).expect("ssh ends");
     let took = stopped_at.elapsed();
-    ended.store(true, Ordering::SeqCst);
-    let rss_most = sampler.join().expect("sampler");
+    let rss_most = sampler.most();
     assert!(
         rss_most <= rss_at_pause + 16 * 1024,
         "the relay grew from {rss_at_pause} to {rss_most} KiB while its session was paused"
