@@ -192,10 +192,9 @@ fn wait_event(
 
 /// Adds the `tcp` target db01 in front of the echo server on `echo`, served on a psm port of
 /// its own; waits until psm serves it. Returns the port and its `127.0.0.1:PORT`.
-fn tcp_target(w: &World, echo: u16) -> (u16, String) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let added = w.psm.psmctl_ok(
+/// `psmctl target add db01 --protocol tcp`: the echo server on `echo`, served on `listen`.
+fn add_db01(w: &World, echo: u16, listen: &str) -> String {
+    w.psm.psmctl_ok(
         &[
             "target",
             "add",
@@ -205,10 +204,16 @@ fn tcp_target(w: &World, echo: u16) -> (u16, String) {
             "--address",
             &format!("127.0.0.1:{echo}"),
             "--listen",
-            &listen,
+            listen,
         ],
         None,
-    );
+    )
+}
+
+fn tcp_target(w: &World, echo: u16) -> (u16, String) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let added = add_db01(w, echo, &listen);
     assert!(added.contains("added tcp target db01"), "{added}");
     let list = w.psm.psmctl_ok(&["target", "list"], None);
     assert!(list.contains(&format!("psm port {listen}")), "{list}");
@@ -740,20 +745,7 @@ fn a_psm_port_served_again_is_checked_again_for_another_holder() {
     other.bind(&addr.into()).expect("bind the freed port");
     other.listen(16).expect("listen");
     // the target comes back on the same port
-    w.psm.psmctl_ok(
-        &[
-            "target",
-            "add",
-            "db01",
-            "--protocol",
-            "tcp",
-            "--address",
-            &format!("127.0.0.1:{echo}"),
-            "--listen",
-            &listen,
-        ],
-        None,
-    );
+    add_db01(&w, echo, &listen);
     w.psm.wait_policy_applied();
     assert!(
         wait_for(Duration::from_secs(10), || {

@@ -382,12 +382,11 @@ async fn connection(
     }
     let _open = Open(lease.open.clone());
     if lease.open.fetch_add(1, Ordering::AcqRel) >= MAX_LEASE_CONNECTIONS {
-        let user = lease.user.clone();
         refuse(
             &ctx,
             peer,
             login,
-            &user,
+            &lease.user,
             "lease_connections",
             Side::Client,
             format!("the lease already relays {MAX_LEASE_CONNECTIONS} connections"),
@@ -398,12 +397,11 @@ async fn connection(
         Ok(s) => s,
         Err(e) => {
             let why = format!("target '{target}' unreachable at {address}: {e}");
-            let user = lease.user.clone();
             refuse(
                 &ctx,
                 peer,
                 login,
-                &user,
+                &lease.user,
                 "target_unreachable",
                 Side::Target,
                 why,
@@ -422,12 +420,11 @@ async fn connection(
     ) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
-            let user = lease.user.clone();
             refuse(
                 &ctx,
                 peer,
                 login,
-                &user,
+                &lease.user,
                 "relay_error",
                 Side::Internal,
                 format!("the connection could not be put on the worker's back end: {e}"),
