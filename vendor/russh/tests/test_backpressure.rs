@@ -1,4 +1,4 @@
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -18,16 +18,11 @@ const HANDLE_DATA_COUNT: usize = 64;
 async fn test_backpressure() -> Result<(), anyhow::Error> {
     env_logger::init();
 
-    let addr = addr();
+    let (listener, addr) = listener();
     let data = data();
     let (tx, rx) = watch::channel(());
 
-    tokio::spawn(Server::run(addr, rx));
-
-    // Wait until the server is started
-    while TcpStream::connect(addr).is_err() {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    tokio::spawn(Server::run(listener, rx));
 
     stream(addr, &data, tx).await?;
 
@@ -36,14 +31,10 @@ async fn test_backpressure() -> Result<(), anyhow::Error> {
 
 #[tokio::test]
 async fn server_handle_data_backpressures_when_client_stops_reading() -> Result<(), anyhow::Error> {
-    let addr = addr();
+    let (listener, addr) = listener();
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
 
-    tokio::spawn(HandleBackpressureServer::run(addr, progress_tx));
-
-    while TcpStream::connect(addr).is_err() {
-        sleep(Duration::from_millis(10)).await;
-    }
+    tokio::spawn(HandleBackpressureServer::run(listener, progress_tx));
 
     let config = Arc::new(client::Config {
         window_size: WINDOW_SIZE as u32,
@@ -137,12 +128,14 @@ fn data() -> Vec<u8> {
     data
 }
 
-/// Find a unused local address to bind our server to
-fn addr() -> SocketAddr {
-    TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// A listener on a free local port, kept bound until the server takes it
+/// (psm fork: upstream picked a port, freed it and bound it again later, so
+/// another socket could take it in between).
+fn listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (tokio::net::TcpListener::from_std(listener).unwrap(), addr)
 }
 
 #[derive(Clone)]
@@ -151,7 +144,7 @@ struct Server {
 }
 
 impl Server {
-    async fn run(addr: SocketAddr, rx: watch::Receiver<()>) {
+    async fn run(listener: tokio::net::TcpListener, rx: watch::Receiver<()>) {
         let config = Arc::new(server::Config {
             keys: vec![PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519).unwrap()],
             window_size: WINDOW_SIZE as u32,
@@ -160,7 +153,7 @@ impl Server {
         });
         let mut sh = Server { rx: Some(rx) };
 
-        sh.run_on_address(config, addr).await.unwrap();
+        sh.run_on_socket(config, &listener).await.unwrap();
     }
 }
 
@@ -221,14 +214,14 @@ struct HandleBackpressureServer {
 }
 
 impl HandleBackpressureServer {
-    async fn run(addr: SocketAddr, progress_tx: mpsc::UnboundedSender<usize>) {
+    async fn run(listener: tokio::net::TcpListener, progress_tx: mpsc::UnboundedSender<usize>) {
         let config = Arc::new(server::Config {
             keys: vec![PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519).unwrap()],
             event_buffer_size: 1,
             ..Default::default()
         });
         let mut server = Self { progress_tx };
-        server.run_on_address(config, addr).await.unwrap();
+        server.run_on_socket(config, &listener).await.unwrap();
     }
 }
 

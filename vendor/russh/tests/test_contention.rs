@@ -21,13 +21,12 @@ static THREADS: usize = 16;
 async fn test_contention() -> Result<(), anyhow::Error> {
     env_logger::init();
 
-    let ssh_addr = addr().await;
-    let tcp_addr = addr().await;
-    tokio::spawn(Server::run(ssh_addr, tcp_addr));
-
-    while TcpStream::connect(ssh_addr).await.is_err() {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // psm fork: the server keeps the listener it was given, and the forward
+    // asks for port 0 and is told the port bound, so no port is picked, freed
+    // and bound again later (upstream did both, and CI once saw ECONNREFUSED).
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let ssh_addr = listener.local_addr()?;
+    tokio::spawn(Server::run(listener));
 
     let config = Arc::new(client::Config::default());
     let key = Arc::new(PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519).unwrap());
@@ -49,12 +48,14 @@ async fn test_contention() -> Result<(), anyhow::Error> {
     {
         panic!("Authentication failed")
     };
-    session
-        .tcpip_forward("tcpip_forward", 12345)
+    let forwarded = session
+        .tcpip_forward("127.0.0.1", 0)
         .await
         .expect("tcpip_forward failed");
+    let tcp_addr = SocketAddr::from(([127, 0, 0, 1], u16::try_from(forwarded)?));
 
-    timeout(Duration::from_secs(30), async move {
+    // psm fork: 120 s, not 30: 320 MB through a debug build on a loaded CI box.
+    timeout(Duration::from_secs(120), async move {
         let mut jh_vec = vec![];
         for i in 1..=THREADS {
             let tcp_stream = TcpStream::connect(tcp_addr).await.unwrap();
@@ -84,19 +85,11 @@ async fn test_contention() -> Result<(), anyhow::Error> {
     Ok(())
 }
 
-async fn addr() -> SocketAddr {
-    TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[derive(Clone)]
-struct Server(SocketAddr);
+struct Server;
 
 impl Server {
-    async fn run(ssh_addr: SocketAddr, tcp_addr: SocketAddr) {
+    async fn run(listener: TcpListener) {
         let config = Arc::new(server::Config {
             keys: vec![PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519).unwrap()],
             preferred: russh::Preferred {
@@ -105,9 +98,7 @@ impl Server {
             },
             ..Default::default()
         });
-        let mut sh = Server(tcp_addr);
-
-        sh.run_on_address(config, ssh_addr).await.unwrap();
+        Server.run_on_socket(config, &listener).await.unwrap();
     }
 }
 
@@ -132,14 +123,16 @@ impl russh::server::Handler for Server {
 
     async fn tcpip_forward(
         &mut self,
-        _address: &str,
-        _port: &mut u32,
+        address: &str,
+        port: &mut u32,
         session: &mut server::Session,
     ) -> Result<bool, Self::Error> {
-        let tcp_addr = self.0;
         let handle = session.handle();
+        // psm fork: bound before answering, so the client's first connect
+        // cannot race the listener, and the port bound is the one answered.
+        let listener = TcpListener::bind((address, u16::try_from(*port)?)).await?;
+        *port = listener.local_addr()?.port().into();
         tokio::spawn(async move {
-            let listener = TcpListener::bind(tcp_addr).await.unwrap();
             while let Ok((mut stream, _)) = listener.accept().await {
                 let handle = handle.clone();
                 tokio::spawn(async move {

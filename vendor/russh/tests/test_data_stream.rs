@@ -1,4 +1,4 @@
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
@@ -96,15 +96,10 @@ async fn run_test(test: impl ChannelDataCopy) -> Result<(), anyhow::Error> {
     static INIT: std::sync::Once = std::sync::Once::new();
     INIT.call_once(env_logger::init);
 
-    let addr = addr();
+    let (listener, addr) = listener();
     let data = data();
 
-    tokio::spawn(Server::run(addr));
-
-    // Wait until the server is started
-    while TcpStream::connect(addr).is_err() {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    tokio::spawn(Server::run(listener));
 
     stream(addr, &data, test).await?;
 
@@ -149,19 +144,21 @@ fn data() -> Vec<u8> {
     data
 }
 
-/// Find a unused local address to bind our server to
-fn addr() -> SocketAddr {
-    TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// A listener on a free local port, kept bound until the server takes it
+/// (psm fork: upstream picked a port, freed it and bound it again later, so
+/// another socket could take it in between).
+fn listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (tokio::net::TcpListener::from_std(listener).unwrap(), addr)
 }
 
 #[derive(Clone)]
 struct Server;
 
 impl Server {
-    async fn run(addr: SocketAddr) {
+    async fn run(listener: tokio::net::TcpListener) {
         let config = Arc::new(server::Config {
             keys: vec![PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519).unwrap()],
             window_size: WINDOW_SIZE,
@@ -169,7 +166,7 @@ impl Server {
         });
         let mut sh = Server {};
 
-        sh.run_on_address(config, addr).await.unwrap();
+        sh.run_on_socket(config, &listener).await.unwrap();
     }
 }
 

@@ -855,10 +855,16 @@ Cog3JMeTrb3LiPHgN6gU2P30MRp6L1j1J/MtlOAr5rux
             .stderr(Stdio::null())
             .spawn()?;
 
-        // Wait for the socket to be created
-        while agent_path.canonicalize().is_err() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        // psm fork: wait until the agent accepts, not until its socket file
+        // exists: ssh-agent binds (creating the file) before it listens, and a
+        // connect in between is refused. Bounded, so a dead agent fails the test.
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while tokio::net::UnixStream::connect(&agent_path).await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("ssh-agent never listened");
 
         let public = key.public_key();
         let stream = tokio::net::UnixStream::connect(&agent_path).await?;
@@ -1100,10 +1106,16 @@ Cog3JMeTrb3LiPHgN6gU2P30MRp6L1j1J/MtlOAr5rux
             .stderr(Stdio::null())
             .spawn()?;
 
-        // Wait for the socket to be created
-        while agent_path.canonicalize().is_err() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        // psm fork: wait until the agent accepts, not until its socket file
+        // exists: ssh-agent binds (creating the file) before it listens, and a
+        // connect in between is refused. Bounded, so a dead agent fails the test.
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while tokio::net::UnixStream::connect(&agent_path).await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("ssh-agent never listened");
 
         Ok((agent, agent_path, dir))
     }
