@@ -125,6 +125,7 @@ mod chain;
 mod listing;
 pub mod pack;
 mod reader;
+mod tail;
 mod v2;
 mod writer;
 
@@ -239,7 +240,7 @@ const KIND_HEADER: u8 = 0x01;
 const KIND_DATA: u8 = 0x02;
 const KIND_RESIZE: u8 = 0x03;
 const KIND_CLOSE: u8 = 0x04;
-const KIND_CHUNK: u8 = 0x05;
+pub(crate) const KIND_CHUNK: u8 = 0x05;
 const KIND_SEAL: u8 = 0x80;
 const KIND_TRAILER: u8 = 0x81;
 /// HEADER flag: every chunk ends with a SEAL record.

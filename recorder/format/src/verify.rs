@@ -249,13 +249,25 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
     let last = format!("chunk {max_chunk} ({})", when(report.last_ts_us));
     // how the stream ended
     let mut truncated = false;
+    let mut length_changed = false;
     if let Some(e) = read_error {
         st.problem(format!(
             "chunk {} is damaged or modified ({e}); nothing after {last} can be checked",
             max_chunk.saturating_add(1)
         ));
     } else if let Some(d) = reader.damage() {
-        if reader.damage_is_cut() && trailer.is_none() {
+        // a cut that still ends with this recording's trailer is a changed length, not a crash
+        let changed = reader
+            .trailer_after_cut()
+            .filter(|t| key.is_none_or(|k| t.signed_by(k)));
+        if let (Some(t), None) = (changed, &trailer) {
+            st.problem(format!(
+                "chunk {} is damaged or modified: it reads as cut short ({d}), yet the file ends with the recording's trailer (naming {} chunks): a record's length or kind was changed; nothing after {last} can be checked",
+                max_chunk.saturating_add(1),
+                t.chunks
+            ));
+            length_changed = true;
+        } else if reader.damage_is_cut() && trailer.is_none() {
             truncated = true;
         } else {
             st.problem(format!(
@@ -270,6 +282,8 @@ pub fn verify<R: Read>(r: R, id: &str, key: Option<&PublicKey>) -> Report {
         ));
     }
     match &trailer {
+        // said above; the trailer past the cut cannot be checked against chunks not read
+        None if length_changed => {}
         None => {
             if records_since_seal > 0 && !truncated {
                 st.problem(format!(
@@ -663,6 +677,11 @@ mod tests {
                 // unchanged then. A flipped block size can make the rest of the file look like
                 // a frame cut short: that reads as truncated, never as OK. Version 5 seals the
                 // bytes as written: no flipped byte may read as OK.
+                // Nor may one read as truncated: a length changed so that the file reads as
+                // cut still ends with the trailer.
+                if name == "v5" {
+                    assert_eq!(rep.status, Status::Failed, "byte {at} flipped: {rep}");
+                }
                 if rep.status == Status::Ok {
                     assert_eq!(name, "v3", "byte {at} flipped unnoticed");
                     assert_eq!(
@@ -845,6 +864,65 @@ mod tests {
                 assert_eq!(rep.status, Status::Truncated, "{name} cut {cut}: {rep}");
                 assert!(rep.summary.contains("signature missing"), "{name}: {rep}");
             }
+        }
+    }
+
+    /// Version 5's chunk 4 with its CHUNK record's length set to `len`.
+    fn with_chunk_length(bytes: &[u8], len: usize) -> Vec<u8> {
+        let spans = frame_spans(bytes);
+        let at = spans[chunk_of(1, 4)].start;
+        assert_eq!(bytes[at], crate::file::KIND_CHUNK);
+        let mut b = bytes.to_vec();
+        b[at + 1..at + 5].copy_from_slice(&(len as u32).to_be_bytes());
+        b
+    }
+
+    fn assert_length_changed(b: &[u8], key: &EvidenceKey, what: &str) {
+        let rep = check(b, key);
+        let text = rep.to_string();
+        assert_eq!(rep.status, Status::Failed, "{what}: {text}");
+        assert!(
+            text.contains("yet the file ends with the recording's trailer (naming 7 chunks): a record's length or kind was changed"),
+            "{what}: {text}"
+        );
+        assert!(!text.contains("signature missing"), "{what}: {text}");
+    }
+
+    #[test]
+    fn a_changed_length_that_makes_a_cut_is_failed_not_truncated() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let bytes = recording(&key, Some(true));
+        let spans = frame_spans(&bytes);
+        let chunk = spans[chunk_of(1, 4)].clone();
+        // past the end of the file
+        assert_length_changed(&with_chunk_length(&bytes, 1 << 20), &key, "past the end");
+        // exactly to the end: the chunks, seals and trailer after it read as its body
+        let to_end = bytes.len() - chunk.start - 5;
+        assert_length_changed(&with_chunk_length(&bytes, to_end), &key, "to the end");
+        // the trailer's own length
+        let trailer = spans.last().expect("trailer").start;
+        for len in [1usize << 16, 0x7fff] {
+            let mut b = bytes.clone();
+            b[trailer + 1..trailer + 5].copy_from_slice(&(len as u32).to_be_bytes());
+            assert_length_changed(&b, &key, &format!("the trailer's length {len}"));
+        }
+        // a trailer signed by another key is no proof: the cut reads as a cut
+        let (other, _) = EvidenceKey::generate().expect("key");
+        let rep = check(&with_chunk_length(&bytes, 1 << 20), &other);
+        assert_eq!(rep.status, Status::Truncated, "{rep}");
+        // without a key, the trailer is taken as it is
+        let rep = verify(&with_chunk_length(&bytes, 1 << 20)[..], "rec-1", None);
+        assert_eq!(rep.status, Status::Failed, "{rep}");
+        assert!(
+            rep.to_string()
+                .contains("a record's length or kind was changed"),
+            "{rep}"
+        );
+        // a real cut anywhere before the trailer's last byte still reads as truncated (at the
+        // trailer's start, the trailer is missing: another test)
+        for cut in (chunk.start..bytes.len()).filter(|&c| c != trailer) {
+            let rep = check(&bytes[..cut], &key);
+            assert_eq!(rep.status, Status::Truncated, "cut {cut}: {rep}");
         }
     }
 

@@ -8,6 +8,7 @@
 //! decompressing anything, and without the key; with the key it also decrypts each chunk (the
 //! nonce is the number after the last seal read) and reads its records.
 
+use super::tail::Tail;
 use super::*;
 use crate::crypt::{ChunkCipher, SALT_LEN};
 use psm_evidence::KeyId;
@@ -183,6 +184,10 @@ pub(super) struct Envelope<R> {
     unsealed: bool,
     /// Chunks are hashed but not opened ([`RecordingReader::seals_only`]).
     skip_chunks: bool,
+    /// The end of the clear record read last, to look in when the file reads as cut.
+    tail: Tail,
+    /// The trailer the file still ends with where it read as cut ([`super::tail`]).
+    after_cut: Option<Trailer>,
 }
 
 impl<R> Envelope<R> {
@@ -211,6 +216,8 @@ impl<R: Read> RecordingReader<R> {
                 next_chunk: 1,
                 unsealed: false,
                 skip_chunks: false,
+                tail: Tail::default(),
+                after_cut: None,
             })),
             meta: RecordingMeta::default(),
             version: 0,
@@ -318,8 +325,20 @@ impl<R: Read> RecordingReader<R> {
 
     /// Fills `buf` from the file itself, hashing what it reads while `hashing`.
     fn fill_raw(&mut self, buf: &mut [u8]) -> Result<Fill, FormatError> {
+        let got = self.read_raw(buf)?;
+        Ok(if got == buf.len() {
+            Fill::Full
+        } else if got == 0 {
+            Fill::Empty
+        } else {
+            Fill::Partial
+        })
+    }
+
+    /// Reads into `buf` from the file until it is full or the file ends; how much was read.
+    fn read_raw(&mut self, buf: &mut [u8]) -> Result<usize, FormatError> {
         let Src::Sealed(env) = &mut self.src else {
-            return Ok(Fill::Empty);
+            return Ok(0);
         };
         let mut got = 0;
         while got < buf.len() {
@@ -333,13 +352,17 @@ impl<R: Read> RecordingReader<R> {
         if self.hashing {
             self.hasher.update(&buf[..got]);
         }
-        Ok(if got == buf.len() {
-            Fill::Full
-        } else if got == 0 {
-            Fill::Empty
-        } else {
-            Fill::Partial
-        })
+        Ok(got)
+    }
+
+    /// The trailer a chunked recording still ends with although it read as cut short (a
+    /// length changed so that what follows reads as one record's body): `None` when it did not
+    /// read as cut, or when nothing like a trailer ends the file. Not checked against any key.
+    pub fn trailer_after_cut(&self) -> Option<&Trailer> {
+        match &self.src {
+            Src::Sealed(env) => env.after_cut.as_ref(),
+            Src::Zstd(_) => None,
+        }
     }
 
     /// Fills `buf` from the records of the chunk being read (`Empty` at its end).
@@ -369,8 +392,12 @@ impl<R: Read> RecordingReader<R> {
         })
     }
 
-    /// The file ends part-way: what a crash leaves.
+    /// The file ends part-way: what a crash leaves (unless it still ends with a trailer:
+    /// [`trailer_after_cut`](Self::trailer_after_cut)).
     fn cut_short(&mut self, why: String) -> Result<Option<Item>, FormatError> {
+        if let Some(env) = self.envelope() {
+            env.after_cut = env.tail.trailer();
+        }
         self.ended = true;
         self.cut = true;
         self.damage = Some(why);
@@ -378,13 +405,15 @@ impl<R: Read> RecordingReader<R> {
         Ok(None)
     }
 
-    /// Reads the body of a clear record of `len` bytes; `None` when the file ends inside it.
-    fn raw_body(&mut self, len: usize) -> Result<Option<Vec<u8>>, FormatError> {
+    /// Reads the body of the clear record `head` begins, of `len` bytes; `None` when the file
+    /// ends inside it. Keeps the record's end ([`Tail`]).
+    fn raw_body(&mut self, head: &[u8], len: usize) -> Result<Option<Vec<u8>>, FormatError> {
         let mut body = vec![0u8; len];
-        Ok(match self.fill_raw(&mut body)? {
-            Fill::Full => Some(body),
-            _ => None,
-        })
+        let got = self.read_raw(&mut body)?;
+        if let Some(env) = self.envelope() {
+            env.tail.keep(head, &body[..got]);
+        }
+        Ok((got == len).then_some(body))
     }
 
     /// `next_any` for encrypted recordings.
@@ -436,7 +465,13 @@ impl<R: Read> RecordingReader<R> {
                     self.ended = true;
                     return Ok(None);
                 }
-                Fill::Partial => return self.cut_short("the file ends inside a record".into()),
+                Fill::Partial => {
+                    // the end of the record before is not the end of the file
+                    if let Some(env) = self.envelope() {
+                        env.tail.clear();
+                    }
+                    return self.cut_short("the file ends inside a record".into());
+                }
             }
             let (kind, len) = (head[0], be_u32(&head[1..5]) as usize);
             if len > MAX_OUTER {
@@ -444,11 +479,11 @@ impl<R: Read> RecordingReader<R> {
                 return Err(self.fail(e));
             }
             if kind == KIND_SEAL {
-                return self.read_seal_raw(len);
+                return self.read_seal_raw(&head, len);
             }
             if kind == KIND_TRAILER {
                 self.hashing = false;
-                let body = self.raw_body(len);
+                let body = self.raw_body(&head, len);
                 self.hashing = true;
                 return match body? {
                     None => self.cut_short("the file ends inside the trailer".into()),
@@ -458,7 +493,7 @@ impl<R: Read> RecordingReader<R> {
                     })),
                 };
             }
-            let Some(mut body) = self.raw_body(len)? else {
+            let Some(mut body) = self.raw_body(&head, len)? else {
                 return self.cut_short("the file ends inside a record".into());
             };
             if let Some(env) = self.envelope() {
@@ -505,12 +540,17 @@ impl<R: Read> RecordingReader<R> {
     }
 
     /// Reads a clear SEAL: its head, number and time are in the chunk's hash, its hash is not.
-    fn read_seal_raw(&mut self, len: usize) -> Result<Option<Item>, FormatError> {
+    fn read_seal_raw(&mut self, head: &[u8], len: usize) -> Result<Option<Item>, FormatError> {
         if len != SEAL_BODY {
-            return Ok(match self.raw_body(len)? {
+            return Ok(match self.raw_body(head, len)? {
                 Some(_) => Some(Item::Bad(KIND_SEAL, format!("seal of {len} bytes"))),
                 None => return self.cut_short("the file ends inside a seal".into()),
             });
+        }
+        // a seal of the right length holds no trailer, and the record before it does not end
+        // the file
+        if let Some(env) = self.envelope() {
+            env.tail.clear();
         }
         let mut prefix = [0u8; SEAL_PREFIX];
         if !matches!(self.fill_raw(&mut prefix)?, Fill::Full) {
@@ -745,7 +785,9 @@ mod tests {
             let mut b = bytes.clone();
             b[at] ^= 0x20;
             let rep = check(&b);
-            assert_ne!(rep.status, Status::Ok, "byte {at}: {rep}");
+            // not truncated either: a length changed so that the file reads as cut still
+            // ends with the trailer
+            assert_eq!(rep.status, Status::Failed, "byte {at}: {rep}");
             if let Ok(recs) = read_all(&b, &key) {
                 for (i, r) in recs.iter().enumerate() {
                     if !matches!(r, Record::Close { .. }) {
