@@ -184,7 +184,7 @@ pub(super) struct Envelope<R> {
     unsealed: bool,
     /// Chunks are hashed but not opened ([`RecordingReader::seals_only`]).
     skip_chunks: bool,
-    /// The end of the clear record read last, to look in when the file reads as cut.
+    /// The last bytes read from the file, to look in when it reads as cut.
     tail: Tail,
     /// The trailer the file still ends with where it read as cut ([`super::tail`]).
     after_cut: Option<Trailer>,
@@ -349,6 +349,7 @@ impl<R: Read> RecordingReader<R> {
                 Err(e) => return Err(e.into()),
             }
         }
+        env.tail.push(&buf[..got]);
         if self.hashing {
             self.hasher.update(&buf[..got]);
         }
@@ -405,15 +406,13 @@ impl<R: Read> RecordingReader<R> {
         Ok(None)
     }
 
-    /// Reads the body of the clear record `head` begins, of `len` bytes; `None` when the file
-    /// ends inside it. Keeps the record's end ([`Tail`]).
-    fn raw_body(&mut self, head: &[u8], len: usize) -> Result<Option<Vec<u8>>, FormatError> {
+    /// Reads the body of a clear record of `len` bytes; `None` when the file ends inside it.
+    fn raw_body(&mut self, len: usize) -> Result<Option<Vec<u8>>, FormatError> {
         let mut body = vec![0u8; len];
-        let got = self.read_raw(&mut body)?;
-        if let Some(env) = self.envelope() {
-            env.tail.keep(head, &body[..got]);
-        }
-        Ok((got == len).then_some(body))
+        Ok(match self.fill_raw(&mut body)? {
+            Fill::Full => Some(body),
+            _ => None,
+        })
     }
 
     /// `next_any` for encrypted recordings.
@@ -465,13 +464,10 @@ impl<R: Read> RecordingReader<R> {
                     self.ended = true;
                     return Ok(None);
                 }
-                Fill::Partial => {
-                    // the end of the record before is not the end of the file
-                    if let Some(env) = self.envelope() {
-                        env.tail.clear();
-                    }
-                    return self.cut_short("the file ends inside a record".into());
-                }
+                Fill::Partial => return self.cut_short("the file ends inside a record".into()),
+            }
+            if let Some(env) = self.envelope() {
+                env.tail.head_read();
             }
             let (kind, len) = (head[0], be_u32(&head[1..5]) as usize);
             if len > MAX_OUTER {
@@ -479,11 +475,11 @@ impl<R: Read> RecordingReader<R> {
                 return Err(self.fail(e));
             }
             if kind == KIND_SEAL {
-                return self.read_seal_raw(&head, len);
+                return self.read_seal_raw(len);
             }
             if kind == KIND_TRAILER {
                 self.hashing = false;
-                let body = self.raw_body(&head, len);
+                let body = self.raw_body(len);
                 self.hashing = true;
                 return match body? {
                     None => self.cut_short("the file ends inside the trailer".into()),
@@ -493,7 +489,7 @@ impl<R: Read> RecordingReader<R> {
                     })),
                 };
             }
-            let Some(mut body) = self.raw_body(&head, len)? else {
+            let Some(mut body) = self.raw_body(len)? else {
                 return self.cut_short("the file ends inside a record".into());
             };
             if let Some(env) = self.envelope() {
@@ -540,17 +536,12 @@ impl<R: Read> RecordingReader<R> {
     }
 
     /// Reads a clear SEAL: its head, number and time are in the chunk's hash, its hash is not.
-    fn read_seal_raw(&mut self, head: &[u8], len: usize) -> Result<Option<Item>, FormatError> {
+    fn read_seal_raw(&mut self, len: usize) -> Result<Option<Item>, FormatError> {
         if len != SEAL_BODY {
-            return Ok(match self.raw_body(head, len)? {
+            return Ok(match self.raw_body(len)? {
                 Some(_) => Some(Item::Bad(KIND_SEAL, format!("seal of {len} bytes"))),
                 None => return self.cut_short("the file ends inside a seal".into()),
             });
-        }
-        // a seal of the right length holds no trailer, and the record before it does not end
-        // the file
-        if let Some(env) = self.envelope() {
-            env.tail.clear();
         }
         let mut prefix = [0u8; SEAL_PREFIX];
         if !matches!(self.fill_raw(&mut prefix)?, Fill::Full) {
