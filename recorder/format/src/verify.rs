@@ -891,55 +891,96 @@ mod tests {
         assert!(!text.contains("signature missing"), "{what}: {text}");
     }
 
+    /// A recording whose trailer is `donor`'s.
+    fn with_trailer_of(bytes: &[u8], donor: &[u8]) -> Vec<u8> {
+        let mut b = bytes[..frame_spans(bytes).last().expect("trailer").start].to_vec();
+        b.extend_from_slice(&donor[frame_spans(donor).last().expect("trailer").clone()]);
+        b
+    }
+
+    /// Bytes zstd cannot compress.
+    fn noise(n: usize) -> String {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'!' + (x % 94) as u8)
+            })
+            .collect()
+    }
+
     #[test]
     fn a_changed_length_that_makes_a_cut_is_failed_not_truncated() {
         let (key, _) = EvidenceKey::generate().expect("key");
         let bytes = recording(&key, Some(true));
         let spans = frame_spans(&bytes);
         let chunk = spans[chunk_of(1, 4)].clone();
+        let trailer = spans.last().expect("trailer").start;
         // past the end of the file
         assert_length_changed(&with_chunk_length(&bytes, 1 << 20), &key, "past the end");
         // exactly to the end: the chunks, seals and trailer after it read as its body
         let to_end = bytes.len() - chunk.start - 5;
         assert_length_changed(&with_chunk_length(&bytes, to_end), &key, "to the end");
-        // the trailer's own length
-        let trailer = spans.last().expect("trailer").start;
-        for len in [1usize << 16, 0x7fff] {
-            let mut b = bytes.clone();
+        // the trailer's own head: its length, or its kind (an optional record's, a chunk's),
+        // alone or with a length before it
+        let set_head = |b: &[u8], kind: u8, len: usize| {
+            let mut b = b.to_vec();
+            b[trailer] = kind;
             b[trailer + 1..trailer + 5].copy_from_slice(&(len as u32).to_be_bytes());
-            assert_length_changed(&b, &key, &format!("the trailer's length {len}"));
+            b
+        };
+        let own = bytes.len() - trailer - 5;
+        for (kind, len) in [
+            (0x81, 1 << 16),
+            (0x81, 0x7fff),
+            (0x81, own + 1),
+            (0x90, own),
+            (crate::file::KIND_CHUNK, own),
+        ] {
+            let what = format!("the trailer's head {kind:#04x} {len}");
+            assert_length_changed(&set_head(&bytes, kind, len), &key, &what);
+            let twice = with_chunk_length(&set_head(&bytes, kind, len), 1 << 20);
+            assert_length_changed(&twice, &key, &format!("{what}, and chunk 4's"));
         }
-        // every length longer than the chunk's, up to past the end: ending a record a few bytes
-        // before the end of the file, or inside the trailer, makes no difference
+        // every length longer than the chunk's, up to past the end: never truncated (ending a
+        // record inside the trailer, say, can make it read as malformed instead)
         let own = u32::from_be_bytes(
             bytes[chunk.start + 1..chunk.start + 5]
                 .try_into()
                 .expect("four bytes"),
         );
         for len in own as usize + 1..=to_end + 64 {
-            let rep = check(&with_chunk_length(&bytes, len), &key);
+            let b = with_chunk_length(&bytes, len);
+            if len >= to_end {
+                assert_length_changed(&b, &key, &format!("length {len}"));
+            }
+            let rep = check(&b, &key);
+            assert_eq!(rep.status, Status::Failed, "length {len}: {rep}");
+        }
+        // a trailer of another recording, or of another session, signed by the same key, is no
+        // proof of this one's end
+        for (session, recording) in [("s1", "rec-2"), ("s2", "rec-1")] {
+            let mut other = meta();
+            other.session_id = session.into();
+            other.recording_id = recording.into();
+            let w = RecordingWriter::with_hash(Vec::new(), &other, None, ChainHash::Blake3)
+                .expect("new");
+            let donor = write_recording(w, &key, Some(true));
+            let b = with_trailer_of(&bytes, &donor);
+            assert!(!check(&b, &key).ok());
+            let rep = check(&with_chunk_length(&b, 1 << 20), &key);
             assert_eq!(
                 rep.status,
-                Status::Failed,
-                "length {len} ({to_end} to the end): {rep}"
+                Status::Truncated,
+                "{session} {recording}: {rep}"
             );
         }
-        // a trailer of another recording, signed by the same key, is no proof of this one's end
-        let mut other = meta();
-        other.recording_id = "rec-2".into();
-        let w =
-            RecordingWriter::with_hash(Vec::new(), &other, None, ChainHash::Blake3).expect("new");
-        let other = write_recording(w, &key, Some(true));
-        let mut b = bytes[..trailer].to_vec();
-        b.extend_from_slice(&other[frame_spans(&other).last().expect("trailer").clone()]);
-        assert!(!check(&b, &key).ok());
-        let rep = check(&with_chunk_length(&b, 1 << 20), &key);
-        assert_eq!(rep.status, Status::Truncated, "{rep}");
-        // a trailer signed by another key is no proof: the cut reads as a cut
+        // nor is one signed by another key, or a recording checked without a key
         let (other, _) = EvidenceKey::generate().expect("key");
         let rep = check(&with_chunk_length(&bytes, 1 << 20), &other);
         assert_eq!(rep.status, Status::Truncated, "{rep}");
-        // nor without a key
         let rep = verify(&with_chunk_length(&bytes, 1 << 20)[..], "rec-1", None);
         assert_eq!(rep.status, Status::Truncated, "{rep}");
         // a real cut anywhere before the trailer's last byte still reads as truncated (at the
@@ -948,6 +989,29 @@ mod tests {
             let rep = check(&bytes[..cut], &key);
             assert_eq!(rep.status, Status::Truncated, "cut {cut}: {rep}");
         }
+    }
+
+    #[test]
+    fn a_changed_length_is_found_after_chunks_larger_than_what_the_reader_keeps() {
+        let (key, _) = EvidenceKey::generate().expect("key");
+        let mut w = RecordingWriter::new(Vec::new(), &meta()).expect("new");
+        w.flush().expect("flush");
+        for i in 1..=5u64 {
+            // 64 KiB that do not compress in chunks 3 and 5, so that the reader's window of the
+            // file's end has moved on many times over
+            let text = if i % 2 == 0 {
+                noise(64 * 1024)
+            } else {
+                format!("line {i}\r\n")
+            };
+            w.write(&data(i * 1_000_000, &text)).expect("write");
+            w.flush().expect("flush");
+        }
+        w.write(&close(6_000_000)).expect("close");
+        let bytes = w.finish_signed(&key, true).expect("finish");
+        assert!(bytes.len() > 96 * 1024, "{}", bytes.len());
+        assert!(check(&bytes, &key).ok());
+        assert_length_changed(&with_chunk_length(&bytes, 1 << 20), &key, "past the end");
     }
 
     #[test]

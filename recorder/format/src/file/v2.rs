@@ -396,8 +396,8 @@ impl<R: Read> RecordingReader<R> {
     /// The file ends part-way: what a crash leaves (unless it still ends with a trailer:
     /// [`trailer_after_cut`](Self::trailer_after_cut)).
     fn cut_short(&mut self, why: String) -> Result<Option<Item>, FormatError> {
-        if let Some(env) = self.envelope() {
-            env.after_cut = env.tail.trailer();
+        if let Src::Sealed(env) = &mut self.src {
+            env.after_cut = env.tail.trailer(&self.meta);
         }
         self.ended = true;
         self.cut = true;
@@ -465,9 +465,6 @@ impl<R: Read> RecordingReader<R> {
                     return Ok(None);
                 }
                 Fill::Partial => return self.cut_short("the file ends inside a record".into()),
-            }
-            if let Some(env) = self.envelope() {
-                env.tail.head_read();
             }
             let (kind, len) = (head[0], be_u32(&head[1..5]) as usize);
             if len > MAX_OUTER {
@@ -802,6 +799,16 @@ mod tests {
             read_all(&swapped, &key),
             Err(FormatError::Decrypt { chunk: 3, .. })
         ));
+        // a length changed so that the file reads as cut, yet still ends with its trailer
+        let mut b = bytes.clone();
+        assert_eq!(b[spans[4].start], KIND_CHUNK);
+        b[spans[4].start + 1..spans[4].start + 5].copy_from_slice(&(1u32 << 20).to_be_bytes());
+        let rep = check(&b);
+        assert_eq!(rep.status, Status::Failed, "{rep}");
+        assert!(
+            rep.to_string().contains("length or kind was changed"),
+            "{rep}"
+        );
         // the trailer removed; cut inside a chunk
         let text = check(&bytes[..spans[7].end]).to_string();
         assert!(text.contains("trailer missing"), "{text}");
