@@ -69,6 +69,19 @@ pub(super) enum Fill {
     Partial,
 }
 
+impl Fill {
+    /// What `got` bytes of the `wanted` are.
+    pub(super) fn of(got: usize, wanted: usize) -> Fill {
+        if got == wanted {
+            Fill::Full
+        } else if got == 0 {
+            Fill::Empty
+        } else {
+            Fill::Partial
+        }
+    }
+}
+
 impl<R: Read> RecordingReader<R> {
     /// Checks the magic and reads the header. Fails when the file is not a recording or ends
     /// before its header is complete.
@@ -441,12 +454,6 @@ impl<R: Read> RecordingReader<R> {
                 }
             }
         }
-        Ok(if got == buf.len() {
-            Fill::Full
-        } else if got == 0 {
-            Fill::Empty
-        } else {
-            Fill::Partial
-        })
+        Ok(Fill::of(got, buf.len()))
     }
 }

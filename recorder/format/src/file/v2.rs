@@ -326,13 +326,7 @@ impl<R: Read> RecordingReader<R> {
     /// Fills `buf` from the file itself, hashing what it reads while `hashing`.
     fn fill_raw(&mut self, buf: &mut [u8]) -> Result<Fill, FormatError> {
         let got = self.read_raw(buf)?;
-        Ok(if got == buf.len() {
-            Fill::Full
-        } else if got == 0 {
-            Fill::Empty
-        } else {
-            Fill::Partial
-        })
+        Ok(Fill::of(got, buf.len()))
     }
 
     /// Reads into `buf` from the file until it is full or the file ends; how much was read.
@@ -358,7 +352,8 @@ impl<R: Read> RecordingReader<R> {
 
     /// The trailer a chunked recording still ends with although it read as cut short (a
     /// length changed so that what follows reads as one record's body): `None` when it did not
-    /// read as cut, or when nothing like a trailer ends the file. Not checked against any key.
+    /// read as cut, or when nothing like a trailer ends the file. Its ids and signature are
+    /// not checked here: [`crate::verify`] checks them against the header and the key.
     pub fn trailer_after_cut(&self) -> Option<&Trailer> {
         match &self.src {
             Src::Sealed(env) => env.after_cut.as_ref(),
@@ -384,13 +379,7 @@ impl<R: Read> RecordingReader<R> {
                 }
             }
         }
-        Ok(if got == buf.len() {
-            Fill::Full
-        } else if got == 0 {
-            Fill::Empty
-        } else {
-            Fill::Partial
-        })
+        Ok(Fill::of(got, buf.len()))
     }
 
     /// The file ends part-way: what a crash leaves (unless it still ends with a trailer:
