@@ -258,8 +258,8 @@ class Collector(asyncssh.SSHClientSession):
         return type(self.out[0])().join(self.out)
 
 
-async def open_raw_session(conn, encoding=None):
-    chan = RawChannel(conn, encoding)
+async def open_raw_session(conn, encoding=None, **channel_args):
+    chan = RawChannel(conn, encoding, **channel_args)
     packet = await chan._open(b"session")
     packet.check_end()
     sess = Collector()
@@ -521,11 +521,7 @@ async def mode_open_close_channels(cfg, budget) -> None:
 
 async def mode_large_packets(cfg, budget) -> None:
     conn, _tracker = await connect(cfg, budget)
-    chan = RawChannel(conn, None, window=8 * MIB)
-    (await chan._open(b"session")).check_end()
-    sess = Collector()
-    chan._session = sess
-    sess.connection_made(chan)
+    chan, sess = await open_raw_session(conn, None, window=8 * MIB)
     _, accepted, _ = await request(chan, budget, 10, b"exec", String("sha256sum"))
     payload = os.urandom(cfg.count * MIB)
     if accepted:
@@ -542,11 +538,7 @@ async def mode_large_packets(cfg, budget) -> None:
 
 async def mode_empty_data(cfg, budget) -> None:
     conn, _tracker = await connect(cfg, budget)
-    chan = RawChannel(conn, None)
-    (await chan._open(b"session")).check_end()
-    sess = Collector()
-    chan._session = sess
-    sess.connection_made(chan)
+    chan, sess = await open_raw_session(conn, None)
     _, accepted, _ = await request(chan, budget, 10, b"exec", String("sha256sum"))
     payload = os.urandom(64 * 1024)
     piece = len(payload) // 64
@@ -577,11 +569,7 @@ async def mode_stalled_rekey(cfg, budget) -> None:
     import asyncssh.kex_dh as kex_dh
 
     conn, tracker = await connect(cfg, budget)
-    chan = RawChannel(conn, None)
-    (await chan._open(b"session")).check_end()
-    sess = Collector()
-    chan._session = sess
-    sess.connection_made(chan)
+    chan, sess = await open_raw_session(conn, None)
     size = cfg.count * MIB
     command = (f"echo start; head -c {size} /dev/zero; echo; "
                "for i in 1 2 3 4 5 6; do sleep 1; echo tick $i; done")
